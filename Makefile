@@ -1,0 +1,33 @@
+# The two commands a user needs: `make demo` and `make test` (both call `make setup`).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+export MLFLOW_DISABLE_TELEMETRY := true
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+# Idempotent: the stamp is keyed by pyproject.toml's hash, so a second `make setup` is instant.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+demo: setup
+	$(VENV)/bin/slmfactory demo --config configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf runs/tmp .pytest_cache
