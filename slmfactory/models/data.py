@@ -1,0 +1,142 @@
+"""Token streams and deterministic batches.
+
+A split is tokenized once (documents joined by EOS) into a flat int32 array cached as
+``.npy`` under ``<workdir>/tokens/``. Training batches are a pure function of the step
+index (an epoch-seeded permutation of fixed-length sequences), so resuming at step s
+reproduces exactly the batches an uninterrupted run would have seen, and DDP ranks take
+disjoint slices of the same global batch without any coordination.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from slmfactory.platform.errors import DataError
+
+
+def tokenize_texts(tokenizer, texts: Iterable[str], max_tokens: int | None = None,
+                   batch_docs: int = 256) -> np.ndarray:
+    """Concatenate ``tokens(doc) + [eos]`` for each text, stopping after ``max_tokens``."""
+    eos = tokenizer.eos_token_id
+    chunks: list[np.ndarray] = []
+    total = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal total
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            ids.append(eos)
+            chunks.append(np.asarray(ids, dtype=np.int32))
+            total += len(ids)
+        batch.clear()
+
+    for text in texts:
+        batch.append(text)
+        if len(batch) >= batch_docs:
+            flush()
+            if max_tokens is not None and total >= max_tokens:
+                break
+    if batch and (max_tokens is None or total < max_tokens):
+        flush()
+    out = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+    return out[:max_tokens] if max_tokens is not None else out
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def split_tokens(cfg, part: str, split: str, max_tokens: int | None = None) -> np.ndarray:
+    """Token stream of ``part`` ("generic" or a domain) / ``split``, cached on disk.
+
+    The cache holds the whole split; ``max_tokens`` takes a prefix (documents are in the
+    corpus's fixed order, so a prefix is a deterministic in-domain training set).
+    """
+    from slmfactory.platform.corpus import iter_texts
+    from slmfactory.platform.tokenizer import load_tokenizer
+
+    cache = cfg.root / "tokens" / part / f"{split}.npy"
+    if cache.is_file():
+        tokens = np.load(cache, mmap_mode="r")
+    else:
+        tokenizer = load_tokenizer(cfg.tokenizer_dir)
+        tokens = tokenize_texts(tokenizer, iter_texts(cfg.corpus_dir, part, split))
+        if tokens.size == 0:
+            raise DataError(f"{cfg.corpus_dir}/{part}/{split}: no tokens (empty split)")
+        save_npy_atomic(cache, tokens)
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    return np.asarray(tokens)
+
+
+def as_sequences(tokens: np.ndarray, seq_len: int, name: str = "data") -> np.ndarray:
+    """(N, seq_len) view of non-overlapping sequences; the tail shorter than seq_len is dropped."""
+    n = len(tokens) // seq_len
+    if n == 0:
+        raise DataError(f"{name}: {len(tokens)} tokens, fewer than one sequence of {seq_len}")
+    return np.asarray(tokens[: n * seq_len]).reshape(n, seq_len)
+
+
+@dataclass
+class Batch:
+    """One training batch. ``input_ids``: (B, T). ``expert``: the cluster id routing the
+    batch (projected networks) or -1."""
+
+    input_ids: torch.Tensor
+    expert: int = -1
+
+
+class PackedBatches:
+    """Step-indexed batches over fixed-length sequences.
+
+    ``batch(step)`` returns this rank's share of global batch ``step``: sequences
+    ``perm_e[i]`` for global positions ``i in [step·B, (step+1)·B)``, where epoch e's
+    permutation is seeded by ``(seed, e)``.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, name: str = "train"):
+        if batch_size % world_size:
+            raise DataError(f"{name}: batch_size {batch_size} is not divisible by {world_size} workers")
+        self.seqs = as_sequences(tokens, seq_len, name)
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self._perm_epoch, self._perm = -1, np.arange(0)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def _perm_for(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.seqs))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def indices(self, step: int) -> np.ndarray:
+        per_rank = self.batch_size // self.world_size
+        start = step * self.batch_size + self.rank * per_rank
+        pos = np.arange(start, start + per_rank)
+        n = len(self.seqs)
+        out = np.empty(per_rank, dtype=np.int64)
+        for j, p in enumerate(pos):
+            out[j] = self._perm_for(int(p // n))[p % n]
+        return out
+
+    def batch(self, step: int) -> Batch:
+        return Batch(torch.from_numpy(self.seqs[self.indices(step)].astype(np.int64)))
+
+    def __iter__(self) -> Iterator[Batch]:
+        step = 0
+        while True:
+            yield self.batch(step)
+            step += 1

@@ -1,0 +1,28 @@
+"""SLM: a small model pretrained on generic data, then fine-tuned on the domain with early
+stopping on the domain's validation split (PAPER.md, the baseline of every comparison)."""
+
+from __future__ import annotations
+
+from slmfactory.models.strategies.base import (
+    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl, finetune_lm,
+    finish, load_lm, pretrain_lm, register, split_source)
+
+
+@register("slm")
+class SmallModel(Strategy):
+    model_key = "slm"
+
+    def pretrain(self, ctx: StrategyContext) -> GenericArtifact:
+        cfg = ctx.cfg
+        # The generic budget is a token count; the prefix of the generic stream is enough.
+        return pretrain_lm(ctx, self.model_key, split_source(cfg, "generic", "train", cfg.pretrain.max_tokens),
+                           key=self.model_key)
+
+    def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
+        data = DomainData.of(ctx.cfg, domain)
+        weights = generic.info["weights"] if generic is not None else None
+        before = evaluate_ppl(ctx.cfg, load_lm(ctx.cfg, self.model_key, weights), data.test.load())[1] \
+            if generic is not None else None
+        out = ctx.cfg.root / "runs" / self.name / domain
+        model, fit = finetune_lm(ctx, self.model_key, weights, data, out, f"{self.name}/{domain}")
+        return finish(ctx, self.name, domain, model, fit, generic, data, before)

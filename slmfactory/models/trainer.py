@@ -1,0 +1,335 @@
+"""The one training loop every strategy uses.
+
+Single-device by default; Ray Train wraps it from outside (``distributed.py``) by passing
+``rank``/``world_size``, a DDP-wrapped model and an ``on_checkpoint`` override. Strategies
+change behaviour through a few hooks instead of copying the loop (torchtitan's Trainer):
+
+- ``compute_loss(batch)``        the per-batch objective (distillation adds a KL term)
+- ``trainable_parameters()``     what the optimiser updates (LoRA: the adapters only)
+- ``batch_at(step)``             which batch a step sees (projected nets: routed by cluster)
+- ``on_checkpoint(path, info)``  where a finished checkpoint goes (Ray: ``ray.train.report``)
+
+Checkpoints are safetensors (model, optimiser moments, early-stopping best) plus a JSON
+state, written to a temporary folder and renamed, so a kill never leaves a torn one; the
+next ``fit`` resumes from the newest complete checkpoint and, because batches are a pure
+function of the step, continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from slmfactory.models.data import Batch, PackedBatches, as_sequences
+from slmfactory.platform.cost import CostRecord, train_flops_per_token
+from slmfactory.platform.errors import DataError
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    train_loss: float
+    """Mean training loss over the last (up to) 20 steps."""
+    best_valid_nll: float
+    valid_history: list[tuple[int, float]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    flops: float = 0.0
+    stopped_early: bool = False
+    cost: CostRecord | None = None
+
+
+@torch.no_grad()
+def evaluate_nll(model, tokens: np.ndarray, seq_len: int, batch_size: int = 16,
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                 autocast: Callable = nullcontext) -> tuple[float, int]:
+    """Summed next-token NLL and the number of predicted tokens over ``tokens``.
+
+    Sequences are split across ranks and the sums all-reduced when a process group is up,
+    so every rank returns the same totals.
+    """
+    seqs = as_sequences(tokens, seq_len, "eval")[rank::world_size]
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(0, len(seqs), batch_size):
+        x = torch.from_numpy(seqs[i:i + batch_size].astype(np.int64)).to(device)
+        with autocast():
+            loss = model(input_ids=x, labels=x).loss
+        n = x.shape[0] * (x.shape[1] - 1)
+        total[0] += loss.double() * n
+        total[1] += n
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    model.train(was_training)
+    return float(total[0]), int(total[1])
+
+
+def perplexity(nll_sum: float, n_tokens: int) -> float:
+    return math.exp(nll_sum / max(n_tokens, 1))
+
+
+class Trainer:
+    """Adam + linear warm-up + cosine/constant decay + clipping, a token/FLOP budget,
+    periodic validation with early stopping, atomic checkpoints and resume."""
+
+    def __init__(self, model: torch.nn.Module, train: PackedBatches, cfg, *, seq_len: int,
+                 valid: np.ndarray | None = None, out_dir: Path | None = None, phase: str = "train",
+                 profile=None, tracker=None, rank: int = 0, world_size: int = 1,
+                 ddp_model: torch.nn.Module | None = None, device: str | torch.device = "cpu",
+                 log: Callable[[str], None] | None = print, log_every: int = 50):
+        from slmfactory.platform.config import DeviceProfile
+
+        self.model = model                      # the plain module (saved, evaluated)
+        self.step_model = ddp_model or model    # what forward/backward runs through (DDP or plain)
+        self.train_data, self.cfg, self.seq_len = train, cfg, seq_len
+        self.valid = valid
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.phase = phase
+        self.profile = profile or DeviceProfile()
+        self.tracker = tracker if rank == 0 else None
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.log = log if rank == 0 else None
+        self.log_every = log_every
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda" \
+            else nullcontext
+        self.flops_per_token = self.compute_flops_per_token()
+        tokens_per_step = cfg.batch_size * seq_len
+        steps = cfg.max_tokens // tokens_per_step
+        if cfg.max_flops > 0:
+            steps = min(steps, int(cfg.max_flops // (self.flops_per_token * tokens_per_step)))
+        if steps < 1:
+            raise DataError(f"{phase}: budget of {cfg.max_tokens} tokens is less than one step "
+                            f"({cfg.batch_size} x {seq_len} tokens)")
+        self.max_steps = steps
+        self.optimizer = self.build_optimizer()
+        # Mutable loop state (checkpointed).
+        self.step = 0
+        self.best_valid = math.inf
+        self.bad_evals = 0
+        self.history: list[tuple[int, float]] = []
+        self.elapsed = 0.0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    # -- hooks ------------------------------------------------------------------------
+    def compute_flops_per_token(self) -> float:
+        return train_flops_per_token(self.model, self.seq_len)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        params = self.trainable_parameters()
+        return torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.99), eps=1e-8,
+                                 weight_decay=self.cfg.weight_decay, foreach=True)
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        if cfg.decay == "constant":
+            return cfg.lr
+        span = max(1, self.max_steps - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        floor = cfg.min_lr_ratio * cfg.lr
+        return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * t))
+
+    def batch_at(self, step: int) -> Batch:
+        return self.train_data.batch(step)
+
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        x = batch.input_ids.to(self.device, non_blocking=True)
+        return self.step_model(input_ids=x, labels=x).loss
+
+    def forward_backward_step(self, batch: Batch) -> float:
+        with self.autocast():
+            loss = self.compute_loss(batch)
+        loss.backward()
+        return float(loss.detach())
+
+    def on_checkpoint(self, path: Path, info: dict) -> None:
+        """Called (rank 0) after a complete checkpoint is written to ``path``."""
+        pointer = path.parent / "latest"
+        tmp = pointer.with_name(f".latest.{os.getpid()}.tmp")
+        tmp.write_text(path.name)
+        os.replace(tmp, pointer)
+        for old in path.parent.glob("step-*"):
+            if old != path and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+
+    def evaluate(self, tokens: np.ndarray | None = None, max_tokens: int | None = None) -> float:
+        """Mean per-token NLL on ``tokens`` (default: the validation split)."""
+        tokens = self.valid if tokens is None else tokens
+        if max_tokens is not None:
+            tokens = tokens[:max_tokens]
+        s, n = evaluate_nll(self.model, tokens, self.seq_len, self.cfg.batch_size, self.rank,
+                            self.world_size, self.device, self.autocast)
+        return s / n
+
+    # -- the loop ---------------------------------------------------------------------
+    def train_step(self, step: int) -> float:
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.forward_backward_step(self.batch_at(step))
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _validate(self) -> bool:
+        """Evaluate, track the best weights; True when early stopping says stop."""
+        nll = self.evaluate(max_tokens=self.cfg.eval_tokens)
+        self.history.append((self.step, nll))
+        if self.tracker is not None:
+            self.tracker.log_metrics({f"{self.phase}/valid_nll": nll}, step=self.step)
+        if self.log:
+            self.log(f"[{self.phase}] step {self.step}/{self.max_steps} valid nll {nll:.4f} "
+                     f"ppl {math.exp(nll):.2f}")
+        if nll < self.best_valid - 1e-6:
+            self.best_valid, self.bad_evals = nll, 0
+            if self.cfg.patience > 0:
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.bad_evals += 1
+        return self.cfg.patience > 0 and self.bad_evals >= self.cfg.patience
+
+    def fit(self, resume: bool = True) -> TrainResult:
+        if resume:
+            self.resume()
+        cfg = self.cfg
+        self.model.train()
+        recent: list[float] = []
+        stopped = False
+        t_start = time.perf_counter() - self.elapsed
+        t_log, tokens_log = time.perf_counter(), 0
+        while self.step < self.max_steps:
+            loss = self.train_step(self.step)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{self.phase}: loss became {loss} at step {self.step}; "
+                                         f"lower {self.phase}.lr or raise warmup_steps")
+            self.step += 1
+            recent = (recent + [loss])[-20:]
+            tokens_log += cfg.batch_size * self.seq_len
+            if self.log and self.step % self.log_every == 0:
+                now = time.perf_counter()
+                self.log(f"[{self.phase}] step {self.step}/{self.max_steps} loss {loss:.4f} "
+                         f"lr {self.lr_at(self.step - 1):.2e} {tokens_log / (now - t_log):,.0f} tok/s")
+                t_log, tokens_log = now, 0
+            if self.tracker is not None and self.step % self.log_every == 0:
+                self.tracker.log_metrics({f"{self.phase}/train_loss": loss}, step=self.step)
+            if self.valid is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                stopped = self._validate()
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.max_steps:
+                self.elapsed = time.perf_counter() - t_start
+                self.save_checkpoint()
+            if stopped:
+                break
+        if self.valid is not None and (not self.history or self.history[-1][0] != self.step):
+            stopped = self._validate() or stopped
+        if self.best_state is not None:
+            # Early stopping keeps the best validation weights, as the paper's fine-tuning does.
+            self.model.load_state_dict(self.best_state)
+        self.elapsed = time.perf_counter() - t_start
+        self.save_checkpoint()
+        tokens = self.step * cfg.batch_size * self.seq_len
+        flops = tokens * self.flops_per_token
+        cost = CostRecord.of(self.phase, tokens, flops, self.elapsed, self.profile, self.world_size)
+        return TrainResult(steps=self.step, tokens=tokens, train_loss=float(np.mean(recent)) if recent else math.nan,
+                           best_valid_nll=self.best_valid, valid_history=list(self.history),
+                           wall_seconds=self.elapsed, flops=flops, stopped_early=stopped, cost=cost)
+
+    # -- checkpoints ------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path | None:
+        return self.out_dir / "checkpoints" if self.out_dir is not None else None
+
+    def state_dict_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors to checkpoint, by file name. Optimiser moments are stored by parameter
+        index so nothing needs unpickling on load."""
+        files: dict[str, dict[str, torch.Tensor]] = {}
+        opt: dict[str, torch.Tensor] = {}
+        for i, p in enumerate(self.trainable_parameters()):
+            st = self.optimizer.state.get(p, {})
+            for key, value in st.items():
+                opt[f"{i}.{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) \
+                    else torch.tensor(float(value))
+        files["optim.safetensors"] = opt
+        if self.best_state is not None:
+            files["best.safetensors"] = {k: v.detach().cpu().contiguous() for k, v in self.best_state.items()}
+        return files
+
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0 or self.checkpoint_root is None:
+            return None
+        from safetensors.torch import save_file, save_model
+
+        root = self.checkpoint_root
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step:08d}"
+        tmp = root / f".tmp-step-{self.step:08d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(self.model, str(tmp / "model.safetensors"))  # handles tied weights
+        for name, tensors in self.state_dict_files().items():
+            if tensors:
+                save_file(tensors, str(tmp / name))
+        state = {"step": self.step, "best_valid": self.best_valid, "bad_evals": self.bad_evals,
+                 "history": self.history, "elapsed": self.elapsed, "phase": self.phase,
+                 "max_steps": self.max_steps}
+        (tmp / "state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self.on_checkpoint(final, state)
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        root = self.checkpoint_root
+        if root is None or not (root / "latest").is_file():
+            return None
+        path = root / (root / "latest").read_text().strip()
+        return path if (path / "state.json").is_file() else None
+
+    def resume(self, path: Path | None = None) -> bool:
+        """Load ``path`` (default: the newest complete checkpoint); False if there is none."""
+        path = path or self.latest_checkpoint()
+        if path is None:
+            return False
+        self.load_checkpoint(path)
+        if self.log:
+            self.log(f"[{self.phase}] resumed from {path} at step {self.step}")
+        return True
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file, load_model
+
+        path = Path(path)
+        load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
+        state = json.loads((path / "state.json").read_text())
+        self.step, self.best_valid = state["step"], state["best_valid"]
+        self.bad_evals, self.elapsed = state["bad_evals"], state["elapsed"]
+        self.history = [tuple(h) for h in state["history"]]
+        if (path / "optim.safetensors").is_file():
+            moments = load_file(str(path / "optim.safetensors"), device=str(self.device))
+            params = self.trainable_parameters()
+            for key, value in moments.items():
+                i, name = key.split(".", 1)
+                p = params[int(i)]
+                if name == "step":
+                    value = value.cpu()  # AdamW keeps its step counter on the CPU
+                self.optimizer.state[p][name] = value
+        if (path / "best.safetensors").is_file():
+            self.best_state = load_file(str(path / "best.safetensors"), device=str(self.device))
