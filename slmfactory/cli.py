@@ -1,0 +1,155 @@
+"""``slmfactory`` command line. New settings go into the config tree, not new flags:
+every subcommand takes ``--config RECIPE`` and ``--set KEY=VALUE`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from slmfactory.platform import runtime  # noqa: F401  (sets Ray/MLflow env defaults first)
+from slmfactory.platform.errors import SlmFactoryError
+
+SUBCOMMANDS = ("corpus", "tokenizer", "cluster", "resample", "train", "demo")
+
+
+def _config(args):
+    from slmfactory.platform.config import load_config, parse_overrides
+
+    overrides = parse_overrides(args.set or [])
+    return load_config(args.config, overrides)
+
+
+def cmd_corpus(args) -> None:
+    from slmfactory.platform.corpus import build_corpus, import_corpus
+
+    cfg = _config(args)
+    if args.action == "build":
+        manifest = build_corpus(cfg)
+    else:
+        domains: dict[str, list[str]] = {}
+        for item in args.domain or []:
+            if "=" not in item:
+                raise SlmFactoryError(f"--domain {item!r}: expected NAME=PATH (a file or glob)")
+            name, path = item.split("=", 1)
+            domains.setdefault(name, []).append(path)
+        if not args.generic:
+            raise SlmFactoryError("corpus import: --generic PATH is required (a file or glob)")
+        manifest = import_corpus(cfg, args.generic, domains)
+    print_manifest(manifest, cfg.corpus_dir)
+
+
+def print_manifest(manifest: dict, corpus_dir: Path) -> None:
+    print(f"corpus written to {corpus_dir}")
+    print(f"{'part':<36} {'docs':>8} {'MB':>8} {'tokens(ws)':>12}")
+    for name, part in sorted(manifest["parts"].items()):
+        print(f"{name:<36} {part['docs']:>8,} {part['bytes'] / 1e6:>8.2f} {part.get('tokens_ws', 0):>12,}")
+
+
+def cmd_tokenizer(args) -> None:
+    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+
+    cfg = _config(args)
+    path = ensure_tokenizer(cfg)
+    print(f"tokenizer ({len(load_tokenizer(path))} tokens) at {path}")
+
+
+def cmd_cluster(args) -> None:
+    from slmfactory.platform.clusters import run_clustering
+    from slmfactory.platform.tokenizer import ensure_tokenizer
+    from slmfactory.platform.tracking import open_tracker
+
+    cfg = _config(args)
+    ensure_tokenizer(cfg)
+    with runtime.ray_session(args.address):
+        tracker = open_tracker(cfg, f"cluster-k{cfg.cluster.k}", {"phase": "cluster"})
+        clusters = run_clustering(cfg, tracker=tracker)
+        tracker.close()
+    print(clusters.summary())
+
+
+def cmd_resample(args) -> None:
+    from slmfactory.platform.resample import resample
+    from slmfactory.platform.tracking import open_tracker
+
+    cfg = _config(args)
+    with runtime.ray_session(args.address):
+        tracker = open_tracker(cfg, f"resample-{args.domain}", {"phase": "resample", "domain": args.domain})
+        result = resample(cfg, args.domain, args.tokens, tracker=tracker)
+        tracker.close()
+    print(result.summary())
+
+
+def cmd_train(args) -> None:
+    from slmfactory.pipeline import run_strategy
+
+    cfg = _config(args)
+    overrides = {}
+    if args.strategy:
+        overrides["strategy.name"] = args.strategy
+    if args.domain:
+        overrides["data.domain"] = args.domain
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    run_strategy(cfg, address=args.address)
+
+
+def cmd_demo(args) -> None:
+    from slmfactory.pipeline import run_demo
+
+    run_demo(_config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slmfactory",
+        description="Train and serve specialised small language models from limited domain data.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", "-c", default=None, help="YAML recipe (configs/*.yaml); defaults otherwise")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set pretrain.lr=3e-4 (repeatable)")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("corpus", cmd_corpus, "build the real offline corpus, or import your own")
+    p.add_argument("action", choices=("build", "import"))
+    p.add_argument("--generic", action="append", metavar="PATH", help="import: generic text file or glob")
+    p.add_argument("--domain", action="append", metavar="NAME=PATH", help="import: a domain's file or glob")
+    add("tokenizer", cmd_tokenizer, "train the BPE tokenizer on the generic corpus")
+    for name, func, help_ in (("cluster", cmd_cluster, "embed, k-means and assign windows (Ray Data)"),
+                              ("resample", cmd_resample, "importance-resample generic data to a domain"),
+                              ("train", cmd_train, "pretrain and specialise one strategy on one domain")):
+        p = add(name, func, help_)
+        p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+        if name == "resample":
+            p.add_argument("--domain", required=True)
+            p.add_argument("--tokens", type=int, required=True, help="generic tokens to draw")
+        if name == "train":
+            p.add_argument("--strategy", default=None, help="overrides strategy.name")
+            p.add_argument("--domain", default=None, help="overrides data.domain")
+    add("demo", cmd_demo, "corpus → tokenizer → pretrain an SLM → fine-tune on one domain")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except SlmFactoryError as e:
+        print(f"slmfactory: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slmfactory: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, PermissionError, IsADirectoryError, UnicodeDecodeError) as e:
+        # OS-level input problems are user errors too: one line, no traceback.
+        print(f"slmfactory: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

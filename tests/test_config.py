@@ -1,0 +1,78 @@
+"""Every recipe loads; bad recipes fail with a message naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from slmfactory.platform.config import RunConfig, load_config, parse_overrides
+from slmfactory.platform.errors import ConfigError
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+
+
+def test_recipes_exist():
+    assert {p.stem for p in CONFIGS} >= {"tiny", "demo", "paper"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_recipe_loads_and_flattens(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    flat = cfg.to_dict()
+    # MLflow params are flat scalars keyed by dotted paths.
+    assert flat["pretrain.lr"] == cfg.pretrain.lr
+    assert flat["cluster.k"] == cfg.cluster.k
+    assert all(not isinstance(v, (dict, list, tuple)) for v in flat.values())
+    # Frozen: a run's config cannot drift after it was logged.
+    with pytest.raises(Exception):
+        cfg.name = "other"  # type: ignore[misc]
+
+
+def test_paper_recipe_has_the_papers_settings():
+    cfg = load_config(CONFIGS[[p.stem for p in CONFIGS].index("paper")])
+    assert (cfg.pretrain.lr, cfg.pretrain.grad_clip, cfg.pretrain.warmup_steps) == (1e-4, 5.0, 1000)
+    assert cfg.data.seq_len == 1024 and cfg.cluster.k == 1024
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("pretrain:\n  lrr: 0.1\n", "pretrain.lrr: unknown key"),
+    ("bogus: 1\n", "bogus: unknown key"),
+    ("pretrain:\n  batch_size: many\n", "pretrain.batch_size: expected an integer"),
+    ("pretrain:\n  batch_size: 0\n", "pretrain.batch_size: expected >= 1"),
+    ("corpus:\n  test_fraction: 1.5\n", "corpus.test_fraction"),
+    ("strategy:\n  name: gpt5\n", "strategy.name: expected one of"),
+    ("cluster:\n  k: 1\n", "cluster.k"),
+    ("slm:\n  preset: huge\n", "slm.preset"),
+    ("pretrain: [1, 2]\n", "pretrain: expected a mapping"),
+    ("tracking:\n  enabled: maybe\n", "tracking.enabled: expected true or false"),
+])
+def test_bad_values_name_the_key(tmp_path, text, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("(", r"\(")):
+        load_config(write(tmp_path, text))
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="malformed YAML at line 2"):
+        load_config(write(tmp_path, "a: 1\n  b: [\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(bad)
+
+
+def test_overrides_apply_and_validate():
+    cfg = load_config(CONFIGS[0], parse_overrides(["pretrain.lr=3e-4", "strategy.name=llm", "corpus.domains=a,b"]))
+    assert cfg.pretrain.lr == 3e-4 and cfg.strategy.name == "llm" and cfg.corpus.domains == ("a", "b")
+    with pytest.raises(ConfigError, match="pretrain.nope: unknown key"):
+        load_config(None, parse_overrides(["pretrain.nope=1"]))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides(["pretrain.lr"])
+    assert cfg.replace(**{"cluster.k": 16}).cluster.k == 16

@@ -1,0 +1,93 @@
+"""The trainer on real text: the loss drops, resume is exact, early stopping keeps the best."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from slmfactory.models.data import PackedBatches, split_tokens
+from slmfactory.models.lm import build_model
+from slmfactory.models.trainer import Trainer
+
+
+class Recording(Trainer):
+    """Records every step's loss; optionally dies right after a given step (a kill)."""
+
+    die_after: int | None = None
+
+    def train_step(self, step):
+        if self.die_after is not None and step == self.die_after:
+            raise KeyboardInterrupt("simulated kill")
+        loss = super().train_step(step)
+        self.losses[step] = loss
+        return loss
+
+
+def make(cfg, out_dir, cls=Recording, **train_overrides):
+    tcfg = cfg.replace(**{f"pretrain.{k}": v for k, v in train_overrides.items()}).pretrain
+    tokens = split_tokens(cfg, "generic", "train")
+    valid = split_tokens(cfg, "generic", "valid")
+    model = build_model(cfg.slm, 512, cfg.data.seq_len, seed=0)
+    tr = cls(model, PackedBatches(tokens, cfg.data.seq_len, tcfg.batch_size, seed=1), tcfg,
+             seq_len=cfg.data.seq_len, valid=valid, out_dir=out_dir, log=None)
+    tr.losses = {}
+    return tr
+
+
+def test_loss_drops_on_real_text(tiny_cfg, tmp_path):
+    tr = make(tiny_cfg, tmp_path / "a")
+    first = tr.evaluate(max_tokens=4096)
+    res = tr.fit()
+    assert res.steps == tiny_cfg.pretrain.max_tokens // (8 * 64)
+    assert res.best_valid_nll < first - 0.5, (first, res.best_valid_nll)
+    assert np.mean([tr.losses[s] for s in range(5)]) > res.train_loss + 0.5
+    assert math.isclose(res.flops, res.tokens * tr.flops_per_token)
+    assert res.cost.tokens == res.tokens and res.cost.wall_seconds > 0
+
+
+def test_resume_after_kill_gives_the_same_next_step_loss(tiny_cfg, tmp_path):
+    full = make(tiny_cfg, tmp_path / "full")
+    full.fit()
+    killed = make(tiny_cfg, tmp_path / "killed")
+    killed.die_after = 21  # checkpoint_every = 20: the step-20 checkpoint exists, step 21 is lost
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    resumed = make(tiny_cfg, tmp_path / "killed")
+    assert resumed.resume() and resumed.step == 20
+    resumed.fit(resume=False)
+    # Steps 20.. replay exactly: same batches (step-indexed), same Adam moments.
+    assert resumed.losses[20] == pytest.approx(full.losses[20], abs=1e-6)
+    assert resumed.losses[39] == pytest.approx(full.losses[39], abs=1e-5)
+    for name, p in resumed.model.state_dict().items():
+        torch.testing.assert_close(p, full.model.state_dict()[name], atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_are_safetensors_and_torn_ones_are_ignored(tiny_cfg, tmp_path):
+    tr = make(tiny_cfg, tmp_path / "c")
+    tr.fit()
+    root = tmp_path / "c" / "checkpoints"
+    latest = tr.latest_checkpoint()
+    assert latest.name == "step-00000040" and (latest / "model.safetensors").is_file()
+    assert not list(root.rglob("*.pt")) and not list(root.rglob("*.bin"))
+    # A half-written checkpoint from a killed save never becomes `latest`.
+    (root / ".tmp-step-00000060-1").mkdir()
+    again = make(tiny_cfg, tmp_path / "c")
+    assert again.resume() and again.step == 40
+
+
+def test_early_stopping_restores_the_best_weights(tiny_cfg, tmp_path):
+    # A huge learning rate makes validation worse after the first evaluation.
+    tr = make(tiny_cfg, tmp_path / "e", lr=0.5, warmup_steps=0, eval_every=5, patience=2, max_tokens=51200)
+    res = tr.fit()
+    assert res.stopped_early and res.steps < 100
+    assert tr.evaluate(max_tokens=tiny_cfg.pretrain.eval_tokens) == pytest.approx(res.best_valid_nll, abs=1e-4)
+
+
+def test_budget_smaller_than_a_step_is_a_clear_error(tiny_cfg, tmp_path):
+    from slmfactory.platform.errors import DataError
+
+    with pytest.raises(DataError, match="less than one step"):
+        make(tiny_cfg, tmp_path / "x", max_tokens=10)
