@@ -1,0 +1,93 @@
+"""Shared bench helpers: real-text tokens for a recipe, and a step timer that runs inside
+whichever process trains (in-process or on a Ray worker), so Ray start-up never enters
+the timed window."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "tests" / "assets" / "corpus_sample"
+
+
+def sample_texts() -> list[str]:
+    """The committed real-text sample (all parts), else the system's licence texts."""
+    texts = [json.loads(line)["text"] for f in sorted(SAMPLE.glob("*.jsonl"))
+             for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return texts or [p.read_text(errors="replace") for p in sorted(Path("/usr/share/common-licenses").glob("*"))
+                     if p.is_file()]
+
+
+def real_tokens(vocab_size: int, n_tokens: int, cache: Path | None = None):
+    """``(tokens, vocab)``: at least ``n_tokens`` tokens of the real-text sample under a
+    byte-level BPE of ``vocab_size`` (trained once, cached under ``cache``), tiled when the
+    sample is shorter. Used by ``train_throughput.py`` (model speed, not quality)."""
+    import numpy as np
+
+    from slmfactory.models.data import tokenize_texts
+    from slmfactory.platform.tokenizer import load_tokenizer, train_tokenizer
+
+    cache = Path(cache or os.environ.get("SLMFACTORY_BENCH_CACHE", "/tmp/slmfactory-bench")) / f"tok-{vocab_size}"
+    texts = sample_texts()
+    if not (cache / "tokenizer.json").is_file():
+        train_tokenizer(texts, cache, vocab_size, 30_000_000)
+    tok = load_tokenizer(cache)
+    tokens = tokenize_texts(tok, texts)
+    if len(tokens) < n_tokens:
+        tokens = np.tile(tokens, -(-n_tokens // len(tokens)))
+    return tokens[:n_tokens], len(tok)
+
+
+def prepare_tokens(cfg):
+    """Train ``cfg``'s tokenizer on the sample (once per workdir) and write its tokens:
+    returns a ``TokenSource``. Throughput does not depend on which text it is."""
+    from slmfactory.models.data import tokenize_texts
+    from slmfactory.models.strategies.base import TokenSource
+    from slmfactory.platform.tokenizer import load_tokenizer, train_tokenizer
+
+    texts = sample_texts()
+    if not (cfg.tokenizer_dir / "tokenizer.json").is_file():
+        train_tokenizer(texts, cfg.tokenizer_dir, cfg.tokenizer.vocab_size, cfg.tokenizer.train_chars)
+    tokens = tokenize_texts(load_tokenizer(cfg.tokenizer_dir), texts)
+    return TokenSource.of_array(tokens, cfg.root / "tokens" / "bench.npy")
+
+
+def timed_factory(factory, timing_file: str, warmup: int):
+    """Wrap a trainer factory: rank 0 times every ``train_step`` and, when ``fit`` returns,
+    writes {steps timed, seconds, threads} to ``timing_file``. The first ``warmup`` steps
+    (allocator, DDP bucket set-up) are left out of the window."""
+
+    def wrapped(ctx):
+        import torch
+
+        trainer = factory(ctx)
+        train_step, fit = trainer.train_step, trainer.fit
+        times: list[float] = []
+
+        def step(i: int) -> float:
+            t = time.perf_counter()
+            loss = train_step(i)
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            return loss
+
+        def fit_and_write(*a, **k):
+            result = fit(*a, **k)
+            if ctx.rank == 0:
+                window = times[warmup:]
+                tokens = len(window) * trainer.cfg.batch_size * trainer.seq_len  # global batch
+                Path(timing_file).write_text(json.dumps({
+                    "steps": len(window), "seconds": sum(window), "tokens": tokens,
+                    "tokens_per_s": tokens / max(sum(window), 1e-9), "world_size": ctx.world_size,
+                    "torch_threads": torch.get_num_threads(), "pid": os.getpid(),
+                    "fit_wall_seconds": result.wall_seconds}))
+            return result
+
+        trainer.train_step, trainer.fit = step, fit_and_write
+        return trainer
+
+    return wrapped
