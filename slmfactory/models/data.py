@@ -59,21 +59,36 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
 def split_tokens(cfg, part: str, split: str, max_tokens: int | None = None) -> np.ndarray:
     """Token stream of ``part`` ("generic" or a domain) / ``split``, cached on disk.
 
-    The cache holds the whole split; ``max_tokens`` takes a prefix (documents are in the
-    corpus's fixed order, so a prefix is a deterministic in-domain training set).
+    Documents are in the corpus's fixed (hash-shuffled) order, so a prefix is a
+    deterministic sample: a phase that needs ``max_tokens`` tokenizes only that prefix
+    (the 100 MB generic split is never tokenized whole for a 3M-token budget). The cache
+    records whether it holds the whole split, and grows when a later phase needs more.
     """
+    import json
+
     from slmfactory.platform.corpus import iter_texts
     from slmfactory.platform.tokenizer import load_tokenizer
 
     cache = cfg.root / "tokens" / part / f"{split}.npy"
-    if cache.is_file():
-        tokens = np.load(cache, mmap_mode="r")
-    else:
+    meta = cache.with_suffix(".json")
+    tokens = None
+    if cache.is_file() and meta.is_file():
+        complete = json.loads(meta.read_text()).get("complete", False)
+        cached = np.load(cache, mmap_mode="r")
+        if complete or (max_tokens is not None and len(cached) >= max_tokens):
+            tokens = cached
+    if tokens is None:
         tokenizer = load_tokenizer(cfg.tokenizer_dir)
-        tokens = tokenize_texts(tokenizer, iter_texts(cfg.corpus_dir, part, split))
+        texts = iter_texts(cfg.corpus_dir, part, split)
+        # One extra document's worth of slack tells "exactly the split" from "cut short".
+        tokens = tokenize_texts(tokenizer, texts, None if max_tokens is None else max_tokens + 1)
         if tokens.size == 0:
             raise DataError(f"{cfg.corpus_dir}/{part}/{split}: no tokens (empty split)")
+        complete = max_tokens is None or len(tokens) <= max_tokens
         save_npy_atomic(cache, tokens)
+        tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"complete": complete, "tokens": int(len(tokens))}))
+        os.replace(tmp, meta)
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
     return np.asarray(tokens)

@@ -2,3 +2,4 @@
 
 from slmfactory.models.strategies.base import STRATEGIES, get_strategy, register  # noqa: F401
 from slmfactory.models.strategies import llm, slm, slm_nopt  # noqa: F401,E402
+from slmfactory.models.strategies import llm_lora, slm_d, slm_is, slm_mix, slm_pn  # noqa: F401,E402

@@ -293,8 +293,19 @@ def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, key: 
 
 def finetune_lm(ctx: StrategyContext, model_key: str, init_weights: str | None, data: DomainData,
                 out_dir: Path, phase: str, **factory_kwargs: Any) -> tuple[torch.nn.Module, FitOutput]:
-    """Fine-tune ``cfg.<model_key>`` from ``init_weights`` on the domain with early stopping."""
+    """Fine-tune ``cfg.<model_key>`` from ``init_weights`` on the domain with early stopping.
+
+    The run folder is keyed by everything the result depends on (starting weights, model,
+    fine-tuning config, in-domain data), so a killed fine-tune resumes, a finished one is
+    reused, and a changed generic phase or budget never resumes a stale checkpoint.
+    """
     cfg = ctx.cfg
+    init_stamp = None
+    if init_weights:
+        st = Path(init_weights).stat()
+        init_stamp = [init_weights, st.st_size, st.st_mtime_ns]
+    out_dir = Path(out_dir) / config_hash(init_stamp, getattr(cfg, model_key), cfg.finetune, cfg.data,
+                                          sorted((k, getattr(v, "__qualname__", repr(v))) for k, v in factory_kwargs.items()))
     factory = lm_factory(dataclasses.asdict(cfg), model_key, f"finetune/{phase}", data.train, data.valid,
                          init_weights=init_weights, **factory_kwargs)
     fit = ctx.launcher.fit(factory, out_dir, f"finetune/{phase}")

@@ -1,0 +1,123 @@
+"""SLM-d: distillation. The LLM teacher (generic-pretrained, then fine-tuned on the
+domain) supervises the generic-pretrained SLM student's fine-tuning with its next-token
+distributions (response-based KD, PAPER.md).
+
+Student loss per token: (1 − w)·NLL + w·τ²·KL(teacher_τ ‖ student_τ), with
+w = ``strategy.distill_weight`` and τ = ``strategy.distill_temperature`` (the paper gives
+neither: both are config). τ² keeps the KL gradient's scale independent of τ (Hinton et
+al. 2015).
+
+Cost: teacher and student pretraining are *generic* (shared by all domains); the teacher's
+fine-tuning, the student's fine-tuning and the teacher's forward passes during it are
+*specialisation* cost (PAPER.md claim 3: SLM-d loses once teacher cost is counted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from slmfactory.models.data import Batch
+from slmfactory.models.strategies.base import (
+    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl, finetune_lm,
+    finish, generic_dir, load_lm, pretrain_lm, register, split_source)
+from slmfactory.models.trainer import Trainer
+from slmfactory.platform.config import from_dict
+from slmfactory.platform.cost import inference_flops_per_token
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      weight: float, temperature: float) -> torch.Tensor:
+    """(1 − w)·NLL + w·τ²·KL(softmax(t/τ) ‖ softmax(s/τ)), each averaged over tokens.
+
+    ``student_logits``/``teacher_logits``: (B, T, V) predicting position t+1 from t;
+    ``labels``: (B, T) token ids (the inputs: the shift happens here, as in HF).
+    """
+    s = student_logits[:, :-1].float()                        # (B, T-1, V)
+    t = teacher_logits[:, :-1].float()                        # (B, T-1, V)
+    y = labels[:, 1:]                                         # (B, T-1)
+    nll = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1))
+    if weight == 0.0:
+        return nll
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    log_pt = F.log_softmax(t / temperature, dim=-1)
+    # KL(p_t ‖ p_s) = Σ_v p_t (log p_t − log p_s), summed over the vocabulary, mean over tokens.
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    return (1.0 - weight) * nll + weight * temperature ** 2 * kl
+
+
+class DistillTrainer(Trainer):
+    """The shared loop with a frozen teacher inside ``compute_loss``.
+
+    The teacher is rebuilt on the worker from plain data (config dict + weights path) so the
+    trainer factory stays picklable for Ray workers.
+    """
+
+    def __init__(self, *args, teacher_cfg: dict, teacher_key: str, teacher_weights: str,
+                 distill_weight: float, distill_temperature: float, **kwargs):
+        # The teacher must exist before Trainer.__init__ calls compute_flops_per_token().
+        self.teacher = load_lm(from_dict(teacher_cfg), teacher_key, teacher_weights)
+        self.teacher.requires_grad_(False).eval()
+        self.teacher.to(kwargs.get("device", "cpu"))
+        self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
+        super().__init__(*args, **kwargs)
+
+    def compute_flops_per_token(self) -> float:
+        # Student training (6·N_s + attention) plus one teacher forward (2·N_t + attention).
+        return super().compute_flops_per_token() + inference_flops_per_token(self.teacher, self.seq_len)
+
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        x = batch.input_ids.to(self.device, non_blocking=True)   # (B, T)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=x).logits     # (B, T, V)
+        student_logits = self.step_model(input_ids=x).logits      # (B, T, V)
+        return distillation_loss(student_logits, teacher_logits, x, self.distill_weight,
+                                 self.distill_temperature)
+
+
+@register("slm-d")
+class Distillation(Strategy):
+    def pretrain(self, ctx: StrategyContext) -> GenericArtifact:
+        cfg = ctx.cfg
+        tokens = split_source(cfg, "generic", "train", cfg.pretrain.max_tokens)
+        # Same keys as the `llm` and `slm` strategies: their cached generic phases are reused.
+        teacher = pretrain_lm(ctx, "llm", tokens, key="llm")
+        student = pretrain_lm(ctx, "slm", tokens, key="slm")
+        out = generic_dir(cfg, self.name, cfg.slm, cfg.llm, cfg.pretrain)
+        cost = dataclasses.replace(teacher.cost + student.cost, phase=f"generic/{self.name}")
+        art = GenericArtifact(strategy=self.name, dir=out, cost=cost,
+                              info={"weights": student.info["weights"], "teacher_weights": teacher.info["weights"],
+                                    "teacher_generic_valid_nll": teacher.info["generic_valid_nll"],
+                                    "generic_valid_nll": student.info["generic_valid_nll"],
+                                    "teacher_cost": teacher.cost.to_dict(), "student_cost": student.cost.to_dict()})
+        art.save()
+        return art
+
+    def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
+        cfg = ctx.cfg
+        if generic is None:
+            generic = self.pretrain(ctx)
+        data = DomainData.of(cfg, domain)
+        runs: Path = cfg.root / "runs" / self.name / domain
+        # 1. The teacher is fine-tuned on the domain (specialisation cost).
+        teacher, fit_t = finetune_lm(ctx, "llm", generic.info["teacher_weights"], data, runs / "teacher",
+                                     f"{self.name}/{domain}/teacher")
+        teacher_test_ppl = evaluate_ppl(cfg, teacher.cpu().eval(), data.test.load())[1]
+        del teacher
+        teacher_weights = str(fit_t.checkpoint / "model.safetensors")  # best-validation weights
+        # 2. The student is fine-tuned against the domain text and the teacher's distributions.
+        before = evaluate_ppl(cfg, load_lm(cfg, "slm", generic.info["weights"]), data.test.load())[1]
+        model, fit = finetune_lm(ctx, "slm", generic.info["weights"], data, runs / "student",
+                                 f"{self.name}/{domain}", trainer_cls=DistillTrainer,
+                                 teacher_cfg=dataclasses.asdict(cfg), teacher_key="llm",
+                                 teacher_weights=teacher_weights,
+                                 distill_weight=cfg.strategy.distill_weight,
+                                 distill_temperature=cfg.strategy.distill_temperature)
+        return finish(ctx, self.name, domain, model, fit, generic, data, before,
+                      extra_spec_cost=fit_t.result.cost,
+                      extra_metrics={"teacher_test_ppl": teacher_test_ppl,
+                                     "teacher_finetune_flops": fit_t.result.flops,
+                                     "student_finetune_flops": fit.result.flops})

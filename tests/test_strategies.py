@@ -1,0 +1,228 @@
+"""Pulse tests of the five cluster/teacher strategies on the tiny real-text sample, plus
+the distillation loss checked against hand-computed KL and the registry's names.
+
+Every strategy test shares one module-scoped workdir (one corpus, tokenizer, clustering),
+so generic phases another strategy already trained are reused from the cache exactly as
+in a real run (slm-d and llm-lora share the `llm` generic artifact).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slmfactory.models.launch import LocalLauncher
+from slmfactory.models.strategies.base import StrategyContext, TokenSource, evaluate_ppl, get_strategy
+from slmfactory.platform.config import STRATEGY_NAMES, load_config
+
+DOMAIN = "legal"
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def work_cfg(tmp_path_factory):
+    """The tiny recipe with 4 clusters on the real-text sample, built with the generic part
+    and the one domain tested only: MiniLM embeds every domain's windows, and clustering is
+    the slow part of this module."""
+    from slmfactory.platform.corpus import build_sample_corpus
+    from slmfactory.platform.tokenizer import ensure_tokenizer
+
+    work = tmp_path_factory.mktemp("strategies") / "work"
+    # A pulse needs only a few steps: 16 pretraining steps (4 per expert of slm-mix on
+    # average) and up to 8 fine-tuning steps, validated every 4.
+    cfg = load_config(TINY, {"workdir": str(work), "corpus.domains": [DOMAIN], "cluster.k": 4,
+                             "pretrain.max_tokens": 16 * 8 * 64, "pretrain.eval_every": 8,
+                             "pretrain.checkpoint_every": 8, "finetune.max_tokens": 8 * 8 * 64,
+                             "finetune.eval_every": 4})
+    build_sample_corpus(cfg)
+    ensure_tokenizer(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def clustered_cfg(work_cfg):
+    """``work_cfg`` after MiniLM + k-means clustering (once per module: it is the slow part)."""
+    from slmfactory.platform.clusters import run_clustering
+
+    run_clustering(work_cfg, progress=False)
+    return work_cfg
+
+
+def run_pulse(cfg, name: str):
+    """pretrain → specialize, then check the exported folder is a plain HF model that gives
+    the recorded test perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    from slmfactory.models.strategies.base import DomainData
+
+    ctx = StrategyContext(cfg, LocalLauncher(device="cpu", log=None), log=None)
+    strategy = get_strategy(name)
+    generic = strategy.pretrain(ctx)
+    rec = strategy.specialize(ctx, generic, DOMAIN)
+    model = AutoModelForCausalLM.from_pretrained(rec.path)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    _, ppl = evaluate_ppl(cfg, model, DomainData.of(cfg, DOMAIN).test.load())
+    assert ppl == pytest.approx(rec.metrics["test_ppl"], rel=1e-4)
+    assert math.isfinite(rec.metrics["test_ppl"]) and rec.spec_cost.flops > 0 and rec.spec_cost.tokens > 0
+    return generic, rec
+
+
+# -- slm-d ---------------------------------------------------------------------------------
+
+def test_distillation_loss_matches_hand_computed_kl():
+    from slmfactory.models.strategies.slm_d import distillation_loss
+
+    # One sequence of 3 tokens over a vocabulary of 3: positions 0 and 1 predict tokens 1, 2.
+    s = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [9.0, 9.0, 9.0]]])   # (B=1, T=3, V=3)
+    t = torch.tensor([[[0.0, 2.0, 0.0], [1.0, -1.0, 0.5], [0.0, 0.0, 0.0]]])   # (B=1, T=3, V=3)
+    y = torch.tensor([[0, 1, 2]])                                               # (B=1, T=3)
+    w, tau = 0.3, 2.0
+
+    def softmax(z):
+        e = [math.exp(v / tau) for v in z]
+        return [v / sum(e) for v in e]
+
+    def log_softmax1(z, i):  # log softmax at temperature 1
+        return z[i] - math.log(sum(math.exp(v) for v in z))
+
+    kl, nll = 0.0, 0.0
+    for pos in range(2):  # the last position has no next token
+        ps, pt = softmax(s[0, pos].tolist()), softmax(t[0, pos].tolist())
+        kl += sum(a * math.log(a / b) for a, b in zip(pt, ps)) / 2
+        nll += -log_softmax1(s[0, pos].tolist(), int(y[0, pos + 1])) / 2
+    expected = (1 - w) * nll + w * tau ** 2 * kl
+    got = distillation_loss(s, t, y, weight=w, temperature=tau)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # w = 0 is plain next-token NLL; identical logits give zero KL.
+    assert distillation_loss(s, t, y, 0.0, tau).item() == pytest.approx(nll, rel=1e-6)
+    assert distillation_loss(s, s, y, 1.0, tau).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_slm_d_pulse(work_cfg):
+    generic, rec = run_pulse(work_cfg, "slm-d")
+    # Teacher and student pretraining are both generic cost.
+    assert generic.cost.flops == pytest.approx(generic.info["teacher_cost"]["flops"]
+                                               + generic.info["student_cost"]["flops"])
+    # Specialisation = teacher fine-tuning + student fine-tuning, whose FLOPs include the
+    # teacher's forward passes (more than a plain SLM fine-tuning of the same steps).
+    assert rec.spec_cost.flops == pytest.approx(rec.metrics["teacher_finetune_flops"]
+                                                + rec.metrics["student_finetune_flops"])
+    assert rec.params < 2 * 10 ** 6 and math.isfinite(rec.metrics["teacher_test_ppl"])
+
+
+# -- slm-pn --------------------------------------------------------------------------------
+
+def test_cluster_routed_batches_are_deterministic_and_proportional(work_cfg, tmp_path):
+    from slmfactory.models.projected import build_projected
+    from slmfactory.models.data import PackedBatches, split_tokens
+    from slmfactory.models.strategies.base import vocab_size_of
+    from slmfactory.models.strategies.slm_pn import ClusterRoutedTrainer
+
+    cfg = work_cfg
+    toks = split_tokens(cfg, "generic", "train")
+    # Three "clusters": contiguous slices of real generic text of sizes 1 : 3 : 6.
+    cuts = (np.array([0.0, 0.1, 0.4, 1.0]) * len(toks)).astype(int)
+    path = tmp_path / "c.npy"
+    np.save(path, toks[: cuts[-1]])
+    sources = [TokenSource(str(path), int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+    tcfg = cfg.replace(**{"pretrain.max_tokens": 8 * 64 * 400}).pretrain
+
+    def trainer():
+        model = build_projected(cfg, vocab_size_of(cfg), n_experts=3)
+        return ClusterRoutedTrainer(model, PackedBatches(sources[0].load(), 64, 8), tcfg, seq_len=64,
+                                    cluster_sources=sources, log=None)
+
+    a, b = trainer(), trainer()
+    share = np.bincount(a.route, minlength=3) / len(a.route)
+    np.testing.assert_allclose(share, [0.1, 0.3, 0.6], atol=0.06)
+    for step in (0, 5, 399):
+        ba, bb = a.batch_at(step), b.batch_at(step)
+        assert ba.expert == bb.expert and torch.equal(ba.input_ids, bb.input_ids)  # pure function of step
+        lo, hi = cuts[ba.expert], cuts[ba.expert + 1]
+        cluster_text = toks[lo:hi]
+        row = ba.input_ids[0].numpy()
+        # Every row is a sequence of the routed cluster's own slice.
+        hits = np.flatnonzero(cluster_text[: len(cluster_text) - 63] == row[0])
+        assert any(np.array_equal(cluster_text[h:h + 64], row) for h in hits)
+
+
+def test_slm_pn_pulse(clustered_cfg):
+    from slmfactory.platform.clusters import load_clusters
+
+    generic, rec = run_pulse(clustered_cfg, "slm-pn")
+    assert generic.cost.flops > 0 and generic.info["experts"] == 4
+    assert rec.metrics["expert"] == load_clusters(clustered_cfg).most_frequent(DOMAIN)
+    # The served model is a plain SLM: same size as the `slm` strategy's.
+    from slmfactory.models.strategies.base import load_lm
+    assert rec.params == sum(p.numel() for p in load_lm(clustered_cfg, "slm", None).parameters())
+
+
+# -- slm-mix -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rule", ["most-frequent", "best-before-finetune", "best-after-finetune"])
+def test_slm_mix_pulse(clustered_cfg, rule):
+    from slmfactory.platform.clusters import load_clusters
+
+    cfg = clustered_cfg.replace(**{"strategy.mix_selection": rule})
+    generic, rec = run_pulse(cfg, "slm-mix")
+    clusters = load_clusters(cfg)
+    experts = {int(c) for c in generic.info["experts"]}
+    assert experts <= set(range(clusters.k)) and len(experts) >= 2
+    # The split budget: the experts together spend about one SLM's pretraining tokens.
+    step = cfg.pretrain.batch_size * cfg.data.seq_len
+    assert abs(generic.cost.tokens - cfg.pretrain.max_tokens) <= len(experts) * step
+    if rule == "most-frequent":
+        counts = clusters.counts(DOMAIN)
+        assert rec.metrics["expert"] == max(experts, key=lambda c: counts[c])
+    elif rule == "best-before-finetune":
+        before = {c: rec.metrics[f"valid_nll_before_e{c}"] for c in experts}
+        assert rec.metrics["expert"] == min(before, key=before.get)
+    else:
+        after = {c: rec.metrics[f"valid_nll_after_e{c}"] for c in experts}
+        assert rec.metrics["expert"] == min(after, key=after.get)
+        # Every expert was fine-tuned and paid for: more than the kept fine-tuning alone.
+        kept = rec.metrics["finetune_steps"] * cfg.finetune.batch_size * cfg.data.seq_len
+        assert rec.spec_cost.tokens >= kept + (len(experts) - 1) * cfg.finetune.batch_size * cfg.data.seq_len
+
+
+# -- llm-lora ------------------------------------------------------------------------------
+
+def test_llm_lora_pulse(work_cfg):
+    generic, rec = run_pulse(work_cfg, "llm-lora")
+    assert generic.cost.flops > 0
+    # Only the adapters trained: far fewer parameters than the served (merged) model.
+    assert 0 < rec.metrics["lora_trainable_params"] < rec.params / 5
+    # Frozen weights skip their weight gradients: cheaper per token than full fine-tuning
+    # (6·N), dearer than a forward pass (2·N).
+    from slmfactory.models.strategies.base import load_lm
+    from slmfactory.platform.cost import inference_flops_per_token, train_flops_per_token
+
+    llm = load_lm(work_cfg, "llm", None)
+    per_token = rec.spec_cost.flops / rec.spec_cost.tokens
+    seq = work_cfg.data.seq_len
+    assert inference_flops_per_token(llm, seq) < per_token < train_flops_per_token(llm, seq)
+    # The merged model moved away from the generic LLM (the adapters were not a no-op).
+    assert rec.metrics["test_ppl"] != pytest.approx(rec.metrics["test_ppl_before"], rel=1e-6)
+
+
+# -- slm-is --------------------------------------------------------------------------------
+
+def test_slm_is_pulse(clustered_cfg):
+    generic, rec = run_pulse(clustered_cfg, "slm-is")
+    assert generic is None and rec.generic_cost is None  # C_generic = 0
+    # The fresh SLM's pretraining is inside the specialisation cost.
+    assert rec.spec_cost.flops > rec.metrics["resample_pretrain_flops"] > 0
+    assert 0.0 <= rec.metrics["resample_tv_distance"] <= 1.0
+
+
+# -- registry ------------------------------------------------------------------------------
+
+def test_registry_holds_exactly_the_documented_strategies():
+    from slmfactory.models.strategies import STRATEGIES
+
+    get_strategy("slm")  # imports every strategy module
+    assert sorted(STRATEGIES) == sorted(STRATEGY_NAMES)
