@@ -166,6 +166,9 @@ class ClusterConfig:
     sample_windows: int = 50_000
     """k-means is fitted on a random sample of at most this many generic windows."""
     kmeans_iters: int = 25
+    max_generic_windows: int = 0
+    """Embed only a hash-chosen subset of about this many generic train windows (0 = all).
+    On 2 CPU cores MiniLM embeds ~100 windows/s, so the demo caps it; a GPU cluster does not."""
     embed_batch_size: int = 64
     embed_actors: int = 1
     """Embedding actors in the Ray Data pool (one per GPU on a cluster)."""
@@ -178,6 +181,8 @@ class ClusterConfig:
         _check(self.window_tokens >= 8, "cluster.window_tokens", ">= 8", self.window_tokens)
         _check(self.sample_windows >= self.k, "cluster.sample_windows", ">= cluster.k", self.sample_windows)
         _check(self.kmeans_iters >= 1, "cluster.kmeans_iters", ">= 1", self.kmeans_iters)
+        _check(self.max_generic_windows == 0 or self.max_generic_windows >= self.k,
+               "cluster.max_generic_windows", "0 (all) or >= cluster.k", self.max_generic_windows)
         _check(self.embed_batch_size >= 1, "cluster.embed_batch_size", ">= 1", self.embed_batch_size)
         _check(self.embed_actors >= 1, "cluster.embed_actors", ">= 1", self.embed_actors)
         _check(0 < self.embed_actor_cpus <= 64, "cluster.embed_actor_cpus", "in (0, 64]", self.embed_actor_cpus)

@@ -1,0 +1,814 @@
+"""``slmfactory cluster``: windows → MiniLM embeddings → faiss k-means → cluster ids.
+
+The pipeline (every stage a Ray Data job that streams parquet to parquet; the driver only
+sees counts, the k-means sample and the centroids):
+
+1. windows   read the corpus parquet, tokenize each document with the run's tokenizer,
+             cut non-overlapping spans of ``cluster.window_tokens`` tokens, decode each
+             span back to text (what MiniLM reads) → ``emb-<h>/windows_raw``.
+2. embed     a pool of MiniLM actors (``map_batches``; a GPU each when present, a
+             fraction of a CPU here) → ``emb-<h>/embedded`` (metadata + 384-d vector).
+3. k-means   a deterministic hash sample of at most ``cluster.sample_windows`` generic
+             train windows is pulled to the driver; faiss k-means (spherical: MiniLM
+             vectors are unit-norm) gives the k centroids.
+4. assign    a map over every embedded window: nearest centroid → ``k<k>-<h>/windows``.
+5. split     the generic train windows, partitioned by cluster → ``k<k>-<h>/by_cluster``:
+             the k experts' training sets of SLM-mix / SLM-pn.
+
+Embedded windows are cached by a hash of (corpus bytes, tokenizer, window size) and the
+clustering by that hash plus (k, sample, iterations, seed): changing k re-runs only k-means
+and assignment; rerunning with the same inputs returns at once without starting Ray.
+
+Which windows: generic train (all, or a hash-chosen ~``cluster.max_generic_windows``),
+and each domain's in-domain training set: the train documents covering the first
+``data.domain_train_tokens`` tokens. A domain's histogram is taken over exactly those
+first tokens' windows (the in-domain set the paper's strategies see). Entropies are
+in nats (natural log); the maximum at k clusters is ln k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from slmfactory.platform.errors import ConfigError, DataError
+
+CODE_VERSION = "clusters-v3"
+# CPUs each Ray Data task asks (read, tokenize, assign, write). Small, so that on a node
+# whose cores are partly held by embedding actors the tasks that feed those actors can
+# still be placed: with the default of 1 CPU a 1-CPU node running a 0.5-CPU actor could
+# never schedule a read task and the pipeline would wait forever.
+TASK_CPUS = 0.25
+_TASK = {"num_cpus": TASK_CPUS}
+WINDOW_COLUMNS = ["window_id", "doc_id", "part", "split", "start", "end", "tokens", "cluster"]
+
+
+# -- small helpers ------------------------------------------------------------------------
+
+class _Stages:
+    """One stderr line per stage with counts and seconds (the CLI's progress)."""
+
+    def __init__(self, enabled: bool, prefix: str = "cluster"):
+        self.enabled = enabled
+        self.prefix = prefix
+        self.timings: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def done(self, stage: str, what: str) -> float:
+        dt = time.perf_counter() - self._t0
+        self.timings[stage] = dt
+        if self.enabled:
+            print(f"[{self.prefix}] {stage}: {what} ({dt:.1f}s)", file=sys.stderr, flush=True)
+        self._t0 = time.perf_counter()
+        return dt
+
+
+def entropy(p: np.ndarray) -> float:
+    """Shannon entropy in nats of a probability vector (0·log 0 = 0)."""
+    p = np.asarray(p, dtype=np.float64)
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum())
+
+
+def total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    return float(0.5 * np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).sum())
+
+
+def _normalise(counts: np.ndarray) -> np.ndarray:
+    counts = np.asarray(counts, dtype=np.float64)
+    s = counts.sum()
+    return counts / s if s > 0 else counts
+
+
+def _sample_key(seed: int, window_ids: list[str]) -> np.ndarray:
+    """A uniform number in [0, 1) per window, a pure function of (seed, window id): the
+    k-means sample does not depend on block layout, node count or scheduling."""
+    out = np.empty(len(window_ids), dtype=np.float64)
+    for i, w in enumerate(window_ids):
+        h = hashlib.blake2b(f"{seed}:{w}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(h, "little") / 2.0**64
+    return out
+
+
+def _ray_data_context(progress: bool) -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = bool(progress)
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+
+
+# -- inputs and their hash ------------------------------------------------------------
+
+def corpus_inputs(cfg) -> list[tuple[str, str, Path]]:
+    """``(part, split, path)`` of every corpus file the clustering reads, with clear errors
+    for a missing corpus or an empty domain."""
+    import pyarrow.parquet as pq
+
+    root = cfg.corpus_dir
+    gen = root / "generic" / "train.parquet"
+    if not root.is_dir():
+        raise DataError(f"corpus {root}: not found (run `slmfactory corpus` first)")
+    if not gen.is_file():
+        raise DataError(f"corpus {root}: generic/train.parquet not found (run `slmfactory corpus` first)")
+    if pq.read_metadata(gen).num_rows == 0:
+        raise DataError(f"corpus {root}: generic/train.parquet has no documents")
+    out: list[tuple[str, str, Path]] = [("generic", "train", gen)]
+    ddir = root / "domains"
+    names = sorted(p.name for p in ddir.iterdir() if p.is_dir()) if ddir.is_dir() else []
+    if not names:
+        raise DataError(f"corpus {root}: no domains under {ddir}")
+    for name in names:
+        train = ddir / name / "train.parquet"
+        if not train.is_file() or pq.read_metadata(train).num_rows == 0:
+            raise DataError(f"domain '{name}': empty (no documents in {train}); "
+                            "remove the folder or rebuild the corpus")
+        # Only the in-domain training set is clustered: histograms, expert choice and
+        # resampling all read it, and nothing reads valid/test windows.
+        out.append((name, "train", train))
+    return out
+
+
+def domain_doc_prefixes(cfg, inputs: list[tuple[str, str, Path]]) -> dict[str, list[str]]:
+    """Per domain, the doc ids of the train documents that can fall inside the first
+    ``data.domain_train_tokens`` tokens (corpus order). Bytes bound tokens from above for
+    a byte-level BPE, so taking documents until their UTF-8 bytes reach the token budget
+    is a safe superset; windows outside the prefix are never embedded."""
+    import pyarrow.parquet as pq
+
+    budget = cfg.data.domain_train_tokens
+    out: dict[str, list[str]] = {}
+    for part, split, path in inputs:
+        if part == "generic":
+            continue
+        ids: list[str] = []
+        used = 0
+        table = pq.read_table(path, columns=["doc_id", "text"])
+        for doc_id, text in zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()):
+            ids.append(str(doc_id))
+            used += len((text or "").encode("utf-8"))
+            if used >= budget:
+                break
+        out[part] = ids
+    return out
+
+
+def generic_doc_fraction(cfg, inputs: list[tuple[str, str, Path]]) -> float:
+    """Fraction of generic documents (hash-chosen) to window so that about
+    ``cluster.max_generic_windows`` windows result (1.0 = all)."""
+    cap = cfg.cluster.max_generic_windows
+    if not cap:
+        return 1.0
+    import pyarrow.parquet as pq
+
+    path = next(p for part, _, p in inputs if part == "generic")
+    md = pq.read_metadata(path)
+    text_bytes = sum(md.row_group(i).column(j).total_uncompressed_size
+                     for i in range(md.num_row_groups) for j in range(md.num_columns)
+                     if md.schema.column(j).name == "text")
+    # ~4 bytes per BPE token on English text; windows are window_tokens long.
+    est_windows = max(1.0, text_bytes / 4.0 / cfg.cluster.window_tokens)
+    return min(1.0, cap / est_windows)
+
+
+def _file_digest(path: Path, memo: dict[str, Any]) -> str:
+    """sha256 of a file's bytes, memoised by (path, size, mtime) so a rerun does not
+    re-read a large corpus just to find its cache."""
+    st = path.stat()
+    key = str(path.resolve())
+    hit = memo.get(key)
+    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        return hit[2]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    memo[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    return h.hexdigest()
+
+
+def cache_keys(cfg, inputs: list[tuple[str, str, Path]] | None = None) -> tuple[str, str]:
+    """(embedding hash, clustering hash). Resource knobs (actors, CPUs, batch size) are
+    left out: they change the speed, not the result."""
+    inputs = inputs if inputs is not None else corpus_inputs(cfg)
+    base = cfg.root / "clusters"
+    base.mkdir(parents=True, exist_ok=True)
+    memo_path = base / "file-digests.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    tok = cfg.tokenizer_dir / "tokenizer.json"
+    if not tok.is_file():
+        raise DataError(f"tokenizer {cfg.tokenizer_dir}: not found (run `slmfactory cluster`, which trains "
+                        "it, or `slmfactory tokenizer`)")
+    h = hashlib.sha256()
+    h.update(CODE_VERSION.encode())
+    for part, split, path in inputs:
+        h.update(f"{part}/{split}:{_file_digest(path, memo)}".encode())
+    h.update(f"tokenizer:{_file_digest(tok, memo)}".encode())
+    h.update(f"window_tokens:{cfg.cluster.window_tokens}".encode())
+    h.update(f"max_generic_windows:{cfg.cluster.max_generic_windows}".encode())
+    h.update(f"domain_train_tokens:{cfg.data.domain_train_tokens}".encode())
+    h_emb = h.hexdigest()[:16]
+    c = cfg.cluster
+    h2 = hashlib.sha256(f"{h_emb}|k={c.k}|sample={c.sample_windows}|iters={c.kmeans_iters}"
+                        f"|seed={c.seed}".encode()).hexdigest()[:16]
+    tmp = memo_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(memo))
+    tmp.replace(memo_path)
+    return h_emb, h2
+
+
+def clusters_dir(cfg, inputs=None) -> Path:
+    _, h2 = cache_keys(cfg, inputs)
+    return cfg.root / "clusters" / f"k{cfg.cluster.k}-{h2}"
+
+
+# -- Ray Data stage functions (run in workers) ----------------------------------------
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(path: str):
+    tok = _TOKENIZERS.get(path)
+    if tok is None:
+        from slmfactory.platform.tokenizer import load_tokenizer
+
+        tok = _TOKENIZERS[path] = load_tokenizer(Path(path))
+    return tok
+
+
+def _part_split(path: str) -> tuple[str, str]:
+    p = Path(path)
+    split = p.stem
+    if p.parent.name == "generic":
+        return "generic", split
+    return p.parent.name, split
+
+
+def make_windows(batch, tokenizer_dir: str, window_tokens: int, generic_fraction: float = 1.0,
+                 domain_docs: dict[str, list[str]] | None = None, seed: int = 0):
+    """pyarrow batch of documents (doc_id, text, path) → one row per window.
+
+    Documents outside the embedded subset are dropped first: generic ones whose hash key
+    is at or above ``generic_fraction``, domain ones outside ``domain_docs[domain]``.
+    """
+    import pyarrow as pa
+
+    tok = _tokenizer(tokenizer_dir)
+    doc_ids = batch.column("doc_id").to_pylist()
+    texts = batch.column("text").to_pylist()
+    paths = batch.column("path").to_pylist()
+    keys = _sample_key(seed + 7919, [str(d) for d in doc_ids]) if generic_fraction < 1.0 else None
+    allowed = {k: set(v) for k, v in (domain_docs or {}).items()}
+    keep = []
+    for i, (doc_id, path) in enumerate(zip(doc_ids, paths)):
+        part, _ = _part_split(path)
+        if part == "generic":
+            keep.append(keys is None or keys[i] < generic_fraction)
+        else:
+            keep.append(part not in allowed or str(doc_id) in allowed[part])
+    doc_ids = [d for d, k in zip(doc_ids, keep) if k]
+    texts = [t for t, k in zip(texts, keep) if k]
+    paths = [p for p, k in zip(paths, keep) if k]
+    enc = tok([t or "" for t in texts], add_special_tokens=False)["input_ids"]
+    cols: dict[str, list] = {k: [] for k in ("window_id", "doc_id", "part", "split", "start", "end", "tokens")}
+    for doc_id, path, ids in zip(doc_ids, paths, enc):
+        part, split = _part_split(path)
+        for i, s in enumerate(range(0, len(ids), window_tokens)):
+            span = ids[s:s + window_tokens]
+            cols["window_id"].append(f"{doc_id}:{i}")
+            cols["doc_id"].append(str(doc_id))
+            cols["part"].append(part)
+            cols["split"].append(split)
+            cols["start"].append(s)
+            cols["end"].append(s + len(span))
+            cols["tokens"].append(np.asarray(span, dtype=np.int32))
+    text = tok.batch_decode(cols["tokens"], skip_special_tokens=True) if cols["tokens"] else []
+    return pa.table({
+        "window_id": pa.array(cols["window_id"], pa.string()),
+        "doc_id": pa.array(cols["doc_id"], pa.string()),
+        "part": pa.array(cols["part"], pa.string()),
+        "split": pa.array(cols["split"], pa.string()),
+        "start": pa.array(cols["start"], pa.int32()),
+        "end": pa.array(cols["end"], pa.int32()),
+        "tokens": pa.array(cols["tokens"], pa.list_(pa.int32())),
+        "text": pa.array(text, pa.string()),
+    })
+
+
+def _sample_batch(batch, seed: int, threshold: float):
+    """Generic train windows whose hash key is under ``threshold`` (pyarrow in and out)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    batch = batch.filter(pc.and_(pc.equal(batch.column("part"), "generic"), pc.equal(batch.column("split"), "train")))
+    key = _sample_key(seed, batch.column("window_id").to_pylist())
+    sel = pa.array(key < threshold)
+    return pa.table({"window_id": batch.column("window_id").filter(sel),
+                     "key": pa.array(key).filter(sel),
+                     "embedding": batch.column("embedding").filter(sel)})
+
+
+def nearest_centroid(emb: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid (L2 = highest dot product, all vectors unit-norm)."""
+    if len(emb) == 0:
+        return np.zeros(0, dtype=np.int32)
+    return np.argmax(np.asarray(emb, np.float32) @ centroids.T, axis=1).astype(np.int32)
+
+
+def _assign_batch(batch, centroids: np.ndarray):
+    import pyarrow as pa
+
+    from slmfactory.platform.embed import from_arrow
+
+    cluster = nearest_centroid(from_arrow(batch.column("embedding")), centroids)
+    return batch.drop_columns(["embedding"]).append_column("cluster", pa.array(cluster, pa.int32()))
+
+
+def _generic_train(batch):
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.and_(pc.equal(batch.column("part"), "generic"), pc.equal(batch.column("split"), "train")))
+
+
+# -- the result -------------------------------------------------------------------------
+
+class Clusters:
+    """A finished clustering on disk: centroids, assigned windows, per-cluster split."""
+
+    def __init__(self, cfg, dir: Path):
+        self.cfg = cfg
+        self.dir = Path(dir)
+        meta_path = self.dir / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{self.dir}: no finished clustering here (run `slmfactory cluster`)")
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        self.k: int = int(self.meta["k"])
+        self.centroids: np.ndarray = np.load(self.dir / "centroids.npy").astype(np.float32)
+        self.eos_id: int = int(self.meta["eos_id"])
+        self._hist: dict[str, np.ndarray] = {}
+        self._model = None
+
+    # paths
+    @property
+    def windows_dir(self) -> Path:
+        return self.dir / "windows"
+
+    @property
+    def by_cluster_dir(self) -> Path:
+        return self.dir / "by_cluster"
+
+    @property
+    def parts(self) -> list[str]:
+        return ["generic"] + list(self.meta["domains"])
+
+    def _scan(self, columns: list[str], flt=None) -> Iterator[Any]:
+        import pyarrow.dataset as pads
+
+        ds = pads.dataset(str(self.windows_dir), format="parquet")
+        yield from ds.to_batches(columns=columns, filter=flt)
+
+    def domain_windows(self, domain: str, split: str = "train"):
+        """The domain's windows of ``split`` (metadata + cluster, no tokens) as pandas,
+        in corpus order (document order of the split file, then position)."""
+        import pandas as pd
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        self._check_part(domain)
+        flt = (pc.field("part") == domain) & (pc.field("split") == split)
+        cols = ["window_id", "doc_id", "start", "end", "cluster"]
+        batches = [b.to_pandas() for b in self._scan(cols, flt)]
+        df = pd.concat(batches, ignore_index=True) if batches else pd.DataFrame(columns=cols)
+        src = self.cfg.corpus_dir / "domains" / domain / f"{split}.parquet"
+        if src.is_file():
+            order = {d: i for i, d in enumerate(pq.read_table(src, columns=["doc_id"]).column(0).to_pylist())}
+            df["doc_pos"] = df["doc_id"].map(order).fillna(len(order)).astype(np.int64)
+        else:
+            df["doc_pos"] = 0
+        return df.sort_values(["doc_pos", "doc_id", "start"], kind="stable").reset_index(drop=True)
+
+    def _check_part(self, part: str) -> None:
+        if part not in self.parts:
+            raise DataError(f"domain '{part}': not in this clustering (known: {', '.join(self.parts)})")
+
+    def counts(self, part: str) -> np.ndarray:
+        """(k,) window counts of ``part`` (generic: all generic train windows; a domain:
+        its train windows within the first ``data.domain_train_tokens`` tokens)."""
+        import pyarrow.compute as pc
+
+        self._check_part(part)
+        if part == "generic":
+            if "generic_counts" in self.meta:
+                return np.asarray(self.meta["generic_counts"], dtype=np.int64)
+            c = np.zeros(self.k, dtype=np.int64)
+            flt = (pc.field("part") == "generic") & (pc.field("split") == "train")
+            for b in self._scan(["cluster"], flt):
+                c += np.bincount(b.column(0).to_numpy(), minlength=self.k)
+            return c
+        df = self.domain_windows(part, "train")
+        lengths = (df["end"] - df["start"]).to_numpy()
+        before = np.cumsum(lengths) - lengths  # tokens preceding each window
+        df = df[before < self.cfg.data.domain_train_tokens]
+        return np.bincount(df["cluster"].to_numpy(dtype=np.int64), minlength=self.k)
+
+    def histogram(self, part: str) -> np.ndarray:
+        if part not in self._hist:
+            self._hist[part] = _normalise(self.counts(part))
+        return self._hist[part]
+
+    def entropy(self, part: str) -> float:
+        """Entropy of ``part``'s cluster histogram in nats (max ln k)."""
+        return entropy(self.histogram(part))
+
+    def most_frequent(self, domain: str) -> int:
+        return int(np.argmax(self.counts(domain)))
+
+    def _cluster_table(self, cluster: int):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not 0 <= cluster < self.k:
+            raise DataError(f"cluster {cluster}: out of range 0..{self.k - 1}")
+        d = self.by_cluster_dir / f"cluster={cluster}"
+        files = sorted(d.glob("*.parquet")) if d.is_dir() else []
+        if not files:
+            return None
+        t = pa.concat_tables([pq.read_table(f, columns=["doc_id", "start", "window_id", "tokens"]) for f in files])
+        idx = np.lexsort((t.column("start").to_numpy(), np.asarray(t.column("doc_id").to_pylist(), dtype=object).astype(str)))
+        return t.take(pa.array(idx))
+
+    def cluster_tokens(self, cluster: int, max_tokens: int | None = None) -> np.ndarray:
+        """int32 token ids of the generic train windows of ``cluster``, each followed by
+        eos, concatenated in (doc_id, position) order; at most ``max_tokens`` of them."""
+        t = self._cluster_table(cluster)
+        if t is None:
+            return np.zeros(0, dtype=np.int32)
+        toks = t.column("tokens").combine_chunks()
+        flat = toks.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+        offs = (toks.offsets.to_numpy() - toks.offsets[0].as_py()).astype(np.int64)
+        n = len(toks)
+        out = np.empty(len(flat) + n, dtype=np.int32)
+        # Insert eos after each window: window i moves right by i positions.
+        lengths = np.diff(offs)
+        dest = np.repeat(np.arange(n), lengths) + np.arange(len(flat))
+        out[dest] = flat
+        out[offs[1:] + np.arange(n)] = self.eos_id
+        return out if max_tokens is None else out[:max_tokens]
+
+    def cluster_sizes(self) -> np.ndarray:
+        """(k,) generic train tokens per cluster, eos separators included (so
+        ``cluster_sizes()[c] == len(cluster_tokens(c))``)."""
+        return np.asarray(self.meta["generic_cluster_tokens"], dtype=np.int64)
+
+    def assign_texts(self, texts: list[str]) -> np.ndarray:
+        """Cluster ids for new texts: MiniLM in this process, nearest centroid."""
+        from slmfactory.platform.embed import encode, load_minilm
+
+        if self._model is None:
+            self._model = load_minilm()
+        return nearest_centroid(encode(self._model, list(texts), self.cfg.cluster.embed_batch_size), self.centroids)
+
+    def summary(self, top: int = 3) -> str:
+        lines = [f"clusters: k={self.k}  dir={self.dir}",
+                 f"entropy in nats (max ln {self.k} = {math.log(self.k):.2f}); domain histograms over the "
+                 f"first {self.cfg.data.domain_train_tokens:,} train tokens",
+                 f"{'part':<16}{'windows':>10}{'entropy':>9}  top clusters (share)"]
+        for part in self.parts:
+            c = self.counts(part)
+            p = _normalise(c)
+            best = np.argsort(-p, kind="stable")[:top]
+            tops = "  ".join(f"{int(j)}:{p[j]:.2f}" for j in best if p[j] > 0)
+            lines.append(f"{part:<16}{int(c.sum()):>10}{entropy(p):>9.3f}  {tops}")
+        return "\n".join(lines)
+
+    def histogram_figure(self):
+        """A bar chart per part (generic and each domain), for MLflow and reports."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        parts = self.parts
+        fig, axes = plt.subplots(len(parts), 1, figsize=(8, 1.6 * len(parts) + 0.5), sharex=True, squeeze=False)
+        for ax, part in zip(axes[:, 0], parts):
+            ax.bar(np.arange(self.k), self.histogram(part), width=1.0, color="C0" if part == "generic" else "C1")
+            ax.set_ylabel(part, rotation=0, ha="right", fontsize=8)
+            ax.set_title(f"H = {self.entropy(part):.2f} nats", fontsize=8, loc="right")
+        axes[-1, 0].set_xlabel(f"cluster (k = {self.k})")
+        fig.tight_layout()
+        return fig
+
+
+def load_clusters(cfg) -> Clusters:
+    """The finished clustering for ``cfg``'s inputs and cluster config."""
+    d = clusters_dir(cfg)
+    if not (d / "meta.json").is_file():
+        raise DataError(f"clusters for this corpus and cluster config not computed yet ({d}); "
+                        "run `slmfactory cluster` first")
+    return Clusters(cfg, d)
+
+
+# -- the pipeline ------------------------------------------------------------------------
+
+def _dir_rows(path: Path) -> int:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(str(path), format="parquet").count_rows() if path.is_dir() else 0
+
+
+def _part_counts(path: Path, filter_generic_train: bool = False) -> dict[str, int]:
+    import pyarrow.dataset as pads
+
+    counts: dict[str, int] = {}
+    for b in pads.dataset(str(path), format="parquet").to_batches(columns=["part", "split"]):
+        parts = b.column(0).to_numpy(zero_copy_only=False)
+        splits = b.column(1).to_numpy(zero_copy_only=False)
+        for key, n in zip(*np.unique(np.char.add(np.char.add(parts.astype(str), "/"), splits.astype(str)),
+                                     return_counts=True)):
+            counts[str(key)] = counts.get(str(key), 0) + int(n)
+    return counts
+
+
+def _embed_windows(cfg, inputs, emb_dir: Path, stages: _Stages) -> dict[str, Any]:
+    """Stages 1-2, cached in ``emb_dir``; returns its meta."""
+    import ray
+
+    meta_path = emb_dir / "meta.json"
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text())
+    from slmfactory.platform.embed import embed_dataset
+
+    tmp = emb_dir.with_name(emb_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    stages.start()
+    files = [str(p.resolve()) for _, _, p in inputs]
+    docs = ray.data.read_parquet(files, columns=["doc_id", "text"], include_paths=True, num_cpus=TASK_CPUS)
+    windows = docs.map_batches(make_windows, batch_format="pyarrow", batch_size=64, num_cpus=TASK_CPUS,
+                               fn_kwargs={"tokenizer_dir": str(cfg.tokenizer_dir.resolve()),
+                                          "window_tokens": cfg.cluster.window_tokens,
+                                          "generic_fraction": generic_doc_fraction(cfg, inputs),
+                                          "domain_docs": domain_doc_prefixes(cfg, inputs),
+                                          "seed": cfg.cluster.seed})
+    windows.write_parquet(str(tmp / "windows_raw"), ray_remote_args=_TASK)
+    counts = _part_counts(tmp / "windows_raw")
+    n_gen = counts.get("generic/train", 0)
+    stages.done("windows", f"{sum(counts.values()):,} windows of <= {cfg.cluster.window_tokens} tokens "
+                f"({n_gen:,} generic train)")
+    for part in sorted({p for p, _, _ in inputs}):
+        if counts.get(f"{part}/train", 0) == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(f"domain '{part}': empty (its train documents have no tokens)")
+    # Embeddings do not depend on k: keep them even when k is too large for this corpus.
+
+    c = cfg.cluster
+    raw = ray.data.read_parquet(str(tmp / "windows_raw"), num_cpus=TASK_CPUS)
+    # Rows per actor call: several encode batches, so MiniLM's length sort inside
+    # ``encode`` pads as little as one plain ``encode`` over everything would.
+    embedded = embed_dataset(raw, batch_size=c.embed_batch_size, actors=c.embed_actors,
+                             actor_cpus=c.embed_actor_cpus)
+    embedded.write_parquet(str(tmp / "embedded"), ray_remote_args=_TASK)
+    n = _dir_rows(tmp / "embedded")
+    stages.done("embed", f"{n:,} windows embedded with MiniLM ({c.embed_actors} actor(s) x "
+                f"{c.embed_actor_cpus} CPU; {n / max(stages.timings.get('embed', 1e-9), 1e-9):.0f}/s)")
+    shutil.rmtree(tmp / "windows_raw", ignore_errors=True)
+    meta = {"counts": counts, "windows": n, "timings": dict(stages.timings)}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(emb_dir, ignore_errors=True)
+    tmp.rename(emb_dir)
+    return meta
+
+
+def _check_k(cfg, n_generic: int) -> None:
+    if n_generic < cfg.cluster.k:
+        raise DataError(f"cluster.k = {cfg.cluster.k} is larger than the {n_generic} generic train windows; "
+                        "lower cluster.k or cluster.window_tokens, or add generic data")
+
+
+def _fit_kmeans(cfg, emb_dir: Path, n_generic: int, stages: _Stages) -> tuple[np.ndarray, int]:
+    """Stage 3: sample on the workers (hash threshold), top-up exactly on the driver."""
+    import faiss
+    import ray
+
+    from slmfactory.platform.embed import EMBED_DIM, from_arrow
+
+    c = cfg.cluster
+    s = min(c.sample_windows, n_generic)
+    # Over-sample a little so the exact ``s`` smallest keys are (almost) always inside.
+    threshold = 1.0 if s >= n_generic else min(1.0, 1.2 * s / n_generic + 64.0 / n_generic)
+    ds = ray.data.read_parquet(str(emb_dir / "embedded"), columns=["window_id", "part", "split", "embedding"],
+                               num_cpus=TASK_CPUS)
+    def collect(thr: float) -> tuple[np.ndarray, np.ndarray]:
+        picked = ds.map_batches(_sample_batch, batch_format="pyarrow", num_cpus=TASK_CPUS,
+                                fn_kwargs={"seed": c.seed, "threshold": thr})
+        keys, embs = [], []
+        for b in picked.iter_batches(batch_format="pyarrow", batch_size=4096):
+            keys.append(b.column("key").to_numpy())
+            embs.append(from_arrow(b.column("embedding")))
+        if not keys:
+            return np.zeros(0), np.zeros((0, EMBED_DIM), np.float32)
+        return np.concatenate(keys), np.concatenate(embs)
+
+    key, x = collect(threshold)
+    if len(key) < s:  # the hash sample came out short (small corpora): take every window
+        key, x = collect(1.0)
+    order = np.argsort(key, kind="stable")[:s]
+    x = np.ascontiguousarray(x[order])
+    stages.done("sample", f"{len(x):,} of {n_generic:,} generic windows for k-means")
+    km = faiss.Kmeans(x.shape[1], c.k, niter=c.kmeans_iters, seed=c.seed, spherical=True, verbose=False,
+                      max_points_per_centroid=max(256, math.ceil(len(x) / c.k) + 1), min_points_per_centroid=1)
+    km.train(x)
+    cent = np.asarray(km.centroids, dtype=np.float32)
+    stages.done("kmeans", f"faiss k-means k={c.k}, {c.kmeans_iters} iterations on {len(x):,} x {x.shape[1]}")
+    return cent, len(x)
+
+
+def run_clustering(cfg, progress: bool = True, tracker=None) -> Clusters:
+    """Embed, cluster and assign every window of the run's corpus (cached; see module doc)."""
+    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+
+    inputs = corpus_inputs(cfg)
+    ensure_tokenizer(cfg)
+    h_emb, h_clu = cache_keys(cfg, inputs)
+    base = cfg.root / "clusters"
+    out_dir = base / f"k{cfg.cluster.k}-{h_clu}"
+    if (out_dir / "meta.json").is_file():
+        cl = Clusters(cfg, out_dir)
+        if progress:
+            print(f"[cluster] cached: {out_dir}", file=sys.stderr, flush=True)
+        if tracker is not None:
+            _log(cl, tracker)
+        return cl
+
+    emb_meta_path = base / f"emb-{h_emb}" / "meta.json"
+    if emb_meta_path.is_file():  # embeddings cached: a k too large fails before Ray starts
+        n_gen = int(json.loads(emb_meta_path.read_text())["counts"].get("generic/train", 0))
+        _check_k(cfg, n_gen)
+
+    import ray
+
+    from slmfactory.platform.runtime import ray_session
+
+    own_tracker = tracker is None
+    if own_tracker:
+        from slmfactory.platform.tracking import open_tracker
+
+        tracker = open_tracker(cfg, "cluster", {"phase": "cluster", "k": str(cfg.cluster.k)})
+    status = "FAILED"
+    stages = _Stages(progress)
+    t_all = time.perf_counter()
+    try:
+        with ray_session():
+            _ray_data_context(progress)
+            emb_dir = base / f"emb-{h_emb}"
+            emb_meta = _embed_windows(cfg, inputs, emb_dir, stages)
+            n_gen = int(emb_meta["counts"].get("generic/train", 0))
+            _check_k(cfg, n_gen)
+            stages.start()
+            centroids, n_sample = _fit_kmeans(cfg, emb_dir, n_gen, stages)
+
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            np.save(tmp / "centroids.npy", centroids)
+            ds = ray.data.read_parquet(str(emb_dir / "embedded"), num_cpus=TASK_CPUS)
+            ds.map_batches(_assign_batch, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs={"centroids": centroids}) \
+                .write_parquet(str(tmp / "windows"), ray_remote_args=_TASK)
+            n_assigned = _dir_rows(tmp / "windows")
+            stages.done("assign", f"{n_assigned:,} windows assigned to the nearest of {cfg.cluster.k} centroids")
+            if n_assigned != emb_meta["windows"]:
+                raise DataError(f"assignment wrote {n_assigned} windows, expected {emb_meta['windows']}")
+
+            ray.data.read_parquet(str(tmp / "windows"), num_cpus=TASK_CPUS) \
+                .map_batches(_generic_train, batch_format="pyarrow", num_cpus=TASK_CPUS) \
+                .write_parquet(str(tmp / "by_cluster"), partition_cols=["cluster"], ray_remote_args=_TASK)
+            gen_counts, gen_tokens = _generic_cluster_stats(tmp / "by_cluster", cfg.cluster.k)
+            stages.done("split", f"generic train windows split into {int((gen_counts > 0).sum())} non-empty clusters")
+
+            tok = load_tokenizer(cfg.tokenizer_dir)
+            meta = {
+                "k": cfg.cluster.k, "hash": h_clu, "embedding_hash": h_emb,
+                "config": {k: getattr(cfg.cluster, k) for k in ("k", "window_tokens", "sample_windows",
+                                                                  "kmeans_iters", "seed")},
+                "domains": sorted({p for p, _, _ in inputs if p != "generic"}),
+                "eos_id": int(tok.eos_token_id), "windows": n_assigned, "sample_windows": n_sample,
+                "part_counts": emb_meta["counts"],
+                "generic_counts": gen_counts.tolist(), "generic_cluster_tokens": gen_tokens.tolist(),
+                "timings": {**emb_meta.get("timings", {}), **stages.timings},
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            shutil.rmtree(out_dir, ignore_errors=True)
+            tmp.rename(out_dir)
+        cl = Clusters(cfg, out_dir)
+        cl.meta["timings"]["total"] = time.perf_counter() - t_all
+        (out_dir / "summary.json").write_text(json.dumps(_summary_dict(cl), indent=1))
+        _log(cl, tracker)
+        status = "FINISHED"
+        return cl
+    finally:
+        if own_tracker:
+            tracker.close(status)
+
+
+def _generic_cluster_stats(by_cluster: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster generic train window counts and tokens (eos included), from the
+    partitioned split (partition directories are ``cluster=<c>``)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    counts = np.zeros(k, dtype=np.int64)
+    tokens = np.zeros(k, dtype=np.int64)
+    for d in by_cluster.glob("cluster=*"):
+        c = int(d.name.split("=", 1)[1])
+        for f in d.glob("*.parquet"):
+            t = pq.read_table(f, columns=["start", "end"])
+            counts[c] += t.num_rows
+            tokens[c] += int(pc.sum(pc.subtract(t.column("end"), t.column("start"))).as_py() or 0) + t.num_rows
+    return counts, tokens
+
+
+def _summary_dict(cl: Clusters) -> dict[str, Any]:
+    return {
+        "k": cl.k,
+        "entropy_unit": "nats",
+        "parts": {p: {"windows": int(cl.counts(p).sum()), "entropy": cl.entropy(p),
+                      "histogram": cl.histogram(p).tolist()} for p in cl.parts},
+        "timings": cl.meta.get("timings", {}),
+    }
+
+
+def _log(cl: Clusters, tracker) -> None:
+    """Params, entropies, counts, timings and the histogram plot (driver only)."""
+    import matplotlib.pyplot as plt
+
+    tracker.log_params({**{f"cluster.{k}": v for k, v in cl.meta["config"].items()},
+                        "cluster.sample_windows_used": cl.meta["sample_windows"],
+                        "cluster.windows": cl.meta["windows"],
+                        "cluster.hash": cl.meta["hash"]})
+    metrics: dict[str, float] = {}
+    for p in cl.parts:
+        metrics[f"entropy/{p}"] = cl.entropy(p)
+        metrics[f"windows/{p}"] = float(cl.counts(p).sum())
+    for stage, sec in cl.meta.get("timings", {}).items():
+        metrics[f"time/{stage}_s"] = float(sec)
+    tracker.log_metrics(metrics)
+    tracker.log_dict(_summary_dict(cl), "clusters/histograms.json")
+    fig = cl.histogram_figure()
+    tracker.log_figure(fig, "clusters/histograms.png")
+    plt.close(fig)
+
+
+# -- helpers for benchmarks and tools ------------------------------------------------------
+
+def bench_workdir(cfg) -> "Any":
+    """``cfg`` if its corpus and tokenizer exist; otherwise the same recipe on a temporary
+    workdir holding the committed real-text sample (tests/assets/corpus_sample) and a
+    tokenizer trained on it, so a benchmark runs on a fresh checkout."""
+    import tempfile
+
+    if (cfg.corpus_dir / "generic" / "train.parquet").is_file() and (cfg.tokenizer_dir / "tokenizer.json").is_file():
+        return cfg
+    from slmfactory.platform.corpus import build_sample_corpus
+    from slmfactory.platform.tokenizer import ensure_tokenizer
+
+    root = Path(tempfile.mkdtemp(prefix="slmf-bench-"))
+    cfg = cfg.replace(workdir=str(root), **{"tracking.enabled": False})
+    build_sample_corpus(cfg)
+    ensure_tokenizer(cfg)
+    return cfg
+
+
+def sample_window_texts(cfg, n: int) -> list[str]:
+    """The decoded text of the first ``n`` generic train windows (in-process; for benchmarks)."""
+    import pyarrow.parquet as pq
+
+    from slmfactory.platform.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.tokenizer_dir)
+    w = cfg.cluster.window_tokens
+    out: list[str] = []
+    files = [p for _, _, p in corpus_inputs(cfg)]  # generic train first, then the domains
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(columns=["text"], batch_size=256):
+            ids = tok(batch.column(0).to_pylist(), add_special_tokens=False)["input_ids"]
+            spans = [x[s:s + w] for x in ids for s in range(0, len(x), w)]
+            out.extend(tok.batch_decode(spans, skip_special_tokens=True))
+            if len(out) >= n:
+                return out[:n]
+    return out
