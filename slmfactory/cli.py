@@ -4,6 +4,7 @@ every subcommand takes ``--config RECIPE`` and ``--set KEY=VALUE`` overrides."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -148,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         # OS-level input problems are user errors too: one line, no traceback.
         print(f"slmfactory: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001
+        # A bug, not bad input: still one line by default; the traceback on request.
+        if os.environ.get("SLMFACTORY_DEBUG") == "1":
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"slmfactory: internal error: {type(e).__name__}: {first} "
+              f"(rerun with SLMFACTORY_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -55,10 +55,8 @@ def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str]
     strategy = get_strategy(cfg.strategy.name)
     launcher = make_launcher(cfg, log=log)
     if cfg.strategy.name in NEEDS_CLUSTERS:
-        from slmfactory.platform.clusters import run_clustering
-
+        # Clustering and resampling (cached) run on Ray Data inside the strategy.
         init_ray(address)
-        run_clustering(cfg)
     tracker = open_tracker(cfg, f"{cfg.strategy.name}-{domain}",
                            {"strategy": cfg.strategy.name, "domain": domain, "phase": "specialize",
                             "in_domain_tokens": str(cfg.data.domain_train_tokens)})

@@ -43,6 +43,7 @@ import numpy as np
 from slmfactory.platform.errors import ConfigError, DataError
 
 CODE_VERSION = "clusters-v3"
+PREFIX_BYTES_PER_TOKEN = 6
 # CPUs each Ray Data task asks (read, tokenize, assign, write). Small, so that on a node
 # whose cores are partly held by embedding actors the tasks that feed those actors can
 # still be placed: with the default of 1 CPU a 1-CPU node running a 0.5-CPU actor could
@@ -144,12 +145,13 @@ def corpus_inputs(cfg) -> list[tuple[str, str, Path]]:
 
 def domain_doc_prefixes(cfg, inputs: list[tuple[str, str, Path]]) -> dict[str, list[str]]:
     """Per domain, the doc ids of the train documents that can fall inside the first
-    ``data.domain_train_tokens`` tokens (corpus order). Bytes bound tokens from above for
-    a byte-level BPE, so taking documents until their UTF-8 bytes reach the token budget
-    is a safe superset; windows outside the prefix are never embedded."""
+    ``data.domain_train_tokens`` tokens (corpus order); windows outside the prefix are
+    never embedded. English BPE averages ~4 bytes per token, so documents are taken until
+    their UTF-8 bytes reach ``PREFIX_BYTES_PER_TOKEN`` x the budget (1.5x margin);
+    ``Clusters.counts`` warns if a domain's embedded windows still fall short."""
     import pyarrow.parquet as pq
 
-    budget = cfg.data.domain_train_tokens
+    budget = cfg.data.domain_train_tokens * PREFIX_BYTES_PER_TOKEN
     out: dict[str, list[str]] = {}
     for part, split, path in inputs:
         if part == "generic":
@@ -285,7 +287,7 @@ def make_windows(batch, tokenizer_dir: str, window_tokens: int, generic_fraction
     doc_ids = [d for d, k in zip(doc_ids, keep) if k]
     texts = [t for t, k in zip(texts, keep) if k]
     paths = [p for p, k in zip(paths, keep) if k]
-    enc = tok([t or "" for t in texts], add_special_tokens=False)["input_ids"]
+    enc = tok([t or "" for t in texts], add_special_tokens=False)["input_ids"] if texts else []
     cols: dict[str, list] = {k: [] for k in ("window_id", "doc_id", "part", "split", "start", "end", "tokens")}
     for doc_id, path, ids in zip(doc_ids, paths, enc):
         part, split = _part_split(path)
@@ -354,6 +356,7 @@ class Clusters:
     def __init__(self, cfg, dir: Path):
         self.cfg = cfg
         self.dir = Path(dir)
+        self._warned_short: set[str] = set()
         meta_path = self.dir / "meta.json"
         if not meta_path.is_file():
             raise DataError(f"{self.dir}: no finished clustering here (run `slmfactory cluster`)")
@@ -424,6 +427,10 @@ class Clusters:
         df = self.domain_windows(part, "train")
         lengths = (df["end"] - df["start"]).to_numpy()
         before = np.cumsum(lengths) - lengths  # tokens preceding each window
+        if lengths.sum() < self.cfg.data.domain_train_tokens and part not in self._warned_short:
+            self._warned_short.add(part)
+            print(f"[cluster] note: domain '{part}' has {int(lengths.sum()):,} embedded train tokens, fewer "
+                  f"than data.domain_train_tokens={self.cfg.data.domain_train_tokens:,}", file=sys.stderr)
         df = df[before < self.cfg.data.domain_train_tokens]
         return np.bincount(df["cluster"].to_numpy(dtype=np.int64), minlength=self.k)
 

@@ -24,7 +24,7 @@ import numpy as np
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl,
     finetune_lm, finish, generic_dir, load_lm, pretrain_lm, register, split_source)
-from slmfactory.models.strategies.slm_pn import cluster_streams, n_experts
+from slmfactory.models.strategies.slm_pn import cluster_streams, expert_clusters
 from slmfactory.platform.cost import CostRecord, inference_flops_per_token
 
 
@@ -37,11 +37,9 @@ def expert_budget(cfg, share: float) -> int:
 @register("slm-mix")
 class HardMixture(Strategy):
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact:
-        from slmfactory.platform.clusters import load_clusters
-
         cfg = ctx.cfg
-        clusters = load_clusters(cfg)
-        k = n_experts(cfg, clusters)
+        clusters = expert_clusters(cfg)
+        k = clusters.k
         out = generic_dir(cfg, self.name, cfg.slm, cfg.pretrain, cfg.cluster, k, clusters.dir.name)
         sources = cluster_streams(clusters, out)
         sizes = clusters.cluster_sizes().astype(np.float64)
@@ -65,8 +63,6 @@ class HardMixture(Strategy):
         return art
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
-        from slmfactory.platform.clusters import load_clusters
-
         cfg = ctx.cfg
         if generic is None:
             generic = self.pretrain(ctx)
@@ -77,7 +73,7 @@ class HardMixture(Strategy):
         extra_cost: CostRecord | None = None
         metrics: dict[str, float] = {}
         if rule == "most-frequent":
-            counts = load_clusters(cfg).counts(domain)
+            counts = expert_clusters(cfg).counts(domain)
             chosen = max(experts, key=lambda c: counts[c])  # among clusters that have an expert
         elif rule == "best-before-finetune":
             valid = data.valid.load()

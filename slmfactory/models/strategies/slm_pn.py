@@ -85,22 +85,22 @@ def cluster_streams(clusters, out: Path) -> list[TokenSource]:
     return [TokenSource(str(path), int(bounds[c]), int(bounds[c + 1])) for c in range(clusters.k)]
 
 
-def n_experts(cfg, clusters) -> int:
-    k = cfg.strategy.experts or clusters.k
-    if k != clusters.k:
-        raise DataError(f"strategy.experts={k} but the clustering has cluster.k={clusters.k}: "
-                        "one expert per cluster (set strategy.experts: 0)")
-    return k
+def expert_clusters(cfg):
+    """The clustering whose clusters are the experts: ``strategy.experts`` clusters (the
+    paper uses 16-64 experts but k = 1024 clusters for importance sampling), computed from
+    the same cached embeddings, so only k-means and assignment rerun; 0 = ``cluster.k``."""
+    from slmfactory.platform.clusters import run_clustering
+
+    k = cfg.strategy.experts or cfg.cluster.k
+    return run_clustering(cfg.replace(**{"cluster.k": k}) if k != cfg.cluster.k else cfg, progress=False)
 
 
 @register("slm-pn")
 class ProjectedNetwork(Strategy):
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact:
-        from slmfactory.platform.clusters import load_clusters
-
         cfg = ctx.cfg
-        clusters = load_clusters(cfg)
-        k = n_experts(cfg, clusters)
+        clusters = expert_clusters(cfg)
+        k = clusters.k
         s = cfg.strategy
         out = generic_dir(cfg, self.name, cfg.slm, cfg.pretrain, cfg.cluster, s.pn_capacity, s.pn_expert_dim, k,
                           clusters.dir.name)
@@ -127,12 +127,11 @@ class ProjectedNetwork(Strategy):
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         from safetensors.torch import load_model, save_model
 
-        from slmfactory.platform.clusters import load_clusters
 
         cfg = ctx.cfg
         if generic is None:
             generic = self.pretrain(ctx)
-        clusters = load_clusters(cfg)
+        clusters = expert_clusters(cfg)
         expert = clusters.most_frequent(domain)
         pn = build_projected(cfg, vocab_size_of(cfg), generic.info["experts"])
         load_model(pn, generic.info["weights"], device="cpu")
