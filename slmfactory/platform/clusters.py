@@ -44,6 +44,7 @@ from slmfactory.platform.errors import ConfigError, DataError
 
 CODE_VERSION = "clusters-v3"
 PREFIX_BYTES_PER_TOKEN = 6
+EMBED_BLOCK_WINDOWS = 2048
 # CPUs each Ray Data task asks (read, tokenize, assign, write). Small, so that on a node
 # whose cores are partly held by embedding actors the tasks that feed those actors can
 # still be placed: with the default of 1 CPU a 1-CPU node running a 0.5-CPU actor could
@@ -585,7 +586,12 @@ def _embed_windows(cfg, inputs, emb_dir: Path, stages: _Stages) -> dict[str, Any
     # Embeddings do not depend on k: keep them even when k is too large for this corpus.
 
     c = cfg.cluster
-    raw = ray.data.read_parquet(str(tmp / "windows_raw"), num_cpus=TASK_CPUS)
+    # Blocks of ~EMBED_BLOCK_WINDOWS windows: the window stage may write one big file, and
+    # one block would mean one actor call for the whole corpus (no streaming, no progress,
+    # no spreading over several actors / GPUs).
+    n_windows = sum(counts.values())
+    raw = ray.data.read_parquet(str(tmp / "windows_raw"), num_cpus=TASK_CPUS) \
+        .repartition(max(1, -(-n_windows // EMBED_BLOCK_WINDOWS)))
     # Rows per actor call: several encode batches, so MiniLM's length sort inside
     # ``encode`` pads as little as one plain ``encode`` over everything would.
     embedded = embed_dataset(raw, batch_size=c.embed_batch_size, actors=c.embed_actors,
