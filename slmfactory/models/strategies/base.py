@@ -77,6 +77,13 @@ class GenericArtifact:
         write_json_atomic(self.dir / "generic.json", data)
 
     @classmethod
+    def write(cls, strategy: str, dir: Path, cost: CostRecord, info: dict[str, Any]) -> "GenericArtifact":
+        """Record a finished generic phase (its ``generic.json`` marks the cache complete)."""
+        art = cls(strategy=strategy, dir=dir, cost=dataclasses.replace(cost, phase=f"generic/{strategy}"), info=info)
+        art.save()
+        return art
+
+    @classmethod
     def load(cls, path: Path) -> "GenericArtifact | None":
         f = Path(path) / "generic.json"
         if not f.is_file():

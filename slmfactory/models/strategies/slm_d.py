@@ -87,14 +87,11 @@ class Distillation(Strategy):
         teacher = pretrain_lm(ctx, "llm", tokens, key="llm")
         student = pretrain_lm(ctx, "slm", tokens, key="slm")
         out = generic_dir(cfg, self.name, cfg.slm, cfg.llm, cfg.pretrain)
-        cost = dataclasses.replace(teacher.cost + student.cost, phase=f"generic/{self.name}")
-        art = GenericArtifact(strategy=self.name, dir=out, cost=cost,
-                              info={"weights": student.info["weights"], "teacher_weights": teacher.info["weights"],
-                                    "teacher_generic_valid_nll": teacher.info["generic_valid_nll"],
-                                    "generic_valid_nll": student.info["generic_valid_nll"],
-                                    "teacher_cost": teacher.cost.to_dict(), "student_cost": student.cost.to_dict()})
-        art.save()
-        return art
+        return GenericArtifact.write(self.name, out, teacher.cost + student.cost,
+                                     {"weights": student.info["weights"], "teacher_weights": teacher.info["weights"],
+                                      "teacher_generic_valid_nll": teacher.info["generic_valid_nll"],
+                                      "generic_valid_nll": student.info["generic_valid_nll"],
+                                      "teacher_cost": teacher.cost.to_dict(), "student_cost": student.cost.to_dict()})
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         cfg = ctx.cfg

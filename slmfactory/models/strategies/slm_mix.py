@@ -55,12 +55,9 @@ class HardMixture(Strategy):
             experts[c] = {"weights": art.info["weights"], "generic_valid_nll": art.info["generic_valid_nll"],
                           "tokens": budget}
             cost = art.cost if cost is None else cost + art.cost
-        cost = dataclasses.replace(cost, phase=f"generic/{self.name}")
-        art = GenericArtifact(strategy=self.name, dir=out, cost=cost,
-                              info={"experts": {str(c): e for c, e in experts.items()}, "k": k,
-                                    "clusters": str(clusters.dir)})
-        art.save()
-        return art
+        return GenericArtifact.write(self.name, out, cost,
+                                     {"experts": {str(c): e for c, e in experts.items()}, "k": k,
+                                      "clusters": str(clusters.dir)})
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         cfg = ctx.cfg

@@ -116,17 +116,13 @@ class ProjectedNetwork(Strategy):
                              split_source(cfg, "generic", "valid"), trainer_cls=ClusterRoutedTrainer,
                              model_builder=builder, cluster_sources=sources)
         fit = ctx.launcher.fit(factory, out, phase)
-        cost = dataclasses.replace(fit.result.cost, phase=f"generic/{self.name}")
-        art = GenericArtifact(strategy=self.name, dir=out, cost=cost,
-                              info={"weights": str(fit.checkpoint / "model.safetensors"), "experts": k,
-                                    "generic_valid_nll": fit.result.best_valid_nll, "steps": fit.result.steps,
-                                    "clusters": str(clusters.dir)})
-        art.save()
-        return art
+        return GenericArtifact.write(self.name, out, fit.result.cost,
+                                     {"weights": str(fit.checkpoint / "model.safetensors"), "experts": k,
+                                      "generic_valid_nll": fit.result.best_valid_nll, "steps": fit.result.steps,
+                                      "clusters": str(clusters.dir)})
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         from safetensors.torch import load_model, save_model
-
 
         cfg = ctx.cfg
         if generic is None:
