@@ -127,12 +127,6 @@ class StrategyContext:
         if self.log:
             self.log(msg)
 
-    @property
-    def vocab_size(self) -> int:
-        from slmfactory.platform.tokenizer import load_tokenizer
-
-        return len(load_tokenizer(self.cfg.tokenizer_dir))
-
 
 class Strategy:
     name: ClassVar[str] = ""
