@@ -51,6 +51,7 @@ def write(tmp_path, text):
     ("slm:\n  preset: huge\n", "slm.preset"),
     ("pretrain: [1, 2]\n", "pretrain: expected a mapping"),
     ("tracking:\n  enabled: maybe\n", "tracking.enabled: expected true or false"),
+    ("finetune:\n  compile: fast\n", "finetune.compile: expected one of"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("(", r"\(")):

@@ -92,6 +92,9 @@ class Trainer:
 
         self.model = model                      # the plain module (saved, evaluated)
         self.step_model = ddp_model or model    # what forward/backward runs through (DDP or plain)
+        if cfg.compile:
+            # Compiled on top of DDP so its graph breaks line up with DDP's gradient buckets.
+            self.step_model = torch.compile(self.step_model, mode=cfg.compile)
         self.train_data, self.cfg, self.seq_len = train, cfg, seq_len
         self.valid = valid
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -131,8 +134,10 @@ class Trainer:
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         params = self.trainable_parameters()
+        # One fused kernel per step on GPUs; multi-tensor (foreach) kernels elsewhere.
+        fused = self.device.type == "cuda"
         return torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.99), eps=1e-8,
-                                 weight_decay=self.cfg.weight_decay, foreach=True)
+                                 weight_decay=self.cfg.weight_decay, fused=fused, foreach=not fused)
 
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
@@ -152,11 +157,13 @@ class Trainer:
         x = batch.input_ids.to(self.device, non_blocking=True)
         return self.step_model(input_ids=x, labels=x).loss
 
-    def forward_backward_step(self, batch: Batch) -> float:
+    def forward_backward_step(self, batch: Batch) -> torch.Tensor:
+        """Backward of one batch; returns the detached loss (not a float: on a GPU that
+        would wait for the kernels before the optimiser's are even queued)."""
         with self.autocast():
             loss = self.compute_loss(batch)
         loss.backward()
-        return float(loss.detach())
+        return loss.detach()
 
     def on_checkpoint(self, path: Path, info: dict) -> None:
         """Called (rank 0) after a complete checkpoint is written to ``path``."""
@@ -187,7 +194,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.grad_clip, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss
+        return float(loss)
 
     def _validate(self) -> bool:
         """Evaluate, track the best weights; True when early stopping says stop."""
@@ -328,8 +335,8 @@ class Trainer:
             for key, value in moments.items():
                 i, name = key.split(".", 1)
                 p = params[int(i)]
-                if name == "step":
-                    value = value.cpu()  # AdamW keeps its step counter on the CPU
+                if name == "step" and not self.optimizer.defaults.get("fused"):
+                    value = value.cpu()  # unfused AdamW keeps its step counter on the CPU
                 self.optimizer.state[p][name] = value
         if (path / "best.safetensors").is_file():
             self.best_state = load_file(str(path / "best.safetensors"), device=str(self.device))
