@@ -68,6 +68,10 @@ class _Stages:
     def start(self) -> None:
         self._t0 = time.perf_counter()
 
+    def running(self) -> float:
+        """Seconds since the current stage started."""
+        return time.perf_counter() - self._t0
+
     def done(self, stage: str, what: str) -> float:
         dt = time.perf_counter() - self._t0
         self.timings[stage] = dt
@@ -599,7 +603,7 @@ def _embed_windows(cfg, inputs, emb_dir: Path, stages: _Stages) -> dict[str, Any
     embedded.write_parquet(str(tmp / "embedded"), ray_remote_args=_TASK)
     n = _dir_rows(tmp / "embedded")
     stages.done("embed", f"{n:,} windows embedded with MiniLM ({c.embed_actors} actor(s) x "
-                f"{c.embed_actor_cpus} CPU; {n / max(stages.timings.get('embed', 1e-9), 1e-9):.0f}/s)")
+                f"{c.embed_actor_cpus} CPU; {n / max(stages.running(), 1e-9):.1f} windows/s)")
     shutil.rmtree(tmp / "windows_raw", ignore_errors=True)
     meta = {"counts": counts, "windows": n, "timings": dict(stages.timings)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
