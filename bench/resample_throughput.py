@@ -2,7 +2,7 @@
 
 Side by side on one machine: ``resample(cfg, domain, tokens)`` (driver selection + the
 Ray Data read / repeat / write job, Ray already started) against pyarrow reading the same
-per-cluster generic windows and writing the same selected rows in this process. Prints
+assigned-windows table and writing the same selected rows in this process. Prints
 MB/s of each and the ratio resample / plain (goal >= 0.5).
 
 Uses the recipe's clustering when it is computed; otherwise the committed real-text
@@ -67,7 +67,7 @@ def main() -> None:
     t0 = time.perf_counter()
     res = resample(cfg, domain, tokens, progress=False)
     t_ray = time.perf_counter() - t0
-    in_bytes = sum(f.stat().st_size for f in cl.by_cluster_dir.rglob("*.parquet"))
+    in_bytes = sum(f.stat().st_size for f in cl.windows_dir.rglob("*.parquet"))
     out_bytes = sum(f.stat().st_size for f in (res.path / "data").rglob("*.parquet"))
 
     # Plain: read the same input, pick the same rows (ids + multiplicities from the
@@ -77,8 +77,7 @@ def main() -> None:
     del chosen
     plain_dir = Path(tempfile.mkdtemp(prefix="slmf-plain-"))
     t0 = time.perf_counter()
-    t = pads.dataset(str(cl.by_cluster_dir), format="parquet", partitioning="hive").to_table(
-        columns=["window_id", "tokens", "cluster"])
+    t = pads.dataset(str(cl.windows_dir), format="parquet").to_table(columns=["window_id", "tokens", "cluster"])
     import pyarrow.compute as pc
 
     idx = pc.index_in(t.column("window_id"), value_set=pa.array(ids.tolist())).to_numpy(zero_copy_only=False)
