@@ -15,7 +15,7 @@ resampling does the same exactly and without weights in the loss:
    matched; they are reported and the rest of the domain histogram is renormalised.
 
 The selection (window ids and multiplicities) is small and made on the driver; the token
-data is streamed by a Ray Data job from the per-cluster split to parquet. Each output row
+data is streamed by a Ray Data job from the assigned-windows table to parquet. Each output row
 carries a random ``order`` key, so ``load_resampled_tokens`` returns a shuffled stream
 (repeats of a window are not adjacent). The total variation distance reported is measured
 on the written parquet against the *unrenormalised* domain histogram.
