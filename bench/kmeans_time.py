@@ -71,7 +71,8 @@ def main() -> None:
 
     from slmfactory.platform.embed import from_arrow
 
-    ds = ray.data.read_parquet(str(emb_dir / "embedded"), columns=["window_id", "part", "split", "embedding"])
+    ds = ray.data.read_parquet(str(emb_dir / "embedded")).select_columns(
+        ["window_id", "part", "split", "embedding"])
     x = np.concatenate([from_arrow(b.column("embedding")) for b in ds.map_batches(
         C._sample_batch, batch_format="pyarrow", fn_kwargs={"seed": cfg.cluster.seed, "threshold": 1.0})
         .iter_batches(batch_format="pyarrow", batch_size=8192)])[:n_sample]

@@ -571,7 +571,8 @@ def _embed_windows(cfg, inputs, emb_dir: Path, stages: _Stages) -> dict[str, Any
     tmp.mkdir(parents=True)
     stages.start()
     files = [str(p.resolve()) for _, _, p in inputs]
-    docs = ray.data.read_parquet(files, columns=["doc_id", "text"], include_paths=True, num_cpus=TASK_CPUS)
+    docs = ray.data.read_parquet(files, include_paths=True, num_cpus=TASK_CPUS) \
+        .select_columns(["doc_id", "text", "path"])
     windows = docs.map_batches(make_windows, batch_format="pyarrow", batch_size=64, num_cpus=TASK_CPUS,
                                fn_kwargs={"tokenizer_dir": str(cfg.tokenizer_dir.resolve()),
                                           "window_tokens": cfg.cluster.window_tokens,
@@ -629,8 +630,8 @@ def _fit_kmeans(cfg, emb_dir: Path, n_generic: int, stages: _Stages) -> tuple[np
     s = min(c.sample_windows, n_generic)
     # Over-sample a little so the exact ``s`` smallest keys are (almost) always inside.
     threshold = 1.0 if s >= n_generic else min(1.0, 1.2 * s / n_generic + 64.0 / n_generic)
-    ds = ray.data.read_parquet(str(emb_dir / "embedded"), columns=["window_id", "part", "split", "embedding"],
-                               num_cpus=TASK_CPUS)
+    ds = ray.data.read_parquet(str(emb_dir / "embedded"), num_cpus=TASK_CPUS) \
+        .select_columns(["window_id", "part", "split", "embedding"])
     def collect(thr: float) -> tuple[np.ndarray, np.ndarray]:
         picked = ds.map_batches(_sample_batch, batch_format="pyarrow", num_cpus=TASK_CPUS,
                                 fn_kwargs={"seed": c.seed, "threshold": thr})
