@@ -391,6 +391,12 @@ class Clusters:
         ds = pads.dataset(str(self.windows_dir), format="parquet")
         yield from ds.to_batches(columns=columns, filter=flt)
 
+    def generic_train_batches(self, columns: list[str]) -> Iterator[Any]:
+        """``columns`` of the generic train windows (the resampling and experts' pool)."""
+        import pyarrow.compute as pc
+
+        yield from self._scan(columns, (pc.field("part") == "generic") & (pc.field("split") == "train"))
+
     def domain_windows(self, domain: str, split: str = "train"):
         """The domain's windows of ``split`` (metadata + cluster, no tokens) as pandas,
         in corpus order (document order of the split file, then position)."""
@@ -418,15 +424,12 @@ class Clusters:
     def counts(self, part: str) -> np.ndarray:
         """(k,) window counts of ``part`` (generic: all generic train windows; a domain:
         its train windows within the first ``data.domain_train_tokens`` tokens)."""
-        import pyarrow.compute as pc
-
         self._check_part(part)
         if part == "generic":
             if "generic_counts" in self.meta:
                 return np.asarray(self.meta["generic_counts"], dtype=np.int64)
             c = np.zeros(self.k, dtype=np.int64)
-            flt = (pc.field("part") == "generic") & (pc.field("split") == "train")
-            for b in self._scan(["cluster"], flt):
+            for b in self.generic_train_batches(["cluster"]):
                 c += np.bincount(b.column(0).to_numpy(), minlength=self.k)
             return c
         df = self.domain_windows(part, "train")

@@ -112,23 +112,17 @@ def _generic_index(cl) -> list[tuple[np.ndarray, np.ndarray]]:
     batch by batch: the driver never loads generic tokens."""
     import pyarrow.compute as pc
 
-    ids_of: list[list[np.ndarray]] = [[] for _ in range(cl.k)]
-    lens_of: list[list[np.ndarray]] = [[] for _ in range(cl.k)]
-    generic_train = (pc.field("part") == "generic") & (pc.field("split") == "train")
-    for b in cl._scan(["window_id", "start", "end", "cluster"], generic_train):
-        cluster = b.column("cluster").to_numpy(zero_copy_only=False).astype(np.int64)
-        ids = np.asarray(b.column("window_id").to_pylist(), dtype=object)
-        lens = pc.subtract(b.column("end"), b.column("start")).to_numpy(zero_copy_only=False).astype(np.int64) + 1
-        for c in np.unique(cluster):
-            ids_of[c].append(ids[cluster == c])
-            lens_of[c].append(lens[cluster == c])
-    out = []
-    for c in range(cl.k):
-        ids = np.concatenate(ids_of[c]) if ids_of[c] else np.zeros(0, dtype=object)
-        lens = np.concatenate(lens_of[c]) if lens_of[c] else np.zeros(0, dtype=np.int64)
-        order = np.argsort(ids.astype(str), kind="stable")
-        out.append((ids[order], lens[order]))
-    return out
+    ids, lens, cluster = [], [], []
+    for b in cl.generic_train_batches(["window_id", "start", "end", "cluster"]):
+        ids.append(np.asarray(b.column("window_id").to_pylist(), dtype=object))
+        lens.append(pc.subtract(b.column("end"), b.column("start")).to_numpy(zero_copy_only=False) + 1)
+        cluster.append(b.column("cluster").to_numpy(zero_copy_only=False))
+    ids = np.concatenate(ids) if ids else np.zeros(0, dtype=object)
+    lens = np.concatenate(lens).astype(np.int64) if lens else np.zeros(0, dtype=np.int64)
+    cluster = np.concatenate(cluster).astype(np.int64) if cluster else np.zeros(0, dtype=np.int64)
+    order = np.lexsort((ids.astype(str), cluster))  # by cluster, then window id
+    bounds = np.searchsorted(cluster[order], np.arange(cl.k + 1))
+    return [(ids[order[a:b]], lens[order[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _select_rows(batch, sel_ids, sel_counts: np.ndarray, seed: int):
