@@ -318,12 +318,17 @@ def make_windows(batch, tokenizer_dir: str, window_tokens: int, generic_fraction
     })
 
 
+def _generic_train(batch):
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.and_(pc.equal(batch.column("part"), "generic"), pc.equal(batch.column("split"), "train")))
+
+
 def _sample_batch(batch, seed: int, threshold: float):
     """Generic train windows whose hash key is under ``threshold`` (pyarrow in and out)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    batch = batch.filter(pc.and_(pc.equal(batch.column("part"), "generic"), pc.equal(batch.column("split"), "train")))
+    batch = _generic_train(batch)
     key = _sample_key(seed, batch.column("window_id").to_pylist())
     sel = pa.array(key < threshold)
     return pa.table({"window_id": batch.column("window_id").filter(sel),
@@ -345,12 +350,6 @@ def _assign_batch(batch, centroids: np.ndarray):
 
     cluster = nearest_centroid(from_arrow(batch.column("embedding")), centroids)
     return batch.drop_columns(["embedding"]).append_column("cluster", pa.array(cluster, pa.int32()))
-
-
-def _generic_train(batch):
-    import pyarrow.compute as pc
-
-    return batch.filter(pc.and_(pc.equal(batch.column("part"), "generic"), pc.equal(batch.column("split"), "train")))
 
 
 # -- the result -------------------------------------------------------------------------
@@ -547,7 +546,8 @@ def _dir_rows(path: Path) -> int:
     return pads.dataset(str(path), format="parquet").count_rows() if path.is_dir() else 0
 
 
-def _part_counts(path: Path, filter_generic_train: bool = False) -> dict[str, int]:
+def _part_counts(path: Path) -> dict[str, int]:
+    """Windows per ``part/split`` in the parquet folder ``path``."""
     import pyarrow.dataset as pads
 
     counts: dict[str, int] = {}
