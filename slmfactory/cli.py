@@ -45,6 +45,15 @@ def print_manifest(manifest: dict, corpus_dir: Path) -> None:
     print(f"{'part':<36} {'docs':>8} {'MB':>8} {'tokens(ws)':>12}")
     for name, part in sorted(manifest["parts"].items()):
         print(f"{name:<36} {part['docs']:>8,} {part['bytes'] / 1e6:>8.2f} {part.get('tokens_ws', 0):>12,}")
+    # Which share of each domain's sources the generic corpus holds (absent in old manifests).
+    moved = manifest.get("domain_to_generic")
+    if moved:
+        print(f"\n{'domain -> generic':<20} {'share docs':>10} {'MB':>7} {'overflow docs':>13} {'MB':>7} "
+              f"{'dropped docs':>12} {'MB':>7}")
+        for name, m in sorted(moved.items()):
+            print(f"{name:<20} {m['share_docs']:>10,} {m['share_bytes'] / 1e6:>7.2f} "
+                  f"{m['overflow_docs']:>13,} {m['overflow_bytes'] / 1e6:>7.2f} "
+                  f"{m['dropped_docs']:>12,} {m['dropped_bytes'] / 1e6:>7.2f}")
 
 
 def cmd_tokenizer(args) -> None:

@@ -13,9 +13,6 @@ from typing import Callable
 from slmfactory.platform.config import RunConfig
 from slmfactory.platform.errors import DataError
 
-# Strategies whose data comes from the clusters (PAPER.md: SLM-is, SLM-mix, SLM-pn).
-NEEDS_CLUSTERS = ("slm-is", "slm-mix", "slm-pn")
-
 
 def ensure_corpus(cfg: RunConfig, build: bool, log: Callable[[str], None] = print) -> None:
     from slmfactory.platform.corpus import build_corpus
@@ -54,7 +51,7 @@ def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str]
     ensure_tokenizer(cfg)
     strategy = get_strategy(cfg.strategy.name)
     launcher = make_launcher(cfg, log=log)
-    if cfg.strategy.name in NEEDS_CLUSTERS:
+    if "clusters" in strategy.requires:
         # Clustering and resampling (cached) run on Ray Data inside the strategy.
         init_ray(address)
     tracker = open_tracker(cfg, f"{cfg.strategy.name}-{domain}",
@@ -112,7 +109,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     check_domain(cfg, domain)
     log(f"[demo] corpus ready ({time.perf_counter() - t0:.0f}s)")
     ensure_tokenizer(cfg)
-    log(f"[demo] tokenizer: {len(load_tokenizer(cfg.tokenizer_dir))} tokens")
+    log(f"[demo] tokenizer: {len(load_tokenizer(ensure_tokenizer(cfg)))} tokens")
     generic_valid = split_source(cfg, "generic", "valid").load()[: cfg.pretrain.eval_tokens]
     cfg = cfg.replace(**{"strategy.name": "slm", "data.domain": domain})
     tracker = open_tracker(cfg, f"demo-slm-{domain}", {"strategy": "slm", "domain": domain, "phase": "demo"})
@@ -120,7 +117,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     ctx = StrategyContext(cfg, LocalLauncher(log=log), tracker, log)
     strategy = get_strategy("slm")
     generic = strategy.pretrain(ctx)
-    pretrained = load_lm(cfg, "slm", generic.info["weights"])
+    pretrained = load_lm(cfg, "slm", generic.weights())
     random_init = load_lm(cfg, "slm", None)
     domain_test = split_source(cfg, domain, "test").load()
     model = strategy.specialize(ctx, generic, domain)

@@ -304,3 +304,104 @@ def test_markup_cleaners():
     assert gut.strip() == "Body text"
     chunks = S.chunk_paragraphs("\n\n".join(["p" * 40] * 10), 100)
     assert len(chunks) == 5 and all(len(c) <= 100 for c in chunks)
+
+
+def _sample_rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (SAMPLE / f"{name}.jsonl").open(encoding="utf-8")]
+
+
+def _books(domain: str, sample_names: list[str], rows_per_book: int = 5) -> list[dict]:
+    """Long multi-section documents (~10k chars) made of consecutive real sample texts, one
+    source per book, so that a small ``max_doc_chars`` cuts every book into several parts."""
+    rows = [r for n in sample_names for r in _sample_rows(n)]
+    return [{"doc_id": f"{domain}-book{i:02d}", "source": f"{domain}:book{i:02d}",
+             "text": "\n\n".join(r["text"] for r in rows[i * rows_per_book:(i + 1) * rows_per_book])}
+            for i in range(len(rows) // rows_per_book)]
+
+
+BOOK_DOMAINS = {"reference": ["biomedical", "dictionary", "legal", "math"],
+                "prose": ["literature", "religion", "technical", "code"]}
+
+
+def _placement(corpus_dir: Path, docs: list[dict]) -> dict[str, dict[str, int]]:
+    """For every input document: the parquet part (e.g. ``domains/prose/test``) each of its
+    cut parts landed in -> how many parts. Parts are traced back by text containment."""
+    cleaned = {d["doc_id"]: C.clean_text(d["text"]) for d in docs}
+    where: dict[str, dict[str, int]] = {d["doc_id"]: {} for d in docs}
+    for part, rows in _all_parts(corpus_dir).items():
+        for r in rows:
+            owners = [i for i, t in cleaned.items() if r["text"] in t]
+            assert len(owners) == 1, (part, r["text"][:80], owners)
+            where[owners[0]][part] = where[owners[0]].get(part, 0) + 1
+    return where
+
+
+def test_cut_documents_stay_in_one_place(tmp_path):
+    """Leakage: the parts of one long document (chapters of one book) must never be spread
+    over train and test, or over a domain and generic (share, cap overflow, generic valid)."""
+    gen = _sample_rows("generic")
+    domains = {d: _books(d, names) for d, names in BOOK_DOMAINS.items()}
+    cfg = _cfg(tmp_path, max_doc_chars=2000, generic_share=0.2)
+    m = C.build_from_documents(cfg, gen, domains, [], domain_cap_bytes=60_000, progress=False)
+    all_docs = gen + [b for books in domains.values() for b in books]
+    where = _placement(cfg.corpus_dir, all_docs)
+    books = [b for v in domains.values() for b in v]
+    assert len(books) >= 20 and all(sum(where[b["doc_id"]].values()) >= 4 for b in books)  # really cut
+    for doc_id, places in where.items():
+        assert len(places) == 1, (doc_id, places)  # all parts in exactly one split of one place
+    # The build exercised every route: each domain's splits, its random share and its overflow.
+    for name, books_of in domains.items():
+        placed = {next(iter(where[b["doc_id"]])) for b in books_of}
+        assert {f"domains/{name}/{s}" for s in ("train", "valid", "test")} <= placed, placed
+        assert placed & {"generic/train", "generic/valid"}, placed
+        assert m["domain_to_generic"][name]["share_docs"] > 0
+        assert m["domain_to_generic"][name]["overflow_docs"] > 0
+        kept = sum(m["parts"][f"domains/{name}/{s}"]["bytes"] for s in ("train", "valid", "test"))
+        assert kept <= 60_000
+
+
+def _generic_rows(corpus_dir: Path) -> list[dict]:
+    return [r for s in ("train", "valid") for r in C.load_split(corpus_dir, "generic", s)]
+
+
+def test_manifest_reports_domain_to_generic(tmp_path):
+    from slmfactory.platform.config import load_config
+    from slmfactory.platform.errors import ConfigError
+
+    gen = _sample_rows("generic")
+    domains = {d: _books(d, names) for d, names in BOOK_DOMAINS.items()}
+    cfg = load_config(None, {"workdir": str(tmp_path / "a"), "corpus.max_doc_chars": 2000,
+                             "corpus.generic_share": 0.3})
+    assert cfg.corpus.domain_overflow_to_generic is True
+    m = C.build_from_documents(cfg, gen, domains, [], domain_cap_bytes=40_000, progress=False)
+    assert json.loads((cfg.corpus_dir / "manifest.json").read_text())["domain_to_generic"] == m["domain_to_generic"]
+    generic = _generic_rows(cfg.corpus_dir)
+    total_parts = sum(p["docs"] for p in m["parts"].values())
+    for name in domains:
+        rep = m["domain_to_generic"][name]
+        assert set(rep) == {"share_docs", "share_bytes", "overflow_docs", "overflow_bytes",
+                            "dropped_docs", "dropped_bytes"}
+        mine = [r for r in generic if r["source"].startswith(f"{name}:")]
+        assert rep["share_docs"] > 0 and rep["overflow_docs"] > 0 and rep["dropped_docs"] == 0
+        assert rep["share_docs"] + rep["overflow_docs"] == len(mine)
+        assert rep["share_bytes"] + rep["overflow_bytes"] == sum(len(r["text"].encode()) for r in mine)
+    assert total_parts == len(generic) + sum(
+        m["parts"][f"domains/{d}/{s}"]["docs"] for d in domains for s in ("train", "valid", "test"))
+
+    # A recipe can keep every domain source out of generic: no share, overflow dropped.
+    cfg = load_config(None, {"workdir": str(tmp_path / "b"), "corpus.max_doc_chars": 2000,
+                             "corpus.generic_share": 0.0, "corpus.domain_overflow_to_generic": False})
+    m = C.build_from_documents(cfg, gen, domains, [], domain_cap_bytes=40_000, progress=False)
+    generic = _generic_rows(cfg.corpus_dir)
+    assert not [r for r in generic if r["source"].startswith(tuple(f"{d}:" for d in domains))]
+    assert m["config"]["domain_overflow_to_generic"] is False
+    for name in domains:
+        rep = m["domain_to_generic"][name]
+        assert rep["share_docs"] == rep["overflow_docs"] == rep["overflow_bytes"] == 0
+        assert rep["dropped_docs"] > 0 and rep["dropped_bytes"] > 0
+        kept = sum(m["parts"][f"domains/{name}/{s}"]["docs"] for s in ("train", "valid", "test"))
+        all_parts = sum(len([p for p in C.cut_text(C.clean_text(b["text"]), 2000)
+                             if len(p) >= cfg.corpus.min_doc_chars]) for b in domains[name])
+        assert kept + rep["dropped_docs"] == all_parts
+    with pytest.raises(ConfigError, match="corpus.domain_overflow_to_generic"):
+        load_config(None, {"corpus.domain_overflow_to_generic": "no"})

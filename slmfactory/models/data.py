@@ -56,42 +56,82 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+TOKENS_VERSION = "tokens-v1"
+TOKENS_FILE = "tokens.npy"
+
+
+def token_stage(cfg, part: str, split: str):
+    """The token stream of ``part``/``split`` is keyed by the corpus file's content and the
+    tokenizer's key: a rebuilt corpus or another tokenizer gives another stream."""
+    from slmfactory.platform.stages import Stage, corpus_digest
+    from slmfactory.platform.tokenizer import tokenizer_stage
+
+    return Stage.of(cfg.root, "tokens", f"{part}-{split}", version=TOKENS_VERSION,
+                    corpus_file=corpus_digest(cfg.corpus_dir, part, split), tokenizer=tokenizer_stage(cfg))
+
+
 def split_tokens(cfg, part: str, split: str, max_tokens: int | None = None) -> np.ndarray:
-    """Token stream of ``part`` ("generic" or a domain) / ``split``, cached on disk.
+    """Token stream of ``part`` ("generic" or a domain) / ``split``, cached as a stage.
 
     Documents are in the corpus's fixed (hash-shuffled) order, so a prefix is a
     deterministic sample: a phase that needs ``max_tokens`` tokenizes only that prefix
-    (the 100 MB generic split is never tokenized whole for a 3M-token budget). The cache
-    records whether it holds the whole split, and grows when a later phase needs more.
+    (the 100 MB generic split is never tokenized whole for a 3M-token budget). The stage
+    records whether it holds the whole split, and is replaced by a longer prefix of the
+    same stream when a later phase needs more (same key: same content where they overlap).
     """
-    import json
-
     from slmfactory.platform.corpus import iter_texts
-    from slmfactory.platform.tokenizer import load_tokenizer
+    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
 
-    cache = cfg.root / "tokens" / part / f"{split}.npy"
-    meta = cache.with_suffix(".json")
-    tokens = None
-    if cache.is_file() and meta.is_file():
-        complete = json.loads(meta.read_text()).get("complete", False)
-        cached = np.load(cache, mmap_mode="r")
-        if complete or (max_tokens is not None and len(cached) >= max_tokens):
-            tokens = cached
-    if tokens is None:
-        tokenizer = load_tokenizer(cfg.tokenizer_dir)
-        texts = iter_texts(cfg.corpus_dir, part, split)
-        # One extra document's worth of slack tells "exactly the split" from "cut short".
-        tokens = tokenize_texts(tokenizer, texts, None if max_tokens is None else max_tokens + 1)
-        if tokens.size == 0:
-            raise DataError(f"{cfg.corpus_dir}/{part}/{split}: no tokens (empty split)")
-        complete = max_tokens is None or len(tokens) <= max_tokens
-        save_npy_atomic(cache, tokens)
-        tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"complete": complete, "tokens": int(len(tokens))}))
-        os.replace(tmp, meta)
+    stage = token_stage(cfg, part, split)
+    info = stage.info
+    if info and (info["complete"] or (max_tokens is not None and info["tokens"] >= max_tokens)):
+        tokens = np.load(stage.path(TOKENS_FILE), mmap_mode="r")
+    else:
+        tokenizer = load_tokenizer(ensure_tokenizer(cfg))
+
+        def build(work: Path) -> dict:
+            texts = iter_texts(cfg.corpus_dir, part, split)
+            # One extra document's worth of slack tells "exactly the split" from "cut short".
+            toks = tokenize_texts(tokenizer, texts, None if max_tokens is None else max_tokens + 1)
+            if toks.size == 0:
+                raise DataError(f"{cfg.corpus_dir}/{part}/{split}: no tokens (empty split)")
+            np.save(work / TOKENS_FILE, toks)
+            return {"complete": max_tokens is None or len(toks) <= max_tokens, "tokens": int(len(toks))}
+
+        stage.build(build, replace=True)
+        tokens = np.load(stage.path(TOKENS_FILE), mmap_mode="r")
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
     return np.asarray(tokens)
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """A picklable pointer to a token stream on shared storage, ``np.load(path)[start:stop]``,
+    with the key of the stage that made it (what downstream stages key on)."""
+
+    path: str
+    key: str
+    start: int = 0
+    stop: int | None = None
+
+    def load(self) -> np.ndarray:
+        return np.asarray(np.load(self.path, mmap_mode="r")[self.start:self.stop])
+
+    def __len__(self) -> int:
+        stop = self.stop if self.stop is not None else len(np.load(self.path, mmap_mode="r"))
+        return stop - self.start
+
+    def identity(self) -> dict:
+        """What a stage reading this source keys on: the stream's key and the slice."""
+        return {"tokens": self.key, "start": self.start, "stop": self.stop}
+
+
+def split_source(cfg, part: str, split: str, max_tokens: int | None = None) -> TokenSource:
+    """Tokenize (once, cached) and point at ``part``/``split``'s token stream."""
+    tokens = split_tokens(cfg, part, split, max_tokens)
+    stage = token_stage(cfg, part, split)
+    return TokenSource(str(stage.path(TOKENS_FILE)), stage.key, 0, len(tokens))
 
 
 def as_sequences(tokens: np.ndarray, seq_len: int, name: str = "data") -> np.ndarray:

@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 from slmfactory.models.launch import FitOutput, TrainerFactory, WorkerContext
 from slmfactory.models.trainer import TrainResult
-from slmfactory.platform.cost import CostRecord
 from slmfactory.platform.errors import SlmFactoryError
 
 RESULT_KEY = "train_result_json"
@@ -42,17 +41,13 @@ def run_name(phase: str) -> str:
 
 
 def result_to_metrics(result: TrainResult) -> dict[str, Any]:
-    d = dataclasses.asdict(result)
     return {"step": result.steps, "tokens": result.tokens, "train_loss": result.train_loss,
             "best_valid_nll": result.best_valid_nll, "wall_seconds": result.wall_seconds,
-            "flops": result.flops, "final": 1, RESULT_KEY: json.dumps(d)}
+            "flops": result.flops, "final": 1, RESULT_KEY: json.dumps(result.to_dict())}
 
 
 def result_from_metrics(metrics: dict[str, Any]) -> TrainResult:
-    d = json.loads(metrics[RESULT_KEY])
-    cost = CostRecord.from_dict(d.pop("cost")) if d.get("cost") is not None else None
-    d["valid_history"] = [tuple(h) for h in d.get("valid_history", [])]
-    return TrainResult(**{k: v for k, v in d.items() if k != "cost"}, cost=cost)
+    return TrainResult.from_dict(json.loads(metrics[RESULT_KEY]))
 
 
 def _ddp_wrapper(world_size: int, device) -> Callable:

@@ -40,6 +40,8 @@ class FitOutput:
     """The final checkpoint folder (``model.safetensors`` holds the trained weights)."""
     trainer: Trainer | None = None
     """The live trainer when the phase ran in this process (None on Ray workers)."""
+    stage_key: str = ""
+    """The key of the stage the phase ran in (what a stage built on its weights keys on)."""
 
     def load_into(self, model: torch.nn.Module) -> torch.nn.Module:
         """Load the trained weights into ``model`` (built the same way as on the workers)."""

@@ -8,29 +8,9 @@ vocabulary) plus CPU-sized ones for tests and the demo.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class Preset:
-    n_layers: int
-    d_model: int
-    d_mlp: int
-    n_heads: int
-
-
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(n_layers=2, d_model=64, d_mlp=256, n_heads=2),          # tests
-    "demo-slm": Preset(n_layers=4, d_model=192, d_mlp=768, n_heads=4),     # CPU demo SLM
-    "demo-llm": Preset(n_layers=4, d_model=384, d_mlp=1536, n_heads=6),    # CPU demo LLM
-    # PAPER.md's models use a 2-matrix MLP of width 4·d; Llama's SwiGLU MLP has 3 matrices,
-    # so its width is 2/3 of that (rounded to 64) to keep the paper's parameter counts:
-    # 126M and 771M at a 32k vocabulary with tied embeddings (121M / 755M here).
-    "paper-slm": Preset(n_layers=7, d_model=1024, d_mlp=2752, n_heads=8),
-    "paper-llm": Preset(n_layers=7, d_model=2816, d_mlp=7488, n_heads=22),
-}
+from slmfactory.platform.config import PRESETS, Preset
 
 
 def resolve(model_cfg) -> Preset:

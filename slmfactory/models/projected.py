@@ -52,7 +52,8 @@ class ProjectedLlama(nn.Module):
         self.tensors = nn.ModuleList()
         for layer, M in zip(self.base.model.layers, self.mixing):
             coef = self.expert_vectors.detach() @ M.detach()                            # (k, h)
-            sigma = std / float(coef.pow(2).sum(-1).mean().sqrt())
+            # (On the meta device, used to count parameters at paper scale, there is no value.)
+            sigma = std if coef.is_meta else std / float(coef.pow(2).sum(-1).mean().sqrt())
             per = nn.ParameterDict({p: nn.Parameter(torch.randn(h, *shapes[p]) * sigma)
                                     for p in MLP_MATRICES})                             # T[l,p]: (h, out, in)
             self.tensors.append(per)
@@ -132,12 +133,13 @@ class ProjectedLlama(nn.Module):
 
 
 def build_projected(cfg, vocab_size: int, n_experts: int) -> ProjectedLlama:
-    """The projected SLM for ``cfg`` (``cfg.slm`` dims, ``strategy.pn_capacity`` h and
-    ``strategy.pn_expert_dim`` m). Module-level so trainer factories stay picklable."""
+    """The projected SLM for ``cfg`` (``cfg.slm`` dims, ``strategy.slm-pn.capacity`` h and
+    ``strategy.slm-pn.expert_dim`` m). Module-level so trainer factories stay picklable."""
     from slmfactory.models.lm import llama_config
 
     return ProjectedLlama(llama_config(cfg.slm, vocab_size, cfg.data.seq_len), n_experts,
-                          cfg.strategy.pn_expert_dim, cfg.strategy.pn_capacity, seed=cfg.pretrain.seed)
+                          cfg.strategy.of("slm-pn").expert_dim, cfg.strategy.of("slm-pn").capacity,
+                          seed=cfg.pretrain.seed)
 
 
 def hard_mixture_from_experts(experts: list) -> ProjectedLlama:

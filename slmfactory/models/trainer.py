@@ -17,6 +17,7 @@ function of the step, continues exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -47,6 +48,19 @@ class TrainResult:
     flops: float = 0.0
     stopped_early: bool = False
     cost: CostRecord | None = None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cost"] = self.cost.to_dict() if self.cost is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, profile=None) -> "TrainResult":
+        """Rebuild a stored result; with ``profile``, its device-hours under that profile."""
+        d = dict(d)
+        cost = CostRecord.from_dict(d.pop("cost"), profile) if d.get("cost") is not None else None
+        d["valid_history"] = [tuple(h) for h in d.get("valid_history", [])]
+        return cls(**d, cost=cost)
 
 
 @torch.no_grad()
@@ -124,6 +138,8 @@ class Trainer:
         self.history: list[tuple[int, float]] = []
         self.elapsed = 0.0
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.finished: TrainResult | None = None
+        """Set when a loaded checkpoint is the phase's final one: ``fit`` returns it as is."""
 
     # -- hooks ------------------------------------------------------------------------
     def compute_flops_per_token(self) -> float:
@@ -216,6 +232,12 @@ class Trainer:
     def fit(self, resume: bool = True) -> TrainResult:
         if resume:
             self.resume()
+        if self.finished is not None:
+            # The phase already ended (budget spent or early-stopped): training on from the
+            # restored best weights would change its result and cost on every rerun.
+            if self.log:
+                self.log(f"[{self.phase}] already finished at step {self.step}; nothing to train")
+            return self.finished
         cfg = self.cfg
         self.model.train()
         recent: list[float] = []
@@ -250,13 +272,15 @@ class Trainer:
             # Early stopping keeps the best validation weights, as the paper's fine-tuning does.
             self.model.load_state_dict(self.best_state)
         self.elapsed = time.perf_counter() - t_start
-        self.save_checkpoint()
         tokens = self.step * cfg.batch_size * self.seq_len
         flops = tokens * self.flops_per_token
         cost = CostRecord.of(self.phase, tokens, flops, self.elapsed, self.profile, self.world_size)
-        return TrainResult(steps=self.step, tokens=tokens, train_loss=float(np.mean(recent)) if recent else math.nan,
-                           best_valid_nll=self.best_valid, valid_history=list(self.history),
-                           wall_seconds=self.elapsed, flops=flops, stopped_early=stopped, cost=cost)
+        self.finished = TrainResult(steps=self.step, tokens=tokens,
+                                    train_loss=float(np.mean(recent)) if recent else math.nan,
+                                    best_valid_nll=self.best_valid, valid_history=list(self.history),
+                                    wall_seconds=self.elapsed, flops=flops, stopped_early=stopped, cost=cost)
+        self.save_checkpoint()  # the final checkpoint carries the result: a rerun returns it
+        return self.finished
 
     # -- checkpoints ------------------------------------------------------------------
     @property
@@ -295,7 +319,8 @@ class Trainer:
                 save_file(tensors, str(tmp / name))
         state = {"step": self.step, "best_valid": self.best_valid, "bad_evals": self.bad_evals,
                  "history": self.history, "elapsed": self.elapsed, "phase": self.phase,
-                 "max_steps": self.max_steps}
+                 "max_steps": self.max_steps,
+                 "finished": self.finished.to_dict() if self.finished is not None else None}
         (tmp / "state.json").write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)
@@ -329,6 +354,8 @@ class Trainer:
         self.step, self.best_valid = state["step"], state["best_valid"]
         self.bad_evals, self.elapsed = state["bad_evals"], state["elapsed"]
         self.history = [tuple(h) for h in state["history"]]
+        if state.get("finished") is not None:
+            self.finished = TrainResult.from_dict(state["finished"], self.profile)
         if (path / "optim.safetensors").is_file():
             moments = load_file(str(path / "optim.safetensors"), device=str(self.device))
             params = self.trainable_parameters()

@@ -41,8 +41,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from slmfactory.platform.errors import ConfigError, DataError
+from slmfactory.platform.stages import Stage, corpus_digest
 
-CODE_VERSION = "clusters-v3"
+CODE_VERSION = "clusters-v4"
 PREFIX_BYTES_PER_TOKEN = 6
 EMBED_BLOCK_WINDOWS = 2048
 # CPUs each Ray Data task asks (read, tokenize, assign, write). Small, so that on a node
@@ -120,8 +121,8 @@ def _ray_data_context(progress: bool) -> None:
 # -- inputs and their hash ------------------------------------------------------------
 
 def corpus_inputs(cfg) -> list[tuple[str, str, Path]]:
-    """``(part, split, path)`` of every corpus file the clustering reads, with clear errors
-    for a missing corpus or an empty domain."""
+    """``(part, split, path)`` of every corpus file the clustering reads (generic train and
+    valid, each domain's train), with clear errors for a missing corpus or an empty domain."""
     import pyarrow.parquet as pq
 
     root = cfg.corpus_dir
@@ -133,6 +134,10 @@ def corpus_inputs(cfg) -> list[tuple[str, str, Path]]:
     if pq.read_metadata(gen).num_rows == 0:
         raise DataError(f"corpus {root}: generic/train.parquet has no documents")
     out: list[tuple[str, str, Path]] = [("generic", "train", gen)]
+    # Generic validation windows are embedded and assigned too: the routed generic
+    # perplexity of the expert strategies scores each by its own cluster's expert.
+    if (root / "generic" / "valid.parquet").is_file():
+        out.append(("generic", "valid", root / "generic" / "valid.parquet"))
     ddir = root / "domains"
     names = sorted(p.name for p in ddir.iterdir() if p.is_dir()) if ddir.is_dir() else []
     if not names:
@@ -143,7 +148,7 @@ def corpus_inputs(cfg) -> list[tuple[str, str, Path]]:
             raise DataError(f"domain '{name}': empty (no documents in {train}); "
                             "remove the folder or rebuild the corpus")
         # Only the in-domain training set is clustered: histograms, expert choice and
-        # resampling all read it, and nothing reads valid/test windows.
+        # resampling all read it, and nothing reads domain valid/test windows.
         out.append((name, "train", train))
     return out
 
@@ -191,58 +196,42 @@ def generic_doc_fraction(cfg, inputs: list[tuple[str, str, Path]]) -> float:
     return min(1.0, cap / est_windows)
 
 
-def _file_digest(path: Path, memo: dict[str, Any]) -> str:
-    """sha256 of a file's bytes, memoised by (path, size, mtime) so a rerun does not
-    re-read a large corpus just to find its cache."""
-    st = path.stat()
-    key = str(path.resolve())
-    hit = memo.get(key)
-    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-        return hit[2]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    memo[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
-    return h.hexdigest()
+def _digests(cfg, inputs: list[tuple[str, str, Path]]) -> dict[str, str]:
+    return {f"{part}/{split}": corpus_digest(cfg.corpus_dir, part, split) for part, split, _ in inputs}
 
 
-def cache_keys(cfg, inputs: list[tuple[str, str, Path]] | None = None) -> tuple[str, str]:
-    """(embedding hash, clustering hash). Resource knobs (actors, CPUs, batch size) are
-    left out: they change the speed, not the result."""
-    inputs = inputs if inputs is not None else corpus_inputs(cfg)
-    base = cfg.root / "clusters"
-    base.mkdir(parents=True, exist_ok=True)
-    memo_path = base / "file-digests.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    tok = cfg.tokenizer_dir / "tokenizer.json"
-    if not tok.is_file():
-        raise DataError(f"tokenizer {cfg.tokenizer_dir}: not found (run `slmfactory cluster`, which trains "
-                        "it, or `slmfactory tokenizer`)")
-    h = hashlib.sha256()
-    h.update(CODE_VERSION.encode())
-    for part, split, path in inputs:
-        h.update(f"{part}/{split}:{_file_digest(path, memo)}".encode())
-    h.update(f"tokenizer:{_file_digest(tok, memo)}".encode())
-    h.update(f"window_tokens:{cfg.cluster.window_tokens}".encode())
-    h.update(f"max_generic_windows:{cfg.cluster.max_generic_windows}".encode())
-    h.update(f"domain_train_tokens:{cfg.data.domain_train_tokens}".encode())
-    h_emb = h.hexdigest()[:16]
+def generic_embedding_stage(cfg, inputs) -> Stage:
+    """Embeddings of the generic windows: keyed by the generic files, the tokenizer and the
+    windowing, never by a domain or the in-domain size."""
+    from slmfactory.platform.tokenizer import tokenizer_stage
+
     c = cfg.cluster
-    h2 = hashlib.sha256(f"{h_emb}|k={c.k}|sample={c.sample_windows}|iters={c.kmeans_iters}"
-                        f"|seed={c.seed}".encode()).hexdigest()[:16]
-    tmp = memo_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(memo))
-    tmp.replace(memo_path)
-    return h_emb, h2
+    return Stage.of(cfg.root, "clusters", "emb-generic", version=CODE_VERSION,
+                    files=_digests(cfg, [i for i in inputs if i[0] == "generic"]), tokenizer=tokenizer_stage(cfg),
+                    window_tokens=c.window_tokens, max_generic_windows=c.max_generic_windows, seed=c.seed)
 
 
-def clusters_dir(cfg, inputs=None) -> Path:
-    _, h2 = cache_keys(cfg, inputs)
-    return cfg.root / "clusters" / f"k{cfg.cluster.k}-{h2}"
+def kmeans_stage(cfg, embeddings: Stage) -> Stage:
+    """The generic clustering: centroids, assigned generic windows, per-cluster split."""
+    c = cfg.cluster
+    return Stage.of(cfg.root, "clusters", f"k{c.k}", embeddings=embeddings, k=c.k, sample=c.sample_windows,
+                    iters=c.kmeans_iters, seed=c.seed)
+
+
+def domain_embedding_stage(cfg, inputs) -> Stage:
+    """Embeddings of each domain's in-domain training windows (its first
+    ``data.domain_train_tokens`` tokens): the only clustering work the in-domain size changes."""
+    from slmfactory.platform.tokenizer import tokenizer_stage
+
+    return Stage.of(cfg.root, "clusters", "emb-domains", version=CODE_VERSION,
+                    files=_digests(cfg, [i for i in inputs if i[0] != "generic"]), tokenizer=tokenizer_stage(cfg),
+                    window_tokens=cfg.cluster.window_tokens, domain_train_tokens=cfg.data.domain_train_tokens)
+
+
+def assignment_stage(cfg, clustering: Stage, domain_embeddings: Stage) -> Stage:
+    """Each in-domain window assigned to the nearest generic centroid."""
+    return Stage.of(cfg.root, "clusters", f"k{cfg.cluster.k}-domains", clustering=clustering,
+                    embeddings=domain_embeddings)
 
 
 # -- Ray Data stage functions (run in workers) ----------------------------------------
@@ -271,8 +260,8 @@ def make_windows(batch, tokenizer_dir: str, window_tokens: int, generic_fraction
                  domain_docs: dict[str, list[str]] | None = None, seed: int = 0):
     """pyarrow batch of documents (doc_id, text, path) → one row per window.
 
-    Documents outside the embedded subset are dropped first: generic ones whose hash key
-    is at or above ``generic_fraction``, domain ones outside ``domain_docs[domain]``.
+    Documents outside the embedded subset are dropped first: generic train ones whose hash
+    key is at or above ``generic_fraction``, domain ones outside ``domain_docs[domain]``.
     """
     import pyarrow as pa
 
@@ -284,9 +273,9 @@ def make_windows(batch, tokenizer_dir: str, window_tokens: int, generic_fraction
     allowed = {k: set(v) for k, v in (domain_docs or {}).items()}
     keep = []
     for i, (doc_id, path) in enumerate(zip(doc_ids, paths)):
-        part, _ = _part_split(path)
-        if part == "generic":
-            keep.append(keys is None or keys[i] < generic_fraction)
+        part, split = _part_split(path)
+        if part == "generic":  # the cap thins generic *train* only; validation is kept whole
+            keep.append(keys is None or split != "train" or keys[i] < generic_fraction)
         else:
             keep.append(part not in allowed or str(doc_id) in allowed[part])
     doc_ids = [d for d, k in zip(doc_ids, keep) if k]
@@ -355,21 +344,33 @@ def _assign_batch(batch, centroids: np.ndarray):
 # -- the result -------------------------------------------------------------------------
 
 class Clusters:
-    """A finished clustering on disk: centroids, assigned windows, per-cluster split."""
+    """A finished clustering on disk: the generic stage (centroids, assigned generic
+    windows, per-cluster split) and, when asked for, the domain assignment stage."""
 
-    def __init__(self, cfg, dir: Path):
+    def __init__(self, cfg, stage: Stage, domains: Stage | None = None):
         self.cfg = cfg
-        self.dir = Path(dir)
+        if not stage.done:
+            raise DataError(f"{stage.dir}: no finished clustering here (run `slmfactory cluster`)")
+        self.stage, self.domains_stage = stage, domains
+        self.dir = stage.dir
         self._warned_short: set[str] = set()
-        meta_path = self.dir / "meta.json"
-        if not meta_path.is_file():
-            raise DataError(f"{self.dir}: no finished clustering here (run `slmfactory cluster`)")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        self.meta: dict[str, Any] = stage.info
+        self.domain_meta: dict[str, Any] = domains.info if domains is not None else {}
         self.k: int = int(self.meta["k"])
         self.centroids: np.ndarray = np.load(self.dir / "centroids.npy").astype(np.float32)
         self.eos_id: int = int(self.meta["eos_id"])
         self._hist: dict[str, np.ndarray] = {}
         self._model = None
+
+    @property
+    def key(self) -> str:
+        """The generic clustering's key (what generic phases built on it key on)."""
+        return self.stage.key
+
+    @property
+    def domains_key(self) -> str | None:
+        """The domain assignment's key (histograms depend on it), if attached."""
+        return self.domains_stage.key if self.domains_stage is not None else None
 
     # paths
     @property
@@ -382,12 +383,13 @@ class Clusters:
 
     @property
     def parts(self) -> list[str]:
-        return ["generic"] + list(self.meta["domains"])
+        return ["generic"] + list(self.domain_meta.get("domains", []))
 
-    def _scan(self, columns: list[str], flt=None) -> Iterator[Any]:
+    def _scan(self, columns: list[str], flt=None, domains: bool = False) -> Iterator[Any]:
         import pyarrow.dataset as pads
 
-        ds = pads.dataset(str(self.windows_dir), format="parquet")
+        where = self.domains_stage.path("windows") if domains else self.windows_dir
+        ds = pads.dataset(str(where), format="parquet")
         yield from ds.to_batches(columns=columns, filter=flt)
 
     def generic_train_batches(self, columns: list[str]) -> Iterator[Any]:
@@ -406,7 +408,7 @@ class Clusters:
         self._check_part(domain)
         flt = (pc.field("part") == domain) & (pc.field("split") == split)
         cols = ["window_id", "doc_id", "start", "end", "cluster"]
-        batches = [b.to_pandas() for b in self._scan(cols, flt)]
+        batches = [b.to_pandas() for b in self._scan(cols, flt, domains=True)]
         df = pd.concat(batches, ignore_index=True) if batches else pd.DataFrame(columns=cols)
         src = self.cfg.corpus_dir / "domains" / domain / f"{split}.parquet"
         if src.is_file():
@@ -419,6 +421,26 @@ class Clusters:
     def _check_part(self, part: str) -> None:
         if part not in self.parts:
             raise DataError(f"domain '{part}': not in this clustering (known: {', '.join(self.parts)})")
+
+    def generic_valid_streams(self, max_tokens: int) -> dict[int, np.ndarray]:
+        """Per cluster, the generic validation windows' tokens, each followed by eos: the
+        first ``max_tokens`` tokens of windows in window-id order (deterministic)."""
+        import pyarrow.compute as pc
+
+        rows = []
+        for b in self._scan(["window_id", "cluster", "tokens"],
+                            (pc.field("part") == "generic") & (pc.field("split") == "valid")):
+            rows.extend(zip(b.column("window_id").to_pylist(), b.column("cluster").to_pylist(),
+                            b.column("tokens").to_pylist()))
+        rows.sort(key=lambda r: r[0])
+        out: dict[int, list[int]] = {}
+        used = 0
+        for _, c, toks in rows:
+            if used >= max_tokens:
+                break
+            out.setdefault(int(c), []).extend(list(toks) + [self.eos_id])
+            used += len(toks) + 1
+        return {c: np.asarray(t, dtype=np.int32) for c, t in sorted(out.items())}
 
     def counts(self, part: str) -> np.ndarray:
         """(k,) window counts of ``part`` (generic: all generic train windows; a domain:
@@ -529,13 +551,16 @@ class Clusters:
         return fig
 
 
-def load_clusters(cfg) -> Clusters:
-    """The finished clustering for ``cfg``'s inputs and cluster config."""
-    d = clusters_dir(cfg)
-    if not (d / "meta.json").is_file():
-        raise DataError(f"clusters for this corpus and cluster config not computed yet ({d}); "
+def load_clusters(cfg, domains: bool = True) -> Clusters:
+    """The finished clustering for ``cfg``'s inputs and cluster config (with the domain
+    assignment unless ``domains`` is false)."""
+    inputs = corpus_inputs(cfg)
+    stage = kmeans_stage(cfg, generic_embedding_stage(cfg, inputs))
+    dom = assignment_stage(cfg, stage, domain_embedding_stage(cfg, inputs)) if domains else None
+    if not stage.done or (dom is not None and not dom.done):
+        raise DataError(f"clusters for this corpus and cluster config not computed yet ({stage.dir}); "
                         "run `slmfactory cluster` first")
-    return Clusters(cfg, d)
+    return Clusters(cfg, stage, dom)
 
 
 # -- the pipeline ------------------------------------------------------------------------
@@ -560,60 +585,50 @@ def _part_counts(path: Path) -> dict[str, int]:
     return counts
 
 
-def _embed_windows(cfg, inputs, emb_dir: Path, stages: _Stages) -> dict[str, Any]:
-    """Stages 1-2, cached in ``emb_dir``; returns its meta."""
+def _embed_windows(cfg, inputs, out: Path, stages: _Stages, generic_fraction: float = 1.0,
+                   domain_docs: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Stages 1-2 for ``inputs`` into ``out`` (a stage's work folder); returns its meta."""
     import ray
 
-    meta_path = emb_dir / "meta.json"
-    if meta_path.is_file():
-        return json.loads(meta_path.read_text())
     from slmfactory.platform.embed import embed_dataset
+    from slmfactory.platform.tokenizer import ensure_tokenizer
 
-    tmp = emb_dir.with_name(emb_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     stages.start()
     files = [str(p.resolve()) for _, _, p in inputs]
     docs = ray.data.read_parquet(files, include_paths=True, num_cpus=TASK_CPUS) \
         .select_columns(["doc_id", "text", "path"])
     windows = docs.map_batches(make_windows, batch_format="pyarrow", batch_size=64, num_cpus=TASK_CPUS,
-                               fn_kwargs={"tokenizer_dir": str(cfg.tokenizer_dir.resolve()),
+                               fn_kwargs={"tokenizer_dir": str(ensure_tokenizer(cfg).resolve()),
                                           "window_tokens": cfg.cluster.window_tokens,
-                                          "generic_fraction": generic_doc_fraction(cfg, inputs),
-                                          "domain_docs": domain_doc_prefixes(cfg, inputs),
+                                          "generic_fraction": generic_fraction,
+                                          "domain_docs": domain_docs or {},
                                           "seed": cfg.cluster.seed})
-    windows.write_parquet(str(tmp / "windows_raw"), ray_remote_args=_TASK)
-    counts = _part_counts(tmp / "windows_raw")
+    windows.write_parquet(str(out / "windows_raw"), ray_remote_args=_TASK)
+    counts = _part_counts(out / "windows_raw")
     n_gen = counts.get("generic/train", 0)
     stages.done("windows", f"{sum(counts.values()):,} windows of <= {cfg.cluster.window_tokens} tokens "
                 f"({n_gen:,} generic train)")
-    for part in sorted({p for p, _, _ in inputs}):
-        if counts.get(f"{part}/train", 0) == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+    for part, split, _ in inputs:
+        if split == "train" and counts.get(f"{part}/train", 0) == 0:
             raise DataError(f"domain '{part}': empty (its train documents have no tokens)")
-    # Embeddings do not depend on k: keep them even when k is too large for this corpus.
 
     c = cfg.cluster
     # Blocks of ~EMBED_BLOCK_WINDOWS windows: the window stage may write one big file, and
     # one block would mean one actor call for the whole corpus (no streaming, no progress,
     # no spreading over several actors / GPUs).
     n_windows = sum(counts.values())
-    raw = ray.data.read_parquet(str(tmp / "windows_raw"), num_cpus=TASK_CPUS) \
+    raw = ray.data.read_parquet(str(out / "windows_raw"), num_cpus=TASK_CPUS) \
         .repartition(max(1, -(-n_windows // EMBED_BLOCK_WINDOWS)))
     # Rows per actor call: several encode batches, so MiniLM's length sort inside
     # ``encode`` pads as little as one plain ``encode`` over everything would.
     embedded = embed_dataset(raw, batch_size=c.embed_batch_size, actors=c.embed_actors,
                              actor_cpus=c.embed_actor_cpus)
-    embedded.write_parquet(str(tmp / "embedded"), ray_remote_args=_TASK)
-    n = _dir_rows(tmp / "embedded")
+    embedded.write_parquet(str(out / "embedded"), ray_remote_args=_TASK)
+    n = _dir_rows(out / "embedded")
     stages.done("embed", f"{n:,} windows embedded with MiniLM ({c.embed_actors} actor(s) x "
                 f"{c.embed_actor_cpus} CPU; {n / max(stages.running(), 1e-9):.1f} windows/s)")
-    shutil.rmtree(tmp / "windows_raw", ignore_errors=True)
-    meta = {"counts": counts, "windows": n, "timings": dict(stages.timings)}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(emb_dir, ignore_errors=True)
-    tmp.rename(emb_dir)
-    return meta
+    shutil.rmtree(out / "windows_raw", ignore_errors=True)
+    return {"counts": counts, "windows": n, "timings": dict(stages.timings)}
 
 
 def _check_k(cfg, n_generic: int) -> None:
@@ -660,27 +675,27 @@ def _fit_kmeans(cfg, emb_dir: Path, n_generic: int, stages: _Stages) -> tuple[np
     return cent, len(x)
 
 
-def run_clustering(cfg, progress: bool = True, tracker=None) -> Clusters:
-    """Embed, cluster and assign every window of the run's corpus (cached; see module doc)."""
+def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = True) -> Clusters:
+    """Embed and cluster the generic windows, and (``domains``) embed and assign each
+    domain's in-domain windows: four stages, each reused when its inputs are unchanged
+    (see the module doc)."""
     from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
 
     inputs = corpus_inputs(cfg)
     ensure_tokenizer(cfg)
-    h_emb, h_clu = cache_keys(cfg, inputs)
-    base = cfg.root / "clusters"
-    out_dir = base / f"k{cfg.cluster.k}-{h_clu}"
-    if (out_dir / "meta.json").is_file():
-        cl = Clusters(cfg, out_dir)
+    emb = generic_embedding_stage(cfg, inputs)
+    km = kmeans_stage(cfg, emb)
+    demb = domain_embedding_stage(cfg, inputs) if domains else None
+    assign = assignment_stage(cfg, km, demb) if domains else None
+    if km.done and (assign is None or assign.done):
+        cl = Clusters(cfg, km, assign)
         if progress:
-            print(f"[cluster] cached: {out_dir}", file=sys.stderr, flush=True)
+            print(f"[cluster] cached: {km.dir}", file=sys.stderr, flush=True)
         if tracker is not None:
             _log(cl, tracker)
         return cl
-
-    emb_meta_path = base / f"emb-{h_emb}" / "meta.json"
-    if emb_meta_path.is_file():  # embeddings cached: a k too large fails before Ray starts
-        n_gen = int(json.loads(emb_meta_path.read_text())["counts"].get("generic/train", 0))
-        _check_k(cfg, n_gen)
+    if emb.done:  # embeddings cached: a k too large fails before Ray starts
+        _check_k(cfg, int(emb.info["counts"].get("generic/train", 0)))
 
     import ray
 
@@ -697,54 +712,69 @@ def run_clustering(cfg, progress: bool = True, tracker=None) -> Clusters:
     try:
         with ray_session():
             _ray_data_context(progress)
-            emb_dir = base / f"emb-{h_emb}"
-            emb_meta = _embed_windows(cfg, inputs, emb_dir, stages)
+            generic_inputs = [i for i in inputs if i[0] == "generic"]
+            emb_meta = emb.build(lambda work: _embed_windows(cfg, generic_inputs, work, stages,
+                                                             generic_fraction=generic_doc_fraction(cfg, inputs)))
             n_gen = int(emb_meta["counts"].get("generic/train", 0))
             _check_k(cfg, n_gen)
-            stages.start()
-            centroids, n_sample = _fit_kmeans(cfg, emb_dir, n_gen, stages)
 
-            tmp = out_dir.with_name(out_dir.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            np.save(tmp / "centroids.npy", centroids)
-            ds = ray.data.read_parquet(str(emb_dir / "embedded"), num_cpus=TASK_CPUS)
-            ds.map_batches(_assign_batch, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs={"centroids": centroids}) \
-                .write_parquet(str(tmp / "windows"), ray_remote_args=_TASK)
-            n_assigned = _dir_rows(tmp / "windows")
-            stages.done("assign", f"{n_assigned:,} windows assigned to the nearest of {cfg.cluster.k} centroids")
-            if n_assigned != emb_meta["windows"]:
-                raise DataError(f"assignment wrote {n_assigned} windows, expected {emb_meta['windows']}")
+            def cluster(work: Path) -> dict:
+                stages.start()
+                centroids, n_sample = _fit_kmeans(cfg, emb.dir, n_gen, stages)
+                np.save(work / "centroids.npy", centroids)
+                _assign(emb.dir, work, centroids)
+                n_assigned = _dir_rows(work / "windows")
+                stages.done("assign", f"{n_assigned:,} generic windows assigned to the nearest of {cfg.cluster.k} "
+                            "centroids")
+                if n_assigned != emb_meta["windows"]:
+                    raise DataError(f"assignment wrote {n_assigned} windows, expected {emb_meta['windows']}")
+                ray.data.read_parquet(str(work / "windows"), num_cpus=TASK_CPUS) \
+                    .map_batches(_generic_train, batch_format="pyarrow", num_cpus=TASK_CPUS) \
+                    .write_parquet(str(work / "by_cluster"), partition_cols=["cluster"], ray_remote_args=_TASK)
+                gen_counts, gen_tokens = _generic_cluster_stats(work / "by_cluster", cfg.cluster.k)
+                stages.done("split", f"generic train windows split into {int((gen_counts > 0).sum())} "
+                            "non-empty clusters")
+                return {
+                    "k": cfg.cluster.k,
+                    "config": {k: getattr(cfg.cluster, k) for k in ("k", "window_tokens", "sample_windows",
+                                                                      "kmeans_iters", "seed")},
+                    "eos_id": int(load_tokenizer(ensure_tokenizer(cfg)).eos_token_id), "windows": n_assigned,
+                    "sample_windows": n_sample, "part_counts": emb_meta["counts"],
+                    "generic_counts": gen_counts.tolist(), "generic_cluster_tokens": gen_tokens.tolist(),
+                    "timings": {**emb_meta.get("timings", {}), **stages.timings}}
 
-            ray.data.read_parquet(str(tmp / "windows"), num_cpus=TASK_CPUS) \
-                .map_batches(_generic_train, batch_format="pyarrow", num_cpus=TASK_CPUS) \
-                .write_parquet(str(tmp / "by_cluster"), partition_cols=["cluster"], ray_remote_args=_TASK)
-            gen_counts, gen_tokens = _generic_cluster_stats(tmp / "by_cluster", cfg.cluster.k)
-            stages.done("split", f"generic train windows split into {int((gen_counts > 0).sum())} non-empty clusters")
+            km.build(cluster)
+            if assign is not None:
+                domain_inputs = [i for i in inputs if i[0] != "generic"]
+                demb_meta = demb.build(lambda work: _embed_windows(cfg, domain_inputs, work, stages,
+                                                                   domain_docs=domain_doc_prefixes(cfg, inputs)))
+                centroids = np.load(km.path("centroids.npy")).astype(np.float32)
 
-            tok = load_tokenizer(cfg.tokenizer_dir)
-            meta = {
-                "k": cfg.cluster.k, "hash": h_clu, "embedding_hash": h_emb,
-                "config": {k: getattr(cfg.cluster, k) for k in ("k", "window_tokens", "sample_windows",
-                                                                  "kmeans_iters", "seed")},
-                "domains": sorted({p for p, _, _ in inputs if p != "generic"}),
-                "eos_id": int(tok.eos_token_id), "windows": n_assigned, "sample_windows": n_sample,
-                "part_counts": emb_meta["counts"],
-                "generic_counts": gen_counts.tolist(), "generic_cluster_tokens": gen_tokens.tolist(),
-                "timings": {**emb_meta.get("timings", {}), **stages.timings},
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            shutil.rmtree(out_dir, ignore_errors=True)
-            tmp.rename(out_dir)
-        cl = Clusters(cfg, out_dir)
+                def assign_domains(work: Path) -> dict:
+                    stages.start()
+                    _assign(demb.dir, work, centroids)
+                    stages.done("assign-domains", f"{demb_meta['windows']:,} in-domain windows assigned")
+                    return {"domains": sorted({p for p, _, _ in domain_inputs}), "part_counts": demb_meta["counts"],
+                            "timings": {**demb_meta.get("timings", {}), **stages.timings}}
+
+                assign.build(assign_domains)
+        cl = Clusters(cfg, km, assign)
         cl.meta["timings"]["total"] = time.perf_counter() - t_all
-        (out_dir / "summary.json").write_text(json.dumps(_summary_dict(cl), indent=1))
         _log(cl, tracker)
         status = "FINISHED"
         return cl
     finally:
         if own_tracker:
             tracker.close(status)
+
+
+def _assign(emb_dir: Path, out: Path, centroids: np.ndarray) -> None:
+    """Stage 4: every embedded window of ``emb_dir`` → its nearest centroid (``out/windows``)."""
+    import ray
+
+    ray.data.read_parquet(str(emb_dir / "embedded"), num_cpus=TASK_CPUS) \
+        .map_batches(_assign_batch, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs={"centroids": centroids}) \
+        .write_parquet(str(out / "windows"), ray_remote_args=_TASK)
 
 
 def _generic_cluster_stats(by_cluster: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -781,12 +811,13 @@ def _log(cl: Clusters, tracker) -> None:
     tracker.log_params({**{f"cluster.{k}": v for k, v in cl.meta["config"].items()},
                         "cluster.sample_windows_used": cl.meta["sample_windows"],
                         "cluster.windows": cl.meta["windows"],
-                        "cluster.hash": cl.meta["hash"]})
+                        "cluster.key": cl.key, "cluster.domains_key": cl.domains_key or ""})
     metrics: dict[str, float] = {}
+    timings = {**cl.meta.get("timings", {}), **cl.domain_meta.get("timings", {})}
     for p in cl.parts:
         metrics[f"entropy/{p}"] = cl.entropy(p)
         metrics[f"windows/{p}"] = float(cl.counts(p).sum())
-    for stage, sec in cl.meta.get("timings", {}).items():
+    for stage, sec in timings.items():
         metrics[f"time/{stage}_s"] = float(sec)
     tracker.log_metrics(metrics)
     tracker.log_dict(_summary_dict(cl), "clusters/histograms.json")
@@ -803,11 +834,12 @@ def bench_workdir(cfg) -> "Any":
     tokenizer trained on it, so a benchmark runs on a fresh checkout."""
     import tempfile
 
-    if (cfg.corpus_dir / "generic" / "train.parquet").is_file() and (cfg.tokenizer_dir / "tokenizer.json").is_file():
-        return cfg
     from slmfactory.platform.corpus import build_sample_corpus
     from slmfactory.platform.tokenizer import ensure_tokenizer
 
+    if (cfg.corpus_dir / "manifest.json").is_file():
+        ensure_tokenizer(cfg)
+        return cfg
     root = Path(tempfile.mkdtemp(prefix="slmf-bench-"))
     cfg = cfg.replace(workdir=str(root), **{"tracking.enabled": False})
     build_sample_corpus(cfg)
@@ -819,9 +851,9 @@ def sample_window_texts(cfg, n: int) -> list[str]:
     """The decoded text of the first ``n`` generic train windows (in-process; for benchmarks)."""
     import pyarrow.parquet as pq
 
-    from slmfactory.platform.tokenizer import load_tokenizer
+    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
 
-    tok = load_tokenizer(cfg.tokenizer_dir)
+    tok = load_tokenizer(ensure_tokenizer(cfg))
     w = cfg.cluster.window_tokens
     out: list[str] = []
     files = [p for _, _, p in corpus_inputs(cfg)]  # generic train first, then the domains

@@ -22,7 +22,55 @@ import yaml
 
 from slmfactory.platform.errors import ConfigError
 
-STRATEGY_NAMES = ("slm", "slm-nopt", "llm", "llm-lora", "slm-is", "slm-d", "slm-mix", "slm-pn")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model size: the numbers a ``ModelConfig.preset`` names."""
+
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    n_heads: int
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(n_layers=2, d_model=64, d_mlp=256, n_heads=2),          # tests
+    "demo-slm": Preset(n_layers=4, d_model=192, d_mlp=768, n_heads=4),     # CPU demo SLM
+    "demo-llm": Preset(n_layers=4, d_model=384, d_mlp=1536, n_heads=6),    # CPU demo LLM
+    # PAPER.md's models: 126M and 771M at a 32k vocabulary with tied embeddings. Llama's
+    # SwiGLU MLP has 3 matrices where the paper's has 2 of width 4·d, so the width is set
+    # to land on the paper's counts: 126.8M and 755M here; the projected network at
+    # h = 11 / 21 then has the paper's 756M / 1,422M for 16 / 32 experts (tests check).
+    "paper-slm": Preset(n_layers=7, d_model=1024, d_mlp=3008, n_heads=8),
+    "paper-llm": Preset(n_layers=7, d_model=2816, d_mlp=7488, n_heads=22),
+}
+
+# -- strategy settings: owned by each strategy, registered from its own file ------------
+
+STRATEGY_SETTINGS: dict[str, type] = {}
+"""Strategy name -> its frozen settings dataclass. Strategies register themselves
+(``slmfactory.models.strategies.base.register``); the platform never imports them but
+loads the ``slmfactory.strategies`` entry points, so a ninth strategy is one new file."""
+_PLUGINS_LOADED = False
+
+
+def register_strategy_settings(name: str, settings: type) -> None:
+    if not dataclasses.is_dataclass(settings):
+        raise TypeError(f"strategy {name!r}: settings must be a dataclass, got {settings!r}")
+    STRATEGY_SETTINGS[name] = settings
+
+
+def strategy_settings() -> dict[str, type]:
+    """Every registered strategy's settings class, loading the strategy plugins once."""
+    global _PLUGINS_LOADED
+    if not _PLUGINS_LOADED:
+        from importlib.metadata import entry_points
+
+        _PLUGINS_LOADED = True
+        for ep in entry_points(group="slmfactory.strategies"):
+            ep.load()
+    return STRATEGY_SETTINGS
 
 
 def _check(cond: bool, key: str, expected: str, value: Any) -> None:
@@ -44,7 +92,15 @@ class CorpusConfig:
     """Fraction of each domain's documents held out for test perplexity."""
     generic_share: float = 0.1
     """Fraction of each domain-kind source's documents routed to the generic corpus
-    instead (C4 holds some legal and medical pages too); never also in a domain split."""
+    instead (C4 holds some legal and medical pages too); never also in a domain split.
+    Decided per whole document, so all parts of a cut document go the same way.
+    ``0.0`` turns the random share off."""
+    domain_overflow_to_generic: bool = True
+    """What happens to a capped domain's overflow (the documents beyond its byte cap):
+    true sends it to the generic corpus (up to a per-domain byte limit), false drops it.
+    With ``generic_share: 0.0`` and this false, no document of a domain's sources is in
+    the generic corpus, e.g. to measure a generic-only baseline that never saw the domain.
+    The manifest's ``domain_to_generic`` reports what moved and what was dropped."""
     min_doc_chars: int = 200
     """Shorter documents are dropped after cleaning."""
     max_doc_chars: int = 200_000
@@ -57,6 +113,8 @@ class CorpusConfig:
             _check(0.0 <= v < 1.0, f"corpus.{name}", "a fraction in [0, 1)", v)
         _check(self.valid_fraction + self.test_fraction < 0.9, "corpus.valid_fraction",
                "valid_fraction + test_fraction < 0.9", self.valid_fraction + self.test_fraction)
+        _check(isinstance(self.domain_overflow_to_generic, bool), "corpus.domain_overflow_to_generic",
+               "true or false", self.domain_overflow_to_generic)
         _check(self.min_doc_chars >= 1, "corpus.min_doc_chars", ">= 1", self.min_doc_chars)
         _check(self.max_doc_chars > self.min_doc_chars, "corpus.max_doc_chars",
                "> corpus.min_doc_chars", self.max_doc_chars)
@@ -76,8 +134,8 @@ class TokenizerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """A decoder-only LM. ``preset`` names a size in ``slmfactory.models.lm.PRESETS``;
-    explicit dims (non-zero) override the preset's."""
+    """A decoder-only LM. ``preset`` names a size in ``PRESETS``; explicit dims (non-zero)
+    override the preset's."""
 
     preset: str = "tiny"
     n_layers: int = 0
@@ -86,8 +144,6 @@ class ModelConfig:
     n_heads: int = 0
 
     def __post_init__(self) -> None:
-        from slmfactory.models.lm import PRESETS
-
         _check(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}", self.preset)
         for name in ("n_layers", "d_model", "d_mlp", "n_heads"):
             _check(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
@@ -199,40 +255,48 @@ class ClusterConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class StrategyConfig:
-    """Strategy-specific knobs; each strategy reads only its own."""
+    """Which strategy runs, and every strategy's own settings.
+
+    In a recipe each strategy's settings sit under its name, e.g.
+    ``strategy: {name: slm-mix, slm-mix: {experts: 16}, slm-pn: {experts: 32}}``; the
+    settings classes live in the strategies' files. Settings not given take their defaults.
+    """
 
     name: str = "slm"
     """Which registered strategy to run (see ``slmfactory.models.strategies``)."""
-    lora_rank: int = 64
-    """llm-lora: LoRA rank (paper appendix: 64)."""
-    lora_alpha: float = 128.0
-    distill_weight: float = 0.5
-    """slm-d: weight of the KL-to-teacher term; (1 - weight) goes to next-token NLL."""
-    distill_temperature: float = 1.0
-    """slm-d: softmax temperature of teacher and student in the KL term."""
-    experts: int = 0
-    """slm-mix / slm-pn: number of experts (0 = cluster.k)."""
-    mix_selection: str = "most-frequent"
-    """slm-mix: ``most-frequent``, ``best-before-finetune`` or ``best-after-finetune``."""
-    pn_capacity: int = 8
-    """slm-pn: h, the capacity multiplier (rank of the projection tensor T)."""
-    pn_expert_dim: int = 8
-    """slm-pn: m, the dimension of the expert vectors E."""
-    resample_tokens: int = 0
-    """slm-is: generic tokens resampled to the domain histogram (0 = pretrain.max_tokens)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Strategy name -> its settings (every registered strategy, defaults filled in)."""
 
     def __post_init__(self) -> None:
-        _check(self.name in STRATEGY_NAMES, "strategy.name", f"one of {list(STRATEGY_NAMES)}", self.name)
-        _check(self.lora_rank >= 1, "strategy.lora_rank", ">= 1", self.lora_rank)
-        _check(0.0 <= self.distill_weight <= 1.0, "strategy.distill_weight", "in [0, 1]", self.distill_weight)
-        _check(self.distill_temperature > 0, "strategy.distill_temperature", "> 0", self.distill_temperature)
-        _check(self.experts >= 0, "strategy.experts", ">= 0", self.experts)
-        _check(self.mix_selection in ("most-frequent", "best-before-finetune", "best-after-finetune"),
-               "strategy.mix_selection", "most-frequent | best-before-finetune | best-after-finetune",
-               self.mix_selection)
-        _check(self.pn_capacity >= 1, "strategy.pn_capacity", ">= 1", self.pn_capacity)
-        _check(self.pn_expert_dim >= 1, "strategy.pn_expert_dim", ">= 1", self.pn_expert_dim)
-        _check(self.resample_tokens >= 0, "strategy.resample_tokens", ">= 0", self.resample_tokens)
+        registry = strategy_settings()
+        _check(self.name in registry, "strategy.name", f"one of {sorted(registry)}", self.name)
+        for name in self.settings:
+            _check(name in registry, f"strategy.{name}", f"a strategy name (one of {sorted(registry)})", name)
+        full = {n: self.settings.get(n) or cls() for n, cls in sorted(registry.items())}
+        object.__setattr__(self, "settings", full)
+
+    def of(self, name: str | None = None) -> Any:
+        """The settings of strategy ``name`` (default: the selected one)."""
+        return self.settings[name or self.name]
+
+    def to_tree(self) -> dict[str, Any]:
+        return {"name": self.name, **{n: dataclasses.asdict(s) for n, s in self.settings.items()}}
+
+
+def _build_strategy(value: Any, key: str) -> StrategyConfig:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping (name plus per-strategy settings), got {value!r}")
+    value = dict(value)
+    value.update(value.pop("settings", None) or {})  # the dataclasses.asdict form
+    registry = strategy_settings()
+    name = _coerce(value.pop("name", "slm"), str, f"{key}.name")
+    settings = {}
+    for strat, section in value.items():
+        if strat not in registry:
+            raise ConfigError(f"{key}.{strat}: unknown key (expected 'name' or a strategy: {sorted(registry)})")
+        settings[strat] = section if dataclasses.is_dataclass(section) else \
+            _coerce(section if section is not None else {}, registry[strat], f"{key}.{strat}")
+    return StrategyConfig(name=name, settings=settings)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -308,20 +372,23 @@ class RunConfig:
         return self.root / "corpus"
 
     @property
-    def tokenizer_dir(self) -> Path:
-        return self.root / "tokenizer"
-
-    @property
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
 
+    def to_tree(self) -> dict[str, Any]:
+        """Nested plain dicts in the recipe's own shape (``from_dict`` inverts it)."""
+        tree = {f.name: dataclasses.asdict(getattr(self, f.name)) if dataclasses.is_dataclass(getattr(self, f.name))
+                else getattr(self, f.name) for f in dataclasses.fields(self)}
+        tree["strategy"] = self.strategy.to_tree()
+        return tree
+
     def to_dict(self) -> dict[str, Any]:
         """Flatten into ``{"section.key": value}`` (MLflow params)."""
-        return flatten(dataclasses.asdict(self))
+        return flatten(self.to_tree())
 
     def replace(self, **overrides: Any) -> "RunConfig":
         """A copy with dotted-key overrides applied, e.g. ``replace(**{"strategy.name": "llm"})``."""
-        return from_dict(_apply_overrides(dataclasses.asdict(self), overrides))
+        return from_dict(_apply_overrides(self.to_tree(), overrides))
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -341,6 +408,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if tp is StrategyConfig:
+        return _build_strategy(value, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -451,7 +520,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{p}: expected a mapping of config sections, got {type(loaded).__name__}")
         data = loaded
     if overrides:
-        base = dataclasses.asdict(from_dict(data))
+        base = from_dict(data).to_tree()
         # Overrides apply to the full tree so that any documented key can be set.
         data = _apply_overrides(_merge(base, data), overrides)
     return from_dict(data)

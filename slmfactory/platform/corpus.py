@@ -8,23 +8,29 @@ Output layout under ``cfg.corpus_dir``::
 
 Every parquet file has the string columns ``doc_id``, ``text`` and ``source``.
 
-How documents are placed (all decisions hash ``doc_id`` with ``cfg.corpus.seed``, so a
-build is deterministic and independent of document order):
+How documents are placed (all decisions hash the document's *origin* id with
+``cfg.corpus.seed``, so a build is deterministic and independent of document order):
 
 1. Cleaning: whitespace is normalised (spaces collapsed, at most one blank line),
    documents longer than ``max_doc_chars`` are cut at paragraph boundaries into parts,
-   documents shorter than ``min_doc_chars`` are dropped.
-2. Exact duplicates (same text after collapsing all whitespace) are removed globally;
-   the first occurrence wins (domains in name order, then generic sources).
+   documents shorter than ``min_doc_chars`` are dropped. Each part gets its own
+   ``doc_id`` but keeps the id of the document it was cut from as its origin; an uncut
+   document's origin is its own ``doc_id``.
+2. Exact duplicates (same text after collapsing all whitespace) are removed globally,
+   part by part; the first occurrence wins (domains in name order, then generic sources).
 3. A domain-kind document goes to the generic corpus with probability
    ``generic_share`` (C4 also holds some legal and medical pages). Of the rest, a
-   hash-ordered subset up to ``DOMAIN_CAP_BYTES`` stays in the domain, and the overflow
-   goes to the generic corpus too, up to ``DOMAIN_OVERFLOW_MAX_BYTES`` per domain (keeps
-   CPU work sane and the generic mixture broad); further overflow is not used at all.
+   hash-ordered subset of whole documents up to ``DOMAIN_CAP_BYTES`` stays in the domain,
+   and the overflow goes to the generic corpus too (unless
+   ``corpus.domain_overflow_to_generic`` is false), up to ``DOMAIN_OVERFLOW_MAX_BYTES``
+   per domain (keeps CPU work sane and the generic mixture broad); further overflow is
+   dropped. The manifest's ``domain_to_generic`` counts all three per domain.
 4. Domain documents are split train/valid/test by hash bucket; generic documents are
    split train/valid with ``GENERIC_VALID_FRACTION`` capped at ``GENERIC_VALID_MAX_BYTES``.
 
-A document therefore sits in exactly one split of one domain, or in generic.
+Because every step decides by origin, all parts of one document (the chapters of one
+book) sit in exactly one split of one domain, or in generic: a model is never tested on
+the continuation of a text it trained on.
 
 User corpora (``import_corpus``) go through the same stage. Inputs: ``.jsonl`` (one JSON
 object per line with a ``"text"`` field; optional ``"doc_id"``, ``"source"``),
@@ -64,6 +70,8 @@ if TYPE_CHECKING:
 
     from slmfactory.platform.config import RunConfig
 
+#: A document: ``doc_id``, ``text``, ``source``; after ``_prepare`` also ``origin`` (the id
+#: of the document a part was cut from), which placement uses and the parquet files omit.
 Doc = dict[str, str]
 
 #: Registry: domain name -> its pinned sources (see ``corpus_sources``).
@@ -81,6 +89,8 @@ GENERIC_VALID_MAX_BYTES = 2_000_000
 
 SPLITS = ("train", "valid", "test")
 _SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("source", pa.string())])
+#: Keys of one domain's entry in ``manifest["domain_to_generic"]``.
+_TO_GENERIC_KEYS = ("share_docs", "share_bytes", "overflow_docs", "overflow_bytes", "dropped_docs", "dropped_bytes")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -139,7 +149,10 @@ def bucket(seed: int, purpose: str, doc_id: str) -> float:
 
 def _prepare(docs: Iterable[Doc], cfg_c: Any, seen_text: set[bytes], seen_id: set[str],
              where: str) -> Iterator[Doc]:
-    """Clean, cut and dedupe one stream of documents."""
+    """Clean, cut and dedupe one stream of documents.
+
+    Every part carries ``origin``, the id of the document it was cut from, so that
+    placement can keep the parts of one document together (dedupe stays per part)."""
     for d in docs:
         if "text" not in d or not isinstance(d["text"], str):
             raise DataError(f"{where}: document without a string 'text' field")
@@ -156,7 +169,7 @@ def _prepare(docs: Iterable[Doc], cfg_c: Any, seen_text: set[bytes], seen_id: se
                 continue
             seen_text.add(key)
             seen_id.add(doc_id)
-            yield {"doc_id": doc_id, "text": part, "source": source}
+            yield {"doc_id": doc_id, "text": part, "source": source, "origin": base}
 
 
 # --------------------------------------------------------------------------------------
@@ -193,17 +206,57 @@ def _part_stats(docs: list[Doc], path: Path, source_info: dict[str, dict]) -> di
     }
 
 
+def _nbytes(d: Doc) -> int:
+    return len(d["text"].encode("utf-8"))
+
+
+def _by_origin(docs: Iterable[Doc]) -> dict[str, list[Doc]]:
+    """Group parts by the document they were cut from, so a placement moves whole documents."""
+    groups: dict[str, list[Doc]] = {}
+    for d in docs:
+        groups.setdefault(d["origin"], []).append(d)
+    return groups
+
+
 def _ensure_nonempty(splits: dict[str, list[Doc]], seed: int, what: str) -> None:
-    """Move the train documents with the lowest split hash into any empty held-out split,
-    so every split exists even for small corpora (still deterministic)."""
+    """Move the train document (all its parts) with the lowest split hash into any empty
+    held-out split, so every split exists even for small corpora (still deterministic)."""
     for name in splits:
         if name == "train" or splits[name]:
             continue
-        if len(splits["train"]) < 2:
+        groups = _by_origin(splits["train"])
+        if len(groups) < 2:
+            have = len({d["origin"] for v in splits.values() for d in v})
             raise DataError(f"{what}: too few documents to fill the '{name}' split "
-                            f"(have {sum(len(v) for v in splits.values())})")
-        splits["train"].sort(key=lambda d: bucket(seed, "split", d["doc_id"]))
-        splits[name].append(splits["train"].pop(0))
+                            f"(have {have}; the parts of one cut document stay in one split)")
+        first = min(groups, key=lambda o: bucket(seed, "split", o))
+        splits[name].extend(groups[first])
+        splits["train"] = [d for d in splits["train"] if d["origin"] != first]
+
+
+def _apply_cap(kept: list[Doc], cap_bytes: int, seed: int, overflow_to_generic: bool,
+               generic: list[Doc], report: dict[str, int]) -> list[Doc]:
+    """Keep a hash-ordered subset of whole documents up to ``cap_bytes``; returns it.
+
+    A document either fits whole or overflows whole, so its parts never straddle the
+    domain and generic. Overflow goes to ``generic`` (up to DOMAIN_OVERFLOW_MAX_BYTES)
+    when ``overflow_to_generic``, else it is dropped; ``report`` counts both."""
+    groups = sorted(_by_origin(kept).items(), key=lambda kv: bucket(seed, "cap", kv[0]))
+    total, overflow, capped = 0, 0, []
+    for _, parts in groups:
+        size = sum(_nbytes(d) for d in parts)
+        if total + size <= cap_bytes or not capped:
+            capped.extend(parts)
+            total += size
+        elif overflow_to_generic and overflow + size <= DOMAIN_OVERFLOW_MAX_BYTES:
+            generic.extend(parts)  # overflow: still used, as generic text
+            overflow += size
+            report["overflow_docs"] += len(parts)
+            report["overflow_bytes"] += size
+        else:
+            report["dropped_docs"] += len(parts)
+            report["dropped_bytes"] += size
+    return capped
 
 
 def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_docs: dict[str, Iterable[Doc]],
@@ -211,7 +264,11 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
                          progress: bool = True) -> dict:
     """The shared clean + dedupe + split + write stage; returns the manifest.
 
-    ``domain_cap_bytes`` caps each domain (overflow goes to generic); None = no cap.
+    ``domain_cap_bytes`` caps each domain (overflow goes to generic, or is dropped when
+    ``corpus.domain_overflow_to_generic`` is false); None = no cap. The manifest's
+    ``domain_to_generic[domain]`` says how many documents (stored parts, as in ``parts``)
+    and bytes of the domain's sources went to generic as the random share, as cap
+    overflow, and how many were dropped.
     """
     c = cfg.corpus
     out = Path(cfg.corpus_dir)
@@ -222,28 +279,25 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
     seen_id: set[str] = set()
     generic: list[Doc] = []
     domains: dict[str, dict[str, list[Doc]]] = {}
+    to_generic: dict[str, dict[str, int]] = {}
 
     for name in sorted(domain_docs):
+        report = to_generic[name] = dict.fromkeys(_TO_GENERIC_KEYS, 0)
         kept: list[Doc] = []
         for d in _prepare(domain_docs[name], c, seen_text, seen_id, f"domain {name}"):
-            (generic if bucket(c.seed, "generic", d["doc_id"]) < c.generic_share else kept).append(d)
+            if bucket(c.seed, "generic", d["origin"]) < c.generic_share:
+                generic.append(d)
+                report["share_docs"] += 1
+                report["share_bytes"] += _nbytes(d)
+            else:
+                kept.append(d)
         if domain_cap_bytes is not None:
-            kept.sort(key=lambda d: bucket(c.seed, "cap", d["doc_id"]))
-            total, overflow, capped = 0, 0, []
-            for d in kept:
-                size = len(d["text"].encode("utf-8"))
-                if total + size <= domain_cap_bytes or not capped:
-                    capped.append(d)
-                    total += size
-                elif overflow + size <= DOMAIN_OVERFLOW_MAX_BYTES:
-                    generic.append(d)  # overflow: still used, as generic text
-                    overflow += size
-            kept = capped
+            kept = _apply_cap(kept, domain_cap_bytes, c.seed, c.domain_overflow_to_generic, generic, report)
         if not kept:
             raise DataError(f"domain {name}: no documents left after cleaning (min_doc_chars={c.min_doc_chars})")
         splits: dict[str, list[Doc]] = {s: [] for s in SPLITS}
         for d in kept:
-            u = bucket(c.seed, "split", d["doc_id"])
+            u = bucket(c.seed, "split", d["origin"])
             s = "valid" if u < c.valid_fraction else "test" if u < c.valid_fraction + c.test_fraction else "train"
             splits[s].append(d)
         _ensure_nonempty(splits, c.seed, f"domain {name}")
@@ -254,15 +308,15 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
         raise DataError("generic corpus: empty (no documents left after cleaning and dedupe); "
                         "a corpus needs generic text")
     gsplits: dict[str, list[Doc]] = {"train": [], "valid": []}
-    candidates = sorted(generic, key=lambda d: bucket(c.seed, "gvalid", d["doc_id"]))
+    candidates = sorted(_by_origin(generic).items(), key=lambda kv: bucket(c.seed, "gvalid", kv[0]))
     vbytes = 0
-    for d in candidates:
-        size = len(d["text"].encode("utf-8"))
-        if bucket(c.seed, "gvalid", d["doc_id"]) < GENERIC_VALID_FRACTION and vbytes + size <= GENERIC_VALID_MAX_BYTES:
-            gsplits["valid"].append(d)
+    for origin, docs in candidates:  # whole documents, like the domain splits
+        size = sum(_nbytes(d) for d in docs)
+        if bucket(c.seed, "gvalid", origin) < GENERIC_VALID_FRACTION and vbytes + size <= GENERIC_VALID_MAX_BYTES:
+            gsplits["valid"].extend(docs)
             vbytes += size
         else:
-            gsplits["train"].append(d)
+            gsplits["train"].extend(docs)
     _ensure_nonempty(gsplits, c.seed, "generic corpus")
 
     # Stable order inside a file: by doc_id, so the bytes do not depend on input order.
@@ -304,6 +358,7 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
                    "generic_valid_fraction": GENERIC_VALID_FRACTION,
                    "generic_valid_max_bytes": GENERIC_VALID_MAX_BYTES},
         "parts": manifest_parts,
+        "domain_to_generic": to_generic,
         "sources": [source_info[s] for s in sorted(used) if s in source_info]
         + [{"source": s, "package": s, "version": "", "licence": "unknown"}
            for s in sorted(used) if s not in source_info],

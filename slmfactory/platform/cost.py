@@ -9,6 +9,7 @@ Total over N domains: C(N) = C_generic + N · C_specialisation.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 
@@ -56,6 +57,13 @@ class CostRecord:
                    device_hours=flops / (profile.peak_flops * profile.mfu) / 3600.0,
                    measured_device_hours=wall_seconds * workers / 3600.0, extra=dict(extra))
 
+    def rebased(self, profile) -> "CostRecord":
+        """The same work under ``profile``: device-hours are derived from the stored FLOPs
+        (and measured seconds) under today's device profile, never frozen at run time."""
+        return dataclasses.replace(self, device=profile.name,
+                                   device_hours=self.flops / (profile.peak_flops * profile.mfu) / 3600.0,
+                                   measured_device_hours=self.wall_seconds * self.workers / 3600.0)
+
     def __add__(self, other: "CostRecord") -> "CostRecord":
         return CostRecord(phase=f"{self.phase}+{other.phase}", tokens=self.tokens + other.tokens,
                           flops=self.flops + other.flops, wall_seconds=self.wall_seconds + other.wall_seconds,
@@ -67,8 +75,10 @@ class CostRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CostRecord":
-        return cls(**d)
+    def from_dict(cls, d: dict, profile=None) -> "CostRecord":
+        """Rebuild a stored record; with ``profile``, its device-hours under that profile."""
+        rec = cls(**d)
+        return rec.rebased(profile) if profile is not None else rec
 
     def line(self) -> str:
         return (f"{self.phase:<24} tokens {self.tokens:>12,}  FLOPs {self.flops:9.3e}  "

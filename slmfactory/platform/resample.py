@@ -24,7 +24,6 @@ on the written parquet against the *unrenormalised* domain histogram.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 import zlib
@@ -35,6 +34,9 @@ from typing import Any
 import numpy as np
 
 from slmfactory.platform.errors import ConfigError, DataError
+from slmfactory.platform.stages import Stage
+
+RESAMPLE_VERSION = "resample-v1"
 
 
 @dataclass
@@ -162,9 +164,11 @@ def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None)
         if domain not in cl.parts:
             raise DataError(f"domain '{domain}': not in the corpus (known: {', '.join(cl.parts[1:])})")
         seed = int(cfg.cluster.seed) * 1_000_003 + zlib.crc32(domain.encode())
-        out = cfg.root / "resampled" / f"{domain}-{int(tokens)}-{cl.meta['hash']}"
-        if (out / "result.json").is_file():
-            res = ResampleResult.from_dict(json.loads((out / "result.json").read_text()))
+        stage = Stage.of(cfg.root, "resampled", f"{domain}-{int(tokens)}", version=RESAMPLE_VERSION,
+                         clustering=cl.key, domains=cl.domains_key, domain=domain, tokens=int(tokens), seed=seed)
+        out = stage.dir
+        if stage.done:
+            res = ResampleResult.from_dict(json.loads((out / "result.json").read_text()) | {"path": str(out)})
             if progress:
                 print(f"[resample] cached: {out}", file=sys.stderr, flush=True)
             if tracker is not None:
@@ -214,30 +218,31 @@ def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None)
         import ray
 
         _ray_data_context(progress)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        # Read the assigned-windows table (a few large files) rather than ``by_cluster``
-        # (one file per cluster): Ray Data pays ~0.15 s per file here, 64 files ~10 s.
-        # Only generic ids are selected, so domain windows drop out in ``_select_rows``.
-        ds = ray.data.read_parquet(str(cl.windows_dir)).select_columns(["window_id", "tokens", "cluster"])
-        ds.map_batches(_select_rows, batch_format="pyarrow",
-                       fn_kwargs={"sel_ids": pa.array(all_ids.tolist(), pa.string()),
-                                  "sel_counts": all_counts, "seed": seed}) \
-            .write_parquet(str(tmp / "data"))
-        hist_counts, n_rows, n_tokens, n_unique = _measure(tmp / "data", cl.k)
-        if n_rows != n_windows:
-            raise DataError(f"resample wrote {n_rows} windows, expected {n_windows}")
-        hist = hist_counts / max(1, hist_counts.sum())
-        res = ResampleResult(
-            domain=domain, path=out, windows=n_rows, unique_windows=n_unique,
-            repeated_windows=n_rows - n_unique, tokens=n_tokens,
-            tv_distance=total_variation(hist, p_dom), histogram=hist, domain_histogram=p_dom,
-            k=cl.k, missing_clusters=missing, exhausted_clusters=exhausted,
-            seconds=time.perf_counter() - t0, eos_id=cl.eos_id)
-        (tmp / "result.json").write_text(json.dumps(res.to_dict(), indent=1))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+
+        def write(tmp: Path) -> dict:
+            # Read the assigned-windows table (a few large files) rather than ``by_cluster``
+            # (one file per cluster): Ray Data pays ~0.15 s per file here, 64 files ~10 s.
+            # Only generic train ids are selected, so other windows drop out in ``_select_rows``.
+            ds = ray.data.read_parquet(str(cl.windows_dir)).select_columns(["window_id", "tokens", "cluster"])
+            ds.map_batches(_select_rows, batch_format="pyarrow",
+                           fn_kwargs={"sel_ids": pa.array(all_ids.tolist(), pa.string()),
+                                      "sel_counts": all_counts, "seed": seed}) \
+                .write_parquet(str(tmp / "data"))
+            hist_counts, n_rows, n_tokens, n_unique = _measure(tmp / "data", cl.k)
+            if n_rows != n_windows:
+                raise DataError(f"resample wrote {n_rows} windows, expected {n_windows}")
+            hist = hist_counts / max(1, hist_counts.sum())
+            res = ResampleResult(
+                domain=domain, path=out, windows=n_rows, unique_windows=n_unique,
+                repeated_windows=n_rows - n_unique, tokens=n_tokens,
+                tv_distance=total_variation(hist, p_dom), histogram=hist, domain_histogram=p_dom,
+                k=cl.k, missing_clusters=missing, exhausted_clusters=exhausted,
+                seconds=time.perf_counter() - t0, eos_id=cl.eos_id)
+            (tmp / "result.json").write_text(json.dumps(res.to_dict(), indent=1))
+            return {"windows": n_rows, "tokens": n_tokens}
+
+        stage.build(write)
+        res = ResampleResult.from_dict(json.loads((out / "result.json").read_text()) | {"path": str(out)})
         if progress:
             print(f"[resample] {domain}: wrote {n_rows:,} windows, {n_tokens:,} tokens, TV {res.tv_distance:.4f} "
                   f"({res.seconds:.1f}s)", file=sys.stderr, flush=True)

@@ -7,14 +7,15 @@ Byte-level so that any UTF-8 input round-trips: a domain never meets an unknown 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from slmfactory.platform.errors import DataError
+from slmfactory.platform.stages import Stage, corpus_digest
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+TOKENIZER_VERSION = "bpe-v1"
 
 
 def _limited(texts: Iterable[str], max_chars: int) -> Iterator[str]:
@@ -28,7 +29,8 @@ def _limited(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int, max_chars: int) -> Path:
-    """Train a byte-level BPE on at most ``max_chars`` characters and save it atomically."""
+    """Train a byte-level BPE on at most ``max_chars`` characters and save it into ``out_dir``
+    (a stage's work folder: publishing it atomically is the stage's job)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,12 +56,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int, max_ch
         raise DataError("tokenizer: no generic text to train on (is the generic corpus empty?)")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=EOS)
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fast.save_pretrained(tmp)
-    (tmp / "slmfactory.json").write_text(json.dumps({"vocab_size": vocab_size, "train_chars": seen}))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    fast.save_pretrained(out_dir)
+    (out_dir / "slmfactory.json").write_text(json.dumps({"vocab_size": vocab_size, "train_chars": seen}))
     return out_dir
 
 
@@ -73,12 +71,20 @@ def load_tokenizer(path: Path):
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
+def tokenizer_stage(cfg) -> Stage:
+    """The tokenizer is keyed by its config and the generic train file it learns from:
+    another ``tokenizer.vocab_size`` or a rebuilt corpus gives another tokenizer."""
+    return Stage.of(cfg.root, "tokenizer", "bpe", version=TOKENIZER_VERSION, config=cfg.tokenizer,
+                    generic_train=corpus_digest(cfg.corpus_dir, "generic", "train"))
+
+
 def ensure_tokenizer(cfg) -> Path:
-    """Train the run's tokenizer on its generic corpus unless it already exists."""
+    """The run's tokenizer folder, trained on its generic corpus the first time."""
     from slmfactory.platform.corpus import iter_texts
 
-    out = cfg.tokenizer_dir
-    if (out / "tokenizer.json").is_file():
-        return out
-    texts = iter_texts(cfg.corpus_dir, "generic", "train")
-    return train_tokenizer(texts, out, cfg.tokenizer.vocab_size, cfg.tokenizer.train_chars)
+    stage = tokenizer_stage(cfg)
+    if not stage.done:
+        stage.build(lambda work: {"tokens": len(load_tokenizer(train_tokenizer(
+            iter_texts(cfg.corpus_dir, "generic", "train"), work, cfg.tokenizer.vocab_size,
+            cfg.tokenizer.train_chars)))})
+    return stage.dir

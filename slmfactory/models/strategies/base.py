@@ -3,20 +3,21 @@
 A strategy has two phases (PAPER.md):
 
 - ``pretrain(ctx) -> GenericArtifact | None`` — before any domain is known; its cost is
-  *generic* and shared by every domain. Cached on disk by a hash of what it depends on,
-  so every domain (and every later run) reuses it.
+  *generic* and shared by every domain. It is a stage (``platform/stages.py``) keyed by
+  everything it depends on, so every domain (and every later run) reuses it.
 - ``specialize(ctx, generic, domain) -> SpecializedModel`` — per domain; its cost is the
   *specialisation* cost. The result is always a plain Hugging Face causal-LM folder
   (safetensors + config + tokenizer) plus a cost record: everything served is plain.
 
-Strategies register under the names configs use (``@register("slm")``); a test checks the
-registry equals the documented list.
+A strategy lives in one file: ``@register("name", settings=Settings)`` adds it to the
+registry under the name configs use and gives it its own settings section
+(``strategy.<name>.*``); ``requires`` declares what it needs (``clusters``, ``teacher``),
+which is what the driver reads. Adding a strategy touches no other file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -28,34 +29,40 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from slmfactory.models.data import PackedBatches, save_npy_atomic, split_tokens
+from slmfactory.models.data import PackedBatches, TokenSource, split_source
 from slmfactory.models.launch import FitOutput, Launcher, WorkerContext
 from slmfactory.models.lm import build_model, count_params
-from slmfactory.models.trainer import Trainer, evaluate_nll
-from slmfactory.platform.config import STRATEGY_NAMES, RunConfig, from_dict
+from slmfactory.models.trainer import Trainer, TrainResult, evaluate_nll
+from slmfactory.platform.config import RunConfig, TrainConfig, from_dict, register_strategy_settings, strategy_settings
 from slmfactory.platform.cost import CostRecord, inference_flops_per_token
 from slmfactory.platform.errors import ConfigError
+from slmfactory.platform.stages import Stage, write_json_atomic
+from slmfactory.platform.tokenizer import ensure_tokenizer
 from slmfactory.platform.tracking import NullTracker, Tracker
 
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
 
-def register(name: str) -> Callable[[type["Strategy"]], type["Strategy"]]:
-    """Class decorator: make a strategy selectable as ``strategy.name: <name>``."""
-    if name not in STRATEGY_NAMES:
-        raise ValueError(f"strategy {name!r} is not in the documented list {STRATEGY_NAMES}")
+@dataclass(frozen=True)
+class NoSettings:
+    """A strategy with no knobs of its own."""
+
+
+def register(name: str, settings: type | None = None) -> Callable[[type["Strategy"]], type["Strategy"]]:
+    """Class decorator: make a strategy selectable as ``strategy.name: <name>``, with its
+    settings dataclass under ``strategy.<name>`` in recipes."""
 
     def deco(cls: type[Strategy]) -> type[Strategy]:
         cls.name = name
         STRATEGIES[name] = cls
+        register_strategy_settings(name, settings or NoSettings)
         return cls
 
     return deco
 
 
 def get_strategy(name: str) -> "Strategy":
-    from slmfactory.models import strategies  # noqa: F401  (imports every strategy module)
-
+    strategy_settings()  # loads the strategy plugins (entry points) once
     if name not in STRATEGIES:
         raise ConfigError(f"strategy.name: unknown strategy {name!r} (expected one of {sorted(STRATEGIES)})")
     return STRATEGIES[name]()
@@ -63,34 +70,47 @@ def get_strategy(name: str) -> "Strategy":
 
 # -- artifacts ---------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Weights:
+    """A weights file and the key of the stage that made it (what a downstream stage keys
+    on: the stage key stands for the file's content)."""
+
+    path: str
+    key: str
+
+
 @dataclass
 class GenericArtifact:
-    """The output of a generic phase: model weights under ``dir`` and what they cost."""
+    """The output of a generic phase: a finished stage holding weights, and what it cost
+    (FLOPs and seconds stored; device-hours derived under the current device profile)."""
 
     strategy: str
-    dir: Path
+    stage: Stage
     cost: CostRecord
     info: dict[str, Any] = field(default_factory=dict)
 
-    def save(self) -> None:
-        data = {"strategy": self.strategy, "cost": self.cost.to_dict(), "info": self.info}
-        write_json_atomic(self.dir / "generic.json", data)
+    @property
+    def dir(self) -> Path:
+        return self.stage.dir
+
+    def weights(self, name: str = "weights") -> Weights:
+        """A weights file recorded in ``info`` (stored relative to the stage folder)."""
+        return Weights(str(self.stage.path(self.info[name])), f"{self.stage.key}/{name}")
 
     @classmethod
-    def write(cls, strategy: str, dir: Path, cost: CostRecord, info: dict[str, Any]) -> "GenericArtifact":
-        """Record a finished generic phase (its ``generic.json`` marks the cache complete)."""
-        art = cls(strategy=strategy, dir=dir, cost=dataclasses.replace(cost, phase=f"generic/{strategy}"), info=info)
-        art.save()
-        return art
-
-    @classmethod
-    def load(cls, path: Path) -> "GenericArtifact | None":
-        f = Path(path) / "generic.json"
-        if not f.is_file():
+    def load(cls, stage: Stage, profile) -> "GenericArtifact | None":
+        if not stage.done:
             return None
-        data = json.loads(f.read_text())
-        return cls(strategy=data["strategy"], dir=Path(path), cost=CostRecord.from_dict(data["cost"]),
+        data = stage.info
+        return cls(strategy=data["strategy"], stage=stage, cost=CostRecord.from_dict(data["cost"], profile),
                    info=data["info"])
+
+    @classmethod
+    def record(cls, stage: Stage, strategy: str, cost: CostRecord, info: dict[str, Any], profile) -> "GenericArtifact":
+        """Publish ``stage`` as the record of a finished generic phase."""
+        cost = dataclasses.replace(cost, phase=f"generic/{strategy}")
+        stage.write({"strategy": strategy, "cost": cost.to_dict(), "info": info})
+        return cls.load(stage, profile)
 
 
 @dataclass
@@ -130,6 +150,13 @@ class StrategyContext:
 
 class Strategy:
     name: ClassVar[str] = ""
+    requires: ClassVar[frozenset[str]] = frozenset()
+    """What the strategy needs beyond the corpus: ``clusters`` (Ray Data clustering),
+    ``teacher`` (a large model's generic phase)."""
+
+    def settings(self, cfg: RunConfig) -> Any:
+        """This strategy's own section of the config (``strategy.<name>``)."""
+        return cfg.strategy.of(self.name)
 
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact | None:
         raise NotImplementedError
@@ -139,43 +166,6 @@ class Strategy:
 
 
 # -- shared helpers ----------------------------------------------------------------------
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def config_hash(*parts: Any) -> str:
-    """Stable short hash of config sections (dataclasses or plain values)."""
-    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-@dataclass(frozen=True)
-class TokenSource:
-    """A picklable pointer to a token stream on shared storage: ``np.load(path)[start:stop]``."""
-
-    path: str
-    start: int = 0
-    stop: int | None = None
-
-    def load(self) -> np.ndarray:
-        return np.asarray(np.load(self.path, mmap_mode="r")[self.start:self.stop])
-
-    @classmethod
-    def of_array(cls, array: np.ndarray, path: Path) -> "TokenSource":
-        save_npy_atomic(Path(path), np.asarray(array, dtype=np.int32))
-        return cls(str(path))
-
-
-def split_source(cfg: RunConfig, part: str, split: str, max_tokens: int | None = None) -> TokenSource:
-    """Tokenize (once, cached) and point at ``part``/``split``'s token stream."""
-    tokens = split_tokens(cfg, part, split, max_tokens)
-    return TokenSource(str(cfg.root / "tokens" / part / f"{split}.npy"), 0, len(tokens))
-
 
 @dataclass(frozen=True)
 class DomainData:
@@ -193,7 +183,7 @@ class DomainData:
                    test=split_source(cfg, domain, "test"))
 
 
-def train_section(cfg: RunConfig, phase: str):
+def train_section(cfg: RunConfig, phase: str) -> TrainConfig:
     """``pretrain`` or ``finetune`` TrainConfig by name (the phase's first word)."""
     return getattr(cfg, phase.split("/")[0])
 
@@ -201,17 +191,18 @@ def train_section(cfg: RunConfig, phase: str):
 def lm_factory(cfg_dict: dict, model_key: str, phase: str, train: TokenSource, valid: TokenSource | None,
                init_weights: str | None = None, trainer_cls: type[Trainer] = Trainer,
                model_builder: Callable[[RunConfig, int], torch.nn.Module] | None = None,
-               **trainer_kwargs: Any) -> Callable[[WorkerContext], Trainer]:
+               train_cfg: TrainConfig | None = None, **trainer_kwargs: Any) -> Callable[[WorkerContext], Trainer]:
     """A trainer factory for a causal LM phase, safe to ship to Ray workers.
 
-    ``model_key`` picks ``cfg.slm`` or ``cfg.llm``; ``phase`` starts with ``pretrain`` or
-    ``finetune`` and picks the TrainConfig; ``init_weights`` is a ``model.safetensors`` to
-    start from; ``model_builder`` replaces the plain Llama (projected networks, LoRA).
+    ``model_key`` picks ``cfg.slm`` or ``cfg.llm``; ``train_cfg`` is the phase's settings
+    (default: ``pretrain`` or ``finetune`` by the phase's first word); ``init_weights`` is a
+    ``model.safetensors`` to start from; ``model_builder`` replaces the plain Llama
+    (projected networks, LoRA).
     """
 
     def factory(worker: WorkerContext) -> Trainer:
         cfg = from_dict(cfg_dict)
-        tcfg = train_section(cfg, phase)
+        tcfg = train_cfg or train_section(cfg, phase)
         vocab = vocab_size_of(cfg)
         model = (model_builder(cfg, vocab) if model_builder is not None
                  else build_model(getattr(cfg, model_key), vocab, cfg.data.seq_len, seed=tcfg.seed))
@@ -231,8 +222,27 @@ def lm_factory(cfg_dict: dict, model_key: str, phase: str, train: TokenSource, v
     return factory
 
 
+def run_phase(ctx: StrategyContext, stage: Stage, factory: Callable[[WorkerContext], Trainer],
+              phase: str) -> FitOutput:
+    """Train one phase inside its stage. A killed phase resumes from the checkpoints in the
+    stage's work folder; a finished stage returns its stored result at once, with zero new
+    steps (an early-stopped fine-tune stays stopped)."""
+    if stage.done:
+        ctx.say(f"[{phase}] finished earlier: {stage.dir}")
+    else:
+        def build(work: Path) -> dict:
+            work = work.resolve()
+            fit = ctx.launcher.fit(factory, work, phase)
+            return {"result": fit.result.to_dict(), "checkpoint": str(fit.checkpoint.resolve().relative_to(work))}
+
+        stage.build(build, resumable=True)
+    info = stage.info
+    return FitOutput(result=TrainResult.from_dict(info["result"], ctx.cfg.device),
+                     checkpoint=stage.path(info["checkpoint"]), stage_key=stage.key)
+
+
 def vocab_size_of(cfg: RunConfig) -> int:
-    data = json.loads((cfg.tokenizer_dir / "tokenizer.json").read_text())
+    data = json.loads((ensure_tokenizer(cfg) / "tokenizer.json").read_text())
     return len(data["model"]["vocab"]) + sum(1 for t in data.get("added_tokens", [])
                                                if t["content"] not in data["model"]["vocab"])
 
@@ -251,7 +261,7 @@ def export_hf(cfg: RunConfig, model: torch.nn.Module, out_dir: Path, meta: dict[
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    for f in cfg.tokenizer_dir.iterdir():
+    for f in ensure_tokenizer(cfg).iterdir():
         if f.is_file() and f.name != "slmfactory.json":
             shutil.copy2(f, tmp / f.name)
     (tmp / "slmfactory.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -264,63 +274,71 @@ def export_hf(cfg: RunConfig, model: torch.nn.Module, out_dir: Path, meta: dict[
     return out_dir
 
 
-def generic_dir(cfg: RunConfig, key: str, *parts: Any) -> Path:
-    """Where a generic phase caches its result, keyed by what it depends on."""
-    return cfg.root / "generic" / f"{key}-{config_hash(cfg.tokenizer, cfg.data.seq_len, *parts)}"
-
-
-def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, key: str,
-                valid: TokenSource | None = None, cost_phase: str | None = None) -> GenericArtifact:
-    """Pretrain ``cfg.<model_key>`` on ``tokens`` with ``cfg.pretrain`` (cached by config)."""
+def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, name: str,
+                valid: TokenSource | None = None, cost_phase: str | None = None,
+                train_cfg: TrainConfig | None = None) -> GenericArtifact:
+    """Pretrain ``cfg.<model_key>`` on ``tokens`` with ``train_cfg`` (default ``cfg.pretrain``),
+    as a generic stage keyed by the model, the training settings and the data."""
     cfg = ctx.cfg
-    out = generic_dir(cfg, key, getattr(cfg, model_key), cfg.pretrain, tokens.stop - tokens.start
-                      if tokens.stop is not None else tokens.path)
-    cached = GenericArtifact.load(out)
-    if cached is not None:
-        ctx.say(f"[{key}] reusing generic phase from {out}")
-        return cached
+    tcfg = train_cfg or cfg.pretrain
     if valid is None:
         valid = split_source(cfg, "generic", "valid")
-    fit = ctx.launcher.fit(lm_factory(dataclasses.asdict(cfg), model_key, f"pretrain/{key}", tokens, valid),
-                           out, f"pretrain/{key}")
-    cost = dataclasses.replace(fit.result.cost, phase=cost_phase or f"generic/{key}")
-    art = GenericArtifact(strategy=key, dir=out, cost=cost,
-                          info={"weights": str(fit.checkpoint / "model.safetensors"),
-                                "generic_valid_nll": fit.result.best_valid_nll,
-                                "steps": fit.result.steps, "model": model_key})
-    art.save()
-    return art
+    stage = Stage.of(cfg.root, "generic", name, model=getattr(cfg, model_key), train=tcfg,
+                     seq_len=cfg.data.seq_len, tokens=tokens.identity(), valid=valid.identity())
+    cached = GenericArtifact.load(stage, cfg.device)
+    if cached is not None:
+        ctx.say(f"[{name}] reusing generic phase {stage.dir}")
+        return cached
+    phase = f"pretrain/{name}"
+    fit = run_phase(ctx, Stage.of(cfg.root, "train", phase, generic=stage.key),
+                    lm_factory(cfg.to_tree(), model_key, phase, tokens, valid, train_cfg=tcfg), phase)
+    weights = stage.path("model.safetensors")
+    stage.build(lambda work: _publish_weights(fit, work, {
+        "strategy": name, "cost": dataclasses.replace(fit.result.cost, phase=cost_phase or f"generic/{name}").to_dict(),
+        "info": {"weights": weights.name, "generic_valid_nll": fit.result.best_valid_nll,
+                 "steps": fit.result.steps, "model": model_key}}))
+    return GenericArtifact.load(stage, cfg.device)
 
 
-def finetune_lm(ctx: StrategyContext, model_key: str, init_weights: str | None, data: DomainData,
-                out_dir: Path, phase: str, **factory_kwargs: Any) -> tuple[torch.nn.Module, FitOutput]:
-    """Fine-tune ``cfg.<model_key>`` from ``init_weights`` on the domain with early stopping.
+def _publish_weights(fit: FitOutput, work: Path, info: dict) -> dict:
+    """Copy a phase's final weights into a stage being built (the training run folder, with
+    its optimiser state, stays where it is)."""
+    shutil.copy2(fit.checkpoint / "model.safetensors", work / "model.safetensors")
+    return info
 
-    The run folder is keyed by everything the result depends on (starting weights, model,
-    fine-tuning config, in-domain data), so a killed fine-tune resumes, a finished one is
-    reused, and a changed generic phase or budget never resumes a stale checkpoint.
+
+def finetune_lm(ctx: StrategyContext, model_key: str, init: Weights | None, data: DomainData,
+                name: str, train_cfg: TrainConfig | None = None, key_inputs: dict | None = None,
+                model_builder: Callable[[RunConfig, int], torch.nn.Module] | None = None,
+                **factory_kwargs: Any) -> tuple[torch.nn.Module, FitOutput]:
+    """Fine-tune ``cfg.<model_key>`` from ``init`` on the domain with early stopping.
+
+    The phase is a stage keyed by everything the result depends on (starting weights'
+    key, model, fine-tuning settings, in-domain data, ``key_inputs`` for what the trainer
+    adds), so a killed fine-tune resumes, a finished one is reused with zero new steps,
+    and a changed generic phase or budget never resumes a stale checkpoint.
     """
     cfg = ctx.cfg
-    init_stamp = None
-    if init_weights:
-        st = Path(init_weights).stat()
-        init_stamp = [init_weights, st.st_size, st.st_mtime_ns]
-    out_dir = Path(out_dir) / config_hash(init_stamp, getattr(cfg, model_key), cfg.finetune, cfg.data,
-                                          sorted((k, getattr(v, "__qualname__", repr(v))) for k, v in factory_kwargs.items()))
-    factory = lm_factory(dataclasses.asdict(cfg), model_key, f"finetune/{phase}", data.train, data.valid,
-                         init_weights=init_weights, **factory_kwargs)
-    fit = ctx.launcher.fit(factory, out_dir, f"finetune/{phase}")
-    model = fit.trainer.model if fit.trainer is not None else fit.load_into(
-        build_model(getattr(cfg, model_key), vocab_size_of(cfg), cfg.data.seq_len))
-    return model, fit
+    tcfg = train_cfg or cfg.finetune
+    phase = f"finetune/{name}"
+    stage = Stage.of(cfg.root, "train", phase, init=init.key if init else None, model=getattr(cfg, model_key),
+                     train=tcfg, seq_len=cfg.data.seq_len, data=[data.train.identity(), data.valid.identity()],
+                     extra=key_inputs or {})
+    factory = lm_factory(cfg.to_tree(), model_key, phase, data.train, data.valid,
+                         init_weights=init.path if init else None, train_cfg=tcfg, model_builder=model_builder,
+                         **factory_kwargs)
+    fit = run_phase(ctx, stage, factory, phase)
+    model = model_builder(cfg, vocab_size_of(cfg)) if model_builder is not None else \
+        build_model(getattr(cfg, model_key), vocab_size_of(cfg), cfg.data.seq_len)
+    return fit.load_into(model), fit
 
 
-def load_lm(cfg: RunConfig, model_key: str, weights: str | None) -> torch.nn.Module:
+def load_lm(cfg: RunConfig, model_key: str, weights: Weights | str | None) -> torch.nn.Module:
     model = build_model(getattr(cfg, model_key), vocab_size_of(cfg), cfg.data.seq_len)
     if weights:
         from safetensors.torch import load_model
 
-        load_model(model, weights, device="cpu")
+        load_model(model, weights.path if isinstance(weights, Weights) else weights, device="cpu")
     return model
 
 

@@ -12,17 +12,35 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from slmfactory.models.strategies.base import (
-    DomainData, GenericArtifact, SpecializedModel, StrategyContext, evaluate_ppl, finish, lm_factory, load_lm,
-    register, vocab_size_of)
+    DomainData, GenericArtifact, SpecializedModel, StrategyContext, Weights, evaluate_ppl, finetune_lm, finish,
+    load_lm, register)
 from slmfactory.models.strategies.llm import LargeModel
 from slmfactory.models.trainer import Trainer
 from slmfactory.platform.cost import model_flop_terms, train_flops_per_token
+from slmfactory.platform.errors import ConfigError
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    rank: int = 64
+    """LoRA rank (paper appendix: 64)."""
+    alpha: float = 128.0
+    lr: float = 1e-4
+    """Peak learning rate of the adapters: LoRA trains few, freshly initialised weights
+    and wants a larger step than full fine-tuning (``finetune.lr``)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"rank: expected >= 1, got {self.rank!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: expected > 0, got {self.lr!r}")
 
 
 def build_lora(cfg, vocab_size: int, base_weights: str | None) -> torch.nn.Module:
@@ -33,8 +51,9 @@ def build_lora(cfg, vocab_size: int, base_weights: str | None) -> torch.nn.Modul
     """
     from peft import LoraConfig, get_peft_model
 
+    s = cfg.strategy.of("llm-lora")
     model = load_lm(cfg, "llm", base_weights)
-    lora = LoraConfig(r=cfg.strategy.lora_rank, lora_alpha=cfg.strategy.lora_alpha, lora_dropout=0.0,
+    lora = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0,
                       target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
@@ -50,26 +69,25 @@ class LoRATrainer(Trainer):
         return train_flops_per_token(self.model, self.seq_len) - 2.0 * frozen
 
 
-@register("llm-lora")
+@register("llm-lora", settings=Settings)
 class LargeModelLoRA(LargeModel):
-    """``pretrain`` is the `llm` strategy's (same cache key: the generic phase is shared)."""
+    """``pretrain`` is the `llm` strategy's (same stage key: the generic phase is shared)."""
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         cfg = ctx.cfg
+        s = self.settings(cfg)
         data = DomainData.of(cfg, domain)
-        weights = generic.info["weights"] if generic is not None else None
+        weights: Weights | None = generic.weights() if generic is not None else None
         before = evaluate_ppl(cfg, load_lm(cfg, "llm", weights), data.test.load())[1] if generic is not None else None
-        phase = f"finetune/{self.name}/{domain}"
-        builder = functools.partial(build_lora, base_weights=weights)
-        factory = lm_factory(dataclasses.asdict(cfg), "llm", phase, data.train, data.valid, model_builder=builder,
-                             trainer_cls=LoRATrainer)
-        fit = ctx.launcher.fit(factory, cfg.root / "runs" / self.name / domain, phase)
-        if fit.trainer is not None:
-            peft_model = fit.trainer.model
-        else:  # trained on Ray workers: rebuild the same wrapped model and load its checkpoint
-            peft_model = fit.load_into(builder(cfg, vocab_size_of(cfg)))
+        # The base weights are loaded by the builder (before peft wraps the model), so the
+        # phase starts from no file; its key still names them, and the LoRA settings.
+        builder = functools.partial(build_lora, base_weights=weights.path if weights else None)
+        peft_model, fit = finetune_lm(ctx, "llm", None, data, f"{self.name}/{domain}",
+                                      train_cfg=dataclasses.replace(cfg.finetune, lr=s.lr),
+                                      key_inputs={"base": weights.key if weights else None, "lora": s},
+                                      model_builder=builder, trainer_cls=LoRATrainer)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         # Fold B·A·(alpha/r) into the frozen weights: a plain LlamaForCausalLM again.
         model = peft_model.merge_and_unload()
         return finish(ctx, self.name, domain, model, fit, generic, data, before,
-                      extra_metrics={"lora_trainable_params": trainable, "lora_rank": cfg.strategy.lora_rank})
+                      extra_metrics={"lora_trainable_params": trainable, "lora_rank": s.rank})

@@ -16,13 +16,17 @@ class SmallModel(Strategy):
         cfg = ctx.cfg
         # The generic budget is a token count; the prefix of the generic stream is enough.
         return pretrain_lm(ctx, self.model_key, split_source(cfg, "generic", "train", cfg.pretrain.max_tokens),
-                           key=self.model_key)
+                           name=self.model_key)
+
+    def finetune_config(self, cfg):
+        """The fine-tuning settings (``finetune``; strategies with their own override this)."""
+        return cfg.finetune
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         data = DomainData.of(ctx.cfg, domain)
-        weights = generic.info["weights"] if generic is not None else None
+        weights = generic.weights() if generic is not None else None
         before = evaluate_ppl(ctx.cfg, load_lm(ctx.cfg, self.model_key, weights), data.test.load())[1] \
             if generic is not None else None
-        out = ctx.cfg.root / "runs" / self.name / domain
-        model, fit = finetune_lm(ctx, self.model_key, weights, data, out, f"{self.name}/{domain}")
+        model, fit = finetune_lm(ctx, self.model_key, weights, data, f"{self.name}/{domain}",
+                                 train_cfg=self.finetune_config(ctx.cfg))
         return finish(ctx, self.name, domain, model, fit, generic, data, before)

@@ -10,23 +10,52 @@ al. 2015).
 Cost: teacher and student pretraining are *generic* (shared by all domains); the teacher's
 fine-tuning, the student's fine-tuning and the teacher's forward passes during it are
 *specialisation* cost (PAPER.md claim 3: SLM-d loses once teacher cost is counted).
+
+The teacher has its own pretraining budget (``strategy.slm-d.teacher_pretrain_tokens`` /
+``teacher_pretrain_flops``): the paper's claim is about teachers pretrained far longer
+than the student. With the defaults (0) it is the student's, and the `llm` strategy's
+generic phase is reused.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from slmfactory.models.data import Batch
 from slmfactory.models.strategies.base import (
-    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl, finetune_lm,
-    finish, generic_dir, load_lm, pretrain_lm, register, split_source)
+    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl,
+    finetune_lm, finish, load_lm, pretrain_lm, register, split_source)
 from slmfactory.models.trainer import Trainer
 from slmfactory.platform.config import from_dict
 from slmfactory.platform.cost import inference_flops_per_token
+from slmfactory.platform.errors import ConfigError
+from slmfactory.platform.stages import Stage
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    distill_weight: float = 0.5
+    """Weight of the KL-to-teacher term; (1 - weight) goes to next-token NLL."""
+    distill_temperature: float = 1.0
+    """Softmax temperature of teacher and student in the KL term."""
+    teacher_pretrain_tokens: int = 0
+    """The teacher's generic budget in tokens (0 = ``pretrain.max_tokens``)."""
+    teacher_pretrain_flops: float = -1.0
+    """The teacher's generic FLOP budget (-1 = ``pretrain.max_flops``; 0 = none)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ConfigError(f"distill_weight: expected in [0, 1], got {self.distill_weight!r}")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"distill_temperature: expected > 0, got {self.distill_temperature!r}")
+        if self.teacher_pretrain_tokens < 0:
+            raise ConfigError(f"teacher_pretrain_tokens: expected >= 0, got {self.teacher_pretrain_tokens!r}")
+        if self.teacher_pretrain_flops < -1:
+            raise ConfigError(f"teacher_pretrain_flops: expected >= -1, got {self.teacher_pretrain_flops!r}")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -78,41 +107,52 @@ class DistillTrainer(Trainer):
                                  self.distill_temperature)
 
 
-@register("slm-d")
+@register("slm-d", settings=Settings)
 class Distillation(Strategy):
+    requires = frozenset({"teacher"})
+
+    def teacher_pretrain_config(self, cfg):
+        s = self.settings(cfg)
+        return dataclasses.replace(
+            cfg.pretrain, max_tokens=s.teacher_pretrain_tokens or cfg.pretrain.max_tokens,
+            max_flops=cfg.pretrain.max_flops if s.teacher_pretrain_flops < 0 else s.teacher_pretrain_flops)
+
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact:
         cfg = ctx.cfg
-        tokens = split_source(cfg, "generic", "train", cfg.pretrain.max_tokens)
-        # Same keys as the `llm` and `slm` strategies: their cached generic phases are reused.
-        teacher = pretrain_lm(ctx, "llm", tokens, key="llm")
-        student = pretrain_lm(ctx, "slm", tokens, key="slm")
-        out = generic_dir(cfg, self.name, cfg.slm, cfg.llm, cfg.pretrain)
-        return GenericArtifact.write(self.name, out, teacher.cost + student.cost,
-                                     {"weights": student.info["weights"], "teacher_weights": teacher.info["weights"],
-                                      "teacher_generic_valid_nll": teacher.info["generic_valid_nll"],
-                                      "generic_valid_nll": student.info["generic_valid_nll"],
-                                      "teacher_cost": teacher.cost.to_dict(), "student_cost": student.cost.to_dict()})
+        tcfg = self.teacher_pretrain_config(cfg)
+        # Same stage keys as the `llm` and `slm` strategies: their generic phases are reused
+        # when the budgets agree.
+        teacher = pretrain_lm(ctx, "llm", split_source(cfg, "generic", "train", tcfg.max_tokens), name="llm",
+                              train_cfg=tcfg)
+        student = pretrain_lm(ctx, "slm", split_source(cfg, "generic", "train", cfg.pretrain.max_tokens), name="slm")
+        stage = Stage.of(cfg.root, "generic", self.name, teacher=teacher.stage, student=student.stage)
+        return GenericArtifact.record(stage, self.name, teacher.cost + student.cost, {
+            "weights": stage.relative(student.weights().path), "teacher_weights": stage.relative(teacher.weights().path),
+            "teacher_generic_valid_nll": teacher.info["generic_valid_nll"],
+            "generic_valid_nll": student.info["generic_valid_nll"],
+            "teacher_cost": teacher.cost.to_dict(), "student_cost": student.cost.to_dict()}, cfg.device)
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         cfg = ctx.cfg
+        s = self.settings(cfg)
         if generic is None:
             generic = self.pretrain(ctx)
+        student_init, teacher_init = generic.weights("weights"), generic.weights("teacher_weights")
         data = DomainData.of(cfg, domain)
-        runs: Path = cfg.root / "runs" / self.name / domain
         # 1. The teacher is fine-tuned on the domain (specialisation cost).
-        teacher, fit_t = finetune_lm(ctx, "llm", generic.info["teacher_weights"], data, runs / "teacher",
-                                     f"{self.name}/{domain}/teacher")
+        teacher, fit_t = finetune_lm(ctx, "llm", teacher_init, data, f"{self.name}/{domain}/teacher")
         teacher_test_ppl = evaluate_ppl(cfg, teacher.cpu().eval(), data.test.load())[1]
         del teacher
         teacher_weights = str(fit_t.checkpoint / "model.safetensors")  # best-validation weights
         # 2. The student is fine-tuned against the domain text and the teacher's distributions.
-        before = evaluate_ppl(cfg, load_lm(cfg, "slm", generic.info["weights"]), data.test.load())[1]
-        model, fit = finetune_lm(ctx, "slm", generic.info["weights"], data, runs / "student",
-                                 f"{self.name}/{domain}", trainer_cls=DistillTrainer,
-                                 teacher_cfg=dataclasses.asdict(cfg), teacher_key="llm",
+        before = evaluate_ppl(cfg, load_lm(cfg, "slm", student_init), data.test.load())[1]
+        model, fit = finetune_lm(ctx, "slm", student_init, data, f"{self.name}/{domain}/student",
+                                 key_inputs={"teacher": fit_t.stage_key, "distill": s},
+                                 trainer_cls=DistillTrainer,
+                                 teacher_cfg=cfg.to_tree(), teacher_key="llm",
                                  teacher_weights=teacher_weights,
-                                 distill_weight=cfg.strategy.distill_weight,
-                                 distill_temperature=cfg.strategy.distill_temperature)
+                                 distill_weight=s.distill_weight,
+                                 distill_temperature=s.distill_temperature)
         return finish(ctx, self.name, domain, model, fit, generic, data, before,
                       extra_spec_cost=fit_t.result.cost,
                       extra_metrics={"teacher_test_ppl": teacher_test_ppl,

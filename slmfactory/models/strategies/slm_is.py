@@ -9,14 +9,32 @@ per domain (claim 4: SLM-is loses its appeal as the number of domains grows).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
+import numpy as np
+
+from slmfactory.models.data import TOKENS_FILE, TokenSource
 from slmfactory.models.strategies.base import (
-    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, TokenSource, evaluate_ppl,
-    finetune_lm, finish, load_lm, pretrain_lm, register)
+    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl, finetune_lm, finish,
+    load_lm, pretrain_lm, register)
+from slmfactory.platform.errors import ConfigError
+from slmfactory.platform.stages import Stage
 
 
-@register("slm-is")
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    resample_tokens: int = 0
+    """Generic tokens resampled to the domain histogram (0 = ``pretrain.max_tokens``)."""
+
+    def __post_init__(self) -> None:
+        if self.resample_tokens < 0:
+            raise ConfigError(f"resample_tokens: expected >= 0, got {self.resample_tokens!r}")
+
+
+@register("slm-is", settings=Settings)
 class ImportanceSampling(Strategy):
+    requires = frozenset({"clusters"})
+
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact | None:
         return None  # nothing is shared across domains
 
@@ -24,23 +42,25 @@ class ImportanceSampling(Strategy):
         from slmfactory.platform.resample import load_resampled_tokens, resample
 
         cfg = ctx.cfg
-        n_tokens = cfg.strategy.resample_tokens or cfg.pretrain.max_tokens
+        n_tokens = self.settings(cfg).resample_tokens or cfg.pretrain.max_tokens
         res = resample(cfg, domain, tokens=n_tokens, progress=ctx.log is not None, tracker=ctx.tracker)
-        runs = cfg.root / "runs" / self.name / domain
-        # The result folder's name carries the domain, the token count and the clustering's
-        # hash; naming the stream after it keys the pretraining cache (stop=None: by path) to
-        # exactly this resampled set.
-        stream = runs / f"resampled-{res.path.name}.npy"
-        source = TokenSource(str(stream)) if stream.is_file() else \
-            TokenSource.of_array(load_resampled_tokens(res.path), stream)
+        # The resampled set as a flat token stream, itself a stage keyed by the resampling.
+        stream = Stage.of(cfg.root, "tokens", f"resampled-{domain}", resampled=res.path.name)
+        stream.build(lambda work: {"tokens": int(len(_save(work, load_resampled_tokens(res.path))))})
+        source = TokenSource(str(stream.path(TOKENS_FILE)), stream.key)
         # The fresh SLM's pretraining is specialisation cost of this domain, not generic.
-        pre = pretrain_lm(ctx, "slm", source, key=f"{self.name}-{domain}",
+        pre = pretrain_lm(ctx, "slm", source, name=f"{self.name}-{domain}",
                           cost_phase=f"specialize/{self.name}/{domain}/pretrain")
         data = DomainData.of(cfg, domain)
-        before = evaluate_ppl(cfg, load_lm(cfg, "slm", pre.info["weights"]), data.test.load())[1]
-        model, fit = finetune_lm(ctx, "slm", pre.info["weights"], data, runs, f"{self.name}/{domain}")
+        before = evaluate_ppl(cfg, load_lm(cfg, "slm", pre.weights()), data.test.load())[1]
+        model, fit = finetune_lm(ctx, "slm", pre.weights(), data, f"{self.name}/{domain}")
         return finish(ctx, self.name, domain, model, fit, None, data, before,
                       extra_spec_cost=pre.cost,
                       extra_metrics={"resample_tv_distance": float(res.tv_distance),
                                      "resample_pretrain_flops": pre.cost.flops,
                                      "resample_pretrain_valid_nll": pre.info["generic_valid_nll"]})
+
+
+def _save(work, tokens: np.ndarray) -> np.ndarray:
+    np.save(work / TOKENS_FILE, tokens)
+    return tokens

@@ -2,46 +2,79 @@
 on that cluster's windows only; to specialise, one expert is picked and fine-tuned as a
 plain SLM (PAPER.md; Table 5 compares the selection rules).
 
-NOTE budget: the paper splits the total pretraining budget across experts. Here expert c
-gets ``pretrain.max_tokens · share_c`` tokens (share_c = its cluster's fraction of the
-generic train tokens, at least one batch), so the mixture's generic cost ≈ one SLM's,
-and an expert trains as long as the time its cluster would get inside a single model.
+Budget: the paper splits the total pretraining budget across experts. Expert c gets the
+share of ``pretrain.max_tokens`` *and* of ``pretrain.max_flops`` that its cluster holds of
+the generic train tokens (share_c; at least one batch), so the mixture's generic cost is
+one SLM's, however the budget is given, and an expert trains as long as its cluster
+would inside a single model.
 
-Selection (``strategy.mix_selection``):
+Selection (``strategy.slm-mix.selection``):
 - ``most-frequent``: the domain's most frequent cluster (1× fine-tuning);
 - ``best-before-finetune``: lowest domain-validation NLL before fine-tuning (1× fine-tuning
   plus k validation passes, counted);
 - ``best-after-finetune``: fine-tune every expert, keep the lowest validation NLL (k×).
+
+The generic phase records the routed generic perplexity (each generic validation window
+scored by its own cluster's expert, PAPER.md Table 8).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
+from slmfactory.models.experts import cluster_streams, expert_clusters, routed_generic_nll
 from slmfactory.models.strategies.base import (
-    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl,
-    finetune_lm, finish, generic_dir, load_lm, pretrain_lm, register, split_source)
-from slmfactory.models.strategies.slm_pn import cluster_streams, expert_clusters
+    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, Weights, evaluate_ppl,
+    finetune_lm, finish, load_lm, pretrain_lm, register, split_source)
 from slmfactory.platform.cost import CostRecord, inference_flops_per_token
+from slmfactory.platform.errors import ConfigError
+from slmfactory.platform.stages import Stage
+
+SELECTION_RULES = ("most-frequent", "best-before-finetune", "best-after-finetune")
 
 
-def expert_budget(cfg, share: float) -> int:
-    """Tokens for an expert whose cluster holds ``share`` of the generic tokens."""
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    experts: int = 16
+    """Number of experts = generic clusters (paper's main results: 16)."""
+    selection: str = "most-frequent"
+    """Which expert a domain fine-tunes: one of ``SELECTION_RULES``."""
+
+    def __post_init__(self) -> None:
+        if self.experts < 2:
+            raise ConfigError(f"experts: expected >= 2, got {self.experts!r}")
+        if self.selection not in SELECTION_RULES:
+            raise ConfigError(f"selection: expected one of {list(SELECTION_RULES)}, got {self.selection!r}")
+
+
+def expert_train_config(cfg, share: float):
+    """The pretraining settings of an expert whose cluster holds ``share`` of the generic
+    tokens: that share of the token budget and of the FLOP budget (whole steps, >= 1)."""
     step = cfg.pretrain.batch_size * cfg.data.seq_len
-    return max(step, int(round(cfg.pretrain.max_tokens * share / step)) * step)
+    tokens = max(step, int(round(cfg.pretrain.max_tokens * share / step)) * step)
+    return dataclasses.replace(cfg.pretrain, max_tokens=tokens, max_flops=cfg.pretrain.max_flops * share)
 
 
-@register("slm-mix")
+@register("slm-mix", settings=Settings)
 class HardMixture(Strategy):
+    requires = frozenset({"clusters"})
+
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact:
         cfg = ctx.cfg
-        clusters = expert_clusters(cfg)
-        k = clusters.k
-        out = generic_dir(cfg, self.name, cfg.slm, cfg.pretrain, cfg.cluster, k, clusters.dir.name)
-        sources = cluster_streams(clusters, out)
+        clusters = expert_clusters(cfg, self.settings(cfg).experts)
+        stage = Stage.of(cfg.root, "generic", self.name, model=cfg.slm, train=cfg.pretrain,
+                         seq_len=cfg.data.seq_len, clusters=clusters.key)
+        cached = GenericArtifact.load(stage, cfg.device)
+        if cached is not None:
+            ctx.say(f"[{self.name}] reusing generic phase {stage.dir}")
+            return cached
+        data = Stage.of(cfg.root, "tokens", "generic-by-cluster", clusters=clusters.key)
+        data.build(lambda work: {"clusters": len(cluster_streams(clusters, work))})
+        sources = cluster_streams(clusters, data.dir)
         sizes = clusters.cluster_sizes().astype(np.float64)
         valid = split_source(cfg, "generic", "valid")
         experts, cost = {}, None
@@ -49,34 +82,36 @@ class HardMixture(Strategy):
             if sizes[c] < cfg.data.seq_len:
                 ctx.say(f"[{self.name}] cluster {c}: {int(sizes[c])} tokens, less than one sequence; no expert")
                 continue
-            budget = expert_budget(cfg, sizes[c] / sizes.sum())
-            sub = dataclasses.replace(ctx, cfg=cfg.replace(**{"pretrain.max_tokens": budget}))
-            art = pretrain_lm(sub, "slm", src, key=f"{self.name}-e{c}", valid=valid)
-            experts[c] = {"weights": art.info["weights"], "generic_valid_nll": art.info["generic_valid_nll"],
-                          "tokens": budget}
+            tcfg = expert_train_config(cfg, sizes[c] / sizes.sum())
+            art = pretrain_lm(ctx, "slm", src, name=f"{self.name}-e{c}", valid=valid, train_cfg=tcfg)
+            experts[c] = {"weights": stage.relative(art.weights().path), "key": art.stage.key,
+                          "generic_valid_nll": art.info["generic_valid_nll"], "tokens": art.cost.tokens}
             cost = art.cost if cost is None else cost + art.cost
-        return GenericArtifact.write(self.name, out, cost,
-                                     {"experts": {str(c): e for c, e in experts.items()}, "k": k,
-                                      "clusters": str(clusters.dir)})
+        routed = routed_generic_nll(cfg, clusters, lambda c: load_lm(cfg, "slm", str(stage.path(experts[c]["weights"]))),
+                                    experts=list(experts))
+        ctx.say(f"[{self.name}] routed generic ppl {routed.get('routed_generic_ppl', float('nan')):.2f}")
+        return GenericArtifact.record(stage, self.name, cost, {
+            "experts": {str(c): e for c, e in experts.items()}, "k": clusters.k, **routed}, cfg.device)
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         cfg = ctx.cfg
         if generic is None:
             generic = self.pretrain(ctx)
-        experts = {int(c): e for c, e in generic.info["experts"].items()}
+        experts = {int(c): Weights(str(generic.stage.path(e["weights"])), e["key"])
+                   for c, e in generic.info["experts"].items()}
         data = DomainData.of(cfg, domain)
-        rule = cfg.strategy.mix_selection
-        runs = cfg.root / "runs" / self.name / domain
+        rule = self.settings(cfg).selection
         extra_cost: CostRecord | None = None
         metrics: dict[str, float] = {}
+        fits = {}
         if rule == "most-frequent":
-            counts = expert_clusters(cfg).counts(domain)
+            counts = expert_clusters(cfg, self.settings(cfg).experts, domains=True).counts(domain)
             chosen = max(experts, key=lambda c: counts[c])  # among clusters that have an expert
         elif rule == "best-before-finetune":
             valid = data.valid.load()
             t0, nlls = time.perf_counter(), {}
-            for c, e in experts.items():
-                model = load_lm(cfg, "slm", e["weights"])
+            for c, w in experts.items():
+                model = load_lm(cfg, "slm", w)
                 nlls[c] = evaluate_ppl(cfg, model, valid)[0]
             chosen = min(nlls, key=nlls.get)
             # k validation passes: inference FLOPs over the validation tokens.
@@ -85,24 +120,17 @@ class HardMixture(Strategy):
                                        n_tok * inference_flops_per_token(model, cfg.data.seq_len),
                                        time.perf_counter() - t0, cfg.device)
             metrics |= {f"valid_nll_before_e{c}": v for c, v in nlls.items()}
-        elif rule == "best-after-finetune":
-            fits = {}
-            for c, e in experts.items():
-                fits[c] = finetune_lm(ctx, "slm", e["weights"], data, runs / f"e{c}", f"{self.name}/{domain}/e{c}")
+        else:  # best-after-finetune
+            for c, w in experts.items():
+                fits[c] = finetune_lm(ctx, "slm", w, data, f"{self.name}/{domain}/e{c}")
             chosen = min(fits, key=lambda c: fits[c][1].result.best_valid_nll)
             for c, (_, fit) in fits.items():
                 if c != chosen:  # every fine-tuning is specialisation cost (k×)
                     extra_cost = fit.result.cost if extra_cost is None else extra_cost + fit.result.cost
             metrics |= {f"valid_nll_after_e{c}": f.result.best_valid_nll for c, (_, f) in fits.items()}
-        else:  # validated by the config; kept explicit for new rules
-            raise ValueError(f"strategy.mix_selection: unknown rule {rule!r}")
-        weights = experts[chosen]["weights"]
-        before = evaluate_ppl(cfg, load_lm(cfg, "slm", weights), data.test.load())[1]
-        if rule == "best-after-finetune":
-            model, fit = fits[chosen]
-        else:
-            model, fit = finetune_lm(ctx, "slm", weights, data, runs / f"e{chosen}", f"{self.name}/{domain}/e{chosen}")
+        before = evaluate_ppl(cfg, load_lm(cfg, "slm", experts[chosen]), data.test.load())[1]
+        model, fit = fits[chosen] if chosen in fits else \
+            finetune_lm(ctx, "slm", experts[chosen], data, f"{self.name}/{domain}/e{chosen}")
         metrics["expert"] = chosen
         return finish(ctx, self.name, domain, model, fit, generic, data, before, extra_spec_cost=extra_cost,
                       extra_metrics=metrics)
-

@@ -12,25 +12,46 @@ Generic cost = the projected network's training FLOPs: 6·N_slm per token (+ att
 where N_slm is the size of one instantiated expert (each token passes through one expert's
 W's), plus computing and back-propagating the W's once per batch (6·h·|W_mlp| per step,
 spread over the batch's tokens).
+
+The generic phase is keyed by the generic clustering only (never by a domain), and records
+the routed generic perplexity: each generic validation window scored by its own cluster's
+expert (PAPER.md Table 8).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from slmfactory.models.data import Batch, PackedBatches
+from slmfactory.models.experts import cluster_streams, expert_clusters, routed_generic_nll
 from slmfactory.models.projected import build_projected
 from slmfactory.models.strategies.base import (
-    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, TokenSource, evaluate_ppl,
-    finetune_lm, finish, generic_dir, lm_factory, register, split_source, vocab_size_of)
+    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, TokenSource, Weights, evaluate_ppl,
+    finetune_lm, finish, lm_factory, register, run_phase, split_source, vocab_size_of)
 from slmfactory.models.trainer import Trainer
 from slmfactory.platform.cost import train_flops_per_token
-from slmfactory.platform.errors import DataError
+from slmfactory.platform.errors import ConfigError, DataError
+from slmfactory.platform.stages import Stage
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    experts: int = 32
+    """Number of experts = generic clusters (paper: 32 is the best cost/quality)."""
+    capacity: int = 21
+    """h, the capacity multiplier (rank of the projection tensor T): 11 / 21 give the
+    paper's 756M / 1,422M parameters at 16 / 32 experts with the paper-slm preset."""
+    expert_dim: int = 32
+    """m, the dimension of the expert vectors E."""
+
+    def __post_init__(self) -> None:
+        for name in ("experts", "capacity", "expert_dim"):
+            if getattr(self, name) < 1 or (name == "experts" and self.experts < 2):
+                raise ConfigError(f"{name}: expected >= {2 if name == 'experts' else 1}, got {getattr(self, name)!r}")
 
 
 class ClusterRoutedTrainer(Trainer):
@@ -75,51 +96,37 @@ class ClusterRoutedTrainer(Trainer):
         return self.step_model(input_ids=x, labels=x, expert=batch.expert).loss
 
 
-def cluster_streams(clusters, out: Path) -> list[TokenSource]:
-    """Every cluster's generic train tokens in one file, one ``TokenSource`` slice per
-    cluster (memory-mapped by workers; nothing is copied per cluster)."""
-    path = out / "cluster_tokens.npy"
-    bounds = np.cumsum([0] + [int(n) for n in clusters.cluster_sizes()])  # == len(cluster_tokens(c))
-    if not path.is_file():
-        TokenSource.of_array(np.concatenate([clusters.cluster_tokens(c) for c in range(clusters.k)]), path)
-    return [TokenSource(str(path), int(bounds[c]), int(bounds[c + 1])) for c in range(clusters.k)]
-
-
-def expert_clusters(cfg):
-    """The clustering whose clusters are the experts: ``strategy.experts`` clusters (the
-    paper uses 16-64 experts but k = 1024 clusters for importance sampling), computed from
-    the same cached embeddings, so only k-means and assignment rerun; 0 = ``cluster.k``."""
-    from slmfactory.platform.clusters import run_clustering
-
-    k = cfg.strategy.experts or cfg.cluster.k
-    return run_clustering(cfg.replace(**{"cluster.k": k}) if k != cfg.cluster.k else cfg, progress=False)
-
-
-@register("slm-pn")
+@register("slm-pn", settings=Settings)
 class ProjectedNetwork(Strategy):
+    requires = frozenset({"clusters"})
+
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact:
         cfg = ctx.cfg
-        clusters = expert_clusters(cfg)
-        k = clusters.k
-        s = cfg.strategy
-        out = generic_dir(cfg, self.name, cfg.slm, cfg.pretrain, cfg.cluster, s.pn_capacity, s.pn_expert_dim, k,
-                          clusters.dir.name)
-        cached = GenericArtifact.load(out)
+        s = self.settings(cfg)
+        clusters = expert_clusters(cfg, s.experts)
+        valid = split_source(cfg, "generic", "valid")
+        stage = Stage.of(cfg.root, "generic", self.name, model=cfg.slm, settings=s, train=cfg.pretrain,
+                         seq_len=cfg.data.seq_len, clusters=clusters.key, valid=valid.identity())
+        cached = GenericArtifact.load(stage, cfg.device)
         if cached is not None:
-            ctx.say(f"[{self.name}] reusing generic phase from {out}")
+            ctx.say(f"[{self.name}] reusing generic phase {stage.dir}")
             return cached
-        sources = cluster_streams(clusters, out)
-        builder = functools.partial(build_projected, n_experts=k)
+        data = Stage.of(cfg.root, "tokens", "generic-by-cluster", clusters=clusters.key)
+        data.build(lambda work: {"clusters": len(cluster_streams(clusters, work))})
+        sources = cluster_streams(clusters, data.dir)
+        builder = functools.partial(build_projected, n_experts=clusters.k)
         phase = f"pretrain/{self.name}"
         # `train` is only the trainer's nominal stream; batches come from the cluster slices.
-        factory = lm_factory(dataclasses.asdict(cfg), "slm", phase, sources[int(np.argmax(clusters.cluster_sizes()))],
-                             split_source(cfg, "generic", "valid"), trainer_cls=ClusterRoutedTrainer,
-                             model_builder=builder, cluster_sources=sources)
-        fit = ctx.launcher.fit(factory, out, phase)
-        return GenericArtifact.write(self.name, out, fit.result.cost,
-                                     {"weights": str(fit.checkpoint / "model.safetensors"), "experts": k,
-                                      "generic_valid_nll": fit.result.best_valid_nll, "steps": fit.result.steps,
-                                      "clusters": str(clusters.dir)})
+        factory = lm_factory(cfg.to_tree(), "slm", phase, sources[int(np.argmax(clusters.cluster_sizes()))],
+                             valid, trainer_cls=ClusterRoutedTrainer, model_builder=builder,
+                             cluster_sources=sources)
+        fit = run_phase(ctx, Stage.of(cfg.root, "train", phase, generic=stage.key), factory, phase)
+        pn = fit.load_into(builder(cfg, vocab_size_of(cfg)))
+        routed = routed_generic_nll(cfg, clusters, pn.instantiate)
+        ctx.say(f"[{self.name}] routed generic ppl {routed.get('routed_generic_ppl', float('nan')):.2f}")
+        return GenericArtifact.record(stage, self.name, fit.result.cost, {
+            "weights": stage.relative(fit.checkpoint / "model.safetensors"), "experts": clusters.k,
+            "generic_valid_nll": fit.result.best_valid_nll, "steps": fit.result.steps, **routed}, cfg.device)
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         from safetensors.torch import load_model, save_model
@@ -127,19 +134,18 @@ class ProjectedNetwork(Strategy):
         cfg = ctx.cfg
         if generic is None:
             generic = self.pretrain(ctx)
-        clusters = expert_clusters(cfg)
+        clusters = expert_clusters(cfg, self.settings(cfg).experts, domains=True)
         expert = clusters.most_frequent(domain)
         pn = build_projected(cfg, vocab_size_of(cfg), generic.info["experts"])
-        load_model(pn, generic.info["weights"], device="cpu")
+        load_model(pn, generic.weights().path, device="cpu")
         plain = pn.instantiate(expert)
         del pn
-        runs = cfg.root / "runs" / self.name / domain
-        runs.mkdir(parents=True, exist_ok=True)
-        init = runs / f"expert-{expert}.safetensors"
-        save_model(plain, str(init))
+        init = Stage.of(cfg.root, "generic", f"{self.name}-expert", generic=generic.stage, expert=expert)
+        init.build(lambda work: save_model(plain, str(work / "model.safetensors")))
         data = DomainData.of(cfg, domain)
         before = evaluate_ppl(cfg, plain, data.test.load())[1]
-        model, fit = finetune_lm(ctx, "slm", str(init), data, runs, f"{self.name}/{domain}")
+        model, fit = finetune_lm(ctx, "slm", Weights(str(init.path("model.safetensors")), init.key), data,
+                                 f"{self.name}/{domain}")
         return finish(ctx, self.name, domain, model, fit, generic, data, before,
                       extra_metrics={"expert": expert,
                                      "domain_share_of_expert": float(clusters.histogram(domain)[expert])})
