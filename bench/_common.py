@@ -44,14 +44,14 @@ def real_tokens(vocab_size: int, n_tokens: int, cache: Path | None = None):
 def prepare_tokens(cfg):
     """Train ``cfg``'s tokenizer on the sample (once per workdir) and write its tokens:
     returns a ``TokenSource``. Throughput does not depend on which text it is."""
-    from slmfactory.models.data import tokenize_texts
-    from slmfactory.models.strategies.base import TokenSource
-    from slmfactory.platform.tokenizer import load_tokenizer, train_tokenizer
+    from slmfactory.models.data import TokenSource, tokenize_texts
+    from slmfactory.platform.corpus import build_sample_corpus
+    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
 
     texts = sample_texts()
-    if not (cfg.tokenizer_dir / "tokenizer.json").is_file():
-        train_tokenizer(texts, cfg.tokenizer_dir, cfg.tokenizer.vocab_size, cfg.tokenizer.train_chars)
-    tokens = tokenize_texts(load_tokenizer(cfg.tokenizer_dir), texts)
+    if not (cfg.corpus_dir / "manifest.json").is_file():
+        build_sample_corpus(cfg)
+    tokens = tokenize_texts(load_tokenizer(ensure_tokenizer(cfg)), texts)
     return TokenSource.of_array(tokens, cfg.root / "tokens" / "bench.npy")
 
 

@@ -38,22 +38,20 @@ def main() -> None:
     if args.k:
         cfg = cfg.replace(**{"cluster.k": args.k})
     emb_dir = None
-    if (cfg.corpus_dir / "generic" / "train.parquet").is_file() and (cfg.tokenizer_dir / "tokenizer.json").is_file():
-        h_emb, _ = C.cache_keys(cfg)
-        d = cfg.root / "clusters" / f"emb-{h_emb}"
-        if (d / "meta.json").is_file():
-            emb_dir, where = d, f"recipe corpus {cfg.corpus_dir}"
+    if (cfg.corpus_dir / "manifest.json").is_file():
+        stage = C.generic_embedding_stage(cfg, C.corpus_inputs(cfg))
+        if stage.done:
+            emb_dir, where = stage.dir, f"recipe corpus {cfg.corpus_dir}"
     init_ray(num_cpus=os.cpu_count())
     C._ray_data_context(False)
     if emb_dir is None:
         cfg = C.bench_workdir(cfg.replace(workdir=tempfile.mkdtemp(prefix="slmf-bench-")))
         k = min(cfg.cluster.k, 32)
         cfg = cfg.replace(**{"cluster.k": k, "cluster.sample_windows": max(k, cfg.cluster.sample_windows)})
-        C.run_clustering(cfg, progress=False)
-        h_emb, _ = C.cache_keys(cfg)
-        emb_dir = cfg.root / "clusters" / f"emb-{h_emb}"
+        C.run_clustering(cfg, progress=False, domains=False)
+        emb_dir = C.generic_embedding_stage(cfg, C.corpus_inputs(cfg)).dir
         where = f"committed sample (recipe embeddings not computed), k={k}"
-    meta = json.loads((emb_dir / "meta.json").read_text())
+    meta = json.loads((emb_dir / "stage.json").read_text())["info"]
     n_gen = int(meta["counts"]["generic/train"])
     print(f"{where}: {meta['windows']:,} windows ({n_gen:,} generic), k={cfg.cluster.k}, "
           f"sample<={cfg.cluster.sample_windows:,}, {cfg.cluster.kmeans_iters} iterations, {os.cpu_count()} cores")

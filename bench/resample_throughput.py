@@ -28,7 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--domain", default="")
-    ap.add_argument("--tokens", type=int, default=0, help="default: strategy.resample_tokens or pretrain.max_tokens")
+    ap.add_argument("--tokens", type=int, default=0, help="default: strategy.slm-is.resample_tokens or pretrain.max_tokens")
     args = ap.parse_args()
 
     from slmfactory.platform.runtime import init_ray
@@ -58,7 +58,7 @@ def main() -> None:
         cl = run_clustering(cfg, progress=False)
         where = f"committed sample (recipe clusters not computed), k={k}"
     domain = args.domain or cfg.data.domain or cl.parts[1]
-    tokens = args.tokens or cfg.strategy.resample_tokens or cfg.pretrain.max_tokens
+    tokens = args.tokens or cfg.strategy.of("slm-is").resample_tokens or cfg.pretrain.max_tokens
     init_ray(num_cpus=os.cpu_count())
     print(f"{where}; domain {domain}, {tokens:,} tokens, {os.cpu_count()} cores")
 

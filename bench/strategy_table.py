@@ -17,14 +17,14 @@ import sys
 import time
 
 from slmfactory.platform import runtime  # noqa: F401  (env defaults before Ray/MLflow)
-from slmfactory.platform.config import STRATEGY_NAMES, load_config, parse_overrides
+from slmfactory.platform.config import load_config, parse_overrides, strategy_settings
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--domains", default="legal,biomedical")
-    ap.add_argument("--strategies", default=",".join(STRATEGY_NAMES))
+    ap.add_argument("--strategies", default=",".join(sorted(strategy_settings())))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=None, help="write the rows as JSON here too")
     args = ap.parse_args()

@@ -38,7 +38,7 @@ def check_domain(cfg: RunConfig, domain: str) -> None:
 def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str], None] = print):
     """Pretrain (or reuse) the strategy's generic phase, specialise it on ``data.domain``,
     log everything to MLflow and print the result."""
-    from slmfactory.models.launch import make_launcher
+    from slmfactory.models.distributed import make_launcher
     from slmfactory.models.strategies import get_strategy
     from slmfactory.models.strategies.base import StrategyContext
     from slmfactory.platform.runtime import init_ray

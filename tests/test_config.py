@@ -52,6 +52,13 @@ def write(tmp_path, text):
     ("pretrain: [1, 2]\n", "pretrain: expected a mapping"),
     ("tracking:\n  enabled: maybe\n", "tracking.enabled: expected true or false"),
     ("finetune:\n  compile: fast\n", "finetune.compile: expected one of"),
+    ("strategy:\n  slm-mixx: {experts: 4}\n", "strategy.slm-mixx: unknown key"),
+    ("strategy:\n  slm-mix: {experts: 1}\n", "strategy.slm-mix.experts: expected >= 2"),
+    ("strategy:\n  slm-mix: {selection: best}\n", "strategy.slm-mix.selection: expected one of"),
+    ("strategy:\n  slm-pn: {capacity: many}\n", "strategy.slm-pn.capacity: expected an integer"),
+    ("strategy:\n  llm-lora: {lr: 0}\n", "strategy.llm-lora.lr: expected > 0"),
+    ("strategy:\n  slm-d: {distill_weight: 2}\n", "strategy.slm-d.distill_weight: expected in"),
+    ("strategy:\n  slm-nopt: {warmp_steps: 3}\n", "strategy.slm-nopt.warmp_steps: unknown key"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("(", r"\(")):
@@ -77,3 +84,21 @@ def test_overrides_apply_and_validate():
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_overrides(["pretrain.lr"])
     assert cfg.replace(**{"cluster.k": 16}).cluster.k == 16
+
+
+def test_each_strategy_owns_its_settings():
+    """The paper varies these independently, so they are separate keys: 16 experts for the
+    mixture, 32 for the projected network; LoRA and from-scratch training have their own
+    learning rates; the distillation teacher its own pretraining budget."""
+    cfg = load_config(CONFIGS[[p.stem for p in CONFIGS].index("paper")])
+    assert cfg.strategy.of("slm-mix").experts == 16 and cfg.strategy.of("slm-pn").experts == 32
+    assert cfg.strategy.of("llm-lora").lr != cfg.finetune.lr
+    assert cfg.strategy.of("slm-d").teacher_pretrain_tokens > cfg.pretrain.max_tokens
+    flat = cfg.to_dict()
+    assert flat["strategy.slm-pn.capacity"] == 21 and flat["strategy.slm-mix.experts"] == 16
+    other = cfg.replace(**{"strategy.slm-mix.experts": 8})
+    assert other.strategy.of("slm-mix").experts == 8 and other.strategy.of("slm-pn").experts == 32
+    # Round trip through the recipe shape (what Ray workers rebuild configs from).
+    from slmfactory.platform.config import from_dict
+
+    assert from_dict(cfg.to_tree()) == cfg

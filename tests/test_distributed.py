@@ -55,13 +55,14 @@ def _texts(cfg) -> list[str]:
 def data(tmp_path_factory):
     """(cfg, train source, valid source): tokenizer trained on real text, tokens on disk."""
     from slmfactory.models.data import tokenize_texts
-    from slmfactory.platform.tokenizer import load_tokenizer, train_tokenizer
+    from slmfactory.platform.corpus import build_sample_corpus
+    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
 
     root = tmp_path_factory.mktemp("dist")
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides={"workdir": str(root)})
+    build_sample_corpus(cfg)
     texts = _texts(cfg)
-    train_tokenizer(texts, cfg.tokenizer_dir, cfg.tokenizer.vocab_size, cfg.tokenizer.train_chars)
-    tokens = tokenize_texts(load_tokenizer(cfg.tokenizer_dir), texts)
+    tokens = tokenize_texts(load_tokenizer(ensure_tokenizer(cfg)), texts)
     n_valid = 8192
     assert len(tokens) > 4 * n_valid, f"too little sample text ({len(tokens)} tokens)"
     train = TokenSource.of_array(tokens[:-n_valid], root / "tokens" / "train.npy")

@@ -17,7 +17,7 @@ import torch
 
 from slmfactory.models.launch import LocalLauncher
 from slmfactory.models.strategies.base import StrategyContext, TokenSource, evaluate_ppl, get_strategy
-from slmfactory.platform.config import STRATEGY_NAMES, load_config
+from slmfactory.platform.config import load_config
 
 DOMAIN = "legal"
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -35,6 +35,7 @@ def work_cfg(tmp_path_factory):
     # A pulse needs only a few steps: 16 pretraining steps (4 per expert of slm-mix on
     # average) and up to 8 fine-tuning steps, validated every 4.
     cfg = load_config(TINY, {"workdir": str(work), "corpus.domains": [DOMAIN], "cluster.k": 4,
+                             "strategy.slm-mix.experts": 4, "strategy.slm-pn.experts": 4,
                              "pretrain.max_tokens": 16 * 8 * 64, "pretrain.eval_every": 8,
                              "pretrain.checkpoint_every": 8, "finetune.max_tokens": 8 * 8 * 64,
                              "finetune.eval_every": 4})
@@ -128,7 +129,7 @@ def test_cluster_routed_batches_are_deterministic_and_proportional(work_cfg, tmp
     cuts = (np.array([0.0, 0.1, 0.4, 1.0]) * len(toks)).astype(int)
     path = tmp_path / "c.npy"
     np.save(path, toks[: cuts[-1]])
-    sources = [TokenSource(str(path), int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+    sources = [TokenSource(str(path), "three-slices", int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
     tcfg = cfg.replace(**{"pretrain.max_tokens": 8 * 64 * 400}).pretrain
 
     def trainer():
@@ -156,6 +157,8 @@ def test_slm_pn_pulse(clustered_cfg):
     generic, rec = run_pulse(clustered_cfg, "slm-pn")
     assert generic.cost.flops > 0 and generic.info["experts"] == 4
     assert rec.metrics["expert"] == load_clusters(clustered_cfg).most_frequent(DOMAIN)
+    # The generic phase records the routed generic perplexity (PAPER.md Table 8).
+    assert math.isfinite(generic.info["routed_generic_ppl"]) and generic.info["routed_generic_tokens"] > 0
     # The served model is a plain SLM: same size as the `slm` strategy's.
     from slmfactory.models.strategies.base import load_lm
     assert rec.params == sum(p.numel() for p in load_lm(clustered_cfg, "slm", None).parameters())
@@ -167,10 +170,11 @@ def test_slm_pn_pulse(clustered_cfg):
 def test_slm_mix_pulse(clustered_cfg, rule):
     from slmfactory.platform.clusters import load_clusters
 
-    cfg = clustered_cfg.replace(**{"strategy.mix_selection": rule})
+    cfg = clustered_cfg.replace(**{"strategy.slm-mix.selection": rule})
     generic, rec = run_pulse(cfg, "slm-mix")
     clusters = load_clusters(cfg)
     experts = {int(c) for c in generic.info["experts"]}
+    assert math.isfinite(generic.info["routed_generic_ppl"])
     assert experts <= set(range(clusters.k)) and len(experts) >= 2
     # The split budget: the experts together spend about one SLM's pretraining tokens.
     step = cfg.pretrain.batch_size * cfg.data.seq_len
@@ -222,7 +226,59 @@ def test_slm_is_pulse(clustered_cfg):
 # -- registry ------------------------------------------------------------------------------
 
 def test_registry_holds_exactly_the_documented_strategies():
-    from slmfactory.models.strategies import STRATEGIES
+    """The README's strategy table is the documentation: the registry must match it."""
+    import re
 
-    get_strategy("slm")  # imports every strategy module
-    assert sorted(STRATEGIES) == sorted(STRATEGY_NAMES)
+    from slmfactory.models.strategies import STRATEGIES
+    from slmfactory.platform.config import STRATEGY_SETTINGS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| config name | strategy (PAPER.md) |"):]
+    table = table[: table.index("\n\n")]
+    documented = re.findall(r"^\| `([a-z-]+)` \|", table, flags=re.M)
+    get_strategy("slm")  # loads the strategy plugins
+    assert sorted(STRATEGIES) == sorted(documented) == sorted(STRATEGY_SETTINGS)
+    assert len(documented) == 8
+
+
+def test_strategies_declare_what_they_need():
+    needs = {name: get_strategy(name).requires for name in ("slm", "slm-is", "slm-mix", "slm-pn", "slm-d")}
+    assert needs["slm"] == frozenset() and needs["slm-d"] == {"teacher"}
+    assert all(needs[n] == {"clusters"} for n in ("slm-is", "slm-mix", "slm-pn"))
+
+
+def test_paper_sizes_of_the_expert_strategies():
+    """paper.yaml's models have PAPER.md's parameter counts within 3%: SLM 126M, LLM 771M,
+    SLM-mix k x 126M, SLM-pn 756M / 1,422M at 16 / 32 experts (counted on the meta device:
+    no memory is allocated for the 1.4B parameters)."""
+    from slmfactory.models.lm import build_model, count_params
+    from slmfactory.models.projected import build_projected
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
+    vocab = cfg.tokenizer.vocab_size
+    with torch.device("meta"):
+        slm = count_params(build_model(cfg.slm, vocab, cfg.data.seq_len))
+        llm = count_params(build_model(cfg.llm, vocab, cfg.data.seq_len))
+        pn = {k: count_params(build_projected(cfg.replace(**{"strategy.slm-pn.capacity": h}), vocab, k))
+              for k, h in ((16, 11), (32, cfg.strategy.of("slm-pn").capacity))}
+    assert slm == pytest.approx(126e6, rel=0.03) and llm == pytest.approx(771e6, rel=0.03)
+    mix = cfg.strategy.of("slm-mix").experts
+    assert mix == 16 and mix * slm == pytest.approx(16 * 126e6, rel=0.03)
+    assert 32 * slm == pytest.approx(4032e6, rel=0.03)
+    assert cfg.strategy.of("slm-pn").experts == 32
+    assert pn[16] == pytest.approx(756e6, rel=0.03) and pn[32] == pytest.approx(1422e6, rel=0.03)
+
+
+def test_slm_mix_spends_a_flop_budget_once_in_total(clustered_cfg):
+    """Under ``pretrain.max_flops`` each expert gets its cluster's share of the FLOPs (it
+    used to get all of them: k x the generic cost)."""
+    from slmfactory.models.strategies.base import StrategyContext
+
+    probe = get_strategy("slm").pretrain(StrategyContext(clustered_cfg, LocalLauncher(device="cpu", log=None),
+                                                         log=None))
+    per_step = probe.cost.flops / probe.info["steps"]
+    budget = 12 * per_step  # 12 steps in all, 3 per expert on average (max_tokens allows 16)
+    cfg = clustered_cfg.replace(**{"pretrain.max_flops": budget})
+    generic = get_strategy("slm-mix").pretrain(StrategyContext(cfg, LocalLauncher(device="cpu", log=None),
+                                                               log=None))
+    assert 0.5 * budget <= generic.cost.flops <= budget + len(generic.info["experts"]) * per_step

@@ -78,12 +78,50 @@ def test_checkpoints_are_safetensors_and_torn_ones_are_ignored(tiny_cfg, tmp_pat
     assert again.resume() and again.step == 40
 
 
+class ScriptedValidation(Recording):
+    """Validation losses come from a script the test controls (a model's numerics decide
+    nothing), and the weights seen at each validation are kept to compare against."""
+
+    script: list[float] = []
+
+    def evaluate(self, tokens=None, max_tokens=None):
+        if tokens is not None or max_tokens != self.cfg.eval_tokens:
+            return super().evaluate(tokens, max_tokens)
+        i = len(self.history)
+        self.snapshots[self.step] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return self.script[i]
+
+
+def scripted(cfg, out_dir, script):
+    tr = make(cfg, out_dir, cls=ScriptedValidation, eval_every=5, patience=2, max_tokens=100 * 8 * 64,
+              checkpoint_every=0)
+    tr.script, tr.snapshots = script, {}
+    return tr
+
+
 def test_early_stopping_restores_the_best_weights(tiny_cfg, tmp_path):
-    # A huge learning rate makes validation worse after the first evaluation.
-    tr = make(tiny_cfg, tmp_path / "e", lr=0.5, warmup_steps=0, eval_every=5, patience=2, max_tokens=51200)
+    # Validation improves twice, then worsens twice: patience 2 stops at the 4th evaluation
+    # (step 20) and the model holds the weights of the best one (step 10).
+    tr = scripted(tiny_cfg, tmp_path / "e", [5.0, 4.0, 4.5, 4.6] + [9.0] * 20)
     res = tr.fit()
-    assert res.stopped_early and res.steps < 100
-    assert tr.evaluate(max_tokens=tiny_cfg.pretrain.eval_tokens) == pytest.approx(res.best_valid_nll, abs=1e-4)
+    assert res.stopped_early and res.steps == 20 and res.best_valid_nll == 4.0
+    assert [s for s, _ in res.valid_history] == [5, 10, 15, 20]
+    for name, value in tr.model.state_dict().items():
+        assert torch.equal(value, tr.snapshots[10][name]), name
+    assert not torch.equal(tr.snapshots[10]["model.embed_tokens.weight"], tr.snapshots[20]["model.embed_tokens.weight"])
+
+
+def test_a_finished_phase_is_not_trained_again(tiny_cfg, tmp_path):
+    """An early-stopped phase resumed from its final checkpoint trains zero steps and gives
+    back the same result and cost (it used to train on from the restored best weights)."""
+    first = scripted(tiny_cfg, tmp_path / "f", [5.0, 4.0, 4.5, 4.6] + [9.0] * 20)
+    res = first.fit()
+    again = scripted(tiny_cfg, tmp_path / "f", [9.0] * 40)
+    res2 = again.fit()
+    assert again.losses == {}  # zero new steps
+    assert res2 == res and res2.cost.flops == res.cost.flops and res2.cost.wall_seconds == res.cost.wall_seconds
+    for name, value in again.model.state_dict().items():
+        assert torch.equal(value, first.model.state_dict()[name]), name
 
 
 def test_budget_smaller_than_a_step_is_a_clear_error(tiny_cfg, tmp_path):

@@ -117,12 +117,14 @@ def _shrink_corpus(cfg, generic_docs: int, keep_domains: tuple[str, ...]) -> Non
 
 def _expected_windows(cfg) -> int:
     from slmfactory.platform.clusters import corpus_inputs
-    from slmfactory.platform.tokenizer import load_tokenizer
+    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
 
-    tok = load_tokenizer(cfg.tokenizer_dir)
+    tok = load_tokenizer(ensure_tokenizer(cfg))
     w = cfg.cluster.window_tokens
     n = 0
-    for _, _, path in corpus_inputs(cfg):
+    for part, _, path in corpus_inputs(cfg):
+        if part != "generic":
+            continue  # in-domain windows live with their own assignment stage
         for ids in tok(pq.read_table(path).column("text").to_pylist(), add_special_tokens=False)["input_ids"]:
             n += -(-len(ids) // w)
     return n
@@ -136,7 +138,7 @@ def test_pipeline_on_two_local_nodes_matches_single_node(two_node_cluster, tiny_
     from slmfactory.platform.config import load_config
     from slmfactory.platform.embed import encode, load_minilm
     from slmfactory.platform.runtime import init_ray
-    from slmfactory.platform.tokenizer import load_tokenizer
+    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
 
     work = tmp_path / "two"
     shutil.copytree(tiny_root, work)
@@ -165,7 +167,7 @@ def test_pipeline_on_two_local_nodes_matches_single_node(two_node_cluster, tiny_
     # Consistent: in-process MiniLM + nearest centroid gives the stored cluster.
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(t.num_rows, size=min(40, t.num_rows), replace=False))
-    tok = load_tokenizer(cfg.tokenizer_dir)
+    tok = load_tokenizer(ensure_tokenizer(cfg))
     texts = tok.batch_decode([t.column("tokens")[int(i)].as_py() for i in pick], skip_special_tokens=True)
     emb = encode(load_minilm("cpu"), texts, 32)
     again = np.argmax(emb @ cl.centroids.T, axis=1)
@@ -178,7 +180,7 @@ def test_pipeline_on_two_local_nodes_matches_single_node(two_node_cluster, tiny_
     cfg1 = cfg.replace(workdir=str(single_root), **{"cluster.embed_actors": 1})
     cl1 = run_clustering(cfg1, progress=False)  # local Ray, shut down on return
     assert not ray.is_initialized()
-    assert cl1.meta["hash"] == cl.meta["hash"]
+    assert cl1.key == cl.key and cl1.domains_key == cl.domains_key
     np.testing.assert_allclose(cl1.centroids, cl.centroids, atol=1e-5)
     for part in cl.parts:
         np.testing.assert_array_equal(cl1.counts(part), cl.counts(part))

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from slmfactory.models.launch import FitOutput, TrainerFactory, WorkerContext
+from slmfactory.models.launch import FitOutput, Launcher, LocalLauncher, TrainerFactory, WorkerContext
 from slmfactory.models.trainer import TrainResult
 from slmfactory.platform.errors import SlmFactoryError
 
@@ -195,4 +195,15 @@ def _local_dir(checkpoint, dest: Path) -> Path:
     return Path(checkpoint.to_directory(str(dest)))
 
 
-__all__ = ["RayLauncher", "DistributedTrainingError", "run_name"]
+def make_launcher(cfg, log: Callable[[str], None] | None = print) -> Launcher:
+    """Ray Train when the config asks for more than one worker or a GPU cluster, or when
+    ``SLMFACTORY_LAUNCHER=ray``; in-process otherwise."""
+    import os
+
+    choice = os.environ.get("SLMFACTORY_LAUNCHER", "")
+    if choice == "ray" or (choice != "local" and (cfg.scaling.num_workers > 1 or cfg.scaling.use_gpu)):
+        return RayLauncher(cfg.scaling, log=log)
+    return LocalLauncher(log=log)
+
+
+__all__ = ["RayLauncher", "DistributedTrainingError", "make_launcher", "run_name"]

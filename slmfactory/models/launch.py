@@ -70,16 +70,3 @@ class LocalLauncher:
         ckpt = trainer.latest_checkpoint()
         assert ckpt is not None, "fit() always writes a final checkpoint on rank 0"
         return FitOutput(result=result, checkpoint=ckpt, trainer=trainer)
-
-
-def make_launcher(cfg, log: Callable[[str], None] | None = print) -> Launcher:
-    """Ray Train when the config asks for more than one worker or a GPU cluster, or when
-    ``SLMFACTORY_LAUNCHER=ray``; in-process otherwise."""
-    import os
-
-    choice = os.environ.get("SLMFACTORY_LAUNCHER", "")
-    if choice == "ray" or (choice != "local" and (cfg.scaling.num_workers > 1 or cfg.scaling.use_gpu)):
-        from slmfactory.models.distributed import RayLauncher
-
-        return RayLauncher(cfg.scaling, log=log)
-    return LocalLauncher(log=log)

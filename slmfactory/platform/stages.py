@@ -104,7 +104,9 @@ class Stage:
             return {}
 
     def path(self, rel: str | Path) -> Path:
-        return self.dir / rel
+        """A file of this stage, or of an upstream one (``../<stage>/file``), normalised so
+        it resolves even before this stage's own folder exists."""
+        return Path(os.path.normpath(self.dir / rel))
 
     def relative(self, path: str | Path) -> str:
         """``path`` relative to this stage's folder: how ``info`` refers to files, here or

@@ -106,9 +106,11 @@ class GenericArtifact:
                    info=data["info"])
 
     @classmethod
-    def record(cls, stage: Stage, strategy: str, cost: CostRecord, info: dict[str, Any], profile) -> "GenericArtifact":
-        """Publish ``stage`` as the record of a finished generic phase."""
-        cost = dataclasses.replace(cost, phase=f"generic/{strategy}")
+    def record(cls, stage: Stage, strategy: str, cost: CostRecord, info: dict[str, Any], profile,
+               phase: str | None = None) -> "GenericArtifact":
+        """Publish ``stage`` as the record of a finished generic phase (its files stay in
+        the training runs ``info`` points at, relative to the stage folder)."""
+        cost = dataclasses.replace(cost, phase=phase or f"generic/{strategy}")
         stage.write({"strategy": strategy, "cost": cost.to_dict(), "info": info})
         return cls.load(stage, profile)
 
@@ -292,19 +294,10 @@ def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, name:
     phase = f"pretrain/{name}"
     fit = run_phase(ctx, Stage.of(cfg.root, "train", phase, generic=stage.key),
                     lm_factory(cfg.to_tree(), model_key, phase, tokens, valid, train_cfg=tcfg), phase)
-    weights = stage.path("model.safetensors")
-    stage.build(lambda work: _publish_weights(fit, work, {
-        "strategy": name, "cost": dataclasses.replace(fit.result.cost, phase=cost_phase or f"generic/{name}").to_dict(),
-        "info": {"weights": weights.name, "generic_valid_nll": fit.result.best_valid_nll,
-                 "steps": fit.result.steps, "model": model_key}}))
-    return GenericArtifact.load(stage, cfg.device)
-
-
-def _publish_weights(fit: FitOutput, work: Path, info: dict) -> dict:
-    """Copy a phase's final weights into a stage being built (the training run folder, with
-    its optimiser state, stays where it is)."""
-    shutil.copy2(fit.checkpoint / "model.safetensors", work / "model.safetensors")
-    return info
+    return GenericArtifact.record(stage, name, fit.result.cost,
+                                  {"weights": stage.relative(fit.checkpoint / "model.safetensors"),
+                                   "generic_valid_nll": fit.result.best_valid_nll, "steps": fit.result.steps,
+                                   "model": model_key}, cfg.device, phase=cost_phase)
 
 
 def finetune_lm(ctx: StrategyContext, model_key: str, init: Weights | None, data: DomainData,

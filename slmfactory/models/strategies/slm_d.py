@@ -3,7 +3,7 @@ domain) supervises the generic-pretrained SLM student's fine-tuning with its nex
 distributions (response-based KD, PAPER.md).
 
 Student loss per token: (1 − w)·NLL + w·τ²·KL(teacher_τ ‖ student_τ), with
-w = ``strategy.distill_weight`` and τ = ``strategy.distill_temperature`` (the paper gives
+w = ``strategy.slm-d.distill_weight`` and τ = ``strategy.slm-d.distill_temperature`` (the paper gives
 neither: both are config). τ² keeps the KL gradient's scale independent of τ (Hinton et
 al. 2015).
 

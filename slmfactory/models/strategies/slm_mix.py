@@ -25,12 +25,14 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from slmfactory.models.experts import cluster_streams, expert_clusters, routed_generic_nll
+from slmfactory.models.lm import build_model
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, Weights, evaluate_ppl,
-    finetune_lm, finish, load_lm, pretrain_lm, register, split_source)
-from slmfactory.platform.cost import CostRecord, inference_flops_per_token
+    finetune_lm, finish, load_lm, pretrain_lm, register, split_source, vocab_size_of)
+from slmfactory.platform.cost import CostRecord, inference_flops_per_token, train_flops_per_token
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.stages import Stage
 
@@ -51,12 +53,21 @@ class Settings:
             raise ConfigError(f"selection: expected one of {list(SELECTION_RULES)}, got {self.selection!r}")
 
 
-def expert_train_config(cfg, share: float):
+def expert_train_config(cfg, share: float, flops_per_step: float):
     """The pretraining settings of an expert whose cluster holds ``share`` of the generic
-    tokens: that share of the token budget and of the FLOP budget (whole steps, >= 1)."""
+    tokens: that share of the token budget and of the FLOP budget (at least one step)."""
     step = cfg.pretrain.batch_size * cfg.data.seq_len
     tokens = max(step, int(round(cfg.pretrain.max_tokens * share / step)) * step)
-    return dataclasses.replace(cfg.pretrain, max_tokens=tokens, max_flops=cfg.pretrain.max_flops * share)
+    flops = max(flops_per_step, cfg.pretrain.max_flops * share) if cfg.pretrain.max_flops > 0 else 0.0
+    return dataclasses.replace(cfg.pretrain, max_tokens=tokens, max_flops=flops)
+
+
+def slm_flops_per_step(cfg) -> float:
+    """Training FLOPs of one pretraining step of the SLM (counted on the meta device), in
+    the trainer's own arithmetic so that a one-step FLOP budget allows exactly one step."""
+    with torch.device("meta"):
+        model = build_model(cfg.slm, vocab_size_of(cfg), cfg.data.seq_len)
+    return train_flops_per_token(model, cfg.data.seq_len) * (cfg.pretrain.batch_size * cfg.data.seq_len)
 
 
 @register("slm-mix", settings=Settings)
@@ -77,12 +88,13 @@ class HardMixture(Strategy):
         sources = cluster_streams(clusters, data.dir)
         sizes = clusters.cluster_sizes().astype(np.float64)
         valid = split_source(cfg, "generic", "valid")
+        per_step = slm_flops_per_step(cfg)
         experts, cost = {}, None
         for c, src in enumerate(sources):
             if sizes[c] < cfg.data.seq_len:
                 ctx.say(f"[{self.name}] cluster {c}: {int(sizes[c])} tokens, less than one sequence; no expert")
                 continue
-            tcfg = expert_train_config(cfg, sizes[c] / sizes.sum())
+            tcfg = expert_train_config(cfg, sizes[c] / sizes.sum(), per_step)
             art = pretrain_lm(ctx, "slm", src, name=f"{self.name}-e{c}", valid=valid, train_cfg=tcfg)
             experts[c] = {"weights": stage.relative(art.weights().path), "key": art.stage.key,
                           "generic_valid_nll": art.info["generic_valid_nll"], "tokens": art.cost.tokens}

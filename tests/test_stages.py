@@ -1,0 +1,161 @@
+"""Every cached stage is keyed by what changes it: a changed input recomputes exactly the
+stages downstream of it, an unchanged one is reused, a finished phase never trains again."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from slmfactory.models.launch import LocalLauncher
+from slmfactory.models.strategies.base import StrategyContext, get_strategy
+from slmfactory.platform.config import load_config
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+DOMAIN = "legal"
+
+
+class CountingLauncher(LocalLauncher):
+    """The real in-process launcher, recording which phases it was asked to train."""
+
+    def __init__(self):
+        super().__init__(device="cpu", log=None)
+        self.phases: list[str] = []
+
+    def fit(self, factory, out_dir, phase):
+        self.phases.append(phase)
+        return super().fit(factory, out_dir, phase)
+
+
+def small(work: Path, **overrides):
+    """The tiny recipe with 8 pretraining and up to 4 fine-tuning steps."""
+    return load_config(TINY, {"workdir": str(work), "corpus.domains": [DOMAIN],
+                              "pretrain.max_tokens": 8 * 8 * 64, "pretrain.eval_every": 4,
+                              "pretrain.checkpoint_every": 4, "finetune.max_tokens": 4 * 8 * 64,
+                              "finetune.eval_every": 2, **overrides})
+
+
+def run(cfg, strategy: str = "slm"):
+    launcher = CountingLauncher()
+    ctx = StrategyContext(cfg, launcher, log=None)
+    s = get_strategy(strategy)
+    generic = s.pretrain(ctx)
+    rec = s.specialize(ctx, generic, DOMAIN)
+    return launcher.phases, generic, rec
+
+
+def keys(cfg) -> dict[str, str]:
+    from slmfactory.models.data import token_stage
+    from slmfactory.platform.tokenizer import tokenizer_stage
+
+    return {"tokenizer": tokenizer_stage(cfg).key, "generic tokens": token_stage(cfg, "generic", "train").key,
+            "domain tokens": token_stage(cfg, DOMAIN, "train").key}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A workdir after one `slm` run (corpus, tokenizer, tokens, generic phase, fine-tune)."""
+    from slmfactory.platform.corpus import build_sample_corpus
+
+    cfg = small(tmp_path_factory.mktemp("stages") / "work")
+    build_sample_corpus(cfg)
+    phases, generic, rec = run(cfg)
+    assert phases == ["pretrain/slm", f"finetune/slm/{DOMAIN}"]
+    return cfg, generic, rec
+
+
+def copy_of(cfg, tmp_path, **overrides):
+    work = tmp_path / "work"
+    shutil.copytree(cfg.root, work)
+    return small(work, **overrides)
+
+
+def test_an_unchanged_rerun_trains_nothing_and_returns_the_same_numbers(built, tmp_path):
+    cfg, generic, rec = built
+    again = copy_of(cfg, tmp_path)  # a moved workdir: stages refer to files relatively
+    phases, generic2, rec2 = run(again)
+    assert phases == []
+    assert rec2.metrics["test_ppl"] == rec.metrics["test_ppl"]
+    assert rec2.spec_cost.flops == rec.spec_cost.flops and rec2.spec_cost.wall_seconds == rec.spec_cost.wall_seconds
+    assert generic2.cost.flops == generic.cost.flops
+
+
+def test_new_fine_tuning_settings_retrain_only_the_fine_tune(built, tmp_path):
+    cfg, _, rec = built
+    changed = copy_of(cfg, tmp_path, **{"finetune.lr": cfg.finetune.lr / 2})
+    phases, _, rec2 = run(changed)
+    assert phases == [f"finetune/slm/{DOMAIN}"]
+    assert keys(changed) == keys(cfg)
+    assert rec2.metrics["test_ppl"] != rec.metrics["test_ppl"]
+
+
+def test_another_vocab_size_retrains_tokenizer_tokens_and_every_phase(built, tmp_path):
+    cfg, _, _ = built
+    changed = copy_of(cfg, tmp_path, **{"tokenizer.vocab_size": 384})
+    before, after = keys(cfg), keys(changed)
+    assert all(before[k] != after[k] for k in before)
+    phases, _, rec = run(changed)
+    assert phases == ["pretrain/slm", f"finetune/slm/{DOMAIN}"]
+    from slmfactory.models.strategies.base import vocab_size_of
+
+    assert vocab_size_of(changed) == 384 and rec.params < 200_000
+
+
+def test_a_rebuilt_corpus_invalidates_what_reads_the_changed_files(built, tmp_path):
+    from slmfactory.platform.corpus import build_sample_corpus
+
+    cfg, _, _ = built
+    same = copy_of(cfg, tmp_path)
+    build_sample_corpus(same)  # rebuilt, byte-identical: every stage is reused
+    assert keys(same) == keys(cfg)
+    assert run(same)[0] == []
+    reseeded = same.replace(**{"corpus.seed": 1})
+    build_sample_corpus(reseeded)  # other splits: other files, other tokens, other phases
+    after = keys(reseeded)
+    assert all(after[k] != keys(cfg)[k] for k in after)
+    assert run(reseeded)[0] == ["pretrain/slm", f"finetune/slm/{DOMAIN}"]
+
+
+def test_an_early_stopped_fine_tune_rerun_takes_zero_steps(built, tmp_path):
+    """slm-nopt trained with Adam steps below fp32 resolution: the weights cannot change,
+    so validation cannot improve and patience 1 stops at the second evaluation."""
+    cfg, _, _ = built
+    nopt = copy_of(cfg, tmp_path, **{"strategy.slm-nopt.lr": 1e-30, "finetune.patience": 1,
+                                     "finetune.eval_every": 1, "finetune.max_tokens": 20 * 8 * 64})
+    phases, _, rec = run(nopt, "slm-nopt")
+    assert phases == [f"finetune/slm-nopt/{DOMAIN}"] and rec.metrics["finetune_steps"] == 2
+    phases2, _, rec2 = run(nopt, "slm-nopt")
+    assert phases2 == []
+    assert rec2.metrics["test_ppl"] == rec.metrics["test_ppl"] and rec2.metrics["finetune_steps"] == 2
+    assert rec2.spec_cost == rec.spec_cost
+
+
+def test_device_hours_follow_todays_device_profile(built, tmp_path):
+    cfg, generic, _ = built
+    slower = copy_of(cfg, tmp_path, **{"device.mfu": cfg.device.mfu / 2, "device.name": "half"})
+    phases, generic2, rec2 = run(slower)
+    assert phases == []  # nothing retrained; the stored FLOPs are converted anew
+    assert generic2.cost.device == "half"
+    assert generic2.cost.device_hours == pytest.approx(2 * generic.cost.device_hours, rel=1e-9)
+    assert math.isclose(generic2.cost.flops, generic.cost.flops)
+
+
+def test_a_finished_stage_is_published_whole(tmp_path):
+    from slmfactory.platform.stages import Stage
+
+    stage = Stage.of(tmp_path, "demo", "x", a=1)
+    assert Stage.of(tmp_path, "demo", "x", a=1.0).key == stage.key  # same budget, same key
+    assert Stage.of(tmp_path, "demo", "x", a=2).key != stage.key
+
+    def boom(work):
+        (work / "half.txt").write_text("half")
+        raise RuntimeError("killed mid-build")
+
+    with pytest.raises(RuntimeError):
+        stage.build(boom)
+    assert not stage.done and not stage.dir.exists()
+    info = stage.build(lambda work: (work / "out.txt").write_text("whole") and {"n": 1})
+    assert stage.done and info == {"n": 1} and stage.path("out.txt").read_text() == "whole"
+    assert stage.build(lambda work: pytest.fail("a finished stage is not rebuilt")) == {"n": 1}
