@@ -11,7 +11,7 @@ from pathlib import Path
 from slmfactory.platform import runtime  # noqa: F401  (sets Ray/MLflow env defaults first)
 from slmfactory.platform.errors import SlmFactoryError
 
-SUBCOMMANDS = ("corpus", "tokenizer", "cluster", "resample", "train", "demo")
+SUBCOMMANDS = ("corpus", "tokenizer", "cluster", "resample", "train", "sweep", "report", "recommend", "ui", "demo")
 
 
 def _config(args):
@@ -103,6 +103,69 @@ def cmd_train(args) -> None:
     run_strategy(cfg, address=args.address)
 
 
+def cmd_sweep(args) -> None:
+    from slmfactory.sweeps.run import run_sweep
+
+    outcome = run_sweep(_config(args), resume=args.resume, dry_run=args.dry_run, address=args.address)
+    if outcome is not None:
+        print(f"sweep done in {outcome.seconds:.0f}s: {len(outcome.records)} trials logged to MLflow experiment "
+              f"{outcome.experiment!r}; next: slmfactory report -c {args.config or 'RECIPE'}")
+
+
+def _experiment(cfg, name: str | None) -> str:
+    from slmfactory.sweeps.run import experiment_name
+    from slmfactory.sweeps.plan import SweepPlan
+
+    return name or experiment_name(cfg, SweepPlan(cfg.sweep.name or cfg.name, [], [], {}, {}))
+
+
+def cmd_report(args) -> None:
+    from slmfactory.sweeps.report import write_report
+
+    cfg = _config(args)
+    experiment = _experiment(cfg, args.experiment)
+    out = Path(args.out) if args.out else cfg.root / "reports" / experiment
+    report = write_report(cfg.tracking_uri, experiment, out, cfg.sweep.inference_caps)
+    print(report["table"])
+    print("Recommendation:")
+    print(report["recommendation"])
+    print(f"report: {out / 'report.md'} ({len(report['files']) - 1} plots), logged to MLflow experiment {experiment!r}")
+
+
+def cmd_recommend(args) -> None:
+    from slmfactory.sweeps.report import load_configs, recommend
+
+    cfg = _config(args)
+    experiment = _experiment(cfg, args.experiment)
+    if args.inference_params <= 0 or args.spec_budget <= 0 or args.domains < 1:
+        raise SlmFactoryError("recommend: --inference-params and --spec-budget must be > 0, --domains >= 1")
+    ranked = recommend(load_configs(cfg.tracking_uri, experiment), args.inference_params, args.spec_budget,
+                       args.domains)
+    if not ranked:
+        raise SlmFactoryError(f"recommend: no measured configuration of {experiment!r} serves with <= "
+                              f"{args.inference_params:.3g} parameters within {args.spec_budget:.3g} FLOPs per domain")
+    best = ranked[0]
+    runner = next((c for c in ranked[1:] if c.strategy != best.strategy), None)
+    print(f"recommended: {best.strategy} (generic budget {best.generic_budget}, specialisation {best.spec_budget}, "
+          f"{best.params / 1e6:.2f}M parameters served)")
+    print(f"  expected macro perplexity {best.ppl_macro:.2f} over {len(best.nll)} measured domains")
+    print(f"  total cost for {args.domains} domains: C(N) = {best.generic:.3e} + {args.domains} x {best.spec:.3e} "
+          f"= {best.total(args.domains):.3e} FLOPs")
+    print(f"  runner-up: {runner.strategy} ({runner.label}), macro perplexity {runner.ppl_macro:.2f}, "
+          f"C(N) = {runner.total(args.domains):.3e} FLOPs" if runner else "  runner-up: none (one strategy fits)")
+
+
+def cmd_ui(args) -> None:
+    import shutil as sh
+    import subprocess
+
+    cfg = _config(args)
+    exe = sh.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    cmd = [exe, "ui", "--backend-store-uri", cfg.tracking_uri, "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} ({cfg.tracking_uri}); Ctrl-C stops it", flush=True)
+    raise SystemExit(subprocess.call(cmd))
+
+
 def cmd_demo(args) -> None:
     from slmfactory.pipeline import run_demo
 
@@ -139,7 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--strategy", default=None, help="overrides strategy.name")
             p.add_argument("--domain", default=None, help="overrides data.domain")
-    add("demo", cmd_demo, "corpus → tokenizer → pretrain an SLM → fine-tune on one domain")
+    p = add("sweep", cmd_sweep, "run the recipe's sweep: grid on Ray Tune, one MLflow run per trial")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--resume", action="store_true", help="continue a killed sweep; finished trials are kept")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and projected costs; run nothing")
+    p = add("report", cmd_report, "tables and plots of a sweep from MLflow (perplexity vs cost, Figure 1)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the recipe's sweep)")
+    p.add_argument("--out", default=None, help="output folder (default: <workdir>/reports/<experiment>)")
+    p = add("recommend", cmd_recommend, "the best measured strategy for an inference size, budget and N domains")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the recipe's sweep)")
+    p.add_argument("--inference-params", type=float, required=True, help="largest served model, in parameters")
+    p.add_argument("--spec-budget", type=float, required=True,
+                   help="FLOPs per domain: specialisation + generic / N")
+    p.add_argument("--domains", type=int, required=True, help="number of domains N")
+    p = add("ui", cmd_ui, "open the MLflow UI on the run's tracking store (127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    add("demo", cmd_demo, "the whole platform: corpus → tokenizer → clusters → sweep → report → recommendation")
     return parser
 
 

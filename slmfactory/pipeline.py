@@ -6,6 +6,7 @@ launcher (in-process or Ray Train) and come back as results and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable
@@ -35,115 +36,103 @@ def check_domain(cfg: RunConfig, domain: str) -> None:
                         f"(domains: {', '.join(domains)})")
 
 
-def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str], None] = print):
-    """Pretrain (or reuse) the strategy's generic phase, specialise it on ``data.domain``,
-    log everything to MLflow and print the result."""
+def run_trial(cfg: RunConfig, log: Callable[[str], None] | None = print, launcher=None) -> dict:
+    """The one driver of a trial, behind ``train``, ``demo`` and every sweep trial: prepare
+    the stages the strategy needs, pretrain (or reuse) its generic phase, specialise it on
+    ``data.domain``, evaluate; returns the trial's record (what MLflow logs). Every step
+    is a stage, so a rerun trains nothing that already finished."""
     from slmfactory.models.distributed import make_launcher
     from slmfactory.models.strategies import get_strategy
     from slmfactory.models.strategies.base import StrategyContext
-    from slmfactory.platform.runtime import init_ray
+    from slmfactory.platform.runtime import ray_session
     from slmfactory.platform.tokenizer import ensure_tokenizer
-    from slmfactory.platform.tracking import open_tracker
 
     ensure_corpus(cfg, build=False)
     domain = cfg.data.domain
     check_domain(cfg, domain)
     ensure_tokenizer(cfg)
     strategy = get_strategy(cfg.strategy.name)
-    launcher = make_launcher(cfg, log=log)
-    if "clusters" in strategy.requires:
-        # Clustering and resampling (cached) run on Ray Data inside the strategy.
-        init_ray(address)
-    tracker = open_tracker(cfg, f"{cfg.strategy.name}-{domain}",
-                           {"strategy": cfg.strategy.name, "domain": domain, "phase": "specialize",
-                            "in_domain_tokens": str(cfg.data.domain_train_tokens)})
-    tracker.log_params(cfg.to_dict())
-    ctx = StrategyContext(cfg, launcher, tracker, log)
-    try:
+    ctx = StrategyContext(cfg, launcher or make_launcher(cfg, log=log), log=log)
+    # Clustering and resampling (cached stages) run on Ray Data inside the strategy.
+    with ray_session() if "clusters" in strategy.requires else contextlib.nullcontext():
         generic = strategy.pretrain(ctx)
         model = strategy.specialize(ctx, generic, domain)
-    except BaseException:
-        tracker.close("FAILED")
-        raise
-    log_specialized(tracker, model)
-    tracker.close()
-    log(f"{cfg.strategy.name} on {domain}: test ppl {model.metrics['test_ppl']:.2f}"
-        + (f" (before fine-tuning {model.metrics['test_ppl_before']:.2f})" if "test_ppl_before" in model.metrics
-           else ""))
-    if model.generic_cost is not None:
-        log(model.generic_cost.line())
-    log(model.spec_cost.line())
-    log(f"model: {model.path}")
-    return model
+    return trial_record(cfg, model, generic)
 
 
-def log_specialized(tracker, model) -> None:
-    """The MLflow record of one specialised model (DESIGN.md's metric names)."""
-    metrics = {f"ppl/{model.domain}": model.metrics["test_ppl"],
-               "cost/spec_flops": model.spec_cost.flops,
-               "cost/spec_device_hours": model.spec_cost.device_hours,
-               "cost/spec_wall_seconds": model.spec_cost.wall_seconds,
-               "cost/inference_flops_per_token": model.inference_flops_per_token,
-               "params": model.params}
-    if model.generic_cost is not None:
-        metrics.update({"cost/generic_flops": model.generic_cost.flops,
-                        "cost/generic_device_hours": model.generic_cost.device_hours,
-                        "cost/generic_wall_seconds": model.generic_cost.wall_seconds})
-    metrics.update({k: v for k, v in model.metrics.items() if isinstance(v, (int, float))})
-    tracker.log_metrics(metrics)
-    tracker.log_dict(model.to_dict(), "specialized_model.json")
+def trial_record(cfg: RunConfig, model, generic) -> dict:
+    """Tags, params, metrics (perplexity and every cost figure) and curves of one trial."""
+    from slmfactory.sweeps.plan import trial_of
+
+    trial = trial_of(cfg)
+    d = model.domain
+    nll = model.metrics["test_nll"]
+    metrics = {f"ppl/{d}": model.metrics["test_ppl"], "test_nll": nll,
+               # One domain here: exp(mean NLL) over domains is this trial's ppl; the report
+               # takes the macro average over a configuration's trials.
+               "ppl_macro": math.exp(nll), "params": model.params,
+               "cost/inference_flops_per_token": model.inference_flops_per_token}
+    for side, cost in (("generic", model.generic_cost), ("spec", model.spec_cost)):
+        metrics[f"cost/{side}_flops"] = cost.flops if cost is not None else 0.0
+        metrics[f"cost/{side}_device_hours"] = cost.device_hours if cost is not None else 0.0
+        metrics[f"cost/{side}_wall_seconds"] = cost.wall_seconds if cost is not None else 0.0
+    for n in (1, 7, 50):
+        metrics[f"cost/total_flops_N{n}"] = metrics["cost/generic_flops"] + n * metrics["cost/spec_flops"]
+    metrics.update({k: float(v) for k, v in model.metrics.items() if isinstance(v, (int, float))
+                    and k not in ("test_ppl",)})
+    for k, v in (generic.info.items() if generic is not None else []):
+        if k.startswith(("routed_generic", "generic_valid")) and isinstance(v, (int, float)):
+            metrics[f"generic/{k}"] = float(v)
+    tags = {"strategy": model.strategy, "domain": d, "phase": "specialize",
+            "in_domain_tokens": str(cfg.data.domain_train_tokens), "generic_budget": trial.generic.label(),
+            "spec_budget": trial.spec.label(), "device": cfg.device.name,
+            "group": f"{model.strategy} g{trial.generic.label()} s{trial.spec.label()} n{cfg.data.domain_train_tokens}"}
+    return {"name": trial.name, "key": trial.key, "tags": tags, "params": cfg.to_dict(), "metrics": metrics,
+            "curves": model.curves, "model_path": str(model.path)}
+
+
+def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """``slmfactory train``: one trial, logged to MLflow as one run, and printed."""
+    from slmfactory.platform.runtime import ray_session
+
+    with ray_session(address):
+        record = run_trial(cfg, log=log)
+    if cfg.tracking.enabled:
+        from slmfactory.sweeps.tracking import log_trial
+
+        log_trial(cfg, cfg.tracking.experiment, record["key"], record)
+    m = record["metrics"]
+    d = cfg.data.domain
+    log(f"{cfg.strategy.name} on {d}: test ppl {m[f'ppl/{d}']:.2f}"
+        + (f" (before fine-tuning {m['test_ppl_before']:.2f})" if "test_ppl_before" in m else ""))
+    log(f"cost: generic {m['cost/generic_flops']:.3e} FLOPs, specialisation {m['cost/spec_flops']:.3e} FLOPs, "
+        f"inference {m['cost/inference_flops_per_token']:.3e} FLOPs/token ({int(m['params']):,} parameters)")
+    log(f"model: {record['model_path']}")
+    return record
 
 
 def run_demo(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
-    """``make demo``: corpus → tokenizer → pretrain an SLM on generic text → fine-tune it on
-    one domain; print generic and domain perplexity before/after and the cost records."""
-    from slmfactory.models.launch import LocalLauncher
-    from slmfactory.models.strategies import get_strategy
-    from slmfactory.models.strategies.base import StrategyContext, evaluate_ppl, load_lm, split_source
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
-    from slmfactory.platform.tracking import open_tracker
+    """``make demo``: the whole platform. Corpus -> tokenizer -> clusters -> the recipe's
+    sweep (Ray Tune, MLflow) -> report (tables, plots) -> recommendation."""
+    from slmfactory.platform.tokenizer import ensure_tokenizer
+    from slmfactory.sweeps.report import write_report
+    from slmfactory.sweeps.run import run_sweep
 
     t0 = time.perf_counter()
     ensure_corpus(cfg, build=True, log=log)
-    domain = cfg.data.domain
-    check_domain(cfg, domain)
     log(f"[demo] corpus ready ({time.perf_counter() - t0:.0f}s)")
     ensure_tokenizer(cfg)
-    log(f"[demo] tokenizer: {len(load_tokenizer(ensure_tokenizer(cfg)))} tokens")
-    generic_valid = split_source(cfg, "generic", "valid").load()[: cfg.pretrain.eval_tokens]
-    cfg = cfg.replace(**{"strategy.name": "slm", "data.domain": domain})
-    tracker = open_tracker(cfg, f"demo-slm-{domain}", {"strategy": "slm", "domain": domain, "phase": "demo"})
-    tracker.log_params(cfg.to_dict())
-    ctx = StrategyContext(cfg, LocalLauncher(log=log), tracker, log)
-    strategy = get_strategy("slm")
-    generic = strategy.pretrain(ctx)
-    pretrained = load_lm(cfg, "slm", generic.weights())
-    random_init = load_lm(cfg, "slm", None)
-    domain_test = split_source(cfg, domain, "test").load()
-    model = strategy.specialize(ctx, generic, domain)
-    from transformers import AutoModelForCausalLM
-
-    finetuned = AutoModelForCausalLM.from_pretrained(str(model.path))
-    rows = {}
-    for label, m in (("random init", random_init), ("pretrained SLM", pretrained),
-                     (f"fine-tuned on {domain}", finetuned)):
-        rows[label] = (evaluate_ppl(cfg, m, generic_valid)[1], evaluate_ppl(cfg, m, domain_test)[1])
+    outcome = run_sweep(cfg, resume=False, log=log)
+    out = cfg.root / "reports" / outcome.plan.name
+    report = write_report(cfg.tracking_uri, outcome.experiment, out, cfg.sweep.inference_caps)
     log("")
-    log(f"{'model':<28} {'generic ppl':>12} {domain + ' test ppl':>18}")
-    for label, (g, d) in rows.items():
-        log(f"{label:<28} {g:>12.2f} {d:>18.2f}")
+    log(report["table"])
+    log("Recommendation (from the measured frontier):")
+    log(report["recommendation"])
     log("")
-    log("cost records:")
-    log("  " + generic.cost.line())
-    log("  " + model.spec_cost.line())
-    log(f"  inference: {model.inference_flops_per_token:.3e} FLOPs/token, {model.params:,} parameters")
-    log(f"specialised model (plain HF folder): {model.path}")
-    log(f"MLflow: {cfg.tracking_uri} (mlflow ui --backend-store-uri {cfg.tracking_uri})")
-    log(f"[demo] done in {time.perf_counter() - t0:.0f}s")
-    log_specialized(tracker, model)
-    tracker.log_metrics({"ppl_generic/pretrained": rows["pretrained SLM"][0],
-                         f"ppl_before/{domain}": rows["pretrained SLM"][1]})
-    tracker.close()
-    return {"rows": rows, "model": model, "generic": generic,
-            "improved": rows[f"fine-tuned on {domain}"][1] < rows["pretrained SLM"][1] and
-            all(math.isfinite(v) for r in rows.values() for v in r)}
+    log(f"[demo] done in {time.perf_counter() - t0:.0f}s: {len(outcome.plan.trials)} trials, "
+        f"{len(outcome.plan.generic)} shared generic phases")
+    log(f"plots and tables: {out} (report.md)")
+    log(f"browse in MLflow: slmfactory ui -c {cfg.name and 'configs/' + cfg.name + '.yaml'}   "
+        f"(experiment {outcome.experiment!r})")
+    return {"outcome": outcome, "report": report, "seconds": time.perf_counter() - t0}

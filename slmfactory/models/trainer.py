@@ -44,6 +44,8 @@ class TrainResult:
     """Mean training loss over the last (up to) 20 steps."""
     best_valid_nll: float
     valid_history: list[tuple[int, float]] = field(default_factory=list)
+    train_history: list[tuple[int, float]] = field(default_factory=list)
+    """(step, training loss) every ``log_every`` steps: the training curve."""
     wall_seconds: float = 0.0
     flops: float = 0.0
     stopped_early: bool = False
@@ -60,6 +62,7 @@ class TrainResult:
         d = dict(d)
         cost = CostRecord.from_dict(d.pop("cost"), profile) if d.get("cost") is not None else None
         d["valid_history"] = [tuple(h) for h in d.get("valid_history", [])]
+        d["train_history"] = [tuple(h) for h in d.get("train_history", [])]
         return cls(**d, cost=cost)
 
 
@@ -136,6 +139,7 @@ class Trainer:
         self.best_valid = math.inf
         self.bad_evals = 0
         self.history: list[tuple[int, float]] = []
+        self.train_history: list[tuple[int, float]] = []
         self.elapsed = 0.0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.finished: TrainResult | None = None
@@ -257,8 +261,10 @@ class Trainer:
                 self.log(f"[{self.phase}] step {self.step}/{self.max_steps} loss {loss:.4f} "
                          f"lr {self.lr_at(self.step - 1):.2e} {tokens_log / (now - t_log):,.0f} tok/s")
                 t_log, tokens_log = now, 0
-            if self.tracker is not None and self.step % self.log_every == 0:
-                self.tracker.log_metrics({f"{self.phase}/train_loss": loss}, step=self.step)
+            if self.step % self.log_every == 0 or self.step == 1:
+                self.train_history.append((self.step, loss))
+                if self.tracker is not None:
+                    self.tracker.log_metrics({f"{self.phase}/train_loss": loss}, step=self.step)
             if self.valid is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                 stopped = self._validate()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.max_steps:
@@ -278,6 +284,7 @@ class Trainer:
         self.finished = TrainResult(steps=self.step, tokens=tokens,
                                     train_loss=float(np.mean(recent)) if recent else math.nan,
                                     best_valid_nll=self.best_valid, valid_history=list(self.history),
+                                    train_history=list(self.train_history),
                                     wall_seconds=self.elapsed, flops=flops, stopped_early=stopped, cost=cost)
         self.save_checkpoint()  # the final checkpoint carries the result: a rerun returns it
         return self.finished
@@ -318,7 +325,7 @@ class Trainer:
             if tensors:
                 save_file(tensors, str(tmp / name))
         state = {"step": self.step, "best_valid": self.best_valid, "bad_evals": self.bad_evals,
-                 "history": self.history, "elapsed": self.elapsed, "phase": self.phase,
+                 "history": self.history, "train_history": self.train_history, "elapsed": self.elapsed, "phase": self.phase,
                  "max_steps": self.max_steps,
                  "finished": self.finished.to_dict() if self.finished is not None else None}
         (tmp / "state.json").write_text(json.dumps(state))
@@ -354,6 +361,7 @@ class Trainer:
         self.step, self.best_valid = state["step"], state["best_valid"]
         self.bad_evals, self.elapsed = state["bad_evals"], state["elapsed"]
         self.history = [tuple(h) for h in state["history"]]
+        self.train_history = [tuple(h) for h in state.get("train_history", [])]
         if state.get("finished") is not None:
             self.finished = TrainResult.from_dict(state["finished"], self.profile)
         if (path / "optim.safetensors").is_file():

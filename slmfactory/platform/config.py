@@ -339,6 +339,43 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    """The budget grid ``slmfactory sweep`` runs: every combination of strategies x
+    generic budgets x specialisation budgets x in-domain sizes x domains is one trial.
+    Budgets are given in tokens or in FLOPs (to compare strategies at equal cost); an
+    empty axis takes the recipe's own value."""
+
+    name: str = ""
+    """Sweep name (MLflow experiment ``<tracking.experiment>-<name>``); empty = the run's ``name``."""
+    strategies: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    """Empty = ``data.domain``."""
+    generic_tokens: tuple[int, ...] = ()
+    """Generic pretraining budgets in tokens (``pretrain.max_tokens``)."""
+    generic_flops: tuple[float, ...] = ()
+    """Generic pretraining budgets in FLOPs (``pretrain.max_flops``; max_tokens stays a cap)."""
+    spec_tokens: tuple[int, ...] = ()
+    """Specialisation budgets in tokens (``finetune.max_tokens``)."""
+    spec_flops: tuple[float, ...] = ()
+    """Specialisation budgets in FLOPs (``finetune.max_flops``)."""
+    in_domain_tokens: tuple[int, ...] = ()
+    """In-domain training set sizes (``data.domain_train_tokens``)."""
+    inference_caps: tuple[int, ...] = ()
+    """Served-parameter caps: the inference-budget axis of the report's Figure 1."""
+    max_concurrent: int = 0
+    """Trials at once (0 = as many as the cluster's CPUs allow)."""
+
+    def __post_init__(self) -> None:
+        for name in ("generic_tokens", "generic_flops", "spec_tokens", "spec_flops", "in_domain_tokens",
+                     "inference_caps"):
+            for i, v in enumerate(getattr(self, name)):
+                _check(v > 0, f"sweep.{name}[{i}]", "a positive budget", v)
+        _check(self.max_concurrent >= 0, "sweep.max_concurrent", ">= 0", self.max_concurrent)
+        for i, s in enumerate(self.strategies):
+            _check(s in strategy_settings(), f"sweep.strategies[{i}]", f"one of {sorted(strategy_settings())}", s)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Everything one run of the platform needs."""
 
@@ -357,6 +394,7 @@ class RunConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     device: DeviceProfile = field(default_factory=DeviceProfile)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "name", "a non-empty string", self.name)

@@ -42,6 +42,27 @@ class NullTracker:
     def close(self, status="FINISHED"): pass
 
 
+def client_for(uri: str):
+    """An ``MlflowClient`` for ``uri`` (a sqlite database's folder is created first)."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(client, uri: str, experiment: str) -> str:
+    """The id of ``experiment``, created (artifacts beside a sqlite database) if missing."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_root = None
+    if uri.startswith("sqlite:///"):
+        # Artifacts beside the database, not in the current directory.
+        artifact_root = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment).as_uri()
+    return client.create_experiment(experiment, artifact_location=artifact_root)
+
+
 class MlflowTracker:
     """One MLflow run, driven through ``MlflowClient`` (no global active-run state, so
     several trackers can coexist in a sweep driver)."""
@@ -55,16 +76,7 @@ class MlflowTracker:
             Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            artifact_root = None
-            if uri.startswith("sqlite:///"):
-                # Artifacts beside the database, not in the current directory.
-                artifact_root = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment).as_uri()
-            exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
-        else:
-            exp_id = exp.experiment_id
-        self.experiment_id = exp_id
+        exp_id = self.experiment_id = ensure_experiment(self.client, uri, experiment)
         if run_id is None:
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
             run_id = run.info.run_id

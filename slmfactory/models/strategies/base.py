@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from slmfactory.models.trainer import Trainer, TrainResult, evaluate_nll
 from slmfactory.platform.config import RunConfig, TrainConfig, from_dict, register_strategy_settings, strategy_settings
 from slmfactory.platform.cost import CostRecord, inference_flops_per_token
 from slmfactory.platform.errors import ConfigError
-from slmfactory.platform.stages import Stage, write_json_atomic
+from slmfactory.platform.stages import Stage
 from slmfactory.platform.tokenizer import ensure_tokenizer
 from slmfactory.platform.tracking import NullTracker, Tracker
 
@@ -128,6 +127,8 @@ class SpecializedModel:
     inference_flops_per_token: float
     metrics: dict[str, float] = field(default_factory=dict)
     """``test_nll``/``test_ppl`` after specialisation, ``test_ppl_before`` before, …"""
+    curves: dict[str, list] = field(default_factory=dict)
+    """Metric name -> [(step, value)]: the fine-tune's (and generic phase's) curves."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "domain": self.domain, "path": str(self.path),
@@ -156,6 +157,15 @@ class Strategy:
     """What the strategy needs beyond the corpus: ``clusters`` (Ray Data clustering),
     ``teacher`` (a large model's generic phase)."""
 
+    generic_family: ClassVar[str | None] = None
+    """What its generic phase is shared with (a sweep trains one per family and budget);
+    None: no generic phase."""
+
+    def projected_flops(self, cfg: RunConfig) -> tuple[float, float]:
+        """(generic, specialisation) training FLOPs the budgets allow: the plan of a sweep's
+        ``--dry-run``, before anything runs (measured costs come from the trainer)."""
+        raise NotImplementedError
+
     def settings(self, cfg: RunConfig) -> Any:
         """This strategy's own section of the config (``strategy.<name>``)."""
         return cfg.strategy.of(self.name)
@@ -183,6 +193,26 @@ class DomainData:
         return cls(train=split_source(cfg, domain, "train", cfg.data.domain_train_tokens),
                    valid=split_source(cfg, domain, "valid"),
                    test=split_source(cfg, domain, "test"))
+
+
+def lm_flops_per_token(cfg: RunConfig, model_key: str) -> tuple[float, float, int]:
+    """(training, inference) FLOPs per token and compute parameters of ``cfg.<model_key>``
+    at the configured vocabulary, counted on the meta device (nothing is allocated)."""
+    from slmfactory.platform.cost import model_flop_terms, train_flops_per_token
+
+    with torch.device("meta"):
+        model = build_model(getattr(cfg, model_key), cfg.tokenizer.vocab_size, cfg.data.seq_len)
+    return (train_flops_per_token(model, cfg.data.seq_len), inference_flops_per_token(model, cfg.data.seq_len),
+            model_flop_terms(model)[0])
+
+
+def phase_flops(cfg: RunConfig, tcfg: TrainConfig, flops_per_token: float) -> float:
+    """Training FLOPs of a phase run to its budget (the trainer's own step arithmetic)."""
+    per_step = tcfg.batch_size * cfg.data.seq_len
+    steps = tcfg.max_tokens // per_step
+    if tcfg.max_flops > 0:
+        steps = min(steps, int(tcfg.max_flops // (flops_per_token * per_step)))
+    return float(steps * per_step * flops_per_token)
 
 
 def train_section(cfg: RunConfig, phase: str) -> TrainConfig:
@@ -257,22 +287,15 @@ def evaluate_ppl(cfg: RunConfig, model: torch.nn.Module, tokens: np.ndarray) -> 
 
 
 def export_hf(cfg: RunConfig, model: torch.nn.Module, out_dir: Path, meta: dict[str, Any]) -> Path:
-    """Write ``model`` as a plain HF folder (safetensors, config, tokenizer, slmfactory.json)
-    atomically: ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it."""
+    """Write ``model`` into ``out_dir`` (a stage's work folder) as a plain HF folder:
+    safetensors, config, tokenizer, ``slmfactory.json``; ``AutoModelForCausalLM.from_pretrained``
+    loads it."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
     for f in ensure_tokenizer(cfg).iterdir():
-        if f.is_file() and f.name != "slmfactory.json":
-            shutil.copy2(f, tmp / f.name)
-    (tmp / "slmfactory.json").write_text(json.dumps(meta, indent=2, default=str))
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+        if f.is_file() and f.name not in ("slmfactory.json", "stage.json"):
+            shutil.copy2(f, out_dir / f.name)
+    (out_dir / "slmfactory.json").write_text(json.dumps(meta, indent=2, default=str))
     return out_dir
 
 
@@ -297,7 +320,8 @@ def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, name:
     return GenericArtifact.record(stage, name, fit.result.cost,
                                   {"weights": stage.relative(fit.checkpoint / "model.safetensors"),
                                    "generic_valid_nll": fit.result.best_valid_nll, "steps": fit.result.steps,
-                                   "model": model_key}, cfg.device, phase=cost_phase)
+                                   "model": model_key, "valid_history": fit.result.valid_history,
+                                   "train_history": fit.result.train_history}, cfg.device, phase=cost_phase)
 
 
 def finetune_lm(ctx: StrategyContext, model_key: str, init: Weights | None, data: DomainData,
@@ -338,24 +362,36 @@ def load_lm(cfg: RunConfig, model_key: str, weights: Weights | str | None) -> to
 def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Module, fit: FitOutput,
            generic: GenericArtifact | None, data: DomainData, before_ppl: float | None,
            extra_spec_cost: CostRecord | None = None, extra_metrics: dict | None = None) -> SpecializedModel:
-    """Evaluate on the domain's test split, export the plain HF folder, return the record."""
+    """Evaluate on the domain's test split and export the plain HF folder (a stage keyed by
+    the final training run: a rerun reuses both); return the record."""
     cfg = ctx.cfg
-    model = model.cpu().eval()
-    test_nll, test_ppl = evaluate_ppl(cfg, model, data.test.load())
     spec_cost = dataclasses.replace(fit.result.cost, phase=f"specialize/{strategy}/{domain}")
     if extra_spec_cost is not None:
         spec_cost = spec_cost + extra_spec_cost
-    metrics = {"test_nll": test_nll, "test_ppl": test_ppl, "valid_nll": fit.result.best_valid_nll,
+    stage = Stage.of(cfg.root, "models", f"{strategy}/{domain}", weights=fit.stage_key, test=data.test.identity())
+
+    def export(work: Path) -> dict:
+        plain = model.cpu().eval()
+        test_nll, test_ppl = evaluate_ppl(cfg, plain, data.test.load())
+        info = {"test_nll": test_nll, "test_ppl": test_ppl, "params": count_params(plain),
+                "inference_flops_per_token": inference_flops_per_token(plain, cfg.data.seq_len)}
+        export_hf(cfg, plain, work, {"strategy": strategy, "domain": domain, **info,
+                                     "generic_cost": generic.cost.to_dict() if generic else None,
+                                     "spec_cost": spec_cost.to_dict()})
+        return info
+
+    info = stage.build(export)
+    metrics = {"test_nll": info["test_nll"], "test_ppl": info["test_ppl"], "valid_nll": fit.result.best_valid_nll,
                "finetune_steps": fit.result.steps, **(extra_metrics or {})}
     if before_ppl is not None:
         metrics["test_ppl_before"] = before_ppl
-    inf = inference_flops_per_token(model, cfg.data.seq_len)
-    record = SpecializedModel(strategy=strategy, domain=domain, path=Path(), generic_cost=generic.cost if generic
-                              else None, spec_cost=spec_cost, params=count_params(model),
-                              inference_flops_per_token=inf, metrics=metrics)
-    out = cfg.root / "models" / strategy / domain
-    record.path = export_hf(cfg, model, out, record.to_dict() | {"path": str(out)})
-    write_json_atomic(out.parent / f"{domain}.json", record.to_dict())
-    ctx.say(f"[{strategy}/{domain}] test ppl {test_ppl:.2f}" +
-            (f" (before fine-tuning {before_ppl:.2f})" if before_ppl is not None else "") + f" → {out}")
+    curves = {"finetune/valid_nll": fit.result.valid_history, "finetune/train_loss": fit.result.train_history}
+    if generic is not None:
+        curves |= {f"generic/{k}": generic.info[k] for k in ("valid_history", "train_history") if k in generic.info}
+    record = SpecializedModel(strategy=strategy, domain=domain, path=stage.dir,
+                              generic_cost=generic.cost if generic else None, spec_cost=spec_cost,
+                              params=info["params"], inference_flops_per_token=info["inference_flops_per_token"],
+                              metrics=metrics, curves=curves)
+    ctx.say(f"[{strategy}/{domain}] test ppl {info['test_ppl']:.2f}" +
+            (f" (before fine-tuning {before_ppl:.2f})" if before_ppl is not None else "") + f" → {stage.dir}")
     return record

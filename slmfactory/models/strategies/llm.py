@@ -10,3 +10,4 @@ from slmfactory.models.strategies.slm import SmallModel
 @register("llm")
 class LargeModel(SmallModel):
     model_key = "llm"
+    generic_family = "llm"

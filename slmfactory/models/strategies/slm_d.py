@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from slmfactory.models.data import Batch
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl,
-    finetune_lm, finish, load_lm, pretrain_lm, register, split_source)
+    finetune_lm, finish, lm_flops_per_token, load_lm, phase_flops, pretrain_lm, register, split_source)
 from slmfactory.models.trainer import Trainer
 from slmfactory.platform.config import from_dict
 from slmfactory.platform.cost import inference_flops_per_token
@@ -110,6 +110,13 @@ class DistillTrainer(Trainer):
 @register("slm-d", settings=Settings)
 class Distillation(Strategy):
     requires = frozenset({"teacher"})
+    generic_family = "slm-d"
+
+    def projected_flops(self, cfg) -> tuple[float, float]:
+        slm, _, _ = lm_flops_per_token(cfg, "slm")
+        llm, llm_forward, _ = lm_flops_per_token(cfg, "llm")
+        generic = phase_flops(cfg, self.teacher_pretrain_config(cfg), llm) + phase_flops(cfg, cfg.pretrain, slm)
+        return generic, phase_flops(cfg, cfg.finetune, llm) + phase_flops(cfg, cfg.finetune, slm + llm_forward)
 
     def teacher_pretrain_config(self, cfg):
         s = self.settings(cfg)

@@ -16,7 +16,7 @@ import numpy as np
 from slmfactory.models.data import TOKENS_FILE, TokenSource
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl, finetune_lm, finish,
-    load_lm, pretrain_lm, register)
+    lm_flops_per_token, load_lm, phase_flops, pretrain_lm, register)
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.stages import Stage
 
@@ -34,6 +34,10 @@ class Settings:
 @register("slm-is", settings=Settings)
 class ImportanceSampling(Strategy):
     requires = frozenset({"clusters"})
+
+    def projected_flops(self, cfg) -> tuple[float, float]:
+        train, _, _ = lm_flops_per_token(cfg, "slm")
+        return 0.0, phase_flops(cfg, cfg.pretrain, train) + phase_flops(cfg, cfg.finetune, train)
 
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact | None:
         return None  # nothing is shared across domains

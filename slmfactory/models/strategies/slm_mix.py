@@ -31,7 +31,8 @@ from slmfactory.models.experts import cluster_streams, expert_clusters, routed_g
 from slmfactory.models.lm import build_model
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, Weights, evaluate_ppl,
-    finetune_lm, finish, load_lm, pretrain_lm, register, split_source, vocab_size_of)
+    finetune_lm, finish, lm_flops_per_token, load_lm, phase_flops, pretrain_lm, register, split_source,
+    vocab_size_of)
 from slmfactory.platform.cost import CostRecord, inference_flops_per_token, train_flops_per_token
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.stages import Stage
@@ -73,6 +74,13 @@ def slm_flops_per_step(cfg) -> float:
 @register("slm-mix", settings=Settings)
 class HardMixture(Strategy):
     requires = frozenset({"clusters"})
+    generic_family = "slm-mix"
+
+    def projected_flops(self, cfg) -> tuple[float, float]:
+        train, _, _ = lm_flops_per_token(cfg, "slm")
+        s = self.settings(cfg)
+        tunes = s.experts if s.selection == "best-after-finetune" else 1
+        return phase_flops(cfg, cfg.pretrain, train), tunes * phase_flops(cfg, cfg.finetune, train)
 
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact:
         cfg = ctx.cfg

@@ -31,7 +31,8 @@ from slmfactory.models.experts import cluster_streams, expert_clusters, routed_g
 from slmfactory.models.projected import build_projected
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, TokenSource, Weights, evaluate_ppl,
-    finetune_lm, finish, lm_factory, register, run_phase, split_source, vocab_size_of)
+    finetune_lm, finish, lm_factory, lm_flops_per_token, phase_flops, register, run_phase, split_source,
+    vocab_size_of)
 from slmfactory.models.trainer import Trainer
 from slmfactory.platform.cost import train_flops_per_token
 from slmfactory.platform.errors import ConfigError, DataError
@@ -99,6 +100,13 @@ class ClusterRoutedTrainer(Trainer):
 @register("slm-pn", settings=Settings)
 class ProjectedNetwork(Strategy):
     requires = frozenset({"clusters"})
+    generic_family = "slm-pn"
+
+    def projected_flops(self, cfg) -> tuple[float, float]:
+        # Each token passes one instantiated expert (the W's computed once per batch are
+        # a small extra, counted by the trainer when it runs).
+        train, _, _ = lm_flops_per_token(cfg, "slm")
+        return phase_flops(cfg, cfg.pretrain, train), phase_flops(cfg, cfg.finetune, train)
 
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact:
         cfg = ctx.cfg

@@ -1,0 +1,205 @@
+"""``slmfactory sweep``: the budget grid on Ray Tune, every trial one MLflow run.
+
+Order of work:
+
+1. the plan (``plan.py``): every recipe error surfaces here, before anything runs;
+2. the shared stages on the driver: tokenizer, clustering, and each (strategy family,
+   generic budget) generic phase once. Running them first as their own stage — rather
+   than letting concurrent trials race for a lock — means no trial holds a slot while
+   it waits, every domain's trial starts from a finished generic phase, and a
+   multi-worker generic phase gets the whole cluster (Ray Train inside the driver). The
+   stage lock still guards the rare case of two sweeps sharing a workdir;
+3. the trials on Ray Tune (a function trainable; a trial with ``scaling.num_workers > 1``
+   runs a Ray Train ``TorchTrainer`` inside it). Concurrency follows the cluster's CPUs
+   (or ``sweep.max_concurrent``). ``--resume`` restores the Tune experiment: finished
+   trials are not rerun, and a rerun trial finds its finished stages and trains nothing;
+4. MLflow, from the driver only (a Tune callback): one run per trial, found again by its
+   trial key after a resume, so a killed and resumed sweep still has exactly one run
+   per trial (Ray's ``MLflowLoggerCallback`` would open a second one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from slmfactory.platform.config import RunConfig, from_dict
+from slmfactory.platform.errors import SlmFactoryError
+from slmfactory.sweeps.plan import SweepPlan, describe, plan_sweep
+
+@dataclass
+class SweepOutcome:
+    plan: SweepPlan
+    experiment: str
+    records: dict[str, dict]
+    """Trial key -> the trial's record (metrics, tags, model path)."""
+    seconds: float
+
+
+def sweep_dir(cfg: RunConfig, name: str) -> Path:
+    return (cfg.root / "sweeps").resolve() / name
+
+
+def experiment_name(cfg: RunConfig, plan: SweepPlan) -> str:
+    return f"{cfg.tracking.experiment}-{plan.name}"
+
+
+def _trainable(config: dict) -> None:
+    """One trial, on a Tune worker: run it, report its record (the driver logs it)."""
+    import torch
+    from ray import tune
+
+    from slmfactory.pipeline import run_trial
+
+    cpus = float(config.get("cpus", 1))
+    torch.set_num_threads(max(1, int(cpus)))
+    cfg = from_dict(config["cfg"])
+    record = run_trial(cfg, log=None)
+    tune.report({"ppl": record["metrics"][f"ppl/{cfg.data.domain}"], "record": json.dumps(record)})
+
+
+class _Progress:
+    """Trials done / running / left and the best result so far, one line per event."""
+
+    def __init__(self, total: int, log: Callable[[str], None] | None):
+        self.total, self.log = total, log
+        self.done = self.failed = self.running = 0
+        self.best: tuple[float, str] | None = None
+        self.t0 = time.perf_counter()
+
+    def line(self, what: str) -> None:
+        if self.log is None:
+            return
+        left = self.total - self.done - self.failed - self.running
+        best = f"; best {self.best[1]} ppl {self.best[0]:.2f}" if self.best else ""
+        self.log(f"[sweep {time.perf_counter() - self.t0:6.0f}s] {self.done}/{self.total} done, "
+                 f"{self.running} running, {left} left{', %d failed' % self.failed if self.failed else ''}"
+                 f"{best} | {what}")
+
+
+def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records: dict[str, dict]):
+    from ray import tune
+
+    from slmfactory.sweeps.tracking import log_trial
+
+    names = {t.key: t.name for t in plan.trials}
+
+    class MlflowTrials(tune.Callback):
+        """Logs each finished trial to MLflow from the driver (never from a worker)."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            progress.running += 1
+            progress.line(f"started {names.get(trial.config.get('trial'), trial.trial_id)}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            progress.running = max(0, progress.running - 1)
+            result = trial.last_result or {}
+            if "record" not in result:
+                return
+            record = json.loads(result["record"])
+            key = trial.config["trial"]
+            records[key] = record
+            log_trial(cfg, experiment_name(cfg, plan), key, record)
+            progress.done += 1
+            ppl = record["metrics"]["ppl_macro"]
+            if progress.best is None or ppl < progress.best[0]:
+                progress.best = (ppl, names.get(key, key))
+            progress.line(f"finished {names.get(key, key)}: ppl {ppl:.2f}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            progress.running = max(0, progress.running - 1)
+            progress.failed += 1
+            progress.line(f"FAILED {names.get(trial.config.get('trial'), trial.trial_id)} "
+                          f"(log: {trial.local_path})")
+
+    return MlflowTrials()
+
+
+def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] | None) -> None:
+    """Tokenizer, clustering and every shared generic phase, once, on the driver."""
+    from slmfactory.models.distributed import make_launcher
+    from slmfactory.models.strategies import get_strategy
+    from slmfactory.models.strategies.base import StrategyContext
+    from slmfactory.platform.tokenizer import ensure_tokenizer
+
+    ensure_tokenizer(cfg)
+    if any("clusters" in get_strategy(t.strategy).requires for t in plan.trials):
+        from slmfactory.platform.clusters import run_clustering
+
+        for n in sorted({t.in_domain for t in plan.trials}):
+            run_clustering(cfg.replace(**{"data.domain_train_tokens": n}), progress=log is not None)
+    for i, phase in enumerate(plan.generic, 1):
+        trial = next(t for t in plan.trials if t.strategy == phase.strategy and t.generic == phase.budget)
+        tcfg = trial.config(cfg)
+        if log:
+            log(f"[sweep] generic phase {i}/{len(plan.generic)}: {phase.family}@{phase.budget.label()} "
+                f"(shared by {phase.trials} trials; projected {phase.flops:.3e} FLOPs)")
+        get_strategy(phase.strategy).pretrain(StrategyContext(tcfg, make_launcher(tcfg, log=log), log=log))
+
+
+def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, address: str | None = None,
+              log: Callable[[str], None] | None = print) -> SweepOutcome | None:
+    from slmfactory.pipeline import ensure_corpus
+    from slmfactory.platform.corpus import list_domains
+    from slmfactory.platform.runtime import ray_session
+
+    ensure_corpus(cfg, build=False)
+    plan = plan_sweep(cfg, list_domains(cfg.corpus_dir))
+    if dry_run:
+        if log:
+            log(describe(plan, cfg))
+        return None
+    path = sweep_dir(cfg, plan.name)
+    t0 = time.perf_counter()
+    records: dict[str, dict] = {}
+    # The experiment state is saved every second (trials last minutes): a killed driver
+    # loses at most that much bookkeeping, and --resume knows every finished trial.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
+    with ray_session(address):
+        import ray
+        from ray import tune
+
+        if resume and not tune.Tuner.can_restore(str(path)):
+            raise SlmFactoryError(f"sweep --resume: no sweep to resume at {path} (run it without --resume first)")
+        prepare_shared(cfg, plan, log)
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        per_trial = cfg.scaling.cpus_per_worker if cfg.scaling.num_workers == 1 else 0.1
+        concurrent = cfg.sweep.max_concurrent or max(1, int(cpus // max(per_trial, 1e-9)))
+        if log:
+            log(f"[sweep] {len(plan.trials)} trials on Ray Tune, up to {concurrent} at a time "
+                f"({cpus:g} CPUs); MLflow experiment {experiment_name(cfg, plan)!r} at {cfg.tracking_uri}")
+        progress = _Progress(len(plan.trials), log)
+        callback = make_callback(cfg, plan, progress, records)
+        trainable = tune.with_resources(_trainable, {"cpu": per_trial})
+        by_key = {t.key: t for t in plan.trials}
+        space = {"trial": tune.grid_search(list(by_key)),
+                 "cfg": tune.sample_from(lambda config: by_key[config["trial"]].config(cfg).to_tree()),
+                 "cpus": per_trial}
+        if resume:
+            tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space=space)
+            # The restored run config holds a pickled copy of the old callback; this
+            # process's callback (its progress and records) replaces it.
+            tuner._local_tuner.get_run_config().callbacks = [callback]
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent,
+                                            trial_name_creator=lambda t: by_key[t.config["trial"]].name,
+                                            trial_dirname_creator=lambda t: by_key[t.config["trial"]].name[:80]),
+                run_config=tune.RunConfig(name=plan.name, storage_path=str(path.parent), callbacks=[callback],
+                                          verbose=0))
+        results = tuner.fit()
+        for r in results:
+            if r.error is None and r.metrics and "record" in r.metrics:
+                records.setdefault(r.config["trial"], json.loads(r.metrics["record"]))
+        failed = [r for r in results if r.error is not None]
+    if failed:
+        raise SlmFactoryError(f"sweep: {len(failed)} of {len(plan.trials)} trials failed (first: {failed[0].error}); "
+                              f"fix and rerun with --resume")
+    return SweepOutcome(plan, experiment_name(cfg, plan), records, time.perf_counter() - t0)

@@ -1,0 +1,150 @@
+"""Sweeps on real Ray Tune and real MLflow (sqlite in a temp dir): configs/sweep-tiny.yaml,
+2 strategies x 2 domains on the committed sample, killed midway and resumed; the report
+and the recommendation read it back from MLflow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "configs" / "sweep-tiny.yaml"
+
+
+def cli(*args, timeout=600, **kw):
+    env = {**os.environ, "SLMFACTORY_LAUNCHER": "local"}
+    return subprocess.run([sys.executable, "-m", "slmfactory.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO, **kw)
+
+
+def one_line_error(out, *needles):
+    assert out.returncode == 2, (out.stdout, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr
+    lines = [l for l in out.stderr.splitlines() if l.startswith("slmfactory: error:")]
+    assert len(lines) == 1, out.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture
+def work(tiny_root, tmp_path):
+    w = tmp_path / "work"
+    shutil.copytree(tiny_root, w)
+    return w
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("sweep.strategies=[slm,gpt5]", "sweep.strategies[1]"),
+    ("sweep.generic_tokens=[-5]", "sweep.generic_tokens[0]"),
+    ("sweep.strategies=[]", "sweep.strategies: empty grid"),
+    ("sweep.domains=[legal,atlantis]", "sweep.domains: unknown domain 'atlantis'"),
+])
+def test_bad_sweep_recipes_fail_before_any_trial(work, override, needle):
+    out = cli("sweep", "-c", str(RECIPE), "--set", f"workdir={work}", "--set", override, timeout=120)
+    one_line_error(out, needle)
+    assert not (work / "sweeps").exists() and not (work / "generic").exists()
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(work):
+    out = cli("sweep", "-c", str(RECIPE), "--set", f"workdir={work}", "--dry-run",
+              "--set", "sweep.generic_tokens=[10240,20480]", timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "8 trials, 2 shared generic phases" in out.stdout
+    assert "slm@1.02e+04T" in out.stdout and "slm@2.05e+04T" in out.stdout
+    assert "cpu-2core hours" in out.stdout
+    assert not (work / "generic").exists() and not (work / "sweeps").exists()
+
+
+def _finished_trial_runs(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return client, []
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`slmfactory.trial` != ''")
+    return client, runs
+
+
+@pytest.mark.timeout(900)
+def test_sweep_killed_midway_resumes_with_one_run_per_trial(work):
+    from slmfactory.platform.config import load_config
+
+    cfg = load_config(RECIPE, {"workdir": str(work)})
+    uri, experiment = cfg.tracking_uri, "slmfactory-sweep-tiny"
+    args = ["sweep", "-c", str(RECIPE), "--set", f"workdir={work}", "--set", "sweep.max_concurrent=1"]
+    driver = subprocess.Popen([sys.executable, "-m", "slmfactory.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "SLMFACTORY_LAUNCHER": "local"})
+    deadline = time.time() + 400
+    finished = []
+    while time.time() < deadline and driver.poll() is None:
+        _, finished = _finished_trial_runs(uri, experiment) if (work / "mlflow.db").exists() else (None, [])
+        if finished:
+            break
+        time.sleep(0.5)
+    assert finished, "no trial finished before the deadline"
+    driver.send_signal(signal.SIGKILL)  # the driver dies mid-sweep: no cleanup, no final state
+    driver.wait(timeout=60)
+    done_before = {r.data.tags["slmfactory.trial"]: r.info.start_time for r in finished}
+    markers = {p: p.stat().st_mtime_ns for p in (work / "train").glob("*/stage.json")}
+    assert len(done_before) < 4
+
+    out = cli(*args, "--resume", timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, runs = _finished_trial_runs(uri, experiment)
+    keys = [r.data.tags["slmfactory.trial"] for r in runs]
+    assert len(runs) == 4 and len(set(keys)) == 4, keys  # exactly one run per trial
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        t, m = r.data.tags, r.data.metrics
+        d = t["domain"]
+        assert {t["strategy"], d} <= {"slm", "slm-nopt", "legal", "biomedical"}
+        assert t["phase"] == "specialize" and t["in_domain_tokens"] == "20000" and t["generic_budget"]
+        for name in (f"ppl/{d}", "ppl_macro", "test_nll", "cost/generic_flops", "cost/spec_flops",
+                     "cost/spec_device_hours", "cost/spec_wall_seconds", "cost/inference_flops_per_token"):
+            assert name in m, name
+        assert r.data.params["strategy.name"] == t["strategy"] and r.data.params["data.domain"] == d
+        assert len(client.get_metric_history(r.info.run_id, "finetune/valid_nll")) >= 2  # a curve by step
+        assert {a.path for a in client.list_artifacts(r.info.run_id, "model")} >= {"model/model.safetensors",
+                                                                                   "model/config.json"}
+        assert (m["cost/generic_flops"] > 0) == (t["strategy"] == "slm")
+    # Finished trials were not redone: same runs, and their training stages untouched.
+    for r in runs:
+        if r.data.tags["slmfactory.trial"] in done_before:
+            assert r.info.start_time == done_before[r.data.tags["slmfactory.trial"]]
+    for p, mtime in markers.items():
+        assert p.stat().st_mtime_ns == mtime, p
+    # The shared generic phase trained once: one pretraining run, 40 steps, same cost in both trials.
+    pretrain = list((work / "train").glob("pretrain-slm-*/stage.json"))
+    assert len(pretrain) == 1
+    slm = [r for r in runs if r.data.tags["strategy"] == "slm"]
+    assert len({r.data.metrics["cost/generic_flops"] for r in slm}) == 1
+    import json
+
+    assert json.loads(pretrain[0].read_text())["info"]["result"]["steps"] == 40
+    # One registered model per domain, a version per trial of that domain.
+    names = {m.name for m in client.search_registered_models()}
+    assert names == {f"{experiment}-legal", f"{experiment}-biomedical"}
+
+    # The report and the recommendation read the sweep back from MLflow.
+    rep = cli("report", "-c", str(RECIPE), "--set", f"workdir={work}", timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    out_dir = work / "reports" / experiment
+    pngs = sorted(p.name for p in out_dir.glob("*.png"))
+    assert "amortisation.png" in pngs and "ppl_vs_cost_n20000.png" in pngs
+    assert any(p.startswith("figure1_N") for p in pngs)
+    assert "| slm |" in (out_dir / "report.md").read_text()
+    rec = cli("recommend", "-c", str(RECIPE), "--set", f"workdir={work}", "--inference-params", "1e9",
+              "--spec-budget", "1e15", "--domains", "7", timeout=300)
+    assert rec.returncode == 0, rec.stderr[-2000:]
+    assert "recommended:" in rec.stdout and "runner-up:" in rec.stdout and "macro perplexity" in rec.stdout
+    none = cli("recommend", "-c", str(RECIPE), "--set", f"workdir={work}", "--inference-params", "10",
+               "--spec-budget", "1e15", "--domains", "7", timeout=300)
+    one_line_error(none, "no measured configuration")
