@@ -38,6 +38,8 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(n_layers=2, d_model=64, d_mlp=256, n_heads=2),          # tests
     "demo-slm": Preset(n_layers=4, d_model=192, d_mlp=768, n_heads=4),     # CPU demo SLM
     "demo-llm": Preset(n_layers=4, d_model=384, d_mlp=1536, n_heads=6),    # CPU demo LLM
+    "mini-slm": Preset(n_layers=2, d_model=128, d_mlp=512, n_heads=4),     # `make demo`'s sweep SLM (1.0M)
+    "mini-llm": Preset(n_layers=4, d_model=256, d_mlp=1024, n_heads=4),    # ... and its LLM (4.2M)
     # PAPER.md's models: 126M and 771M at a 32k vocabulary with tied embeddings. Llama's
     # SwiGLU MLP has 3 matrices where the paper's has 2 of width 4·d, so the width is set
     # to land on the paper's counts: 126.8M and 755M here; the projected network at
