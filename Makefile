@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo serve test bench lint clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/slmfactory demo --config configs/demo.yaml
+
+# Serves what `make demo` trained: each domain's best model from the demo sweep's MLflow records.
+serve: setup
+	$(VENV)/bin/slmfactory serve --config configs/demo.yaml
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -37,12 +37,11 @@ def main() -> None:
         for name in args.strategies.split(","):
             cfg = base.replace(**{"strategy.name": name, "data.domain": domain})
             t0 = time.perf_counter()
-            model = run_strategy(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-            g = model.generic_cost
-            rows.append({"strategy": name, "domain": domain, "params": model.params,
-                         "ppl_before": model.metrics.get("test_ppl_before"), "ppl_after": model.metrics["test_ppl"],
-                         "generic_flops": g.flops if g else 0.0, "spec_flops": model.spec_cost.flops,
-                         "inference_flops_per_token": model.inference_flops_per_token,
+            m = run_strategy(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))["metrics"]
+            rows.append({"strategy": name, "domain": domain, "params": int(m["params"]),
+                         "ppl_before": m.get("test_ppl_before"), "ppl_after": m[f"ppl/{domain}"],
+                         "generic_flops": m["cost/generic_flops"], "spec_flops": m["cost/spec_flops"],
+                         "inference_flops_per_token": m["cost/inference_flops_per_token"],
                          "wall_s": time.perf_counter() - t0})
             print(f"done {name}/{domain} in {rows[-1]['wall_s']:.0f}s", file=sys.stderr, flush=True)
     print(f"| strategy | domain | params | test ppl before FT | test ppl after FT | generic FLOPs | spec. FLOPs |")

@@ -11,7 +11,8 @@ from pathlib import Path
 from slmfactory.platform import runtime  # noqa: F401  (sets Ray/MLflow env defaults first)
 from slmfactory.platform.errors import SlmFactoryError
 
-SUBCOMMANDS = ("corpus", "tokenizer", "cluster", "resample", "train", "sweep", "report", "recommend", "ui", "demo")
+SUBCOMMANDS = ("corpus", "tokenizer", "cluster", "resample", "train", "sweep", "report", "recommend", "ui", "serve",
+               "demo")
 
 
 def _config(args):
@@ -166,6 +167,30 @@ def cmd_ui(args) -> None:
     raise SystemExit(subprocess.call(cmd))
 
 
+def cmd_serve(args) -> None:
+    import time
+
+    from ray import serve
+
+    from slmfactory.serving.app import build_app
+
+    cfg = _config(args)
+    host = args.host or cfg.serving.host
+    port = args.port or cfg.serving.port
+    app = build_app({"config": args.config, "set": args.set or [], "models": args.models,
+                     "from_mlflow": args.from_mlflow, "max_params": args.max_params})
+    with runtime.ray_session(args.address):
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name="slmfactory", route_prefix="/")
+        print(f"serving on http://{host}:{port}/v1 (GET /v1/models, POST /v1/completions, POST /v1/score, "
+              f"GET /healthz); Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            serve.shutdown()
+
+
 def cmd_demo(args) -> None:
     from slmfactory.pipeline import run_demo
 
@@ -218,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ui", cmd_ui, "open the MLflow UI on the run's tracking store (127.0.0.1)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    p = add("serve", cmd_serve, "serve each domain's specialised model (Ray Serve, OpenAI-compatible)")
+    p.add_argument("--models", default=None, help="a folder of exported models (default: the sweep's MLflow records)")
+    p.add_argument("--from-mlflow", default=None, metavar="EXPERIMENT", help="serve the best model of each domain "
+                   "a sweep logged (default experiment: the recipe's sweep)")
+    p.add_argument("--max-params", type=float, default=None, help="inference-size cap: largest served model")
+    p.add_argument("--host", default=None, help="bind address (default serving.host: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default serving.port)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     add("demo", cmd_demo, "the whole platform: corpus → tokenizer → clusters → sweep → report → recommendation")
     return parser
 

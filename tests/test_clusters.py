@@ -173,7 +173,7 @@ def test_resample_matches_domain_histogram(clustered):
 
     cfg, cl, _ = clustered
     try:
-        res = resample(cfg, "legal", 30_000, progress=False)
+        res = resample(cfg, "legal", 30_000, progress=True)  # the CLI's path, progress lines included
     finally:
         _shutdown_ray()
     assert res.tv_distance <= 0.05

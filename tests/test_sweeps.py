@@ -148,3 +148,32 @@ def test_sweep_killed_midway_resumes_with_one_run_per_trial(work):
     none = cli("recommend", "-c", str(RECIPE), "--set", f"workdir={work}", "--inference-params", "10",
                "--spec-budget", "1e15", "--domains", "7", timeout=300)
     one_line_error(none, "no measured configuration")
+
+
+@pytest.mark.timeout(180)
+def test_ui_serves_mlflow_on_loopback_only(work):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen([sys.executable, "-m", "slmfactory.cli", "ui", "-c", str(RECIPE), "--set", f"workdir={work}",
+                           "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+    try:
+        deadline, body = time.time() + 120, ""
+        while time.time() < deadline and not body:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read().decode()
+            except OSError:
+                time.sleep(1)
+        assert body.strip() == "OK"
+        import psutil
+
+        bound = [c.laddr.ip for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert bound and set(bound) == {"127.0.0.1"}, bound
+    finally:
+        os.killpg(ui.pid, signal.SIGKILL)
+        ui.wait(timeout=30)

@@ -5,7 +5,6 @@ each generic validation window scored by the expert of its own cluster)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -26,17 +25,18 @@ def expert_clusters(cfg, k: int, domains: bool = False):
                           progress=False, domains=domains)
 
 
-def cluster_streams(clusters, out: Path) -> list[TokenSource]:
-    """Every cluster's generic train tokens in one file, one ``TokenSource`` slice per
-    cluster (memory-mapped by workers; nothing is copied per cluster)."""
-    path = Path(out) / "cluster_tokens.npy"
-    bounds = np.cumsum([0] + [int(n) for n in clusters.cluster_sizes()])  # == len(cluster_tokens(c))
-    if not path.is_file():
-        from slmfactory.models.data import save_npy_atomic
+def cluster_streams(cfg, clusters) -> list[TokenSource]:
+    """Every cluster's generic train tokens in one file (a stage keyed by the clustering),
+    one ``TokenSource`` slice per cluster (memory-mapped by workers; nothing is copied per
+    cluster)."""
+    from slmfactory.platform.stages import Stage
 
-        save_npy_atomic(path, np.concatenate([clusters.cluster_tokens(c) for c in range(clusters.k)]))
-    key = f"{clusters.key}/generic-train-by-cluster"
-    return [TokenSource(str(path), key, int(bounds[c]), int(bounds[c + 1])) for c in range(clusters.k)]
+    stage = Stage.of(cfg.root, "tokens", "generic-by-cluster", clusters=clusters.key)
+    stage.build(lambda work: np.save(work / "cluster_tokens.npy",
+                                     np.concatenate([clusters.cluster_tokens(c) for c in range(clusters.k)])))
+    bounds = np.cumsum([0] + [int(n) for n in clusters.cluster_sizes()])  # == len(cluster_tokens(c))
+    path = str(stage.path("cluster_tokens.npy"))
+    return [TokenSource(path, stage.key, int(bounds[c]), int(bounds[c + 1])) for c in range(clusters.k)]
 
 
 def routed_generic_nll(cfg, clusters, expert_model: Callable[[int], torch.nn.Module],

@@ -29,9 +29,7 @@ in nats (natural log); the maximum at k clusters is ln k.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -40,7 +38,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from slmfactory.platform.errors import ConfigError, DataError
+from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import Stage, corpus_digest
 
 CODE_VERSION = "clusters-v4"

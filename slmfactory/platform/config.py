@@ -216,9 +216,14 @@ class DataConfig:
     (paper: 1M / 8M / 64M; CPU recipes scale down)."""
     domain: str = ""
     """The domain to specialise on (CLI ``--domain`` overrides)."""
+    test_tokens: int = 0
+    """Test perplexity is measured on the first this many tokens of each domain's test
+    split (0 = the whole split; the paper scores 20k held-out documents per domain)."""
 
     def __post_init__(self) -> None:
         _check(8 <= self.seq_len <= 32768, "data.seq_len", "8..32768", self.seq_len)
+        _check(self.test_tokens == 0 or self.test_tokens >= self.seq_len, "data.test_tokens",
+               "0 (all) or at least one sequence (data.seq_len)", self.test_tokens)
         _check(self.domain_train_tokens >= 1, "data.domain_train_tokens", ">= 1", self.domain_train_tokens)
 
 
@@ -341,6 +346,43 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServingConfig:
+    """``slmfactory serve``: the Ray Serve deployment of the per-domain models."""
+
+    host: str = "127.0.0.1"
+    """Bind address (loopback unless told otherwise)."""
+    port: int = 8000
+    max_models_per_replica: int = 8
+    """``@serve.multiplexed`` LRU cap: domain models held by one replica."""
+    preload: bool = False
+    """Load the first ``max_models_per_replica`` models when a replica starts."""
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0
+    """Autoscaling target per replica."""
+    max_ongoing_requests: int = 64
+    replica_cpus: float = 1.0
+    max_request_bytes: int = 1 << 20
+    max_prompt_tokens: int = 4096
+    max_tokens: int = 256
+    """Largest ``max_tokens`` a completion may ask for."""
+    max_n: int = 8
+    max_inputs: int = 32
+    """Texts per request (prompts or score inputs)."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.port <= 65535, "serving.port", "1..65535", self.port)
+        for name in ("max_models_per_replica", "min_replicas", "max_ongoing_requests", "max_request_bytes",
+                     "max_prompt_tokens", "max_tokens", "max_n", "max_inputs"):
+            _check(getattr(self, name) >= 1, f"serving.{name}", ">= 1", getattr(self, name))
+        _check(self.max_replicas >= self.min_replicas, "serving.max_replicas", ">= serving.min_replicas",
+               self.max_replicas)
+        _check(self.target_ongoing_requests > 0, "serving.target_ongoing_requests", "> 0",
+               self.target_ongoing_requests)
+        _check(self.replica_cpus > 0, "serving.replica_cpus", "> 0", self.replica_cpus)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SweepConfig:
     """The budget grid ``slmfactory sweep`` runs: every combination of strategies x
     generic budgets x specialisation budgets x in-domain sizes x domains is one trial.
@@ -397,6 +439,7 @@ class RunConfig:
     device: DeviceProfile = field(default_factory=DeviceProfile)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "name", "a non-empty string", self.name)

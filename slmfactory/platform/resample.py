@@ -244,7 +244,7 @@ def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None)
         stage.build(write)
         res = ResampleResult.from_dict(json.loads((out / "result.json").read_text()) | {"path": str(out)})
         if progress:
-            print(f"[resample] {domain}: wrote {n_rows:,} windows, {n_tokens:,} tokens, TV {res.tv_distance:.4f} "
+            print(f"[resample] {domain}: {res.windows:,} windows, {res.tokens:,} tokens, TV {res.tv_distance:.4f} "
                   f"({res.seconds:.1f}s)", file=sys.stderr, flush=True)
 
     own = tracker is None and cfg.tracking.enabled

@@ -81,6 +81,16 @@ class _Progress:
                  f"{best} | {what}")
 
 
+def _last_error(trial) -> str:
+    """The last line of a failed trial's error (its traceback stays in ``error.txt``)."""
+    path = Path(trial.local_path or "") / "error.txt"
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        return f"{lines[-1].strip()} (traceback: {path})"
+    except (OSError, IndexError):
+        return f"see {trial.local_path}"
+
+
 def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records: dict[str, dict]):
     from ray import tune
 
@@ -113,14 +123,14 @@ def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records:
         def on_trial_error(self, iteration, trials, trial, **info):
             progress.running = max(0, progress.running - 1)
             progress.failed += 1
-            progress.line(f"FAILED {names.get(trial.config.get('trial'), trial.trial_id)} "
-                          f"(log: {trial.local_path})")
+            progress.line(f"FAILED {names.get(trial.config.get('trial'), trial.trial_id)}: {_last_error(trial)}")
 
     return MlflowTrials()
 
 
 def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] | None) -> None:
-    """Tokenizer, clustering and every shared generic phase, once, on the driver."""
+    """Tokenizer, clustering, each trial's Ray Data stages and every shared generic phase,
+    once, on the driver."""
     from slmfactory.models.distributed import make_launcher
     from slmfactory.models.strategies import get_strategy
     from slmfactory.models.strategies.base import StrategyContext
@@ -132,6 +142,9 @@ def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] |
 
         for n in sorted({t.in_domain for t in plan.trials}):
             run_clustering(cfg.replace(**{"data.domain_train_tokens": n}), progress=log is not None)
+    for t in plan.trials:  # per-domain Ray Data work (resampling, expert histograms) stays out of Tune
+        tcfg = t.config(cfg)
+        get_strategy(t.strategy).prepare(StrategyContext(tcfg, make_launcher(tcfg, log=log), log=log), t.domain)
     for i, phase in enumerate(plan.generic, 1):
         trial = next(t for t in plan.trials if t.strategy == phase.strategy and t.generic == phase.budget)
         tcfg = trial.config(cfg)
@@ -147,6 +160,8 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
     from slmfactory.platform.corpus import list_domains
     from slmfactory.platform.runtime import ray_session
 
+    # Trials run with the trial folder as their working directory: paths must be absolute.
+    cfg = cfg.replace(workdir=str(cfg.root.resolve()))
     ensure_corpus(cfg, build=False)
     plan = plan_sweep(cfg, list_domains(cfg.corpus_dir))
     if dry_run:

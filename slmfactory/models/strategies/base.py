@@ -166,6 +166,11 @@ class Strategy:
         ``--dry-run``, before anything runs (measured costs come from the trainer)."""
         raise NotImplementedError
 
+    def prepare(self, ctx: StrategyContext, domain: str) -> None:
+        """Build, on the driver, what this strategy's trial on ``domain`` reads through Ray
+        Data (clusterings, resampled data), so that a trial never starts a Ray Data job
+        inside a Tune slot: with every CPU held by trials, its tasks could never run."""
+
     def settings(self, cfg: RunConfig) -> Any:
         """This strategy's own section of the config (``strategy.<name>``)."""
         return cfg.strategy.of(self.name)
@@ -192,7 +197,7 @@ class DomainData:
     def of(cls, cfg: RunConfig, domain: str) -> "DomainData":
         return cls(train=split_source(cfg, domain, "train", cfg.data.domain_train_tokens),
                    valid=split_source(cfg, domain, "valid"),
-                   test=split_source(cfg, domain, "test"))
+                   test=split_source(cfg, domain, "test", cfg.data.test_tokens or None))
 
 
 def lm_flops_per_token(cfg: RunConfig, model_key: str) -> tuple[float, float, int]:

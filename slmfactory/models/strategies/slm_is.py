@@ -42,6 +42,13 @@ class ImportanceSampling(Strategy):
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact | None:
         return None  # nothing is shared across domains
 
+    def prepare(self, ctx: StrategyContext, domain: str) -> None:
+        from slmfactory.platform.resample import resample
+
+        cfg = ctx.cfg
+        resample(cfg, domain, tokens=self.settings(cfg).resample_tokens or cfg.pretrain.max_tokens,
+                 progress=ctx.log is not None)
+
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         from slmfactory.platform.resample import load_resampled_tokens, resample
 

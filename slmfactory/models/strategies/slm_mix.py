@@ -82,6 +82,9 @@ class HardMixture(Strategy):
         tunes = s.experts if s.selection == "best-after-finetune" else 1
         return phase_flops(cfg, cfg.pretrain, train), tunes * phase_flops(cfg, cfg.finetune, train)
 
+    def prepare(self, ctx: StrategyContext, domain: str) -> None:
+        expert_clusters(ctx.cfg, self.settings(ctx.cfg).experts, domains=True)  # the domain's histogram
+
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact:
         cfg = ctx.cfg
         clusters = expert_clusters(cfg, self.settings(cfg).experts)
@@ -91,9 +94,7 @@ class HardMixture(Strategy):
         if cached is not None:
             ctx.say(f"[{self.name}] reusing generic phase {stage.dir}")
             return cached
-        data = Stage.of(cfg.root, "tokens", "generic-by-cluster", clusters=clusters.key)
-        data.build(lambda work: {"clusters": len(cluster_streams(clusters, work))})
-        sources = cluster_streams(clusters, data.dir)
+        sources = cluster_streams(cfg, clusters)
         sizes = clusters.cluster_sizes().astype(np.float64)
         valid = split_source(cfg, "generic", "valid")
         per_step = slm_flops_per_step(cfg)

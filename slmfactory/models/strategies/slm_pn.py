@@ -108,6 +108,9 @@ class ProjectedNetwork(Strategy):
         train, _, _ = lm_flops_per_token(cfg, "slm")
         return phase_flops(cfg, cfg.pretrain, train), phase_flops(cfg, cfg.finetune, train)
 
+    def prepare(self, ctx: StrategyContext, domain: str) -> None:
+        expert_clusters(ctx.cfg, self.settings(ctx.cfg).experts, domains=True)  # the domain's histogram
+
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact:
         cfg = ctx.cfg
         s = self.settings(cfg)
@@ -119,9 +122,7 @@ class ProjectedNetwork(Strategy):
         if cached is not None:
             ctx.say(f"[{self.name}] reusing generic phase {stage.dir}")
             return cached
-        data = Stage.of(cfg.root, "tokens", "generic-by-cluster", clusters=clusters.key)
-        data.build(lambda work: {"clusters": len(cluster_streams(clusters, work))})
-        sources = cluster_streams(clusters, data.dir)
+        sources = cluster_streams(cfg, clusters)
         builder = functools.partial(build_projected, n_experts=clusters.k)
         phase = f"pretrain/{self.name}"
         # `train` is only the trainer's nominal stream; batches come from the cluster slices.
