@@ -133,6 +133,6 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     log(f"[demo] done in {time.perf_counter() - t0:.0f}s: {len(outcome.plan.trials)} trials, "
         f"{len(outcome.plan.generic)} shared generic phases")
     log(f"plots and tables: {out} (report.md)")
-    log(f"browse in MLflow: slmfactory ui -c {cfg.name and 'configs/' + cfg.name + '.yaml'}   "
-        f"(experiment {outcome.experiment!r})")
+    log(f"browse in MLflow: slmfactory ui -c configs/{cfg.name}.yaml   (experiment {outcome.experiment!r})")
+    log(f"serve each domain's best model (OpenAI-compatible, http://127.0.0.1:{cfg.serving.port}/v1): make serve")
     return {"outcome": outcome, "report": report, "seconds": time.perf_counter() - t0}

@@ -174,7 +174,6 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
     # The experiment state is saved every second (trials last minutes): a killed driver
     # loses at most that much bookkeeping, and --resume knows every finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
     with ray_session(address):
         import ray
         from ray import tune
