@@ -32,16 +32,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "sweep-tiny.yaml"))
     ap.add_argument("--concurrent", type=int, default=1, help="Tune trials at once (1 = same serial work)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides")
     args = ap.parse_args()
 
     from slmfactory.pipeline import run_trial
-    from slmfactory.platform.config import load_config
+    from slmfactory.platform.config import load_config, parse_overrides
     from slmfactory.platform.corpus import build_sample_corpus, list_domains
     from slmfactory.platform.tokenizer import ensure_tokenizer
     from slmfactory.sweeps.plan import plan_sweep
     from slmfactory.sweeps.run import run_sweep
 
-    base = load_config(args.config, {"sweep.max_concurrent": args.concurrent, "tracking.enabled": True})
+    base = load_config(args.config, {"sweep.max_concurrent": args.concurrent, "tracking.enabled": True,
+                                     **parse_overrides(args.set)})
     template = Path(tempfile.mkdtemp(prefix="slmf-sweep-template-"))
     tcfg = base.replace(workdir=str(template))
     build_sample_corpus(tcfg)

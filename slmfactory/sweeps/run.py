@@ -203,7 +203,9 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
         else:
             tuner = tune.Tuner(
                 trainable, param_space=space,
-                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent,
+                # Trial actors are reused: a new process per trial (torch, transformers
+                # imports) would cost seconds per trial.
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
                                             trial_name_creator=lambda t: by_key[t.config["trial"]].name,
                                             trial_dirname_creator=lambda t: by_key[t.config["trial"]].name[:80]),
                 run_config=tune.RunConfig(name=plan.name, storage_path=str(path.parent), callbacks=[callback],
