@@ -192,7 +192,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from slmfactory.pipeline import run_demo
+    from slmfactory.sweeps.demo import run_demo
 
     run_demo(_config(args))
 
