@@ -62,6 +62,19 @@ def test_dry_run_prints_the_plan_and_runs_nothing(work):
     assert not (work / "generic").exists() and not (work / "sweeps").exists()
 
 
+def _finished_trial_count(db: Path) -> int:
+    """Finished trial runs, read straight from the sqlite file (read-only): an MLflow client
+    here could run its schema migration while the driver is creating the database."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT COUNT(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                               "WHERE t.key = 'slmfactory.trial' AND r.status = 'FINISHED'").fetchone()[0]
+    except sqlite3.Error:
+        return 0  # not created yet, or being created
+
+
 def _finished_trial_runs(uri: str, experiment: str):
     from mlflow.tracking import MlflowClient
 
@@ -83,15 +96,12 @@ def test_sweep_killed_midway_resumes_with_one_run_per_trial(work):
     driver = subprocess.Popen([sys.executable, "-m", "slmfactory.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "SLMFACTORY_LAUNCHER": "local"})
     deadline = time.time() + 400
-    finished = []
-    while time.time() < deadline and driver.poll() is None:
-        _, finished = _finished_trial_runs(uri, experiment) if (work / "mlflow.db").exists() else (None, [])
-        if finished:
-            break
+    while time.time() < deadline and driver.poll() is None and not _finished_trial_count(work / "mlflow.db"):
         time.sleep(0.5)
-    assert finished, "no trial finished before the deadline"
     driver.send_signal(signal.SIGKILL)  # the driver dies mid-sweep: no cleanup, no final state
     driver.wait(timeout=60)
+    _, finished = _finished_trial_runs(uri, experiment)
+    assert finished, "no trial finished before the deadline"
     done_before = {r.data.tags["slmfactory.trial"]: r.info.start_time for r in finished}
     markers = {p: p.stat().st_mtime_ns for p in (work / "train").glob("*/stage.json")}
     assert len(done_before) < 4

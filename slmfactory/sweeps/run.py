@@ -113,7 +113,8 @@ def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records:
             record = json.loads(result["record"])
             key = trial.config["trial"]
             records[key] = record
-            log_trial(cfg, experiment_name(cfg, plan), key, record)
+            if cfg.tracking.enabled:
+                log_trial(cfg, experiment_name(cfg, plan), key, record)
             progress.done += 1
             ppl = record["metrics"]["ppl_macro"]
             if progress.best is None or ppl < progress.best[0]:
@@ -180,6 +181,10 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
 
         if resume and not tune.Tuner.can_restore(str(path)):
             raise SlmFactoryError(f"sweep --resume: no sweep to resume at {path} (run it without --resume first)")
+        if cfg.tracking.enabled:  # create the store and experiment before any trial logs to it
+            from slmfactory.platform.tracking import client_for, ensure_experiment
+
+            ensure_experiment(client_for(cfg.tracking_uri), cfg.tracking_uri, experiment_name(cfg, plan))
         prepare_shared(cfg, plan, log)
         cpus = float(ray.cluster_resources().get("CPU", 1))
         per_trial = cfg.scaling.cpus_per_worker if cfg.scaling.num_workers == 1 else 0.1
