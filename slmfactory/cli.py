@@ -114,10 +114,9 @@ def cmd_sweep(args) -> None:
 
 
 def _experiment(cfg, name: str | None) -> str:
-    from slmfactory.sweeps.run import experiment_name
-    from slmfactory.sweeps.plan import SweepPlan
+    from slmfactory.sweeps.plan import experiment_name
 
-    return name or experiment_name(cfg, SweepPlan(cfg.sweep.name or cfg.name, [], [], {}, {}))
+    return name or experiment_name(cfg)
 
 
 def cmd_report(args) -> None:

@@ -118,10 +118,6 @@ class TokenSource:
     def load(self) -> np.ndarray:
         return np.asarray(np.load(self.path, mmap_mode="r")[self.start:self.stop])
 
-    def __len__(self) -> int:
-        stop = self.stop if self.stop is not None else len(np.load(self.path, mmap_mode="r"))
-        return stop - self.start
-
     @classmethod
     def of_array(cls, array: np.ndarray, path: Path) -> "TokenSource":
         """Write ``array`` (a root input: tests, benchmarks) and key it by its content."""

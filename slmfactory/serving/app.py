@@ -419,7 +419,9 @@ def build_app(args: dict):
     if args.get("models"):
         entries = cat.from_folder(args["models"], cap)
     else:
-        experiment = args.get("from_mlflow") or f"{cfg.tracking.experiment}-{cfg.sweep.name or cfg.name}"
+        from slmfactory.sweeps.plan import experiment_name
+
+        experiment = args.get("from_mlflow") or experiment_name(cfg)
         entries = cat.from_mlflow(cfg.tracking_uri, experiment, cap)
     catalog = {d: {"path": e.path, "strategy": e.strategy, "params": e.params, "test_ppl": e.test_ppl}
                for d, e in entries.items()}

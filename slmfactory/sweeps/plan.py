@@ -84,6 +84,15 @@ class SweepPlan:
     """Trial key -> its generic phase's label (None: no generic phase)."""
 
 
+def sweep_name(cfg: RunConfig) -> str:
+    return cfg.sweep.name or cfg.name
+
+
+def experiment_name(cfg: RunConfig) -> str:
+    """The sweep's MLflow experiment (what ``report``, ``recommend`` and ``serve`` read)."""
+    return f"{cfg.tracking.experiment}-{sweep_name(cfg)}"
+
+
 def budget_of(tcfg) -> Budget:
     """The budget a TrainConfig spends: its FLOP cap if set, else its token budget."""
     return Budget("flops", float(tcfg.max_flops)) if tcfg.max_flops else Budget("tokens", float(tcfg.max_tokens))
@@ -138,7 +147,7 @@ def plan_sweep(cfg: RunConfig, domains_available: list[str]) -> SweepPlan:
             phases[key] = GenericPhase(family, t.generic, t.strategy, 0, g_flops)
         phases[key].trials += 1
         generic_of[t.key] = f"{family}@{t.generic.label()}"
-    return SweepPlan(name=s.name or cfg.name, trials=trials, generic=list(phases.values()),
+    return SweepPlan(name=sweep_name(cfg), trials=trials, generic=list(phases.values()),
                      spec_flops=spec_flops, generic_of=generic_of)
 
 

@@ -29,7 +29,7 @@ from typing import Callable
 
 from slmfactory.platform.config import RunConfig, from_dict
 from slmfactory.platform.errors import SlmFactoryError
-from slmfactory.sweeps.plan import SweepPlan, describe, plan_sweep
+from slmfactory.sweeps.plan import SweepPlan, describe, experiment_name, plan_sweep
 
 @dataclass
 class SweepOutcome:
@@ -42,10 +42,6 @@ class SweepOutcome:
 
 def sweep_dir(cfg: RunConfig, name: str) -> Path:
     return (cfg.root / "sweeps").resolve() / name
-
-
-def experiment_name(cfg: RunConfig, plan: SweepPlan) -> str:
-    return f"{cfg.tracking.experiment}-{plan.name}"
 
 
 def _trainable(config: dict) -> None:
@@ -114,7 +110,7 @@ def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records:
             key = trial.config["trial"]
             records[key] = record
             if cfg.tracking.enabled:
-                log_trial(cfg, experiment_name(cfg, plan), key, record)
+                log_trial(cfg, experiment_name(cfg), key, record)
             progress.done += 1
             ppl = record["metrics"]["ppl_macro"]
             if progress.best is None or ppl < progress.best[0]:
@@ -184,14 +180,14 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
         if cfg.tracking.enabled:  # create the store and experiment before any trial logs to it
             from slmfactory.platform.tracking import client_for, ensure_experiment
 
-            ensure_experiment(client_for(cfg.tracking_uri), cfg.tracking_uri, experiment_name(cfg, plan))
+            ensure_experiment(client_for(cfg.tracking_uri), cfg.tracking_uri, experiment_name(cfg))
         prepare_shared(cfg, plan, log)
         cpus = float(ray.cluster_resources().get("CPU", 1))
         per_trial = cfg.scaling.cpus_per_worker if cfg.scaling.num_workers == 1 else 0.1
         concurrent = cfg.sweep.max_concurrent or max(1, int(cpus // max(per_trial, 1e-9)))
         if log:
             log(f"[sweep] {len(plan.trials)} trials on Ray Tune, up to {concurrent} at a time "
-                f"({cpus:g} CPUs); MLflow experiment {experiment_name(cfg, plan)!r} at {cfg.tracking_uri}")
+                f"({cpus:g} CPUs); MLflow experiment {experiment_name(cfg)!r} at {cfg.tracking_uri}")
         progress = _Progress(len(plan.trials), log)
         callback = make_callback(cfg, plan, progress, records)
         trainable = tune.with_resources(_trainable, {"cpu": per_trial})
@@ -223,4 +219,4 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
     if failed:
         raise SlmFactoryError(f"sweep: {len(failed)} of {len(plan.trials)} trials failed (first: {failed[0].error}); "
                               f"fix and rerun with --resume")
-    return SweepOutcome(plan, experiment_name(cfg, plan), records, time.perf_counter() - t0)
+    return SweepOutcome(plan, experiment_name(cfg), records, time.perf_counter() - t0)
