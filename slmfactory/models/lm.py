@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from slmfactory.platform.config import PRESETS, Preset
+from slmfactory.platform.config import Preset
 
 
 def resolve(model_cfg) -> Preset:
     """The preset named by ``model_cfg.preset`` with any non-zero explicit dims applied."""
-    p = PRESETS[model_cfg.preset]
-    return Preset(
-        n_layers=model_cfg.n_layers or p.n_layers,
-        d_model=model_cfg.d_model or p.d_model,
-        d_mlp=model_cfg.d_mlp or p.d_mlp,
-        n_heads=model_cfg.n_heads or p.n_heads,
-    )
+    return model_cfg.dims()
 
 
 def llama_config(model_cfg, vocab_size: int, seq_len: int):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from slmfactory.models.data import Batch, PackedBatches, as_sequences
-from slmfactory.platform.cost import CostRecord, train_flops_per_token
+from slmfactory.platform.cost import TRAIN, CostRecord, Work, model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import DataError
 
 
@@ -66,15 +66,31 @@ class TrainResult:
         return cls(**d, cost=cost)
 
 
+def eval_device() -> torch.device:
+    """Where a trial evaluates: its GPU when the process has one (Ray exposes only the
+    trial's own GPUs), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_for(device: torch.device | str) -> Callable:
+    """The trainer's mixed precision on ``device``: bf16 autocast on CUDA, none elsewhere."""
+    if torch.device(device).type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext
+
+
 @torch.no_grad()
 def evaluate_nll(model, tokens: np.ndarray, seq_len: int, batch_size: int = 16,
-                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                 rank: int = 0, world_size: int = 1, device: torch.device | str | None = None,
                  autocast: Callable = nullcontext) -> tuple[float, int]:
-    """Summed next-token NLL and the number of predicted tokens over ``tokens``.
+    """Summed next-token NLL and the number of predicted tokens over ``tokens``, on
+    ``device`` (default: where the model is).
 
     Sequences are split across ranks and the sums all-reduced when a process group is up,
     so every rank returns the same totals.
     """
+    if device is None:
+        device = next(model.parameters()).device
     seqs = as_sequences(tokens, seq_len, "eval")[rank::world_size]
     was_training = model.training
     model.eval()
@@ -122,8 +138,7 @@ class Trainer:
         self.device = torch.device(device)
         self.log = log if rank == 0 else None
         self.log_every = log_every
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda" \
-            else nullcontext
+        self.autocast = autocast_for(self.device)
         self.flops_per_token = self.compute_flops_per_token()
         tokens_per_step = cfg.batch_size * seq_len
         steps = cfg.max_tokens // tokens_per_step
@@ -148,6 +163,12 @@ class Trainer:
     # -- hooks ------------------------------------------------------------------------
     def compute_flops_per_token(self) -> float:
         return train_flops_per_token(self.model, self.seq_len)
+
+    def cost_work(self, tokens: int, steps: int) -> list[Work]:
+        """What the device profile prices (``platform.cost``): by default one training
+        item of this model's compute parameters."""
+        return [Work(TRAIN, tokens, tokens * self.flops_per_token, model_flop_terms(self.model)[0], steps,
+                     workers=self.world_size)]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -280,7 +301,8 @@ class Trainer:
         self.elapsed = time.perf_counter() - t_start
         tokens = self.step * cfg.batch_size * self.seq_len
         flops = tokens * self.flops_per_token
-        cost = CostRecord.of(self.phase, tokens, flops, self.elapsed, self.profile, self.world_size)
+        cost = CostRecord.of(self.phase, self.cost_work(tokens, self.step), self.elapsed, self.profile,
+                             self.world_size)
         self.finished = TrainResult(steps=self.step, tokens=tokens,
                                     train_loss=float(np.mean(recent)) if recent else math.nan,
                                     best_valid_nll=self.best_valid, valid_history=list(self.history),

@@ -12,6 +12,7 @@ full dotted key, so a typo in a recipe is a one-line message, not a traceback.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,6 +152,12 @@ class ModelConfig:
             _check(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
         if self.d_model and self.n_heads:
             _check(self.d_model % self.n_heads == 0, "d_model", "a multiple of n_heads", self.d_model)
+
+    def dims(self) -> Preset:
+        """The preset's numbers with any non-zero explicit dims applied."""
+        p = PRESETS[self.preset]
+        return Preset(n_layers=self.n_layers or p.n_layers, d_model=self.d_model or p.d_model,
+                      d_mlp=self.d_mlp or p.d_mlp, n_heads=self.n_heads or p.n_heads)
 
 
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -323,18 +330,88 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Throughput:
+    """Measured tokens/s of one device for a model of ``params`` parameters (one row of a
+    device profile's table: ``bench/gpu_mfu.py --profile`` writes them, or a user supplies
+    them, e.g. PAPER.md's Table 2 for A100s)."""
+
+    params: float
+    """Parameters of the measured model (the compute-bearing count: tied head included)."""
+    train_tokens_per_s: float
+    """Training tokens/s per device (forward, backward, optimiser step)."""
+    inference_tokens_per_s: float = 0.0
+    """Forward-only tokens/s per device (0: not measured; the training row scaled by 3)."""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.params > 0, "device.throughput[].params", "> 0", self.params)
+        _check(self.train_tokens_per_s > 0, "device.throughput[].train_tokens_per_s", "> 0",
+               self.train_tokens_per_s)
+        _check(self.inference_tokens_per_s >= 0, "device.throughput[].inference_tokens_per_s", ">= 0",
+               self.inference_tokens_per_s)
+
+
+@dataclass(frozen=True, kw_only=True)
 class DeviceProfile:
-    """Converts FLOPs and seconds into device-hours (paper's unit: A100 GPU-hours)."""
+    """Converts work (tokens of a model of some size, optimiser steps) into device-hours
+    (paper's unit: A100 GPU-hours); ``slmfactory.platform.cost`` holds the arithmetic."""
 
     name: str = "cpu-2core"
     peak_flops: float = 2.15e11
     """Peak dense FLOP/s of one device at the training precision."""
     mfu: float = 0.6
-    """Assumed model FLOP utilisation when converting FLOPs to device-hours."""
+    """Model FLOP utilisation assumed where no measured throughput applies."""
+    throughput: tuple[Throughput, ...] = ()
+    """Measured throughput by model size. Between rows, utilisation is interpolated in
+    log(params); beyond them, the nearest row's utilisation holds."""
+    throughput_file: str = ""
+    """A JSON list of ``throughput`` rows (``bench/gpu_mfu.py --profile FILE`` writes one),
+    added to ``throughput``."""
+    memory_bandwidth: float = 0.0
+    """Device memory bytes/s: prices the optimiser over parameters a model updates beyond
+    its compute path (slm-pn's projection tensors). 0: not counted."""
+    interconnect_bandwidth: float = 0.0
+    """All-reduce bus bytes/s between data-parallel devices (NCCL busbw). 0: not counted."""
+    optimizer_bytes_per_param: float = 28.0
+    """Memory traffic of one fp32 Adam update per parameter: reads p, g, m, v; writes p, m, v."""
+    grad_bytes_per_param: float = 4.0
+    """Bytes per gradient element all-reduced across data-parallel workers (fp32)."""
 
     def __post_init__(self) -> None:
         _check(self.peak_flops > 0, "device.peak_flops", "> 0", self.peak_flops)
         _check(0 < self.mfu <= 1, "device.mfu", "in (0, 1]", self.mfu)
+        for key in ("memory_bandwidth", "interconnect_bandwidth", "optimizer_bytes_per_param",
+                    "grad_bytes_per_param"):
+            _check(getattr(self, key) >= 0, f"device.{key}", ">= 0", getattr(self, key))
+        if self.throughput_file and not Path(self.throughput_file).expanduser().is_file():
+            raise ConfigError(f"device.throughput_file: {self.throughput_file} is not a file "
+                              f"(expected the JSON that `bench/gpu_mfu.py --profile FILE` writes)")
+
+    def rows(self) -> tuple[Throughput, ...]:
+        """The measured rows, sorted by size (the table plus ``throughput_file``'s)."""
+        rows = list(self.throughput)
+        if self.throughput_file:
+            path = Path(self.throughput_file).expanduser()
+            rows += _throughput_file_rows(str(path), path.stat().st_mtime_ns)
+        return tuple(sorted(rows, key=lambda r: r.params))
+
+
+@functools.lru_cache(maxsize=8)
+def _throughput_file_rows(path: str, mtime_ns: int) -> tuple[Throughput, ...]:
+    """A profile file's rows (cached per file version: costs are priced many times)."""
+    import json
+
+    expected = "a JSON list of {params, train_tokens_per_s, inference_tokens_per_s} rows"
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"device.throughput_file: {path}: expected {expected} ({e})") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"device.throughput_file: {path}: expected {expected}, got {type(data).__name__}")
+    try:
+        return tuple(_coerce(r, Throughput, f"device.throughput_file[{i}]") for i, r in enumerate(data))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {path})") from None
 
 
 @dataclass(frozen=True, kw_only=True)

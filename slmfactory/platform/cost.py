@@ -2,9 +2,21 @@
 
 Training FLOPs per token ≈ 6·N + 6·L·T·d (Kaplan et al.: N non-embedding parameters
 incl. the output head, plus attention scores over context T); inference ≈ 2·N + 2·L·T·d
-per token. Device-hours come two ways: measured wall seconds × workers, and FLOPs /
-(peak · MFU) of the configured device profile (the paper's unit: A100 GPU-hours).
-Total over N domains: C(N) = C_generic + N · C_specialisation.
+per token. Total over N domains: C(N) = C_generic + N · C_specialisation.
+
+Device-hours come two ways: measured wall seconds × workers, and the *projected* hours of
+the configured device profile (the paper's unit: A100 GPU-hours), derived from the
+stored :class:`Work` on every load, never frozen at run time:
+
+- a model of N parameters runs at the utilisation the profile *measured* for that size
+  (``device.throughput``: tokens/s per device by model size; utilisation = tokens/s ·
+  c·N / peak with c = 6 for training and 2 for inference, interpolated in log N between
+  rows), else at ``device.mfu``. One MFU for every size was the old model: it put the
+  SLM and the LLM 6x apart where the paper measured 3.5x (small models use the GPU less).
+- parameters a model updates beyond its compute path (slm-pn's projection tensors: the
+  whole 1.4B-parameter network is in the optimiser while each token sees a 127M expert)
+  cost, every step and on every data-parallel device, one fp32 Adam update read and
+  written through device memory plus a ring all-reduce of their gradients.
 """
 
 from __future__ import annotations
@@ -33,6 +45,73 @@ def inference_flops_per_token(model, seq_len: int) -> float:
     return 2.0 * n + 2.0 * layers * seq_len * d
 
 
+TRAIN, INFERENCE = "train", "inference"
+FLOPS_PER_PARAM = {TRAIN: 6.0, INFERENCE: 2.0}
+
+
+@dataclass(frozen=True)
+class Work:
+    """One homogeneous piece of device work: what a device profile turns into hours."""
+
+    kind: str
+    """``train`` (forward, backward, update) or ``inference`` (forward only)."""
+    tokens: int
+    flops: float
+    params: float
+    """Compute parameters of the model doing it (``model_flop_terms``' N)."""
+    steps: int = 0
+    optimizer_extra_params: float = 0.0
+    """Parameters updated each step beyond the compute path's (slm-pn's T, M, E)."""
+    workers: int = 1
+
+    @classmethod
+    def of(cls, d: dict) -> "Work":
+        return cls(**d)
+
+
+def utilisation(profile, params: float, kind: str) -> float:
+    """Model FLOP utilisation of a ``params``-parameter model on ``profile``: the measured
+    rows' (tokens/s · c·N / peak), linear in log N between rows and flat beyond them;
+    ``profile.mfu`` when nothing was measured."""
+    import math
+
+    rows = [(r.params, r.train_tokens_per_s if kind == TRAIN else (r.inference_tokens_per_s or 3.0 * r.train_tokens_per_s))
+            for r in profile.rows()]
+    if not rows or params <= 0:
+        return profile.mfu
+    c = FLOPS_PER_PARAM[kind]
+    points = [(math.log(n), tps * c * n / profile.peak_flops) for n, tps in rows]
+    x = math.log(params)
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, u0), (x1, u1) in zip(points, points[1:]):
+        if x <= x1:
+            return u0 + (u1 - u0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+def device_seconds(work: Work, profile) -> float:
+    """Projected device-seconds of ``work`` (summed over its data-parallel workers)."""
+    if profile.rows() and work.params > 0:
+        # Measured rows price tokens: attention and all the FLOP count leaves out are inside
+        # the measured tokens/s (at the context they were measured at).
+        compute = (work.tokens * FLOPS_PER_PARAM[work.kind] * work.params
+                   / (profile.peak_flops * utilisation(profile, work.params, work.kind)))
+    else:
+        compute = work.flops / (profile.peak_flops * profile.mfu)
+    if work.kind != TRAIN or work.optimizer_extra_params <= 0 or work.steps <= 0:
+        return compute
+    # Per step, every worker updates the extra parameters (memory-bound) and the ring
+    # all-reduce moves 2(w-1)/w of their gradients; every worker waits for both.
+    per_step = 0.0
+    if profile.memory_bandwidth:
+        per_step += work.optimizer_extra_params * profile.optimizer_bytes_per_param / profile.memory_bandwidth
+    if profile.interconnect_bandwidth and work.workers > 1:
+        per_step += (2.0 * (work.workers - 1) / work.workers * work.optimizer_extra_params
+                     * profile.grad_bytes_per_param / profile.interconnect_bandwidth)
+    return compute + work.steps * per_step * work.workers
+
+
 @dataclass
 class CostRecord:
     """What one phase (generic pretraining, specialisation, teacher inference…) cost."""
@@ -44,24 +123,31 @@ class CostRecord:
     workers: int = 1
     device: str = "cpu"
     device_hours: float = 0.0
-    """FLOPs converted with the device profile (comparable across machines)."""
+    """Projected with the device profile from ``work`` (comparable across machines)."""
     measured_device_hours: float = 0.0
     """wall_seconds · workers / 3600 (what this machine actually spent)."""
+    work: list = field(default_factory=list)
+    """The :class:`Work` items (as dicts) the projection is derived from."""
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, phase: str, tokens: int, flops: float, wall_seconds: float, profile,
-           workers: int = 1, **extra) -> "CostRecord":
-        return cls(phase=phase, tokens=int(tokens), flops=float(flops), wall_seconds=float(wall_seconds),
-                   workers=workers, device=profile.name,
-                   device_hours=flops / (profile.peak_flops * profile.mfu) / 3600.0,
-                   measured_device_hours=wall_seconds * workers / 3600.0, extra=dict(extra))
+    def of(cls, phase: str, work: list[Work] | Work, wall_seconds: float, profile, workers: int = 1,
+           **extra) -> "CostRecord":
+        work = [work] if isinstance(work, Work) else list(work)
+        rec = cls(phase=phase, tokens=int(sum(w.tokens for w in work)), flops=float(sum(w.flops for w in work)),
+                  wall_seconds=float(wall_seconds), workers=workers,
+                  work=[asdict(w) for w in work], extra=dict(extra))
+        return rec.rebased(profile)
 
     def rebased(self, profile) -> "CostRecord":
-        """The same work under ``profile``: device-hours are derived from the stored FLOPs
-        (and measured seconds) under today's device profile, never frozen at run time."""
-        return dataclasses.replace(self, device=profile.name,
-                                   device_hours=self.flops / (profile.peak_flops * profile.mfu) / 3600.0,
+        """The same work under ``profile``: device-hours are derived from the stored work
+        (and measured seconds) under today's device profile, never frozen at run time.
+        A record without work items (older stores) falls back to its FLOPs at ``mfu``."""
+        if self.work:
+            hours = sum(device_seconds(Work.of(w), profile) for w in self.work) / 3600.0
+        else:
+            hours = self.flops / (profile.peak_flops * profile.mfu) / 3600.0
+        return dataclasses.replace(self, device=profile.name, device_hours=hours,
                                    measured_device_hours=self.wall_seconds * self.workers / 3600.0)
 
     def __add__(self, other: "CostRecord") -> "CostRecord":
@@ -69,7 +155,8 @@ class CostRecord:
                           flops=self.flops + other.flops, wall_seconds=self.wall_seconds + other.wall_seconds,
                           workers=max(self.workers, other.workers), device=self.device,
                           device_hours=self.device_hours + other.device_hours,
-                          measured_device_hours=self.measured_device_hours + other.measured_device_hours)
+                          measured_device_hours=self.measured_device_hours + other.measured_device_hours,
+                          work=self.work + other.work)
 
     def to_dict(self) -> dict:
         return asdict(self)

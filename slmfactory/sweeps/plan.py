@@ -1,5 +1,7 @@
 """A sweep's trial plan: the recipe's ``sweep:`` grid expanded into trials, the generic
-phases they share, and each phase's projected FLOPs and device-hours.
+phases they share, each phase's projected FLOPs and device-hours (priced by the device
+profile from each phase's :class:`~slmfactory.platform.cost.Work`), and the peak memory
+each stage needs.
 
 A trial is (strategy, domain, generic budget, specialisation budget, in-domain size). Its
 run config is the base recipe with those five set; everything else (stage keys, resume,
@@ -13,6 +15,7 @@ import itertools
 from dataclasses import dataclass
 
 from slmfactory.platform.config import RunConfig
+from slmfactory.platform.cost import Work, device_seconds
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.stages import digest
 
@@ -70,7 +73,11 @@ class GenericPhase:
     strategy: str
     """A strategy that trains it (the driver runs its ``pretrain``)."""
     trials: int
-    flops: float
+    work: list[Work]
+
+    @property
+    def flops(self) -> float:
+        return sum(w.flops for w in self.work)
 
 
 @dataclass
@@ -78,8 +85,8 @@ class SweepPlan:
     name: str
     trials: list[Trial]
     generic: list[GenericPhase]
-    spec_flops: dict[str, float]
-    """Trial key -> projected specialisation FLOPs."""
+    spec_work: dict[str, list[Work]]
+    """Trial key -> projected specialisation work."""
     generic_of: dict[str, str | None]
     """Trial key -> its generic phase's label (None: no generic phase)."""
 
@@ -131,41 +138,64 @@ def plan_sweep(cfg: RunConfig, domains_available: list[str]) -> SweepPlan:
     trials = [Trial(st, d, g, sp, n) for st, g, sp, n, d in itertools.product(s.strategies, generic, spec, sizes,
                                                                                domains)]
     phases: dict[tuple[str, Budget], GenericPhase] = {}
-    spec_flops: dict[str, float] = {}
+    spec_work: dict[str, list[Work]] = {}
     generic_of: dict[str, str | None] = {}
     for t in trials:
         strategy = get_strategy(t.strategy)
         tcfg = t.config(cfg)
-        g_flops, s_flops = strategy.projected_flops(tcfg)
-        spec_flops[t.key] = s_flops
+        g_work, s_work = strategy.projected_work(tcfg)
+        spec_work[t.key] = s_work
         family = strategy.generic_family
         if family is None:
             generic_of[t.key] = None
             continue
         key = (family, t.generic)
         if key not in phases:
-            phases[key] = GenericPhase(family, t.generic, t.strategy, 0, g_flops)
+            phases[key] = GenericPhase(family, t.generic, t.strategy, 0, g_work)
         phases[key].trials += 1
         generic_of[t.key] = f"{family}@{t.generic.label()}"
     return SweepPlan(name=sweep_name(cfg), trials=trials, generic=list(phases.values()),
-                     spec_flops=spec_flops, generic_of=generic_of)
+                     spec_work=spec_work, generic_of=generic_of)
+
+
+def hours(work: list[Work], profile) -> float:
+    return sum(device_seconds(w, profile) for w in work) / 3600.0
 
 
 def describe(plan: SweepPlan, cfg: RunConfig) -> str:
-    """The dry-run's text: trials, the shared generic phases, projected FLOPs and hours."""
+    """The dry-run's text: trials, the shared generic phases, projected FLOPs and
+    device-hours per phase and in total, and the peak memory of each stage."""
+    from slmfactory.platform.footprint import GiB, stage_memory
+
     profile = cfg.device
-    hours = lambda flops: flops / (profile.peak_flops * profile.mfu) / 3600.0  # noqa: E731
-    lines = [f"sweep {plan.name!r}: {len(plan.trials)} trials, {len(plan.generic)} shared generic phases "
-             f"(device profile {profile.name}: {profile.peak_flops:.3g} FLOP/s x MFU {profile.mfu})", "",
-             f"{'generic phase':<28}{'trials':>7}{'FLOPs':>12}{'hours':>10}"]
+    measured = ", ".join(f"{r.params / 1e6:,.0f}M: {r.train_tokens_per_s:,.0f} tok/s" for r in profile.rows())
+    lines = [f"sweep {plan.name!r}: {len(plan.trials)} trials, {len(plan.generic)} shared generic phases",
+             f"device profile {profile.name}: peak {profile.peak_flops:.3g} FLOP/s, "
+             + (f"measured training throughput {measured} (MFU {profile.mfu} elsewhere)" if measured
+                else f"MFU {profile.mfu}") + f"; {cfg.scaling.num_workers} workers per phase", "",
+             f"{'generic phase':<28}{'trials':>7}{'tokens':>12}{'FLOPs':>12}{'hours':>11}"]
     for p in plan.generic:
-        lines.append(f"{p.family + '@' + p.budget.label():<28}{p.trials:>7}{p.flops:>12.3e}{hours(p.flops):>10.3f}")
-    lines += ["", f"{'trial':<52}{'generic phase':<24}{'spec FLOPs':>12}{'hours':>10}"]
+        tokens = sum(w.tokens for w in p.work)
+        lines.append(f"{p.family + '@' + p.budget.label():<28}{p.trials:>7}{tokens:>12.3g}{p.flops:>12.3e}"
+                     f"{hours(p.work, profile):>11.2f}")
+    lines += ["", f"{'trial':<52}{'generic phase':<24}{'spec FLOPs':>12}{'hours':>11}"]
     for t in plan.trials:
-        f = plan.spec_flops[t.key]
-        lines.append(f"{t.name:<52}{plan.generic_of[t.key] or '-':<24}{f:>12.3e}{hours(f):>10.3f}")
-    g_total = sum(p.flops for p in plan.generic)
-    s_total = sum(plan.spec_flops.values())
-    lines += ["", f"total: generic {g_total:.3e} FLOPs ({hours(g_total):.3f} h), specialisation "
-              f"{s_total:.3e} FLOPs ({hours(s_total):.3f} h), all {hours(g_total + s_total):.3f} {profile.name} hours"]
+        work = plan.spec_work[t.key]
+        lines.append(f"{t.name:<52}{plan.generic_of[t.key] or '-':<24}{sum(w.flops for w in work):>12.3e}"
+                     f"{hours(work, profile):>11.2f}")
+    g_work = [w for p in plan.generic for w in p.work]
+    s_work = [w for work in plan.spec_work.values() for w in work]
+    g_h, s_h = hours(g_work, profile), hours(s_work, profile)
+    lines += ["", f"total: generic {sum(w.flops for w in g_work):.3e} FLOPs ({g_h:,.2f} h), specialisation "
+              f"{sum(w.flops for w in s_work):.3e} FLOPs ({s_h:,.2f} h), all {g_h + s_h:,.2f} {profile.name} hours"]
+    extra = {}
+    for p in plan.generic:
+        top = max((w.optimizer_extra_params for w in p.work), default=0.0)
+        if top > 0:
+            extra[p.family] = max(extra.get(p.family, 0.0), top)
+    rows = stage_memory(cfg, extra)
+    lines += ["", f"{'peak memory by stage':<34}{'where':<8}{'estimate':>13}  grows with"]
+    lines += [r.line() for r in rows]
+    device_peak = max(r.bytes for r in rows if r.where == "device") / GiB
+    lines.append(f"largest per-device need: {device_peak:.1f} GiB")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from typing import Callable
 
 from slmfactory.platform.config import RunConfig, from_dict
 from slmfactory.platform.errors import SlmFactoryError
-from slmfactory.sweeps.plan import SweepPlan, describe, experiment_name, plan_sweep
+from slmfactory.sweeps.plan import SweepPlan, describe, experiment_name, hours, plan_sweep
 
 @dataclass
 class SweepOutcome:
@@ -147,7 +147,8 @@ def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] |
         tcfg = trial.config(cfg)
         if log:
             log(f"[sweep] generic phase {i}/{len(plan.generic)}: {phase.family}@{phase.budget.label()} "
-                f"(shared by {phase.trials} trials; projected {phase.flops:.3e} FLOPs)")
+                f"(shared by {phase.trials} trials; projected {phase.flops:.3e} FLOPs, "
+                f"{hours(phase.work, cfg.device):.3g} {cfg.device.name} hours)")
         get_strategy(phase.strategy).pretrain(StrategyContext(tcfg, make_launcher(tcfg, log=log), log=log))
 
 
@@ -159,6 +160,12 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
 
     # Trials run with the trial folder as their working directory: paths must be absolute.
     cfg = cfg.replace(workdir=str(cfg.root.resolve()))
+    if dry_run and not (cfg.corpus_dir / "manifest.json").is_file():
+        # A plan needs no corpus: paper scale is planned before its corpus exists.
+        plan = plan_sweep(cfg, list(cfg.sweep.domains) or list(cfg.corpus.domains))
+        if log:
+            log(f"(no corpus at {cfg.corpus_dir} yet: domains taken from the recipe)\n" + describe(plan, cfg))
+        return None
     ensure_corpus(cfg, build=False)
     plan = plan_sweep(cfg, list_domains(cfg.corpus_dir))
     if dry_run:

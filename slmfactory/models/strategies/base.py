@@ -31,9 +31,9 @@ import torch
 from slmfactory.models.data import PackedBatches, TokenSource, split_source
 from slmfactory.models.launch import FitOutput, Launcher, WorkerContext
 from slmfactory.models.lm import build_model, count_params
-from slmfactory.models.trainer import Trainer, TrainResult, evaluate_nll
+from slmfactory.models.trainer import Trainer, TrainResult, autocast_for, eval_device, evaluate_nll
 from slmfactory.platform.config import RunConfig, TrainConfig, from_dict, register_strategy_settings, strategy_settings
-from slmfactory.platform.cost import CostRecord, inference_flops_per_token
+from slmfactory.platform.cost import TRAIN, CostRecord, Work, inference_flops_per_token
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.stages import Stage
 from slmfactory.platform.tokenizer import ensure_tokenizer
@@ -161,9 +161,10 @@ class Strategy:
     """What its generic phase is shared with (a sweep trains one per family and budget);
     None: no generic phase."""
 
-    def projected_flops(self, cfg: RunConfig) -> tuple[float, float]:
-        """(generic, specialisation) training FLOPs the budgets allow: the plan of a sweep's
-        ``--dry-run``, before anything runs (measured costs come from the trainer)."""
+    def projected_work(self, cfg: RunConfig) -> tuple[list[Work], list[Work]]:
+        """(generic, specialisation) work the budgets allow, one item per phase (the
+        device profile prices each): the plan of a sweep's ``--dry-run``, before anything
+        runs (measured costs come from the trainer's ``cost_work``)."""
         raise NotImplementedError
 
     def prepare(self, ctx: StrategyContext, domain: str) -> None:
@@ -211,13 +212,16 @@ def lm_flops_per_token(cfg: RunConfig, model_key: str) -> tuple[float, float, in
             model_flop_terms(model)[0])
 
 
-def phase_flops(cfg: RunConfig, tcfg: TrainConfig, flops_per_token: float) -> float:
-    """Training FLOPs of a phase run to its budget (the trainer's own step arithmetic)."""
+def phase_work(cfg: RunConfig, tcfg: TrainConfig, flops_per_token: float, params: float,
+               optimizer_extra_params: float = 0.0, kind: str = TRAIN) -> Work:
+    """The work of a phase run to its budget (the trainer's own step arithmetic);
+    ``kind=INFERENCE`` is a forward pass over the same tokens (a teacher's)."""
     per_step = tcfg.batch_size * cfg.data.seq_len
     steps = tcfg.max_tokens // per_step
     if tcfg.max_flops > 0:
         steps = min(steps, int(tcfg.max_flops // (flops_per_token * per_step)))
-    return float(steps * per_step * flops_per_token)
+    return Work(kind, steps * per_step, float(steps * per_step * flops_per_token), params,
+                steps if kind == TRAIN else 0, optimizer_extra_params, cfg.scaling.num_workers)
 
 
 def train_section(cfg: RunConfig, phase: str) -> TrainConfig:
@@ -284,10 +288,19 @@ def vocab_size_of(cfg: RunConfig) -> int:
                                                if t["content"] not in data["model"]["vocab"])
 
 
-def evaluate_ppl(cfg: RunConfig, model: torch.nn.Module, tokens: np.ndarray) -> tuple[float, float]:
-    """(mean NLL, perplexity) of ``model`` on ``tokens`` at the run's context length."""
-    device = next(model.parameters()).device
-    s, n = evaluate_nll(model, tokens, cfg.data.seq_len, cfg.finetune.batch_size, device=device)
+def evaluate_ppl(cfg: RunConfig, model: torch.nn.Module, tokens: np.ndarray,
+                 device: torch.device | str | None = None) -> tuple[float, float]:
+    """(mean NLL, perplexity) of ``model`` on ``tokens`` at the run's context length, on
+    ``device`` (default: the trial's, its GPU when it has one) with the trainer's mixed
+    precision; the model is moved there for the pass and back after."""
+    device = torch.device(device) if device is not None else eval_device()
+    was = next(model.parameters()).device
+    model.to(device)
+    try:
+        s, n = evaluate_nll(model, tokens, cfg.data.seq_len, cfg.finetune.batch_size, device=device,
+                            autocast=autocast_for(device))
+    finally:
+        model.to(was)
     return s / n, math.exp(s / n)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, StrategyContext, Weights, evaluate_ppl, finetune_lm, finish,
-    lm_flops_per_token, load_lm, phase_flops, register)
+    lm_flops_per_token, load_lm, phase_work, register)
 from slmfactory.models.strategies.llm import LargeModel
 from slmfactory.models.trainer import Trainer
 from slmfactory.platform.cost import model_flop_terms, train_flops_per_token
@@ -73,10 +73,10 @@ class LoRATrainer(Trainer):
 class LargeModelLoRA(LargeModel):
     """``pretrain`` is the `llm` strategy's (same stage key: the generic phase is shared)."""
 
-    def projected_flops(self, cfg) -> tuple[float, float]:
-        train, _, n_compute = lm_flops_per_token(cfg, "llm")
+    def projected_work(self, cfg):
+        train, _, n = lm_flops_per_token(cfg, "llm")
         # Frozen weights skip their weight gradients (LoRATrainer): about 2·N less per token.
-        return phase_flops(cfg, cfg.pretrain, train), phase_flops(cfg, cfg.finetune, train - 2.0 * n_compute)
+        return [phase_work(cfg, cfg.pretrain, train, n)], [phase_work(cfg, cfg.finetune, train - 2.0 * n, n)]
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         cfg = ctx.cfg

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl, finetune_lm,
-    finish, lm_flops_per_token, load_lm, phase_flops, pretrain_lm, register, split_source)
+    finish, lm_flops_per_token, load_lm, phase_work, pretrain_lm, register, split_source)
 
 
 @register("slm")
@@ -13,10 +13,10 @@ class SmallModel(Strategy):
     model_key = "slm"
     generic_family = "slm"
 
-    def projected_flops(self, cfg) -> tuple[float, float]:
-        train, _, _ = lm_flops_per_token(cfg, self.model_key)
-        generic = phase_flops(cfg, cfg.pretrain, train) if self.generic_family else 0.0
-        return generic, phase_flops(cfg, self.finetune_config(cfg), train)
+    def projected_work(self, cfg):
+        train, _, n = lm_flops_per_token(cfg, self.model_key)
+        generic = [phase_work(cfg, cfg.pretrain, train, n)] if self.generic_family else []
+        return generic, [phase_work(cfg, self.finetune_config(cfg), train, n)]
 
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact:
         cfg = ctx.cfg

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from slmfactory.models.data import Batch
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl,
-    finetune_lm, finish, lm_flops_per_token, load_lm, phase_flops, pretrain_lm, register, split_source)
+    finetune_lm, finish, lm_flops_per_token, load_lm, phase_work, pretrain_lm, register, split_source)
 from slmfactory.models.trainer import Trainer
 from slmfactory.platform.config import from_dict
-from slmfactory.platform.cost import inference_flops_per_token
+from slmfactory.platform.cost import INFERENCE, TRAIN, Work, inference_flops_per_token, model_flop_terms
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.stages import Stage
 
@@ -98,6 +98,13 @@ class DistillTrainer(Trainer):
         # Student training (6·N_s + attention) plus one teacher forward (2·N_t + attention).
         return super().compute_flops_per_token() + inference_flops_per_token(self.teacher, self.seq_len)
 
+    def cost_work(self, tokens: int, steps: int) -> list[Work]:
+        # Two models, two utilisations: the student trains, the teacher only runs forward.
+        teacher = inference_flops_per_token(self.teacher, self.seq_len)
+        return [Work(TRAIN, tokens, tokens * (self.flops_per_token - teacher), model_flop_terms(self.model)[0],
+                     steps, workers=self.world_size),
+                Work(INFERENCE, tokens, tokens * teacher, model_flop_terms(self.teacher)[0], workers=self.world_size)]
+
     def compute_loss(self, batch: Batch) -> torch.Tensor:
         x = batch.input_ids.to(self.device, non_blocking=True)   # (B, T)
         with torch.no_grad():
@@ -112,11 +119,17 @@ class Distillation(Strategy):
     requires = frozenset({"teacher"})
     generic_family = "slm-d"
 
-    def projected_flops(self, cfg) -> tuple[float, float]:
-        slm, _, _ = lm_flops_per_token(cfg, "slm")
-        llm, llm_forward, _ = lm_flops_per_token(cfg, "llm")
-        generic = phase_flops(cfg, self.teacher_pretrain_config(cfg), llm) + phase_flops(cfg, cfg.pretrain, slm)
-        return generic, phase_flops(cfg, cfg.finetune, llm) + phase_flops(cfg, cfg.finetune, slm + llm_forward)
+    def projected_work(self, cfg):
+        slm, _, n_slm = lm_flops_per_token(cfg, "slm")
+        llm, llm_forward, n_llm = lm_flops_per_token(cfg, "llm")
+        generic = [phase_work(cfg, self.teacher_pretrain_config(cfg), llm, n_llm),
+                   phase_work(cfg, cfg.pretrain, slm, n_slm)]
+        # The student's steps are budgeted on student + teacher-forward FLOPs (DistillTrainer).
+        student = phase_work(cfg, cfg.finetune, slm + llm_forward, n_slm)
+        teacher = phase_work(cfg, cfg.finetune, slm + llm_forward, n_llm, kind=INFERENCE)
+        return generic, [phase_work(cfg, cfg.finetune, llm, n_llm),
+                         dataclasses.replace(student, flops=student.tokens * slm),
+                         dataclasses.replace(teacher, flops=teacher.tokens * llm_forward)]
 
     def teacher_pretrain_config(self, cfg):
         s = self.settings(cfg)

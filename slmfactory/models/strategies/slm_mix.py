@@ -31,9 +31,9 @@ from slmfactory.models.experts import cluster_streams, expert_clusters, routed_g
 from slmfactory.models.lm import build_model
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, Weights, evaluate_ppl,
-    finetune_lm, finish, lm_flops_per_token, load_lm, phase_flops, pretrain_lm, register, split_source,
+    finetune_lm, finish, lm_flops_per_token, load_lm, phase_work, pretrain_lm, register, split_source,
     vocab_size_of)
-from slmfactory.platform.cost import CostRecord, inference_flops_per_token, train_flops_per_token
+from slmfactory.platform.cost import INFERENCE, CostRecord, Work, inference_flops_per_token, model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.stages import Stage
 
@@ -76,11 +76,12 @@ class HardMixture(Strategy):
     requires = frozenset({"clusters"})
     generic_family = "slm-mix"
 
-    def projected_flops(self, cfg) -> tuple[float, float]:
-        train, _, _ = lm_flops_per_token(cfg, "slm")
+    def projected_work(self, cfg):
+        train, _, n = lm_flops_per_token(cfg, "slm")
         s = self.settings(cfg)
         tunes = s.experts if s.selection == "best-after-finetune" else 1
-        return phase_flops(cfg, cfg.pretrain, train), tunes * phase_flops(cfg, cfg.finetune, train)
+        # The experts split the generic budget (``expert_train_config``): one SLM's worth.
+        return [phase_work(cfg, cfg.pretrain, train, n)], [phase_work(cfg, cfg.finetune, train, n)] * tunes
 
     def prepare(self, ctx: StrategyContext, domain: str) -> None:
         expert_clusters(ctx.cfg, self.settings(ctx.cfg).experts, domains=True)  # the domain's histogram
@@ -137,9 +138,9 @@ class HardMixture(Strategy):
             chosen = min(nlls, key=nlls.get)
             # k validation passes: inference FLOPs over the validation tokens.
             n_tok = (len(valid) // cfg.data.seq_len) * cfg.data.seq_len * len(experts)
-            extra_cost = CostRecord.of(f"select/{self.name}/{domain}", n_tok,
-                                       n_tok * inference_flops_per_token(model, cfg.data.seq_len),
-                                       time.perf_counter() - t0, cfg.device)
+            work = Work(INFERENCE, n_tok, n_tok * inference_flops_per_token(model, cfg.data.seq_len),
+                        model_flop_terms(model)[0])
+            extra_cost = CostRecord.of(f"select/{self.name}/{domain}", work, time.perf_counter() - t0, cfg.device)
             metrics |= {f"valid_nll_before_e{c}": v for c, v in nlls.items()}
         else:  # best-after-finetune
             for c, w in experts.items():

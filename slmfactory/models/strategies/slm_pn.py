@@ -31,10 +31,10 @@ from slmfactory.models.experts import cluster_streams, expert_clusters, routed_g
 from slmfactory.models.projected import build_projected
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, TokenSource, Weights, evaluate_ppl,
-    finetune_lm, finish, lm_factory, lm_flops_per_token, phase_flops, register, run_phase, split_source,
+    finetune_lm, finish, lm_factory, lm_flops_per_token, phase_work, register, run_phase, split_source,
     vocab_size_of)
 from slmfactory.models.trainer import Trainer
-from slmfactory.platform.cost import train_flops_per_token
+from slmfactory.platform.cost import TRAIN, Work, model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import ConfigError, DataError
 from slmfactory.platform.stages import Stage
 
@@ -84,8 +84,16 @@ class ClusterRoutedTrainer(Trainer):
     def compute_flops_per_token(self) -> float:
         # One instantiated expert's training FLOPs, plus the W computation amortised per token.
         plain = self.model.instantiate(0)
+        self.expert_params = model_flop_terms(plain)[0]
+        self.optimizer_extra_params = (sum(p.numel() for p in self.model.parameters())
+                                       - sum(p.numel() for p in plain.parameters()))
         per_token = train_flops_per_token(plain, self.seq_len)
         return per_token + self.model.projection_flops() / (self.cfg.batch_size * self.seq_len)
+
+    def cost_work(self, tokens: int, steps: int) -> list[Work]:
+        # Tokens run through one expert's size; the optimiser updates the whole network.
+        return [Work(TRAIN, tokens, tokens * self.flops_per_token, self.expert_params, steps,
+                     self.optimizer_extra_params, self.world_size)]
 
     def batch_at(self, step: int) -> Batch:
         c = int(self.route[step])
@@ -102,11 +110,17 @@ class ProjectedNetwork(Strategy):
     requires = frozenset({"clusters"})
     generic_family = "slm-pn"
 
-    def projected_flops(self, cfg) -> tuple[float, float]:
+    def projected_work(self, cfg):
         # Each token passes one instantiated expert (the W's computed once per batch are
-        # a small extra, counted by the trainer when it runs).
-        train, _, _ = lm_flops_per_token(cfg, "slm")
-        return phase_flops(cfg, cfg.pretrain, train), phase_flops(cfg, cfg.finetune, train)
+        # a small extra, counted by the trainer when it runs); the optimiser updates the
+        # whole projected network every step.
+        train, _, n = lm_flops_per_token(cfg, "slm")
+        with torch.device("meta"):
+            pn = build_projected(cfg, cfg.tokenizer.vocab_size, self.settings(cfg).experts)
+            total = sum(p.numel() for p in pn.parameters())
+            plain = sum(p.numel() for p in pn.base.parameters()) + pn.mlp_params_per_expert()
+        return [phase_work(cfg, cfg.pretrain, train, n, optimizer_extra_params=total - plain)], \
+            [phase_work(cfg, cfg.finetune, train, n)]
 
     def prepare(self, ctx: StrategyContext, domain: str) -> None:
         expert_clusters(ctx.cfg, self.settings(ctx.cfg).experts, domains=True)  # the domain's histogram

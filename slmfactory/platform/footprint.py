@@ -1,0 +1,86 @@
+"""Peak memory each stage needs, estimated from the recipe before anything runs (the
+``sweep --dry-run`` table). Estimates, not measurements: ``bench/memory_scale.py``
+measures the host side, ``bench/gpu_mfu.py`` the device side.
+
+Host stages stream: none holds a corpus. What grows with the corpus is at most a few
+integers per window (cluster ids, lengths, multiplicities), never tokens or text.
+Training (per device, data parallel, bf16 autocast over fp32 weights):
+- weights, gradients and the DDP bucket in fp32 plus Adam's two moments: 20 bytes per
+  trained parameter (slm-pn trains its whole projected network);
+- activations kept for backward: ≈ 34 · b · T · d bytes per layer in 16-bit (Korthikanti
+  et al. 2022, with attention fused so no T² term), b the per-device micro-batch;
+- the logits: bf16 logits, their fp32 upcast for the loss and its gradient, 10 · b · T · V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 2.0 ** 30
+MINILM_PARAMS = 22.7e6
+MINILM_DIM = 384
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    stage: str
+    where: str
+    """``host`` (one process: a Ray Data task or actor, the driver) or ``device`` (one GPU)."""
+    bytes: float
+    basis: str
+    """What the number grows with."""
+
+    def line(self) -> str:
+        return f"{self.stage:<34}{self.where:<8}{self.bytes / GiB:>9.2f} GiB  {self.basis}"
+
+
+def train_device_bytes(trained_params: float, d_model: int, n_layers: int, vocab: int, seq_len: int,
+                       micro_batch: int) -> float:
+    """Peak bytes on one device while training (the module docstring's three terms)."""
+    return (20.0 * trained_params + 34.0 * micro_batch * seq_len * d_model * n_layers
+            + 10.0 * micro_batch * seq_len * vocab)
+
+
+def stage_memory(cfg, projected_params: dict[str, float] | None = None) -> list[StageMemory]:
+    """One row per stage of ``cfg``'s pipeline. ``projected_params``: strategy family ->
+    trained parameters beyond a plain model (slm-pn's whole network)."""
+    c, T, V = cfg.cluster, cfg.data.seq_len, cfg.tokenizer.vocab_size
+    generic_tokens = max(cfg.pretrain.max_tokens, *(cfg.sweep.generic_tokens or (0,)))
+    windows = generic_tokens / c.window_tokens
+    rows = [
+        StageMemory("tokenize (per split)", "host", 256 * 64e3 * 6 + 0.3 * GiB,
+                    "a batch of 256 documents and their ids; the stream is appended to disk"),
+        StageMemory("embed (per MiniLM actor)", "host",
+                    4 * MINILM_PARAMS + c.embed_batch_size * min(c.window_tokens, 256) * MINILM_DIM * 4 * 8
+                    + 0.5 * GiB, "MiniLM weights + one batch of windows"),
+        StageMemory("k-means (driver)", "host", 2 * c.sample_windows * MINILM_DIM * 4.0 + c.k * MINILM_DIM * 4.0,
+                    f"the {c.sample_windows:,}-window sample x {MINILM_DIM} floats, twice (faiss copies)"),
+        StageMemory("assign (per task)", "host", c.embed_batch_size * MINILM_DIM * 4.0 + c.k * MINILM_DIM * 4.0
+                    + 0.2 * GiB, "one batch of embeddings and the centroids"),
+        StageMemory("resample (driver)", "host", windows * 24.0 + 0.2 * GiB,
+                    f"3 integers per generic window ({windows:,.0f} windows at {generic_tokens:,} tokens)"),
+    ]
+    micro = max(1, cfg.pretrain.batch_size // cfg.scaling.num_workers)
+    micro_ft = max(1, cfg.finetune.batch_size // cfg.scaling.num_workers)
+    for key in ("slm", "llm"):
+        dims = getattr(cfg, key).dims()
+        params = _params(dims, V)
+        rows.append(StageMemory(f"pretrain {key} ({params / 1e6:,.0f}M)", "device",
+                                train_device_bytes(params, dims.d_model, dims.n_layers, V, T, micro),
+                                f"micro-batch {micro} x {T} per device"))
+        rows.append(StageMemory(f"fine-tune {key}", "device",
+                                train_device_bytes(params, dims.d_model, dims.n_layers, V, T, micro_ft),
+                                f"micro-batch {micro_ft} x {T} per device"))
+    dims = cfg.slm.dims()
+    for family, extra in (projected_params or {}).items():
+        params = _params(dims, V) + extra
+        rows.append(StageMemory(f"pretrain {family} ({params / 1e6:,.0f}M)", "device",
+                                train_device_bytes(params, dims.d_model, dims.n_layers, V, T, micro),
+                                "the whole network in the optimiser; activations of one expert"))
+    return rows
+
+
+def _params(dims, vocab: int) -> float:
+    """Parameters of a tied-embedding Llama of ``dims`` (SwiGLU MLP, RMSNorms)."""
+    d, f, L = dims.d_model, dims.d_mlp, dims.n_layers
+    return vocab * d + L * (4 * d * d + 3 * d * f + 2 * d) + d
