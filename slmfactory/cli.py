@@ -12,7 +12,7 @@ from slmfactory.platform import runtime  # noqa: F401  (sets Ray/MLflow env defa
 from slmfactory.platform.errors import SlmFactoryError
 
 SUBCOMMANDS = ("corpus", "tokenizer", "cluster", "resample", "train", "sweep", "report", "recommend", "ui", "serve",
-               "demo")
+               "demo", "specialize")
 
 
 def _config(args):
@@ -196,6 +196,45 @@ def cmd_demo(args) -> None:
     run_demo(_config(args))
 
 
+def cmd_specialize(args) -> None:
+    from slmfactory.models.instant import generic_families
+    from slmfactory.platform.corpus import _expand, _read_user_file
+    from slmfactory.serving.domains import check_name, create_domain, finetune_and_swap, register_in_mlflow
+    from slmfactory.serving.domains import DomainRegistry
+
+    cfg = _config(args)
+    check_name(args.name)
+    if args.finetune_budget is not None and args.finetune_budget < 1:
+        raise SlmFactoryError(f"--finetune-budget: expected a positive number of tokens, got {args.finetune_budget}")
+    if DomainRegistry(cfg.root).exists(args.name):
+        raise SlmFactoryError(f"--name: domain {args.name!r} already exists in {cfg.root}")
+    docs = Path(args.docs)
+    files = sorted(f for f in docs.rglob("*") if f.is_file() and f.suffix.lower() in (".txt", ".jsonl", ".parquet")) \
+        if docs.is_dir() else _expand([args.docs])
+    texts = [d["text"] for f in files for d in _read_user_file(f) if d["text"].strip()]
+    if not texts:
+        raise SlmFactoryError(f"--docs {args.docs}: no documents (.txt: one per file; .jsonl/.parquet: a 'text' field)")
+    with runtime.ray_session(args.address):
+        families = generic_families(cfg, train=True, log=print)
+        entry, built = create_domain(cfg, args.name, texts, families, log=print)
+        print(f"{'rule':<20}{'held-out ppl':>13}{'seconds':>9}{'FLOPs':>11}")
+        for rule, c in built.candidates.items():
+            print(f"{rule:<20}{c.heldout_ppl:>13.2f}{c.seconds:>9.2f}{c.flops:>11.2e}" + ("  <- served" if rule == built.chosen else ""))
+        print(f"embedding + histogram: {built.shared_seconds:.2f}s, {built.shared_flops:.2e} FLOPs")
+        if cfg.tracking.enabled:
+            info = register_in_mlflow(cfg, args.name, entry, {"heldout_ppl": entry["test_ppl"], "params": entry["params"]})
+            DomainRegistry(cfg.root).update(args.name, mlflow=info)
+            print(f"registered in MLflow as {info['registered_model']} (run {info['run_id']})")
+        print(f"domain {args.name!r}: {entry['strategy']} from {len(texts)} documents at {entry['path']}; "
+              f"a `slmfactory serve` on this workdir answers it as model {args.name!r}")
+        if args.finetune_budget:
+            done = finetune_and_swap(cfg.to_tree(), args.name, int(args.finetune_budget))
+            ft = done["finetune"]
+            print(f"fine-tuned within {args.finetune_budget} tokens ({ft.get('steps')} steps): held-out ppl "
+                  f"{ft.get('before_ppl', float('nan')):.2f} -> {ft.get('heldout_ppl', float('nan')):.2f}; "
+                  f"{'now served' if ft['status'] == 'done' else 'the instant model stays served (no better)'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slmfactory",
@@ -251,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serving.port)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     add("demo", cmd_demo, "the whole platform: corpus → tokenizer → clusters → sweep → report → recommendation")
+    p = add("specialize", cmd_specialize, "a new domain's model from a handful of its documents, without training "
+            "(served at once by `serve`); optionally fine-tuned within a budget")
+    p.add_argument("--docs", required=True, help="a folder (.txt = one document; .jsonl/.parquet with 'text'), "
+                   "a file or a glob")
+    p.add_argument("--name", required=True, help="the new domain's model name")
+    p.add_argument("--finetune-budget", type=int, default=None, metavar="TOKENS",
+                   help="then fine-tune on the documents within this many tokens (Ray Train) and swap it in")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     return parser
 
 

@@ -23,6 +23,8 @@ contract); routing and data live in the strategy (``strategies/slm_pn.py``).
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -63,13 +65,25 @@ class ProjectedLlama(nn.Module):
                 del getattr(layer.mlp, p).weight
 
     # -- the projection ---------------------------------------------------------------
-    def coefficients(self, expert: int | None) -> list[torch.Tensor]:
-        """Per layer, the (h,) coefficients E[i] · M[l]; ``expert=None`` uses the mean
-        expert vector (validation on data with no routing)."""
-        e = self.expert_vectors.mean(0) if expert is None or expert < 0 else self.expert_vectors[expert]  # (m,)
+    def expert_vector(self, expert: "int | None | torch.Tensor | Sequence[float]") -> torch.Tensor:
+        """The (m,) expert vector: E[i] for an expert id, the mean of E for None/-1
+        (validation on data with no routing), or h @ E for a (k,) mixing vector h (a new
+        domain's cluster histogram: E_domain = Σ_c h_c E_c)."""
+        if expert is None or (isinstance(expert, numbers.Integral) and expert < 0):
+            return self.expert_vectors.mean(0)
+        if isinstance(expert, numbers.Integral):
+            return self.expert_vectors[int(expert)]
+        h = torch.as_tensor(expert, dtype=self.expert_vectors.dtype, device=self.expert_vectors.device)
+        if h.shape != (self.n_experts,) or not bool(torch.isfinite(h).all()):
+            raise ValueError(f"mixing vector: expected {self.n_experts} finite weights, got shape {tuple(h.shape)}")
+        return h @ self.expert_vectors                                                              # (k,)·(k, m)
+
+    def coefficients(self, expert: "int | None | torch.Tensor | Sequence[float]") -> list[torch.Tensor]:
+        """Per layer, the (h,) coefficients e · M[l] of the expert vector ``expert_vector(expert)``."""
+        e = self.expert_vector(expert)                                                              # (m,)
         return [e @ M for M in self.mixing]                                                         # (h,) each
 
-    def expert_weights(self, expert: int | None) -> list[dict[str, torch.Tensor]]:
+    def expert_weights(self, expert: "int | None | torch.Tensor | Sequence[float]") -> list[dict[str, torch.Tensor]]:
         """W[l,p,i] for every layer l and matrix p: (out, in) tensors, differentiable."""
         out = []
         for c, per in zip(self.coefficients(expert), self.tensors):
@@ -116,8 +130,9 @@ class ProjectedLlama(nn.Module):
         return 6.0 * self.capacity * self.mlp_params_per_expert()
 
     @torch.no_grad()
-    def instantiate(self, expert: int):
-        """Expert ``expert`` as a plain ``LlamaForCausalLM`` (W computed once)."""
+    def instantiate(self, expert: "int | torch.Tensor | Sequence[float]"):
+        """Expert ``expert`` (an id, or a (k,) mixing vector over the experts) as a plain
+        ``LlamaForCausalLM`` (W computed once)."""
         from transformers import LlamaForCausalLM
 
         plain = LlamaForCausalLM(self.config)

@@ -30,6 +30,9 @@ class Limits:
     max_tokens: int = 512
     max_n: int = 8
     max_inputs: int = 32
+    max_domain_request_bytes: int = 4 << 20
+    """``POST /v1/domains`` carries documents, not a prompt: its own, larger bound."""
+    max_documents: int = 1000
 
 
 def parse_json(raw: bytes, limits: Limits) -> dict:
@@ -140,3 +143,42 @@ class Score:
 def parse_score(body: dict, limits: Limits) -> Score:
     model = _get(body, "model", (str,), what="a string (a domain, or \"auto\")")
     return Score(model, _texts(body, "input", limits))
+
+
+@dataclass(frozen=True)
+class NewDomain:
+    name: str
+    documents: list[str]
+    finetune_budget: int | None = None
+
+
+def parse_domain(body: dict, limits: Limits) -> NewDomain:
+    """``POST /v1/domains``: ``{"name", "documents": [text, ...], "finetune_budget"?: tokens}``."""
+    from slmfactory.serving.domains import NAME_PATTERN, RESERVED
+
+    name = _get(body, "name", (str,), what="a string")
+    if not NAME_PATTERN.match(name) or name in RESERVED:
+        raise ApiError(400, f"'name' must be 1-64 letters, digits, '_', '.' or '-' starting with a letter or digit "
+                       f"(not 'auto'), got {name[:80]!r}", param="name", code="invalid_value")
+    docs = _get(body, "documents", (list,), what="a list of document texts")
+    if not docs:
+        raise ApiError(400, "'documents' must hold at least one document", param="documents", code="empty_input")
+    if len(docs) > limits.max_documents:
+        raise ApiError(400, f"'documents' holds {len(docs)} documents; at most {limits.max_documents}",
+                       param="documents", code="too_many_inputs")
+    for i, d in enumerate(docs):
+        if not isinstance(d, str):
+            raise ApiError(400, f"'documents[{i}]' must be a string, got {type(d).__name__}", param="documents",
+                           code="invalid_type")
+        if not d.strip():
+            raise ApiError(400, f"'documents[{i}]' is empty or blank", param="documents", code="empty_input")
+        if "\ufffd" in d or "\x00" in d:
+            # U+FFFD is what a decoder leaves for bytes it could not read: the text was
+            # decoded from an encoding it is not in, and would train and route on garbage.
+            raise ApiError(400, f"'documents[{i}]' holds replacement or NUL characters: it was decoded from an "
+                           "unknown encoding; send the documents as UTF-8 text", param="documents",
+                           code="invalid_encoding")
+    budget = _get(body, "finetune_budget", (int,), None, "an integer (tokens)")
+    if budget is not None:
+        _in_range("finetune_budget", budget, 1, 10 ** 12, "a positive integer (tokens)")
+    return NewDomain(name, docs, budget)

@@ -32,7 +32,8 @@ from typing import Any
 
 from fastapi import Request
 
-from slmfactory.serving.api import ApiError, Completion, Limits, parse_completion, parse_json, parse_score
+from slmfactory.serving.api import (
+    ApiError, Completion, Limits, parse_completion, parse_domain, parse_json, parse_score)
 
 AUTO = "auto"
 
@@ -118,11 +119,23 @@ def make_deployment(max_models: int):
     class DomainModels:
         """Every served domain's small model, multiplexed in each replica."""
 
-        async def __init__(self, catalog: dict[str, dict], router: dict | None, limits: dict, preload: bool):
+        async def __init__(self, catalog: dict[str, dict], router: dict | None, limits: dict, preload: bool,
+                           instant: dict | None = None):
             import torch
+
+            from slmfactory.platform.config import from_dict
+            from slmfactory.serving.domains import DomainRegistry
 
             torch.set_num_threads(1)
             self.catalog, self.router, self.limits = catalog, router, Limits(**limits)
+            # Domains created at run time (POST /v1/domains, `slmfactory specialize`): read
+            # from the workdir's registry on a miss, so every replica serves them.
+            self.cfg = from_dict(instant["config"]) if instant else None
+            self.registry = DomainRegistry(self.cfg.root) if self.cfg is not None else None
+            self.instant: dict[str, tuple[int, dict]] = {}   # name -> (entry file mtime_ns, entry)
+            self.families = None
+            self.tokenizer = None
+            self.finetunes: dict[str, Any] = {}              # name -> the queued Ray task's ref
             self.failed: dict[str, str] = {}
             self.lock = threading.Lock()  # one generate at a time: seeded sampling stays reproducible
             self.minilm = None
@@ -142,19 +155,50 @@ def make_deployment(max_models: int):
 
         # -- models ---------------------------------------------------------------------
         @serve.multiplexed(max_num_models_per_replica=max_models)
-        async def get_model(self, domain: str) -> Loaded:
-            return await asyncio.to_thread(_load, self.catalog[domain]["path"])
+        async def get_model(self, model_id: str) -> Loaded:
+            # A start-up domain's id is its name; a run-time domain's is "name@v<version>",
+            # so a swapped model loads under a new id while the old one finishes its requests.
+            if model_id in self.catalog:
+                return await asyncio.to_thread(_load, self.catalog[model_id]["path"])
+            name, _, version = model_id.rpartition("@v")
+            entry = self.instant_entry(name)
+            if entry is None or str(entry["version"]) != version:
+                raise FileNotFoundError(f"domain {name!r} version {version} is no longer registered")
+            return await asyncio.to_thread(_load, entry["path"])
+
+        def instant_entry(self, name: str) -> dict | None:
+            """The registry entry of a run-time domain, re-read when its file changed."""
+            if self.registry is None:
+                return None
+            try:
+                mtime = self.registry.entry_path(name).stat().st_mtime_ns
+            except (OSError, ValueError):
+                return None
+            hit = self.instant.get(name)
+            if hit is None or hit[0] != mtime:
+                entry = self.registry.get(name)
+                if entry is None:
+                    return None
+                hit = self.instant[name] = (mtime, entry)
+            return hit[1]
+
+        def served_names(self) -> list[str]:
+            return sorted(set(self.catalog) | set(self.registry.names() if self.registry else []))
 
         async def model_for(self, name: str, text: str) -> tuple[str, Loaded, dict]:
             extra: dict = {}
             if name == AUTO:
                 name, extra = await self.route(text)
+            model_id = name
             if name not in self.catalog:
-                raise ApiError(404, f"model '{name}' does not exist; domains served: "
-                               f"{', '.join(sorted(self.catalog))}" + (" and auto" if self.router else ""),
-                               param="model", code="model_not_found")
+                entry = self.instant_entry(name)
+                if entry is None:
+                    raise ApiError(404, f"model '{name}' does not exist; domains served: "
+                                   f"{', '.join(self.served_names())}" + (" and auto" if self.router else ""),
+                                   param="model", code="model_not_found")
+                model_id = f"{name}@v{entry['version']}"
             try:
-                loaded = await self.get_model(name)
+                loaded = await self.get_model(model_id)
             except Exception as e:  # noqa: BLE001
                 self.failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
                 raise ApiError(503, f"the model of domain '{name}' failed to load ({self.failed[name]}); "
@@ -245,15 +289,17 @@ def make_deployment(max_models: int):
             return out
 
         # -- routes ---------------------------------------------------------------------
-        async def _respond(self, route: str, request: Request, handler):
+        async def _respond(self, route: str, request: Request, handler, max_bytes: int | None = None):
             t0 = time.perf_counter()
             domain, status = "-", "200"
+            limits = self.limits if max_bytes is None else Limits(**{**self.limits.__dict__,
+                                                                     "max_request_bytes": max_bytes})
             try:
                 declared = int(request.headers.get("content-length") or 0)
-                if declared > self.limits.max_request_bytes:
+                if declared > limits.max_request_bytes:
                     raise ApiError(413, f"request body of {declared} bytes exceeds the limit of "
-                                   f"{self.limits.max_request_bytes}", code="request_too_large")
-                body = parse_json(await request.body(), self.limits)
+                                   f"{limits.max_request_bytes}", code="request_too_large")
+                body = parse_json(await request.body(), limits)
                 domain, response = await handler(body)
                 return response
             except ApiError as e:
@@ -273,12 +319,76 @@ def make_deployment(max_models: int):
 
         @api.get("/v1/models")
         async def models(self):
+            entries = {d: self.catalog.get(d) or self.instant_entry(d) for d in self.served_names()}
             data = [{"id": d, "object": "model", "created": 0, "owned_by": "slmfactory",
                      "strategy": e["strategy"], "params": e["params"], "test_ppl": e["test_ppl"]}
-                    for d, e in sorted(self.catalog.items())]
+                    for d, e in entries.items() if e is not None]
             if self.router:
                 data.append({"id": AUTO, "object": "model", "created": 0, "owned_by": "slmfactory"})
             return {"object": "list", "data": data}
+
+        @api.post("/v1/domains")
+        async def create_domain(self, request: Request):
+            """A new domain from a handful of its documents: the instant model is served under
+            ``name`` when this returns (201); ``finetune_budget`` queues a Ray Train
+            fine-tuning that replaces it when done."""
+            async def handle(body):
+                from slmfactory.models.instant import GenericPhaseMissing
+                from slmfactory.platform.errors import DataError
+                from slmfactory.serving import domains as reg
+
+                req = parse_domain(body, self.limits)
+                if self.cfg is None:
+                    raise ApiError(503, "this app was started without a run config: no run-time domains",
+                                   code="instant_unavailable", type_="service_unavailable")
+                if req.name in self.catalog or self.registry.exists(req.name):
+                    raise ApiError(409, f"domain '{req.name}' already exists", param="name", code="name_exists")
+                if req.finetune_budget is not None:
+                    step = self.cfg.finetune.batch_size * self.cfg.data.seq_len
+                    if req.finetune_budget < step:
+                        raise ApiError(400, f"'finetune_budget' must be at least one step of {step} tokens, got "
+                                       f"{req.finetune_budget}", param="finetune_budget", code="invalid_value")
+                try:
+                    if self.families is None:
+                        self.families = await asyncio.to_thread(_instant_inputs, self.cfg)
+                    families, self.tokenizer = self.families
+                    if self.minilm is None:
+                        from slmfactory.platform.embed import load_minilm
+
+                        self.minilm = await asyncio.to_thread(load_minilm, "cpu")
+                    entry, built = await asyncio.to_thread(
+                        reg.create_domain, self.cfg, req.name, req.documents, families, embedder=self.minilm,
+                        tokenizer=self.tokenizer, taken=lambda n: n in self.catalog)
+                except reg.NameTaken as e:
+                    raise ApiError(409, str(e), param="name", code="name_exists") from None
+                except GenericPhaseMissing as e:
+                    raise ApiError(503, str(e), code="instant_unavailable", type_="service_unavailable") from None
+                except DataError as e:
+                    param = str(e).split(":", 1)[0] if str(e).split(":", 1)[0] in ("name", "documents") else None
+                    raise ApiError(400, str(e), param=param or "documents", code="invalid_value") from None
+                reg.register_async(self.cfg, req.name, entry)
+                if req.finetune_budget is not None:
+                    import ray
+
+                    task = ray.remote(num_cpus=0, max_retries=0)(reg.finetune_and_swap)
+                    self.finetunes[req.name] = task.remote(self.cfg.to_tree(), req.name, req.finetune_budget)
+                    entry = self.registry.update(req.name, finetune={"status": "queued",
+                                                                     "budget_tokens": req.finetune_budget})
+                self.tokens.inc(int(len(built.docs.train) + len(built.docs.heldout)),
+                                tags={"domain": req.name, "route": "domains"})
+                return req.name, JSONResponse(_domain_view(entry), status_code=201)
+
+            return await self._respond("domains", request, handle, max_bytes=self.limits.max_domain_request_bytes)
+
+        @api.get("/v1/domains/{name}")
+        async def domain_status(self, name: str):
+            entry = self.instant_entry(name) if name not in self.catalog else None
+            if entry is None:
+                known = name in self.catalog
+                return JSONResponse(ApiError(404, f"'{name}' is " + ("a start-up domain, not a run-time one"
+                                                                      if known else "not a run-time domain"),
+                                             param="name", code="model_not_found").body(), status_code=404)
+            return _domain_view(entry)
 
         @api.post("/v1/score")
         async def score(self, request: Request):
@@ -394,6 +504,26 @@ def make_deployment(max_models: int):
     return DomainModels
 
 
+def _instant_inputs(cfg):
+    """What a replica builds new domains from: the trained generic phases (never trained
+    here) and the run's tokenizer."""
+    from slmfactory.models.instant import generic_families
+    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+
+    return generic_families(cfg, train=False), load_tokenizer(ensure_tokenizer(cfg))
+
+
+def _domain_view(entry: dict) -> dict:
+    """A run-time domain as the API shows it (no file paths beyond the served folder)."""
+    inst = entry.get("instant") or {}
+    return {"id": entry["name"], "object": "domain", "version": entry["version"], "strategy": entry["strategy"],
+            "params": entry["params"], "heldout_ppl": entry["test_ppl"], "documents": inst.get("documents"),
+            "chosen": inst.get("chosen"), "histogram": inst.get("histogram"),
+            "candidates": {r: {"heldout_ppl": c["heldout_ppl"], "seconds": c["seconds"], "flops": c["flops"]}
+                           for r, c in (inst.get("candidates") or {}).items()},
+            "timings": inst.get("timings"), "finetune": entry.get("finetune"), "mlflow": entry.get("mlflow")}
+
+
 def _with_firsts(ids: list[int], logprobs: list[float], context: int) -> list[float | None]:
     """Per-token log-probs aligned with ``ids``: None where a context window starts."""
     out: list[float | None] = []
@@ -427,10 +557,12 @@ def build_app(args: dict):
                for d, e in entries.items()}
     router = cat.router_data(cfg, list(catalog))
     limits = {"max_request_bytes": s.max_request_bytes, "max_prompt_tokens": s.max_prompt_tokens,
-              "max_tokens": s.max_tokens, "max_n": s.max_n, "max_inputs": s.max_inputs}
+              "max_tokens": s.max_tokens, "max_n": s.max_n, "max_inputs": s.max_inputs,
+              # POST /v1/domains carries documents, not a prompt: four request bounds.
+              "max_domain_request_bytes": 4 * s.max_request_bytes}
     deployment = make_deployment(s.max_models_per_replica).options(
         ray_actor_options={"num_cpus": s.replica_cpus},
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                             "target_ongoing_requests": s.target_ongoing_requests},
         max_ongoing_requests=s.max_ongoing_requests)
-    return deployment.bind(catalog, router, limits, s.preload)
+    return deployment.bind(catalog, router, limits, s.preload, {"config": cfg.to_tree()})

@@ -1,0 +1,297 @@
+"""Instant specialisation: a new domain's plain SLM from a handful of documents with no
+gradient step (histogram-mixed projected network / hard mixture, or the most frequent
+expert), served at once by the real Ray Serve app, fine-tuned on Ray Train and swapped in
+without a failed request; bad requests answered 4xx while the other domains keep serving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def _tiny_llama(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                        tie_word_embeddings=True))
+
+
+def _mlp(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if ".mlp." in k}
+
+
+# -- the instantiation rules ---------------------------------------------------------------
+
+def test_histogram_mixed_projection_is_the_expert_when_one_hot_and_linear_otherwise():
+    from slmfactory.models.projected import ProjectedLlama
+
+    pn = ProjectedLlama(_tiny_llama(0).config, n_experts=4, expert_dim=3, capacity=5, seed=1)
+    for c in range(4):
+        one_hot = torch.zeros(4)
+        one_hot[c] = 1.0
+        mixed, expert = _mlp(pn.instantiate(one_hot)), _mlp(pn.instantiate(c))
+        assert all(torch.equal(mixed[k], expert[k]) for k in expert), c  # bitwise
+        assert torch.equal(pn.expert_vector(one_hot), pn.expert_vectors[c])
+    # E_domain = h @ E, and W is linear in the expert vector: W(h) = Σ_c h_c W(c).
+    h = torch.tensor([0.5, 0.25, 0.0, 0.25])
+    assert torch.allclose(pn.expert_vector(h), h @ pn.expert_vectors)
+    mixed = _mlp(pn.instantiate(h))
+    experts = [_mlp(pn.instantiate(c)) for c in range(4)]
+    for k in mixed:
+        assert torch.allclose(mixed[k], sum(float(h[c]) * experts[c][k] for c in range(4)), atol=1e-6)
+    with pytest.raises(ValueError, match="mixing vector"):
+        pn.instantiate(torch.ones(3) / 3)
+
+
+def test_histogram_weighted_average_is_the_expert_when_one_hot():
+    from slmfactory.models.instant import mixed_state
+
+    states = [_tiny_llama(s).state_dict() for s in range(3)]
+    got = mixed_state(states, [0.0, 1.0, 0.0])
+    assert all(torch.equal(got[k], states[1][k]) for k in states[1])  # bitwise
+    avg = mixed_state(states, [0.5, 0.25, 0.25])
+    for k in states[0]:
+        assert torch.allclose(avg[k], 0.5 * states[0][k] + 0.25 * states[1][k] + 0.25 * states[2][k], atol=1e-6)
+
+
+def test_documents_are_split_into_training_and_held_out_slices(tiny_cfg):
+    from slmfactory.models.instant import histogram_windows, split_documents
+    from slmfactory.platform.corpus import iter_texts
+    from slmfactory.platform.errors import DataError
+    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+
+    tok = load_tokenizer(ensure_tokenizer(tiny_cfg))
+    texts = list(iter_texts(tiny_cfg.corpus_dir, "legal", "train"))[:10]
+    docs = split_documents(tiny_cfg, texts, tok)
+    assert docs.train_texts == tuple(t for i, t in enumerate(texts) if i not in (4, 9))  # every fifth held out
+    assert len(docs.heldout) == sum(len(tok(texts[i])["input_ids"]) + 1 for i in (4, 9))
+    assert split_documents(tiny_cfg, texts, tok).digest == docs.digest
+    one = split_documents(tiny_cfg, texts[:1], tok)  # a single document: its tail fifth
+    assert len(one.train) > len(one.heldout) >= 2
+    windows = histogram_windows(tiny_cfg, docs.train_texts, tok)
+    assert 0 < len(windows) <= 2 * len(docs.train_texts)
+    with pytest.raises(DataError, match="documents"):
+        split_documents(tiny_cfg, [], tok)
+    with pytest.raises(DataError, match="documents"):
+        split_documents(tiny_cfg, ["a b"], tok)
+
+
+# -- the served app ----------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, json_body=None):
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(json_body).encode() if json_body is not None else body
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+OVERRIDES = {"serving.replica_cpus": 0.5, "serving.max_request_bytes": 256 << 10, "pretrain.max_tokens": 16 * 8 * 64, "pretrain.eval_every": 8,
+             "pretrain.checkpoint_every": 8, "finetune.max_tokens": 8 * 8 * 64, "finetune.eval_every": 4}
+
+
+@pytest.fixture(scope="module")
+def app(tiny_root, tmp_path_factory):
+    """(cfg, url, overrides): the generic phases of slm-pn and slm-mix trained on the sample,
+    one start-up domain (`legal`, plain `slm`), and the app on loopback."""
+    import ray
+    from ray import serve
+
+    from slmfactory.models.instant import generic_families
+    from slmfactory.pipeline import run_trial
+    from slmfactory.platform.config import load_config
+    from slmfactory.platform.runtime import init_ray
+    from slmfactory.serving.app import build_app
+
+    work = tmp_path_factory.mktemp("instant") / "work"
+    shutil.copytree(tiny_root, work)
+    overrides = {"workdir": str(work), **OVERRIDES}
+    cfg = load_config(TINY, overrides)
+    run_trial(cfg.replace(**{"data.domain": "legal"}), log=None)
+    init_ray(num_cpus=2)
+    try:
+        generic_families(cfg, train=True)  # clustering (Ray Data) + the two generic phases
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"config": str(TINY), "set": [f"{k}={v}" for k, v in overrides.items()],
+                             "models": str(work / "models")}), name="slmfactory", route_prefix="/")
+        yield cfg, f"http://127.0.0.1:{port}", overrides
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _docs(cfg, domain: str, n: int) -> list[str]:
+    from slmfactory.platform.corpus import iter_texts
+
+    return [t[:3000] for t in list(iter_texts(cfg.corpus_dir, domain, "train"))[:n]]
+
+
+def _complete(url: str, model: str):
+    return http("POST", f"{url}/v1/completions", json_body={"model": model, "prompt": "The", "max_tokens": 4,
+                                                            "temperature": 0})
+
+
+@pytest.mark.timeout(900)
+def test_a_new_domain_is_served_at_once_from_its_documents(app):
+    from openai import OpenAI
+
+    cfg, url, _ = app
+    status, body = http("POST", f"{url}/v1/domains", json_body={"name": "psalms", "documents": _docs(cfg, "religion", 12)})
+    assert status == 201, body
+    cands = body["candidates"]
+    assert set(cands) == {"pn-histogram", "pn-most-frequent", "mix-histogram", "mix-most-frequent"}
+    assert body["chosen"] == min(cands, key=lambda r: cands[r]["heldout_ppl"])
+    assert body["heldout_ppl"] == cands[body["chosen"]]["heldout_ppl"] and body["version"] == 1
+    for fam in ("pn", "mix"):
+        assert len(body["histogram"][fam]) == 4 and abs(sum(body["histogram"][fam]) - 1) < 1e-9
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    r = client.completions.create(model="psalms", prompt="And the Lord said", max_tokens=6, temperature=0)
+    assert r.model == "psalms" and r.usage.completion_tokens > 0
+    again = client.completions.create(model="psalms", prompt="And the Lord said", max_tokens=6, temperature=0)
+    assert again.choices[0].text == r.choices[0].text
+    assert {"psalms", "legal"} <= {m.id for m in client.models.list().data}
+    # The served folder is the chosen candidate: the app scores as the project's evaluation does.
+    from transformers import AutoModelForCausalLM
+
+    from slmfactory.models.instant import split_documents, tokens_nll
+    from slmfactory.serving.domains import DomainRegistry
+
+    entry = DomainRegistry(cfg.root).get("psalms")
+    model = AutoModelForCausalLM.from_pretrained(entry["path"]).eval()
+    docs = split_documents(cfg, _docs(cfg, "religion", 12))
+    s, n = tokens_nll(model, docs.heldout, cfg.data.seq_len)
+    assert np.exp(s / n) == pytest.approx(body["heldout_ppl"], rel=1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_bad_domain_requests_get_4xx_and_the_other_domains_keep_serving(app):
+    cfg, url, _ = app
+    docs = _docs(cfg, "legal", 6)
+    ok = {"name": "fresh", "documents": docs}
+    cases = [
+        ({"name": "fresh"}, 400, "documents", "missing_field"),
+        ({**ok, "documents": []}, 400, "documents", "empty_input"),
+        ({**ok, "documents": "one text"}, 400, "documents", "invalid_type"),
+        ({**ok, "documents": ["  "]}, 400, "documents", "empty_input"),
+        ({**ok, "documents": [docs[0], "caf\ufffd cr\ufffdme"]}, 400, "documents", "invalid_encoding"),
+        ({**ok, "documents": ["a b"]}, 400, "documents", "invalid_value"),      # two tokens of text
+        ({**ok, "name": "no spaces please"}, 400, "name", "invalid_value"),
+        ({**ok, "name": "auto"}, 400, "name", "invalid_value"),
+        ({**ok, "name": "legal"}, 409, "name", "name_exists"),                # a start-up domain
+        ({**ok, "finetune_budget": 3}, 400, "finetune_budget", "invalid_value"),
+    ]
+    for body, status, param, code in cases:
+        got, err = http("POST", f"{url}/v1/domains", json_body=body)
+        assert got == status, (body.get("name"), got, err)
+        assert err["error"]["param"] == param and err["error"]["code"] == code, err
+        assert _complete(url, "legal")[0] == 200
+    # Bytes that are not UTF-8 (a latin-1 file pasted as is).
+    raw = b'{"name": "fresh", "documents": ["caf\xe9 cr\xe8me br\xfbl\xe9e and more text to read"]}'
+    got, err = http("POST", f"{url}/v1/domains", raw)
+    assert got == 400 and err["error"]["code"] == "invalid_encoding"
+    # Over the size bound: 413 before anything is parsed.
+    big = json.dumps({"name": "huge", "documents": ["word " * 52429] * 5}).encode()  # 1.25 MB > 4 x 256 KB
+    got, err = http("POST", f"{url}/v1/domains", big)
+    assert got == 413 and err["error"]["code"] == "request_too_large"
+    # A run-time name is taken once created.
+    assert http("POST", f"{url}/v1/domains", json_body=ok)[0] == 201
+    got, err = http("POST", f"{url}/v1/domains", json_body=ok)
+    assert got == 409 and err["error"]["param"] == "name"
+    assert _complete(url, "legal")[0] == 200 and _complete(url, "fresh")[0] == 200
+    assert http("GET", f"{url}/v1/domains/atlantis")[0] == 404
+
+
+@pytest.mark.timeout(900)
+def test_finetuning_replaces_the_served_model_without_a_failed_request(app):
+    cfg, url, _ = app
+    budget = 4 * cfg.finetune.batch_size * cfg.data.seq_len
+    status, body = http("POST", f"{url}/v1/domains", json_body={"name": "hpo", "documents": _docs(cfg, "biomedical", 15),
+                                                                "finetune_budget": budget})
+    assert status == 201 and body["finetune"]["status"] == "queued", body
+    failures, answered, stop = [], [], threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            code, r = _complete(url, "hpo")
+            (answered if code == 200 else failures).append((code, r))
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            view = http("GET", f"{url}/v1/domains/hpo")[1]
+            if view["finetune"]["status"] in ("done", "kept-instant", "failed"):
+                break
+            time.sleep(2)
+        time.sleep(2)  # a few requests on the swapped model
+    finally:
+        stop.set()
+        t.join(timeout=120)
+    assert view["finetune"]["status"] in ("done", "kept-instant"), view["finetune"]
+    assert not failures, failures[:3]
+    assert len(answered) >= 2
+    ft = view["finetune"]
+    assert 1 <= ft["steps"] <= 4 and ft["flops"] > 0
+    if ft["status"] == "done":  # swapped: a new version, better on the held-out slice
+        assert view["version"] == 2 and view["strategy"].endswith("+finetune")
+        assert ft["heldout_ppl"] <= ft["before_ppl"] and view["heldout_ppl"] == ft["heldout_ppl"]
+    else:
+        assert view["version"] == 1
+    assert _complete(url, "hpo")[0] == 200
+
+
+@pytest.mark.timeout(600)
+def test_cli_specialize_registers_in_mlflow_and_the_running_app_serves_it(app, capsys):
+    from slmfactory.cli import main
+    from slmfactory.platform.corpus import iter_texts
+    from slmfactory.platform.tracking import client_for
+
+    cfg, url, overrides = app
+    docs = cfg.root / "new-docs"
+    docs.mkdir()
+    for i, t in enumerate(list(iter_texts(cfg.corpus_dir, "code", "train"))[:6]):
+        (docs / f"{i}.txt").write_text(t[:3000])
+    args = ["specialize", "-c", str(TINY), "--docs", str(docs), "--name", "numpydoc",
+            *[a for k, v in overrides.items() for a in ("--set", f"{k}={v}")], "--set", "tracking.enabled=true"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "<- served" in out and "registered in MLflow" in out
+    assert main(args) == 2  # the name exists now
+    assert "already exists" in capsys.readouterr().err
+    client = client_for(cfg.replace(**{"tracking.enabled": True}).tracking_uri)
+    versions = client.search_model_versions("name='slmfactory-instant-numpydoc'")
+    assert len(versions) == 1
+    code, r = _complete(url, "numpydoc")  # the app found it in the workdir's registry
+    assert code == 200 and r["model"] == "numpydoc"
+    bad = cfg.root / "latin1"
+    bad.mkdir()
+    (bad / "a.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    assert main(["specialize", "-c", str(TINY), "--docs", str(bad), "--name", "latin",
+                 "--set", f"workdir={cfg.root}"]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
