@@ -43,10 +43,14 @@ FAMILY = {"pn": "slm-pn", "mix": "slm-mix"}
 HOLDOUT_EVERY = 5
 """Every fifth document is held out to choose among the candidates."""
 WINDOWS_PER_DOC = 2
-MAX_HISTOGRAM_WINDOWS = 128
-"""Windows embedded for the histogram: at most two per document, evenly spread, and 128
-in all (MiniLM on one CPU thread embeds ~20 windows/s; the histogram is over k <= 64
-clusters, so a hundred windows estimate it well)."""
+MAX_HISTOGRAM_WINDOWS = 64
+"""Windows embedded for the histogram: at most two per document, evenly spread, and 64 in
+all. MiniLM on a replica's one CPU thread embeds ~10 windows/s, and this is most of the
+seconds a new domain costs; the histogram is over the experts' k (4-32) clusters, which
+64 windows estimate to a few points."""
+MAX_HELDOUT_TOKENS = 8192
+"""Held-out tokens each candidate is scored on (the first ones): enough to rank four
+candidates, and scoring is most of a candidate's seconds."""
 MIN_TOKENS = 16
 CODE_VERSION = "instant-v1"
 
@@ -348,7 +352,8 @@ def build_instant(cfg, texts: list[str], families: dict[str, Family], embedder=N
         fam = families[short]
         stage = Stage.of(cfg.root, "instant", rule, version=CODE_VERSION, docs=docs.digest,
                          generic=fam.artifact.stage.key, clusters=fam.clusters.key,
-                         windows=[cfg.cluster.window_tokens, WINDOWS_PER_DOC, MAX_HISTOGRAM_WINDOWS])
+                         windows=[cfg.cluster.window_tokens, WINDOWS_PER_DOC, MAX_HISTOGRAM_WINDOWS],
+                         heldout_tokens=MAX_HELDOUT_TOKENS)
         tc = time.perf_counter()
 
         def build(work: Path, short=short, how=how, fam=fam) -> dict:
@@ -373,7 +378,7 @@ def build_instant(cfg, texts: list[str], families: dict[str, Family], embedder=N
                 else:
                     plain, detail["expert"] = mix_most_frequent(cfg, fam, counts[short])
                     make_flops = 0.0
-            s, n = tokens_nll(plain, docs.heldout, seq, cfg.finetune.batch_size)
+            s, n = tokens_nll(plain, docs.heldout[:MAX_HELDOUT_TOKENS], seq, cfg.finetune.batch_size)
             flops = make_flops + n * inference_flops_per_token(plain, seq)
             info = {"heldout_nll": s / n, "heldout_ppl": math.exp(s / n), "heldout_tokens": n,
                     "params": count_params(plain), "flops": flops, "rule": rule, **detail}
@@ -428,7 +433,7 @@ def finetune_instant(cfg, docs_train: np.ndarray, docs_heldout: np.ndarray, init
     stage = Stage.of(cfg.root, "instant", "finetuned", weights=fit.stage_key, heldout=held.identity())
 
     def export(out: Path) -> dict:
-        s, n = tokens_nll(model, docs_heldout, cfg.data.seq_len, cfg.finetune.batch_size)
+        s, n = tokens_nll(model, docs_heldout[:MAX_HELDOUT_TOKENS], cfg.data.seq_len, cfg.finetune.batch_size)
         info = {"heldout_nll": s / n, "heldout_ppl": math.exp(s / n), "params": count_params(model),
                 "steps": fit.result.steps, "flops": fit.result.cost.flops,
                 "seconds": fit.result.cost.wall_seconds, "rule": f"{init.rule}+finetune"}

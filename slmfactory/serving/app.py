@@ -133,9 +133,11 @@ def make_deployment(max_models: int):
             self.cfg = from_dict(instant["config"]) if instant else None
             self.registry = DomainRegistry(self.cfg.root) if self.cfg is not None else None
             self.instant: dict[str, tuple[int, dict]] = {}   # name -> (entry file mtime_ns, entry)
-            self.families = None
-            self.tokenizer = None
             self.finetunes: dict[str, Any] = {}              # name -> the queued Ray task's ref
+            # What new domains are built from (generic phases, tokenizer, MiniLM), loaded in
+            # the background from the start: a new domain's first POST does not wait for it.
+            self.instant_inputs = asyncio.ensure_future(asyncio.to_thread(_instant_inputs, self.cfg)) \
+                if self.cfg is not None else None
             self.failed: dict[str, str] = {}
             self.lock = threading.Lock()  # one generate at a time: seeded sampling stays reproducible
             self.minilm = None
@@ -349,16 +351,14 @@ def make_deployment(max_models: int):
                         raise ApiError(400, f"'finetune_budget' must be at least one step of {step} tokens, got "
                                        f"{req.finetune_budget}", param="finetune_budget", code="invalid_value")
                 try:
-                    if self.families is None:
-                        self.families = await asyncio.to_thread(_instant_inputs, self.cfg)
-                    families, self.tokenizer = self.families
-                    if self.minilm is None:
-                        from slmfactory.platform.embed import load_minilm
-
-                        self.minilm = await asyncio.to_thread(load_minilm, "cpu")
+                    if self.instant_inputs.done() and self.instant_inputs.exception() is not None:
+                        # Not trained at start-up (503 then): look again, they may be now.
+                        self.instant_inputs = asyncio.ensure_future(asyncio.to_thread(_instant_inputs, self.cfg))
+                    families, tokenizer, minilm = await self.instant_inputs
+                    self.minilm = self.minilm or minilm
                     entry, built = await asyncio.to_thread(
-                        reg.create_domain, self.cfg, req.name, req.documents, families, embedder=self.minilm,
-                        tokenizer=self.tokenizer, taken=lambda n: n in self.catalog)
+                        reg.create_domain, self.cfg, req.name, req.documents, families, embedder=minilm,
+                        tokenizer=tokenizer, taken=lambda n: n in self.catalog)
                 except reg.NameTaken as e:
                     raise ApiError(409, str(e), param="name", code="name_exists") from None
                 except GenericPhaseMissing as e:
@@ -506,11 +506,13 @@ def make_deployment(max_models: int):
 
 def _instant_inputs(cfg):
     """What a replica builds new domains from: the trained generic phases (never trained
-    here) and the run's tokenizer."""
+    here), the run's tokenizer and MiniLM."""
     from slmfactory.models.instant import generic_families
+    from slmfactory.platform.embed import load_minilm
     from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
 
-    return generic_families(cfg, train=False), load_tokenizer(ensure_tokenizer(cfg))
+    families = generic_families(cfg, train=False)
+    return families, load_tokenizer(ensure_tokenizer(cfg)), load_minilm("cpu")
 
 
 def _domain_view(entry: dict) -> dict:
