@@ -190,9 +190,25 @@ def test_resample_matches_domain_histogram(clustered):
     gen = gen[(gen.part == "generic") & (gen.split == "train")].set_index("window_id")["cluster"]
     got = t.to_pandas()
     assert (gen.loc[got["window_id"]].to_numpy() == got["cluster"].to_numpy()).all()
+    # The training stream was written by the stage, memory-mapped, and holds exactly the
+    # written windows (each + eos): same token multiset, windows' histogram as reported.
     stream = load_resampled_tokens(res.path)
+    assert isinstance(stream, np.memmap) and (res.path / "tokens.npy").is_file()
     assert stream.dtype == np.int32 and len(stream) == res.tokens
     assert int((stream == cl.eos_id).sum()) == res.windows
+    data = pads.dataset(str(res.path / "data"), format="parquet").to_table(columns=["cluster", "tokens"])
+    flat = data.column("tokens").combine_chunks().flatten().to_numpy()
+    vocab = int(max(stream.max(), flat.max(), cl.eos_id)) + 1
+    want = np.bincount(flat, minlength=vocab)
+    want[cl.eos_id] += data.num_rows
+    assert np.array_equal(np.bincount(stream, minlength=vocab), want)
+    assert np.allclose(np.bincount(data.column("cluster").to_numpy(), minlength=cl.k) / data.num_rows, res.histogram)
+    # Shuffled: not the windows in table order (which would put a document's windows together).
+    assert not np.array_equal(stream[:len(flat)][:200], flat[:200])
+    from slmfactory.platform.resample import resampled_source
+
+    src = resampled_source(res)
+    assert np.array_equal(src.load(), stream) and src.key == res.path.name
     assert "TV" in res.summary() or "total variation" in res.summary()
     # Rerun: the finished stage is returned as it is.
     marker = (res.path / "stage.json").stat().st_mtime_ns
@@ -200,6 +216,15 @@ def test_resample_matches_domain_histogram(clustered):
     _shutdown_ray()
     assert again.path == res.path and again.tv_distance == res.tv_distance
     assert (res.path / "stage.json").stat().st_mtime_ns == marker
+    # Rebuilt from scratch with the same seed: the same stream, token for token.
+    first = np.array(stream)
+    shutil.rmtree(res.path)
+    try:
+        rebuilt = resample(cfg, "legal", 30_000, progress=False)
+    finally:
+        _shutdown_ray()
+    assert rebuilt.path == res.path and rebuilt.windows == res.windows
+    assert np.array_equal(np.asarray(load_resampled_tokens(rebuilt.path)), first)
 
 
 @pytest.mark.timeout(120)

@@ -18,34 +18,48 @@ import numpy as np
 import torch
 
 from slmfactory.platform.errors import DataError
+from slmfactory.platform.npy import NpyWriter, write_tokens  # noqa: F401  (re-exported)
 
 
-def tokenize_texts(tokenizer, texts: Iterable[str], max_tokens: int | None = None,
-                   batch_docs: int = 256) -> np.ndarray:
-    """Concatenate ``tokens(doc) + [eos]`` for each text, stopping after ``max_tokens``."""
+def iter_token_chunks(tokenizer, texts: Iterable[str], max_tokens: int | None = None,
+                      batch_docs: int = 256) -> Iterator[np.ndarray]:
+    """``tokens(doc) + [eos]`` for each text, as int32 chunks of ``batch_docs`` documents,
+    stopping after exactly ``max_tokens`` tokens (the last chunk is cut). Holds one batch."""
     eos = tokenizer.eos_token_id
-    chunks: list[np.ndarray] = []
     total = 0
     batch: list[str] = []
 
-    def flush() -> None:
-        nonlocal total
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            ids.append(eos)
-            chunks.append(np.asarray(ids, dtype=np.int32))
-            total += len(ids)
+    def flush() -> np.ndarray:
+        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
         batch.clear()
+        lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+        out = np.empty(int(lengths.sum()), dtype=np.int32)
+        ends = np.cumsum(lengths)
+        for x, end, n in zip(ids, ends, lengths):
+            out[end - n:end - 1] = x
+        out[ends - 1] = eos
+        return out
 
     for text in texts:
         batch.append(text)
         if len(batch) >= batch_docs:
-            flush()
-            if max_tokens is not None and total >= max_tokens:
-                break
-    if batch and (max_tokens is None or total < max_tokens):
-        flush()
-    out = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
-    return out[:max_tokens] if max_tokens is not None else out
+            chunk = flush()
+            if max_tokens is not None and total + len(chunk) >= max_tokens:
+                yield chunk[:max_tokens - total]
+                return
+            total += len(chunk)
+            yield chunk
+    if batch:
+        chunk = flush()
+        yield chunk if max_tokens is None else chunk[:max_tokens - total]
+
+
+def tokenize_texts(tokenizer, texts: Iterable[str], max_tokens: int | None = None,
+                   batch_docs: int = 256) -> np.ndarray:
+    """Concatenate ``tokens(doc) + [eos]`` for each text, stopping after ``max_tokens``
+    (in memory: tests and benchmarks; stages stream with :func:`write_tokens`)."""
+    chunks = list(iter_token_chunks(tokenizer, texts, max_tokens, batch_docs))
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -56,7 +70,7 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-TOKENS_VERSION = "tokens-v1"
+TOKENS_VERSION = "tokens-v1"  # streamed since, byte for byte the same file
 TOKENS_FILE = "tokens.npy"
 
 
@@ -91,12 +105,13 @@ def split_tokens(cfg, part: str, split: str, max_tokens: int | None = None) -> n
 
         def build(work: Path) -> dict:
             texts = iter_texts(cfg.corpus_dir, part, split)
-            # One extra document's worth of slack tells "exactly the split" from "cut short".
-            toks = tokenize_texts(tokenizer, texts, None if max_tokens is None else max_tokens + 1)
-            if toks.size == 0:
+            # One extra token tells "exactly the split" from "cut short". Streamed to disk a
+            # batch of documents at a time: no stage holds the split.
+            n = write_tokens(work / TOKENS_FILE,
+                             iter_token_chunks(tokenizer, texts, None if max_tokens is None else max_tokens + 1))
+            if n == 0:
                 raise DataError(f"{cfg.corpus_dir}/{part}/{split}: no tokens (empty split)")
-            np.save(work / TOKENS_FILE, toks)
-            return {"complete": max_tokens is None or len(toks) <= max_tokens, "tokens": int(len(toks))}
+            return {"complete": max_tokens is None or n <= max_tokens, "tokens": int(n)}
 
         stage.build(build, replace=True)
         tokens = np.load(stage.path(TOKENS_FILE), mmap_mode="r")

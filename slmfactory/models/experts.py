@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from slmfactory.models.data import TokenSource
-from slmfactory.models.trainer import evaluate_nll
+from slmfactory.models.trainer import autocast_for, eval_device, evaluate_nll
+
+BY_CLUSTER_VERSION = "by-cluster-v2"  # v2: streamed, in the split's stored order; bounds in the marker
 
 
 def expert_clusters(cfg, k: int, domains: bool = False):
@@ -28,13 +30,22 @@ def expert_clusters(cfg, k: int, domains: bool = False):
 def cluster_streams(cfg, clusters) -> list[TokenSource]:
     """Every cluster's generic train tokens in one file (a stage keyed by the clustering),
     one ``TokenSource`` slice per cluster (memory-mapped by workers; nothing is copied per
-    cluster)."""
+    cluster). Written cluster after cluster, a batch of windows at a time."""
+    from slmfactory.platform.npy import NpyWriter
     from slmfactory.platform.stages import Stage
 
-    stage = Stage.of(cfg.root, "tokens", "generic-by-cluster", clusters=clusters.key)
-    stage.build(lambda work: np.save(work / "cluster_tokens.npy",
-                                     np.concatenate([clusters.cluster_tokens(c) for c in range(clusters.k)])))
-    bounds = np.cumsum([0] + [int(n) for n in clusters.cluster_sizes()])  # == len(cluster_tokens(c))
+    stage = Stage.of(cfg.root, "tokens", "generic-by-cluster", version=BY_CLUSTER_VERSION, clusters=clusters.key)
+
+    def build(work) -> dict:
+        bounds = [0]
+        with NpyWriter(work / "cluster_tokens.npy") as w:
+            for c in range(clusters.k):
+                for chunk in clusters.iter_cluster_tokens(c):
+                    w.append(chunk)
+                bounds.append(w.n)
+        return {"bounds": bounds}
+
+    bounds = stage.build(build)["bounds"]
     path = str(stage.path("cluster_tokens.npy"))
     return [TokenSource(path, stage.key, int(bounds[c]), int(bounds[c + 1])) for c in range(clusters.k)]
 
@@ -62,7 +73,12 @@ def routed_generic_nll(cfg, clusters, expert_model: Callable[[int], torch.nn.Mod
         toks = np.concatenate(parts)
         if len(toks) < cfg.data.seq_len:
             continue  # not one full sequence: nothing to score at this context
-        s, k = evaluate_nll(expert_model(e).eval(), toks, cfg.data.seq_len, cfg.pretrain.batch_size)
+        model = expert_model(e).eval()
+        was = next(model.parameters()).device
+        dev = eval_device()  # the trial's device: its GPU when it has one
+        s, k = evaluate_nll(model.to(dev), toks, cfg.data.seq_len, cfg.pretrain.batch_size, device=dev,
+                            autocast=autocast_for(dev))
+        model.to(was)
         total, n = total + s, n + k
     if n == 0:
         return {}

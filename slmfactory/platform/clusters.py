@@ -422,23 +422,32 @@ class Clusters:
 
     def generic_valid_streams(self, max_tokens: int) -> dict[int, np.ndarray]:
         """Per cluster, the generic validation windows' tokens, each followed by eos: the
-        first ``max_tokens`` tokens of windows in window-id order (deterministic)."""
+        first ``max_tokens`` tokens of windows in window-id order (deterministic). Ids and
+        lengths are read first; tokens only for the windows inside the budget."""
+        import pyarrow as pa
         import pyarrow.compute as pc
 
-        rows = []
-        for b in self._scan(["window_id", "cluster", "tokens"],
-                            (pc.field("part") == "generic") & (pc.field("split") == "valid")):
-            rows.extend(zip(b.column("window_id").to_pylist(), b.column("cluster").to_pylist(),
-                            b.column("tokens").to_pylist()))
-        rows.sort(key=lambda r: r[0])
-        out: dict[int, list[int]] = {}
-        used = 0
-        for _, c, toks in rows:
-            if used >= max_tokens:
-                break
-            out.setdefault(int(c), []).extend(list(toks) + [self.eos_id])
-            used += len(toks) + 1
-        return {c: np.asarray(t, dtype=np.int32) for c, t in sorted(out.items())}
+        valid = (pc.field("part") == "generic") & (pc.field("split") == "valid")
+        ids, lens = [], []
+        for b in self._scan(["window_id", "start", "end"], valid):
+            ids.extend(b.column("window_id").to_pylist())
+            lens.append(pc.subtract(b.column("end"), b.column("start")).to_numpy(zero_copy_only=False) + 1)
+        if not ids:
+            return {}
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        lens = np.concatenate(lens).astype(np.int64)[order]
+        before = np.cumsum(lens) - lens
+        chosen = pa.array([ids[i] for i, b in zip(order, before) if b < max_tokens], pa.string())
+        rows = {}
+        for b in self._scan(["window_id", "cluster", "tokens"], valid & pc.field("window_id").isin(chosen)):
+            for w, c, t in zip(b.column("window_id").to_pylist(), b.column("cluster").to_pylist(),
+                               b.column("tokens").to_numpy(zero_copy_only=False)):
+                rows[w] = (int(c), t)
+        out: dict[int, list[np.ndarray]] = {}
+        for w in chosen.to_pylist():
+            c, t = rows[w]
+            out.setdefault(c, []).append(np.append(np.asarray(t, dtype=np.int32), np.int32(self.eos_id)))
+        return {c: np.concatenate(t).astype(np.int32) for c, t in sorted(out.items())}
 
     def counts(self, part: str) -> np.ndarray:
         """(k,) window counts of ``part`` (generic: all generic train windows; a domain:
@@ -473,37 +482,35 @@ class Clusters:
     def most_frequent(self, domain: str) -> int:
         return int(np.argmax(self.counts(domain)))
 
-    def _cluster_table(self, cluster: int):
-        import pyarrow as pa
+    def iter_cluster_tokens(self, cluster: int, batch_windows: int = 8192) -> Iterator[np.ndarray]:
+        """int32 chunks of the generic train windows of ``cluster``, each window followed by
+        eos, in the split's stored order (its files sorted by name, rows in order: the
+        assigned table's order, documents' windows in sequence). One batch in memory."""
         import pyarrow.parquet as pq
+
+        from slmfactory.platform.resample import _flatten_with_eos
 
         if not 0 <= cluster < self.k:
             raise DataError(f"cluster {cluster}: out of range 0..{self.k - 1}")
         d = self.by_cluster_dir / f"cluster={cluster}"
-        files = sorted(d.glob("*.parquet")) if d.is_dir() else []
-        if not files:
-            return None
-        t = pa.concat_tables([pq.read_table(f, columns=["doc_id", "start", "window_id", "tokens"]) for f in files])
-        idx = np.lexsort((t.column("start").to_numpy(), np.asarray(t.column("doc_id").to_pylist(), dtype=object).astype(str)))
-        return t.take(pa.array(idx))
+        for f in sorted(d.glob("*.parquet")) if d.is_dir() else []:
+            for b in pq.ParquetFile(f).iter_batches(batch_size=batch_windows, columns=["tokens"]):
+                if b.num_rows:
+                    yield _flatten_with_eos(b.column(0), self.eos_id)
 
     def cluster_tokens(self, cluster: int, max_tokens: int | None = None) -> np.ndarray:
         """int32 token ids of the generic train windows of ``cluster``, each followed by
-        eos, concatenated in (doc_id, position) order; at most ``max_tokens`` of them."""
-        t = self._cluster_table(cluster)
-        if t is None:
-            return np.zeros(0, dtype=np.int32)
-        toks = t.column("tokens").combine_chunks()
-        flat = toks.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
-        offs = (toks.offsets.to_numpy() - toks.offsets[0].as_py()).astype(np.int64)
-        n = len(toks)
-        out = np.empty(len(flat) + n, dtype=np.int32)
-        # Insert eos after each window: window i moves right by i positions.
-        lengths = np.diff(offs)
-        dest = np.repeat(np.arange(n), lengths) + np.arange(len(flat))
-        out[dest] = flat
-        out[offs[1:] + np.arange(n)] = self.eos_id
-        return out if max_tokens is None else out[:max_tokens]
+        eos, in the order of ``iter_cluster_tokens``; at most ``max_tokens`` of them (in
+        memory: training streams reads ``cluster_streams``' memory-mapped file instead)."""
+        out: list[np.ndarray] = []
+        n = 0
+        for chunk in self.iter_cluster_tokens(cluster):
+            out.append(chunk)
+            n += len(chunk)
+            if max_tokens is not None and n >= max_tokens:
+                break
+        toks = np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
+        return toks if max_tokens is None else toks[:max_tokens]
 
     def cluster_sizes(self) -> np.ndarray:
         """(k,) generic train tokens per cluster, eos separators included (so

@@ -14,16 +14,25 @@ resampling does the same exactly and without weights in the loss:
 4. Clusters where the domain has mass but the generic corpus has no window cannot be
    matched; they are reported and the rest of the domain histogram is renormalised.
 
-The selection (window ids and multiplicities) is small and made on the driver; the token
-data is streamed by a Ray Data job from the assigned-windows table to parquet. Each output row
-carries a random ``order`` key, so ``load_resampled_tokens`` returns a shuffled stream
-(repeats of a window are not adjacent). The total variation distance reported is measured
-on the written parquet against the *unrenormalised* domain histogram.
+Memory is bounded at any corpus size. The driver reads small columns (cluster, start, end)
+of the assigned-windows table one file at a time and keeps O(files x k) counts; windows are
+named by their place in the table (sorted files, rows in order), never by id string, and
+the selection is one int32 multiplicity per window of the clusters drawn from (O(windows)
+at most, 4 bytes each). It is written per input file into the stage's folder (shared
+storage), where a Ray Data task per file reads it with that file: it repeats and shuffles
+its windows in chunks of ``CHUNK_WINDOWS`` and writes them to ``data/`` (parquet) and as
+tokens + eos to a part file. The driver then streams every chunk, in a seeded permutation
+of all chunks, into ``tokens.npy``: the SLM-is training stream, written once, memory-mapped
+by training (``load_resampled_tokens``). The same seed gives the same stream: every task's
+output is a function of its file, the selection and the seed, not of Ray's scheduling.
+The histogram, tokens and total variation reported are counted on the rows written,
+against the *unrenormalised* domain histogram.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 import zlib
@@ -36,14 +45,17 @@ import numpy as np
 from slmfactory.platform.errors import ConfigError, DataError
 from slmfactory.platform.stages import Stage
 
-RESAMPLE_VERSION = "resample-v1"
+RESAMPLE_VERSION = "resample-v2"  # v2: tokens.npy stream written by the stage; per-file parts
+STREAM_FILE = "tokens.npy"
+CHUNK_WINDOWS = 8192
+"""Input windows per shuffled chunk (and output rows per written piece)."""
 
 
 @dataclass
 class ResampleResult:
     domain: str
     path: Path
-    """The result folder: ``result.json`` and ``data/`` (parquet)."""
+    """The result folder: ``result.json``, ``data/`` (parquet) and ``tokens.npy`` (the stream)."""
     windows: int
     unique_windows: int
     repeated_windows: int
@@ -109,44 +121,133 @@ def largest_remainder(p: np.ndarray, n: int) -> np.ndarray:
     return base
 
 
-def _generic_index(cl) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per cluster: (generic train window ids sorted, lengths incl. eos). Ids only, read
-    batch by batch: the driver never loads generic tokens."""
+def _generic_rows(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mask of generic train rows, their clusters, their lengths incl. eos) of one file
+    of the assigned-windows table, in row order; small columns only (no tokens)."""
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    ids, lens, cluster = [], [], []
-    for b in cl.generic_train_batches(["window_id", "start", "end", "cluster"]):
-        ids.append(np.asarray(b.column("window_id").to_pylist(), dtype=object))
-        lens.append(pc.subtract(b.column("end"), b.column("start")).to_numpy(zero_copy_only=False) + 1)
-        cluster.append(b.column("cluster").to_numpy(zero_copy_only=False))
-    ids = np.concatenate(ids) if ids else np.zeros(0, dtype=object)
-    lens = np.concatenate(lens).astype(np.int64) if lens else np.zeros(0, dtype=np.int64)
-    cluster = np.concatenate(cluster).astype(np.int64) if cluster else np.zeros(0, dtype=np.int64)
-    order = np.lexsort((ids.astype(str), cluster))  # by cluster, then window id
-    bounds = np.searchsorted(cluster[order], np.arange(cl.k + 1))
-    return [(ids[order[a:b]], lens[order[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])]
+    t = pq.read_table(path, columns=["part", "split", "cluster", "start", "end"])
+    mask = pc.and_(pc.equal(t.column("part"), "generic"), pc.equal(t.column("split"), "train"))
+    mask = mask.to_numpy(zero_copy_only=False).astype(bool)
+    cluster = t.column("cluster").to_numpy().astype(np.int64)[mask]
+    lens = (t.column("end").to_numpy().astype(np.int64) - t.column("start").to_numpy().astype(np.int64))[mask] + 1
+    return mask, cluster, lens
 
 
-def _select_rows(batch, sel_ids, sel_counts: np.ndarray, seed: int):
-    """Repeat each selected window of ``batch`` by its multiplicity; drop the rest."""
+def _generic_index(cl, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(files, k) generic train windows per file and cluster, and (k,) their tokens (eos
+    included), one file at a time: O(files x k) on the driver, never a window id."""
+    counts = np.zeros((len(files), cl.k), dtype=np.int64)
+    tokens = np.zeros(cl.k, dtype=np.float64)
+    for i, f in enumerate(files):
+        _, cluster, lens = _generic_rows(f)
+        counts[i] = np.bincount(cluster, minlength=cl.k)
+        tokens += np.bincount(cluster, weights=lens.astype(np.float64), minlength=cl.k)
+    return counts, tokens.astype(np.int64)
+
+
+def _flatten_with_eos(tokens, eos: int) -> np.ndarray:
+    """A pyarrow list<int32> array → int32 tokens, each list followed by ``eos``."""
+    offs = tokens.offsets.to_numpy().astype(np.int64)
+    flat = tokens.values.to_numpy(zero_copy_only=False)[offs[0]:offs[-1]].astype(np.int32)
+    offs = offs - offs[0]
+    n = len(tokens)
+    out = np.empty(len(flat) + n, dtype=np.int32)
+    # Window i moves right by i positions (the i eos before it).
+    out[np.repeat(np.arange(n), np.diff(offs)) + np.arange(len(flat))] = flat
+    out[offs[1:] + np.arange(n)] = eos
+    return out
+
+
+def _resample_file(row: dict, work: str, seed: int, eos: int, k: int) -> dict:
+    """Ray Data task: the selected windows of one input file (``row["path"]``, index
+    ``row["index"]``), each repeated by its multiplicity and shuffled inside chunks of
+    ``CHUNK_WINDOWS`` input windows, to ``data/part-<i>.parquet`` and, as tokens + eos, to
+    ``parts/<i>.npy``; chunk lengths and counts to ``parts/<i>.json``. Memory: the file's
+    small columns and one chunk. Deterministic: a function of (file, selection, seed, i)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    from slmfactory.platform.clusters import _sample_key
+    from slmfactory.platform.npy import NpyWriter
 
-    idx = pc.index_in(batch.column("window_id"), value_set=sel_ids).to_numpy(zero_copy_only=False)
-    present = ~np.isnan(idx.astype(np.float64)) if idx.dtype == object else idx >= 0
-    idx = np.where(present, np.nan_to_num(idx.astype(np.float64), nan=-1), -1).astype(np.int64)
-    mult = np.where(idx >= 0, sel_counts[np.maximum(idx, 0)], 0)
-    rows = np.repeat(np.arange(batch.num_rows), mult)
-    copy = np.concatenate([np.arange(m) for m in mult if m > 0]) if rows.size else np.zeros(0, np.int64)
-    cluster = pc.cast(batch.column("cluster"), pa.int32())
-    batch = batch.set_column(batch.schema.get_field_index("cluster"), "cluster", cluster)
-    out = batch.select(["window_id", "cluster", "tokens"]).take(pa.array(rows, pa.int64()))
-    ids = out.column("window_id").to_pylist()
-    order = _sample_key(seed, [f"{w}#{k}" for w, k in zip(ids, copy)])
-    return (out.append_column("copy", pa.array(copy, pa.int32()))
-               .append_column("order", pa.array(order, pa.float64())))
+    i, path, work = int(row["index"]), str(row["path"]), Path(work)
+    sel = np.load(work / "select" / f"{i:05d}.npy")
+    mask, cluster, _ = _generic_rows(Path(path))
+    # ``sel`` lists this file's windows cluster by cluster, each cluster in row order:
+    # a row's place there is its place in the stable sort by cluster.
+    place = np.empty(len(cluster), dtype=np.int64)
+    place[np.argsort(cluster, kind="stable")] = np.arange(len(cluster))
+    mult = np.zeros(len(mask), dtype=np.int64)
+    mult[mask] = sel[place]
+    del sel, place, cluster
+    hist = np.zeros(k, dtype=np.int64)
+    chunks: list[int] = []
+    rows_out = unique = 0
+    writer = None
+    offset = 0
+    with NpyWriter(work / "parts" / f"{i:05d}.npy") as npy:
+        for j, b in enumerate(pq.ParquetFile(path).iter_batches(batch_size=CHUNK_WINDOWS,
+                                                                columns=["window_id", "cluster", "tokens"])):
+            m = mult[offset:offset + b.num_rows]
+            offset += b.num_rows
+            if not m.any():
+                continue
+            take = np.repeat(np.arange(b.num_rows), m)
+            copy = np.arange(len(take)) - np.repeat(np.cumsum(m) - m, m)
+            perm = np.random.default_rng([seed, i, j]).permutation(len(take))
+            take, copy = take[perm], copy[perm]
+            # A small cluster drawn many times can multiply a chunk: write it in bounded pieces.
+            for s in range(0, len(take), CHUNK_WINDOWS):
+                t = b.take(pa.array(take[s:s + CHUNK_WINDOWS], pa.int64()))
+                cl_col = t.column(1).cast(pa.int32())
+                out = pa.table({"window_id": t.column(0), "cluster": cl_col, "tokens": t.column(2),
+                                "copy": pa.array(copy[s:s + CHUNK_WINDOWS], pa.int32())})
+                if writer is None:
+                    (work / "data").mkdir(parents=True, exist_ok=True)
+                    writer = pq.ParquetWriter(work / "data" / f"part-{i:05d}.parquet", out.schema)
+                writer.write_table(out)
+                toks = _flatten_with_eos(t.column(2), eos)
+                npy.append(toks)
+                chunks.append(int(len(toks)))
+                hist += np.bincount(cl_col.to_numpy(zero_copy_only=False).astype(np.int64), minlength=k)
+                rows_out += t.num_rows
+                unique += int((copy[s:s + CHUNK_WINDOWS] == 0).sum())
+    if writer is not None:
+        writer.close()
+    (work / "parts" / f"{i:05d}.json").write_text(json.dumps(
+        {"chunks": chunks, "hist": hist.tolist(), "rows": rows_out, "unique": unique}))
+    return {"index": i, "rows": rows_out}
+
+
+def _write_stream(work: Path, n_files: int, seed: int) -> int:
+    """Concatenate every file's chunks, in a seeded permutation of all chunks, into
+    ``work/tokens.npy`` (streamed: one chunk in memory); returns its length."""
+    from slmfactory.platform.npy import NpyWriter
+
+    index = []  # (file, start, length) per chunk: O(windows / CHUNK_WINDOWS)
+    for i in range(n_files):
+        lengths = json.loads((work / "parts" / f"{i:05d}.json").read_text())["chunks"]
+        starts = np.cumsum([0] + lengths[:-1])
+        index.extend((i, int(a), int(n)) for a, n in zip(starts, lengths))
+    files: dict[int, tuple[Any, int]] = {}  # file -> (open part, where its data starts)
+    try:
+        with NpyWriter(work / STREAM_FILE) as w:
+            for c in np.random.default_rng([seed, 1]).permutation(len(index)):
+                i, a, n = index[c]
+                if i not in files:
+                    f = open(work / "parts" / f"{i:05d}.npy", "rb")
+                    np.lib.format.read_array_header_1_0(f) if np.lib.format.read_magic(f) == (1, 0) \
+                        else np.lib.format.read_array_header_2_0(f)
+                    files[i] = (f, f.tell())
+                # Read, not memory-mapped: mapped pages of the parts would stay resident.
+                f, start = files[i]
+                f.seek(start + 4 * a)
+                w.append(np.fromfile(f, dtype=np.int32, count=n))
+    finally:
+        for f, _ in files.values():
+            f.close()
+    return w.n
 
 
 def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None) -> ResampleResult:
@@ -179,9 +280,10 @@ def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None)
         if dom_counts.sum() == 0:
             raise DataError(f"domain '{domain}': no train windows to take a histogram from")
         p_dom = dom_counts / dom_counts.sum()
-        index = _generic_index(cl)
-        sizes = np.array([len(ids) for ids, _ in index], dtype=np.int64)
-        mean_len = np.array([lens.mean() if len(lens) else 0.0 for _, lens in index])
+        files = sorted(cl.windows_dir.rglob("*.parquet"))
+        file_counts, cluster_tokens = _generic_index(cl, files)
+        sizes = file_counts.sum(axis=0)
+        mean_len = np.where(sizes > 0, cluster_tokens / np.maximum(sizes, 1), 0.0)
         missing = [int(c) for c in np.flatnonzero((p_dom > 0) & (sizes == 0))]
         p_eff = np.where(sizes > 0, p_dom, 0.0)
         if p_eff.sum() == 0:
@@ -190,47 +292,62 @@ def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None)
         n_windows = max(1, int(round(int(tokens) / float((p_eff * mean_len).sum()))))
         n_c = largest_remainder(p_eff, n_windows)
 
+        # Per cluster, the multiplicity of each of its windows (in table scan order: sorted
+        # files, rows in order): int32, only for the clusters drawn from.
         rng = np.random.default_rng(seed)
-        sel_ids: list[np.ndarray] = []
-        sel_counts: list[np.ndarray] = []
+        mult: dict[int, np.ndarray] = {}
         exhausted: list[int] = []
         for c in range(cl.k):
-            want, (ids, _) = int(n_c[c]), index[c]
+            want, size = int(n_c[c]), int(sizes[c])
             if want == 0:
                 continue
-            counts = np.zeros(len(ids), dtype=np.int64)
-            perm = rng.permutation(len(ids))
-            counts[perm[:want]] += 1
-            if want > len(ids):
+            counts = np.zeros(size, dtype=np.int32)
+            counts[rng.permutation(size)[:want]] = 1
+            if want > size:
                 exhausted.append(c)
-                np.add.at(counts, rng.integers(0, len(ids), want - len(ids)), 1)
-            keep = counts > 0
-            sel_ids.append(ids[keep])
-            sel_counts.append(counts[keep])
-        all_ids = np.concatenate(sel_ids)
-        all_counts = np.concatenate(sel_counts)
+                np.add.at(counts, rng.integers(0, size, want - size), 1)
+            mult[c] = counts
+        n_distinct = int(sum(int((m > 0).sum()) for m in mult.values()))
         if progress:
-            print(f"[resample] {domain}: {n_windows:,} windows from {len(all_ids):,} distinct generic windows "
+            print(f"[resample] {domain}: {n_windows:,} windows from {n_distinct:,} distinct generic windows "
                   f"({len(exhausted)} clusters exhausted, {len(missing)} unmatched) "
                   f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
 
-        import pyarrow as pa
         import ray
+
+        from slmfactory.platform.clusters import TASK_CPUS
 
         _ray_data_context(progress)
 
         def write(tmp: Path) -> dict:
-            # Read the assigned-windows table (a few large files) rather than ``by_cluster``
-            # (one file per cluster): Ray Data pays ~0.15 s per file here, 64 files ~10 s.
-            # Only generic train ids are selected, so other windows drop out in ``_select_rows``.
-            ds = ray.data.read_parquet(str(cl.windows_dir)).select_columns(["window_id", "tokens", "cluster"])
-            ds.map_batches(_select_rows, batch_format="pyarrow",
-                           fn_kwargs={"sel_ids": pa.array(all_ids.tolist(), pa.string()),
-                                      "sel_counts": all_counts, "seed": seed}) \
-                .write_parquet(str(tmp / "data"))
-            hist_counts, n_rows, n_tokens, n_unique = _measure(tmp / "data", cl.k)
+            # The selection goes to the workers through the stage's folder (shared storage):
+            # per input file, its windows' multiplicities, cluster by cluster.
+            (tmp / "select").mkdir()
+            (tmp / "parts").mkdir()
+            before = np.cumsum(file_counts, axis=0) - file_counts
+            for i in range(len(files)):
+                np.save(tmp / "select" / f"{i:05d}.npy", np.concatenate(
+                    [mult[c][before[i, c]:before[i, c] + file_counts[i, c]] if c in mult
+                     else np.zeros(file_counts[i, c], dtype=np.int32) for c in range(cl.k)]
+                    + [np.zeros(0, dtype=np.int32)]))
+            # One task per input file (its output is a function of the file alone, so the
+            # stream does not depend on Ray's block layout or scheduling).
+            ray.data.from_items([{"index": i, "path": str(f)} for i, f in enumerate(files)],
+                                override_num_blocks=max(1, len(files))) \
+                .map(_resample_file, num_cpus=TASK_CPUS,
+                     fn_kwargs={"work": str(tmp), "seed": seed, "eos": cl.eos_id, "k": cl.k}) \
+                .materialize()
+            parts = [json.loads((tmp / "parts" / f"{i:05d}.json").read_text()) for i in range(len(files))]
+            hist_counts = np.sum([p["hist"] for p in parts], axis=0).astype(np.int64)
+            n_rows = sum(p["rows"] for p in parts)
+            n_unique = sum(p["unique"] for p in parts)
             if n_rows != n_windows:
                 raise DataError(f"resample wrote {n_rows} windows, expected {n_windows}")
+            n_tokens = _write_stream(tmp, len(files), seed)
+            if n_tokens != sum(sum(p["chunks"]) for p in parts):
+                raise DataError(f"resample stream: {n_tokens} tokens, the parts hold a different number")
+            shutil.rmtree(tmp / "select")
+            shutil.rmtree(tmp / "parts")
             hist = hist_counts / max(1, hist_counts.sum())
             res = ResampleResult(
                 domain=domain, path=out, windows=n_rows, unique_windows=n_unique,
@@ -259,43 +376,27 @@ def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None)
     return res
 
 
-def _measure(data_dir: Path, k: int) -> tuple[np.ndarray, int, int, int]:
-    """Histogram, rows, tokens (eos included) and distinct windows of the written set,
-    read column by column (never the whole set at once)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    counts = np.zeros(k, dtype=np.int64)
-    rows = toks = 0
-    firsts = 0
-    for b in pads.dataset(str(data_dir), format="parquet").to_batches(columns=["cluster", "tokens", "copy"]):
-        counts += np.bincount(b.column("cluster").to_numpy(zero_copy_only=False).astype(np.int64), minlength=k)
-        rows += b.num_rows
-        toks += int(pc.sum(pc.list_value_length(b.column("tokens"))).as_py() or 0) + b.num_rows
-        firsts += int(pc.sum(pc.equal(b.column("copy"), 0)).as_py() or 0)
-    return counts, rows, toks, firsts
-
-
-def load_resampled_tokens(path) -> np.ndarray:
-    """The SLM-is pretraining stream: int32 tokens, windows in their shuffled order, each
-    followed by eos. ``path`` is a result folder (or its ``data/``)."""
-    import pyarrow.dataset as pads
-
+def _result_dir(path) -> Path:
     path = Path(path)
     root = path if (path / "result.json").is_file() else path.parent
     if not (root / "result.json").is_file():
         raise DataError(f"{path}: no resampled set here (run `slmfactory resample` first)")
-    eos = int(json.loads((root / "result.json").read_text())["eos_id"])
-    t = pads.dataset(str(root / "data"), format="parquet").to_table(columns=["order", "tokens"])
-    t = t.take(np.argsort(t.column("order").to_numpy(), kind="stable"))
-    toks = t.column("tokens").combine_chunks()
-    flat = toks.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
-    offs = (toks.offsets.to_numpy() - toks.offsets[0].as_py()).astype(np.int64)
-    n = len(toks)
-    out = np.empty(len(flat) + n, dtype=np.int32)
-    out[np.repeat(np.arange(n), np.diff(offs)) + np.arange(len(flat))] = flat
-    out[offs[1:] + np.arange(n)] = eos
-    return out
+    return root
+
+
+def load_resampled_tokens(path) -> np.ndarray:
+    """The SLM-is pretraining stream: int32 tokens, windows in their shuffled order, each
+    followed by eos; memory-mapped (written once, at resample time). ``path`` is a result
+    folder (or its ``data/``)."""
+    return np.load(_result_dir(path) / STREAM_FILE, mmap_mode="r")
+
+
+def resampled_source(res: ResampleResult):
+    """The stream as a ``TokenSource`` keyed by the resample stage (its folder name)."""
+    from slmfactory.models.data import TokenSource
+
+    root = _result_dir(res.path)
+    return TokenSource(str(root / STREAM_FILE), root.name)
 
 
 def _log(res: ResampleResult, tracker) -> None:

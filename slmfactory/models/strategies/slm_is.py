@@ -11,14 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from slmfactory.models.data import TOKENS_FILE, TokenSource
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl, finetune_lm, finish,
     lm_flops_per_token, load_lm, phase_flops, pretrain_lm, register)
 from slmfactory.platform.errors import ConfigError
-from slmfactory.platform.stages import Stage
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,15 +46,13 @@ class ImportanceSampling(Strategy):
                  progress=ctx.log is not None)
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
-        from slmfactory.platform.resample import load_resampled_tokens, resample
+        from slmfactory.platform.resample import resample, resampled_source
 
         cfg = ctx.cfg
         n_tokens = self.settings(cfg).resample_tokens or cfg.pretrain.max_tokens
         res = resample(cfg, domain, tokens=n_tokens, progress=ctx.log is not None, tracker=ctx.tracker)
-        # The resampled set as a flat token stream, itself a stage keyed by the resampling.
-        stream = Stage.of(cfg.root, "tokens", f"resampled-{domain}", resampled=res.path.name)
-        stream.build(lambda work: {"tokens": int(len(_save(work, load_resampled_tokens(res.path))))})
-        source = TokenSource(str(stream.path(TOKENS_FILE)), stream.key)
+        # The resample stage wrote the shuffled stream as tokens.npy: training memory-maps it.
+        source = resampled_source(res)
         # The fresh SLM's pretraining is specialisation cost of this domain, not generic.
         pre = pretrain_lm(ctx, "slm", source, name=f"{self.name}-{domain}",
                           cost_phase=f"specialize/{self.name}/{domain}/pretrain")
@@ -71,7 +65,3 @@ class ImportanceSampling(Strategy):
                                      "resample_pretrain_flops": pre.cost.flops,
                                      "resample_pretrain_valid_nll": pre.info["generic_valid_nll"]})
 
-
-def _save(work, tokens: np.ndarray) -> np.ndarray:
-    np.save(work / TOKENS_FILE, tokens)
-    return tokens
