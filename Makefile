@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo serve test bench lint clean
+.PHONY: setup demo serve test cluster-test bench lint clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The cluster user's path on this machine: a two-node Ray cluster on loopback, a tiny sweep
+# submitted with `ray job submit`, its MLflow results checked, the cluster torn down
+# (`make test` runs it too).
+cluster-test: setup
+	$(PY) -m pytest -q tests/test_cluster_rehearsal.py
 
 bench: setup
 	$(PY) bench/train_throughput.py

@@ -16,7 +16,11 @@ tokens they are, and a 32k BPE need not be trained first.
         [--variants eager:32,default:32,default:64] [--steps 30]
     python bench/gpu_mfu.py --device cpu --preset tiny --vocab 512 --seq-len 64 \
         --variants eager:4 --steps 6 --warmup 2 --peak 2e11     # smoke run without a GPU
-"""
+
+``--profile FILE`` also times forward-only (inference) tokens/s of each variant and writes
+the fastest variant's row to FILE, the rows a device profile prices work with
+(``device.throughput_file: FILE``; run once per model size with ``--preset`` and merge the
+lists, or append with ``--profile`` on an existing file)."""
 
 from __future__ import annotations
 
@@ -54,6 +58,27 @@ def parse_variants(text: str) -> list[tuple[str, int]]:
     return out
 
 
+def inference_tokens_per_s(model, device: torch.device, vocab: int, seq_len: int, batch: int, steps: int,
+                           warmup: int) -> float:
+    """Forward-only tokens/s (bf16 autocast on CUDA), CUDA-synchronised around the timed steps."""
+    import time
+    from contextlib import nullcontext
+
+    model.eval()
+    x = torch.randint(0, vocab, (batch, seq_len), device=device, generator=torch.Generator(device).manual_seed(0))
+    cast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with torch.inference_mode(), cast:
+        for i in range(steps):
+            if i == warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+            model(input_ids=x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return batch * seq_len * (steps - warmup) / (time.perf_counter() - t0)
+
+
 def run_variant(args, device: torch.device, mode: str, batch: int, timing_file: Path) -> dict:
     model = build_model(ModelConfig(preset=args.preset), args.vocab, args.seq_len).to(device)
     rng = np.random.default_rng(0)
@@ -76,6 +101,9 @@ def run_variant(args, device: torch.device, mode: str, batch: int, timing_file: 
              achieved_flops=fpt * t["tokens_per_s"], mfu=fpt * t["tokens_per_s"] / args.peak,
              final_loss=result.train_loss,
              peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0)
+    if args.profile:
+        t["inference_tokens_per_s"] = inference_tokens_per_s(model, device, args.vocab, args.seq_len, batch,
+                                                             args.steps, args.warmup)
     del trainer, model
     gc.collect()
     if device.type == "cuda":
@@ -96,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak", type=float, default=0.0, help="peak dense bf16 FLOP/s (default: from the device name)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--json", default=None, help="also write the numbers here")
+    ap.add_argument("--profile", default=None,
+                    help="append this size's measured row (params, train/inference tokens/s) to this JSON list: "
+                         "a device profile's device.throughput_file")
     args = ap.parse_args(argv)
     if args.steps <= args.warmup:
         ap.error("--steps must exceed --warmup")
@@ -126,6 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['mode']}:{r['batch']} | {r['tokens_per_s']:,.0f} | {r['achieved_flops'] / 1e12:.1f} | "
               f"{r['mfu']:.3f} | {r['tokens_per_s'] / base:.2f} | {r['peak_memory_gib']:.1f} | {r['final_loss']:.3f} |")
+    if args.profile:
+        best = max(rows, key=lambda r: r["tokens_per_s"])
+        path = Path(args.profile)
+        table = json.loads(path.read_text()) if path.is_file() else []
+        table = [r for r in table if r.get("params") != best["params"]] + [{
+            "params": best["params"], "train_tokens_per_s": best["tokens_per_s"],
+            "inference_tokens_per_s": best["inference_tokens_per_s"],
+            "source": f"bench/gpu_mfu.py {name} {args.preset} {best['mode']}:{best['batch']} context {args.seq_len}"}]
+        path.write_text(json.dumps(sorted(table, key=lambda r: r["params"]), indent=2))
+        print(f"profile row for {args.preset} -> {path} (device.throughput_file)")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "preset": args.preset, "seq_len": args.seq_len,
                                                "peak_flops": args.peak, "variants": rows}, indent=2))

@@ -5,19 +5,11 @@ and one CPU, the driver joining with ``init_ray(address=...)``.
 Checks: every window embedded and assigned exactly once; assignments agree with an
 in-process MiniLM + nearest centroid; and a single-node run of k-means / assignment on
 the same (cached) embeddings gives the same centroids and histograms.
-
-Teardown stops only this test's Ray processes (found by their temp dirs, then their
-children, by pid) — ``ray stop`` would also kill every other Ray session on the machine.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,84 +18,17 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from tests.local_cluster import local_cluster
+
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-RAY_BIN = Path(sys.executable).with_name("ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_mine(temp_dirs: list[str]) -> None:
-    """Terminate the processes whose command line names one of ``temp_dirs`` (the
-    nodes' GCS, raylets, agents) and their children (the workers), by pid."""
-    import psutil
-
-    me = os.getpid()
-    roots = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            cmd = p.info["cmdline"] or []
-        except psutil.Error:
-            continue
-        if p.pid != me and any(any(t in a for t in temp_dirs) for a in cmd):
-            roots.append(p)
-    procs: dict[int, psutil.Process] = {}
-    for p in roots:
-        procs[p.pid] = p
-        try:
-            for c in p.children(recursive=True):
-                if c.pid != me:
-                    procs[c.pid] = c
-        except psutil.Error:
-            pass
-    for p in procs.values():
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
 
 
 @pytest.fixture
 def two_node_cluster(monkeypatch):
-    if not RAY_BIN.is_file() and shutil.which("ray") is None:
-        pytest.skip("the `ray` command is not installed, so `ray start` cannot make a cluster")
-    ray_bin = str(RAY_BIN if RAY_BIN.is_file() else shutil.which("ray"))
-    # Token auth stays on: the head writes/reads ~/.ray/auth_token; the joining node and
-    # the driver must be told to send it.
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the driver sends the token too
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
-    # Short paths: Ray puts Unix sockets under the temp dir (108-byte limit).
-    t_head = tempfile.mkdtemp(prefix="slmf-rh-", dir="/tmp")
-    t_work = tempfile.mkdtemp(prefix="slmf-rw-", dir="/tmp")
-    port = _free_port()
-    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    try:
-        head = subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={t_head}",
-                               "--include-dashboard=false", *common],
-                              capture_output=True, text=True, env=env, timeout=180)
-        assert head.returncode == 0, f"ray start --head failed:\n{head.stdout[-2000:]}\n{head.stderr[-2000:]}"
-        work = subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", f"--temp-dir={t_work}", *common],
-                              capture_output=True, text=True, env=env, timeout=180)
-        assert work.returncode == 0, f"ray start --address failed:\n{work.stdout[-2000:]}\n{work.stderr[-2000:]}"
-        yield f"127.0.0.1:{port}"
-    finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-        _stop_mine([t_head, t_work])
-        shutil.rmtree(t_head, ignore_errors=True)
-        shutil.rmtree(t_work, ignore_errors=True)
+    with local_cluster() as (address, _):
+        yield address
 
 
 def _shrink_corpus(cfg, generic_docs: int, keep_domains: tuple[str, ...]) -> None:
