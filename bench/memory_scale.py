@@ -12,7 +12,9 @@ process and of all its descendants (psutil), and reports
 - ``driver``: the subprocess itself (where tokenization and resampling's selection run);
 - ``worker``: the largest single descendant (a Ray worker running a resample task);
 - ``tree``: the sum over the whole tree (driver, Ray's gcs/raylet, every worker),
-  at its highest.
+  at its highest. It is set by how many workers Ray runs at once (cores / the tasks'
+  0.25 CPU, ~280 MiB each), not by the corpus; with too few windows files for the small
+  corpus to fill that pool, the two runs would compare 1 worker with 8.
 
 Tokenization: ``split_tokens(cfg, "generic", "train")`` (the stage, streaming to
 ``tokens.npy``). Resampling: ``resample(cfg, "legal", tokens)`` for half of the generic
@@ -215,7 +217,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small-mb", type=int, default=10)
     ap.add_argument("--large-mb", type=int, default=200)
-    ap.add_argument("--windows-per-file", type=int, default=10_000)
+    ap.add_argument("--windows-per-file", type=int, default=2_000)
     ap.add_argument("--keep", action="store_true", help="keep the temporary workdirs")
     ap.add_argument("--child", choices=["tokenize", "resample"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
