@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl, finetune_lm, finish,
-    lm_flops_per_token, load_lm, phase_flops, pretrain_lm, register)
+    lm_flops_per_token, load_lm, phase_work, pretrain_lm, register)
 from slmfactory.platform.errors import ConfigError
 
 
@@ -31,9 +31,9 @@ class Settings:
 class ImportanceSampling(Strategy):
     requires = frozenset({"clusters"})
 
-    def projected_flops(self, cfg) -> tuple[float, float]:
-        train, _, _ = lm_flops_per_token(cfg, "slm")
-        return 0.0, phase_flops(cfg, cfg.pretrain, train) + phase_flops(cfg, cfg.finetune, train)
+    def projected_work(self, cfg):
+        train, _, n = lm_flops_per_token(cfg, "slm")
+        return [], [phase_work(cfg, cfg.pretrain, train, n), phase_work(cfg, cfg.finetune, train, n)]
 
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact | None:
         return None  # nothing is shared across domains
