@@ -205,7 +205,7 @@ def test_resample_matches_domain_histogram(clustered):
     assert np.allclose(np.bincount(data.column("cluster").to_numpy(), minlength=cl.k) / data.num_rows, res.histogram)
     # Shuffled: not the windows in table order (which would put a document's windows together).
     assert not np.array_equal(stream[:len(flat)][:200], flat[:200])
-    from slmfactory.platform.resample import resampled_source
+    from slmfactory.models.data import resampled_source
 
     src = resampled_source(res)
     assert np.array_equal(src.load(), stream) and src.key == res.path.name

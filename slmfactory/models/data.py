@@ -215,3 +215,12 @@ class PackedBatches:
         while True:
             yield self.batch(step)
             step += 1
+
+
+def resampled_source(res) -> TokenSource:
+    """A resampled set's (``platform.resample.ResampleResult``) training stream as a
+    ``TokenSource``, keyed by the resample stage (its folder name)."""
+    from slmfactory.platform.resample import stream_path
+
+    path = stream_path(res)
+    return TokenSource(str(path), path.parent.name)

@@ -391,12 +391,9 @@ def load_resampled_tokens(path) -> np.ndarray:
     return np.load(_result_dir(path) / STREAM_FILE, mmap_mode="r")
 
 
-def resampled_source(res: ResampleResult):
-    """The stream as a ``TokenSource`` keyed by the resample stage (its folder name)."""
-    from slmfactory.models.data import TokenSource
-
-    root = _result_dir(res.path)
-    return TokenSource(str(root / STREAM_FILE), root.name)
+def stream_path(res: ResampleResult) -> Path:
+    """The SLM-is training stream's ``tokens.npy``; its stage folder's name is its key."""
+    return _result_dir(res.path) / STREAM_FILE
 
 
 def _log(res: ResampleResult, tracker) -> None:

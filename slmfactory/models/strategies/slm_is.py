@@ -46,7 +46,8 @@ class ImportanceSampling(Strategy):
                  progress=ctx.log is not None)
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
-        from slmfactory.platform.resample import resample, resampled_source
+        from slmfactory.models.data import resampled_source
+        from slmfactory.platform.resample import resample
 
         cfg = ctx.cfg
         n_tokens = self.settings(cfg).resample_tokens or cfg.pretrain.max_tokens
