@@ -62,6 +62,22 @@ def test_dry_run_prints_the_plan_and_runs_nothing(work):
     assert not (work / "generic").exists() and not (work / "sweeps").exists()
 
 
+def test_paper_dry_run_plans_gpu_hours_and_memory_without_a_corpus(tmp_path):
+    out = cli("sweep", "-c", str(REPO / "configs" / "paper.yaml"), "--set", f"workdir={tmp_path}", "--dry-run",
+              timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert "144 trials, 10 shared generic phases" in text
+    # ~100 A100-hours of SLM pretraining at 45B tokens (Table 2: 2.2 h per 1B), slm-pn ~1.5x.
+    hours = {line.split()[0]: float(line.split()[-1].replace(",", "")) for line in text.splitlines()
+             if line.startswith(("slm@4.5e+10T", "slm-pn@4.5e+10T", "llm@4.5e+10T"))}
+    assert 80 < hours["slm@4.5e+10T"] < 120 and 1.3 < hours["slm-pn@4.5e+10T"] / hours["slm@4.5e+10T"] < 1.8
+    assert 3.0 < hours["llm@4.5e+10T"] / hours["slm@4.5e+10T"] < 4.0
+    assert "a100-bf16 hours" in text and "peak memory by stage" in text
+    assert "pretrain slm-pn (1,421M)" in text and "largest per-device need" in text
+    assert not any(tmp_path.iterdir())  # planned, nothing built
+
+
 def _finished_trial_count(db: Path) -> int:
     """Finished trial runs, read straight from the sqlite file (read-only): an MLflow client
     here could run its schema migration while the driver is creating the database."""
