@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import socket
@@ -154,10 +153,9 @@ def quality_table(args, cfg) -> list[dict]:
     import torch
 
     from slmfactory.models.instant import (
-        _NoTraining, build_instant, finetune_instant, generic_families, tokens_nll)
+        _NoTraining, build_instant, finetune_instant, generic_families)
     from slmfactory.models.launch import LocalLauncher
     from slmfactory.models.strategies.base import DomainData, StrategyContext, evaluate_ppl, get_strategy, load_lm
-    from slmfactory.platform.cost import inference_flops_per_token
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     families = generic_families(cfg, train=False)
@@ -185,7 +183,6 @@ def quality_table(args, cfg) -> list[dict]:
                 detail=c.detail, heldout_ppl=c.heldout_ppl)
         if not args.no_finetune:
             best = built.best
-            t0 = time.perf_counter()
             ft = finetune_instant(cfg, built.docs.train, built.docs.heldout, best, cfg.finetune.max_tokens,
                                   cfg.root / "instant" / "data" / built.docs.digest,
                                   launcher=LocalLauncher(device="cpu", log=None))
@@ -258,7 +255,7 @@ def main() -> None:
     if not args.skip_table:
         rows = quality_table(args, cfg)
         report["table"] = rows
-        print(f"\n| domain | model | test ppl | vs generic SLM | spec. seconds | spec. FLOPs |")
+        print("\n| domain | model | test ppl | vs generic SLM | spec. seconds | spec. FLOPs |")
         print("|---|---|---:|---:|---:|---:|")
         base = {r["domain"]: r["ppl"] for r in rows if r["model"].startswith("generic SLM")}
         for r in rows:

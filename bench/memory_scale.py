@@ -30,7 +30,6 @@ both runs use the same number of workers).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, SAMPLE  # noqa: E402
+from slmfactory.platform import corpus  # noqa: E402
 
 K = 64
 DOMAIN = "legal"
@@ -53,14 +53,6 @@ def _cfg(workdir: Path):
 
     return load_config(REPO / "configs" / "tiny.yaml", {"workdir": str(workdir), "tracking.enabled": False,
                                                         "cluster.k": K})
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_workdir(base: Path, root: Path, mb: int) -> Path:
@@ -92,7 +84,7 @@ def make_workdir(base: Path, root: Path, mb: int) -> Path:
             w.write_table(pa.table(rows, schema=schema))
     man = cfg.corpus_dir / "manifest.json"
     data = json.loads(man.read_text())
-    data["parts"]["generic/train"]["sha256"] = _sha256(path)
+    data["parts"]["generic/train"]["sha256"] = corpus._sha256(path)  # what the manifest records
     man.write_text(json.dumps(data, indent=1))
     return work
 
