@@ -488,7 +488,7 @@ class Clusters:
         assigned table's order, documents' windows in sequence). One batch in memory."""
         import pyarrow.parquet as pq
 
-        from slmfactory.platform.resample import _flatten_with_eos
+        from slmfactory.platform.npy import flatten_with_eos
 
         if not 0 <= cluster < self.k:
             raise DataError(f"cluster {cluster}: out of range 0..{self.k - 1}")
@@ -496,7 +496,7 @@ class Clusters:
         for f in sorted(d.glob("*.parquet")) if d.is_dir() else []:
             for b in pq.ParquetFile(f).iter_batches(batch_size=batch_windows, columns=["tokens"]):
                 if b.num_rows:
-                    yield _flatten_with_eos(b.column(0), self.eos_id)
+                    yield flatten_with_eos(b.column(0), self.eos_id)
 
     def cluster_tokens(self, cluster: int, max_tokens: int | None = None) -> np.ndarray:
         """int32 token ids of the generic train windows of ``cluster``, each followed by

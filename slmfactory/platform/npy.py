@@ -59,3 +59,16 @@ def write_tokens(path: Path, chunks: Iterable[np.ndarray]) -> int:
         for chunk in chunks:
             w.append(chunk)
     return w.n
+
+
+def flatten_with_eos(tokens, eos: int) -> np.ndarray:
+    """A pyarrow list<int32> array → int32 tokens, each list followed by ``eos``."""
+    offs = tokens.offsets.to_numpy().astype(np.int64)
+    flat = tokens.values.to_numpy(zero_copy_only=False)[offs[0]:offs[-1]].astype(np.int32)
+    offs = offs - offs[0]
+    n = len(tokens)
+    out = np.empty(len(flat) + n, dtype=np.int32)
+    # Window i moves right by i positions (the i eos before it).
+    out[np.repeat(np.arange(n), np.diff(offs)) + np.arange(len(flat))] = flat
+    out[offs[1:] + np.arange(n)] = eos
+    return out

@@ -147,19 +147,6 @@ def _generic_index(cl, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     return counts, tokens.astype(np.int64)
 
 
-def _flatten_with_eos(tokens, eos: int) -> np.ndarray:
-    """A pyarrow list<int32> array → int32 tokens, each list followed by ``eos``."""
-    offs = tokens.offsets.to_numpy().astype(np.int64)
-    flat = tokens.values.to_numpy(zero_copy_only=False)[offs[0]:offs[-1]].astype(np.int32)
-    offs = offs - offs[0]
-    n = len(tokens)
-    out = np.empty(len(flat) + n, dtype=np.int32)
-    # Window i moves right by i positions (the i eos before it).
-    out[np.repeat(np.arange(n), np.diff(offs)) + np.arange(len(flat))] = flat
-    out[offs[1:] + np.arange(n)] = eos
-    return out
-
-
 def _resample_file(row: dict, work: str, seed: int, eos: int, k: int) -> dict:
     """Ray Data task: the selected windows of one input file (``row["path"]``, index
     ``row["index"]``), each repeated by its multiplicity and shuffled inside chunks of
@@ -169,7 +156,7 @@ def _resample_file(row: dict, work: str, seed: int, eos: int, k: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from slmfactory.platform.npy import NpyWriter
+    from slmfactory.platform.npy import NpyWriter, flatten_with_eos
 
     i, path, work = int(row["index"]), str(row["path"]), Path(work)
     sel = np.load(work / "select" / f"{i:05d}.npy")
@@ -207,7 +194,7 @@ def _resample_file(row: dict, work: str, seed: int, eos: int, k: int) -> dict:
                     (work / "data").mkdir(parents=True, exist_ok=True)
                     writer = pq.ParquetWriter(work / "data" / f"part-{i:05d}.parquet", out.schema)
                 writer.write_table(out)
-                toks = _flatten_with_eos(t.column(2), eos)
+                toks = flatten_with_eos(t.column(2), eos)
                 npy.append(toks)
                 chunks.append(int(len(toks)))
                 hist += np.bincount(cl_col.to_numpy(zero_copy_only=False).astype(np.int64), minlength=k)
