@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from slmfactory.models.data import TokenSource
-from slmfactory.models.trainer import autocast_for, eval_device, evaluate_nll
+from slmfactory.models.trainer import evaluate_on_trial_device
 
 BY_CLUSTER_VERSION = "by-cluster-v2"  # v2: streamed, in the split's stored order; bounds in the marker
 
@@ -73,12 +73,7 @@ def routed_generic_nll(cfg, clusters, expert_model: Callable[[int], torch.nn.Mod
         toks = np.concatenate(parts)
         if len(toks) < cfg.data.seq_len:
             continue  # not one full sequence: nothing to score at this context
-        model = expert_model(e).eval()
-        was = next(model.parameters()).device
-        dev = eval_device()  # the trial's device: its GPU when it has one
-        s, k = evaluate_nll(model.to(dev), toks, cfg.data.seq_len, cfg.pretrain.batch_size, device=dev,
-                            autocast=autocast_for(dev))
-        model.to(was)
+        s, k = evaluate_on_trial_device(expert_model(e).eval(), toks, cfg.data.seq_len, cfg.pretrain.batch_size)
         total, n = total + s, n + k
     if n == 0:
         return {}

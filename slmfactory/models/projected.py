@@ -124,6 +124,13 @@ class ProjectedLlama(nn.Module):
         """Parameters of one instantiated expert's MLPs (L · 3 · d · d_mlp)."""
         return sum(per[p][0].numel() for per in self.tensors for p in MLP_MATRICES)
 
+    def params_beyond_expert(self) -> int:
+        """Parameters the optimiser updates beyond one instantiated expert's (T, M, E less
+        one expert's MLPs): what the whole network costs over a plain SLM per step. Counted
+        from shapes, so it works on the meta device too."""
+        expert = sum(p.numel() for p in self.base.parameters()) + self.mlp_params_per_expert()
+        return sum(p.numel() for p in self.parameters()) - expert
+
     def projection_flops(self) -> float:
         """FLOPs to compute every W of one expert once, forward + backward (≈ 3 × 2·h·|W|);
         paid once per batch, whatever the batch size."""

@@ -108,6 +108,19 @@ def evaluate_nll(model, tokens: np.ndarray, seq_len: int, batch_size: int = 16,
     return float(total[0]), int(total[1])
 
 
+def evaluate_on_trial_device(model, tokens: np.ndarray, seq_len: int, batch_size: int,
+                             device: torch.device | str | None = None) -> tuple[float, int]:
+    """``evaluate_nll`` on ``device`` (default: the trial's, its GPU when it has one) with
+    the trainer's mixed precision; the model is moved there for the pass and back after."""
+    device = torch.device(device) if device is not None else eval_device()
+    was = next(model.parameters()).device
+    model.to(device)
+    try:
+        return evaluate_nll(model, tokens, seq_len, batch_size, device=device, autocast=autocast_for(device))
+    finally:
+        model.to(was)
+
+
 def perplexity(nll_sum: float, n_tokens: int) -> float:
     return math.exp(nll_sum / max(n_tokens, 1))
 

@@ -41,9 +41,11 @@ def train_device_bytes(trained_params: float, d_model: int, n_layers: int, vocab
             + 10.0 * micro_batch * seq_len * vocab)
 
 
-def stage_memory(cfg, projected_params: dict[str, float] | None = None) -> list[StageMemory]:
-    """One row per stage of ``cfg``'s pipeline. ``projected_params``: strategy family ->
-    trained parameters beyond a plain model (slm-pn's whole network)."""
+def stage_memory(cfg, params: dict[str, float], projected_params: dict[str, float] | None = None
+                 ) -> list[StageMemory]:
+    """One row per stage of ``cfg``'s pipeline. ``params``: the ``slm`` and ``llm``
+    parameter counts (the caller counts the real models); ``projected_params``: strategy
+    family -> trained parameters beyond a plain SLM (slm-pn's whole network)."""
     c, T, V = cfg.cluster, cfg.data.seq_len, cfg.tokenizer.vocab_size
     generic_tokens = max(cfg.pretrain.max_tokens, *(cfg.sweep.generic_tokens or (0,)))
     windows = generic_tokens / c.window_tokens
@@ -63,24 +65,17 @@ def stage_memory(cfg, projected_params: dict[str, float] | None = None) -> list[
     micro = max(1, cfg.pretrain.batch_size // cfg.scaling.num_workers)
     micro_ft = max(1, cfg.finetune.batch_size // cfg.scaling.num_workers)
     for key in ("slm", "llm"):
-        dims = getattr(cfg, key).dims()
-        params = _params(dims, V)
-        rows.append(StageMemory(f"pretrain {key} ({params / 1e6:,.0f}M)", "device",
-                                train_device_bytes(params, dims.d_model, dims.n_layers, V, T, micro),
+        dims, n = getattr(cfg, key).dims(), params[key]
+        rows.append(StageMemory(f"pretrain {key} ({n / 1e6:,.0f}M)", "device",
+                                train_device_bytes(n, dims.d_model, dims.n_layers, V, T, micro),
                                 f"micro-batch {micro} x {T} per device"))
         rows.append(StageMemory(f"fine-tune {key}", "device",
-                                train_device_bytes(params, dims.d_model, dims.n_layers, V, T, micro_ft),
+                                train_device_bytes(n, dims.d_model, dims.n_layers, V, T, micro_ft),
                                 f"micro-batch {micro_ft} x {T} per device"))
     dims = cfg.slm.dims()
     for family, extra in (projected_params or {}).items():
-        params = _params(dims, V) + extra
-        rows.append(StageMemory(f"pretrain {family} ({params / 1e6:,.0f}M)", "device",
-                                train_device_bytes(params, dims.d_model, dims.n_layers, V, T, micro),
+        n = params["slm"] + extra
+        rows.append(StageMemory(f"pretrain {family} ({n / 1e6:,.0f}M)", "device",
+                                train_device_bytes(n, dims.d_model, dims.n_layers, V, T, micro),
                                 "the whole network in the optimiser; activations of one expert"))
     return rows
-
-
-def _params(dims, vocab: int) -> float:
-    """Parameters of a tied-embedding Llama of ``dims`` (SwiGLU MLP, RMSNorms)."""
-    d, f, L = dims.d_model, dims.d_mlp, dims.n_layers
-    return vocab * d + L * (4 * d * d + 3 * d * f + 2 * d) + d

@@ -165,6 +165,9 @@ def hours(work: list[Work], profile) -> float:
 def describe(plan: SweepPlan, cfg: RunConfig) -> str:
     """The dry-run's text: trials, the shared generic phases, projected FLOPs and
     device-hours per phase and in total, and the peak memory of each stage."""
+    import torch
+
+    from slmfactory.models.lm import build_model, count_params
     from slmfactory.platform.footprint import GiB, stage_memory
 
     profile = cfg.device
@@ -193,7 +196,10 @@ def describe(plan: SweepPlan, cfg: RunConfig) -> str:
         top = max((w.optimizer_extra_params for w in p.work), default=0.0)
         if top > 0:
             extra[p.family] = max(extra.get(p.family, 0.0), top)
-    rows = stage_memory(cfg, extra)
+    with torch.device("meta"):  # counted, not allocated
+        params = {key: count_params(build_model(getattr(cfg, key), cfg.tokenizer.vocab_size, cfg.data.seq_len))
+                  for key in ("slm", "llm")}
+    rows = stage_memory(cfg, params, extra)
     lines += ["", f"{'peak memory by stage':<34}{'where':<8}{'estimate':>13}  grows with"]
     lines += [r.line() for r in rows]
     device_peak = max(r.bytes for r in rows if r.where == "device") / GiB

@@ -31,7 +31,7 @@ import torch
 from slmfactory.models.data import PackedBatches, TokenSource, split_source
 from slmfactory.models.launch import FitOutput, Launcher, WorkerContext
 from slmfactory.models.lm import build_model, count_params
-from slmfactory.models.trainer import Trainer, TrainResult, autocast_for, eval_device, evaluate_nll
+from slmfactory.models.trainer import Trainer, TrainResult, evaluate_on_trial_device
 from slmfactory.platform.config import RunConfig, TrainConfig, from_dict, register_strategy_settings, strategy_settings
 from slmfactory.platform.cost import TRAIN, CostRecord, Work, inference_flops_per_token
 from slmfactory.platform.errors import ConfigError
@@ -293,14 +293,7 @@ def evaluate_ppl(cfg: RunConfig, model: torch.nn.Module, tokens: np.ndarray,
     """(mean NLL, perplexity) of ``model`` on ``tokens`` at the run's context length, on
     ``device`` (default: the trial's, its GPU when it has one) with the trainer's mixed
     precision; the model is moved there for the pass and back after."""
-    device = torch.device(device) if device is not None else eval_device()
-    was = next(model.parameters()).device
-    model.to(device)
-    try:
-        s, n = evaluate_nll(model, tokens, cfg.data.seq_len, cfg.finetune.batch_size, device=device,
-                            autocast=autocast_for(device))
-    finally:
-        model.to(was)
+    s, n = evaluate_on_trial_device(model, tokens, cfg.data.seq_len, cfg.finetune.batch_size, device)
     return s / n, math.exp(s / n)
 
 

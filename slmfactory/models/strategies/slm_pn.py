@@ -85,15 +85,13 @@ class ClusterRoutedTrainer(Trainer):
         # One instantiated expert's training FLOPs, plus the W computation amortised per token.
         plain = self.model.instantiate(0)
         self.expert_params = model_flop_terms(plain)[0]
-        self.optimizer_extra_params = (sum(p.numel() for p in self.model.parameters())
-                                       - sum(p.numel() for p in plain.parameters()))
         per_token = train_flops_per_token(plain, self.seq_len)
         return per_token + self.model.projection_flops() / (self.cfg.batch_size * self.seq_len)
 
     def cost_work(self, tokens: int, steps: int) -> list[Work]:
         # Tokens run through one expert's size; the optimiser updates the whole network.
         return [Work(TRAIN, tokens, tokens * self.flops_per_token, self.expert_params, steps,
-                     self.optimizer_extra_params, self.world_size)]
+                     self.model.params_beyond_expert(), self.world_size)]
 
     def batch_at(self, step: int) -> Batch:
         c = int(self.route[step])
@@ -116,10 +114,8 @@ class ProjectedNetwork(Strategy):
         # whole projected network every step.
         train, _, n = lm_flops_per_token(cfg, "slm")
         with torch.device("meta"):
-            pn = build_projected(cfg, cfg.tokenizer.vocab_size, self.settings(cfg).experts)
-            total = sum(p.numel() for p in pn.parameters())
-            plain = sum(p.numel() for p in pn.base.parameters()) + pn.mlp_params_per_expert()
-        return [phase_work(cfg, cfg.pretrain, train, n, optimizer_extra_params=total - plain)], \
+            extra = build_projected(cfg, cfg.tokenizer.vocab_size, self.settings(cfg).experts).params_beyond_expert()
+        return [phase_work(cfg, cfg.pretrain, train, n, optimizer_extra_params=extra)], \
             [phase_work(cfg, cfg.finetune, train, n)]
 
     def prepare(self, ctx: StrategyContext, domain: str) -> None:
