@@ -1,4 +1,5 @@
-"""A real two-node Ray cluster on this machine (loopback), for the multi-node tests.
+"""A real two-node Ray cluster on this machine (loopback), for the multi-node tests, and
+the serving app on loopback.
 
 Teardown stops only this cluster's Ray processes (found by their temp dirs, then their
 children, by pid) — ``ray stop`` would also kill every other Ray session on the machine.
@@ -107,3 +108,22 @@ def local_cluster(dashboard: bool = False, cpus_per_node: int = 1) -> Iterator[t
         stop_mine([t_head, t_work])
         shutil.rmtree(t_head, ignore_errors=True)
         shutil.rmtree(t_work, ignore_errors=True)
+
+
+@contextmanager
+def serving_app(config: Path, overrides: dict, models: Path) -> Iterator[str]:
+    """The project's serving app (``build_app`` on ``config`` with ``overrides``, models from
+    ``models``) on Ray Serve on a free loopback port of the Ray instance already up; yields
+    its base URL and shuts Serve down after."""
+    from ray import serve
+
+    from slmfactory.serving.app import build_app
+
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"config": str(config), "set": [f"{k}={v}" for k, v in overrides.items()],
+                             "models": str(models)}), name="slmfactory", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()

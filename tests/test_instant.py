@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.local_cluster import serving_app
+
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
@@ -89,14 +91,6 @@ def test_documents_are_split_into_training_and_held_out_slices(tiny_cfg):
 
 # -- the served app ----------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http(method: str, url: str, body: bytes | None = None, json_body=None):
     import urllib.error
     import urllib.request
@@ -119,13 +113,11 @@ def app(tiny_root, tmp_path_factory):
     """(cfg, url, overrides): the generic phases of slm-pn and slm-mix trained on the sample,
     one start-up domain (`legal`, plain `slm`), and the app on loopback."""
     import ray
-    from ray import serve
 
     from slmfactory.models.instant import generic_families
     from slmfactory.pipeline import run_trial
     from slmfactory.platform.config import load_config
     from slmfactory.platform.runtime import init_ray
-    from slmfactory.serving.app import build_app
 
     work = tmp_path_factory.mktemp("instant") / "work"
     shutil.copytree(tiny_root, work)
@@ -135,13 +127,9 @@ def app(tiny_root, tmp_path_factory):
     init_ray(num_cpus=2)
     try:
         generic_families(cfg, train=True)  # clustering (Ray Data) + the two generic phases
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"config": str(TINY), "set": [f"{k}={v}" for k, v in overrides.items()],
-                             "models": str(work / "models")}), name="slmfactory", route_prefix="/")
-        yield cfg, f"http://127.0.0.1:{port}", overrides
+        with serving_app(TINY, overrides, work / "models") as url:
+            yield cfg, url, overrides
     finally:
-        serve.shutdown()
         ray.shutdown()
 
 

@@ -7,18 +7,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
+from tests.local_cluster import serving_app
+
 DOMAINS = ("legal", "religion")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +21,11 @@ def served(tiny_root, tmp_path_factory):
     """(cfg, base url, model folders): `slm` trained on two domains, a broken third model
     folder, the clustering for `auto`, and the app running on loopback."""
     import ray
-    from ray import serve
 
     from slmfactory.pipeline import run_trial
     from slmfactory.platform.clusters import run_clustering
     from slmfactory.platform.config import load_config
     from slmfactory.platform.runtime import init_ray
-    from slmfactory.serving.app import build_app
 
     work = tmp_path_factory.mktemp("serving") / "work"
     shutil.copytree(tiny_root, work)
@@ -49,13 +42,9 @@ def served(tiny_root, tmp_path_factory):
     init_ray(num_cpus=2)
     try:
         run_clustering(cfg, progress=False)
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"config": str(tiny), "set": [f"{k}={v}" for k, v in overrides.items()],
-                             "models": str(work / "models")}), name="slmfactory", route_prefix="/")
-        yield cfg, f"http://127.0.0.1:{port}", folders
+        with serving_app(tiny, overrides, work / "models") as url:
+            yield cfg, url, folders
     finally:
-        serve.shutdown()
         ray.shutdown()
 
 
