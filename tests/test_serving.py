@@ -207,3 +207,29 @@ def test_bad_requests_get_4xx_with_an_error_body_and_the_server_keeps_serving(se
     assert http("POST", f"{url}/v1/completions", json_body=ok).status_code == 200
     health = http("GET", f"{url}/healthz").json()
     assert health["status"] == "ok" and "vintage" in health["failed"]
+
+
+def test_an_empty_completion_is_answered_not_a_500(served):
+    """A model whose first greedy token is eos answers an empty text, whole or streamed
+    (Ray's token counter rejects an increment of 0: it turned such an answer into a 500)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import PreTrainedTokenizerFast
+
+    from slmfactory.serving.domains import DomainRegistry
+
+    cfg, url, folders = served
+    silent = cfg.root / "silent-model"
+    shutil.copytree(folders["legal"], silent)
+    weights = load_file(silent / "model.safetensors")
+    # A zero final norm makes every logit 0: greedy decoding takes id 0, the tokenizer's eos.
+    weights["model.norm.weight"].zero_()
+    save_file(weights, silent / "model.safetensors", metadata={"format": "pt"})
+    assert PreTrainedTokenizerFast.from_pretrained(silent).eos_token_id == 0
+    DomainRegistry(cfg.root).publish("silent", {"path": str(silent), "strategy": "slm", "params": 1,
+                                                "test_ppl": 1.0})
+    c = client(url)
+    r = c.completions.create(model="silent", prompt="The licence grants", max_tokens=6, temperature=0)
+    assert r.choices[0].text == "" and r.usage.completion_tokens == 0 and r.choices[0].finish_reason == "stop"
+    chunks = list(c.completions.create(model="silent", prompt="The licence grants", max_tokens=6, temperature=0,
+                                       stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == "" and chunks[-1].choices[0].finish_reason == "stop"

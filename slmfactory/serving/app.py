@@ -155,6 +155,12 @@ def make_deployment(max_models: int):
                     except Exception as e:  # noqa: BLE001  (answered 503 for that domain)
                         self.failed[d] = f"{type(e).__name__}: {str(e)[:200]}"
 
+        def count_tokens(self, n: int, domain: str, route: str) -> None:
+            # Ray's Counter.inc rejects 0, and a completion may be empty (eos first): an
+            # empty answer is a 200, not a 500 from the metrics.
+            if n > 0:
+                self.tokens.inc(n, tags={"domain": domain, "route": route})
+
         # -- models ---------------------------------------------------------------------
         @serve.multiplexed(max_num_models_per_replica=max_models)
         async def get_model(self, model_id: str) -> Loaded:
@@ -374,8 +380,7 @@ def make_deployment(max_models: int):
                     self.finetunes[req.name] = task.remote(self.cfg.to_tree(), req.name, req.finetune_budget)
                     entry = self.registry.update(req.name, finetune={"status": "queued",
                                                                      "budget_tokens": req.finetune_budget})
-                self.tokens.inc(int(len(built.docs.train) + len(built.docs.heldout)),
-                                tags={"domain": req.name, "route": "domains"})
+                self.count_tokens(int(len(built.docs.train) + len(built.docs.heldout)), req.name, "domains")
                 return req.name, JSONResponse(_domain_view(entry), status_code=201)
 
             return await self._respond("domains", request, handle, max_bytes=self.limits.max_domain_request_bytes)
@@ -410,7 +415,7 @@ def make_deployment(max_models: int):
                     data.append({"index": i, "tokens": [loaded.tokenizer.decode([t]) for t in x], "token_ids": x,
                                  "token_logprobs": _with_firsts(x, lp, loaded.context),
                                  "num_scored": len(lp), "nll": nll, "perplexity": math.exp(nll)})
-                self.tokens.inc(sum(len(x) for x in ids), tags={"domain": domain, "route": "score"})
+                self.count_tokens(sum(len(x) for x in ids), domain, "score")
                 return domain, {"object": "list", "model": domain, "data": data, **({"slmfactory": extra} if extra else {})}
 
             return await self._respond("score", request, handle)
@@ -446,7 +451,7 @@ def make_deployment(max_models: int):
                         choices.append({"text": text, "index": len(choices), "logprobs": lp,
                                         "finish_reason": out["finish"]})
                 prompt_tokens = sum(len(x) for x in ids)
-                self.tokens.inc(completion_tokens, tags={"domain": domain, "route": "completions"})
+                self.count_tokens(completion_tokens, domain, "completions")
                 return domain, {"id": cid, "object": "text_completion", "created": int(time.time()), "model": domain,
                                 "choices": choices,
                                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -498,7 +503,7 @@ def make_deployment(max_models: int):
             if len(final["text"]) > len(sent):
                 yield chunk(final["text"][len(sent):], None)
             yield chunk("", final["finish"])
-            self.tokens.inc(len(final["ids"]), tags={"domain": domain, "route": "completions"})
+            self.count_tokens(len(final["ids"]), domain, "completions")
             yield "data: [DONE]\n\n"
 
     return DomainModels
