@@ -1,6 +1,6 @@
 """Corpus builder: layout, disjointness, determinism, manifest, user imports, bad input.
 
-Everything runs on the committed real-text sample (tests/assets/corpus_sample), no network.
+Everything runs on the committed real-text sample (slmfactory/data/corpus_sample, package data), no network.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from slmfactory.platform import corpus as C
 from slmfactory.platform.config import CorpusConfig, RunConfig
 from slmfactory.platform.errors import DataError
 
-SAMPLE = Path(__file__).resolve().parent / "assets" / "corpus_sample"
+SAMPLE = C.SAMPLE_DIR
 EXPECTED_DOMAINS = ["biomedical", "code", "dictionary", "legal", "literature", "math", "religion", "technical"]
 
 
@@ -48,7 +48,7 @@ def test_sample_is_real_and_small():
         rows = [json.loads(line) for line in f.open(encoding="utf-8")]
         assert len(rows) >= 10, f
         assert all(r["text"].strip() and r["source"].startswith(("deb:", "pypi:")) for r in rows)
-    licences = (SAMPLE.parent / "LICENSES.md").read_text(encoding="utf-8")
+    licences = (SAMPLE / "LICENSES.md").read_text(encoding="utf-8")
     used = {json.loads(line)["source"] for f in files for line in f.open(encoding="utf-8")}
     for s in used:  # every source the sample uses has its licence listed
         assert s in licences, s
@@ -218,7 +218,9 @@ def test_cleaning_cutting_and_dedupe(tmp_path):
     generic = [{"doc_id": "g0", "text": long_text, "source": "t"},
                {"doc_id": "g1", "text": "  ".join(text.split(" ")), "source": "t"},  # whitespace-only dup
                {"doc_id": "g2", "text": text, "source": "u"}]
-    dom = [{"text": f"Scene {i}.\n\n\n\n" + text.replace("the", f"the{i}"), "source": "t"} for i in range(12)]
+    # The domain's source differs from generic's "t": one source on both sides is one
+    # collection, whose generic copy would be left out (test_generic_holds_no_domain_collection).
+    dom = [{"text": f"Scene {i}.\n\n\n\n" + text.replace("the", f"the{i}"), "source": "d"} for i in range(12)]
     cfg = _cfg(tmp_path, max_doc_chars=5000, generic_share=0.0)
     m = C.build_from_documents(cfg, generic, {"d": dom}, [{"source": "t", "package": "t", "version": "1",
                                                            "licence": "PD"}])
@@ -235,12 +237,17 @@ def test_cleaning_cutting_and_dedupe(tmp_path):
 def test_domain_cap_moves_overflow_to_generic(tmp_path):
     rows = [json.loads(line) for line in (SAMPLE / "dictionary.jsonl").open(encoding="utf-8")]
     gen = [json.loads(line) for line in (SAMPLE / "generic.jsonl").open(encoding="utf-8")]
-    cfg = _cfg(tmp_path, generic_share=0.0)
+    cfg = _cfg(tmp_path, generic_share=0.0, domain_overflow_to_generic=True)
     m = C.build_from_documents(cfg, gen, {"dictionary": rows}, [], domain_cap_bytes=12_000, progress=False)
     kept = sum(m["parts"][f"domains/dictionary/{s}"]["bytes"] for s in ("train", "valid", "test"))
     assert kept <= 12_000
+    # Every document is placed once, except the sample's generic documents of the dictionary
+    # domain's own sources (GCIDE, WordNet, FOLDOC, Jargon): one collection, one side.
+    dict_sources = {r["source"] for r in rows}
+    skipped = sum(r["source"] in dict_sources for r in gen)
+    assert skipped > 0 and sum(e["docs"] for e in m["generic_excluded"]) == skipped
     total_docs = sum(p["docs"] for p in m["parts"].values())
-    assert total_docs == len(rows) + len(gen)
+    assert total_docs == len(rows) + len(gen) - skipped
 
 
 def test_no_debian_tools_skips_debian_domains(tmp_path, monkeypatch, capsys):
@@ -341,7 +348,7 @@ def test_cut_documents_stay_in_one_place(tmp_path):
     over train and test, or over a domain and generic (share, cap overflow, generic valid)."""
     gen = _sample_rows("generic")
     domains = {d: _books(d, names) for d, names in BOOK_DOMAINS.items()}
-    cfg = _cfg(tmp_path, max_doc_chars=2000, generic_share=0.2)
+    cfg = _cfg(tmp_path, max_doc_chars=2000, generic_share=0.2, domain_overflow_to_generic=True)
     m = C.build_from_documents(cfg, gen, domains, [], domain_cap_bytes=60_000, progress=False)
     all_docs = gen + [b for books in domains.values() for b in books]
     where = _placement(cfg.corpus_dir, all_docs)
@@ -370,9 +377,10 @@ def test_manifest_reports_domain_to_generic(tmp_path):
 
     gen = _sample_rows("generic")
     domains = {d: _books(d, names) for d, names in BOOK_DOMAINS.items()}
+    # Both routes are opt-in (issue 16): the defaults send no domain text to generic.
+    assert CorpusConfig().generic_share == 0.0 and CorpusConfig().domain_overflow_to_generic is False
     cfg = load_config(None, {"workdir": str(tmp_path / "a"), "corpus.max_doc_chars": 2000,
-                             "corpus.generic_share": 0.3})
-    assert cfg.corpus.domain_overflow_to_generic is True
+                             "corpus.generic_share": 0.3, "corpus.domain_overflow_to_generic": True})
     m = C.build_from_documents(cfg, gen, domains, [], domain_cap_bytes=40_000, progress=False)
     assert json.loads((cfg.corpus_dir / "manifest.json").read_text())["domain_to_generic"] == m["domain_to_generic"]
     generic = _generic_rows(cfg.corpus_dir)
@@ -405,3 +413,82 @@ def test_manifest_reports_domain_to_generic(tmp_path):
         assert kept + rep["dropped_docs"] == all_parts
     with pytest.raises(ConfigError, match="corpus.domain_overflow_to_generic"):
         load_config(None, {"corpus.domain_overflow_to_generic": "no"})
+
+
+# -- issue 16, defect 4: generic text holds no domain's own sources ------------------------
+
+def test_generic_holds_no_domain_collection(sample_build):
+    """By default (no share, no overflow, one collection on one side) no generic document
+    comes from a built domain's collection. Today's sample generic file carries documents of
+    every domain's packages (the old share and overflow), so the guard is exercised."""
+    from slmfactory.platform.corpus_sources import collection_of
+
+    cfg, m = sample_build
+    parts = _all_parts(cfg.corpus_dir)
+    dom_sources = {r["source"] for k, rows in parts.items() if k.startswith("domains/") for r in rows}
+    dom_collections = {collection_of(s) for s in dom_sources}
+    generic = parts["generic/train"] + parts["generic/valid"]
+    assert not [r["source"] for r in generic if r["source"] in dom_sources]
+    assert not [r["source"] for r in generic if collection_of(r["source"]) in dom_collections]
+    # The manifest says what was left out and why: here scancode's (legal) and GCIDE's
+    # (dictionary) generic copies among others, each with its collection and domain.
+    excluded = {e["source"]: e for e in m["generic_excluded"]}
+    assert excluded["pypi:scancode-toolkit==32.5.0"]["collection"] == "scancode-licensedcode"
+    assert excluded["pypi:scancode-toolkit==32.5.0"]["domains"] == ["legal"]
+    assert excluded["deb:dict-gcide=0.48.5+nmu2"]["domains"] == ["dictionary"]
+    sample_generic = _sample_rows("generic")
+    assert sum(e["docs"] for e in excluded.values()) == sum(r["source"] in dom_sources for r in sample_generic)
+    assert all(v == 0 for rep in m["domain_to_generic"].values() for k, v in rep.items() if not k.startswith("dropped"))
+    # ... and the tiny recipes still have generic text to pretrain and cluster on.
+    assert len(generic) >= 20 and sum(len(r["text"]) for r in generic) >= 40_000
+
+
+def test_generic_plan_keeps_each_collection_on_one_side():
+    """The real build's plan: scancode's licence rules are generic text only while `legal`
+    (scancode's licence texts) is not built; every source names its collection."""
+    from slmfactory.platform.corpus_sources import DOMAIN_SOURCES, GENERIC_SOURCES, generic_plan
+
+    kept, excluded = generic_plan(["legal", "biomedical", "code"])  # the demo's domains
+    assert [e["name"] for e in excluded] == ["scancode-rules"]
+    assert excluded[0]["collection"] == "scancode-licensedcode" and excluded[0]["domains"] == ["legal"]
+    assert "scancode-rules" not in {s.name for s in kept}
+    kept, excluded = generic_plan(["biomedical"])
+    assert excluded == [] and len(kept) == len(GENERIC_SOURCES)
+    every = list(GENERIC_SOURCES) + [s for v in DOMAIN_SOURCES.values() for s in v]
+    assert all(s.collection for s in every)
+    for name in DOMAIN_SOURCES:  # whatever is built, no kept generic source shares a collection
+        kept, _ = generic_plan([name])
+        assert not {s.collection_name for s in kept} & {s.collection_name for s in DOMAIN_SOURCES[name]}
+
+
+def test_near_duplicates_reported_and_planted_copy_detected(tmp_path):
+    """The manifest's MinHash check between each domain's test split and generic: on the
+    sample it finds nothing planted; a generic copy of one legal test document with two
+    words changed (Jaccard of 5-gram sets ~0.97, far above the 0.5 threshold; MinHash is
+    seeded, so the outcome is fixed) is found, and only it."""
+    legal = _sample_rows("legal")
+    generic = [r for r in _sample_rows("generic") if not r["source"].startswith("pypi:scancode")]
+    cfg = _cfg(tmp_path / "a")
+    m = C.build_from_documents(cfg, generic, {"legal": legal}, [], progress=False)
+    rep = m["near_duplicates"]["legal"]
+    test_rows = C.load_split(cfg.corpus_dir, "legal", "test").to_list()
+    assert rep["test_docs"] == len(test_rows) >= 1
+    assert rep["method"]["num_perm"] == 128 and rep["method"]["threshold"] == 0.5
+    assert "datasketch" in rep["method"]["library"] and rep["method"]["generic_fraction_scanned"] == 1.0
+    assert rep["method"]["generic_docs_scanned"] == sum(p["docs"] for k, p in m["parts"].items()
+                                                        if k.startswith("generic/"))
+    assert json.loads((cfg.corpus_dir / "manifest.json").read_text())["near_duplicates"] == m["near_duplicates"]
+    before = rep["near_dup_docs"]
+
+    target = max(test_rows, key=lambda r: len(r["text"]))
+    words = target["text"].split(" ")
+    assert len(words) > 200
+    words[10], words[-10] = "PLANTED", "EDIT"
+    planted = {"doc_id": "planted-copy", "text": " ".join(words), "source": "file:planted.jsonl"}
+    cfg = _cfg(tmp_path / "b")
+    m = C.build_from_documents(cfg, generic + [planted], {"legal": legal}, [], progress=False)
+    rep = m["near_duplicates"]["legal"]
+    assert rep["near_dup_docs"] == before + 1
+    assert rep["fraction"] == rep["near_dup_docs"] / rep["test_docs"]
+    hits = {(t, g) for t, g, _ in rep["method"]["examples"]}
+    assert (target["doc_id"], "planted-copy") in hits

@@ -18,15 +18,21 @@ How documents are placed (all decisions hash the document's *origin* id with
    document's origin is its own ``doc_id``.
 2. Exact duplicates (same text after collapsing all whitespace) are removed globally,
    part by part; the first occurrence wins (domains in name order, then generic sources).
-3. A domain-kind document goes to the generic corpus with probability
-   ``generic_share`` (C4 also holds some legal and medical pages). Of the rest, a
-   hash-ordered subset of whole documents up to ``DOMAIN_CAP_BYTES`` stays in the domain,
-   and the overflow goes to the generic corpus too (unless
-   ``corpus.domain_overflow_to_generic`` is false), up to ``DOMAIN_OVERFLOW_MAX_BYTES``
-   per domain (keeps CPU work sane and the generic mixture broad); further overflow is
-   dropped. The manifest's ``domain_to_generic`` counts all three per domain.
-4. Domain documents are split train/valid/test by hash bucket; generic documents are
+3. By default no domain text reaches the generic corpus (the paper's generic corpus, C4,
+   and its domains, the Pile, are separate collections): ``corpus.generic_share`` is 0 and
+   ``corpus.domain_overflow_to_generic`` false. Opting in, a domain-kind document goes to
+   the generic corpus with probability ``generic_share``, and of the rest a hash-ordered
+   subset of whole documents up to ``DOMAIN_CAP_BYTES`` stays in the domain while the
+   overflow goes to generic (up to ``DOMAIN_OVERFLOW_MAX_BYTES`` per domain) instead of
+   being dropped. The manifest's ``domain_to_generic`` counts all three per domain.
+4. One collection, one side: a generic document whose collection (``corpus_sources``:
+   the upstream project of a pinned package; a user file is its own) is one of a built
+   domain's is left out of the generic corpus; the real build does not even fetch such a
+   generic source (``generic_plan``). The manifest's ``generic_excluded`` lists each.
+5. Domain documents are split train/valid/test by hash bucket; generic documents are
    split train/valid with ``GENERIC_VALID_FRACTION`` capped at ``GENERIC_VALID_MAX_BYTES``.
+6. The manifest's ``near_duplicates`` reports, per domain, how many of its test documents
+   have a near duplicate in the generic corpus (``near_duplicate_report``: MinHash LSH).
 
 Because every step decides by origin, all parts of one document (the chapters of one
 book) sit in exactly one split of one domain, or in generic: a model is never tested on
@@ -59,9 +65,10 @@ import pyarrow.parquet as pq
 
 from slmfactory.platform.corpus_sources import (
     DOMAIN_SOURCES,
-    GENERIC_SOURCES,
     Source,
+    collection_of,
     extract_cached,
+    generic_plan,
 )
 from slmfactory.platform.errors import DataError
 
@@ -93,8 +100,9 @@ _SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("source", 
 _TO_GENERIC_KEYS = ("share_docs", "share_bytes", "overflow_docs", "overflow_bytes", "dropped_docs", "dropped_bytes")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_DIR = _REPO_ROOT / "tests" / "assets" / "corpus_sample"
+# Package data (pyproject's package-data), not a path into a checkout: an installed wheel
+# builds the sample corpus too.
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "corpus_sample"
 
 
 # --------------------------------------------------------------------------------------
@@ -261,7 +269,7 @@ def _apply_cap(kept: list[Doc], cap_bytes: int, seed: int, overflow_to_generic: 
 
 def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_docs: dict[str, Iterable[Doc]],
                          sources: list[dict], *, domain_cap_bytes: int | None = None,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, excluded_sources: list[dict] | None = None) -> dict:
     """The shared clean + dedupe + split + write stage; returns the manifest.
 
     ``domain_cap_bytes`` caps each domain (overflow goes to generic, or is dropped when
@@ -269,6 +277,11 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
     ``domain_to_generic[domain]`` says how many documents (stored parts, as in ``parts``)
     and bytes of the domain's sources went to generic as the random share, as cap
     overflow, and how many were dropped.
+
+    A generic document whose collection (``collection_of`` its source) is one of the
+    domains' is skipped; ``manifest["generic_excluded"]`` lists those sources (docs and
+    bytes skipped) after ``excluded_sources``, the generic sources the caller never read
+    for the same reason. ``manifest["near_duplicates"]`` is ``near_duplicate_report``.
     """
     c = cfg.corpus
     out = Path(cfg.corpus_dir)
@@ -280,11 +293,13 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
     generic: list[Doc] = []
     domains: dict[str, dict[str, list[Doc]]] = {}
     to_generic: dict[str, dict[str, int]] = {}
+    owners: dict[str, set[str]] = {}  # collection -> the domains built from it
 
     for name in sorted(domain_docs):
         report = to_generic[name] = dict.fromkeys(_TO_GENERIC_KEYS, 0)
         kept: list[Doc] = []
         for d in _prepare(domain_docs[name], c, seen_text, seen_id, f"domain {name}"):
+            owners.setdefault(collection_of(d["source"]), set()).add(name)
             if bucket(c.seed, "generic", d["origin"]) < c.generic_share:
                 generic.append(d)
                 report["share_docs"] += 1
@@ -303,7 +318,17 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
         _ensure_nonempty(splits, c.seed, f"domain {name}")
         domains[name] = splits
 
-    generic.extend(_prepare(generic_docs, c, seen_text, seen_id, "generic"))
+    skipped: dict[str, dict] = {}
+    for d in _prepare(generic_docs, c, seen_text, seen_id, "generic"):
+        coll = collection_of(d["source"])
+        if coll in owners:  # a domain's own collection: on the domain's side only
+            e = skipped.setdefault(d["source"], {
+                "source": d["source"], "collection": coll, "domains": sorted(owners[coll]), "docs": 0, "bytes": 0,
+                "reason": "collection of a built domain: kept on the domain's side only"})
+            e["docs"] += 1
+            e["bytes"] += _nbytes(d)
+            continue
+        generic.append(d)
     if not generic:
         raise DataError("generic corpus: empty (no documents left after cleaning and dedupe); "
                         "a corpus needs generic text")
@@ -359,6 +384,9 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
                    "generic_valid_max_bytes": GENERIC_VALID_MAX_BYTES},
         "parts": manifest_parts,
         "domain_to_generic": to_generic,
+        "generic_excluded": [{**e, "fetched": False} for e in excluded_sources or []]
+        + [{**skipped[k], "fetched": True} for k in sorted(skipped)],
+        "near_duplicates": near_duplicate_report(out, sorted(domains), seed=c.seed, progress=progress),
         "sources": [source_info[s] for s in sorted(used) if s in source_info]
         + [{"source": s, "package": s, "version": "", "licence": "unknown"}
            for s in sorted(used) if s not in source_info],
@@ -367,6 +395,104 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, out / "manifest.json")
     return manifest
+
+
+# --------------------------------------------------------------------------------------
+# Near duplicates between each domain's test split and the generic corpus
+# --------------------------------------------------------------------------------------
+
+#: Word shingle size, MinHash permutations and the Jaccard threshold of the check: 5-word
+#: shingles and 0.5 are the usual near-duplicate settings for web text (a test document
+#: half of whose 5-grams a generic document shares is a near copy, not a shared topic).
+NEAR_DUP_SHINGLE = 5
+NEAR_DUP_NUM_PERM = 128
+NEAR_DUP_THRESHOLD = 0.5
+#: Cost bound: at most this many bytes of generic text are MinHashed (the demo's generic
+#: part is ~54 MB: scanned whole, ~20-30 s on 2 cores). Above it a hash-chosen sample of
+#: generic documents of about this size is scanned, and the fraction is reported.
+NEAR_DUP_MAX_GENERIC_BYTES = 64_000_000
+
+
+def shingles(text: str, n: int = NEAR_DUP_SHINGLE) -> list[bytes]:
+    """Lower-cased whitespace-word ``n``-grams (a shorter text is one shingle)."""
+    w = text.lower().split()
+    if len(w) <= n:
+        return [" ".join(w).encode("utf-8")]
+    return [" ".join(w[i:i + n]).encode("utf-8") for i in range(len(w) - n + 1)]
+
+
+def near_duplicate_report(corpus_dir: Path, domains: list[str], seed: int = 0, progress: bool = False,
+                          max_generic_bytes: int = NEAR_DUP_MAX_GENERIC_BYTES) -> dict[str, dict]:
+    """Per domain: ``{test_docs, near_dup_docs, fraction, method}``, where a test document
+    is a near duplicate when some generic document (train or valid) has an estimated
+    Jaccard similarity of its word-5-gram shingle sets >= ``NEAR_DUP_THRESHOLD``.
+
+    datasketch's ``MinHash`` (128 permutations, its default SHA-1 hash, seed 1: the
+    same sketches on every machine) and ``MinHashLSH`` (threshold 0.5): the test documents
+    are indexed, the generic documents stream past one parquet batch at a time and query
+    the index; an LSH candidate counts only if its MinHash Jaccard estimate passes the
+    threshold. Memory: the test sketches; cost: linear in the generic bytes scanned,
+    bounded by ``max_generic_bytes`` (a hash-chosen sample above it, reported in
+    ``method``). ``method.examples`` lists up to 5 (test doc, generic doc, Jaccard) pairs."""
+    from datasketch import MinHash, MinHashLSH
+
+    t0 = time.time()
+    corpus_dir = Path(corpus_dir)
+    template = MinHash(num_perm=NEAR_DUP_NUM_PERM, seed=1)
+
+    def sketch(text: str) -> "MinHash":
+        # The template's permutations, not a fresh seed=1 draw per document (that costs more
+        # than hashing a short document).
+        m = MinHash(num_perm=NEAR_DUP_NUM_PERM, permutations=template.permutations, scheme=template.scheme)
+        m.update_batch(shingles(text))
+        return m
+
+    lsh = MinHashLSH(threshold=NEAR_DUP_THRESHOLD, num_perm=NEAR_DUP_NUM_PERM)
+    tests: dict[str, Any] = {}
+    n_test: dict[str, int] = {}
+    for d in domains:
+        table = pq.read_table(split_path(corpus_dir, d, "test"), columns=["doc_id", "text"])
+        n_test[d] = table.num_rows
+        for doc_id, text in zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()):
+            key = f"{d}\0{doc_id}"
+            tests[key] = sketch(text)
+            lsh.insert(key, tests[key])
+    gpaths = [p for p in (split_path(corpus_dir, "generic", s) for s in ("train", "valid")) if p.is_file()]
+    total = sum(pq.read_metadata(p).row_group(i).column(1).total_uncompressed_size
+                for p in gpaths for i in range(pq.read_metadata(p).num_row_groups))
+    frac = 1.0 if total <= max_generic_bytes else max_generic_bytes / total
+    found: dict[str, tuple[str, float]] = {}  # test key -> (generic doc, Jaccard) of its best match
+    scanned_docs = scanned_bytes = 0
+    for p in gpaths:
+        for batch in pq.ParquetFile(p).iter_batches(columns=["doc_id", "text"], batch_size=1000):
+            for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                if frac < 1.0 and bucket(seed, "near-dup", doc_id) >= frac:
+                    continue
+                scanned_docs += 1
+                scanned_bytes += len(text.encode("utf-8"))
+                m = sketch(text)
+                for key in lsh.query(m):
+                    j = float(tests[key].jaccard(m))
+                    if j >= NEAR_DUP_THRESHOLD and j > found.get(key, ("", -1.0))[1]:
+                        found[key] = (doc_id, j)
+    out = {}
+    for d in domains:
+        hits = sorted((k.split("\0", 1)[1], g, round(j, 3)) for k, (g, j) in found.items()
+                      if k.split("\0", 1)[0] == d)
+        out[d] = {"test_docs": n_test[d], "near_dup_docs": len(hits),
+                  "fraction": len(hits) / n_test[d] if n_test[d] else 0.0,
+                  "method": {"library": "datasketch MinHash + MinHashLSH", "shingles": f"word {NEAR_DUP_SHINGLE}-grams, "
+                             "lower-cased", "num_perm": NEAR_DUP_NUM_PERM, "threshold": NEAR_DUP_THRESHOLD,
+                             "compared_with": "generic train + valid",
+                             "generic_docs_scanned": scanned_docs, "generic_bytes_scanned": scanned_bytes,
+                             "generic_fraction_scanned": round(frac, 6), "examples": [list(h) for h in hits[:5]]}}
+        if progress:
+            print(f"  near duplicates of {d}/test in generic: {len(hits)} of {n_test[d]} docs "
+                  f"({out[d]['fraction']:.1%})", file=sys.stderr)
+    if progress:
+        print(f"  near-duplicate check: {scanned_bytes / 1e6:.1f} MB of generic text in {time.time() - t0:.1f}s",
+              file=sys.stderr)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -409,7 +535,14 @@ def build_corpus(cfg: "RunConfig", progress: bool = True) -> dict:
         if not wanted:
             raise DataError("corpus: apt-get/dpkg are missing and no selected domain can be built from PyPI")
     plan: list[tuple[str | None, Source]] = [(d, s) for d in wanted for s in DOMAINS[d]]
-    plan += [(None, s) for s in GENERIC_SOURCES if debian or s.kind != "deb"]
+    # One collection, one side: a generic source of a built domain's collection (scancode's
+    # licence rules beside `legal`) is not even fetched; the manifest says so.
+    generic_sources, excluded = generic_plan(wanted)
+    for e in excluded:
+        if progress:
+            print(f"  {e['source']:45s} -> skipped: collection {e['collection']!r} is domain "
+                  f"{', '.join(e['domains'])}'s", file=sys.stderr)
+    plan += [(None, s) for s in generic_sources if debian or s.kind != "deb"]
 
     # Stage 1: fetch + extract every source (cached as jsonl, so a rerun is quick).
     extracted: list[tuple[str | None, Source, Path]] = []
@@ -432,7 +565,7 @@ def build_corpus(cfg: "RunConfig", progress: bool = True) -> dict:
     generic_docs = stream([(s, p) for dd, s, p in extracted if dd is None])
     sources = [s.info() for _, s, _ in extracted]
     manifest = build_from_documents(cfg, generic_docs, domain_docs, sources,
-                                    domain_cap_bytes=DOMAIN_CAP_BYTES, progress=progress)
+                                    domain_cap_bytes=DOMAIN_CAP_BYTES, progress=progress, excluded_sources=excluded)
     if progress:
         print(f"corpus built in {time.time() - t0:.1f}s at {cfg.corpus_dir}", file=sys.stderr)
     return manifest
@@ -529,7 +662,7 @@ def import_corpus(cfg: "RunConfig", generic: list[str], domains: dict[str, list[
 
 
 def build_sample_corpus(cfg: "RunConfig", sample_dir: str | Path | None = None) -> dict:
-    """Build a tiny corpus from the committed real-text sample (``tests/assets/corpus_sample``):
+    """Build a tiny corpus from the real-text sample shipped in the package (``slmfactory/data/corpus_sample``):
     ``generic.jsonl`` plus one ``<domain>.jsonl`` per domain (fields doc_id, text, source)."""
     root = Path(sample_dir) if sample_dir is not None else SAMPLE_DIR
     gen = root / "generic.jsonl"

