@@ -133,26 +133,53 @@ def cmd_report(args) -> None:
 
 
 def cmd_recommend(args) -> None:
-    from slmfactory.sweeps.report import load_configs, recommend
+    from slmfactory.sweeps.report import COST_UNITS, UNIT_LABEL, load_configs, recommend
 
+    def _positive(flag: str, text: str, integer: bool = False) -> float:
+        """A flag's value as a positive number, or one line naming the flag (argparse's own
+        type errors print the usage too)."""
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise SlmFactoryError(f"{flag} {text!r}: expected a number") from None
+        if not math.isfinite(value) or value <= 0 or (integer and value != int(value)):
+            raise SlmFactoryError(f"{flag} {text}: expected a {'positive integer' if integer else 'number > 0'}")
+        return int(value) if integer else value
+
+    inference = _positive("--inference-params", args.inference_params)
+    budget = _positive("--spec-budget", args.spec_budget)
+    n = _positive("--domains", args.domains, integer=True)
+    in_domain = _positive("--in-domain", args.in_domain, integer=True) if args.in_domain is not None else None
+    if args.cost not in COST_UNITS:
+        raise SlmFactoryError(f"--cost {args.cost!r}: expected one of {', '.join(COST_UNITS)}")
     cfg = _config(args)
     experiment = _experiment(cfg, args.experiment)
-    if args.inference_params <= 0 or args.spec_budget <= 0 or args.domains < 1:
-        raise SlmFactoryError("recommend: --inference-params and --spec-budget must be > 0, --domains >= 1")
-    ranked = recommend(load_configs(cfg.tracking_uri, experiment), args.inference_params, args.spec_budget,
-                       args.domains)
-    if not ranked:
-        raise SlmFactoryError(f"recommend: no measured configuration of {experiment!r} serves with <= "
-                              f"{args.inference_params:.3g} parameters within {args.spec_budget:.3g} FLOPs per domain")
-    best = ranked[0]
-    runner = next((c for c in ranked[1:] if c.strategy != best.strategy), None)
-    print(f"recommended: {best.strategy} (generic budget {best.generic_budget}, specialisation {best.spec_budget}, "
-          f"{best.params / 1e6:.2f}M parameters served)")
-    print(f"  expected macro perplexity {best.ppl_macro:.2f} over {len(best.nll)} measured domains")
-    print(f"  total cost for {args.domains} domains: C(N) = {best.generic:.3e} + {args.domains} x {best.spec:.3e} "
-          f"= {best.total(args.domains):.3e} FLOPs")
-    print(f"  runner-up: {runner.strategy} ({runner.label}), macro perplexity {runner.ppl_macro:.2f}, "
-          f"C(N) = {runner.total(args.domains):.3e} FLOPs" if runner else "  runner-up: none (one strategy fits)")
+    unit = UNIT_LABEL[args.cost]
+    rec = recommend(load_configs(cfg.tracking_uri, experiment), inference, budget, n, in_domain, args.cost)
+    best, runner = rec.best, rec.runner_up
+    if best is None:
+        raise SlmFactoryError(f"recommend: no measured configuration of {experiment!r} (in-domain {rec.in_domain:,} "
+                              f"tokens) serves with <= {inference:.3g} parameters within {budget:.3g} {unit} per domain")
+
+    def ppl(c) -> str:
+        iv = c.interval
+        return f"{c.ppl_macro:.2f}" + (f" [95% {iv[0]:.2f}, {iv[1]:.2f}]" if iv else " (no interval logged)")
+
+    print(f"recommended: {best.strategy} (generic budget {best.generic_budget}, specialisation {best.spec_budget}"
+          + (f", {best.settings}" if best.settings else "") + f", {best.params / 1e6:.2f}M parameters served)")
+    print(f"  from in-domain size {rec.in_domain:,} tokens, {n} domains, cost in {unit}")
+    print(f"  expected macro perplexity {ppl(best)} over {len(best.nll)} measured domains")
+    print(f"  total cost for {n} domains: C(N) = {best.generic(args.cost):.3e} + {n} x {best.spec(args.cost):.3e} "
+          f"= {best.total(n, args.cost):.3e} {unit}")
+    if runner is None:
+        print("  runner-up: none (one strategy fits)")
+    else:
+        print(f"  runner-up: {runner.strategy} ({runner.label}), macro perplexity {ppl(runner)}, "
+              f"C(N) = {runner.total(n, args.cost):.3e} {unit}")
+        print("  tie: the intervals overlap; these measurements do not separate the two" if rec.tie
+              else "  not a tie: the intervals do not overlap")
 
 
 def cmd_ui(args) -> None:
@@ -274,10 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: <workdir>/reports/<experiment>)")
     p = add("recommend", cmd_recommend, "the best measured strategy for an inference size, budget and N domains")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the recipe's sweep)")
-    p.add_argument("--inference-params", type=float, required=True, help="largest served model, in parameters")
-    p.add_argument("--spec-budget", type=float, required=True,
-                   help="FLOPs per domain: specialisation + generic / N")
-    p.add_argument("--domains", type=int, required=True, help="number of domains N")
+    # Parsed in cmd_recommend, so that a bad value is one line naming its flag.
+    p.add_argument("--inference-params", required=True, help="largest served model, in parameters")
+    p.add_argument("--spec-budget", required=True,
+                   help="budget per domain in --cost units: specialisation + generic / N")
+    p.add_argument("--domains", required=True, help="number of domains N")
+    p.add_argument("--in-domain", default=None, metavar="TOKENS", help="your in-domain tokens: answers from the "
+                   "largest measured size <= this (default: the largest measured)")
+    p.add_argument("--cost", default="flops", help="cost unit of --spec-budget: flops or device-hours")
     p = add("ui", cmd_ui, "open the MLflow UI on the run's tracking store (127.0.0.1)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
