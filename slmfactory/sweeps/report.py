@@ -393,6 +393,8 @@ def table_generic(configs: list[Config]) -> str:
     for c in configs:
         if c.generic_ppl is None or c.generic_budget == "none":
             continue
+        # Fine-tuning and in-domain data settings come after the generic phase: they do not
+        # make another phase (finetune.seed=1 shares seed 0's pretraining).
         rest = ",".join(f"{k}={v}" for k, v in sorted(parse_settings(c.settings).items())
                         if not k.startswith(("finetune.", "data.")))
         phases.setdefault((c.strategy, rest), {}).setdefault(c.generic_budget, c.generic_ppl)
@@ -501,7 +503,11 @@ def _draw_cost_panel(ax, rows: list[Config], costs: list[float], classes: dict[f
         ax.plot([xs[i] for i in pts], [rows[i].ppl_macro for i in pts], color="k", ls=styles[k % len(styles)], lw=1,
                 label=f"Pareto front, <= {bound / 1e6:.3g}M params", gid=f"pareto-{bound:g}")
     if any(x > 0 for x in costs):
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        # Labelled minor ticks (2x10^11, 3x10^11, ...) overlap within a decade: decades only.
+        ax.xaxis.set_minor_formatter(NullFormatter())
         if x0 is not None:
             ax.set_xlim(left=x0 / 2)
             ticks = [t for t in ax.get_xticks() if t > 2 * x0]
