@@ -200,9 +200,15 @@ def cmd_serve(args) -> None:
 
     from slmfactory.serving.app import build_app
 
+    from slmfactory.serving.auth import is_loopback, load_keys
+
     cfg = _config(args)
     host = args.host or cfg.serving.host
     port = args.port or cfg.serving.port
+    api_keys, admin_keys = load_keys(cfg)
+    if not (api_keys or admin_keys) and not is_loopback(host) and not args.insecure:
+        raise SlmFactoryError(f"serve: --host {host} is reachable from other machines and no API key is set "
+                              "(serving.api_keys_file or $SLMFACTORY_API_KEYS); set keys, or pass --insecure")
     app = build_app({"config": args.config, "set": args.set or [], "models": args.models,
                      "from_mlflow": args.from_mlflow, "max_params": args.max_params})
     with runtime.ray_session(args.address):
@@ -320,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="bind address (default serving.host: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serving.port)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--insecure", action="store_true", help="serve a non-loopback --host with no API key "
+                   "(anyone reaching the port may query and create domains)")
     add("demo", cmd_demo, "the whole platform: corpus → tokenizer → clusters → sweep → report → recommendation")
     p = add("specialize", cmd_specialize, "a new domain's model from a handful of its documents, without training "
             "(served at once by `serve`); optionally fine-tuned within a budget")

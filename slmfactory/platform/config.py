@@ -448,11 +448,35 @@ class ServingConfig:
     max_n: int = 8
     max_inputs: int = 32
     """Texts per request (prompts or score inputs)."""
+    api_keys_file: str = ""
+    """A file of API keys, one a line (also ``$SLMFACTORY_API_KEYS``, comma-separated). No key
+    anywhere: keys off, which ``serve`` allows only on loopback or with ``--insecure``.
+    Keys are never put in the recipe itself: it is logged (MLflow params)."""
+    admin_keys_file: str = ""
+    """Keys that may also create, fine-tune and delete domains (also ``$SLMFACTORY_ADMIN_KEYS``)."""
+    rate_limit_rpm: float = 0.0
+    """Requests per minute per key (0 = no limit); past it, 429 with ``Retry-After``."""
+    rate_limit_tpm: float = 0.0
+    """Tokens per minute per key (prompt + requested completion tokens; 0 = no limit)."""
+    request_timeout_s: float = 60.0
+    """Deadline of every request; a completion or score past it stops and answers 408."""
+    batch_wait_s: float = 0.005
+    """How long ``@serve.batch`` waits to fill a batch."""
+    max_domains: int = 32
+    """Run-time domains (``POST /v1/domains``) a workdir may hold."""
+    max_domain_disk_mb: float = 4096.0
+    """Disk all run-time domains' model folders may use together."""
+    max_pending_builds: int = 2
+    """Domain builds and fine-tunes queued or running per replica; past it, 429."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "serving.port", "1..65535", self.port)
+        for name in ("rate_limit_rpm", "rate_limit_tpm", "batch_wait_s"):
+            _check(getattr(self, name) >= 0, f"serving.{name}", ">= 0", getattr(self, name))
+        for name in ("request_timeout_s", "max_domain_disk_mb"):
+            _check(getattr(self, name) > 0, f"serving.{name}", "> 0", getattr(self, name))
         for name in ("max_models_per_replica", "min_replicas", "max_ongoing_requests", "max_request_bytes",
-                     "max_prompt_tokens", "max_tokens", "max_n", "max_inputs"):
+                     "max_prompt_tokens", "max_tokens", "max_n", "max_inputs", "max_domains", "max_pending_builds"):
             _check(getattr(self, name) >= 1, f"serving.{name}", ">= 1", getattr(self, name))
         _check(self.max_replicas >= self.min_replicas, "serving.max_replicas", ">= serving.min_replicas",
                self.max_replicas)

@@ -1,23 +1,31 @@
-"""The HTTP surface of the serving app: request validation and OpenAI-style errors.
+"""The HTTP surface of the serving app: one declared pydantic schema per route, and
+OpenAI-style errors.
 
 Every malformed request gets a 4xx with the body OpenAI clients understand,
-``{"error": {"message", "type", "param", "code"}}``; nothing here raises anything else,
-so no input can crash a replica.
+``{"error": {"message", "type", "param", "code"}}``, ``param`` naming the offending
+field. The schemas give every field a type, a range and a length, so that a value which
+passes validation cannot raise later (numbers beyond float or int64 range, thousand-digit
+integers, lone surrogates, greedy decoding with ``n > 1``, temperatures small enough to
+overflow the logits, seeds outside the generator's range).
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
-from typing import Any
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -35,114 +43,157 @@ class Limits:
     max_documents: int = 1000
 
 
-def parse_json(raw: bytes, limits: Limits) -> dict:
-    if len(raw) > limits.max_request_bytes:
-        raise ApiError(413, f"request body of {len(raw)} bytes exceeds the limit of {limits.max_request_bytes}",
-                       code="request_too_large")
+# -- names ------------------------------------------------------------------------------
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""The one rule for domain and model names, always applied with ``fullmatch`` (``match``
+with ``$`` lets a trailing newline through). A name never reaches the file system before
+it passed this rule, so ``../x`` or ``a/b`` cannot name a file."""
+RESERVED = frozenset({"auto"})
+
+
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+
+
+# -- field types --------------------------------------------------------------------------
+
+MAX_STOP_CHARS = 64
+"""A stop string longer than this would be checked against every generated step's text
+for nothing: no client needs one."""
+SEED_MAX = 2 ** 63 - 1
+"""torch.manual_seed takes any int64; larger seeds raise inside generation."""
+MIN_SAMPLING_TEMPERATURE = 0.01
+"""Logits divided by a smaller temperature can overflow float32 (inf - inf = NaN in the
+softmax); below it a request asks for greedy decoding with ``temperature: 0``."""
+
+
+def _unicode(s: str) -> str:
+    # json.loads keeps lone surrogates ("\ud800"): the tokenizer (Rust) cannot take them.
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"request body is not UTF-8 (invalid byte at offset {e.start})", code="invalid_encoding")
-
-    def no_constants(name: str):
-        raise ApiError(400, f"{name} is not a valid JSON number", code="invalid_json")
-
-    try:
-        body = json.loads(text, parse_constant=no_constants)
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
-                       code="invalid_json")
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-    return body
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError("invalid_encoding", "holds a lone surrogate (not a Unicode character)") from None
+    return s
 
 
-_MISSING = object()
+def _not_blank(s: str) -> str:
+    if not s.strip():
+        raise PydanticCustomError("empty_input", "must not be empty or blank")
+    return s
 
 
-def _get(body: dict, name: str, kinds: tuple, default: Any = _MISSING, what: str = "") -> Any:
-    value = body.get(name, default)
-    if value is _MISSING:
-        raise ApiError(400, f"'{name}' is required", param=name, code="missing_field")
-    if value is None and default is None:
-        return None
-    if isinstance(value, bool) and bool not in kinds:
-        raise ApiError(400, f"'{name}' must be {what}, got a boolean", param=name, code="invalid_type")
-    if not isinstance(value, kinds):
-        raise ApiError(400, f"'{name}' must be {what}, got {type(value).__name__}", param=name, code="invalid_type")
-    return value
+StrictFloat = Annotated[float, Field(strict=True)]
+"""A JSON number (an integer is a number too); never a string."""
+Text = Annotated[StrictStr, AfterValidator(_unicode), AfterValidator(_not_blank)]
+Stop = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
+ModelName = Annotated[StrictStr, Field(max_length=64)]
 
 
-def _in_range(name: str, value: float, lo: float, hi: float, what: str) -> None:
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise ApiError(400, f"'{name}' must be {what}, got {value!r}", param=name, code="invalid_value")
+def _model_name(name: str) -> str:
+    if not valid_name(name):
+        raise PydanticCustomError("invalid_value", "must be a served domain's name (1-64 letters, digits, '_', '.' "
+                                  "or '-', starting with a letter or digit) or \"auto\"")
+    return name
 
 
-def _texts(body: dict, name: str, limits: Limits) -> list[str]:
-    value = _get(body, name, (str, list), what="a string or a list of strings")
+def _limits(info: ValidationInfo) -> Limits:
+    return (info.context or {}).get("limits") or Limits()
+
+
+def _texts(value: str | list[str], info: ValidationInfo) -> list[str]:
     texts = [value] if isinstance(value, str) else value
     if not texts:
-        raise ApiError(400, f"'{name}' must not be empty", param=name, code="empty_input")
-    if len(texts) > limits.max_inputs:
-        raise ApiError(400, f"'{name}' holds {len(texts)} texts; at most {limits.max_inputs}", param=name,
-                       code="too_many_inputs")
-    for t in texts:
-        if not isinstance(t, str):
-            raise ApiError(400, f"'{name}' must be a string or a list of strings", param=name, code="invalid_type")
-        if not t.strip():
-            raise ApiError(400, f"'{name}' must not be empty or blank", param=name, code="empty_input")
+        raise PydanticCustomError("empty_input", "must not be empty")
+    cap = _limits(info).max_inputs
+    if len(texts) > cap:
+        raise PydanticCustomError("too_many_inputs", "holds {n} texts; at most {cap}", {"n": len(texts), "cap": cap})
     return texts
 
 
-@dataclass(frozen=True)
-class Completion:
-    model: str
-    prompts: list[str]
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    n: int = 1
-    seed: int | None = None
-    echo: bool = False
-    logprobs: int | None = None
-    stream: bool = False
+class _Schema(BaseModel):
+    # Unknown fields are ignored, as OpenAI's own server does (clients send extras such as
+    # "user"); every declared one is strict: no "1" for 1, no 1.0 for an integer.
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
 
-def parse_completion(body: dict, limits: Limits) -> Completion:
-    model = _get(body, "model", (str,), what="a string (a domain, or \"auto\")")
-    prompts = _texts(body, "prompt", limits)
-    max_tokens = _get(body, "max_tokens", (int,), 16, "an integer")
-    _in_range("max_tokens", max_tokens, 1, limits.max_tokens, f"an integer in 1..{limits.max_tokens}")
-    temperature = float(_get(body, "temperature", (int, float), 1.0, "a number"))
-    _in_range("temperature", temperature, 0.0, 2.0, "a number in [0, 2]")
-    top_p = float(_get(body, "top_p", (int, float), 1.0, "a number"))
-    _in_range("top_p", top_p, 1e-9, 1.0, "a number in (0, 1]")
-    stop = _get(body, "stop", (str, list), None, "a string or a list of up to 4 strings")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", param="stop",
-                       code="invalid_value")
-    n = _get(body, "n", (int,), 1, "an integer")
-    _in_range("n", n, 1, limits.max_n, f"an integer in 1..{limits.max_n}")
-    seed = _get(body, "seed", (int,), None, "an integer")
-    echo = _get(body, "echo", (bool,), False, "a boolean")
-    logprobs = _get(body, "logprobs", (int,), None, "an integer")
-    if logprobs is not None:
-        _in_range("logprobs", logprobs, 0, 5, "an integer in 0..5")
-    stream = _get(body, "stream", (bool,), False, "a boolean")
-    return Completion(model, prompts, max_tokens, temperature, top_p, stop, n, seed, echo, logprobs, stream)
+class CompletionRequest(_Schema):
+    model: Annotated[ModelName, AfterValidator(_model_name)]
+    prompt: Union[Text, Annotated[list[Text], Field(max_length=1024)]]
+    max_tokens: StrictInt = 16
+    temperature: StrictFloat = Field(1.0, ge=0, le=2)
+    top_p: StrictFloat = Field(1.0, gt=0, le=1)
+    stop: Union[Stop, Annotated[list[Stop], Field(max_length=4)], None] = Field(None, validate_default=True)
+    n: StrictInt = 1
+    seed: Annotated[StrictInt, Field(ge=0, le=SEED_MAX)] | None = None
+    echo: StrictBool = False
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+    stream: StrictBool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v, info: ValidationInfo):
+        return _texts(v, info)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens(cls, v: int, info: ValidationInfo):
+        cap = _limits(info).max_tokens
+        if not 1 <= v <= cap:
+            raise PydanticCustomError("invalid_value", "must be an integer in 1..{cap}", {"cap": cap})
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v: int, info: ValidationInfo):
+        cap = _limits(info).max_n
+        if not 1 <= v <= cap:
+            raise PydanticCustomError("invalid_value", "must be an integer in 1..{cap}", {"cap": cap})
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float):
+        if 0 < v < MIN_SAMPLING_TEMPERATURE:
+            raise PydanticCustomError("invalid_value", "must be 0 (greedy) or at least {t}",
+                                      {"t": MIN_SAMPLING_TEMPERATURE})
+        return float(v)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        return [] if v is None else [v] if isinstance(v, str) else list(v)
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        if self.temperature == 0 and self.n > 1:
+            # Greedy decoding has one answer: n copies of it are not n samples.
+            raise ApiError(400, "'n' > 1 needs sampling (temperature > 0); greedy decoding has one answer",
+                           param="n", code="invalid_value")
+        if self.stream and (len(self.prompt) > 1 or self.n > 1):
+            raise ApiError(400, "streaming takes one prompt and n = 1", param="stream", code="invalid_value")
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.prompt
 
 
-@dataclass(frozen=True)
-class Score:
-    model: str
-    inputs: list[str]
+Completion = CompletionRequest
 
 
-def parse_score(body: dict, limits: Limits) -> Score:
-    model = _get(body, "model", (str,), what="a string (a domain, or \"auto\")")
-    return Score(model, _texts(body, "input", limits))
+class ScoreRequest(_Schema):
+    model: Annotated[ModelName, AfterValidator(_model_name)]
+    input: Union[Text, Annotated[list[Text], Field(max_length=1024)]]
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v, info: ValidationInfo):
+        return _texts(v, info)
+
+    @property
+    def inputs(self) -> list[str]:
+        return self.input
 
 
 MAX_REPLACEMENT_SHARE = 0.005
@@ -150,40 +201,136 @@ MAX_REPLACEMENT_SHARE = 0.005
 a text mis-decoded from another encoding holds one per non-ASCII character."""
 
 
-@dataclass(frozen=True)
-class NewDomain:
-    name: str
-    documents: list[str]
-    finetune_budget: int | None = None
+def _document(d: str) -> str:
+    if "\x00" in d or d.count("\ufffd") > MAX_REPLACEMENT_SHARE * len(d):
+        # U+FFFD is what a decoder leaves for bytes it could not read: a text full of
+        # them was decoded from an encoding it is not in, and would route on garbage.
+        raise PydanticCustomError("invalid_encoding", "holds NUL or many U+FFFD replacement characters: it was "
+                                  "decoded from an unknown encoding; send the documents as UTF-8 text")
+    return d
 
 
-def parse_domain(body: dict, limits: Limits) -> NewDomain:
+def _domain_name(name: str) -> str:
+    if not valid_name(name) or name in RESERVED:
+        raise PydanticCustomError("invalid_value", "must be 1-64 letters, digits, '_', '.' or '-' starting with a "
+                                  "letter or digit (not 'auto')")
+    return name
+
+
+class DomainRequest(_Schema):
     """``POST /v1/domains``: ``{"name", "documents": [text, ...], "finetune_budget"?: tokens}``."""
-    from slmfactory.serving.domains import NAME_PATTERN, RESERVED
 
-    name = _get(body, "name", (str,), what="a string")
-    if not NAME_PATTERN.match(name) or name in RESERVED:
-        raise ApiError(400, f"'name' must be 1-64 letters, digits, '_', '.' or '-' starting with a letter or digit "
-                       f"(not 'auto'), got {name[:80]!r}", param="name", code="invalid_value")
-    docs = _get(body, "documents", (list,), what="a list of document texts")
-    if not docs:
-        raise ApiError(400, "'documents' must hold at least one document", param="documents", code="empty_input")
-    if len(docs) > limits.max_documents:
-        raise ApiError(400, f"'documents' holds {len(docs)} documents; at most {limits.max_documents}",
-                       param="documents", code="too_many_inputs")
-    for i, d in enumerate(docs):
-        if not isinstance(d, str):
-            raise ApiError(400, f"'documents[{i}]' must be a string, got {type(d).__name__}", param="documents",
-                           code="invalid_type")
-        if not d.strip():
-            raise ApiError(400, f"'documents[{i}]' is empty or blank", param="documents", code="empty_input")
-        if "\x00" in d or d.count("\ufffd") > MAX_REPLACEMENT_SHARE * len(d):
-            # U+FFFD is what a decoder leaves for bytes it could not read: a text full of
-            # them was decoded from an encoding it is not in, and would route on garbage.
-            raise ApiError(400, f"'documents[{i}]' holds NUL or many U+FFFD replacement characters: it was decoded "
-                           "from an unknown encoding; send the documents as UTF-8 text", param="documents",
-                           code="invalid_encoding")
-    budget = _get(body, "finetune_budget", (int,), None, "an integer (tokens)")
-    if budget is not None:
-        _in_range("finetune_budget", budget, 1, 10 ** 12, "a positive integer (tokens)")
-    return NewDomain(name, docs, budget)
+    name: Annotated[ModelName, AfterValidator(_domain_name)]
+    documents: list[Annotated[Text, AfterValidator(_document)]]
+    finetune_budget: Annotated[StrictInt, Field(ge=1, le=10 ** 12)] | None = None
+
+    @field_validator("documents")
+    @classmethod
+    def _documents(cls, v: list[str], info: ValidationInfo):
+        if not v:
+            raise PydanticCustomError("empty_input", "must hold at least one document")
+        cap = _limits(info).max_documents
+        if len(v) > cap:
+            raise PydanticCustomError("too_many_inputs", "holds {n} documents; at most {cap}",
+                                      {"n": len(v), "cap": cap})
+        return v
+
+
+NewDomain = DomainRequest
+
+_CODES = {"missing": "missing_field", "json_invalid": "invalid_json", "recursion_loop": "invalid_json"}
+
+
+def _error(e: ValidationError) -> ApiError:
+    """The first error of a validation, as the OpenAI body: ``param`` the top-level field."""
+    errors = e.errors(include_url=False)
+    # A union (a text or a list of texts) reports one error per branch: the branch the
+    # value's type matched, which failed on the value itself, says what is wrong.
+    err = sorted(errors, key=lambda x: x["type"].endswith("_type"))[0]
+    loc = [p for p in err["loc"] if isinstance(p, str)]
+    # A union reports each branch's error under the branch's type name ("str", "list[...]"):
+    # the field is the first element, the rest is pydantic's bookkeeping.
+    param = loc[0] if loc else None
+    kind = err["type"]
+    if kind in _CODES:
+        code = _CODES[kind]
+    elif kind in ("empty_input", "too_many_inputs", "invalid_encoding"):
+        code = kind
+    elif kind == "string_unicode":
+        code = "invalid_encoding"
+    elif kind.endswith("_type"):
+        code = "invalid_type"
+    else:
+        code = "invalid_value"
+    where = f"'{param}'" if param else "the request body"
+    idx = [p for p in err["loc"][1:] if isinstance(p, int)]
+    if param and idx:
+        where = f"'{param}[{idx[0]}]'"
+    if param is None and kind in ("model_type", "dict_type"):
+        return ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return ApiError(400, f"{where}: {err['msg']}"[:500], param=param, code=code)
+
+
+def _json_fallback(raw: bytes) -> Any:
+    """The body as Python objects, for naming the field an invalid value sits in when the
+    fast parser rejected the whole body (a thousand-digit integer, a lone surrogate)."""
+    def parse_int(s: str):
+        # Beyond int64 no field accepts it; as an infinite float it fails its field's
+        # type or range check (named), instead of the parser's digit limit (unnamed).
+        return int(s) if len(s) <= 20 else float("inf")
+
+    def no_constants(name: str):
+        raise ValueError(f"{name} is not a valid JSON number")
+
+    text = raw.decode("utf-8")  # the fast parser accepted the encoding or failed on it first
+    return json.loads(text, parse_int=parse_int, parse_constant=no_constants)
+
+
+def validate(schema: type[BaseModel], raw: bytes, limits: Limits) -> Any:
+    """``raw`` (the whole body) as ``schema``, or an ``ApiError`` (400) naming the field."""
+    ctx = {"limits": limits}
+    try:
+        return schema.model_validate_json(raw, context=ctx)
+    except ApiError:
+        raise
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        if first["type"] != "json_invalid":
+            raise _error(e) from None
+        reason = first["msg"]
+    try:
+        body = _json_fallback(raw)
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not UTF-8 (invalid byte at offset {e.start})",
+                       code="invalid_encoding") from None
+    except RecursionError:
+        raise ApiError(400, "request body nests JSON deeper than any field of this route allows",
+                       code="invalid_json") from None
+    except ValueError:
+        raise ApiError(400, f"request body is not valid JSON ({reason})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        return schema.model_validate(body, context=ctx)
+    except ApiError:
+        raise
+    except ValidationError as e:
+        raise _error(e) from None
+    except RecursionError:
+        raise ApiError(400, "request body nests JSON deeper than any field of this route allows",
+                       code="invalid_json") from None
+
+
+def parse_completion(raw: bytes, limits: Limits) -> CompletionRequest:
+    return validate(CompletionRequest, raw, limits)
+
+
+def parse_score(raw: bytes, limits: Limits) -> ScoreRequest:
+    return validate(ScoreRequest, raw, limits)
+
+
+def parse_domain(raw: bytes, limits: Limits) -> DomainRequest:
+    return validate(DomainRequest, raw, limits)
+
+
+Route = Literal["completions", "score", "domains"]

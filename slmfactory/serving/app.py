@@ -4,12 +4,20 @@ deployment, OpenAI-compatible.
 - One deployment multiplexes the per-domain models (``@serve.multiplexed``: an LRU of at
   most ``serving.max_models_per_replica`` per replica; ``serving.preload`` loads them at
   start). Scoring and non-streaming generation go through ``@serve.batch``: requests of
-  one domain are scored in one padded forward pass; greedy/sampled completions with the
-  same settings are generated in one left-padded ``generate`` call.
+  one domain are scored together; greedy/sampled completions with the same settings are
+  generated in one left-padded ``generate`` call. A failing request fails alone: its
+  batch neighbours are answered.
 - Routes: ``GET /v1/models``, ``POST /v1/completions`` (streaming as server-sent events
-  ending in ``[DONE]``), ``POST /v1/score`` (per-token log-probs and perplexity),
-  ``GET /healthz``; request counts, latency and tokens per domain as Ray Serve metrics
-  (Prometheus).
+  that always end in ``[DONE]``, after an error event if generation failed), ``POST
+  /v1/score`` (per-token log-probs and perplexity), ``POST /v1/domains``, ``GET`` and
+  ``DELETE /v1/domains/NAME``, ``GET /healthz`` (a real forward pass with a deadline, also
+  the deployment's ``check_health``), ``GET /metrics`` (Prometheus text: per-domain
+  requests by status, latency, tokens, model load time, cache hits and misses, queue depth).
+- Every request: ``Authorization: Bearer KEY`` when keys are configured (401; an admin key
+  for ``/v1/domains``, else 403), per-key request and token rates (429 with
+  ``Retry-After``), a body read with its size bound enforced while reading (413), one
+  pydantic schema per route (400 naming the field), and a deadline
+  (``serving.request_timeout_s``: 408).
 - ``model: "auto"``: the prompt is embedded with the clustering's MiniLM, assigned to the
   nearest generic centroid, and answered by the served domain whose in-domain histogram
   gives that cluster the highest share; the response names the domain.
@@ -33,9 +41,18 @@ from typing import Any
 from fastapi import Request
 
 from slmfactory.serving.api import (
-    ApiError, Completion, Limits, parse_completion, parse_domain, parse_json, parse_score)
+    ApiError, CompletionRequest, DomainRequest, Limits, ScoreRequest, valid_name, validate)
 
 AUTO = "auto"
+LOGIT_CHUNK_ELEMENTS = 1 << 22
+"""Scoring holds at most this many logits (16 MiB of float32) at a time, whatever the
+vocabulary, the context and the number of inputs: windows x context x vocabulary logits
+and their log-softmax copy were tens of GB at a 32k vocabulary for one allowed request."""
+HEALTH_TIMEOUT_S = 10.0
+
+
+class Deadline(Exception):
+    """The request's deadline passed (answered 408)."""
 
 
 @dataclass
@@ -43,21 +60,91 @@ class Loaded:
     model: Any
     tokenizer: Any
     context: int
+    load_seconds: float = 0.0
 
 
 def _load(path: str) -> Loaded:
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    # use_safetensors: weights are loaded from safetensors only, never from a pickle.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
     tok = PreTrainedTokenizerFast.from_pretrained(path)
-    return Loaded(model, tok, int(model.config.max_position_embeddings))
+    return Loaded(model, tok, int(model.config.max_position_embeddings), time.perf_counter() - t0)
 
 
-def score_ids(loaded: Loaded, batch: list[list[int]]) -> list[list[float]]:
+def _import_everything() -> None:
+    """Everything a request or a background load imports, imported once before the replica
+    takes a request: ``transformers`` resolves names lazily, and two threads resolving one
+    at once made a cold replica answer 503 ("cannot import name 'AutoModelForCausalLM'")."""
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+    import transformers
+    from transformers import (  # noqa: F401
+        AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast, StoppingCriteria)
+    from transformers.generation.stopping_criteria import StopStringCriteria  # noqa: F401
+    from transformers.generation.streamers import BaseStreamer  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
+
+    import slmfactory.models.instant  # noqa: F401
+    import slmfactory.models.projected  # noqa: F401
+    import slmfactory.platform.clusters  # noqa: F401
+    import slmfactory.platform.embed  # noqa: F401
+    import slmfactory.serving.domains  # noqa: F401
+
+    transformers.logging.set_verbosity_error()
+
+
+def _halt(deadline: float, cancel: threading.Event | None):
+    """A stopping criterion: generation stops at the next token once the deadline passed
+    or the client went away (every row at once)."""
+    from transformers import StoppingCriteria
+
+    class Halt(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            stop = time.monotonic() > deadline or (cancel is not None and cancel.is_set())
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    return Halt()
+
+
+def _logit_chunks(loaded: Loaded, x, mask, deadline: float = math.inf):
+    """(row, first position, log-sum-exp, logits) per chunk of ``x``'s positions, never
+    more than ``LOGIT_CHUNK_ELEMENTS`` logits at once: the decoder's hidden states are
+    computed per group of rows, the head per group of positions."""
+    import torch
+
+    model = loaded.model
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings()
+    vocab = int(model.config.vocab_size)
+    positions = max(1, LOGIT_CHUNK_ELEMENTS // vocab)
+    rows_per = max(1, positions // max(1, x.shape[1]))
+    with torch.no_grad():
+        for r0 in range(0, x.shape[0], rows_per):
+            if time.monotonic() > deadline:
+                raise Deadline()
+            xs, ms = x[r0:r0 + rows_per], mask[r0:r0 + rows_per]
+            if decoder is None or head is None:
+                logits_all = model(input_ids=xs, attention_mask=ms).logits.float()
+                hidden = None
+            else:
+                hidden = decoder(input_ids=xs, attention_mask=ms).last_hidden_state
+            for r in range(xs.shape[0]):
+                for p0 in range(0, xs.shape[1], positions):
+                    logits = (head(hidden[r, p0:p0 + positions]) if hidden is not None
+                              else logits_all[r, p0:p0 + positions]).float()
+                    yield r0 + r, p0, torch.logsumexp(logits, -1), logits
+
+
+def score_ids(loaded: Loaded, batch: list[list[int]], deadline: float = math.inf) -> list[list[float]]:
     """Log-probability of every token after the first of each id list, in windows of the
     model's context (each window's first token has no prediction: the same convention
-    as the project's evaluation, ``trainer.evaluate_nll``). One padded forward pass."""
+    as the project's evaluation, ``trainer.evaluate_nll``). The log-softmax is gathered
+    at the target tokens only, chunk by chunk (bounded memory)."""
     import torch
 
     windows, owner = [], []
@@ -72,33 +159,46 @@ def score_ids(loaded: Loaded, batch: list[list[int]]) -> list[list[float]]:
     for j, w in enumerate(windows):  # right padding: causal attention never sees it
         x[j, :len(w)] = torch.tensor(w)
         mask[j, :len(w)] = 1
-    with torch.no_grad():
-        logp = torch.log_softmax(loaded.model(input_ids=x, attention_mask=mask).logits.float(), -1)  # (W, T, V)
+    per_window: list[list[float]] = [[] for _ in windows]
+    for j, p0, lse, logits in _logit_chunks(loaded, x, mask, deadline):
+        n = len(windows[j])
+        hi = min(p0 + logits.shape[0], n - 1)  # predictions for positions p0..hi-1
+        if hi <= p0:
+            continue
+        tgt = x[j, p0 + 1:hi + 1]
+        got = logits[:hi - p0].gather(-1, tgt[:, None])[:, 0] - lse[:hi - p0]
+        per_window[j].extend(got.tolist())
     out: list[list[float]] = [[] for _ in batch]
-    for j, w in enumerate(windows):
-        got = logp[j, torch.arange(len(w) - 1), x[j, 1:len(w)]]
-        out[owner[j]].extend(got.tolist())
+    for j, lp in enumerate(per_window):
+        out[owner[j]].extend(lp)
     return out
 
 
-def token_logprobs(loaded: Loaded, ids: list[int], start: int, top: int) -> dict:
-    """OpenAI ``logprobs`` of ``ids[start:]`` (the first token of a text has none)."""
+def token_logprobs(loaded: Loaded, ids: list[int], start: int, top: int, deadline: float = math.inf) -> dict:
+    """OpenAI ``logprobs`` of ``ids[start:]`` (the first token of a text has none),
+    gathered chunk by chunk like ``score_ids``."""
     import torch
 
-    with torch.no_grad():
-        logp = torch.log_softmax(loaded.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)  # (T, V)
     tok = loaded.tokenizer
+    x = torch.tensor([ids])
+    values: list[float | None] = [None] * len(ids)
+    tops: list[dict | None] = [None] * len(ids)
+    for _, p0, lse, logits in _logit_chunks(loaded, x, torch.ones_like(x), deadline):
+        for q in range(logits.shape[0]):
+            p = p0 + q + 1  # the token this position predicts
+            if p >= len(ids) or p < start:
+                continue
+            values[p] = float(logits[q, ids[p]] - lse[q])
+            if top:
+                v, i = (logits[q] - lse[q]).topk(top)
+                tops[p] = {tok.decode([int(a)]): float(b) for b, a in zip(v, i)}
     tokens = [tok.decode([i]) for i in ids[start:]]
-    values = [None if p == 0 else float(logp[p - 1, ids[p]]) for p in range(start, len(ids))]
-    tops = None
-    if top:
-        tops = [None if p == 0 else {tok.decode([int(i)]): float(v) for v, i in zip(*logp[p - 1].topk(top))}
-                for p in range(start, len(ids))]
     offsets, pos = [], 0
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": values[start:], "top_logprobs": tops[start:] if top else None,
+            "text_offset": offsets}
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -106,13 +206,67 @@ def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-def make_deployment(max_models: int):
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from ray import serve
-    from ray.serve import metrics
+class Failed:
+    """One request's failure inside a batch: handed back to that request only."""
 
-    api = FastAPI(title="slmfactory", docs_url=None, redoc_url=None)
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _unwrap(result):
+    if isinstance(result, Failed):
+        raise result.error
+    return result
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it exceeds ``limit``, declared or chunked: never
+    buffered whole first."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ApiError(400, "Content-Length is not a number", code="invalid_request")
+        if int(declared) > limit:
+            raise ApiError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit}",
+                           code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _registry_metrics():
+    """This replica's Prometheus metrics (``GET /metrics``)."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    reg = CollectorRegistry()
+    m = {
+        "requests": Counter("slmfactory_requests", "requests per domain, route and status",
+                            ("domain", "route", "status"), registry=reg),
+        "latency": Histogram("slmfactory_latency_seconds", "request latency per domain and route",
+                             ("domain", "route"), registry=reg,
+                             buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)),
+        "tokens": Counter("slmfactory_tokens", "tokens scored or generated per domain", ("domain", "route"),
+                          registry=reg),
+        "load": Gauge("slmfactory_model_load_seconds", "seconds the domain's model took to load", ("domain",),
+                      registry=reg),
+        "cache": Counter("slmfactory_model_cache", "model cache lookups per domain (hit or miss)",
+                         ("domain", "result"), registry=reg),
+        "queue": Gauge("slmfactory_queue_depth", "requests in flight in this replica, and domain builds and "
+                       "fine-tunes queued or running", ("kind",), registry=reg),
+    }
+    return reg, m
+
+
+def make_deployment(max_models: int, batch_wait_s: float = 0.005):
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from ray import serve
+
+    api = FastAPI(title="slmfactory", docs_url=None, redoc_url=None, openapi_url=None)
 
     @serve.deployment
     @serve.ingress(api)
@@ -120,20 +274,29 @@ def make_deployment(max_models: int):
         """Every served domain's small model, multiplexed in each replica."""
 
         async def __init__(self, catalog: dict[str, dict], router: dict | None, limits: dict, preload: bool,
-                           instant: dict | None = None):
+                           instant: dict | None = None, security: dict | None = None):
+            # Before anything runs in a second thread (see _import_everything).
+            _import_everything()
             import torch
 
             from slmfactory.platform.config import from_dict
+            from slmfactory.serving.auth import Auth, RateLimiter
             from slmfactory.serving.domains import DomainRegistry
 
             torch.set_num_threads(1)
             self.catalog, self.router, self.limits = catalog, router, Limits(**limits)
+            sec = security or {}
+            self.auth = Auth(sec.get("api", []), sec.get("admin", []))
+            self.rates = RateLimiter(sec.get("rpm", 0.0), sec.get("tpm", 0.0))
+            self.timeout = float(sec.get("timeout_s", 60.0))
+            self.max_pending = int(sec.get("max_pending", 2))
             # Domains created at run time (POST /v1/domains, `slmfactory specialize`): read
             # from the workdir's registry on a miss, so every replica serves them.
             self.cfg = from_dict(instant["config"]) if instant else None
             self.registry = DomainRegistry(self.cfg.root) if self.cfg is not None else None
             self.instant: dict[str, tuple[int, dict]] = {}   # name -> (entry file mtime_ns, entry)
             self.finetunes: dict[str, Any] = {}              # name -> the queued Ray task's ref
+            self.builds = 0                                  # POST /v1/domains in progress here
             # What new domains are built from (generic phases, tokenizer, MiniLM), loaded in
             # the background from the start: a new domain's first POST does not wait for it.
             self.instant_inputs = asyncio.ensure_future(asyncio.to_thread(_instant_inputs, self.cfg)) \
@@ -141,13 +304,10 @@ def make_deployment(max_models: int):
             self.failed: dict[str, str] = {}
             self.lock = threading.Lock()  # one generate at a time: seeded sampling stays reproducible
             self.minilm = None
-            self.requests = metrics.Counter("slmfactory_requests", "requests per domain, route and status",
-                                            tag_keys=("domain", "route", "status"))
-            self.latency = metrics.Histogram("slmfactory_latency_ms", "request latency per domain",
-                                             boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000],
-                                             tag_keys=("domain", "route"))
-            self.tokens = metrics.Counter("slmfactory_tokens", "tokens scored or generated per domain",
-                                          tag_keys=("domain", "route"))
+            self.in_flight = 0
+            self.metrics_registry, self.m = _registry_metrics()
+            self.loaded_ids: set[str] = set()
+            self._probe: Loaded | None = None
             if preload:  # through the multiplexed loader, so the models sit in its LRU
                 for d in list(catalog)[:max_models]:
                     try:
@@ -156,10 +316,8 @@ def make_deployment(max_models: int):
                         self.failed[d] = f"{type(e).__name__}: {str(e)[:200]}"
 
         def count_tokens(self, n: int, domain: str, route: str) -> None:
-            # Ray's Counter.inc rejects 0, and a completion may be empty (eos first): an
-            # empty answer is a 200, not a 500 from the metrics.
             if n > 0:
-                self.tokens.inc(n, tags={"domain": domain, "route": route})
+                self.m["tokens"].labels(domain, route).inc(n)
 
         # -- models ---------------------------------------------------------------------
         @serve.multiplexed(max_num_models_per_replica=max_models)
@@ -167,20 +325,26 @@ def make_deployment(max_models: int):
             # A start-up domain's id is its name; a run-time domain's is "name@v<version>",
             # so a swapped model loads under a new id while the old one finishes its requests.
             if model_id in self.catalog:
-                return await asyncio.to_thread(_load, self.catalog[model_id]["path"])
-            name, _, version = model_id.rpartition("@v")
-            entry = self.instant_entry(name)
-            if entry is None or str(entry["version"]) != version:
-                raise FileNotFoundError(f"domain {name!r} version {version} is no longer registered")
-            return await asyncio.to_thread(_load, entry["path"])
+                loaded = await asyncio.to_thread(_load, self.catalog[model_id]["path"])
+            else:
+                name, _, version = model_id.rpartition("@v")
+                entry = self.instant_entry(name)
+                if entry is None or str(entry["version"]) != version:
+                    raise FileNotFoundError(f"domain {name!r} version {version} is no longer registered")
+                loaded = await asyncio.to_thread(_load, entry["path"])
+            self.m["load"].labels(model_id.rpartition("@v")[0] or model_id).set(loaded.load_seconds)
+            return loaded
 
         def instant_entry(self, name: str) -> dict | None:
-            """The registry entry of a run-time domain, re-read when its file changed."""
-            if self.registry is None:
+            """The registry entry of a run-time domain, re-read when its file changed.
+            Only a name that passed the one name rule reaches the file system, and only
+            names that exist are cached."""
+            if self.registry is None or not valid_name(name):
                 return None
             try:
                 mtime = self.registry.entry_path(name).stat().st_mtime_ns
             except (OSError, ValueError):
+                self.instant.pop(name, None)
                 return None
             hit = self.instant.get(name)
             if hit is None or hit[0] != mtime:
@@ -199,12 +363,15 @@ def make_deployment(max_models: int):
                 name, extra = await self.route(text)
             model_id = name
             if name not in self.catalog:
-                entry = self.instant_entry(name)
+                # File I/O off the event loop: a slow or stuck shared filesystem delays this
+                # request (until its deadline), never the replica's other requests.
+                entry = await asyncio.to_thread(self.instant_entry, name)
                 if entry is None:
                     raise ApiError(404, f"model '{name}' does not exist; domains served: "
                                    f"{', '.join(self.served_names())}" + (" and auto" if self.router else ""),
                                    param="model", code="model_not_found")
                 model_id = f"{name}@v{entry['version']}"
+            self.m["cache"].labels(name, "hit" if model_id in self.loaded_ids else "miss").inc()
             try:
                 loaded = await self.get_model(model_id)
             except Exception as e:  # noqa: BLE001
@@ -212,6 +379,9 @@ def make_deployment(max_models: int):
                 raise ApiError(503, f"the model of domain '{name}' failed to load ({self.failed[name]}); "
                                "the other domains are served", param="model", code="model_unavailable",
                                type_="service_unavailable")
+            self.loaded_ids.add(model_id)
+            if len(self.loaded_ids) > 4 * max_models:  # a hint for the hit/miss metric only: bounded
+                self.loaded_ids = {model_id}
             self.failed.pop(name, None)
             return name, loaded, extra
 
@@ -233,35 +403,55 @@ def make_deployment(max_models: int):
             return domain, {"routed_to": domain, "cluster": c, "share": shares[domain]}
 
         # -- batched work ---------------------------------------------------------------
-        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-        async def score_batch(self, items: list[tuple[str, Loaded, list[int]]]) -> list[list[float]]:
-            out: list[list[float] | None] = [None] * len(items)
-            for domain in {d for d, _, _ in items}:
-                idx = [i for i, (d, _, _) in enumerate(items) if d == domain]
-                got = await asyncio.to_thread(score_ids, items[idx[0]][1], [items[i][2] for i in idx])
-                for i, g in zip(idx, got):
-                    out[i] = g
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=batch_wait_s)
+        async def score_batch(self, items: list[tuple[str, Loaded, list[int], float]]) -> list:
+            out: list = [None] * len(items)
+            for domain in {d for d, _, _, _ in items}:
+                idx = [i for i, (d, _, _, _) in enumerate(items) if d == domain]
+                await self._isolated(out, idx, lambda ix: score_ids(
+                    items[ix[0]][1], [items[i][2] for i in ix], max(items[i][3] for i in ix)))
             return out
 
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-        async def generate_batch(self, jobs: list[tuple[str, Loaded, list[int], Completion]]) -> list[list[dict]]:
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=batch_wait_s)
+        async def generate_batch(self, jobs: list[tuple[str, Loaded, list[int], CompletionRequest, float]]) -> list:
             """One left-padded ``generate`` per group of jobs with the same domain and
             settings (unseeded, n = 1); a seeded or n > 1 job runs alone."""
             groups: dict[tuple, list[int]] = {}
-            for i, (domain, _, _, c) in enumerate(jobs):
+            for i, (domain, _, _, c, _) in enumerate(jobs):
                 key = (domain, c.max_tokens, c.temperature, c.top_p, tuple(c.stop)) if c.seed is None and c.n == 1 \
                     else ("alone", i)
                 groups.setdefault(key, []).append(i)
-            out: list[list[dict]] = [[] for _ in jobs]
+            out: list = [None] * len(jobs)
             for idx in groups.values():
-                got = await asyncio.to_thread(self._generate, jobs[idx[0]][1], [jobs[i][2] for i in idx],
-                                              jobs[idx[0]][3])
-                for i, g in zip(idx, got):
-                    out[i] = g
+                await self._isolated(out, idx, lambda ix: self._generate(
+                    jobs[ix[0]][1], [jobs[i][2] for i in ix], jobs[ix[0]][3], max(jobs[i][4] for i in ix)))
+            for i, (_, _, _, _, deadline) in enumerate(jobs):
+                if not isinstance(out[i], Failed) and time.monotonic() > deadline:
+                    out[i] = Failed(Deadline())
             return out
 
-        def _generate(self, loaded: Loaded, prompts: list[list[int]], c: Completion, streamer=None) -> list[list[dict]]:
+        async def _isolated(self, out: list, idx: list[int], work) -> None:
+            """Run ``work`` on the requests ``idx`` of a batch; if it raises, run each alone,
+            so that one bad request fails itself and not its neighbours."""
+            try:
+                got = await asyncio.to_thread(work, idx)
+                for i, g in zip(idx, got):
+                    out[i] = g
+                return
+            except Exception as e:  # noqa: BLE001  (handed to the requests it belongs to)
+                if len(idx) == 1:
+                    out[idx[0]] = Failed(e)
+                    return
+            for i in idx:
+                try:
+                    out[i] = (await asyncio.to_thread(work, [i]))[0]
+                except Exception as e:  # noqa: BLE001
+                    out[i] = Failed(e)
+
+        def _generate(self, loaded: Loaded, prompts: list[list[int]], c: CompletionRequest, deadline: float,
+                      streamer=None, cancel: threading.Event | None = None) -> list[list[dict]]:
             import torch
+            from transformers import StoppingCriteriaList
 
             tok = loaded.tokenizer
             width = max(len(p) for p in prompts)
@@ -272,17 +462,26 @@ def make_deployment(max_models: int):
                 x[j, width - len(p):] = torch.tensor(p)
                 mask[j, width - len(p):] = 1
             kwargs = dict(max_new_tokens=c.max_tokens, num_return_sequences=c.n, pad_token_id=pad,
-                          eos_token_id=tok.eos_token_id)
+                          eos_token_id=tok.eos_token_id,
+                          stopping_criteria=StoppingCriteriaList([_halt(deadline, cancel)]))
             if c.temperature > 0:
                 kwargs.update(do_sample=True, temperature=c.temperature, top_p=c.top_p)
             else:
                 kwargs.update(do_sample=False)
             if c.stop:
                 kwargs.update(stop_strings=c.stop, tokenizer=tok)
-            with self.lock, torch.no_grad():
-                if c.seed is not None:
-                    torch.manual_seed(c.seed)
-                seqs = loaded.model.generate(input_ids=x, attention_mask=mask, streamer=streamer, **kwargs)
+            # The lock is waited for only until the deadline: a request never queues forever.
+            if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise Deadline()
+            try:
+                with torch.no_grad():
+                    if c.seed is not None:
+                        torch.manual_seed(c.seed)
+                    seqs = loaded.model.generate(input_ids=x, attention_mask=mask, streamer=streamer, **kwargs)
+            finally:
+                self.lock.release()
+            if time.monotonic() > deadline:
+                raise Deadline()
             out: list[list[dict]] = [[] for _ in prompts]
             for r in range(seqs.shape[0]):
                 j = r // c.n
@@ -296,56 +495,142 @@ def make_deployment(max_models: int):
                 out[j].append({"ids": new, "text": text, "finish": "stop" if (ended or stopped) else "length"})
             return out
 
-        # -- routes ---------------------------------------------------------------------
-        async def _respond(self, route: str, request: Request, handler, max_bytes: int | None = None):
+        # -- request plumbing -----------------------------------------------------------
+        async def _respond(self, route: str, request: Request, schema, handler, max_bytes: int | None = None,
+                           admin: bool = False):
+            """Authenticate, rate-limit, read the body within its bound, validate it with
+            ``schema``, run ``handler(req, caller, deadline)`` within the deadline; every
+            failure is an OpenAI error body, every outcome a metric."""
             t0 = time.perf_counter()
+            deadline = time.monotonic() + self.timeout
             domain, status = "-", "200"
-            limits = self.limits if max_bytes is None else Limits(**{**self.limits.__dict__,
-                                                                     "max_request_bytes": max_bytes})
+            self.in_flight += 1
             try:
-                declared = int(request.headers.get("content-length") or 0)
-                if declared > limits.max_request_bytes:
-                    raise ApiError(413, f"request body of {declared} bytes exceeds the limit of "
-                                   f"{limits.max_request_bytes}", code="request_too_large")
-                body = parse_json(await request.body(), limits)
-                domain, response = await handler(body)
+                caller = self._caller(request, admin)
+                if schema is None:
+                    req = None
+                else:
+                    raw = await asyncio.wait_for(read_body(request, max_bytes or self.limits.max_request_bytes),
+                                                 self.timeout)
+                    req = validate(schema, raw, self.limits)
+                domain, response = await asyncio.wait_for(handler(req, caller, deadline),
+                                                          max(0.0, deadline - time.monotonic()))
                 return response
+            except (asyncio.TimeoutError, Deadline):
+                status = "408"
+                return JSONResponse(ApiError(408, f"the request did not finish within its deadline of "
+                                             f"{self.timeout:g}s (serving.request_timeout_s)",
+                                             code="request_timeout").body(), status_code=408)
             except ApiError as e:
                 status = str(e.status)
-                return JSONResponse(e.body(), status_code=e.status)
-            except Exception as e:  # noqa: BLE001  (a bug: the replica keeps serving)
+                return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            except Exception as e:  # noqa: BLE001  (a bug or a broken model: the replica keeps serving)
                 status = "500"
                 return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {str(e)[:300]}",
-                                             type_="server_error").body(), status_code=500)
+                                             type_="server_error", code="internal_error").body(), status_code=500)
             finally:
-                self.requests.inc(tags={"domain": domain, "route": route, "status": status})
-                self.latency.observe((time.perf_counter() - t0) * 1000.0, tags={"domain": domain, "route": route})
+                self.in_flight -= 1
+                self.m["requests"].labels(domain, route, status).inc()
+                self.m["latency"].labels(domain, route).observe(time.perf_counter() - t0)
 
+        def _caller(self, request: Request, admin: bool):
+            caller = self.auth.caller(request.headers.get("authorization"))
+            if caller is None:
+                raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
+                               code="invalid_api_key", type_="authentication_error",
+                               headers={"WWW-Authenticate": "Bearer"})
+            if admin and not caller.admin:
+                raise ApiError(403, "this route needs an admin key (serving.admin_keys_file)",
+                               code="admin_key_required", type_="permission_error")
+            self._charge(caller, "requests", 1)
+            return caller
+
+        def _charge(self, caller, kind: str, amount: float) -> None:
+            wait = self.rates.charge(caller.key, kind, amount)
+            if wait:
+                raise ApiError(429, f"rate limit of this key exceeded ({kind} per minute); retry after "
+                               f"{wait:.0f}s", code="rate_limit_exceeded", type_="rate_limit_error",
+                               headers={"Retry-After": str(int(wait))})
+
+        # -- routes ---------------------------------------------------------------------
         @api.get("/healthz")
         async def healthz(self):
+            try:
+                await self.check_health()
+            except Exception as e:  # noqa: BLE001
+                return JSONResponse({"status": "unhealthy", "reason": str(e)[:300], "failed": self.failed},
+                                    status_code=503)
             return {"status": "ok", "domains": sorted(self.catalog), "failed": self.failed}
 
+        async def check_health(self):
+            """Ray Serve's health check (and ``/healthz``): a one-token forward pass of a
+            loaded model, through the same thread pool and lock as requests, within
+            ``HEALTH_TIMEOUT_S``: a replica wedged on its work is reported and replaced."""
+            import torch
+
+            def forward():
+                if not self.lock.acquire(timeout=HEALTH_TIMEOUT_S):
+                    raise RuntimeError("the generation lock is held past the health deadline")
+                try:
+                    with torch.no_grad():
+                        model = self._probe.model if self._probe is not None else None
+                        if model is not None:
+                            model(input_ids=torch.zeros((1, 1), dtype=torch.long))
+                finally:
+                    self.lock.release()
+
+            if self._probe is None and self.catalog:
+                try:
+                    self._probe = await asyncio.wait_for(asyncio.to_thread(_load, next(iter(self.catalog.values()))
+                                                                           ["path"]), HEALTH_TIMEOUT_S * 3)
+                except Exception:  # noqa: BLE001  (a broken first folder: probe with no model)
+                    self._probe = None
+            try:
+                await asyncio.wait_for(asyncio.to_thread(forward), HEALTH_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise RuntimeError(f"a one-token forward pass did not finish within {HEALTH_TIMEOUT_S:g}s") from None
+
+        @api.get("/metrics")
+        async def metrics(self):
+            from prometheus_client import generate_latest
+
+            self.m["queue"].labels("requests").set(self.in_flight)
+            self.m["queue"].labels("domain_jobs").set(self._pending())
+            return PlainTextResponse(generate_latest(self.metrics_registry).decode(),
+                                     media_type="text/plain; version=0.0.4")
+
         @api.get("/v1/models")
-        async def models(self):
-            entries = {d: self.catalog.get(d) or self.instant_entry(d) for d in self.served_names()}
-            data = [{"id": d, "object": "model", "created": 0, "owned_by": "slmfactory",
-                     "strategy": e["strategy"], "params": e["params"], "test_ppl": e["test_ppl"]}
-                    for d, e in entries.items() if e is not None]
-            if self.router:
-                data.append({"id": AUTO, "object": "model", "created": 0, "owned_by": "slmfactory"})
-            return {"object": "list", "data": data}
+        async def models(self, request: Request):
+            async def handle(_req, _caller, _deadline):
+                entries = await asyncio.to_thread(
+                    lambda: {d: self.catalog.get(d) or self.instant_entry(d) for d in self.served_names()})
+                data = [{"id": d, "object": "model", "created": 0, "owned_by": "slmfactory",
+                         "strategy": e["strategy"], "params": e["params"], "test_ppl": e["test_ppl"]}
+                        for d, e in entries.items() if e is not None]
+                if self.router:
+                    data.append({"id": AUTO, "object": "model", "created": 0, "owned_by": "slmfactory"})
+                return "-", {"object": "list", "data": data}
+
+            return await self._respond("models", request, None, handle)
+
+        def _pending(self) -> int:
+            import ray
+
+            done = [n for n, ref in self.finetunes.items() if ray.wait([ref], timeout=0)[0]]
+            for n in done:
+                self.finetunes.pop(n)
+            return self.builds + len(self.finetunes)
 
         @api.post("/v1/domains")
         async def create_domain(self, request: Request):
             """A new domain from a handful of its documents: the instant model is served under
             ``name`` when this returns (201); ``finetune_budget`` queues a Ray Train
             fine-tuning that replaces it when done."""
-            async def handle(body):
+            async def handle(req: DomainRequest, caller, deadline):
                 from slmfactory.models.instant import GenericPhaseMissing
                 from slmfactory.platform.errors import DataError
                 from slmfactory.serving import domains as reg
 
-                req = parse_domain(body, self.limits)
                 if self.cfg is None:
                     raise ApiError(503, "this app was started without a run config: no run-time domains",
                                    code="instant_unavailable", type_="service_unavailable")
@@ -356,49 +641,99 @@ def make_deployment(max_models: int):
                     if req.finetune_budget < step:
                         raise ApiError(400, f"'finetune_budget' must be at least one step of {step} tokens, got "
                                        f"{req.finetune_budget}", param="finetune_budget", code="invalid_value")
+                if self._pending() >= self.max_pending:
+                    raise ApiError(429, f"{self._pending()} domain builds and fine-tunes are queued or running "
+                                   f"(serving.max_pending_builds); retry later", code="queue_full",
+                                   type_="rate_limit_error", headers={"Retry-After": "30"})
+                self.builds += 1
                 try:
                     if self.instant_inputs.done() and self.instant_inputs.exception() is not None:
                         # Not trained at start-up (503 then): look again, they may be now.
                         self.instant_inputs = asyncio.ensure_future(asyncio.to_thread(_instant_inputs, self.cfg))
-                    families, tokenizer, minilm = await self.instant_inputs
+                    families, tokenizer, minilm = await asyncio.shield(self.instant_inputs)
                     self.minilm = self.minilm or minilm
                     entry, built = await asyncio.to_thread(
                         reg.create_domain, self.cfg, req.name, req.documents, families, embedder=minilm,
-                        tokenizer=tokenizer, taken=lambda n: n in self.catalog)
+                        tokenizer=tokenizer, taken=lambda n: n in self.catalog, limited=True)
                 except reg.NameTaken as e:
                     raise ApiError(409, str(e), param="name", code="name_exists") from None
+                except reg.RegistryFull as e:
+                    raise ApiError(409, str(e).split(": ", 1)[-1], param="name", code="max_domains") from None
                 except GenericPhaseMissing as e:
                     raise ApiError(503, str(e), code="instant_unavailable", type_="service_unavailable") from None
                 except DataError as e:
                     param = str(e).split(":", 1)[0] if str(e).split(":", 1)[0] in ("name", "documents") else None
                     raise ApiError(400, str(e), param=param or "documents", code="invalid_value") from None
+                finally:
+                    self.builds -= 1
                 reg.register_async(self.cfg, req.name, entry)
                 if req.finetune_budget is not None:
                     import ray
 
-                    task = ray.remote(num_cpus=0, max_retries=0)(reg.finetune_and_swap)
-                    self.finetunes[req.name] = task.remote(self.cfg.to_tree(), req.name, req.finetune_budget)
+                    # "queued" is written before the task exists: a fast task's "running" or
+                    # "failed" can only come after it, never be overwritten by it.
                     entry = self.registry.update(req.name, finetune={"status": "queued",
                                                                      "budget_tokens": req.finetune_budget})
+                    task = ray.remote(num_cpus=0, max_retries=0)(reg.finetune_and_swap)
+                    self.finetunes[req.name] = task.remote(self.cfg.to_tree(), req.name, req.finetune_budget)
                 self.count_tokens(int(len(built.docs.train) + len(built.docs.heldout)), req.name, "domains")
                 return req.name, JSONResponse(_domain_view(entry), status_code=201)
 
-            return await self._respond("domains", request, handle, max_bytes=self.limits.max_domain_request_bytes)
+            return await self._respond("domains", request, DomainRequest, handle,
+                                       max_bytes=self.limits.max_domain_request_bytes, admin=True)
 
-        @api.get("/v1/domains/{name}")
-        async def domain_status(self, name: str):
+        def _domain_or_404(self, name: str) -> dict:
+            if not valid_name(name):
+                raise ApiError(400, "'name' must be 1-64 letters, digits, '_', '.' or '-' starting with a letter or "
+                               "digit", param="name", code="invalid_value")
             entry = self.instant_entry(name) if name not in self.catalog else None
             if entry is None:
-                known = name in self.catalog
-                return JSONResponse(ApiError(404, f"'{name}' is " + ("a start-up domain, not a run-time one"
-                                                                      if known else "not a run-time domain"),
-                                             param="name", code="model_not_found").body(), status_code=404)
-            return _domain_view(entry)
+                raise ApiError(404, f"'{name}' is " + ("a start-up domain, not a run-time one"
+                                                       if name in self.catalog else "not a run-time domain"),
+                               param="name", code="model_not_found")
+            return entry
+
+        @api.get("/v1/domains/{name}")
+        async def domain_status(self, name: str, request: Request):
+            async def handle(_req, _caller, _deadline):
+                import ray
+
+                from slmfactory.serving.domains import finetune_status
+
+                entry = await asyncio.to_thread(self._domain_or_404, name)
+                ref = self.finetunes.get(name)
+                ft = entry.get("finetune") or {}
+                if ref is not None and ft.get("status") == "queued" and ray.wait([ref], timeout=0)[0]:
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # noqa: BLE001  (the task died before it started)
+                        entry = self.registry.update(name, finetune={**ft, "status": "failed",
+                                                                     "error": f"{type(e).__name__}"})
+                entry = await asyncio.to_thread(finetune_status, self.registry, name, entry)
+                return name, _domain_view(entry)
+
+            return await self._respond("domains", request, None, handle)
+
+        @api.delete("/v1/domains/{name}")
+        async def delete_domain(self, name: str, request: Request):
+            async def handle(_req, _caller, _deadline):
+                if name in self.catalog:
+                    raise ApiError(409, f"'{name}' is a start-up domain (its model folder is the run's); only "
+                                   "run-time domains are deleted", param="name", code="not_deletable")
+                self._domain_or_404(name)
+                self._pending()  # drops finished fine-tunes from self.finetunes
+                if self.registry.finetuning(name) or name in self.finetunes:
+                    raise ApiError(409, f"domain '{name}' is being fine-tuned; delete it when that ends",
+                                   param="name", code="busy")
+                entry = await asyncio.to_thread(self.registry.delete, name)
+                self.instant.pop(name, None)
+                return name, {"id": name, "object": "domain", "deleted": entry is not None}
+
+            return await self._respond("domains", request, None, handle, admin=True)
 
         @api.post("/v1/score")
         async def score(self, request: Request):
-            async def handle(body):
-                req = parse_score(body, self.limits)
+            async def handle(req: ScoreRequest, caller, deadline):
                 domain, loaded, extra = await self.model_for(req.model, req.inputs[0])
                 ids = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in req.inputs]
                 for i, x in enumerate(ids):
@@ -408,7 +743,9 @@ def make_deployment(max_models: int):
                     if len(x) > self.limits.max_prompt_tokens:
                         raise ApiError(400, f"input[{i}] has {len(x)} tokens; at most {self.limits.max_prompt_tokens}",
                                        param="input", code="input_too_long")
-                scored = await asyncio.gather(*(self.score_batch((domain, loaded, x)) for x in ids))
+                self._charge(caller, "tokens", sum(len(x) for x in ids))
+                scored = [_unwrap(r) for r in
+                          await asyncio.gather(*(self.score_batch((domain, loaded, x, deadline)) for x in ids))]
                 data = []
                 for i, (x, lp) in enumerate(zip(ids, scored)):
                     nll = -sum(lp) / len(lp)
@@ -418,14 +755,24 @@ def make_deployment(max_models: int):
                 self.count_tokens(sum(len(x) for x in ids), domain, "score")
                 return domain, {"object": "list", "model": domain, "data": data, **({"slmfactory": extra} if extra else {})}
 
-            return await self._respond("score", request, handle)
+            return await self._respond("score", request, ScoreRequest, handle)
+
+        def _check_stop(self, loaded: Loaded, stop: list[str]) -> None:
+            """A stop string ``generate`` cannot take (one the vocabulary cannot form) is a
+            400 naming ``stop``, found before generation rather than inside it."""
+            if not stop:
+                return
+            from transformers.generation.stopping_criteria import StopStringCriteria
+
+            try:
+                StopStringCriteria(loaded.tokenizer, stop)
+            except Exception as e:  # noqa: BLE001
+                raise ApiError(400, f"'stop': the model's vocabulary cannot form {stop!r} ({str(e)[:120]})",
+                               param="stop", code="invalid_value") from None
 
         @api.post("/v1/completions")
         async def completions(self, request: Request):
-            async def handle(body):
-                c = parse_completion(body, self.limits)
-                if c.stream and (len(c.prompts) > 1 or c.n > 1):
-                    raise ApiError(400, "streaming takes one prompt and n = 1", param="stream", code="invalid_value")
+            async def handle(c: CompletionRequest, caller, deadline):
                 domain, loaded, extra = await self.model_for(c.model, c.prompts[0])
                 ids = [loaded.tokenizer(p, add_special_tokens=False)["input_ids"] for p in c.prompts]
                 for i, x in enumerate(ids):
@@ -433,11 +780,14 @@ def make_deployment(max_models: int):
                         raise ApiError(400, f"prompt[{i}] has {len(x)} tokens; with max_tokens={c.max_tokens} it "
                                        f"exceeds the model's context of {loaded.context} tokens",
                                        param="max_tokens", code="context_length_exceeded")
+                self._check_stop(loaded, c.stop)
+                self._charge(caller, "tokens", sum(len(x) for x in ids) + c.max_tokens * c.n * len(ids))
                 cid = f"cmpl-{uuid.uuid4().hex[:24]}"
                 if c.stream:
-                    return domain, StreamingResponse(self._stream(cid, domain, loaded, ids[0], c, extra),
+                    return domain, StreamingResponse(self._stream(cid, domain, loaded, ids[0], c, extra, deadline),
                                                      media_type="text/event-stream")
-                results = await asyncio.gather(*(self.generate_batch((domain, loaded, x, c)) for x in ids))
+                results = [_unwrap(r) for r in
+                           await asyncio.gather(*(self.generate_batch((domain, loaded, x, c, deadline)) for x in ids))]
                 choices, completion_tokens = [], 0
                 for i, (x, outs) in enumerate(zip(ids, results)):
                     for out in outs:
@@ -447,7 +797,7 @@ def make_deployment(max_models: int):
                         if c.logprobs is not None:
                             full = x + out["ids"]
                             lp = await asyncio.to_thread(token_logprobs, loaded, full, 0 if c.echo else len(x),
-                                                         c.logprobs)
+                                                         c.logprobs, deadline)
                         choices.append({"text": text, "index": len(choices), "logprobs": lp,
                                         "finish_reason": out["finish"]})
                 prompt_tokens = sum(len(x) for x in ids)
@@ -458,14 +808,18 @@ def make_deployment(max_models: int):
                                           "total_tokens": prompt_tokens + completion_tokens},
                                 **({"slmfactory": extra} if extra else {})}
 
-            return await self._respond("completions", request, handle)
+            return await self._respond("completions", request, CompletionRequest, handle)
 
-        async def _stream(self, cid: str, domain: str, loaded: Loaded, ids: list[int], c: Completion, extra: dict):
-            """Server-sent events: one chunk per generated piece of text, then ``[DONE]``."""
+        async def _stream(self, cid: str, domain: str, loaded: Loaded, ids: list[int], c: CompletionRequest,
+                          extra: dict, deadline: float):
+            """Server-sent events: one chunk per generated piece of text, then ``[DONE]``.
+            Every stream ends: if generation raises or the deadline passes, an OpenAI error
+            event comes before ``[DONE]``; a client that goes away stops its generation."""
             from transformers.generation.streamers import BaseStreamer
 
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
+            cancel = threading.Event()
 
             class Pipe(BaseStreamer):
                 first = True
@@ -485,25 +839,53 @@ def make_deployment(max_models: int):
                                                                             "finish_reason": finish}],
                                               **({"slmfactory": extra} if extra else {})}) + "\n\n"
 
-            task = asyncio.ensure_future(asyncio.to_thread(self._generate, loaded, [ids], c, Pipe()))
-            if c.echo:
-                yield chunk(c.prompts[0], None)
-            new: list[int] = []
-            sent = ""
-            while True:
-                item = await queue.get()
-                if item is None:
-                    break
-                new.extend(t for t in item if t != loaded.tokenizer.eos_token_id)
-                text, stopped = _cut_at_stop(loaded.tokenizer.decode(new), c.stop)
-                if len(text) > len(sent) and not text.endswith("\ufffd"):  # whole characters only
-                    yield chunk(text[len(sent):], None)
-                    sent = text
-            final = (await task)[0][0]
-            if len(final["text"]) > len(sent):
-                yield chunk(final["text"][len(sent):], None)
-            yield chunk("", final["finish"])
-            self.count_tokens(len(final["ids"]), domain, "completions")
+            def error_event(e: ApiError) -> str:
+                self.m["requests"].labels(domain, "completions", f"stream_{e.status}").inc()
+                return "data: " + json.dumps(e.body()) + "\n\n"
+
+            task = asyncio.ensure_future(asyncio.to_thread(self._generate, loaded, [ids], c, deadline, Pipe(), cancel))
+            try:
+                if c.echo:
+                    yield chunk(c.prompts[0], None)
+                new: list[int] = []
+                sent = ""
+                getter = None
+                while True:
+                    getter = getter or asyncio.ensure_future(queue.get())
+                    done, _ = await asyncio.wait({getter, task}, timeout=max(0.0, deadline - time.monotonic()) + 1.0,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if getter in done:
+                        item, getter = getter.result(), None
+                        if item is None:
+                            break
+                        new.extend(t for t in item if t != loaded.tokenizer.eos_token_id)
+                        text, _ = _cut_at_stop(loaded.tokenizer.decode(new), c.stop)
+                        if len(text) > len(sent) and not text.endswith("\ufffd"):  # whole characters only
+                            yield chunk(text[len(sent):], None)
+                            sent = text
+                        continue
+                    if task in done:
+                        break  # generation ended (or raised) without its end-of-stream
+                    raise Deadline()  # nothing at all within the deadline
+                if getter is not None:
+                    getter.cancel()
+                final = (await task)[0][0]
+                if len(final["text"]) > len(sent):
+                    yield chunk(final["text"][len(sent):], None)
+                yield chunk("", final["finish"])
+                self.count_tokens(len(final["ids"]), domain, "completions")
+            except Deadline:
+                cancel.set()
+                yield error_event(ApiError(408, f"generation did not finish within the deadline of {self.timeout:g}s",
+                                           code="request_timeout"))
+            except Exception as e:  # noqa: BLE001  (a failed generation ends its stream, with the reason)
+                cancel.set()
+                yield error_event(ApiError(500, f"generation failed: {type(e).__name__}: {str(e)[:300]}",
+                                           type_="server_error", code="generation_failed"))
+            finally:
+                # The client went away (GeneratorExit / cancellation) or the stream ended:
+                # either way the generation thread stops at its next token.
+                cancel.set()
             yield "data: [DONE]\n\n"
 
     return DomainModels
@@ -543,10 +925,12 @@ def _with_firsts(ids: list[int], logprobs: list[float], context: int) -> list[fl
 def build_app(args: dict):
     """The Serve application. ``args``: ``config`` (a recipe), ``set`` (overrides), and
     either ``models`` (a folder of exported models) or ``from_mlflow`` (a sweep's
-    experiment), optionally ``max_params`` (inference-size cap)."""
+    experiment), optionally ``max_params`` (inference-size cap). API keys are read here
+    (files, environment) and only their digests reach the replicas."""
     from slmfactory.platform.config import load_config, parse_overrides
     from slmfactory.platform.errors import ConfigError
     from slmfactory.serving import catalog as cat
+    from slmfactory.serving.auth import load_keys
 
     cfg = load_config(args.get("config"), parse_overrides(list(args.get("set") or [])))
     s = cfg.serving
@@ -567,9 +951,14 @@ def build_app(args: dict):
               "max_tokens": s.max_tokens, "max_n": s.max_n, "max_inputs": s.max_inputs,
               # POST /v1/domains carries documents, not a prompt: four request bounds.
               "max_domain_request_bytes": 4 * s.max_request_bytes}
-    deployment = make_deployment(s.max_models_per_replica).options(
+    api_keys, admin_keys = load_keys(cfg)
+    security = {"api": api_keys, "admin": admin_keys, "rpm": s.rate_limit_rpm, "tpm": s.rate_limit_tpm,
+                "timeout_s": s.request_timeout_s, "max_pending": s.max_pending_builds}
+    deployment = make_deployment(s.max_models_per_replica, s.batch_wait_s).options(
         ray_actor_options={"num_cpus": s.replica_cpus},
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                             "target_ongoing_requests": s.target_ongoing_requests},
-        max_ongoing_requests=s.max_ongoing_requests)
-    return deployment.bind(catalog, router, limits, s.preload, {"config": cfg.to_tree()})
+        max_ongoing_requests=s.max_ongoing_requests,
+        # check_health runs a forward pass with its own deadline; Ray's must be longer.
+        health_check_period_s=10, health_check_timeout_s=3 * HEALTH_TIMEOUT_S)
+    return deployment.bind(catalog, router, limits, s.preload, {"config": cfg.to_tree()}, security)

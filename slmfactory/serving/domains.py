@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -24,16 +23,19 @@ from typing import Any, Callable, Iterator
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import write_json_atomic
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-RESERVED = frozenset({"auto"})
+from slmfactory.serving.api import NAME_RE as NAME_PATTERN, RESERVED, valid_name  # the one name rule
 
 
 class NameTaken(DataError):
     pass
 
 
+class RegistryFull(DataError):
+    pass
+
+
 def check_name(name: str) -> None:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in RESERVED:
+    if not valid_name(name) or name in RESERVED:
         raise DataError(f"name: {name!r} is not a valid domain name (1-64 letters, digits, '_', '.', '-', "
                         f"starting with a letter or digit; not 'auto')")
 
@@ -45,19 +47,42 @@ class DomainRegistry:
         self.dir = Path(root) / "instant" / "domains"
 
     def entry_path(self, name: str) -> Path:
+        check_name(name)  # a name reaches the file system only once it passed the one rule
         return self.dir / f"{name}.json"
 
     def get(self, name: str) -> dict | None:
+        if not valid_name(name):
+            return None
         try:
             return json.loads(self.entry_path(name).read_text())
         except (OSError, ValueError):
             return None
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.dir.glob("*.json")) if self.dir.is_dir() else []
+        return sorted(p.stem for p in self.dir.glob("*.json") if valid_name(p.stem)) if self.dir.is_dir() else []
 
     def exists(self, name: str) -> bool:
-        return self.entry_path(name).is_file() or self.dir.joinpath(f".{name}.claim").exists()
+        return self.entry_path(name).is_file() or self.building(name)
+
+    def _held(self, path: Path) -> bool:
+        """Whether a live process holds the lock on ``path`` (a dead one's is released by
+        the kernel: a replica SIGKILLed mid-build leaves the name usable)."""
+        try:
+            with open(path, "r") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return False
+        except FileNotFoundError:
+            return False
+
+    def building(self, name: str) -> bool:
+        return self._held(self.dir / f".{name}.build")
+
+    def finetuning(self, name: str) -> bool:
+        return self._held(self.dir / f".{name}.finetune")
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -70,19 +95,67 @@ class DomainRegistry:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
-    def claim(self, name: str, taken: Callable[[str], bool] = lambda _n: False) -> Iterator[None]:
+    def lease(self, name: str, kind: str = "build") -> Iterator[None]:
+        """An exclusive lock on ``.<name>.<kind>`` held while this process works on the
+        name (not a claim file: the kernel drops it when the process dies)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.dir / f".{name}.{kind}", "a+")
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise NameTaken(f"name: domain {name!r} is being {'built' if kind == 'build' else 'fine-tuned'}") \
+                    from None
+            yield
+        finally:
+            f.close()  # releases the lock
+
+    def disk_bytes(self) -> int:
+        """Bytes of every run-time domain's served model folders (what ``max_domain_disk_mb`` caps)."""
+        folders = set().union(*(_folders(self.get(n) or {}) for n in self.names()))
+        return sum(f.stat().st_size for p in folders if p.is_dir() for f in p.rglob("*") if f.is_file())
+
+    @contextlib.contextmanager
+    def claim(self, name: str, taken: Callable[[str], bool] = lambda _n: False, max_domains: int | None = None,
+              max_bytes: float | None = None) -> Iterator[None]:
         """Hold ``name`` while its model is built: a second creation of the same name (on
-        any replica) gets ``NameTaken`` at once; the claim is dropped if the build fails."""
+        any replica) gets ``NameTaken`` at once; a full registry gets ``RegistryFull``."""
         check_name(name)
-        claim = self.dir / f".{name}.claim"
         with self._lock():
-            if taken(name) or self.entry_path(name).is_file() or claim.exists():
+            if taken(name) or self.entry_path(name).is_file():
                 raise NameTaken(f"name: domain {name!r} already exists")
-            claim.write_text(str(os.getpid()))
+            if max_domains is not None and len(self.names()) >= max_domains:
+                raise RegistryFull(f"name: this workdir holds {len(self.names())} run-time domains, the limit "
+                                   f"(serving.max_domains); delete one first")
+            if max_bytes is not None and self.disk_bytes() >= max_bytes:
+                raise RegistryFull(f"name: run-time domains use {self.disk_bytes() / 2 ** 20:.0f} MiB, the limit "
+                                   f"(serving.max_domain_disk_mb); delete one first")
+            lease = self.lease(name)
+            lease.__enter__()
         try:
             yield
         finally:
-            claim.unlink(missing_ok=True)
+            lease.__exit__(None, None, None)
+
+    def delete(self, name: str) -> dict | None:
+        """Remove a run-time domain: its entry (replicas stop serving it on their next
+        request) and the model folders it owns under ``<workdir>/instant``."""
+        import shutil
+
+        check_name(name)
+        with self._lock():
+            entry = self.get(name)
+            if entry is None:
+                return None
+            self.entry_path(name).unlink(missing_ok=True)
+            # Candidate folders are stages keyed by the documents: another domain built
+            # from the same documents shares them, and keeps them.
+            shared = set().union(*(_folders(self.get(n) or {}) for n in self.names()))
+        own = self.dir.parent.resolve()
+        for p in _folders(entry) - shared:
+            if own in p.parents and p.is_dir():  # never a folder outside the instant area
+                shutil.rmtree(p, ignore_errors=True)
+        return entry
 
     def publish(self, name: str, entry: dict[str, Any]) -> dict:
         """Write the entry of a new domain (version 1)."""
@@ -103,6 +176,12 @@ class DomainRegistry:
             return entry
 
 
+def _folders(entry: dict) -> set[Path]:
+    """The model folders a registry entry serves or may swap to (its instant candidates)."""
+    paths = {entry.get("path")} | {c.get("path") for c in ((entry.get("instant") or {}).get("candidates") or {}).values()}
+    return {Path(p).resolve() for p in paths if p}
+
+
 def register_in_mlflow(cfg, name: str, entry: dict, metrics: dict[str, float]) -> dict:
     """One MLflow run per served instant model (experiment ``<tracking.experiment>-instant``),
     its folder as the ``model`` artifact, registered as a version of ``<experiment>-<name>``."""
@@ -121,13 +200,16 @@ def register_in_mlflow(cfg, name: str, entry: dict, metrics: dict[str, float]) -
 
 
 def create_domain(cfg, name: str, texts: list[str], families, *, embedder=None, tokenizer=None,
-                  taken: Callable[[str], bool] = lambda _n: False, log=None) -> tuple[dict, Any]:
+                  taken: Callable[[str], bool] = lambda _n: False, log=None, limited: bool = False
+                  ) -> tuple[dict, Any]:
     """Build the instant candidates of ``texts`` and publish the chosen one under ``name``;
     returns (entry, the ``InstantDomain``)."""
     from slmfactory.models.instant import build_instant
 
     registry = DomainRegistry(cfg.root)
-    with registry.claim(name, taken):
+    caps = dict(max_domains=cfg.serving.max_domains, max_bytes=cfg.serving.max_domain_disk_mb * 2 ** 20) \
+        if limited else {}
+    with registry.claim(name, taken, **caps):
         built = build_instant(cfg, texts, families, embedder=embedder, tokenizer=tokenizer, log=log)
         best = built.best
         entry = registry.publish(name, {
@@ -155,7 +237,10 @@ def register_async(cfg, name: str, entry: dict) -> threading.Thread | None:
             info = register_in_mlflow(cfg, name, entry, {"heldout_ppl": entry["test_ppl"], "params": entry["params"]})
         except Exception as e:  # noqa: BLE001  (recorded; serving is unaffected)
             info = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        DomainRegistry(cfg.root).update(name, mlflow=info)
+        try:
+            DomainRegistry(cfg.root).update(name, mlflow=info)
+        except DataError:
+            pass  # deleted meanwhile
 
     t = threading.Thread(target=run, name=f"mlflow-{name}", daemon=True)
     t.start()
@@ -176,30 +261,55 @@ def finetune_and_swap(cfg_tree: dict, name: str, budget_tokens: int) -> dict:
     entry = registry.get(name)
     if entry is None:
         raise DataError(f"name: no domain {name!r}")
-    registry.update(name, finetune={"status": "running", "budget_tokens": budget_tokens, "started": time.time()})
-    try:
-        inst = entry["instant"]
-        rule = inst["chosen"]
-        cand = inst["candidates"][rule]
-        texts = json.loads(Path(inst["documents_path"]).read_text())
-        docs = split_documents(cfg, texts)
-        init = Candidate(rule, Path(cand["path"]), cand["stage"], cand["heldout_nll"], cand["heldout_ppl"], 0.0, 0.0)
-        work = cfg.root / "instant" / "data" / docs.digest
-        out = finetune_instant(cfg, np.asarray(docs.train), np.asarray(docs.heldout), init, budget_tokens, work,
-                               log=None)
-        status = {"status": "done", "budget_tokens": budget_tokens, **{k: out[k] for k in
-                  ("heldout_ppl", "steps", "flops", "seconds", "path")}, "before_ppl": cand["heldout_ppl"]}
-        # Swap only if fine-tuning did not make the held-out slice worse (early stopping
-        # keeps the best step, but a handful of documents can still overfit).
-        if out["heldout_ppl"] <= cand["heldout_ppl"]:
-            new = registry.update(name, path=out["path"], strategy=f"instant/{rule}+finetune",
-                                  test_ppl=out["heldout_ppl"], finetune=status)
-            register_async(cfg, name, new)
-        else:
-            status["status"] = "kept-instant"
-            new = registry.update(name, finetune=status)
-        return new
-    except Exception as e:  # noqa: BLE001  (recorded in the entry; the instant model keeps serving)
-        registry.update(name, finetune={"status": "failed", "budget_tokens": budget_tokens,
-                                        "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        raise
+    # The lease is held while "running" is true: a reader that finds "running" and no
+    # lease knows the worker died (see ``finetune_status``).
+    with registry.lease(name, "finetune"):
+        registry.update(name, finetune={"status": "running", "budget_tokens": budget_tokens, "started": time.time(),
+                                        "pid": os.getpid()})
+        try:
+            inst = entry["instant"]
+            rule = inst["chosen"]
+            cand = inst["candidates"][rule]
+            texts = json.loads(Path(inst["documents_path"]).read_text())
+            docs = split_documents(cfg, texts)
+            init = Candidate(rule, Path(cand["path"]), cand["stage"], cand["heldout_nll"], cand["heldout_ppl"], 0.0,
+                             0.0)
+            work = cfg.root / "instant" / "data" / docs.digest
+            out = finetune_instant(cfg, np.asarray(docs.train), np.asarray(docs.heldout), init, budget_tokens, work,
+                                   log=None)
+            status = {"status": "done", "budget_tokens": budget_tokens, **{k: out[k] for k in
+                      ("heldout_ppl", "steps", "flops", "seconds", "path")}, "before_ppl": cand["heldout_ppl"]}
+            # Swap only if fine-tuning did not make the held-out slice worse (early stopping
+            # keeps the best step, but a handful of documents can still overfit).
+            if out["heldout_ppl"] <= cand["heldout_ppl"]:
+                new = registry.update(name, path=out["path"], strategy=f"instant/{rule}+finetune",
+                                      test_ppl=out["heldout_ppl"], finetune=status)
+                register_async(cfg, name, new)
+            else:
+                status["status"] = "kept-instant"
+                new = registry.update(name, finetune=status)
+            return new
+        except Exception as e:  # noqa: BLE001  (recorded in the entry; the instant model keeps serving)
+            try:
+                registry.update(name, finetune={"status": "failed", "budget_tokens": budget_tokens,
+                                                "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            except DataError:
+                pass  # the domain was deleted meanwhile
+            raise
+
+
+def finetune_status(registry: DomainRegistry, name: str, entry: dict) -> dict:
+    """``entry`` with its fine-tune status made true: "running" with no live worker holding
+    the fine-tune lease is a worker that died (SIGKILL, node loss): "failed"."""
+    ft = entry.get("finetune") or {}
+    if ft.get("status") == "running" and not registry.finetuning(name):
+        fresh = registry.get(name) or entry  # it may have just finished
+        ft = fresh.get("finetune") or {}
+        if ft.get("status") == "running":
+            try:
+                return registry.update(name, finetune={**ft, "status": "failed",
+                                                       "error": "the fine-tuning worker died"})
+            except DataError:
+                return entry
+        return fresh
+    return entry
