@@ -61,7 +61,10 @@ def run_trial(cfg: RunConfig, log: Callable[[str], None] | None = print, launche
 
 
 def trial_record(cfg: RunConfig, model, generic) -> dict:
-    """Tags, params, metrics (perplexity and every cost figure) and curves of one trial."""
+    """Tags, params, metrics (perplexity with its bootstrap interval, every cost figure,
+    the budgets actually spent and the epochs over each phase's data) and curves of one
+    trial. Labels carry the nominal budgets; ``spent/*`` what the trial trained."""
+    from slmfactory.models.strategies.base import trained_tokens
     from slmfactory.sweeps.plan import trial_of
 
     trial = trial_of(cfg)
@@ -72,21 +75,27 @@ def trial_record(cfg: RunConfig, model, generic) -> dict:
                # takes the macro average over a configuration's trials.
                "ppl_macro": math.exp(nll), "params": model.params,
                "cost/inference_flops_per_token": model.inference_flops_per_token}
+    if "test_ppl_lo" in model.metrics:
+        metrics |= {f"ppl_lo/{d}": model.metrics["test_ppl_lo"], f"ppl_hi/{d}": model.metrics["test_ppl_hi"]}
     for side, cost in (("generic", model.generic_cost), ("spec", model.spec_cost)):
         metrics[f"cost/{side}_flops"] = cost.flops if cost is not None else 0.0
         metrics[f"cost/{side}_device_hours"] = cost.device_hours if cost is not None else 0.0
         metrics[f"cost/{side}_wall_seconds"] = cost.wall_seconds if cost is not None else 0.0
+        metrics[f"spent/{side}_tokens"] = float(trained_tokens(cost))
     for n in (1, 7, 50):
         metrics[f"cost/total_flops_N{n}"] = metrics["cost/generic_flops"] + n * metrics["cost/spec_flops"]
     metrics.update({k: float(v) for k, v in model.metrics.items() if isinstance(v, (int, float))
-                    and k not in ("test_ppl",)})
+                    and k not in ("test_ppl", "test_ppl_lo", "test_ppl_hi")})
     for k, v in (generic.info.items() if generic is not None else []):
-        if k.startswith(("routed_generic", "generic_valid")) and isinstance(v, (int, float)):
+        if k.startswith(("routed_generic", "generic_valid", "generic_ppl", "teacher_generic_ppl")) \
+                and isinstance(v, (int, float)):
             metrics[f"generic/{k}"] = float(v)
     tags = {"strategy": model.strategy, "domain": d, "phase": "specialize",
-            "in_domain_tokens": str(cfg.data.domain_train_tokens), "generic_budget": trial.generic.label(),
-            "spec_budget": trial.spec.label(), "device": cfg.device.name,
-            "group": f"{model.strategy} g{trial.generic.label()} s{trial.spec.label()} n{cfg.data.domain_train_tokens}"}
+            "in_domain_tokens": str(cfg.data.domain_train_tokens), "generic_budget": trial.generic_label,
+            "spec_budget": trial.spec.label(), "settings": trial.settings_label, "device": cfg.device.name,
+            "generic_spent": f"{metrics['spent/generic_tokens']:.3g}T", "spec_spent": f"{metrics['spent/spec_tokens']:.3g}T",
+            "group": f"{model.strategy} g{trial.generic_label} s{trial.spec.label()} n{cfg.data.domain_train_tokens}"
+                     + (f" {trial.settings_label}" if trial.settings else "")}
     return {"name": trial.name, "key": trial.key, "tags": tags, "params": cfg.to_dict(), "metrics": metrics,
             "curves": model.curves, "model_path": str(model.path)}
 

@@ -22,7 +22,8 @@ def test_demo_runs_the_platform_and_a_rerun_trains_nothing(tiny_cfg):
     assert "Recommendation (from the measured frontier):" in text and "| slm |" in text
     assert "plots and tables:" in text and "slmfactory ui" in text
     report = out["report"]
-    assert {p.name for p in report["files"]} >= {"amortisation.png", "report.md", "ppl_vs_cost_n20000.png"}
+    assert {p.name for p in report["files"]} >= {"amortisation_n20000_flops.png", "report.md",
+                                                 "ppl_vs_cost_n20000_N7_flops.png", "figure1_n20000_N50_flops.png"}
     assert all(p.is_file() for p in report["files"])
     records = out["outcome"].records
     assert len(records) == 4

@@ -66,7 +66,7 @@ def run_pulse(cfg, name: str):
     rec = strategy.specialize(ctx, generic, DOMAIN)
     model = AutoModelForCausalLM.from_pretrained(rec.path)
     assert type(model).__name__ == "LlamaForCausalLM"
-    _, ppl = evaluate_ppl(cfg, model, DomainData.of(cfg, DOMAIN).test.load())
+    _, ppl = evaluate_ppl(cfg, model, DomainData.of(cfg, DOMAIN).test_sample())
     assert ppl == pytest.approx(rec.metrics["test_ppl"], rel=1e-4)
     assert math.isfinite(rec.metrics["test_ppl"]) and rec.spec_cost.flops > 0 and rec.spec_cost.tokens > 0
     return generic, rec

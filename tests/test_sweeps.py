@@ -56,8 +56,11 @@ def test_dry_run_prints_the_plan_and_runs_nothing(work):
     out = cli("sweep", "-c", str(RECIPE), "--set", f"workdir={work}", "--dry-run",
               "--set", "sweep.generic_tokens=[10240,20480]", timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "8 trials, 2 shared generic phases" in out.stdout
+    # slm: 2 generic budgets x 2 domains; slm-nopt has no generic phase, so the generic axis
+    # does not multiply it (one trial per domain, generic budget 'none'), and the plan says so.
+    assert "6 trials, 2 shared generic phases" in out.stdout
     assert "slm@1.02e+04T" in out.stdout and "slm@2.05e+04T" in out.stdout
+    assert "slm-nopt-legal-gnone-s1.02e+04T" in out.stdout and "not on the generic axis: slm-nopt" in out.stdout
     assert "cpu-2core hours" in out.stdout
     assert not (work / "generic").exists() and not (work / "sweeps").exists()
 
@@ -67,7 +70,7 @@ def test_paper_dry_run_plans_gpu_hours_and_memory_without_a_corpus(tmp_path):
               timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
-    assert "144 trials, 10 shared generic phases" in text
+    assert "126 trials, 10 shared generic phases" in text  # slm-is, slm-nopt: not on the generic axis
     # ~100 A100-hours of SLM pretraining at 45B tokens (Table 2: 2.2 h per 1B), slm-pn ~1.5x.
     hours = {line.split()[0]: float(line.split()[-1].replace(",", "")) for line in text.splitlines()
              if line.startswith(("slm@4.5e+10T", "slm-pn@4.5e+10T", "llm@4.5e+10T"))}
@@ -164,8 +167,8 @@ def test_sweep_killed_midway_resumes_with_one_run_per_trial(work):
     assert rep.returncode == 0, rep.stderr[-2000:]
     out_dir = work / "reports" / experiment
     pngs = sorted(p.name for p in out_dir.glob("*.png"))
-    assert "amortisation.png" in pngs and "ppl_vs_cost_n20000.png" in pngs
-    assert any(p.startswith("figure1_N") for p in pngs)
+    assert "amortisation_n20000_flops.png" in pngs and "ppl_vs_cost_n20000_N7_flops.png" in pngs
+    assert any(p.startswith("figure1_n20000_N") for p in pngs)
     assert "| slm |" in (out_dir / "report.md").read_text()
     rec = cli("recommend", "-c", str(RECIPE), "--set", f"workdir={work}", "--inference-params", "1e9",
               "--spec-budget", "1e15", "--domains", "7", timeout=300)

@@ -145,3 +145,45 @@ def test_compiled_training_matches_eager(tiny_cfg, tmp_path):
     # ... and the plain module it wraps holds the trained weights that are saved.
     for p, q in zip(compiled.model.parameters(), eager.model.parameters()):
         assert torch.allclose(p, q, atol=1e-4)
+
+
+def test_a_phase_that_repeats_its_data_reports_its_epochs(tiny_cfg, tmp_path):
+    """Three passes' worth of budget over a pool of 12 sequences: epochs = 3 (a fresh pool
+    would be below 1): the number the report and the dry-run flag."""
+    tcfg = tiny_cfg.replace(**{"pretrain.max_tokens": 9 * 4 * 64, "pretrain.batch_size": 4,
+                               "pretrain.eval_every": 0, "pretrain.checkpoint_every": 0}).pretrain
+    tokens = split_tokens(tiny_cfg, "generic", "train")[:12 * 64]                 # 12 sequences
+    model = build_model(tiny_cfg.slm, 512, 64, seed=0)
+    res = Trainer(model, PackedBatches(tokens, 64, 4, seed=1), tcfg, seq_len=64, log=None).fit()
+    assert res.steps == 9 and res.epochs == pytest.approx(3.0)
+    big = split_tokens(tiny_cfg, "generic", "train")
+    res = Trainer(build_model(tiny_cfg.slm, 512, 64, seed=0), PackedBatches(big, 64, 4, seed=1), tcfg,
+                  seq_len=64, log=None).fit()
+    assert res.epochs == pytest.approx(9 * 4 / (len(big) // 64)) and res.epochs < 1
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_sequences():
+    from slmfactory.models.trainer import bootstrap_ppl
+
+    rng = np.random.default_rng(3)
+    few = rng.gamma(4.0, 30.0, size=20)          # summed NLL of 20 sequences of 63 predictions
+    many = rng.gamma(4.0, 30.0, size=2000)
+    a, b = bootstrap_ppl(few, 63), bootstrap_ppl(many, 63)
+    for r, seqs in ((a, few), (b, many)):
+        assert r["lo"] < r["ppl"] < r["hi"]
+        assert r["ppl"] == pytest.approx(math.exp(seqs.sum() / (len(seqs) * 63)))
+    assert (b["hi"] - b["lo"]) < (a["hi"] - a["lo"]) / 4      # ~ 1/sqrt(n): 10x narrower
+    assert bootstrap_ppl(few, 63) == a                        # seeded: the same interval every time
+    same = bootstrap_ppl(np.full(50, 100.0), 63)               # no spread, no interval
+    assert same["lo"] == pytest.approx(same["hi"]) == pytest.approx(same["ppl"])
+
+
+def test_sequence_nlls_add_up_to_the_evaluated_nll(tiny_cfg):
+    from slmfactory.models.trainer import evaluate_nll, sequence_nlls
+
+    tokens = split_tokens(tiny_cfg, "generic", "train")[:20 * 64]
+    model = build_model(tiny_cfg.slm, 512, 64, seed=0)
+    per_seq = sequence_nlls(model, tokens, 64, batch_size=8)
+    total, n = evaluate_nll(model, tokens, 64, batch_size=8)
+    assert per_seq.shape == (20,) and n == 20 * 63
+    assert per_seq.sum() == pytest.approx(total, rel=1e-5)

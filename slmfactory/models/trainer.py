@@ -50,6 +50,9 @@ class TrainResult:
     flops: float = 0.0
     stopped_early: bool = False
     cost: CostRecord | None = None
+    epochs: float = 0.0
+    """Passes over the phase's training data (tokens trained / tokens available): above 1
+    the phase repeated its data, which the report and the dry-run flag."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -106,6 +109,48 @@ def evaluate_nll(model, tokens: np.ndarray, seq_len: int, batch_size: int = 16,
         torch.distributed.all_reduce(total)
     model.train(was_training)
     return float(total[0]), int(total[1])
+
+
+@torch.no_grad()
+def sequence_nlls(model, tokens: np.ndarray, seq_len: int, batch_size: int = 16,
+                  device: torch.device | str | None = None, autocast: Callable = nullcontext) -> np.ndarray:
+    """(n_sequences,) summed next-token NLL of each non-overlapping sequence of ``tokens``
+    (seq_len - 1 predictions each): what a bootstrap over test sequences resamples."""
+    if device is None:
+        device = next(model.parameters()).device
+    seqs = as_sequences(tokens, seq_len, "eval")
+    was_training = model.training
+    model.eval()
+    out = np.empty(len(seqs), dtype=np.float64)
+    for i in range(0, len(seqs), batch_size):
+        x = torch.from_numpy(seqs[i:i + batch_size].astype(np.int64)).to(device)   # (B, T)
+        with autocast():
+            logits = model(input_ids=x).logits                                      # (B, T, V)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:],
+                                                reduction="none")                   # (B, T-1)
+        out[i:i + len(x)] = nll.double().sum(1).cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def bootstrap_ppl(seq_nll: np.ndarray, tokens_per_seq: int, replicates: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> dict[str, float]:
+    """Perplexity of a test sample and its bootstrap interval over test *sequences*
+    (sequences resampled with replacement, ``replicates`` times, seeded: the same draws
+    for every strategy scoring the same sample). Returns ``nll`` (mean per token), ``se``
+    (the replicates' standard deviation of the mean NLL), ``ppl``, ``lo``, ``hi``
+    (percentile interval at ``level``)."""
+    seq_nll = np.asarray(seq_nll, dtype=np.float64)
+    n = len(seq_nll)
+    if n == 0:
+        raise DataError("bootstrap: no test sequences")
+    nll = float(seq_nll.sum() / (n * tokens_per_seq))
+    draws = np.random.default_rng(seed).integers(0, n, size=(replicates, n))       # (R, n)
+    means = seq_nll[draws].sum(1) / (n * tokens_per_seq)                             # (R,)
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [tail, 1.0 - tail])
+    return {"nll": nll, "se": float(means.std(ddof=1)) if replicates > 1 else 0.0, "ppl": math.exp(nll),
+            "lo": math.exp(float(lo)), "hi": math.exp(float(hi)), "sequences": n}
 
 
 def evaluate_on_trial_device(model, tokens: np.ndarray, seq_len: int, batch_size: int,
@@ -185,6 +230,10 @@ class Trainer:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def data_sequences(self) -> int:
+        """Distinct training sequences this phase draws from (epochs = steps · batch / this)."""
+        return len(self.train_data)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         params = self.trainable_parameters()
@@ -316,11 +365,16 @@ class Trainer:
         flops = tokens * self.flops_per_token
         cost = CostRecord.of(self.phase, self.cost_work(tokens, self.step), self.elapsed, self.profile,
                              self.world_size)
+        epochs = self.step * cfg.batch_size / max(1, self.data_sequences())
+        if epochs > 1.0 and self.log:
+            self.log(f"[{self.phase}] warning: {epochs:.2f} epochs over its {self.data_sequences():,} training "
+                     f"sequences (the data repeats; a larger data pool or a smaller budget avoids it)")
         self.finished = TrainResult(steps=self.step, tokens=tokens,
                                     train_loss=float(np.mean(recent)) if recent else math.nan,
                                     best_valid_nll=self.best_valid, valid_history=list(self.history),
                                     train_history=list(self.train_history),
-                                    wall_seconds=self.elapsed, flops=flops, stopped_early=stopped, cost=cost)
+                                    wall_seconds=self.elapsed, flops=flops, stopped_early=stopped, cost=cost,
+                                    epochs=epochs)
         self.save_checkpoint()  # the final checkpoint carries the result: a rerun returns it
         return self.finished
 

@@ -485,6 +485,13 @@ class ServingConfig:
         _check(self.replica_cpus > 0, "serving.replica_cpus", "> 0", self.replica_cpus)
 
 
+GRID_AXES = {"strategy.name": "sweep.strategies", "data.domain": "sweep.domains",
+             "pretrain.max_tokens": "sweep.generic_tokens", "pretrain.max_flops": "sweep.generic_flops",
+             "finetune.max_tokens": "sweep.spec_tokens", "finetune.max_flops": "sweep.spec_flops",
+             "data.domain_train_tokens": "sweep.in_domain_tokens"}
+"""Keys a sweep varies through its own axes (``sweep.grid`` may not set them)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
     """The budget grid ``slmfactory sweep`` runs: every combination of strategies x
@@ -511,12 +518,30 @@ class SweepConfig:
     """Served-parameter caps: the inference-budget axis of the report's Figure 1."""
     max_concurrent: int = 0
     """Trials at once (0 = as many as the cluster's CPUs allow)."""
+    grid: dict[str, Any] = field(default_factory=dict)
+    """Any other config keys to vary, each a list of values, e.g. ``{cluster.k: [16, 64],
+    finetune.seed: [0, 1, 2]}``: every combination is crossed with the axes above. Trials
+    are keyed by every setting that differs, and the report shows them in its rows (keys
+    ending in ``seed`` are replicates: their spread is reported)."""
 
     def __post_init__(self) -> None:
         for name in ("generic_tokens", "generic_flops", "spec_tokens", "spec_flops", "in_domain_tokens",
                      "inference_caps"):
             for i, v in enumerate(getattr(self, name)):
                 _check(v > 0, f"sweep.{name}[{i}]", "a positive budget", v)
+        grid = {}
+        for key, values in self.grid.items():
+            _check(isinstance(key, str) and bool(key), "sweep.grid", "config keys such as finetune.seed", key)
+            _check(key not in GRID_AXES, f"sweep.grid.{key}", f"a key other than the sweep's own axes "
+                   f"({GRID_AXES[key] if key in GRID_AXES else ''})", key)
+            if not isinstance(values, (list, tuple)):
+                values = [values]
+            _check(len(values) >= 1, f"sweep.grid.{key}", "a non-empty list of values", values)
+            for i, v in enumerate(values):
+                _check(isinstance(v, (bool, int, float, str)), f"sweep.grid.{key}[{i}]", "a scalar", v)
+            _check(len(set(map(repr, values))) == len(values), f"sweep.grid.{key}", "distinct values", values)
+            grid[key] = tuple(values)
+        object.__setattr__(self, "grid", grid)
         _check(self.max_concurrent >= 0, "sweep.max_concurrent", ">= 0", self.max_concurrent)
         for i, s in enumerate(self.strategies):
             _check(s in strategy_settings(), f"sweep.strategies[{i}]", f"one of {sorted(strategy_settings())}", s)
@@ -607,6 +632,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)  # the owning dataclass validates its entries
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{key}: unions are not supported in configs")
     if tp is bool:

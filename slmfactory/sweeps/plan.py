@@ -3,16 +3,26 @@ phases they share, each phase's projected FLOPs and device-hours (priced by the 
 profile from each phase's :class:`~slmfactory.platform.cost.Work`), and the peak memory
 each stage needs.
 
-A trial is (strategy, domain, generic budget, specialisation budget, in-domain size). Its
-run config is the base recipe with those five set; everything else (stage keys, resume,
-costs) follows from the config, so a trial is reproducible on its own with
-``slmfactory train`` and the overrides it prints.
+A trial is (strategy, domain, generic budget, specialisation budget, in-domain size,
+settings): ``settings`` are the values of ``sweep.grid``'s extra keys (seeds, ``cluster.k``,
+expert counts, any strategy setting). Its run config is the base recipe with those set;
+everything else (stage keys, resume, costs) follows from the config, so a trial is
+reproducible on its own with ``slmfactory train`` and the overrides it prints.
+
+The two budget axes mean the same thing for every strategy: the generic axis is what a
+strategy spends before any domain is known (shared), the spec axis what it spends once
+the domain is known (per domain: slm-is's resampled pretraining and fine-tuning,
+slm-nopt's training from scratch, slm-d's teacher fine-tuning, teacher forward passes and
+student training, best-after-fine-tuning's k fine-tunes). A strategy with no generic
+phase (slm-is, slm-nopt) does not take the generic axis: it has one trial per spec budget
+(generic budget ``none``), and the dry-run says so.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 from slmfactory.platform.config import RunConfig
 from slmfactory.platform.cost import Work, device_seconds
@@ -41,24 +51,40 @@ class Budget:
 class Trial:
     strategy: str
     domain: str
-    generic: Budget
+    generic: Budget | None
+    """None: the strategy has no generic phase (the generic axis does not apply)."""
     spec: Budget
     in_domain: int
+    settings: tuple[tuple[str, Any], ...] = ()
+    """``sweep.grid``'s extra keys and their values in this trial, sorted by key."""
 
     @property
     def key(self) -> str:
-        """Stable across runs and resumes: the MLflow run of a trial is found by it."""
-        return digest("trial", self.strategy, self.domain, self.generic, self.spec, self.in_domain)
+        """Stable across runs and resumes: the MLflow run of a trial is found by it. Every
+        setting that differs between trials is in it (two seeds are two trials)."""
+        return digest("trial-v2", self.strategy, self.domain, self.generic, self.spec, self.in_domain,
+                      [list(kv) for kv in self.settings])
+
+    @property
+    def generic_label(self) -> str:
+        return self.generic.label() if self.generic is not None else "none"
+
+    @property
+    def settings_label(self) -> str:
+        """``key=value`` pairs joined by ``,`` (the ``settings`` tag; empty without a grid)."""
+        return ",".join(f"{k}={v}" for k, v in self.settings)
 
     @property
     def name(self) -> str:
-        return (f"{self.strategy}-{self.domain}-g{self.generic.label()}-s{self.spec.label()}"
-                f"-n{self.in_domain}")
+        extra = "".join(f"-{k.rsplit('.', 1)[-1]}{v}" for k, v in self.settings)
+        return (f"{self.strategy}-{self.domain}-g{self.generic_label}-s{self.spec.label()}"
+                f"-n{self.in_domain}{extra}")
 
     def overrides(self) -> dict:
         return {"strategy.name": self.strategy, "data.domain": self.domain,
-                "data.domain_train_tokens": self.in_domain,
-                **self.generic.overrides("pretrain"), **self.spec.overrides("finetune")}
+                "data.domain_train_tokens": self.in_domain, **dict(self.settings),
+                **(self.generic.overrides("pretrain") if self.generic is not None else {}),
+                **self.spec.overrides("finetune")}
 
     def config(self, base: RunConfig) -> RunConfig:
         return base.replace(**self.overrides())
@@ -74,6 +100,8 @@ class GenericPhase:
     """A strategy that trains it (the driver runs its ``pretrain``)."""
     trials: int
     work: list[Work]
+    trial: "Trial | None" = None
+    """A trial whose config trains it."""
 
     @property
     def flops(self) -> float:
@@ -105,10 +133,25 @@ def budget_of(tcfg) -> Budget:
     return Budget("flops", float(tcfg.max_flops)) if tcfg.max_flops else Budget("tokens", float(tcfg.max_tokens))
 
 
+def config_value(cfg: RunConfig, dotted: str) -> Any:
+    """The value of a dotted config key (``finetune.seed``, ``strategy.slm-mix.experts``)."""
+    node: Any = cfg.to_tree()
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"sweep.grid.{dotted}: unknown config key")
+        node = node[part]
+    return node
+
+
 def trial_of(cfg: RunConfig) -> Trial:
-    """The trial a run config is (``slmfactory train`` logs under the same key a sweep would)."""
-    return Trial(cfg.strategy.name, cfg.data.domain, budget_of(cfg.pretrain), budget_of(cfg.finetune),
-                 cfg.data.domain_train_tokens)
+    """The trial a run config is (``slmfactory train`` logs under the same key a sweep
+    would): its axes, and the values of ``sweep.grid``'s keys."""
+    from slmfactory.models.strategies import get_strategy
+
+    has_generic = get_strategy(cfg.strategy.name).generic_family is not None
+    settings = tuple((k, config_value(cfg, k)) for k in sorted(cfg.sweep.grid))
+    return Trial(cfg.strategy.name, cfg.data.domain, budget_of(cfg.pretrain) if has_generic else None,
+                 budget_of(cfg.finetune), cfg.data.domain_train_tokens, settings)
 
 
 def _budgets(tokens: tuple, flops: tuple, default: Budget) -> list[Budget]:
@@ -135,9 +178,24 @@ def plan_sweep(cfg: RunConfig, domains_available: list[str]) -> SweepPlan:
     generic = _budgets(s.generic_tokens, s.generic_flops, budget_of(cfg.pretrain))
     spec = _budgets(s.spec_tokens, s.spec_flops, budget_of(cfg.finetune))
     sizes = list(s.in_domain_tokens) or [cfg.data.domain_train_tokens]
-    trials = [Trial(st, d, g, sp, n) for st, g, sp, n, d in itertools.product(s.strategies, generic, spec, sizes,
-                                                                               domains)]
-    phases: dict[tuple[str, Budget], GenericPhase] = {}
+    for key in s.grid:
+        config_value(cfg, key)  # unknown key -> ConfigError naming sweep.grid.<key>
+    grid_keys = sorted(s.grid)
+    settings = [tuple(zip(grid_keys, values)) for values in itertools.product(*(s.grid[k] for k in grid_keys))]
+    trials: list[Trial] = []
+    seen: set[str] = set()
+    for st, g, sp, n, extra, d in itertools.product(s.strategies, generic, spec, sizes, settings, domains):
+        # A strategy without a generic phase takes no generic axis: one trial, not one per budget.
+        t = Trial(st, d, g if get_strategy(st).generic_family is not None else None, sp, n, extra)
+        if t.key not in seen:
+            seen.add(t.key)
+            trials.append(t)
+    for t in trials:
+        try:
+            t.config(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"sweep.grid: trial {t.name}: {e}") from None
+    phases: dict[tuple[str, Budget, str], GenericPhase] = {}
     spec_work: dict[str, list[Work]] = {}
     generic_of: dict[str, str | None] = {}
     for t in trials:
@@ -149,13 +207,47 @@ def plan_sweep(cfg: RunConfig, domains_available: list[str]) -> SweepPlan:
         if family is None:
             generic_of[t.key] = None
             continue
-        key = (family, t.generic)
+        # Generic phases are shared by every trial whose generic side is the same config
+        # (a seed or cluster.k in the grid gives another phase; a fine-tune seed does not).
+        gcfg = tcfg.replace(**{"data.domain": "", "finetune.seed": 0})
+        key = (family, t.generic, digest("generic-side", gcfg.pretrain, gcfg.cluster, gcfg.slm, gcfg.llm,
+                                         gcfg.strategy.settings.get(family), gcfg.data.seq_len))
         if key not in phases:
-            phases[key] = GenericPhase(family, t.generic, t.strategy, 0, g_work)
+            phases[key] = GenericPhase(family, t.generic, t.strategy, 0, g_work, trial=t)
         phases[key].trials += 1
-        generic_of[t.key] = f"{family}@{t.generic.label()}"
+        generic_of[t.key] = f"{family}@{t.generic_label}"
     return SweepPlan(name=sweep_name(cfg), trials=trials, generic=list(phases.values()),
                      spec_work=spec_work, generic_of=generic_of)
+
+
+WINDOW_FILL = 0.8
+"""Assumed mean fill of a clustering window (documents end mid-window), sizing the pool."""
+
+
+def size_generic_pool(cfg: RunConfig, log=None) -> RunConfig:
+    """``cfg`` with ``cluster.max_generic_windows`` raised, if capped, so that the embedded
+    generic pool the cluster-based strategies (slm-mix, slm-pn, slm-is) draw from holds at
+    least the sweep's largest generic token budget: past the pool they would repeat epochs
+    where slm and llm read fresh text."""
+    c = cfg.cluster
+    if c.max_generic_windows == 0:
+        return cfg
+    largest = max(list(cfg.sweep.generic_tokens) + [cfg.pretrain.max_tokens])
+    needed = -(-largest // int(c.window_tokens * WINDOW_FILL))
+    if needed <= c.max_generic_windows:
+        return cfg
+    if log:
+        log(f"[sweep] cluster.max_generic_windows raised from {c.max_generic_windows:,} to {needed:,}: the "
+            f"embedded generic pool must hold the largest generic budget ({largest:,.0f} tokens)")
+    return cfg.replace(**{"cluster.max_generic_windows": needed})
+
+
+def spec_epochs(work: list[Work], in_domain: int) -> float:
+    """Projected passes over the in-domain set of the specialisation's final training phase
+    (the fine-tune every strategy ends with; slm-is's resampled pretraining before it reads
+    generic data)."""
+    train = [w for w in work if w.kind == "train"]
+    return train[-1].tokens / in_domain if train else 0.0
 
 
 def hours(work: list[Work], profile) -> float:
@@ -176,16 +268,33 @@ def describe(plan: SweepPlan, cfg: RunConfig) -> str:
              f"device profile {profile.name}: peak {profile.peak_flops:.3g} FLOP/s, "
              + (f"measured training throughput {measured} (MFU {profile.mfu} elsewhere)" if measured
                 else f"MFU {profile.mfu}") + f"; {cfg.scaling.num_workers} workers per phase", "",
-             f"{'generic phase':<28}{'trials':>7}{'tokens':>12}{'FLOPs':>12}{'hours':>11}"]
+             f"{'generic phase':<28}{'trials':>7}{'tokens':>12}{'FLOPs':>12}{'hours':>11}{'epochs':>8}"]
+    pool = cfg.cluster.max_generic_windows * cfg.cluster.window_tokens * WINDOW_FILL
     for p in plan.generic:
-        tokens = sum(w.tokens for w in p.work)
+        tokens = sum(w.tokens for w in p.work if w.kind == "train")
+        # Cluster-based families read the embedded pool (capped: known here); slm and llm
+        # read the generic split itself (its epochs are measured when they run).
+        epochs = f"{tokens / pool:>8.2f}" if pool and p.family in ("slm-mix", "slm-pn") else f"{'-':>8}"
         lines.append(f"{p.family + '@' + p.budget.label():<28}{p.trials:>7}{tokens:>12.3g}{p.flops:>12.3e}"
-                     f"{hours(p.work, profile):>11.2f}")
-    lines += ["", f"{'trial':<52}{'generic phase':<24}{'spec FLOPs':>12}{'hours':>11}"]
+                     f"{hours(p.work, profile):>11.2f}{epochs}")
+    lines += ["", f"{'trial':<60}{'generic phase':<24}{'spec tokens':>12}{'spec FLOPs':>12}{'hours':>9}"
+              f"{'epochs':>8}"]
+    repeats = []
     for t in plan.trials:
         work = plan.spec_work[t.key]
-        lines.append(f"{t.name:<52}{plan.generic_of[t.key] or '-':<24}{sum(w.flops for w in work):>12.3e}"
-                     f"{hours(work, profile):>11.2f}")
+        tokens = sum(w.tokens for w in work if w.kind == "train")
+        epochs = spec_epochs(work, t.in_domain)
+        lines.append(f"{t.name:<60}{plan.generic_of[t.key] or '-':<24}{tokens:>12,}{sum(w.flops for w in work):>12.3e}"
+                     f"{hours(work, profile):>9.2f}{epochs:>8.2f}")
+        if epochs > 1:
+            repeats.append(t.name)
+    no_generic = sorted({t.strategy for t in plan.trials if t.generic is None})
+    if no_generic:
+        lines += ["", f"not on the generic axis: {', '.join(no_generic)} (no generic pretraining: one trial per "
+                  f"spec budget, generic budget 'none'; slm-is's only generic cost is the shared clustering)"]
+    if repeats:
+        lines.append(f"note: {len(repeats)} trials fine-tune for more than one epoch of their in-domain set "
+                     f"(early stopping on the domain's validation split usually ends them sooner)")
     g_work = [w for p in plan.generic for w in p.work]
     s_work = [w for work in plan.spec_work.values() for w in work]
     g_h, s_h = hours(g_work, profile), hours(s_work, profile)

@@ -29,7 +29,7 @@ from typing import Callable
 
 from slmfactory.platform.config import RunConfig, from_dict
 from slmfactory.platform.errors import SlmFactoryError
-from slmfactory.sweeps.plan import SweepPlan, describe, experiment_name, hours, plan_sweep
+from slmfactory.sweeps.plan import SweepPlan, describe, experiment_name, hours, plan_sweep, size_generic_pool
 
 @dataclass
 class SweepOutcome:
@@ -134,17 +134,20 @@ def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] |
     from slmfactory.platform.tokenizer import ensure_tokenizer
 
     ensure_tokenizer(cfg)
-    if any("clusters" in get_strategy(t.strategy).requires for t in plan.trials):
-        from slmfactory.platform.clusters import run_clustering
+    from slmfactory.platform.clusters import run_clustering
 
-        for n in sorted({t.in_domain for t in plan.trials}):
-            run_clustering(cfg.replace(**{"data.domain_train_tokens": n}), progress=log is not None)
+    clustered = set()
+    for t in plan.trials:  # one clustering per distinct cluster setting and in-domain size
+        if "clusters" in get_strategy(t.strategy).requires:
+            tcfg = t.config(cfg)
+            if (repr(tcfg.cluster), t.in_domain) not in clustered:
+                clustered.add((repr(tcfg.cluster), t.in_domain))
+                run_clustering(tcfg, progress=log is not None)
     for t in plan.trials:  # per-domain Ray Data work (resampling, expert histograms) stays out of Tune
         tcfg = t.config(cfg)
         get_strategy(t.strategy).prepare(StrategyContext(tcfg, make_launcher(tcfg, log=log), log=log), t.domain)
     for i, phase in enumerate(plan.generic, 1):
-        trial = next(t for t in plan.trials if t.strategy == phase.strategy and t.generic == phase.budget)
-        tcfg = trial.config(cfg)
+        tcfg = phase.trial.config(cfg)
         if log:
             log(f"[sweep] generic phase {i}/{len(plan.generic)}: {phase.family}@{phase.budget.label()} "
                 f"(shared by {phase.trials} trials; projected {phase.flops:.3e} FLOPs, "
@@ -159,7 +162,7 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
     from slmfactory.platform.runtime import ray_session
 
     # Trials run with the trial folder as their working directory: paths must be absolute.
-    cfg = cfg.replace(workdir=str(cfg.root.resolve()))
+    cfg = size_generic_pool(cfg.replace(workdir=str(cfg.root.resolve())), log)
     if dry_run and not (cfg.corpus_dir / "manifest.json").is_file():
         # A plan needs no corpus: paper scale is planned before its corpus exists.
         plan = plan_sweep(cfg, list(cfg.sweep.domains) or list(cfg.corpus.domains))
@@ -215,7 +218,7 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
                 # imports) would cost seconds per trial.
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
                                             trial_name_creator=lambda t: by_key[t.config["trial"]].name,
-                                            trial_dirname_creator=lambda t: by_key[t.config["trial"]].name[:80]),
+                                            trial_dirname_creator=lambda t: f'{by_key[t.config["trial"]].name[:64]}-{t.config["trial"][:8]}'),
                 run_config=tune.RunConfig(name=plan.name, storage_path=str(path.parent), callbacks=[callback],
                                           verbose=0))
         results = tuner.fit()

@@ -185,20 +185,86 @@ class Strategy:
 
 # -- shared helpers ----------------------------------------------------------------------
 
+GENERIC_VERSION = "generic-v2"  # v2: epochs and the generic sample's perplexity recorded
+EXPORT_VERSION = "export-v2"  # v2: a seeded test sample across the split, bootstrap intervals
+TEST_SAMPLE_SEED = 0
+"""The test sample's seed: fixed, so every strategy, budget and rerun scores the same
+sequences of a domain's test split."""
+
+
 @dataclass(frozen=True)
 class DomainData:
     """A domain's in-domain training set (the first ``data.domain_train_tokens``), its
-    validation split (early stopping) and its test split (reported perplexity)."""
+    validation split (early stopping) and its test split (reported perplexity).
+
+    The test *sample* is ``data.test_tokens // data.seq_len`` sequences drawn without
+    replacement across the whole test split (seeded, sorted back into split order), not
+    the split's first tokens: a prefix is a handful of documents, a sample spans them all.
+    """
 
     train: TokenSource
     valid: TokenSource
     test: TokenSource
+    test_tokens: int = 0
+    seq_len: int = 0
 
     @classmethod
     def of(cls, cfg: RunConfig, domain: str) -> "DomainData":
         return cls(train=split_source(cfg, domain, "train", cfg.data.domain_train_tokens),
-                   valid=split_source(cfg, domain, "valid"),
-                   test=split_source(cfg, domain, "test", cfg.data.test_tokens or None))
+                   valid=split_source(cfg, domain, "valid"), test=split_source(cfg, domain, "test"),
+                   test_tokens=cfg.data.test_tokens, seq_len=cfg.data.seq_len)
+
+    def test_sample(self) -> np.ndarray:
+        """The sampled test sequences, flattened in order ((n · seq_len,) int32): what
+        every perplexity of this domain is measured on."""
+        from slmfactory.models.data import as_sequences
+
+        seqs = as_sequences(self.test.load(), self.seq_len, "test")                   # (N, T)
+        n = self.test_tokens // self.seq_len if self.test_tokens else len(seqs)
+        if n < len(seqs):
+            pick = np.sort(np.random.default_rng(TEST_SAMPLE_SEED).choice(len(seqs), size=n, replace=False))
+            seqs = seqs[pick]
+        return np.ascontiguousarray(seqs).reshape(-1)
+
+    def test_identity(self) -> dict:
+        """What a stage scoring the test sample keys on."""
+        return {**self.test.identity(), "sample": "seeded-sequences-v1", "seed": TEST_SAMPLE_SEED,
+                "tokens": self.test_tokens, "seq_len": self.seq_len}
+
+
+def budget_share(tcfg: TrainConfig, share: float, seq_len: int, budget_from: TrainConfig | None = None,
+                 warmup_from: TrainConfig | None = None, flops_per_step: float = 0.0) -> TrainConfig:
+    """``tcfg`` with ``share`` of the budget of ``budget_from`` (default ``tcfg``): that
+    share of its tokens and of its FLOPs (at least one step), and the warm-up of
+    ``warmup_from`` (default ``tcfg``) scaled to the new phase's own steps.
+
+    Several phases that split one budget (the experts of a mixture, slm-is's resampled
+    pretraining and fine-tuning, slm-d's teacher and student, best-after-fine-tuning's k
+    fine-tunes) each get a ``budget_share``. The warm-up is scaled by the new phase's steps
+    over ``warmup_from``'s, and kept below the phase's steps, so its learning rate reaches
+    its peak (a full warm-up on a tenth of the steps never would).
+    """
+    budget = budget_from or tcfg
+    per_step = tcfg.batch_size * seq_len
+    tokens = max(per_step, int(budget.max_tokens * share) // per_step * per_step)
+    flops = max(flops_per_step, budget.max_flops * share) if budget.max_flops > 0 else 0.0
+    steps = tokens // per_step
+    if flops > 0 and flops_per_step > 0:
+        steps = max(1, min(steps, int(flops // flops_per_step)))
+    src = warmup_from or tcfg
+    warmup = 0
+    if src.warmup_steps > 0:
+        src_steps = max(1, src.max_tokens // (src.batch_size * seq_len))
+        warmup = max(1, min(max(steps - 1, 1), round(src.warmup_steps * steps / src_steps)))
+    return dataclasses.replace(tcfg, max_tokens=tokens, max_flops=flops, warmup_steps=warmup)
+
+
+def trained_tokens(cost: CostRecord | None) -> int:
+    """Tokens a cost record's *training* work processed (a teacher's forward passes over
+    the same tokens are not counted twice)."""
+    if cost is None:
+        return 0
+    return int(sum(w["tokens"] for w in cost.work if w.get("kind") == TRAIN)) if cost.work else cost.tokens
 
 
 def lm_flops_per_token(cfg: RunConfig, model_key: str) -> tuple[float, float, int]:
@@ -297,6 +363,23 @@ def evaluate_ppl(cfg: RunConfig, model: torch.nn.Module, tokens: np.ndarray,
     return s / n, math.exp(s / n)
 
 
+def test_perplexity(cfg: RunConfig, model: torch.nn.Module, tokens: np.ndarray,
+                    device: torch.device | str | None = None) -> dict[str, float]:
+    """Perplexity of ``model`` on a test sample with its bootstrap interval over the
+    sample's sequences (``trainer.bootstrap_ppl``), on the trial's device."""
+    from slmfactory.models.trainer import autocast_for, bootstrap_ppl, eval_device, sequence_nlls
+
+    device = torch.device(device) if device is not None else eval_device()
+    was = next(model.parameters()).device
+    model.to(device)
+    try:
+        per_seq = sequence_nlls(model, tokens, cfg.data.seq_len, cfg.finetune.batch_size, device,
+                                autocast_for(device))
+    finally:
+        model.to(was)
+    return bootstrap_ppl(per_seq, cfg.data.seq_len - 1)
+
+
 def export_hf(cfg: RunConfig, model: torch.nn.Module, out_dir: Path, meta: dict[str, Any]) -> Path:
     """Write ``model`` into ``out_dir`` (a stage's work folder) as a plain HF folder:
     safetensors, config, tokenizer, ``slmfactory.json``; ``AutoModelForCausalLM.from_pretrained``
@@ -312,15 +395,20 @@ def export_hf(cfg: RunConfig, model: torch.nn.Module, out_dir: Path, meta: dict[
 
 def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, name: str,
                 valid: TokenSource | None = None, cost_phase: str | None = None,
-                train_cfg: TrainConfig | None = None) -> GenericArtifact:
+                train_cfg: TrainConfig | None = None, score_generic: bool = True) -> GenericArtifact:
     """Pretrain ``cfg.<model_key>`` on ``tokens`` with ``train_cfg`` (default ``cfg.pretrain``),
-    as a generic stage keyed by the model, the training settings and the data."""
+    as a generic stage keyed by the model, the training settings and the data. Records
+    the epochs it made over ``tokens`` and (``score_generic``) the final weights' generic
+    perplexity on the sample every generic phase is scored on (``models/generic_eval.py``)."""
+    from slmfactory.models.generic_eval import generic_nll
+
     cfg = ctx.cfg
     tcfg = train_cfg or cfg.pretrain
     if valid is None:
         valid = split_source(cfg, "generic", "valid")
-    stage = Stage.of(cfg.root, "generic", name, model=getattr(cfg, model_key), train=tcfg,
-                     seq_len=cfg.data.seq_len, tokens=tokens.identity(), valid=valid.identity())
+    stage = Stage.of(cfg.root, "generic", name, version=GENERIC_VERSION, model=getattr(cfg, model_key), train=tcfg,
+                     seq_len=cfg.data.seq_len, tokens=tokens.identity(), valid=valid.identity(),
+                     score_generic=score_generic)
     cached = GenericArtifact.load(stage, cfg.device)
     if cached is not None:
         ctx.say(f"[{name}] reusing generic phase {stage.dir}")
@@ -328,11 +416,13 @@ def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, name:
     phase = f"pretrain/{name}"
     fit = run_phase(ctx, Stage.of(cfg.root, "train", phase, generic=stage.key),
                     lm_factory(cfg.to_tree(), model_key, phase, tokens, valid, train_cfg=tcfg), phase)
+    weights = fit.checkpoint / "model.safetensors"
+    scored = generic_nll(cfg, lambda _: load_lm(cfg, model_key, str(weights))) if score_generic else {}
     return GenericArtifact.record(stage, name, fit.result.cost,
-                                  {"weights": stage.relative(fit.checkpoint / "model.safetensors"),
-                                   "generic_valid_nll": fit.result.best_valid_nll, "steps": fit.result.steps,
-                                   "model": model_key, "valid_history": fit.result.valid_history,
-                                   "train_history": fit.result.train_history}, cfg.device, phase=cost_phase)
+                                  {"weights": stage.relative(weights), "generic_valid_nll": fit.result.best_valid_nll,
+                                   "steps": fit.result.steps, "epochs": fit.result.epochs, "model": model_key,
+                                   "valid_history": fit.result.valid_history,
+                                   "train_history": fit.result.train_history, **scored}, cfg.device, phase=cost_phase)
 
 
 def finetune_lm(ctx: StrategyContext, model_key: str, init: Weights | None, data: DomainData,
@@ -379,12 +469,15 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
     spec_cost = dataclasses.replace(fit.result.cost, phase=f"specialize/{strategy}/{domain}")
     if extra_spec_cost is not None:
         spec_cost = spec_cost + extra_spec_cost
-    stage = Stage.of(cfg.root, "models", f"{strategy}/{domain}", weights=fit.stage_key, test=data.test.identity())
+    stage = Stage.of(cfg.root, "models", f"{strategy}/{domain}", version=EXPORT_VERSION, weights=fit.stage_key,
+                     test=data.test_identity())
 
     def export(work: Path) -> dict:
         plain = model.cpu().eval()
-        test_nll, test_ppl = evaluate_ppl(cfg, plain, data.test.load())
-        info = {"test_nll": test_nll, "test_ppl": test_ppl, "params": count_params(plain),
+        test = test_perplexity(cfg, plain, data.test_sample())
+        info = {"test_nll": test["nll"], "test_ppl": test["ppl"], "test_nll_se": test["se"],
+                "test_ppl_lo": test["lo"], "test_ppl_hi": test["hi"], "test_sequences": test["sequences"],
+                "params": count_params(plain),
                 "inference_flops_per_token": inference_flops_per_token(plain, cfg.data.seq_len)}
         export_hf(cfg, plain, work, {"strategy": strategy, "domain": domain, **info,
                                      "generic_cost": generic.cost.to_dict() if generic else None,
@@ -393,7 +486,10 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
 
     info = stage.build(export)
     metrics = {"test_nll": info["test_nll"], "test_ppl": info["test_ppl"], "valid_nll": fit.result.best_valid_nll,
-               "finetune_steps": fit.result.steps, **(extra_metrics or {})}
+               "finetune_steps": fit.result.steps, "epochs/spec": fit.result.epochs, **(extra_metrics or {})}
+    metrics |= {k: info[k] for k in ("test_nll_se", "test_ppl_lo", "test_ppl_hi", "test_sequences")}
+    if generic is not None and "epochs" in generic.info:
+        metrics["epochs/generic"] = float(generic.info["epochs"])
     if before_ppl is not None:
         metrics["test_ppl_before"] = before_ppl
     curves = {"finetune/valid_nll": fit.result.valid_history, "finetune/train_loss": fit.result.train_history}

@@ -83,7 +83,7 @@ class LargeModelLoRA(LargeModel):
         s = self.settings(cfg)
         data = DomainData.of(cfg, domain)
         weights: Weights | None = generic.weights() if generic is not None else None
-        before = evaluate_ppl(cfg, load_lm(cfg, "llm", weights), data.test.load())[1] if generic is not None else None
+        before = evaluate_ppl(cfg, load_lm(cfg, "llm", weights), data.test_sample())[1] if generic is not None else None
         # The base weights are loaded by the builder (before peft wraps the model), so the
         # phase starts from no file; its key still names them, and the LoRA settings.
         builder = functools.partial(build_lora, base_weights=weights.path if weights else None)

@@ -31,7 +31,7 @@ class SmallModel(Strategy):
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         data = DomainData.of(ctx.cfg, domain)
         weights = generic.weights() if generic is not None else None
-        before = evaluate_ppl(ctx.cfg, load_lm(ctx.cfg, self.model_key, weights), data.test.load())[1] \
+        before = evaluate_ppl(ctx.cfg, load_lm(ctx.cfg, self.model_key, weights), data.test_sample())[1] \
             if generic is not None else None
         model, fit = finetune_lm(ctx, self.model_key, weights, data, f"{self.name}/{domain}",
                                  train_cfg=self.finetune_config(ctx.cfg))

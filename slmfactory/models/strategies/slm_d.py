@@ -11,10 +11,12 @@ Cost: teacher and student pretraining are *generic* (shared by all domains); the
 fine-tuning, the student's fine-tuning and the teacher's forward passes during it are
 *specialisation* cost (PAPER.md claim 3: SLM-d loses once teacher cost is counted).
 
-The teacher has its own pretraining budget (``strategy.slm-d.teacher_pretrain_tokens`` /
-``teacher_pretrain_flops``): the paper's claim is about teachers pretrained far longer
-than the student. With the defaults (0) it is the student's, and the `llm` strategy's
-generic phase is reused.
+Budget: the sweep's spec axis pays for all of it: the teacher's fine-tuning gets
+``strategy.slm-d.teacher_finetune_share`` of the budget, the student the rest (with a
+FLOP budget the student's share covers its own training *and* the teacher's forward
+passes). The teacher has its own, longer pretraining (``teacher_pretrain_multiple`` x the
+student's generic budget by default, or ``teacher_pretrain_tokens``/``_flops``): the
+paper's claim is about teachers pretrained far longer than the student.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from slmfactory.models.data import Batch
 from slmfactory.models.strategies.base import (
-    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl,
+    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, budget_share, evaluate_ppl,
     finetune_lm, finish, lm_flops_per_token, load_lm, phase_work, pretrain_lm, register, split_source)
 from slmfactory.models.trainer import Trainer
 from slmfactory.platform.config import from_dict
@@ -43,9 +45,13 @@ class Settings:
     distill_temperature: float = 1.0
     """Softmax temperature of teacher and student in the KL term."""
     teacher_pretrain_tokens: int = 0
-    """The teacher's generic budget in tokens (0 = ``pretrain.max_tokens``)."""
+    """The teacher's generic budget in tokens (0 = ``teacher_pretrain_multiple`` x ``pretrain.max_tokens``)."""
     teacher_pretrain_flops: float = -1.0
-    """The teacher's generic FLOP budget (-1 = ``pretrain.max_flops``; 0 = none)."""
+    """The teacher's generic FLOP budget (-1 = ``teacher_pretrain_multiple`` x ``pretrain.max_flops``; 0 = none)."""
+    teacher_pretrain_multiple: float = 4.0
+    """The teacher's default generic budget as a multiple of the student's."""
+    teacher_finetune_share: float = 0.5
+    """Share of the specialisation budget the teacher's fine-tuning spends; the student gets the rest."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.distill_weight <= 1.0:
@@ -56,6 +62,10 @@ class Settings:
             raise ConfigError(f"teacher_pretrain_tokens: expected >= 0, got {self.teacher_pretrain_tokens!r}")
         if self.teacher_pretrain_flops < -1:
             raise ConfigError(f"teacher_pretrain_flops: expected >= -1, got {self.teacher_pretrain_flops!r}")
+        if self.teacher_pretrain_multiple < 1:
+            raise ConfigError(f"teacher_pretrain_multiple: expected >= 1, got {self.teacher_pretrain_multiple!r}")
+        if not 0.0 < self.teacher_finetune_share < 1.0:
+            raise ConfigError(f"teacher_finetune_share: expected in (0, 1), got {self.teacher_finetune_share!r}")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -125,17 +135,25 @@ class Distillation(Strategy):
         generic = [phase_work(cfg, self.teacher_pretrain_config(cfg), llm, n_llm),
                    phase_work(cfg, cfg.pretrain, slm, n_slm)]
         # The student's steps are budgeted on student + teacher-forward FLOPs (DistillTrainer).
-        student = phase_work(cfg, cfg.finetune, slm + llm_forward, n_slm)
-        teacher = phase_work(cfg, cfg.finetune, slm + llm_forward, n_llm, kind=INFERENCE)
-        return generic, [phase_work(cfg, cfg.finetune, llm, n_llm),
+        student = phase_work(cfg, self.student_config(cfg), slm + llm_forward, n_slm)
+        teacher = phase_work(cfg, self.student_config(cfg), slm + llm_forward, n_llm, kind=INFERENCE)
+        return generic, [phase_work(cfg, self.teacher_finetune_config(cfg), llm, n_llm),
                          dataclasses.replace(student, flops=student.tokens * slm),
                          dataclasses.replace(teacher, flops=teacher.tokens * llm_forward)]
 
     def teacher_pretrain_config(self, cfg):
         s = self.settings(cfg)
+        flops = s.teacher_pretrain_flops if s.teacher_pretrain_flops >= 0 else \
+            cfg.pretrain.max_flops * s.teacher_pretrain_multiple
         return dataclasses.replace(
-            cfg.pretrain, max_tokens=s.teacher_pretrain_tokens or cfg.pretrain.max_tokens,
-            max_flops=cfg.pretrain.max_flops if s.teacher_pretrain_flops < 0 else s.teacher_pretrain_flops)
+            cfg.pretrain, max_tokens=s.teacher_pretrain_tokens or int(cfg.pretrain.max_tokens * s.teacher_pretrain_multiple),
+            max_flops=flops)
+
+    def teacher_finetune_config(self, cfg):
+        return budget_share(cfg.finetune, self.settings(cfg).teacher_finetune_share, cfg.data.seq_len)
+
+    def student_config(self, cfg):
+        return budget_share(cfg.finetune, 1.0 - self.settings(cfg).teacher_finetune_share, cfg.data.seq_len)
 
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact:
         cfg = ctx.cfg
@@ -149,7 +167,8 @@ class Distillation(Strategy):
         return GenericArtifact.record(stage, self.name, teacher.cost + student.cost, {
             "weights": stage.relative(student.weights().path), "teacher_weights": stage.relative(teacher.weights().path),
             "teacher_generic_valid_nll": teacher.info["generic_valid_nll"],
-            "generic_valid_nll": student.info["generic_valid_nll"],
+            "generic_valid_nll": student.info["generic_valid_nll"], "epochs": student.info.get("epochs", 0.0),
+            "generic_ppl": student.info.get("generic_ppl"), "teacher_generic_ppl": teacher.info.get("generic_ppl"),
             "teacher_cost": teacher.cost.to_dict(), "student_cost": student.cost.to_dict()}, cfg.device)
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
@@ -160,14 +179,15 @@ class Distillation(Strategy):
         student_init, teacher_init = generic.weights("weights"), generic.weights("teacher_weights")
         data = DomainData.of(cfg, domain)
         # 1. The teacher is fine-tuned on the domain (specialisation cost).
-        teacher, fit_t = finetune_lm(ctx, "llm", teacher_init, data, f"{self.name}/{domain}/teacher")
-        teacher_test_ppl = evaluate_ppl(cfg, teacher.cpu().eval(), data.test.load())[1]
+        teacher, fit_t = finetune_lm(ctx, "llm", teacher_init, data, f"{self.name}/{domain}/teacher",
+                                     train_cfg=self.teacher_finetune_config(cfg))
+        teacher_test_ppl = evaluate_ppl(cfg, teacher.cpu().eval(), data.test_sample())[1]
         del teacher
         teacher_weights = str(fit_t.checkpoint / "model.safetensors")  # best-validation weights
         # 2. The student is fine-tuned against the domain text and the teacher's distributions.
-        before = evaluate_ppl(cfg, load_lm(cfg, "slm", student_init), data.test.load())[1]
+        before = evaluate_ppl(cfg, load_lm(cfg, "slm", student_init), data.test_sample())[1]
         model, fit = finetune_lm(ctx, "slm", student_init, data, f"{self.name}/{domain}/student",
-                                 key_inputs={"teacher": fit_t.stage_key, "distill": s},
+                                 train_cfg=self.student_config(cfg), key_inputs={"teacher": fit_t.stage_key, "distill": s},
                                  trainer_cls=DistillTrainer,
                                  teacher_cfg=cfg.to_tree(), teacher_key="llm",
                                  teacher_weights=teacher_weights,

@@ -3,8 +3,12 @@ so that its cluster histogram matches the domain's (w(x) = P(c(x)|domain)/P(c(x)
 ``slmfactory/platform/resample.py``), a *fresh* SLM is pretrained on the resampled tokens,
 then fine-tuned on the domain data (PAPER.md).
 
-No generic phase: C_generic = 0 and the resampling pretraining is specialisation cost, paid
-per domain (claim 4: SLM-is loses its appeal as the number of domains grows).
+Budget: everything after the domain is known is specialisation, so the sweep's spec axis
+(``finetune.max_tokens``/``max_flops``) pays for both the resampled pretraining
+(``strategy.slm-is.pretrain_share`` of it) and the fine-tuning (the rest); the resampled
+pool holds exactly the pretraining's tokens by default (one epoch). The generic axis does
+not apply: slm-is has no generic pretraining, and its only generic cost is the shared
+clustering of the generic corpus (claim 4: SLM-is loses its appeal as N grows).
 """
 
 from __future__ import annotations
@@ -12,17 +16,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slmfactory.models.strategies.base import (
-    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl, finetune_lm, finish,
-    lm_flops_per_token, load_lm, phase_work, pretrain_lm, register)
+    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, budget_share, evaluate_ppl,
+    finetune_lm, finish, lm_flops_per_token, load_lm, phase_work, pretrain_lm, register)
 from slmfactory.platform.errors import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
+    pretrain_share: float = 0.75
+    """Share of the specialisation budget spent pretraining on the resampled generic data;
+    the rest fine-tunes on the domain (early stopping may end it sooner)."""
     resample_tokens: int = 0
-    """Generic tokens resampled to the domain histogram (0 = ``pretrain.max_tokens``)."""
+    """Generic tokens resampled to the domain histogram (0 = the resampled pretraining's
+    tokens: one epoch; fewer means repeated data, recorded as epochs > 1)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.pretrain_share < 1.0:
+            raise ConfigError(f"pretrain_share: expected in (0, 1), got {self.pretrain_share!r}")
         if self.resample_tokens < 0:
             raise ConfigError(f"resample_tokens: expected >= 0, got {self.resample_tokens!r}")
 
@@ -31,9 +41,31 @@ class Settings:
 class ImportanceSampling(Strategy):
     requires = frozenset({"clusters"})
 
+    def pretrain_config(self, cfg):
+        """The resampled pretraining: ``pretrain_share`` of the spec budget, the pretraining's
+        learning rate and batch, its warm-up scaled to these steps."""
+        train, _, _ = lm_flops_per_token(cfg, "slm")
+        return budget_share(cfg.pretrain, self.settings(cfg).pretrain_share, cfg.data.seq_len,
+                            budget_from=cfg.finetune, warmup_from=cfg.pretrain,
+                            flops_per_step=train * cfg.pretrain.batch_size * cfg.data.seq_len)
+
+    def finetune_config(self, cfg):
+        train, _, _ = lm_flops_per_token(cfg, "slm")
+        return budget_share(cfg.finetune, 1.0 - self.settings(cfg).pretrain_share, cfg.data.seq_len,
+                            flops_per_step=train * cfg.finetune.batch_size * cfg.data.seq_len)
+
+    def resample_tokens(self, cfg) -> int:
+        """Tokens to resample: the setting, else exactly what the pretraining will train on."""
+        if self.settings(cfg).resample_tokens:
+            return self.settings(cfg).resample_tokens
+        pre = self.pretrain_config(cfg)
+        train, _, _ = lm_flops_per_token(cfg, "slm")
+        return phase_work(cfg, pre, train, 0).tokens
+
     def projected_work(self, cfg):
         train, _, n = lm_flops_per_token(cfg, "slm")
-        return [], [phase_work(cfg, cfg.pretrain, train, n), phase_work(cfg, cfg.finetune, train, n)]
+        return [], [phase_work(cfg, self.pretrain_config(cfg), train, n),
+                    phase_work(cfg, self.finetune_config(cfg), train, n)]
 
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact | None:
         return None  # nothing is shared across domains
@@ -42,27 +74,27 @@ class ImportanceSampling(Strategy):
         from slmfactory.platform.resample import resample
 
         cfg = ctx.cfg
-        resample(cfg, domain, tokens=self.settings(cfg).resample_tokens or cfg.pretrain.max_tokens,
-                 progress=ctx.log is not None)
+        resample(cfg, domain, tokens=self.resample_tokens(cfg), progress=ctx.log is not None)
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         from slmfactory.models.data import resampled_source
         from slmfactory.platform.resample import resample
 
         cfg = ctx.cfg
-        n_tokens = self.settings(cfg).resample_tokens or cfg.pretrain.max_tokens
-        res = resample(cfg, domain, tokens=n_tokens, progress=ctx.log is not None, tracker=ctx.tracker)
+        res = resample(cfg, domain, tokens=self.resample_tokens(cfg), progress=ctx.log is not None,
+                       tracker=ctx.tracker)
         # The resample stage wrote the shuffled stream as tokens.npy: training memory-maps it.
         source = resampled_source(res)
         # The fresh SLM's pretraining is specialisation cost of this domain, not generic.
-        pre = pretrain_lm(ctx, "slm", source, name=f"{self.name}-{domain}",
+        pre = pretrain_lm(ctx, "slm", source, name=f"{self.name}-{domain}", train_cfg=self.pretrain_config(cfg),
                           cost_phase=f"specialize/{self.name}/{domain}/pretrain")
         data = DomainData.of(cfg, domain)
-        before = evaluate_ppl(cfg, load_lm(cfg, "slm", pre.weights()), data.test.load())[1]
-        model, fit = finetune_lm(ctx, "slm", pre.weights(), data, f"{self.name}/{domain}")
+        before = evaluate_ppl(cfg, load_lm(cfg, "slm", pre.weights()), data.test_sample())[1]
+        model, fit = finetune_lm(ctx, "slm", pre.weights(), data, f"{self.name}/{domain}",
+                                 train_cfg=self.finetune_config(cfg))
         return finish(ctx, self.name, domain, model, fit, None, data, before,
                       extra_spec_cost=pre.cost,
                       extra_metrics={"resample_tv_distance": float(res.tv_distance),
                                      "resample_pretrain_flops": pre.cost.flops,
-                                     "resample_pretrain_valid_nll": pre.info["generic_valid_nll"]})
-
+                                     "resample_pretrain_valid_nll": pre.info["generic_valid_nll"],
+                                     "epochs/resampled_pretrain": float(pre.info.get("epochs", 0.0))})

@@ -6,7 +6,8 @@ Budget: the paper splits the total pretraining budget across experts. Expert c g
 share of ``pretrain.max_tokens`` *and* of ``pretrain.max_flops`` that its cluster holds of
 the generic train tokens (share_c; at least one batch), so the mixture's generic cost is
 one SLM's, however the budget is given, and an expert trains as long as its cluster
-would inside a single model.
+would inside a single model; its warm-up is scaled to its own steps. Best-after-fine-tuning's
+k fine-tunings split the specialisation budget the same way (1/k each).
 
 Selection (``strategy.slm-mix.selection``):
 - ``most-frequent``: the domain's most frequent cluster (1× fine-tuning);
@@ -27,10 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slmfactory.models.experts import cluster_streams, expert_clusters, routed_generic_nll
+from slmfactory.models.experts import cluster_streams, expert_clusters
+from slmfactory.models.generic_eval import routed_generic_nll
 from slmfactory.models.lm import build_model
 from slmfactory.models.strategies.base import (
-    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, Weights, evaluate_ppl,
+    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, Weights, budget_share, evaluate_ppl,
     finetune_lm, finish, lm_flops_per_token, load_lm, phase_work, pretrain_lm, register, split_source,
     vocab_size_of)
 from slmfactory.platform.cost import INFERENCE, CostRecord, Work, inference_flops_per_token, model_flop_terms, train_flops_per_token
@@ -56,11 +58,16 @@ class Settings:
 
 def expert_train_config(cfg, share: float, flops_per_step: float):
     """The pretraining settings of an expert whose cluster holds ``share`` of the generic
-    tokens: that share of the token budget and of the FLOP budget (at least one step)."""
-    step = cfg.pretrain.batch_size * cfg.data.seq_len
-    tokens = max(step, int(round(cfg.pretrain.max_tokens * share / step)) * step)
-    flops = max(flops_per_step, cfg.pretrain.max_flops * share) if cfg.pretrain.max_flops > 0 else 0.0
-    return dataclasses.replace(cfg.pretrain, max_tokens=tokens, max_flops=flops)
+    tokens: that share of the token budget and of the FLOP budget (at least one step), and
+    the warm-up scaled to the expert's own steps (``budget_share``), so that each expert's
+    learning rate reaches its peak as the single model's does."""
+    return budget_share(cfg.pretrain, share, cfg.data.seq_len, flops_per_step=flops_per_step)
+
+
+def finetune_share_config(cfg, tunes: int):
+    """Each of ``tunes`` fine-tunings (best-after-fine-tuning tunes every expert) gets an
+    equal share of the specialisation budget: together they spend it once."""
+    return budget_share(cfg.finetune, 1.0 / tunes, cfg.data.seq_len)
 
 
 def slm_flops_per_step(cfg) -> float:
@@ -80,8 +87,9 @@ class HardMixture(Strategy):
         train, _, n = lm_flops_per_token(cfg, "slm")
         s = self.settings(cfg)
         tunes = s.experts if s.selection == "best-after-finetune" else 1
-        # The experts split the generic budget (``expert_train_config``): one SLM's worth.
-        return [phase_work(cfg, cfg.pretrain, train, n)], [phase_work(cfg, cfg.finetune, train, n)] * tunes
+        # The experts split the generic budget (``expert_train_config``): one SLM's worth;
+        # best-after-fine-tuning's k fine-tunes split the specialisation budget.
+        return [phase_work(cfg, cfg.pretrain, train, n)], [phase_work(cfg, finetune_share_config(cfg, tunes), train, n)] * tunes
 
     def prepare(self, ctx: StrategyContext, domain: str) -> None:
         expert_clusters(ctx.cfg, self.settings(ctx.cfg).experts, domains=True)  # the domain's histogram
@@ -105,15 +113,19 @@ class HardMixture(Strategy):
                 ctx.say(f"[{self.name}] cluster {c}: {int(sizes[c])} tokens, less than one sequence; no expert")
                 continue
             tcfg = expert_train_config(cfg, sizes[c] / sizes.sum(), per_step)
-            art = pretrain_lm(ctx, "slm", src, name=f"{self.name}-e{c}", valid=valid, train_cfg=tcfg)
+            art = pretrain_lm(ctx, "slm", src, name=f"{self.name}-e{c}", valid=valid, train_cfg=tcfg,
+                              score_generic=False)
             experts[c] = {"weights": stage.relative(art.weights().path), "key": art.stage.key,
-                          "generic_valid_nll": art.info["generic_valid_nll"], "tokens": art.cost.tokens}
+                          "generic_valid_nll": art.info["generic_valid_nll"], "tokens": art.cost.tokens,
+                          "epochs": art.info.get("epochs", 0.0), "warmup_steps": tcfg.warmup_steps}
             cost = art.cost if cost is None else cost + art.cost
         routed = routed_generic_nll(cfg, clusters, lambda c: load_lm(cfg, "slm", str(stage.path(experts[c]["weights"]))),
                                     experts=list(experts))
         ctx.say(f"[{self.name}] routed generic ppl {routed.get('routed_generic_ppl', float('nan')):.2f}")
+        epochs = max((e["epochs"] for e in experts.values()), default=0.0)  # the most repeated expert's
         return GenericArtifact.record(stage, self.name, cost, {
-            "experts": {str(c): e for c, e in experts.items()}, "k": clusters.k, **routed}, cfg.device)
+            "experts": {str(c): e for c, e in experts.items()}, "k": clusters.k, "epochs": epochs, **routed},
+            cfg.device)
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         cfg = ctx.cfg
@@ -143,14 +155,15 @@ class HardMixture(Strategy):
             extra_cost = CostRecord.of(f"select/{self.name}/{domain}", work, time.perf_counter() - t0, cfg.device)
             metrics |= {f"valid_nll_before_e{c}": v for c, v in nlls.items()}
         else:  # best-after-finetune
+            share = finetune_share_config(cfg, len(experts))
             for c, w in experts.items():
-                fits[c] = finetune_lm(ctx, "slm", w, data, f"{self.name}/{domain}/e{c}")
+                fits[c] = finetune_lm(ctx, "slm", w, data, f"{self.name}/{domain}/e{c}", train_cfg=share)
             chosen = min(fits, key=lambda c: fits[c][1].result.best_valid_nll)
             for c, (_, fit) in fits.items():
                 if c != chosen:  # every fine-tuning is specialisation cost (k×)
                     extra_cost = fit.result.cost if extra_cost is None else extra_cost + fit.result.cost
             metrics |= {f"valid_nll_after_e{c}": f.result.best_valid_nll for c, (_, f) in fits.items()}
-        before = evaluate_ppl(cfg, load_lm(cfg, "slm", experts[chosen]), data.test.load())[1]
+        before = evaluate_ppl(cfg, load_lm(cfg, "slm", experts[chosen]), data.test_sample())[1]
         model, fit = fits[chosen] if chosen in fits else \
             finetune_lm(ctx, "slm", experts[chosen], data, f"{self.name}/{domain}/e{chosen}")
         metrics["expert"] = chosen

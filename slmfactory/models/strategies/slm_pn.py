@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from slmfactory.models.data import Batch, PackedBatches
-from slmfactory.models.experts import cluster_streams, expert_clusters, routed_generic_nll
+from slmfactory.models.experts import cluster_streams, expert_clusters
+from slmfactory.models.generic_eval import routed_generic_nll
 from slmfactory.models.projected import build_projected
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, TokenSource, Weights, evaluate_ppl,
@@ -80,6 +81,9 @@ class ClusterRoutedTrainer(Trainer):
         for s, c in enumerate(self.route):
             self.route_index[s] = seen[c]
             seen[c] += 1
+
+    def data_sequences(self) -> int:
+        return sum(len(b) for b in self.cluster_batches.values())
 
     def compute_flops_per_token(self) -> float:
         # One instantiated expert's training FLOPs, plus the W computation amortised per token.
@@ -145,7 +149,8 @@ class ProjectedNetwork(Strategy):
         ctx.say(f"[{self.name}] routed generic ppl {routed.get('routed_generic_ppl', float('nan')):.2f}")
         return GenericArtifact.record(stage, self.name, fit.result.cost, {
             "weights": stage.relative(fit.checkpoint / "model.safetensors"), "experts": clusters.k,
-            "generic_valid_nll": fit.result.best_valid_nll, "steps": fit.result.steps, **routed}, cfg.device)
+            "generic_valid_nll": fit.result.best_valid_nll, "steps": fit.result.steps, "epochs": fit.result.epochs,
+            **routed}, cfg.device)
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
         from safetensors.torch import load_model, save_model
@@ -162,7 +167,7 @@ class ProjectedNetwork(Strategy):
         init = Stage.of(cfg.root, "generic", f"{self.name}-expert", generic=generic.stage, expert=expert)
         init.build(lambda work: save_model(plain, str(work / "model.safetensors")))
         data = DomainData.of(cfg, domain)
-        before = evaluate_ppl(cfg, plain, data.test.load())[1]
+        before = evaluate_ppl(cfg, plain, data.test_sample())[1]
         model, fit = finetune_lm(ctx, "slm", Weights(str(init.path("model.safetensors")), init.key), data,
                                  f"{self.name}/{domain}")
         return finish(ctx, self.name, domain, model, fit, generic, data, before,
