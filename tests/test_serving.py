@@ -179,7 +179,7 @@ def test_bad_requests_get_4xx_with_an_error_body_and_the_server_keeps_serving(se
         (json.dumps({**ok, "max_tokens": 0}).encode(), 400, "max_tokens"),
         (json.dumps({**ok, "max_tokens": "many"}).encode(), 400, "max_tokens"),
         (json.dumps({**ok, "max_tokens": 10 ** 9}).encode(), 400, "max_tokens"),
-        (b'{"model": "legal", "prompt": "x", "temperature": NaN}', 400, None),
+        (b'{"model": "legal", "prompt": "x", "temperature": NaN}', 400, "temperature"),
         ("{\"model\": \"legal\", \"prompt\": \"caf\xe9\"}".encode("latin-1"), 400, None),
         (json.dumps({**ok, "n": 1000}).encode(), 400, "n"),
         (json.dumps({**ok, "top_p": 0}).encode(), 400, "top_p"),

@@ -335,3 +335,42 @@ def test_health_and_metrics_are_scraped(app):
     assert value("slmfactory_model_cache_total", domain="legal", result="hit") >= 1
     assert value("slmfactory_model_cache_total", domain="legal", result="miss") >= 1
     assert "slmfactory_queue_depth" in text
+
+
+SCORE_PROBE = r"""
+import resource, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models
+sys.path.insert(0, sys.argv[1])
+from slmfactory.serving.app import Loaded, score_ids
+
+torch.set_num_threads(1)
+V, T, N = 32000, 1024, 8   # the paper's vocabulary; 8 inputs of a full 1024-token context
+model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=T,
+                                     tie_word_embeddings=True)).eval()
+tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, unk_token="a")), pad_token="a")
+g = torch.Generator().manual_seed(0)
+batch = [torch.randint(0, V, (T,), generator=g).tolist() for _ in range(N)]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = score_ids(Loaded(model, tok, T), batch)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert [len(o) for o in out] == [T - 1] * N
+print((after - before) / 1024)
+"""
+
+
+def test_a_maximal_score_request_holds_bounded_memory(tmp_path):
+    """8 inputs x 1024 tokens at a 32k vocabulary: the logits alone are 1 GiB, their
+    log-softmax copy another (what the replica held before). Chunked scoring with a gathered
+    log-softmax keeps the peak RSS growth under 256 MiB."""
+    import subprocess
+    import sys
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(SCORE_PROBE)
+    repo = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, str(probe), repo], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grew_mib = float(done.stdout.split()[-1])
+    assert grew_mib < 256, grew_mib
