@@ -1,7 +1,7 @@
 """Peak memory of tokenization and of SLM-is resampling at two corpus sizes (goal: the
 large/small ratio <= 1.2, i.e. memory does not grow with the corpus).
 
-The generic corpus is the committed real-text sample (tests/assets/corpus_sample) repeated
+The generic corpus is the committed real-text sample (slmfactory/data/corpus_sample) repeated
 until its text holds ``--small-mb`` / ``--large-mb`` MB (each repeat a new document id),
 written to ``generic/train.parquet`` of a workdir built from the sample (tiny recipe: a
 512-token BPE, ~2 bytes of text per token, so 200 MB of text is ~100M tokens).

@@ -12,7 +12,7 @@ from slmfactory.platform import runtime  # noqa: F401  (sets Ray/MLflow env defa
 from slmfactory.platform.errors import SlmFactoryError
 
 SUBCOMMANDS = ("corpus", "tokenizer", "cluster", "resample", "train", "sweep", "report", "recommend", "ui", "serve",
-               "demo", "specialize")
+               "demo", "specialize", "config")
 
 
 def _config(args):
@@ -28,6 +28,13 @@ def cmd_corpus(args) -> None:
     cfg = _config(args)
     if args.action == "build":
         manifest = build_corpus(cfg)
+    elif args.action == "sample":
+        from slmfactory.platform.corpus import SAMPLE_DIR, build_sample_corpus
+
+        # The real-text sample ships in the package: its files are also what the
+        # `corpus import` examples can point at.
+        print(f"sample files: {SAMPLE_DIR}")
+        manifest = build_sample_corpus(cfg)
     else:
         domains: dict[str, list[str]] = {}
         for item in args.domain or []:
@@ -223,6 +230,19 @@ def cmd_serve(args) -> None:
             serve.shutdown()
 
 
+def cmd_config(args) -> None:
+    import json
+
+    from slmfactory.platform.recipe_schema import recipe_schema, show_yaml
+
+    if args.action == "show":
+        sys.stdout.write(show_yaml(_config(args)))
+    else:
+        if args.config or args.set:
+            raise SlmFactoryError("config schema: takes no --config/--set (the schema is the same for every recipe)")
+        print(json.dumps(recipe_schema(), indent=2))
+
+
 def cmd_demo(args) -> None:
     from slmfactory.sweeps.demo import run_demo
 
@@ -282,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = add("corpus", cmd_corpus, "build the real offline corpus, or import your own")
-    p.add_argument("action", choices=("build", "import"))
+    p = add("corpus", cmd_corpus, "build the real offline corpus, import your own, or build the tiny sample "
+            "corpus shipped in the package")
+    p.add_argument("action", choices=("build", "import", "sample"))
     p.add_argument("--generic", action="append", metavar="PATH", help="import: generic text file or glob")
     p.add_argument("--domain", action="append", metavar="NAME=PATH", help="import: a domain's file or glob")
     add("tokenizer", cmd_tokenizer, "train the BPE tokenizer on the generic corpus")
@@ -337,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-budget", type=int, default=None, metavar="TOKENS",
                    help="then fine-tune on the documents within this many tokens (Ray Train) and swap it in")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p = add("config", cmd_config, "print the fully resolved recipe as YAML (show), or the recipes' JSON Schema "
+            "(schema, for editors)")
+    p.add_argument("action", choices=("show", "schema"))
     return parser
 
 

@@ -19,7 +19,7 @@ TINY = REPO / "configs" / "tiny.yaml"
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
-    """A workdir holding the corpus built from tests/assets/corpus_sample and its tokenizer.
+    """A workdir holding the corpus built from the real-text sample shipped in the package and its tokenizer.
     Tests copy it (``tiny_cfg``) so that nothing they write leaks into another test."""
     from slmfactory.platform.config import load_config
     from slmfactory.platform.corpus import build_sample_corpus

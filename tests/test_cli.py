@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from slmfactory.cli import SUBCOMMANDS, build_parser
-
-from .conftest import REPO
+from slmfactory.platform.corpus import SAMPLE_DIR
 
 
 def run_cli(*args, cwd=None):
@@ -70,7 +69,7 @@ def test_import_non_utf8_and_empty(tmp_path):
     # A well-formed domain (real licence texts from the committed sample) so that the
     # error can only come from the generic file.
     good = tmp_path / "legal.jsonl"
-    good.write_text((REPO / "tests/assets/corpus_sample/legal.jsonl").read_text(encoding="utf-8"))
+    good.write_text((SAMPLE_DIR / "legal.jsonl").read_text(encoding="utf-8"))
     out = run_cli("corpus", "import", "--set", f"workdir={tmp_path / 'w'}", "--generic", str(bad),
                   "--domain", f"legal={good}")
     assert_one_line_error(out, "bad.txt")

@@ -2,7 +2,7 @@
 SIGKILLed mid-run and restarted from its checkpoint, and 1-worker == in-process.
 
 One Ray instance serves the module (start-up is ~10 s on 2 cores) and is shut down at the
-end; every run uses the tiny recipe on real text from ``tests/assets/corpus_sample``.
+end; every run uses the tiny recipe on real text from ``slmfactory/data/corpus_sample``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import pytest
 from slmfactory.models.launch import LocalLauncher
 from slmfactory.models.strategies.base import TokenSource, lm_factory, vocab_size_of
 from slmfactory.platform.config import load_config
+from slmfactory.platform.corpus import SAMPLE_DIR
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "tests" / "assets" / "corpus_sample"
+SAMPLE = SAMPLE_DIR
 PHASE = "pretrain/x"
 
 
