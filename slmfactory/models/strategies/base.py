@@ -462,13 +462,29 @@ def load_lm(cfg: RunConfig, model_key: str, weights: Weights | str | None) -> to
 
 def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Module, fit: FitOutput,
            generic: GenericArtifact | None, data: DomainData, before_ppl: float | None,
-           extra_spec_cost: CostRecord | None = None, extra_metrics: dict | None = None) -> SpecializedModel:
-    """Evaluate on the domain's test split and export the plain HF folder (a stage keyed by
-    the final training run: a rerun reuses both); return the record."""
+           extra_spec_cost: CostRecord | None = None, extra_metrics: dict | None = None,
+           clusters=None) -> SpecializedModel:
+    """Evaluate on the domain's test sample and export the plain HF folder (a stage keyed by
+    the final training run: a rerun reuses both); return the record.
+
+    ``clusters``: the clustering a strategy needed. Embedding the domain's windows is
+    specialisation cost (it happens once the domain's data arrive); embedding the generic
+    corpus is generic cost, charged here to a strategy with no generic phase (slm-is; the
+    experts' generic phases carry it themselves). The domain's cluster entropy is logged.
+    """
     cfg = ctx.cfg
     spec_cost = dataclasses.replace(fit.result.cost, phase=f"specialize/{strategy}/{domain}")
     if extra_spec_cost is not None:
         spec_cost = spec_cost + extra_spec_cost
+    generic_cost = generic.cost if generic else None
+    if clusters is not None:
+        spec_cost = spec_cost + clusters.embedding_cost(domain)
+        if generic is None:
+            generic_cost = clusters.embedding_cost("generic")
+        extra_metrics = {"domain_entropy": float(clusters.entropy(domain)),
+                         "cost/clustering_generic_flops": clusters.embedding_cost("generic").flops,
+                         "cost/clustering_domain_flops": clusters.embedding_cost(domain).flops,
+                         **(extra_metrics or {})}
     stage = Stage.of(cfg.root, "models", f"{strategy}/{domain}", version=EXPORT_VERSION, weights=fit.stage_key,
                      test=data.test_identity())
 
@@ -496,7 +512,7 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
     if generic is not None:
         curves |= {f"generic/{k}": generic.info[k] for k in ("valid_history", "train_history") if k in generic.info}
     record = SpecializedModel(strategy=strategy, domain=domain, path=stage.dir,
-                              generic_cost=generic.cost if generic else None, spec_cost=spec_cost,
+                              generic_cost=generic_cost, spec_cost=spec_cost,
                               params=info["params"], inference_flops_per_token=info["inference_flops_per_token"],
                               metrics=metrics, curves=curves)
     ctx.say(f"[{strategy}/{domain}] test ppl {info['test_ppl']:.2f}" +

@@ -92,8 +92,10 @@ class ImportanceSampling(Strategy):
         before = evaluate_ppl(cfg, load_lm(cfg, "slm", pre.weights()), data.test_sample())[1]
         model, fit = finetune_lm(ctx, "slm", pre.weights(), data, f"{self.name}/{domain}",
                                  train_cfg=self.finetune_config(cfg))
+        from slmfactory.platform.clusters import run_clustering
+
         return finish(ctx, self.name, domain, model, fit, None, data, before,
-                      extra_spec_cost=pre.cost,
+                      extra_spec_cost=pre.cost, clusters=run_clustering(cfg, progress=False),
                       extra_metrics={"resample_tv_distance": float(res.tv_distance),
                                      "resample_pretrain_flops": pre.cost.flops,
                                      "resample_pretrain_valid_nll": pre.info["generic_valid_nll"],

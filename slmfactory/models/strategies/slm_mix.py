@@ -123,6 +123,8 @@ class HardMixture(Strategy):
                                     experts=list(experts))
         ctx.say(f"[{self.name}] routed generic ppl {routed.get('routed_generic_ppl', float('nan')):.2f}")
         epochs = max((e["epochs"] for e in experts.values()), default=0.0)  # the most repeated expert's
+        # Embedding and clustering the generic corpus is this mixture's generic cost too.
+        cost = cost + clusters.embedding_cost("generic")
         return GenericArtifact.record(stage, self.name, cost, {
             "experts": {str(c): e for c, e in experts.items()}, "k": clusters.k, "epochs": epochs, **routed},
             cfg.device)
@@ -168,4 +170,5 @@ class HardMixture(Strategy):
             finetune_lm(ctx, "slm", experts[chosen], data, f"{self.name}/{domain}/e{chosen}")
         metrics["expert"] = chosen
         return finish(ctx, self.name, domain, model, fit, generic, data, before, extra_spec_cost=extra_cost,
+                      clusters=expert_clusters(cfg, self.settings(cfg).experts, domains=True),
                       extra_metrics=metrics)

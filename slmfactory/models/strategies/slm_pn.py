@@ -147,7 +147,8 @@ class ProjectedNetwork(Strategy):
         pn = fit.load_into(builder(cfg, vocab_size_of(cfg)))
         routed = routed_generic_nll(cfg, clusters, pn.instantiate)
         ctx.say(f"[{self.name}] routed generic ppl {routed.get('routed_generic_ppl', float('nan')):.2f}")
-        return GenericArtifact.record(stage, self.name, fit.result.cost, {
+        # Embedding and clustering the generic corpus is this network's generic cost too.
+        return GenericArtifact.record(stage, self.name, fit.result.cost + clusters.embedding_cost("generic"), {
             "weights": stage.relative(fit.checkpoint / "model.safetensors"), "experts": clusters.k,
             "generic_valid_nll": fit.result.best_valid_nll, "steps": fit.result.steps, "epochs": fit.result.epochs,
             **routed}, cfg.device)
@@ -170,6 +171,6 @@ class ProjectedNetwork(Strategy):
         before = evaluate_ppl(cfg, plain, data.test_sample())[1]
         model, fit = finetune_lm(ctx, "slm", Weights(str(init.path("model.safetensors")), init.key), data,
                                  f"{self.name}/{domain}")
-        return finish(ctx, self.name, domain, model, fit, generic, data, before,
+        return finish(ctx, self.name, domain, model, fit, generic, data, before, clusters=clusters,
                       extra_metrics={"expert": expert,
                                      "domain_share_of_expert": float(clusters.histogram(domain)[expert])})
