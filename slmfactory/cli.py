@@ -133,10 +133,14 @@ def cmd_report(args) -> None:
     experiment = _experiment(cfg, args.experiment)
     out = Path(args.out) if args.out else cfg.root / "reports" / experiment
     report = write_report(cfg.tracking_uri, experiment, out, cfg.sweep.inference_caps)
+    from slmfactory.sweeps.tracking import log_report_to_sweep
+
+    parent = log_report_to_sweep(cfg.tracking_uri, experiment, out, report)
     print(report["table"])
     print("Recommendation:")
     print(report["recommendation"])
-    print(f"report: {out / 'report.md'} ({len(report['files']) - 1} plots), logged to MLflow experiment {experiment!r}")
+    print(f"report: {out / 'report.md'} ({len(report['files']) - 1} plots), logged to MLflow experiment {experiment!r}"
+          + (f" (sweep run {parent}: report/, recommendation.md, configurations.json)" if parent else ""))
 
 
 def cmd_recommend(args) -> None:
@@ -187,6 +191,17 @@ def cmd_recommend(args) -> None:
               f"C(N) = {runner.total(n, args.cost):.3e} {unit}")
         print("  tie: the intervals overlap; these measurements do not separate the two" if rec.tie
               else "  not a tie: the intervals do not overlap")
+    # What `serve --from-registry` would serve for this configuration, per domain.
+    from slmfactory.sweeps.tracking import trial_model_uri
+
+    for d in sorted(best.nll):
+        tags = {"strategy": best.strategy, "generic_budget": best.generic_budget, "spec_budget": best.spec_budget,
+                "in_domain_tokens": str(best.in_domain), "domain": d, "settings": best.settings}
+        found = trial_model_uri(cfg.tracking_uri, experiment, tags)
+        if found:
+            uri, aliases = found
+            name = uri.split("/")[1]
+            print(f"  model {d}: {uri}" + "".join(f" = models:/{name}@{a}" for a in sorted(aliases)))
 
 
 def cmd_ui(args) -> None:
@@ -216,6 +231,18 @@ def cmd_serve(args) -> None:
     if not (api_keys or admin_keys) and not is_loopback(host) and not args.insecure:
         raise SlmFactoryError(f"serve: --host {host} is reachable from other machines and no API key is set "
                               "(serving.api_keys_file or $SLMFACTORY_API_KEYS); set keys, or pass --insecure")
+    if args.from_registry:
+        # Registry serving resolves each domain's models:/NAME@ALIAS here, downloads it, and
+        # serves that folder (exactly one model per domain) through the --models path.
+        from slmfactory.serving.catalog import from_registry
+
+        if args.models or args.from_mlflow:
+            raise SlmFactoryError("serve: give one of --models, --from-mlflow, --from-registry")
+        dest = cfg.root / "registry" / args.from_registry
+        dest.mkdir(parents=True, exist_ok=True)
+        for d, e in sorted(from_registry(cfg.tracking_uri, _experiment(cfg, None), dest, args.from_registry).items()):
+            print(f"domain {d}: {e.uri}, {e.strategy}, {e.params / 1e6:.2f}M parameters, test ppl {e.test_ppl:.2f}")
+        args.models = str(dest)
     app = build_app({"config": args.config, "set": args.set or [], "models": args.models,
                      "from_mlflow": args.from_mlflow, "max_params": args.max_params})
     with runtime.ray_session(args.address):
@@ -343,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None, help="a folder of exported models (default: the sweep's MLflow records)")
     p.add_argument("--from-mlflow", default=None, metavar="EXPERIMENT", help="serve the best model of each domain "
                    "a sweep logged (default experiment: the recipe's sweep)")
+    p.add_argument("--from-registry", nargs="?", const="champion", default=None, metavar="ALIAS",
+                   help="serve models:/<experiment>-<domain>@ALIAS of every domain (default alias: champion; "
+                        "champion-<cap> per sweep.inference_caps)")
     p.add_argument("--max-params", type=float, default=None, help="inference-size cap: largest served model")
     p.add_argument("--host", default=None, help="bind address (default serving.host: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serving.port)")

@@ -50,16 +50,25 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+#: MLflow's experiment-type tag. Without it the UI infers a kind from the runs and, for runs
+#: logged after the fact, lands on the GenAI overview (traces); these are model-training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(client, uri: str, experiment: str) -> str:
-    """The id of ``experiment``, created (artifacts beside a sqlite database) if missing."""
+    """The id of ``experiment``, created (artifacts beside a sqlite database) if missing,
+    declared a model-training experiment."""
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
+        for k, v in EXPERIMENT_KIND.items():
+            if exp.tags.get(k) != v:  # an experiment an older version created
+                client.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
     artifact_root = None
     if uri.startswith("sqlite:///"):
         # Artifacts beside the database, not in the current directory.
         artifact_root = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment).as_uri()
-    return client.create_experiment(experiment, artifact_location=artifact_root)
+    return client.create_experiment(experiment, artifact_location=artifact_root, tags=EXPERIMENT_KIND)
 
 
 class MlflowTracker:
@@ -67,7 +76,7 @@ class MlflowTracker:
     several trackers can coexist in a sweep driver)."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, start_time: int | None = None):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -77,7 +86,9 @@ class MlflowTracker:
         self.uri = uri
         exp_id = self.experiment_id = ensure_experiment(self.client, uri, experiment)
         if run_id is None:
-            run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
+            # start_time (ms): a run logged after the fact (a sweep trial) keeps the time its
+            # work started, so the UI's duration is the trial's, not the logging's.
+            run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {}, start_time=start_time)
             run_id = run.info.run_id
         self.run_id = run_id
         self._mlflow = mlflow
@@ -89,12 +100,12 @@ class MlflowTracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, timestamp: int | None = None) -> None:
         import time
 
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp or int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
@@ -116,8 +127,8 @@ class MlflowTracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def close(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+    def close(self, status: str = "FINISHED", end_time: int | None = None) -> None:
+        self.client.set_terminated(self.run_id, status=status, end_time=end_time)
 
 
 def open_tracker(cfg, run_name: str, tags: dict[str, str] | None = None) -> Tracker:

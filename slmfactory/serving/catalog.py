@@ -19,6 +19,8 @@ class Entry:
     strategy: str
     params: int
     test_ppl: float
+    uri: str = ""
+    """Where it came from in the model registry (``models:/NAME@ALIAS``), if it did."""
 
 
 def from_folder(models_dir: Path, max_params: float = math.inf) -> dict[str, Entry]:
@@ -69,6 +71,54 @@ def from_mlflow(uri: str, experiment: str, max_params: float = math.inf) -> dict
     # The model folder is the run's `model` artifact (local for a sqlite store, downloaded otherwise).
     return {d: Entry(d, client.download_artifacts(e.path, "model"), e.strategy, e.params, e.test_ppl)
             for d, e in best.items()}
+
+
+def from_registry(uri: str, experiment: str, dest: Path, alias: str = "champion") -> dict[str, Entry]:
+    """``models:/<experiment>-<domain>@<alias>`` of every domain a sweep registered (the
+    aliases ``update_champions`` keeps), each downloaded under ``dest`` (one folder per
+    domain, so ``from_folder(dest)`` finds exactly these)."""
+    import shutil
+    import tempfile
+
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from slmfactory.platform.tracking import client_for
+
+    client = client_for(uri)
+    prefix = f"{experiment}-"
+    out: dict[str, Entry] = {}
+    for rm in client.search_registered_models(max_results=1000):
+        if not rm.name.startswith(prefix) or alias not in (rm.aliases or {}):
+            continue
+        try:
+            mv = client.get_model_version_by_alias(rm.name, alias)
+            run = client.get_run(mv.run_id)
+        except MlflowException:
+            continue
+        t, m = run.data.tags, run.data.metrics
+        d = t.get("domain", rm.name[len(prefix):])
+        model_uri = f"models:/{rm.name}@{alias}"
+        target = Path(dest) / d
+        # Downloaded beside, then swapped in: a half-downloaded folder is never served.
+        tmp = Path(tempfile.mkdtemp(dir=dest, prefix=f".{d}-"))
+        # The alias resolved through this client (its registry is this tracking store; the
+        # global mlflow.artifacts resolver would look at the default store), then the
+        # version's source fetched: a run's artifact (what sweeps register) or any URI.
+        if mv.source.startswith("runs:/"):
+            run_id, _, path = mv.source[len("runs:/"):].partition("/")
+            local = Path(client.download_artifacts(run_id, path, str(tmp)))
+        else:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp)))
+        shutil.rmtree(target, ignore_errors=True)
+        local.rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        out[d] = Entry(d, str(target), t.get("strategy", "?"), int(m.get("params", 0)),
+                       float(m.get(f"ppl/{d}", math.nan)), uri=f"{model_uri} (version {mv.version})")
+    if not out:
+        raise DataError(f"--from-registry {alias}: no registered model {prefix}<domain> has the alias {alias!r} at "
+                        f"{uri} (a finished `slmfactory sweep` sets them)")
+    return out
 
 
 def router_data(cfg, domains: list[str]) -> dict | None:

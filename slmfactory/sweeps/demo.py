@@ -23,6 +23,10 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     outcome = run_sweep(cfg, resume=False, log=log)
     out = cfg.root / "reports" / outcome.plan.name
     report = write_report(cfg.tracking_uri, outcome.experiment, out, cfg.sweep.inference_caps)
+    if cfg.tracking.enabled:
+        from slmfactory.sweeps.tracking import log_report_to_sweep
+
+        log_report_to_sweep(cfg.tracking_uri, outcome.experiment, out, report)
     log("")
     log(report["table"])
     log("Recommendation (from the measured frontier):")

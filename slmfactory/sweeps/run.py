@@ -54,7 +54,10 @@ def _trainable(config: dict) -> None:
     cpus = float(config.get("cpus", 1))
     torch.set_num_threads(max(1, int(cpus)))
     cfg = from_dict(config["cfg"])
+    started = int(time.time() * 1000)
     record = run_trial(cfg, log=None)
+    # The trial's own start and end: its MLflow run carries them (the driver logs it later).
+    record["started_ms"], record["ended_ms"] = started, int(time.time() * 1000)
     tune.report({"ppl": record["metrics"][f"ppl/{cfg.data.domain}"], "record": json.dumps(record)})
 
 
@@ -87,7 +90,8 @@ def _last_error(trial) -> str:
         return f"see {trial.local_path}"
 
 
-def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records: dict[str, dict]):
+def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records: dict[str, dict],
+                  parent_run_id: str | None = None):
     from ray import tune
 
     from slmfactory.sweeps.tracking import log_trial
@@ -110,7 +114,7 @@ def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records:
             key = trial.config["trial"]
             records[key] = record
             if cfg.tracking.enabled:
-                log_trial(cfg, experiment_name(cfg), key, record)
+                log_trial(cfg, experiment_name(cfg), key, record, parent_run_id=parent_run_id)
             progress.done += 1
             ppl = record["metrics"]["ppl_macro"]
             if progress.best is None or ppl < progress.best[0]:
@@ -187,10 +191,11 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
 
         if resume and not tune.Tuner.can_restore(str(path)):
             raise SlmFactoryError(f"sweep --resume: no sweep to resume at {path} (run it without --resume first)")
-        if cfg.tracking.enabled:  # create the store and experiment before any trial logs to it
-            from slmfactory.platform.tracking import client_for, ensure_experiment
+        parent = None
+        if cfg.tracking.enabled:  # the store, experiment and the sweep's parent run, before any trial logs
+            from slmfactory.sweeps.tracking import ensure_sweep_run
 
-            ensure_experiment(client_for(cfg.tracking_uri), cfg.tracking_uri, experiment_name(cfg))
+            parent = ensure_sweep_run(cfg, experiment_name(cfg), plan.name, describe(plan, cfg))
         prepare_shared(cfg, plan, log)
         cpus = float(ray.cluster_resources().get("CPU", 1))
         per_trial = cfg.scaling.cpus_per_worker if cfg.scaling.num_workers == 1 else 0.1
@@ -199,7 +204,7 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
             log(f"[sweep] {len(plan.trials)} trials on Ray Tune, up to {concurrent} at a time "
                 f"({cpus:g} CPUs); MLflow experiment {experiment_name(cfg)!r} at {cfg.tracking_uri}")
         progress = _Progress(len(plan.trials), log)
-        callback = make_callback(cfg, plan, progress, records)
+        callback = make_callback(cfg, plan, progress, records, parent)
         trainable = tune.with_resources(_trainable, {"cpu": per_trial})
         by_key = {t.key: t for t in plan.trials}
         space = {"trial": tune.grid_search(list(by_key)),
@@ -226,6 +231,13 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
             if r.error is None and r.metrics and "record" in r.metrics:
                 records.setdefault(r.config["trial"], json.loads(r.metrics["record"]))
         failed = [r for r in results if r.error is not None]
+    if parent is not None:
+        from slmfactory.sweeps.tracking import finish_sweep_run, update_champions
+
+        update_champions(cfg.tracking_uri, experiment_name(cfg), cfg.sweep.inference_caps, log)
+        # A failed trial leaves the sweep RUNNING: --resume finishes it under the same parent.
+        if not failed:
+            finish_sweep_run(cfg, parent)
     if failed:
         raise SlmFactoryError(f"sweep: {len(failed)} of {len(plan.trials)} trials failed (first: {failed[0].error}); "
                               f"fix and rerun with --resume")
