@@ -105,14 +105,16 @@ def from_registry(uri: str, experiment: str, dest: Path, alias: str = "champion"
         # The alias resolved through this client (its registry is this tracking store; the
         # global mlflow.artifacts resolver would look at the default store), then the
         # version's source fetched: a run's artifact (what sweeps register) or any URI.
-        if mv.source.startswith("runs:/"):
-            run_id, _, path = mv.source[len("runs:/"):].partition("/")
-            local = Path(client.download_artifacts(run_id, path, str(tmp)))
-        else:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp)))
-        shutil.rmtree(target, ignore_errors=True)
-        local.rename(target)
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if mv.source.startswith("runs:/"):
+                run_id, _, path = mv.source[len("runs:/"):].partition("/")
+                local = Path(client.download_artifacts(run_id, path, str(tmp)))
+            else:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp)))
+            shutil.rmtree(target, ignore_errors=True)
+            local.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         out[d] = Entry(d, str(target), t.get("strategy", "?"), int(m.get("params", 0)),
                        float(m.get(f"ppl/{d}", math.nan)), uri=f"{model_uri} (version {mv.version})")
     if not out:
