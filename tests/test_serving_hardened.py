@@ -31,6 +31,8 @@ BURST_KEY = "burst-key-0123456789abcdef"
 ADMIN_KEY = "admin-key-0123456789abcdef"
 RPM = 20
 TIMEOUT_S = 20
+COLD_DOMAINS = [f"cold{i}" for i in range(6)]
+APP_ARGS: dict = {}
 
 
 def _export(cfg, out: Path, domain: str, poison: str | None = None) -> Path:
@@ -73,6 +75,9 @@ def app(tiny_root, tmp_path_factory):
     models = work / "models"
     _export(cfg, models / "legal", "legal")
     _export(cfg, models / "nan", "poisoned", poison="nan")
+    for d in COLD_DOMAINS:
+        _export(cfg, models / d, d)
+    APP_ARGS.update(config=str(TINY), set=[f"{k}={v}" for k, v in overrides.items()], models=str(models))
     fifos: list[Path] = []
     init_ray(num_cpus=2)
     try:
@@ -253,38 +258,26 @@ def test_path_like_model_names_are_refused_without_touching_a_file(app):
     assert target.stat().st_atime_ns == before
 
 
-def test_a_chunked_64_mib_body_gets_413_without_being_read(app):
+def test_a_chunked_body_over_the_limit_gets_413_before_it_ends(app):
+    """A chunked body (no Content-Length) of what would be 64 MiB: 2 MiB of it are sent
+    (twice the 1 MiB limit) and the body is left open. The answer, 413, comes while the
+    body has not ended: the limit is enforced while reading (the old code awaited the
+    whole body first, and never answered)."""
     _, url, _ = app
     host, port = url.removeprefix("http://").split(":")
-    sent = 0
     with socket.create_connection((host, int(port)), timeout=60) as s:
         s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                   f"Authorization: Bearer {KEYS[2]}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
         piece = b"x" * (64 << 10)
         frame = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
-        reply = b""
         try:
-            while sent < 64 << 20:
+            for _ in range((2 << 20) // len(piece)):
                 s.sendall(frame)
-                sent += len(piece)
-                s.setblocking(False)
-                try:
-                    reply = s.recv(65536)
-                except BlockingIOError:
-                    reply = b""
-                s.setblocking(True)
-                if reply:
-                    break
-            if not reply:
-                s.sendall(b"0\r\n\r\n")
-                reply = s.recv(65536)
         except (BrokenPipeError, ConnectionResetError):
-            s.setblocking(True)
-            reply = reply or s.recv(65536)
+            pass  # the server answered and closed already
+        s.settimeout(30)
+        reply = s.recv(65536)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
-    # The server answered long before the 64 MiB were sent: it read (and held) about the
-    # 1 MiB limit, not the body.
-    assert sent < 16 << 20, sent
 
 
 def test_a_request_stuck_on_the_file_system_answers_408_at_the_deadline(app):
@@ -374,3 +367,21 @@ def test_a_maximal_score_request_holds_bounded_memory(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     grew_mib = float(done.stdout.split()[-1])
     assert grew_mib < 256, grew_mib
+
+
+def test_concurrent_first_requests_on_fresh_replicas_all_answer(app):
+    """Six domains never loaded, asked at once the moment a fresh replica is up: every one
+    answers 200, over three cold starts (the app redeployed: a new replica, nothing
+    imported). A replica finishes its imports before it takes a request."""
+    from ray import serve
+
+    from slmfactory.serving.app import build_app
+
+    _, url, _ = app
+    for start in range(3):
+        serve.delete("slmfactory")  # the replica goes; the next one starts from nothing
+        serve.run(build_app(dict(APP_ARGS)), name="slmfactory", route_prefix="/")
+        bodies = [{"model": d, "prompt": "The", "max_tokens": 2, "temperature": 0} for d in COLD_DOMAINS]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            got = list(pool.map(lambda b: http("POST", f"{url}/v1/completions", b), bodies))
+        assert [g[0] for g in got] == [200] * len(bodies), (start, got)
