@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo serve test cluster-test bench lint clean
+.PHONY: setup browser demo serve test ui-check cluster-test bench lint clean
 
 setup: $(STAMP)
 
@@ -27,8 +27,18 @@ demo: setup
 serve: setup
 	$(VENV)/bin/slmfactory serve --config configs/demo.yaml
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q tests
+
+# tests/test_ui.py drives the MLflow UI in Debian's headless Chromium (Selenium from the
+# test extra); a fresh CI machine gets the browser here (we run as root there).
+browser:
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
+
+# The MLflow UI on a finished tiny sweep, in headless Chromium; screenshots into docs/.
+ui-check: setup browser
+	SLMFACTORY_UI_SCREENSHOTS=docs $(PY) -m pytest -q tests/test_ui.py
 
 # The cluster user's path on this machine: a two-node Ray cluster on loopback, a tiny sweep
 # submitted with `ray job submit`, its MLflow results checked, the cluster torn down

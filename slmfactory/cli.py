@@ -211,7 +211,17 @@ def cmd_ui(args) -> None:
     cfg = _config(args)
     exe = sh.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     cmd = [exe, "ui", "--backend-store-uri", cfg.tracking_uri, "--host", args.host, "--port", str(args.port)]
-    print(f"MLflow UI on http://{args.host}:{args.port} ({cfg.tracking_uri}); Ctrl-C stops it", flush=True)
+    page = ""
+    try:  # the sweep's runs in MLflow's model-training view (3.17 opens on GenAI traces otherwise)
+        from slmfactory.platform.tracking import client_for
+        from slmfactory.sweeps.plan import experiment_name
+
+        exp = client_for(cfg.tracking_uri).get_experiment_by_name(experiment_name(cfg))
+        if exp is not None:
+            page = f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    except Exception:  # noqa: BLE001 (the store may not exist yet; the UI still starts)
+        pass
+    print(f"MLflow UI: open http://{args.host}:{args.port}/{page} ({cfg.tracking_uri}); Ctrl-C stops it", flush=True)
     raise SystemExit(subprocess.call(cmd))
 
 
