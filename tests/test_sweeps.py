@@ -161,6 +161,7 @@ def test_sweep_killed_midway_resumes_with_one_run_per_trial(work):
     # One registered model per domain, a version per trial of that domain.
     names = {m.name for m in client.search_registered_models()}
     assert names == {f"{experiment}-legal", f"{experiment}-biomedical"}
+    _check_parent_times_and_aliases(client, experiment, runs)
 
     # The report and the recommendation read the sweep back from MLflow.
     rep = cli("report", "-c", str(RECIPE), "--set", f"workdir={work}", timeout=300)
@@ -170,13 +171,59 @@ def test_sweep_killed_midway_resumes_with_one_run_per_trial(work):
     assert "amortisation_n20000_flops.png" in pngs and "ppl_vs_cost_n20000_N7_flops.png" in pngs
     assert any(p.startswith("figure1_n20000_N") for p in pngs)
     assert "| slm |" in (out_dir / "report.md").read_text()
+    (parent,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                                   filter_string="tags.`slmfactory.sweep` != ''")
+    assert {"report/report.md", "report/amortisation_n20000_flops.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "recommendation.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     rec = cli("recommend", "-c", str(RECIPE), "--set", f"workdir={work}", "--inference-params", "1e9",
               "--spec-budget", "1e15", "--domains", "7", timeout=300)
     assert rec.returncode == 0, rec.stderr[-2000:]
     assert "recommended:" in rec.stdout and "runner-up:" in rec.stdout and "macro perplexity" in rec.stdout
+    # The URI recommend prints is the registry's: the recommended configuration's version of
+    # each domain, and what `serve --from-registry` resolves when that version is the champion.
+    from slmfactory.serving.catalog import from_registry
+
+    printed = dict(line.split("model ", 1)[1].split(": ", 1) for line in rec.stdout.splitlines()
+                   if line.strip().startswith("model "))
+    assert set(printed) == {"legal", "biomedical"}, rec.stdout
+    served = from_registry(uri, experiment, work / "registry-test")
+    for d, e in served.items():
+        name, alias_version = f"{experiment}-{d}", client.get_model_version_by_alias(f"{experiment}-{d}", "champion").version
+        assert e.uri == f"models:/{name}@champion (version {alias_version})"
+        assert printed[d].startswith(f"models:/{name}/")
+        if printed[d].split()[0] == f"models:/{name}/{alias_version}":
+            assert f"models:/{name}@champion" in printed[d]
+        assert (Path(e.path) / "model.safetensors").is_file()
     none = cli("recommend", "-c", str(RECIPE), "--set", f"workdir={work}", "--inference-params", "10",
                "--spec-budget", "1e15", "--domains", "7", timeout=300)
     one_line_error(none, "no measured configuration")
+
+
+def _check_parent_times_and_aliases(client, experiment, trial_runs):
+    """One parent run per sweep, every trial nested under it; each trial run starts and ends
+    at its trial's own times; each domain's ``champion`` alias on its best version."""
+    import json
+
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    assert client.get_experiment(exp_id).tags.get("mlflow.experimentKind") == "custom_model_development"
+    parents = client.search_runs([exp_id], filter_string="tags.`slmfactory.sweep` != ''")
+    assert len(parents) == 1  # the resumed sweep kept its parent
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {"recipe.yaml", "plan.txt"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    best: dict[str, tuple[float, str]] = {}
+    for r in trial_runs:
+        assert r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        record = json.loads(Path(client.download_artifacts(r.info.run_id, "trial.json")).read_text())
+        assert (r.info.start_time, r.info.end_time) == (record["started_ms"], record["ended_ms"])
+        d = r.data.tags["domain"]
+        ppl = r.data.metrics[f"ppl/{d}"]
+        if d not in best or ppl < best[d][0]:
+            best[d] = (ppl, r.info.run_id)
+    for d, (_, run_id) in best.items():
+        mv = client.get_model_version_by_alias(f"{experiment}-{d}", "champion")
+        assert mv.run_id == run_id, (d, mv.run_id, run_id)
 
 
 @pytest.mark.timeout(180)

@@ -87,6 +87,7 @@ def from_registry(uri: str, experiment: str, dest: Path, alias: str = "champion"
 
     client = client_for(uri)
     prefix = f"{experiment}-"
+    Path(dest).mkdir(parents=True, exist_ok=True)
     out: dict[str, Entry] = {}
     for rm in client.search_registered_models(max_results=1000):
         if not rm.name.startswith(prefix) or alias not in (rm.aliases or {}):

@@ -1,0 +1,115 @@
+"""The wheel works outside the repository: built with ``python -m build`` from the checkout's
+files, installed with its declared dependencies into a fresh virtual environment, and run
+from a temporary directory where the checkout is not importable.
+
+The venv is a real one (no ``--system-site-packages``, no path into ``.venv``): the base
+interpreter's site-packages holds none of the dependencies, so every one of them is
+installed from the package index as a user's ``pip install slmfactory-*.whl`` would, which
+also proves the wheel declares every dependency it imports. Two things keep it cheap
+(~1.5-3 min on 2 cores): pip runs from the test's interpreter (``pip --python``) so the venv
+needs no pip of its own, and ``--no-compile`` skips byte-compiling 2 GB of dependencies
+(Python compiles the modules a command imports, on first use).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+RECIPE = """\
+name: wheel
+workdir: {workdir}
+tokenizer: {{vocab_size: 512, train_chars: 2000000}}
+corpus: {{domains: [legal, code]}}
+tracking: {{enabled: false}}
+"""
+
+
+def _checkout_files() -> list[str]:
+    """Tracked files plus new ones not ignored: what a clean clone holds once committed."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                         capture_output=True, check=True)
+    return [f for f in out.stdout.decode().split("\0") if f and (REPO / f).is_file()]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("src")
+    for f in _checkout_files():
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, src / f)
+    dist = tmp_path_factory.mktemp("dist")
+    # --no-isolation: the build backend (setuptools>=77) is already in the test environment;
+    # an isolated build would install it again from the index on every run.
+    out = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(src)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (whl,) = dist.glob("slmfactory-*.whl")
+    return whl
+
+
+def test_wheel_ships_package_data_not_tests(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "slmfactory/data/corpus_sample/generic.jsonl" in names
+    assert "slmfactory/data/corpus_sample/LICENSES.md" in names
+    assert not [n for n in names if n.startswith("tests/")]
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "slmfactory = slmfactory.cli:main" in text and "[slmfactory.strategies]" in text
+
+
+def test_fresh_venv_runs_the_cli_outside_the_checkout(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    # torch==2.13.0 named exactly as `make setup` does (the wheel pins the same): a looser
+    # spec would resolve to a CUDA build.
+    out = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-compile",
+                          "--disable-pip-version-check", "torch==2.13.0", str(wheel)],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
+
+    def cli(*args, timeout=300):
+        r = subprocess.run([str(venv / "bin" / "slmfactory"), *args], cwd=work, env=env, capture_output=True,
+                           text=True, timeout=timeout)
+        assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-2000:])
+        return r.stdout
+
+    # The installed package, not the checkout, is what runs.
+    where = subprocess.run([str(py), "-c", "import slmfactory, sys; print(slmfactory.__file__); print(sys.path)"],
+                           cwd=work, env=env, capture_output=True, text=True, check=True).stdout
+    assert str(venv) in where.splitlines()[0] and str(REPO) not in where
+
+    assert "corpus" in cli("--help") and "config" in cli("--help")
+    recipe = work / "recipe.yaml"
+    recipe.write_text(RECIPE.format(workdir=work / "run"))
+    shown = cli("config", "show", "-c", str(recipe))
+    assert "slm-pn:" in shown and "workdir:" in shown
+    json.loads(cli("config", "schema"))
+
+    # The sample corpus ships in the wheel: build it, then import its files as a user would.
+    out = cli("corpus", "sample", "-c", str(recipe))
+    sample = Path(out.splitlines()[0].split(": ", 1)[1])
+    assert sample.is_relative_to(venv) and (sample / "generic.jsonl").is_file()
+    manifest = json.loads((work / "run" / "corpus" / "manifest.json").read_text())
+    assert set(manifest["parts"]) >= {"generic/train", "domains/legal/train", "domains/code/test"}
+    cli("corpus", "import", "-c", str(recipe), "--set", f"workdir={work / 'imported'}",
+        "--generic", str(sample / "generic.jsonl"), "--domain", f"legal={sample / 'legal.jsonl'}", "--domain", f"code={sample / 'code.jsonl'}")
+    assert (work / "imported" / "corpus" / "domains" / "legal" / "train.parquet").is_file()
+    assert "tokens" in cli("tokenizer", "-c", str(recipe))
