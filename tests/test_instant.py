@@ -104,7 +104,9 @@ def http(method: str, url: str, body: bytes | None = None, json_body=None):
         return e.code, json.loads(e.read() or b"null")
 
 
-OVERRIDES = {"serving.replica_cpus": 0.5, "serving.max_request_bytes": 256 << 10, "pretrain.max_tokens": 16 * 8 * 64, "pretrain.eval_every": 8,
+# The demo's shape: its SLM preset (tied embeddings, as every preset) and its slm-pn / slm-mix
+# settings (tiny.yaml's are the demo's), on the sample corpus with a few steps.
+OVERRIDES = {"slm.preset": "mini-slm", "serving.replica_cpus": 0.5, "serving.max_domains": 8, "serving.max_request_bytes": 256 << 10, "pretrain.max_tokens": 16 * 8 * 64, "pretrain.eval_every": 8,
              "pretrain.checkpoint_every": 8, "finetune.max_tokens": 8 * 8 * 64, "finetune.eval_every": 4}
 
 
@@ -292,3 +294,124 @@ def test_cli_specialize_registers_in_mlflow_and_the_running_app_serves_it(app, c
     assert main(["specialize", "-c", str(TINY), "--docs", str(bad), "--name", "latin",
                  "--set", f"workdir={cfg.root}"]) == 2
     assert "not UTF-8" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_a_projected_network_built_while_another_thread_loads_is_tied(app):
+    """``from_pretrained`` turns weight tying off process-wide while it loads; a replica
+    builds new domains' models while it loads others (POST /v1/domains answered 500 on the
+    demo's workdir: "Missing key(s) in state_dict: base.model.embed_tokens.weight"). Here a
+    thread sits inside transformers' own ``no_tie_weights`` (what ``from_pretrained`` does),
+    holding the construction lock as a replica's load does, until the build is done or 5 s
+    pass: without the lock the projected network is built inside it, untied, and its tied
+    weights do not load."""
+    from transformers.initialization import no_tie_weights
+
+    from slmfactory.models.instant import CONSTRUCTION_LOCK, generic_families, pn_model
+
+    cfg, _, _ = app
+    fam = generic_families(cfg)["pn"]
+    inside, built = threading.Event(), threading.Event()
+
+    def loading():
+        with CONSTRUCTION_LOCK, no_tie_weights():
+            inside.set()
+            built.wait(5)
+
+    t = threading.Thread(target=loading)
+    t.start()
+    assert inside.wait(30)
+    try:
+        pn = pn_model(cfg, fam)
+    finally:
+        built.set()
+        t.join()
+    assert pn.base.lm_head.weight.data_ptr() == pn.base.model.embed_tokens.weight.data_ptr()
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+@pytest.mark.timeout(600)
+def test_a_sigkilled_build_leaves_the_name_usable_and_delete_and_max_domains_work(app):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from slmfactory.serving.domains import DomainRegistry
+
+    cfg, url, _ = app
+    registry = DomainRegistry(cfg.root)
+    docs = _docs(cfg, "literature", 6)
+    # A process holding the build lease of "ghost", as a replica does while it builds, is
+    # SIGKILLed mid-build: the kernel drops its lock and the name is free (a claim file
+    # stayed forever).
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from slmfactory.serving.domains import DomainRegistry; "
+        f"lease = DomainRegistry({str(cfg.root)!r}).lease('ghost'); lease.__enter__(); "
+        "print('held', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        got, err = http("POST", f"{url}/v1/domains", json_body={"name": "ghost", "documents": docs})
+        assert got == 409 and err["error"]["param"] == "name", err
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    got, body = http("POST", f"{url}/v1/domains", json_body={"name": "ghost", "documents": docs})
+    assert got == 201, body
+    served = Path(registry.get("ghost")["path"])
+    assert served.is_dir() and _complete(url, "ghost")[0] == 200
+    # Delete: the name is no longer served, its own folders are gone, the name is free.
+    got, body = http("DELETE", f"{url}/v1/domains/ghost")
+    assert got == 200 and body["deleted"] is True, body
+    assert http("GET", f"{url}/v1/domains/ghost")[0] == 404 and _complete(url, "ghost")[0] == 404
+    assert not served.exists()
+    assert http("DELETE", f"{url}/v1/domains/ghost")[0] == 404
+    assert http("DELETE", f"{url}/v1/domains/legal")[0] == 409  # a start-up domain stays
+    # serving.max_domains (8 here): the same documents under new names (their candidates are
+    # reused, so each build is quick) until the registry is full.
+    made = []
+    for i in range(9):
+        got, body = http("POST", f"{url}/v1/domains", json_body={"name": f"lim{i}", "documents": docs})
+        if got != 201:
+            break
+        made.append(f"lim{i}")
+    assert got == 409 and body["error"]["code"] == "max_domains", body
+    assert len(registry.names()) == 8 and made
+    assert http("DELETE", f"{url}/v1/domains/{made[0]}")[0] == 200
+    assert http("POST", f"{url}/v1/domains", json_body={"name": "again", "documents": docs})[0] == 201
+    for name in made[1:] + ["again"]:  # leave room for the module's other tests
+        assert http("DELETE", f"{url}/v1/domains/{name}")[0] == 200
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_finetune_ends_failed(app):
+    import os
+    import signal
+
+    cfg, url, _ = app
+    budget = 4 * cfg.finetune.batch_size * cfg.data.seq_len
+    got, body = http("POST", f"{url}/v1/domains", json_body={"name": "doomed", "documents": _docs(cfg, "math", 12),
+                                                             "finetune_budget": budget})
+    assert got == 201 and body["finetune"]["status"] == "queued", body
+
+    def running():
+        ft = http("GET", f"{url}/v1/domains/doomed")[1]["finetune"]
+        return ft if ft["status"] != "queued" else None
+
+    ft = _wait_for(running, 300, "the fine-tune to start")
+    assert ft["status"] == "running", ft
+    os.kill(ft["pid"], signal.SIGKILL)  # the Ray worker running the fine-tune
+    ft = _wait_for(lambda: (lambda f: f if f["status"] != "running" else None)(
+        http("GET", f"{url}/v1/domains/doomed")[1]["finetune"]), 120, "the status to leave 'running'")
+    assert ft["status"] == "failed", ft
+    assert _complete(url, "doomed")[0] == 200  # the instant model keeps serving
+    assert http("DELETE", f"{url}/v1/domains/doomed")[0] == 200

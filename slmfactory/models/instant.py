@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,16 @@ import torch
 
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import Stage
+
+CONSTRUCTION_LOCK = threading.RLock()
+"""Held while a model is constructed or loaded in a process that does both in several
+threads (a serving replica). ``transformers``' ``from_pretrained`` swaps
+``PreTrainedModel.tie_weights``, ``init_weights`` and ``torch.nn.init``'s functions for no-ops
+process-wide while it loads: a ``ProjectedLlama`` built in another thread meanwhile came out
+with an untied head and failed to load its tied weights ("Missing key(s) in state_dict:
+base.model.embed_tokens.weight", 14 of 30 builds next to a loading thread). Every model
+construction of the replica (its loads, the instant candidates, the generic phases,
+MiniLM) takes this lock."""
 
 RULES = ("pn-histogram", "pn-most-frequent", "mix-histogram", "mix-most-frequent")
 FAMILY = {"pn": "slm-pn", "mix": "slm-mix"}
@@ -155,6 +166,11 @@ def generic_families(cfg, train: bool = False, log: Callable[[str], None] | None
     """The trained generic phases of SLM-pn and SLM-mix for ``cfg`` (their stages, the same
     ones the sweep's trials use). ``train``: train what is missing (``slmfactory
     specialize``); otherwise a missing one is left out (the serving app)."""
+    with CONSTRUCTION_LOCK:  # the lookup loads artifacts: see CONSTRUCTION_LOCK
+        return _generic_families(cfg, train, log)
+
+
+def _generic_families(cfg, train: bool, log) -> dict[str, Family]:
     from slmfactory.models.distributed import make_launcher
     from slmfactory.models.strategies.base import StrategyContext, get_strategy
     from slmfactory.platform.clusters import load_clusters
@@ -187,8 +203,9 @@ def pn_model(cfg, fam: Family):
     from slmfactory.models.projected import build_projected
     from slmfactory.models.strategies.base import vocab_size_of
 
-    pn = build_projected(cfg, vocab_size_of(cfg), fam.artifact.info["experts"])
-    load_model(pn, fam.artifact.weights().path, device="cpu")
+    with CONSTRUCTION_LOCK:  # built untied next to a loading thread otherwise
+        pn = build_projected(cfg, vocab_size_of(cfg), fam.artifact.info["experts"])
+        load_model(pn, fam.artifact.weights().path, device="cpu")
     return pn.eval()
 
 
@@ -357,6 +374,10 @@ def build_instant(cfg, texts: list[str], families: dict[str, Family], embedder=N
         tc = time.perf_counter()
 
         def build(work: Path, short=short, how=how, fam=fam) -> dict:
+            with CONSTRUCTION_LOCK:  # see CONSTRUCTION_LOCK: a replica loads models in other threads
+                return build_candidate(work, short, how, fam)
+
+        def build_candidate(work: Path, short: str, how: str, fam: Family) -> dict:
             nonlocal pn
             started = time.perf_counter()
             detail: dict = {}

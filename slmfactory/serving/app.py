@@ -67,9 +67,14 @@ def _load(path: str) -> Loaded:
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    from slmfactory.models.instant import CONSTRUCTION_LOCK
+
     t0 = time.perf_counter()
-    # use_safetensors: weights are loaded from safetensors only, never from a pickle.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+    # from_pretrained disables weight tying process-wide while it runs: no other model may
+    # be built meanwhile (see CONSTRUCTION_LOCK).
+    with CONSTRUCTION_LOCK:
+        # use_safetensors: weights are loaded from safetensors only, never from a pickle.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     return Loaded(model, tok, int(model.config.max_position_embeddings), time.perf_counter() - t0)
 
@@ -392,10 +397,10 @@ def make_deployment(max_models: int, batch_wait_s: float = 0.005):
             import numpy as np
 
             from slmfactory.platform.clusters import nearest_centroid
-            from slmfactory.platform.embed import encode, load_minilm
+            from slmfactory.platform.embed import encode
 
             if self.minilm is None:
-                self.minilm = await asyncio.to_thread(load_minilm, "cpu")
+                self.minilm = await asyncio.to_thread(_minilm)
             emb = await asyncio.to_thread(encode, self.minilm, [text], self.router["batch_size"])
             c = int(nearest_centroid(emb, np.asarray(self.router["centroids"], dtype=np.float32))[0])
             shares = {d: h[c] for d, h in self.router["histograms"].items() if d in self.catalog}
@@ -895,11 +900,18 @@ def _instant_inputs(cfg):
     """What a replica builds new domains from: the trained generic phases (never trained
     here), the run's tokenizer and MiniLM."""
     from slmfactory.models.instant import generic_families
-    from slmfactory.platform.embed import load_minilm
     from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
 
     families = generic_families(cfg, train=False)
-    return families, load_tokenizer(ensure_tokenizer(cfg)), load_minilm("cpu")
+    return families, load_tokenizer(ensure_tokenizer(cfg)), _minilm()
+
+
+def _minilm():
+    from slmfactory.models.instant import CONSTRUCTION_LOCK
+    from slmfactory.platform.embed import load_minilm
+
+    with CONSTRUCTION_LOCK:  # a from_pretrained inside (see CONSTRUCTION_LOCK)
+        return load_minilm("cpu")
 
 
 def _domain_view(entry: dict) -> dict:
