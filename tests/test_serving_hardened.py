@@ -28,8 +28,10 @@ from tests.local_cluster import serving_app
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 KEYS = [f"user-key-{i:02d}-0123456789abcdef" for i in range(16)]
 BURST_KEY = "burst-key-0123456789abcdef"
+TOKENS_KEY = "tokens-key-0123456789abcdef"
 ADMIN_KEY = "admin-key-0123456789abcdef"
 RPM = 20
+TPM = 2000
 TIMEOUT_S = 20
 COLD_DOMAINS = [f"cold{i}" for i in range(6)]
 APP_ARGS: dict = {}
@@ -63,11 +65,12 @@ def app(tiny_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("hardened") / "work"
     shutil.copytree(tiny_root, work)
     keys = work / "keys.txt"
-    keys.write_text("# API keys\n" + "\n".join(KEYS + [BURST_KEY]) + "\n")
+    keys.write_text("# API keys\n" + "\n".join(KEYS + [BURST_KEY, TOKENS_KEY]) + "\n")
     admin = work / "admin.txt"
     admin.write_text(ADMIN_KEY + "\n")
     overrides = {"workdir": str(work), "serving.replica_cpus": 0.5, "serving.api_keys_file": str(keys),
                  "serving.admin_keys_file": str(admin), "serving.rate_limit_rpm": RPM,
+                 "serving.rate_limit_tpm": TPM,
                  "serving.request_timeout_s": TIMEOUT_S,
                  # Long enough that requests sent together are batched together.
                  "serving.batch_wait_s": 0.5}
@@ -126,7 +129,7 @@ OK = {"model": "legal", "prompt": "The licence", "max_tokens": 2}
 
 
 def test_keys_admin_and_rate_limits(app):
-    _, url, _ = app
+    cfg, url, _ = app
     for key in (None, "wrong-key-0123456789abcdef"):
         status, hdrs, body = http("POST", f"{url}/v1/completions", OK, key=key)
         assert status == 401 and body["error"]["code"] == "invalid_api_key" and hdrs.get("www-authenticate") == \
@@ -148,6 +151,18 @@ def test_keys_admin_and_rate_limits(app):
     assert int(limited[1]["retry-after" if "retry-after" in limited[1] else "Retry-After"]) >= 1
     assert limited[2]["error"]["type"] == "rate_limit_error"
     assert http("GET", f"{url}/v1/models")[0] == 200  # another key is not limited
+    # TPM tokens per minute per key (prompt + requested completion tokens; scored tokens):
+    # four scores of ~480 tokens fit in 2000, the fifth does not (quick requests: the bucket
+    # refills 33 tokens a second, it would take 12 s to refill one).
+    from slmfactory.platform.corpus import iter_texts
+    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+
+    tok = load_tokenizer(ensure_tokenizer(cfg))
+    long = " ".join(itertools.islice(iter_texts(cfg.corpus_dir, "legal", "train"), 20))
+    text = tok.decode(tok(long, add_special_tokens=False)["input_ids"][:480])
+    got = [http("POST", f"{url}/v1/score", {"model": "legal", "input": text}, key=TOKENS_KEY) for _ in range(5)]
+    assert [g[0] for g in got] == [200, 200, 200, 200, 429], [(g[0], str(g[2])[:200]) for g in got]
+    assert got[0][2]["data"][0]["num_scored"] >= 400 and "tokens per minute" in got[4][2]["error"]["message"]
 
 
 def test_values_that_pass_a_naive_check_are_400_naming_the_field(app):
@@ -367,6 +382,43 @@ def test_a_maximal_score_request_holds_bounded_memory(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     grew_mib = float(done.stdout.split()[-1])
     assert grew_mib < 256, grew_mib
+
+
+def test_a_wedged_replica_is_reported_unhealthy(app):
+    """Requests for a domain whose registry entry is a FIFO each block a worker thread of
+    the replica until a writer comes: 40 of them occupy every thread its event loop hands
+    work to. The replica still answers HTTP, but can no longer run a forward pass: its
+    health check (a one-token forward pass through the same threads, with a deadline) says
+    so, 503, and Ray replaces a replica whose check_health fails. Unwedged, it is healthy."""
+    cfg, url, fifos = app
+    entry = cfg.root / "instant" / "domains" / "jammed.json"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(entry)
+    fifos.append(entry)
+    pool = ThreadPoolExecutor(40)
+    stuck = [pool.submit(http, "POST", f"{url}/v1/completions", {**OK, "model": "jammed"}, "next", TIMEOUT_S + 60)
+             for _ in range(40)]
+    try:
+        time.sleep(2)
+        status, _, body = http("GET", f"{url}/healthz", key=None, timeout=120)
+        assert status == 503 and body["status"] == "unhealthy", (status, body)
+    finally:
+        os.close(os.open(entry, os.O_WRONLY | os.O_NONBLOCK))  # every blocked reader gets EOF
+        entry.unlink()
+        for f in stuck:
+            f.result()
+        pool.shutdown()
+
+    def healthy():
+        try:
+            return http("GET", f"{url}/healthz", key=None, timeout=60)[0] == 200
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 120
+    while not healthy():
+        assert time.monotonic() < deadline, "the replica did not become healthy again"
+        time.sleep(2)
 
 
 def test_concurrent_first_requests_on_fresh_replicas_all_answer(app):
