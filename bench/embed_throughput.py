@@ -26,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from slmfactory.platform.runtime import init_ray  # sets Ray / HF env first
-    from slmfactory.platform.clusters import _ray_data_context, bench_workdir, sample_window_texts
+    from slmfactory.platform.clusters import bench_workdir, ray_data_context, sample_window_texts
     from slmfactory.platform.config import load_config
     from slmfactory.platform.embed import embed_dataset, encode, load_minilm, set_torch_threads
     import numpy as np
@@ -66,7 +66,7 @@ def main() -> None:
     from slmfactory.platform.embed import from_arrow
 
     init_ray(num_cpus=os.cpu_count())
-    _ray_data_context(False)
+    ray_data_context(False)
     tables = [pa.table({"i": np.arange(i * chunk, i * chunk + len(c)), "text": c}) for i, c in enumerate(chunks)]
     ds = ray.data.from_arrow(tables)
     got = []

@@ -43,7 +43,7 @@ def main() -> None:
         if stage.done:
             emb_dir, where = stage.dir, f"recipe corpus {cfg.corpus_dir}"
     init_ray(num_cpus=os.cpu_count())
-    C._ray_data_context(False)
+    C.ray_data_context(False)
     if emb_dir is None:
         cfg = C.bench_workdir(cfg.replace(workdir=tempfile.mkdtemp(prefix="slmf-bench-")))
         k = min(cfg.cluster.k, 32)

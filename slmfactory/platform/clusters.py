@@ -19,6 +19,26 @@ Embedded windows are cached by a hash of (corpus bytes, tokenizer, window size) 
 clustering by that hash plus (k, sample, iterations, seed): changing k re-runs only k-means
 and assignment; rerunning with the same inputs returns at once without starting Ray.
 
+Reproducibility. On one machine a rerun in a fresh workdir gives the same bytes: the same
+centroids, every window in the same cluster, the same per-cluster token files and (in
+``resample``) the same SLM-is stream. Every order-dependent step sees a canonical order,
+never Ray's scheduling: Ray Data keeps block order (``ray_data_context``:
+``preserve_order``); windows are sorted by (doc_id, start) before MiniLM, so each encode
+batch holds the same windows padded to the same length (a window's float embedding depends
+on its batch's shape); every table the pipeline writes (embedded, windows, by_cluster) is
+that sort cut into equal blocks, its files renamed ``part-<n>`` in key order
+(``_write_canonical``), so "sorted files, rows in order" is one order; the k-means sample is
+a hash of (seed, window id), sorted by key; faiss k-means runs on one OpenMP thread with
+``cluster.seed``; the nearest centroid is an argmax over float64 scores.
+
+What cannot be bitwise across machines: MiniLM's forward pass on CPU goes through oneDNN /
+MKL kernels chosen for the CPU's instruction set (AVX2 vs AVX-512 accumulate in different
+orders) and through ``torch.get_num_threads()`` (this node's cores), and a GPU runs other
+kernels again; embeddings then differ in the last bits (~1e-7), and k-means, a chaotic
+fixed-point iteration, can move a window near a boundary to another cluster. Such moves
+are rare (windows near a Voronoi boundary) and change a domain's histogram by a window or
+two; the float64 argmax keeps the assignment itself from adding more.
+
 Which windows: generic train (all, or a hash-chosen ~``cluster.max_generic_windows``),
 and each domain's in-domain training set: the train documents covering the first
 ``data.domain_train_tokens`` tokens. A domain's histogram is taken over exactly those
@@ -41,7 +61,7 @@ import numpy as np
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import Stage, corpus_digest
 
-CODE_VERSION = "clusters-v4"
+CODE_VERSION = "clusters-v5"  # v5: canonical order and file names; MiniLM token counts
 PREFIX_BYTES_PER_TOKEN = 6
 EMBED_BLOCK_WINDOWS = 2048
 # CPUs each Ray Data task asks (read, tokenize, assign, write). Small, so that on a node
@@ -51,6 +71,14 @@ EMBED_BLOCK_WINDOWS = 2048
 TASK_CPUS = 0.25
 _TASK = {"num_cpus": TASK_CPUS}
 WINDOW_COLUMNS = ["window_id", "doc_id", "part", "split", "start", "end", "tokens", "cluster"]
+#: The canonical order of every window table: unique per window (doc ids are unique across
+#: the corpus; ``start`` orders a document's windows).
+ORDER_KEYS = ["doc_id", "start"]
+#: MiniLM (all-MiniLM-L6-v2): parameters (22.7M, the embedding tables included), layers,
+#: width; ``Clusters.embedding_cost`` prices its forward passes with them.
+MINILM_PARAMS = 22_713_216
+MINILM_LAYERS = 6
+MINILM_DIM = 384
 
 
 # -- small helpers ------------------------------------------------------------------------
@@ -107,13 +135,56 @@ def _sample_key(seed: int, window_ids: list[str]) -> np.ndarray:
     return out
 
 
-def _ray_data_context(progress: bool) -> None:
+def ray_data_context(progress: bool) -> None:
+    """The Ray Data settings of every clustering and resampling job: progress bars or not,
+    quiet logs, and ``preserve_order`` (blocks leave each operator in the order they came
+    in, so a rerun sees the same rows in the same blocks whatever the scheduling)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = bool(progress)
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
+    ctx.execution_options.preserve_order = True
+
+
+def _n_blocks(rows: int) -> int:
+    return max(1, -(-int(rows) // EMBED_BLOCK_WINDOWS))
+
+
+def _write_canonical(ds, out: Path, rows: int, partition_cols: list[str] | None = None) -> None:
+    """Write ``ds`` sorted by ``ORDER_KEYS``, cut into equal blocks of about
+    ``EMBED_BLOCK_WINDOWS`` rows (a function of ``rows`` alone), then name the files of each
+    folder ``part-<n>.parquet`` in key order: the layout is a function of the rows, not of
+    Ray's scheduling or its write ids, so "sorted files, rows in order" is the key order."""
+    n = _n_blocks(rows)
+    # The first repartition sets the sort's partition count (else Ray plans one per
+    # estimated read block, 200 for any small table: 200 reduce tasks); the second cuts
+    # the sorted rows into equal blocks whatever boundaries the sort sampled.
+    ds.repartition(n).sort(ORDER_KEYS).repartition(n) \
+        .write_parquet(str(out), partition_cols=partition_cols, ray_remote_args=_TASK)
+    _canonical_names(out)
+
+
+def _canonical_names(out: Path) -> None:
+    """Rename every folder's parquet files ``part-00000.parquet``, ... by their first row's
+    (doc_id, start); empty files go. Each file holds a run of the sorted rows, so the
+    files' order by first key is the rows' order."""
+    import pyarrow.parquet as pq
+
+    for folder in sorted({f.parent for f in out.rglob("*.parquet")}):
+        keyed = []
+        for f in folder.glob("*.parquet"):
+            pf = pq.ParquetFile(f)
+            if pf.metadata.num_rows == 0:
+                f.unlink()
+                continue
+            first = pf.read_row_group(0, columns=ORDER_KEYS).slice(0, 1).to_pylist()[0]
+            keyed.append(((str(first["doc_id"]), int(first["start"])), f))
+        keyed.sort()
+        tmp = [f.rename(f.with_name(f".canon-{i:05d}.parquet")) for i, (_, f) in enumerate(keyed)]
+        for i, f in enumerate(tmp):
+            f.rename(f.with_name(f"part-{i:05d}.parquet"))
 
 
 # -- inputs and their hash ------------------------------------------------------------
@@ -324,10 +395,15 @@ def _sample_batch(batch, seed: int, threshold: float):
 
 
 def nearest_centroid(emb: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid (L2 = highest dot product, all vectors unit-norm)."""
+    """Index of the nearest centroid (L2 = highest dot product, all vectors unit-norm).
+
+    Scored in float64: the products of float32 inputs are exact there, so the scores do
+    not depend on how many rows a batch has (BLAS picks its kernels by shape) closely
+    enough to flip an argmax, and the assignment is a function of the embedding alone."""
     if len(emb) == 0:
         return np.zeros(0, dtype=np.int32)
-    return np.argmax(np.asarray(emb, np.float32) @ centroids.T, axis=1).astype(np.int32)
+    scores = np.asarray(emb, np.float64) @ np.asarray(centroids, np.float64).T
+    return np.argmax(scores, axis=1).astype(np.int32)
 
 
 def _assign_batch(batch, centroids: np.ndarray):
@@ -484,8 +560,9 @@ class Clusters:
 
     def iter_cluster_tokens(self, cluster: int, batch_windows: int = 8192) -> Iterator[np.ndarray]:
         """int32 chunks of the generic train windows of ``cluster``, each window followed by
-        eos, in the split's stored order (its files sorted by name, rows in order: the
-        assigned table's order, documents' windows in sequence). One batch in memory."""
+        eos, in the split's canonical order (files ``part-<n>`` in name order, rows in
+        order: sorted by (doc_id, start), a document's windows in sequence; the same on
+        every rerun). One batch in memory."""
         import pyarrow.parquet as pq
 
         from slmfactory.platform.npy import flatten_with_eos
@@ -516,6 +593,44 @@ class Clusters:
         """(k,) generic train tokens per cluster, eos separators included (so
         ``cluster_sizes()[c] == len(cluster_tokens(c))``)."""
         return np.asarray(self.meta["generic_cluster_tokens"], dtype=np.int64)
+
+    def embedding_stats(self, part: str) -> dict[str, int]:
+        """What MiniLM embedded for ``part``: ``windows``, ``tokens`` (MiniLM word pieces,
+        [CLS]/[SEP] included, after its 256-piece truncation; padding excluded) and
+        ``tokens_sq`` (the sum over windows of tokens², for attention). ``generic``: every
+        generic window embedded (train windows for k-means and the experts' pool, valid
+        windows for routed perplexity); a domain: its in-domain training windows."""
+        self._check_part(part)
+        if part == "generic":
+            stats = self.meta.get("embedded_generic")
+        else:
+            stats = self.domain_meta.get("embedded_domains", {}).get(part)
+        if stats is None:
+            raise DataError(f"{self.dir}: this clustering predates embedding statistics; rerun `slmfactory cluster`")
+        return {k: int(v) for k, v in stats.items()}
+
+    def embedding_cost(self, part: str, profile=None):
+        """MiniLM's inference cost of embedding ``part``'s windows as a
+        :class:`slmfactory.platform.cost.CostRecord` (phase ``embed/<part>``): FLOPs =
+        2 · MINILM_PARAMS · tokens + 2 · layers · d · Σ tokens² (per token, 2·N plus
+        attention over its window's T tokens, as ``platform/cost.py`` counts 2·L·T·d);
+        wall seconds are the stage's measured windowing + embedding time (the generic part:
+        the generic embedding stage; a domain: the domain stage's, split by tokens).
+        ``profile``: the device profile for device-hours (default: ``cfg.device``). The
+        generic part is shared by every strategy that needs the clustering; a domain's
+        part belongs to that domain's specialisation."""
+        from slmfactory.platform.cost import INFERENCE, CostRecord, Work
+
+        st = self.embedding_stats(part)
+        flops = 2.0 * MINILM_PARAMS * st["tokens"] + 2.0 * MINILM_LAYERS * MINILM_DIM * st["tokens_sq"]
+        work = Work(INFERENCE, st["tokens"], flops, float(MINILM_PARAMS))
+        if part == "generic":
+            wall = float(self.meta.get("embedded_generic_seconds", 0.0))
+        else:
+            total = sum(int(v["tokens"]) for v in self.domain_meta.get("embedded_domains", {}).values())
+            wall = float(self.domain_meta.get("embedded_domains_seconds", 0.0)) * st["tokens"] / max(1, total)
+        return CostRecord.of(f"embed/{part}", work, wall, profile if profile is not None else self.cfg.device,
+                             windows=st["windows"])
 
     def assign_texts(self, texts: list[str]) -> np.ndarray:
         """Cluster ids for new texts: MiniLM in this process, nearest centroid."""
@@ -622,18 +737,39 @@ def _embed_windows(cfg, inputs, out: Path, stages: _Stages, generic_fraction: fl
     # one block would mean one actor call for the whole corpus (no streaming, no progress,
     # no spreading over several actors / GPUs).
     n_windows = sum(counts.values())
+    # Sorted first, so each block and each encode batch holds the same windows on a rerun
+    # (a window's float embedding depends on its batch's padded shape).
     raw = ray.data.read_parquet(str(out / "windows_raw"), num_cpus=TASK_CPUS) \
-        .repartition(max(1, -(-n_windows // EMBED_BLOCK_WINDOWS)))
+        .repartition(_n_blocks(n_windows)).sort(ORDER_KEYS).repartition(_n_blocks(n_windows))
     # Rows per actor call: several encode batches, so MiniLM's length sort inside
     # ``encode`` pads as little as one plain ``encode`` over everything would.
     embedded = embed_dataset(raw, batch_size=c.embed_batch_size, actors=c.embed_actors,
                              actor_cpus=c.embed_actor_cpus)
-    embedded.write_parquet(str(out / "embedded"), ray_remote_args=_TASK)
+    _write_canonical(embedded, out / "embedded", n_windows)
     n = _dir_rows(out / "embedded")
     stages.done("embed", f"{n:,} windows embedded with MiniLM ({c.embed_actors} actor(s) x "
                 f"{c.embed_actor_cpus} CPU; {n / max(stages.running(), 1e-9):.1f} windows/s)")
     shutil.rmtree(out / "windows_raw", ignore_errors=True)
-    return {"counts": counts, "windows": n, "timings": dict(stages.timings)}
+    return {"counts": counts, "windows": n, "timings": dict(stages.timings),
+            "embedded": _embedding_stats(out / "embedded"),
+            "seconds": float(stages.timings.get("windows", 0.0) + stages.timings.get("embed", 0.0))}
+
+
+def _embedding_stats(path: Path) -> dict[str, dict[str, int]]:
+    """Per part (generic, or a domain): windows, MiniLM tokens and Σ tokens² embedded."""
+    import pyarrow.dataset as pads
+
+    out: dict[str, dict[str, int]] = {}
+    for b in pads.dataset(str(path), format="parquet").to_batches(columns=["part", "minilm_tokens"]):
+        parts = b.column(0).to_numpy(zero_copy_only=False).astype(str)
+        toks = b.column(1).to_numpy(zero_copy_only=False).astype(np.int64)
+        for p in np.unique(parts):
+            t = toks[parts == p]
+            e = out.setdefault(str(p), {"windows": 0, "tokens": 0, "tokens_sq": 0})
+            e["windows"] += int(len(t))
+            e["tokens"] += int(t.sum())
+            e["tokens_sq"] += int((t * t).sum())
+    return out
 
 
 def _check_k(cfg, n_generic: int) -> None:
@@ -674,7 +810,15 @@ def _fit_kmeans(cfg, emb_dir: Path, n_generic: int, stages: _Stages) -> tuple[np
     stages.done("sample", f"{len(x):,} of {n_generic:,} generic windows for k-means")
     km = faiss.Kmeans(x.shape[1], c.k, niter=c.kmeans_iters, seed=c.seed, spherical=True, verbose=False,
                       max_points_per_centroid=max(256, math.ceil(len(x) / c.k) + 1), min_points_per_centroid=1)
-    km.train(x)
+    # One OpenMP thread: faiss splits its sums and BLAS calls by thread count, so the same
+    # sample and seed give the same centroids only at a fixed count (and k-means on at most
+    # ``sample_windows`` vectors is a small part of the clustering's time).
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        km.train(x)
+    finally:
+        faiss.omp_set_num_threads(threads)
     cent = np.asarray(km.centroids, dtype=np.float32)
     stages.done("kmeans", f"faiss k-means k={c.k}, {c.kmeans_iters} iterations on {len(x):,} x {x.shape[1]}")
     return cent, len(x)
@@ -716,7 +860,7 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
     t_all = time.perf_counter()
     try:
         with ray_session():
-            _ray_data_context(progress)
+            ray_data_context(progress)
             generic_inputs = [i for i in inputs if i[0] == "generic"]
             emb_meta = emb.build(lambda work: _embed_windows(cfg, generic_inputs, work, stages,
                                                              generic_fraction=generic_doc_fraction(cfg, inputs)))
@@ -733,9 +877,10 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
                             "centroids")
                 if n_assigned != emb_meta["windows"]:
                     raise DataError(f"assignment wrote {n_assigned} windows, expected {emb_meta['windows']}")
-                ray.data.read_parquet(str(work / "windows"), num_cpus=TASK_CPUS) \
-                    .map_batches(_generic_train, batch_format="pyarrow", num_cpus=TASK_CPUS) \
-                    .write_parquet(str(work / "by_cluster"), partition_cols=["cluster"], ray_remote_args=_TASK)
+                by_cluster = ray.data.read_parquet(str(work / "windows"), num_cpus=TASK_CPUS) \
+                    .map_batches(_generic_train, batch_format="pyarrow", num_cpus=TASK_CPUS)
+                _write_canonical(by_cluster, work / "by_cluster", int(emb_meta["counts"].get("generic/train", 0)),
+                                 partition_cols=["cluster"])
                 gen_counts, gen_tokens = _generic_cluster_stats(work / "by_cluster", cfg.cluster.k)
                 stages.done("split", f"generic train windows split into {int((gen_counts > 0).sum())} "
                             "non-empty clusters")
@@ -746,6 +891,13 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
                     "eos_id": int(load_tokenizer(ensure_tokenizer(cfg)).eos_token_id), "windows": n_assigned,
                     "sample_windows": n_sample, "part_counts": emb_meta["counts"],
                     "generic_counts": gen_counts.tolist(), "generic_cluster_tokens": gen_tokens.tolist(),
+                    # What MiniLM embedded (Clusters.embedding_cost prices it): the generic
+                    # side, shared by every strategy built on this clustering.
+                    "embedded_generic": emb_meta["embedded"].get("generic", {"windows": 0, "tokens": 0,
+                                                                             "tokens_sq": 0}),
+                    "embedded_generic_windows": int(emb_meta["embedded"].get("generic", {}).get("windows", 0)),
+                    "embedded_generic_tokens": int(emb_meta["embedded"].get("generic", {}).get("tokens", 0)),
+                    "embedded_generic_seconds": float(emb_meta.get("seconds", 0.0)),
                     "timings": {**emb_meta.get("timings", {}), **stages.timings}}
 
             km.build(cluster)
@@ -759,7 +911,15 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
                     stages.start()
                     _assign(demb.dir, work, centroids)
                     stages.done("assign-domains", f"{demb_meta['windows']:,} in-domain windows assigned")
-                    return {"domains": sorted({p for p, _, _ in domain_inputs}), "part_counts": demb_meta["counts"],
+                    doms = sorted({p for p, _, _ in domain_inputs})
+                    zero = {"windows": 0, "tokens": 0, "tokens_sq": 0}
+                    embedded = {d: demb_meta["embedded"].get(d, zero) for d in doms}
+                    return {"domains": doms, "part_counts": demb_meta["counts"],
+                            # Each domain's in-domain windows MiniLM embedded: its specialisation's.
+                            "embedded_domains": embedded,
+                            "embedded_domain_windows": {d: int(e["windows"]) for d, e in embedded.items()},
+                            "embedded_domain_tokens": {d: int(e["tokens"]) for d, e in embedded.items()},
+                            "embedded_domains_seconds": float(demb_meta.get("seconds", 0.0)),
                             "timings": {**demb_meta.get("timings", {}), **stages.timings}}
 
                 assign.build(assign_domains)
@@ -777,9 +937,10 @@ def _assign(emb_dir: Path, out: Path, centroids: np.ndarray) -> None:
     """Stage 4: every embedded window of ``emb_dir`` → its nearest centroid (``out/windows``)."""
     import ray
 
-    ray.data.read_parquet(str(emb_dir / "embedded"), num_cpus=TASK_CPUS) \
-        .map_batches(_assign_batch, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs={"centroids": centroids}) \
-        .write_parquet(str(out / "windows"), ray_remote_args=_TASK)
+    assigned = ray.data.read_parquet(str(emb_dir / "embedded"), num_cpus=TASK_CPUS) \
+        .map_batches(_assign_batch, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs={"centroids": centroids})
+    # Canonical order and file names: resampling names windows by their place in this table.
+    _write_canonical(assigned, out / "windows", _dir_rows(emb_dir / "embedded"))
 
 
 def _generic_cluster_stats(by_cluster: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -835,7 +996,7 @@ def _log(cl: Clusters, tracker) -> None:
 
 def bench_workdir(cfg) -> "Any":
     """``cfg`` if its corpus and tokenizer exist; otherwise the same recipe on a temporary
-    workdir holding the committed real-text sample (tests/assets/corpus_sample) and a
+    workdir holding the committed real-text sample (slmfactory/data/corpus_sample) and a
     tokenizer trained on it, so a benchmark runs on a fresh checkout."""
     import tempfile
 

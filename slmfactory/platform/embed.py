@@ -8,6 +8,13 @@ limitation (SentenceBERT's own maximum), and the topic of a window rarely change
 
 Embeddings are L2-normalised (the model ends in a ``Normalize`` module), so L2 k-means
 on them is spherical k-means in disguise and nearest-centroid = highest cosine.
+
+Reproducibility: on one machine the same texts in the same batches give the same bytes
+(the clustering feeds the actors windows in a canonical order, so batches are the same on
+a rerun). A window's vector depends on its batch (``encode`` pads a batch to its longest
+text, and kernels are chosen by shape) and on the thread count and the CPU's instruction
+set (oneDNN/MKL accumulate in different orders on AVX2 and AVX-512), so across machines
+the vectors agree to ~1e-7, not bitwise.
 """
 
 from __future__ import annotations
@@ -69,7 +76,9 @@ class MiniLMEmbedder:
     """Callable class for ``Dataset.map_batches``: one model per actor, loaded once.
 
     Input batch: a dict of numpy arrays with a ``text`` column. Output: the same batch
-    without ``text`` (never needed downstream, and large) plus ``embedding`` (N, 384).
+    without ``text`` (never needed downstream, and large) plus ``embedding`` (N, 384) and
+    ``minilm_tokens`` (the word pieces MiniLM read per text, [CLS]/[SEP] included, after
+    truncation: what its inference cost is counted on).
     """
 
     def __init__(self, batch_size: int = 64, threads: int | None = None, keep_text: bool = False):
@@ -89,7 +98,19 @@ class MiniLMEmbedder:
         emb = encode(self.model, texts, self.batch_size)
         if not self.keep_text:
             batch = batch.drop_columns(["text"])
-        return batch.append_column("embedding", to_arrow(emb))
+        return batch.append_column("embedding", to_arrow(emb)) \
+            .append_column("minilm_tokens", pa.array(minilm_token_counts(self.model, texts), pa.int32()))
+
+
+def minilm_token_counts(model, texts: list[str]) -> np.ndarray:
+    """Word pieces MiniLM reads per text ([CLS] and [SEP] included, truncated at
+    ``model.max_seq_length``), without padding."""
+    if not texts:
+        return np.zeros(0, dtype=np.int32)
+    # ``preprocess`` is sentence-transformers' name for ``tokenize`` (deprecated) since 6.x.
+    prep = getattr(model, "preprocess", None) or model.tokenize
+    mask = prep(list(texts))["attention_mask"]
+    return np.asarray(mask.sum(dim=1).cpu().numpy(), dtype=np.int32)
 
 
 def to_arrow(emb: np.ndarray):

@@ -24,7 +24,11 @@ its windows in chunks of ``CHUNK_WINDOWS`` and writes them to ``data/`` (parquet
 tokens + eos to a part file. The driver then streams every chunk, in a seeded permutation
 of all chunks, into ``tokens.npy``: the SLM-is training stream, written once, memory-mapped
 by training (``load_resampled_tokens``). The same seed gives the same stream: every task's
-output is a function of its file, the selection and the seed, not of Ray's scheduling.
+output is a function of its file, the selection and the seed, not of Ray's scheduling, and
+the assigned-windows table has a canonical layout (``clusters._write_canonical``: rows
+sorted by (doc_id, start), equal blocks, files ``part-<n>`` in key order), so a window's
+place in it, and hence the selection and each file's chunks, are the same on a rerun. The
+seed is ``cluster.seed`` mixed with the domain's name.
 The histogram, tokens and total variation reported are counted on the rows written,
 against the *unrenormalised* domain histogram.
 """
@@ -239,7 +243,7 @@ def _write_stream(work: Path, n_files: int, seed: int) -> int:
 
 def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None) -> ResampleResult:
     """Write ~``tokens`` generic tokens whose cluster histogram matches ``domain``'s."""
-    from slmfactory.platform.clusters import _ray_data_context, run_clustering, total_variation
+    from slmfactory.platform.clusters import ray_data_context, run_clustering, total_variation
     from slmfactory.platform.runtime import ray_session
 
     if int(tokens) <= 0:
@@ -304,7 +308,7 @@ def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None)
 
         from slmfactory.platform.clusters import TASK_CPUS
 
-        _ray_data_context(progress)
+        ray_data_context(progress)
 
         def write(tmp: Path) -> dict:
             # The selection goes to the workers through the stage's folder (shared storage):
