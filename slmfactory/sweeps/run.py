@@ -61,23 +61,120 @@ def _trainable(config: dict) -> None:
     tune.report({"ppl": record["metrics"][f"ppl/{cfg.data.domain}"], "record": json.dumps(record)})
 
 
-class _Progress:
-    """Trials done / running / left and the best result so far, one line per event."""
+def eta_seconds(done_flops: float, left_flops: float, elapsed: float) -> float | None:
+    """Seconds until the trials not yet finished are, at the rate measured so far: the
+    projected FLOPs of the finished trials over the seconds since the first trial started.
+    None until a trial has finished (no rate yet)."""
+    if done_flops <= 0 or elapsed <= 0:
+        return None
+    return left_flops / (done_flops / elapsed)
 
-    def __init__(self, total: int, log: Callable[[str], None] | None):
-        self.total, self.log = total, log
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class _Progress:
+    """Trials done / running / left, the best result so far and an ETA.
+
+    The ETA uses the dry-run's projected specialisation FLOPs per trial (``plan.spec_work``;
+    the shared generic phases are trained before any trial starts) and the rate measured on
+    the trials finished so far. Every event is one plain line through ``log``, which is what
+    CI and a redirected stdout get. On a terminal a ``rich`` live table under those lines also
+    keeps the counts, best and ETA current between events (it ticks once a second)."""
+
+    def __init__(self, total: int, log: Callable[[str], None] | None, flops: dict[str, float] | None = None,
+                 live: bool | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.total, self.log, self.clock = total, log, clock
+        self.flops = dict(flops or {})
+        """Trial key -> projected FLOPs (keys missing count as 0 in the ETA)."""
         self.done = self.failed = self.running = 0
         self.best: tuple[float, str] | None = None
-        self.t0 = time.perf_counter()
+        self.t0 = clock()
+        self.first_start: float | None = None
+        self.succeeded: set[str] = set()
+        self.failed_keys: set[str] = set()  # failed trials' FLOPs are neither progress nor left to do
+        self._live = None
+        if live is None:
+            import sys
+
+            live = log is not None and sys.stdout.isatty()
+        if live:
+            from rich.live import Live
+
+            # redirect_stdout: the event lines (print) scroll above the table.
+            self._live = Live(self, refresh_per_second=1, transient=False, redirect_stdout=True)
+            self._live.start()
+
+    # -- events (the Tune callback calls these) --
+    def started(self, key: str, name: str) -> None:
+        self.running += 1
+        if self.first_start is None:
+            self.first_start = self.clock()
+        self.line(f"started {name}")
+
+    def finished_ok(self, key: str, name: str, ppl: float) -> None:
+        self.running = max(0, self.running - 1)
+        self.done += 1
+        self.succeeded.add(key)
+        if self.best is None or ppl < self.best[0]:
+            self.best = (ppl, name)
+        self.line(f"finished {name}: ppl {ppl:.2f}")
+
+    def errored(self, key: str, name: str, why: str) -> None:
+        self.running = max(0, self.running - 1)
+        self.failed += 1
+        self.failed_keys.add(key)
+        self.line(f"FAILED {name}: {why}")
+
+    def __getstate__(self) -> dict:
+        # Tune pickles the run config, callbacks included (into the experiment state that
+        # --resume restores); the live display's thread and terminal are this process's only.
+        return {**self.__dict__, "_live": None}
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    # -- what is shown --
+    @property
+    def left(self) -> int:
+        return max(0, self.total - self.done - self.failed - self.running)
+
+    def eta(self) -> float | None:
+        """Seconds to go: projected FLOPs of every trial not finished (running ones counted
+        whole, so the estimate errs long) at the measured rate."""
+        if self.first_start is None:
+            return None
+        done = sum(self.flops.get(k, 0.0) for k in self.succeeded)
+        left = sum(v for k, v in self.flops.items() if k not in self.succeeded and k not in self.failed_keys)
+        return eta_seconds(done, left, self.clock() - self.first_start)
+
+    def text(self, what: str) -> str:
+        best = f"; best {self.best[1]} ppl {self.best[0]:.2f}" if self.best else ""
+        eta = self.eta()
+        return (f"[sweep {self.clock() - self.t0:6.0f}s] {self.done}/{self.total} done, "
+                f"{self.running} running, {self.left} left{', %d failed' % self.failed if self.failed else ''}"
+                f"{best}{'; ETA ' + _clock(eta) if eta is not None else ''} | {what}")
 
     def line(self, what: str) -> None:
-        if self.log is None:
-            return
-        left = self.total - self.done - self.failed - self.running
-        best = f"; best {self.best[1]} ppl {self.best[0]:.2f}" if self.best else ""
-        self.log(f"[sweep {time.perf_counter() - self.t0:6.0f}s] {self.done}/{self.total} done, "
-                 f"{self.running} running, {left} left{', %d failed' % self.failed if self.failed else ''}"
-                 f"{best} | {what}")
+        if self.log is not None:
+            self.log(self.text(what))
+
+    def __rich__(self):
+        from rich.table import Table
+
+        table = Table(title="sweep", title_justify="left")
+        for col in ("done", "running", "left", "failed", "best so far (ppl_macro)", "elapsed", "ETA"):
+            table.add_column(col, justify="left" if col.startswith("best") else "right")
+        best = f"{self.best[0]:.2f}  {self.best[1]}" if self.best else "-"
+        table.add_row(f"{self.done}/{self.total}", str(self.running), str(self.left), str(self.failed), best,
+                      _clock(self.clock() - self.t0), _clock(self.eta()))
+        return table
 
 
 def _last_error(trial) -> str:
@@ -102,29 +199,24 @@ def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records:
         """Logs each finished trial to MLflow from the driver (never from a worker)."""
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            progress.running += 1
-            progress.line(f"started {names.get(trial.config.get('trial'), trial.trial_id)}")
+            key = trial.config.get("trial")
+            progress.started(key, names.get(key, trial.trial_id))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            progress.running = max(0, progress.running - 1)
             result = trial.last_result or {}
             if "record" not in result:
+                progress.running = max(0, progress.running - 1)
                 return
             record = json.loads(result["record"])
             key = trial.config["trial"]
             records[key] = record
             if cfg.tracking.enabled:
                 log_trial(cfg, experiment_name(cfg), key, record, parent_run_id=parent_run_id)
-            progress.done += 1
-            ppl = record["metrics"]["ppl_macro"]
-            if progress.best is None or ppl < progress.best[0]:
-                progress.best = (ppl, names.get(key, key))
-            progress.line(f"finished {names.get(key, key)}: ppl {ppl:.2f}")
+            progress.finished_ok(key, names.get(key, key), record["metrics"]["ppl_macro"])
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            progress.running = max(0, progress.running - 1)
-            progress.failed += 1
-            progress.line(f"FAILED {names.get(trial.config.get('trial'), trial.trial_id)}: {_last_error(trial)}")
+            key = trial.config.get("trial")
+            progress.errored(key, names.get(key, trial.trial_id), _last_error(trial))
 
     return MlflowTrials()
 
@@ -203,7 +295,9 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
         if log:
             log(f"[sweep] {len(plan.trials)} trials on Ray Tune, up to {concurrent} at a time "
                 f"({cpus:g} CPUs); MLflow experiment {experiment_name(cfg)!r} at {cfg.tracking_uri}")
-        progress = _Progress(len(plan.trials), log)
+        # The ETA's work: each trial's projected specialisation FLOPs from the plan (the dry-run's).
+        progress = _Progress(len(plan.trials), log,
+                             flops={k: sum(w.flops for w in work) for k, work in plan.spec_work.items()})
         callback = make_callback(cfg, plan, progress, records, parent)
         trainable = tune.with_resources(_trainable, {"cpu": per_trial})
         by_key = {t.key: t for t in plan.trials}
@@ -226,7 +320,10 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
                                             trial_dirname_creator=lambda t: f'{by_key[t.config["trial"]].name[:64]}-{t.config["trial"][:8]}'),
                 run_config=tune.RunConfig(name=plan.name, storage_path=str(path.parent), callbacks=[callback],
                                           verbose=0))
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        finally:
+            progress.close()  # the live table (a terminal only) stops, its last state left on screen
         for r in results:
             if r.error is None and r.metrics and "record" in r.metrics:
                 records.setdefault(r.config["trial"], json.loads(r.metrics["record"]))
