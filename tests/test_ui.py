@@ -151,19 +151,39 @@ def _choose_axis(driver, axis: str, metric: str) -> None:
     """The compare page's axis select (MLflow's design-system SimpleSelect, a Radix popover):
     a ``button#{x,y}-axis-selector[role=combobox]`` whose ``value`` is ``metric-<key>`` or
     ``param-<key>``; clicking it opens a ``[role=listbox]`` of ``[role=option]`` rows, one
-    per parameter then per metric, each labelled by the key."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
+    per parameter then per metric, each labelled by the key.
 
-    _wait(driver, EC.element_to_be_clickable((By.ID, f"{axis}-axis-selector")), f"{axis}-axis select").click()
-    option = _wait(driver, EC.presence_of_element_located(
-        (By.XPATH, f"//*[@role='listbox']//*[@role='option'][normalize-space(.)='{metric}']")),
-        f"option {metric} in the {axis}-axis list")
-    # The list is a scrolled box of ~170 keys: bring the row into view before a real click.
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", option)
-    _wait(driver, EC.element_to_be_clickable(option), f"option {metric} clickable").click()
-    _wait(driver, lambda d: d.find_element(By.ID, f"{axis}-axis-selector").get_attribute("value") == f"metric-{metric}",
-          f"{axis}-axis set to {metric}")
+    One converging step per poll, until the select's value is the metric: open the list if it
+    is closed, else click the option. React may re-render between finding an element and
+    clicking it; such a poll changes nothing and the next one looks again."""
+    from selenium.common.exceptions import (ElementClickInterceptedException, ElementNotInteractableException,
+                                            StaleElementReferenceException)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    select, want = f"{axis}-axis-selector", f"metric-{metric}"
+    option = f"//*[@role='listbox']//*[@role='option'][normalize-space(.)='{metric}']"
+
+    def step(d) -> bool:
+        button = d.find_element(By.ID, select)
+        if button.get_attribute("value") == want:
+            return True
+        found = d.find_elements(By.XPATH, option)
+        if not found:
+            if button.get_attribute("aria-expanded") != "true":
+                button.click()
+            return False
+        # The list is a scrolled box of ~170 keys: bring the row into view for a real click.
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", found[0])
+        found[0].click()
+        return False
+
+    try:
+        WebDriverWait(driver, WAIT, poll_frequency=0.5, ignored_exceptions=(
+            StaleElementReferenceException, ElementClickInterceptedException, ElementNotInteractableException,
+        )).until(step)
+    except Exception as e:
+        raise AssertionError(f"{axis}-axis: could not choose {metric} on {driver.current_url}") from e
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -189,7 +209,11 @@ def test_mlflow_ui_in_chromium(ui, browser):
     # The trials are nested under the sweep: its name cell's one button expands it, and then
     # both trial runs are listed by name (short names: strategy, domain, budgets).
     assert not any(n in browser.execute_script("return document.body.innerText") for n in TRIAL_NAMES)
-    browser.find_element(By.XPATH, "//*[text()='sweep sweep-tiny']/ancestor::*[@role='gridcell'][1]//button").click()
+    from selenium.webdriver.support import expected_conditions as EC
+
+    _wait(browser, EC.element_to_be_clickable(
+        (By.XPATH, "//*[text()='sweep sweep-tiny']/ancestor::*[@role='gridcell'][1]//button")),
+        "the sweep row's expander").click()
     _wait_text(browser, *TRIAL_NAMES)
     _shot(browser, "runs")
 
@@ -197,8 +221,6 @@ def test_mlflow_ui_in_chromium(ui, browser):
     ids = urllib.parse.quote(json.dumps([r.info.run_id for r in trials]))
     browser.get(f"{ui['base']}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([exp_id]))}"
                 f"&{ML_VIEW}")
-    from selenium.webdriver.support import expected_conditions as EC
-
     _wait(browser, EC.element_to_be_clickable((By.XPATH, "//*[@role='tab' and normalize-space(.)='Scatter Plot']")),
           "the Scatter Plot tab").click()
     _choose_axis(browser, "x", X_METRIC)
