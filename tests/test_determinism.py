@@ -123,3 +123,26 @@ def test_clustering_records_what_minilm_embedded_and_its_flops(two_runs):
     d = cl.embedding_cost("legal")
     assert d.phase == "embed/legal" and d.tokens == dom and 0 < d.flops < rec.flops
     assert d.wall_seconds > 0
+
+
+@pytest.mark.timeout(900)
+def test_an_slm_is_trial_rerun_in_a_fresh_workdir_gives_bitwise_the_same_perplexity(two_runs):
+    """The end of the chain: resampling, the fresh SLM's pretraining on it and its
+    fine-tuning, in each workdir, give the same test perplexity to the last bit (the demo's
+    slm-is used to differ by 5% between two fresh runs)."""
+    from slmfactory.models.launch import LocalLauncher
+    from slmfactory.models.strategies import get_strategy
+    from slmfactory.models.strategies.base import StrategyContext
+    from slmfactory.platform.runtime import ray_session
+
+    results = []
+    for run in two_runs:
+        cfg = run["cfg"].replace(**{"pretrain.max_tokens": 16 * 8 * 64, "finetune.max_tokens": 8 * 8 * 64,
+                                    "finetune.eval_every": 4, "pretrain.eval_every": 8})
+        ctx = StrategyContext(cfg, LocalLauncher(device="cpu", log=None), log=None)
+        with ray_session():
+            get_strategy("slm-is").prepare(ctx, "legal")
+        rec = get_strategy("slm-is").specialize(ctx, None, "legal")
+        results.append((rec.metrics["test_nll"], rec.metrics["test_ppl"], rec.metrics["test_ppl_lo"],
+                        rec.metrics["resample_pretrain_valid_nll"]))
+    assert results[0] == results[1], results

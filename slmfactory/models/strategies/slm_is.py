@@ -99,4 +99,7 @@ class ImportanceSampling(Strategy):
                       extra_metrics={"resample_tv_distance": float(res.tv_distance),
                                      "resample_pretrain_flops": pre.cost.flops,
                                      "resample_pretrain_valid_nll": pre.info["generic_valid_nll"],
-                                     "epochs/resampled_pretrain": float(pre.info.get("epochs", 0.0))})
+                                     "epochs/resampled_pretrain": float(pre.info.get("epochs", 0.0)),
+                                     # Importance resampling draws with replacement: a window drawn
+                                     # n times is read n times per pass (repeats, not fresh text).
+                                     "epochs/resampled_window_repeats": res.windows / max(1, res.unique_windows)})
