@@ -17,11 +17,18 @@ from slmfactory.sweeps.run import _clock, _Progress, eta_seconds
 from .conftest import REPO
 
 
-def test_eta_is_flops_left_over_the_measured_rate():
-    # 3e12 FLOPs finished in 60 s: 5e10 FLOP/s; 9e12 left -> 180 s.
-    assert eta_seconds(3e12, 9e12, 60.0) == pytest.approx(180.0)
-    assert eta_seconds(0.0, 9e12, 60.0) is None  # no finished trial: no rate yet
-    assert eta_seconds(3e12, 0.0, 60.0) == 0.0
+def test_eta_from_projected_flops_and_the_measured_rate():
+    spf = 2e-11  # measured: 20 s for a 1e12-FLOP trial
+    assert eta_seconds(None, [30.0], [1e12], 2) is None  # no finished trial: no rate yet
+    assert eta_seconds(spf, [], [], 2) == 0.0
+    # Two slots, one trial running with 20 s to go; 3e12 FLOPs (60 s) not started: it takes
+    # the free slot now and ends last.
+    assert eta_seconds(spf, [20.0], [3e12], 2) == pytest.approx(60.0)
+    # One slot: it waits for the running one.
+    assert eta_seconds(spf, [20.0], [3e12], 1) == pytest.approx(80.0)
+    # Three 1e12 trials on two slots (20 s each): 20 + 20; a running trial past its projected
+    # time counts as finishing now, not negative.
+    assert eta_seconds(spf, [-5.0], [1e12, 1e12, 1e12], 2) == pytest.approx(40.0)
     assert [_clock(s) for s in (None, 0, 59.6, 61, 3600 + 61 * 60)] == ["-", "0m00s", "1m00s", "1m01s", "2h01m"]
 
 
@@ -36,12 +43,12 @@ class Clock:
 def _replay(log, live=None):
     """Three trials of 1, 2 and 3 TFLOPs (projected); a runs and finishes, b fails, c runs."""
     clock = Clock()
-    p = _Progress(3, log, flops={"a": 1e12, "b": 2e12, "c": 3e12}, live=live, clock=clock)
+    p = _Progress(3, log, flops={"a": 1e12, "b": 2e12, "c": 3e12}, slots=2, live=live, clock=clock)
     clock.t += 5  # the shared generic phases ran before the trials: not in the rate
     p.started("a", "slm-legal")
     p.started("b", "slm-code")
     clock.t += 20
-    p.finished_ok("a", "slm-legal", 412.345)  # 1e12 in 20 s since the first start
+    p.finished_ok("a", "slm-legal", 412.345)  # 1e12 FLOPs in 20 s: 2e-11 s per FLOP
     clock.t += 10
     p.errored("b", "slm-code", "RuntimeError: boom")
     p.started("c", "slm-bio")
@@ -54,14 +61,14 @@ def test_plain_lines_and_eta_from_projected_flops():
     assert lines == [
         "[sweep      5s] 0/3 done, 1 running, 2 left | started slm-legal",
         "[sweep      5s] 0/3 done, 2 running, 1 left | started slm-code",
-        # rate 1e12 / 20 s; left: b (2e12) and c (3e12) -> 100 s
-        "[sweep     25s] 1/3 done, 1 running, 1 left; best slm-legal ppl 412.35; ETA 1m40s | finished slm-legal: ppl 412.35",
-        # b failed: its FLOPs are neither done nor left; rate 1e12 / 30 s, c's 3e12 left -> 90 s
-        "[sweep     35s] 1/3 done, 0 running, 1 left, 1 failed; best slm-legal ppl 412.35; ETA 1m30s | FAILED slm-code: RuntimeError: boom",
-        "[sweep     35s] 1/3 done, 1 running, 0 left, 1 failed; best slm-legal ppl 412.35; ETA 1m30s | started slm-bio",
+        # b (2e12: 40 s, 20 s run) has 20 s to go; c (3e12: 60 s) takes the free slot: 60 s
+        "[sweep     25s] 1/3 done, 1 running, 1 left; best slm-legal ppl 412.35; ETA 1m00s | finished slm-legal: ppl 412.35",
+        # b failed (its FLOPs are neither a rate nor work left); c alone: 60 s
+        "[sweep     35s] 1/3 done, 0 running, 1 left, 1 failed; best slm-legal ppl 412.35; ETA 1m00s | FAILED slm-code: RuntimeError: boom",
+        "[sweep     35s] 1/3 done, 1 running, 0 left, 1 failed; best slm-legal ppl 412.35; ETA 1m00s | started slm-bio",
     ]
-    clock.t += 30  # between events the ETA follows the clock: 3e12 at 1e12 / 60 s
-    assert p.eta() == pytest.approx(180.0)
+    clock.t += 45  # between events the ETA follows the clock: c has run 45 of its 60 s
+    assert p.eta() == pytest.approx(15.0)
 
 
 def test_not_a_terminal_prints_plain_lines_only(capsys):
@@ -85,7 +92,7 @@ def test_live_table_contents():
     assert [c.strip() for c in header.strip("┃ ").split("┃")] == \
         ["done", "running", "left", "failed", "best so far (ppl_macro)", "elapsed", "ETA"]
     assert [c.strip() for c in row.strip("│ ").split("│")] == \
-        ["1/3", "1", "0", "1", "412.35  slm-legal", "0m35s", "1m30s"]
+        ["1/3", "1", "0", "1", "412.35  slm-legal", "0m35s", "1m00s"]
 
 
 def test_terminal_gets_the_live_table():

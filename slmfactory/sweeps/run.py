@@ -61,13 +61,25 @@ def _trainable(config: dict) -> None:
     tune.report({"ppl": record["metrics"][f"ppl/{cfg.data.domain}"], "record": json.dumps(record)})
 
 
-def eta_seconds(done_flops: float, left_flops: float, elapsed: float) -> float | None:
-    """Seconds until the trials not yet finished are, at the rate measured so far: the
-    projected FLOPs of the finished trials over the seconds since the first trial started.
-    None until a trial has finished (no rate yet)."""
-    if done_flops <= 0 or elapsed <= 0:
+def eta_seconds(seconds_per_flop: float | None, running: list[float], pending_flops: list[float],
+                slots: int) -> float | None:
+    """Seconds until every trial has finished.
+
+    ``seconds_per_flop`` is measured: the finished trials' own durations over their projected
+    FLOPs (None before any trial has finished: no rate yet). ``running``: the seconds each
+    running trial still needs at that rate (its projected time minus the time it has run).
+    The trials not started yet (their projected FLOPs, in the order Tune starts them) each
+    take the slot that frees first, as Tune gives them out; ``slots`` trials run at once."""
+    import heapq
+
+    if seconds_per_flop is None:
         return None
-    return left_flops / (done_flops / elapsed)
+    free = sorted(max(0.0, r) for r in running)
+    free += [0.0] * max(0, slots - len(free))
+    heapq.heapify(free)
+    for flops in pending_flops:
+        heapq.heappush(free, heapq.heappop(free) + flops * seconds_per_flop)
+    return max(free, default=0.0)
 
 
 def _clock(seconds: float | None) -> str:
@@ -81,22 +93,25 @@ class _Progress:
     """Trials done / running / left, the best result so far and an ETA.
 
     The ETA uses the dry-run's projected specialisation FLOPs per trial (``plan.spec_work``;
-    the shared generic phases are trained before any trial starts) and the rate measured on
-    the trials finished so far. Every event is one plain line through ``log``, which is what
-    CI and a redirected stdout get. On a terminal a ``rich`` live table under those lines also
-    keeps the counts, best and ETA current between events (it ticks once a second)."""
+    the shared generic phases are trained before any trial starts) and the seconds per FLOP
+    measured on the trials finished so far (``eta_seconds``). Every event is one plain line
+    through ``log``, which is what CI and a redirected stdout get. On a terminal a ``rich``
+    live table under those lines also keeps the counts, best and ETA current between events
+    (it ticks once a second)."""
 
     def __init__(self, total: int, log: Callable[[str], None] | None, flops: dict[str, float] | None = None,
-                 live: bool | None = None, clock: Callable[[], float] = time.perf_counter):
-        self.total, self.log, self.clock = total, log, clock
+                 slots: int = 1, live: bool | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.total, self.log, self.clock, self.slots = total, log, clock, slots
         self.flops = dict(flops or {})
-        """Trial key -> projected FLOPs (keys missing count as 0 in the ETA)."""
+        """Trial key -> projected FLOPs (a key missing counts as 0)."""
         self.done = self.failed = self.running = 0
         self.best: tuple[float, str] | None = None
         self.t0 = clock()
-        self.first_start: float | None = None
-        self.succeeded: set[str] = set()
-        self.failed_keys: set[str] = set()  # failed trials' FLOPs are neither progress nor left to do
+        self.started_at: dict[str, float] = {}
+        """Running trials: key -> when it started."""
+        self.took: dict[str, float] = {}
+        """Finished trials: key -> seconds it ran (the measured rate)."""
+        self.failed_keys: set[str] = set()  # failed trials' FLOPs are neither a rate nor work left
         self._live = None
         if live is None:
             import sys
@@ -112,14 +127,15 @@ class _Progress:
     # -- events (the Tune callback calls these) --
     def started(self, key: str, name: str) -> None:
         self.running += 1
-        if self.first_start is None:
-            self.first_start = self.clock()
+        self.started_at[key] = self.clock()
         self.line(f"started {name}")
 
     def finished_ok(self, key: str, name: str, ppl: float) -> None:
         self.running = max(0, self.running - 1)
         self.done += 1
-        self.succeeded.add(key)
+        began = self.started_at.pop(key, None)
+        if began is not None:  # (a trial whose start this process did not see gives no rate)
+            self.took[key] = self.clock() - began
         if self.best is None or ppl < self.best[0]:
             self.best = (ppl, name)
         self.line(f"finished {name}: ppl {ppl:.2f}")
@@ -127,6 +143,7 @@ class _Progress:
     def errored(self, key: str, name: str, why: str) -> None:
         self.running = max(0, self.running - 1)
         self.failed += 1
+        self.started_at.pop(key, None)
         self.failed_keys.add(key)
         self.line(f"FAILED {name}: {why}")
 
@@ -146,13 +163,14 @@ class _Progress:
         return max(0, self.total - self.done - self.failed - self.running)
 
     def eta(self) -> float | None:
-        """Seconds to go: projected FLOPs of every trial not finished (running ones counted
-        whole, so the estimate errs long) at the measured rate."""
-        if self.first_start is None:
+        done_flops = sum(self.flops.get(k, 0.0) for k in self.took)
+        if done_flops <= 0:
             return None
-        done = sum(self.flops.get(k, 0.0) for k in self.succeeded)
-        left = sum(v for k, v in self.flops.items() if k not in self.succeeded and k not in self.failed_keys)
-        return eta_seconds(done, left, self.clock() - self.first_start)
+        spf, now = sum(self.took.values()) / done_flops, self.clock()
+        running = [self.flops.get(k, 0.0) * spf - (now - t) for k, t in self.started_at.items()]
+        pending = [v for k, v in self.flops.items()
+                   if k not in self.took and k not in self.started_at and k not in self.failed_keys]
+        return eta_seconds(spf, running, pending, self.slots)
 
     def text(self, what: str) -> str:
         best = f"; best {self.best[1]} ppl {self.best[0]:.2f}" if self.best else ""
@@ -297,7 +315,8 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
                 f"({cpus:g} CPUs); MLflow experiment {experiment_name(cfg)!r} at {cfg.tracking_uri}")
         # The ETA's work: each trial's projected specialisation FLOPs from the plan (the dry-run's).
         progress = _Progress(len(plan.trials), log,
-                             flops={k: sum(w.flops for w in work) for k, work in plan.spec_work.items()})
+                             flops={k: sum(w.flops for w in work) for k, work in plan.spec_work.items()},
+                             slots=concurrent)
         callback = make_callback(cfg, plan, progress, records, parent)
         trainable = tune.with_resources(_trainable, {"cpu": per_trial})
         by_key = {t.key: t for t in plan.trials}
