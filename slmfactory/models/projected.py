@@ -46,19 +46,26 @@ class ProjectedLlama(nn.Module):
         d, f, L, h, m = config.hidden_size, config.intermediate_size, config.num_hidden_layers, capacity, expert_dim
         std = config.initializer_range
         # NOTE: init so that an expert's W has the standard Llama init scale (std 0.02): with
-        # T ~ N(0, σ²) i.i.d., W = Σ_r c_r T_r has std σ·‖c‖₂, so σ = std / RMS over experts
-        # of ‖c‖₂, c the L1-normalised E[i] M[l] (E ~ N(0, 1/m), M ~ N(0, 1): experts start
-        # distinct).
+        # T ~ N(0, σ²) i.i.d., W = κ Σ_r c_r T_r has std σ·κ·‖c‖₂, so σ = std / (κ · RMS over
+        # experts of ‖c‖₂), c = E[i] M[l] (E ~ N(0, 1/m), M ~ N(0, 1): experts start distinct).
         self.expert_vectors = nn.Parameter(torch.randn(n_experts, m) / math.sqrt(m))    # E: (k, m)
         self.mixing = nn.ParameterList([nn.Parameter(torch.randn(m, h)) for _ in range(L)])  # M[l]: (m, h)
         shapes = {"gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}         # (out, in)
         self.tensors = nn.ModuleList()
-        for layer, M in zip(self.base.model.layers, self.mixing):
+        # κ[l] = 1 / mean over experts of ‖c‖₁, fixed at init (a buffer, saved with the
+        # weights). Why: Adam moves every T_r element by about ±lr per step whatever its
+        # gradient's scale, so W = Σ_r c_r T_r would move by lr·‖c‖₁ ≈ 0.8·h·lr (17x the SLM's
+        # step at the paper's h = 21); with κ an expert's W moves by lr on average, as the
+        # SLM's own weights do. A constant (not a per-expert norm) keeps W linear in the
+        # expert vector (instant domains mix experts by histogram) and the hard mixture
+        # (one-hot c, κ = 1) exact.
+        scale = torch.ones(L)
+        for l, (layer, M) in enumerate(zip(self.base.model.layers, self.mixing)):
             coef = self.expert_vectors.detach() @ M.detach()                            # (k, h)
-            if not coef.is_meta:
-                coef = coef / coef.abs().sum(-1, keepdim=True).clamp_min(1e-12)         # as coefficients()
             # (On the meta device, used to count parameters at paper scale, there is no value.)
-            sigma = std if coef.is_meta else std / float(coef.pow(2).sum(-1).mean().sqrt())
+            if not coef.is_meta:
+                scale[l] = 1.0 / float(coef.abs().sum(-1).mean().clamp_min(1e-12))
+            sigma = std if coef.is_meta else std / float(scale[l] * coef.pow(2).sum(-1).mean().sqrt())
             per = nn.ParameterDict({p: nn.Parameter(torch.randn(h, *shapes[p]) * sigma)
                                     for p in MLP_MATRICES})                             # T[l,p]: (h, out, in)
             self.tensors.append(per)
@@ -66,6 +73,7 @@ class ProjectedLlama(nn.Module):
             # Parameters so they are neither trained, counted nor saved.
             for p in MLP_MATRICES:
                 del getattr(layer.mlp, p).weight
+        self.register_buffer("coef_scale", scale)                                        # κ: (L,)
 
     # -- the projection ---------------------------------------------------------------
     def expert_vector(self, expert: "int | None | torch.Tensor | Sequence[float]") -> torch.Tensor:
@@ -82,20 +90,10 @@ class ProjectedLlama(nn.Module):
         return h @ self.expert_vectors                                                              # (k,)·(k, m)
 
     def coefficients(self, expert: "int | None | torch.Tensor | Sequence[float]") -> list[torch.Tensor]:
-        """Per layer, the (h,) coefficients c = e·M[l] / ‖e·M[l]‖₁ of the expert vector
-        ``expert_vector(expert)``.
-
-        Why normalised: W = Σ_r c_r T_r, and Adam moves every T_r element by about ±lr per
-        step whatever its gradient's scale, so W moves by about lr·‖c‖₁: ~0.8·h with
-        unnormalised c (17x the SLM's step at the paper's h = 21, where the SLM's own
-        weights move by lr). With ‖c‖₁ = 1 an expert's effective step is the SLM's, at
-        any h. The hard mixture (one-hot c) is unchanged."""
+        """Per layer, the (h,) coefficients κ[l] · e · M[l] of the expert vector
+        ``expert_vector(expert)`` (κ: the step-matching constant set at init)."""
         e = self.expert_vector(expert)                                                              # (m,)
-        out = []
-        for M in self.mixing:
-            c = e @ M                                                                               # (h,)
-            out.append(c / c.abs().sum().clamp_min(1e-12))
-        return out
+        return [(e @ M) * k for M, k in zip(self.mixing, self.coef_scale)]                          # (h,) each
 
     def expert_weights(self, expert: "int | None | torch.Tensor | Sequence[float]") -> list[dict[str, torch.Tensor]]:
         """W[l,p,i] for every layer l and matrix p: (out, in) tensors, differentiable."""
@@ -187,6 +185,7 @@ def hard_mixture_from_experts(experts: list) -> ProjectedLlama:
     pn = ProjectedLlama(cfg, n_experts=k, expert_dim=k, capacity=k)
     with torch.no_grad():
         pn.expert_vectors.copy_(torch.eye(k))
+        pn.coef_scale.fill_(1.0)  # one-hot coefficients: no step scaling
         for M in pn.mixing:
             M.copy_(torch.eye(k))
         shared = {k_: v for k_, v in experts[0].state_dict().items() if ".mlp." not in k_}

@@ -40,6 +40,9 @@ from slmfactory.platform.errors import ConfigError, DataError
 from slmfactory.platform.stages import Stage
 
 
+PN_VERSION = "slm-pn-v2"  # v2: coefficients scaled by κ (an expert's step matches the SLM's)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     experts: int = 32
@@ -130,7 +133,7 @@ class ProjectedNetwork(Strategy):
         s = self.settings(cfg)
         clusters = expert_clusters(cfg, s.experts)
         valid = split_source(cfg, "generic", "valid")
-        stage = Stage.of(cfg.root, "generic", self.name, model=cfg.slm, settings=s, train=cfg.pretrain,
+        stage = Stage.of(cfg.root, "generic", self.name, version=PN_VERSION, model=cfg.slm, settings=s, train=cfg.pretrain,
                          seq_len=cfg.data.seq_len, clusters=clusters.key, valid=valid.identity())
         cached = GenericArtifact.load(stage, cfg.device)
         if cached is not None:
