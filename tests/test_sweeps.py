@@ -72,7 +72,8 @@ def test_paper_dry_run_plans_gpu_hours_and_memory_without_a_corpus(tmp_path):
     text = out.stdout
     assert "126 trials, 10 shared generic phases" in text  # slm-is, slm-nopt: not on the generic axis
     # ~100 A100-hours of SLM pretraining at 45B tokens (Table 2: 2.2 h per 1B), slm-pn ~1.5x.
-    hours = {line.split()[0]: float(line.split()[-1].replace(",", "")) for line in text.splitlines()
+    # Columns: phase, trials, tokens, FLOPs, hours, epochs.
+    hours = {line.split()[0]: float(line.split()[4].replace(",", "")) for line in text.splitlines()
              if line.startswith(("slm@4.5e+10T", "slm-pn@4.5e+10T", "llm@4.5e+10T"))}
     assert 80 < hours["slm@4.5e+10T"] < 120 and 1.3 < hours["slm-pn@4.5e+10T"] / hours["slm@4.5e+10T"] < 1.8
     assert 3.0 < hours["llm@4.5e+10T"] / hours["slm@4.5e+10T"] < 4.0
