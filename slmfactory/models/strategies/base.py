@@ -496,7 +496,7 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
                 "params": count_params(plain),
                 "inference_flops_per_token": inference_flops_per_token(plain, cfg.data.seq_len)}
         export_hf(cfg, plain, work, {"strategy": strategy, "domain": domain, **info,
-                                     "generic_cost": generic.cost.to_dict() if generic else None,
+                                     "generic_cost": generic_cost.to_dict() if generic_cost else None,
                                      "spec_cost": spec_cost.to_dict()})
         return info
 
