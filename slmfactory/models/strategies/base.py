@@ -478,13 +478,13 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
         spec_cost = spec_cost + extra_spec_cost
     generic_cost = generic.cost if generic else None
     if clusters is not None:
-        spec_cost = spec_cost + clusters.embedding_cost(domain)
+        embed_generic, embed_domain = clusters.embedding_cost("generic"), clusters.embedding_cost(domain)
+        spec_cost = spec_cost + embed_domain
         if generic is None:
-            generic_cost = clusters.embedding_cost("generic")
+            generic_cost = embed_generic
         extra_metrics = {"domain_entropy": float(clusters.entropy(domain)),
-                         "cost/clustering_generic_flops": clusters.embedding_cost("generic").flops,
-                         "cost/clustering_domain_flops": clusters.embedding_cost(domain).flops,
-                         **(extra_metrics or {})}
+                         "cost/clustering_generic_flops": embed_generic.flops,
+                         "cost/clustering_domain_flops": embed_domain.flops, **(extra_metrics or {})}
     stage = Stage.of(cfg.root, "models", f"{strategy}/{domain}", version=EXPORT_VERSION, weights=fit.stage_key,
                      test=data.test_identity())
 
