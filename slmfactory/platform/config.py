@@ -485,6 +485,9 @@ class ServingConfig:
         _check(self.replica_cpus > 0, "serving.replica_cpus", "> 0", self.replica_cpus)
 
 
+ONLY_AXES = ("domains", "generic_tokens", "generic_flops", "spec_tokens", "spec_flops", "in_domain_tokens")
+"""The sweep axes ``sweep.only`` may restrict per strategy."""
+
 GRID_AXES = {"strategy.name": "sweep.strategies", "data.domain": "sweep.domains",
              "pretrain.max_tokens": "sweep.generic_tokens", "pretrain.max_flops": "sweep.generic_flops",
              "finetune.max_tokens": "sweep.spec_tokens", "finetune.max_flops": "sweep.spec_flops",
@@ -523,6 +526,15 @@ class SweepConfig:
     finetune.seed: [0, 1, 2]}``: every combination is crossed with the axes above. Trials
     are keyed by every setting that differs, and the report shows them in its rows (keys
     ending in ``seed`` are replicates: their spread is reported)."""
+    only: dict[str, Any] = field(default_factory=dict)
+    """Per-strategy restrictions of the grid: strategy -> {axis or grid key: [values]},
+    e.g. ``{llm: {generic_tokens: [12000000]}, slm-d: {generic_tokens: [3000000]}}``.
+    That strategy's trials keep only the listed values (each one a value the axis has).
+    A list of such mappings keeps a trial that any one of them keeps (``slm: [{pretrain.seed:
+    [0]}, {pretrain.seed: [1], generic_tokens: [12000000]}]``: a second seed at one budget);
+    axes: ``domains``, ``generic_tokens``, ``generic_flops``, ``spec_tokens``,
+    ``spec_flops``, ``in_domain_tokens`` and any ``sweep.grid`` key. A study crosses
+    what each claim needs, not everything with everything."""
 
     def __post_init__(self) -> None:
         for name in ("generic_tokens", "generic_flops", "spec_tokens", "spec_flops", "in_domain_tokens",
@@ -545,6 +557,34 @@ class SweepConfig:
         _check(self.max_concurrent >= 0, "sweep.max_concurrent", ">= 0", self.max_concurrent)
         for i, s in enumerate(self.strategies):
             _check(s in strategy_settings(), f"sweep.strategies[{i}]", f"one of {sorted(strategy_settings())}", s)
+        only = {}
+        for strategy, alternatives in self.only.items():
+            _check(strategy in self.strategies, f"sweep.only.{strategy}", "a strategy listed in sweep.strategies",
+                   strategy)
+            many = isinstance(alternatives, (list, tuple))
+            only[strategy] = tuple(self._restriction(grid, f"sweep.only.{strategy}" + (f"[{i}]" if many else ""), axes)
+                                   for i, axes in enumerate(alternatives if many else [alternatives]))
+            _check(len(only[strategy]) >= 1, f"sweep.only.{strategy}", "at least one restriction", alternatives)
+        object.__setattr__(self, "only", only)
+
+    def _restriction(self, grid: dict, at: str, axes: Any) -> dict:
+        """One ``sweep.only`` restriction: axis -> the values kept, each checked against the axis."""
+        _check(isinstance(axes, dict) and bool(axes), at, "a mapping of axes to value lists", axes)
+        kept = {}
+        for axis, values in axes.items():
+            where = f"{at}.{axis}"
+            if axis in ONLY_AXES:
+                allowed = tuple(getattr(self, axis))
+            else:
+                _check(axis in grid, where, f"one of {', '.join(ONLY_AXES)} or a sweep.grid key", axis)
+                allowed = grid[axis]
+            if not isinstance(values, (list, tuple)):
+                values = [values]
+            _check(len(values) >= 1, where, "a non-empty list of values", values)
+            for i, v in enumerate(values):
+                _check(v in allowed, f"{where}[{i}]", f"one of the axis' own values {list(allowed)}", v)
+            kept[axis] = tuple(values)
+        return kept
 
 
 @dataclass(frozen=True, kw_only=True)

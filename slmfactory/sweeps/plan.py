@@ -159,6 +159,21 @@ def _budgets(tokens: tuple, flops: tuple, default: Budget) -> list[Budget]:
     return out or [default]
 
 
+def _kept(only: tuple[dict, ...] | None, t: Trial, generic: Budget, spec: Budget, settings: tuple) -> bool:
+    """Whether ``sweep.only``'s restrictions for the trial's strategy keep it (any one of
+    them keeping it is enough)."""
+    if not only:
+        return True
+    values = {"domains": t.domain, "in_domain_tokens": t.in_domain, **dict(settings),
+              f"generic_{generic.unit}": generic.value, f"spec_{spec.unit}": spec.value}
+    # An axis the trial's budget is not in (generic_flops for a token budget) keeps nothing.
+    return any(all(values.get(axis, _ABSENT) in kept for axis, kept in restriction.items())
+               for restriction in only)
+
+
+_ABSENT = object()
+
+
 def plan_sweep(cfg: RunConfig, domains_available: list[str]) -> SweepPlan:
     """Expand ``cfg.sweep`` into trials; every error names its ``sweep.*`` key and comes
     before any trial starts."""
@@ -187,6 +202,8 @@ def plan_sweep(cfg: RunConfig, domains_available: list[str]) -> SweepPlan:
     for st, g, sp, n, extra, d in itertools.product(s.strategies, generic, spec, sizes, settings, domains):
         # A strategy without a generic phase takes no generic axis: one trial, not one per budget.
         t = Trial(st, d, g if get_strategy(st).generic_family is not None else None, sp, n, extra)
+        if not _kept(s.only.get(st), t, g, sp, extra):
+            continue
         if t.key not in seen:
             seen.add(t.key)
             trials.append(t)
