@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py
 
 
 def main() -> None:
@@ -26,9 +27,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from slmfactory.platform.runtime import init_ray  # sets Ray / HF env first
-    from slmfactory.platform.clusters import bench_workdir, ray_data_context, sample_window_texts
+    from _common import bench_workdir, sample_window_texts
+    from slmfactory.data.cluster_pipeline import ray_data_context
     from slmfactory.platform.config import load_config
-    from slmfactory.platform.embed import embed_dataset, encode, load_minilm, set_torch_threads
+    from slmfactory.data.embed import embed_dataset, encode, load_minilm, set_torch_threads
     import numpy as np
 
     # Ray runs its workers at niceness 15; the plain side runs at the same priority so
@@ -63,7 +65,7 @@ def main() -> None:
     import pyarrow as pa
     import ray
 
-    from slmfactory.platform.embed import from_arrow
+    from slmfactory.data.embed import from_arrow
 
     init_ray(num_cpus=os.cpu_count())
     ray_data_context(False)

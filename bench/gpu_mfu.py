@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from slmfactory.models.data import PackedBatches  # noqa: E402
+from slmfactory.data.tokens import PackedBatches  # noqa: E402
 from slmfactory.models.launch import WorkerContext  # noqa: E402
 from slmfactory.models.lm import build_model, count_params  # noqa: E402
 from slmfactory.models.trainer import Trainer  # noqa: E402

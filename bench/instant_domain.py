@@ -59,7 +59,7 @@ def free_port() -> int:
 
 def domain_docs(cfg, domain: str, n: int = N_DOCS) -> list[str]:
     """The first ``n`` training documents of ``domain`` (corpus order: hash-shuffled)."""
-    from slmfactory.platform.corpus import iter_texts
+    from slmfactory.data.corpus import iter_texts
 
     out = []
     for t in iter_texts(cfg.corpus_dir, domain, "train"):
@@ -163,7 +163,7 @@ def quality_table(args, cfg) -> list[dict]:
     slm = load_lm(cfg, "slm", generic_slm.weights()).eval()
     from transformers import AutoModelForCausalLM
 
-    from slmfactory.platform.embed import load_minilm
+    from slmfactory.data.embed import load_minilm
 
     minilm = load_minilm("cpu")
     rows = []

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py
 
 
 def main() -> None:
@@ -29,7 +30,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from slmfactory.platform.runtime import init_ray
-    from slmfactory.platform import clusters as C
+    from _common import bench_workdir
+    from slmfactory.data import cluster_pipeline as C
     from slmfactory.platform.config import load_config
 
     import numpy as np
@@ -45,7 +47,7 @@ def main() -> None:
     init_ray(num_cpus=os.cpu_count())
     C.ray_data_context(False)
     if emb_dir is None:
-        cfg = C.bench_workdir(cfg.replace(workdir=tempfile.mkdtemp(prefix="slmf-bench-")))
+        cfg = bench_workdir(cfg.replace(workdir=tempfile.mkdtemp(prefix="slmf-bench-")))
         k = min(cfg.cluster.k, 32)
         cfg = cfg.replace(**{"cluster.k": k, "cluster.sample_windows": max(k, cfg.cluster.sample_windows)})
         C.run_clustering(cfg, progress=False, domains=False)
@@ -67,7 +69,7 @@ def main() -> None:
     # exposed, so random rows; same iteration count) on the same sample.
     import ray
 
-    from slmfactory.platform.embed import from_arrow
+    from slmfactory.data.embed import from_arrow
 
     ds = ray.data.read_parquet(str(emb_dir / "embedded")).select_columns(
         ["window_id", "part", "split", "embedding"])

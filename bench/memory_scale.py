@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, SAMPLE  # noqa: E402
-from slmfactory.platform import corpus  # noqa: E402
+from slmfactory.data import corpus  # noqa: E402
 
 K = 64
 DOMAIN = "legal"
@@ -97,10 +97,10 @@ def fake_clustering(work: Path, windows_per_file: int, tokens=None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from slmfactory.models.data import TOKENS_FILE, token_stage
-    from slmfactory.platform.clusters import (assignment_stage, corpus_inputs, domain_embedding_stage,
+    from slmfactory.data.tokens import TOKENS_FILE, token_stage
+    from slmfactory.data.clusters import (assignment_stage, corpus_inputs, domain_embedding_stage,
                                               generic_embedding_stage, kmeans_stage)
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     cfg = _cfg(work)
     w = cfg.cluster.window_tokens
@@ -157,12 +157,12 @@ def child(kind: str, workdir: str, tokens: int) -> None:
     cfg = _cfg(Path(workdir))
     t0 = time.perf_counter()
     if kind == "tokenize":
-        from slmfactory.models.data import split_tokens
+        from slmfactory.data.tokens import split_tokens
 
         n = len(split_tokens(cfg, "generic", "train"))
         out = {"tokens": n}
     else:
-        from slmfactory.platform.resample import resample
+        from slmfactory.data.resample import resample
         from slmfactory.platform.runtime import init_ray
 
         init_ray(num_cpus=os.cpu_count())
@@ -218,8 +218,8 @@ def main() -> None:
     if args.child:
         return child(args.child, args.workdir, args.tokens)
 
-    from slmfactory.platform.corpus import build_sample_corpus
-    from slmfactory.platform.tokenizer import ensure_tokenizer
+    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.tokenizer import ensure_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="slmf-memscale-"))
     try:

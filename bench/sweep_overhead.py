@@ -37,8 +37,8 @@ def main() -> None:
 
     from slmfactory.pipeline import run_trial
     from slmfactory.platform.config import load_config, parse_overrides
-    from slmfactory.platform.corpus import build_sample_corpus, list_domains
-    from slmfactory.platform.tokenizer import ensure_tokenizer
+    from slmfactory.data.corpus import build_sample_corpus, list_domains
+    from slmfactory.data.tokenizer import ensure_tokenizer
     from slmfactory.sweeps.plan import plan_sweep
     from slmfactory.sweeps.run import run_sweep
 

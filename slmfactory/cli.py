@@ -23,13 +23,13 @@ def _config(args):
 
 
 def cmd_corpus(args) -> None:
-    from slmfactory.platform.corpus import build_corpus, import_corpus
+    from slmfactory.data.corpus import build_corpus, import_corpus
 
     cfg = _config(args)
     if args.action == "build":
         manifest = build_corpus(cfg)
     elif args.action == "sample":
-        from slmfactory.platform.corpus import SAMPLE_DIR, build_sample_corpus
+        from slmfactory.data.corpus import SAMPLE_DIR, build_sample_corpus
 
         # The real-text sample ships in the package: its files are also what the
         # `corpus import` examples can point at.
@@ -65,7 +65,7 @@ def print_manifest(manifest: dict, corpus_dir: Path) -> None:
 
 
 def cmd_tokenizer(args) -> None:
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     cfg = _config(args)
     path = ensure_tokenizer(cfg)
@@ -73,8 +73,8 @@ def cmd_tokenizer(args) -> None:
 
 
 def cmd_cluster(args) -> None:
-    from slmfactory.platform.clusters import run_clustering
-    from slmfactory.platform.tokenizer import ensure_tokenizer
+    from slmfactory.data.cluster_pipeline import run_clustering
+    from slmfactory.data.tokenizer import ensure_tokenizer
     from slmfactory.platform.tracking import open_tracker
 
     cfg = _config(args)
@@ -87,7 +87,7 @@ def cmd_cluster(args) -> None:
 
 
 def cmd_resample(args) -> None:
-    from slmfactory.platform.resample import resample
+    from slmfactory.data.resample import resample
     from slmfactory.platform.tracking import open_tracker
 
     cfg = _config(args)
@@ -288,7 +288,7 @@ def cmd_demo(args) -> None:
 
 def cmd_specialize(args) -> None:
     from slmfactory.models.instant import generic_families
-    from slmfactory.platform.corpus import _expand, _read_user_file
+    from slmfactory.data.corpus import _expand, _read_user_file
     from slmfactory.serving.domains import check_name, create_domain, finetune_and_swap, register_in_mlflow
     from slmfactory.serving.domains import DomainRegistry
 

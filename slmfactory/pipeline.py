@@ -16,7 +16,7 @@ from slmfactory.platform.errors import DataError
 
 
 def ensure_corpus(cfg: RunConfig, build: bool, log: Callable[[str], None] = print) -> None:
-    from slmfactory.platform.corpus import build_corpus
+    from slmfactory.data.corpus import build_corpus
 
     if (cfg.corpus_dir / "manifest.json").is_file():
         return
@@ -28,7 +28,7 @@ def ensure_corpus(cfg: RunConfig, build: bool, log: Callable[[str], None] = prin
 
 
 def check_domain(cfg: RunConfig, domain: str) -> None:
-    from slmfactory.platform.corpus import list_domains
+    from slmfactory.data.corpus import list_domains
 
     domains = list_domains(cfg.corpus_dir)
     if domain not in domains:
@@ -45,7 +45,7 @@ def run_trial(cfg: RunConfig, log: Callable[[str], None] | None = print, launche
     from slmfactory.models.strategies import get_strategy
     from slmfactory.models.strategies.base import StrategyContext
     from slmfactory.platform.runtime import ray_session
-    from slmfactory.platform.tokenizer import ensure_tokenizer
+    from slmfactory.data.tokenizer import ensure_tokenizer
 
     ensure_corpus(cfg, build=False)
     domain = cfg.data.domain

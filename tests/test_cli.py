@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from slmfactory.cli import SUBCOMMANDS, build_parser
-from slmfactory.platform.corpus import SAMPLE_DIR
+from slmfactory.data.corpus import SAMPLE_DIR
 
 
 def run_cli(*args, cwd=None):

@@ -38,7 +38,7 @@ def _shutdown_ray():
 @pytest.fixture(scope="module")
 def clustered(tiny_root, tmp_path_factory):
     """(cfg, Clusters, first-run seconds) on a private copy of the tiny corpus."""
-    from slmfactory.platform.clusters import run_clustering
+    from slmfactory.data.cluster_pipeline import run_clustering
 
     work = tmp_path_factory.mktemp("clusters") / "work"
     shutil.copytree(tiny_root, work)
@@ -53,8 +53,8 @@ def clustered(tiny_root, tmp_path_factory):
 
 @pytest.mark.timeout(420)
 def test_windows_parquet_complete_and_assigned(clustered):
-    from slmfactory.platform.clusters import WINDOW_COLUMNS
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.cluster_pipeline import WINDOW_COLUMNS
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     cfg, cl, _ = clustered
     import pyarrow as pa
@@ -118,7 +118,8 @@ def test_histograms_entropies_and_split(clustered):
 
 @pytest.mark.timeout(120)
 def test_rerun_is_cached(clustered):
-    from slmfactory.platform.clusters import load_clusters, run_clustering
+    from slmfactory.data.clusters import load_clusters
+    from slmfactory.data.cluster_pipeline import run_clustering
 
     import ray
 
@@ -137,7 +138,7 @@ def test_in_domain_size_never_touches_the_generic_clustering(clustered):
     """Another ``data.domain_train_tokens`` re-embeds and re-assigns only in-domain windows:
     the generic embeddings and k-means are reused as they are."""
     cfg, cl, _ = clustered
-    from slmfactory.platform.clusters import run_clustering
+    from slmfactory.data.cluster_pipeline import run_clustering
 
     smaller = cfg.replace(**{"data.domain_train_tokens": cfg.data.domain_train_tokens // 2})
     generic_markers = {p: p.stat().st_mtime_ns for p in (cfg.root / "clusters").glob("*/stage.json")
@@ -154,7 +155,7 @@ def test_in_domain_size_never_touches_the_generic_clustering(clustered):
 
 @pytest.mark.timeout(120)
 def test_assign_texts_routes_like_the_pipeline(clustered):
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     cfg, cl, _ = clustered
     t = pads.dataset(str(cl.windows_dir), format="parquet").to_table(
@@ -168,8 +169,8 @@ def test_assign_texts_routes_like_the_pipeline(clustered):
 
 @pytest.mark.timeout(240)
 def test_resample_matches_domain_histogram(clustered):
-    from slmfactory.platform.clusters import total_variation
-    from slmfactory.platform.resample import load_resampled_tokens, resample
+    from slmfactory.data.clusters import total_variation
+    from slmfactory.data.resample import load_resampled_tokens, resample
 
     cfg, cl, _ = clustered
     try:
@@ -205,7 +206,7 @@ def test_resample_matches_domain_histogram(clustered):
     assert np.allclose(np.bincount(data.column("cluster").to_numpy(), minlength=cl.k) / data.num_rows, res.histogram)
     # Shuffled: not the windows in table order (which would put a document's windows together).
     assert not np.array_equal(stream[:len(flat)][:200], flat[:200])
-    from slmfactory.models.data import resampled_source
+    from slmfactory.data.tokens import resampled_source
 
     src = resampled_source(res)
     assert np.array_equal(src.load(), stream) and src.key == res.path.name
@@ -229,7 +230,7 @@ def test_resample_matches_domain_histogram(clustered):
 
 @pytest.mark.timeout(120)
 def test_largest_remainder_is_exact():
-    from slmfactory.platform.resample import largest_remainder
+    from slmfactory.data.resample import largest_remainder
 
     p = np.array([0.5, 0.3, 0.2, 0.0])
     assert largest_remainder(p, 10).tolist() == [5, 3, 2, 0]
@@ -239,7 +240,7 @@ def test_largest_remainder_is_exact():
 
 @pytest.mark.timeout(60)
 def test_missing_corpus_is_a_data_error(tmp_path):
-    from slmfactory.platform.clusters import run_clustering
+    from slmfactory.data.cluster_pipeline import run_clustering
 
     with pytest.raises(DataError, match="corpus"):
         run_clustering(_cfg(tmp_path / "nowhere"), progress=False)
@@ -247,7 +248,7 @@ def test_missing_corpus_is_a_data_error(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_empty_domain_is_a_data_error(tiny_cfg):
-    from slmfactory.platform.clusters import run_clustering
+    from slmfactory.data.cluster_pipeline import run_clustering
 
     empty = tiny_cfg.corpus_dir / "domains" / "hollow"
     empty.mkdir()
@@ -260,7 +261,7 @@ def test_empty_domain_is_a_data_error(tiny_cfg):
 @pytest.mark.timeout(180)
 def test_k_larger_than_windows_is_a_data_error(clustered, tmp_path):
     """Reuses the module's cached embeddings: the error comes before Ray starts."""
-    from slmfactory.platform.clusters import run_clustering
+    from slmfactory.data.cluster_pipeline import run_clustering
 
     cfg, cl, _ = clustered
     big = cfg.replace(**{"cluster.k": 4096, "cluster.sample_windows": 4096})
@@ -271,8 +272,8 @@ def test_k_larger_than_windows_is_a_data_error(clustered, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_unknown_domain_and_bad_tokens(clustered):
-    from slmfactory.platform.clusters import load_clusters
-    from slmfactory.platform.resample import resample
+    from slmfactory.data.clusters import load_clusters
+    from slmfactory.data.resample import resample
 
     cfg, cl, _ = clustered
     with pytest.raises(ConfigError, match="tokens"):
@@ -288,7 +289,7 @@ def test_other_k_reuses_embeddings_and_logs_to_mlflow(clustered):
     """k = 4 on the cached embeddings; logs to a real MLflow (sqlite) run."""
     from mlflow.tracking import MlflowClient
 
-    from slmfactory.platform.clusters import run_clustering
+    from slmfactory.data.cluster_pipeline import run_clustering
     from slmfactory.platform.tracking import open_tracker
 
     cfg, cl, first = clustered

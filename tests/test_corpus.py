@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from slmfactory.platform import corpus as C
+from slmfactory.data import corpus as C
 from slmfactory.platform.config import CorpusConfig, RunConfig
 from slmfactory.platform.errors import DataError
 
@@ -269,7 +269,7 @@ def test_no_debian_tools_skips_debian_domains(tmp_path, monkeypatch, capsys):
 
 def test_fetch_uses_cache_and_never_refetches(tmp_path, monkeypatch):
     """A rerun after a kill finds downloads, unpacked folders and extractions in the cache."""
-    from slmfactory.platform import corpus_sources as S
+    from slmfactory.data import corpus_sources as S
 
     def boom(*a, **k):
         raise AssertionError("must not run a download: the file is cached")
@@ -295,7 +295,7 @@ def test_fetch_uses_cache_and_never_refetches(tmp_path, monkeypatch):
 
 
 def test_markup_cleaners():
-    from slmfactory.platform import corpus_sources as S
+    from slmfactory.data import corpus_sources as S
 
     html_text = S.html_to_text("<html><head><title>T</title><style>p{}</style></head><body>"
                                "<p>Prev&nbsp;Up&nbsp;Next</p><h1>Title</h1><p>A &amp; B<br>c</p>"
@@ -421,7 +421,7 @@ def test_generic_holds_no_domain_collection(sample_build):
     """By default (no share, no overflow, one collection on one side) no generic document
     comes from a built domain's collection. Today's sample generic file carries documents of
     every domain's packages (the old share and overflow), so the guard is exercised."""
-    from slmfactory.platform.corpus_sources import collection_of
+    from slmfactory.data.corpus_sources import collection_of
 
     cfg, m = sample_build
     parts = _all_parts(cfg.corpus_dir)
@@ -446,7 +446,7 @@ def test_generic_holds_no_domain_collection(sample_build):
 def test_generic_plan_keeps_each_collection_on_one_side():
     """The real build's plan: scancode's licence rules are generic text only while `legal`
     (scancode's licence texts) is not built; every source names its collection."""
-    from slmfactory.platform.corpus_sources import DOMAIN_SOURCES, GENERIC_SOURCES, generic_plan
+    from slmfactory.data.corpus_sources import DOMAIN_SOURCES, GENERIC_SOURCES, generic_plan
 
     kept, excluded = generic_plan(["legal", "biomedical", "code"])  # the demo's domains
     assert [e["name"] for e in excluded] == ["scancode-rules"]

@@ -32,11 +32,11 @@ def _run(root: Path) -> dict:
     """Corpus, tokenizer, clustering and legal's resampling in the fresh workdir ``root``."""
     import ray
 
-    from slmfactory.platform.clusters import run_clustering
+    from slmfactory.data.cluster_pipeline import run_clustering
     from slmfactory.platform.config import load_config
-    from slmfactory.platform.corpus import build_sample_corpus
-    from slmfactory.platform.resample import load_resampled_tokens, resample
-    from slmfactory.platform.tokenizer import ensure_tokenizer
+    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.resample import load_resampled_tokens, resample
+    from slmfactory.data.tokenizer import ensure_tokenizer
 
     # 400 generic windows (of ~1,100) keep MiniLM's work to a minute on 2 cores.
     cfg = load_config(TINY, {"workdir": str(root), "corpus.domains": ["legal"], "cluster.max_generic_windows": 400})
@@ -69,14 +69,14 @@ def _run(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    from slmfactory.platform import clusters
+    from slmfactory.data import cluster_pipeline
 
     base = tmp_path_factory.mktemp("determinism")
     # Blocks of 128 windows instead of 2,048 (read on the driver only): the ~400 generic
     # windows then span several blocks, MiniLM actor calls and files, as a real corpus does,
     # so block order, file names and per-file resampling tasks are all exercised.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(clusters, "EMBED_BLOCK_WINDOWS", 128)
+        mp.setattr(cluster_pipeline, "EMBED_BLOCK_WINDOWS", 128)
         return _run(base / "a"), _run(base / "b")
 
 
@@ -98,7 +98,7 @@ def test_rerun_in_fresh_workdir_is_bitwise_identical(two_runs):
 def test_clustering_records_what_minilm_embedded_and_its_flops(two_runs):
     """The clustering's cost (defect 8): windows and MiniLM tokens embedded on the generic
     side and per domain, and ``Clusters.embedding_cost`` as 2·N·tokens + attention."""
-    from slmfactory.platform.clusters import MINILM_DIM, MINILM_LAYERS, MINILM_PARAMS
+    from slmfactory.data.clusters import MINILM_DIM, MINILM_LAYERS, MINILM_PARAMS
     from slmfactory.platform.cost import CostRecord
 
     a, _ = two_runs

@@ -20,7 +20,7 @@ import pytest
 from slmfactory.models.launch import LocalLauncher
 from slmfactory.models.strategies.base import TokenSource, lm_factory, vocab_size_of
 from slmfactory.platform.config import load_config
-from slmfactory.platform.corpus import SAMPLE_DIR
+from slmfactory.data.corpus import SAMPLE_DIR
 
 pytestmark = pytest.mark.ray
 
@@ -33,7 +33,7 @@ def _texts(cfg) -> list[str]:
     """Real text: the committed corpus sample (through the corpus module when it builds),
     else the raw sample files, else the system's licence texts."""
     try:
-        from slmfactory.platform.corpus import build_sample_corpus, iter_texts, list_domains
+        from slmfactory.data.corpus import build_sample_corpus, iter_texts, list_domains
 
         build_sample_corpus(cfg)
         texts = list(iter_texts(cfg.corpus_dir, "generic", "train"))
@@ -55,9 +55,9 @@ def _texts(cfg) -> list[str]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """(cfg, train source, valid source): tokenizer trained on real text, tokens on disk."""
-    from slmfactory.models.data import tokenize_texts
-    from slmfactory.platform.corpus import build_sample_corpus
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens import tokenize_texts
+    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     root = tmp_path_factory.mktemp("dist")
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides={"workdir": str(root)})

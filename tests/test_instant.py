@@ -69,9 +69,9 @@ def test_histogram_weighted_average_is_the_expert_when_one_hot():
 
 def test_documents_are_split_into_training_and_held_out_slices(tiny_cfg):
     from slmfactory.models.instant import histogram_windows, split_documents
-    from slmfactory.platform.corpus import iter_texts
+    from slmfactory.data.corpus import iter_texts
     from slmfactory.platform.errors import DataError
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     tok = load_tokenizer(ensure_tokenizer(tiny_cfg))
     texts = list(iter_texts(tiny_cfg.corpus_dir, "legal", "train"))[:10]
@@ -136,7 +136,7 @@ def app(tiny_root, tmp_path_factory):
 
 
 def _docs(cfg, domain: str, n: int) -> list[str]:
-    from slmfactory.platform.corpus import iter_texts
+    from slmfactory.data.corpus import iter_texts
 
     return [t[:3000] for t in list(iter_texts(cfg.corpus_dir, domain, "train"))[:n]]
 
@@ -268,7 +268,7 @@ def test_finetuning_replaces_the_served_model_without_a_failed_request(app):
 @pytest.mark.timeout(600)
 def test_cli_specialize_registers_in_mlflow_and_the_running_app_serves_it(app, capsys):
     from slmfactory.cli import main
-    from slmfactory.platform.corpus import iter_texts
+    from slmfactory.data.corpus import iter_texts
     from slmfactory.platform.tracking import client_for
 
     cfg, url, overrides = app

@@ -72,5 +72,5 @@ def test_the_graph_sees_real_edges():
     """Guards the walker itself: known edges must be found."""
     graph = import_graph()
     assert "slmfactory.platform.config" in graph["slmfactory.models.lm"]
-    assert "slmfactory.platform.stages" in graph["slmfactory.platform.tokenizer"]
+    assert "slmfactory.platform.stages" in graph["slmfactory.data.tokenizer"]
     assert "slmfactory.models.strategies.base" in graph["slmfactory.models.strategies.slm"]

@@ -23,7 +23,7 @@ def served(tiny_root, tmp_path_factory):
     import ray
 
     from slmfactory.pipeline import run_trial
-    from slmfactory.platform.clusters import run_clustering
+    from slmfactory.data.cluster_pipeline import run_clustering
     from slmfactory.platform.config import load_config
     from slmfactory.platform.runtime import init_ray
 
@@ -121,9 +121,9 @@ def test_score_equals_the_projects_own_evaluation(served):
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from slmfactory.models.data import split_tokens
+    from slmfactory.data.tokens import split_tokens
     from slmfactory.models.trainer import evaluate_nll
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     cfg, url, folders = served
     tok = load_tokenizer(ensure_tokenizer(cfg))
@@ -147,9 +147,9 @@ def test_score_equals_the_projects_own_evaluation(served):
 
 
 def test_auto_routes_test_prompts_to_their_own_domain(served):
-    from slmfactory.platform.corpus import iter_texts
+    from slmfactory.data.corpus import iter_texts
 
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     cfg, url, _ = served
     tok = load_tokenizer(ensure_tokenizer(cfg))

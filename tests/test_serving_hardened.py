@@ -154,8 +154,8 @@ def test_keys_admin_and_rate_limits(app):
     # TPM tokens per minute per key (prompt + requested completion tokens; scored tokens):
     # four scores of ~480 tokens fit in 2000, the fifth does not (quick requests: the bucket
     # refills 33 tokens a second, it would take 12 s to refill one).
-    from slmfactory.platform.corpus import iter_texts
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.corpus import iter_texts
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     tok = load_tokenizer(ensure_tokenizer(cfg))
     long = " ".join(itertools.islice(iter_texts(cfg.corpus_dir, "legal", "train"), 20))

@@ -47,8 +47,8 @@ def run(cfg, strategy: str = "slm"):
 
 
 def keys(cfg) -> dict[str, str]:
-    from slmfactory.models.data import token_stage
-    from slmfactory.platform.tokenizer import tokenizer_stage
+    from slmfactory.data.tokens import token_stage
+    from slmfactory.data.tokenizer import tokenizer_stage
 
     return {"tokenizer": tokenizer_stage(cfg).key, "generic tokens": token_stage(cfg, "generic", "train").key,
             "domain tokens": token_stage(cfg, DOMAIN, "train").key}
@@ -57,7 +57,7 @@ def keys(cfg) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A workdir after one `slm` run (corpus, tokenizer, tokens, generic phase, fine-tune)."""
-    from slmfactory.platform.corpus import build_sample_corpus
+    from slmfactory.data.corpus import build_sample_corpus
 
     cfg = small(tmp_path_factory.mktemp("stages") / "work")
     build_sample_corpus(cfg)
@@ -104,7 +104,7 @@ def test_another_vocab_size_retrains_tokenizer_tokens_and_every_phase(built, tmp
 
 
 def test_a_rebuilt_corpus_invalidates_what_reads_the_changed_files(built, tmp_path):
-    from slmfactory.platform.corpus import build_sample_corpus
+    from slmfactory.data.corpus import build_sample_corpus
 
     cfg, _, _ = built
     same = copy_of(cfg, tmp_path)

@@ -28,8 +28,8 @@ def work_cfg(tmp_path_factory):
     """The tiny recipe with 4 clusters on the real-text sample, built with the generic part
     and the one domain tested only: MiniLM embeds every domain's windows, and clustering is
     the slow part of this module."""
-    from slmfactory.platform.corpus import build_sample_corpus
-    from slmfactory.platform.tokenizer import ensure_tokenizer
+    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.tokenizer import ensure_tokenizer
 
     work = tmp_path_factory.mktemp("strategies") / "work"
     # A pulse needs only a few steps: 16 pretraining steps (4 per expert of slm-mix on
@@ -47,7 +47,7 @@ def work_cfg(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clustered_cfg(work_cfg):
     """``work_cfg`` after MiniLM + k-means clustering (once per module: it is the slow part)."""
-    from slmfactory.platform.clusters import run_clustering
+    from slmfactory.data.cluster_pipeline import run_clustering
 
     run_clustering(work_cfg, progress=False)
     return work_cfg
@@ -119,7 +119,7 @@ def test_slm_d_pulse(work_cfg):
 
 def test_cluster_routed_batches_are_deterministic_and_proportional(work_cfg, tmp_path):
     from slmfactory.models.projected import build_projected
-    from slmfactory.models.data import PackedBatches, split_tokens
+    from slmfactory.data.tokens import PackedBatches, split_tokens
     from slmfactory.models.strategies.base import vocab_size_of
     from slmfactory.models.strategies.slm_pn import ClusterRoutedTrainer
 
@@ -152,7 +152,7 @@ def test_cluster_routed_batches_are_deterministic_and_proportional(work_cfg, tmp
 
 
 def test_slm_pn_pulse(clustered_cfg):
-    from slmfactory.platform.clusters import load_clusters
+    from slmfactory.data.clusters import load_clusters
 
     generic, rec = run_pulse(clustered_cfg, "slm-pn")
     assert generic.cost.flops > 0 and generic.info["experts"] == 4
@@ -168,7 +168,7 @@ def test_slm_pn_pulse(clustered_cfg):
 
 @pytest.mark.parametrize("rule", ["most-frequent", "best-before-finetune", "best-after-finetune"])
 def test_slm_mix_pulse(clustered_cfg, rule):
-    from slmfactory.platform.clusters import load_clusters
+    from slmfactory.data.clusters import load_clusters
 
     cfg = clustered_cfg.replace(**{"strategy.slm-mix.selection": rule})
     generic, rec = run_pulse(cfg, "slm-mix")
@@ -219,7 +219,7 @@ def test_llm_lora_pulse(work_cfg):
 
 def test_slm_is_pulse(clustered_cfg):
     from slmfactory.models.strategies.base import trained_tokens
-    from slmfactory.platform.clusters import load_clusters
+    from slmfactory.data.clusters import load_clusters
 
     generic, rec = run_pulse(clustered_cfg, "slm-is")
     # No generic phase: its only generic cost is embedding and clustering the generic corpus.
@@ -272,7 +272,7 @@ def test_routed_and_dense_generic_perplexity_score_the_same_sequences(clustered_
 
 
 def test_the_test_sample_spans_the_whole_split_and_is_the_same_every_time(work_cfg):
-    from slmfactory.models.data import as_sequences
+    from slmfactory.data.tokens import as_sequences
     from slmfactory.models.strategies.base import DomainData
 
     cfg = work_cfg.replace(**{"data.test_tokens": 8 * 64})

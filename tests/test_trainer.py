@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from slmfactory.models.data import PackedBatches, split_tokens
+from slmfactory.data.tokens import PackedBatches, split_tokens
 from slmfactory.models.lm import build_model
 from slmfactory.models.trainer import Trainer
 

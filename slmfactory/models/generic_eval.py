@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from slmfactory.models.data import as_sequences, split_source
+from slmfactory.data.tokens import as_sequences, split_source
 
 
 def generic_eval_sequences(cfg) -> np.ndarray:
@@ -25,7 +25,7 @@ def generic_eval_sequences(cfg) -> np.ndarray:
 
 def sequence_clusters(cfg, clusters, seqs: np.ndarray) -> np.ndarray:
     """(n,) cluster of each sequence: its decoded text embedded by MiniLM, nearest centroid."""
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     tok = load_tokenizer(ensure_tokenizer(cfg))
     texts = tok.batch_decode(seqs.tolist(), skip_special_tokens=True)

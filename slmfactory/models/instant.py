@@ -90,8 +90,8 @@ def documents_digest(texts: list[str]) -> str:
 def split_documents(cfg, texts: list[str], tokenizer=None) -> DomainDocs:
     """Tokenize ``texts`` and hold out every ``HOLDOUT_EVERY``-th document (the last one
     when there are fewer; the tail fifth of the tokens of a single document)."""
-    from slmfactory.models.data import tokenize_texts
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens import tokenize_texts
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     if not texts:
         raise DataError("documents: no documents given")
@@ -173,7 +173,7 @@ def generic_families(cfg, train: bool = False, log: Callable[[str], None] | None
 def _generic_families(cfg, train: bool, log) -> dict[str, Family]:
     from slmfactory.models.distributed import make_launcher
     from slmfactory.models.strategies.base import StrategyContext, get_strategy
-    from slmfactory.platform.clusters import load_clusters
+    from slmfactory.data.clusters import load_clusters
 
     out: dict[str, Family] = {}
     for short, name in FAMILY.items():
@@ -326,10 +326,10 @@ def build_instant(cfg, texts: list[str], families: dict[str, Family], embedder=N
     ``embedder``: a loaded MiniLM to reuse (a serving replica keeps one)."""
     from slmfactory.models.strategies.base import export_hf
     from slmfactory.models.lm import count_params
-    from slmfactory.platform.clusters import nearest_centroid
+    from slmfactory.data.clusters import nearest_centroid
     from slmfactory.platform.cost import inference_flops_per_token
-    from slmfactory.platform.embed import encode, load_minilm
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.embed import encode, load_minilm
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     say = log or (lambda _m: None)
     timings: dict[str, float] = {}
@@ -429,7 +429,7 @@ def finetune_instant(cfg, docs_train: np.ndarray, docs_heldout: np.ndarray, init
     """Fine-tune the chosen instant model on the training documents within
     ``budget_tokens`` (early-stopped on the held-out slice), on Ray Train unless
     ``launcher`` says otherwise; returns the exported model folder and its held-out ppl."""
-    from slmfactory.models.data import TokenSource
+    from slmfactory.data.tokens import TokenSource
     from slmfactory.models.distributed import RayLauncher
     from slmfactory.models.lm import count_params
     from slmfactory.models.strategies.base import (

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from slmfactory.models.data import Batch, PackedBatches, as_sequences
+from slmfactory.data.tokens import Batch, PackedBatches, as_sequences
 from slmfactory.platform.cost import TRAIN, CostRecord, Work, model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import DataError
 

@@ -94,8 +94,8 @@ def _import_everything() -> None:
 
     import slmfactory.models.instant  # noqa: F401
     import slmfactory.models.projected  # noqa: F401
-    import slmfactory.platform.clusters  # noqa: F401
-    import slmfactory.platform.embed  # noqa: F401
+    import slmfactory.data.clusters  # noqa: F401
+    import slmfactory.data.embed  # noqa: F401
     import slmfactory.serving.domains  # noqa: F401
 
     transformers.logging.set_verbosity_error()
@@ -396,8 +396,8 @@ def make_deployment(max_models: int, batch_wait_s: float = 0.005):
                                param="model", code="model_not_found")
             import numpy as np
 
-            from slmfactory.platform.clusters import nearest_centroid
-            from slmfactory.platform.embed import encode
+            from slmfactory.data.clusters import nearest_centroid
+            from slmfactory.data.embed import encode
 
             if self.minilm is None:
                 self.minilm = await asyncio.to_thread(_minilm)
@@ -900,7 +900,7 @@ def _instant_inputs(cfg):
     """What a replica builds new domains from: the trained generic phases (never trained
     here), the run's tokenizer and MiniLM."""
     from slmfactory.models.instant import generic_families
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     families = generic_families(cfg, train=False)
     return families, load_tokenizer(ensure_tokenizer(cfg)), _minilm()
@@ -908,7 +908,7 @@ def _instant_inputs(cfg):
 
 def _minilm():
     from slmfactory.models.instant import CONSTRUCTION_LOCK
-    from slmfactory.platform.embed import load_minilm
+    from slmfactory.data.embed import load_minilm
 
     with CONSTRUCTION_LOCK:  # a from_pretrained inside (see CONSTRUCTION_LOCK)
         return load_minilm("cpu")

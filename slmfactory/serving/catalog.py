@@ -128,7 +128,7 @@ def router_data(cfg, domains: list[str]) -> dict | None:
     """Centroids and each served domain's cluster histogram, from the run's clustering;
     None when the clustering was never computed (``auto`` then answers 404)."""
     try:
-        from slmfactory.platform.clusters import load_clusters
+        from slmfactory.data.clusters import load_clusters
 
         cl = load_clusters(cfg)
     except DataError:

@@ -12,7 +12,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     """``make demo``: the whole platform. Corpus -> tokenizer -> clusters -> the recipe's
     sweep (Ray Tune, MLflow) -> report (tables, plots) -> recommendation."""
     from slmfactory.pipeline import ensure_corpus
-    from slmfactory.platform.tokenizer import ensure_tokenizer
+    from slmfactory.data.tokenizer import ensure_tokenizer
     from slmfactory.sweeps.report import write_report
     from slmfactory.sweeps.run import run_sweep
 

@@ -245,10 +245,10 @@ def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] |
     from slmfactory.models.distributed import make_launcher
     from slmfactory.models.strategies import get_strategy
     from slmfactory.models.strategies.base import StrategyContext
-    from slmfactory.platform.tokenizer import ensure_tokenizer
+    from slmfactory.data.tokenizer import ensure_tokenizer
 
     ensure_tokenizer(cfg)
-    from slmfactory.platform.clusters import run_clustering
+    from slmfactory.data.cluster_pipeline import run_clustering
 
     clustered = set()
     for t in plan.trials:  # one clustering per distinct cluster setting and in-domain size
@@ -272,7 +272,7 @@ def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] |
 def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, address: str | None = None,
               log: Callable[[str], None] | None = print) -> SweepOutcome | None:
     from slmfactory.pipeline import ensure_corpus
-    from slmfactory.platform.corpus import list_domains
+    from slmfactory.data.corpus import list_domains
     from slmfactory.platform.runtime import ray_session
 
     # Trials run with the trial folder as their working directory: paths must be absolute.

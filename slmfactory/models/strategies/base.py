@@ -28,7 +28,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from slmfactory.models.data import PackedBatches, TokenSource, split_source
+from slmfactory.data.tokens import PackedBatches, TokenSource, split_source
 from slmfactory.models.launch import FitOutput, Launcher, WorkerContext
 from slmfactory.models.lm import build_model, count_params
 from slmfactory.models.trainer import Trainer, TrainResult, evaluate_on_trial_device
@@ -36,7 +36,7 @@ from slmfactory.platform.config import RunConfig, TrainConfig, from_dict, regist
 from slmfactory.platform.cost import TRAIN, CostRecord, Work, inference_flops_per_token
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.stages import Stage
-from slmfactory.platform.tokenizer import ensure_tokenizer
+from slmfactory.data.tokenizer import ensure_tokenizer
 from slmfactory.platform.tracking import NullTracker, Tracker
 
 STRATEGIES: dict[str, type["Strategy"]] = {}
@@ -217,7 +217,7 @@ class DomainData:
     def test_sample(self) -> np.ndarray:
         """The sampled test sequences, flattened in order ((n · seq_len,) int32): what
         every perplexity of this domain is measured on."""
-        from slmfactory.models.data import as_sequences
+        from slmfactory.data.tokens import as_sequences
 
         seqs = as_sequences(self.test.load(), self.seq_len, "test")                   # (N, T)
         n = self.test_tokens // self.seq_len if self.test_tokens else len(seqs)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from slmfactory.models.data import Batch
+from slmfactory.data.tokens import Batch
 from slmfactory.models.strategies.base import (
     DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, budget_share, evaluate_ppl,
     finetune_lm, finish, lm_flops_per_token, load_lm, phase_work, pretrain_lm, register, split_source)

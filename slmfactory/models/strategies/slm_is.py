@@ -1,6 +1,6 @@
 """SLM-is: importance sampling. Once the domain is known, the generic corpus is resampled
 so that its cluster histogram matches the domain's (w(x) = P(c(x)|domain)/P(c(x)|generic),
-``slmfactory/platform/resample.py``), a *fresh* SLM is pretrained on the resampled tokens,
+``slmfactory/data/resample.py``), a *fresh* SLM is pretrained on the resampled tokens,
 then fine-tuned on the domain data (PAPER.md).
 
 Budget: everything after the domain is known is specialisation, so the sweep's spec axis
@@ -71,14 +71,14 @@ class ImportanceSampling(Strategy):
         return None  # nothing is shared across domains
 
     def prepare(self, ctx: StrategyContext, domain: str) -> None:
-        from slmfactory.platform.resample import resample
+        from slmfactory.data.resample import resample
 
         cfg = ctx.cfg
         resample(cfg, domain, tokens=self.resample_tokens(cfg), progress=ctx.log is not None)
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
-        from slmfactory.models.data import resampled_source
-        from slmfactory.platform.resample import resample
+        from slmfactory.data.tokens import resampled_source
+        from slmfactory.data.resample import resample
 
         cfg = ctx.cfg
         res = resample(cfg, domain, tokens=self.resample_tokens(cfg), progress=ctx.log is not None,
@@ -92,7 +92,7 @@ class ImportanceSampling(Strategy):
         before = evaluate_ppl(cfg, load_lm(cfg, "slm", pre.weights()), data.test_sample())[1]
         model, fit = finetune_lm(ctx, "slm", pre.weights(), data, f"{self.name}/{domain}",
                                  train_cfg=self.finetune_config(cfg))
-        from slmfactory.platform.clusters import run_clustering
+        from slmfactory.data.cluster_pipeline import run_clustering
 
         return finish(ctx, self.name, domain, model, fit, None, data, before,
                       extra_spec_cost=pre.cost, clusters=run_clustering(cfg, progress=False),

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slmfactory.models.data import Batch, PackedBatches
+from slmfactory.data.tokens import Batch, PackedBatches
 from slmfactory.models.experts import cluster_streams, expert_clusters
 from slmfactory.models.generic_eval import routed_generic_nll
 from slmfactory.models.projected import build_projected

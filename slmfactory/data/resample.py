@@ -160,7 +160,7 @@ def _resample_file(row: dict, work: str, seed: int, eos: int, k: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from slmfactory.platform.npy import NpyWriter, flatten_with_eos
+    from slmfactory.data.npy import NpyWriter, flatten_with_eos
 
     i, path, work = int(row["index"]), str(row["path"]), Path(work)
     sel = np.load(work / "select" / f"{i:05d}.npy")
@@ -214,7 +214,7 @@ def _resample_file(row: dict, work: str, seed: int, eos: int, k: int) -> dict:
 def _write_stream(work: Path, n_files: int, seed: int) -> int:
     """Concatenate every file's chunks, in a seeded permutation of all chunks, into
     ``work/tokens.npy`` (streamed: one chunk in memory); returns its length."""
-    from slmfactory.platform.npy import NpyWriter
+    from slmfactory.data.npy import NpyWriter
 
     index = []  # (file, start, length) per chunk: O(windows / CHUNK_WINDOWS)
     for i in range(n_files):
@@ -243,7 +243,8 @@ def _write_stream(work: Path, n_files: int, seed: int) -> int:
 
 def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None) -> ResampleResult:
     """Write ~``tokens`` generic tokens whose cluster histogram matches ``domain``'s."""
-    from slmfactory.platform.clusters import ray_data_context, run_clustering, total_variation
+    from slmfactory.data.clusters import total_variation
+    from slmfactory.data.cluster_pipeline import ray_data_context, run_clustering
     from slmfactory.platform.runtime import ray_session
 
     if int(tokens) <= 0:
@@ -306,7 +307,7 @@ def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None)
 
         import ray
 
-        from slmfactory.platform.clusters import TASK_CPUS
+        from slmfactory.data.cluster_pipeline import TASK_CPUS
 
         ray_data_context(progress)
 

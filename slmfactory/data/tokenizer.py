@@ -80,7 +80,7 @@ def tokenizer_stage(cfg) -> Stage:
 
 def ensure_tokenizer(cfg) -> Path:
     """The run's tokenizer folder, trained on its generic corpus the first time."""
-    from slmfactory.platform.corpus import iter_texts
+    from slmfactory.data.corpus import iter_texts
 
     stage = tokenizer_stage(cfg)
     if not stage.done:

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from slmfactory.platform.corpus_sources import (
+from slmfactory.data.corpus_sources import (
     DOMAIN_SOURCES,
     Source,
     collection_of,
@@ -102,7 +102,7 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 # Package data (pyproject's package-data), not a path into a checkout: an installed wheel
 # builds the sample corpus too.
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "corpus_sample"
+SAMPLE_DIR = Path(__file__).resolve().parent / "corpus_sample"
 
 
 # --------------------------------------------------------------------------------------

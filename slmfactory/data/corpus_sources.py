@@ -10,7 +10,7 @@ atomically. A build that is killed therefore resumes where it stopped.
 
 Extractors do the markup-specific cleaning (HTML, reST, POD, roff, OSIS, dictd, OBO,
 Python docstrings, Gutenberg headers); the generic whitespace normalisation, length
-filtering and cutting live in :mod:`slmfactory.platform.corpus`.
+filtering and cutting live in :mod:`slmfactory.data.corpus`.
 """
 
 from __future__ import annotations

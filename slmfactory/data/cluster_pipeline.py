@@ -1,4 +1,4 @@
-"""``slmfactory cluster``: windows → MiniLM embeddings → faiss k-means → cluster ids.
+"""``slmfactory cluster``, the Ray Data pipeline: windows → MiniLM embeddings → faiss k-means → cluster ids.
 
 The pipeline (every stage a Ray Data job that streams parquet to parquet; the driver only
 sees counts, the k-means sample and the centroids):
@@ -39,11 +39,8 @@ fixed-point iteration, can move a window near a boundary to another cluster. Suc
 are rare (windows near a Voronoi boundary) and change a domain's histogram by a window or
 two; the float64 argmax keeps the assignment itself from adding more.
 
-Which windows: generic train (all, or a hash-chosen ~``cluster.max_generic_windows``),
-and each domain's in-domain training set: the train documents covering the first
-``data.domain_train_tokens`` tokens. A domain's histogram is taken over exactly those
-first tokens' windows (the in-domain set the paper's strategies see). Entropies are
-in nats (natural log); the maximum at k clusters is ln k.
+The result is read back through :mod:`slmfactory.data.clusters` (``Clusters``,
+``load_clusters``), which also holds the stage keys this pipeline writes under.
 """
 
 from __future__ import annotations
@@ -54,34 +51,39 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from slmfactory.platform.errors import DataError
-from slmfactory.platform.stages import Stage, corpus_digest
+from slmfactory.data.clusters import (Clusters, assignment_stage, corpus_inputs,
+                                      domain_embedding_stage, generic_embedding_stage, kmeans_stage,
+                                      nearest_centroid)
 
-CODE_VERSION = "clusters-v5"  # v5: canonical order and file names; MiniLM token counts
+
 PREFIX_BYTES_PER_TOKEN = 6
+
+
 EMBED_BLOCK_WINDOWS = 2048
+
+
 # CPUs each Ray Data task asks (read, tokenize, assign, write). Small, so that on a node
 # whose cores are partly held by embedding actors the tasks that feed those actors can
 # still be placed: with the default of 1 CPU a 1-CPU node running a 0.5-CPU actor could
 # never schedule a read task and the pipeline would wait forever.
 TASK_CPUS = 0.25
+
+
 _TASK = {"num_cpus": TASK_CPUS}
+
+
 WINDOW_COLUMNS = ["window_id", "doc_id", "part", "split", "start", "end", "tokens", "cluster"]
+
+
 #: The canonical order of every window table: unique per window (doc ids are unique across
 #: the corpus; ``start`` orders a document's windows).
 ORDER_KEYS = ["doc_id", "start"]
-#: MiniLM (all-MiniLM-L6-v2): parameters (22.7M, the embedding tables included), layers,
-#: width; ``Clusters.embedding_cost`` prices its forward passes with them.
-MINILM_PARAMS = 22_713_216
-MINILM_LAYERS = 6
-MINILM_DIM = 384
 
-
-# -- small helpers ------------------------------------------------------------------------
 
 class _Stages:
     """One stderr line per stage with counts and seconds (the CLI's progress)."""
@@ -106,23 +108,6 @@ class _Stages:
             print(f"[{self.prefix}] {stage}: {what} ({dt:.1f}s)", file=sys.stderr, flush=True)
         self._t0 = time.perf_counter()
         return dt
-
-
-def entropy(p: np.ndarray) -> float:
-    """Shannon entropy in nats of a probability vector (0·log 0 = 0)."""
-    p = np.asarray(p, dtype=np.float64)
-    nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum())
-
-
-def total_variation(p: np.ndarray, q: np.ndarray) -> float:
-    return float(0.5 * np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).sum())
-
-
-def _normalise(counts: np.ndarray) -> np.ndarray:
-    counts = np.asarray(counts, dtype=np.float64)
-    s = counts.sum()
-    return counts / s if s > 0 else counts
 
 
 def _sample_key(seed: int, window_ids: list[str]) -> np.ndarray:
@@ -187,41 +172,6 @@ def _canonical_names(out: Path) -> None:
             f.rename(f.with_name(f"part-{i:05d}.parquet"))
 
 
-# -- inputs and their hash ------------------------------------------------------------
-
-def corpus_inputs(cfg) -> list[tuple[str, str, Path]]:
-    """``(part, split, path)`` of every corpus file the clustering reads (generic train and
-    valid, each domain's train), with clear errors for a missing corpus or an empty domain."""
-    import pyarrow.parquet as pq
-
-    root = cfg.corpus_dir
-    gen = root / "generic" / "train.parquet"
-    if not root.is_dir():
-        raise DataError(f"corpus {root}: not found (run `slmfactory corpus` first)")
-    if not gen.is_file():
-        raise DataError(f"corpus {root}: generic/train.parquet not found (run `slmfactory corpus` first)")
-    if pq.read_metadata(gen).num_rows == 0:
-        raise DataError(f"corpus {root}: generic/train.parquet has no documents")
-    out: list[tuple[str, str, Path]] = [("generic", "train", gen)]
-    # Generic validation windows are embedded and assigned too: the routed generic
-    # perplexity of the expert strategies scores each by its own cluster's expert.
-    if (root / "generic" / "valid.parquet").is_file():
-        out.append(("generic", "valid", root / "generic" / "valid.parquet"))
-    ddir = root / "domains"
-    names = sorted(p.name for p in ddir.iterdir() if p.is_dir()) if ddir.is_dir() else []
-    if not names:
-        raise DataError(f"corpus {root}: no domains under {ddir}")
-    for name in names:
-        train = ddir / name / "train.parquet"
-        if not train.is_file() or pq.read_metadata(train).num_rows == 0:
-            raise DataError(f"domain '{name}': empty (no documents in {train}); "
-                            "remove the folder or rebuild the corpus")
-        # Only the in-domain training set is clustered: histograms, expert choice and
-        # resampling all read it, and nothing reads domain valid/test windows.
-        out.append((name, "train", train))
-    return out
-
-
 def domain_doc_prefixes(cfg, inputs: list[tuple[str, str, Path]]) -> dict[str, list[str]]:
     """Per domain, the doc ids of the train documents that can fall inside the first
     ``data.domain_train_tokens`` tokens (corpus order); windows outside the prefix are
@@ -265,53 +215,13 @@ def generic_doc_fraction(cfg, inputs: list[tuple[str, str, Path]]) -> float:
     return min(1.0, cap / est_windows)
 
 
-def _digests(cfg, inputs: list[tuple[str, str, Path]]) -> dict[str, str]:
-    return {f"{part}/{split}": corpus_digest(cfg.corpus_dir, part, split) for part, split, _ in inputs}
-
-
-def generic_embedding_stage(cfg, inputs) -> Stage:
-    """Embeddings of the generic windows: keyed by the generic files, the tokenizer and the
-    windowing, never by a domain or the in-domain size."""
-    from slmfactory.platform.tokenizer import tokenizer_stage
-
-    c = cfg.cluster
-    return Stage.of(cfg.root, "clusters", "emb-generic", version=CODE_VERSION,
-                    files=_digests(cfg, [i for i in inputs if i[0] == "generic"]), tokenizer=tokenizer_stage(cfg),
-                    window_tokens=c.window_tokens, max_generic_windows=c.max_generic_windows, seed=c.seed)
-
-
-def kmeans_stage(cfg, embeddings: Stage) -> Stage:
-    """The generic clustering: centroids, assigned generic windows, per-cluster split."""
-    c = cfg.cluster
-    return Stage.of(cfg.root, "clusters", f"k{c.k}", embeddings=embeddings, k=c.k, sample=c.sample_windows,
-                    iters=c.kmeans_iters, seed=c.seed)
-
-
-def domain_embedding_stage(cfg, inputs) -> Stage:
-    """Embeddings of each domain's in-domain training windows (its first
-    ``data.domain_train_tokens`` tokens): the only clustering work the in-domain size changes."""
-    from slmfactory.platform.tokenizer import tokenizer_stage
-
-    return Stage.of(cfg.root, "clusters", "emb-domains", version=CODE_VERSION,
-                    files=_digests(cfg, [i for i in inputs if i[0] != "generic"]), tokenizer=tokenizer_stage(cfg),
-                    window_tokens=cfg.cluster.window_tokens, domain_train_tokens=cfg.data.domain_train_tokens)
-
-
-def assignment_stage(cfg, clustering: Stage, domain_embeddings: Stage) -> Stage:
-    """Each in-domain window assigned to the nearest generic centroid."""
-    return Stage.of(cfg.root, "clusters", f"k{cfg.cluster.k}-domains", clustering=clustering,
-                    embeddings=domain_embeddings)
-
-
-# -- Ray Data stage functions (run in workers) ----------------------------------------
-
 _TOKENIZERS: dict[str, Any] = {}
 
 
 def _tokenizer(path: str):
     tok = _TOKENIZERS.get(path)
     if tok is None:
-        from slmfactory.platform.tokenizer import load_tokenizer
+        from slmfactory.data.tokenizer import load_tokenizer
 
         tok = _TOKENIZERS[path] = load_tokenizer(Path(path))
     return tok
@@ -394,296 +304,14 @@ def _sample_batch(batch, seed: int, threshold: float):
                      "embedding": batch.column("embedding").filter(sel)})
 
 
-def nearest_centroid(emb: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid (L2 = highest dot product, all vectors unit-norm).
-
-    Scored in float64: the products of float32 inputs are exact there, so the scores do
-    not depend on how many rows a batch has (BLAS picks its kernels by shape) closely
-    enough to flip an argmax, and the assignment is a function of the embedding alone."""
-    if len(emb) == 0:
-        return np.zeros(0, dtype=np.int32)
-    scores = np.asarray(emb, np.float64) @ np.asarray(centroids, np.float64).T
-    return np.argmax(scores, axis=1).astype(np.int32)
-
-
 def _assign_batch(batch, centroids: np.ndarray):
     import pyarrow as pa
 
-    from slmfactory.platform.embed import from_arrow
+    from slmfactory.data.embed import from_arrow
 
     cluster = nearest_centroid(from_arrow(batch.column("embedding")), centroids)
     return batch.drop_columns(["embedding"]).append_column("cluster", pa.array(cluster, pa.int32()))
 
-
-# -- the result -------------------------------------------------------------------------
-
-class Clusters:
-    """A finished clustering on disk: the generic stage (centroids, assigned generic
-    windows, per-cluster split) and, when asked for, the domain assignment stage."""
-
-    def __init__(self, cfg, stage: Stage, domains: Stage | None = None):
-        self.cfg = cfg
-        if not stage.done:
-            raise DataError(f"{stage.dir}: no finished clustering here (run `slmfactory cluster`)")
-        self.stage, self.domains_stage = stage, domains
-        self.dir = stage.dir
-        self._warned_short: set[str] = set()
-        self.meta: dict[str, Any] = stage.info
-        self.domain_meta: dict[str, Any] = domains.info if domains is not None else {}
-        self.k: int = int(self.meta["k"])
-        self.centroids: np.ndarray = np.load(self.dir / "centroids.npy").astype(np.float32)
-        self.eos_id: int = int(self.meta["eos_id"])
-        self._hist: dict[str, np.ndarray] = {}
-        self._model = None
-
-    @property
-    def key(self) -> str:
-        """The generic clustering's key (what generic phases built on it key on)."""
-        return self.stage.key
-
-    @property
-    def domains_key(self) -> str | None:
-        """The domain assignment's key (histograms depend on it), if attached."""
-        return self.domains_stage.key if self.domains_stage is not None else None
-
-    # paths
-    @property
-    def windows_dir(self) -> Path:
-        return self.dir / "windows"
-
-    @property
-    def by_cluster_dir(self) -> Path:
-        return self.dir / "by_cluster"
-
-    @property
-    def parts(self) -> list[str]:
-        return ["generic"] + list(self.domain_meta.get("domains", []))
-
-    def _scan(self, columns: list[str], flt=None, domains: bool = False) -> Iterator[Any]:
-        import pyarrow.dataset as pads
-
-        where = self.domains_stage.path("windows") if domains else self.windows_dir
-        ds = pads.dataset(str(where), format="parquet")
-        yield from ds.to_batches(columns=columns, filter=flt)
-
-    def generic_train_batches(self, columns: list[str]) -> Iterator[Any]:
-        """``columns`` of the generic train windows (the resampling and experts' pool)."""
-        import pyarrow.compute as pc
-
-        yield from self._scan(columns, (pc.field("part") == "generic") & (pc.field("split") == "train"))
-
-    def domain_windows(self, domain: str, split: str = "train"):
-        """The domain's windows of ``split`` (metadata + cluster, no tokens) as pandas,
-        in corpus order (document order of the split file, then position)."""
-        import pandas as pd
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        self._check_part(domain)
-        flt = (pc.field("part") == domain) & (pc.field("split") == split)
-        cols = ["window_id", "doc_id", "start", "end", "cluster"]
-        batches = [b.to_pandas() for b in self._scan(cols, flt, domains=True)]
-        df = pd.concat(batches, ignore_index=True) if batches else pd.DataFrame(columns=cols)
-        src = self.cfg.corpus_dir / "domains" / domain / f"{split}.parquet"
-        if src.is_file():
-            order = {d: i for i, d in enumerate(pq.read_table(src, columns=["doc_id"]).column(0).to_pylist())}
-            df["doc_pos"] = df["doc_id"].map(order).fillna(len(order)).astype(np.int64)
-        else:
-            df["doc_pos"] = 0
-        return df.sort_values(["doc_pos", "doc_id", "start"], kind="stable").reset_index(drop=True)
-
-    def _check_part(self, part: str) -> None:
-        if part not in self.parts:
-            raise DataError(f"domain '{part}': not in this clustering (known: {', '.join(self.parts)})")
-
-    def generic_valid_streams(self, max_tokens: int) -> dict[int, np.ndarray]:
-        """Per cluster, the generic validation windows' tokens, each followed by eos: the
-        first ``max_tokens`` tokens of windows in window-id order (deterministic). Ids and
-        lengths are read first; tokens only for the windows inside the budget."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        valid = (pc.field("part") == "generic") & (pc.field("split") == "valid")
-        ids, lens = [], []
-        for b in self._scan(["window_id", "start", "end"], valid):
-            ids.extend(b.column("window_id").to_pylist())
-            lens.append(pc.subtract(b.column("end"), b.column("start")).to_numpy(zero_copy_only=False) + 1)
-        if not ids:
-            return {}
-        order = sorted(range(len(ids)), key=ids.__getitem__)
-        lens = np.concatenate(lens).astype(np.int64)[order]
-        before = np.cumsum(lens) - lens
-        chosen = pa.array([ids[i] for i, b in zip(order, before) if b < max_tokens], pa.string())
-        rows = {}
-        for b in self._scan(["window_id", "cluster", "tokens"], valid & pc.field("window_id").isin(chosen)):
-            for w, c, t in zip(b.column("window_id").to_pylist(), b.column("cluster").to_pylist(),
-                               b.column("tokens").to_numpy(zero_copy_only=False)):
-                rows[w] = (int(c), t)
-        out: dict[int, list[np.ndarray]] = {}
-        for w in chosen.to_pylist():
-            c, t = rows[w]
-            out.setdefault(c, []).append(np.append(np.asarray(t, dtype=np.int32), np.int32(self.eos_id)))
-        return {c: np.concatenate(t).astype(np.int32) for c, t in sorted(out.items())}
-
-    def counts(self, part: str) -> np.ndarray:
-        """(k,) window counts of ``part`` (generic: all generic train windows; a domain:
-        its train windows within the first ``data.domain_train_tokens`` tokens)."""
-        self._check_part(part)
-        if part == "generic":
-            if "generic_counts" in self.meta:
-                return np.asarray(self.meta["generic_counts"], dtype=np.int64)
-            c = np.zeros(self.k, dtype=np.int64)
-            for b in self.generic_train_batches(["cluster"]):
-                c += np.bincount(b.column(0).to_numpy(), minlength=self.k)
-            return c
-        df = self.domain_windows(part, "train")
-        lengths = (df["end"] - df["start"]).to_numpy()
-        before = np.cumsum(lengths) - lengths  # tokens preceding each window
-        if lengths.sum() < self.cfg.data.domain_train_tokens and part not in self._warned_short:
-            self._warned_short.add(part)
-            print(f"[cluster] note: domain '{part}' has {int(lengths.sum()):,} embedded train tokens, fewer "
-                  f"than data.domain_train_tokens={self.cfg.data.domain_train_tokens:,}", file=sys.stderr)
-        df = df[before < self.cfg.data.domain_train_tokens]
-        return np.bincount(df["cluster"].to_numpy(dtype=np.int64), minlength=self.k)
-
-    def histogram(self, part: str) -> np.ndarray:
-        if part not in self._hist:
-            self._hist[part] = _normalise(self.counts(part))
-        return self._hist[part]
-
-    def entropy(self, part: str) -> float:
-        """Entropy of ``part``'s cluster histogram in nats (max ln k)."""
-        return entropy(self.histogram(part))
-
-    def most_frequent(self, domain: str) -> int:
-        return int(np.argmax(self.counts(domain)))
-
-    def iter_cluster_tokens(self, cluster: int, batch_windows: int = 8192) -> Iterator[np.ndarray]:
-        """int32 chunks of the generic train windows of ``cluster``, each window followed by
-        eos, in the split's canonical order (files ``part-<n>`` in name order, rows in
-        order: sorted by (doc_id, start), a document's windows in sequence; the same on
-        every rerun). One batch in memory."""
-        import pyarrow.parquet as pq
-
-        from slmfactory.platform.npy import flatten_with_eos
-
-        if not 0 <= cluster < self.k:
-            raise DataError(f"cluster {cluster}: out of range 0..{self.k - 1}")
-        d = self.by_cluster_dir / f"cluster={cluster}"
-        for f in sorted(d.glob("*.parquet")) if d.is_dir() else []:
-            for b in pq.ParquetFile(f).iter_batches(batch_size=batch_windows, columns=["tokens"]):
-                if b.num_rows:
-                    yield flatten_with_eos(b.column(0), self.eos_id)
-
-    def cluster_tokens(self, cluster: int, max_tokens: int | None = None) -> np.ndarray:
-        """int32 token ids of the generic train windows of ``cluster``, each followed by
-        eos, in the order of ``iter_cluster_tokens``; at most ``max_tokens`` of them (in
-        memory: training streams reads ``cluster_streams``' memory-mapped file instead)."""
-        out: list[np.ndarray] = []
-        n = 0
-        for chunk in self.iter_cluster_tokens(cluster):
-            out.append(chunk)
-            n += len(chunk)
-            if max_tokens is not None and n >= max_tokens:
-                break
-        toks = np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
-        return toks if max_tokens is None else toks[:max_tokens]
-
-    def cluster_sizes(self) -> np.ndarray:
-        """(k,) generic train tokens per cluster, eos separators included (so
-        ``cluster_sizes()[c] == len(cluster_tokens(c))``)."""
-        return np.asarray(self.meta["generic_cluster_tokens"], dtype=np.int64)
-
-    def embedding_stats(self, part: str) -> dict[str, int]:
-        """What MiniLM embedded for ``part``: ``windows``, ``tokens`` (MiniLM word pieces,
-        [CLS]/[SEP] included, after its 256-piece truncation; padding excluded) and
-        ``tokens_sq`` (the sum over windows of tokens², for attention). ``generic``: every
-        generic window embedded (train windows for k-means and the experts' pool, valid
-        windows for routed perplexity); a domain: its in-domain training windows."""
-        self._check_part(part)
-        if part == "generic":
-            stats = self.meta.get("embedded_generic")
-        else:
-            stats = self.domain_meta.get("embedded_domains", {}).get(part)
-        if stats is None:
-            raise DataError(f"{self.dir}: this clustering predates embedding statistics; rerun `slmfactory cluster`")
-        return {k: int(v) for k, v in stats.items()}
-
-    def embedding_cost(self, part: str, profile=None):
-        """MiniLM's inference cost of embedding ``part``'s windows as a
-        :class:`slmfactory.platform.cost.CostRecord` (phase ``embed/<part>``): FLOPs =
-        2 · MINILM_PARAMS · tokens + 2 · layers · d · Σ tokens² (per token, 2·N plus
-        attention over its window's T tokens, as ``platform/cost.py`` counts 2·L·T·d);
-        wall seconds are the stage's measured windowing + embedding time (the generic part:
-        the generic embedding stage; a domain: the domain stage's, split by tokens).
-        ``profile``: the device profile for device-hours (default: ``cfg.device``). The
-        generic part is shared by every strategy that needs the clustering; a domain's
-        part belongs to that domain's specialisation."""
-        from slmfactory.platform.cost import INFERENCE, CostRecord, Work
-
-        st = self.embedding_stats(part)
-        flops = 2.0 * MINILM_PARAMS * st["tokens"] + 2.0 * MINILM_LAYERS * MINILM_DIM * st["tokens_sq"]
-        work = Work(INFERENCE, st["tokens"], flops, float(MINILM_PARAMS))
-        if part == "generic":
-            wall = float(self.meta.get("embedded_generic_seconds", 0.0))
-        else:
-            total = sum(int(v["tokens"]) for v in self.domain_meta.get("embedded_domains", {}).values())
-            wall = float(self.domain_meta.get("embedded_domains_seconds", 0.0)) * st["tokens"] / max(1, total)
-        return CostRecord.of(f"embed/{part}", work, wall, profile if profile is not None else self.cfg.device,
-                             windows=st["windows"])
-
-    def assign_texts(self, texts: list[str]) -> np.ndarray:
-        """Cluster ids for new texts: MiniLM in this process, nearest centroid."""
-        from slmfactory.platform.embed import encode, load_minilm
-
-        if self._model is None:
-            self._model = load_minilm()
-        return nearest_centroid(encode(self._model, list(texts), self.cfg.cluster.embed_batch_size), self.centroids)
-
-    def summary(self, top: int = 3) -> str:
-        lines = [f"clusters: k={self.k}  dir={self.dir}",
-                 f"entropy in nats (max ln {self.k} = {math.log(self.k):.2f}); domain histograms over the "
-                 f"first {self.cfg.data.domain_train_tokens:,} train tokens",
-                 f"{'part':<16}{'windows':>10}{'entropy':>9}  top clusters (share)"]
-        for part in self.parts:
-            c = self.counts(part)
-            p = _normalise(c)
-            best = np.argsort(-p, kind="stable")[:top]
-            tops = "  ".join(f"{int(j)}:{p[j]:.2f}" for j in best if p[j] > 0)
-            lines.append(f"{part:<16}{int(c.sum()):>10}{entropy(p):>9.3f}  {tops}")
-        return "\n".join(lines)
-
-    def histogram_figure(self):
-        """A bar chart per part (generic and each domain), for MLflow and reports."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        parts = self.parts
-        fig, axes = plt.subplots(len(parts), 1, figsize=(8, 1.6 * len(parts) + 0.5), sharex=True, squeeze=False)
-        for ax, part in zip(axes[:, 0], parts):
-            ax.bar(np.arange(self.k), self.histogram(part), width=1.0, color="C0" if part == "generic" else "C1")
-            ax.set_ylabel(part, rotation=0, ha="right", fontsize=8)
-            ax.set_title(f"H = {self.entropy(part):.2f} nats", fontsize=8, loc="right")
-        axes[-1, 0].set_xlabel(f"cluster (k = {self.k})")
-        fig.tight_layout()
-        return fig
-
-
-def load_clusters(cfg, domains: bool = True) -> Clusters:
-    """The finished clustering for ``cfg``'s inputs and cluster config (with the domain
-    assignment unless ``domains`` is false)."""
-    inputs = corpus_inputs(cfg)
-    stage = kmeans_stage(cfg, generic_embedding_stage(cfg, inputs))
-    dom = assignment_stage(cfg, stage, domain_embedding_stage(cfg, inputs)) if domains else None
-    if not stage.done or (dom is not None and not dom.done):
-        raise DataError(f"clusters for this corpus and cluster config not computed yet ({stage.dir}); "
-                        "run `slmfactory cluster` first")
-    return Clusters(cfg, stage, dom)
-
-
-# -- the pipeline ------------------------------------------------------------------------
 
 def _dir_rows(path: Path) -> int:
     import pyarrow.dataset as pads
@@ -710,8 +338,8 @@ def _embed_windows(cfg, inputs, out: Path, stages: _Stages, generic_fraction: fl
     """Stages 1-2 for ``inputs`` into ``out`` (a stage's work folder); returns its meta."""
     import ray
 
-    from slmfactory.platform.embed import embed_dataset
-    from slmfactory.platform.tokenizer import ensure_tokenizer
+    from slmfactory.data.embed import embed_dataset
+    from slmfactory.data.tokenizer import ensure_tokenizer
 
     stages.start()
     files = [str(p.resolve()) for _, _, p in inputs]
@@ -783,7 +411,7 @@ def _fit_kmeans(cfg, emb_dir: Path, n_generic: int, stages: _Stages) -> tuple[np
     import faiss
     import ray
 
-    from slmfactory.platform.embed import EMBED_DIM, from_arrow
+    from slmfactory.data.embed import EMBED_DIM, from_arrow
 
     c = cfg.cluster
     s = min(c.sample_windows, n_generic)
@@ -828,7 +456,7 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
     """Embed and cluster the generic windows, and (``domains``) embed and assign each
     domain's in-domain windows: four stages, each reused when its inputs are unchanged
     (see the module doc)."""
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     inputs = corpus_inputs(cfg)
     ensure_tokenizer(cfg)
@@ -990,44 +618,3 @@ def _log(cl: Clusters, tracker) -> None:
     fig = cl.histogram_figure()
     tracker.log_figure(fig, "clusters/histograms.png")
     plt.close(fig)
-
-
-# -- helpers for benchmarks and tools ------------------------------------------------------
-
-def bench_workdir(cfg) -> "Any":
-    """``cfg`` if its corpus and tokenizer exist; otherwise the same recipe on a temporary
-    workdir holding the committed real-text sample (slmfactory/data/corpus_sample) and a
-    tokenizer trained on it, so a benchmark runs on a fresh checkout."""
-    import tempfile
-
-    from slmfactory.platform.corpus import build_sample_corpus
-    from slmfactory.platform.tokenizer import ensure_tokenizer
-
-    if (cfg.corpus_dir / "manifest.json").is_file():
-        ensure_tokenizer(cfg)
-        return cfg
-    root = Path(tempfile.mkdtemp(prefix="slmf-bench-"))
-    cfg = cfg.replace(workdir=str(root), **{"tracking.enabled": False})
-    build_sample_corpus(cfg)
-    ensure_tokenizer(cfg)
-    return cfg
-
-
-def sample_window_texts(cfg, n: int) -> list[str]:
-    """The decoded text of the first ``n`` generic train windows (in-process; for benchmarks)."""
-    import pyarrow.parquet as pq
-
-    from slmfactory.platform.tokenizer import ensure_tokenizer, load_tokenizer
-
-    tok = load_tokenizer(ensure_tokenizer(cfg))
-    w = cfg.cluster.window_tokens
-    out: list[str] = []
-    files = [p for _, _, p in corpus_inputs(cfg)]  # generic train first, then the domains
-    for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(columns=["text"], batch_size=256):
-            ids = tok(batch.column(0).to_pylist(), add_special_tokens=False)["input_ids"]
-            spans = [x[s:s + w] for x in ids for s in range(0, len(x), w)]
-            out.extend(tok.batch_decode(spans, skip_special_tokens=True))
-            if len(out) >= n:
-                return out[:n]
-    return out
