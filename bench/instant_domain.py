@@ -155,7 +155,8 @@ def quality_table(args, cfg) -> list[dict]:
     from slmfactory.models.instant import (
         _NoTraining, build_instant, finetune_instant, generic_families)
     from slmfactory.models.launch import LocalLauncher
-    from slmfactory.models.strategies.base import DomainData, StrategyContext, evaluate_ppl, get_strategy, load_lm
+    from slmfactory.models.phases import DomainData, evaluate_ppl, load_lm
+    from slmfactory.models.strategies.base import StrategyContext, get_strategy
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     families = generic_families(cfg, train=False)

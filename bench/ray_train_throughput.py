@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from slmfactory.models.launch import LocalLauncher  # noqa: E402
-from slmfactory.models.strategies.base import lm_factory  # noqa: E402
+from slmfactory.models.phases import lm_factory  # noqa: E402
 from slmfactory.platform.config import load_config  # noqa: E402
 
 PHASE = "pretrain/bench"

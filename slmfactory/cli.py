@@ -121,7 +121,7 @@ def cmd_sweep(args) -> None:
 
 
 def _experiment(cfg, name: str | None) -> str:
-    from slmfactory.sweeps.plan import experiment_name
+    from slmfactory.trial import experiment_name
 
     return name or experiment_name(cfg)
 
@@ -214,7 +214,7 @@ def cmd_ui(args) -> None:
     page = ""
     try:  # the sweep's runs in MLflow's model-training view (3.17 opens on GenAI traces otherwise)
         from slmfactory.platform.tracking import client_for
-        from slmfactory.sweeps.plan import experiment_name
+        from slmfactory.trial import experiment_name
 
         exp = client_for(cfg.tracking_uri).get_experiment_by_name(experiment_name(cfg))
         if exp is not None:

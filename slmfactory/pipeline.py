@@ -13,6 +13,7 @@ from typing import Callable
 
 from slmfactory.platform.config import RunConfig
 from slmfactory.platform.errors import DataError
+from slmfactory.trial import log_trial, trial_of
 
 
 def ensure_corpus(cfg: RunConfig, build: bool, log: Callable[[str], None] = print) -> None:
@@ -64,9 +65,7 @@ def trial_record(cfg: RunConfig, model, generic) -> dict:
     """Tags, params, metrics (perplexity with its bootstrap interval, every cost figure,
     the budgets actually spent and the epochs over each phase's data) and curves of one
     trial. Labels carry the nominal budgets; ``spent/*`` what the trial trained."""
-    from slmfactory.models.strategies.base import trained_tokens
-    from slmfactory.sweeps.plan import trial_of
-
+    from slmfactory.models.phases import trained_tokens
     trial = trial_of(cfg)
     d = model.domain
     nll = model.metrics["test_nll"]
@@ -107,8 +106,6 @@ def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str]
     with ray_session(address):
         record = run_trial(cfg, log=log)
     if cfg.tracking.enabled:
-        from slmfactory.sweeps.tracking import log_trial
-
         log_trial(cfg, cfg.tracking.experiment, record["key"], record)
     m = record["metrics"]
     d = cfg.data.domain

@@ -11,7 +11,8 @@ import pytest
 from slmfactory.models.strategies import get_strategy
 from slmfactory.platform.config import load_config
 from slmfactory.platform.errors import ConfigError
-from slmfactory.sweeps.plan import plan_sweep, size_generic_pool, trial_of
+from slmfactory.sweeps.plan import plan_sweep, size_generic_pool
+from slmfactory.trial import trial_of
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -139,7 +140,7 @@ def test_two_seeds_are_two_mlflow_runs(tmp_path):
     land in (and be skipped as) one run."""
     from mlflow.tracking import MlflowClient
 
-    from slmfactory.sweeps.tracking import log_trial
+    from slmfactory.trial import log_trial
 
     cfg = demo(**{"workdir": str(tmp_path), "sweep.grid": {"finetune.seed": [0, 1]}, "strategy.name": "slm",
                   "data.domain": "legal"})

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from slmfactory.models.launch import LocalLauncher
-from slmfactory.models.strategies.base import TokenSource, lm_factory, vocab_size_of
+from slmfactory.data.tokens import TokenSource
+from slmfactory.models.phases import lm_factory, vocab_size_of
 from slmfactory.platform.config import load_config
 from slmfactory.data.corpus import SAMPLE_DIR
 

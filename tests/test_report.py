@@ -16,7 +16,7 @@ import pytest
 
 from slmfactory import cli
 from slmfactory.sweeps import report as rp
-from slmfactory.sweeps.tracking import TRIAL_TAG
+from slmfactory.trial import TRIAL_TAG
 
 SIZE, BIG = 1000, 8000
 

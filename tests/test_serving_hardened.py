@@ -42,7 +42,7 @@ def _export(cfg, out: Path, domain: str, poison: str | None = None) -> Path:
     "nan" fills the final norm with NaN (every logit NaN: sampling raises)."""
     import torch
 
-    from slmfactory.models.strategies.base import export_hf, load_lm
+    from slmfactory.models.phases import export_hf, load_lm
 
     torch.manual_seed(0)
     model = load_lm(cfg, "slm", None).eval()

@@ -98,7 +98,7 @@ def test_another_vocab_size_retrains_tokenizer_tokens_and_every_phase(built, tmp
     assert all(before[k] != after[k] for k in before)
     phases, _, rec = run(changed)
     assert phases == ["pretrain/slm", f"finetune/slm/{DOMAIN}"]
-    from slmfactory.models.strategies.base import vocab_size_of
+    from slmfactory.models.phases import vocab_size_of
 
     assert vocab_size_of(changed) == 384 and rec.params < 200_000
 

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from slmfactory.models.launch import LocalLauncher
-from slmfactory.models.strategies.base import StrategyContext, TokenSource, evaluate_ppl, get_strategy
+from slmfactory.data.tokens import TokenSource
+from slmfactory.models.phases import evaluate_ppl
+from slmfactory.models.strategies.base import StrategyContext, get_strategy
 from slmfactory.platform.config import load_config
 
 DOMAIN = "legal"
@@ -58,7 +60,7 @@ def run_pulse(cfg, name: str):
     the recorded test perplexity."""
     from transformers import AutoModelForCausalLM
 
-    from slmfactory.models.strategies.base import DomainData
+    from slmfactory.models.phases import DomainData
 
     ctx = StrategyContext(cfg, LocalLauncher(device="cpu", log=None), log=None)
     strategy = get_strategy(name)
@@ -120,7 +122,7 @@ def test_slm_d_pulse(work_cfg):
 def test_cluster_routed_batches_are_deterministic_and_proportional(work_cfg, tmp_path):
     from slmfactory.models.projected import build_projected
     from slmfactory.data.tokens import PackedBatches, split_tokens
-    from slmfactory.models.strategies.base import vocab_size_of
+    from slmfactory.models.phases import vocab_size_of
     from slmfactory.models.strategies.slm_pn import ClusterRoutedTrainer
 
     cfg = work_cfg
@@ -160,7 +162,7 @@ def test_slm_pn_pulse(clustered_cfg):
     # The generic phase records the routed generic perplexity (PAPER.md Table 8).
     assert math.isfinite(generic.info["routed_generic_ppl"]) and generic.info["routed_generic_tokens"] > 0
     # The served model is a plain SLM: same size as the `slm` strategy's.
-    from slmfactory.models.strategies.base import load_lm
+    from slmfactory.models.phases import load_lm
     assert rec.params == sum(p.numel() for p in load_lm(clustered_cfg, "slm", None).parameters())
 
 
@@ -178,7 +180,7 @@ def test_slm_mix_pulse(clustered_cfg, rule):
     assert experts <= set(range(clusters.k)) and len(experts) >= 2
     # The split budget: the experts together spend about one SLM's pretraining tokens.
     step = cfg.pretrain.batch_size * cfg.data.seq_len
-    from slmfactory.models.strategies.base import trained_tokens
+    from slmfactory.models.phases import trained_tokens
 
     assert abs(trained_tokens(generic.cost) - cfg.pretrain.max_tokens) <= len(experts) * step
     if rule == "most-frequent":
@@ -204,7 +206,7 @@ def test_llm_lora_pulse(work_cfg):
     assert 0 < rec.metrics["lora_trainable_params"] < rec.params / 5
     # Frozen weights skip their weight gradients: cheaper per token than full fine-tuning
     # (6·N), dearer than a forward pass (2·N).
-    from slmfactory.models.strategies.base import load_lm
+    from slmfactory.models.phases import load_lm
     from slmfactory.platform.cost import inference_flops_per_token, train_flops_per_token
 
     llm = load_lm(work_cfg, "llm", None)
@@ -218,7 +220,7 @@ def test_llm_lora_pulse(work_cfg):
 # -- slm-is --------------------------------------------------------------------------------
 
 def test_slm_is_pulse(clustered_cfg):
-    from slmfactory.models.strategies.base import trained_tokens
+    from slmfactory.models.phases import trained_tokens
     from slmfactory.data.clusters import load_clusters
 
     generic, rec = run_pulse(clustered_cfg, "slm-is")
@@ -241,13 +243,13 @@ def test_slm_is_pulse(clustered_cfg):
 def test_slm_nopt_spends_the_spec_budget_from_scratch(work_cfg):
     """Training from scratch happens once the domain is known: the spec axis's tokens, not a
     budget of its own (it trained 65,536 tokens under a 32,768 label)."""
-    from slmfactory.models.strategies.base import trained_tokens
+    from slmfactory.models.phases import trained_tokens
 
     cfg = work_cfg.replace(**{"finetune.patience": 0, "finetune.max_tokens": 6 * 8 * 64})
     generic, rec = run_pulse(cfg, "slm-nopt")
     assert generic is None and rec.generic_cost is None
     assert trained_tokens(rec.spec_cost) == 6 * 8 * 64 and rec.metrics["finetune_steps"] == 6
-    from slmfactory.models.strategies.base import DomainData
+    from slmfactory.models.phases import DomainData
 
     sequences = len(DomainData.of(cfg, DOMAIN).train.load()) // 64
     assert rec.metrics["epochs/spec"] == pytest.approx(6 * 8 / sequences)
@@ -258,7 +260,7 @@ def test_routed_and_dense_generic_perplexity_score_the_same_sequences(clustered_
     'mixture' whose every expert is one model gives exactly that model's figure."""
     from slmfactory.models.experts import expert_clusters
     from slmfactory.models.generic_eval import generic_nll, routed_generic_nll
-    from slmfactory.models.strategies.base import load_lm
+    from slmfactory.models.phases import load_lm
 
     model = load_lm(clustered_cfg, "slm", None)
     dense = generic_nll(clustered_cfg, lambda _: model)
@@ -273,7 +275,7 @@ def test_routed_and_dense_generic_perplexity_score_the_same_sequences(clustered_
 
 def test_the_test_sample_spans_the_whole_split_and_is_the_same_every_time(work_cfg):
     from slmfactory.data.tokens import as_sequences
-    from slmfactory.models.strategies.base import DomainData
+    from slmfactory.models.phases import DomainData
 
     cfg = work_cfg.replace(**{"data.test_tokens": 8 * 64})
     data = DomainData.of(cfg, DOMAIN)
@@ -291,15 +293,14 @@ def test_registry_holds_exactly_the_documented_strategies():
     """The README's strategy table is the documentation: the registry must match it."""
     import re
 
-    from slmfactory.models.strategies import STRATEGIES
-    from slmfactory.platform.config import STRATEGY_SETTINGS
+    from slmfactory.platform.registry import strategies
+    from slmfactory.platform.config import strategy_settings
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme[readme.index("| config name | strategy (PAPER.md) |"):]
     table = table[: table.index("\n\n")]
     documented = re.findall(r"^\| `([a-z-]+)` \|", table, flags=re.M)
-    get_strategy("slm")  # loads the strategy plugins
-    assert sorted(STRATEGIES) == sorted(documented) == sorted(STRATEGY_SETTINGS)
+    assert sorted(strategies()) == sorted(documented) == sorted(strategy_settings())
     assert len(documented) == 8
 
 

@@ -201,7 +201,7 @@ def pn_model(cfg, fam: Family):
     from safetensors.torch import load_model
 
     from slmfactory.models.projected import build_projected
-    from slmfactory.models.strategies.base import vocab_size_of
+    from slmfactory.models.phases import vocab_size_of
 
     with CONSTRUCTION_LOCK:  # built untied next to a loading thread otherwise
         pn = build_projected(cfg, vocab_size_of(cfg), fam.artifact.info["experts"])
@@ -229,7 +229,7 @@ def mixed_state(states: list[dict[str, torch.Tensor]], weights: list[float]) -> 
 def mix_average(cfg, fam: Family, histogram: np.ndarray):
     """The hard mixture's experts averaged with the histogram's weights, renormalised over
     the clusters that have an expert (a mixture skips clusters too small to train)."""
-    from slmfactory.models.strategies.base import load_lm
+    from slmfactory.models.phases import load_lm
 
     experts = mix_experts(cfg, fam)
     have = sorted(experts)
@@ -248,7 +248,7 @@ def mix_average(cfg, fam: Family, histogram: np.ndarray):
 
 
 def mix_most_frequent(cfg, fam: Family, counts: np.ndarray):
-    from slmfactory.models.strategies.base import load_lm
+    from slmfactory.models.phases import load_lm
 
     experts = mix_experts(cfg, fam)
     chosen = max(sorted(experts), key=lambda c: counts[c])  # among clusters that have an expert
@@ -324,7 +324,7 @@ def build_instant(cfg, texts: list[str], families: dict[str, Family], embedder=N
     """Embed ``texts``, take their histogram over each family's experts and instantiate
     every rule's model (a stage each); the one with the lowest held-out NLL is ``chosen``.
     ``embedder``: a loaded MiniLM to reuse (a serving replica keeps one)."""
-    from slmfactory.models.strategies.base import export_hf
+    from slmfactory.models.phases import export_hf
     from slmfactory.models.lm import count_params
     from slmfactory.data.clusters import nearest_centroid
     from slmfactory.platform.cost import inference_flops_per_token
@@ -432,8 +432,8 @@ def finetune_instant(cfg, docs_train: np.ndarray, docs_heldout: np.ndarray, init
     from slmfactory.data.tokens import TokenSource
     from slmfactory.models.distributed import RayLauncher
     from slmfactory.models.lm import count_params
-    from slmfactory.models.strategies.base import (
-        DomainData, StrategyContext, Weights, export_hf, finetune_lm)
+    from slmfactory.models.phases import DomainData, export_hf, finetune_lm
+    from slmfactory.models.strategies.base import StrategyContext, Weights
 
     step = cfg.finetune.batch_size * cfg.data.seq_len
     if budget_tokens < step:

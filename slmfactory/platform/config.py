@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from slmfactory.platform.registry import strategies
 from slmfactory.platform.errors import ConfigError
 
 
@@ -49,31 +50,11 @@ PRESETS: dict[str, Preset] = {
     "paper-llm": Preset(n_layers=7, d_model=2816, d_mlp=7488, n_heads=22),
 }
 
-# -- strategy settings: owned by each strategy, registered from its own file ------------
-
-STRATEGY_SETTINGS: dict[str, type] = {}
-"""Strategy name -> its frozen settings dataclass. Strategies register themselves
-(``slmfactory.models.strategies.base.register``); the platform never imports them but
-loads the ``slmfactory.strategies`` entry points, so a ninth strategy is one new file."""
-_PLUGINS_LOADED = False
-
-
-def register_strategy_settings(name: str, settings: type) -> None:
-    if not dataclasses.is_dataclass(settings):
-        raise TypeError(f"strategy {name!r}: settings must be a dataclass, got {settings!r}")
-    STRATEGY_SETTINGS[name] = settings
-
+# -- strategy settings: owned by each strategy, read through the one registry -----------
 
 def strategy_settings() -> dict[str, type]:
-    """Every registered strategy's settings class, loading the strategy plugins once."""
-    global _PLUGINS_LOADED
-    if not _PLUGINS_LOADED:
-        from importlib.metadata import entry_points
-
-        _PLUGINS_LOADED = True
-        for ep in entry_points(group="slmfactory.strategies"):
-            ep.load()
-    return STRATEGY_SETTINGS
+    """Strategy name -> its frozen settings dataclass (``platform.registry``)."""
+    return {name: cls.Settings for name, cls in strategies().items()}
 
 
 def _check(cond: bool, key: str, expected: str, value: Any) -> None:

@@ -136,3 +136,15 @@ def open_tracker(cfg, run_name: str, tags: dict[str, str] | None = None) -> Trac
     if not cfg.tracking.enabled:
         return NullTracker()
     return MlflowTracker(cfg.tracking_uri, cfg.tracking.experiment, run_name, tags)
+
+
+def register_model(tracker, name: str, artifact_path: str) -> None:
+    """A new version of the domain's registered model, pointing at this run's model folder."""
+    from mlflow.exceptions import MlflowException
+
+    client = tracker.client
+    try:
+        client.create_registered_model(name, description="specialised small models of one domain (slmfactory)")
+    except MlflowException:
+        pass  # already registered
+    client.create_model_version(name, f"runs:/{tracker.run_id}/{artifact_path}", run_id=tracker.run_id)

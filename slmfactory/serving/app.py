@@ -952,7 +952,7 @@ def build_app(args: dict):
     if args.get("models"):
         entries = cat.from_folder(args["models"], cap)
     else:
-        from slmfactory.sweeps.plan import experiment_name
+        from slmfactory.trial import experiment_name
 
         experiment = args.get("from_mlflow") or experiment_name(cfg)
         entries = cat.from_mlflow(cfg.tracking_uri, experiment, cap)

@@ -49,7 +49,7 @@ def from_folder(models_dir: Path, max_params: float = math.inf) -> dict[str, Ent
 def from_mlflow(uri: str, experiment: str, max_params: float = math.inf) -> dict[str, Entry]:
     """The best model of each domain that a sweep logged to ``experiment``."""
     from slmfactory.platform.tracking import client_for
-    from slmfactory.sweeps.tracking import TRIAL_TAG
+    from slmfactory.trial import TRIAL_TAG
 
     client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)

@@ -186,7 +186,7 @@ def register_in_mlflow(cfg, name: str, entry: dict, metrics: dict[str, float]) -
     """One MLflow run per served instant model (experiment ``<tracking.experiment>-instant``),
     its folder as the ``model`` artifact, registered as a version of ``<experiment>-<name>``."""
     from slmfactory.platform.tracking import MlflowTracker
-    from slmfactory.sweeps.tracking import register
+    from slmfactory.platform.tracking import register_model
 
     experiment = f"{cfg.tracking.experiment}-instant"
     tracker = MlflowTracker(cfg.tracking_uri, experiment, f"{name}-v{entry['version']}")
@@ -194,7 +194,7 @@ def register_in_mlflow(cfg, name: str, entry: dict, metrics: dict[str, float]) -
                       "docs": entry.get("docs", "")})
     tracker.log_metrics({k: float(v) for k, v in metrics.items()})
     tracker.log_artifact(Path(entry["path"]), "model")
-    register(tracker, f"{experiment}-{name}", "model")
+    register_model(tracker, f"{experiment}-{name}", "model")
     tracker.close()
     return {"experiment": experiment, "run_id": tracker.run_id, "registered_model": f"{experiment}-{name}"}
 

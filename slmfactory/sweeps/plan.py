@@ -3,11 +3,9 @@ phases they share, each phase's projected FLOPs and device-hours (priced by the 
 profile from each phase's :class:`~slmfactory.platform.cost.Work`), and the peak memory
 each stage needs.
 
-A trial is (strategy, domain, generic budget, specialisation budget, in-domain size,
-settings): ``settings`` are the values of ``sweep.grid``'s extra keys (seeds, ``cluster.k``,
-expert counts, any strategy setting). Its run config is the base recipe with those set;
-everything else (stage keys, resume, costs) follows from the config, so a trial is
-reproducible on its own with ``slmfactory train`` and the overrides it prints.
+A trial (:class:`slmfactory.trial.Trial`) is (strategy, domain, generic budget,
+specialisation budget, in-domain size, settings); ``sweep.grid`` adds settings and
+``sweep.only`` restricts what one strategy crosses.
 
 The two budget axes mean the same thing for every strategy: the generic axis is what a
 strategy spends before any domain is known (shared), the spec axis what it spends once
@@ -22,72 +20,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
 
 from slmfactory.platform.config import RunConfig
 from slmfactory.platform.cost import Work, device_seconds
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.stages import digest
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A phase budget in tokens or in FLOPs (FLOPs compare strategies at equal cost)."""
-
-    unit: str  # "tokens" | "flops"
-    value: float
-
-    def label(self) -> str:
-        return f"{self.value:.3g}{'F' if self.unit == 'flops' else 'T'}"
-
-    def overrides(self, section: str) -> dict:
-        if self.unit == "tokens":
-            return {f"{section}.max_tokens": int(self.value), f"{section}.max_flops": 0.0}
-        # The FLOP budget decides; max_tokens (the recipe's) stays as an upper bound.
-        return {f"{section}.max_flops": float(self.value)}
-
-
-@dataclass(frozen=True)
-class Trial:
-    strategy: str
-    domain: str
-    generic: Budget | None
-    """None: the strategy has no generic phase (the generic axis does not apply)."""
-    spec: Budget
-    in_domain: int
-    settings: tuple[tuple[str, Any], ...] = ()
-    """``sweep.grid``'s extra keys and their values in this trial, sorted by key."""
-
-    @property
-    def key(self) -> str:
-        """Stable across runs and resumes: the MLflow run of a trial is found by it. Every
-        setting that differs between trials is in it (two seeds are two trials)."""
-        return digest("trial-v2", self.strategy, self.domain, self.generic, self.spec, self.in_domain,
-                      [list(kv) for kv in self.settings])
-
-    @property
-    def generic_label(self) -> str:
-        return self.generic.label() if self.generic is not None else "none"
-
-    @property
-    def settings_label(self) -> str:
-        """``key=value`` pairs joined by ``,`` (the ``settings`` tag; empty without a grid)."""
-        return ",".join(f"{k}={v}" for k, v in self.settings)
-
-    @property
-    def name(self) -> str:
-        extra = "".join(f"-{k.rsplit('.', 1)[-1]}{v}" for k, v in self.settings)
-        return (f"{self.strategy}-{self.domain}-g{self.generic_label}-s{self.spec.label()}"
-                f"-n{self.in_domain}{extra}")
-
-    def overrides(self) -> dict:
-        return {"strategy.name": self.strategy, "data.domain": self.domain,
-                "data.domain_train_tokens": self.in_domain, **dict(self.settings),
-                **(self.generic.overrides("pretrain") if self.generic is not None else {}),
-                **self.spec.overrides("finetune")}
-
-    def config(self, base: RunConfig) -> RunConfig:
-        return base.replace(**self.overrides())
+from slmfactory.trial import Budget, Trial, budget_of, config_value, sweep_name
 
 
 @dataclass
@@ -117,41 +55,6 @@ class SweepPlan:
     """Trial key -> projected specialisation work."""
     generic_of: dict[str, str | None]
     """Trial key -> its generic phase's label (None: no generic phase)."""
-
-
-def sweep_name(cfg: RunConfig) -> str:
-    return cfg.sweep.name or cfg.name
-
-
-def experiment_name(cfg: RunConfig) -> str:
-    """The sweep's MLflow experiment (what ``report``, ``recommend`` and ``serve`` read)."""
-    return f"{cfg.tracking.experiment}-{sweep_name(cfg)}"
-
-
-def budget_of(tcfg) -> Budget:
-    """The budget a TrainConfig spends: its FLOP cap if set, else its token budget."""
-    return Budget("flops", float(tcfg.max_flops)) if tcfg.max_flops else Budget("tokens", float(tcfg.max_tokens))
-
-
-def config_value(cfg: RunConfig, dotted: str) -> Any:
-    """The value of a dotted config key (``finetune.seed``, ``strategy.slm-mix.experts``)."""
-    node: Any = cfg.to_tree()
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"sweep.grid.{dotted}: unknown config key")
-        node = node[part]
-    return node
-
-
-def trial_of(cfg: RunConfig) -> Trial:
-    """The trial a run config is (``slmfactory train`` logs under the same key a sweep
-    would): its axes, and the values of ``sweep.grid``'s keys."""
-    from slmfactory.models.strategies import get_strategy
-
-    has_generic = get_strategy(cfg.strategy.name).generic_family is not None
-    settings = tuple((k, config_value(cfg, k)) for k in sorted(cfg.sweep.grid))
-    return Trial(cfg.strategy.name, cfg.data.domain, budget_of(cfg.pretrain) if has_generic else None,
-                 budget_of(cfg.finetune), cfg.data.domain_train_tokens, settings)
 
 
 def _budgets(tokens: tuple, flops: tuple, default: Budget) -> list[Budget]:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from slmfactory.platform.errors import DataError, SlmFactoryError
-from slmfactory.sweeps.tracking import TRIAL_TAG
+from slmfactory.trial import TRIAL_TAG
 
 REPORT_TAG = "slmfactory.report"
 AMORTISATION_N = (1, 7, 50)

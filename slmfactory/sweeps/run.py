@@ -29,7 +29,8 @@ from typing import Callable
 
 from slmfactory.platform.config import RunConfig, from_dict
 from slmfactory.platform.errors import SlmFactoryError
-from slmfactory.sweeps.plan import SweepPlan, describe, experiment_name, hours, plan_sweep, size_generic_pool
+from slmfactory.sweeps.plan import SweepPlan, describe, hours, plan_sweep, size_generic_pool
+from slmfactory.trial import experiment_name
 
 @dataclass
 class SweepOutcome:
@@ -209,7 +210,7 @@ def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records:
                   parent_run_id: str | None = None):
     from ray import tune
 
-    from slmfactory.sweeps.tracking import log_trial
+    from slmfactory.trial import log_trial
 
     names = {t.key: t.name for t in plan.trials}
 

@@ -1,15 +1,10 @@
-"""A sweep in MLflow: one parent run per sweep, one nested run per trial, written by the driver.
+"""A sweep in MLflow: one parent run per sweep (its trials' runs, logged by
+:func:`slmfactory.trial.log_trial`, nest under it), the report on it, and the registry's
+champion aliases.
 
 The parent run (tag ``slmfactory.sweep``) holds the recipe (``recipe.yaml``, resolved), the
 dry-run plan (``plan.txt``), and after ``slmfactory report`` the report's files and the
-recommendation. Each trial's run is a child of it (MLflow's ``mlflow.parentRunId`` tag:
-the UI folds the trials under the sweep) and is found again by its ``slmfactory.trial`` tag
-(the trial key), so logging the same trial twice — a resumed sweep, a rerun — updates its
-one run instead of opening another. Tags carry what the MLflow UI filters and groups by
-(strategy, domain, phase, in-domain size, generic budget); metrics carry perplexity and
-every cost figure, so the UI's compare view plots perplexity against cost without custom
-code. A trial's run starts and ends when the trial's own work did (the record's
-``started_ms``/``ended_ms``), not when the driver logged it.
+recommendation. Each trial's run is a child of it (:mod:`slmfactory.trial`).
 
 Registry: each domain's registered model ``<experiment>-<domain>`` gets the alias
 ``champion`` on its best version (lowest test perplexity) and ``champion-<cap>`` on its best
@@ -24,39 +19,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-TRIAL_TAG = "slmfactory.trial"
 SWEEP_TAG = "slmfactory.sweep"
-PARENT_TAG = "mlflow.parentRunId"
 CHAMPION = "champion"
-
-
-def find_trial_run(client, experiment_id: str, trial_key: str):
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_key}'",
-                              max_results=5)
-    return runs[0] if runs else None
-
-
-def _short_budget(label: str) -> str:
-    """``2e+05T`` -> ``200k``: run names the UI's name column shows whole."""
-    if not label or label == "none":
-        return "-"
-    unit = label[-1] if label[-1] in "TF" else ""
-    try:
-        v = float(label[:-1] if unit else label)
-    except ValueError:
-        return label
-    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if v >= div:
-            return f"{v / div:.3g}{suffix}" + ("F" if unit == "F" else "")
-    return f"{v:.3g}" + ("F" if unit == "F" else "")
-
-
-def run_name(record: dict[str, Any]) -> str:
-    """``slm-is legal 200k/32.8k``: strategy, domain, generic/specialisation budget (the full
-    trial name stays in the ``slmfactory.trial_name`` tag)."""
-    t = record["tags"]
-    return (f"{t['strategy']} {t['domain']} {_short_budget(t.get('generic_budget', ''))}/"
-            f"{_short_budget(t.get('spec_budget', ''))}" + (f" {t['settings']}" if t.get("settings") else ""))
 
 
 def find_sweep_run(client, experiment_id: str, sweep: str):
@@ -88,47 +52,6 @@ def finish_sweep_run(cfg, run_id: str, status: str = "FINISHED") -> None:
     from slmfactory.platform.tracking import client_for
 
     client_for(cfg.tracking_uri).set_terminated(run_id, status=status)
-
-
-def log_trial(cfg, experiment: str, trial_key: str, record: dict[str, Any], parent_run_id: str | None = None) -> str:
-    """Log (or complete) the one run of ``trial_key``, nested under the sweep's run
-    ``parent_run_id`` when given; returns its run id."""
-    from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment
-
-    client = client_for(cfg.tracking_uri)
-    existing = find_trial_run(client, ensure_experiment(client, cfg.tracking_uri, experiment), trial_key)
-    if existing is not None and existing.info.status == "FINISHED" and "ppl_macro" in existing.data.metrics:
-        return existing.info.run_id  # logged in full already
-    nested = {PARENT_TAG: parent_run_id} if parent_run_id else {}
-    tracker = MlflowTracker(cfg.tracking_uri, experiment, run_name(record), tags=nested,
-                            run_id=existing.info.run_id if existing is not None else None,
-                            start_time=record.get("started_ms"))
-    tracker.set_tags({TRIAL_TAG: trial_key, "slmfactory.trial_name": record["name"], **nested, **record["tags"]})
-    tracker.log_params(record["params"])
-    # Final metrics stamped at the trial's end: the UI's time axes are the trial's own.
-    tracker.log_metrics(record["metrics"], timestamp=record.get("ended_ms"))
-    for name, points in record.get("curves", {}).items():
-        for step, value in points:
-            tracker.log_metrics({name: value}, step=int(step))
-    model = Path(record["model_path"])
-    if model.is_dir():
-        tracker.log_artifact(model, "model")
-        register(tracker, f"{experiment}-{record['tags']['domain']}", "model")
-    tracker.log_dict(record, "trial.json")
-    tracker.close(end_time=record.get("ended_ms"))
-    return tracker.run_id
-
-
-def register(tracker, name: str, artifact_path: str) -> None:
-    """A new version of the domain's registered model, pointing at this run's model folder."""
-    from mlflow.exceptions import MlflowException
-
-    client = tracker.client
-    try:
-        client.create_registered_model(name, description="specialised small models of one domain (slmfactory)")
-    except MlflowException:
-        pass  # already registered
-    client.create_model_version(name, f"runs:/{tracker.run_id}/{artifact_path}", run_id=tracker.run_id)
 
 
 def cap_alias(cap: float) -> str:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from slmfactory.models.phases import (
+    DomainData, evaluate_ppl, finetune_lm, finish, lm_flops_per_token, load_lm, phase_work)
 from slmfactory.models.strategies.base import (
-    DomainData, GenericArtifact, SpecializedModel, StrategyContext, Weights, evaluate_ppl, finetune_lm, finish,
-    lm_flops_per_token, load_lm, phase_work, register)
+    GenericArtifact, SpecializedModel, StrategyContext, Weights, register)
 from slmfactory.models.strategies.llm import LargeModel
 from slmfactory.models.trainer import Trainer
 from slmfactory.platform.cost import model_flop_terms, train_flops_per_token

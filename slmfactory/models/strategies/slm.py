@@ -3,9 +3,11 @@ stopping on the domain's validation split (PAPER.md, the baseline of every compa
 
 from __future__ import annotations
 
+from slmfactory.data.tokens import split_source
+from slmfactory.models.phases import (
+    DomainData, evaluate_ppl, finetune_lm, finish, lm_flops_per_token, load_lm, phase_work, pretrain_lm)
 from slmfactory.models.strategies.base import (
-    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, evaluate_ppl, finetune_lm,
-    finish, lm_flops_per_token, load_lm, phase_work, pretrain_lm, register, split_source)
+    GenericArtifact, SpecializedModel, Strategy, StrategyContext, register)
 
 
 @register("slm")

@@ -27,10 +27,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from slmfactory.data.tokens import Batch
+from slmfactory.data.tokens import Batch, split_source
+from slmfactory.models.phases import (
+    DomainData, budget_share, evaluate_ppl, finetune_lm, finish, lm_flops_per_token, load_lm, phase_work,
+    pretrain_lm)
 from slmfactory.models.strategies.base import (
-    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, budget_share, evaluate_ppl,
-    finetune_lm, finish, lm_flops_per_token, load_lm, phase_work, pretrain_lm, register, split_source)
+    GenericArtifact, SpecializedModel, Strategy, StrategyContext, register)
 from slmfactory.models.trainer import Trainer
 from slmfactory.platform.config import from_dict
 from slmfactory.platform.cost import INFERENCE, TRAIN, Work, inference_flops_per_token, model_flop_terms

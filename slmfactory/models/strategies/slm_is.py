@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from slmfactory.models.phases import (
+    DomainData, budget_share, evaluate_ppl, finetune_lm, finish, lm_flops_per_token, load_lm, phase_work,
+    pretrain_lm)
 from slmfactory.models.strategies.base import (
-    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, budget_share, evaluate_ppl,
-    finetune_lm, finish, lm_flops_per_token, load_lm, phase_work, pretrain_lm, register)
+    GenericArtifact, SpecializedModel, Strategy, StrategyContext, register)
 from slmfactory.platform.errors import ConfigError
 
 

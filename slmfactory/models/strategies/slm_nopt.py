@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from slmfactory.models.strategies.base import GenericArtifact, StrategyContext, budget_share, register
+from slmfactory.models.phases import budget_share
+from slmfactory.models.strategies.base import GenericArtifact, StrategyContext, register
 from slmfactory.models.strategies.slm import SmallModel
 from slmfactory.platform.errors import ConfigError
 

@@ -30,10 +30,12 @@ from slmfactory.data.tokens import Batch, PackedBatches
 from slmfactory.models.experts import cluster_streams, expert_clusters
 from slmfactory.models.generic_eval import routed_generic_nll
 from slmfactory.models.projected import build_projected
-from slmfactory.models.strategies.base import (
-    DomainData, GenericArtifact, SpecializedModel, Strategy, StrategyContext, TokenSource, Weights, evaluate_ppl,
-    finetune_lm, finish, lm_factory, lm_flops_per_token, phase_work, register, run_phase, split_source,
+from slmfactory.data.tokens import TokenSource, split_source
+from slmfactory.models.phases import (
+    DomainData, evaluate_ppl, finetune_lm, finish, lm_factory, lm_flops_per_token, phase_work, run_phase,
     vocab_size_of)
+from slmfactory.models.strategies.base import (
+    GenericArtifact, SpecializedModel, Strategy, StrategyContext, Weights, register)
 from slmfactory.models.trainer import Trainer
 from slmfactory.platform.cost import TRAIN, Work, model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import ConfigError, DataError
