@@ -1,5 +1,5 @@
 """Device-hours that match measurement: the A100 profile of configs/paper.yaml projects
-PAPER.md's Table 2 (GPU-hours per billion tokens), including slm-pn's generic cost, which
+the paper's Table 2 (docs/paper.md#table-2-throughput: GPU-hours per billion tokens), including slm-pn's generic cost, which
 the profile's rows do not contain: it follows from the projected network's optimiser
 over its whole parameter count, priced by memory and interconnect bandwidth."""
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "paper.yaml"
 BILLION = 1_000_000_000
 
-# PAPER.md: "Throughput (GPUh per 1B tokens): SLM 2.2 train / 0.61 inference; LLM 7.7 /
+# The paper (docs/paper.md#table-2-throughput): "Throughput (GPUh per 1B tokens): SLM 2.2 train / 0.61 inference; LLM 7.7 /
 # 2.54; SLM-pn 3.6 generic train."
 TABLE_2 = {("slm", TRAIN): 2.2, ("slm", INFERENCE): 0.61, ("llm", TRAIN): 7.7, ("llm", INFERENCE): 2.54,
            ("slm-pn", TRAIN): 3.6}

@@ -1,5 +1,5 @@
 """Projected networks: an instantiated expert is exactly the projected network routed to
-it, and the hard mixture is the special case h = k, E = I, M = I (PAPER.md)."""
+it, and the hard mixture is the special case h = k, E = I, M = I (docs/paper.md#hard-mixture-as-a-special-case)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_gradients_reach_only_the_routed_expert_vector():
 def test_hard_mixture_is_projected_network_with_identities():
     k = 3
     experts = [build_model(TINY, VOCAB, SEQ, seed=s) for s in range(k)]
-    # The hard mixture's experts differ only in their MLPs here: PAPER.md's special case
+    # The hard mixture's experts differ only in their MLPs here: the paper's special case
     # shares everything else, so give every expert expert 0's non-MLP weights.
     shared = {n: w for n, w in experts[0].state_dict().items() if ".mlp." not in n}
     for e in experts[1:]:

@@ -159,7 +159,7 @@ def test_slm_pn_pulse(clustered_cfg):
     generic, rec = run_pulse(clustered_cfg, "slm-pn")
     assert generic.cost.flops > 0 and generic.info["experts"] == 4
     assert rec.metrics["expert"] == load_clusters(clustered_cfg).most_frequent(DOMAIN)
-    # The generic phase records the routed generic perplexity (PAPER.md Table 8).
+    # The generic phase records the routed generic perplexity (docs/paper.md#table-8).
     assert math.isfinite(generic.info["routed_generic_ppl"]) and generic.info["routed_generic_tokens"] > 0
     # The served model is a plain SLM: same size as the `slm` strategy's.
     from slmfactory.models.phases import load_lm
@@ -297,7 +297,7 @@ def test_registry_holds_exactly_the_documented_strategies():
     from slmfactory.platform.config import strategy_settings
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme[readme.index("| config name | strategy (PAPER.md) |"):]
+    table = readme[readme.index("| config name | strategy ([docs/paper.md](docs/paper.md#strategies)) |"):]
     table = table[: table.index("\n\n")]
     documented = re.findall(r"^\| `([a-z-]+)` \|", table, flags=re.M)
     assert sorted(strategies()) == sorted(documented) == sorted(strategy_settings())
@@ -311,7 +311,7 @@ def test_strategies_declare_what_they_need():
 
 
 def test_paper_sizes_of_the_expert_strategies():
-    """paper.yaml's models have PAPER.md's parameter counts within 3%: SLM 126M, LLM 771M,
+    """paper.yaml's models have the paper's parameter counts (docs/paper.md#model-sizes) within 3%: SLM 126M, LLM 771M,
     SLM-mix k x 126M, SLM-pn 756M / 1,422M at 16 / 32 experts (counted on the meta device:
     no memory is allocated for the 1.4B parameters)."""
     from slmfactory.models.lm import build_model, count_params

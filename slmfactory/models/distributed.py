@@ -1,6 +1,6 @@
 """Ray Train launcher: the same trainer factory, run as DDP on a Ray Train V2 worker group.
 
-Ray stays a thin outer layer (STYLE.md §5). Each worker rebuilds model, data and trainer
+Ray stays a thin outer layer (docs/paper.md#convention-5). Each worker rebuilds model, data and trainer
 with the strategy's factory; this module only adds what Ray needs:
 
 - a ``WorkerContext`` with the worker's rank, device and a DDP wrapper;

@@ -1,5 +1,5 @@
 """Generic perplexity of a generic phase, measured the same way for every strategy
-(PAPER.md Table 8): the first ``pretrain.eval_tokens`` tokens of the generic validation
+(docs/paper.md#table-8): the first ``pretrain.eval_tokens`` tokens of the generic validation
 split, cut into ``data.seq_len`` sequences. A dense model scores every sequence; a
 mixture (slm-mix) or projected network (slm-pn) scores each sequence with the expert of
 its own cluster (MiniLM embedding of the sequence's text, nearest centroid), so the

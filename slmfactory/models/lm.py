@@ -2,7 +2,7 @@
 
 The model is single-device and returns its loss (nanoGPT's ``forward(idx, targets)``):
 ``model(input_ids=x, labels=x).loss`` is the mean next-token NLL. DDP, Ray and MLflow wrap
-it from outside. Presets follow PAPER.md (paper-slm = 126M, paper-llm = 771M at a 32k
+it from outside. Presets follow the paper (docs/paper.md#model-sizes: paper-slm = 126M, paper-llm = 771M at a 32k
 vocabulary) plus CPU-sized ones for tests and the demo.
 """
 

@@ -1,4 +1,4 @@
-"""Projected networks (SLM-pn, PAPER.md; v1 called them hypernetworks).
+"""Projected networks (SLM-pn, docs/paper.md#slm-pn; v1 called them hypernetworks).
 
 A Llama whose MLP weights are expert-specific and everything else (embeddings,
 attention, norms, head) is shared. For expert i, layer l and each MLP matrix
@@ -179,7 +179,7 @@ def build_projected(cfg, vocab_size: int, n_experts: int) -> ProjectedLlama:
 def hard_mixture_from_experts(experts: list) -> ProjectedLlama:
     """A projected network equal to the hard mixture of ``experts`` (plain Llamas of one
     config): h = k, E = I, M = I, T[l,p][i] = expert i's W[l,p], shared weights from
-    expert 0. Used to check the equivalence PAPER.md states."""
+    expert 0. Used to check the equivalence the paper states (docs/paper.md#hard-mixture-as-a-special-case)."""
     k = len(experts)
     cfg = experts[0].config
     pn = ProjectedLlama(cfg, n_experts=k, expert_dim=k, capacity=k)

@@ -42,7 +42,7 @@ PRESETS: dict[str, Preset] = {
     "demo-llm": Preset(n_layers=4, d_model=384, d_mlp=1536, n_heads=6),    # CPU demo LLM
     "mini-slm": Preset(n_layers=2, d_model=128, d_mlp=512, n_heads=4),     # `make demo`'s sweep SLM (1.0M)
     "mini-llm": Preset(n_layers=4, d_model=256, d_mlp=1024, n_heads=4),    # ... and its LLM (4.2M)
-    # PAPER.md's models: 126M and 771M at a 32k vocabulary with tied embeddings. Llama's
+    # The paper's models (docs/paper.md#model-sizes): 126M and 771M at a 32k vocabulary with tied embeddings. Llama's
     # SwiGLU MLP has 3 matrices where the paper's has 2 of width 4·d, so the width is set
     # to land on the paper's counts: 126.8M and 755M here; the projected network at
     # h = 11 / 21 then has the paper's 756M / 1,422M for 16 / 32 experts (tests check).
@@ -316,7 +316,7 @@ class ScalingConfig:
 class Throughput:
     """Measured tokens/s of one device for a model of ``params`` parameters (one row of a
     device profile's table: ``bench/gpu_mfu.py --profile`` writes them, or a user supplies
-    them, e.g. PAPER.md's Table 2 for A100s)."""
+    them, e.g. the paper's Table 2 for A100s, docs/paper.md#table-2-throughput)."""
 
     params: float
     """Parameters of the measured model (the compute-bearing count: tied head included)."""

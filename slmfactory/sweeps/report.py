@@ -8,7 +8,7 @@ that differ only in keys ending in ``seed`` are replicates, and their spread is 
 
 Macro perplexity and its interval. A configuration's macro NLL is the mean over its D
 domains of each domain's mean per-token test NLL, and its macro perplexity is
-exp(macro NLL) (PAPER.md's headline metric). Each trial logs ``test_nll_se``, the bootstrap
+exp(macro NLL) (the paper's headline metric, docs/paper.md#macro-perplexity). Each trial logs ``test_nll_se``, the bootstrap
 standard error of its mean NLL over test sequences; the domains' test sets are independent,
 so SE(macro NLL) = sqrt(sum_d se_d^2) / D, and the macro perplexity's 95% interval is
 exp(macro NLL ± 1.96 · SE). A per-domain cell shows the trial's own bootstrap percentile
@@ -372,7 +372,7 @@ def _macro_of(values: dict[str, float]) -> float:
 
 
 def table_before_after(configs: list[Config]) -> str:
-    """PAPER.md Table 4's analogue: macro perplexity before and after fine-tuning, per
+    """The paper's Table 4 (docs/paper.md#table-4), its analogue: macro perplexity before and after fine-tuning, per
     configuration and in-domain size (strategies with a generic initialisation only)."""
     lines = ["| in-domain tokens | strategy | settings | generic budget | spec. budget | before fine-tuning | "
              "after fine-tuning | change |", "|---|---|---|---|---|---|---|---|"]
@@ -386,7 +386,7 @@ def table_before_after(configs: list[Config]) -> str:
 
 
 def table_generic(configs: list[Config]) -> str:
-    """PAPER.md Table 8's analogue: generic validation perplexity of each generic phase
+    """The paper's Table 8 (docs/paper.md#table-8), its analogue: generic validation perplexity of each generic phase
     (routed for slm-mix/slm-pn: each sequence scored by its cluster's expert), by generic
     budget. A phase is shared by its configurations: one value per (strategy, settings, budget)."""
     phases: dict[tuple[str, str], dict[str, float]] = {}
@@ -667,8 +667,8 @@ def write_report(uri: str, experiment: str, out: Path, inference_caps: tuple = (
            f"SE = sqrt(sum of the domains' bootstrap SE^2) / D; per-domain cells: the bootstrap percentile "
            f"interval over test sequences. A **tie**: the winner's interval overlaps the runner-up's.\n\n"
            f"{table}\n\n## Recommendation\n\n{rec}\n\n"
-           f"## Perplexity before and after fine-tuning (PAPER.md Table 4)\n\n{table_before_after(configs)}\n\n"
-           f"## Generic perplexity of each generic phase (PAPER.md Table 8)\n\n{table_generic(configs)}\n\n"
+           f"## Perplexity before and after fine-tuning (the paper's Table 4, docs/paper.md#table-4)\n\n{table_before_after(configs)}\n\n"
+           f"## Generic perplexity of each generic phase (the paper's Table 8, docs/paper.md#table-8)\n\n{table_generic(configs)}\n\n"
            f"## Cluster entropy and the experts' gain over slm\n\n{table_entropy(configs)}\n\n"
            + "\n".join(f"![{p.stem}]({p.name})" for p in files) + "\n")
     (out / "report.md").write_text(doc)

@@ -1,6 +1,6 @@
 """The strategy interface: its registry, its context and the artifacts its phases pass on.
 
-A strategy has two phases (PAPER.md):
+A strategy has two phases (docs/paper.md#two-phases):
 
 - ``pretrain(ctx) -> GenericArtifact | None`` — before any domain is known; its cost is
   *generic* and shared by every domain. It is a stage (``platform/stages.py``) keyed by

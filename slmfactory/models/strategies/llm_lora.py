@@ -1,5 +1,5 @@
 """LLM-lora: the generic-pretrained LLM fine-tuned with LoRA adapters instead of all its
-weights (PAPER.md appendix: at rank 64 LoRA lands within 0.5 ppl of full fine-tuning,
+weights (docs/paper.md#llm-lora, the paper's appendix: at rank 64 LoRA lands within 0.5 ppl of full fine-tuning,
 at a fraction of the optimiser state). The adapters are merged before export, so the
 served model is a plain Llama of the LLM's size (inference cost unchanged).
 

@@ -1,5 +1,5 @@
 """SLM: a small model pretrained on generic data, then fine-tuned on the domain with early
-stopping on the domain's validation split (PAPER.md, the baseline of every comparison)."""
+stopping on the domain's validation split (docs/paper.md#slm, the baseline of every comparison)."""
 
 from __future__ import annotations
 

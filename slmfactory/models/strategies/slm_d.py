@@ -1,6 +1,6 @@
 """SLM-d: distillation. The LLM teacher (generic-pretrained, then fine-tuned on the
 domain) supervises the generic-pretrained SLM student's fine-tuning with its next-token
-distributions (response-based KD, PAPER.md).
+distributions (response-based KD, docs/paper.md#slm-d).
 
 Student loss per token: (1 − w)·NLL + w·τ²·KL(teacher_τ ‖ student_τ), with
 w = ``strategy.slm-d.distill_weight`` and τ = ``strategy.slm-d.distill_temperature`` (the paper gives
@@ -9,7 +9,7 @@ al. 2015).
 
 Cost: teacher and student pretraining are *generic* (shared by all domains); the teacher's
 fine-tuning, the student's fine-tuning and the teacher's forward passes during it are
-*specialisation* cost (PAPER.md claim 3: SLM-d loses once teacher cost is counted).
+*specialisation* cost (docs/paper.md#claim-3: SLM-d loses once teacher cost is counted).
 
 Budget: the sweep's spec axis pays for all of it: the teacher's fine-tuning gets
 ``strategy.slm-d.teacher_finetune_share`` of the budget, the student the rest (with a

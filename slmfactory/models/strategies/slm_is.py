@@ -1,7 +1,7 @@
 """SLM-is: importance sampling. Once the domain is known, the generic corpus is resampled
 so that its cluster histogram matches the domain's (w(x) = P(c(x)|domain)/P(c(x)|generic),
 ``slmfactory/data/resample.py``), a *fresh* SLM is pretrained on the resampled tokens,
-then fine-tuned on the domain data (PAPER.md).
+then fine-tuned on the domain data (docs/paper.md#slm-is).
 
 Budget: everything after the domain is known is specialisation, so the sweep's spec axis
 (``finetune.max_tokens``/``max_flops``) pays for both the resampled pretraining

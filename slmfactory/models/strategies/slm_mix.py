@@ -1,6 +1,6 @@
 """SLM-mix: a hard mixture of experts. One independent SLM per generic cluster, pretrained
 on that cluster's windows only; to specialise, one expert is picked and fine-tuned as a
-plain SLM (PAPER.md; Table 5 compares the selection rules).
+plain SLM (docs/paper.md#slm-mix; #table-5 compares the selection rules).
 
 Budget: the paper splits the total pretraining budget across experts. Expert c gets the
 share of ``pretrain.max_tokens`` *and* of ``pretrain.max_flops`` that its cluster holds of
@@ -16,7 +16,7 @@ Selection (``strategy.slm-mix.selection``):
 - ``best-after-finetune``: fine-tune every expert, keep the lowest validation NLL (k×).
 
 The generic phase records the routed generic perplexity (each generic validation window
-scored by its own cluster's expert, PAPER.md Table 8).
+scored by its own cluster's expert, docs/paper.md#table-8).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """SLM-nopt: the small model trained on the domain data only, from random weights
-(PAPER.md Table 4: poor at 1M in-domain tokens, closes the gap at 64M).
+(docs/paper.md#table-4: poor at 1M in-domain tokens, closes the gap at 64M).
 
 Budget: training from scratch happens once the domain is known, so it spends the
 *specialisation* budget (the sweep's spec axis, ``finetune.max_tokens``/``max_flops``),

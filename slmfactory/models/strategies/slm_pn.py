@@ -1,6 +1,6 @@
 """SLM-pn: a projected network pretrained with one expert per generic cluster; to
 specialise, the expert of the domain's most frequent cluster is instantiated as a plain
-SLM and fine-tuned like ``slm`` (PAPER.md; model in ``slmfactory/models/projected.py``).
+SLM and fine-tuned like ``slm`` (docs/paper.md#slm-pn; model in ``slmfactory/models/projected.py``).
 
 Pretraining data: the generic train windows grouped by cluster. Each step draws one
 cluster with probability proportional to its token count and takes that cluster's next
@@ -15,7 +15,7 @@ spread over the batch's tokens).
 
 The generic phase is keyed by the generic clustering only (never by a domain), and records
 the routed generic perplexity: each generic validation window scored by its own cluster's
-expert (PAPER.md Table 8).
+expert (docs/paper.md#table-8).
 """
 
 from __future__ import annotations
