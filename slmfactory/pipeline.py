@@ -11,14 +11,19 @@ import contextlib
 import math
 from typing import Callable
 
+from slmfactory.data.corpus import build_corpus, list_domains
+from slmfactory.data.tokenizer import ensure_tokenizer
+from slmfactory.models.distributed import make_launcher
+from slmfactory.models.phases import trained_tokens
+from slmfactory.models.strategies import get_strategy
+from slmfactory.models.strategies.base import StrategyContext
 from slmfactory.platform.config import RunConfig
 from slmfactory.platform.errors import DataError
+from slmfactory.platform.runtime import ray_session
 from slmfactory.trial import log_trial, trial_of
 
 
 def ensure_corpus(cfg: RunConfig, build: bool, log: Callable[[str], None] = print) -> None:
-    from slmfactory.data.corpus import build_corpus
-
     if (cfg.corpus_dir / "manifest.json").is_file():
         return
     if not build:
@@ -29,8 +34,6 @@ def ensure_corpus(cfg: RunConfig, build: bool, log: Callable[[str], None] = prin
 
 
 def check_domain(cfg: RunConfig, domain: str) -> None:
-    from slmfactory.data.corpus import list_domains
-
     domains = list_domains(cfg.corpus_dir)
     if domain not in domains:
         raise DataError(f"data.domain: {domain!r} is not in the corpus at {cfg.corpus_dir} "
@@ -42,12 +45,6 @@ def run_trial(cfg: RunConfig, log: Callable[[str], None] | None = print, launche
     the stages the strategy needs, pretrain (or reuse) its generic phase, specialise it on
     ``data.domain``, evaluate; returns the trial's record (what MLflow logs). Every step
     is a stage, so a rerun trains nothing that already finished."""
-    from slmfactory.models.distributed import make_launcher
-    from slmfactory.models.strategies import get_strategy
-    from slmfactory.models.strategies.base import StrategyContext
-    from slmfactory.platform.runtime import ray_session
-    from slmfactory.data.tokenizer import ensure_tokenizer
-
     ensure_corpus(cfg, build=False)
     domain = cfg.data.domain
     check_domain(cfg, domain)
@@ -65,7 +62,6 @@ def trial_record(cfg: RunConfig, model, generic) -> dict:
     """Tags, params, metrics (perplexity with its bootstrap interval, every cost figure,
     the budgets actually spent and the epochs over each phase's data) and curves of one
     trial. Labels carry the nominal budgets; ``spent/*`` what the trial trained."""
-    from slmfactory.models.phases import trained_tokens
     trial = trial_of(cfg)
     d = model.domain
     nll = model.metrics["test_nll"]
@@ -101,8 +97,6 @@ def trial_record(cfg: RunConfig, model, generic) -> dict:
 
 def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str], None] = print) -> dict:
     """``slmfactory train``: one trial, logged to MLflow as one run, and printed."""
-    from slmfactory.platform.runtime import ray_session
-
     with ray_session(address):
         record = run_trial(cfg, log=log)
     if cfg.tracking.enabled:

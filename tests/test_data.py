@@ -70,7 +70,7 @@ def test_chunks_do_not_depend_on_batching(tiny_cfg, max_tokens, batch_docs):
 
 
 def test_npy_writer_appends_and_fixes_the_header(tmp_path):
-    from slmfactory.data.tokens import NpyWriter
+    from slmfactory.data.npy import NpyWriter
 
     parts = [np.arange(5, dtype=np.int32), np.zeros(0, np.int32), np.arange(10**6, dtype=np.int32) * 3]
     with NpyWriter(tmp_path / "t.npy") as w:

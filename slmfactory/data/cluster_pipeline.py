@@ -55,10 +55,14 @@ from typing import Any
 
 import numpy as np
 
+from slmfactory.data.clusters import (
+    Clusters, assignment_stage, corpus_inputs, domain_embedding_stage, generic_embedding_stage, kmeans_stage,
+    nearest_centroid)
+from slmfactory.data.embed import EMBED_DIM, embed_dataset, from_arrow
+from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 from slmfactory.platform.errors import DataError
-from slmfactory.data.clusters import (Clusters, assignment_stage, corpus_inputs,
-                                      domain_embedding_stage, generic_embedding_stage, kmeans_stage,
-                                      nearest_centroid)
+from slmfactory.platform.runtime import ray_session
+from slmfactory.platform.tracking import open_tracker
 
 
 PREFIX_BYTES_PER_TOKEN = 6
@@ -221,8 +225,6 @@ _TOKENIZERS: dict[str, Any] = {}
 def _tokenizer(path: str):
     tok = _TOKENIZERS.get(path)
     if tok is None:
-        from slmfactory.data.tokenizer import load_tokenizer
-
         tok = _TOKENIZERS[path] = load_tokenizer(Path(path))
     return tok
 
@@ -307,8 +309,6 @@ def _sample_batch(batch, seed: int, threshold: float):
 def _assign_batch(batch, centroids: np.ndarray):
     import pyarrow as pa
 
-    from slmfactory.data.embed import from_arrow
-
     cluster = nearest_centroid(from_arrow(batch.column("embedding")), centroids)
     return batch.drop_columns(["embedding"]).append_column("cluster", pa.array(cluster, pa.int32()))
 
@@ -337,9 +337,6 @@ def _embed_windows(cfg, inputs, out: Path, stages: _Stages, generic_fraction: fl
                    domain_docs: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Stages 1-2 for ``inputs`` into ``out`` (a stage's work folder); returns its meta."""
     import ray
-
-    from slmfactory.data.embed import embed_dataset
-    from slmfactory.data.tokenizer import ensure_tokenizer
 
     stages.start()
     files = [str(p.resolve()) for _, _, p in inputs]
@@ -411,8 +408,6 @@ def _fit_kmeans(cfg, emb_dir: Path, n_generic: int, stages: _Stages) -> tuple[np
     import faiss
     import ray
 
-    from slmfactory.data.embed import EMBED_DIM, from_arrow
-
     c = cfg.cluster
     s = min(c.sample_windows, n_generic)
     # Over-sample a little so the exact ``s`` smallest keys are (almost) always inside.
@@ -456,8 +451,6 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
     """Embed and cluster the generic windows, and (``domains``) embed and assign each
     domain's in-domain windows: four stages, each reused when its inputs are unchanged
     (see the module doc)."""
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
-
     inputs = corpus_inputs(cfg)
     ensure_tokenizer(cfg)
     emb = generic_embedding_stage(cfg, inputs)
@@ -476,12 +469,8 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
 
     import ray
 
-    from slmfactory.platform.runtime import ray_session
-
     own_tracker = tracker is None
     if own_tracker:
-        from slmfactory.platform.tracking import open_tracker
-
         tracker = open_tracker(cfg, "cluster", {"phase": "cluster", "k": str(cfg.cluster.k)})
     status = "FAILED"
     stages = _Stages(progress)

@@ -20,6 +20,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from slmfactory.data.embed import encode, load_minilm
+from slmfactory.data.npy import flatten_with_eos
+from slmfactory.data.tokenizer import tokenizer_stage
+from slmfactory.platform.cost import CostRecord, INFERENCE, Work
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import Stage, corpus_digest
 
@@ -95,8 +99,6 @@ def _digests(cfg, inputs: list[tuple[str, str, Path]]) -> dict[str, str]:
 def generic_embedding_stage(cfg, inputs) -> Stage:
     """Embeddings of the generic windows: keyed by the generic files, the tokenizer and the
     windowing, never by a domain or the in-domain size."""
-    from slmfactory.data.tokenizer import tokenizer_stage
-
     c = cfg.cluster
     return Stage.of(cfg.root, "clusters", "emb-generic", version=CODE_VERSION,
                     files=_digests(cfg, [i for i in inputs if i[0] == "generic"]), tokenizer=tokenizer_stage(cfg),
@@ -113,8 +115,6 @@ def kmeans_stage(cfg, embeddings: Stage) -> Stage:
 def domain_embedding_stage(cfg, inputs) -> Stage:
     """Embeddings of each domain's in-domain training windows (its first
     ``data.domain_train_tokens`` tokens): the only clustering work the in-domain size changes."""
-    from slmfactory.data.tokenizer import tokenizer_stage
-
     return Stage.of(cfg.root, "clusters", "emb-domains", version=CODE_VERSION,
                     files=_digests(cfg, [i for i in inputs if i[0] != "generic"]), tokenizer=tokenizer_stage(cfg),
                     window_tokens=cfg.cluster.window_tokens, domain_train_tokens=cfg.data.domain_train_tokens)
@@ -286,8 +286,6 @@ class Clusters:
         every rerun). One batch in memory."""
         import pyarrow.parquet as pq
 
-        from slmfactory.data.npy import flatten_with_eos
-
         if not 0 <= cluster < self.k:
             raise DataError(f"cluster {cluster}: out of range 0..{self.k - 1}")
         d = self.by_cluster_dir / f"cluster={cluster}"
@@ -340,8 +338,6 @@ class Clusters:
         ``profile``: the device profile for device-hours (default: ``cfg.device``). The
         generic part is shared by every strategy that needs the clustering; a domain's
         part belongs to that domain's specialisation."""
-        from slmfactory.platform.cost import INFERENCE, CostRecord, Work
-
         st = self.embedding_stats(part)
         flops = 2.0 * MINILM_PARAMS * st["tokens"] + 2.0 * MINILM_LAYERS * MINILM_DIM * st["tokens_sq"]
         work = Work(INFERENCE, st["tokens"], flops, float(MINILM_PARAMS))
@@ -355,8 +351,6 @@ class Clusters:
 
     def assign_texts(self, texts: list[str]) -> np.ndarray:
         """Cluster ids for new texts: MiniLM in this process, nearest centroid."""
-        from slmfactory.data.embed import encode, load_minilm
-
         if self._model is None:
             self._model = load_minilm()
         return nearest_centroid(encode(self._model, list(texts), self.cfg.cluster.embed_batch_size), self.centroids)

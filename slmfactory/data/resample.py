@@ -46,8 +46,13 @@ from typing import Any
 
 import numpy as np
 
+from slmfactory.data.cluster_pipeline import TASK_CPUS, ray_data_context, run_clustering
+from slmfactory.data.clusters import total_variation
+from slmfactory.data.npy import NpyWriter, flatten_with_eos
 from slmfactory.platform.errors import ConfigError, DataError
+from slmfactory.platform.runtime import ray_session
 from slmfactory.platform.stages import Stage
+from slmfactory.platform.tracking import open_tracker
 
 RESAMPLE_VERSION = "resample-v2"  # v2: tokens.npy stream written by the stage; per-file parts
 STREAM_FILE = "tokens.npy"
@@ -160,8 +165,6 @@ def _resample_file(row: dict, work: str, seed: int, eos: int, k: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from slmfactory.data.npy import NpyWriter, flatten_with_eos
-
     i, path, work = int(row["index"]), str(row["path"]), Path(work)
     sel = np.load(work / "select" / f"{i:05d}.npy")
     mask, cluster, _ = _generic_rows(Path(path))
@@ -214,8 +217,6 @@ def _resample_file(row: dict, work: str, seed: int, eos: int, k: int) -> dict:
 def _write_stream(work: Path, n_files: int, seed: int) -> int:
     """Concatenate every file's chunks, in a seeded permutation of all chunks, into
     ``work/tokens.npy`` (streamed: one chunk in memory); returns its length."""
-    from slmfactory.data.npy import NpyWriter
-
     index = []  # (file, start, length) per chunk: O(windows / CHUNK_WINDOWS)
     for i in range(n_files):
         lengths = json.loads((work / "parts" / f"{i:05d}.json").read_text())["chunks"]
@@ -243,10 +244,6 @@ def _write_stream(work: Path, n_files: int, seed: int) -> int:
 
 def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None) -> ResampleResult:
     """Write ~``tokens`` generic tokens whose cluster histogram matches ``domain``'s."""
-    from slmfactory.data.clusters import total_variation
-    from slmfactory.data.cluster_pipeline import ray_data_context, run_clustering
-    from slmfactory.platform.runtime import ray_session
-
     if int(tokens) <= 0:
         raise ConfigError(f"--tokens: expected a positive number of tokens, got {tokens}")
     if not domain or domain == "generic":
@@ -307,8 +304,6 @@ def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None)
 
         import ray
 
-        from slmfactory.data.cluster_pipeline import TASK_CPUS
-
         ray_data_context(progress)
 
         def write(tmp: Path) -> dict:
@@ -362,8 +357,6 @@ def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None)
 
     own = tracker is None and cfg.tracking.enabled
     if own:
-        from slmfactory.platform.tracking import open_tracker
-
         tracker = open_tracker(cfg, f"resample-{domain}", {"phase": "resample", "domain": domain})
     if tracker is not None:
         _log(res, tracker)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from slmfactory.data.corpus import iter_texts
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import Stage, corpus_digest
 
@@ -80,8 +81,6 @@ def tokenizer_stage(cfg) -> Stage:
 
 def ensure_tokenizer(cfg) -> Path:
     """The run's tokenizer folder, trained on its generic corpus the first time."""
-    from slmfactory.data.corpus import iter_texts
-
     stage = tokenizer_stage(cfg)
     if not stage.done:
         stage.build(lambda work: {"tokens": len(load_tokenizer(train_tokenizer(

@@ -17,8 +17,12 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from slmfactory.data.corpus import iter_texts
+from slmfactory.data.npy import write_tokens
+from slmfactory.data.resample import stream_path
+from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer, tokenizer_stage
 from slmfactory.platform.errors import DataError
-from slmfactory.data.npy import NpyWriter, write_tokens  # noqa: F401  (re-exported)
+from slmfactory.platform.stages import Stage, corpus_digest
 
 
 def iter_token_chunks(tokenizer, texts: Iterable[str], max_tokens: int | None = None,
@@ -77,9 +81,6 @@ TOKENS_FILE = "tokens.npy"
 def token_stage(cfg, part: str, split: str):
     """The token stream of ``part``/``split`` is keyed by the corpus file's content and the
     tokenizer's key: a rebuilt corpus or another tokenizer gives another stream."""
-    from slmfactory.platform.stages import Stage, corpus_digest
-    from slmfactory.data.tokenizer import tokenizer_stage
-
     return Stage.of(cfg.root, "tokens", f"{part}-{split}", version=TOKENS_VERSION,
                     corpus_file=corpus_digest(cfg.corpus_dir, part, split), tokenizer=tokenizer_stage(cfg))
 
@@ -93,9 +94,6 @@ def split_tokens(cfg, part: str, split: str, max_tokens: int | None = None) -> n
     records whether it holds the whole split, and is replaced by a longer prefix of the
     same stream when a later phase needs more (same key: same content where they overlap).
     """
-    from slmfactory.data.corpus import iter_texts
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
-
     stage = token_stage(cfg, part, split)
     info = stage.info
     if info and (info["complete"] or (max_tokens is not None and info["tokens"] >= max_tokens)):
@@ -220,7 +218,5 @@ class PackedBatches:
 def resampled_source(res) -> TokenSource:
     """A resampled set's (``platform.resample.ResampleResult``) training stream as a
     ``TokenSource``, keyed by the resample stage (its folder name)."""
-    from slmfactory.data.resample import stream_path
-
     path = stream_path(res)
     return TokenSource(str(path), path.parent.name)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from slmfactory.models.launch import FitOutput, Launcher, LocalLauncher, TrainerFactory, WorkerContext
 from slmfactory.models.trainer import TrainResult
 from slmfactory.platform.errors import SlmFactoryError
+from slmfactory.platform.runtime import init_ray
 
 RESULT_KEY = "train_result_json"
 """Metric holding the JSON-encoded ``TrainResult`` (Ray metrics stay flat scalars + strings)."""
@@ -149,8 +150,6 @@ class RayLauncher:
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
-
-        from slmfactory.platform.runtime import init_ray
 
         out_dir = Path(out_dir).resolve()
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,10 @@ generic train tokens of each cluster (their routed generic perplexity is
 
 from __future__ import annotations
 
+from slmfactory.data.cluster_pipeline import run_clustering
+from slmfactory.data.npy import NpyWriter
 from slmfactory.data.tokens import TokenSource
+from slmfactory.platform.stages import Stage
 
 BY_CLUSTER_VERSION = "by-cluster-v2"  # v2: streamed, in the split's stored order; bounds in the marker
 
@@ -14,8 +17,6 @@ def expert_clusters(cfg, k: int, domains: bool = False):
     experts but k = 1024 clusters for importance sampling), from the same cached generic
     embeddings: only k-means reruns. ``domains``: also assign the in-domain windows (the
     specialisation side); the generic side never depends on them."""
-    from slmfactory.data.cluster_pipeline import run_clustering
-
     return run_clustering(cfg.replace(**{"cluster.k": k}) if k != cfg.cluster.k else cfg,
                           progress=False, domains=domains)
 
@@ -24,9 +25,6 @@ def cluster_streams(cfg, clusters) -> list[TokenSource]:
     """Every cluster's generic train tokens in one file (a stage keyed by the clustering),
     one ``TokenSource`` slice per cluster (memory-mapped by workers; nothing is copied per
     cluster). Written cluster after cluster, a batch of windows at a time."""
-    from slmfactory.data.npy import NpyWriter
-    from slmfactory.platform.stages import Stage
-
     stage = Stage.of(cfg.root, "tokens", "generic-by-cluster", version=BY_CLUSTER_VERSION, clusters=clusters.key)
 
     def build(work) -> dict:

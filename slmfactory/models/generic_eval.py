@@ -14,7 +14,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 from slmfactory.data.tokens import as_sequences, split_source
+from slmfactory.models.trainer import autocast_for, eval_device, sequence_nlls
 
 
 def generic_eval_sequences(cfg) -> np.ndarray:
@@ -25,8 +27,6 @@ def generic_eval_sequences(cfg) -> np.ndarray:
 
 def sequence_clusters(cfg, clusters, seqs: np.ndarray) -> np.ndarray:
     """(n,) cluster of each sequence: its decoded text embedded by MiniLM, nearest centroid."""
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
-
     tok = load_tokenizer(ensure_tokenizer(cfg))
     texts = tok.batch_decode(seqs.tolist(), skip_special_tokens=True)
     return np.asarray(clusters.assign_texts(texts), dtype=np.int64)
@@ -36,8 +36,6 @@ def generic_nll(cfg, model_of: Callable[[int], torch.nn.Module], route: np.ndarr
                 seqs: np.ndarray | None = None) -> dict[str, float]:
     """Mean NLL and perplexity of the generic evaluation sample; ``route[i]`` names the
     expert ``model_of`` builds for sequence i (None: one model, ``model_of(0)``)."""
-    from slmfactory.models.trainer import autocast_for, eval_device, sequence_nlls
-
     seqs = generic_eval_sequences(cfg) if seqs is None else seqs
     route = np.zeros(len(seqs), dtype=np.int64) if route is None else np.asarray(route)
     device = eval_device()

@@ -36,6 +36,17 @@ from typing import Callable
 import numpy as np
 import torch
 
+from slmfactory.data.clusters import load_clusters, nearest_centroid
+from slmfactory.data.embed import encode, load_minilm
+from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+from slmfactory.data.tokens import TokenSource, tokenize_texts
+from slmfactory.models.distributed import RayLauncher, make_launcher
+from slmfactory.models.lm import count_params
+from slmfactory.models.phases import DomainData, export_hf, finetune_lm, load_lm, vocab_size_of
+from slmfactory.models.projected import build_projected
+from slmfactory.models.strategies.base import StrategyContext, Weights, get_strategy
+from slmfactory.models.trainer import evaluate_nll
+from slmfactory.platform.cost import inference_flops_per_token
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import Stage
 
@@ -90,9 +101,6 @@ def documents_digest(texts: list[str]) -> str:
 def split_documents(cfg, texts: list[str], tokenizer=None) -> DomainDocs:
     """Tokenize ``texts`` and hold out every ``HOLDOUT_EVERY``-th document (the last one
     when there are fewer; the tail fifth of the tokens of a single document)."""
-    from slmfactory.data.tokens import tokenize_texts
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
-
     if not texts:
         raise DataError("documents: no documents given")
     tok = tokenizer or load_tokenizer(ensure_tokenizer(cfg))
@@ -171,10 +179,6 @@ def generic_families(cfg, train: bool = False, log: Callable[[str], None] | None
 
 
 def _generic_families(cfg, train: bool, log) -> dict[str, Family]:
-    from slmfactory.models.distributed import make_launcher
-    from slmfactory.models.strategies.base import StrategyContext, get_strategy
-    from slmfactory.data.clusters import load_clusters
-
     out: dict[str, Family] = {}
     for short, name in FAMILY.items():
         strategy = get_strategy(name)
@@ -199,9 +203,6 @@ def _generic_families(cfg, train: bool, log) -> dict[str, Family]:
 
 def pn_model(cfg, fam: Family):
     from safetensors.torch import load_model
-
-    from slmfactory.models.projected import build_projected
-    from slmfactory.models.phases import vocab_size_of
 
     with CONSTRUCTION_LOCK:  # built untied next to a loading thread otherwise
         pn = build_projected(cfg, vocab_size_of(cfg), fam.artifact.info["experts"])
@@ -229,8 +230,6 @@ def mixed_state(states: list[dict[str, torch.Tensor]], weights: list[float]) -> 
 def mix_average(cfg, fam: Family, histogram: np.ndarray):
     """The hard mixture's experts averaged with the histogram's weights, renormalised over
     the clusters that have an expert (a mixture skips clusters too small to train)."""
-    from slmfactory.models.phases import load_lm
-
     experts = mix_experts(cfg, fam)
     have = sorted(experts)
     w = np.asarray([histogram[c] for c in have], dtype=np.float64)
@@ -248,8 +247,6 @@ def mix_average(cfg, fam: Family, histogram: np.ndarray):
 
 
 def mix_most_frequent(cfg, fam: Family, counts: np.ndarray):
-    from slmfactory.models.phases import load_lm
-
     experts = mix_experts(cfg, fam)
     chosen = max(sorted(experts), key=lambda c: counts[c])  # among clusters that have an expert
     return load_lm(cfg, "slm", experts[chosen]).eval(), chosen
@@ -262,8 +259,6 @@ def tokens_nll(model, tokens: np.ndarray, seq_len: int, batch_size: int = 16) ->
     """Summed NLL and predicted-token count over ``tokens``: full windows of ``seq_len``
     as the project's evaluation does, plus the shorter tail (a handful of documents may not
     fill one window)."""
-    from slmfactory.models.trainer import evaluate_nll
-
     n_full = len(tokens) // seq_len
     s, n = evaluate_nll(model, tokens[:n_full * seq_len], seq_len, batch_size) if n_full else (0.0, 0)
     tail = tokens[n_full * seq_len:]
@@ -324,13 +319,6 @@ def build_instant(cfg, texts: list[str], families: dict[str, Family], embedder=N
     """Embed ``texts``, take their histogram over each family's experts and instantiate
     every rule's model (a stage each); the one with the lowest held-out NLL is ``chosen``.
     ``embedder``: a loaded MiniLM to reuse (a serving replica keeps one)."""
-    from slmfactory.models.phases import export_hf
-    from slmfactory.models.lm import count_params
-    from slmfactory.data.clusters import nearest_centroid
-    from slmfactory.platform.cost import inference_flops_per_token
-    from slmfactory.data.embed import encode, load_minilm
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
-
     say = log or (lambda _m: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -429,12 +417,6 @@ def finetune_instant(cfg, docs_train: np.ndarray, docs_heldout: np.ndarray, init
     """Fine-tune the chosen instant model on the training documents within
     ``budget_tokens`` (early-stopped on the held-out slice), on Ray Train unless
     ``launcher`` says otherwise; returns the exported model folder and its held-out ppl."""
-    from slmfactory.data.tokens import TokenSource
-    from slmfactory.models.distributed import RayLauncher
-    from slmfactory.models.lm import count_params
-    from slmfactory.models.phases import DomainData, export_hf, finetune_lm
-    from slmfactory.models.strategies.base import StrategyContext, Weights
-
     step = cfg.finetune.batch_size * cfg.data.seq_len
     if budget_tokens < step:
         raise DataError(f"finetune_budget: {budget_tokens} tokens is less than one step "

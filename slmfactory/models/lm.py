@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from slmfactory.platform.config import Preset
+from slmfactory.platform.errors import ConfigError
 
 
 def resolve(model_cfg) -> Preset:
@@ -23,8 +24,6 @@ def llama_config(model_cfg, vocab_size: int, seq_len: int):
 
     p = resolve(model_cfg)
     if p.d_model % p.n_heads:
-        from slmfactory.platform.errors import ConfigError
-
         raise ConfigError(f"d_model: {p.d_model} is not a multiple of n_heads {p.n_heads}")
     return LlamaConfig(
         vocab_size=vocab_size,

@@ -20,16 +20,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from slmfactory.data.tokens import PackedBatches, TokenSource, split_source
+from slmfactory.data.tokenizer import ensure_tokenizer
+from slmfactory.data.tokens import PackedBatches, TokenSource, as_sequences, split_source
+from slmfactory.models.generic_eval import generic_nll
 from slmfactory.models.launch import FitOutput, WorkerContext
 from slmfactory.models.lm import build_model, count_params
-from slmfactory.models.trainer import Trainer, TrainResult, evaluate_on_trial_device
-from slmfactory.platform.config import RunConfig, TrainConfig, from_dict
-from slmfactory.platform.cost import TRAIN, CostRecord, Work, inference_flops_per_token
-from slmfactory.platform.stages import Stage
-from slmfactory.data.tokenizer import ensure_tokenizer
-
 from slmfactory.models.strategies.base import GenericArtifact, SpecializedModel, StrategyContext, Weights
+from slmfactory.models.trainer import (
+    TrainResult, Trainer, autocast_for, bootstrap_ppl, eval_device, evaluate_on_trial_device, sequence_nlls)
+from slmfactory.platform.config import RunConfig, TrainConfig, from_dict
+from slmfactory.platform.cost import (
+    CostRecord, TRAIN, Work, inference_flops_per_token, model_flop_terms, train_flops_per_token)
+from slmfactory.platform.stages import Stage
+
 
 
 GENERIC_VERSION = "generic-v2"  # v2: epochs and the generic sample's perplexity recorded
@@ -64,8 +67,6 @@ class DomainData:
     def test_sample(self) -> np.ndarray:
         """The sampled test sequences, flattened in order ((n · seq_len,) int32): what
         every perplexity of this domain is measured on."""
-        from slmfactory.data.tokens import as_sequences
-
         seqs = as_sequences(self.test.load(), self.seq_len, "test")                   # (N, T)
         n = self.test_tokens // self.seq_len if self.test_tokens else len(seqs)
         if n < len(seqs):
@@ -117,8 +118,6 @@ def trained_tokens(cost: CostRecord | None) -> int:
 def lm_flops_per_token(cfg: RunConfig, model_key: str) -> tuple[float, float, int]:
     """(training, inference) FLOPs per token and compute parameters of ``cfg.<model_key>``
     at the configured vocabulary, counted on the meta device (nothing is allocated)."""
-    from slmfactory.platform.cost import model_flop_terms, train_flops_per_token
-
     with torch.device("meta"):
         model = build_model(getattr(cfg, model_key), cfg.tokenizer.vocab_size, cfg.data.seq_len)
     return (train_flops_per_token(model, cfg.data.seq_len), inference_flops_per_token(model, cfg.data.seq_len),
@@ -214,8 +213,6 @@ def test_perplexity(cfg: RunConfig, model: torch.nn.Module, tokens: np.ndarray,
                     device: torch.device | str | None = None) -> dict[str, float]:
     """Perplexity of ``model`` on a test sample with its bootstrap interval over the
     sample's sequences (``trainer.bootstrap_ppl``), on the trial's device."""
-    from slmfactory.models.trainer import autocast_for, bootstrap_ppl, eval_device, sequence_nlls
-
     device = torch.device(device) if device is not None else eval_device()
     was = next(model.parameters()).device
     model.to(device)
@@ -247,8 +244,6 @@ def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, name:
     as a generic stage keyed by the model, the training settings and the data. Records
     the epochs it made over ``tokens`` and (``score_generic``) the final weights' generic
     perplexity on the sample every generic phase is scored on (``models/generic_eval.py``)."""
-    from slmfactory.models.generic_eval import generic_nll
-
     cfg = ctx.cfg
     tcfg = train_cfg or cfg.pretrain
     if valid is None:

@@ -29,6 +29,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from slmfactory.models.lm import llama_config
+
 MLP_MATRICES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -169,8 +171,6 @@ class ProjectedLlama(nn.Module):
 def build_projected(cfg, vocab_size: int, n_experts: int) -> ProjectedLlama:
     """The projected SLM for ``cfg`` (``cfg.slm`` dims, ``strategy.slm-pn.capacity`` h and
     ``strategy.slm-pn.expert_dim`` m). Module-level so trainer factories stay picklable."""
-    from slmfactory.models.lm import llama_config
-
     return ProjectedLlama(llama_config(cfg.slm, vocab_size, cfg.data.seq_len), n_experts,
                           cfg.strategy.of("slm-pn").expert_dim, cfg.strategy.of("slm-pn").capacity,
                           seed=cfg.pretrain.seed)

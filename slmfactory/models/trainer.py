@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from slmfactory.data.tokens import Batch, PackedBatches, as_sequences
-from slmfactory.platform.cost import TRAIN, CostRecord, Work, model_flop_terms, train_flops_per_token
+from slmfactory.platform.config import DeviceProfile
+from slmfactory.platform.cost import CostRecord, TRAIN, Work, model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import DataError
 
 
@@ -179,8 +180,6 @@ class Trainer:
                  profile=None, tracker=None, rank: int = 0, world_size: int = 1,
                  ddp_model: torch.nn.Module | None = None, device: str | torch.device = "cpu",
                  log: Callable[[str], None] | None = print, log_every: int = 50):
-        from slmfactory.platform.config import DeviceProfile
-
         self.model = model                      # the plain module (saved, evaluated)
         self.step_model = ddp_model or model    # what forward/backward runs through (DDP or plain)
         if cfg.compile:

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from slmfactory.platform.errors import DataError
+
 MARKER = "stage.json"
 KEY_CHARS = 16
 
@@ -168,8 +170,6 @@ _MANIFESTS: dict[str, tuple[int, dict]] = {}
 def corpus_digest(corpus_dir: Path, part: str, split: str) -> str:
     """The sha256 of one corpus file, as the manifest records it (so a corpus rebuilt or
     imported into the same workdir changes every key downstream of the files it changed)."""
-    from slmfactory.platform.errors import DataError
-
     man = Path(corpus_dir) / "manifest.json"
     try:
         mtime = man.stat().st_mtime_ns

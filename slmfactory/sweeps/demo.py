@@ -5,17 +5,17 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from slmfactory.data.tokenizer import ensure_tokenizer
+from slmfactory.pipeline import ensure_corpus
 from slmfactory.platform.config import RunConfig
+from slmfactory.sweeps.report import write_report
+from slmfactory.sweeps.run import run_sweep
+from slmfactory.sweeps.tracking import log_report_to_sweep
 
 
 def run_demo(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     """``make demo``: the whole platform. Corpus -> tokenizer -> clusters -> the recipe's
     sweep (Ray Tune, MLflow) -> report (tables, plots) -> recommendation."""
-    from slmfactory.pipeline import ensure_corpus
-    from slmfactory.data.tokenizer import ensure_tokenizer
-    from slmfactory.sweeps.report import write_report
-    from slmfactory.sweeps.run import run_sweep
-
     t0 = time.perf_counter()
     ensure_corpus(cfg, build=True, log=log)
     log(f"[demo] corpus ready ({time.perf_counter() - t0:.0f}s)")
@@ -24,8 +24,6 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     out = cfg.root / "reports" / outcome.plan.name
     report = write_report(cfg.tracking_uri, outcome.experiment, out, cfg.sweep.inference_caps)
     if cfg.tracking.enabled:
-        from slmfactory.sweeps.tracking import log_report_to_sweep
-
         log_report_to_sweep(cfg.tracking_uri, outcome.experiment, out, report)
     log("")
     log(report["table"])

@@ -21,9 +21,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from slmfactory.models.lm import build_model, count_params
+from slmfactory.models.strategies import get_strategy
 from slmfactory.platform.config import RunConfig
 from slmfactory.platform.cost import Work, device_seconds
 from slmfactory.platform.errors import ConfigError
+from slmfactory.platform.footprint import GiB, stage_memory
 from slmfactory.platform.stages import digest
 from slmfactory.trial import Budget, Trial, budget_of, config_value, sweep_name
 
@@ -80,8 +83,6 @@ _ABSENT = object()
 def plan_sweep(cfg: RunConfig, domains_available: list[str]) -> SweepPlan:
     """Expand ``cfg.sweep`` into trials; every error names its ``sweep.*`` key and comes
     before any trial starts."""
-    from slmfactory.models.strategies import get_strategy
-
     s = cfg.sweep
     if not s.strategies:
         raise ConfigError("sweep.strategies: empty grid (list at least one strategy)")
@@ -178,9 +179,6 @@ def describe(plan: SweepPlan, cfg: RunConfig) -> str:
     """The dry-run's text: trials, the shared generic phases, projected FLOPs and
     device-hours per phase and in total, and the peak memory of each stage."""
     import torch
-
-    from slmfactory.models.lm import build_model, count_params
-    from slmfactory.platform.footprint import GiB, stage_memory
 
     profile = cfg.device
     measured = ", ".join(f"{r.params / 1e6:,.0f}M: {r.train_tokens_per_s:,.0f} tok/s" for r in profile.rows())

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from slmfactory.platform.errors import DataError, SlmFactoryError
+from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment
 from slmfactory.trial import TRIAL_TAG
 
 REPORT_TAG = "slmfactory.report"
@@ -674,8 +675,6 @@ def write_report(uri: str, experiment: str, out: Path, inference_caps: tuple = (
     (out / "report.md").write_text(doc)
     files.append(out / "report.md")
     if log_to_mlflow:
-        from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment
-
         client = client_for(uri)
         exp_id = ensure_experiment(client, uri, experiment)
         old = client.search_runs([exp_id], filter_string=f"tags.`{REPORT_TAG}` = '1'", max_results=1)

@@ -27,10 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from slmfactory.data.cluster_pipeline import run_clustering
+from slmfactory.data.corpus import list_domains
+from slmfactory.data.tokenizer import ensure_tokenizer
+from slmfactory.models.distributed import make_launcher
+from slmfactory.models.strategies import get_strategy
+from slmfactory.models.strategies.base import StrategyContext
+from slmfactory.pipeline import ensure_corpus, run_trial
 from slmfactory.platform.config import RunConfig, from_dict
 from slmfactory.platform.errors import SlmFactoryError
+from slmfactory.platform.runtime import ray_session
 from slmfactory.sweeps.plan import SweepPlan, describe, hours, plan_sweep, size_generic_pool
-from slmfactory.trial import experiment_name
+from slmfactory.sweeps.tracking import ensure_sweep_run, finish_sweep_run, update_champions
+from slmfactory.trial import experiment_name, log_trial
 
 @dataclass
 class SweepOutcome:
@@ -49,8 +58,6 @@ def _trainable(config: dict) -> None:
     """One trial, on a Tune worker: run it, report its record (the driver logs it)."""
     import torch
     from ray import tune
-
-    from slmfactory.pipeline import run_trial
 
     cpus = float(config.get("cpus", 1))
     torch.set_num_threads(max(1, int(cpus)))
@@ -210,8 +217,6 @@ def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records:
                   parent_run_id: str | None = None):
     from ray import tune
 
-    from slmfactory.trial import log_trial
-
     names = {t.key: t.name for t in plan.trials}
 
     class MlflowTrials(tune.Callback):
@@ -243,13 +248,7 @@ def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records:
 def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] | None) -> None:
     """Tokenizer, clustering, each trial's Ray Data stages and every shared generic phase,
     once, on the driver."""
-    from slmfactory.models.distributed import make_launcher
-    from slmfactory.models.strategies import get_strategy
-    from slmfactory.models.strategies.base import StrategyContext
-    from slmfactory.data.tokenizer import ensure_tokenizer
-
     ensure_tokenizer(cfg)
-    from slmfactory.data.cluster_pipeline import run_clustering
 
     clustered = set()
     for t in plan.trials:  # one clustering per distinct cluster setting and in-domain size
@@ -272,10 +271,6 @@ def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] |
 
 def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, address: str | None = None,
               log: Callable[[str], None] | None = print) -> SweepOutcome | None:
-    from slmfactory.pipeline import ensure_corpus
-    from slmfactory.data.corpus import list_domains
-    from slmfactory.platform.runtime import ray_session
-
     # Trials run with the trial folder as their working directory: paths must be absolute.
     cfg = size_generic_pool(cfg.replace(workdir=str(cfg.root.resolve())), log)
     if dry_run and not (cfg.corpus_dir / "manifest.json").is_file():
@@ -304,7 +299,6 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
             raise SlmFactoryError(f"sweep --resume: no sweep to resume at {path} (run it without --resume first)")
         parent = None
         if cfg.tracking.enabled:  # the store, experiment and the sweep's parent run, before any trial logs
-            from slmfactory.sweeps.tracking import ensure_sweep_run
 
             parent = ensure_sweep_run(cfg, experiment_name(cfg), plan.name, describe(plan, cfg))
         prepare_shared(cfg, plan, log)
@@ -349,8 +343,6 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
                 records.setdefault(r.config["trial"], json.loads(r.metrics["record"]))
         failed = [r for r in results if r.error is not None]
     if parent is not None:
-        from slmfactory.sweeps.tracking import finish_sweep_run, update_champions
-
         update_champions(cfg.tracking_uri, experiment_name(cfg), cfg.sweep.inference_caps, log)
         # A failed trial leaves the sweep RUNNING: --resume finishes it under the same parent.
         if not failed:

@@ -19,6 +19,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from slmfactory.platform.recipe_schema import show_yaml
+from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment
+
 SWEEP_TAG = "slmfactory.sweep"
 CHAMPION = "champion"
 
@@ -32,9 +35,6 @@ def ensure_sweep_run(cfg, experiment: str, sweep: str, plan_text: str) -> str:
     """The sweep's parent run (found by its ``slmfactory.sweep`` tag, so a resumed sweep
     keeps its one parent), holding the resolved recipe and the dry-run plan; RUNNING until
     :func:`finish_sweep_run`."""
-    from slmfactory.platform.recipe_schema import show_yaml
-    from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment
-
     client = client_for(cfg.tracking_uri)
     existing = find_sweep_run(client, ensure_experiment(client, cfg.tracking_uri, experiment), sweep)
     tracker = MlflowTracker(cfg.tracking_uri, experiment, f"sweep {sweep}", {SWEEP_TAG: sweep},
@@ -49,8 +49,6 @@ def ensure_sweep_run(cfg, experiment: str, sweep: str, plan_text: str) -> str:
 
 
 def finish_sweep_run(cfg, run_id: str, status: str = "FINISHED") -> None:
-    from slmfactory.platform.tracking import client_for
-
     client_for(cfg.tracking_uri).set_terminated(run_id, status=status)
 
 
@@ -69,8 +67,6 @@ def update_champions(uri: str, experiment: str, inference_caps=(), log=None) -> 
     among versions of at most the cap's parameters. The alias moves only when a version is
     strictly better than the one holding it. Returns {model name: {alias: version}}."""
     from mlflow.exceptions import MlflowException
-
-    from slmfactory.platform.tracking import client_for
 
     client = client_for(uri)
     out: dict[str, dict[str, int]] = {}
@@ -115,8 +111,6 @@ def trial_model_uri(uri: str, experiment: str, tags: dict[str, str]) -> tuple[st
     """The registry URI of the model a trial (matched by its tags: strategy, budgets,
     in-domain size, settings, domain) registered: ``models:/<name>/<version>``, and the
     aliases that version holds."""
-    from slmfactory.platform.tracking import client_for
-
     client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -138,8 +132,6 @@ def log_report_to_sweep(uri: str, experiment: str, out: Path, report: dict[str, 
     configuration (``configurations.json``, MLflow's table artifact: the UI lists it and
     sorts it by perplexity or cost) on the sweep's parent run. Returns its run id, or None
     when the experiment has no sweep run."""
-    from slmfactory.platform.tracking import client_for
-
     client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
     run = None

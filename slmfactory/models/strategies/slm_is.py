@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from slmfactory.data.cluster_pipeline import run_clustering
+from slmfactory.data.resample import resample
+from slmfactory.data.tokens import resampled_source
 from slmfactory.models.phases import (
     DomainData, budget_share, evaluate_ppl, finetune_lm, finish, lm_flops_per_token, load_lm, phase_work,
     pretrain_lm)
@@ -73,15 +76,10 @@ class ImportanceSampling(Strategy):
         return None  # nothing is shared across domains
 
     def prepare(self, ctx: StrategyContext, domain: str) -> None:
-        from slmfactory.data.resample import resample
-
         cfg = ctx.cfg
         resample(cfg, domain, tokens=self.resample_tokens(cfg), progress=ctx.log is not None)
 
     def specialize(self, ctx: StrategyContext, generic: GenericArtifact | None, domain: str) -> SpecializedModel:
-        from slmfactory.data.tokens import resampled_source
-        from slmfactory.data.resample import resample
-
         cfg = ctx.cfg
         res = resample(cfg, domain, tokens=self.resample_tokens(cfg), progress=ctx.log is not None,
                        tracker=ctx.tracker)
@@ -94,7 +92,6 @@ class ImportanceSampling(Strategy):
         before = evaluate_ppl(cfg, load_lm(cfg, "slm", pre.weights()), data.test_sample())[1]
         model, fit = finetune_lm(ctx, "slm", pre.weights(), data, f"{self.name}/{domain}",
                                  train_cfg=self.finetune_config(cfg))
-        from slmfactory.data.cluster_pipeline import run_clustering
 
         return finish(ctx, self.name, domain, model, fit, None, data, before,
                       extra_spec_cost=pre.cost, clusters=run_clustering(cfg, progress=False),
