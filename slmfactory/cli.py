@@ -1,5 +1,10 @@
 """``slmfactory`` command line. New settings go into the config tree, not new flags:
-every subcommand takes ``--config RECIPE`` and ``--set KEY=VALUE`` overrides."""
+every subcommand takes ``--config RECIPE`` and ``--set KEY=VALUE`` overrides.
+
+Each subcommand imports what it runs inside its own function, on purpose: ``slmfactory
+--help`` or ``config show`` must not pay for torch, Ray, MLflow and transformers (seconds),
+and a subcommand loads only its own layer. Everywhere else slmfactory imports sit at the
+top of the file."""
 
 from __future__ import annotations
 
