@@ -295,7 +295,7 @@ def test_fetch_uses_cache_and_never_refetches(tmp_path, monkeypatch):
 
 
 def test_markup_cleaners():
-    from slmfactory.data import corpus_sources as S
+    from slmfactory.data import extractors as S
 
     html_text = S.html_to_text("<html><head><title>T</title><style>p{}</style></head><body>"
                                "<p>Prev&nbsp;Up&nbsp;Next</p><h1>Title</h1><p>A &amp; B<br>c</p>"

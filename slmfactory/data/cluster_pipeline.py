@@ -41,6 +41,10 @@ two; the float64 argmax keeps the assignment itself from adding more.
 
 The result is read back through :mod:`slmfactory.data.clusters` (``Clusters``,
 ``load_clusters``), which also holds the stage keys this pipeline writes under.
+
+Why one file of ~610 lines: the five stages above share the canonical-order machinery
+and the Ray Data context, and read in pipeline order; the result's reader is its own
+module.
 """
 
 from __future__ import annotations

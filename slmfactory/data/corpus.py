@@ -42,6 +42,10 @@ User corpora (``import_corpus``) go through the same stage. Inputs: ``.jsonl`` (
 object per line with a ``"text"`` field; optional ``"doc_id"``, ``"source"``),
 ``.parquet`` (a ``text`` column; optional ``doc_id``/``source``), and ``.txt`` — **one
 document per file** (long files are cut into parts at ``max_doc_chars``).
+
+Why one file of ~770 lines: the build is one deterministic pipeline (clean, dedupe,
+place, split, cap, write, report) whose steps share the placement rules above; it is
+read top to bottom. Sources and extractors are their own modules.
 """
 
 from __future__ import annotations
