@@ -1,0 +1,104 @@
+"""The study behind docs/results.md (configs/study.yaml) plans what its claims need, and
+``sweep.only`` — the per-strategy restriction it relies on — keeps exactly the trials it
+names and rejects what it cannot mean. No Ray, no training: the plan and its dry-run text."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from slmfactory.platform.config import load_config
+from slmfactory.platform.errors import ConfigError
+from slmfactory.sweeps.plan import describe, hours, plan_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = REPO / "configs" / "study.yaml"
+DOMAINS = ["legal", "biomedical", "literature", "code", "dictionary", "technical"]
+
+
+@pytest.fixture(scope="module")
+def study():
+    cfg = load_config(STUDY, {"tracking.enabled": False})
+    return cfg, plan_sweep(cfg, DOMAINS)
+
+
+def test_the_study_plans_each_strategy_where_its_claims_need_it(study):
+    cfg, plan = study
+    per_strategy = Counter(t.strategy for t in plan.trials)
+    # 6 domains x 2 spec budgets x 2 in-domain sizes = 24 cells per (strategy, generic budget);
+    # slm/mix/pn at 3 generic budgets plus a second pretraining seed at the largest (40k
+    # in-domain tokens only: 12 cells); llm, llm-lora at the largest; slm-d at 2M (its
+    # teacher is the LLM's 8M phase, 4x); slm-is and slm-nopt take no generic axis.
+    assert per_strategy == {"slm": 84, "slm-mix": 84, "slm-pn": 84, "llm": 24, "llm-lora": 24, "slm-d": 24,
+                            "slm-is": 24, "slm-nopt": 24}
+    assert len(plan.trials) == 372
+    assert {t.domain for t in plan.trials} == set(DOMAINS)
+    seeds = Counter((t.strategy, dict(t.settings)["pretrain.seed"], t.generic_label) for t in plan.trials
+                    if t.strategy in ("slm", "slm-mix", "slm-pn"))
+    assert seeds[("slm", 1, "8e+06T")] == 12 and seeds[("slm", 1, "2e+06T")] == 0
+    assert {t.generic_label for t in plan.trials if t.strategy in ("llm", "llm-lora")} == {"8e+06T"}
+    assert {t.generic_label for t in plan.trials if t.strategy == "slm-d"} == {"2e+06T"}
+    assert {t.generic_label for t in plan.trials if t.strategy in ("slm-is", "slm-nopt")} == {"none"}
+
+
+def test_the_study_shares_its_generic_phases(study):
+    cfg, plan = study
+    phases = Counter(f"{p.family}@{p.budget.label()}" for p in plan.generic)
+    # One phase per (family, budget, seed): slm/mix/pn x 3 budgets + their seed-1 8M phase,
+    # the LLM's 8M phase (llm-lora fine-tunes it too) and slm-d's (its stages reuse the
+    # LLM's 8M and slm's 2M phases: same stage keys).
+    assert sum(phases.values()) == 14
+    assert phases["slm@8e+06T"] == phases["slm-mix@8e+06T"] == phases["slm-pn@8e+06T"] == 2
+    assert phases["llm@8e+06T"] == 1 and phases["slm-d@2e+06T"] == 1
+    llm = next(p for p in plan.generic if p.family == "llm")
+    assert llm.trials == 48  # llm and llm-lora share it
+
+
+def test_the_study_dry_run_projects_its_hours(study):
+    cfg, plan = study
+    text = describe(plan, cfg)
+    assert text.startswith("sweep 'study': 372 trials, 14 shared generic phases")
+    generic_h = sum(hours(p.work, cfg.device) for p in plan.generic)
+    spec_h = sum(hours(w, cfg.device) for w in plan.spec_work.values())
+    # The projection prices FLOPs on cpu-2core at its nominal MFU; the study's measured wall
+    # time is in docs/results.md. It must stay a CPU-sized study: under 2 device-hours.
+    assert 0.3 < generic_h < 1.5 and 0.05 < spec_h < 0.5
+    assert f"all {generic_h + spec_h:.2f} cpu-2core hours" in text
+
+
+def _tiny(**sweep):
+    return load_config(REPO / "configs" / "tiny.yaml", {"workdir": "/tmp/unused", "tracking.enabled": False,
+                                                        **{f"sweep.{k}": v for k, v in sweep.items()}})
+
+
+def test_only_keeps_the_trials_any_of_its_restrictions_keeps():
+    cfg = _tiny(strategies=["slm", "llm", "slm-is"], domains=["a", "b"], generic_tokens=[1000, 4000],
+                spec_tokens=[100, 200], grid={"pretrain.seed": [0, 1]},
+                only={"llm": {"generic_tokens": [4000], "pretrain.seed": [0]},
+                      "slm": [{"pretrain.seed": [0]}, {"pretrain.seed": [1], "generic_tokens": [4000], "domains": ["a"]}],
+                      "slm-is": {"spec_tokens": [200], "pretrain.seed": [0]}})
+    trials = plan_sweep(cfg, ["a", "b"]).trials
+    got = Counter((t.strategy, t.generic_label, dict(t.settings)["pretrain.seed"]) for t in trials)
+    assert got == {("slm", "1e+03T", 0): 4, ("slm", "4e+03T", 0): 4, ("slm", "4e+03T", 1): 2,
+                   ("llm", "4e+03T", 0): 4, ("slm-is", "none", 0): 2}
+    assert {t.spec.value for t in trials if t.strategy == "slm-is"} == {200}
+    assert {t.domain for t in trials if dict(t.settings)["pretrain.seed"] == 1} == {"a"}
+    # Unrestricted strategies cross everything; a restriction never adds a trial.
+    free = plan_sweep(_tiny(strategies=["slm"], domains=["a", "b"], generic_tokens=[1000, 4000],
+                            spec_tokens=[100, 200]), ["a", "b"]).trials
+    assert len(free) == 8
+
+
+@pytest.mark.parametrize("only, message", [
+    ({"llm": {"generic_tokens": [4000]}}, "sweep.only.llm: expected a strategy listed in sweep.strategies"),
+    ({"slm": {"generic_tokens": [3000]}}, "sweep.only.slm.generic_tokens[0]: expected one of the axis' own values"),
+    ({"slm": {"finetune.lr": [0.1]}}, "sweep.only.slm.finetune.lr: expected one of domains, generic_tokens"),
+    ({"slm": [{"generic_tokens": [1000]}, {}]}, "sweep.only.slm[1]: expected a mapping of axes to value lists"),
+    ({"slm": {"spec_tokens": []}}, "sweep.only.slm.spec_tokens: expected a non-empty list of values"),
+])
+def test_only_rejects_what_it_cannot_mean(only, message):
+    with pytest.raises(ConfigError) as e:
+        _tiny(strategies=["slm"], generic_tokens=[1000, 4000], spec_tokens=[100], only=only)
+    assert message in str(e.value)
