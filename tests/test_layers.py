@@ -1,6 +1,21 @@
-"""The layers a newcomer can see: the platform (config, stages, cost, tracking, data
-pipelines) imports nothing from models, sweeps or serving, and no modules import each
-other in a cycle. Imports are read from the source (function-level ones included)."""
+"""The layers a newcomer can see, bottom to top:
+
+    platform   config, stages, cost, footprint, tracking, runtime, errors, the registry
+    data       corpus, tokenizer, token streams, embeddings, clusters, resampling
+    models     the LM, the trainer, the phase library, the strategies (one file each)
+    trial      a trial's identity and its MLflow run          (slmfactory/trial.py)
+    pipeline   the one trial driver                           (slmfactory/pipeline.py)
+    sweeps     plan, run, report, the sweep's MLflow run      serving   the Serve app
+    cli        the command line
+
+Each imports only from the layers below it; ``sweeps`` and ``serving`` stand side by side
+and never import each other; serving imports no training code (only the model
+architectures and the instant builder); no modules import each other in a cycle.
+Imports are read from the source (function-level ones included).
+
+The platform names one package above it at run time, by string: the strategy registry
+imports ``slmfactory.models.strategies`` on its first lookup (``platform/registry.py``
+says why); that is not a static import and this test does not count it."""
 
 from __future__ import annotations
 
@@ -9,6 +24,19 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "slmfactory"
 UPPER = ("slmfactory.models", "slmfactory.sweeps", "slmfactory.serving", "slmfactory.pipeline", "slmfactory.cli")
+LAYERS = {
+    # layer: what it may import (itself included)
+    "slmfactory.platform": ("slmfactory.platform",),
+    "slmfactory.data": ("slmfactory.platform", "slmfactory.data"),
+    "slmfactory.models": ("slmfactory.platform", "slmfactory.data", "slmfactory.models"),
+    "slmfactory.trial": ("slmfactory.platform",),
+    "slmfactory.pipeline": ("slmfactory.platform", "slmfactory.data", "slmfactory.models", "slmfactory.trial"),
+    "slmfactory.sweeps": ("slmfactory.platform", "slmfactory.data", "slmfactory.models", "slmfactory.trial",
+                          "slmfactory.pipeline", "slmfactory.sweeps"),
+    "slmfactory.serving": ("slmfactory.platform", "slmfactory.data", "slmfactory.trial", "slmfactory.serving",
+                           # the model architectures and the instant builder; no training code
+                           "slmfactory.models.lm", "slmfactory.models.projected", "slmfactory.models.instant"),
+}
 
 
 def module_name(path: Path) -> str:
@@ -47,6 +75,45 @@ def test_the_platform_imports_nothing_from_the_layers_above():
     assert not broken, "the platform must not import models/sweeps/serving: " + ", ".join(broken)
 
 
+def _layer(module: str) -> str | None:
+    return next((layer for layer in LAYERS if module == layer or module.startswith(layer + ".")), None)
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    graph = import_graph()
+    broken = []
+    for src, dsts in graph.items():
+        layer = _layer(src)
+        if layer is None:
+            continue  # the cli (and the package's __init__) may import anything
+        allowed = LAYERS[layer]
+        broken += [f"{src} -> {dst}" for dst in sorted(dsts)
+                   if not any(dst == a or dst.startswith(a + ".") for a in allowed)]
+    assert not broken, "imports that climb a layer (or cross sweeps/serving): " + ", ".join(broken)
+
+
+def test_every_module_has_a_layer():
+    """A new module lands in a layer the table above names (or is the cli)."""
+    graph = import_graph()
+    orphans = sorted(m for m in graph if _layer(m) is None and m not in ("slmfactory", "slmfactory.cli"))
+    assert not orphans, f"modules outside every layer: {orphans}"
+
+
+def test_the_instant_builder_is_the_only_training_code_serving_reaches():
+    """Transitively: what serving imports reaches the trainer only through the instant
+    builder (which fine-tunes a new domain), never through sweeps or the driver."""
+    graph = import_graph()
+    seen, todo = set(), [m for m in graph if m.startswith("slmfactory.serving")]
+    while todo:
+        m = todo.pop()
+        for n in graph[m]:
+            if n not in seen and n != "slmfactory.models.instant":
+                seen.add(n)
+                todo.append(n)
+    assert not [m for m in seen if m.startswith(("slmfactory.sweeps", "slmfactory.pipeline", "slmfactory.cli"))]
+    assert "slmfactory.models.trainer" not in seen and "slmfactory.models.strategies" not in seen
+
+
 def test_no_modules_import_each_other():
     graph = import_graph()
     # Every edge that closes a cycle, found by a depth-first search.
@@ -74,3 +141,5 @@ def test_the_graph_sees_real_edges():
     assert "slmfactory.platform.config" in graph["slmfactory.models.lm"]
     assert "slmfactory.platform.stages" in graph["slmfactory.data.tokenizer"]
     assert "slmfactory.models.strategies.base" in graph["slmfactory.models.strategies.slm"]
+    assert "slmfactory.platform.config" in graph["slmfactory.trial"]
+    assert "slmfactory.data.clusters" in graph["slmfactory.data.cluster_pipeline"]
