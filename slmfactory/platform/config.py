@@ -407,7 +407,9 @@ class TrackingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ServingConfig:
-    """``slmfactory serve``: the Ray Serve deployment of the per-domain models."""
+    """``slmfactory serve``: the Ray Serve deployment of the per-domain models. Its request
+    limits (``max_request_bytes`` .. ``max_inputs``) are the app's only ones
+    (``serving.api.Limits.from_config``)."""
 
     host: str = "127.0.0.1"
     """Bind address (loopback unless told otherwise)."""
@@ -423,6 +425,7 @@ class ServingConfig:
     max_ongoing_requests: int = 64
     replica_cpus: float = 1.0
     max_request_bytes: int = 1 << 20
+    """Largest request body (413 past it); a ``POST /v1/domains`` body, documents, may be 4x it."""
     max_prompt_tokens: int = 4096
     max_tokens: int = 256
     """Largest ``max_tokens`` a completion may ask for."""

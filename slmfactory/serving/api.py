@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
+from slmfactory.platform.config import ServingConfig
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -31,16 +33,36 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+MAX_DOCUMENTS = 1000
+"""Documents one ``POST /v1/domains`` may carry."""
+DOMAIN_BODY_FACTOR = 4
+"""``POST /v1/domains`` carries documents, not a prompt: its body may be this many times
+``serving.max_request_bytes``."""
+
+
 @dataclass(frozen=True)
 class Limits:
-    max_request_bytes: int = 1 << 20
-    max_prompt_tokens: int = 4096
-    max_tokens: int = 512
-    max_n: int = 8
-    max_inputs: int = 32
-    max_domain_request_bytes: int = 4 << 20
+    """The bounds of every request, from the recipe's ``serving:`` section
+    (``Limits.from_config``): its defaults are ``ServingConfig``'s, the only ones."""
+
+    max_request_bytes: int
+    max_prompt_tokens: int
+    max_tokens: int
+    max_n: int
+    max_inputs: int
+    max_domain_request_bytes: int
     """``POST /v1/domains`` carries documents, not a prompt: its own, larger bound."""
-    max_documents: int = 1000
+    max_documents: int = MAX_DOCUMENTS
+
+    @classmethod
+    def from_config(cls, serving: ServingConfig) -> Limits:
+        return cls(max_request_bytes=serving.max_request_bytes, max_prompt_tokens=serving.max_prompt_tokens,
+                   max_tokens=serving.max_tokens, max_n=serving.max_n, max_inputs=serving.max_inputs,
+                   max_domain_request_bytes=DOMAIN_BODY_FACTOR * serving.max_request_bytes)
+
+
+DEFAULT_LIMITS = Limits.from_config(ServingConfig())
+"""What a schema validated without limits (no ``context``) is held to."""
 
 
 # -- names ------------------------------------------------------------------------------
@@ -98,7 +120,7 @@ def _model_name(name: str) -> str:
 
 
 def _limits(info: ValidationInfo) -> Limits:
-    return (info.context or {}).get("limits") or Limits()
+    return (info.context or {}).get("limits") or DEFAULT_LIMITS
 
 
 def _texts(value: str | list[str], info: ValidationInfo) -> list[str]:

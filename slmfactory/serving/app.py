@@ -30,6 +30,7 @@ with ``args`` from a Serve config YAML: see ``infra/serve.yaml``).
 # No `from __future__ import annotations` here: Ray Serve's class-based FastAPI views read
 # the routes' annotations as objects (a string "Request" would become a query parameter).
 import asyncio
+import dataclasses
 import json
 import math
 import threading
@@ -959,10 +960,7 @@ def build_app(args: dict):
     catalog = {d: {"path": e.path, "strategy": e.strategy, "params": e.params, "test_ppl": e.test_ppl}
                for d, e in entries.items()}
     router = cat.router_data(cfg, list(catalog))
-    limits = {"max_request_bytes": s.max_request_bytes, "max_prompt_tokens": s.max_prompt_tokens,
-              "max_tokens": s.max_tokens, "max_n": s.max_n, "max_inputs": s.max_inputs,
-              # POST /v1/domains carries documents, not a prompt: four request bounds.
-              "max_domain_request_bytes": 4 * s.max_request_bytes}
+    limits = dataclasses.asdict(Limits.from_config(s))
     api_keys, admin_keys = load_keys(cfg)
     security = {"api": api_keys, "admin": admin_keys, "rpm": s.rate_limit_rpm, "tpm": s.rate_limit_tpm,
                 "timeout_s": s.request_timeout_s, "max_pending": s.max_pending_builds}
