@@ -117,7 +117,8 @@ def main() -> None:
 
     from slmfactory.platform.config import load_config
     from slmfactory.platform.cost import inference_flops_per_token
-    from slmfactory.serving.app import Loaded, build_app, score_ids
+    from slmfactory.serving.app import build_app
+    from slmfactory.serving.engine import Loaded, score_ids
 
     cfg = load_config(args.config)
     models_dir = Path(args.models) if args.models else cfg.root / "models"

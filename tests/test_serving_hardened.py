@@ -350,7 +350,7 @@ import resource, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models
 sys.path.insert(0, sys.argv[1])
-from slmfactory.serving.app import Loaded, score_ids
+from slmfactory.serving.engine import Loaded, score_ids
 
 torch.set_num_threads(1)
 V, T, N = 32000, 1024, 8   # the paper's vocabulary; 8 inputs of a full 1024-token context

@@ -1,4 +1,5 @@
-"""The HTTP surface of the serving app: one declared pydantic schema per route, and
+"""The HTTP surface of the serving app: one declared pydantic schema per route (the
+``/v1/domains`` body's is ``serving.domains.DomainRequest``), the request limits, and
 OpenAI-style errors.
 
 Every malformed request gets a 4xx with the body OpenAI clients understand,
@@ -119,7 +120,7 @@ def _model_name(name: str) -> str:
     return name
 
 
-def _limits(info: ValidationInfo) -> Limits:
+def limits_of(info: ValidationInfo) -> Limits:
     return (info.context or {}).get("limits") or DEFAULT_LIMITS
 
 
@@ -127,19 +128,19 @@ def _texts(value: str | list[str], info: ValidationInfo) -> list[str]:
     texts = [value] if isinstance(value, str) else value
     if not texts:
         raise PydanticCustomError("empty_input", "must not be empty")
-    cap = _limits(info).max_inputs
+    cap = limits_of(info).max_inputs
     if len(texts) > cap:
         raise PydanticCustomError("too_many_inputs", "holds {n} texts; at most {cap}", {"n": len(texts), "cap": cap})
     return texts
 
 
-class _Schema(BaseModel):
+class Schema(BaseModel):
     # Unknown fields are ignored, as OpenAI's own server does (clients send extras such as
     # "user"); every declared one is strict: no "1" for 1, no 1.0 for an integer.
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
 
-class CompletionRequest(_Schema):
+class CompletionRequest(Schema):
     model: Annotated[ModelName, AfterValidator(_model_name)]
     prompt: Union[Text, Annotated[list[Text], Field(max_length=1024)]]
     max_tokens: StrictInt = 16
@@ -160,7 +161,7 @@ class CompletionRequest(_Schema):
     @field_validator("max_tokens")
     @classmethod
     def _max_tokens(cls, v: int, info: ValidationInfo):
-        cap = _limits(info).max_tokens
+        cap = limits_of(info).max_tokens
         if not 1 <= v <= cap:
             raise PydanticCustomError("invalid_value", "must be an integer in 1..{cap}", {"cap": cap})
         return v
@@ -168,7 +169,7 @@ class CompletionRequest(_Schema):
     @field_validator("n")
     @classmethod
     def _n(cls, v: int, info: ValidationInfo):
-        cap = _limits(info).max_n
+        cap = limits_of(info).max_n
         if not 1 <= v <= cap:
             raise PydanticCustomError("invalid_value", "must be an integer in 1..{cap}", {"cap": cap})
         return v
@@ -204,7 +205,7 @@ class CompletionRequest(_Schema):
 Completion = CompletionRequest
 
 
-class ScoreRequest(_Schema):
+class ScoreRequest(Schema):
     model: Annotated[ModelName, AfterValidator(_model_name)]
     input: Union[Text, Annotated[list[Text], Field(max_length=1024)]]
 
@@ -217,48 +218,6 @@ class ScoreRequest(_Schema):
     def inputs(self) -> list[str]:
         return self.input
 
-
-MAX_REPLACEMENT_SHARE = 0.005
-"""Real text holds a few U+FFFD (the corpus: at most 0.08% of a document's characters);
-a text mis-decoded from another encoding holds one per non-ASCII character."""
-
-
-def _document(d: str) -> str:
-    if "\x00" in d or d.count("\ufffd") > MAX_REPLACEMENT_SHARE * len(d):
-        # U+FFFD is what a decoder leaves for bytes it could not read: a text full of
-        # them was decoded from an encoding it is not in, and would route on garbage.
-        raise PydanticCustomError("invalid_encoding", "holds NUL or many U+FFFD replacement characters: it was "
-                                  "decoded from an unknown encoding; send the documents as UTF-8 text")
-    return d
-
-
-def _domain_name(name: str) -> str:
-    if not valid_name(name) or name in RESERVED:
-        raise PydanticCustomError("invalid_value", "must be 1-64 letters, digits, '_', '.' or '-' starting with a "
-                                  "letter or digit (not 'auto')")
-    return name
-
-
-class DomainRequest(_Schema):
-    """``POST /v1/domains``: ``{"name", "documents": [text, ...], "finetune_budget"?: tokens}``."""
-
-    name: Annotated[ModelName, AfterValidator(_domain_name)]
-    documents: list[Annotated[Text, AfterValidator(_document)]]
-    finetune_budget: Annotated[StrictInt, Field(ge=1, le=10 ** 12)] | None = None
-
-    @field_validator("documents")
-    @classmethod
-    def _documents(cls, v: list[str], info: ValidationInfo):
-        if not v:
-            raise PydanticCustomError("empty_input", "must hold at least one document")
-        cap = _limits(info).max_documents
-        if len(v) > cap:
-            raise PydanticCustomError("too_many_inputs", "holds {n} documents; at most {cap}",
-                                      {"n": len(v), "cap": cap})
-        return v
-
-
-NewDomain = DomainRequest
 
 _CODES = {"missing": "missing_field", "json_invalid": "invalid_json", "recursion_loop": "invalid_json"}
 
@@ -349,10 +308,6 @@ def parse_completion(raw: bytes, limits: Limits) -> CompletionRequest:
 
 def parse_score(raw: bytes, limits: Limits) -> ScoreRequest:
     return validate(ScoreRequest, raw, limits)
-
-
-def parse_domain(raw: bytes, limits: Limits) -> DomainRequest:
-    return validate(DomainRequest, raw, limits)
 
 
 Route = Literal["completions", "score", "domains"]

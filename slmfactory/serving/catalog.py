@@ -9,7 +9,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmfactory.data.clusters import load_clusters
 from slmfactory.platform.errors import DataError
+from slmfactory.platform.tracking import client_for
+from slmfactory.trial import TRIAL_TAG
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,6 @@ def from_folder(models_dir: Path, max_params: float = math.inf) -> dict[str, Ent
 
 def from_mlflow(uri: str, experiment: str, max_params: float = math.inf) -> dict[str, Entry]:
     """The best model of each domain that a sweep logged to ``experiment``."""
-    from slmfactory.platform.tracking import client_for
-    from slmfactory.trial import TRIAL_TAG
-
     client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -80,10 +80,8 @@ def from_registry(uri: str, experiment: str, dest: Path, alias: str = "champion"
     import shutil
     import tempfile
 
-    import mlflow.artifacts
+    import mlflow.artifacts  # lazy: mlflow only when a model is downloaded
     from mlflow.exceptions import MlflowException
-
-    from slmfactory.platform.tracking import client_for
 
     client = client_for(uri)
     prefix = f"{experiment}-"
@@ -128,8 +126,6 @@ def router_data(cfg, domains: list[str]) -> dict | None:
     """Centroids and each served domain's cluster histogram, from the run's clustering;
     None when the clustering was never computed (``auto`` then answers 404)."""
     try:
-        from slmfactory.data.clusters import load_clusters
-
         cl = load_clusters(cfg)
     except DataError:
         return None

@@ -7,10 +7,22 @@ model (the fine-tuned one is ready) writes a new folder first, then swaps the en
 atomically with ``version + 1``: a replica sees the new version on its next request and
 loads it under a new multiplexed id, while requests already holding the old model finish
 on it, so no request fails during the swap.
+
+The ``/v1/domains`` routes are here too: their request body (``DomainRequest``) and their
+handlers (``RuntimeDomains``: what a serving replica knows of the run-time domains, the
+builds and fine-tunes it started). The serving app only routes to them. Everything about
+run-time domains is in this one module, a little over the ~500 lines the serving modules
+keep: the handlers are a thin HTTP face of the registry and the builders above them, and
+read best next to them.
+
+``slmfactory.models.instant`` (torch and the training stack) and ``ray`` are imported inside
+the functions that build, fine-tune or queue: reading the registry (the CLI, the serve
+driver) loads neither.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -18,12 +30,19 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Collection, Iterator
 
+from pydantic import AfterValidator, Field, StrictInt, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+from slmfactory.platform.config import from_dict
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import write_json_atomic
-
+from slmfactory.platform.tracking import MlflowTracker, register_model
+from slmfactory.serving.api import ApiError, Limits, ModelName, Schema, Text, limits_of, validate
 from slmfactory.serving.api import NAME_RE as NAME_PATTERN, RESERVED, valid_name  # the one name rule
+from slmfactory.serving.engine import load_minilm
 
 
 class NameTaken(DataError):
@@ -39,6 +58,57 @@ def check_name(name: str) -> None:
         raise DataError(f"name: {name!r} is not a valid domain name (1-64 letters, digits, '_', '.', '-', "
                         f"starting with a letter or digit; not 'auto')")
 
+
+# -- the request body of POST /v1/domains -------------------------------------------------
+
+MAX_REPLACEMENT_SHARE = 0.005
+"""Real text holds a few U+FFFD (the corpus: at most 0.08% of a document's characters);
+a text mis-decoded from another encoding holds one per non-ASCII character."""
+
+
+def _document(d: str) -> str:
+    if "\x00" in d or d.count("\ufffd") > MAX_REPLACEMENT_SHARE * len(d):
+        # U+FFFD is what a decoder leaves for bytes it could not read: a text full of
+        # them was decoded from an encoding it is not in, and would route on garbage.
+        raise PydanticCustomError("invalid_encoding", "holds NUL or many U+FFFD replacement characters: it was "
+                                  "decoded from an unknown encoding; send the documents as UTF-8 text")
+    return d
+
+
+def _domain_name(name: str) -> str:
+    if not valid_name(name) or name in RESERVED:
+        raise PydanticCustomError("invalid_value", "must be 1-64 letters, digits, '_', '.' or '-' starting with a "
+                                  "letter or digit (not 'auto')")
+    return name
+
+
+class DomainRequest(Schema):
+    """``POST /v1/domains``: ``{"name", "documents": [text, ...], "finetune_budget"?: tokens}``."""
+
+    name: Annotated[ModelName, AfterValidator(_domain_name)]
+    documents: list[Annotated[Text, AfterValidator(_document)]]
+    finetune_budget: Annotated[StrictInt, Field(ge=1, le=10 ** 12)] | None = None
+
+    @field_validator("documents")
+    @classmethod
+    def _documents(cls, v: list[str], info: ValidationInfo):
+        if not v:
+            raise PydanticCustomError("empty_input", "must hold at least one document")
+        cap = limits_of(info).max_documents
+        if len(v) > cap:
+            raise PydanticCustomError("too_many_inputs", "holds {n} documents; at most {cap}",
+                                      {"n": len(v), "cap": cap})
+        return v
+
+
+NewDomain = DomainRequest
+
+
+def parse_domain(raw: bytes, limits: Limits) -> DomainRequest:
+    return validate(DomainRequest, raw, limits)
+
+
+# -- the registry -------------------------------------------------------------------------
 
 class DomainRegistry:
     """The run-time domains of a workdir (shared storage for a multi-node app)."""
@@ -185,9 +255,6 @@ def _folders(entry: dict) -> set[Path]:
 def register_in_mlflow(cfg, name: str, entry: dict, metrics: dict[str, float]) -> dict:
     """One MLflow run per served instant model (experiment ``<tracking.experiment>-instant``),
     its folder as the ``model`` artifact, registered as a version of ``<experiment>-<name>``."""
-    from slmfactory.platform.tracking import MlflowTracker
-    from slmfactory.platform.tracking import register_model
-
     experiment = f"{cfg.tracking.experiment}-instant"
     tracker = MlflowTracker(cfg.tracking_uri, experiment, f"{name}-v{entry['version']}")
     tracker.set_tags({"domain": name, "strategy": entry["strategy"], "phase": "instant",
@@ -204,7 +271,7 @@ def create_domain(cfg, name: str, texts: list[str], families, *, embedder=None, 
                   ) -> tuple[dict, Any]:
     """Build the instant candidates of ``texts`` and publish the chosen one under ``name``;
     returns (entry, the ``InstantDomain``)."""
-    from slmfactory.models.instant import build_instant
+    from slmfactory.models.instant import build_instant  # lazy (module docstring)
 
     registry = DomainRegistry(cfg.root)
     caps = dict(max_domains=cfg.serving.max_domains, max_bytes=cfg.serving.max_domain_disk_mb * 2 ** 20) \
@@ -253,8 +320,7 @@ def finetune_and_swap(cfg_tree: dict, name: str, budget_tokens: int) -> dict:
     ``slmfactory specialize``; progress and outcome are recorded in the entry."""
     import numpy as np
 
-    from slmfactory.models.instant import Candidate, finetune_instant, split_documents
-    from slmfactory.platform.config import from_dict
+    from slmfactory.models.instant import Candidate, finetune_instant, split_documents  # lazy (module docstring)
 
     cfg = from_dict(cfg_tree)
     registry = DomainRegistry(cfg.root)
@@ -313,3 +379,171 @@ def finetune_status(registry: DomainRegistry, name: str, entry: dict) -> dict:
                 return entry
         return fresh
     return entry
+
+
+# -- the /v1/domains handlers of a serving replica ------------------------------------------
+
+def instant_inputs(cfg):
+    """What a replica builds new domains from: the trained generic phases (never trained
+    here), the run's tokenizer and MiniLM."""
+    from slmfactory.models.instant import generic_families  # lazy (module docstring)
+
+    families = generic_families(cfg, train=False)
+    return families, load_tokenizer(ensure_tokenizer(cfg)), load_minilm()
+
+
+def domain_view(entry: dict) -> dict:
+    """A run-time domain as the API shows it (no file paths beyond the served folder)."""
+    inst = entry.get("instant") or {}
+    return {"id": entry["name"], "object": "domain", "version": entry["version"], "strategy": entry["strategy"],
+            "params": entry["params"], "heldout_ppl": entry["test_ppl"], "documents": inst.get("documents"),
+            "chosen": inst.get("chosen"), "histogram": inst.get("histogram"),
+            "candidates": {r: {"heldout_ppl": c["heldout_ppl"], "seconds": c["seconds"], "flops": c["flops"]}
+                           for r, c in (inst.get("candidates") or {}).items()},
+            "timings": inst.get("timings"), "finetune": entry.get("finetune"), "mlflow": entry.get("mlflow")}
+
+
+class RuntimeDomains:
+    """A serving replica's run-time domains: registry entries read on a miss (re-read when
+    their file changed), so every replica serves them; the builds and fine-tunes this
+    replica started; and the ``/v1/domains`` handlers, which raise ``ApiError``.
+    ``cfg`` None: an app started without a run config, with no run-time domains.
+    ``startup``: the start-up catalog's domains (never run-time ones). Construct it on the
+    replica's event loop: what new domains are built from (generic phases, tokenizer,
+    MiniLM) starts loading in the background at once, so a new domain's first POST does
+    not wait for it."""
+
+    def __init__(self, cfg, startup: Collection[str], max_pending: int):
+        self.cfg, self.startup, self.max_pending = cfg, startup, max_pending
+        self.registry = DomainRegistry(cfg.root) if cfg is not None else None
+        self.entries: dict[str, tuple[int, dict]] = {}  # name -> (entry file mtime_ns, entry)
+        self.finetunes: dict[str, Any] = {}              # name -> the queued Ray task's ref
+        self.builds = 0                                  # POST /v1/domains in progress here
+        self.minilm = None                               # the builds' MiniLM, once loaded
+        self.inputs = asyncio.ensure_future(asyncio.to_thread(instant_inputs, cfg)) if cfg is not None else None
+
+    def entry(self, name: str) -> dict | None:
+        """The registry entry of a run-time domain, re-read when its file changed.
+        Only a name that passed the one name rule reaches the file system, and only
+        names that exist are cached."""
+        if self.registry is None or not valid_name(name):
+            return None
+        try:
+            mtime = self.registry.entry_path(name).stat().st_mtime_ns
+        except (OSError, ValueError):
+            self.entries.pop(name, None)
+            return None
+        hit = self.entries.get(name)
+        if hit is None or hit[0] != mtime:
+            entry = self.registry.get(name)
+            if entry is None:
+                return None
+            hit = self.entries[name] = (mtime, entry)
+        return hit[1]
+
+    def names(self) -> list[str]:
+        return self.registry.names() if self.registry else []
+
+    def pending(self) -> int:
+        """Domain builds and fine-tunes queued or running here (finished fine-tunes dropped)."""
+        import ray  # lazy (module docstring)
+
+        done = [n for n, ref in self.finetunes.items() if ray.wait([ref], timeout=0)[0]]
+        for n in done:
+            self.finetunes.pop(n)
+        return self.builds + len(self.finetunes)
+
+    def lookup(self, name: str) -> dict:
+        """The entry of run-time domain ``name``, else a 400 (a bad name) or 404."""
+        if not valid_name(name):
+            raise ApiError(400, "'name' must be 1-64 letters, digits, '_', '.' or '-' starting with a letter or "
+                           "digit", param="name", code="invalid_value")
+        entry = self.entry(name) if name not in self.startup else None
+        if entry is None:
+            raise ApiError(404, f"'{name}' is " + ("a start-up domain, not a run-time one"
+                                                   if name in self.startup else "not a run-time domain"),
+                           param="name", code="model_not_found")
+        return entry
+
+    async def create(self, req: DomainRequest) -> tuple[dict, int]:
+        """``POST /v1/domains``: the instant model of ``req.documents`` served under
+        ``req.name`` when this returns; ``finetune_budget`` queues a Ray Train fine-tuning
+        that replaces it when done. Returns the domain's view and the tokens it read."""
+        from slmfactory.models.instant import GenericPhaseMissing  # lazy (module docstring)
+
+        if self.cfg is None:
+            raise ApiError(503, "this app was started without a run config: no run-time domains",
+                           code="instant_unavailable", type_="service_unavailable")
+        if req.name in self.startup or self.registry.exists(req.name):
+            raise ApiError(409, f"domain '{req.name}' already exists", param="name", code="name_exists")
+        if req.finetune_budget is not None:
+            step = self.cfg.finetune.batch_size * self.cfg.data.seq_len
+            if req.finetune_budget < step:
+                raise ApiError(400, f"'finetune_budget' must be at least one step of {step} tokens, got "
+                               f"{req.finetune_budget}", param="finetune_budget", code="invalid_value")
+        if self.pending() >= self.max_pending:
+            raise ApiError(429, f"{self.pending()} domain builds and fine-tunes are queued or running "
+                           f"(serving.max_pending_builds); retry later", code="queue_full",
+                           type_="rate_limit_error", headers={"Retry-After": "30"})
+        self.builds += 1
+        try:
+            if self.inputs.done() and self.inputs.exception() is not None:
+                # Not trained at start-up (503 then): look again, they may be now.
+                self.inputs = asyncio.ensure_future(asyncio.to_thread(instant_inputs, self.cfg))
+            families, tokenizer, minilm = await asyncio.shield(self.inputs)
+            self.minilm = self.minilm or minilm
+            entry, built = await asyncio.to_thread(
+                create_domain, self.cfg, req.name, req.documents, families, embedder=minilm,
+                tokenizer=tokenizer, taken=lambda n: n in self.startup, limited=True)
+        except NameTaken as e:
+            raise ApiError(409, str(e), param="name", code="name_exists") from None
+        except RegistryFull as e:
+            raise ApiError(409, str(e).split(": ", 1)[-1], param="name", code="max_domains") from None
+        except GenericPhaseMissing as e:
+            raise ApiError(503, str(e), code="instant_unavailable", type_="service_unavailable") from None
+        except DataError as e:
+            param = str(e).split(":", 1)[0] if str(e).split(":", 1)[0] in ("name", "documents") else None
+            raise ApiError(400, str(e), param=param or "documents", code="invalid_value") from None
+        finally:
+            self.builds -= 1
+        register_async(self.cfg, req.name, entry)
+        if req.finetune_budget is not None:
+            import ray  # lazy (module docstring)
+
+            # "queued" is written before the task exists: a fast task's "running" or
+            # "failed" can only come after it, never be overwritten by it.
+            entry = self.registry.update(req.name, finetune={"status": "queued",
+                                                             "budget_tokens": req.finetune_budget})
+            task = ray.remote(num_cpus=0, max_retries=0)(finetune_and_swap)
+            self.finetunes[req.name] = task.remote(self.cfg.to_tree(), req.name, req.finetune_budget)
+        return domain_view(entry), int(len(built.docs.train) + len(built.docs.heldout))
+
+    async def status(self, name: str) -> dict:
+        """``GET /v1/domains/NAME``: the domain's view, its fine-tune status made true."""
+        import ray  # lazy (module docstring)
+
+        entry = await asyncio.to_thread(self.lookup, name)
+        ref = self.finetunes.get(name)
+        ft = entry.get("finetune") or {}
+        if ref is not None and ft.get("status") == "queued" and ray.wait([ref], timeout=0)[0]:
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001  (the task died before it started)
+                entry = self.registry.update(name, finetune={**ft, "status": "failed",
+                                                             "error": f"{type(e).__name__}"})
+        entry = await asyncio.to_thread(finetune_status, self.registry, name, entry)
+        return domain_view(entry)
+
+    async def delete(self, name: str) -> dict:
+        """``DELETE /v1/domains/NAME``: a run-time domain no fine-tune is working on."""
+        if name in self.startup:
+            raise ApiError(409, f"'{name}' is a start-up domain (its model folder is the run's); only "
+                           "run-time domains are deleted", param="name", code="not_deletable")
+        self.lookup(name)
+        self.pending()  # drops finished fine-tunes from self.finetunes
+        if self.registry.finetuning(name) or name in self.finetunes:
+            raise ApiError(409, f"domain '{name}' is being fine-tuned; delete it when that ends",
+                           param="name", code="busy")
+        entry = await asyncio.to_thread(self.registry.delete, name)
+        self.entries.pop(name, None)
+        return {"id": name, "object": "domain", "deleted": entry is not None}

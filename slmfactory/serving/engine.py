@@ -1,0 +1,347 @@
+"""The model work of the serving app, with no Ray Serve in it: loading a served model
+folder (a Hugging Face causal LM and its tokenizer, safetensors only), scoring (per-token
+log-probs; OpenAI ``logprobs``, echo included), generation with ``generate`` (left-padded
+batches, seeds, streaming, a deadline), stop strings, and the ``model: "auto"`` router's
+choice of a domain.
+
+Every function takes a ``Loaded`` model and plain values, so the engine is tested without
+Ray or a server (``tests/test_engine.py``); ``serving/server.py`` runs it in a replica's
+worker threads.
+
+torch and transformers are imported inside the functions, deliberately: importing this
+module (the serve driver's ``build_app``, the CLI) does not load them; a replica imports
+them all once before its first request (``server.import_everything``).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Collection
+
+import numpy as np
+
+from slmfactory.data.clusters import nearest_centroid
+from slmfactory.data.embed import load_minilm as _load_minilm
+
+LOGIT_CHUNK_ELEMENTS = 1 << 22
+"""Scoring holds at most this many logits (16 MiB of float32) at a time, whatever the
+vocabulary, the context and the number of inputs: windows x context x vocabulary logits
+and their log-softmax copy were tens of GB at a 32k vocabulary for one allowed request."""
+
+
+class Deadline(Exception):
+    """The request's deadline passed (answered 408)."""
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    context: int
+    load_seconds: float = 0.0
+
+
+def load(path: str) -> Loaded:
+    """A served model folder (``export_hf``'s layout): the causal LM in float32, eval mode,
+    and its tokenizer; the context is the model's ``max_position_embeddings``."""
+    import torch  # lazy (module docstring)
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from slmfactory.models.instant import CONSTRUCTION_LOCK  # lazy: it imports torch
+
+    t0 = time.perf_counter()
+    # from_pretrained disables weight tying process-wide while it runs: no other model may
+    # be built meanwhile (see CONSTRUCTION_LOCK).
+    with CONSTRUCTION_LOCK:
+        # use_safetensors: weights are loaded from safetensors only, never from a pickle.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    return Loaded(model, tok, int(model.config.max_position_embeddings), time.perf_counter() - t0)
+
+
+def load_minilm():
+    """The clustering's MiniLM on the CPU (what ``auto`` routes with)."""
+    from slmfactory.models.instant import CONSTRUCTION_LOCK  # lazy: it imports torch
+
+    with CONSTRUCTION_LOCK:  # a from_pretrained inside (see CONSTRUCTION_LOCK)
+        return _load_minilm("cpu")
+
+
+def pick_domain(router: dict, served: Collection[str], embedding: np.ndarray) -> tuple[str, dict]:
+    """``model: "auto"``: the served domain whose in-domain histogram gives the cluster
+    nearest to ``embedding`` (one row) the highest share; ``router`` is
+    ``catalog.router_data``'s. Returns the domain and what the response tells about it."""
+    c = int(nearest_centroid(embedding, np.asarray(router["centroids"], dtype=np.float32))[0])
+    shares = {d: h[c] for d, h in router["histograms"].items() if d in served}
+    domain = max(sorted(shares), key=lambda d: shares[d])
+    return domain, {"routed_to": domain, "cluster": c, "share": shares[domain]}
+
+
+# -- scoring ------------------------------------------------------------------------------
+
+def _logit_chunks(loaded: Loaded, x, mask, deadline: float = math.inf):
+    """(row, first position, log-sum-exp, logits) per chunk of ``x``'s positions, never
+    more than ``LOGIT_CHUNK_ELEMENTS`` logits at once: the decoder's hidden states are
+    computed per group of rows, the head per group of positions."""
+    import torch  # lazy (module docstring)
+
+    model = loaded.model
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings()
+    vocab = int(model.config.vocab_size)
+    positions = max(1, LOGIT_CHUNK_ELEMENTS // vocab)
+    rows_per = max(1, positions // max(1, x.shape[1]))
+    with torch.no_grad():
+        for r0 in range(0, x.shape[0], rows_per):
+            if time.monotonic() > deadline:
+                raise Deadline()
+            xs, ms = x[r0:r0 + rows_per], mask[r0:r0 + rows_per]
+            if decoder is None or head is None:
+                logits_all = model(input_ids=xs, attention_mask=ms).logits.float()
+                hidden = None
+            else:
+                hidden = decoder(input_ids=xs, attention_mask=ms).last_hidden_state
+            for r in range(xs.shape[0]):
+                for p0 in range(0, xs.shape[1], positions):
+                    logits = (head(hidden[r, p0:p0 + positions]) if hidden is not None
+                              else logits_all[r, p0:p0 + positions]).float()
+                    yield r0 + r, p0, torch.logsumexp(logits, -1), logits
+
+
+def score_ids(loaded: Loaded, batch: list[list[int]], deadline: float = math.inf) -> list[list[float]]:
+    """Log-probability of every token after the first of each id list, in windows of the
+    model's context (each window's first token has no prediction: the same convention
+    as the project's evaluation, ``trainer.evaluate_nll``). The log-softmax is gathered
+    at the target tokens only, chunk by chunk (bounded memory)."""
+    import torch  # lazy (module docstring)
+
+    windows, owner = [], []
+    for i, ids in enumerate(batch):
+        for s in range(0, len(ids), loaded.context):
+            windows.append(ids[s:s + loaded.context])
+            owner.append(i)
+    width = max(len(w) for w in windows)
+    pad = loaded.tokenizer.pad_token_id or 0
+    x = torch.full((len(windows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for j, w in enumerate(windows):  # right padding: causal attention never sees it
+        x[j, :len(w)] = torch.tensor(w)
+        mask[j, :len(w)] = 1
+    per_window: list[list[float]] = [[] for _ in windows]
+    for j, p0, lse, logits in _logit_chunks(loaded, x, mask, deadline):
+        n = len(windows[j])
+        hi = min(p0 + logits.shape[0], n - 1)  # predictions for positions p0..hi-1
+        if hi <= p0:
+            continue
+        tgt = x[j, p0 + 1:hi + 1]
+        got = logits[:hi - p0].gather(-1, tgt[:, None])[:, 0] - lse[:hi - p0]
+        per_window[j].extend(got.tolist())
+    out: list[list[float]] = [[] for _ in batch]
+    for j, lp in enumerate(per_window):
+        out[owner[j]].extend(lp)
+    return out
+
+
+def with_firsts(ids: list[int], logprobs: list[float], context: int) -> list[float | None]:
+    """Per-token log-probs aligned with ``ids``: None where a context window starts."""
+    out: list[float | None] = []
+    it = iter(logprobs)
+    for p in range(len(ids)):
+        out.append(None if p % context == 0 else next(it))
+    return out
+
+
+def token_logprobs(loaded: Loaded, ids: list[int], start: int, top: int, deadline: float = math.inf) -> dict:
+    """OpenAI ``logprobs`` of ``ids[start:]`` (the first token of a text has none),
+    gathered chunk by chunk like ``score_ids``."""
+    import torch  # lazy (module docstring)
+
+    tok = loaded.tokenizer
+    x = torch.tensor([ids])
+    values: list[float | None] = [None] * len(ids)
+    tops: list[dict | None] = [None] * len(ids)
+    for _, p0, lse, logits in _logit_chunks(loaded, x, torch.ones_like(x), deadline):
+        for q in range(logits.shape[0]):
+            p = p0 + q + 1  # the token this position predicts
+            if p >= len(ids) or p < start:
+                continue
+            values[p] = float(logits[q, ids[p]] - lse[q])
+            if top:
+                v, i = (logits[q] - lse[q]).topk(top)
+                tops[p] = {tok.decode([int(a)]): float(b) for b, a in zip(v, i)}
+    tokens = [tok.decode([i]) for i in ids[start:]]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": values[start:], "top_logprobs": tops[start:] if top else None,
+            "text_offset": offsets}
+
+
+def one_token_forward(model, lock: threading.Lock, timeout_s: float) -> None:
+    """A one-token forward pass of ``model`` (none: nothing to run) under the generation
+    ``lock``, waited for at most ``timeout_s`` (the replica's health check)."""
+    import torch  # lazy (module docstring)
+
+    if not lock.acquire(timeout=timeout_s):
+        raise RuntimeError("the generation lock is held past the health deadline")
+    try:
+        with torch.no_grad():
+            if model is not None:
+                model(input_ids=torch.zeros((1, 1), dtype=torch.long))
+    finally:
+        lock.release()
+
+
+# -- generation ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to generate: a completion request's settings (``Sampling.of(request)``)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    seed: int | None = None
+
+    @classmethod
+    def of(cls, request) -> Sampling:
+        return cls(request.max_tokens, request.temperature, request.top_p, tuple(request.stop), request.n,
+                   request.seed)
+
+
+def cut_at_stop(text: str, stop: Collection[str]) -> tuple[str, bool]:
+    """``text`` up to its first stop string, and whether one was found."""
+    cuts = [text.index(s) for s in stop if s in text]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def check_stop(tokenizer, stop: Collection[str]) -> None:
+    """A ``ValueError`` for stop strings ``generate`` cannot take (ones the vocabulary
+    cannot form), found before generation rather than inside it."""
+    if not stop:
+        return
+    from transformers.generation.stopping_criteria import StopStringCriteria  # lazy (module docstring)
+
+    try:
+        StopStringCriteria(tokenizer, list(stop))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"the model's vocabulary cannot form {list(stop)!r} ({str(e)[:120]})") from None
+
+
+def halt(deadline: float, cancel: threading.Event | None):
+    """A stopping criterion: generation stops at the next token once the deadline passed
+    or the client went away (every row at once)."""
+    from transformers import StoppingCriteria  # lazy (module docstring)
+
+    class Halt(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            stop = time.monotonic() > deadline or (cancel is not None and cancel.is_set())
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    return Halt()
+
+
+def generate(loaded: Loaded, prompts: list[list[int]], s: Sampling, deadline: float = math.inf,
+             lock: threading.Lock | None = None, streamer=None,
+             cancel: threading.Event | None = None) -> list[list[dict]]:
+    """One left-padded ``generate`` over ``prompts`` (token ids): per prompt, ``s.n``
+    completions ``{"ids", "text", "finish"}`` (``"stop"``: end of text or a stop string,
+    the text cut before it; ``"length"``: ``s.max_tokens`` reached). ``lock`` (the
+    replica's: one generation at a time, so seeded sampling is reproducible) is waited for
+    until the deadline only; a deadline that passes raises ``Deadline``."""
+    import torch  # lazy (module docstring)
+    from transformers import StoppingCriteriaList
+
+    tok = loaded.tokenizer
+    width = max(len(p) for p in prompts)
+    pad = tok.pad_token_id or 0
+    x = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for j, p in enumerate(prompts):  # left padding: generation continues every row's end
+        x[j, width - len(p):] = torch.tensor(p)
+        mask[j, width - len(p):] = 1
+    kwargs = dict(max_new_tokens=s.max_tokens, num_return_sequences=s.n, pad_token_id=pad,
+                  eos_token_id=tok.eos_token_id, stopping_criteria=StoppingCriteriaList([halt(deadline, cancel)]))
+    if s.temperature > 0:
+        kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
+    else:
+        kwargs.update(do_sample=False)
+    if s.stop:
+        kwargs.update(stop_strings=list(s.stop), tokenizer=tok)
+    # The lock is waited for only until the deadline: a request never queues forever.
+    if lock is not None and not lock.acquire(timeout=-1 if deadline == math.inf
+                                             else max(0.0, deadline - time.monotonic())):
+        raise Deadline()
+    try:
+        with torch.no_grad():
+            if s.seed is not None:
+                torch.manual_seed(s.seed)
+            seqs = loaded.model.generate(input_ids=x, attention_mask=mask, streamer=streamer, **kwargs)
+    finally:
+        if lock is not None:
+            lock.release()
+    if time.monotonic() > deadline:
+        raise Deadline()
+    out: list[list[dict]] = [[] for _ in prompts]
+    for r in range(seqs.shape[0]):
+        j = r // s.n
+        new = seqs[r, width:].tolist()
+        ended = tok.eos_token_id in new
+        if ended:
+            new = new[:new.index(tok.eos_token_id)]
+        while new and new[-1] == pad:
+            new.pop()
+        text, stopped = cut_at_stop(tok.decode(new), s.stop)
+        out[j].append({"ids": new, "text": text, "finish": "stop" if (ended or stopped) else "length"})
+    return out
+
+
+def streamer(on_tokens: Callable[[list[int]], None], on_end: Callable[[], None]):
+    """A ``generate`` streamer: each step's new token ids to ``on_tokens`` (the prompt,
+    which ``generate`` hands over first, is skipped), then ``on_end()``."""
+    from transformers.generation.streamers import BaseStreamer  # lazy (module docstring)
+
+    class Pipe(BaseStreamer):
+        first = True
+
+        def put(self, value):
+            if self.first:  # the prompt comes first; only new tokens are streamed
+                self.first = False
+                return
+            on_tokens(value.reshape(-1).tolist())
+
+        def end(self):
+            on_end()
+
+    return Pipe()
+
+
+class TextStream:
+    """The text of one streamed completion, handed out piece by piece: whole characters
+    only, and nothing from the first stop string on."""
+
+    def __init__(self, tokenizer, stop: Collection[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, ids: list[int]) -> str:
+        """The new text once ``ids`` (the next generated tokens) are added ("" if none)."""
+        self.ids.extend(t for t in ids if t != self.tokenizer.eos_token_id)
+        text, _ = cut_at_stop(self.tokenizer.decode(self.ids), self.stop)
+        if len(text) > len(self.sent) and not text.endswith("\ufffd"):  # whole characters only
+            piece, self.sent = text[len(self.sent):], text
+            return piece
+        return ""
+
+    def rest(self, final_text: str) -> str:
+        """What ``final_text`` (the completion's text) holds beyond what was handed out."""
+        return final_text[len(self.sent):] if len(final_text) > len(self.sent) else ""

@@ -1,0 +1,415 @@
+"""The serving replica: every served domain's small model, and the request plumbing all
+routes share. ``DomainServer`` holds no route: the Ray Serve deployment is
+``app.DomainModels``, this class with the HTTP routes on top (the ingress / server split
+of Ray Serve LLM, in one deployment). The model work is ``serving.engine``'s, the run-time
+domains' ``serving.domains``'.
+
+- Models: ``get_model`` is ``@serve.multiplexed`` (an LRU of ``max_models`` per replica),
+  wired in ``__init__`` because the cap comes from the recipe. A start-up domain's model
+  id is its name; a run-time domain's ``name@v<version>``, so a swapped model loads under
+  a new id while the old one finishes its requests. A folder that fails to load answers
+  503 naming its domain; the others keep serving.
+- Batches (``@serve.batch``, wired the same way): requests of one domain are scored
+  together; greedy/sampled completions with the same settings are generated in one
+  left-padded ``generate`` call. A failing request fails alone: its neighbours are answered.
+- Every request (``_respond``): API key (401, 403 for an admin route), per-key rates (429),
+  a body read within its bound (413), one schema (400), a deadline (408), a metric.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from ray import serve
+
+from slmfactory.data.embed import encode
+from slmfactory.platform.config import from_dict
+from slmfactory.serving.api import ApiError, CompletionRequest, Limits, validate
+from slmfactory.serving.auth import Auth, RateLimiter
+from slmfactory.serving.domains import RuntimeDomains
+from slmfactory.serving.engine import (Deadline, Loaded, Sampling, TextStream, check_stop, generate, load,
+                                       load_minilm, one_token_forward, pick_domain, score_ids, streamer)
+
+AUTO = "auto"
+HEALTH_TIMEOUT_S = 10.0
+
+
+def import_everything() -> None:
+    """Everything a request or a background load imports, imported once before the replica
+    takes a request: ``transformers`` resolves names lazily, and two threads resolving one
+    at once made a cold replica answer 503 ("cannot import name 'AutoModelForCausalLM'")."""
+    # The point of this function: the engine's lazy imports, made here, in one thread.
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+    import transformers
+    from transformers import (  # noqa: F401
+        AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast, StoppingCriteria)
+    from transformers.generation.stopping_criteria import StopStringCriteria  # noqa: F401
+    from transformers.generation.streamers import BaseStreamer  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
+
+    import slmfactory.models.instant  # noqa: F401
+    import slmfactory.models.projected  # noqa: F401
+
+    transformers.logging.set_verbosity_error()
+
+
+class Failed:
+    """One request's failure inside a batch: handed back to that request only."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def unwrap(result):
+    if isinstance(result, Failed):
+        raise result.error
+    return result
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it exceeds ``limit``, declared or chunked: never
+    buffered whole first."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ApiError(400, "Content-Length is not a number", code="invalid_request")
+        if int(declared) > limit:
+            raise ApiError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit}",
+                           code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def registry_metrics():
+    """This replica's Prometheus metrics (``GET /metrics``)."""
+    reg = CollectorRegistry()
+    m = {
+        "requests": Counter("slmfactory_requests", "requests per domain, route and status",
+                            ("domain", "route", "status"), registry=reg),
+        "latency": Histogram("slmfactory_latency_seconds", "request latency per domain and route",
+                             ("domain", "route"), registry=reg,
+                             buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)),
+        "tokens": Counter("slmfactory_tokens", "tokens scored or generated per domain", ("domain", "route"),
+                          registry=reg),
+        "load": Gauge("slmfactory_model_load_seconds", "seconds the domain's model took to load", ("domain",),
+                      registry=reg),
+        "cache": Counter("slmfactory_model_cache", "model cache lookups per domain (hit or miss)",
+                         ("domain", "result"), registry=reg),
+        "queue": Gauge("slmfactory_queue_depth", "requests in flight in this replica, and domain builds and "
+                       "fine-tunes queued or running", ("kind",), registry=reg),
+    }
+    return reg, m
+
+
+class DomainServer:
+    """Every served domain's small model, multiplexed in each replica."""
+
+    async def __init__(self, catalog: dict[str, dict], router: dict | None, limits: Limits, preload: bool,
+                       instant: dict | None = None, security: dict | None = None, max_models: int = 8,
+                       batch_wait_s: float = 0.005):
+        # Before anything runs in a second thread (see import_everything).
+        import_everything()
+        import torch  # lazy: imported by import_everything just above
+
+        torch.set_num_threads(1)
+        self.catalog, self.router, self.limits, self.max_models = catalog, router, limits, max_models
+        sec = security or {}
+        self.auth = Auth(sec.get("api", []), sec.get("admin", []))
+        self.rates = RateLimiter(sec.get("rpm", 0.0), sec.get("tpm", 0.0))
+        self.timeout = float(sec.get("timeout_s", 60.0))
+        # Domains created at run time (POST /v1/domains, `slmfactory specialize`): read
+        # from the workdir's registry on a miss, so every replica serves them.
+        self.domains = RuntimeDomains(from_dict(instant["config"]) if instant else None, catalog,
+                                      int(sec.get("max_pending", 2)))
+        self.failed: dict[str, str] = {}
+        self.lock = threading.Lock()  # one generate at a time: seeded sampling stays reproducible
+        self.minilm = None
+        self.in_flight = 0
+        self.metrics_registry, self.m = registry_metrics()
+        self.loaded_ids: set[str] = set()
+        self._probe: Loaded | None = None
+
+        # Serve's multiplexing and batching, sized by the recipe (hence wired here, per
+        # replica, as Ray Serve LLM wires its multiplexed loader).
+        async def load_model(model_id: str) -> Loaded:
+            return await self._load_model(model_id)
+
+        async def score_batch(items: list) -> list:
+            return await self._score_batch(items)
+
+        async def generate_batch(jobs: list) -> list:
+            return await self._generate_batch(jobs)
+
+        self.get_model = serve.multiplexed(max_num_models_per_replica=max_models)(load_model)
+        self.score_batch = serve.batch(max_batch_size=16, batch_wait_timeout_s=batch_wait_s)(score_batch)
+        self.generate_batch = serve.batch(max_batch_size=8, batch_wait_timeout_s=batch_wait_s)(generate_batch)
+        if preload:  # through the multiplexed loader, so the models sit in its LRU
+            for d in list(catalog)[:max_models]:
+                try:
+                    await self.get_model(d)
+                except Exception as e:  # noqa: BLE001  (answered 503 for that domain)
+                    self.failed[d] = f"{type(e).__name__}: {str(e)[:200]}"
+
+    def count_tokens(self, n: int, domain: str, route: str) -> None:
+        if n > 0:
+            self.m["tokens"].labels(domain, route).inc(n)
+
+    # -- models ---------------------------------------------------------------------------
+    async def _load_model(self, model_id: str) -> Loaded:
+        # A start-up domain's id is its name; a run-time domain's is "name@v<version>",
+        # so a swapped model loads under a new id while the old one finishes its requests.
+        if model_id in self.catalog:
+            loaded = await asyncio.to_thread(load, self.catalog[model_id]["path"])
+        else:
+            name, _, version = model_id.rpartition("@v")
+            entry = self.domains.entry(name)
+            if entry is None or str(entry["version"]) != version:
+                raise FileNotFoundError(f"domain {name!r} version {version} is no longer registered")
+            loaded = await asyncio.to_thread(load, entry["path"])
+        self.m["load"].labels(model_id.rpartition("@v")[0] or model_id).set(loaded.load_seconds)
+        return loaded
+
+    def served_names(self) -> list[str]:
+        return sorted(set(self.catalog) | set(self.domains.names()))
+
+    async def model_for(self, name: str, text: str) -> tuple[str, Loaded, dict]:
+        extra: dict = {}
+        if name == AUTO:
+            name, extra = await self.route(text)
+        model_id = name
+        if name not in self.catalog:
+            # File I/O off the event loop: a slow or stuck shared filesystem delays this
+            # request (until its deadline), never the replica's other requests.
+            entry = await asyncio.to_thread(self.domains.entry, name)
+            if entry is None:
+                raise ApiError(404, f"model '{name}' does not exist; domains served: "
+                               f"{', '.join(self.served_names())}" + (" and auto" if self.router else ""),
+                               param="model", code="model_not_found")
+            model_id = f"{name}@v{entry['version']}"
+        self.m["cache"].labels(name, "hit" if model_id in self.loaded_ids else "miss").inc()
+        try:
+            loaded = await self.get_model(model_id)
+        except Exception as e:  # noqa: BLE001
+            self.failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
+            raise ApiError(503, f"the model of domain '{name}' failed to load ({self.failed[name]}); "
+                           "the other domains are served", param="model", code="model_unavailable",
+                           type_="service_unavailable")
+        self.loaded_ids.add(model_id)
+        if len(self.loaded_ids) > 4 * self.max_models:  # a hint for the hit/miss metric only: bounded
+            self.loaded_ids = {model_id}
+        self.failed.pop(name, None)
+        return name, loaded, extra
+
+    async def route(self, text: str) -> tuple[str, dict]:
+        if self.router is None:
+            raise ApiError(404, "model 'auto' needs the run's clustering (run `slmfactory cluster`)",
+                           param="model", code="model_not_found")
+        if self.minilm is None:  # the one a domain build loaded, else its own
+            self.minilm = self.domains.minilm or await asyncio.to_thread(load_minilm)
+        emb = await asyncio.to_thread(encode, self.minilm, [text], self.router["batch_size"])
+        return pick_domain(self.router, self.catalog, emb)
+
+    # -- batched work ---------------------------------------------------------------------
+    async def _score_batch(self, items: list[tuple[str, Loaded, list[int], float]]) -> list:
+        out: list = [None] * len(items)
+        for domain in {d for d, _, _, _ in items}:
+            idx = [i for i, (d, _, _, _) in enumerate(items) if d == domain]
+            await self._isolated(out, idx, lambda ix: score_ids(
+                items[ix[0]][1], [items[i][2] for i in ix], max(items[i][3] for i in ix)))
+        return out
+
+    async def _generate_batch(self, jobs: list[tuple[str, Loaded, list[int], CompletionRequest, float]]) -> list:
+        """One left-padded ``generate`` per group of jobs with the same domain and
+        settings (unseeded, n = 1); a seeded or n > 1 job runs alone."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (domain, _, _, c, _) in enumerate(jobs):
+            key = (domain, c.max_tokens, c.temperature, c.top_p, tuple(c.stop)) if c.seed is None and c.n == 1 \
+                else ("alone", i)
+            groups.setdefault(key, []).append(i)
+        out: list = [None] * len(jobs)
+        for idx in groups.values():
+            await self._isolated(out, idx, lambda ix: generate(
+                jobs[ix[0]][1], [jobs[i][2] for i in ix], Sampling.of(jobs[ix[0]][3]),
+                max(jobs[i][4] for i in ix), self.lock))
+        for i, (_, _, _, _, deadline) in enumerate(jobs):
+            if not isinstance(out[i], Failed) and time.monotonic() > deadline:
+                out[i] = Failed(Deadline())
+        return out
+
+    async def _isolated(self, out: list, idx: list[int], work) -> None:
+        """Run ``work`` on the requests ``idx`` of a batch; if it raises, run each alone,
+        so that one bad request fails itself and not its neighbours."""
+        try:
+            got = await asyncio.to_thread(work, idx)
+            for i, g in zip(idx, got):
+                out[i] = g
+            return
+        except Exception as e:  # noqa: BLE001  (handed to the requests it belongs to)
+            if len(idx) == 1:
+                out[idx[0]] = Failed(e)
+                return
+        for i in idx:
+            try:
+                out[i] = (await asyncio.to_thread(work, [i]))[0]
+            except Exception as e:  # noqa: BLE001
+                out[i] = Failed(e)
+
+    def _check_stop(self, loaded: Loaded, stop: list[str]) -> None:
+        """A stop string ``generate`` cannot take (one the vocabulary cannot form) is a
+        400 naming ``stop``, found before generation rather than inside it."""
+        try:
+            check_stop(loaded.tokenizer, stop)
+        except ValueError as e:
+            raise ApiError(400, f"'stop': {e}", param="stop", code="invalid_value") from None
+
+    # -- request plumbing -----------------------------------------------------------------
+    async def _respond(self, route: str, request: Request, schema, handler, max_bytes: int | None = None,
+                      admin: bool = False):
+        """Authenticate, rate-limit, read the body within its bound, validate it with
+        ``schema``, run ``handler(req, caller, deadline)`` within the deadline; every
+        failure is an OpenAI error body, every outcome a metric."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.timeout
+        domain, status = "-", "200"
+        self.in_flight += 1
+        try:
+            caller = self._caller(request, admin)
+            if schema is None:
+                req = None
+            else:
+                raw = await asyncio.wait_for(read_body(request, max_bytes or self.limits.max_request_bytes),
+                                             self.timeout)
+                req = validate(schema, raw, self.limits)
+            domain, response = await asyncio.wait_for(handler(req, caller, deadline),
+                                                      max(0.0, deadline - time.monotonic()))
+            return response
+        except (asyncio.TimeoutError, Deadline):
+            status = "408"
+            return JSONResponse(ApiError(408, f"the request did not finish within its deadline of "
+                                         f"{self.timeout:g}s (serving.request_timeout_s)",
+                                         code="request_timeout").body(), status_code=408)
+        except ApiError as e:
+            status = str(e.status)
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        except Exception as e:  # noqa: BLE001  (a bug or a broken model: the replica keeps serving)
+            status = "500"
+            return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {str(e)[:300]}",
+                                         type_="server_error", code="internal_error").body(), status_code=500)
+        finally:
+            self.in_flight -= 1
+            self.m["requests"].labels(domain, route, status).inc()
+            self.m["latency"].labels(domain, route).observe(time.perf_counter() - t0)
+
+    def _caller(self, request: Request, admin: bool):
+        caller = self.auth.caller(request.headers.get("authorization"))
+        if caller is None:
+            raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
+                           code="invalid_api_key", type_="authentication_error",
+                           headers={"WWW-Authenticate": "Bearer"})
+        if admin and not caller.admin:
+            raise ApiError(403, "this route needs an admin key (serving.admin_keys_file)",
+                           code="admin_key_required", type_="permission_error")
+        self._charge(caller, "requests", 1)
+        return caller
+
+    def _charge(self, caller, kind: str, amount: float) -> None:
+        wait = self.rates.charge(caller.key, kind, amount)
+        if wait:
+            raise ApiError(429, f"rate limit of this key exceeded ({kind} per minute); retry after "
+                           f"{wait:.0f}s", code="rate_limit_exceeded", type_="rate_limit_error",
+                           headers={"Retry-After": str(int(wait))})
+
+    async def check_health(self):
+        """Ray Serve's health check (and ``/healthz``): a one-token forward pass of a
+        loaded model, through the same thread pool and lock as requests, within
+        ``HEALTH_TIMEOUT_S``: a replica wedged on its work is reported and replaced."""
+        if self._probe is None and self.catalog:
+            try:
+                self._probe = await asyncio.wait_for(asyncio.to_thread(load, next(iter(self.catalog.values()))
+                                                                       ["path"]), HEALTH_TIMEOUT_S * 3)
+            except Exception:  # noqa: BLE001  (a broken first folder: probe with no model)
+                self._probe = None
+        try:
+            await asyncio.wait_for(asyncio.to_thread(
+                lambda: one_token_forward(self._probe.model if self._probe is not None else None, self.lock,
+                                          HEALTH_TIMEOUT_S)), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"a one-token forward pass did not finish within {HEALTH_TIMEOUT_S:g}s") from None
+
+    # -- streaming ------------------------------------------------------------------------
+    async def _stream(self, cid: str, domain: str, loaded: Loaded, ids: list[int], c: CompletionRequest,
+                     extra: dict, deadline: float):
+        """Server-sent events: one chunk per generated piece of text, then ``[DONE]``.
+        Every stream ends: if generation raises or the deadline passes, an OpenAI error
+        event comes before ``[DONE]``; a client that goes away stops its generation."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        pipe = streamer(lambda new: loop.call_soon_threadsafe(queue.put_nowait, new),
+                        lambda: loop.call_soon_threadsafe(queue.put_nowait, None))
+
+        def chunk(text: str, finish: str | None) -> str:
+            return "data: " + json.dumps({"id": cid, "object": "text_completion", "created": int(time.time()),
+                                          "model": domain, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                                                        "finish_reason": finish}],
+                                          **({"slmfactory": extra} if extra else {})}) + "\n\n"
+
+        def error_event(e: ApiError) -> str:
+            self.m["requests"].labels(domain, "completions", f"stream_{e.status}").inc()
+            return "data: " + json.dumps(e.body()) + "\n\n"
+
+        task = asyncio.ensure_future(asyncio.to_thread(generate, loaded, [ids], Sampling.of(c), deadline, self.lock,
+                                                       pipe, cancel))
+        try:
+            if c.echo:
+                yield chunk(c.prompts[0], None)
+            text = TextStream(loaded.tokenizer, c.stop)
+            getter = None
+            while True:
+                getter = getter or asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, task}, timeout=max(0.0, deadline - time.monotonic()) + 1.0,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    item, getter = getter.result(), None
+                    if item is None:
+                        break
+                    piece = text.push(item)
+                    if piece:
+                        yield chunk(piece, None)
+                    continue
+                if task in done:
+                    break  # generation ended (or raised) without its end-of-stream
+                raise Deadline()  # nothing at all within the deadline
+            if getter is not None:
+                getter.cancel()
+            final = (await task)[0][0]
+            rest = text.rest(final["text"])
+            if rest:
+                yield chunk(rest, None)
+            yield chunk("", final["finish"])
+            self.count_tokens(len(final["ids"]), domain, "completions")
+        except Deadline:
+            cancel.set()
+            yield error_event(ApiError(408, f"generation did not finish within the deadline of {self.timeout:g}s",
+                                       code="request_timeout"))
+        except Exception as e:  # noqa: BLE001  (a failed generation ends its stream, with the reason)
+            cancel.set()
+            yield error_event(ApiError(500, f"generation failed: {type(e).__name__}: {str(e)[:300]}",
+                                       type_="server_error", code="generation_failed"))
+        finally:
+            # The client went away (GeneratorExit / cancellation) or the stream ended:
+            # either way the generation thread stops at its next token.
+            cancel.set()
+        yield "data: [DONE]\n\n"
