@@ -1,0 +1,278 @@
+"""The serving engine without Ray or a server: a tiny randomly initialised model of the
+recipe, exported as the platform exports served models, loaded, scored and generated
+from. The assertions are about behaviour: scores equal a direct forward pass whatever the
+chunking, padding or windows; max_tokens bounds a completion; stop strings cut it; batched,
+seeded and streamed generation agree with the plain call; deadlines are kept."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slmfactory.platform.config import ServingConfig, load_config
+from slmfactory.serving import engine
+from slmfactory.serving.api import DEFAULT_LIMITS, ApiError, CompletionRequest, Limits, validate
+from slmfactory.serving.engine import (Deadline, Sampling, TextStream, cut_at_stop, generate, load,
+                                       one_token_forward, pick_domain, score_ids, streamer, token_logprobs,
+                                       with_firsts)
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TEXT = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this software "
+        "and associated documentation files, to deal in the software without restriction.")
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_root, tmp_path_factory) -> Path:
+    """A served model folder: the recipe's `slm`, freshly initialised, through `export_hf`."""
+    from slmfactory.models.phases import export_hf, load_lm
+
+    work = tmp_path_factory.mktemp("engine") / "work"
+    shutil.copytree(tiny_root, work)
+    cfg = load_config(TINY, {"workdir": str(work)})
+    torch.manual_seed(0)
+    model = load_lm(cfg, "slm", None).eval()
+    return export_hf(cfg, model, work / "models" / "legal", {"domain": "legal", "strategy": "slm", "params": 1,
+                                                              "test_ppl": 1.0})
+
+
+@pytest.fixture(scope="module")
+def loaded(folder):
+    torch.set_num_threads(1)
+    return load(str(folder))
+
+
+def ids_of(loaded, text: str) -> list[int]:
+    return loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def direct_logprobs(loaded, ids: list[int]) -> torch.Tensor:
+    """log p(ids[i] | ids[:i]) for i >= 1, from one plain forward pass."""
+    with torch.no_grad():
+        logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+# -- loading ------------------------------------------------------------------------------
+
+def test_a_served_folder_loads_as_an_eval_model_with_its_tokenizer_and_context(folder, loaded):
+    assert not loaded.model.training and loaded.model.dtype == torch.float32
+    assert loaded.context == loaded.model.config.max_position_embeddings == 64  # the recipe's seq_len
+    assert loaded.load_seconds > 0
+    ids = ids_of(loaded, TEXT)
+    assert len(ids) > 10 and loaded.tokenizer.decode(ids) == TEXT
+
+
+def test_weights_load_from_safetensors_only(folder, tmp_path):
+    """The same weights as a pickle (``pytorch_model.bin``) are refused, never unpickled."""
+    pickled = tmp_path / "pickled"
+    shutil.copytree(folder, pickled)
+    state = load(str(folder)).model.state_dict()
+    (pickled / "model.safetensors").unlink()
+    torch.save(state, pickled / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        load(str(pickled))
+
+
+# -- scoring ------------------------------------------------------------------------------
+
+def test_scores_equal_a_direct_forward_pass_whatever_the_chunking(loaded, monkeypatch):
+    ids = ids_of(loaded, TEXT)[:40]
+    want = direct_logprobs(loaded, ids)
+    got = score_ids(loaded, [ids])[0]
+    assert len(got) == len(ids) - 1
+    assert torch.allclose(torch.tensor(got), want, atol=1e-4)
+    # A few positions' logits at a time: the same values.
+    monkeypatch.setattr(engine, "LOGIT_CHUNK_ELEMENTS", 3 * loaded.model.config.vocab_size)
+    assert torch.allclose(torch.tensor(score_ids(loaded, [ids])[0]), want, atol=1e-4)
+
+
+def test_a_batch_scores_each_input_as_alone(loaded):
+    """Right padding: a short input next to a long one scores as it does alone."""
+    a, b = ids_of(loaded, TEXT)[:30], ids_of(loaded, "The licensee shall not")
+    together = score_ids(loaded, [a, b])
+    assert np.allclose(together[0], score_ids(loaded, [a])[0], atol=1e-4)
+    assert np.allclose(together[1], score_ids(loaded, [b])[0], atol=1e-4)
+
+
+def test_an_input_longer_than_the_context_is_scored_window_by_window(loaded):
+    ctx = loaded.context
+    ids = (ids_of(loaded, TEXT) * 8)[:2 * ctx + 5]
+    got = score_ids(loaded, [ids])[0]
+    assert len(got) == len(ids) - 3  # each of the 3 windows' first token has no prediction
+    assert np.allclose(got[ctx - 1:2 * ctx - 2], direct_logprobs(loaded, ids[ctx:2 * ctx]).tolist(), atol=1e-4)
+    aligned = with_firsts(ids, got, ctx)
+    assert len(aligned) == len(ids)
+    assert [p for p, v in enumerate(aligned) if v is None] == [0, ctx, 2 * ctx]
+
+
+def test_openai_logprobs_echo_the_scores_and_rank_the_top_tokens(loaded):
+    ids = ids_of(loaded, TEXT)[:20]
+    full = token_logprobs(loaded, ids, 0, 3)
+    assert len(full["tokens"]) == len(full["token_logprobs"]) == len(full["top_logprobs"]) == len(ids)
+    assert full["token_logprobs"][0] is None and full["top_logprobs"][0] is None
+    assert np.allclose(full["token_logprobs"][1:], score_ids(loaded, [ids])[0], atol=1e-4)
+    assert full["tokens"] == [loaded.tokenizer.decode([i]) for i in ids]
+    assert full["text_offset"] == [sum(len(t) for t in full["tokens"][:k]) for k in range(len(ids))]
+    for lp, top in zip(full["token_logprobs"][1:], full["top_logprobs"][1:]):
+        assert 1 <= len(top) <= 3 and max(top.values()) >= lp - 1e-5 and all(v <= 0 for v in top.values())
+    tail = token_logprobs(loaded, ids, 12, 0)  # no echo: the completion's tokens only
+    assert tail["tokens"] == full["tokens"][12:] and tail["top_logprobs"] is None
+    assert np.allclose(tail["token_logprobs"], full["token_logprobs"][12:], atol=1e-6)
+
+
+# -- generation ---------------------------------------------------------------------------
+
+GREEDY = Sampling(max_tokens=12, temperature=0.0)
+
+
+def test_max_tokens_bounds_a_completion(loaded):
+    prompt = ids_of(loaded, "The licensee shall")
+    for k in (1, 5, 12):
+        (out,), = generate(loaded, [prompt], Sampling(max_tokens=k, temperature=0.0))
+        assert len(out["ids"]) <= k
+        assert out["text"] == loaded.tokenizer.decode(out["ids"])
+        if out["finish"] == "length":
+            assert len(out["ids"]) == k
+    again = generate(loaded, [prompt], GREEDY)
+    assert again == generate(loaded, [prompt], GREEDY)  # greedy: the same completion every time
+
+
+SEEDED = Sampling(max_tokens=16, temperature=1.0, seed=1)
+"""Seeded sampling: varied text from a random model, the same text every time."""
+
+
+def late_stop(text: str) -> str:
+    """The two characters of ``text`` (whole ones) that first occur the latest in it."""
+    return max((text[i:i + 2] for i in range(len(text) - 1) if "\ufffd" not in text[i:i + 2]), key=text.index)
+
+
+def token_stop(tokenizer, ids: list[int]) -> str:
+    """The text of one of ``ids`` (whole characters) that first occurs in their text where
+    that token starts, the latest such one: a stop string that arrives in one piece."""
+    text = tokenizer.decode(ids)
+    best = ""
+    for i in range(1, len(ids)):
+        head, piece = tokenizer.decode(ids[:i]), tokenizer.decode([ids[i]])
+        if piece.strip() and "\ufffd" not in head + piece and text.find(piece) == len(head):
+            best = piece
+    return best
+
+
+def test_a_stop_string_cuts_the_completion_before_it(loaded):
+    prompt = ids_of(loaded, "The licensee shall")
+    (full,), = generate(loaded, [prompt], SEEDED)
+    text = full["text"]
+    stop = late_stop(text)
+    assert text.index(stop) >= 4, text
+    (cut,), = generate(loaded, [prompt], dataclasses.replace(SEEDED, stop=(stop, "never-seen")))
+    assert cut["text"] == text[:text.index(stop)] and stop not in cut["text"]
+    assert cut["finish"] == "stop" and len(cut["ids"]) <= len(full["ids"])
+    assert cut_at_stop("hello world", ["o w", "ld"]) == ("hell", True)
+    assert cut_at_stop("hello world", ["ld", "o w"]) == ("hell", True)  # the first occurrence, whichever stop
+    assert cut_at_stop("hello", ["x"]) == ("hello", False)
+
+
+def test_a_left_padded_batch_completes_each_prompt_as_alone(loaded):
+    prompts = [ids_of(loaded, "The licensee shall"), ids_of(loaded, TEXT)[:25]]
+    together = generate(loaded, prompts, GREEDY)
+    assert together == [generate(loaded, [p], GREEDY)[0] for p in prompts]
+
+
+def test_seeded_sampling_is_reproducible_and_n_gives_n_completions(loaded):
+    prompt = ids_of(loaded, "The licensee shall")
+    s = Sampling(max_tokens=8, temperature=1.0, top_p=0.9, n=3, seed=7)
+    first = generate(loaded, [prompt], s)
+    assert len(first) == 1 and len(first[0]) == 3
+    assert generate(loaded, [prompt], s) == first
+    assert all(len(o["ids"]) <= 8 for o in first[0])
+
+
+def test_sampling_takes_a_completion_requests_settings():
+    c = validate(CompletionRequest, b'{"model": "legal", "prompt": "x", "max_tokens": 9, "temperature": 0.5, '
+                                    b'"top_p": 0.8, "stop": "\\n", "n": 2, "seed": 3}', DEFAULT_LIMITS)
+    assert Sampling.of(c) == Sampling(max_tokens=9, temperature=0.5, top_p=0.8, stop=("\n",), n=2, seed=3)
+
+
+def streamed(loaded, prompt: list[int], s: Sampling) -> tuple[dict, list[str]]:
+    """A completion and the pieces of text its stream handed out (TextStream over the
+    token ids the streamer saw), the rest of the final text last."""
+    got, ended = [], []
+    (out,), = generate(loaded, [prompt], s, streamer=streamer(got.extend, lambda: ended.append(True)))
+    assert ended == [True] and got[:len(out["ids"])] == out["ids"]  # the new tokens only, then the end
+    text = TextStream(loaded.tokenizer, s.stop)
+    pieces = [text.push([t]) for t in got]
+    return out, [p for p in pieces if p] + [text.rest(out["text"])]
+
+
+def test_a_stream_hands_out_the_completion_piece_by_piece_up_to_its_stop(loaded):
+    prompt = ids_of(loaded, "The licensee shall")
+    full, pieces = streamed(loaded, prompt, SEEDED)
+    assert len(pieces) > 2 and "".join(pieces) == full["text"]
+    assert not any(p.endswith("\ufffd") for p in pieces[:-1])  # no partial character while streaming
+    # A stop string that spans two tokens may be streamed in part before it is complete
+    # (the stream holds back partial characters only): this one comes as one token.
+    stop = token_stop(loaded.tokenizer, full["ids"])
+    assert full["text"].index(stop) >= 1, (full["text"], stop)
+    out, pieces = streamed(loaded, prompt, dataclasses.replace(SEEDED, stop=(stop,)))
+    assert "".join(pieces) == out["text"] == full["text"][:full["text"].index(stop)]
+
+
+def test_a_passed_deadline_stops_generation_and_scoring(loaded):
+    prompt = ids_of(loaded, "The licensee shall")
+    with pytest.raises(Deadline):
+        generate(loaded, [prompt], GREEDY, deadline=time.monotonic() - 1)
+    with pytest.raises(Deadline):
+        score_ids(loaded, [prompt], deadline=time.monotonic() - 1)
+    held = threading.Lock()
+    held.acquire()
+    t0 = time.monotonic()
+    with pytest.raises(Deadline):  # the generation lock is waited for until the deadline only
+        generate(loaded, [prompt], GREEDY, deadline=time.monotonic() + 0.2, lock=held)
+    assert time.monotonic() - t0 < 5
+    free = threading.Lock()
+    assert generate(loaded, [prompt], GREEDY, deadline=math.inf, lock=free) == generate(loaded, [prompt], GREEDY)
+    assert not free.locked()
+
+
+def test_the_health_probe_runs_a_forward_pass_under_the_lock(loaded):
+    lock = threading.Lock()
+    one_token_forward(loaded.model, lock, 1.0)
+    one_token_forward(None, lock, 1.0)  # no model loaded yet: nothing to run
+    assert not lock.locked()
+    lock.acquire()
+    with pytest.raises(RuntimeError, match="lock"):
+        one_token_forward(loaded.model, lock, 0.05)
+
+
+# -- routing and limits -------------------------------------------------------------------
+
+def test_auto_picks_the_served_domain_with_the_highest_share_of_the_nearest_cluster():
+    router = {"centroids": [[1.0, 0.0], [0.0, 1.0]],
+              "histograms": {"legal": [0.7, 0.1], "code": [0.2, 0.6], "religion": [0.1, 0.3]}}
+    near_1 = np.asarray([[0.1, 0.99]], dtype=np.float32)
+    assert pick_domain(router, {"legal", "code", "religion"}, near_1) == (
+        "code", {"routed_to": "code", "cluster": 1, "share": 0.6})
+    assert pick_domain(router, {"legal", "religion"}, near_1)[0] == "religion"  # among the served only
+    tied = {"centroids": [[1.0, 0.0]], "histograms": {"b": [0.5], "a": [0.5]}}
+    assert pick_domain(tied, {"a", "b"}, np.asarray([[1.0, 0.0]], dtype=np.float32))[0] == "a"
+
+
+def test_the_request_limits_are_the_serving_configs():
+    s = ServingConfig()
+    assert DEFAULT_LIMITS == Limits.from_config(s)
+    assert (DEFAULT_LIMITS.max_tokens, DEFAULT_LIMITS.max_request_bytes) == (s.max_tokens, s.max_request_bytes)
+    assert DEFAULT_LIMITS.max_domain_request_bytes == 4 * s.max_request_bytes
+    small = Limits.from_config(ServingConfig(max_tokens=4))
+    body = b'{"model": "legal", "prompt": "x", "max_tokens": 5}'
+    with pytest.raises(ApiError) as e:
+        validate(CompletionRequest, body, small)
+    assert e.value.param == "max_tokens"
+    assert validate(CompletionRequest, body, DEFAULT_LIMITS).max_tokens == 5
