@@ -17,6 +17,8 @@ import torch
 
 from tests.local_cluster import serving_app
 
+pytestmark = [pytest.mark.ray, pytest.mark.server]  # these start Ray Serve
+
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 

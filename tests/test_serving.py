@@ -13,6 +13,8 @@ import pytest
 
 from tests.local_cluster import serving_app
 
+pytestmark = [pytest.mark.ray, pytest.mark.server]  # these start Ray Serve
+
 DOMAINS = ("legal", "religion")
 
 

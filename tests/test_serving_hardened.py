@@ -25,6 +25,8 @@ import pytest
 
 from tests.local_cluster import serving_app
 
+pytestmark = [pytest.mark.ray, pytest.mark.server]  # these start Ray Serve
+
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 KEYS = [f"user-key-{i:02d}-0123456789abcdef" for i in range(16)]
 BURST_KEY = "burst-key-0123456789abcdef"
