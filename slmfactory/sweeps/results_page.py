@@ -1,0 +1,420 @@
+"""The study's results page (``docs/results.md``) and its figures, from the CSV alone.
+
+:func:`render_page` turns CSV rows (``results.read_csv``) and the recipe into the page's
+markdown; the same rows always give the same bytes (the page is tested that way). Figures are
+drawn by ``report``'s own plotting functions (plus one for LoRA) when a figure folder is given;
+their names are fixed in advance, so the page's text does not depend on drawing them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slmfactory.sweeps import report
+from slmfactory.sweeps import results_claims as rc
+from slmfactory.sweeps.report import AMORTISATION_N, COST_UNITS, UNIT_LABEL, Config
+from slmfactory.sweeps.results import configs_from_rows, experiment_name, incomplete_groups
+
+STRATEGY_ORDER = ("slm", "slm-nopt", "llm", "llm-lora", "slm-is", "slm-d", "slm-mix", "slm-pn")
+# The paper's scale (docs/paper.md#paper-settings): parameters, training throughput (A100 GPU-hours per 1B tokens), budgets.
+PAPER = {"slm_params": 126e6, "llm_params": 771e6, "gpuh_per_btok": 2.2, "generic_gpuh": (10, 100, 600, 650),
+         "spec_gpuh": (0.3, 120), "in_domain": (1e6, 8e6, 64e6), "domains": 9, "k": 1024, "mix_experts": 16,
+         "pn_experts": 32, "test_docs": 20000}
+
+
+def _order(c: Config) -> tuple:
+    s = STRATEGY_ORDER.index(c.strategy) if c.strategy in STRATEGY_ORDER else len(STRATEGY_ORDER)
+    return (s, c.strategy, rc.budget_value(c.generic_budget), c.settings)
+
+
+def md(doc: str) -> str:
+    """A docstring as markdown: paragraphs rejoined, ``- `` bullets kept, rst roles dropped."""
+    doc = re.sub(r":\w+:`([^`]+)`", r"`\1`", doc.replace("``", "`"))
+    out = []
+    for para in doc.strip().split("\n\n"):
+        items, cur = [], []
+        for line in para.splitlines():
+            line = line.strip()
+            if line.startswith("- ") and cur:
+                items.append(" ".join(cur))
+                cur = []
+            cur.append(line)
+        items.append(" ".join(cur))
+        out.append("\n".join(items))
+    return "\n\n".join(out)
+
+
+def ppl_iv(c: Config) -> str:
+    iv = c.interval
+    return f"{c.ppl_macro:.2f} [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else f"{c.ppl_macro:.2f} [n/a]"
+
+
+def _g(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.3g}" if x else "0")
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def cost_units(configs: list[Config]) -> list[str]:
+    return [u for u in COST_UNITS if any(u in c.costs and c.spec(u) > 0 for c in configs)]
+
+
+def figure_names(configs: list[Config]) -> list[tuple[str, tuple]]:
+    """(file name, what to draw) of every figure, in page order."""
+    out = []
+    for n in rc.sizes(configs):
+        for cost in cost_units(configs):
+            out += [(f"figure1_n{n}_N{k}_{cost}.png", ("figure1", n, k, cost)) for k in AMORTISATION_N]
+            out.append((f"amortisation_n{n}_{cost}.png", ("amortisation", n, cost)))
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_figures(configs: list[Config], fig_dir: Path, caps: tuple = ()) -> list[Path]:
+    plt = _pyplot()
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, what in figure_names(configs):
+        if what[0] == "figure1":
+            fig, path = report.figure1(configs, what[1], what[2], what[3], fig_dir, caps)
+        else:
+            fig, path = report.plot_amortisation(configs, what[1], what[2], fig_dir)
+        plt.close(fig)
+        if path.name != name:
+            path.replace(fig_dir / name)
+        paths.append(fig_dir / name)
+    if lora_pairs(configs):
+        fig = plot_lora(configs)
+        fig.savefig(fig_dir / "lora_vs_full.png", dpi=100)
+        plt.close(fig)
+        paths.append(fig_dir / "lora_vs_full.png")
+    return paths
+
+
+# -- sections -----------------------------------------------------------------------------
+
+def section_verdicts(gate: rc.Gate, claims: list[rc.Claim]) -> str:
+    lines = ["| # | claim | verdict | deciding cells (macro ppl [95% interval]) |", "|---|---|---|---|"]
+    for c in claims:
+        cells = "<br>".join(dict.fromkeys(c.deciding_cells)) or "-"
+        lines.append(f"| {c.number} | {c.statement} | **{c.verdict}** | {cells} |")
+    return "\n".join(lines)
+
+
+def section_claims(claims: list[rc.Claim]) -> str:
+    out = []
+    for c in claims:
+        out += [f"### Claim {c.number}: {c.statement}", "", f"Verdict: **{c.verdict}**.", "",
+                "Rule: " + md(c.rule), ""]
+        if c.parts:
+            out += ["| part | verdict | reason | cells |", "|---|---|---|---|"]
+            for p in c.parts:
+                v = p.verdict + (f" (comparison alone: {p.raw})" if p.raw else "")
+                why = p.reason + (f" ({p.detail})" if p.detail else "")
+                out.append(f"| {p.name} | {v} | {why} | {'<br>'.join(p.cells) or '-'} |")
+            out.append("")
+        out += [f"- {n}" for n in c.notes] + ([""] if c.notes else [])
+    return "\n".join(out)
+
+
+def section_gate(gate: rc.Gate, configs: list[Config]) -> str:
+    out = ["Rule: " + md(rc.decision_gate.__doc__), ""]
+    out += [f"- {line}" for line in gate.lines]
+    failed = [s for s, ok in gate.passed.items() if ok is False]
+    unknown = [s for s, ok in gate.passed.items() if ok is None]
+    if unknown:
+        out.append(f"\nThe gate cannot be evaluated for {', '.join(unknown)} (cells missing): its parts of claims 2 "
+                   "and 5 are *inconclusive (cells missing)*.")
+    if not failed:
+        if not unknown:
+            out.append("\nThe gate passed for every expert strategy: claims 2 and 5 are decided by their comparisons.")
+        return "\n".join(out)
+    cap = rc.small_params(configs)
+    slm = [c for c in configs if c.strategy == "slm" and c.spent_generic]
+    tpp = max((c.spent_generic / c.params for c in slm), default=None)
+    paper = 100 / PAPER["gpuh_per_btok"] * 1e9 / PAPER["slm_params"]
+    out.append(f"\nNot passed for {', '.join(failed)}: its parts of claims 2 and 5 are *inconclusive (regime not "
+               "reached)*, not refuted. What would reach it:")
+    if tpp is not None:
+        out.append(f"- more generic tokens per SLM parameter: the largest budget gives {tpp:.1f} tokens per parameter "
+                   f"({cap / 1e6:.2f}M parameters); the paper's Table 8 reference (100 GPUh) gives ~{paper:.0f}, its "
+                   "600 GPUh ~" + f"{600 / PAPER['gpuh_per_btok'] * 1e9 / PAPER['slm_params']:.0f}. A fresh (not "
+                   "repeated) generic corpus at least that large, or a smaller SLM.")
+    if gate.falls is False:
+        out.append("- slm's generic perplexity no longer falls: the largest budget adds nothing to slm (repeated "
+                   "epochs over a small generic corpus, or a learning-rate schedule that has ended); extend the "
+                   "corpus rather than the budget.")
+    out.append("- experts that see enough of their clusters' data: each of the k experts trains on ~1/k of the "
+               "generic tokens, so the experts need k times slm's budget before their capacity pays.")
+    return "\n".join(out)
+
+
+def section_table4(configs: list[Config]) -> str:
+    """Table 4: before -> after fine-tuning, rows (strategy, settings, generic budget),
+    columns (in-domain size, spec. budget)."""
+    cols = sorted({(c.in_domain, c.spec_budget) for c in configs}, key=lambda k: (k[0], rc.budget_value(k[1])))
+    rows: dict[tuple, dict[tuple, Config]] = {}
+    for c in sorted(configs, key=_order):
+        rows.setdefault((c.strategy, c.settings, c.generic_budget), {})[(c.in_domain, c.spec_budget)] = c
+    head = ["strategy", "settings", "generic budget"] + [f"n={n:,}, s={s}" for n, s in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (s, st, g), by in rows.items():
+        cells = []
+        for k in cols:
+            c = by.get(k)
+            if c is None:
+                cells.append("-")
+                continue
+            before = (f"{math.exp(float(np.mean(np.log(list(c.ppl_before.values()))))):.2f} → "
+                      if set(c.ppl_before) == set(c.nll) else "")
+            cells.append(before + ppl_iv(c))
+        lines.append(f"| {s} | {st or '-'} | {g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def lora_pairs(configs: list[Config]) -> list[tuple[Config, Config]]:
+    """(llm, llm-lora) at the same budgets, in-domain size and seeds."""
+    out = []
+    for lo in sorted((c for c in configs if c.strategy == "llm-lora"), key=lambda c: (c.in_domain, c.spec_budget)):
+        full = next((c for c in configs if c.strategy == "llm" and (c.generic_budget, c.spec_budget, c.in_domain)
+                     == (lo.generic_budget, lo.spec_budget, lo.in_domain) and rc.seeds(c) == rc.seeds(lo)), None)
+        if full is not None:
+            out.append((full, lo))
+    return out
+
+
+def section_lora(configs: list[Config], rows: list[dict], fig_rel: str = "results") -> str:
+    pairs = lora_pairs(configs)
+    if not pairs:
+        return "No llm-lora configuration with a matching llm: inconclusive (cells missing: llm-lora, llm)."
+    d = len(pairs[0][0].nll)
+    trainable = {}
+    for r in rows:
+        if r["strategy"] == "llm-lora" and r.get("lora_trainable_params"):
+            trainable[(r["generic_budget"], r["spec_budget"], r["in_domain_tokens"])] = r["lora_trainable_params"]
+    lines = [f"Paper (appendix): LoRA (rank 64) lands within 0.5 ppl of full fine-tuning. Total specialisation cost = "
+             f"per-domain cost × {d} domains.", "",
+             "| generic | spec. budget | in-domain | llm (full) | llm-lora | difference | intervals | "
+             f"spec. FLOPs full / LoRA (all {d} domains) | spec. device-h full / LoRA | LoRA trainable params |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for full, lo in pairs:
+        tp = trainable.get((lo.generic_budget, lo.spec_budget, lo.in_domain))
+        lines.append(f"| {lo.generic_budget} | {lo.spec_budget} | {lo.in_domain:,} | {ppl_iv(full)} | {ppl_iv(lo)} | "
+                     f"{lo.ppl_macro - full.ppl_macro:+.2f} | {rc.compare(lo, full)} | "
+                     f"{_g(d * full.spec('flops'))} / {_g(d * lo.spec('flops'))} | "
+                     f"{_g(d * full.spec('device-hours'))} / {_g(d * lo.spec('device-hours'))} | "
+                     f"{'-' if tp is None else f'{tp:,.0f} of {lo.params:,}'} |")
+    return "\n".join(lines) + f"\n\n![LoRA beside full fine-tuning]({fig_rel}/lora_vs_full.png)"
+
+
+def plot_lora(configs: list[Config]):
+    plt = _pyplot()
+    units = [u for u in cost_units(configs)]
+    fig, axes = plt.subplots(1, len(units), figsize=(6 * len(units), 4.2), squeeze=False)
+    for ax, unit in zip(axes[0], units):
+        for i, s in enumerate(("llm", "llm-lora")):
+            pts = sorted((c for c in configs if c.strategy == s and unit in c.costs), key=lambda c: c.spec(unit))
+            for c in pts:
+                iv = c.interval
+                err = [[c.ppl_macro - iv[0]], [iv[1] - c.ppl_macro]] if iv else None
+                ax.errorbar(len(c.nll) * c.spec(unit), c.ppl_macro, yerr=err, fmt="o" if s == "llm" else "s",
+                            color=f"C{i}", ms=5, capsize=3, label=s if c is pts[0] else None)
+                ax.annotate(f"n{c.in_domain // 1000}k s{c.spec_budget}", (len(c.nll) * c.spec(unit), c.ppl_macro),
+                            fontsize=6, xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"total specialisation {UNIT_LABEL[unit]} (all domains)")
+        ax.set_ylabel("macro perplexity (95% interval)")
+        ax.legend(fontsize=7)
+    fig.suptitle("LoRA beside full fine-tuning of the LLM")
+    fig.tight_layout()
+    return fig
+
+
+def section_seeds(configs: list[Config]) -> str:
+    groups: dict[tuple, list[Config]] = {}
+    for c in configs:
+        groups.setdefault(c.replicate_key, []).append(c)
+    reps = [sorted(v, key=lambda c: c.settings) for v in groups.values() if len(v) > 1]
+    if not reps:
+        return "The grid has no configuration run with two seeds (no `*seed` setting varies)."
+    lines = ["| strategy | generic | spec. | in-domain | per seed: macro ppl [95%] | spread (sd, ddof=1) | "
+             "max - min | seeds' intervals |", "|---|---|---|---|---|---|---|---|"]
+    for v in sorted(reps, key=lambda v: _order(v[0]) + (v[0].in_domain, rc.budget_value(v[0].spec_budget))):
+        c0 = v[0]
+        per = "<br>".join(f"{','.join(f'{k}={x}' for k, x in rc.seeds(c).items())}: {ppl_iv(c)}" for c in v)
+        spread = max(c.ppl_macro for c in v) - min(c.ppl_macro for c in v)
+        sep = "overlap" if all(report.overlaps(a, b) for a in v for b in v if a is not b) else "separate"
+        lines.append(f"| {c0.strategy} | {c0.generic_budget} | {c0.spec_budget} | {c0.in_domain:,} | {per} | "
+                     f"{_g(c0.seed_spread)} | {spread:.2f} | {sep} |")
+    return "\n".join(lines)
+
+
+def section_scale(configs: list[Config], cfg, claims: list[rc.Claim]) -> str:
+    cap = rc.small_params(configs)
+    llm = sorted({c.params for c in configs if c.strategy == "llm"})
+    tok_per_param = lambda tokens: tokens / PAPER["slm_params"]  # noqa: E731
+    paper_tok = lambda gpuh: gpuh / PAPER["gpuh_per_btok"] * 1e9  # noqa: E731
+    d = len(configs[0].nll)
+    strat = cfg.strategy.to_tree()
+    lines = ["| quantity | this study | the paper | ratio |", "|---|---|---|---|",
+             f"| SLM parameters (served) | {cap / 1e6:.3g}M | 126M | 1/{PAPER['slm_params'] / cap:,.0f} |"]
+    if llm:
+        lines.append(f"| LLM parameters (LLM / SLM) | {llm[-1] / 1e6:.3g}M ({llm[-1] / cap:.1f}x) | 771M (6.1x) | "
+                     f"1/{PAPER['llm_params'] / llm[-1]:,.0f} |")
+    for g in rc.generic_budgets(configs):
+        slm = [c for c in configs if c.strategy == "slm" and c.generic_budget == g and c.spent_generic]
+        if slm:
+            ours = slm[0].spent_generic / slm[0].params
+            ep = slm[0].epochs_generic
+            lines.append(f"| generic tokens per SLM parameter at {g} | {ours:.1f} ({_g(ep)} epochs of the generic "
+                         "corpus) "
+                         f"| {tok_per_param(paper_tok(10)):.0f} to {tok_per_param(paper_tok(650)):,.0f} "
+                         f"(10 to 650 GPUh) | {ours / tok_per_param(paper_tok(100)):.3f} of 100 GPUh's |")
+    ex = strat.get("slm-mix", {}).get("experts")
+    if ex:
+        lines.append(f"| experts (slm-mix / slm-pn), clusters k | {ex} / {strat.get('slm-pn', {}).get('experts')}, "
+                     f"k = {cfg.cluster.k} | {PAPER['mix_experts']} / {PAPER['pn_experts']}, k = {PAPER['k']} | - |")
+    for n in rc.sizes(configs):
+        lines.append(f"| in-domain tokens per SLM parameter (n={n:,}) | {n / cap:.3f} | "
+                     f"{PAPER['in_domain'][0] / PAPER['slm_params']:.4f} to "
+                     f"{PAPER['in_domain'][-1] / PAPER['slm_params']:.2f}"
+                     " (1M to 64M) | - |")
+    specs = [c.spent_spec / c.params for c in configs if c.strategy == "slm" and c.spent_spec]
+    if specs:
+        lines.append(f"| specialisation tokens per SLM parameter | {min(specs):.3g} to {max(specs):.3g} | "
+                     f"{tok_per_param(paper_tok(0.3)):.2f} to {tok_per_param(paper_tok(120)):.0f} "
+                     "(0.3 to 120 GPUh) | - |")
+    lines.append(f"| domains | {d} | {PAPER['domains']} | - |")
+    lines.append(f"| test set per domain | {cfg.data.test_tokens:,} tokens | {PAPER['test_docs']:,} documents | - |")
+    widths = [(c.interval[1] - c.interval[0]) / 2 / c.ppl_macro for c in configs if c.interval]
+    out = ["\n".join(lines), ""]
+    if widths:
+        out.append(f"- Interval width: the median macro-perplexity interval is ±{np.median(widths):.1%} of the value; "
+                   "differences smaller than about twice that cannot separate configurations.")
+    crit = rc.spearman_critical(d)
+    if crit is not None:
+        out.append(f"- With {d} domains, a Spearman correlation reaches p < {rc.SIGNIFICANCE} (exact, two-sided) only "
+                   f"at |rho| >= {crit:.3f}: claim 5 needs an almost perfectly monotone ranking "
+                   f"(the paper has {PAPER['domains']} domains).")
+    elif d <= rc.EXACT_MAX:
+        out.append(f"- With {d} domains no Spearman correlation can reach p < {rc.SIGNIFICANCE}: claim 5 cannot be "
+                   "decided (6 domains need |rho| >= 0.886).")
+    for c in claims:
+        if c.verdict.startswith(rc.INCONCLUSIVE):
+            out.append(f"- Claim {c.number} is {c.verdict}: " + _limit(c.verdict))
+    return "\n".join(out)
+
+
+def _limit(verdict: str) -> str:
+    if "regime not reached" in verdict:
+        return ("the generic budget is far below the paper's in tokens per parameter (see the decision gate); "
+                "the experts' capacity cannot pay yet.")
+    if "cells missing" in verdict:
+        return "the grid (or the finished part of the study) lacks the cells named; rerun the page when they exist."
+    if "overlap" in verdict or "p =" in verdict:
+        return ("the differences are within the intervals of a small test set and few domains; more test "
+                "sequences per domain or more domains would narrow them.")
+    if "not the cheapest" in verdict:
+        return ("even at N = 1 another small model reaches slm-is's perplexity for less (slm-is pays a resampled "
+                "pretraining per domain); the paper's premise, slm-is best at large specialisation budgets (claim 1), "
+                "does not hold at this scale, so there is no edge to lose.")
+    if "mixed" in verdict:
+        return "parts disagree: the claim holds in some cells and fails in others at this scale."
+    return "see its parts."
+
+
+def section_wall_time(stages: dict[str, Any] | None, rows: list[dict]) -> str:
+    out = []
+    if stages:
+        state = "still running when parsed" if stages.get("still_running") else "finished"
+        out += [f"From `{stages['log']}` (stage markers; {stages['sweep_attempts']} sweep attempt(s), {state}; "
+                f"{stages['trials_finished_lines']} trials finished, {stages['trials_failed_lines']} failed):", "",
+                "| stage | wall time (h:mm:ss) |", "|---|---|"]
+        out += [f"| {s['stage']} | {_hms(s['seconds'])} |" for s in stages["stages"]]
+        out += [f"| **total** | **{_hms(stages['total_seconds'])}** |", ""]
+    else:
+        out += ["No study log was parsed (`--log PATH` writes the per-stage times beside the CSV).", ""]
+    times = [(r["start_ms"], r["end_ms"]) for r in rows if r.get("start_ms") and r.get("end_ms")]
+    if times:
+        span = (max(e for _, e in times) - min(s for s, _ in times)) / 1000
+        busy = sum(e - s for s, e in times) / 1000
+        out.append(f"From the CSV: the trial runs span {_hms(span)} (first start to last end; the shared generic "
+                   f"phases are in the trials' generic cost, not in this span) and add up to {_hms(busy)} of "
+                   "trial time.")
+    return "\n".join(out)
+
+
+def section_appendix(configs: list[Config], rows: list[dict]) -> str:
+    lines = ["| strategy | settings | generic | spec. | in-domain | params | macro ppl [95%] | generic FLOPs | "
+             "spec. FLOPs / domain | generic dev-h | spec. dev-h / domain | generic ppl |", "|" + "---|" * 12]
+    for c in sorted(configs, key=lambda c: (c.in_domain,) + _order(c) + (rc.budget_value(c.spec_budget),)):
+        lines.append(f"| {c.strategy} | {c.settings or '-'} | {c.generic_budget} | {c.spec_budget} | {c.in_domain:,} | "
+                     f"{c.params:,} | {ppl_iv(c)} | {_g(c.generic('flops'))} | {_g(c.spec('flops'))} | "
+                     f"{_g(c.generic('device-hours'))} | {_g(c.spec('device-hours'))} | "
+                     f"{'-' if c.generic_ppl is None else f'{c.generic_ppl:.2f}'} |")
+    left = incomplete_groups(rows)
+    if left:
+        lines += ["", f"Left out (not measured on every domain yet): {len(left)} configuration(s): "
+                  + "; ".join(f"{lab} ({len(ds)} domain(s))" for lab, ds in left) + "."]
+    return "\n".join(lines)
+
+
+def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages: dict[str, Any] | None = None,
+                fig_rel: str = "results") -> str:
+    """The page's markdown; figures are linked as ``<fig_rel>/<name>.png`` (``fig_rel``: the
+    page's stem, where ``scripts/results.py`` draws them)."""
+    configs = configs_from_rows(rows)
+    if not configs:
+        raise report.DataError("no configuration measured on every domain in the CSV")
+    gate, claims = rc.all_claims(configs)
+    domains = sorted(configs[0].nll)
+    figs = "\n".join(f"![{name[:-4]}]({fig_rel}/{name})" for name, _ in figure_names(configs))
+    rec = report.recommendation_table(configs, "flops", tuple(cfg.sweep.inference_caps))
+    parts = [
+        "# Results: reproducing Grangier et al. (arXiv 2402.01093) with slmfactory", "",
+        f"> **Generated — do not edit.** `python scripts/results.py -c {config_label} --from-csv {csv_label}` "
+        f"rebuilds this page and its figures (`{fig_rel}/*.png`) from `{csv_label}` alone: {len(rows)} trial runs, "
+        f"{len(configs)} configurations measured on all {len(domains)} domains ({', '.join(domains)}). The CSV is "
+        f"exported from MLflow experiment `{experiment_name(cfg)}` at `{cfg.tracking_uri}` by "
+        f"`python scripts/results.py -c {config_label} --export {csv_label}"
+        + (f" --log {stages['log']}" if stages else "") + "`.", "",
+        "Macro perplexity = exp(mean over domains of the test NLL); its 95% interval is exp(NLL ± 1.96 SE) with "
+        "SE = sqrt(sum of the domains' bootstrap SE²) / D (`report.Config.interval`). Cells read "
+        "`<strategy> g<generic budget> s<spec. budget> [settings] n<in-domain tokens>: ppl [95% interval]`.", "",
+        "## Verdicts", "", section_verdicts(gate, claims), "",
+        "## How a verdict is decided", "", md(rc.__doc__.split("\n\n", 1)[1]), "",
+        "## Decision gate (claims 2 and 5)", "", section_gate(gate, configs), "",
+        "## Claims in detail", "", section_claims(claims),
+        "## Perplexity before and after fine-tuning (the paper's Table 4, docs/paper.md#table-4)", "",
+        "Each cell: macro ppl before fine-tuning → after [95% interval] (no before for slm-nopt).", "",
+        section_table4(configs), "",
+        "## Generic perplexity of each generic phase (the paper's Table 8, docs/paper.md#table-8)", "",
+        "Validation perplexity on generic data after the generic phase (routed for slm-mix/slm-pn: each sequence "
+        "scored by its cluster's expert); one validation number, no interval.", "",
+        report.table_generic(configs), "",
+        "## Figure 1 and amortisation (N = 1, 7, 50; FLOPs and device-hours)", "",
+        "Figure 1: the winning strategy per inference class and per-domain budget (C_spec + C_generic / N) bin; "
+        "amortisation: C(N) = C_generic + N C_spec of each strategy's best configuration.", "", figs, "",
+        "<details><summary>Figure 1 as a table (FLOPs)</summary>", "", rec, "", "</details>", "",
+        "## LoRA beside full fine-tuning", "", section_lora(configs, rows, fig_rel), "",
+        "## Seed spread", "", section_seeds(configs), "",
+        "## Where the gap to the paper's scale limits a conclusion", "", section_scale(configs, cfg, claims), "",
+        "## Wall time of the study", "", section_wall_time(stages, rows), "",
+        "## Appendix: every configuration", "", section_appendix(configs, rows), ""]
+    return "\n".join(parts)
