@@ -18,7 +18,8 @@ import numpy as np
 from slmfactory.sweeps import report
 from slmfactory.sweeps import results_claims as rc
 from slmfactory.sweeps.report import AMORTISATION_N, COST_UNITS, UNIT_LABEL, Config
-from slmfactory.sweeps.results import configs_from_rows, experiment_name, incomplete_groups
+from slmfactory.sweeps.results import configs_from_rows, incomplete_groups
+from slmfactory.trial import experiment_name
 
 STRATEGY_ORDER = ("slm", "slm-nopt", "llm", "llm-lora", "slm-is", "slm-d", "slm-mix", "slm-pn")
 # The paper's scale (docs/paper.md#paper-settings): parameters, training throughput (A100 GPU-hours per 1B tokens), budgets.
