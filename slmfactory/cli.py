@@ -149,7 +149,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_recommend(args) -> None:
-    from slmfactory.sweeps.report import COST_UNITS, UNIT_LABEL, load_configs, recommend
+    from slmfactory.sweeps.frontier import COST_UNITS, UNIT_LABEL, load_configs, recommend
 
     def _positive(flag: str, text: str, integer: bool = False) -> float:
         """A flag's value as a positive number, or one line naming the flag (argparse's own

@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 
 from slmfactory import cli
+from slmfactory.platform.errors import SlmFactoryError
+from slmfactory.sweeps import figures as fg
+from slmfactory.sweeps import frontier as fr
 from slmfactory.sweeps import report as rp
 from slmfactory.trial import TRIAL_TAG
 
@@ -77,7 +80,7 @@ def frontier(store):
         _log(client, e, "slm-is", d, 5.3, g="none", flops=(0.0, 5e10), hours=(0.0, 0.01))
         _log(client, e, "llm", d, 5.005, params=5e6, flops=(5e12, 5e9), hours=(50.0, 0.005))
         _log(client, e, "slm-nopt", d, 4.0, g="none", n=BIG, flops=(0.0, 1e10), hours=(0.0, 0.002))
-    return rp.load_configs(uri, "frontier")
+    return fr.load_configs(uri, "frontier")
 
 
 def _by(configs, strategy, n=SIZE):
@@ -86,31 +89,31 @@ def _by(configs, strategy, n=SIZE):
 
 def test_recommend_changes_with_the_number_of_domains(frontier):
     # slm's 1e12 generic FLOPs spread over N domains: too much per domain at N = 1, cheap at N = 50.
-    answers = {n: rp.recommend(frontier, 2e6, 1e11, n, in_domain=SIZE).best.strategy for n in rp.AMORTISATION_N}
+    answers = {n: fr.recommend(frontier, 2e6, 1e11, n, in_domain=SIZE).best.strategy for n in fr.AMORTISATION_N}
     assert answers == {1: "slm-is", 7: "slm-is", 50: "slm"}
 
 
 def test_recommend_changes_with_the_budget(frontier):
-    assert rp.recommend(frontier, 2e6, 1e11, 1, in_domain=SIZE).best.strategy == "slm-is"
-    assert rp.recommend(frontier, 2e6, 2e12, 1, in_domain=SIZE).best.strategy == "slm"
-    assert rp.recommend(frontier, 2e6, 1e9, 1, in_domain=SIZE).best is None  # nothing that cheap
+    assert fr.recommend(frontier, 2e6, 1e11, 1, in_domain=SIZE).best.strategy == "slm-is"
+    assert fr.recommend(frontier, 2e6, 2e12, 1, in_domain=SIZE).best.strategy == "slm"
+    assert fr.recommend(frontier, 2e6, 1e9, 1, in_domain=SIZE).best is None  # nothing that cheap
 
 
 def test_recommend_prices_in_the_chosen_cost_unit(frontier):
     # Same N: in FLOPs slm's per-domain cost (1.4e11) fits 2e11; in device-hours it is
     # 10/7 h, over a 1 h budget, and slm-is (0.01 h) wins.
-    assert rp.recommend(frontier, 2e6, 2e11, 7, in_domain=SIZE, cost="flops").best.strategy == "slm"
-    assert rp.recommend(frontier, 2e6, 1.0, 7, in_domain=SIZE, cost="device-hours").best.strategy == "slm-is"
+    assert fr.recommend(frontier, 2e6, 2e11, 7, in_domain=SIZE, cost="flops").best.strategy == "slm"
+    assert fr.recommend(frontier, 2e6, 1.0, 7, in_domain=SIZE, cost="device-hours").best.strategy == "slm-is"
 
 
 def test_recommend_answers_from_one_in_domain_size(frontier):
     # The largest measured size the user has at least: 5000 tokens -> the 1000-token sweep.
-    rec = rp.recommend(frontier, 1e7, 1e13, 50, in_domain=5000)
+    rec = fr.recommend(frontier, 1e7, 1e13, 50, in_domain=5000)
     assert rec.in_domain == SIZE and {c.in_domain for c in rec.ranked} == {SIZE}
-    assert rp.recommend(frontier, 1e7, 1e13, 50, in_domain=BIG).best.strategy == "slm-nopt"
-    assert rp.recommend(frontier, 1e7, 1e13, 50).in_domain == BIG  # default: the largest measured
-    with pytest.raises(rp.SlmFactoryError, match="--in-domain"):
-        rp.recommend(frontier, 1e7, 1e13, 50, in_domain=500)
+    assert fr.recommend(frontier, 1e7, 1e13, 50, in_domain=BIG).best.strategy == "slm-nopt"
+    assert fr.recommend(frontier, 1e7, 1e13, 50).in_domain == BIG  # default: the largest measured
+    with pytest.raises(SlmFactoryError, match="--in-domain"):
+        fr.recommend(frontier, 1e7, 1e13, 50, in_domain=500)
 
 
 def test_macro_interval_follows_the_stated_formula_and_contains_the_estimate(store):
@@ -118,7 +121,7 @@ def test_macro_interval_follows_the_stated_formula_and_contains_the_estimate(sto
     e = exps["interval"]
     for d, nll, se in (("x", 5.0, 0.02), ("y", 6.0, 0.04), ("z", 7.0, 0.04)):
         _log(client, e, "slm-nopt", d, nll, g="none", se=se)
-    (c,) = rp.load_configs(uri, "interval")
+    (c,) = fr.load_configs(uri, "interval")
     se = math.sqrt(0.02 ** 2 + 0.04 ** 2 + 0.04 ** 2) / 3
     lo, hi = c.interval
     assert c.ppl_macro == pytest.approx(math.exp(6.0))
@@ -128,10 +131,10 @@ def test_macro_interval_follows_the_stated_formula_and_contains_the_estimate(sto
 
 def test_overlapping_intervals_are_a_tie(frontier):
     # slm (5.0) and llm (5.005), SE 0.0071 each: their intervals overlap.
-    tie = rp.recommend(frontier, 1e7, 1e13, 50, in_domain=SIZE)
+    tie = fr.recommend(frontier, 1e7, 1e13, 50, in_domain=SIZE)
     assert (tie.best.strategy, tie.runner_up.strategy, tie.tie) == ("slm", "llm", True)
     # slm and slm-is, 0.3 nats apart: not a tie.
-    clear = rp.recommend(frontier, 2e6, 1e13, 50, in_domain=SIZE)
+    clear = fr.recommend(frontier, 2e6, 1e13, 50, in_domain=SIZE)
     assert (clear.best.strategy, clear.runner_up.strategy, clear.tie) == ("slm", "slm-is", False)
 
 
@@ -174,7 +177,7 @@ def test_two_seeds_are_two_rows_with_their_spread_and_ablations_stay_apart(store
         for d in ("a", "b"):
             _log(client, e, "slm-mix", d, v, settings=settings, parent=parent,
                  extra={"spent/generic_tokens": 1.2e6, "spent/spec_tokens": 9984})
-    configs = rp.load_configs(uri, "seeds")
+    configs = fr.load_configs(uri, "seeds")
     assert sorted(c.settings for c in configs) == sorted(nll)
     spread = float(np.std([math.exp(5.0), math.exp(5.2)], ddof=1))
     by = {c.settings: c for c in configs}
@@ -192,19 +195,19 @@ def test_runs_before_the_contract_still_report(store):
     uri, client, exps = store
     for d in ("a", "b"):
         _log(client, exps["old"], "slm", d, 5.0, old=True)
-    (c,) = rp.load_configs(uri, "old")
+    (c,) = fr.load_configs(uri, "old")
     assert c.settings == "" and c.interval is None and c.spent_spec is None
     assert "| slm | - | 1e+06T | 1e+04T |" in rp.markdown([c]) and "[n/a]" in rp.markdown([c])
 
 
 def _zero_marks(ax):
-    return [col for col in ax.collections if col.get_gid() == rp.ZERO_GID]
+    return [col for col in ax.collections if col.get_gid() == fg.ZERO_GID]
 
 
 def test_zero_costs_get_their_own_mark_at_the_left_edge(frontier, tmp_path):
     import matplotlib.pyplot as plt
 
-    fig, _ = rp.plot_costs(frontier, SIZE, 7, "flops", tmp_path)
+    fig, _ = fg.plot_costs(frontier, SIZE, 7, "flops", tmp_path)
     try:
         generic = fig.axes[0]  # slm-is has no generic cost
         (mark,) = _zero_marks(generic)
@@ -222,7 +225,7 @@ def test_zero_costs_get_their_own_mark_at_the_left_edge(frontier, tmp_path):
 def test_pareto_fronts_are_drawn_per_inference_class(frontier, tmp_path):
     import matplotlib.pyplot as plt
 
-    fig, _ = rp.plot_costs(frontier, SIZE, 7, "flops", tmp_path)
+    fig, _ = fg.plot_costs(frontier, SIZE, 7, "flops", tmp_path)
     try:
         fronts = {ln.get_gid(): ln for ln in fig.axes[1].lines if (ln.get_gid() or "").startswith("pareto-")}
         assert set(fronts) == {"pareto-1e+06", "pareto-5e+06"}
@@ -238,13 +241,13 @@ def test_figure1_budget_ticks_are_distinct_bins(tmp_path):
     import matplotlib.pyplot as plt
 
     # Per-domain costs within 2% of each other: two significant digits would repeat 2.3e+11.
-    close = [rp.Config(f"s{i}", "none", "1e+04T", SIZE, "", 1_000_000, 2e6, {"flops": (0.0, cost)},
+    close = [fr.Config(f"s{i}", "none", "1e+04T", SIZE, "", 1_000_000, 2e6, {"flops": (0.0, cost)},
                        {"a": 100.0 - i}, {"a": math.log(100.0 - i)})
              for i, cost in enumerate((2.30e11, 2.31e11, 2.32e11, 2.33e11, 2.34e11, 2.35e11))]
-    fig, _ = rp.figure1(close, SIZE, 7, "flops", tmp_path)
+    fig, _ = fg.figure1(close, SIZE, 7, "flops", tmp_path)
     try:
         labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-        assert len(labels) == rp.MAX_BUDGET_BINS == len(set(labels))
+        assert len(labels) == fr.MAX_BUDGET_BINS == len(set(labels))
     finally:
         plt.close(fig)
 
@@ -282,12 +285,12 @@ def test_report_writes_tables_4_8_and_entropy_with_the_right_numbers(tables, tmp
     assert "| slm-mix (routed) | slm-mix.experts=4 | 270.00 | - |" in md
     # Entropy table: gain = 1 - ppl_x / ppl_slm, Spearman -1 (mix) and +1 (pn).
     assert f"| a | 0.500 | {math.exp(5):.2f} | {math.exp(4.9):.2f} | {1 - math.exp(-0.1):+.3f} |" in md
-    gains = {g["config"].strategy: g["spearman"] for g in rp.entropy_gains(rp.load_configs(tables, "tables"))}
+    gains = {g["config"].strategy: g["spearman"] for g in fr.entropy_gains(fr.load_configs(tables, "tables"))}
     assert gains == {"slm-mix": pytest.approx(-1.0), "slm-pn": pytest.approx(1.0)}
     assert "rho = -1.000" in md and "rho = 1.000" in md
     # One figure per in-domain size, N and cost unit (only FLOPs were logged here).
     pngs = {p.name for p in out.glob("*.png")}
-    assert pngs == ({f"{kind}_n1000_N{n}_flops.png" for kind in ("ppl_vs_cost", "figure1") for n in rp.AMORTISATION_N}
+    assert pngs == ({f"{kind}_n1000_N{n}_flops.png" for kind in ("ppl_vs_cost", "figure1") for n in fr.AMORTISATION_N}
                     | {"amortisation_n1000_flops.png"})
 
 

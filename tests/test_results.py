@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from slmfactory.sweeps import results, results_claims as rc, results_page
-from slmfactory.sweeps.report import Config
+from slmfactory.sweeps.frontier import Config
 from slmfactory.trial import experiment_name
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -127,11 +127,11 @@ def test_committed_page_numbers_equal_csv_and_mlflow():
 
 def test_demo_export_page_and_loader_agree_with_mlflow(tmp_path):
     """The same cross-check on a fresh export of the demo store (when it exists), and the
-    CSV's configurations equal ``report.load_configs``'s."""
+    CSV's configurations equal ``frontier.load_configs``'s."""
     cfg = _cfg(DEMO)
     if _store(cfg) is None:
         pytest.skip(f"no demo store at {cfg.tracking_uri} (`make demo` writes it)")
-    from slmfactory.sweeps.report import load_configs
+    from slmfactory.sweeps.frontier import load_configs
 
     rows = results.export_rows(cfg.tracking_uri, experiment_name(cfg))
     path = results.write_csv(rows, tmp_path / "demo-runs.csv")

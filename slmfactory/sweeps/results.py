@@ -5,11 +5,11 @@ can be rebuilt and tested without the MLflow store. This module holds the two en
 CSV and the optional wall-time parse of the study's log:
 
 - :func:`export_rows` reads every finished trial run of a sweep's experiment from MLflow
-  (tagged ``slmfactory.trial``, with a ``test_nll``: the runs ``report.load_configs`` reads)
+  (tagged ``slmfactory.trial``, with a ``test_nll``: the runs ``frontier.load_configs`` reads)
   into one flat row per run; :func:`write_csv` / :func:`read_csv` store them losslessly
   (floats as ``repr``, so a value read back equals the logged metric exactly).
-- :func:`configs_from_rows` groups rows into ``report.Config`` objects by the same rules as
-  ``report.load_configs`` (costs: generic = max over the trials, specialisation = mean over
+- :func:`configs_from_rows` groups rows into ``frontier.Config`` objects by the same rules as
+  ``frontier.load_configs`` (costs: generic = max over the trials, specialisation = mean over
   domains; only configurations measured on every domain), so ``report``'s tables and plots
   draw from the CSV.
 - :func:`parse_stage_log` turns the study log's ``HH:MM:SS`` stage markers into seconds per
@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from slmfactory.sweeps import report
-from slmfactory.sweeps.report import COST_UNITS, Config
+from slmfactory.platform.errors import DataError
+from slmfactory.sweeps import frontier
+from slmfactory.sweeps.frontier import COST_UNITS, Config
 from slmfactory.trial import TRIAL_TAG
 
 # (CSV column, MLflow metric) for the per-trial metrics copied verbatim.
@@ -96,7 +97,7 @@ def row_from_run(run) -> dict[str, Any]:
     row: dict[str, Any] = {"run_id": run.info.run_id, "trial_key": t.get(TRIAL_TAG, "")}
     row.update({k: t.get(k, "") for k in TAG_COLUMNS})
     row["in_domain_tokens"] = int(row["in_domain_tokens"])
-    row["pretrain_seed"] = report.parse_settings(row["settings"]).get("pretrain.seed", "")
+    row["pretrain_seed"] = frontier.parse_settings(row["settings"]).get("pretrain.seed", "")
     for col in DOMAIN_COLUMNS:
         row[col] = m.get(f"{col}/{d}")
     row["generic_ppl"] = generic_ppl(m)
@@ -117,7 +118,7 @@ def export_rows(uri: str, experiment: str) -> list[dict[str, Any]]:
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise report.DataError(f"MLflow experiment {experiment!r} not found at {uri}")
+        raise DataError(f"MLflow experiment {experiment!r} not found at {uri}")
     runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
                               max_results=50000)
     rows = [row_from_run(r) for r in runs if TRIAL_TAG in r.data.tags and "test_nll" in r.data.metrics]
@@ -165,7 +166,7 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
 
 
 def configs_from_rows(rows: list[dict[str, Any]]) -> list[Config]:
-    """``report.Config`` objects from CSV rows, by ``report.load_configs``'s rules: one
+    """``frontier.Config`` objects from CSV rows, by ``frontier.load_configs``'s rules: one
     configuration per (strategy, generic budget, spec. budget, in-domain size, settings);
     generic cost the max over its trials, specialisation cost the mean over domains; only
     configurations measured on every domain; sorted by in-domain size then macro perplexity."""
@@ -199,7 +200,7 @@ def configs_from_rows(rows: list[dict[str, Any]]) -> list[Config]:
         c.epochs_generic, c.epochs_spec = mean.get("epochs_generic"), mean.get("epochs_spec")
     domains = set().union(*(c.nll for c in groups.values())) if groups else set()
     configs = [c for c in groups.values() if set(c.nll) == domains]
-    report.set_seed_spread(configs)
+    frontier.set_seed_spread(configs)
     return sorted(configs, key=lambda c: (c.in_domain, c.ppl_macro))
 
 

@@ -2,7 +2,7 @@
 
 Every claim is split into *parts* (one comparison each: an in-domain size, a strategy, a
 number of domains, ...). A part compares macro perplexities through their 95% intervals
-(``report.Config.interval``: exp(macro NLL ± 1.96 SE)) with :func:`compare`:
+(``frontier.Config.interval``: exp(macro NLL ± 1.96 SE)) with :func:`compare`:
 
 - A is *better* than B only when A's whole interval lies below B's (upper A < lower B);
   *worse* when it lies above; otherwise the intervals overlap and the part is
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from slmfactory.sweeps.report import AMORTISATION_N, EXPERT_STRATEGIES, Config, entropy_gains, parse_settings
+from slmfactory.sweeps.frontier import AMORTISATION_N, EXPERT_STRATEGIES, Config, entropy_gains, parse_settings
 from slmfactory.sweeps.results import budget_value
 
 CONFIRMED, REFUTED, INCONCLUSIVE = "confirmed", "refuted", "inconclusive"
@@ -397,7 +397,7 @@ def spearman_critical(n: int) -> float | None:
 def claim_entropy(configs: list[Config], gate: Gate | None = None) -> Claim:
     """At the largest generic budget, per slm-mix/slm-pn configuration: Spearman's rank
     correlation between each domain's cluster entropy and the expert's gain over slm
-    (1 - ppl_x / ppl_slm, same budgets and seeds; ``report.entropy_gains``). Confirmed when
+    (1 - ppl_x / ppl_slm, same budgets and seeds; ``frontier.entropy_gains``). Confirmed when
     rho < 0 with p < 0.05 (least gain on high-entropy domains), refuted when rho > 0 with
     p < 0.05, inconclusive otherwise; gated by :func:`decision_gate`."""
     gate = gate or decision_gate(configs)

@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from slmfactory.sweeps import report
+from slmfactory.platform.errors import DataError
+from slmfactory.sweeps import figures, frontier, report
 from slmfactory.sweeps import results_claims as rc
-from slmfactory.sweeps.report import AMORTISATION_N, COST_UNITS, UNIT_LABEL, Config
+from slmfactory.sweeps.figures import pyplot
+from slmfactory.sweeps.frontier import AMORTISATION_N, COST_UNITS, UNIT_LABEL, Config
 from slmfactory.sweeps.results import configs_from_rows, incomplete_groups
 from slmfactory.trial import experiment_name
 
@@ -78,24 +80,15 @@ def figure_names(configs: list[Config]) -> list[tuple[str, tuple]]:
     return out
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def draw_figures(configs: list[Config], fig_dir: Path, caps: tuple = ()) -> list[Path]:
-    plt = _pyplot()
+    _, plt = pyplot()
     fig_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, what in figure_names(configs):
         if what[0] == "figure1":
-            fig, path = report.figure1(configs, what[1], what[2], what[3], fig_dir, caps)
+            fig, path = figures.figure1(configs, what[1], what[2], what[3], fig_dir, caps)
         else:
-            fig, path = report.plot_amortisation(configs, what[1], what[2], fig_dir)
+            fig, path = figures.plot_amortisation(configs, what[1], what[2], fig_dir)
         plt.close(fig)
         if path.name != name:
             path.replace(fig_dir / name)
@@ -225,7 +218,7 @@ def section_lora(configs: list[Config], rows: list[dict], fig_rel: str = "result
 
 
 def plot_lora(configs: list[Config]):
-    plt = _pyplot()
+    _, plt = pyplot()
     units = [u for u in cost_units(configs)]
     fig, axes = plt.subplots(1, len(units), figsize=(6 * len(units), 4.2), squeeze=False)
     for ax, unit in zip(axes[0], units):
@@ -260,7 +253,7 @@ def section_seeds(configs: list[Config]) -> str:
         c0 = v[0]
         per = "<br>".join(f"{','.join(f'{k}={x}' for k, x in rc.seeds(c).items())}: {ppl_iv(c)}" for c in v)
         spread = max(c.ppl_macro for c in v) - min(c.ppl_macro for c in v)
-        sep = "overlap" if all(report.overlaps(a, b) for a in v for b in v if a is not b) else "separate"
+        sep = "overlap" if all(frontier.overlaps(a, b) for a in v for b in v if a is not b) else "separate"
         lines.append(f"| {c0.strategy} | {c0.generic_budget} | {c0.spec_budget} | {c0.in_domain:,} | {per} | "
                      f"{_g(c0.seed_spread)} | {spread:.2f} | {sep} |")
     return "\n".join(lines)
@@ -382,7 +375,7 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
     page's stem, where ``scripts/results.py`` draws them)."""
     configs = configs_from_rows(rows)
     if not configs:
-        raise report.DataError("no configuration measured on every domain in the CSV")
+        raise DataError("no configuration measured on every domain in the CSV")
     gate, claims = rc.all_claims(configs)
     domains = sorted(configs[0].nll)
     figs = "\n".join(f"![{name[:-4]}]({fig_rel}/{name})" for name, _ in figure_names(configs))
@@ -396,7 +389,7 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
         f"`python scripts/results.py -c {config_label} --export {csv_label}"
         + (f" --log {stages['log']}" if stages else "") + "`.", "",
         "Macro perplexity = exp(mean over domains of the test NLL); its 95% interval is exp(NLL ± 1.96 SE) with "
-        "SE = sqrt(sum of the domains' bootstrap SE²) / D (`report.Config.interval`). Cells read "
+        "SE = sqrt(sum of the domains' bootstrap SE²) / D (`frontier.Config.interval`). Cells read "
         "`<strategy> g<generic budget> s<spec. budget> [settings] n<in-domain tokens>: ppl [95% interval]`.", "",
         "## Verdicts", "", section_verdicts(gate, claims), "",
         "## How a verdict is decided", "", md(rc.__doc__.split("\n\n", 1)[1]), "",

@@ -21,7 +21,6 @@ scored by its own cluster's expert, docs/paper.md#table-8).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 

@@ -1,0 +1,389 @@
+"""A sweep read back from MLflow as measured configurations, and the frontier over them:
+who is best at which cost, and the recommendation.
+
+Each trial's run holds one (configuration, domain) measurement. A *configuration* is a
+trial without its domain: (strategy, generic budget, specialisation budget, in-domain
+size, settings), where ``settings`` are the grid settings beyond those axes (``cluster.k=64,
+finetune.seed=1``). Two seeds of one configuration are two configurations (two rows); rows
+that differ only in keys ending in ``seed`` are replicates, and their spread is reported.
+
+Macro perplexity and its interval. A configuration's macro NLL is the mean over its D
+domains of each domain's mean per-token test NLL, and its macro perplexity is
+exp(macro NLL) (the paper's headline metric, docs/paper.md#macro-perplexity). Each trial logs ``test_nll_se``, the bootstrap
+standard error of its mean NLL over test sequences; the domains' test sets are independent,
+so SE(macro NLL) = sqrt(sum_d se_d^2) / D, and the macro perplexity's 95% interval is
+exp(macro NLL ± 1.96 · SE). A per-domain cell shows the trial's own bootstrap percentile
+interval ``ppl [lo, hi]``. Two configurations *tie* when the winner's interval overlaps the
+runner-up's: the measurement does not separate them. Runs logged before these metrics
+existed have no interval (shown as ``n/a``) and never tie.
+
+Costs. In either unit (``flops`` or ``device-hours``), a configuration's generic cost is its
+shared generic phase's (paid once, the max over its trials), its specialisation cost the
+mean over domains (paid per domain). Over N domains it costs C(N) = C_generic + N · C_spec,
+so the budget one domain carries is C_spec + C_generic / N: the "specialisation budget" axis
+of the paper's Figure 1 here. One N set, :data:`AMORTISATION_N`, is used by every table and
+figure. Inference classes are the recipe's ``sweep.inference_caps`` (a model belongs to the
+smallest cap that serves it) or, without caps, each distinct served-parameter count.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from slmfactory.platform.errors import DataError, SlmFactoryError
+from slmfactory.trial import TRIAL_TAG
+
+AMORTISATION_N = (1, 7, 50)
+
+
+Z95 = 1.96
+
+
+COST_UNITS = ("flops", "device-hours")
+
+
+UNIT_LABEL = {"flops": "FLOPs", "device-hours": "device-hours"}
+
+
+_COST_METRIC = {"flops": "flops", "device-hours": "device_hours"}
+
+
+MAX_BUDGET_BINS = 4
+
+
+EXPERT_STRATEGIES = ("slm-mix", "slm-pn")
+
+
+def _is_seed(key: str) -> bool:
+    return key.endswith("seed")
+
+
+def parse_settings(settings: str) -> dict[str, str]:
+    return dict(p.split("=", 1) for p in settings.split(",") if p)
+
+
+@dataclass
+class Config:
+    """One configuration: a strategy at given budgets, in-domain size and settings, over domains."""
+
+    strategy: str
+    generic_budget: str
+    spec_budget: str
+    in_domain: int
+    settings: str
+    params: int
+    inference: float
+    # unit -> (generic cost paid once, specialisation cost per domain)
+    costs: dict[str, tuple[float, float]]
+    ppl: dict[str, float]
+    nll: dict[str, float]
+    se: dict[str, float] = field(default_factory=dict)
+    ppl_lo: dict[str, float] = field(default_factory=dict)
+    ppl_hi: dict[str, float] = field(default_factory=dict)
+    ppl_before: dict[str, float] = field(default_factory=dict)
+    entropy: dict[str, float] = field(default_factory=dict)
+    generic_ppl: float | None = None
+    spent_generic: float | None = None
+    spent_spec: float | None = None
+    epochs_generic: float | None = None
+    epochs_spec: float | None = None
+    seed_spread: float | None = None
+
+    @property
+    def nll_macro(self) -> float:
+        return float(np.mean(list(self.nll.values())))
+
+    @property
+    def ppl_macro(self) -> float:
+        return math.exp(self.nll_macro)
+
+    @property
+    def se_macro(self) -> float | None:
+        if set(self.se) != set(self.nll):
+            return None  # a domain without its standard error: no honest interval
+        return math.sqrt(sum(s * s for s in self.se.values())) / len(self.nll)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """95% interval of the macro perplexity: exp(macro NLL ± 1.96 · SE)."""
+        se = self.se_macro
+        if se is None:
+            return None
+        return math.exp(self.nll_macro - Z95 * se), math.exp(self.nll_macro + Z95 * se)
+
+    @property
+    def replicate_key(self) -> tuple:
+        """The configuration without its seeds: rows sharing it are replicates."""
+        rest = ",".join(f"{k}={v}" for k, v in sorted(parse_settings(self.settings).items()) if not _is_seed(k))
+        return (self.strategy, self.generic_budget, self.spec_budget, self.in_domain, rest)
+
+    @property
+    def label(self) -> str:
+        return (f"{self.strategy} g{self.generic_budget} s{self.spec_budget}"
+                + (f" [{self.settings}]" if self.settings else ""))
+
+    def generic(self, cost: str = "flops") -> float:
+        return self.costs.get(cost, (0.0, 0.0))[0]
+
+    def spec(self, cost: str = "flops") -> float:
+        return self.costs.get(cost, (0.0, 0.0))[1]
+
+    def total(self, n: int, cost: str = "flops") -> float:
+        return self.generic(cost) + n * self.spec(cost)
+
+    def per_domain(self, n: int, cost: str = "flops") -> float:
+        return self.spec(cost) + self.generic(cost) / n
+
+
+def _generic_ppl(m: dict[str, float]) -> float | None:
+    # The contract's name first; runs logged before it carry the phase's own names.
+    if "generic/generic_ppl" in m:
+        return m["generic/generic_ppl"]
+    if "generic/routed_generic_ppl" in m:
+        return m["generic/routed_generic_ppl"]
+    if "generic/generic_valid_nll" in m:
+        return math.exp(m["generic/generic_valid_nll"])
+    return None
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def load_configs(uri: str, experiment: str) -> list[Config]:
+    """Every finished trial run of ``experiment`` (runs tagged ``slmfactory.trial``; a sweep's
+    parent run and the report run are skipped), grouped into configurations measured on every
+    domain, sorted by in-domain size then macro perplexity."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise DataError(f"MLflow experiment {experiment!r} not found at {uri} (experiments: {', '.join(names) or 'none'})")
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              max_results=50000)
+    groups: dict[tuple, Config] = {}
+    spent: dict[tuple, dict[str, list[float]]] = {}
+    for r in runs:
+        t, m = r.data.tags, r.data.metrics
+        if TRIAL_TAG not in t or "test_nll" not in m:
+            continue
+        settings = t.get("settings", "")
+        key = (t["strategy"], t["generic_budget"], t["spec_budget"], int(t["in_domain_tokens"]), settings)
+        c = groups.setdefault(key, Config(*key, params=int(m["params"]), inference=m["cost/inference_flops_per_token"],
+                                          costs={}, ppl={}, nll={}))
+        d = t["domain"]
+        c.ppl[d], c.nll[d] = m[f"ppl/{d}"], m["test_nll"]
+        for name, target in (("test_nll_se", c.se), (f"ppl_lo/{d}", c.ppl_lo), (f"ppl_hi/{d}", c.ppl_hi),
+                             ("test_ppl_before", c.ppl_before), ("domain_entropy", c.entropy)):
+            if name in m:
+                target[d] = m[name]
+        c.generic_ppl = _generic_ppl(m) if c.generic_ppl is None else c.generic_ppl
+        acc = spent.setdefault(key, {})
+        for unit, metric in _COST_METRIC.items():
+            if f"cost/spec_{metric}" in m:
+                acc.setdefault(f"g:{unit}", []).append(m.get(f"cost/generic_{metric}", 0.0))
+                acc.setdefault(f"s:{unit}", []).append(m[f"cost/spec_{metric}"])
+        for name in ("spent/generic_tokens", "spent/spec_tokens", "epochs/generic", "epochs/spec"):
+            if name in m:
+                acc.setdefault(name, []).append(m[name])
+    if not groups:
+        raise DataError(f"MLflow experiment {experiment!r}: no finished sweep trials to report on")
+    for key, c in groups.items():
+        acc = spent[key]
+        # The generic phase is shared (paid once: the max over its trials); specialisation is
+        # paid per domain (the mean over domains).
+        c.costs = {u: (max(acc[f"g:{u}"]), float(np.mean(acc[f"s:{u}"]))) for u in COST_UNITS if f"s:{u}" in acc}
+        c.spent_generic = _mean(acc.get("spent/generic_tokens", []))
+        c.spent_spec = _mean(acc.get("spent/spec_tokens", []))
+        c.epochs_generic = _mean(acc.get("epochs/generic", []))
+        c.epochs_spec = _mean(acc.get("epochs/spec", []))
+    # Macro perplexity compares like with like: keep configurations measured on every domain.
+    domains = set().union(*(c.nll for c in groups.values()))
+    configs = [c for c in groups.values() if set(c.nll) == domains]
+    set_seed_spread(configs)
+    return sorted(configs, key=lambda c: (c.in_domain, c.ppl_macro))
+
+
+def set_seed_spread(configs: list[Config]) -> None:
+    """``seed_spread``: the sample standard deviation (ddof=1) of macro perplexity over the
+    rows that differ only in ``*seed`` settings; None for a configuration run once."""
+    reps: dict[tuple, list[Config]] = {}
+    for c in configs:
+        reps.setdefault(c.replicate_key, []).append(c)
+    for group in reps.values():
+        spread = float(np.std([c.ppl_macro for c in group], ddof=1)) if len(group) > 1 else None
+        for c in group:
+            c.seed_spread = spread
+
+
+def has_seeds(configs: list[Config]) -> bool:
+    return any(_is_seed(k) for c in configs for k in parse_settings(c.settings))
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both cost and perplexity."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def overlaps(a: Config, b: Config) -> bool:
+    """Whether two configurations' macro-perplexity intervals overlap (unknown: no)."""
+    ia, ib = a.interval, b.interval
+    return ia is not None and ib is not None and ia[0] <= ib[1] and ib[0] <= ia[1]
+
+
+@dataclass
+class Recommendation:
+    """The best fitting configuration, the best of another strategy, and whether the two
+    are a tie (overlapping intervals)."""
+
+    ranked: list[Config]
+    in_domain: int | None
+    cost: str
+
+    @property
+    def best(self) -> Config | None:
+        return self.ranked[0] if self.ranked else None
+
+    @property
+    def runner_up(self) -> Config | None:
+        # The question is which *strategy*: the runner-up is the best of another strategy.
+        return next((c for c in self.ranked[1:] if c.strategy != self.ranked[0].strategy), None)
+
+    @property
+    def tie(self) -> bool:
+        return self.runner_up is not None and overlaps(self.best, self.runner_up)
+
+
+def pick_in_domain(configs: list[Config], in_domain: int | None) -> int:
+    """The measured in-domain size to answer from: the largest measured <= ``in_domain``
+    (the user has at least that much data), the largest measured when not given."""
+    sizes = sorted({c.in_domain for c in configs})
+    if in_domain is None:
+        return sizes[-1]
+    fit = [s for s in sizes if s <= in_domain]
+    if not fit:
+        raise SlmFactoryError(f"--in-domain {in_domain:g}: no measured in-domain size is that small "
+                              f"(measured: {', '.join(f'{s:,}' for s in sizes)} tokens)")
+    return fit[-1]
+
+
+def recommend(configs: list[Config], inference_params: float, spec_budget: float, domains: int,
+              in_domain: int | None = None, cost: str = "flops") -> Recommendation:
+    """Configurations of the chosen in-domain size that fit (served parameters <=
+    ``inference_params``, per-domain budget C_spec + C_generic / N <= ``spec_budget`` in
+    ``cost`` units), best macro perplexity first; see :class:`Recommendation`."""
+    if cost not in COST_UNITS:
+        raise SlmFactoryError(f"--cost {cost!r}: expected one of {', '.join(COST_UNITS)}")
+    size = pick_in_domain(configs, in_domain)
+    fit = [c for c in configs if c.in_domain == size and cost in c.costs and c.params <= inference_params
+           and c.per_domain(domains, cost) <= spec_budget]
+    return Recommendation(sorted(fit, key=lambda c: (c.ppl_macro, c.total(domains, cost))), size, cost)
+
+
+def inference_classes(configs: list[Config], caps: tuple = ()) -> dict[float, list[Config]]:
+    """Served-parameter classes: each configuration in the smallest cap that serves it
+    (a model larger than every cap is its own class); without caps, one class per size."""
+    caps = sorted(caps)
+    out: dict[float, list[Config]] = {}
+    for c in configs:
+        bound = next((cap for cap in caps if cap >= c.params), c.params)
+        out.setdefault(float(bound), []).append(c)
+    return dict(sorted(out.items()))
+
+
+def budget_bins(costs: list[float], max_bins: int = MAX_BUDGET_BINS) -> np.ndarray:
+    """Upper edges of log-spaced bins over the measured positive per-domain costs: a cell
+    of a bin answers with what fits within its upper edge."""
+    pos = np.array(sorted({x for x in costs if x > 0}))
+    if len(pos) == 0:
+        return np.array([0.0])
+    if len(pos) == 1:
+        return pos
+    edges = np.geomspace(pos[0], pos[-1], min(max_bins, len(pos)) + 1)
+    edges[-1] = pos[-1]  # the top edge is a measured cost exactly (geomspace rounds)
+    return edges[1:]
+
+
+def distinct_labels(values, fmt: str = "g", prefix: str = "") -> list[str]:
+    """Tick labels with the fewest significant digits (from 2) that tell the values apart."""
+    for digits in range(2, 10):
+        labels = [prefix + format(v, f".{digits}{fmt}") for v in values]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3g}" if x else "0"
+
+
+def ppl_cell(p: float, iv: tuple[float, float] | None) -> str:
+    return f"{p:.2f} [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else f"{p:.2f} [n/a]"
+
+
+def macro_cell(c: Config) -> str:
+    return ppl_cell(c.ppl_macro, c.interval)
+
+
+def macro_of(values: dict[str, float]) -> float:
+    """Macro perplexity of per-domain perplexities: exp of the mean log perplexity, the
+    same average as the headline's exp(mean NLL)."""
+    return math.exp(float(np.mean(np.log(list(values.values())))))
+
+
+def _settings_seeds(c: Config) -> dict[str, str]:
+    return {k: v for k, v in parse_settings(c.settings).items() if _is_seed(k)}
+
+
+def entropy_gains(configs: list[Config]) -> list[dict[str, Any]]:
+    """For each slm-mix/slm-pn configuration, each domain's cluster entropy and its gain over
+    ``slm`` at the same budgets, in-domain size and seeds (gain = 1 - ppl_x / ppl_slm), with
+    Spearman's rank correlation of gain against entropy when there are >= 3 domains."""
+    from scipy.stats import spearmanr
+
+    out = []
+    for x in configs:
+        if x.strategy not in EXPERT_STRATEGIES or not x.entropy:
+            continue
+        same = [c for c in configs if c.strategy == "slm" and (c.generic_budget, c.spec_budget, c.in_domain)
+                == (x.generic_budget, x.spec_budget, x.in_domain)]
+        slm = next((c for c in same if _settings_seeds(c) == _settings_seeds(x)), same[0] if same else None)
+        if slm is None:
+            continue
+        domains = sorted(d for d in x.entropy if d in slm.ppl)
+        rows = [(d, x.entropy[d], slm.ppl[d], x.ppl[d], 1 - x.ppl[d] / slm.ppl[d]) for d in domains]
+        rho = p = None
+        if len(rows) >= 3:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # constant input: scipy warns and returns nan
+                res = spearmanr([r[4] for r in rows], [r[1] for r in rows])
+            rho, p = float(res.statistic), float(res.pvalue)
+        out.append({"config": x, "slm": slm, "rows": rows, "spearman": rho, "p": p})
+    return out
+
+
+def figure1_grid(configs: list[Config], in_domain: int, n_domains: int, cost: str,
+                 inference_caps: tuple = ()) -> tuple[list[float], np.ndarray, list[list[Recommendation]]]:
+    """Figure 1's cells: inference classes x per-domain budget bins, each the recommendation
+    of the configurations that fit (served parameters <= the class, per-domain cost <= the
+    bin's upper edge)."""
+    rows = [c for c in configs if c.in_domain == in_domain and cost in c.costs]
+    caps = list(inference_classes(rows, inference_caps))
+    edges = budget_bins([c.per_domain(n_domains, cost) for c in rows])
+    cells = [[recommend(rows, cap, b * (1 + 1e-9), n_domains, in_domain, cost) for b in edges] for cap in caps]
+    return caps, edges, cells
