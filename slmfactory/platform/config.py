@@ -7,6 +7,10 @@ config, and ``to_dict`` flattens it into the ``section.key`` form MLflow logs as
 
 Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the
 full dotted key, so a typo in a recipe is a one-line message, not a traceback.
+
+Why one file of ~770 lines: the recipe is one tree, and every section of it (with its
+defaults, docstrings and validation) is read in one place, in the order ``config show``
+prints it; the strategies' own settings live in their files.
 """
 
 from __future__ import annotations
