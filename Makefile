@@ -1,4 +1,5 @@
-# The two commands a user needs: `make demo` and `make test` (both call `make setup`).
+# The two commands a user needs: `make demo` and `make test` (both call `make setup`);
+# `make test-fast` is the edit-test loop (no Ray, no server, nothing slow).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup browser demo serve test ui-check cluster-test bench lint clean
+.PHONY: setup browser demo serve test test-fast ui-check cluster-test bench lint clean
 
 setup: $(STAMP)
 
@@ -29,6 +30,11 @@ serve: setup
 
 test: setup browser
 	$(PY) -m pytest -q tests
+
+# The unit tests: everything that starts no Ray cluster, no server and is not slow (the
+# markers are in pyproject.toml; tests/conftest.py fails an unmarked test that starts Ray).
+test-fast: setup
+	$(PY) -m pytest -q -m "not ray and not server and not slow" tests
 
 # tests/test_ui.py drives the MLflow UI in Debian's headless Chromium (Selenium from the
 # test extra); a fresh CI machine gets the browser here (we run as root there).

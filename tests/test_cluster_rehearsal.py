@@ -22,6 +22,8 @@ import pytest
 
 from tests.local_cluster import RAY_BIN, local_cluster
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "sweep-tiny.yaml"
 

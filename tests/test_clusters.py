@@ -51,6 +51,8 @@ def clustered(tiny_root, tmp_path_factory):
     return cfg, cl, time.perf_counter() - t0
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_windows_parquet_complete_and_assigned(clustered):
     from slmfactory.data.cluster_pipeline import WINDOW_COLUMNS
@@ -89,6 +91,8 @@ def test_windows_parquet_complete_and_assigned(clustered):
         assert (w["end"] - w["start"] <= cfg.cluster.window_tokens).all()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_histograms_entropies_and_split(clustered):
     cfg, cl, _ = clustered
@@ -116,6 +120,8 @@ def test_histograms_entropies_and_split(clustered):
     assert "legal" in summary and "nats" in summary
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_rerun_is_cached(clustered):
     from slmfactory.data.clusters import load_clusters
@@ -133,6 +139,8 @@ def test_rerun_is_cached(clustered):
     assert np.array_equal(load_clusters(cfg).centroids, cl.centroids)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_in_domain_size_never_touches_the_generic_clustering(clustered):
     """Another ``data.domain_train_tokens`` re-embeds and re-assigns only in-domain windows:
@@ -153,6 +161,8 @@ def test_in_domain_size_never_touches_the_generic_clustering(clustered):
     assert cl2.counts("legal").sum() < cl.counts("legal").sum()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_assign_texts_routes_like_the_pipeline(clustered):
     from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
@@ -167,6 +177,8 @@ def test_assign_texts_routes_like_the_pipeline(clustered):
     assert (got == t.column("cluster").to_numpy()).mean() >= 0.9
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_resample_matches_domain_histogram(clustered):
     from slmfactory.data.clusters import total_variation
@@ -258,6 +270,8 @@ def test_empty_domain_is_a_data_error(tiny_cfg):
         run_clustering(tiny_cfg, progress=False)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_k_larger_than_windows_is_a_data_error(clustered, tmp_path):
     """Reuses the module's cached embeddings: the error comes before Ray starts."""
@@ -270,6 +284,8 @@ def test_k_larger_than_windows_is_a_data_error(clustered, tmp_path):
     _shutdown_ray()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_unknown_domain_and_bad_tokens(clustered):
     from slmfactory.data.clusters import load_clusters
@@ -284,6 +300,8 @@ def test_unknown_domain_and_bad_tokens(clustered):
         load_clusters(cfg.replace(**{"cluster.k": 5}))
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_other_k_reuses_embeddings_and_logs_to_mlflow(clustered):
     """k = 4 on the cached embeddings; logs to a real MLflow (sqlite) run."""

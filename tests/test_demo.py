@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM
 from slmfactory.sweeps.demo import run_demo
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_demo_runs_the_platform_and_a_rerun_trains_nothing(tiny_cfg):
     cfg = tiny_cfg.replace(**{"tracking.enabled": True, "sweep.strategies": ["slm", "slm-is"],

@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 RESAMPLE_TOKENS = 30_000  # more than the ~400-window pool: repeats and shuffled chunks both matter
 

@@ -153,6 +153,8 @@ def test_cluster_routed_batches_are_deterministic_and_proportional(work_cfg, tmp
         assert any(np.array_equal(cluster_text[h:h + 64], row) for h in hits)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_slm_pn_pulse(clustered_cfg):
     from slmfactory.data.clusters import load_clusters
 
@@ -168,6 +170,8 @@ def test_slm_pn_pulse(clustered_cfg):
 
 # -- slm-mix -------------------------------------------------------------------------------
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["most-frequent", "best-before-finetune", "best-after-finetune"])
 def test_slm_mix_pulse(clustered_cfg, rule):
     from slmfactory.data.clusters import load_clusters
@@ -219,6 +223,8 @@ def test_llm_lora_pulse(work_cfg):
 
 # -- slm-is --------------------------------------------------------------------------------
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_slm_is_pulse(clustered_cfg):
     from slmfactory.models.phases import trained_tokens
     from slmfactory.data.clusters import load_clusters
@@ -255,6 +261,8 @@ def test_slm_nopt_spends_the_spec_budget_from_scratch(work_cfg):
     assert rec.metrics["epochs/spec"] == pytest.approx(6 * 8 / sequences)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_routed_and_dense_generic_perplexity_score_the_same_sequences(clustered_cfg):
     """Table 8's routed figure (mix, pn) and a dense model's are over the same sequences: a
     'mixture' whose every expert is one model gives exactly that model's figure."""
@@ -332,6 +340,8 @@ def test_paper_sizes_of_the_expert_strategies():
     assert pn[16] == pytest.approx(756e6, rel=0.03) and pn[32] == pytest.approx(1422e6, rel=0.03)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_slm_mix_spends_a_flop_budget_once_in_total(clustered_cfg):
     """Under ``pretrain.max_flops`` each expert gets its cluster's share of the FLOPs (it
     used to get all of them: k x the generic cost)."""

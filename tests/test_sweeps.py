@@ -106,6 +106,8 @@ def _finished_trial_runs(uri: str, experiment: str):
     return client, runs
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sweep_killed_midway_resumes_with_one_run_per_trial(work):
     from slmfactory.platform.config import load_config
@@ -227,6 +229,7 @@ def _check_parent_times_and_aliases(client, experiment, trial_runs):
         assert mv.run_id == run_id, (d, mv.run_id, run_id)
 
 
+@pytest.mark.server
 @pytest.mark.timeout(180)
 def test_ui_serves_mlflow_on_loopback_only(work):
     import socket

@@ -131,6 +131,7 @@ def test_budget_smaller_than_a_step_is_a_clear_error(tiny_cfg, tmp_path):
         make(tiny_cfg, tmp_path / "x", max_tokens=10)
 
 
+@pytest.mark.slow  # torch.compile (inductor) builds its kernels first: ~40 s
 def test_compiled_training_matches_eager(tiny_cfg, tmp_path):
     """``pretrain.compile`` changes kernels, not results: same per-step losses as eager."""
     eager = make(tiny_cfg, tmp_path / "eager", max_tokens=6 * 8 * 64, checkpoint_every=0, eval_every=0)

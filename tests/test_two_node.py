@@ -20,6 +20,8 @@ import pytest
 
 from tests.local_cluster import local_cluster
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 

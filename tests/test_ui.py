@@ -38,7 +38,8 @@ import pytest
 
 from .conftest import REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# The fixture runs a sweep (Ray Tune) and serves the MLflow UI to Chromium.
+pytestmark = [pytest.mark.ray, pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(900)]
 RECIPE = REPO / "configs" / "sweep-tiny.yaml"
 # Two trials that differ in cost: slm-nopt has no generic phase to train first, so the sweep is
 # the cheapest one with a real perplexity-against-cost scatter (two distinct points).
