@@ -97,6 +97,9 @@ def trial_record(cfg: RunConfig, model, generic) -> dict:
 
 def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str], None] = print) -> dict:
     """``slmfactory train``: one trial, logged to MLflow as one run, and printed."""
+    # Bad input fails here, in a second, before a Ray session starts.
+    ensure_corpus(cfg, build=False)
+    check_domain(cfg, cfg.data.domain)
     with ray_session(address):
         record = run_trial(cfg, log=log)
     if cfg.tracking.enabled:

@@ -53,7 +53,6 @@ def test_unknown_key(tmp_path):
     assert_one_line_error(run_cli("train", "--set", "cluster.kk=3"), "cluster.kk")
 
 
-@pytest.mark.ray  # `slmfactory train` starts Ray (run_strategy's ray_session) before it checks the corpus
 def test_train_without_a_corpus(tmp_path):
     assert_one_line_error(run_cli("train", "--set", f"workdir={tmp_path}"), "no corpus", "corpus build")
 
@@ -81,7 +80,6 @@ def test_import_non_utf8_and_empty(tmp_path):
     assert_one_line_error(out, "empty")
 
 
-@pytest.mark.ray  # ... and before it checks the domain
 def test_unknown_domain(tiny_cfg):
     out = run_cli("train", "--config", "configs/tiny.yaml", "--set", f"workdir={tiny_cfg.workdir}",
                   "--domain", "astrology")
