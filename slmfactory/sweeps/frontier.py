@@ -140,8 +140,9 @@ class Config:
         return self.spec(cost) + self.generic(cost) / n
 
 
-def _generic_ppl(m: dict[str, float]) -> float | None:
-    # The contract's name first; runs logged before it carry the phase's own names.
+def generic_ppl(m: dict[str, float]) -> float | None:
+    """The generic phase's validation perplexity: the contract's ``generic/generic_ppl``
+    (routed for slm-mix/slm-pn) first; runs logged before it carry the phase's own names."""
     if "generic/generic_ppl" in m:
         return m["generic/generic_ppl"]
     if "generic/routed_generic_ppl" in m:
@@ -184,7 +185,7 @@ def load_configs(uri: str, experiment: str) -> list[Config]:
                              ("test_ppl_before", c.ppl_before), ("domain_entropy", c.entropy)):
             if name in m:
                 target[d] = m[name]
-        c.generic_ppl = _generic_ppl(m) if c.generic_ppl is None else c.generic_ppl
+        c.generic_ppl = generic_ppl(m) if c.generic_ppl is None else c.generic_ppl
         acc = spent.setdefault(key, {})
         for unit, metric in _COST_METRIC.items():
             if f"cost/spec_{metric}" in m:

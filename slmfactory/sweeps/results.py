@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import numpy as np
 
 from slmfactory.platform.errors import DataError
 from slmfactory.sweeps import frontier
-from slmfactory.sweeps.frontier import COST_UNITS, Config
+from slmfactory.sweeps.frontier import COST_UNITS, Config, generic_ppl
 from slmfactory.trial import TRIAL_TAG
 
 # (CSV column, MLflow metric) for the per-trial metrics copied verbatim.
@@ -76,18 +75,6 @@ def budget_value(label: str) -> float:
         return float(label.rstrip("TF"))
     except ValueError:
         return 0.0
-
-
-def generic_ppl(m: dict[str, float]) -> float | None:
-    """The generic phase's validation perplexity, by report's precedence: the contract's
-    ``generic/generic_ppl`` (routed for slm-mix/slm-pn), then the routed or raw NLL."""
-    if "generic/generic_ppl" in m:
-        return m["generic/generic_ppl"]
-    if "generic/routed_generic_ppl" in m:
-        return m["generic/routed_generic_ppl"]
-    if "generic/generic_valid_nll" in m:
-        return math.exp(m["generic/generic_valid_nll"])
-    return None
 
 
 def row_from_run(run) -> dict[str, Any]:
