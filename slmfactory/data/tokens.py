@@ -216,7 +216,7 @@ class PackedBatches:
 
 
 def resampled_source(res) -> TokenSource:
-    """A resampled set's (``platform.resample.ResampleResult``) training stream as a
+    """A resampled set's (``data.resample.ResampleResult``) training stream as a
     ``TokenSource``, keyed by the resample stage (its folder name)."""
     path = stream_path(res)
     return TokenSource(str(path), path.parent.name)
