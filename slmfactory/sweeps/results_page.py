@@ -276,8 +276,8 @@ def section_scale(configs: list[Config], cfg, claims: list[rc.Claim]) -> str:
         if slm:
             ours = slm[0].spent_generic / slm[0].params
             ep = slm[0].epochs_generic
-            lines.append(f"| generic tokens per SLM parameter at {g} | {ours:.1f} ({_g(ep)} epochs of the generic "
-                         "corpus) "
+            lines.append(f"| generic tokens per SLM parameter at {g} | {ours:.1f} ({_g(ep)} passes over the generic "
+                         "text it read: no repeats) "
                          f"| {tok_per_param(paper_tok(10)):.0f} to {tok_per_param(paper_tok(650)):,.0f} "
                          f"(10 to 650 GPUh) | {ours / tok_per_param(paper_tok(100)):.3f} of 100 GPUh's |")
     ex = strat.get("slm-mix", {}).get("experts")
