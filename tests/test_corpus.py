@@ -119,7 +119,7 @@ def test_domain_selection_and_unknown_domain(tmp_path):
         C.build_corpus(_cfg(tmp_path / "bad2", domains=("nosuch",)), progress=False)
 
 
-def test_registry_has_eight_domains_with_pinned_sources():
+def test_source_catalogue_has_eight_domains_with_pinned_sources():
     assert sorted(C.DOMAINS) == EXPECTED_DOMAINS
     for name, sources in C.DOMAINS.items():
         for s in sources:
@@ -377,7 +377,8 @@ def test_manifest_reports_domain_to_generic(tmp_path):
 
     gen = _sample_rows("generic")
     domains = {d: _books(d, names) for d, names in BOOK_DOMAINS.items()}
-    # Both routes are opt-in (issue 16): the defaults send no domain text to generic.
+    # Both routes are opt-in: by default no domain text reaches generic, where importance
+    # sampling would pick near-copies of the domain's test split.
     assert CorpusConfig().generic_share == 0.0 and CorpusConfig().domain_overflow_to_generic is False
     cfg = load_config(None, {"workdir": str(tmp_path / "a"), "corpus.max_doc_chars": 2000,
                              "corpus.generic_share": 0.3, "corpus.domain_overflow_to_generic": True})
@@ -415,7 +416,7 @@ def test_manifest_reports_domain_to_generic(tmp_path):
         load_config(None, {"corpus.domain_overflow_to_generic": "no"})
 
 
-# -- issue 16, defect 4: generic text holds no domain's own sources ------------------------
+# -- generic text holds no domain's own sources ------------------------------------------
 
 def test_generic_holds_no_domain_collection(sample_build):
     """By default (no share, no overflow, one collection on one side) no generic document

@@ -85,7 +85,7 @@ if TYPE_CHECKING:
 #: of the document a part was cut from), which placement uses and the parquet files omit.
 Doc = dict[str, str]
 
-#: Registry: domain name -> its pinned sources (see ``corpus_sources``).
+#: The source catalogue: domain name -> its pinned sources (see ``corpus_sources``).
 DOMAINS: dict[str, tuple[Source, ...]] = DOMAIN_SOURCES
 
 #: The largest domains are capped at this many UTF-8 bytes of text; overflow goes to generic.

@@ -211,7 +211,7 @@ def extract_cached(src: Source, cache: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------
-# The registry
+# The catalogue of sources
 # --------------------------------------------------------------------------------------
 
 _WHEEL_311 = ("--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
@@ -324,7 +324,7 @@ SOURCE_COLLECTIONS: dict[str, str] = {
 
 
 def collection_of(source: str) -> str:
-    """The collection of a document's ``source`` string: the registry's for a pinned
+    """The collection of a document's ``source`` string: the catalogue's for a pinned
     package, else the string itself (a user file is its own collection)."""
     return SOURCE_COLLECTIONS.get(source, source)
 
@@ -334,7 +334,7 @@ def generic_plan(domains: list[str]) -> tuple[list[Source], list[dict]]:
     because their collection is a built domain's (one entry per source: source, name,
     collection, domains, reason), so a domain's collection never sits on both sides.
 
-    In this registry the one such overlap is scancode-toolkit's licensedcode data: its
+    In this catalogue the one such overlap is scancode-toolkit's licensedcode data: its
     licence texts are the ``legal`` domain and its licence-notice rules a generic source.
     The other generic sources (man-pages, CPython docs and docstrings, git, Debian
     handbooks, GNU standards, fortunes, Crawl) share no upstream collection with a domain;

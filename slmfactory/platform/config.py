@@ -83,7 +83,7 @@ class CorpusConfig:
     instead; never also in a domain split. Decided per whole document, so all parts of a
     cut document go the same way. Default 0: the paper's generic corpus (C4) and its
     domains (the Pile) are separate collections, and domain text in generic hands
-    importance sampling near-copies of the test domain (issue 16)."""
+    importance sampling near-copies of the test domain."""
     domain_overflow_to_generic: bool = False
     """What happens to a capped domain's overflow (the documents beyond its byte cap):
     true sends it to the generic corpus (up to a per-domain byte limit), false (default)
