@@ -220,7 +220,9 @@ def test_cleaning_cutting_and_dedupe(tmp_path):
                {"doc_id": "g2", "text": text, "source": "u"}]
     # The domain's source differs from generic's "t": one source on both sides is one
     # collection, whose generic copy would be left out (test_generic_holds_no_domain_collection).
-    dom = [{"text": f"Scene {i}.\n\n\n\n" + text.replace("the", f"the{i}"), "source": "d"} for i in range(12)]
+    # Other texts than generic's: a near copy of a domain's test document is dropped from generic.
+    others = [json.loads(line)["text"] for line in (SAMPLE / "religion.jsonl").open(encoding="utf-8")][:12]
+    dom = [{"text": f"Scene {i}.\n\n\n\n" + others[i], "source": "d"} for i in range(12)]
     cfg = _cfg(tmp_path, max_doc_chars=5000, generic_share=0.0)
     m = C.build_from_documents(cfg, generic, {"d": dom}, [{"source": "t", "package": "t", "version": "1",
                                                            "licence": "PD"}])
@@ -446,40 +448,116 @@ def test_generic_holds_no_domain_collection(sample_build):
 
 def test_generic_plan_keeps_each_collection_on_one_side():
     """The real build's plan: scancode's licence rules are generic text only while `legal`
-    (scancode's licence texts) is not built; every source names its collection."""
+    (scancode's licence texts) is not built, the SWORD modules only while `religion` is not;
+    every source names its collection."""
     from slmfactory.data.corpus_sources import DOMAIN_SOURCES, GENERIC_SOURCES, generic_plan
 
     kept, excluded = generic_plan(["legal", "biomedical", "code"])  # the demo's domains
     assert [e["name"] for e in excluded] == ["scancode-rules"]
     assert excluded[0]["collection"] == "scancode-licensedcode" and excluded[0]["domains"] == ["legal"]
     assert "scancode-rules" not in {s.name for s in kept}
-    kept, excluded = generic_plan(["biomedical"])
-    assert excluded == [] and len(kept) == len(GENERIC_SOURCES)
+    kept, excluded = generic_plan(["religion"])
+    assert {e["name"] for e in excluded} == {"sword-kjv", "sword-scofield", "strongs-greek", "strongs-hebrew"}
     every = list(GENERIC_SOURCES) + [s for v in DOMAIN_SOURCES.values() for s in v]
-    assert all(s.collection for s in every)
+    assert all(s.collection and s.version and s.extractor for s in every)
     for name in DOMAIN_SOURCES:  # whatever is built, no kept generic source shares a collection
         kept, _ = generic_plan([name])
         assert not {s.collection_name for s in kept} & {s.collection_name for s in DOMAIN_SOURCES[name]}
 
 
-def test_near_duplicates_reported_and_planted_copy_detected(tmp_path):
-    """The manifest's MinHash check between each domain's test split and generic: on the
-    sample it finds nothing planted; a generic copy of one legal test document with two
-    words changed (Jaccard of 5-gram sets ~0.97, far above the 0.5 threshold; MinHash is
-    seeded, so the outcome is fixed) is found, and only it."""
+def test_generic_holds_the_sources_of_unbuilt_domains(tmp_path):
+    """Generic is every registered source whose collection is not a built domain's: the
+    math manuals and the SWORD modules are generic text in a run of legal, biomedical and
+    code, in the real plan and in a sample build."""
+    from slmfactory.data.corpus_sources import DOMAIN_SOURCES, generic_plan
+
+    kept, _ = generic_plan(["legal", "biomedical", "code"])
+    names = {s.name for s in kept}
+    for d in ("math", "religion", "literature", "dictionary", "technical"):
+        assert {s.name for s in DOMAIN_SOURCES[d]} <= names, d
+    assert not names & {s.name for d in ("legal", "biomedical", "code") for s in DOMAIN_SOURCES[d]}
+
+    cfg = _cfg(tmp_path, domains=("legal", "biomedical", "code"))
+    m = C.build_sample_corpus(cfg)
+    generic = {r["source"] for r in _generic_rows(cfg.corpus_dir)}
+    for d in ("math", "religion"):
+        assert {r["source"] for r in _sample_rows(d)} <= generic, d
+    assert sorted(k.split("/")[1] for k in m["parts"] if k.endswith("/test")) == ["biomedical", "code", "legal"]
+
+
+def test_manifest_names_same_kind_generic_sources(tmp_path):
+    """Per domain kind the manifest lists the generic sources of that kind with their
+    extractor and size, and says what is missing: code has CPython's docstrings and
+    technical the man pages beside them; biomedical has nothing, with the reason."""
+    cfg = _cfg(tmp_path, domains=("biomedical", "code", "technical"))
+    m = C.build_sample_corpus(cfg)
+    kinds = m["generic_kinds"]
+    assert set(kinds) == set(EXPECTED_DOMAINS)
+    by_name = {k: {e["name"]: e for e in v["sources"]} for k, v in kinds.items()}
+    stdlib = by_name["code"]["python-stdlib"]
+    assert stdlib["extractor"].startswith("ast") and stdlib["collection"] == "cpython"
+    assert stdlib["bytes"] > 0 and stdlib["docs"] > 0
+    generic = _generic_rows(cfg.corpus_dir)
+    assert stdlib["bytes"] == sum(len(r["text"].encode()) for r in generic if r["source"] == stdlib["source"])
+    assert by_name["technical"]["manpages"]["extractor"].startswith("groff")
+    assert kinds["biomedical"]["sources"] == [] and "no sizeable biomedical text" in kinds["biomedical"]["missing"]
+    assert kinds["math"]["sources"] and kinds["math"]["bytes"] > 0  # an unbuilt domain's own sources
+    assert kinds["code"]["missing"] == ""
+    # The registry tags new sources of each study domain's kind from other collections.
+    from slmfactory.data.corpus_sources import generic_plan
+
+    kept, _ = generic_plan(["legal", "biomedical", "literature", "code", "dictionary", "technical"])
+    of_kind = {k: {s.name for s in kept if k in s.kinds} for k in EXPECTED_DOMAINS}
+    assert {"sword-kjv", "devils-dictionary"} <= of_kind["literature"]
+    assert {"devils-dictionary", "vera", "strongs-greek"} <= of_kind["dictionary"]
+    assert {"pandas-doc", "sklearn-doc", "python-stdlib"} <= of_kind["code"]
+    assert of_kind["legal"] == {"doc-debian"} and of_kind["biomedical"] == set()
+
+
+def test_generic_source_budget(tmp_path):
+    """``corpus.generic_source_max_bytes`` bounds each generic source (whole documents,
+    hash-chosen), says what it left out, and is part of the real build's key."""
+    from slmfactory.platform.config import load_config
+    from slmfactory.platform.errors import ConfigError
+
+    cfg = _cfg(tmp_path / "a", domains=("legal",), generic_source_max_bytes=6_000)
+    m = C.build_sample_corpus(cfg)
+    sizes: dict[str, int] = {}
+    for r in _generic_rows(cfg.corpus_dir):
+        sizes[r["source"]] = sizes.get(r["source"], 0) + len(r["text"].encode())
+    assert sizes and max(sizes.values()) <= 6_000
+    assert m["generic_capped"] and all(v["dropped_bytes"] > 0 and v["kept_bytes"] == sizes[k]
+                                       for k, v in m["generic_capped"].items())
+    whole = C.build_sample_corpus(_cfg(tmp_path / "b", domains=("legal",)))
+    assert whole["generic_capped"] == {}
+    assert whole["parts"]["generic/train"]["bytes"] > m["parts"]["generic/train"]["bytes"]
+    assert C.build_key(cfg) != C.build_key(_cfg(tmp_path / "a", domains=("legal",)))
+    assert C.build_key(cfg) == C.build_key(_cfg(tmp_path / "elsewhere", domains=("legal",),
+                                                generic_source_max_bytes=6_000, cache_dir="/other"))
+    assert C.corpus_is_current(cfg)  # the sample has no build key: it is kept as it is
+    with pytest.raises(ConfigError, match="corpus.generic_source_max_bytes"):
+        load_config(None, {"corpus.generic_source_max_bytes": -1})
+
+
+def test_near_copy_planted_in_generic_is_caught_and_dropped(tmp_path, monkeypatch):
+    """0 near copies of a domain's test documents in generic is the rule, whatever generic's
+    size: a generic copy of one legal test document with two words changed (Jaccard of
+    5-gram sets ~0.97, far above 0.5; MinHash is seeded, so the outcome is fixed) is found
+    and dropped from generic, even when generic is larger than the byte bound under which
+    the on-disk report scans everything (here lowered to 20 kB)."""
+    monkeypatch.setattr(C, "NEAR_DUP_MAX_GENERIC_BYTES", 20_000)
     legal = _sample_rows("legal")
     generic = [r for r in _sample_rows("generic") if not r["source"].startswith("pypi:scancode")]
     cfg = _cfg(tmp_path / "a")
     m = C.build_from_documents(cfg, generic, {"legal": legal}, [], progress=False)
     rep = m["near_duplicates"]["legal"]
     test_rows = C.load_split(cfg.corpus_dir, "legal", "test").to_list()
-    assert rep["test_docs"] == len(test_rows) >= 1
+    assert rep["test_docs"] == len(test_rows) >= 1 and rep["near_dup_docs"] == 0
     assert rep["method"]["num_perm"] == 128 and rep["method"]["threshold"] == 0.5
     assert "datasketch" in rep["method"]["library"] and rep["method"]["generic_fraction_scanned"] == 1.0
-    assert rep["method"]["generic_docs_scanned"] == sum(p["docs"] for k, p in m["parts"].items()
-                                                        if k.startswith("generic/"))
     assert json.loads((cfg.corpus_dir / "manifest.json").read_text())["near_duplicates"] == m["near_duplicates"]
-    before = rep["near_dup_docs"]
+    kept_before = m["parts"]["generic/train"]["docs"] + m["parts"]["generic/valid"]["docs"]
+    assert rep["method"]["generic_docs_scanned"] == kept_before + rep["removed_from_generic"]["generic_docs"]
 
     target = max(test_rows, key=lambda r: len(r["text"]))
     words = target["text"].split(" ")
@@ -489,7 +567,31 @@ def test_near_duplicates_reported_and_planted_copy_detected(tmp_path):
     cfg = _cfg(tmp_path / "b")
     m = C.build_from_documents(cfg, generic + [planted], {"legal": legal}, [], progress=False)
     rep = m["near_duplicates"]["legal"]
-    assert rep["near_dup_docs"] == before + 1
-    assert rep["fraction"] == rep["near_dup_docs"] / rep["test_docs"]
-    hits = {(t, g) for t, g, _ in rep["method"]["examples"]}
-    assert (target["doc_id"], "planted-copy") in hits
+    assert rep["near_dup_docs"] == 0 and rep["fraction"] == 0.0
+    removed = rep["removed_from_generic"]
+    assert removed["generic_docs"] >= 1 and removed["test_docs_matched"] >= 1
+    assert (target["doc_id"], "planted-copy") in {(t, g) for t, g, _ in removed["examples"]}
+    written = _generic_rows(cfg.corpus_dir)
+    assert "planted-copy" not in {r["doc_id"] for r in written} and len(written) == kept_before
+    # The written corpus, checked on its own with every generic byte scanned: no near copy.
+    after = C.near_duplicate_report(cfg.corpus_dir, ["legal"], max_generic_bytes=10**12)
+    assert after["legal"]["near_dup_docs"] == 0 and after["legal"]["method"]["generic_fraction_scanned"] == 1.0
+
+
+def test_extractors_parse_markup_with_lxml():
+    """HTML and SWORD's OSIS/ThML/TEI go through lxml's parsers: an XML declaration, comments,
+    nested navigation and notes go, entities (HTML's named ones in ThML too) are decoded."""
+    from slmfactory.data import extractors as X
+
+    page = ('<?xml version="1.0" encoding="utf-8"?><!DOCTYPE html><html><head><title>T</title></head><body>'
+            '<nav><ul><li>Home</li></ul></nav><!-- c --><h2>Caf&eacute; &lt;b&gt;</h2><div>one<p>two</p>three</div>'
+            '</body></html>')
+    assert X.html_to_text(page) == "Café <b>\n\none\n\ntwo\n\nthree"
+    assert X.html_to_text("") == "" and X.html_to_text.tool.startswith("lxml.html")
+    osis = ('<verse>In the beginning<note type="x">a footnote</note> God&nbsp;created &amp; made'
+            '<lb/>the heaven.</verse><div type="x">Next &lt;para&gt;</div>')
+    text = X.osis_to_text(osis)
+    assert "footnote" not in text and "God\u00a0created & made" in text
+    assert "\n\nthe heaven." in text and "Next <para>" in text
+
+

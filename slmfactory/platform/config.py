@@ -95,6 +95,10 @@ class CorpusConfig:
     """Shorter documents are dropped after cleaning."""
     max_doc_chars: int = 200_000
     """Longer documents are cut into parts of at most this many characters."""
+    generic_source_max_bytes: int = 0
+    """At most this many UTF-8 bytes of each generic source (a hash-chosen subset of whole
+    documents), so a recipe can bound the generic corpus's size while keeping every kind of
+    text; 0 keeps every source whole. The manifest's ``generic_capped`` says what was left out."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -108,6 +112,8 @@ class CorpusConfig:
         _check(self.min_doc_chars >= 1, "corpus.min_doc_chars", ">= 1", self.min_doc_chars)
         _check(self.max_doc_chars > self.min_doc_chars, "corpus.max_doc_chars",
                "> corpus.min_doc_chars", self.max_doc_chars)
+        _check(isinstance(self.generic_source_max_bytes, int) and self.generic_source_max_bytes >= 0,
+               "corpus.generic_source_max_bytes", "an integer >= 0 (0 = no cap)", self.generic_source_max_bytes)
 
 
 @dataclass(frozen=True, kw_only=True)
