@@ -327,3 +327,181 @@ def test_other_k_reuses_embeddings_and_logs_to_mlflow(clustered):
     assert "clusters/histograms.png" in arts
     summary = MlflowClient(cfg4.tracking_uri).download_artifacts(tracker.run_id, "clusters/histograms.json")
     assert json.loads(Path(summary).read_text())["entropy_unit"] == "nats"
+
+
+# -- the embedder, and where importance sampling draws from ---------------------------------
+
+@pytest.mark.timeout(60)
+def test_embedder_is_validated_and_logged(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert cfg.cluster.embedder == "minilm" and cfg.to_dict()["cluster.embedder"] == "minilm"
+    hashed = _cfg(tmp_path, **{"cluster.embedder": "hashed-tfidf"})
+    assert hashed.to_dict()["cluster.embedder"] == "hashed-tfidf"
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, **{"cluster.embedder": "bert"})
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("cluster.embedder:") and "hashed-tfidf" in msg and "'bert'" in msg
+
+
+@pytest.mark.timeout(60)
+def test_embedder_keys_the_clustering_stages(tiny_cfg):
+    """Another embedder is another embedding, clustering and domain assignment; hashed-tfidf's
+    domain embeddings key on the generic stage its model is fitted in."""
+    from slmfactory.data.clusters import (
+        assignment_stage, corpus_inputs, domain_embedding_stage, generic_embedding_stage, kmeans_stage)
+
+    hashed = tiny_cfg.replace(**{"cluster.embedder": "hashed-tfidf"})
+    inputs = corpus_inputs(tiny_cfg)
+    stages = {}
+    for name, cfg in (("minilm", tiny_cfg), ("hashed", hashed)):
+        emb, demb = generic_embedding_stage(cfg, inputs), domain_embedding_stage(cfg, inputs)
+        km = kmeans_stage(cfg, emb)
+        stages[name] = (emb.key, demb.key, km.key, assignment_stage(cfg, km, demb).key)
+        if name == "hashed":
+            assert demb.inputs["fit"]["key"] == emb.key
+    assert all(a != b for a, b in zip(stages["minilm"], stages["hashed"]))
+
+
+def _check_provenance(cfg, cl) -> None:
+    """provenance.json, recomputed from the windows tables: per domain, its top clusters and
+    their generic train windows by source (shares summing to 1, by collection too)."""
+    from slmfactory.data.corpus_sources import collection_of
+
+    prov = cl.provenance()
+    assert prov == json.loads(cl.domains_stage.path("provenance.json").read_text())
+    gen = pads.dataset(str(cl.windows_dir), format="parquet").to_table(
+        columns=["part", "split", "source", "cluster"]).to_pandas()
+    gen = gen[(gen.part == "generic") & (gen.split == "train")]
+    corpus_sources = set(pq.read_table(cfg.corpus_dir / "generic" / "train.parquet", columns=["source"])
+                         .column(0).to_pylist())
+    assert set(gen.source) <= corpus_sources and len(set(gen.source)) > 1
+    for d in cl.parts[1:]:
+        e = prov["domains"][d]
+        hist = cl.histogram(d)
+        tops = [t["cluster"] for t in e["top_clusters"]]
+        # The largest clusters of the domain, holding the stated share of its windows.
+        assert tops == [int(c) for c in np.argsort(-hist, kind="stable")[:len(tops)]]
+        assert e["top_share"] == pytest.approx(hist[tops].sum()) and e["windows"] == int(cl.counts(d).sum())
+        assert e["top_share"] >= prov["mass"] or len(tops) == prov["max_clusters"]
+        pooled = gen[gen.cluster.isin(tops)].source.value_counts(normalize=True)
+        assert e["top_by_source"] == pytest.approx(pooled.to_dict())
+        assert sum(e["top_by_source"].values()) == pytest.approx(1.0)
+        by_coll = {}
+        for s, v in e["top_by_source"].items():
+            by_coll[collection_of(s)] = by_coll.get(collection_of(s), 0.0) + v
+        assert e["top_by_collection"] == pytest.approx(by_coll)
+        assert sum(e["expected_by_source"].values()) == pytest.approx(1.0)
+        assert sum(e["expected_by_collection"].values()) == pytest.approx(1.0)
+    assert "generic text in each domain's top clusters" in cl.summary()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_provenance_says_which_generic_sources_sit_in_each_domains_clusters(clustered):
+    cfg, cl, _ = clustered
+    _check_provenance(cfg, cl)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_hashed_tfidf_clusters_in_the_ray_data_pipeline(tiny_root, tmp_path):
+    """cluster.embedder: hashed-tfidf through the real Ray Data pipeline: fitted once on the
+    generic sample, every window (generic and in-domain) embedded with that model, clustered,
+    assigned; its cost counted on its own FLOPs (orders of magnitude under MiniLM's)."""
+    from slmfactory.data import embed_hashed
+    from slmfactory.data.cluster_pipeline import run_clustering
+    from slmfactory.data.clusters import MINILM_PARAMS, load_clusters
+    from slmfactory.data.embed import from_arrow
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_root, work)
+    cfg = _cfg(work, **{"cluster.embedder": "hashed-tfidf"})
+    try:
+        cl = run_clustering(cfg, progress=False)
+    finally:
+        _shutdown_ray()
+    assert cl.embedder == "hashed-tfidf" and cl.meta["config"]["embedder"] == "hashed-tfidf"
+    emb_dir = cl.stage.path(cl.meta["embedder_model"]).parent
+    assert (emb_dir / embed_hashed.MODEL_FILE).is_file() and emb_dir.name.startswith("emb-generic-")
+    dim = cl.meta["embed_dim"]
+    assert 8 <= dim <= embed_hashed.DIM and cl.centroids.shape == (cfg.cluster.k, dim)
+    # Every window embedded as a unit vector of the model's dimension and assigned to a cluster.
+    emb = pads.dataset(str(emb_dir / "embedded"), format="parquet").to_table(
+        columns=["embedding", "hashed_features"])
+    x = from_arrow(emb.column("embedding"))
+    assert x.shape[1] == dim and np.allclose(np.linalg.norm(x, axis=1)[emb.column(1).to_numpy() > 0], 1.0, atol=1e-4)
+    for part in cl.parts:
+        assert cl.counts(part).sum() > 0
+    assert (cl.counts("generic") > 0).sum() >= 2, "the generic windows fall in more than one cluster"
+    # New texts go through the same fitted model: a window's text lands in its window's cluster
+    # (a sparse row times a fixed basis: no batch effect).
+    t = pads.dataset(str(cl.windows_dir), format="parquet").to_table(columns=["tokens", "cluster"]).slice(0, 32)
+    tok = load_tokenizer(ensure_tokenizer(cfg))
+    texts = tok.batch_decode([list(v) for v in t.column("tokens").to_pylist()], skip_special_tokens=True)
+    assert np.array_equal(cl.assign_texts(texts), t.column("cluster").to_numpy())
+    # Its cost: the stated FLOPs on the features it read, the fit on the generic side.
+    st = cl.embedding_stats("legal")
+    assert cl.embedding_cost("legal").flops == pytest.approx(embed_hashed.embedding_flops(st["windows"], st["features"],
+                                                                                          dim))
+    gen = cl.embedding_stats("generic")
+    assert cl.embedding_cost("generic").flops == pytest.approx(
+        embed_hashed.embedding_flops(gen["windows"], gen["features"], dim) + cl.meta["embedder_fit"]["flops"])
+    assert 0 < cl.embedding_cost("legal").flops < 2.0 * MINILM_PARAMS * st["windows"] / 100
+    _check_provenance(cfg, cl)
+    # load_clusters finds the same clustering again (keyed by the embedder), without Ray.
+    assert load_clusters(cfg).dir == cl.dir
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_slm_is_trial_logs_where_its_resampled_text_came_from(clustered):
+    """An slm-is trial, run by the trial driver and logged to a real MLflow: its resampled
+    pretraining tokens' shares by generic source and by collection (each summing to 1, equal
+    to the resampled set's own count), and the report's table read back from the runs."""
+    from mlflow.tracking import MlflowClient
+
+    from slmfactory.data.clusters import load_clusters, source_label
+    from slmfactory.data.corpus_sources import collection_of
+    from slmfactory.data.resample import metric_label, resample
+    from slmfactory.models.launch import LocalLauncher
+    from slmfactory.models.strategies import get_strategy
+    from slmfactory.pipeline import run_trial
+    from slmfactory.sweeps.report import table_is_provenance
+    from slmfactory.trial import log_trial
+
+    cfg, _, _ = clustered
+    cfg = cfg.replace(**{"strategy.name": "slm-is", "data.domain": "legal", "finetune.max_tokens": 8 * 8 * 64,
+                         "finetune.eval_every": 4, "tracking.enabled": True})
+    try:
+        record = run_trial(cfg, log=None, launcher=LocalLauncher(device="cpu", log=None))
+        res = resample(cfg, "legal", get_strategy("slm-is").resample_tokens(cfg), progress=False)
+    finally:
+        _shutdown_ray()
+    run_id = log_trial(cfg, "is-provenance", record["key"], record)
+    metrics = MlflowClient(cfg.tracking_uri).get_run(run_id).data.metrics
+    by_source = {k.split("/", 2)[2]: v for k, v in metrics.items() if k.startswith("is_share/source/")}
+    by_coll = {k.split("/", 2)[2]: v for k, v in metrics.items() if k.startswith("is_share/collection/")}
+    assert sum(by_source.values()) == pytest.approx(1.0) and sum(by_coll.values()) == pytest.approx(1.0)
+    # The shares are the resampled stream's own tokens by the source of their window.
+    assert sum(res.source_tokens.values()) == res.tokens
+    want: dict[str, float] = {}
+    for s, n in res.source_tokens.items():
+        want[metric_label(source_label(s))] = want.get(metric_label(source_label(s)), 0.0) + n / res.tokens
+    assert by_source == pytest.approx(want)
+    colls = {metric_label(collection_of(s)) for s in res.source_tokens}
+    assert set(by_coll) == colls
+    # Counted independently on the resampled parquet: the windows' sources, every draw.
+    data = pads.dataset(str(res.path / "data"), format="parquet").to_table(columns=["window_id", "tokens"]).to_pandas()
+    gen = pads.dataset(str(load_clusters(cfg).windows_dir), format="parquet").to_table(
+        columns=["window_id", "source"]).to_pandas().set_index("window_id")["source"]
+    data["n"] = data["tokens"].map(len) + 1
+    counted = data.groupby(gen.loc[data["window_id"]].to_numpy())["n"].sum()
+    assert {s: int(n) for s, n in counted.items()} == res.source_tokens
+    # The report's table, read back from the run.
+    table = table_is_provenance(cfg.tracking_uri, "is-provenance")
+    top = max(want, key=want.get)
+    assert f"legal's resampled text: {want[top]:.0%} {top}" in table

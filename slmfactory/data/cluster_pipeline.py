@@ -1,4 +1,5 @@
-"""``slmfactory cluster``, the Ray Data pipeline: windows → MiniLM embeddings → faiss k-means → cluster ids.
+"""``slmfactory cluster``, the Ray Data pipeline: windows → embeddings (MiniLM, or hashed-tfidf) →
+faiss k-means → cluster ids.
 
 The pipeline (every stage a Ray Data job that streams parquet to parquet; the driver only
 sees counts, the k-means sample and the centroids):
@@ -8,12 +9,18 @@ sees counts, the k-means sample and the centroids):
              span back to text (what MiniLM reads) → ``emb-<h>/windows_raw``.
 2. embed     a pool of MiniLM actors (``map_batches``; a GPU each when present, a
              fraction of a CPU here) → ``emb-<h>/embedded`` (metadata + 384-d vector).
+             ``cluster.embedder: hashed-tfidf``: first fit hashed n-grams + tf-idf + SVD
+             on the hash sample of generic train windows (:mod:`slmfactory.data.embed_hashed`,
+             saved in the generic stage, used for the domains too), then a pool of its actors.
 3. k-means   a deterministic hash sample of at most ``cluster.sample_windows`` generic
              train windows is pulled to the driver; faiss k-means (spherical: MiniLM
              vectors are unit-norm) gives the k centroids.
 4. assign    a map over every embedded window: nearest centroid → ``k<k>-<h>/windows``.
 5. split     the generic train windows, partitioned by cluster → ``k<k>-<h>/by_cluster``:
-             the k experts' training sets of SLM-mix / SLM-pn.
+             the k experts' training sets of SLM-mix / SLM-pn; each cluster's generic
+             windows counted by source. The domain assignment writes ``provenance.json``:
+             per domain, the generic sources and collections in the clusters holding its
+             text (what importance sampling can find, before any training).
 
 Embedded windows are cached by a hash of (corpus bytes, tokenizer, window size) and the
 clustering by that hash plus (k, sample, iterations, seed): changing k re-runs only k-means
@@ -50,6 +57,7 @@ module.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 import sys
@@ -59,10 +67,11 @@ from typing import Any
 
 import numpy as np
 
+from slmfactory.data import embed_hashed
 from slmfactory.data.clusters import (
-    Clusters, assignment_stage, corpus_inputs, domain_embedding_stage, generic_embedding_stage, kmeans_stage,
-    nearest_centroid)
-from slmfactory.data.embed import EMBED_DIM, embed_dataset, from_arrow
+    Clusters, assignment_stage, corpus_inputs, domain_embedding_stage, generic_embedding_stage, in_domain_counts,
+    kmeans_stage, nearest_centroid, provenance)
+from slmfactory.data.embed import embed_dataset, from_arrow
 from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.runtime import ray_session
@@ -70,6 +79,10 @@ from slmfactory.platform.tracking import open_tracker
 
 
 PREFIX_BYTES_PER_TOKEN = 6
+
+
+#: Beside the domain assignment: per domain, the generic sources of the clusters holding its text.
+PROVENANCE_FILE = "provenance.json"
 
 
 EMBED_BLOCK_WINDOWS = 2048
@@ -85,7 +98,7 @@ TASK_CPUS = 0.25
 _TASK = {"num_cpus": TASK_CPUS}
 
 
-WINDOW_COLUMNS = ["window_id", "doc_id", "part", "split", "start", "end", "tokens", "cluster"]
+WINDOW_COLUMNS = ["window_id", "doc_id", "part", "split", "source", "start", "end", "tokens", "cluster"]
 
 
 #: The canonical order of every window table: unique per window (doc ids are unique across
@@ -254,6 +267,7 @@ def make_windows(batch, tokenizer_dir: str, window_tokens: int, generic_fraction
     doc_ids = batch.column("doc_id").to_pylist()
     texts = batch.column("text").to_pylist()
     paths = batch.column("path").to_pylist()
+    sources = batch.column("source").to_pylist()
     keys = _sample_key(seed + 7919, [str(d) for d in doc_ids]) if generic_fraction < 1.0 else None
     allowed = {k: set(v) for k, v in (domain_docs or {}).items()}
     keep = []
@@ -266,9 +280,11 @@ def make_windows(batch, tokenizer_dir: str, window_tokens: int, generic_fraction
     doc_ids = [d for d, k in zip(doc_ids, keep) if k]
     texts = [t for t, k in zip(texts, keep) if k]
     paths = [p for p, k in zip(paths, keep) if k]
+    sources = [s for s, k in zip(sources, keep) if k]
     enc = tok([t or "" for t in texts], add_special_tokens=False)["input_ids"] if texts else []
-    cols: dict[str, list] = {k: [] for k in ("window_id", "doc_id", "part", "split", "start", "end", "tokens")}
-    for doc_id, path, ids in zip(doc_ids, paths, enc):
+    cols: dict[str, list] = {k: [] for k in ("window_id", "doc_id", "part", "split", "source", "start", "end",
+                                             "tokens")}
+    for doc_id, path, source, ids in zip(doc_ids, paths, sources, enc):
         part, split = _part_split(path)
         for i, s in enumerate(range(0, len(ids), window_tokens)):
             span = ids[s:s + window_tokens]
@@ -276,6 +292,8 @@ def make_windows(batch, tokenizer_dir: str, window_tokens: int, generic_fraction
             cols["doc_id"].append(str(doc_id))
             cols["part"].append(part)
             cols["split"].append(split)
+            # Where the window's text came from: the provenance of what importance sampling draws.
+            cols["source"].append(str(source or "unknown"))
             cols["start"].append(s)
             cols["end"].append(s + len(span))
             cols["tokens"].append(np.asarray(span, dtype=np.int32))
@@ -285,6 +303,7 @@ def make_windows(batch, tokenizer_dir: str, window_tokens: int, generic_fraction
         "doc_id": pa.array(cols["doc_id"], pa.string()),
         "part": pa.array(cols["part"], pa.string()),
         "split": pa.array(cols["split"], pa.string()),
+        "source": pa.array(cols["source"], pa.string()),
         "start": pa.array(cols["start"], pa.int32()),
         "end": pa.array(cols["end"], pa.int32()),
         "tokens": pa.array(cols["tokens"], pa.list_(pa.int32())),
@@ -298,8 +317,9 @@ def _generic_train(batch):
     return batch.filter(pc.and_(pc.equal(batch.column("part"), "generic"), pc.equal(batch.column("split"), "train")))
 
 
-def _sample_batch(batch, seed: int, threshold: float):
-    """Generic train windows whose hash key is under ``threshold`` (pyarrow in and out)."""
+def _sample_batch(batch, seed: int, threshold: float, column: str = "embedding"):
+    """Generic train windows whose hash key is under ``threshold``: their id, key and
+    ``column`` (pyarrow in and out)."""
     import pyarrow as pa
 
     batch = _generic_train(batch)
@@ -307,7 +327,35 @@ def _sample_batch(batch, seed: int, threshold: float):
     sel = pa.array(key < threshold)
     return pa.table({"window_id": batch.column("window_id").filter(sel),
                      "key": pa.array(key).filter(sel),
-                     "embedding": batch.column("embedding").filter(sel)})
+                     column: batch.column(column).filter(sel)})
+
+
+def _hash_sample(ds, seed: int, s: int, n_generic: int, column: str):
+    """``column`` of the ``s`` generic train windows of ``ds`` with the smallest hash keys (a
+    pure function of (seed, window id)), in key order (a pyarrow array). Filtered on the
+    workers by a threshold, topped up exactly on the driver."""
+    import pyarrow as pa
+
+    # Over-sample a little so the exact ``s`` smallest keys are (almost) always inside.
+    threshold = 1.0 if s >= n_generic else min(1.0, 1.2 * s / n_generic + 64.0 / n_generic)
+
+    def collect(thr: float):
+        picked = ds.map_batches(_sample_batch, batch_format="pyarrow", num_cpus=TASK_CPUS,
+                                fn_kwargs={"seed": seed, "threshold": thr, "column": column})
+        keys, values = [], []
+        for b in picked.iter_batches(batch_format="pyarrow", batch_size=4096):
+            keys.append(b.column("key").to_numpy())
+            values.extend(b.column(column).chunks if isinstance(b.column(column), pa.ChunkedArray)
+                          else [b.column(column)])
+        return (np.concatenate(keys) if keys else np.zeros(0)), values
+
+    key, values = collect(threshold)
+    if len(key) < s:  # the hash sample came out short (small corpora): take every window
+        key, values = collect(1.0)
+    if not values:
+        return None
+    order = np.argsort(key, kind="stable")[:s]
+    return pa.chunked_array(values).combine_chunks().take(pa.array(order, pa.int64()))
 
 
 def _assign_batch(batch, centroids: np.ndarray):
@@ -338,14 +386,18 @@ def _part_counts(path: Path) -> dict[str, int]:
 
 
 def _embed_windows(cfg, inputs, out: Path, stages: _Stages, generic_fraction: float = 1.0,
-                   domain_docs: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """Stages 1-2 for ``inputs`` into ``out`` (a stage's work folder); returns its meta."""
+                   domain_docs: dict[str, list[str]] | None = None, hashed_model: Path | None = None) -> dict[str, Any]:
+    """Stages 1-2 for ``inputs`` into ``out`` (a stage's work folder); returns its meta.
+
+    ``cluster.embedder: hashed-tfidf``: the generic stage (``hashed_model`` None) first fits
+    the model on its hash sample of generic train windows and saves it in ``out``; the domain
+    stage embeds with the generic stage's ``hashed_model``."""
     import ray
 
     stages.start()
     files = [str(p.resolve()) for _, _, p in inputs]
     docs = ray.data.read_parquet(files, include_paths=True, num_cpus=TASK_CPUS) \
-        .select_columns(["doc_id", "text", "path"])
+        .select_columns(["doc_id", "text", "source", "path"])
     windows = docs.map_batches(make_windows, batch_format="pyarrow", batch_size=64, num_cpus=TASK_CPUS,
                                fn_kwargs={"tokenizer_dir": str(ensure_tokenizer(cfg).resolve()),
                                           "window_tokens": cfg.cluster.window_tokens,
@@ -370,34 +422,73 @@ def _embed_windows(cfg, inputs, out: Path, stages: _Stages, generic_fraction: fl
     # (a window's float embedding depends on its batch's padded shape).
     raw = ray.data.read_parquet(str(out / "windows_raw"), num_cpus=TASK_CPUS) \
         .repartition(_n_blocks(n_windows)).sort(ORDER_KEYS).repartition(_n_blocks(n_windows))
-    # Rows per actor call: several encode batches, so MiniLM's length sort inside
-    # ``encode`` pads as little as one plain ``encode`` over everything would.
-    embedded = embed_dataset(raw, batch_size=c.embed_batch_size, actors=c.embed_actors,
-                             actor_cpus=c.embed_actor_cpus)
+    meta: dict[str, Any] = {"embedder": c.embedder}
+    if c.embedder == embed_hashed.NAME:
+        if hashed_model is None:  # the generic stage: fit once, on the generic sample
+            hashed_model, meta["fit"] = _fit_hashed(cfg, out, counts.get("generic/train", 0))
+            meta["model"] = embed_hashed.MODEL_FILE
+            stages.done("fit", f"hashed-tfidf fitted on {meta['fit']['windows']:,} generic windows "
+                        f"({meta['fit']['dim']} dimensions)")
+        meta["dim"] = embed_hashed.dim_of(embed_hashed.load(hashed_model))
+        embedded = embed_hashed.embed_dataset(raw, hashed_model, batch_size=max(512, c.embed_batch_size),
+                                              actors=c.embed_actors, actor_cpus=c.embed_actor_cpus)
+        what = "hashed-tfidf"
+    else:
+        # Rows per actor call: several encode batches, so MiniLM's length sort inside
+        # ``encode`` pads as little as one plain ``encode`` over everything would.
+        embedded = embed_dataset(raw, batch_size=c.embed_batch_size, actors=c.embed_actors,
+                                 actor_cpus=c.embed_actor_cpus)
+        what = "MiniLM"
     _write_canonical(embedded, out / "embedded", n_windows)
     n = _dir_rows(out / "embedded")
-    stages.done("embed", f"{n:,} windows embedded with MiniLM ({c.embed_actors} actor(s) x "
+    stages.done("embed", f"{n:,} windows embedded with {what} ({c.embed_actors} actor(s) x "
                 f"{c.embed_actor_cpus} CPU; {n / max(stages.running(), 1e-9):.1f} windows/s)")
     shutil.rmtree(out / "windows_raw", ignore_errors=True)
-    return {"counts": counts, "windows": n, "timings": dict(stages.timings),
-            "embedded": _embedding_stats(out / "embedded"),
-            "seconds": float(stages.timings.get("windows", 0.0) + stages.timings.get("embed", 0.0))}
+    own = ("windows", "fit", "embed") if "fit" in meta else ("windows", "embed")
+    return {**meta, "counts": counts, "windows": n, "timings": dict(stages.timings),
+            "embedded": _embedding_stats(out / "embedded", c.embedder),
+            # This stage's own seconds: the fit only where this stage fitted (``stages`` outlives it).
+            "seconds": float(sum(stages.timings.get(k, 0.0) for k in own))}
 
 
-def _embedding_stats(path: Path) -> dict[str, dict[str, int]]:
-    """Per part (generic, or a domain): windows, MiniLM tokens and Σ tokens² embedded."""
+def _fit_hashed(cfg, out: Path, n_generic: int) -> tuple[Path, dict[str, Any]]:
+    """The hashed-tfidf model fitted on the hash sample of generic train windows (the
+    k-means sample's seed and key, at most min(``cluster.sample_windows``,
+    ``embed_hashed.FIT_WINDOWS``) windows), saved as ``out/embed_hashed.MODEL_FILE``."""
+    import ray
+
+    s = min(cfg.cluster.sample_windows, embed_hashed.FIT_WINDOWS, n_generic)
+    ds = ray.data.read_parquet(str(out / "windows_raw"), num_cpus=TASK_CPUS) \
+        .select_columns(["window_id", "part", "split", "text"])
+    picked = _hash_sample(ds, cfg.cluster.seed, s, n_generic, "text")
+    texts = picked.to_pylist() if picked is not None else []
+    model = embed_hashed.fit(texts, seed=cfg.cluster.seed)
+    path = embed_hashed.save(model, out / embed_hashed.MODEL_FILE)
+    _, ngrams, features = embed_hashed.transform(model, texts)
+    dim = embed_hashed.dim_of(model)
+    return path, {"windows": len(texts), "dim": dim, "ngrams": int(ngrams.sum()), "features": int(features.sum()),
+                  "flops": embed_hashed.fit_flops(len(texts), int(features.sum()), dim)}
+
+
+def _embedding_stats(path: Path, embedder: str = "minilm") -> dict[str, dict[str, int]]:
+    """Per part (generic, or a domain): what the embedder read. MiniLM: windows, word pieces
+    (``tokens``) and Σ tokens² (attention); hashed-tfidf: windows, word n-grams (``tokens``)
+    and non-zero hashed features (``features``: what its FLOPs are counted on)."""
     import pyarrow.dataset as pads
 
+    hashed = embedder == embed_hashed.NAME
+    cols = ["part", "hashed_ngrams", "hashed_features"] if hashed else ["part", "minilm_tokens"]
     out: dict[str, dict[str, int]] = {}
-    for b in pads.dataset(str(path), format="parquet").to_batches(columns=["part", "minilm_tokens"]):
+    for b in pads.dataset(str(path), format="parquet").to_batches(columns=cols):
         parts = b.column(0).to_numpy(zero_copy_only=False).astype(str)
         toks = b.column(1).to_numpy(zero_copy_only=False).astype(np.int64)
+        extra = b.column(2).to_numpy(zero_copy_only=False).astype(np.int64) if hashed else toks * toks
         for p in np.unique(parts):
-            t = toks[parts == p]
-            e = out.setdefault(str(p), {"windows": 0, "tokens": 0, "tokens_sq": 0})
-            e["windows"] += int(len(t))
-            e["tokens"] += int(t.sum())
-            e["tokens_sq"] += int((t * t).sum())
+            sel = parts == p
+            e = out.setdefault(str(p), {"windows": 0, "tokens": 0, "features" if hashed else "tokens_sq": 0})
+            e["windows"] += int(sel.sum())
+            e["tokens"] += int(toks[sel].sum())
+            e["features" if hashed else "tokens_sq"] += int(extra[sel].sum())
     return out
 
 
@@ -414,26 +505,12 @@ def _fit_kmeans(cfg, emb_dir: Path, n_generic: int, stages: _Stages) -> tuple[np
 
     c = cfg.cluster
     s = min(c.sample_windows, n_generic)
-    # Over-sample a little so the exact ``s`` smallest keys are (almost) always inside.
-    threshold = 1.0 if s >= n_generic else min(1.0, 1.2 * s / n_generic + 64.0 / n_generic)
     ds = ray.data.read_parquet(str(emb_dir / "embedded"), num_cpus=TASK_CPUS) \
         .select_columns(["window_id", "part", "split", "embedding"])
-    def collect(thr: float) -> tuple[np.ndarray, np.ndarray]:
-        picked = ds.map_batches(_sample_batch, batch_format="pyarrow", num_cpus=TASK_CPUS,
-                                fn_kwargs={"seed": c.seed, "threshold": thr})
-        keys, embs = [], []
-        for b in picked.iter_batches(batch_format="pyarrow", batch_size=4096):
-            keys.append(b.column("key").to_numpy())
-            embs.append(from_arrow(b.column("embedding")))
-        if not keys:
-            return np.zeros(0), np.zeros((0, EMBED_DIM), np.float32)
-        return np.concatenate(keys), np.concatenate(embs)
-
-    key, x = collect(threshold)
-    if len(key) < s:  # the hash sample came out short (small corpora): take every window
-        key, x = collect(1.0)
-    order = np.argsort(key, kind="stable")[:s]
-    x = np.ascontiguousarray(x[order])
+    picked = _hash_sample(ds, c.seed, s, n_generic, "embedding")
+    if picked is None:
+        raise DataError("k-means: no generic train windows were embedded")
+    x = np.ascontiguousarray(from_arrow(picked))
     stages.done("sample", f"{len(x):,} of {n_generic:,} generic windows for k-means")
     km = faiss.Kmeans(x.shape[1], c.k, niter=c.kmeans_iters, seed=c.seed, spherical=True, verbose=False,
                       max_points_per_centroid=max(256, math.ceil(len(x) / c.k) + 1), min_points_per_centroid=1)
@@ -502,17 +579,24 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
                     .map_batches(_generic_train, batch_format="pyarrow", num_cpus=TASK_CPUS)
                 _write_canonical(by_cluster, work / "by_cluster", int(emb_meta["counts"].get("generic/train", 0)),
                                  partition_cols=["cluster"])
-                gen_counts, gen_tokens = _generic_cluster_stats(work / "by_cluster", cfg.cluster.k)
+                gen_counts, gen_tokens, gen_sources = _generic_cluster_stats(work / "by_cluster", cfg.cluster.k)
                 stages.done("split", f"generic train windows split into {int((gen_counts > 0).sum())} "
                             "non-empty clusters")
+                hashed = cfg.cluster.embedder == embed_hashed.NAME
                 return {
                     "k": cfg.cluster.k,
                     "config": {k: getattr(cfg.cluster, k) for k in ("k", "window_tokens", "sample_windows",
-                                                                      "kmeans_iters", "seed")},
+                                                                      "kmeans_iters", "seed", "embedder")},
+                    "embedder": cfg.cluster.embedder, "embed_dim": int(centroids.shape[1]),
+                    # The fitted hashed-tfidf model (in the generic embedding stage), for new texts.
+                    "embedder_model": km.relative(emb.path(embed_hashed.MODEL_FILE)) if hashed else None,
+                    "embedder_fit": emb_meta.get("fit"),
+                    # Per generic source, its train windows per cluster: what each cluster holds.
+                    "generic_sources": gen_sources,
                     "eos_id": int(load_tokenizer(ensure_tokenizer(cfg)).eos_token_id), "windows": n_assigned,
                     "sample_windows": n_sample, "part_counts": emb_meta["counts"],
                     "generic_counts": gen_counts.tolist(), "generic_cluster_tokens": gen_tokens.tolist(),
-                    # What MiniLM embedded (Clusters.embedding_cost prices it): the generic
+                    # What the embedder read (Clusters.embedding_cost prices it): the generic
                     # side, shared by every strategy built on this clustering.
                     "embedded_generic": emb_meta["embedded"].get("generic", {"windows": 0, "tokens": 0,
                                                                              "tokens_sq": 0}),
@@ -524,8 +608,11 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
             km.build(cluster)
             if assign is not None:
                 domain_inputs = [i for i in inputs if i[0] != "generic"]
+                hashed_model = emb.path(embed_hashed.MODEL_FILE) if cfg.cluster.embedder == embed_hashed.NAME \
+                    else None
                 demb_meta = demb.build(lambda work: _embed_windows(cfg, domain_inputs, work, stages,
-                                                                   domain_docs=domain_doc_prefixes(cfg, inputs)))
+                                                                   domain_docs=domain_doc_prefixes(cfg, inputs),
+                                                                   hashed_model=hashed_model))
                 centroids = np.load(km.path("centroids.npy")).astype(np.float32)
 
                 def assign_domains(work: Path) -> dict:
@@ -533,6 +620,11 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
                     _assign(demb.dir, work, centroids)
                     stages.done("assign-domains", f"{demb_meta['windows']:,} in-domain windows assigned")
                     doms = sorted({p for p, _, _ in domain_inputs})
+                    # What importance sampling can find, before any training: per domain, the
+                    # generic sources in the clusters that hold its text.
+                    prov = provenance({d: in_domain_counts(cfg, work / "windows", d, cfg.cluster.k) for d in doms},
+                                      km.info["generic_sources"])
+                    (work / PROVENANCE_FILE).write_text(json.dumps(prov, indent=1) + "\n")
                     zero = {"windows": 0, "tokens": 0, "tokens_sq": 0}
                     embedded = {d: demb_meta["embedded"].get(d, zero) for d in doms}
                     return {"domains": doms, "part_counts": demb_meta["counts"],
@@ -564,21 +656,24 @@ def _assign(emb_dir: Path, out: Path, centroids: np.ndarray) -> None:
     _write_canonical(assigned, out / "windows", _dir_rows(emb_dir / "embedded"))
 
 
-def _generic_cluster_stats(by_cluster: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cluster generic train window counts and tokens (eos included), from the
-    partitioned split (partition directories are ``cluster=<c>``)."""
+def _generic_cluster_stats(by_cluster: Path, k: int) -> tuple[np.ndarray, np.ndarray, dict[str, list[int]]]:
+    """Per-cluster generic train window counts and tokens (eos included), and per source its
+    windows per cluster, from the partitioned split (partition directories are ``cluster=<c>``)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     counts = np.zeros(k, dtype=np.int64)
     tokens = np.zeros(k, dtype=np.int64)
+    sources: dict[str, np.ndarray] = {}
     for d in by_cluster.glob("cluster=*"):
         c = int(d.name.split("=", 1)[1])
         for f in d.glob("*.parquet"):
-            t = pq.read_table(f, columns=["start", "end"])
+            t = pq.read_table(f, columns=["start", "end", "source"])
             counts[c] += t.num_rows
             tokens[c] += int(pc.sum(pc.subtract(t.column("end"), t.column("start"))).as_py() or 0) + t.num_rows
-    return counts, tokens
+            for row in pc.value_counts(t.column("source")).to_pylist():
+                sources.setdefault(str(row["values"]), np.zeros(k, dtype=np.int64))[c] += int(row["counts"])
+    return counts, tokens, {s: v.tolist() for s, v in sorted(sources.items())}
 
 
 def _summary_dict(cl: Clusters) -> dict[str, Any]:
@@ -608,6 +703,8 @@ def _log(cl: Clusters, tracker) -> None:
         metrics[f"time/{stage}_s"] = float(sec)
     tracker.log_metrics(metrics)
     tracker.log_dict(_summary_dict(cl), "clusters/histograms.json")
+    if cl.domains_stage is not None:
+        tracker.log_dict(cl.provenance(), f"clusters/{PROVENANCE_FILE}")
     fig = cl.histogram_figure()
     tracker.log_figure(fig, "clusters/histograms.png")
     plt.close(fig)

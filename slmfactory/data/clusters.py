@@ -20,6 +20,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from slmfactory.data import embed_hashed
+from slmfactory.data.corpus_sources import collection_of
 from slmfactory.data.embed import encode, load_minilm
 from slmfactory.data.npy import flatten_with_eos
 from slmfactory.data.tokenizer import tokenizer_stage
@@ -28,7 +30,7 @@ from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import Stage, corpus_digest
 
 
-CODE_VERSION = "clusters-v5"  # v5: canonical order and file names; MiniLM token counts
+CODE_VERSION = "clusters-v6"  # v6: windows carry their source; cluster.embedder
 
 
 #: MiniLM (all-MiniLM-L6-v2): parameters (22.7M, the embedding tables included), layers,
@@ -96,13 +98,25 @@ def _digests(cfg, inputs: list[tuple[str, str, Path]]) -> dict[str, str]:
     return {f"{part}/{split}": corpus_digest(cfg.corpus_dir, part, split) for part, split, _ in inputs}
 
 
+def _embedder_key(cfg) -> dict[str, Any]:
+    """What the embedding depends on beyond the windows: the embedder, and for hashed-tfidf
+    its shape and fit sample (min(sample_windows, FIT_WINDOWS) hash-chosen generic windows)."""
+    c = cfg.cluster
+    if c.embedder != embed_hashed.NAME:
+        return {"embedder": c.embedder}
+    return {"embedder": c.embedder, "hashed": {"features": embed_hashed.N_FEATURES, "ngrams": embed_hashed.NGRAMS,
+                                                "dim": embed_hashed.DIM, "svd_iters": embed_hashed.SVD_ITERS,
+                                                "fit_windows": min(c.sample_windows, embed_hashed.FIT_WINDOWS)}}
+
+
 def generic_embedding_stage(cfg, inputs) -> Stage:
-    """Embeddings of the generic windows: keyed by the generic files, the tokenizer and the
-    windowing, never by a domain or the in-domain size."""
+    """Embeddings of the generic windows: keyed by the generic files, the tokenizer, the
+    windowing and the embedder, never by a domain or the in-domain size."""
     c = cfg.cluster
     return Stage.of(cfg.root, "clusters", "emb-generic", version=CODE_VERSION,
                     files=_digests(cfg, [i for i in inputs if i[0] == "generic"]), tokenizer=tokenizer_stage(cfg),
-                    window_tokens=c.window_tokens, max_generic_windows=c.max_generic_windows, seed=c.seed)
+                    window_tokens=c.window_tokens, max_generic_windows=c.max_generic_windows, seed=c.seed,
+                    **_embedder_key(cfg))
 
 
 def kmeans_stage(cfg, embeddings: Stage) -> Stage:
@@ -115,9 +129,12 @@ def kmeans_stage(cfg, embeddings: Stage) -> Stage:
 def domain_embedding_stage(cfg, inputs) -> Stage:
     """Embeddings of each domain's in-domain training windows (its first
     ``data.domain_train_tokens`` tokens): the only clustering work the in-domain size changes."""
+    # hashed-tfidf embeds the domains with the model fitted in the generic stage: keyed on it.
+    fitted = {"fit": generic_embedding_stage(cfg, inputs)} if cfg.cluster.embedder == embed_hashed.NAME else {}
     return Stage.of(cfg.root, "clusters", "emb-domains", version=CODE_VERSION,
                     files=_digests(cfg, [i for i in inputs if i[0] != "generic"]), tokenizer=tokenizer_stage(cfg),
-                    window_tokens=cfg.cluster.window_tokens, domain_train_tokens=cfg.data.domain_train_tokens)
+                    window_tokens=cfg.cluster.window_tokens, domain_train_tokens=cfg.data.domain_train_tokens,
+                    **_embedder_key(cfg), **fitted)
 
 
 def assignment_stage(cfg, clustering: Stage, domain_embeddings: Stage) -> Stage:
@@ -136,6 +153,120 @@ def nearest_centroid(emb: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int32)
     scores = np.asarray(emb, np.float64) @ np.asarray(centroids, np.float64).T
     return np.argmax(scores, axis=1).astype(np.int32)
+
+
+def domain_windows_in(cfg, windows_dir: Path, domain: str, split: str = "train"):
+    """``domain``'s windows of ``split`` in the assigned-windows folder ``windows_dir``
+    (metadata + cluster, no tokens) as pandas, in corpus order (document order of the split
+    file, then position)."""
+    import pandas as pd
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    flt = (pc.field("part") == domain) & (pc.field("split") == split)
+    cols = ["window_id", "doc_id", "start", "end", "cluster"]
+    batches = [b.to_pandas() for b in pads.dataset(str(windows_dir), format="parquet").to_batches(columns=cols,
+                                                                                                   filter=flt)]
+    df = pd.concat(batches, ignore_index=True) if batches else pd.DataFrame(columns=cols)
+    src = cfg.corpus_dir / "domains" / domain / f"{split}.parquet"
+    if src.is_file():
+        order = {d: i for i, d in enumerate(pq.read_table(src, columns=["doc_id"]).column(0).to_pylist())}
+        df["doc_pos"] = df["doc_id"].map(order).fillna(len(order)).astype(np.int64)
+    else:
+        df["doc_pos"] = 0
+    return df.sort_values(["doc_pos", "doc_id", "start"], kind="stable").reset_index(drop=True)
+
+
+def in_domain_counts(cfg, windows_dir: Path, domain: str, k: int, df=None) -> np.ndarray:
+    """(k,) cluster counts of ``domain``'s train windows within its first
+    ``data.domain_train_tokens`` tokens (corpus order): the domain's histogram."""
+    df = domain_windows_in(cfg, windows_dir, domain, "train") if df is None else df
+    lengths = (df["end"] - df["start"]).to_numpy()
+    before = np.cumsum(lengths) - lengths  # tokens preceding each window
+    df = df[before < cfg.data.domain_train_tokens]
+    return np.bincount(df["cluster"].to_numpy(dtype=np.int64), minlength=k)
+
+
+#: A domain's top clusters: the fewest (largest first) holding this share of its windows, at
+#: most ``PROVENANCE_TOP`` of them.
+PROVENANCE_MASS = 0.8
+PROVENANCE_TOP = 8
+
+
+def _shares(weights: dict[str, float]) -> dict[str, float]:
+    total = sum(weights.values())
+    return {s: w / total for s, w in sorted(weights.items(), key=lambda kv: (-kv[1], kv[0])) if w > 0} if total else {}
+
+
+def _by_collection(by_source: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s, w in by_source.items():
+        out[collection_of(s)] = out.get(collection_of(s), 0.0) + w
+    return _shares(out)
+
+
+def provenance(domain_counts: dict[str, np.ndarray], generic_sources: dict[str, list[int]]) -> dict[str, Any]:
+    """Per domain, what importance sampling can find in generic text, from the cluster counts
+    alone (no training): its top clusters (the fewest holding ``PROVENANCE_MASS`` of its
+    windows, at most ``PROVENANCE_TOP``), each with its generic windows by source; the share of
+    generic windows by source and by collection pooled over those clusters (``top_by_source``,
+    ``top_by_collection``); and ``expected_by_source`` / ``_by_collection``: Σ_c p_domain(c) ·
+    share of source s among cluster c's generic windows, over the clusters that have generic
+    windows, i.e. what resampling to the domain's histogram draws, in windows.
+    ``unmatched``: the domain's share in clusters without any generic window."""
+    names = sorted(generic_sources)
+    per = np.asarray([generic_sources[s] for s in names], dtype=np.float64).reshape(len(names), -1)  # (S, k)
+    size = per.sum(axis=0)                                                                        # (k,)
+    out: dict[str, Any] = {"mass": PROVENANCE_MASS, "max_clusters": PROVENANCE_TOP, "domains": {}}
+    for d, counts in sorted(domain_counts.items()):
+        counts = np.asarray(counts, dtype=np.float64)
+        if counts.sum() == 0:
+            out["domains"][d] = {"windows": 0}
+            continue
+        p = counts / counts.sum()
+        order = [int(c) for c in np.argsort(-p, kind="stable") if p[c] > 0]
+        top, held = [], 0.0
+        for c in order[:PROVENANCE_TOP]:
+            top.append(c)
+            held += p[c]
+            if held >= PROVENANCE_MASS:
+                break
+        pooled = {s: float(per[i, top].sum()) for i, s in enumerate(names)}
+        matched = size > 0
+        w = np.where(matched, p, 0.0)
+        expected = {}
+        if w.sum() > 0:
+            w = w / w.sum()
+            frac = np.divide(per, size, out=np.zeros_like(per), where=size > 0)              # (S, k)
+            expected = {s: float((frac[i] * w).sum()) for i, s in enumerate(names)}
+        top_by_source = _shares(pooled)
+        out["domains"][d] = {
+            "windows": int(counts.sum()),
+            "top_clusters": [{"cluster": c, "domain_share": float(p[c]), "generic_windows": int(size[c]),
+                              "by_source": _shares({s: float(per[i, c]) for i, s in enumerate(names)})}
+                             for c in top],
+            "top_share": float(held), "top_generic_windows": int(size[top].sum()),
+            "top_by_source": top_by_source, "top_by_collection": _by_collection(top_by_source),
+            "expected_by_source": _shares(expected), "expected_by_collection": _by_collection(_shares(expected)),
+            "unmatched": float(p[~matched].sum())}
+    return out
+
+
+def source_label(source: str) -> str:
+    """A source string as a reader names it: ``deb:manpages=6.03-2`` → ``manpages``,
+    ``pypi:scancode-toolkit==32.5.0`` → ``scancode-toolkit``, ``file:x.jsonl`` → ``x.jsonl``."""
+    kind, sep, rest = source.partition(":")
+    if not sep or kind not in ("deb", "pypi", "file"):
+        return source
+    return rest if kind == "file" else rest.split("=", 1)[0]
+
+
+def shares_line(shares: dict[str, float], top: int = 5, label=source_label) -> str:
+    """``41% doc-debian, 30% manpages, ... (+3 more)`` from a share dict."""
+    items = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{v:.0%} {label(s)}" for s, v in items[:top])
+    return text + (f" (+{len(items) - top} more)" if len(items) > top else "") if items else "-"
 
 
 class Clusters:
@@ -196,22 +327,8 @@ class Clusters:
     def domain_windows(self, domain: str, split: str = "train"):
         """The domain's windows of ``split`` (metadata + cluster, no tokens) as pandas,
         in corpus order (document order of the split file, then position)."""
-        import pandas as pd
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
         self._check_part(domain)
-        flt = (pc.field("part") == domain) & (pc.field("split") == split)
-        cols = ["window_id", "doc_id", "start", "end", "cluster"]
-        batches = [b.to_pandas() for b in self._scan(cols, flt, domains=True)]
-        df = pd.concat(batches, ignore_index=True) if batches else pd.DataFrame(columns=cols)
-        src = self.cfg.corpus_dir / "domains" / domain / f"{split}.parquet"
-        if src.is_file():
-            order = {d: i for i, d in enumerate(pq.read_table(src, columns=["doc_id"]).column(0).to_pylist())}
-            df["doc_pos"] = df["doc_id"].map(order).fillna(len(order)).astype(np.int64)
-        else:
-            df["doc_pos"] = 0
-        return df.sort_values(["doc_pos", "doc_id", "start"], kind="stable").reset_index(drop=True)
+        return domain_windows_in(self.cfg, self.domains_stage.path("windows"), domain, split)
 
     def _check_part(self, part: str) -> None:
         if part not in self.parts:
@@ -258,14 +375,12 @@ class Clusters:
                 c += np.bincount(b.column(0).to_numpy(), minlength=self.k)
             return c
         df = self.domain_windows(part, "train")
-        lengths = (df["end"] - df["start"]).to_numpy()
-        before = np.cumsum(lengths) - lengths  # tokens preceding each window
-        if lengths.sum() < self.cfg.data.domain_train_tokens and part not in self._warned_short:
+        embedded = int((df["end"] - df["start"]).sum())
+        if embedded < self.cfg.data.domain_train_tokens and part not in self._warned_short:
             self._warned_short.add(part)
-            print(f"[cluster] note: domain '{part}' has {int(lengths.sum()):,} embedded train tokens, fewer "
+            print(f"[cluster] note: domain '{part}' has {embedded:,} embedded train tokens, fewer "
                   f"than data.domain_train_tokens={self.cfg.data.domain_train_tokens:,}", file=sys.stderr)
-        df = df[before < self.cfg.data.domain_train_tokens]
-        return np.bincount(df["cluster"].to_numpy(dtype=np.int64), minlength=self.k)
+        return in_domain_counts(self.cfg, self.domains_stage.path("windows"), part, self.k, df=df)
 
     def histogram(self, part: str) -> np.ndarray:
         if part not in self._hist:
@@ -328,19 +443,34 @@ class Clusters:
             raise DataError(f"{self.dir}: this clustering predates embedding statistics; rerun `slmfactory cluster`")
         return {k: int(v) for k, v in stats.items()}
 
+    @property
+    def embedder(self) -> str:
+        return str(self.meta.get("embedder", "minilm"))
+
     def embedding_cost(self, part: str, profile=None):
-        """MiniLM's inference cost of embedding ``part``'s windows as a
-        :class:`slmfactory.platform.cost.CostRecord` (phase ``embed/<part>``): FLOPs =
-        2 · MINILM_PARAMS · tokens + 2 · layers · d · Σ tokens² (per token, 2·N plus
-        attention over its window's T tokens, as ``platform/cost.py`` counts 2·L·T·d);
-        wall seconds are the stage's measured windowing + embedding time (the generic part:
-        the generic embedding stage; a domain: the domain stage's, split by tokens).
+        """The embedder's inference cost of embedding ``part``'s windows as a
+        :class:`slmfactory.platform.cost.CostRecord` (phase ``embed/<part>``).
+
+        MiniLM: FLOPs = 2 · MINILM_PARAMS · tokens + 2 · layers · d · Σ tokens² (per token,
+        2·N plus attention over its window's T tokens, as ``platform/cost.py`` counts 2·L·T·d).
+        hashed-tfidf: ``embed_hashed.embedding_flops`` on the non-zero n-gram features (tf-idf
+        and the sparse projection, ~2·dim per feature), the generic part plus the fit
+        (``embed_hashed.fit_flops``: idf and the randomized SVD on the generic sample).
+        Wall seconds are the stage's measured windowing + (fit +) embedding time (the generic
+        part: the generic embedding stage; a domain: the domain stage's, split by tokens).
         ``profile``: the device profile for device-hours (default: ``cfg.device``). The
         generic part is shared by every strategy that needs the clustering; a domain's
         part belongs to that domain's specialisation."""
         st = self.embedding_stats(part)
-        flops = 2.0 * MINILM_PARAMS * st["tokens"] + 2.0 * MINILM_LAYERS * MINILM_DIM * st["tokens_sq"]
-        work = Work(INFERENCE, st["tokens"], flops, float(MINILM_PARAMS))
+        if self.embedder == embed_hashed.NAME:
+            dim = int(self.meta["embed_dim"])
+            flops = embed_hashed.embedding_flops(st["windows"], st["features"], dim)
+            if part == "generic" and self.meta.get("embedder_fit"):
+                flops += float(self.meta["embedder_fit"]["flops"])
+            work = Work(INFERENCE, st["tokens"], flops, float(embed_hashed.parameters(dim)))
+        else:
+            flops = 2.0 * MINILM_PARAMS * st["tokens"] + 2.0 * MINILM_LAYERS * MINILM_DIM * st["tokens_sq"]
+            work = Work(INFERENCE, st["tokens"], flops, float(MINILM_PARAMS))
         if part == "generic":
             wall = float(self.meta.get("embedded_generic_seconds", 0.0))
         else:
@@ -350,10 +480,27 @@ class Clusters:
                              windows=st["windows"])
 
     def assign_texts(self, texts: list[str]) -> np.ndarray:
-        """Cluster ids for new texts: MiniLM in this process, nearest centroid."""
+        """Cluster ids for new texts: the clustering's embedder in this process (MiniLM, or the
+        fitted hashed-tfidf model), nearest centroid."""
+        if self.embedder == embed_hashed.NAME:
+            if self._model is None:
+                self._model = embed_hashed.load(self.stage.path(self.meta["embedder_model"]))
+            return nearest_centroid(embed_hashed.transform(self._model, list(texts))[0], self.centroids)
         if self._model is None:
             self._model = load_minilm()
         return nearest_centroid(encode(self._model, list(texts), self.cfg.cluster.embed_batch_size), self.centroids)
+
+    def provenance(self) -> dict[str, Any]:
+        """Per domain, the generic sources and collections in the clusters that hold its text
+        (see :func:`provenance`), as the domain assignment stage wrote it."""
+        if self.domains_stage is None:
+            raise DataError(f"{self.dir}: provenance needs the domain assignment (load_clusters(cfg, domains=True))")
+        path = self.domains_stage.path("provenance.json")
+        if not path.is_file():
+            raise DataError(f"{path}: not found; rerun `slmfactory cluster`")
+        import json
+
+        return json.loads(path.read_text())
 
     def summary(self, top: int = 3) -> str:
         lines = [f"clusters: k={self.k}  dir={self.dir}",
@@ -366,6 +513,14 @@ class Clusters:
             best = np.argsort(-p, kind="stable")[:top]
             tops = "  ".join(f"{int(j)}:{p[j]:.2f}" for j in best if p[j] > 0)
             lines.append(f"{part:<16}{int(c.sum()):>10}{entropy(p):>9.3f}  {tops}")
+        if self.domains_stage is not None and self.domains_stage.path("provenance.json").is_file():
+            prov = self.provenance()
+            lines.append(f"generic text in each domain's top clusters (the fewest holding {prov['mass']:.0%} of "
+                         "its windows), by source:")
+            for d, e in prov["domains"].items():
+                if e.get("windows"):
+                    lines.append(f"  {d:<14} {len(e['top_clusters'])} clusters, {e['top_share']:.0%} of its windows, "
+                                 f"{e['top_generic_windows']:,} generic: {shares_line(e['top_by_source'])}")
         return "\n".join(lines)
 
     def histogram_figure(self):

@@ -30,12 +30,16 @@ sorted by (doc_id, start), equal blocks, files ``part-<n>`` in key order), so a 
 place in it, and hence the selection and each file's chunks, are the same on a rerun. The
 seed is ``cluster.seed`` mixed with the domain's name.
 The histogram, tokens and total variation reported are counted on the rows written,
-against the *unrenormalised* domain histogram.
+against the *unrenormalised* domain histogram; so is the provenance: the resampled tokens
+(each window's tokens + eos, every draw counted) by the generic source each window came
+from (``source_tokens``), whose shares by source and by collection ``share_metrics`` names
+``is_share/source/<source>`` and ``is_share/collection/<collection>`` (each set sums to 1).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -47,14 +51,15 @@ from typing import Any
 import numpy as np
 
 from slmfactory.data.cluster_pipeline import TASK_CPUS, ray_data_context, run_clustering
-from slmfactory.data.clusters import total_variation
+from slmfactory.data.clusters import source_label, total_variation
+from slmfactory.data.corpus_sources import collection_of
 from slmfactory.data.npy import NpyWriter, flatten_with_eos
 from slmfactory.platform.errors import ConfigError, DataError
 from slmfactory.platform.runtime import ray_session
 from slmfactory.platform.stages import Stage
 from slmfactory.platform.tracking import open_tracker
 
-RESAMPLE_VERSION = "resample-v2"  # v2: tokens.npy stream written by the stage; per-file parts
+RESAMPLE_VERSION = "resample-v3"  # v3: resampled tokens by generic source
 STREAM_FILE = "tokens.npy"
 CHUNK_WINDOWS = 8192
 """Input windows per shuffled chunk (and output rows per written piece)."""
@@ -82,6 +87,22 @@ class ResampleResult:
     """Clusters drawn with replacement because the domain asked for more windows than exist."""
     seconds: float = 0.0
     eos_id: int = 0
+    source_tokens: dict[str, int] = field(default_factory=dict)
+    """Resampled tokens (eos included, every draw counted) by the generic source of their window."""
+
+    def source_shares(self) -> dict[str, float]:
+        """Share of the resampled tokens by generic source (sums to 1), largest first."""
+        total = sum(self.source_tokens.values())
+        return {s: n / total for s, n in sorted(self.source_tokens.items(), key=lambda kv: (-kv[1], kv[0]))} \
+            if total else {}
+
+    def collection_shares(self) -> dict[str, float]:
+        """Share of the resampled tokens by the collection of their source (sums to 1)."""
+        by: dict[str, int] = {}
+        for s, n in self.source_tokens.items():
+            by[collection_of(s)] = by.get(collection_of(s), 0) + n
+        total = sum(by.values())
+        return {c: n / total for c, n in sorted(by.items(), key=lambda kv: (-kv[1], kv[0]))} if total else {}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -108,6 +129,9 @@ class ResampleResult:
                          f"{self.missing_clusters}")
         if self.exhausted_clusters:
             lines.append(f"  clusters exhausted (drawn with replacement): {self.exhausted_clusters}")
+        if self.source_tokens:
+            lines.append("  resampled tokens by generic source: " + ", ".join(
+                f"{v:.0%} {source_label(s)}" for s, v in list(self.source_shares().items())[:top]))
         order = np.argsort(-np.asarray(self.domain_histogram), kind="stable")[:top]
         lines.append("  cluster  domain  resampled")
         for c in order:
@@ -163,6 +187,7 @@ def _resample_file(row: dict, work: str, seed: int, eos: int, k: int) -> dict:
     ``parts/<i>.npy``; chunk lengths and counts to ``parts/<i>.json``. Memory: the file's
     small columns and one chunk. Deterministic: a function of (file, selection, seed, i)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     i, path, work = int(row["index"]), str(row["path"]), Path(work)
@@ -176,13 +201,15 @@ def _resample_file(row: dict, work: str, seed: int, eos: int, k: int) -> dict:
     mult[mask] = sel[place]
     del sel, place, cluster
     hist = np.zeros(k, dtype=np.int64)
+    by_source: dict[str, int] = {}
     chunks: list[int] = []
     rows_out = unique = 0
     writer = None
     offset = 0
     with NpyWriter(work / "parts" / f"{i:05d}.npy") as npy:
         for j, b in enumerate(pq.ParquetFile(path).iter_batches(batch_size=CHUNK_WINDOWS,
-                                                                columns=["window_id", "cluster", "tokens"])):
+                                                                columns=["window_id", "cluster", "tokens",
+                                                                         "source"])):
             m = mult[offset:offset + b.num_rows]
             offset += b.num_rows
             if not m.any():
@@ -205,12 +232,17 @@ def _resample_file(row: dict, work: str, seed: int, eos: int, k: int) -> dict:
                 npy.append(toks)
                 chunks.append(int(len(toks)))
                 hist += np.bincount(cl_col.to_numpy(zero_copy_only=False).astype(np.int64), minlength=k)
+                # Tokens per source: each window's tokens + its eos, every draw counted.
+                lens = pc.add(pc.list_value_length(t.column(2)), 1).to_numpy(zero_copy_only=False)
+                srcs = t.column(3).to_numpy(zero_copy_only=False).astype(str)
+                for src in np.unique(srcs):
+                    by_source[str(src)] = by_source.get(str(src), 0) + int(lens[srcs == src].sum())
                 rows_out += t.num_rows
                 unique += int((copy[s:s + CHUNK_WINDOWS] == 0).sum())
     if writer is not None:
         writer.close()
     (work / "parts" / f"{i:05d}.json").write_text(json.dumps(
-        {"chunks": chunks, "hist": hist.tolist(), "rows": rows_out, "unique": unique}))
+        {"chunks": chunks, "hist": hist.tolist(), "rows": rows_out, "unique": unique, "sources": by_source}))
     return {"index": i, "rows": rows_out}
 
 
@@ -332,11 +364,18 @@ def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None)
             hist_counts = np.sum([p["hist"] for p in parts], axis=0).astype(np.int64)
             n_rows = sum(p["rows"] for p in parts)
             n_unique = sum(p["unique"] for p in parts)
+            source_tokens: dict[str, int] = {}
+            for p in parts:
+                for src, n in p["sources"].items():
+                    source_tokens[src] = source_tokens.get(src, 0) + int(n)
             if n_rows != n_windows:
                 raise DataError(f"resample wrote {n_rows} windows, expected {n_windows}")
             n_tokens = _write_stream(tmp, len(files), seed)
             if n_tokens != sum(sum(p["chunks"]) for p in parts):
                 raise DataError(f"resample stream: {n_tokens} tokens, the parts hold a different number")
+            if n_tokens != sum(source_tokens.values()):
+                raise DataError(f"resample provenance: {sum(source_tokens.values())} tokens by source, "
+                                f"the stream holds {n_tokens}")
             shutil.rmtree(tmp / "select")
             shutil.rmtree(tmp / "parts")
             hist = hist_counts / max(1, hist_counts.sum())
@@ -345,7 +384,8 @@ def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None)
                 repeated_windows=n_rows - n_unique, tokens=n_tokens,
                 tv_distance=total_variation(hist, p_dom), histogram=hist, domain_histogram=p_dom,
                 k=cl.k, missing_clusters=missing, exhausted_clusters=exhausted,
-                seconds=time.perf_counter() - t0, eos_id=cl.eos_id)
+                seconds=time.perf_counter() - t0, eos_id=cl.eos_id,
+                source_tokens=dict(sorted(source_tokens.items())))
             (tmp / "result.json").write_text(json.dumps(res.to_dict(), indent=1))
             return {"windows": n_rows, "tokens": n_tokens}
 
@@ -385,6 +425,28 @@ def stream_path(res: ResampleResult) -> Path:
     return _result_dir(res.path) / STREAM_FILE
 
 
+SHARE_PREFIX = "is_share"
+
+
+def metric_label(name: str) -> str:
+    """``name`` as one path segment of an MLflow metric key (letters, digits, ``_ - . :`` and
+    spaces; anything else becomes ``_``)."""
+    return re.sub(r"[^\w.\- :]", "_", name) or "_"
+
+
+def share_metrics(res: ResampleResult) -> dict[str, float]:
+    """``is_share/source/<source>`` (the source's package, ``clusters.source_label``) and
+    ``is_share/collection/<collection>``: the resampled tokens' shares; each set sums to 1
+    (sources with one label, e.g. two versions of a package, are added up)."""
+    out: dict[str, float] = {}
+    for kind, shares, label in (("source", res.source_shares(), source_label),
+                                ("collection", res.collection_shares(), str)):
+        for name, v in shares.items():
+            key = f"{SHARE_PREFIX}/{kind}/{metric_label(label(name))}"
+            out[key] = out.get(key, 0.0) + float(v)
+    return out
+
+
 def _log(res: ResampleResult, tracker) -> None:
     import matplotlib
 
@@ -395,7 +457,10 @@ def _log(res: ResampleResult, tracker) -> None:
     tracker.log_metrics({"resample/windows": res.windows, "resample/unique_windows": res.unique_windows,
                          "resample/repeated_windows": res.repeated_windows, "resample/tokens": res.tokens,
                          "resample/tv_distance": res.tv_distance, "resample/missing_clusters": len(res.missing_clusters),
-                         "time/resample_s": res.seconds})
+                         "time/resample_s": res.seconds, **share_metrics(res)})
+    tracker.log_dict({"domain": res.domain, "tokens": res.tokens, "source_tokens": res.source_tokens,
+                      "source_shares": res.source_shares(), "collection_shares": res.collection_shares()},
+                     f"resample/{res.domain}_sources.json")
     fig, ax = plt.subplots(figsize=(8, 2.5))
     x = np.arange(res.k)
     ax.bar(x - 0.2, res.domain_histogram, width=0.4, label=f"domain {res.domain}")

@@ -227,6 +227,10 @@ class DataConfig:
         _check(self.domain_train_tokens >= 1, "data.domain_train_tokens", ">= 1", self.domain_train_tokens)
 
 
+#: ``cluster.embedder``'s values (slmfactory.data.cluster_pipeline dispatches on them).
+EMBEDDERS = ("minilm", "hashed-tfidf")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClusterConfig:
     """Embedding + k-means of generic and domain windows (SLM-is, SLM-mix, SLM-pn)."""
@@ -247,8 +251,14 @@ class ClusterConfig:
     embed_actor_cpus: float = 0.5
     """CPUs each embedding actor asks for; < 1 so a 2-core machine cannot deadlock."""
     seed: int = 0
+    embedder: str = "minilm"
+    """What embeds a window: ``minilm`` (SentenceBERT all-MiniLM-L6-v2, 22.7M parameters, the
+    paper's family) or ``hashed-tfidf`` (hashed word n-grams, tf-idf, truncated SVD to a few
+    hundred dimensions, fitted on the generic sample; the DSIR / c-BTM family, ~1e5 FLOPs per
+    window): the cheap one when MiniLM would dwarf the model (docs/clustering.md)."""
 
     def __post_init__(self) -> None:
+        _check(self.embedder in EMBEDDERS, "cluster.embedder", f"one of {list(EMBEDDERS)}", self.embedder)
         _check(2 <= self.k <= 4096, "cluster.k", "2..4096", self.k)
         _check(self.window_tokens >= 8, "cluster.window_tokens", ">= 8", self.window_tokens)
         _check(self.sample_windows >= self.k, "cluster.sample_windows", ">= cluster.k", self.sample_windows)

@@ -122,6 +122,42 @@ def table_entropy(configs: list[Config]) -> str:
     return "\n".join(parts) or "(no slm-mix/slm-pn configuration with a logged domain entropy and a matching slm)"
 
 
+IS_SHARE = "is_share/"
+
+
+def table_is_provenance(uri: str, experiment: str, top: int = 6) -> str:
+    """Where importance sampling drew its text: per finished ``slm-is`` trial run (domain,
+    in-domain size, spec. budget, settings), the shares of its resampled pretraining tokens by
+    generic source and by collection, read back from the runs' ``is_share/source/*`` and
+    ``is_share/collection/*`` metrics ("legal's resampled text: 41% doc-debian, 30% manpages, ...")."""
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED' and "
+                              "tags.strategy = 'slm-is'", max_results=50000) if exp is not None else []
+    rows = []
+    for r in runs:
+        t, m = r.data.tags, r.data.metrics
+        by = {kind: {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith(f"{IS_SHARE}{kind}/")}
+              for kind in ("source", "collection")}
+        if "domain" in t and by["source"]:
+            rows.append((t["domain"], int(t.get("in_domain_tokens", 0)), t.get("spec_budget", ""),
+                         t.get("settings", ""), by))
+    if not rows:
+        return "(no finished slm-is trial with logged resampled shares)"
+
+    def line(shares: dict[str, float]) -> str:
+        items = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))
+        return ", ".join(f"{v:.0%} {k}" for k, v in items[:top]) + (f", ... (+{len(items) - top} more)"
+                                                                   if len(items) > top else "")
+
+    lines = ["| domain | in-domain | spec. budget | settings | resampled text by source | by collection |",
+             "|---|---|---|---|---|---|"]
+    for d, n, spec, settings, by in sorted(rows, key=lambda r: (r[0], r[1], r[2], r[3])):
+        lines.append(f"| {d} | {n:,} | {spec} | {settings or '-'} | {d}'s resampled text: {line(by['source'])} | "
+                     f"{line(by['collection'])} |")
+    return "\n".join(lines)
+
+
 def recommendation_table(configs: list[Config], cost: str = "flops", inference_caps: tuple = ()) -> str:
     """For each N in AMORTISATION_N, in-domain size, inference class and per-domain budget
     bin: the best fitting configuration with its interval, C(N), the runner-up (best of
@@ -175,6 +211,8 @@ def write_report(uri: str, experiment: str, out: Path, inference_caps: tuple = (
            f"## Perplexity before and after fine-tuning (the paper's Table 4, docs/paper.md#table-4)\n\n{table_before_after(configs)}\n\n"
            f"## Generic perplexity of each generic phase (the paper's Table 8, docs/paper.md#table-8)\n\n{table_generic(configs)}\n\n"
            f"## Cluster entropy and the experts' gain over slm\n\n{table_entropy(configs)}\n\n"
+           f"## Where importance sampling drew its text (slm-is: shares of the resampled pretraining tokens)\n\n"
+           f"{table_is_provenance(uri, experiment)}\n\n"
            + "\n".join(f"![{p.stem}]({p.name})" for p in files) + "\n")
     (out / "report.md").write_text(doc)
     files.append(out / "report.md")

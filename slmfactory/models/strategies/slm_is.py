@@ -9,6 +9,11 @@ Budget: everything after the domain is known is specialisation, so the sweep's s
 pool holds exactly the pretraining's tokens by default (one epoch). The generic axis does
 not apply: slm-is has no generic pretraining, and its only generic cost is the shared
 clustering of the generic corpus (claim 4: SLM-is loses its appeal as N grows).
+
+Provenance: the trial's metrics carry where its resampled pretraining text came from,
+``is_share/source/<source>`` and ``is_share/collection/<collection>`` (shares of the
+resampled tokens, each set summing to 1); the driver logs them with the trial and the
+report tabulates them ("legal's resampled text: 41% doc-debian, 30% manpages, ...").
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slmfactory.data.cluster_pipeline import run_clustering
-from slmfactory.data.resample import resample
+from slmfactory.data.resample import resample, share_metrics
 from slmfactory.data.tokens import resampled_source
 from slmfactory.models.phases import (
     DomainData, budget_share, evaluate_ppl, finetune_lm, finish, lm_flops_per_token, load_lm, phase_work,
@@ -101,4 +106,5 @@ class ImportanceSampling(Strategy):
                                      "epochs/resampled_pretrain": float(pre.info.get("epochs", 0.0)),
                                      # Importance resampling draws with replacement: a window drawn
                                      # n times is read n times per pass (repeats, not fresh text).
-                                     "epochs/resampled_window_repeats": res.windows / max(1, res.unique_windows)})
+                                     "epochs/resampled_window_repeats": res.windows / max(1, res.unique_windows),
+                                     **share_metrics(res)})
