@@ -149,6 +149,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_recommend(args) -> None:
+    from slmfactory.platform.cost import COST_CONVENTIONS, check_convention
     from slmfactory.sweeps.frontier import COST_UNITS, UNIT_LABEL, load_configs, recommend
 
     def _positive(flag: str, text: str, integer: bool = False) -> float:
@@ -170,10 +171,12 @@ def cmd_recommend(args) -> None:
     in_domain = _positive("--in-domain", args.in_domain, integer=True) if args.in_domain is not None else None
     if args.cost not in COST_UNITS:
         raise SlmFactoryError(f"--cost {args.cost!r}: expected one of {', '.join(COST_UNITS)}")
+    conv = check_convention(args.costs, "--costs")
+    other = next(c for c in COST_CONVENTIONS if c != conv)
     cfg = _config(args)
     experiment = _experiment(cfg, args.experiment)
     unit = UNIT_LABEL[args.cost]
-    rec = recommend(load_configs(cfg.tracking_uri, experiment), inference, budget, n, in_domain, args.cost)
+    rec = recommend(load_configs(cfg.tracking_uri, experiment), inference, budget, n, in_domain, args.cost, conv)
     best, runner = rec.best, rec.runner_up
     if best is None:
         raise SlmFactoryError(f"recommend: no measured configuration of {experiment!r} (in-domain {rec.in_domain:,} "
@@ -185,15 +188,18 @@ def cmd_recommend(args) -> None:
 
     print(f"recommended: {best.strategy} (generic budget {best.generic_budget}, specialisation {best.spec_budget}"
           + (f", {best.settings}" if best.settings else "") + f", {best.params / 1e6:.2f}M parameters served)")
-    print(f"  from in-domain size {rec.in_domain:,} tokens, {n} domains, cost in {unit}")
+    print(f"  from in-domain size {rec.in_domain:,} tokens, {n} domains, cost in {unit} ({conv} costs)")
     print(f"  expected macro perplexity {ppl(best)} over {len(best.nll)} measured domains")
-    print(f"  total cost for {n} domains: C(N) = {best.generic(args.cost):.3e} + {n} x {best.spec(args.cost):.3e} "
-          f"= {best.total(n, args.cost):.3e} {unit}")
+    print(f"  total cost for {n} domains ({conv} costs): C(N) = {best.generic(args.cost, conv):.3e} + {n} x "
+          f"{best.spec(args.cost, conv):.3e} = {best.total(n, args.cost, conv):.3e} {unit}")
+    print(f"  per-domain cost C_spec + C_generic / N: {best.per_domain(n, args.cost, conv):.3e} {unit} ({conv} costs)"
+          + (f"; {best.per_domain(n, args.cost, other):.3e} ({other} costs)" if best.has_cost(args.cost, other)
+             else ""))
     if runner is None:
         print("  runner-up: none (one strategy fits)")
     else:
         print(f"  runner-up: {runner.strategy} ({runner.label}), macro perplexity {ppl(runner)}, "
-              f"C(N) = {runner.total(n, args.cost):.3e} {unit}")
+              f"C(N) = {runner.total(n, args.cost, conv):.3e} {unit} ({conv} costs)")
         print("  tie: the intervals overlap; these measurements do not separate the two" if rec.tie
               else "  not a tie: the intervals do not overlap")
     # What `serve --from-registry` would serve for this configuration, per domain.
@@ -378,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-domain", default=None, metavar="TOKENS", help="your in-domain tokens: answers from the "
                    "largest measured size <= this (default: the largest measured)")
     p.add_argument("--cost", default="flops", help="cost unit of --spec-budget: flops or device-hours")
+    p.add_argument("--costs", default="paper", metavar="CONVENTION",
+                   help="cost convention: paper (embedding the generic corpus is nobody's cost, as in the paper; "
+                        "default) or measured (everything spent); docs/costs.md")
     p = add("ui", cmd_ui, "open the MLflow UI on the run's tracking store (127.0.0.1)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)

@@ -97,3 +97,19 @@ def test_bad_throughput_file_names_the_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         cfg.device.rows()
     assert str(path) in str(e.value) and "device.throughput_file" in str(e.value)
+
+
+def test_cost_conventions_take_only_the_generic_embedding_out():
+    """The paper's convention removes the generic corpus's embedding from a generic cost (never
+    below 0) and leaves everything else; measured is the cost as logged; any other name is a
+    one-line error naming the flag."""
+    from slmfactory.platform.cost import COST_CONVENTIONS, check_convention, generic_under
+    from slmfactory.platform.errors import SlmFactoryError
+
+    assert COST_CONVENTIONS == ("paper", "measured")
+    assert generic_under("paper", 1.34e14, 1.34e14) == 0.0  # slm-is: its generic cost is the embedding
+    assert generic_under("paper", 1.48e14, 1.34e14) == pytest.approx(1.4e13)  # an expert phase keeps its training
+    assert generic_under("paper", 5e12, 0.0) == generic_under("measured", 5e12, 0.0) == 5e12  # no clustering
+    assert generic_under("measured", 1.34e14, 1.34e14) == 1.34e14
+    with pytest.raises(SlmFactoryError, match=r"^--costs 'actual': expected one of paper, measured$"):
+        check_convention("actual")

@@ -61,7 +61,8 @@ def store(tmp_path_factory):
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     client = client_for(uri)
-    exps = {name: ensure_experiment(client, uri, name) for name in ("frontier", "seeds", "tables", "old", "interval")}
+    exps = {name: ensure_experiment(client, uri, name)
+            for name in ("frontier", "seeds", "tables", "old", "interval", "conventions")}
     return uri, client, exps
 
 
@@ -288,10 +289,12 @@ def test_report_writes_tables_4_8_and_entropy_with_the_right_numbers(tables, tmp
     gains = {g["config"].strategy: g["spearman"] for g in fr.entropy_gains(fr.load_configs(tables, "tables"))}
     assert gains == {"slm-mix": pytest.approx(-1.0), "slm-pn": pytest.approx(1.0)}
     assert "rho = -1.000" in md and "rho = 1.000" in md
-    # One figure per in-domain size, N and cost unit (only FLOPs were logged here).
+    # One figure per in-domain size, N, cost unit (only FLOPs were logged here) and cost convention.
     pngs = {p.name for p in out.glob("*.png")}
-    assert pngs == ({f"{kind}_n1000_N{n}_flops.png" for kind in ("ppl_vs_cost", "figure1") for n in fr.AMORTISATION_N}
-                    | {"amortisation_n1000_flops.png"})
+    assert pngs == ({f"{kind}_n1000_N{n}_flops_{conv}.png" for kind in ("ppl_vs_cost", "figure1")
+                     for n in fr.AMORTISATION_N for conv in ("paper", "measured")}
+                    | {f"amortisation_n1000_flops_{conv}.png" for conv in ("paper", "measured")})
+    assert "### Per-domain budget in FLOPs, paper costs" in md and "### Per-domain budget in FLOPs, measured costs" in md
 
 
 def _recommend(capsys, uri, *args):
@@ -318,8 +321,57 @@ def test_recommend_command_prints_the_answer_its_interval_and_tie(store, frontie
     assert rc == 0 and "device-hours" in out
 
 
+@pytest.fixture(scope="module")
+def conventions(store):
+    """slm-is at in-domain size BIG: its generic cost is its embedding of the generic corpus
+    (2e12 FLOPs, 4 device-hours, logged as ``cost/clustering_generic_*``), its specialisation
+    5e10 FLOPs; slm at SIZE: a generic phase (1e12) and no clustering."""
+    uri, client, exps = store
+    e = exps["conventions"]
+    embed = {"cost/clustering_generic_flops": 2e12, "cost/clustering_generic_device_hours": 4.0}
+    for d in ("a", "b"):
+        _log(client, e, "slm-is", d, 5.3, g="none", n=BIG, flops=(2e12, 5e10), hours=(4.0, 0.01), extra=embed)
+        _log(client, e, "slm", d, 5.0, flops=(1e12, 1e9), hours=(10.0, 0.001))
+    return fr.load_configs(uri, "conventions")
+
+
+def test_cost_conventions_differ_for_slm_is_only(conventions):
+    slm_is, slm = _by(conventions, "slm-is", BIG), _by(conventions, "slm")
+    assert slm_is.generic("flops", "measured") == 2e12 and slm_is.generic("flops", "paper") == 0.0
+    assert slm_is.generic("device-hours", "paper") == 0.0 and slm_is.spec("device-hours", "paper") == 0.01
+    assert slm.costs_in("paper") == slm.costs_in("measured") == {"flops": (1e12, 1e9), "device-hours": (10.0, 0.001)}
+    # Within 1e11 per domain only under the paper's convention.
+    assert fr.recommend(conventions, 2e6, 1e11, 1, in_domain=BIG, convention="paper").best is slm_is
+    assert fr.recommend(conventions, 2e6, 1e11, 1, in_domain=BIG, convention="measured").best is None
+
+
+def _per_domain(out: str) -> str:
+    return next(line for line in out.splitlines() if "per-domain cost" in line)
+
+
+@pytest.mark.parametrize("strategy,size", [("slm-is", BIG), ("slm", SIZE)])
+def test_recommend_costs_paper_and_measured(store, conventions, capsys, strategy, size):
+    """`recommend --costs paper|measured`: slm-is's per-domain cost drops its generic
+    embedding under paper (5e10 against 2.05e12 at N = 1); slm's is the same under both."""
+    base = ["--set", f"tracking.uri={store[0]}", "--experiment", "conventions", "--inference-params", "2e6",
+            "--spec-budget", "1e13", "--domains", "1", "--in-domain", str(size)]
+    lines = {}
+    for conv in ("paper", "measured"):
+        assert cli.main(["recommend", *base, "--costs", conv]) == 0
+        out = capsys.readouterr().out
+        assert f"recommended: {strategy} " in out and f"({conv} costs)" in out
+        lines[conv] = _per_domain(out)
+    paper = float(lines["paper"].split(": ")[1].split()[0])
+    measured = float(lines["measured"].split(": ")[1].split()[0])
+    if strategy == "slm-is":
+        assert (paper, measured) == (5e10, 2.05e12)
+    else:
+        assert paper == measured == 1.001e12
+
+
 @pytest.mark.parametrize("flag,value", [("--cost", "joules"), ("--domains", "0"), ("--spec-budget", "abc"),
-                                        ("--inference-params", "-1"), ("--in-domain", "10")])
+                                        ("--inference-params", "-1"), ("--in-domain", "10"),
+                                        ("--costs", "actual")])
 def test_recommend_bad_values_are_one_line_naming_the_flag(store, frontier, capsys, flag, value):
     args = {"--inference-params": "2e6", "--spec-budget": "1e11", "--domains": "7", flag: value}
     rc, _, err = _recommend(capsys, store[0], *(x for kv in args.items() for x in kv))

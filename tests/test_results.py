@@ -1,6 +1,7 @@
-"""docs/results.md: regenerated from its CSV byte for byte, its numbers equal to the CSV's (and
-to MLflow's where the store exists), and the claim rules on synthetic sets whose verdict is
-known (confirmed, refuted and inconclusive cases each). Fast: no Ray, no training."""
+"""docs/results.md: regenerated from its CSV byte for byte, its numbers equal to the CSV's and to
+an MLflow store's (built here from the CSV's runs: exported back, they give the same CSV and
+the same page), and the claim rules on synthetic sets whose verdict is known (confirmed,
+refuted and inconclusive cases each). Fast: no Ray, no training."""
 
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from slmfactory.platform.cost import MEASURED, PAPER
 from slmfactory.sweeps import results, results_claims as rc, results_page
-from slmfactory.sweeps.frontier import Config
-from slmfactory.trial import experiment_name
+from slmfactory.sweeps.frontier import Config, pool_seeds
+from slmfactory.trial import TRIAL_TAG, experiment_name
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "configs" / "study.yaml"
-DEMO = REPO / "configs" / "demo.yaml"
 CSV = REPO / "docs" / "study-runs.csv"
 PAGE = REPO / "docs" / "results.md"
 
@@ -29,12 +30,6 @@ def _cfg(path: Path):
     from slmfactory.platform.config import load_config
 
     return load_config(path)
-
-
-def _store(cfg) -> Path | None:
-    uri = cfg.tracking_uri
-    path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-    return path if path is not None and path.is_file() else None
 
 
 # -- (a) the committed page is what its CSV gives ----------------------------------------
@@ -61,7 +56,7 @@ def _appendix(page: str) -> dict[tuple, str]:
     out = {}
     for line in body.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 12 and re.fullmatch(r"[\d,]+", cells[4]):
+        if len(cells) == 13 and re.fullmatch(r"[\d,]+", cells[4]):
             out[(cells[0], "" if cells[1] == "-" else cells[1], cells[2], cells[3], int(cells[4].replace(",", "")))] \
                 = cells[6]
     return out
@@ -105,53 +100,102 @@ def _cross_check(page: str, rows: list[dict], cfg) -> int:
                 assert v in csv_values, (b, v, csv_values)
                 checked += 1
     assert checked
-    store = _store(cfg)
-    if store is not None:  # the CSV's values are MLflow's, exactly
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=cfg.tracking_uri)
-        sample = rows[:: max(1, len(rows) // 12)]
-        for r in sample:
-            m = client.get_run(r["run_id"]).data.metrics
-            d = r["domain"]
-            assert (m["test_nll"], m["test_nll_se"], m[f"ppl/{d}"], m["cost/spec_flops"]) == \
-                (r["test_nll"], r["test_nll_se"], r["ppl"], r["spec_flops"]), r["run_id"]
-            assert m.get("test_ppl_before") == r["ppl_before"]
     return len(expected)
 
 
-def test_committed_page_numbers_equal_csv_and_mlflow():
+def test_committed_page_numbers_equal_csv():
     cfg, rows = _committed()
     assert _cross_check(PAGE.read_text(), rows, cfg) > 0
 
 
-def test_demo_export_page_and_loader_agree_with_mlflow(tmp_path):
-    """The same cross-check on a fresh export of the demo store (when it exists), and the
-    CSV's configurations equal ``frontier.load_configs``'s."""
-    cfg = _cfg(DEMO)
-    if _store(cfg) is None:
-        pytest.skip(f"no demo store at {cfg.tracking_uri} (`make demo` writes it)")
+@pytest.fixture(scope="module")
+def study_store(tmp_path_factory):
+    """An MLflow store holding the committed CSV's trial runs as ``pipeline.trial_record``
+    logs them (tags, metrics, the run's times, the config params claim 5's entropy reads),
+    and the experiment's name."""
+    if not CSV.is_file():
+        pytest.skip(f"{CSV.relative_to(REPO)} not committed yet")
+    from mlflow.entities import Metric, Param, RunTag
+
+    from slmfactory.platform.tracking import client_for, ensure_experiment
+
+    cfg = _cfg(STUDY)
+    rows = results.read_csv(CSV)
+    uri = f"sqlite:///{tmp_path_factory.mktemp('study-mlflow') / 'mlflow.db'}"
+    client = client_for(uri)
+    exp_id = ensure_experiment(client, uri, experiment_name(cfg))
+    recipe = cfg.to_dict()
+    for r in rows:
+        d = r["domain"]
+        tags = {TRIAL_TAG: r["trial_key"], **{k: str(r[k]) for k in results.TAG_COLUMNS}}
+        metrics = {f"{col}/{d}": r[col] for col in results.DOMAIN_COLUMNS}
+        metrics |= {metric: r.get(col) for col, metric in results.METRIC_COLUMNS}
+        metrics["generic/generic_ppl"] = r["generic_ppl"]
+        params = {k: str(recipe[k]) for k in ("cluster.k", "strategy.slm-mix.experts", "strategy.slm-pn.experts")}
+        params |= results.frontier.parse_settings(r["settings"])
+        run = client.create_run(exp_id, start_time=r["start_ms"], tags=tags)
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, r["end_ms"], 0) for k, v in metrics.items()
+                                                   if v is not None],
+                         params=[Param(k, v) for k, v in params.items()], tags=[RunTag(k, v) for k, v in tags.items()])
+        client.set_terminated(run.info.run_id, end_time=r["end_ms"])
+    return uri, experiment_name(cfg)
+
+
+def test_mlflow_export_gives_the_committed_csv_and_page(study_store, tmp_path):
+    """MLflow -> CSV -> page: the study's runs exported from MLflow are the committed CSV's
+    rows (every value exact; run ids are the store's own), with claim 5's ``domain_entropy_k``
+    read from the runs' params equal to what the page fills in from the recipe; the page built
+    from the export is the committed page but for the sentence saying the k was filled in."""
+    uri, experiment = study_store
+    cfg, rows = _committed()
+    exported = results.export_rows(uri, experiment)
+    assert len(exported) == len(rows) == 372
+    expected, filled = results.fill_entropy_k(rows, cfg)
+    assert filled == sum(r["domain_entropy"] is not None for r in rows) > 0
+    strip = lambda r: {k: v for k, v in r.items() if k != "run_id"}  # noqa: E731
+    assert [strip(r) for r in exported] == [strip(r | {c: r.get(c) for c in results.COLUMNS}) for r in expected]
+    assert {r["domain_entropy_k"] for r in exported if r["strategy"] == "slm-is"} == {16.0}
+    back = results.read_csv(results.write_csv(exported, tmp_path / "study-runs.csv"))
+
+    def page(rows_):
+        return results_page.render_page(rows_, cfg, csv_label="docs/study-runs.csv",
+                                        config_label="configs/study.yaml", stages=results.read_stages(CSV),
+                                        fig_rel="results")
+
+    from_export = page(back)
+    assert from_export == page(expected)
+    committed = PAGE.read_text().splitlines()
+    only_committed = [line for line in committed if line not in from_export.splitlines()]
+    assert len(only_committed) == 1 and only_committed[0].startswith("The CSV predates the `domain_entropy_k` column")
+    assert [line for line in committed if line not in only_committed] == from_export.splitlines()
+
+
+def test_csv_and_mlflow_loader_agree(study_store):
+    """The CSV's configurations equal ``frontier.load_configs``' from the MLflow store, field
+    by field (perplexities, intervals, both cost conventions, claim 5's entropy and its k)."""
     from slmfactory.sweeps.frontier import load_configs
 
-    rows = results.export_rows(cfg.tracking_uri, experiment_name(cfg))
-    path = results.write_csv(rows, tmp_path / "demo-runs.csv")
-    back = results.read_csv(path)
-    assert back == rows
-    page = results_page.render_page(back, cfg, csv_label="demo-runs.csv", config_label="configs/demo.yaml")
-    assert _cross_check(page, back, cfg) > 0
+    uri, experiment = study_store
+    back = results.export_rows(uri, experiment)
     mine = {(c.strategy, c.generic_budget, c.spec_budget, c.in_domain, c.settings): c
             for c in results.configs_from_rows(back)}
     theirs = {(c.strategy, c.generic_budget, c.spec_budget, c.in_domain, c.settings): c
-              for c in load_configs(cfg.tracking_uri, experiment_name(cfg))}
-    assert set(mine) == set(theirs)
+              for c in load_configs(uri, experiment)}
+    assert set(mine) == set(theirs) and len(theirs) == 62
     for k, c in theirs.items():
         m = mine[k]
-        assert (m.ppl, m.nll, m.se, m.ppl_before, m.entropy, m.params) == (c.ppl, c.nll, c.se, c.ppl_before,
-                                                                           c.entropy, c.params)
+        assert (m.ppl, m.nll, m.se, m.ppl_before, m.entropy, m.entropy_k, m.params) == \
+            (c.ppl, c.nll, c.se, c.ppl_before, c.entropy, c.entropy_k, c.params)
         assert m.ppl_macro == pytest.approx(c.ppl_macro, rel=1e-12)
-        for u in c.costs:
-            assert m.costs[u] == pytest.approx(c.costs[u], rel=1e-12)
-        assert m.spent_generic == pytest.approx(c.spent_generic) if c.spent_generic is not None else True
+        for conv in (MEASURED, PAPER):
+            assert set(m.costs_in(conv)) == set(c.costs_in(conv))
+            for u in c.costs_in(conv):
+                assert m.costs_in(conv)[u] == pytest.approx(c.costs_in(conv)[u], rel=1e-12)
+        assert (m.spent_generic is None) == (c.spent_generic is None)
+        if c.spent_generic is not None:
+            assert m.spent_generic == pytest.approx(c.spent_generic)
+    slm_is = [c for c in theirs.values() if c.strategy == "slm-is"]
+    assert slm_is and all(c.generic("flops", PAPER) == 0 < c.generic("flops", MEASURED) for c in slm_is)
 
 
 def test_csv_round_trip_is_exact(tmp_path):
@@ -195,13 +239,14 @@ DOMAINS = ("a", "b", "c")
 
 def conf(strategy: str, ppl, g: str = "8e+06T", s: str = "1.6e+04T", n: int = 40_000, se: float = 0.01,
          params: int = SMALL, cost: tuple[float, float] = (0.0, 1.0), settings: str = "", gppl=None,
-         entropy=None) -> Config:
+         entropy=None, entropy_k: int | None = None, embed: float = 0.0) -> Config:
     """A configuration with macro ppl ``ppl`` (or per-domain ppls) and an interval of about
-    ±1.1% (se 0.01 per domain over 3 domains)."""
+    ±1.1% (se 0.01 per domain over 3 domains); ``embed``: the generic corpus's embedding
+    inside its generic cost (FLOPs)."""
     ppls = dict(ppl) if isinstance(ppl, dict) else {d: float(ppl) for d in DOMAINS}
     return Config(strategy, g, s, n, settings, params, 2.0 * params, {"flops": cost}, ppls,
                   {d: math.log(p) for d, p in ppls.items()}, se={d: se for d in ppls}, generic_ppl=gppl,
-                  entropy=entropy or {})
+                  entropy=entropy or {}, entropy_k=entropy_k, embed_generic={"flops": embed} if embed else {})
 
 
 def test_compare_and_combine():
@@ -223,14 +268,33 @@ LARGEST, SMALLEST = "1.31e+05T", "1.6e+04T"
 def test_claim1_is_best_small(is_ppl, verdict):
     configs = [conf("slm-is", is_ppl, g="none", s=LARGEST), conf("slm", 100, s=LARGEST),
                conf("slm-mix", 105, s=LARGEST),
-               conf("slm", 50, s=SMALLEST),  # another spec budget: not compared
+               conf("slm", 50, s=SMALLEST, cost=(0.0, 5.0)),  # 5x slm-is's cost: not a rival at equal cost
                conf("llm", 60, s=LARGEST, params=LARGE)]  # not a small model
     assert rc.claim_is_best_small(configs).verdict.startswith(verdict)
 
 
+def test_claim1_picks_rivals_by_cost_at_n1_under_the_paper_convention():
+    """slm-is (generic: only the embedding, 1000; spec 10) against slm at any generic budget:
+    the slm whose C_generic + C_spec is within 2x slm-is's paper cost (10) is its rival, the
+    far better slm of 100x its cost is not; under the measured convention slm-is costs 1010
+    and the expensive slm is in its window (shown beside, in a note)."""
+    is_ = conf("slm-is", 100, g="none", s=LARGEST, cost=(1000.0, 10.0), embed=1000.0)
+    cheap = conf("slm", 110, g="1e+05T", s=SMALLEST, cost=(15.0, 1.0))
+    dear = conf("slm", 50, g="8e+06T", s=LARGEST, cost=(1000.0, 5.0))
+    claim = rc.claim_is_best_small([is_, cheap, dear])
+    assert claim.verdict == "confirmed"
+    assert claim.parts[0].cells[1].startswith(cheap.label) and not any(dear.label in c for c in claim.parts[0].cells)
+    assert claim.numbers == (rc.number(is_), rc.number(cheap)) and claim.numbers[1].startswith("slm 110.00 [")
+    assert any("measured costs beside" in n and dear.label in n and n.endswith("worse") for n in claim.notes)
+    # The same cells with the rival's cost in reach: refuted.
+    assert rc.claim_is_best_small([is_, cheap, conf("slm", 50, cost=(10.0, 5.0))]).verdict == "refuted"
+
+
 def test_claim1_missing():
-    configs = [conf("slm-is", 90, g="none", s=SMALLEST), conf("slm", 100, s=LARGEST)]
-    assert rc.claim_is_best_small(configs).verdict == "inconclusive (cells missing: slm-is at 1.31e+05T, n=40,000)"
+    configs = [conf("slm-is", 90, g="none", s=SMALLEST), conf("slm", 100, s=LARGEST, cost=(0.0, 10.0))]
+    assert rc.claim_is_best_small(configs).verdict == \
+        "inconclusive (cells missing: a small rival costing <= 2 FLOPs per domain)"
+    assert rc.claim_is_best_small([conf("slm", 100)]).verdict == "inconclusive (cells missing: slm-is at n=40,000)"
 
 
 @pytest.mark.parametrize("mix_ppl,slm_g,verdict", [
@@ -283,12 +347,19 @@ def test_claim4_is_loses_with_n(slm, verdict):
 SIX = ("d1", "d2", "d3", "d4", "d5", "d6")
 
 
-def _entropy_set(gains, slm_g=(50.0, 40.0)):
-    ent = dict(zip(SIX, (0.1, 0.5, 0.9, 1.3, 1.7, 2.1)))
+K16 = dict(zip(SIX, (0.1, 0.5, 0.9, 1.3, 1.7, 2.1)))
+
+
+def _entropy_set(gains, slm_g=(50.0, 40.0), seed=""):
+    """slm, slm-mix (its own 4-expert entropy ordered against the k = 16 one) and slm-is
+    carrying the domains' k = 16 entropy."""
     slm = {d: 100.0 for d in SIX}
     mix = {d: 100.0 * (1 - g) for d, g in zip(SIX, gains)}
-    return [conf("slm", slm, g="1e+06T", gppl=slm_g[0]), conf("slm", slm, g="8e+06T", gppl=slm_g[1]),
-            conf("slm-mix", mix, g="8e+06T", gppl=35.0, entropy=ent)]
+    own = dict(zip(SIX, (2.1, 1.7, 1.3, 0.9, 0.5, 0.1)))
+    return [conf("slm", slm, g="1e+06T", gppl=slm_g[0], settings=seed),
+            conf("slm", slm, g="8e+06T", gppl=slm_g[1], settings=seed),
+            conf("slm-mix", mix, g="8e+06T", gppl=35.0, entropy=own, entropy_k=4, settings=seed),
+            conf("slm-is", 300, g="none", entropy=K16, entropy_k=16, settings=seed)]
 
 
 @pytest.mark.parametrize("gains,slm_g,verdict", [
@@ -302,10 +373,60 @@ def test_claim5_entropy(gains, slm_g, verdict):
     assert rc.claim_entropy(configs).verdict.startswith(verdict)
 
 
+def test_claim5_uses_the_k16_entropy_not_the_experts_assignment():
+    """Gains falling with the k = 16 entropy confirm (one-sided p = 1/720); the experts' own
+    4-cluster entropy, ordered the other way, is not read; without a k = 16 entropy the
+    claim has no cells."""
+    configs = _entropy_set((0.30, 0.25, 0.20, 0.15, 0.10, 0.05))
+    claim = rc.claim_entropy(configs)
+    assert claim.verdict == "confirmed"
+    assert "k=16 entropy 0.100" in claim.parts[0].cells[0] and "p(rho < 0) = 0.00139" in claim.parts[0].cells[-1]
+    assert rc.entropy_k16(configs) == {40_000: K16}
+    no_k16 = [c for c in configs if c.strategy != "slm-is"]
+    assert rc.claim_entropy(no_k16).verdict.startswith("inconclusive (cells missing: the domains' k = 16 entropy")
+
+
+def test_claim5_needs_every_seed():
+    falling, flat = (0.30, 0.25, 0.20, 0.15, 0.10, 0.05), (0.10, 0.30, 0.05, 0.25, 0.15, 0.20)
+    both = _entropy_set(falling, seed="pretrain.seed=0") + _entropy_set(falling, seed="pretrain.seed=1")
+    claim = rc.claim_entropy(both)
+    assert claim.verdict == "confirmed" and claim.parts[0].seeds == 2 and claim.seed_note == ""
+    split = _entropy_set(falling, seed="pretrain.seed=0") + _entropy_set(flat, seed="pretrain.seed=1")
+    assert rc.claim_entropy(split).verdict.startswith("inconclusive")
+    against = _entropy_set(falling, seed="pretrain.seed=0") + _entropy_set(falling[::-1], seed="pretrain.seed=1")
+    assert rc.claim_entropy(against).verdict == "inconclusive (seeds disagree)"
+    one = rc.claim_entropy(_entropy_set(falling, seed="pretrain.seed=0"))
+    assert one.verdict == "confirmed" and one.seed_note == "one seed"
+
+
+def test_two_seeds_get_an_interval_at_least_as_wide_as_their_spread():
+    """slm's two seeds (100 and 110, each interval about ±1.1%) pooled: one configuration whose
+    interval covers both seeds' intervals, so slm-nopt at 105 ties it (each seed alone would
+    separate from it, one each way)."""
+    s0, s1 = conf("slm", 100, settings="pretrain.seed=0"), conf("slm", 110, settings="pretrain.seed=1")
+    (pooled,) = pool_seeds([s0, s1])
+    lo, hi = pooled.interval
+    assert lo <= s0.interval[0] and hi >= s1.interval[1] and hi - lo >= 110 - 100
+    assert pooled.n_seeds == 2 and pooled.label == "slm g8e+06T s1.6e+04T [2 seeds: pretrain.seed=0, 1]"
+    assert pooled.ppl_macro == pytest.approx(math.sqrt(100 * 110))
+    claim = rc.all_claims([s0, s1, conf("slm-nopt", 105, g="none")])[1][5]
+    assert claim.verdict == "inconclusive (intervals overlap)" and claim.parts[0].seeds == 1
+    assert "2 seeds" in claim.parts[0].name
+
+
+def test_a_claim_decided_on_one_seed_says_so():
+    claim = rc.claim_pretraining_helps([conf("slm", 100), conf("slm-nopt", 200, g="none")])
+    assert claim.verdict == "confirmed" and claim.seed_note == "one seed"
+    page_line = results_page.section_verdicts(rc.decision_gate([]), [claim]).splitlines()[-1]
+    assert "**confirmed** (one seed)" in page_line and "| slm 100.00 [98.87, 101.14] vs slm-nopt 200.00 [" in page_line
+
 def test_spearman_exact_p():
     assert rc.spearman_p([1, 2, 3], [3, 2, 1]) == pytest.approx(1 / 3)  # scipy's t approximation says 0
     assert rc.spearman_p(list(range(6)), list(range(6))) == pytest.approx(2 / 720)
     assert rc.spearman_critical(6) == pytest.approx(0.8857, abs=1e-4) and rc.spearman_critical(4) is None
+    assert rc.spearman_p(list(range(6)), list(range(6))[::-1], alternative="less") == pytest.approx(1 / 720)
+    assert rc.spearman_p(list(range(6)), list(range(6)), alternative="less") == 1.0
+    assert rc.spearman_critical(6, one_sided=True) == pytest.approx(0.8286, abs=1e-4)
 
 
 @pytest.mark.parametrize("nopt,verdict", [(200, "confirmed"), (50, "refuted"), (100.3, "inconclusive (intervals")])
@@ -339,3 +460,6 @@ def test_page_renders_synthetic_rows(tmp_path):
     for k in range(1, 7):
         assert f"### Claim {k}:" in page
     assert "| 6 | Generic pretraining" in page and "**confirmed**" in page
+    # No trial logged a k = 16 entropy: the page says so and claim 5 has no cells.
+    assert "No trial in the CSV logged a k = 16 entropy" in page
+    assert "| 5 | SLM-mix / SLM-pn gain least on high-entropy domains | **inconclusive (cells missing" in page

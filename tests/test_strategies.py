@@ -105,16 +105,54 @@ def test_distillation_loss_matches_hand_computed_kl():
     assert distillation_loss(s, s, y, 1.0, tau).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def _paper_flops_per_token(model, seq_len: int, per_param: float) -> float:
+    """docs/paper.md#cost, counted by hand from the HF model: ``per_param``·N + ``per_param``·L·T·d
+    (6 to train, 2 for a forward pass). With tied embeddings every parameter is one multiply-add
+    per token: the input lookup is free and the same matrix is the output head's matmul."""
+    c = model.config
+    assert c.tie_word_embeddings
+    n = sum(p.numel() for p in model.parameters())
+    return per_param * n + per_param * c.num_hidden_layers * seq_len * c.hidden_size
+
+
 def test_slm_d_pulse(work_cfg):
-    generic, rec = run_pulse(work_cfg, "slm-d")
+    from transformers import AutoModelForCausalLM
+
+    from slmfactory.models.phases import load_lm
+
+    cfg = work_cfg
+    generic, rec = run_pulse(cfg, "slm-d")
     # Teacher and student pretraining are both generic cost.
     assert generic.cost.flops == pytest.approx(generic.info["teacher_cost"]["flops"]
                                                + generic.info["student_cost"]["flops"])
-    # Specialisation = teacher fine-tuning + student fine-tuning, whose FLOPs include the
-    # teacher's forward passes (more than a plain SLM fine-tuning of the same steps).
-    assert rec.spec_cost.flops == pytest.approx(rec.metrics["teacher_finetune_flops"]
-                                                + rec.metrics["student_finetune_flops"])
     assert rec.params < 2 * 10 ** 6 and math.isfinite(rec.metrics["teacher_test_ppl"])
+
+    # The student's fine-tuning pays for the teacher's forward passes: its FLOPs are the
+    # student's training (6·N_s per token) plus one teacher forward (2·N_t per token) on each
+    # of its tokens, counted here from the two models and the steps the student took.
+    seq, per_step = cfg.data.seq_len, cfg.finetune.batch_size * cfg.data.seq_len
+    student = AutoModelForCausalLM.from_pretrained(rec.path)
+    teacher = load_lm(cfg, "llm", None)
+    student_train = _paper_flops_per_token(student, seq, 6.0)
+    teacher_train = _paper_flops_per_token(teacher, seq, 6.0)
+    teacher_forward = _paper_flops_per_token(teacher, seq, 2.0)
+    tokens = rec.metrics["finetune_steps"] * per_step
+    assert tokens > 0 and sum(p.numel() for p in teacher.parameters()) > rec.params  # the larger model
+    assert rec.metrics["student_finetune_flops"] == pytest.approx(tokens * (student_train + teacher_forward),
+                                                                  rel=1e-9)
+    # The teacher's forward passes are priced as the teacher's inference work (device-hours
+    # come from these items), not folded into the student's training.
+    forward = [w for w in rec.spec_cost.work if w["kind"] == "inference"]
+    assert len(forward) == 1 and forward[0]["tokens"] == tokens
+    assert forward[0]["params"] == sum(p.numel() for p in teacher.parameters())
+    assert forward[0]["flops"] == pytest.approx(tokens * teacher_forward, rel=1e-9)
+    # The teacher's own fine-tuning: whole steps of 6·N_t per token, within its budget share.
+    teacher_steps = rec.metrics["teacher_finetune_flops"] / (per_step * teacher_train)
+    assert teacher_steps == pytest.approx(round(teacher_steps), abs=1e-6)
+    assert 1 <= round(teacher_steps) <= cfg.finetune.max_tokens // per_step
+    # Specialisation = the teacher's fine-tuning + the student's (forward passes included).
+    assert rec.spec_cost.flops == pytest.approx(rec.metrics["teacher_finetune_flops"]
+                                                + rec.metrics["student_finetune_flops"], rel=1e-9)
 
 
 # -- slm-pn --------------------------------------------------------------------------------

@@ -325,7 +325,9 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
         if generic is None:
             generic_cost = embed_generic
         extra_metrics = {"domain_entropy": float(clusters.entropy(domain)),
+                         "domain_entropy_k": float(clusters.cfg.cluster.k),
                          "cost/clustering_generic_flops": embed_generic.flops,
+                         "cost/clustering_generic_device_hours": embed_generic.device_hours,
                          "cost/clustering_domain_flops": embed_domain.flops, **(extra_metrics or {})}
     stage = Stage.of(cfg.root, "models", f"{strategy}/{domain}", version=EXPORT_VERSION, weights=fit.stage_key,
                      test=data.test_identity())

@@ -1,7 +1,9 @@
 """The report's figures (matplotlib, drawn off-screen): perplexity against each cost with
 its Pareto fronts (``plot_costs``), the paper's Figure 1 from the measurements
 (``figure1``) and the amortisation plot (``plot_amortisation``). What they draw is computed
-in :mod:`slmfactory.sweeps.frontier`.
+in :mod:`slmfactory.sweeps.frontier`. Every figure draws costs under one named convention
+(``paper`` or ``measured``, ``platform.cost.COST_CONVENTIONS``): it says which in its title
+and its file name.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slmfactory.platform.cost import PAPER
 from slmfactory.sweeps.frontier import (
     AMORTISATION_N,
     UNIT_LABEL,
@@ -85,38 +88,41 @@ def _draw_cost_panel(ax, rows: list[Config], costs: list[float], classes: dict[f
 
 
 def plot_costs(configs: list[Config], in_domain: int, n_domains: int, cost: str, out: Path,
-               inference_caps: tuple = ()):
+               inference_caps: tuple = (), convention: str = PAPER):
     """Macro perplexity (with its interval) against generic, specialisation, inference and
-    per-domain cost for one in-domain size, N and cost unit; Pareto fronts per inference class."""
+    per-domain cost for one in-domain size, N, cost unit and convention; Pareto fronts per
+    inference class."""
     matplotlib, plt = pyplot()
-    rows = [c for c in configs if c.in_domain == in_domain and cost in c.costs]
+    rows = [c for c in configs if c.in_domain == in_domain and c.has_cost(cost, convention)]
     strategies = sorted({c.strategy for c in configs})
     colour = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
     classes = inference_classes(rows, inference_caps)
     unit = UNIT_LABEL[cost]
-    panels = [([c.generic(cost) for c in rows], f"generic {unit} (paid once)"),
-              ([c.spec(cost) for c in rows], f"specialisation {unit} per domain"),
+    panels = [([c.generic(cost, convention) for c in rows], f"generic {unit} (paid once)"),
+              ([c.spec(cost, convention) for c in rows], f"specialisation {unit} per domain"),
               ([c.inference for c in rows], "inference FLOPs per token"),
-              ([c.per_domain(n_domains, cost) for c in rows], f"per-domain {unit}: spec. + generic / {n_domains}")]
+              ([c.per_domain(n_domains, cost, convention) for c in rows],
+               f"per-domain {unit}: spec. + generic / {n_domains}")]
     fig, axes = plt.subplots(1, len(panels), figsize=(19, 4.4))
     for ax, (costs, xlabel) in zip(axes, panels):
         _draw_cost_panel(ax, rows, costs, classes, colour, xlabel)
     handles = [plt.Line2D([], [], marker="o", ls="", color=colour[s], label=s) for s in strategies]
     handles.append(plt.Line2D([], [], marker="<", ls="", mfc="none", color="k", label="cost 0"))
     axes[0].legend(handles=handles + axes[0].get_legend_handles_labels()[0], fontsize=7)
-    fig.suptitle(f"Macro perplexity (95% interval) against cost, in-domain {in_domain:,} tokens, N = {n_domains}")
+    fig.suptitle(f"Macro perplexity (95% interval) against cost ({convention} costs), in-domain {in_domain:,} tokens, "
+                 f"N = {n_domains}")
     fig.tight_layout()
-    path = out / f"ppl_vs_cost_n{in_domain}_N{n_domains}_{cost}.png"
+    path = out / f"ppl_vs_cost_n{in_domain}_N{n_domains}_{cost}_{convention}.png"
     fig.savefig(path, dpi=100)
     return fig, path
 
 
 def figure1(configs: list[Config], in_domain: int, n_domains: int, cost: str, out: Path,
-            inference_caps: tuple = ()):
+            inference_caps: tuple = (), convention: str = PAPER):
     """The paper's Figure 1 from measurements: the winner per (inference class, per-domain
     budget bin) cell for N domains, with its interval; overlapping intervals are marked tie."""
     matplotlib, plt = pyplot()
-    caps, edges, cells = figure1_grid(configs, in_domain, n_domains, cost, inference_caps)
+    caps, edges, cells = figure1_grid(configs, in_domain, n_domains, cost, inference_caps, convention)
     strategies = sorted({c.strategy for c in configs})
     grid = np.full((len(caps), len(edges)), -1)
     fig, ax = plt.subplots(figsize=(1.8 * len(edges) + 3, 0.9 * len(caps) + 2))
@@ -139,34 +145,35 @@ def figure1(configs: list[Config], in_domain: int, n_domains: int, cost: str, ou
     unit = UNIT_LABEL[cost]
     ax.set_xlabel(f"per-domain budget bin: spec. {unit} + generic {unit} / {n_domains}")
     ax.set_ylabel("inference class (served parameters)")
-    ax.set_title(f"Which strategy wins (macro ppl [95%]), N = {n_domains}, in-domain {in_domain:,} tokens",
-                 fontsize=9)
+    ax.set_title(f"Which strategy wins (macro ppl [95%]), N = {n_domains}, in-domain {in_domain:,} tokens, "
+                 f"{convention} costs", fontsize=9)
     fig.tight_layout()
-    path = out / f"figure1_n{in_domain}_N{n_domains}_{cost}.png"
+    path = out / f"figure1_n{in_domain}_N{n_domains}_{cost}_{convention}.png"
     fig.savefig(path, dpi=100)
     return fig, path
 
 
-def plot_amortisation(configs: list[Config], in_domain: int, cost: str, out: Path):
+def plot_amortisation(configs: list[Config], in_domain: int, cost: str, out: Path, convention: str = PAPER):
     """C(N) = C_generic + N C_spec of each strategy's best configuration at one in-domain size."""
     _, plt = pyplot()
     best: dict[str, Config] = {}
     for c in configs:
-        if c.in_domain == in_domain and cost in c.costs and (
+        if c.in_domain == in_domain and c.has_cost(cost, convention) and (
                 c.strategy not in best or c.ppl_macro < best[c.strategy].ppl_macro):
             best[c.strategy] = c
     n = np.arange(1, max(AMORTISATION_N) + 1)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (s, c) in enumerate(sorted(best.items())):
-        ax.plot(n, c.generic(cost) + n * c.spec(cost), color=f"C{i % 10}", label=f"{s} ({macro_cell(c)})")
-        ax.scatter(AMORTISATION_N, [c.total(k, cost) for k in AMORTISATION_N], color=f"C{i % 10}", s=16)
+        ax.plot(n, c.generic(cost, convention) + n * c.spec(cost, convention), color=f"C{i % 10}",
+                label=f"{s} ({macro_cell(c)})")
+        ax.scatter(AMORTISATION_N, [c.total(k, cost, convention) for k in AMORTISATION_N], color=f"C{i % 10}", s=16)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("number of domains N")
-    ax.set_ylabel(f"C(N) = C_generic + N C_spec ({UNIT_LABEL[cost]})")
-    ax.set_title(f"Amortisation, in-domain {in_domain:,} tokens", fontsize=9)
+    ax.set_ylabel(f"C(N) = C_generic + N C_spec ({UNIT_LABEL[cost]}, {convention} costs)")
+    ax.set_title(f"Amortisation, in-domain {in_domain:,} tokens, {convention} costs", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / f"amortisation_n{in_domain}_{cost}.png"
+    path = out / f"amortisation_n{in_domain}_{cost}_{convention}.png"
     fig.savefig(path, dpi=100)
     return fig, path

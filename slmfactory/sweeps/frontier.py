@@ -21,7 +21,15 @@ Costs. In either unit (``flops`` or ``device-hours``), a configuration's generic
 shared generic phase's (paid once, the max over its trials), its specialisation cost the
 mean over domains (paid per domain). Over N domains it costs C(N) = C_generic + N · C_spec,
 so the budget one domain carries is C_spec + C_generic / N: the "specialisation budget" axis
-of the paper's Figure 1 here. One N set, :data:`AMORTISATION_N`, is used by every table and
+of the paper's Figure 1 here. Every cost is read under one of two named conventions
+(``platform.cost.COST_CONVENTIONS``): *measured* (everything logged) and *paper* (the generic
+corpus's embedding, ``cost/clustering_generic_*``, taken out of the generic cost, as the paper
+sets C_generic(slm-is) = 0); :func:`apply_conventions` derives the paper's from the measured.
+
+Seeds. Where a configuration ran with two or more seeds, :func:`pool_seeds` makes one
+configuration of them whose interval is the *union* of the seeds' intervals (lowest lower
+bound to highest upper bound), so it is at least as wide as the seeds' spread, around
+exp(mean over seeds of the macro NLL). One N set, :data:`AMORTISATION_N`, is used by every table and
 figure. Inference classes are the recipe's ``sweep.inference_caps`` (a model belongs to the
 smallest cap that serves it) or, without caps, each distinct served-parameter count.
 """
@@ -35,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from slmfactory.platform.cost import MEASURED, PAPER, check_convention, generic_under
 from slmfactory.platform.errors import DataError, SlmFactoryError
 from slmfactory.trial import TRIAL_TAG
 
@@ -67,6 +76,17 @@ def parse_settings(settings: str) -> dict[str, str]:
     return dict(p.split("=", 1) for p in settings.split(",") if p)
 
 
+def seeds_text(seeds: tuple[str, ...]) -> str:
+    """``("pretrain.seed=0", "pretrain.seed=1")`` -> ``pretrain.seed=0, 1`` (one seed key);
+    several keys stay whole, separated by ``|``."""
+    parsed = [parse_settings(s) for s in seeds]
+    keys = {tuple(p) for p in parsed}
+    if len(keys) == 1 and len(next(iter(keys))) == 1:
+        (key,) = next(iter(keys))
+        return f"{key}=" + ", ".join(p[key] for p in parsed)
+    return " | ".join(seeds)
+
+
 @dataclass
 class Config:
     """One configuration: a strategy at given budgets, in-domain size and settings, over domains."""
@@ -93,6 +113,19 @@ class Config:
     epochs_generic: float | None = None
     epochs_spec: float | None = None
     seed_spread: float | None = None
+    embed_generic: dict[str, float] = field(default_factory=dict)
+    """unit -> the generic corpus's embedding inside the generic cost (strategies that cluster)."""
+    paper_costs: dict[str, tuple[float, float]] | None = None
+    """``costs`` under the paper's convention (:func:`apply_conventions`); None: not derived."""
+    seeds: tuple[str, ...] = ()
+    """The seed settings pooled into this configuration (:func:`pool_seeds`); () for one run."""
+    pooled_interval: tuple[float, float] | None = None
+    entropy_k: int | None = None
+    """How many clusters ``entropy`` is over (None: not logged)."""
+
+    @property
+    def n_seeds(self) -> int:
+        return max(1, len(self.seeds))
 
     @property
     def nll_macro(self) -> float:
@@ -110,7 +143,10 @@ class Config:
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        """95% interval of the macro perplexity: exp(macro NLL ± 1.96 · SE)."""
+        """95% interval of the macro perplexity: exp(macro NLL ± 1.96 · SE); for seeds pooled
+        by :func:`pool_seeds`, the union of the seeds' intervals."""
+        if self.seeds:
+            return self.pooled_interval
         se = self.se_macro
         if se is None:
             return None
@@ -124,20 +160,43 @@ class Config:
 
     @property
     def label(self) -> str:
-        return (f"{self.strategy} g{self.generic_budget} s{self.spec_budget}"
-                + (f" [{self.settings}]" if self.settings else ""))
+        pooled = f"{self.n_seeds} seeds: {seeds_text(self.seeds)}" if self.seeds else ""
+        inside = "; ".join(x for x in (self.settings, pooled) if x)
+        return f"{self.strategy} g{self.generic_budget} s{self.spec_budget}" + (f" [{inside}]" if inside else "")
 
-    def generic(self, cost: str = "flops") -> float:
-        return self.costs.get(cost, (0.0, 0.0))[0]
+    def costs_in(self, convention: str = MEASURED) -> dict[str, tuple[float, float]]:
+        """unit -> (generic, specialisation per domain) under ``convention``."""
+        if check_convention(convention, "convention") == MEASURED:
+            return self.costs
+        if self.paper_costs is None:
+            apply_conventions([self])
+        return self.paper_costs
 
-    def spec(self, cost: str = "flops") -> float:
-        return self.costs.get(cost, (0.0, 0.0))[1]
+    def has_cost(self, cost: str, convention: str = MEASURED) -> bool:
+        return cost in self.costs_in(convention)
 
-    def total(self, n: int, cost: str = "flops") -> float:
-        return self.generic(cost) + n * self.spec(cost)
+    def generic(self, cost: str = "flops", convention: str = MEASURED) -> float:
+        return self.costs_in(convention).get(cost, (0.0, 0.0))[0]
 
-    def per_domain(self, n: int, cost: str = "flops") -> float:
-        return self.spec(cost) + self.generic(cost) / n
+    def spec(self, cost: str = "flops", convention: str = MEASURED) -> float:
+        return self.costs_in(convention).get(cost, (0.0, 0.0))[1]
+
+    def total(self, n: int, cost: str = "flops", convention: str = MEASURED) -> float:
+        return self.generic(cost, convention) + n * self.spec(cost, convention)
+
+    def per_domain(self, n: int, cost: str = "flops", convention: str = MEASURED) -> float:
+        return self.spec(cost, convention) + self.generic(cost, convention) / n
+
+
+def entropy_clusters(strategy: str, params: dict[str, Any]) -> int | None:
+    """How many clusters a trial's ``domain_entropy`` is over, from its flattened config
+    (run params, or the recipe with the trial's settings): slm-mix and slm-pn assign the
+    domain to their experts' clustering (k = ``strategy.<name>.experts``); every other
+    strategy that clusters (slm-is) uses the recipe's ``cluster.k``. For runs logged before
+    trials logged ``domain_entropy_k`` themselves."""
+    key = f"strategy.{strategy}.experts" if strategy in EXPERT_STRATEGIES else "cluster.k"
+    value = params.get(key)
+    return int(float(value)) if value not in (None, "") else None
 
 
 def generic_ppl(m: dict[str, float]) -> float | None:
@@ -185,12 +244,18 @@ def load_configs(uri: str, experiment: str) -> list[Config]:
                              ("test_ppl_before", c.ppl_before), ("domain_entropy", c.entropy)):
             if name in m:
                 target[d] = m[name]
+        if "domain_entropy" in m:
+            k = m.get("domain_entropy_k")
+            k = k if k is not None else entropy_clusters(t["strategy"], r.data.params)
+            c.entropy_k = None if k is None else int(k)
         c.generic_ppl = generic_ppl(m) if c.generic_ppl is None else c.generic_ppl
         acc = spent.setdefault(key, {})
         for unit, metric in _COST_METRIC.items():
             if f"cost/spec_{metric}" in m:
                 acc.setdefault(f"g:{unit}", []).append(m.get(f"cost/generic_{metric}", 0.0))
                 acc.setdefault(f"s:{unit}", []).append(m[f"cost/spec_{metric}"])
+            if f"cost/clustering_generic_{metric}" in m:
+                acc.setdefault(f"e:{unit}", []).append(m[f"cost/clustering_generic_{metric}"])
         for name in ("spent/generic_tokens", "spent/spec_tokens", "epochs/generic", "epochs/spec"):
             if name in m:
                 acc.setdefault(name, []).append(m[name])
@@ -201,6 +266,7 @@ def load_configs(uri: str, experiment: str) -> list[Config]:
         # The generic phase is shared (paid once: the max over its trials); specialisation is
         # paid per domain (the mean over domains).
         c.costs = {u: (max(acc[f"g:{u}"]), float(np.mean(acc[f"s:{u}"]))) for u in COST_UNITS if f"s:{u}" in acc}
+        c.embed_generic = {u: max(acc[f"e:{u}"]) for u in COST_UNITS if f"e:{u}" in acc}
         c.spent_generic = _mean(acc.get("spent/generic_tokens", []))
         c.spent_spec = _mean(acc.get("spent/spec_tokens", []))
         c.epochs_generic = _mean(acc.get("epochs/generic", []))
@@ -209,7 +275,75 @@ def load_configs(uri: str, experiment: str) -> list[Config]:
     domains = set().union(*(c.nll for c in groups.values()))
     configs = [c for c in groups.values() if set(c.nll) == domains]
     set_seed_spread(configs)
+    apply_conventions(configs)
     return sorted(configs, key=lambda c: (c.in_domain, c.ppl_macro))
+
+
+def apply_conventions(configs: list[Config]) -> None:
+    """Set each configuration's ``paper_costs``: its measured costs with the generic corpus's
+    embedding (``embed_generic``) taken out of the generic cost; a configuration that clusters
+    nothing costs the same under both conventions.
+
+    Runs logged before ``cost/clustering_generic_device_hours`` existed carry the embedding in
+    FLOPs only. Its device-hours are then those of a configuration whose whole generic cost
+    is that same embedding (slm-is: generic FLOPs equal to its embedding FLOPs; the same
+    work, so the same projected hours); without one, the paper's device-hours are left out
+    (the configuration has no ``device-hours`` under ``paper``)."""
+    pure = {}
+    for c in configs:
+        e = c.embed_generic.get("flops")
+        if e and "device-hours" in c.costs and "flops" in c.costs and math.isclose(c.generic("flops"), e, rel_tol=1e-9):
+            pure[round(e)] = c.generic("device-hours")
+    for c in configs:
+        embed = dict(c.embed_generic)
+        if embed.get("flops") and "device-hours" not in embed and round(embed["flops"]) in pure:
+            embed["device-hours"] = pure[round(embed["flops"])]
+        clusters = bool(embed.get("flops"))
+        c.paper_costs = {u: (generic_under(PAPER, g, embed[u]) if clusters else g, s)
+                         for u, (g, s) in c.costs.items() if not clusters or u in embed}
+
+
+def pool_seeds(configs: list[Config]) -> list[Config]:
+    """One configuration per replicate group (rows that differ only in ``*seed`` settings):
+    a group of one is returned as it is; two or more seeds become one configuration whose
+    per-domain NLL is the mean over the seeds, whose interval is the union of the seeds'
+    intervals (None when a seed has none), whose costs are the seeds' mean, and whose
+    ``seeds`` name them. The union is at least as wide as the seeds' spread of macro
+    perplexity: a verdict never separates what a second seed would not."""
+    groups: dict[tuple, list[Config]] = {}
+    for c in configs:
+        groups.setdefault(c.replicate_key, []).append(c)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        group = sorted(group, key=lambda c: c.settings)
+        first = group[0]
+        ivs = [c.interval for c in group]
+        union = (min(iv[0] for iv in ivs), max(iv[1] for iv in ivs)) if all(ivs) else None
+        nll = {d: float(np.mean([c.nll[d] for c in group])) for d in first.nll}
+
+        def mean_costs(get) -> dict[str, tuple[float, float]]:
+            units = set.intersection(*(set(get(c)) for c in group))
+            return {u: (float(np.mean([get(c)[u][0] for c in group])), float(np.mean([get(c)[u][1] for c in group])))
+                    for u in units}
+
+        pooled = Config(first.strategy, first.generic_budget, first.spec_budget, first.in_domain,
+                        first.replicate_key[-1], first.params, first.inference, mean_costs(lambda c: c.costs),
+                        {d: math.exp(v) for d, v in nll.items()}, nll,
+                        ppl_before=({d: math.exp(float(np.mean([math.log(c.ppl_before[d]) for c in group])))
+                                     for d in first.ppl_before} if all(set(c.ppl_before) == set(first.ppl_before)
+                                                                       for c in group) else {}),
+                        entropy=dict(first.entropy), entropy_k=first.entropy_k, generic_ppl=_mean([c.generic_ppl for c in group
+                                                                        if c.generic_ppl is not None]),
+                        seed_spread=first.seed_spread, embed_generic=dict(first.embed_generic),
+                        paper_costs=mean_costs(lambda c: c.costs_in(PAPER)),
+                        seeds=tuple(",".join(f"{k}={v}" for k, v in sorted(parse_settings(c.settings).items())
+                                             if _is_seed(k)) for c in group),
+                        pooled_interval=union)
+        out.append(pooled)
+    return sorted(out, key=lambda c: (c.in_domain, c.ppl_macro))
 
 
 def set_seed_spread(configs: list[Config]) -> None:
@@ -253,6 +387,7 @@ class Recommendation:
     ranked: list[Config]
     in_domain: int | None
     cost: str
+    convention: str = PAPER
 
     @property
     def best(self) -> Config | None:
@@ -282,16 +417,19 @@ def pick_in_domain(configs: list[Config], in_domain: int | None) -> int:
 
 
 def recommend(configs: list[Config], inference_params: float, spec_budget: float, domains: int,
-              in_domain: int | None = None, cost: str = "flops") -> Recommendation:
+              in_domain: int | None = None, cost: str = "flops", convention: str = PAPER) -> Recommendation:
     """Configurations of the chosen in-domain size that fit (served parameters <=
     ``inference_params``, per-domain budget C_spec + C_generic / N <= ``spec_budget`` in
-    ``cost`` units), best macro perplexity first; see :class:`Recommendation`."""
+    ``cost`` units under cost ``convention``), best macro perplexity first; see
+    :class:`Recommendation`."""
     if cost not in COST_UNITS:
         raise SlmFactoryError(f"--cost {cost!r}: expected one of {', '.join(COST_UNITS)}")
+    check_convention(convention)
     size = pick_in_domain(configs, in_domain)
-    fit = [c for c in configs if c.in_domain == size and cost in c.costs and c.params <= inference_params
-           and c.per_domain(domains, cost) <= spec_budget]
-    return Recommendation(sorted(fit, key=lambda c: (c.ppl_macro, c.total(domains, cost))), size, cost)
+    fit = [c for c in configs if c.in_domain == size and c.has_cost(cost, convention) and c.params <= inference_params
+           and c.per_domain(domains, cost, convention) <= spec_budget]
+    return Recommendation(sorted(fit, key=lambda c: (c.ppl_macro, c.total(domains, cost, convention))), size, cost,
+                          convention)
 
 
 def inference_classes(configs: list[Config], caps: tuple = ()) -> dict[float, list[Config]]:
@@ -379,12 +517,14 @@ def entropy_gains(configs: list[Config]) -> list[dict[str, Any]]:
 
 
 def figure1_grid(configs: list[Config], in_domain: int, n_domains: int, cost: str,
-                 inference_caps: tuple = ()) -> tuple[list[float], np.ndarray, list[list[Recommendation]]]:
+                 inference_caps: tuple = (), convention: str = PAPER
+                 ) -> tuple[list[float], np.ndarray, list[list[Recommendation]]]:
     """Figure 1's cells: inference classes x per-domain budget bins, each the recommendation
-    of the configurations that fit (served parameters <= the class, per-domain cost <= the
-    bin's upper edge)."""
-    rows = [c for c in configs if c.in_domain == in_domain and cost in c.costs]
+    of the configurations that fit (served parameters <= the class, per-domain cost under
+    ``convention`` <= the bin's upper edge)."""
+    rows = [c for c in configs if c.in_domain == in_domain and c.has_cost(cost, convention)]
     caps = list(inference_classes(rows, inference_caps))
-    edges = budget_bins([c.per_domain(n_domains, cost) for c in rows])
-    cells = [[recommend(rows, cap, b * (1 + 1e-9), n_domains, in_domain, cost) for b in edges] for cap in caps]
+    edges = budget_bins([c.per_domain(n_domains, cost, convention) for c in rows])
+    cells = [[recommend(rows, cap, b * (1 + 1e-9), n_domains, in_domain, cost, convention) for b in edges]
+             for cap in caps]
     return caps, edges, cells

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from slmfactory.platform.cost import CONVENTION_DOC, COST_CONVENTIONS, MEASURED, PAPER
 from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment
 from slmfactory.sweeps.figures import figure1, plot_amortisation, plot_costs, pyplot
 from slmfactory.sweeps.frontier import (
@@ -52,20 +53,28 @@ def markdown(configs: list[Config], n_domains: int | None = None) -> str:
         rows = [c for c in configs if c.in_domain == n]
         head = (["strategy", "settings", "generic budget", "spec. budget", "params", "macro ppl [95%]"]
                 + (["seed spread"] if seeds else []) + domains
-                + ["epochs g/s", "generic FLOPs", "spec. FLOPs / domain", "generic dev-h", "spec. dev-h / domain",
-                   "inference FLOPs / token"] + [f"C({k}) FLOPs" for k in AMORTISATION_N])
+                + ["epochs g/s", "generic FLOPs measured / paper", "spec. FLOPs / domain",
+                   "generic dev-h measured / paper", "spec. dev-h / domain", "inference FLOPs / token"]
+                + [f"C({k}) FLOPs measured / paper" for k in AMORTISATION_N])
         out += [f"### In-domain size {n:,} tokens ({len(domains)} domains: {', '.join(domains)})", "",
                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in rows:
             cells = ([c.strategy, c.settings or "-", _budget_cell(c.generic_budget, c.spent_generic),
                       _budget_cell(c.spec_budget, c.spent_spec), f"{c.params / 1e6:.2f}M", f"**{macro_cell(c)}**"]
                      + ([fmt(c.seed_spread)] if seeds else []) + [_domain_cell(c, d) for d in domains]
-                     + [f"{fmt(c.epochs_generic)}/{fmt(c.epochs_spec)}", fmt(c.generic("flops")),
-                        fmt(c.spec("flops")), fmt(c.generic("device-hours")), fmt(c.spec("device-hours")),
-                        fmt(c.inference)] + [fmt(c.total(k)) for k in AMORTISATION_N])
+                     + [f"{fmt(c.epochs_generic)}/{fmt(c.epochs_spec)}", _both(c, "flops", c.generic),
+                        fmt(c.spec("flops")), _both(c, "device-hours", c.generic), fmt(c.spec("device-hours")),
+                        fmt(c.inference)] + [_both(c, "flops", lambda u, conv, k=k: c.total(k, u, conv))
+                                             for k in AMORTISATION_N])
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def _both(c: Config, unit: str, get) -> str:
+    """``measured / paper`` of a cost (one value where the conventions agree)."""
+    values = [fmt(get(unit, conv)) if c.has_cost(unit, conv) else "-" for conv in (MEASURED, PAPER)]
+    return values[0] if values[0] == values[1] else " / ".join(values)
 
 
 def table_before_after(configs: list[Config]) -> str:
@@ -158,16 +167,17 @@ def table_is_provenance(uri: str, experiment: str, top: int = 6) -> str:
     return "\n".join(lines)
 
 
-def recommendation_table(configs: list[Config], cost: str = "flops", inference_caps: tuple = ()) -> str:
+def recommendation_table(configs: list[Config], cost: str = "flops", inference_caps: tuple = (),
+                         convention: str = PAPER) -> str:
     """For each N in AMORTISATION_N, in-domain size, inference class and per-domain budget
-    bin: the best fitting configuration with its interval, C(N), the runner-up (best of
-    another strategy) and whether the two tie."""
-    unit = UNIT_LABEL[cost]
+    bin (costs under ``convention``): the best fitting configuration with its interval, C(N),
+    the runner-up (best of another strategy) and whether the two tie."""
+    unit = f"{UNIT_LABEL[cost]}, {convention} costs"
     lines = [f"| domains N | in-domain | inference class | per-domain budget ({unit}) | recommended | "
              f"macro ppl [95%] | C(N) {unit} | runner-up | tie |", "|---|---|---|---|---|---|---|---|---|"]
     for n in AMORTISATION_N:
         for size in sorted({c.in_domain for c in configs}):
-            caps, edges, cells = figure1_grid(configs, size, n, cost, inference_caps)
+            caps, edges, cells = figure1_grid(configs, size, n, cost, inference_caps, convention)
             budget_labels = distinct_labels(edges, prefix="<= ")
             for cap, row in zip(caps, cells):
                 for label, rec in zip(budget_labels, row):
@@ -176,7 +186,7 @@ def recommendation_table(configs: list[Config], cost: str = "flops", inference_c
                         lines.append(f"| {n} | {size:,} | <= {cap / 1e6:.3g}M | {label} | none fits | - | - | - | - |")
                         continue
                     lines.append(f"| {n} | {size:,} | <= {cap / 1e6:.3g}M | {label} | {b.label} | {macro_cell(b)} | "
-                                 f"{fmt(b.total(n, cost))} | "
+                                 f"{fmt(b.total(n, cost, convention))} | "
                                  + (f"{r.label} ({macro_cell(r)})" if r else "-")
                                  + f" | {'**tie**' if rec.tie else 'no'} |")
     return "\n".join(lines)
@@ -192,21 +202,25 @@ def write_report(uri: str, experiment: str, out: Path, inference_caps: tuple = (
     files = []
     for size in sorted({c.in_domain for c in configs}):
         for cost in units:
-            for n in AMORTISATION_N:
-                for draw in (plot_costs, figure1):
-                    fig, path = draw(configs, size, n, cost, out, inference_caps)
-                    plt.close(fig)
-                    files.append(path)
-            fig, path = plot_amortisation(configs, size, cost, out)
-            plt.close(fig)
-            files.append(path)
+            for conv in COST_CONVENTIONS:
+                for n in AMORTISATION_N:
+                    for draw in (plot_costs, figure1):
+                        fig, path = draw(configs, size, n, cost, out, inference_caps, conv)
+                        plt.close(fig)
+                        files.append(path)
+                fig, path = plot_amortisation(configs, size, cost, out, conv)
+                plt.close(fig)
+                files.append(path)
     table = markdown(configs)
-    rec = "\n\n".join(f"### Per-domain budget in {UNIT_LABEL[u]}\n\n{recommendation_table(configs, u, inference_caps)}"
-                      for u in units)
+    rec = "\n\n".join(f"### Per-domain budget in {UNIT_LABEL[u]}, {conv} costs\n\n"
+                      f"{recommendation_table(configs, u, inference_caps, conv)}"
+                      for u in units for conv in COST_CONVENTIONS)
     doc = (f"# Sweep report: {experiment}\n\n"
            f"Macro perplexity = exp(mean over domains of the test NLL); 95% interval exp(NLL ± 1.96 SE), "
            f"SE = sqrt(sum of the domains' bootstrap SE^2) / D; per-domain cells: the bootstrap percentile "
            f"interval over test sequences. A **tie**: the winner's interval overlaps the runner-up's.\n\n"
+           f"Costs under two conventions (docs/costs.md): *paper*, {CONVENTION_DOC[PAPER]}; *measured*, "
+           f"{CONVENTION_DOC[MEASURED]}.\n\n"
            f"{table}\n\n## Recommendation\n\n{rec}\n\n"
            f"## Perplexity before and after fine-tuning (the paper's Table 4, docs/paper.md#table-4)\n\n{table_before_after(configs)}\n\n"
            f"## Generic perplexity of each generic phase (the paper's Table 8, docs/paper.md#table-8)\n\n{table_generic(configs)}\n\n"

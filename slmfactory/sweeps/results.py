@@ -51,6 +51,7 @@ METRIC_COLUMNS = (
     ("generic_wall_seconds", "cost/generic_wall_seconds"),
     ("spec_wall_seconds", "cost/spec_wall_seconds"),
     ("clustering_generic_flops", "cost/clustering_generic_flops"),
+    ("clustering_generic_device_hours", "cost/clustering_generic_device_hours"),
     ("spent_generic_tokens", "spent/generic_tokens"),
     ("spent_spec_tokens", "spent/spec_tokens"),
     ("epochs_generic", "epochs/generic"),
@@ -64,9 +65,10 @@ METRIC_COLUMNS = (
 DOMAIN_COLUMNS = ("ppl", "ppl_lo", "ppl_hi")
 TAG_COLUMNS = ("strategy", "domain", "generic_budget", "spec_budget", "in_domain_tokens", "settings")
 COLUMNS = (("run_id", "trial_key") + TAG_COLUMNS + ("pretrain_seed",) + DOMAIN_COLUMNS + ("generic_ppl",)
-           + tuple(c for c, _ in METRIC_COLUMNS) + ("start_ms", "end_ms"))
+           + tuple(c for c, _ in METRIC_COLUMNS) + ("domain_entropy_k", "start_ms", "end_ms"))
 _UNIT_COLUMNS = {"flops": ("generic_flops", "spec_flops"),
                  "device-hours": ("generic_device_hours", "spec_device_hours")}
+_EMBED_COLUMNS = {"flops": "clustering_generic_flops", "device-hours": "clustering_generic_device_hours"}
 
 
 def budget_value(label: str) -> float:
@@ -75,6 +77,22 @@ def budget_value(label: str) -> float:
         return float(label.rstrip("TF"))
     except ValueError:
         return 0.0
+
+
+def fill_entropy_k(rows: list[dict[str, Any]], cfg) -> tuple[list[dict[str, Any]], int]:
+    """Rows with ``domain_entropy_k`` filled where a CSV exported before the column lacks it:
+    ``frontier.entropy_clusters`` of the recipe ``cfg`` with the row's settings applied. Returns the
+    rows (copies where filled) and how many were filled."""
+    base = cfg.to_dict()
+    out, filled = [], 0
+    for r in rows:
+        if r.get("domain_entropy") is not None and r.get("domain_entropy_k") is None:
+            k = frontier.entropy_clusters(r["strategy"], {**base, **frontier.parse_settings(r["settings"])})
+            if k is not None:
+                r = {**r, "domain_entropy_k": float(k)}
+                filled += 1
+        out.append(r)
+    return out, filled
 
 
 def row_from_run(run) -> dict[str, Any]:
@@ -89,6 +107,11 @@ def row_from_run(run) -> dict[str, Any]:
         row[col] = m.get(f"{col}/{d}")
     row["generic_ppl"] = generic_ppl(m)
     row.update({col: m.get(metric) for col, metric in METRIC_COLUMNS})
+    row["domain_entropy_k"] = None
+    if row["domain_entropy"] is not None:
+        k = m.get("domain_entropy_k")
+        k = k if k is not None else frontier.entropy_clusters(row["strategy"], run.data.params)
+        row["domain_entropy_k"] = None if k is None else float(k)
     row["start_ms"], row["end_ms"] = run.info.start_time, run.info.end_time
     return row
 
@@ -169,6 +192,8 @@ def configs_from_rows(rows: list[dict[str, Any]]) -> list[Config]:
                             ("ppl_before", c.ppl_before), ("domain_entropy", c.entropy)):
             if r.get(col) is not None:
                 target[d] = r[col]
+        if r.get("domain_entropy_k") is not None:
+            c.entropy_k = int(r["domain_entropy_k"])
         if c.generic_ppl is None:
             c.generic_ppl = r.get("generic_ppl")
         a = acc.setdefault(key, {})
@@ -176,18 +201,23 @@ def configs_from_rows(rows: list[dict[str, Any]]) -> list[Config]:
             if r.get(s) is not None:
                 a.setdefault(f"g:{unit}", []).append(r.get(g) or 0.0)
                 a.setdefault(f"s:{unit}", []).append(r[s])
+        for unit, col in _EMBED_COLUMNS.items():
+            if r.get(col) is not None:
+                a.setdefault(f"e:{unit}", []).append(r[col])
         for col in ("spent_generic_tokens", "spent_spec_tokens", "epochs_generic", "epochs_spec"):
             if r.get(col) is not None:
                 a.setdefault(col, []).append(r[col])
     for key, c in groups.items():
         a = acc[key]
         c.costs = {u: (max(a[f"g:{u}"]), float(np.mean(a[f"s:{u}"]))) for u in COST_UNITS if f"s:{u}" in a}
+        c.embed_generic = {u: max(a[f"e:{u}"]) for u in COST_UNITS if f"e:{u}" in a}
         mean = {k: (float(np.mean(v)) if v else None) for k, v in a.items()}
         c.spent_generic, c.spent_spec = mean.get("spent_generic_tokens"), mean.get("spent_spec_tokens")
         c.epochs_generic, c.epochs_spec = mean.get("epochs_generic"), mean.get("epochs_spec")
     domains = set().union(*(c.nll for c in groups.values())) if groups else set()
     configs = [c for c in groups.values() if set(c.nll) == domains]
     frontier.set_seed_spread(configs)
+    frontier.apply_conventions(configs)
     return sorted(configs, key=lambda c: (c.in_domain, c.ppl_macro))
 
 

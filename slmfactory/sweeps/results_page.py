@@ -15,12 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from slmfactory.platform.cost import CONVENTION_DOC, MEASURED
+from slmfactory.platform.cost import PAPER as PAPER_COSTS
 from slmfactory.platform.errors import DataError
 from slmfactory.sweeps import figures, frontier, report
 from slmfactory.sweeps import results_claims as rc
 from slmfactory.sweeps.figures import pyplot
 from slmfactory.sweeps.frontier import AMORTISATION_N, COST_UNITS, UNIT_LABEL, Config
-from slmfactory.sweeps.results import configs_from_rows, incomplete_groups
+from slmfactory.sweeps.results import configs_from_rows, fill_entropy_k, incomplete_groups
 from slmfactory.trial import experiment_name
 
 STRATEGY_ORDER = ("slm", "slm-nopt", "llm", "llm-lora", "slm-is", "slm-d", "slm-mix", "slm-pn")
@@ -71,12 +73,14 @@ def cost_units(configs: list[Config]) -> list[str]:
 
 
 def figure_names(configs: list[Config]) -> list[tuple[str, tuple]]:
-    """(file name, what to draw) of every figure, in page order."""
+    """(file name, what to draw) of every figure, in page order: under the paper's cost
+    convention in every cost unit, then under the measured one in FLOPs (the claims' unit)."""
     out = []
-    for n in rc.sizes(configs):
-        for cost in cost_units(configs):
-            out += [(f"figure1_n{n}_N{k}_{cost}.png", ("figure1", n, k, cost)) for k in AMORTISATION_N]
-            out.append((f"amortisation_n{n}_{cost}.png", ("amortisation", n, cost)))
+    for conv, units in ((PAPER_COSTS, cost_units(configs)), (MEASURED, [u for u in cost_units(configs) if u == "flops"])):
+        for n in rc.sizes(configs):
+            for cost in units:
+                out += [(f"figure1_n{n}_N{k}_{cost}_{conv}.png", ("figure1", n, k, cost, conv)) for k in AMORTISATION_N]
+                out.append((f"amortisation_n{n}_{cost}_{conv}.png", ("amortisation", n, cost, conv)))
     return out
 
 
@@ -86,9 +90,9 @@ def draw_figures(configs: list[Config], fig_dir: Path, caps: tuple = ()) -> list
     paths = []
     for name, what in figure_names(configs):
         if what[0] == "figure1":
-            fig, path = figures.figure1(configs, what[1], what[2], what[3], fig_dir, caps)
+            fig, path = figures.figure1(configs, what[1], what[2], what[3], fig_dir, caps, what[4])
         else:
-            fig, path = figures.plot_amortisation(configs, what[1], what[2], fig_dir)
+            fig, path = figures.plot_amortisation(configs, what[1], what[2], fig_dir, what[3])
         plt.close(fig)
         if path.name != name:
             path.replace(fig_dir / name)
@@ -104,24 +108,71 @@ def draw_figures(configs: list[Config], fig_dir: Path, caps: tuple = ()) -> list
 # -- sections -----------------------------------------------------------------------------
 
 def section_verdicts(gate: rc.Gate, claims: list[rc.Claim]) -> str:
-    lines = ["| # | claim | verdict | deciding cells (macro ppl [95% interval]) |", "|---|---|---|---|"]
+    """One line per claim: its verdict (with *one seed* where its deciding configurations ran
+    once), the two numbers that decide it, and its rule in one sentence."""
+    lines = ["| # | claim | verdict | the two deciding numbers | rule |", "|---|---|---|---|---|"]
     for c in claims:
-        cells = "<br>".join(dict.fromkeys(c.deciding_cells)) or "-"
-        lines.append(f"| {c.number} | {c.statement} | **{c.verdict}** | {cells} |")
+        seed = f" ({c.seed_note})" if c.seed_note else ""
+        numbers = " vs ".join(c.numbers) or "-"
+        lines.append(f"| {c.number} | {c.statement} | **{c.verdict}**{seed} | {numbers} | {c.summary} |")
+    return "\n".join(lines)
+
+
+def section_costs(configs: list[Config]) -> str:
+    """The two cost conventions and what separates them: the generic corpus's embedding."""
+    out = [f"- *{PAPER_COSTS}* (claims are decided under it): {CONVENTION_DOC[PAPER_COSTS]}.",
+           f"- *{MEASURED}* (shown beside): {CONVENTION_DOC[MEASURED]}.", "",
+           "Only the strategies that cluster the generic corpus (slm-is, slm-mix, slm-pn) differ, by the generic "
+           "embedding in their generic cost (FLOPs, one row per generic phase; per-domain costs of every "
+           "configuration under both conventions are in claim 1's and claim 4's cells and notes; `docs/costs.md`):", "",
+           "| strategy | generic budget | generic embedding | generic, measured | generic, paper |", "|---|---|---|---|---|"]
+    seen = set()
+    for c in sorted(configs, key=lambda c: _order(c)):
+        key = (c.strategy, c.generic_budget)
+        if not c.embed_generic.get("flops") or key in seen:
+            continue
+        seen.add(key)
+        out.append(f"| {c.strategy} | {c.generic_budget} | {_g(c.embed_generic['flops'])} | "
+                   f"{_g(c.generic('flops', MEASURED))} | {_g(c.generic('flops', PAPER_COSTS))} |")
+    if not seen:
+        out.append("| (no configuration clusters the generic corpus: the two conventions agree) | | | | |")
+    return "\n".join(out)
+
+
+def section_entropy_source(configs: list[Config], filled: int) -> str:
+    """Where claim 5's k = 16 entropy comes from, and what is missing."""
+    ent = rc.entropy_k16(configs)
+    lines = [f"Claim 5 reads each domain's entropy over a fixed k = {rc.ENTROPY_K} clustering of the generic corpus "
+             "(`results_claims.entropy_k16`): the `domain_entropy` of trials whose `domain_entropy_k` is "
+             f"{rc.ENTROPY_K}. slm-is logs the domain's entropy over the recipe's `cluster.k` clustering; slm-mix and "
+             "slm-pn over their experts' (k = experts), which is not used."]
+    if filled:
+        lines.append(f"The CSV predates the `domain_entropy_k` column: for {filled} rows it is filled from the recipe "
+                     "(`results.fill_entropy_k`: slm-mix/slm-pn `strategy.<name>.experts`, otherwise `cluster.k`, "
+                     "with the row's settings applied).")
+    if not ent:
+        lines.append(f"\nNo trial in the CSV logged a k = {rc.ENTROPY_K} entropy: claim 5 is inconclusive (cells "
+                     "missing); the page does not invent one.")
+        return "\n".join(lines)
+    domains = sorted({d for v in ent.values() for d in v})
+    lines += ["", "| in-domain | " + " | ".join(domains) + " |", "|" + "---|" * (len(domains) + 1)]
+    for n, by in sorted(ent.items()):
+        lines.append(f"| {n:,} | " + " | ".join(f"{by[d]:.3f}" if d in by else "-" for d in domains) + " |")
     return "\n".join(lines)
 
 
 def section_claims(claims: list[rc.Claim]) -> str:
     out = []
     for c in claims:
-        out += [f"### Claim {c.number}: {c.statement}", "", f"Verdict: **{c.verdict}**.", "",
+        seed = f" ({c.seed_note}: its deciding configurations ran with one seed)" if c.seed_note else ""
+        out += [f"### Claim {c.number}: {c.statement}", "", f"Verdict: **{c.verdict}**{seed}.", "",
                 "Rule: " + md(c.rule), ""]
         if c.parts:
-            out += ["| part | verdict | reason | cells |", "|---|---|---|---|"]
+            out += ["| part | verdict | seeds | reason | cells |", "|---|---|---|---|---|"]
             for p in c.parts:
                 v = p.verdict + (f" (comparison alone: {p.raw})" if p.raw else "")
                 why = p.reason + (f" ({p.detail})" if p.detail else "")
-                out.append(f"| {p.name} | {v} | {why} | {'<br>'.join(p.cells) or '-'} |")
+                out.append(f"| {p.name} | {v} | {p.seeds or '-'} | {why} | {'<br>'.join(p.cells) or '-'} |")
             out.append("")
         out += [f"- {n}" for n in c.notes] + ([""] if c.notes else [])
     return "\n".join(out)
@@ -247,15 +298,21 @@ def section_seeds(configs: list[Config]) -> str:
     reps = [sorted(v, key=lambda c: c.settings) for v in groups.values() if len(v) > 1]
     if not reps:
         return "The grid has no configuration run with two seeds (no `*seed` setting varies)."
-    lines = ["| strategy | generic | spec. | in-domain | per seed: macro ppl [95%] | spread (sd, ddof=1) | "
-             "max - min | seeds' intervals |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["A configuration run with two or more seeds enters the claims as one configuration "
+             "(`frontier.pool_seeds`): its macro perplexity is exp(mean over seeds of the macro NLL) and its interval "
+             "the union of the seeds' 95% intervals (lowest lower to highest upper bound), at least as wide as the "
+             "seeds' spread.", "",
+             "| strategy | generic | spec. | in-domain | per seed: macro ppl [95%] | spread (sd, ddof=1) | "
+             "max - min | seeds' intervals | pooled: macro ppl [union of the seeds' intervals] |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    pooled = {c.replicate_key: c for c in frontier.pool_seeds(configs)}
     for v in sorted(reps, key=lambda v: _order(v[0]) + (v[0].in_domain, rc.budget_value(v[0].spec_budget))):
         c0 = v[0]
         per = "<br>".join(f"{','.join(f'{k}={x}' for k, x in rc.seeds(c).items())}: {ppl_iv(c)}" for c in v)
         spread = max(c.ppl_macro for c in v) - min(c.ppl_macro for c in v)
         sep = "overlap" if all(frontier.overlaps(a, b) for a in v for b in v if a is not b) else "separate"
         lines.append(f"| {c0.strategy} | {c0.generic_budget} | {c0.spec_budget} | {c0.in_domain:,} | {per} | "
-                     f"{_g(c0.seed_spread)} | {spread:.2f} | {sep} |")
+                     f"{_g(c0.seed_spread)} | {spread:.2f} | {sep} | {ppl_iv(pooled[c0.replicate_key])} |")
     return "\n".join(lines)
 
 
@@ -301,14 +358,14 @@ def section_scale(configs: list[Config], cfg, claims: list[rc.Claim]) -> str:
     if widths:
         out.append(f"- Interval width: the median macro-perplexity interval is ±{np.median(widths):.1%} of the value; "
                    "differences smaller than about twice that cannot separate configurations.")
-    crit = rc.spearman_critical(d)
+    crit = rc.spearman_critical(d, one_sided=True)
     if crit is not None:
-        out.append(f"- With {d} domains, a Spearman correlation reaches p < {rc.SIGNIFICANCE} (exact, two-sided) only "
-                   f"at |rho| >= {crit:.3f}: claim 5 needs an almost perfectly monotone ranking "
+        out.append(f"- With {d} domains, claim 5's one-sided test reaches p < {rc.SIGNIFICANCE} (exact) only at "
+                   f"rho <= -{crit:.3f}, in every seed: an almost monotone ranking "
                    f"(the paper has {PAPER['domains']} domains).")
     elif d <= rc.EXACT_MAX:
-        out.append(f"- With {d} domains no Spearman correlation can reach p < {rc.SIGNIFICANCE}: claim 5 cannot be "
-                   "decided (6 domains need |rho| >= 0.886).")
+        out.append(f"- With {d} domains no Spearman correlation can reach one-sided p < {rc.SIGNIFICANCE}: claim 5 "
+                   "cannot be decided.")
     for c in claims:
         if c.verdict.startswith(rc.INCONCLUSIVE):
             out.append(f"- Claim {c.number} is {c.verdict}: " + _limit(c.verdict))
@@ -321,7 +378,9 @@ def _limit(verdict: str) -> str:
                 "the experts' capacity cannot pay yet.")
     if "cells missing" in verdict:
         return "the grid (or the finished part of the study) lacks the cells named; rerun the page when they exist."
-    if "overlap" in verdict or "p =" in verdict:
+    if "seeds disagree" in verdict:
+        return "one seed's test rejects and another's does not: the effect is not stable across pretraining seeds."
+    if "overlap" in verdict or "p =" in verdict or "not significant" in verdict:
         return ("the differences are within the intervals of a small test set and few domains; more test "
                 "sequences per domain or more domains would narrow them.")
     if "not the cheapest" in verdict:
@@ -356,12 +415,14 @@ def section_wall_time(stages: dict[str, Any] | None, rows: list[dict]) -> str:
 
 def section_appendix(configs: list[Config], rows: list[dict]) -> str:
     lines = ["| strategy | settings | generic | spec. | in-domain | params | macro ppl [95%] | generic FLOPs | "
-             "spec. FLOPs / domain | generic dev-h | spec. dev-h / domain | generic ppl |", "|" + "---|" * 12]
+             "spec. FLOPs / domain | generic dev-h | spec. dev-h / domain | generic ppl | generic FLOPs, paper |",
+             "|" + "---|" * 13]
     for c in sorted(configs, key=lambda c: (c.in_domain,) + _order(c) + (rc.budget_value(c.spec_budget),)):
         lines.append(f"| {c.strategy} | {c.settings or '-'} | {c.generic_budget} | {c.spec_budget} | {c.in_domain:,} | "
                      f"{c.params:,} | {ppl_iv(c)} | {_g(c.generic('flops'))} | {_g(c.spec('flops'))} | "
                      f"{_g(c.generic('device-hours'))} | {_g(c.spec('device-hours'))} | "
-                     f"{'-' if c.generic_ppl is None else f'{c.generic_ppl:.2f}'} |")
+                     f"{'-' if c.generic_ppl is None else f'{c.generic_ppl:.2f}'} | "
+                     f"{_g(c.generic('flops', PAPER_COSTS)) if c.has_cost('flops', PAPER_COSTS) else '-'} |")
     left = incomplete_groups(rows)
     if left:
         lines += ["", f"Left out (not measured on every domain yet): {len(left)} configuration(s): "
@@ -373,13 +434,18 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
                 fig_rel: str = "results") -> str:
     """The page's markdown; figures are linked as ``<fig_rel>/<name>.png`` (``fig_rel``: the
     page's stem, where ``scripts/results.py`` draws them)."""
-    configs = configs_from_rows(rows)
+    filled_rows, filled = fill_entropy_k(rows, cfg)
+    configs = configs_from_rows(filled_rows)
     if not configs:
         raise DataError("no configuration measured on every domain in the CSV")
     gate, claims = rc.all_claims(configs)
     domains = sorted(configs[0].nll)
-    figs = "\n".join(f"![{name[:-4]}]({fig_rel}/{name})" for name, _ in figure_names(configs))
-    rec = report.recommendation_table(configs, "flops", tuple(cfg.sweep.inference_caps))
+    names = figure_names(configs)
+    figs = "\n".join(f"![{name[:-4]}]({fig_rel}/{name})" for name, what in names if what[-1] == PAPER_COSTS)
+    figs_measured = "\n".join(f"![{name[:-4]}]({fig_rel}/{name})" for name, what in names if what[-1] == MEASURED)
+    caps = tuple(cfg.sweep.inference_caps)
+    rec = report.recommendation_table(configs, "flops", caps, PAPER_COSTS)
+    rec_measured = report.recommendation_table(configs, "flops", caps, MEASURED)
     parts = [
         "# Results: reproducing Grangier et al. (arXiv 2402.01093) with slmfactory", "",
         f"> **Generated — do not edit.** `python scripts/results.py -c {config_label} --from-csv {csv_label}` "
@@ -391,9 +457,14 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
         "Macro perplexity = exp(mean over domains of the test NLL); its 95% interval is exp(NLL ± 1.96 SE) with "
         "SE = sqrt(sum of the domains' bootstrap SE²) / D (`frontier.Config.interval`). Cells read "
         "`<strategy> g<generic budget> s<spec. budget> [settings] n<in-domain tokens>: ppl [95% interval]`.", "",
-        "## Verdicts", "", section_verdicts(gate, claims), "",
+        "## Verdicts", "", "Costs under the paper's convention (measured beside, in each claim's notes); a "
+        "configuration with two seeds counts with the union of their intervals; *one seed*: the deciding "
+        "configurations ran once. Every cell is in *Claims in detail*, per part.", "",
+        section_verdicts(gate, claims), "",
         "## How a verdict is decided", "", md(rc.__doc__.split("\n\n", 1)[1]), "",
+        "## Costs: the paper's convention and the measured one", "", section_costs(configs), "",
         "## Decision gate (claims 2 and 5)", "", section_gate(gate, configs), "",
+        "## Claim 5's entropy: a fixed k = 16 clustering", "", section_entropy_source(configs, filled), "",
         "## Claims in detail", "", section_claims(claims),
         "## Perplexity before and after fine-tuning (the paper's Table 4, docs/paper.md#table-4)", "",
         "Each cell: macro ppl before fine-tuning → after [95% interval] (no before for slm-nopt).", "",
@@ -402,10 +473,14 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
         "Validation perplexity on generic data after the generic phase (routed for slm-mix/slm-pn: each sequence "
         "scored by its cluster's expert); one validation number, no interval.", "",
         report.table_generic(configs), "",
-        "## Figure 1 and amortisation (N = 1, 7, 50; FLOPs and device-hours)", "",
+        "## Figure 1 and amortisation (N = 1, 7, 50; FLOPs and device-hours; paper's costs)", "",
         "Figure 1: the winning strategy per inference class and per-domain budget (C_spec + C_generic / N) bin; "
-        "amortisation: C(N) = C_generic + N C_spec of each strategy's best configuration.", "", figs, "",
-        "<details><summary>Figure 1 as a table (FLOPs)</summary>", "", rec, "", "</details>", "",
+        "amortisation: C(N) = C_generic + N C_spec of each strategy's best configuration. Costs under the paper's "
+        "convention; the measured convention's figures (FLOPs) follow.", "", figs, "",
+        "<details><summary>Figure 1 as a table (FLOPs, paper's costs)</summary>", "", rec, "", "</details>", "",
+        "### The same under measured costs (FLOPs)", "", figs_measured, "",
+        "<details><summary>Figure 1 as a table (FLOPs, measured costs)</summary>", "", rec_measured, "", "</details>",
+        "",
         "## LoRA beside full fine-tuning", "", section_lora(configs, rows, fig_rel), "",
         "## Seed spread", "", section_seeds(configs), "",
         "## Where the gap to the paper's scale limits a conclusion", "", section_scale(configs, cfg, claims), "",
