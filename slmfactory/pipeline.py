@@ -99,7 +99,10 @@ def trial_record(cfg: RunConfig, model, generic) -> dict:
             "generic_spent": f"{metrics['spent/generic_tokens']:.3g}T", "spec_spent": f"{metrics['spent/spec_tokens']:.3g}T",
             "group": f"{model.strategy} g{trial.generic_label} s{trial.spec.label()} n{cfg.data.domain_train_tokens}"
                      + (f" {trial.settings_label}" if trial.settings else "")}
-    return {"name": trial.name, "key": trial.key, "tags": tags, "params": cfg.to_dict(), "metrics": metrics,
+    # What each training phase ran in (its precision and compile resolved: trainer.plan_execution).
+    used = {k: v for cost in (model.generic_cost, model.spec_cost) if cost is not None
+            for k, v in cost.extra.items() if k.endswith((".precision_used", ".compile_used"))}
+    return {"name": trial.name, "key": trial.key, "tags": tags, "params": {**cfg.to_dict(), **used}, "metrics": metrics,
             "curves": model.curves, "model_path": str(model.path)}
 
 

@@ -14,7 +14,10 @@ Reproducibility: on one machine the same texts in the same batches give the same
 a rerun). A window's vector depends on its batch (``encode`` pads a batch to its longest
 text, and kernels are chosen by shape) and on the thread count and the CPU's instruction
 set (oneDNN/MKL accumulate in different orders on AVX2 and AVX-512), so across machines
-the vectors agree to ~1e-7, not bitwise.
+the vectors agree to ~1e-7, not bitwise. On a CPU with bf16 matrix units (AMX-BF16 /
+AVX-512-BF16) MiniLM runs under bf16 autocast (``embed_precision``): there a vector is
+within a cosine of ~1e-4 of its fp32 twin and well over 99% of windows fall in the same
+cluster (bench/cpu_step.py, docs/cpu-speed.md).
 """
 
 from __future__ import annotations
@@ -52,13 +55,35 @@ def load_minilm(device: str | None = None):
     return model
 
 
-def encode(model, texts: list[str], batch_size: int = 64) -> np.ndarray:
-    """(len(texts), 384) float32, L2-normalised; an empty list gives an empty (0, 384)."""
+def embed_precision(device: str, bf16_support=None) -> str:
+    """``bf16`` on a CPU with bf16 matrix units (AMX-BF16 / AVX-512-BF16), else ``fp32``.
+    Under bf16 autocast MiniLM's matmuls run on those units while its layer norms, softmax
+    and pooling stay fp32: 2.5-2.6x the windows/s at a cosine to fp32 above 0.9999
+    (bench/cpu_step.py, docs/cpu-speed.md). GPUs keep fp32 (the embedder is not their cost)."""
+    from slmfactory.platform.runtime import cpu_bf16_support
+
+    if device != "cpu":
+        return "fp32"
+    return "bf16" if (bf16_support or cpu_bf16_support)() else "fp32"
+
+
+def encode(model, texts: list[str], batch_size: int = 64, precision: str | None = None) -> np.ndarray:
+    """(len(texts), 384) float32, L2-normalised; an empty list gives an empty (0, 384).
+    ``precision``: ``fp32``, ``bf16`` (CPU bf16 autocast) or None = ``embed_precision`` of
+    the model's device, so clustering, routing and instant domains embed alike."""
+    import contextlib
+
+    import torch
+
     if not texts:
         return np.zeros((0, EMBED_DIM), dtype=np.float32)
-    out = model.encode(list(texts), batch_size=batch_size, show_progress_bar=False,
-                       convert_to_numpy=True, normalize_embeddings=True)
-    return np.ascontiguousarray(out, dtype=np.float32)
+    if precision is None:
+        precision = embed_precision(torch.device(model.device).type)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with autocast:
+        out = model.encode(list(texts), batch_size=batch_size, show_progress_bar=False,
+                           convert_to_tensor=True, normalize_embeddings=True)
+    return np.ascontiguousarray(out.float().cpu().numpy(), dtype=np.float32)
 
 
 def set_torch_threads(threads: int | None) -> int:
@@ -81,11 +106,13 @@ class MiniLMEmbedder:
     truncation: what its inference cost is counted on).
     """
 
-    def __init__(self, batch_size: int = 64, threads: int | None = None, keep_text: bool = False):
+    def __init__(self, batch_size: int = 64, threads: int | None = None, keep_text: bool = False,
+                 precision: str | None = None):
         self.device = pick_device()
         if self.device == "cpu":
             set_torch_threads(threads)
         self.model = load_minilm(self.device)
+        self.precision = precision or embed_precision(self.device)
         self.batch_size = batch_size
         self.keep_text = keep_text
 
@@ -95,7 +122,7 @@ class MiniLMEmbedder:
         import pyarrow as pa
 
         texts = [t or "" for t in batch.column("text").to_pylist()]
-        emb = encode(self.model, texts, self.batch_size)
+        emb = encode(self.model, texts, self.batch_size, self.precision)
         if not self.keep_text:
             batch = batch.drop_columns(["text"])
         return batch.append_column("embedding", to_arrow(emb)) \

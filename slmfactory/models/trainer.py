@@ -35,6 +35,7 @@ from slmfactory.data.tokens import Batch, PackedBatches, as_sequences
 from slmfactory.platform.config import DeviceProfile
 from slmfactory.platform.cost import CostRecord, TRAIN, Work, model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import DataError
+from slmfactory.platform.runtime import cpu_bf16_support
 
 
 @dataclass
@@ -54,6 +55,10 @@ class TrainResult:
     epochs: float = 0.0
     """Passes over the phase's training data (tokens trained / tokens available): above 1
     the phase repeated its data, which the report and the dry-run flag."""
+    precision: str = "fp32"
+    """The precision the steps ran in (the phase's ``precision`` resolved: ``plan_execution``)."""
+    compile: str = ""
+    """The ``torch.compile`` mode the steps ran with ("" = eager)."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -76,11 +81,100 @@ def eval_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_for(device: torch.device | str) -> Callable:
-    """The trainer's mixed precision on ``device``: bf16 autocast on CUDA, none elsewhere."""
-    if torch.device(device).type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_for(device: torch.device | str, precision: str | None = None) -> Callable:
+    """Mixed precision on ``device``: bf16 autocast when ``precision`` is ``bf16`` (default:
+    bf16 on CUDA, fp32 elsewhere: what evaluation outside a trainer uses)."""
+    device = torch.device(device)
+    if precision is None:
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext
+
+
+# -- precision and compile: what ``auto`` picks (docs/cpu-speed.md, bench/cpu_step.py) --------
+
+BF16_EAGER_MIN_WIDTH = 256
+"""Eager CPU bf16 pays from this hidden width (2-core Xeon with AMX, tokens/s against fp32
+eager: d 256 1.6x; d 128 1.05x; d 64 0.6x: below it the casts and elementwise work outweigh the
+faster matrix products)."""
+BF16_COMPILED_MIN_WIDTH = 128
+"""Compiled, the casts fuse into neighbouring kernels and bf16 pays from this width (d 128:
+bf16 compiled 1.55x fp32 eager, fp32 compiled 1.1x; d 256: 3.2x and 1.1x; d 64: 0.7x and 1.1x)."""
+CPU_EAGER_FLOPS = 60e9
+"""Training FLOP/s assumed for an eager fp32 step on a CPU when estimating a phase's length
+(the slowest shape measured on the 2-core Xeon: the study's 0.26M model; larger shapes run
+faster, so the estimate errs towards a longer phase)."""
+COMPILE_SECONDS = 30.0
+"""One-off cost of ``torch.compile`` (forward + backward) on 2 cores: 11-32 s measured."""
+COMPILE_GAIN = 1.4
+"""Speed-up assumed for a compiled step over eager when deciding whether compiling repays."""
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """How a phase runs: the resolved precision and compile mode, and why."""
+
+    precision: str
+    """``fp32`` or ``bf16`` (autocast)."""
+    compile: str
+    """A ``torch.compile`` mode, or "" for eager."""
+    reason: str
+
+    def label(self) -> str:
+        return f"{self.precision}, " + (f"compiled ({self.compile})" if self.compile else "eager")
+
+
+def plan_execution(precision: str, compile: str, device: torch.device | str, *, width: int,
+                   steps: int, flops_per_step: float, peak_flops: float = 0.0,
+                   bf16_support: Callable[[], str] = cpu_bf16_support) -> ExecutionPlan:
+    """Resolve ``precision`` / ``compile`` (either may be ``auto``) for a phase of ``steps``
+    steps of ``flops_per_step`` on ``device``, for a model of hidden width ``width``.
+
+    compile ``auto``: compile (mode ``default``) when the phase's estimated eager time, at
+    ``CPU_EAGER_FLOPS`` on a CPU (``peak_flops`` · 0.4 elsewhere), would shrink by
+    ``1 - 1/COMPILE_GAIN`` by more than ``COMPILE_SECONDS``: a phase too short to repay the
+    compile stays eager. precision ``auto``: bf16 on CUDA; on a CPU, bf16 only where
+    ``bf16_support()`` names a bf16 matrix feature and ``width`` reaches
+    ``BF16_COMPILED_MIN_WIDTH`` (compiled) or ``BF16_EAGER_MIN_WIDTH`` (eager); else fp32.
+    """
+    device = torch.device(device)
+    reasons = []
+    if compile == "auto":
+        rate = CPU_EAGER_FLOPS if device.type == "cpu" else max(peak_flops, 1.0) * 0.4
+        eager_s = steps * flops_per_step / rate
+        saved = eager_s * (1.0 - 1.0 / COMPILE_GAIN)
+        compile = "default" if saved > COMPILE_SECONDS else ""
+        reasons.append(f"compile: ~{eager_s:.0f} s eager, saves ~{saved:.0f} s vs {COMPILE_SECONDS:.0f} s to compile")
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16"
+            reasons.append("bf16: CUDA")
+        elif device.type != "cpu":
+            precision = "fp32"
+        else:
+            feature = bf16_support()
+            need = BF16_COMPILED_MIN_WIDTH if compile else BF16_EAGER_MIN_WIDTH
+            if not feature:
+                precision = "fp32"
+                reasons.append("fp32: this CPU has no bf16 matrix units (no AMX-BF16 / AVX-512-BF16)")
+            elif width < need:
+                precision = "fp32"
+                reasons.append(f"fp32: width {width} < {need} ({'compiled' if compile else 'eager'})")
+            else:
+                precision = "bf16"
+                reasons.append(f"bf16: {feature}, width {width} >= {need}")
+    return ExecutionPlan(precision, compile, "; ".join(reasons))
+
+
+def model_width(model: torch.nn.Module) -> int:
+    """Hidden width of an HF-style model (``config.hidden_size``), else the widest
+    parameter's last dimension: what decides whether bf16 pays."""
+    for m in (model, getattr(model, "module", None), getattr(model, "base_model", None)):
+        width = getattr(getattr(m, "config", None), "hidden_size", None)
+        if isinstance(width, int):
+            return width
+    return max((p.shape[-1] for p in model.parameters() if p.dim() >= 2), default=0)
 
 
 @torch.no_grad()
@@ -179,12 +273,10 @@ class Trainer:
                  valid: np.ndarray | None = None, out_dir: Path | None = None, phase: str = "train",
                  profile=None, tracker=None, rank: int = 0, world_size: int = 1,
                  ddp_model: torch.nn.Module | None = None, device: str | torch.device = "cpu",
-                 log: Callable[[str], None] | None = print, log_every: int = 50):
+                 log: Callable[[str], None] | None = print, log_every: int = 50,
+                 bf16_support: Callable[[], str] = cpu_bf16_support):
         self.model = model                      # the plain module (saved, evaluated)
         self.step_model = ddp_model or model    # what forward/backward runs through (DDP or plain)
-        if cfg.compile:
-            # Compiled on top of DDP so its graph breaks line up with DDP's gradient buckets.
-            self.step_model = torch.compile(self.step_model, mode=cfg.compile)
         self.train_data, self.cfg, self.seq_len = train, cfg, seq_len
         self.valid = valid
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -195,7 +287,6 @@ class Trainer:
         self.device = torch.device(device)
         self.log = log if rank == 0 else None
         self.log_every = log_every
-        self.autocast = autocast_for(self.device)
         self.flops_per_token = self.compute_flops_per_token()
         tokens_per_step = cfg.batch_size * seq_len
         steps = cfg.max_tokens // tokens_per_step
@@ -205,6 +296,21 @@ class Trainer:
             raise DataError(f"{phase}: budget of {cfg.max_tokens} tokens is less than one step "
                             f"({cfg.batch_size} x {seq_len} tokens)")
         self.max_steps = steps
+        self.plan = plan_execution(cfg.precision, cfg.compile, self.device, width=model_width(model), steps=steps,
+                                   flops_per_step=self.flops_per_token * tokens_per_step,
+                                   peak_flops=self.profile.peak_flops, bf16_support=bf16_support)
+        if self.log:
+            self.log(f"[{phase}] {self.plan.label()}" + (f" ({self.plan.reason})" if self.plan.reason else ""))
+        # Training steps run under the plan's autocast; evaluation (validation here, test
+        # perplexity and the bootstrap in phases.py) runs in fp32 on a CPU: its sums are
+        # float64 either way, and an fp32 forward costs little next to training.
+        self.autocast = autocast_for(self.device, self.plan.precision)
+        self.eval_autocast = autocast_for(self.device)
+        if self.plan.compile:
+            # Compiled on top of DDP so its graph breaks line up with DDP's gradient buckets.
+            # Static shapes: a process that compiles a second model (another size, a teacher)
+            # would otherwise recompile the first one's graph with dynamic sizes, 3-8x slower.
+            self.step_model = torch.compile(self.step_model, mode=self.plan.compile, dynamic=False)
         self.optimizer = self.build_optimizer()
         # Mutable loop state (checkpointed).
         self.step = 0
@@ -283,7 +389,7 @@ class Trainer:
         if max_tokens is not None:
             tokens = tokens[:max_tokens]
         s, n = evaluate_nll(self.model, tokens, self.seq_len, self.cfg.batch_size, self.rank,
-                            self.world_size, self.device, self.autocast)
+                            self.world_size, self.device, self.eval_autocast)
         return s / n
 
     # -- the loop ---------------------------------------------------------------------
@@ -363,7 +469,8 @@ class Trainer:
         tokens = self.step * cfg.batch_size * self.seq_len
         flops = tokens * self.flops_per_token
         cost = CostRecord.of(self.phase, self.cost_work(tokens, self.step), self.elapsed, self.profile,
-                             self.world_size)
+                             self.world_size, **{f"{self.phase}.precision_used": self.plan.precision,
+                                                 f"{self.phase}.compile_used": self.plan.compile or "eager"})
         epochs = self.step * cfg.batch_size / max(1, self.data_sequences())
         if epochs > 1.0 and self.log:
             self.log(f"[{self.phase}] warning: {epochs:.2f} epochs over its {self.data_sequences():,} training "
@@ -373,7 +480,7 @@ class Trainer:
                                     best_valid_nll=self.best_valid, valid_history=list(self.history),
                                     train_history=list(self.train_history),
                                     wall_seconds=self.elapsed, flops=flops, stopped_early=stopped, cost=cost,
-                                    epochs=epochs)
+                                    epochs=epochs, precision=self.plan.precision, compile=self.plan.compile)
         self.save_checkpoint()  # the final checkpoint carries the result: a rerun returns it
         return self.finished
 

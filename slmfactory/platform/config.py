@@ -153,7 +153,8 @@ class ModelConfig:
                       d_mlp=self.d_mlp or p.d_mlp, n_heads=self.n_heads or p.n_heads)
 
 
-COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("", "auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,11 +186,17 @@ class TrainConfig:
     checkpoint_every: int = 200
     """Write an atomic checkpoint every this many steps (0 = only at the end)."""
     seed: int = 0
-    compile: str = ""
+    compile: str = "auto"
     """``torch.compile`` mode for the training forward/backward (``default``,
-    ``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``; empty = eager).
-    Worth it on GPUs (fused kernels: 1.7x on an H200, bench/gpu_mfu.py) once the phase
-    outlasts the one-off compile (about a minute)."""
+    ``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``; empty = eager;
+    ``auto`` = ``default`` only when the phase is long enough to repay the one-off compile,
+    ``models/trainer.py:plan_execution``, docs/cpu-speed.md). Worth it on GPUs (fused
+    kernels: 1.7x on an H200, bench/gpu_mfu.py) and on CPUs (bench/cpu_step.py)."""
+    precision: str = "auto"
+    """Training matmul precision: ``fp32``; ``bf16`` (autocast: bf16 matmuls, fp32 weights,
+    optimiser and loss); ``auto`` = bf16 where the device has bf16 matrix units (CUDA, or a
+    CPU with AMX-BF16 / AVX-512-BF16) and the shape gains by it (docs/cpu-speed.md), else
+    fp32. Evaluation (validation, test perplexity, bootstrap) accumulates in fp32."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", "> 0", self.lr)
@@ -205,6 +212,7 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
         _check(self.eval_tokens >= 1, "eval_tokens", ">= 1", self.eval_tokens)
         _check(self.compile in COMPILE_MODES, "compile", f"one of {COMPILE_MODES}", self.compile)
+        _check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}", self.precision)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -156,7 +156,7 @@ class CostRecord:
                           workers=max(self.workers, other.workers), device=self.device,
                           device_hours=self.device_hours + other.device_hours,
                           measured_device_hours=self.measured_device_hours + other.measured_device_hours,
-                          work=self.work + other.work)
+                          work=self.work + other.work, extra={**self.extra, **other.extra})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -46,3 +46,25 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     finally:
         if started:
             ray.shutdown()
+
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+"""/proc/cpuinfo flags of CPUs whose matrix units take bf16 (Sapphire Rapids and later,
+Cooper Lake, Zen 4+): elsewhere oneDNN emulates bf16 matmuls and they are slower than fp32."""
+
+
+def cpu_bf16_support() -> str:
+    """The CPU's bf16 matrix feature (``amx_bf16`` or ``avx512_bf16``), or "" without one.
+    Read from /proc/cpuinfo (Linux); torch's own capability string is the fallback elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return next((flag for flag in BF16_CPU_FLAGS if flag in flags), "")
+    except OSError:
+        pass
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability()   # "AMX" / "AVX512" / "AVX2" / "DEFAULT"
+    return "amx_bf16" if "AMX" in cap.upper() else ""
