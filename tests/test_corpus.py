@@ -503,6 +503,8 @@ def test_manifest_names_same_kind_generic_sources(tmp_path):
     assert kinds["biomedical"]["sources"] == [] and "no sizeable biomedical text" in kinds["biomedical"]["missing"]
     assert kinds["math"]["sources"] and kinds["math"]["bytes"] > 0  # an unbuilt domain's own sources
     assert kinds["code"]["missing"] == ""
+    table = C.generic_kinds_table(cfg.corpus_dir)  # docs/corpus.md's table
+    assert "| biomedical | none |" in table and "| python-stdlib | `deb:libpython3.11-stdlib" in table
     # The registry tags new sources of each study domain's kind from other collections.
     from slmfactory.data.corpus_sources import generic_plan
 

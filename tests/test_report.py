@@ -291,9 +291,10 @@ def test_report_writes_tables_4_8_and_entropy_with_the_right_numbers(tables, tmp
     assert "rho = -1.000" in md and "rho = 1.000" in md
     # One figure per in-domain size, N, cost unit (only FLOPs were logged here) and cost convention.
     pngs = {p.name for p in out.glob("*.png")}
-    assert pngs == ({f"{kind}_n1000_N{n}_flops_{conv}.png" for kind in ("ppl_vs_cost", "figure1")
-                     for n in fr.AMORTISATION_N for conv in ("paper", "measured")}
-                    | {f"amortisation_n1000_flops_{conv}.png" for conv in ("paper", "measured")})
+    # Paper's convention: no suffix; measured: _measured.
+    assert pngs == ({f"{kind}_n1000_N{n}_flops{suffix}.png" for kind in ("ppl_vs_cost", "figure1")
+                     for n in fr.AMORTISATION_N for suffix in ("", "_measured")}
+                    | {f"amortisation_n1000_flops{suffix}.png" for suffix in ("", "_measured")})
     assert "### Per-domain budget in FLOPs, paper costs" in md and "### Per-domain budget in FLOPs, measured costs" in md
 
 

@@ -29,10 +29,18 @@ How documents are placed (all decisions hash the document's *origin* id with
    the upstream project of a pinned package; a user file is its own) is one of a built
    domain's is left out of the generic corpus; the real build does not even fetch such a
    generic source (``generic_plan``). The manifest's ``generic_excluded`` lists each.
-5. Domain documents are split train/valid/test by hash bucket; generic documents are
+   Generic is every registered source whose collection is not a built domain's: the
+   generic-only sources and the sources of every domain not built (``generic_plan``). The
+   manifest's ``generic_kinds`` lists, per domain kind, the generic sources of that kind,
+   their extractor and size, and what is missing.
+5. ``corpus.generic_source_max_bytes`` (0 = off) keeps a hash-chosen subset of whole
+   documents of each generic source up to that size (``generic_capped`` in the manifest).
+6. No generic document is a near copy of a domain's test document: every generic document
+   is MinHashed against the test splits (``near_copies``: word 5-grams, Jaccard >= 0.5) and
+   those found are dropped before the generic split is written; the manifest's
+   ``near_duplicates`` says, per domain, what was dropped and that none is left.
+7. Domain documents are split train/valid/test by hash bucket; generic documents are
    split train/valid with ``GENERIC_VALID_FRACTION`` capped at ``GENERIC_VALID_MAX_BYTES``.
-6. The manifest's ``near_duplicates`` reports, per domain, how many of its test documents
-   have a near duplicate in the generic corpus (``near_duplicate_report``: MinHash LSH).
 
 Because every step decides by origin, all parts of one document (the chapters of one
 book) sit in exactly one split of one domain, or in generic: a model is never tested on
@@ -43,7 +51,7 @@ object per line with a ``"text"`` field; optional ``"doc_id"``, ``"source"``),
 ``.parquet`` (a ``text`` column; optional ``doc_id``/``source``), and ``.txt`` — **one
 document per file** (long files are cut into parts at ``max_doc_chars``).
 
-Why one file of ~770 lines: the build is one deterministic pipeline (clean, dedupe,
+Why one file of ~980 lines: the build is one deterministic pipeline (clean, dedupe,
 place, split, cap, write, report) whose steps share the placement rules above; it is
 read top to bottom. Sources and extractors are their own modules.
 """
@@ -422,9 +430,11 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
     gen_docs = parts["generic/train"] + parts["generic/valid"]
     gen_bytes: dict[str, int] = {}
     gen_count: dict[str, int] = {}
+    gen_words: dict[str, int] = {}
     for d in gen_docs:
         gen_bytes[d["source"]] = gen_bytes.get(d["source"], 0) + _nbytes(d)
         gen_count[d["source"]] = gen_count.get(d["source"], 0) + 1
+        gen_words[d["source"]] = gen_words.get(d["source"], 0) + len(d["text"].split())
     manifest = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {**dataclasses.asdict(c), "domains": list(c.domains),
@@ -437,7 +447,7 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
         "generic_excluded": [{**e, "fetched": False} for e in excluded_sources or []]
         + [{**skipped[k], "fetched": True} for k in sorted(skipped)],
         "generic_capped": capped,
-        "generic_kinds": generic_kinds(sources, gen_bytes, gen_count),
+        "generic_kinds": generic_kinds(sources, gen_bytes, gen_count, gen_words),
         "near_duplicates": _near_duplicate_manifest(near, tests, scanned, removed,
                                                     {d["doc_id"] for d in gen_docs}),
         "sources": [source_info[s] for s in sorted(used) if s in source_info]
@@ -927,3 +937,52 @@ def write_sample(corpus_dir: Path, out_dir: Path, domain_bytes: int = 32_000,
     infos = [s for s in manifest["sources"] if s["source"] in used]
     (out_dir / "sources.json").write_text(json.dumps(infos, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return sizes
+
+
+# --------------------------------------------------------------------------------------
+# What generic holds per domain kind (docs/corpus.md's table)
+# --------------------------------------------------------------------------------------
+
+def generic_kinds_table(corpus_dir: Path, tokenizer_dir: Path | None = None) -> str:
+    """Two Markdown tables from a built corpus's manifest: per domain kind, its generic
+    sources with MB and whitespace words (plus BPE tokens when ``tokenizer_dir``, a trained
+    tokenizer, is given: every generic document is tokenized, about a minute for 90 MB on
+    2 cores) and what is missing; then per generic source, its kinds, extractor and size."""
+    corpus_dir = Path(corpus_dir)
+    manifest = json.loads((corpus_dir / "manifest.json").read_text(encoding="utf-8"))
+    bpe: dict[str, int] = {}
+    if tokenizer_dir is not None:
+        from slmfactory.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(Path(tokenizer_dir))
+        for split in ("train", "valid"):
+            pf = pq.ParquetFile(split_path(corpus_dir, "generic", split))
+            for batch in pf.iter_batches(columns=["text", "source"], batch_size=500):
+                texts, srcs = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+                for src, ids in zip(srcs, tok(texts, add_special_tokens=False)["input_ids"]):
+                    bpe[src] = bpe.get(src, 0) + len(ids)
+    tok_col = "BPE tokens | " if bpe else ""
+    rows = [f"| kind | generic sources of this kind | MB | words | {tok_col}missing |",
+            "|---|---|---:|---:|" + ("---:|" if bpe else "") + "---|"]
+    per_source: dict[str, dict] = {}
+    for kind, entry in manifest["generic_kinds"].items():
+        names = ", ".join(e["name"] for e in entry["sources"]) or "none"
+        tokens = sum(bpe.get(s, 0) for s in {e["source"] for e in entry["sources"]})
+        rows.append(f"| {kind} | {names} | {entry['bytes'] / 1e6:.1f} | {entry['tokens_ws']:,} | "
+                    + (f"{tokens:,} | " if bpe else "") + f"{entry['missing'] or '-'} |")
+        for e in entry["sources"]:
+            per_source.setdefault(e["name"], {**e, "kinds": []})["kinds"].append(kind)
+    parts = [manifest["parts"][f"generic/{s}"] for s in ("train", "valid")]
+    rows.append(f"| all generic | {len({s['source'] for p in parts for s in p['sources']})} packages | "
+                f"{sum(p['bytes'] for p in parts) / 1e6:.1f} | {sum(p['tokens_ws'] for p in parts):,} | "
+                + (f"{sum(bpe.values()):,} | " if bpe else "") + "- |")
+    rows += ["", f"| generic source | package | kinds | extractor | MB | {tok_col}",
+             "|---|---|---|---|---:|" + ("---:|" if bpe else "")]
+    for name, e in sorted(per_source.items(), key=lambda kv: -kv[1]["bytes"]):
+        rows.append(f"| {name} | `{e['source']}` | {', '.join(e['kinds'])} | {e['extractor']} | "
+                    f"{e['bytes'] / 1e6:.2f} | " + (f"{bpe.get(e['source'], 0):,} |" if bpe else ""))
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m slmfactory.data.corpus CORPUS_DIR [TOKENIZER_DIR]
+    print(generic_kinds_table(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))

@@ -228,6 +228,8 @@ def extract_cached(src: Source, cache: Path) -> Path:
 _WHEEL_311 = ("--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
               "--platform", "manylinux_2_28_x86_64")
 """Binary wheels pinned to one platform, so every machine fetches the same file."""
+_WHEEL_311_2014 = (*_WHEEL_311[:-1], "manylinux2014_x86_64")
+"""The same for projects that publish only manylinux2014 (glibc 2.17) wheels."""
 
 _PD = "Public domain"
 _GPL2 = "GPL-2.0"
@@ -373,7 +375,7 @@ GENERIC_SOURCES: tuple[Source, ...] = (
     _py("statsmodels-doc", "statsmodels", "0.15.0", "BSD-3-Clause", docstring_extractor("statsmodels"), _WHEEL_311,
         collection="statsmodels", kinds=_CODE),
     _py("matplotlib-doc", "matplotlib", "3.11.2", "Matplotlib licence (PSF-based)", docstring_extractor("matplotlib"),
-        _WHEEL_311, collection="matplotlib", kinds=_CODE),
+        _WHEEL_311_2014, collection="matplotlib", kinds=_CODE),
 )
 
 #: Domain kinds for which no sizeable same-kind text of another collection was found (the
@@ -439,7 +441,8 @@ def generic_plan(domains: list[str]) -> tuple[list[Source], list[dict]]:
     return kept, excluded
 
 
-def generic_kinds(sources: list[dict], bytes_by_source: dict[str, int], docs_by_source: dict[str, int]) -> dict:
+def generic_kinds(sources: list[dict], bytes_by_source: dict[str, int], docs_by_source: dict[str, int],
+                  words_by_source: dict[str, int] | None = None) -> dict:
     """Per domain kind (every registered domain's name), the generic sources of that kind
     with their extractor, documents and bytes in the generic corpus, and what is missing.
 
@@ -458,10 +461,12 @@ def generic_kinds(sources: list[dict], bytes_by_source: dict[str, int], docs_by_
                                 "collection": info.get("collection", info["source"]),
                                 "extractor": info.get("extractor", ""),
                                 "docs": docs_by_source.get(info["source"], 0),
-                                "bytes": bytes_by_source[info["source"]]})
+                                "bytes": bytes_by_source[info["source"]],
+                                "tokens_ws": (words_by_source or {}).get(info["source"], 0)})
         total = sum({e["source"]: e["bytes"] for e in entries}.values())
         missing = KIND_GAPS.get(kind, "") if kind in KIND_GAPS or not entries else ""
         if not entries and not missing:
             missing = "no generic source of this kind in this build"
-        out[kind] = {"sources": entries, "bytes": total, "missing": missing}
+        words = sum({e["source"]: e["tokens_ws"] for e in entries}.values())
+        out[kind] = {"sources": entries, "bytes": total, "tokens_ws": words, "missing": missing}
     return out

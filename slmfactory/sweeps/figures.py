@@ -3,7 +3,7 @@ its Pareto fronts (``plot_costs``), the paper's Figure 1 from the measurements
 (``figure1``) and the amortisation plot (``plot_amortisation``). What they draw is computed
 in :mod:`slmfactory.sweeps.frontier`. Every figure draws costs under one named convention
 (``paper`` or ``measured``, ``platform.cost.COST_CONVENTIONS``): it says which in its title
-and its file name.
+and its file name (``_measured``; the paper's carry no suffix).
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ from slmfactory.sweeps.frontier import (
     macro_cell,
     pareto,
 )
+
+
+def file_suffix(convention: str) -> str:
+    """A figure's file-name suffix for its cost convention: none for ``paper`` (the convention
+    claims are decided under, and the names figures had before there were two), ``_measured``."""
+    return "" if convention == PAPER else f"_{convention}"
 
 
 def pyplot():
@@ -112,7 +118,7 @@ def plot_costs(configs: list[Config], in_domain: int, n_domains: int, cost: str,
     fig.suptitle(f"Macro perplexity (95% interval) against cost ({convention} costs), in-domain {in_domain:,} tokens, "
                  f"N = {n_domains}")
     fig.tight_layout()
-    path = out / f"ppl_vs_cost_n{in_domain}_N{n_domains}_{cost}_{convention}.png"
+    path = out / f"ppl_vs_cost_n{in_domain}_N{n_domains}_{cost}{file_suffix(convention)}.png"
     fig.savefig(path, dpi=100)
     return fig, path
 
@@ -148,7 +154,7 @@ def figure1(configs: list[Config], in_domain: int, n_domains: int, cost: str, ou
     ax.set_title(f"Which strategy wins (macro ppl [95%]), N = {n_domains}, in-domain {in_domain:,} tokens, "
                  f"{convention} costs", fontsize=9)
     fig.tight_layout()
-    path = out / f"figure1_n{in_domain}_N{n_domains}_{cost}_{convention}.png"
+    path = out / f"figure1_n{in_domain}_N{n_domains}_{cost}{file_suffix(convention)}.png"
     fig.savefig(path, dpi=100)
     return fig, path
 
@@ -174,6 +180,6 @@ def plot_amortisation(configs: list[Config], in_domain: int, cost: str, out: Pat
     ax.set_title(f"Amortisation, in-domain {in_domain:,} tokens, {convention} costs", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / f"amortisation_n{in_domain}_{cost}_{convention}.png"
+    path = out / f"amortisation_n{in_domain}_{cost}{file_suffix(convention)}.png"
     fig.savefig(path, dpi=100)
     return fig, path

@@ -79,8 +79,9 @@ def figure_names(configs: list[Config]) -> list[tuple[str, tuple]]:
     for conv, units in ((PAPER_COSTS, cost_units(configs)), (MEASURED, [u for u in cost_units(configs) if u == "flops"])):
         for n in rc.sizes(configs):
             for cost in units:
-                out += [(f"figure1_n{n}_N{k}_{cost}_{conv}.png", ("figure1", n, k, cost, conv)) for k in AMORTISATION_N]
-                out.append((f"amortisation_n{n}_{cost}_{conv}.png", ("amortisation", n, cost, conv)))
+                out += [(f"figure1_n{n}_N{k}_{cost}{figures.file_suffix(conv)}.png", ("figure1", n, k, cost, conv))
+                        for k in AMORTISATION_N]
+                out.append((f"amortisation_n{n}_{cost}{figures.file_suffix(conv)}.png", ("amortisation", n, cost, conv)))
     return out
 
 
