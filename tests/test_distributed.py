@@ -8,7 +8,6 @@ end; every run uses the tiny recipe on real text from ``slmfactory/data/corpus_s
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -21,36 +20,22 @@ from slmfactory.models.launch import LocalLauncher
 from slmfactory.data.tokens import TokenSource
 from slmfactory.models.phases import lm_factory, vocab_size_of
 from slmfactory.platform.config import load_config
-from slmfactory.data.corpus import SAMPLE_DIR
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = SAMPLE_DIR
 PHASE = "pretrain/x"
 
 
 def _texts(cfg) -> list[str]:
-    """Real text: the committed corpus sample (through the corpus module when it builds),
-    else the raw sample files, else the system's licence texts."""
-    try:
-        from slmfactory.data.corpus import build_sample_corpus, iter_texts, list_domains
+    """Real text: every train split of the committed corpus sample, read through the corpus
+    module (a broken reader fails the test rather than being read around)."""
+    from slmfactory.data.corpus import iter_texts, list_domains
 
-        build_sample_corpus(cfg)
-        texts = list(iter_texts(cfg.corpus_dir, "generic", "train"))
-        for d in list_domains(cfg.corpus_dir):
-            texts += list(iter_texts(cfg.corpus_dir, d, "train"))
-        if sum(map(len, texts)) > 200_000:
-            return texts
-    except Exception:  # corpus module still in flux: read the same files directly
-        pass
-    if SAMPLE.is_dir():
-        texts = [json.loads(line)["text"] for f in sorted(SAMPLE.glob("*.jsonl"))
-                 for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if texts:
-            return texts
-    return [p.read_text(errors="replace") for p in sorted(Path("/usr/share/common-licenses").glob("*"))
-            if p.is_file()]
+    texts = list(iter_texts(cfg.corpus_dir, "generic", "train"))
+    for d in list_domains(cfg.corpus_dir):
+        texts += list(iter_texts(cfg.corpus_dir, d, "train"))
+    return texts
 
 
 @pytest.fixture(scope="module")
