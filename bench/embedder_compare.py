@@ -18,7 +18,7 @@ same windows. Printed:
 - per domain, the total variation between the generic *sources* importance sampling would
   draw under each (``provenance.json``'s ``expected_by_source``: comparable without matching).
 
-    python bench/embedder_compare.py [--config configs/demo.yaml] [--k K] [--out results.json]
+    python bench/embedder_compare.py [--config configs/demo.yaml] [--workdir DIR] [--k K] [--out results.json]
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--k", type=int, default=0, help="cluster.k (default: the recipe's)")
+    ap.add_argument("--workdir", default="", help="where the recipe's corpus and tokenizer are (default: its own)")
     ap.add_argument("--out", default="", help="also write the numbers as JSON here")
     args = ap.parse_args()
 
@@ -80,7 +81,7 @@ def main() -> None:
     from slmfactory.platform.config import load_config
     from slmfactory.platform.runtime import ray_session
 
-    base = load_config(args.config, {"tracking.enabled": False})
+    base = load_config(args.config, {"tracking.enabled": False, **({"workdir": args.workdir} if args.workdir else {})})
     if args.k:
         base = base.replace(**{"cluster.k": args.k})
     recipe_corpus = (base.corpus_dir / "manifest.json").is_file()

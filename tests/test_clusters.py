@@ -427,7 +427,8 @@ def test_hashed_tfidf_clusters_in_the_ray_data_pipeline(tiny_root, tmp_path):
     emb_dir = cl.stage.path(cl.meta["embedder_model"]).parent
     assert (emb_dir / embed_hashed.MODEL_FILE).is_file() and emb_dir.name.startswith("emb-generic-")
     dim = cl.meta["embed_dim"]
-    assert 8 <= dim <= embed_hashed.DIM and cl.centroids.shape == (cfg.cluster.k, dim)
+    assert dim == embed_hashed.fit_dim(cl.meta["embedder_fit"]["windows"]) and cl.centroids.shape == (cfg.cluster.k,
+                                                                                                        dim)
     # Every window embedded as a unit vector of the model's dimension and assigned to a cluster.
     emb = pads.dataset(str(emb_dir / "embedded"), format="parquet").to_table(
         columns=["embedding", "hashed_features"])
@@ -470,7 +471,7 @@ def test_slm_is_trial_logs_where_its_resampled_text_came_from(clustered):
     from slmfactory.models.launch import LocalLauncher
     from slmfactory.models.strategies import get_strategy
     from slmfactory.pipeline import run_trial
-    from slmfactory.sweeps.report import table_is_provenance
+    from slmfactory.sweeps.report import table_is_provenance, write_report
     from slmfactory.trial import log_trial
 
     cfg, _, _ = clustered
@@ -501,7 +502,10 @@ def test_slm_is_trial_logs_where_its_resampled_text_came_from(clustered):
     data["n"] = data["tokens"].map(len) + 1
     counted = data.groupby(gen.loc[data["window_id"]].to_numpy())["n"].sum()
     assert {s: int(n) for s, n in counted.items()} == res.source_tokens
-    # The report's table, read back from the run.
+    # The report's table, read back from the run, and its section of report.md.
     table = table_is_provenance(cfg.tracking_uri, "is-provenance")
     top = max(want, key=want.get)
     assert f"legal's resampled text: {want[top]:.0%} {top}" in table
+    write_report(cfg.tracking_uri, "is-provenance", cfg.root / "report", log_to_mlflow=False)
+    doc = (cfg.root / "report" / "report.md").read_text()
+    assert "## Where importance sampling drew its text" in doc and table in doc

@@ -104,9 +104,10 @@ def _embedder_key(cfg) -> dict[str, Any]:
     c = cfg.cluster
     if c.embedder != embed_hashed.NAME:
         return {"embedder": c.embedder}
-    return {"embedder": c.embedder, "hashed": {"features": embed_hashed.N_FEATURES, "ngrams": embed_hashed.NGRAMS,
-                                                "dim": embed_hashed.DIM, "svd_iters": embed_hashed.SVD_ITERS,
-                                                "fit_windows": min(c.sample_windows, embed_hashed.FIT_WINDOWS)}}
+    E = embed_hashed
+    return {"embedder": c.embedder, "hashed": {
+        "features": E.N_FEATURES, "ngrams": E.NGRAMS, "dim": [E.MIN_DIM, E.DIM, E.WINDOWS_PER_DIM],
+        "svd_iters": E.SVD_ITERS, "fit_windows": min(c.sample_windows, E.FIT_WINDOWS)}}
 
 
 def generic_embedding_stage(cfg, inputs) -> Stage:

@@ -3,8 +3,8 @@ embedder of the DSIR / c-BTM family, as a Ray Data ``map_batches`` actor pool be
 
 Built from scikit-learn, nothing hand-written: ``HashingVectorizer`` (word unigrams and
 bigrams hashed into ``N_FEATURES`` buckets, no vocabulary to fit or ship), then
-``TfidfTransformer`` (sublinear tf, idf) and ``TruncatedSVD`` (LSA down to ``DIM``
-dimensions), then ``Normalizer`` (unit length, so spherical k-means and the dot-product
+``TfidfTransformer`` (sublinear tf, idf) and ``TruncatedSVD`` (LSA down to 32-256
+dimensions, ``fit_dim``), then ``Normalizer`` (unit length, so spherical k-means and the dot-product
 nearest centroid of :mod:`slmfactory.data.clusters` apply unchanged).
 
 Fitted once: the idf statistics and the SVD basis are fitted on a hash-chosen sample of the
@@ -34,7 +34,14 @@ N_FEATURES = 2 ** 15
 """Hash buckets of the word n-grams (DSIR uses 10k; collisions cost little after tf-idf + SVD)."""
 NGRAMS = (1, 2)
 DIM = 256
-"""Dimensions after the SVD (fewer when the fit sample has fewer windows)."""
+"""At most this many dimensions after the SVD."""
+MIN_DIM = 32
+WINDOWS_PER_DIM = 24
+"""The SVD keeps one dimension per this many fit windows, within [MIN_DIM, DIM]: k-means on
+more dimensions than the sample supports groups noise. Measured as the adjusted mutual
+information of 16 clusters with the windows' generic source (2026-12-06, 2-core Xeon): on 769
+sample windows 0.46 at 32 dimensions, 0.27 at 256; on 3,000 demo windows 0.45 / 0.46 / 0.43
+at 64 / 128 / 256."""
 FIT_WINDOWS = 20_000
 """At most this many generic windows fit the idf and the SVD (``cluster.sample_windows`` caps it too)."""
 SVD_ITERS = 5
@@ -60,14 +67,19 @@ def build(dim: int = DIM, seed: int = 0):
         Normalizer(copy=False))
 
 
-def fit(texts: list[str], seed: int = 0, dim: int = DIM):
-    """The pipeline fitted on ``texts`` (the generic sample); the SVD keeps
-    min(``dim``, windows - 1) dimensions."""
+def fit_dim(windows: int) -> int:
+    """Dimensions the SVD keeps for a fit sample of ``windows`` windows."""
+    return max(1, min(windows - 1, max(MIN_DIM, min(DIM, windows // WINDOWS_PER_DIM))))
+
+
+def fit(texts: list[str], seed: int = 0, dim: int | None = None):
+    """The pipeline fitted on ``texts`` (the generic sample); the SVD keeps ``dim``
+    dimensions (default ``fit_dim(len(texts))``; never more than windows - 1)."""
     if len(texts) < 2:
         from slmfactory.platform.errors import DataError
 
         raise DataError(f"hashed-tfidf: {len(texts)} generic windows to fit on; need at least 2")
-    model = build(max(1, min(dim, len(texts) - 1)), seed)
+    model = build(max(1, min(dim or fit_dim(len(texts)), len(texts) - 1)), seed)
     model.fit([t or "" for t in texts])
     return model
 
