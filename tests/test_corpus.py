@@ -537,6 +537,15 @@ def test_generic_source_budget(tmp_path):
     assert C.build_key(cfg) == C.build_key(_cfg(tmp_path / "elsewhere", domains=("legal",),
                                                 generic_source_max_bytes=6_000, cache_dir="/other"))
     assert C.corpus_is_current(cfg)  # the sample has no build key: it is kept as it is
+    manifest_path = cfg.corpus_dir / "manifest.json"
+    on_disk = json.loads(manifest_path.read_text())
+    # A package build from before build keys (it has a domain cap) is stale; a keyed one is
+    # current only under the settings it was built with.
+    manifest_path.write_text(json.dumps({**on_disk, "config": {**on_disk["config"], "domain_cap_bytes": 12}}))
+    assert not C.corpus_is_current(cfg)
+    manifest_path.write_text(json.dumps({**on_disk, "build_key": C.build_key(cfg)}))
+    assert C.corpus_is_current(cfg)
+    assert not C.corpus_is_current(_cfg(tmp_path / "a", domains=("legal",), generic_source_max_bytes=7_000))
     with pytest.raises(ConfigError, match="corpus.generic_source_max_bytes"):
         load_config(None, {"corpus.generic_source_max_bytes": -1})
 

@@ -479,13 +479,15 @@ def build_key(cfg: "RunConfig") -> str:
 
 def corpus_is_current(cfg: "RunConfig") -> bool:
     """Whether the corpus at ``cfg.corpus_dir`` is what :func:`build_corpus` would build
-    now. A corpus not built from the pinned packages (an import, the sample) has no key and
-    is kept as it is."""
+    now. A corpus not built from the pinned packages (an import, the sample: no domain cap)
+    has no key and is kept as it is; one built from them before keys existed is not current."""
     man = Path(cfg.corpus_dir) / "manifest.json"
     if not man.is_file():
         return False
-    key = json.loads(man.read_text(encoding="utf-8")).get("build_key")
-    return key is None or key == build_key(cfg)
+    manifest = json.loads(man.read_text(encoding="utf-8"))
+    if "build_key" not in manifest:
+        return manifest.get("config", {}).get("domain_cap_bytes") is None
+    return manifest["build_key"] == build_key(cfg)
 
 
 # --------------------------------------------------------------------------------------
