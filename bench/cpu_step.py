@@ -25,6 +25,7 @@ identical assignments.
 
     python bench/cpu_step.py [--shapes study,demo,10m] [--steps 8] [--rounds 3] [--no-profile]
                              [--windows 600] [--profile-json FILE]
+    python bench/cpu_step.py --variants     # fp32/bf16 x eager/compiled: the evidence for auto's rule
 
 ``--profile-json FILE`` writes the auto path's rows (params, train tokens/s) in the form a
 device profile's ``throughput_file`` reads (configs/devices/cpu-2core.json is one).
@@ -152,6 +153,31 @@ def bench_shape(name, mc, vocab, bs, seq_len, recipe, args, rates) -> dict:
     return row
 
 
+VARIANTS = (("fp32", ""), ("bf16", ""), ("fp32", "default"), ("bf16", "default"))
+
+
+def bench_variants(name, mc, vocab, bs, seq_len, args) -> dict:
+    """The evidence behind ``auto``'s rule: tokens/s of fp32/bf16 x eager/compiled at one
+    shape, interleaved, as ratios to fp32 eager."""
+    n_tokens = (args.steps * (args.rounds + 2) + 8) * bs * seq_len
+    tokens = np.random.default_rng(0).integers(0, vocab, size=n_tokens + 1).astype(np.uint16)
+    trainers = {f"{p} {c or 'eager'}": make_trainer(mc, vocab, bs, seq_len, p, c, tokens, args.phase_tokens)
+                for p, c in VARIANTS}
+    for tr in trainers.values():
+        tr.train_step(0), tr.train_step(1)
+    runs: dict[str, list[float]] = {k: [] for k in trainers}
+    step = 2
+    for _ in range(args.rounds):
+        for k, tr in trainers.items():
+            runs[k].append(timed_steps(tr, step, args.steps))
+        step += args.steps
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    out = {k: v / med["fp32 eager"] for k, v in med.items()}
+    print(f"{name} (width {mc.dims().d_model}): " + ", ".join(f"{k} {med[k]:,.0f} tok/s ({out[k]:.2f}x)" for k in med),
+          flush=True)
+    return {"shape": name, "tok_s": med, "ratio": out}
+
+
 def bench_minilm(args) -> dict:
     import faiss
 
@@ -213,6 +239,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=600, help="MiniLM windows (0: skip MiniLM)")
     ap.add_argument("--profile-json", default="", help="write the auto path's device-profile rows here")
     ap.add_argument("--json", default="", help="write every figure here")
+    ap.add_argument("--variants", action="store_true",
+                    help="instead: fp32/bf16 x eager/compiled at each shape (the evidence behind auto's rule)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,6 +252,20 @@ def main() -> None:
           f"bf16 matrix feature: {cpu_bf16_support() or 'none'}", flush=True)
     table = shapes()
     wanted = [s for s in args.shapes.split(",") if s]
+    if args.variants:
+        res = []
+        for name in wanted:
+            mc, vocab, bs, seq_len, _ = table[name]
+            sub = argparse.Namespace(**{**vars(args), "steps": min(args.steps, 4) if name == "10m" else args.steps})
+            res.append(bench_variants(name, mc, vocab, bs, seq_len, sub))
+        print("\n| shape (width) | " + " | ".join(f"{p} {c or 'eager'}" for p, c in VARIANTS) + " |")
+        print("|---|" + "---|" * len(VARIANTS))
+        for r, name in zip(res, wanted):
+            print(f"| {name} ({table[name][0].dims().d_model}) | "
+                  + " | ".join(f"{r['tok_s'][k]:,.0f} ({r['ratio'][k]:.2f}x)" for k in r["tok_s"]) + " |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"when": when, "cpu": cpu, "variants": res}, indent=2))
+        return
     rows, mm = [], {}
     big = matmul_rates(1024, 1024, 1024)
     print(f"matmul 1024^3: fp32 {big['fp32']:.0f} GFLOP/s, bf16 {big['bf16']:.0f} GFLOP/s", flush=True)

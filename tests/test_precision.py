@@ -56,10 +56,14 @@ def test_bf16_and_fp32_training_from_one_seed_reach_the_same_loss(tiny_cfg):
 
 def test_bf16_training_keeps_fp32_weights_and_fp32_evaluation(tiny_cfg):
     tr = tiny_trainer(tiny_cfg, "bf16", steps=4)
+    # Attention runs in fp32 while a CPU bf16 phase trains; the model leaves with plain SDPA.
+    assert tr.model.config._attn_implementation == "sdpa_fp32"
     tr.fit(resume=False)
+    assert tr.model.config._attn_implementation == "sdpa"
     assert all(p.dtype == torch.float32 for p in tr.model.parameters())
     with tr.eval_autocast():
         assert not torch.is_autocast_enabled("cpu")   # validation / test perplexity in fp32
+    assert tiny_trainer(tiny_cfg, "fp32", steps=2).model.config._attn_implementation == "sdpa"
 
 
 def test_auto_falls_back_to_fp32_with_a_log_line_where_the_cpu_has_no_bf16(tiny_cfg):
