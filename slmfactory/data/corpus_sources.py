@@ -385,7 +385,7 @@ KIND_GAPS: dict[str, str] = {
                   "packages checked (the HPO definitions have no free same-kind peer there; MeSH, "
                   "PubMed abstracts and clinical text are not packaged)",
     "legal": "beyond licence texts and notices (scancode's own collection, on the legal domain's side) only "
-             "the Debian constitution and social contract (doc-debian, ~0.1 MB); no statutes, contracts or "
+             "the Debian constitution and social contract (doc-debian, 0.05 MB); no statutes, contracts or "
              "case law are packaged",
     "math": "no mathematics manual of another collection is registered (GAP, Maxima and Octave are the "
             "math domain's)",
