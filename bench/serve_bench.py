@@ -1,17 +1,28 @@
 """Serving benchmarks, each a ratio from one side-by-side run on this machine:
 
-1. latency: Serve p50 for scoring 128 tokens / the same model's forward in-process (goal <= 1.2);
+1. latency: Serve p50 for scoring 128 tokens / the same model's forward in-process (goal <= 1.3, stretch 1.2);
 2. throughput: batched Serve scoring / a plain transformers loop at the same batch size (goal >= 0.8);
 3. inference cost: measured per-token time of the SLM vs the LLM / their FLOP ratio (goal within 20%);
-4. load: 32 concurrent clients for 30 s on loopback: errors, p50 and p99 latency.
+4. load: 32 concurrent clients for 30 s on loopback: errors, p50 and p99 latency (goal p99 <= 3 x p50);
+   ``--clients 1,16,32`` runs it at each count.
 
 Uses the models `make demo` exported (``--models runs/demo/models``; the best SLM and LLM
 of ``--domain``), or with ``--synthetic TOKENIZER_DIR`` freshly initialised models of the
-recipe's SLM and LLM presets with that tokenizer (timing depends on shapes, not weights).
-``--api-key`` sends ``Authorization: Bearer`` (an app started with keys).
+recipe's SLM and LLM presets with that tokenizer (timing depends on shapes, not weights),
+or with ``--tiny`` a freshly initialised SLM of the recipe's preset (the demo's mini-slm)
+with a tokenizer of the recipe's vocabulary trained on the committed sample (a minute, no
+demo needed; no LLM, so no figure 3). ``--api-key`` sends ``Authorization: Bearer`` (an
+app started with keys).
+
+Every figure is followed by the replica's own account of where a request's time went
+(its ``Server-Timing`` header: auth, body, parse, model lookup, tokenise, batch wait,
+forward, response building; the rest of the client's latency is the proxy, the router and
+HTTP). ``--profile DIR`` also samples the proxy and the replica with py-spy during the
+latency figure and prints their CPU time per request by part of the path.
 
     python bench/serve_bench.py --config configs/demo.yaml --domain legal
     python bench/serve_bench.py --synthetic runs/demo/tokenizer/bpe-8575457b9197cd29
+    python bench/serve_bench.py --tiny --load-seconds 15 --profile /tmp/serve-profile
 """
 
 from __future__ import annotations
@@ -40,16 +51,45 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 HEADERS = {"content-type": "application/json"}
 
 
-def post(url: str, body: dict) -> tuple[int, float]:
+TIMINGS: list[dict[str, float]] = []
+"""The replica's ``Server-Timing`` of each request ``post`` sent with ``timings=True``."""
+
+
+def server_timing(header: str | None) -> dict[str, float]:
+    """``Server-Timing: name;dur=ms, ...`` as {name: ms}."""
+    out = {}
+    for part in (header or "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
+
+
+def post(url: str, body: dict, timings: bool = False) -> tuple[int, float]:
     t0 = time.perf_counter()
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=HEADERS)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             r.read()
             status = r.status
+            header = r.headers.get("server-timing")
     except urllib.error.HTTPError as e:
-        status = e.code
-    return status, time.perf_counter() - t0
+        status, header = e.code, None
+    took = time.perf_counter() - t0
+    if timings:
+        TIMINGS.append({**server_timing(header), "client": took * 1e3})
+    return status, took
+
+
+def timing_table(rows: list[dict[str, float]]) -> str:
+    """Median ms per part of the request path, from the replica's Server-Timing headers;
+    ``proxy+router+http`` is the client's latency less the replica's total."""
+    if not rows or "total" not in rows[0]:
+        return "   (the replica sent no Server-Timing header)"
+    parts = [k for k in rows[0] if k not in ("total", "client")]
+    med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in parts + ["total", "client"]}
+    med["proxy+router+http"] = statistics.median(r["client"] - r["total"] for r in rows)
+    return "   " + ", ".join(f"{k} {med[k]:.2f}" for k in parts + ["total", "proxy+router+http", "client"]) + " (ms, p50)"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -67,7 +107,93 @@ def models_of(models_dir: Path, domain: str) -> dict[str, Path]:
     return {s: p for s, (_, p) in best.items()}
 
 
-def synthetic_models(cfg, tokenizer_dir: Path, domain: str) -> Path:
+def tiny_tokenizer(cfg) -> Path:
+    """A tokenizer of ``cfg``'s vocabulary size trained on the committed real-text sample
+    (configs/tiny.yaml's corpus), in a workdir under the system's temp folder (kept: a
+    second run reuses it)."""
+    import tempfile
+
+    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.tokenizer import ensure_tokenizer
+    from slmfactory.platform.config import load_config
+
+    root = Path(tempfile.gettempdir()) / f"serve-bench-tiny-{cfg.tokenizer.vocab_size}"
+    tiny = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
+                       {"workdir": str(root), "tokenizer.vocab_size": cfg.tokenizer.vocab_size})
+    if not (tiny.corpus_dir / "generic.jsonl").is_file():
+        build_sample_corpus(tiny)
+    return ensure_tokenizer(tiny)
+
+
+PROFILE_PARTS = (  # (part, substrings of a frame, first match from the leaf up wins)
+    ("forward", ("modeling_llama", "torch/nn/", "_logit_chunks", "score_ids")),
+    ("tokenise", ("tokenization_utils",)),
+    ("response building", ("with_firsts", "decode", "jsonable_encoder", "responses.py", "json/encoder",
+                           "json/__init__")),
+    ("parse + validate", ("pydantic", "api.py", "read_body")),
+    ("auth + rate limit", ("auth.py", "hashlib", "hmac")),
+    ("multiplexing lookup", ("multiplex",)),
+    ("@serve.batch", ("batching.py",)),
+    ("metrics", ("prometheus_client",)),
+    ("HTTP server (uvicorn/starlette)", ("uvicorn", "h11", "starlette", "fastapi")),
+    ("Serve router + replica plumbing", ("ray/serve", "ray/_private", "ray/_raylet", "_raylet")),
+    ("asyncio + threads", ("asyncio", "concurrent/futures", "threading.py")),
+)
+
+
+def profile_parts(raw: Path) -> dict[str, int]:
+    """py-spy's collapsed stacks (``--format raw``) as samples per part of the path."""
+    parts: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")[::-1]  # leaf first
+        part = "other"
+        for frame in frames:
+            hit = next((p for p, keys in PROFILE_PARTS if any(k in frame for k in keys)), None)
+            if hit is not None:
+                part = hit
+                break
+        parts[part] = parts.get(part, 0) + int(n)
+    return parts
+
+
+def start_profiles(out: Path, rate: int) -> list:
+    """py-spy sampling the Serve proxy and the replica (found by their process titles)."""
+    import subprocess
+    import sys
+
+    out.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).with_name("py-spy")
+    procs = []
+    for name, title in (("proxy", "ProxyActor"), ("replica", "ServeReplica")):
+        pids = subprocess.run(["pgrep", "-f", f"ray::{title}"], capture_output=True, text=True).stdout.split()
+        if not pids:
+            print(f"   (no {name} process found to profile)")
+            continue
+        procs.append((name, out / f"{name}.txt", subprocess.Popen(
+            [str(spy), "record", "--pid", pids[0], "--rate", str(rate), "--format", "raw", "--nonblocking",
+             "--threads", "--output", str(out / f"{name}.txt")], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)))
+    return procs
+
+
+def stop_profiles(procs: list, rate: int, n_requests: int) -> None:
+    import signal
+
+    for name, path, p in procs:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=60)
+        if not path.is_file():
+            print(f"   (py-spy wrote no profile of the {name})")
+            continue
+        parts = profile_parts(path)
+        total = sum(parts.values())
+        print(f"   {name} CPU per request: {total / rate / n_requests * 1e3:.2f} ms = "
+              + ", ".join(f"{k} {v / rate / n_requests * 1e3:.2f}" for k, v in
+                          sorted(parts.items(), key=lambda kv: -kv[1])))
+
+
+def synthetic_models(cfg, tokenizer_dir: Path, domain: str, keys: tuple[str, ...] = ("slm", "llm")) -> Path:
     """Freshly initialised SLM and LLM of ``cfg``'s presets, exported as the platform
     exports models (safetensors, config, tokenizer, slmfactory.json)."""
     import shutil
@@ -79,7 +205,7 @@ def synthetic_models(cfg, tokenizer_dir: Path, domain: str) -> Path:
 
     out = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     vocab = len(PreTrainedTokenizerFast.from_pretrained(tokenizer_dir))
-    for key in ("slm", "llm"):
+    for key in keys:
         model = build_model(getattr(cfg, key), vocab, cfg.data.seq_len)
         folder = out / f"{key}-{domain}"
         model.save_pretrained(folder, safe_serialization=True)
@@ -99,9 +225,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--load-seconds", type=float, default=30.0)
-    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--clients", default="32", help="concurrent clients of the load figure (a list: each)")
     ap.add_argument("--synthetic", default=None, metavar="TOKENIZER_DIR",
                     help="bench freshly initialised models of the recipe's presets with this tokenizer")
+    ap.add_argument("--tiny", action="store_true",
+                    help="bench a freshly initialised SLM of the recipe's preset, tokenizer trained on the sample")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="sample the proxy and the replica with py-spy during the latency figure")
+    ap.add_argument("--profile-rate", type=int, default=250)
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides for the app (e.g. serving.batch_wait_s=0)")
@@ -115,7 +246,7 @@ def main() -> None:
     from ray import serve
     from transformers import AutoModelForCausalLM
 
-    from slmfactory.platform.config import load_config
+    from slmfactory.platform.config import load_config, parse_overrides
     from slmfactory.platform.cost import inference_flops_per_token
     from slmfactory.serving.app import build_app
     from slmfactory.serving.engine import Loaded, score_ids
@@ -124,6 +255,10 @@ def main() -> None:
     models_dir = Path(args.models) if args.models else cfg.root / "models"
     if args.synthetic:
         models_dir = synthetic_models(cfg, Path(args.synthetic), args.domain)
+    elif args.tiny:
+        models_dir = synthetic_models(cfg, tiny_tokenizer(cfg), args.domain, keys=("slm",))
+        print(f"model: a freshly initialised {cfg.slm.preset} (vocabulary {cfg.tokenizer.vocab_size}, context "
+              f"{cfg.data.seq_len}) in {models_dir}")
     folders = models_of(models_dir, args.domain)
     slm_dir, llm_dir = folders.get("slm"), folders.get("llm")
     if slm_dir is None:
@@ -152,7 +287,12 @@ def main() -> None:
         score_ids(loaded, [ids[0]])
     rounds = max(1, args.requests // args.batch)
 
-    # The Serve app (one replica, one CPU).
+    # The Serve app (one replica, one CPU), Ray started with the app's Serve settings (the
+    # proxy reads them when it starts, as under `slmfactory serve`).
+    import slmfactory.serving.app as app_module
+
+    if hasattr(app_module, "serve_env"):
+        os.environ.update(app_module.serve_env(load_config(args.config, parse_overrides(args.set)).serving))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -165,11 +305,17 @@ def main() -> None:
     for _ in range(5):
         post(url, {"model": args.domain, "input": texts[0]})
     single, lat = [], []
+    profiles = start_profiles(Path(args.profile), args.profile_rate) if args.profile else []
     for i in range(args.requests):
         t0 = time.perf_counter()
         score_ids(loaded, [ids[i % len(ids)]])
         single.append(time.perf_counter() - t0)
-        lat.append(post(url, {"model": args.domain, "input": texts[i % len(texts)]})[1])
+        lat.append(post(url, {"model": args.domain, "input": texts[i % len(texts)]}, timings=True)[1])
+    latency_timings = TIMINGS[:]
+    TIMINGS.clear()
+    if profiles:
+        print("py-spy, during the latency figure (on-CPU samples only: waits are not in it):")
+        stop_profiles(profiles, args.profile_rate, args.requests)
     loop_s = serve_s = 0.0
     with ThreadPoolExecutor(args.batch) as pool:
         for _ in range(rounds):
@@ -177,45 +323,50 @@ def main() -> None:
             score_ids(loaded, ids)
             loop_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            list(pool.map(lambda i: post(url, {"model": args.domain, "input": texts[i % len(texts)]}),
-                          range(args.batch)))
+            list(pool.map(lambda i: post(url, {"model": args.domain, "input": texts[i % len(texts)]},
+                                         timings=True), range(args.batch)))
             serve_s += time.perf_counter() - t0
+    batch_timings = TIMINGS[:]
+    TIMINGS.clear()
     loop_tps = rounds * args.batch * n_tok / loop_s
     serve_tps = rounds * args.batch * n_tok / serve_s
 
     # Load: N clients for T seconds, scoring and short completions mixed.
-    stop = time.time() + args.load_seconds
-    results: list[tuple[int, float]] = []
-    lock = threading.Lock()
+    def load_run(n_clients: int) -> tuple[list[tuple[int, float]], float]:
+        stop = time.time() + args.load_seconds
+        results: list[tuple[int, float]] = []
+        lock = threading.Lock()
 
-    def client(k: int) -> None:
-        i = 0
-        while time.time() < stop:
-            if (k + i) % 2:
-                r = post(url, {"model": args.domain, "input": texts[i % len(texts)]})
-            else:
-                r = post(url.replace("/score", "/completions"),
-                         {"model": args.domain, "prompt": texts[i % len(texts)][:80], "max_tokens": 8,
-                          "temperature": 0})
-            with lock:
-                results.append(r)
-            i += 1
+        def client(k: int) -> None:
+            i = 0
+            while time.time() < stop:
+                if (k + i) % 2:
+                    r = post(url, {"model": args.domain, "input": texts[i % len(texts)]})
+                else:
+                    r = post(url.replace("/score", "/completions"),
+                             {"model": args.domain, "prompt": texts[i % len(texts)][:80], "max_tokens": 8,
+                              "temperature": 0})
+                with lock:
+                    results.append(r)
+                i += 1
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(n_clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results, args.load_seconds
+
+    loads = {int(n): load_run(int(n)) for n in str(args.clients).split(",")}
     serve.shutdown()
     ray.shutdown()
-    errors = sum(1 for s, _ in results if s != 200)
-    load_lat = [d for _, d in results]
-
     p50_serve, p50_local = statistics.median(lat), statistics.median(single)
     print(f"1. scoring {n_tok} tokens, p50: Serve {p50_serve * 1e3:.1f} ms, in-process {p50_local * 1e3:.1f} ms: "
-          f"ratio {p50_serve / p50_local:.2f} (goal <= 1.2)")
+          f"ratio {p50_serve / p50_local:.2f} (goal <= 1.3)")
+    print(timing_table(latency_timings))
     print(f"2. throughput at batch {args.batch}: Serve {serve_tps:,.0f} tokens/s, transformers loop {loop_tps:,.0f}: "
           f"ratio {serve_tps / loop_tps:.2f} (goal >= 0.8)")
+    print(timing_table(batch_timings))
     if llm_dir is not None:
         llm = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
         x = torch.tensor(ids)
@@ -231,10 +382,13 @@ def main() -> None:
         measured, expected = times["llm"] / times["slm"], flops["llm"] / flops["slm"]
         print(f"3. per-token inference: SLM {times['slm'] * 1e6:.1f} us, LLM {times['llm'] * 1e6:.1f} us: measured "
               f"{measured:.2f}x vs FLOP ratio {expected:.2f}x: {measured / expected:.2f} (goal 0.8..1.2)")
-    print(f"4. load: {args.clients} clients x {args.load_seconds:.0f}s: {len(results)} requests "
-          f"({len(results) / args.load_seconds:.1f}/s), {errors} errors, "
-          f"p50 {pct(load_lat, 0.5) * 1e3:.0f} ms, p99 {pct(load_lat, 0.99) * 1e3:.0f} ms")
-
+    for n_clients, (results, seconds) in loads.items():
+        errors = sum(1 for st, _ in results if st != 200)
+        load_lat = [d for _, d in results]
+        print(f"4. load: {n_clients} clients x {seconds:.0f}s: {len(results)} requests "
+              f"({len(results) / seconds:.1f}/s), {errors} errors, "
+              f"p50 {pct(load_lat, 0.5) * 1e3:.0f} ms, p99 {pct(load_lat, 0.99) * 1e3:.0f} ms: "
+              f"p99/p50 {pct(load_lat, 0.99) / pct(load_lat, 0.5):.2f} (goal <= 3)")
 
 if __name__ == "__main__":
     main()

@@ -190,6 +190,55 @@ def test_a_new_domain_is_served_at_once_from_its_documents(app):
 
 
 @pytest.mark.timeout(600)
+def test_a_new_domain_reports_the_served_domains_perplexity_on_its_held_out_text(app):
+    """Documents of a served domain (`legal`) made a new domain: the 201 and /v1/models
+    give, beside the new domain's held-out perplexity, the served `legal` model's on the
+    same held-out split (as the project's evaluation computes it), and name it in
+    ``better_served_by`` exactly when it is lower. With ``serving.register_when_outscored``
+    off, such a domain is refused and not registered."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from slmfactory.models.instant import MAX_HELDOUT_TOKENS, generic_families, split_documents, tokens_nll
+    from slmfactory.serving.catalog import from_folder
+    from slmfactory.serving.domains import DomainRegistry, Outscored, compare_served, create_domain
+    from slmfactory.serving.engine import load
+
+    cfg, url, _ = app
+    docs = _docs(cfg, "legal", 12)
+    status, body = http("POST", f"{url}/v1/domains", json_body={"name": "contracts", "documents": docs})
+    assert status == 201, body
+    served = body["served_domains"]
+    assert set(served) == {"legal"}, served
+    legal_path = from_folder(cfg.root / "models")["legal"].path
+    legal = AutoModelForCausalLM.from_pretrained(legal_path).eval()
+    held = split_documents(cfg, docs).heldout[:MAX_HELDOUT_TOKENS]
+    s, n = tokens_nll(legal, held, cfg.data.seq_len, cfg.finetune.batch_size)
+    assert served["legal"]["heldout_ppl"] == pytest.approx(math.exp(s / n), rel=1e-4)
+    outscored = served["legal"]["heldout_ppl"] < body["heldout_ppl"]
+    assert body["better_served_by"] == ("legal" if outscored else None)
+    listed = {m["id"]: m for m in http("GET", f"{url}/v1/models")[1]["data"]}
+    assert listed["contracts"]["served_domains"] == served
+    assert listed["contracts"]["better_served_by"] == body["better_served_by"]
+    assert http("DELETE", f"{url}/v1/domains/contracts")[0] == 200
+    # The setting, in-process on the same documents and comparison.
+    strict = cfg.replace(**{"serving.register_when_outscored": False})
+    families = generic_families(strict, train=False)
+    tok = load(legal_path).tokenizer
+    compare = lambda built: compare_served(built, {"legal": load(legal_path)}, tok,  # noqa: E731
+                                           cfg.data.seq_len, cfg.finetune.batch_size)
+    if outscored:
+        with pytest.raises(Outscored, match="legal"):
+            create_domain(strict, "contracts2", docs, families, compare=compare)
+        assert DomainRegistry(cfg.root).get("contracts2") is None
+    else:
+        entry, _ = create_domain(strict, "contracts2", docs, families, compare=compare)
+        assert entry["compared"]["better_served_by"] is None
+        assert http("DELETE", f"{url}/v1/domains/contracts2")[0] == 200
+
+
+@pytest.mark.timeout(600)
 def test_bad_domain_requests_get_4xx_and_the_other_domains_keep_serving(app):
     cfg, url, _ = app
     docs = _docs(cfg, "legal", 6)

@@ -474,12 +474,20 @@ class ServingConfig:
     """Deadline of every request; a completion or score past it stops and answers 408."""
     batch_wait_s: float = 0.005
     """How long ``@serve.batch`` waits to fill a batch."""
+    adaptive_batch_wait: bool = True
+    """Wait ``batch_wait_s`` only when another request of the kind (scoring, generation)
+    is queued or running in the replica; a request alone runs at once."""
+    access_log: bool = False
+    """Ray Serve's access log line per request in the replica's log."""
     max_domains: int = 32
     """Run-time domains (``POST /v1/domains``) a workdir may hold."""
     max_domain_disk_mb: float = 4096.0
     """Disk all run-time domains' model folders may use together."""
     max_pending_builds: int = 2
     """Domain builds and fine-tunes queued or running per replica; past it, 429."""
+    register_when_outscored: bool = True
+    """Register a run-time domain even when a served domain has a lower perplexity on its
+    documents' held-out text (the 201 says so in ``better_served_by``); off: 409."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "serving.port", "1..65535", self.port)

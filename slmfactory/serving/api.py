@@ -13,6 +13,7 @@ overflow the logits, seeds outside the generator's range).
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
@@ -124,8 +125,22 @@ def limits_of(info: ValidationInfo) -> Limits:
     return (info.context or {}).get("limits") or DEFAULT_LIMITS
 
 
-def _texts(value: str | list[str], info: ValidationInfo) -> list[str]:
-    texts = [value] if isinstance(value, str) else value
+MAX_PROMPT_IDS = 1 << 16
+"""Token ids one prompt or score input may list (``serving.max_prompt_tokens`` is the
+real bound, checked once the model is known; this one only caps what is parsed)."""
+
+TokenId = Annotated[StrictInt, Field(ge=0, le=2 ** 31 - 1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
+"""A text given as its token ids (OpenAI's and vLLM's ``prompt: [int, ...]``); ids past
+the served model's vocabulary are a 400 naming the field, once the model is known."""
+Inputs = Union[Text, Annotated[list[Text], Field(max_length=1024)], TokenIds,
+               Annotated[list[TokenIds], Field(max_length=1024)]]
+"""A text, a list of texts, a text as token ids, or a list of those."""
+
+
+def _texts(value, info: ValidationInfo) -> list:
+    """The inputs as a list, each a text or a list of token ids."""
+    texts = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
     if not texts:
         raise PydanticCustomError("empty_input", "must not be empty")
     cap = limits_of(info).max_inputs
@@ -142,7 +157,7 @@ class Schema(BaseModel):
 
 class CompletionRequest(Schema):
     model: Annotated[ModelName, AfterValidator(_model_name)]
-    prompt: Union[Text, Annotated[list[Text], Field(max_length=1024)]]
+    prompt: Inputs
     max_tokens: StrictInt = 16
     temperature: StrictFloat = Field(1.0, ge=0, le=2)
     top_p: StrictFloat = Field(1.0, gt=0, le=1)
@@ -198,7 +213,8 @@ class CompletionRequest(Schema):
         return self
 
     @property
-    def prompts(self) -> list[str]:
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text, or a text's token ids."""
         return self.prompt
 
 
@@ -207,7 +223,7 @@ Completion = CompletionRequest
 
 class ScoreRequest(Schema):
     model: Annotated[ModelName, AfterValidator(_model_name)]
-    input: Union[Text, Annotated[list[Text], Field(max_length=1024)]]
+    input: Inputs
 
     @field_validator("input")
     @classmethod
@@ -215,7 +231,8 @@ class ScoreRequest(Schema):
         return _texts(v, info)
 
     @property
-    def inputs(self) -> list[str]:
+    def inputs(self) -> list[str | list[int]]:
+        """Each input: a text, or a text's token ids."""
         return self.input
 
 
@@ -311,3 +328,71 @@ def parse_score(raw: bytes, limits: Limits) -> ScoreRequest:
 
 
 Route = Literal["completions", "score", "domains"]
+
+
+# -- the body limit, in the Serve proxy ---------------------------------------------------
+
+BODY_LIMIT_ENV = "SLMFACTORY_MAX_REQUEST_BYTES"
+"""``serving.max_request_bytes``, for the Serve proxy (set by ``app.serve_env``)."""
+
+
+class BodyLimit:
+    """An ASGI middleware of the Serve proxy (``proxy_middlewares``): a request body past
+    its route's limit, declared or chunked, is answered 413 with ``Connection: close`` as
+    soon as the limit is passed, and no more of it is read. Without it the proxy reads the
+    whole body into memory (it reads ahead of the replica, which enforces the same limit
+    only on what the proxy hands it): a 64 MiB chunked body was read whole before its 413."""
+
+    def __init__(self, app, limit: int, domains_limit: int):
+        self.app, self.limit, self.domains_limit = app, limit, domains_limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.domains_limit if scope.get("path", "").startswith("/v1/domains") else self.limit
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            return await self._refuse(send, f"request body of {int(declared)} bytes exceeds the limit of {limit}")
+        state = {"read": 0, "started": False, "refused": False}
+
+        async def guarded_send(message):
+            if state["refused"]:
+                return  # this request was answered 413 already
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        async def limited_receive():
+            if state["refused"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                state["read"] += len(message.get("body", b""))
+                if state["read"] > limit:
+                    if not state["started"]:
+                        await self._refuse(send, f"request body exceeds the limit of {limit} bytes")
+                    state["refused"] = True
+                    # Stop reading: the proxy takes the client as gone and cancels the request.
+                    return {"type": "http.disconnect"}
+            return message
+
+        return await self.app(scope, limited_receive, guarded_send)
+
+    @staticmethod
+    async def _refuse(send, message: str) -> None:
+        body = json.dumps(ApiError(413, message, code="request_too_large").body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def proxy_middlewares() -> list:
+    """What the Serve proxy wraps every request in (its
+    ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``): the body limit of ``$SLMFACTORY_MAX_REQUEST_BYTES``."""
+    from starlette.middleware import Middleware  # lazy: only the proxy needs it
+
+    limit = os.environ.get(BODY_LIMIT_ENV, "")
+    if not limit.isdigit():
+        return []
+    return [Middleware(BodyLimit, limit=int(limit), domains_limit=DOMAIN_BODY_FACTOR * int(limit))]

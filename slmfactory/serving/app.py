@@ -34,6 +34,7 @@ with ``args`` from a Serve config YAML: see ``infra/serve.yaml``). The model wor
 # the routes' annotations as objects (a string "Request" would become a query parameter).
 import asyncio
 import math
+import os
 import time
 import uuid
 
@@ -45,14 +46,41 @@ from ray import serve
 from slmfactory.platform.config import load_config, parse_overrides
 from slmfactory.platform.errors import ConfigError
 from slmfactory.serving import catalog as cat
-from slmfactory.serving.api import ApiError, CompletionRequest, Limits, ScoreRequest
+from slmfactory.serving.api import BODY_LIMIT_ENV, ApiError, CompletionRequest, Limits, ScoreRequest
 from slmfactory.serving.auth import load_keys
-from slmfactory.serving.domains import DomainRequest
+from slmfactory.serving.domains import DomainRequest, compared_view
 from slmfactory.serving.engine import token_logprobs, with_firsts
-from slmfactory.serving.server import AUTO, HEALTH_TIMEOUT_S, DomainServer, unwrap
+from slmfactory.serving.server import AUTO, HEALTH_TIMEOUT_S, DomainServer, mark, timer
 from slmfactory.trial import experiment_name
 
 api = FastAPI(title="slmfactory", docs_url=None, redoc_url=None, openapi_url=None)
+
+RAY_SERVE_ENV = {
+    # The replica runs the routes on its own event loop, not on a second loop in another
+    # thread: two cross-thread hand-offs less per request.
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    # The proxy routes each request on the loop that received it (same reason).
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    # Request-path log lines buffered and written in bulk (ERROR lines at once), and not
+    # copied to stderr as well: a file write per request was a fifth of the proxy's time.
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+}
+"""Ray Serve's settings for a request path as short as the model's time (what Serve's own
+``RAY_SERVE_THROUGHPUT_OPTIMIZED`` sets, less direct ingress, which moves the app off
+its port). Read by each Serve process when it starts: ``build_app`` puts them in the
+environment of a Ray started after it (the proxy's) and of the replica (its
+``runtime_env``). A value already in the environment wins."""
+
+
+def serve_env(serving) -> dict[str, str]:
+    """The environment the Serve processes of an app with ``serving`` (the recipe's
+    section) are to start with: ``RAY_SERVE_ENV`` and the proxy's body limit
+    (``api.proxy_middlewares``). ``build_app`` sets it; a caller that starts Ray before
+    building the app sets it first (the proxy starts with Ray's first Serve app)."""
+    env = {**RAY_SERVE_ENV, "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "slmfactory.serving.api:proxy_middlewares",
+           BODY_LIMIT_ENV: str(serving.max_request_bytes)}
+    return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
 @serve.deployment
@@ -82,7 +110,8 @@ class DomainModels(DomainServer):
             entries = await asyncio.to_thread(
                 lambda: {d: self.catalog.get(d) or self.domains.entry(d) for d in self.served_names()})
             data = [{"id": d, "object": "model", "created": 0, "owned_by": "slmfactory",
-                     "strategy": e["strategy"], "params": e["params"], "test_ppl": e["test_ppl"]}
+                     "strategy": e["strategy"], "params": e["params"], "test_ppl": e["test_ppl"],
+                     **(compared_view(e) if "compared" in e else {})}
                     for d, e in entries.items() if e is not None]
             if self.router:
                 data.append({"id": AUTO, "object": "model", "created": 0, "owned_by": "slmfactory"})
@@ -94,12 +123,31 @@ class DomainModels(DomainServer):
     async def create_domain(self, request: Request):
         """A new domain from a handful of its documents (``RuntimeDomains.create``): 201."""
         async def handle(req: DomainRequest, caller, deadline):
-            view, tokens = await self.domains.create(req)
+            served, auto_pick = await self._served_for_comparison(req.documents[0])
+            view, tokens = await self.domains.create(req, served, auto_pick)
             self.count_tokens(tokens, req.name, "domains")
             return req.name, JSONResponse(view, status_code=201)
 
         return await self._respond("domains", request, DomainRequest, handle,
                                   max_bytes=self.limits.max_domain_request_bytes, admin=True)
+
+    async def _served_for_comparison(self, text: str) -> tuple[dict, str | None]:
+        """The start-up domains' models a new domain is compared with (through the
+        multiplexed cache; one that fails to load is left out), and the one ``model:
+        auto`` routes ``text`` to (None without the clustering)."""
+        served = {}
+        for d in list(self.catalog)[:self.max_models]:
+            try:
+                served[d] = await self.get_model(d)
+            except Exception:  # noqa: BLE001  (a broken folder: not compared; its requests answer 503)
+                continue
+        auto_pick = None
+        if self.router is not None:
+            try:
+                auto_pick, _ = await self.route(text)
+            except Exception:  # noqa: BLE001  (no MiniLM here: compared all the same, unlabelled)
+                auto_pick = None
+        return served, auto_pick
 
     @api.get("/v1/domains/{name}")
     async def domain_status(self, name: str, request: Request):
@@ -118,8 +166,9 @@ class DomainModels(DomainServer):
     @api.post("/v1/score")
     async def score(self, request: Request):
         async def handle(req: ScoreRequest, caller, deadline):
-            domain, loaded, extra = await self.model_for(req.model, req.inputs[0])
-            ids = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in req.inputs]
+            domain, loaded, extra = await self.model_for(req.model, req.inputs[0], "input")
+            mark("model")
+            ids = self._token_ids(loaded, req.inputs, "input")
             for i, x in enumerate(ids):
                 if len(x) < 2:
                     raise ApiError(400, f"input[{i}] has {len(x)} token(s); scoring needs at least 2",
@@ -128,12 +177,12 @@ class DomainModels(DomainServer):
                     raise ApiError(400, f"input[{i}] has {len(x)} tokens; at most {self.limits.max_prompt_tokens}",
                                    param="input", code="input_too_long")
             self._charge(caller, "tokens", sum(len(x) for x in ids))
-            scored = [unwrap(r) for r in
-                      await asyncio.gather(*(self.score_batch((domain, loaded, x, deadline)) for x in ids))]
+            mark("tokenise")
+            scored = await self._batched("score", [(domain, loaded, x, deadline, timer()) for x in ids])
             data = []
             for i, (x, lp) in enumerate(zip(ids, scored)):
                 nll = -sum(lp) / len(lp)
-                data.append({"index": i, "tokens": [loaded.tokenizer.decode([t]) for t in x], "token_ids": x,
+                data.append({"index": i, "tokens": loaded.texts_of(x), "token_ids": x,
                              "token_logprobs": with_firsts(x, lp, loaded.context),
                              "num_scored": len(lp), "nll": nll, "perplexity": math.exp(nll)})
             self.count_tokens(sum(len(x) for x in ids), domain, "score")
@@ -144,8 +193,9 @@ class DomainModels(DomainServer):
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         async def handle(c: CompletionRequest, caller, deadline):
-            domain, loaded, extra = await self.model_for(c.model, c.prompts[0])
-            ids = [loaded.tokenizer(p, add_special_tokens=False)["input_ids"] for p in c.prompts]
+            domain, loaded, extra = await self.model_for(c.model, c.prompts[0], "prompt")
+            mark("model")
+            ids = self._token_ids(loaded, c.prompts, "prompt")
             for i, x in enumerate(ids):
                 if len(x) + c.max_tokens > min(loaded.context, self.limits.max_prompt_tokens + c.max_tokens):
                     raise ApiError(400, f"prompt[{i}] has {len(x)} tokens; with max_tokens={c.max_tokens} it "
@@ -153,17 +203,18 @@ class DomainModels(DomainServer):
                                    param="max_tokens", code="context_length_exceeded")
             self._check_stop(loaded, c.stop)
             self._charge(caller, "tokens", sum(len(x) for x in ids) + c.max_tokens * c.n * len(ids))
+            mark("tokenise")
             cid = f"cmpl-{uuid.uuid4().hex[:24]}"
             if c.stream:
                 return domain, StreamingResponse(self._stream(cid, domain, loaded, ids[0], c, extra, deadline),
                                                  media_type="text/event-stream")
-            results = [unwrap(r) for r in
-                       await asyncio.gather(*(self.generate_batch((domain, loaded, x, c, deadline)) for x in ids))]
+            results = await self._batched("generate", [(domain, loaded, x, c, deadline, timer()) for x in ids])
             choices, completion_tokens = [], 0
             for i, (x, outs) in enumerate(zip(ids, results)):
                 for out in outs:
                     completion_tokens += len(out["ids"])
-                    text = (c.prompts[i] if c.echo else "") + out["text"]
+                    echoed = c.prompts[i] if isinstance(c.prompts[i], str) else loaded.tokenizer.decode(x)
+                    text = (echoed if c.echo else "") + out["text"]
                     lp = None
                     if c.logprobs is not None:
                         full = x + out["ids"]
@@ -203,12 +254,15 @@ def build_app(args: dict):
     api_keys, admin_keys = load_keys(cfg)
     security = {"api": api_keys, "admin": admin_keys, "rpm": s.rate_limit_rpm, "tpm": s.rate_limit_tpm,
                 "timeout_s": s.request_timeout_s, "max_pending": s.max_pending_builds}
+    env = serve_env(s)
+    os.environ.update(env)
     deployment = DomainModels.options(
-        ray_actor_options={"num_cpus": s.replica_cpus},
+        ray_actor_options={"num_cpus": s.replica_cpus, "runtime_env": {"env_vars": env}},
+        logging_config={"enable_access_log": s.access_log},
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                             "target_ongoing_requests": s.target_ongoing_requests},
         max_ongoing_requests=s.max_ongoing_requests,
         # check_health runs a forward pass with its own deadline; Ray's must be longer.
         health_check_period_s=10, health_check_timeout_s=3 * HEALTH_TIMEOUT_S)
     return deployment.bind(catalog, router, Limits.from_config(s), s.preload, {"config": cfg.to_tree()}, security,
-                           s.max_models_per_replica, s.batch_wait_s)
+                           s.max_models_per_replica, s.batch_wait_s, s.adaptive_batch_wait)

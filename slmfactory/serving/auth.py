@@ -96,8 +96,9 @@ class RateLimiter:
     seconds until it could (the ``Retry-After``). Counted per replica: with N replicas a
     key gets up to N times the limit (one replica by default)."""
 
-    def __init__(self, rpm: float, tpm: float, max_keys: int = 100_000):
+    def __init__(self, rpm: float, tpm: float, max_keys: int = 100_000, clock=time.monotonic):
         self.rates = {"requests": rpm, "tokens": tpm}
+        self.clock = clock  # seconds; a test steps its own
         self.buckets: dict[tuple[str, str], tuple[float, float]] = {}  # (key, kind) -> (level, time)
         self.lock = threading.Lock()
         self.max_keys = max_keys
@@ -108,7 +109,7 @@ class RateLimiter:
         if per_min <= 0:
             return 0.0
         rate = per_min / 60.0
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
             level, t = self.buckets.get((key, kind), (per_min, now))
             level = min(per_min, level + (now - t) * rate)

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import threading
 import time
@@ -44,6 +45,8 @@ from slmfactory.serving.api import ApiError, Limits, ModelName, Schema, Text, li
 from slmfactory.serving.api import NAME_RE as NAME_PATTERN, RESERVED, valid_name  # the one name rule
 from slmfactory.serving.engine import load_minilm
 
+LOG = logging.getLogger("ray.serve")
+
 
 class NameTaken(DataError):
     pass
@@ -51,6 +54,45 @@ class NameTaken(DataError):
 
 class RegistryFull(DataError):
     pass
+
+
+class Outscored(DataError):
+    """An existing served domain scores the new domain's held-out text better, and
+    ``serving.register_when_outscored`` is off: the new domain is not registered."""
+
+    def __init__(self, message: str, comparison: dict):
+        super().__init__(message)
+        self.comparison = comparison
+
+
+def compare_served(built, served: dict[str, Any], tokenizer, seq_len: int, batch_size: int,
+                   auto_pick: str | None = None) -> dict:
+    """The held-out perplexity of each served domain's model (``served``: name ->
+    ``engine.Loaded``) on the new domain's held-out split, the one its candidates were
+    chosen on, beside the new domain's own: ``{"heldout_tokens", "new_ppl", "served":
+    {name: {"heldout_ppl", "auto"}}, "better_served_by"}`` (the served domain with the
+    lowest perplexity, if it is lower than the new domain's; else None). A served model
+    with another vocabulary cannot read these token ids: it is listed with the reason."""
+    import math
+
+    from slmfactory.models.instant import MAX_HELDOUT_TOKENS, tokens_nll  # lazy (module docstring)
+
+    held = built.docs.heldout[:MAX_HELDOUT_TOKENS]
+    vocab = tokenizer.get_vocab()
+    out: dict[str, dict] = {}
+    for name, loaded in sorted(served.items()):
+        row: dict[str, Any] = {"auto": name == auto_pick}
+        if loaded.tokenizer.get_vocab() != vocab:
+            row.update(heldout_ppl=None, reason="another tokenizer: its perplexity is not comparable")
+        else:
+            s, n = tokens_nll(loaded.model, held, min(seq_len, loaded.context), batch_size)
+            row["heldout_ppl"] = math.exp(s / n)
+        out[name] = row
+    new_ppl = built.best.heldout_ppl
+    scored = {n: r["heldout_ppl"] for n, r in out.items() if r["heldout_ppl"] is not None}
+    best = min(scored, key=scored.get) if scored else None
+    return {"heldout_tokens": int(len(held)), "new_ppl": new_ppl, "served": out,
+            "better_served_by": best if best is not None and scored[best] < new_ppl else None}
 
 
 def check_name(name: str) -> None:
@@ -267,10 +309,13 @@ def register_in_mlflow(cfg, name: str, entry: dict, metrics: dict[str, float]) -
 
 
 def create_domain(cfg, name: str, texts: list[str], families, *, embedder=None, tokenizer=None,
-                  taken: Callable[[str], bool] = lambda _n: False, log=None, limited: bool = False
-                  ) -> tuple[dict, Any]:
+                  taken: Callable[[str], bool] = lambda _n: False, log=None, limited: bool = False,
+                  compare: Callable[[Any], dict] | None = None) -> tuple[dict, Any]:
     """Build the instant candidates of ``texts`` and publish the chosen one under ``name``;
-    returns (entry, the ``InstantDomain``)."""
+    returns (entry, the ``InstantDomain``). ``compare(built)``: the served domains scored
+    on the same held-out split (``compare_served``), recorded in the entry; when one of
+    them is better and ``serving.register_when_outscored`` is off, ``Outscored`` is
+    raised and nothing is published."""
     from slmfactory.models.instant import build_instant  # lazy (module docstring)
 
     registry = DomainRegistry(cfg.root)
@@ -279,10 +324,17 @@ def create_domain(cfg, name: str, texts: list[str], families, *, embedder=None, 
     with registry.claim(name, taken, **caps):
         built = build_instant(cfg, texts, families, embedder=embedder, tokenizer=tokenizer, log=log)
         best = built.best
+        compared = compare(built) if compare is not None else None
+        if compared and compared["better_served_by"] and not cfg.serving.register_when_outscored:
+            better = compared["better_served_by"]
+            raise Outscored(f"name: the served domain '{better}' scores these documents' held-out text better "
+                            f"(perplexity {compared['served'][better]['heldout_ppl']:.2f} against the new domain's "
+                            f"{best.heldout_ppl:.2f}); not registered (serving.register_when_outscored is off)",
+                            compared)
         entry = registry.publish(name, {
             "path": str(best.path), "strategy": f"instant/{best.rule}", "params": _params(best.path),
             "test_ppl": best.heldout_ppl, "docs": built.docs.digest, "instant": built.summary(),
-            "finetune": None, "mlflow": None})
+            "compared": compared, "finetune": None, "mlflow": None})
     return entry, built
 
 
@@ -400,7 +452,16 @@ def domain_view(entry: dict) -> dict:
             "chosen": inst.get("chosen"), "histogram": inst.get("histogram"),
             "candidates": {r: {"heldout_ppl": c["heldout_ppl"], "seconds": c["seconds"], "flops": c["flops"]}
                            for r, c in (inst.get("candidates") or {}).items()},
-            "timings": inst.get("timings"), "finetune": entry.get("finetune"), "mlflow": entry.get("mlflow")}
+            "timings": inst.get("timings"), **compared_view(entry), "finetune": entry.get("finetune"),
+            "mlflow": entry.get("mlflow")}
+
+
+def compared_view(entry: dict) -> dict:
+    """What the API shows of a run-time domain's comparison with the served domains:
+    ``served_domains`` (each one's held-out perplexity on the new domain's held-out split,
+    ``auto``: the one ``model: auto`` routes the documents to) and ``better_served_by``."""
+    compared = entry.get("compared") or {}
+    return {"served_domains": compared.get("served"), "better_served_by": compared.get("better_served_by")}
 
 
 class RuntimeDomains:
@@ -465,7 +526,8 @@ class RuntimeDomains:
                            param="name", code="model_not_found")
         return entry
 
-    async def create(self, req: DomainRequest) -> tuple[dict, int]:
+    async def create(self, req: DomainRequest, served: dict | None = None, auto_pick: str | None = None
+                     ) -> tuple[dict, int]:
         """``POST /v1/domains``: the instant model of ``req.documents`` served under
         ``req.name`` when this returns; ``finetune_budget`` queues a Ray Train fine-tuning
         that replaces it when done. Returns the domain's view and the tokens it read."""
@@ -492,11 +554,15 @@ class RuntimeDomains:
                 self.inputs = asyncio.ensure_future(asyncio.to_thread(instant_inputs, self.cfg))
             families, tokenizer, minilm = await asyncio.shield(self.inputs)
             self.minilm = self.minilm or minilm
+            compare = (lambda built: compare_served(built, served, tokenizer, self.cfg.data.seq_len,
+                                                    self.cfg.finetune.batch_size, auto_pick)) if served else None
             entry, built = await asyncio.to_thread(
                 create_domain, self.cfg, req.name, req.documents, families, embedder=minilm,
-                tokenizer=tokenizer, taken=lambda n: n in self.startup, limited=True)
+                tokenizer=tokenizer, taken=lambda n: n in self.startup, limited=True, compare=compare)
         except NameTaken as e:
             raise ApiError(409, str(e), param="name", code="name_exists") from None
+        except Outscored as e:
+            raise ApiError(409, str(e).split(": ", 1)[-1], param="name", code="outscored") from None
         except RegistryFull as e:
             raise ApiError(409, str(e).split(": ", 1)[-1], param="name", code="max_domains") from None
         except GenericPhaseMissing as e:
@@ -506,6 +572,11 @@ class RuntimeDomains:
             raise ApiError(400, str(e), param=param or "documents", code="invalid_value") from None
         finally:
             self.builds -= 1
+        better = (entry.get("compared") or {}).get("better_served_by")
+        if better:
+            LOG.warning("domain %r: the served domain %r scores its documents' held-out text better (perplexity "
+                        "%.2f against %.2f); registered anyway (serving.register_when_outscored)", req.name, better,
+                        entry["compared"]["served"][better]["heldout_ppl"], entry["test_ppl"])
         register_async(self.cfg, req.name, entry)
         if req.finetune_budget is not None:
             import ray  # lazy (module docstring)

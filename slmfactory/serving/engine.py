@@ -19,6 +19,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Collection
 
 import numpy as np
@@ -42,6 +43,32 @@ class Loaded:
     tokenizer: Any
     context: int
     load_seconds: float = 0.0
+
+    @cached_property
+    def vocab(self) -> int:
+        """Token ids this model takes: its embedding rows (a request's ids are checked
+        against it, so an id past the tokenizer's own vocabulary still fails early)."""
+        return min(len(self.tokenizer), int(self.model.config.vocab_size))
+
+    @cached_property
+    def token_texts(self) -> list[str]:
+        """Every token id's text as ``tokenizer.decode([id])`` gives it, decoded once in
+        one batch: a score response names each of its tokens, and a per-token ``decode``
+        was a Python call into the tokenizer per token."""
+        return self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+
+    def texts_of(self, ids: list[int]) -> list[str]:
+        table = self.token_texts
+        return [table[i] for i in ids]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """``tokenizer(text, add_special_tokens=False)["input_ids"]`` of each text, in one
+        call to the Rust tokenizer (the Python wrapper's per-call bookkeeping was most of
+        the tokenising time of a short request)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or backend.padding is not None or backend.truncation is not None:
+            return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def load(path: str) -> Loaded:
@@ -172,7 +199,7 @@ def token_logprobs(loaded: Loaded, ids: list[int], start: int, top: int, deadlin
             if top:
                 v, i = (logits[q] - lse[q]).topk(top)
                 tops[p] = {tok.decode([int(a)]): float(b) for b, a in zip(v, i)}
-    tokens = [tok.decode([i]) for i in ids[start:]]
+    tokens = loaded.texts_of(ids[start:])
     offsets, pos = [], 0
     for t in tokens:
         offsets.append(pos)

@@ -13,18 +13,23 @@ domains' ``serving.domains``'.
   together; greedy/sampled completions with the same settings are generated in one
   left-padded ``generate`` call. A failing request fails alone: its neighbours are answered.
 - Every request (``_respond``): API key (401, 403 for an admin route), per-key rates (429),
-  a body read within its bound (413), one schema (400), a deadline (408), a metric.
+  a body read within its bound (413), one schema (400), a deadline (408), a metric, and a
+  ``Server-Timing`` header saying where its time in the replica went (``Timer``).
+- No wait for a batch that cannot fill (``_batched``): a request with no other request of
+  its kind in the replica runs at once; ``serving.batch_wait_s`` is waited only when
+  another one is queued or running, so that batches form under load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import threading
 import time
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ray import serve
 
@@ -58,6 +63,48 @@ def import_everything() -> None:
     import slmfactory.models.projected  # noqa: F401
 
     transformers.logging.set_verbosity_error()
+
+
+class Timer:
+    """Where one request's time in the replica went, part by part (milliseconds), sent
+    back as its ``Server-Timing`` header: what a client, or ``bench/serve_bench.py``,
+    reads to split a request's latency between the replica and the proxy in front of it."""
+
+    __slots__ = ("start", "last", "parts", "notes")
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.parts: dict[str, float] = {}
+        self.notes: dict[str, str] = {}
+
+    def note(self, name: str, value) -> None:
+        """A fact about the request (``batch``: how many requests its batch held)."""
+        self.notes[name] = str(value)
+
+    def mark(self, part: str, now: float | None = None) -> None:
+        """The time since the previous mark belongs to ``part``."""
+        now = time.perf_counter() if now is None else now
+        self.parts[part] = self.parts.get(part, 0.0) + (now - self.last) * 1e3
+        self.last = now
+
+    def header(self) -> str:
+        total = (time.perf_counter() - self.start) * 1e3
+        return ", ".join([f"{k};dur={v:.3f}" for k, v in self.parts.items()] + [f"total;dur={total:.3f}"]
+                         + [f'{k};desc="{v}"' for k, v in self.notes.items()])
+
+
+TIMER: contextvars.ContextVar[Timer | None] = contextvars.ContextVar("slmfactory_timer", default=None)
+"""The request's ``Timer`` (set by ``_respond``; the handlers' tasks inherit it)."""
+
+
+def timer() -> Timer | None:
+    return TIMER.get()
+
+
+def mark(part: str) -> None:
+    t = TIMER.get()
+    if t is not None:
+        t.mark(part)
 
 
 class Failed:
@@ -118,7 +165,7 @@ class DomainServer:
 
     async def __init__(self, catalog: dict[str, dict], router: dict | None, limits: Limits, preload: bool,
                        instant: dict | None = None, security: dict | None = None, max_models: int = 8,
-                       batch_wait_s: float = 0.005):
+                       batch_wait_s: float = 0.005, adaptive_batch_wait: bool = True):
         # Before anything runs in a second thread (see import_everything).
         import_everything()
         import torch  # lazy: imported by import_everything just above
@@ -152,6 +199,9 @@ class DomainServer:
         async def generate_batch(jobs: list) -> list:
             return await self._generate_batch(jobs)
 
+        # Requests of each kind queued for or running in a batch (``_batched``).
+        self.active = {"score": 0, "generate": 0}
+        self.adaptive = adaptive_batch_wait
         self.get_model = serve.multiplexed(max_num_models_per_replica=max_models)(load_model)
         self.score_batch = serve.batch(max_batch_size=16, batch_wait_timeout_s=batch_wait_s)(score_batch)
         self.generate_batch = serve.batch(max_batch_size=8, batch_wait_timeout_s=batch_wait_s)(generate_batch)
@@ -184,9 +234,13 @@ class DomainServer:
     def served_names(self) -> list[str]:
         return sorted(set(self.catalog) | set(self.domains.names()))
 
-    async def model_for(self, name: str, text: str) -> tuple[str, Loaded, dict]:
+    async def model_for(self, name: str, text: str | list[int], field: str) -> tuple[str, Loaded, dict]:
+        """The served domain ``name`` (``auto``: the one ``text`` routes to) and its model."""
         extra: dict = {}
         if name == AUTO:
+            if not isinstance(text, str):
+                raise ApiError(400, f"model 'auto' routes by the text: send '{field}' as text, not token ids",
+                               param=field, code="invalid_value")
             name, extra = await self.route(text)
         model_id = name
         if name not in self.catalog:
@@ -222,19 +276,48 @@ class DomainServer:
         return pick_domain(self.router, self.catalog, emb)
 
     # -- batched work ---------------------------------------------------------------------
-    async def _score_batch(self, items: list[tuple[str, Loaded, list[int], float]]) -> list:
+    async def _batched(self, kind: str, items: list[tuple]) -> list:
+        """The results of ``items`` (one request's), each through Serve's batch queue of
+        ``kind`` when another request of that kind is queued or running in this replica;
+        else all at once, without the queue: with nothing else in the replica a batch could
+        only fill by waiting ``serving.batch_wait_s`` for requests that are not coming."""
+        direct, queued = ((self._score_batch, self.score_batch) if kind == "score"
+                          else (self._generate_batch, self.generate_batch))
+        alone = self.adaptive and self.active[kind] == 0
+        self.active[kind] += len(items)
+        try:
+            if alone:
+                return [unwrap(r) for r in await direct(items)]
+            return [unwrap(r) for r in await asyncio.gather(*(queued(item) for item in items))]
+        finally:
+            self.active[kind] -= len(items)
+
+    @staticmethod
+    def _marks(items: list[tuple], part: str) -> None:
+        """``part`` for each request of a batch (the last field of an item is its Timer)."""
+        now = time.perf_counter()
+        for item in items:
+            if item[-1] is not None:
+                item[-1].mark(part, now)
+                item[-1].note("batch", len(items))
+
+    async def _score_batch(self, items: list[tuple[str, Loaded, list[int], float, Timer | None]]) -> list:
+        self._marks(items, "batch_wait")
         out: list = [None] * len(items)
-        for domain in {d for d, _, _, _ in items}:
-            idx = [i for i, (d, _, _, _) in enumerate(items) if d == domain]
+        for domain in {it[0] for it in items}:
+            idx = [i for i, it in enumerate(items) if it[0] == domain]
             await self._isolated(out, idx, lambda ix: score_ids(
                 items[ix[0]][1], [items[i][2] for i in ix], max(items[i][3] for i in ix)))
+        self._marks(items, "forward")
         return out
 
-    async def _generate_batch(self, jobs: list[tuple[str, Loaded, list[int], CompletionRequest, float]]) -> list:
+    async def _generate_batch(self, jobs: list[tuple[str, Loaded, list[int], CompletionRequest, float, Timer | None]]
+                              ) -> list:
         """One left-padded ``generate`` per group of jobs with the same domain and
         settings (unseeded, n = 1); a seeded or n > 1 job runs alone."""
+        self._marks(jobs, "batch_wait")
         groups: dict[tuple, list[int]] = {}
-        for i, (domain, _, _, c, _) in enumerate(jobs):
+        for i, (domain, _, _, c, _, _) in enumerate(jobs):
             key = (domain, c.max_tokens, c.temperature, c.top_p, tuple(c.stop)) if c.seed is None and c.n == 1 \
                 else ("alone", i)
             groups.setdefault(key, []).append(i)
@@ -243,9 +326,10 @@ class DomainServer:
             await self._isolated(out, idx, lambda ix: generate(
                 jobs[ix[0]][1], [jobs[i][2] for i in ix], Sampling.of(jobs[ix[0]][3]),
                 max(jobs[i][4] for i in ix), self.lock))
-        for i, (_, _, _, _, deadline) in enumerate(jobs):
+        for i, (_, _, _, _, deadline, _) in enumerate(jobs):
             if not isinstance(out[i], Failed) and time.monotonic() > deadline:
                 out[i] = Failed(Deadline())
+        self._marks(jobs, "generate")
         return out
 
     async def _isolated(self, out: list, idx: list[int], work) -> None:
@@ -266,6 +350,22 @@ class DomainServer:
             except Exception as e:  # noqa: BLE001
                 out[i] = Failed(e)
 
+    @staticmethod
+    def _token_ids(loaded: Loaded, items: list[str | list[int]], field: str) -> list[list[int]]:
+        """Each input's token ids: texts tokenised (in one call), id lists checked against
+        the model's vocabulary (an id past it is a 400 naming ``field``)."""
+        texts = [(i, x) for i, x in enumerate(items) if isinstance(x, str)]
+        out: list = list(items)
+        for (i, _), ids in zip(texts, loaded.encode([t for _, t in texts])):
+            out[i] = ids
+        for i, x in enumerate(items):
+            if not isinstance(x, str):
+                bad = next((t for t in x if t >= loaded.vocab), None)
+                if bad is not None:
+                    raise ApiError(400, f"'{field}[{i}]' holds token id {bad}, outside the model's vocabulary "
+                                   f"(ids 0..{loaded.vocab - 1})", param=field, code="invalid_value")
+        return out
+
     def _check_stop(self, loaded: Loaded, stop: list[str]) -> None:
         """A stop string ``generate`` cannot take (one the vocabulary cannot form) is a
         400 naming ``stop``, found before generation rather than inside it."""
@@ -280,37 +380,48 @@ class DomainServer:
         """Authenticate, rate-limit, read the body within its bound, validate it with
         ``schema``, run ``handler(req, caller, deadline)`` within the deadline; every
         failure is an OpenAI error body, every outcome a metric."""
-        t0 = time.perf_counter()
+        timer = Timer()
+        TIMER.set(timer)
         deadline = time.monotonic() + self.timeout
         domain, status = "-", "200"
         self.in_flight += 1
         try:
             caller = self._caller(request, admin)
+            timer.mark("auth")
             if schema is None:
                 req = None
             else:
                 raw = await asyncio.wait_for(read_body(request, max_bytes or self.limits.max_request_bytes),
                                              self.timeout)
+                timer.mark("body")
                 req = validate(schema, raw, self.limits)
+                timer.mark("parse")
             domain, response = await asyncio.wait_for(handler(req, caller, deadline),
                                                       max(0.0, deadline - time.monotonic()))
-            return response
+            if not isinstance(response, Response):
+                # Serialised here, once, by the C JSON encoder: FastAPI would first walk a
+                # returned dict through jsonable_encoder, a Python call per value (a score
+                # response holds three per token).
+                response = JSONResponse(response)
+            timer.mark("respond")
         except (asyncio.TimeoutError, Deadline):
             status = "408"
-            return JSONResponse(ApiError(408, f"the request did not finish within its deadline of "
-                                         f"{self.timeout:g}s (serving.request_timeout_s)",
-                                         code="request_timeout").body(), status_code=408)
+            response = JSONResponse(ApiError(408, f"the request did not finish within its deadline of "
+                                             f"{self.timeout:g}s (serving.request_timeout_s)",
+                                             code="request_timeout").body(), status_code=408)
         except ApiError as e:
             status = str(e.status)
-            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         except Exception as e:  # noqa: BLE001  (a bug or a broken model: the replica keeps serving)
             status = "500"
-            return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {str(e)[:300]}",
-                                         type_="server_error", code="internal_error").body(), status_code=500)
+            response = JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {str(e)[:300]}",
+                                             type_="server_error", code="internal_error").body(), status_code=500)
         finally:
             self.in_flight -= 1
             self.m["requests"].labels(domain, route, status).inc()
-            self.m["latency"].labels(domain, route).observe(time.perf_counter() - t0)
+            self.m["latency"].labels(domain, route).observe(time.perf_counter() - timer.start)
+        response.headers["server-timing"] = timer.header()
+        return response
 
     def _caller(self, request: Request, admin: bool):
         caller = self.auth.caller(request.headers.get("authorization"))
@@ -374,7 +485,7 @@ class DomainServer:
                                                        pipe, cancel))
         try:
             if c.echo:
-                yield chunk(c.prompts[0], None)
+                yield chunk(c.prompts[0] if isinstance(c.prompts[0], str) else loaded.tokenizer.decode(ids), None)
             text = TextStream(loaded.tokenizer, c.stop)
             getter = None
             while True:
