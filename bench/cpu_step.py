@@ -246,6 +246,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    threads = torch.get_num_threads()   # faiss (MiniLM's k-means) later shares and lowers OpenMP's count
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"{when}; {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
@@ -312,7 +313,7 @@ def main() -> None:
               f"{minilm['same_cluster_refit']:.2%} |")
     if args.profile_json:
         prof = [{"params": float(r["compute_params"]), "train_tokens_per_s": round(r["auto_tok_s"], 1),
-                 "source": f"bench/cpu_step.py {when}, {cpu}, {torch.get_num_threads()} threads: {r['auto']}, "
+                 "source": f"bench/cpu_step.py {when}, {cpu}, {threads} threads: {r['auto']}, "
                            f"{r['shape']} shape"} for r in rows]
         Path(args.profile_json).write_text(json.dumps(prof, indent=2) + "\n")
         print(f"\ndevice-profile rows -> {args.profile_json}")
