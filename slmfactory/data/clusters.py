@@ -22,7 +22,7 @@ import numpy as np
 
 from slmfactory.data import embed_hashed
 from slmfactory.data.corpus_sources import collection_of
-from slmfactory.data.embed import encode, load_minilm
+from slmfactory.data.embed import embed_precision, encode, load_minilm, pick_device
 from slmfactory.data.npy import flatten_with_eos
 from slmfactory.data.tokenizer import tokenizer_stage
 from slmfactory.platform.cost import CostRecord, INFERENCE, Work
@@ -103,7 +103,8 @@ def _embedder_key(cfg) -> dict[str, Any]:
     its shape and fit sample (min(sample_windows, FIT_WINDOWS) hash-chosen generic windows)."""
     c = cfg.cluster
     if c.embedder != embed_hashed.NAME:
-        return {"embedder": c.embedder}
+        # MiniLM embeds in bf16 on CPUs with bf16 matrix units (``embed.embed_precision``).
+        return {"embedder": c.embedder, "precision": embed_precision(pick_device())}
     E = embed_hashed
     return {"embedder": c.embedder, "hashed": {
         "features": E.N_FEATURES, "ngrams": E.NGRAMS, "dim": [E.MIN_DIM, E.DIM, E.WINDOWS_PER_DIM],
