@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup browser demo serve test test-fast ui-check cluster-test bench lint clean
+.PHONY: setup browser services demo serve test test-fast ui-check cluster-test bench lint clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,7 @@ demo: setup
 serve: setup
 	$(VENV)/bin/slmfactory serve --config configs/demo.yaml
 
-test: setup browser
+test: setup browser services
 	$(PY) -m pytest -q tests
 
 # The unit tests: everything that starts no Ray cluster, no server and is not slow (the
@@ -42,14 +42,21 @@ browser:
 	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
 	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
 
+# tests/test_cluster_rehearsal.py starts its own PostgreSQL (the MLflow server's store) and Redis
+# (the GCS's external store) from Debian's packages, in temp dirs on free loopback ports; a fresh
+# CI machine gets the packages here (we run as root there). Nothing is started here.
+services:
+	test -x /usr/bin/redis-server && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql redis-server)
+
 # The MLflow UI on a finished tiny sweep, in headless Chromium; screenshots into docs/.
 ui-check: setup browser
 	SLMFACTORY_UI_SCREENSHOTS=docs $(PY) -m pytest -q tests/test_ui.py
 
-# The cluster user's path on this machine: a two-node Ray cluster on loopback, a tiny sweep
-# submitted with `ray job submit`, its MLflow results checked, the cluster torn down
-# (`make test` runs it too).
-cluster-test: setup
+# The shared cluster on this machine: a two-node Ray cluster on loopback (GCS on Redis), an MLflow
+# server on PostgreSQL; two tiny sweeps submitted at once with `ray job submit`, the tracking
+# server killed and restarted mid-sweep, the GCS killed under Serve (`make test` runs it too).
+cluster-test: setup services
 	$(PY) -m pytest -q tests/test_cluster_rehearsal.py
 
 bench: setup

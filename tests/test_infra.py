@@ -103,6 +103,12 @@ def test_ray_cluster_yaml_contents():
             assert "RAY_AUTH_MODE=token" in c and f"RAY_AUTH_TOKEN_PATH={token_path}" in c, c
             assert "--disable-usage-stats" in c, c
     assert "RAY_AUTH_MODE=disabled" not in yaml.safe_dump(cfg, width=10**6)
+    # The head's MLflow server keeps its runs in PostgreSQL, its URI shipped like the token.
+    uri_file = "/home/ray/.slmfactory/mlflow_backend_uri"
+    assert cfg["file_mounts"][uri_file] == "~/.slmfactory/mlflow_backend_uri"
+    (server,) = [c for c in cfg["head_start_ray_commands"] if "mlflow server" in c]
+    assert f'MLFLOW_BACKEND_STORE_URI="$(cat {uri_file})"' in server and "sqlite" not in server
+    assert "--backend-store-uri" not in server
 
 
 @pytest.mark.parametrize("break_it, field", [
@@ -262,6 +268,9 @@ def test_crds_are_the_recorded_kuberay_release():
         cluster = "rayClusterSpec" if crd_name == "rayjobs" else "rayClusterConfig"
         auth = v1["properties"]["spec"]["properties"][cluster]["properties"]["authOptions"]
         assert {"mode", "secretName"} <= set(auth["properties"])
+        # And the GCS fault-tolerance API rayservice.yaml uses (KubeRay >= 1.3).
+        ft = v1["properties"]["spec"]["properties"][cluster]["properties"]["gcsFaultToleranceOptions"]
+        assert {"redisAddress", "redisPassword", "externalStorageNamespace"} <= set(ft["properties"])
 
 
 @pytest.mark.parametrize("manifest_name", sorted(KUBERAY_MANIFESTS))
@@ -328,6 +337,13 @@ BROKEN_KUBERAY = [
     ("rayservice.yaml", lambda m: m["spec"]["rayClusterConfig"].update(rayVersion=2.6),
      "spec.rayClusterConfig.rayVersion"),
     ("rayservice.yaml", lambda m: m.update(kind="RayServices"), "kind"),
+    ("rayservice.yaml", lambda m: m["spec"]["rayClusterConfig"].update(
+        gcsFaultToleranceOption=m["spec"]["rayClusterConfig"].pop("gcsFaultToleranceOptions")),
+     "spec.rayClusterConfig.gcsFaultToleranceOption"),
+    ("rayservice.yaml", lambda m: m["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"].update(
+        redisPassword="hunter2"), "spec.rayClusterConfig.gcsFaultToleranceOptions.redisPassword"),
+    ("rayservice.yaml", lambda m: m["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"].update(
+        backend="memcached"), "spec.rayClusterConfig.gcsFaultToleranceOptions.backend"),
 ]
 
 
@@ -340,9 +356,12 @@ def test_kuberay_broken_copy_fails_naming_the_path(manifest_name, break_it, path
     assert any(e.startswith(path + ":") for e in errors), errors
 
 
+SERVICE_MANIFESTS = ("mlflow.yaml", "postgres.yaml", "redis.yaml", "storage.yaml")
+
+
 def _docs_by_kind() -> dict[tuple[str, str], dict]:
     out = {}
-    for f in ("mlflow.yaml", "storage.yaml"):
+    for f in SERVICE_MANIFESTS:
         for d in _load_all(KUBERAY / f):
             assert isinstance(d, dict) and d.get("apiVersion") and d.get("kind"), f
             assert d.get("metadata", {}).get("name"), f"{f}: {d['kind']} needs metadata.name"
@@ -351,43 +370,83 @@ def _docs_by_kind() -> dict[tuple[str, str], dict]:
     return out
 
 
+def _secret_ref(env: list[dict], name: str) -> tuple[str, str] | None:
+    """(Secret, key) an env var of a container reads, or None."""
+    for e in env:
+        if e["name"] == name and "secretKeyRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["secretKeyRef"]
+            return ref["name"], ref["key"]
+    return None
+
+
+def _served_by(docs: dict, workload: dict) -> tuple[str, int]:
+    """(Service name, port) of the Service selecting ``workload``'s pods."""
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    (svc,) = [d for (k, _), d in docs.items() if k == "Service" and d["spec"]["selector"].items() <= labels.items()]
+    return svc["metadata"]["name"], svc["spec"]["ports"][0]["port"]
+
+
 def test_mlflow_and_storage_manifests():
+    import re
+
     docs = _docs_by_kind()
-    api = {"PersistentVolumeClaim": "v1", "Service": "v1", "Deployment": "apps/v1"}
+    api = {"PersistentVolumeClaim": "v1", "Service": "v1", "Deployment": "apps/v1", "StatefulSet": "apps/v1"}
     for (kind, name), d in docs.items():
         assert api[kind] == d["apiVersion"], (kind, name)
     pvcs = {n: d for (k, n), d in docs.items() if k == "PersistentVolumeClaim"}
     assert pvcs[DATA_PVC]["spec"]["accessModes"] == ["ReadWriteMany"]
-    assert pvcs["mlflow-db"]["spec"]["accessModes"] == ["ReadWriteOnce"]
     for d in pvcs.values():
         assert d["spec"]["resources"]["requests"]["storage"]
+    for (kind, name), d in docs.items():
+        if kind in ("Deployment", "StatefulSet"):
+            labels = d["spec"]["template"]["metadata"]["labels"]
+            assert d["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
+            _served_by(docs, d)  # exactly one Service in front of each workload
+    for (kind, name), d in docs.items():
+        if kind == "Service":  # every Service selects some pods and names its target port
+            ports = {p["name"] for (k, _), w in docs.items() if k in ("Deployment", "StatefulSet")
+                     if d["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+                     for c in w["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+            assert d["spec"]["ports"][0]["targetPort"] in ports, name
 
+    # MLflow on PostgreSQL: the backend URI from the Secret, no sqlite anywhere, stateless rollouts.
     dep = docs[("Deployment", "mlflow")]
-    svc = docs[("Service", "mlflow")]
-    labels = dep["spec"]["template"]["metadata"]["labels"]
-    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert svc["spec"]["selector"].items() <= labels.items()
-    # One server process owns the sqlite file: one replica, one worker, never two during a rollout.
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    assert dep["spec"]["replicas"] >= 1 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert c["command"] == ["mlflow", "server"]
     args = dict(a.removeprefix("--").split("=", 1) if "=" in a else (a.removeprefix("--"), True)
                 for a in c["args"])
-    assert args["workers"] == "1" and args["backend-store-uri"].startswith("sqlite:////mlflow/")
+    assert "backend-store-uri" not in args and "sqlite" not in yaml.safe_dump(dep)
+    assert _secret_ref(c["env"], "MLFLOW_BACKEND_STORE_URI") == ("mlflow-postgres", "backend-store-uri")
     assert args["artifacts-destination"].startswith("/data/")
     assert c["image"].endswith("-cpu")
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(c["resources"][kind])
     vols = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in dep["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["mountPath"]: vols[m["name"]] for m in c["volumeMounts"]}
-    assert mounts["/mlflow"] == "mlflow-db" and mounts["/data"] == DATA_PVC
-    # The tracking URI the RayJob and serve config use is this Service.
-    port = svc["spec"]["ports"][0]["port"]
-    uri = f"http://{svc['metadata']['name']}:{port}"
+    assert mounts == {"/data": DATA_PVC}
+
+    # PostgreSQL: one StatefulSet on its own block volume, its password from the same Secret, and
+    # the URI the Secret is made with (postgres.yaml's kubectl line) names its Service and database.
+    pg = docs[("StatefulSet", "mlflow-postgres")]
+    (pc,) = pg["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in pc["env"]}
+    assert _secret_ref(pc["env"], "POSTGRES_PASSWORD") == ("mlflow-postgres", "password")
+    assert env["PGDATA"].startswith(pc["volumeMounts"][0]["mountPath"] + "/")
+    (claim,) = pg["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == pc["volumeMounts"][0]["name"] and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    host, port = _served_by(docs, pg)
+    (uri,) = re.findall(r"backend-store-uri=\"(postgresql://[^\"]+)\"", (KUBERAY / "postgres.yaml").read_text())
+    assert uri == f"postgresql://{env['POSTGRES_USER']}:$PW@{host}:{port}/{env['POSTGRES_DB']}"
+    assert "--from-literal=password=\"$PW\"" in (KUBERAY / "postgres.yaml").read_text()
+
+    # The tracking URI the RayJob and serve config use is the MLflow Service.
+    host, port = _served_by(docs, dep)
+    uri = f"http://{host}:{port}"
     assert f"tracking.uri={uri}" in _load(KUBERAY / "rayjob.yaml")["spec"]["entrypoint"]
     assert f"tracking.uri={uri}" in _load(INFRA / "serve.yaml")["applications"][0]["args"]["set"]
-    host = uri.split("//")[1]
-    assert any(h in (host, "mlflow") or (h.endswith("*") and host.startswith(h[:-1]))
+    assert any(h in (host, f"{host}:{port}") or (h.endswith("*") and f"{host}:{port}".startswith(h[:-1]))
                for h in args["allowed-hosts"].split(",")), "MLflow accepts the Service's Host header"
 
     # Every PVC the Ray pods claim is defined here.
@@ -398,19 +457,123 @@ def test_mlflow_and_storage_manifests():
                     assert v["persistentVolumeClaim"]["claimName"] in pvcs, (f, v)
 
 
-def test_mlflow_pod_template_validates_against_kubernetes_pod_schema():
-    # The RayJob CRD embeds the full Kubernetes PodTemplateSpec schema: reuse it for the Deployment.
+def _pod_template_schema() -> dict:
+    # The RayJob CRD embeds the full Kubernetes PodTemplateSpec schema: reuse it for the workloads.
     raw = _version_schema(_crd("rayjobs"))
-    pod_schema = raw["properties"]["spec"]["properties"]["rayClusterSpec"]["properties"][
-        "headGroupSpec"]["properties"]["template"]
-    template = _docs_by_kind()[("Deployment", "mlflow")]["spec"]["template"]
+    return raw["properties"]["spec"]["properties"]["rayClusterSpec"]["properties"]["headGroupSpec"][
+        "properties"]["template"]
+
+
+WORKLOADS = [("Deployment", "mlflow"), ("StatefulSet", "mlflow-postgres"), ("StatefulSet", "slmfactory-redis")]
+
+
+@pytest.mark.parametrize("kind, name", WORKLOADS, ids=[n for _, n in WORKLOADS])
+def test_service_pod_templates_validate_against_kubernetes_schemas(kind, name):
+    pod_schema = _pod_template_schema()
+    workload = _docs_by_kind()[(kind, name)]
+    template = workload["spec"]["template"]
     validator = jsonschema.Draft7Validator(_to_jsonschema(pod_schema))
     assert [e.message for e in validator.iter_errors(template)] == []
     assert _unknown_keys(template, pod_schema, "spec.template") == []
+    pod = template["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    for c in pod["containers"]:
+        for k in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c["resources"][k]), (name, k)
+    # A StatefulSet's volume claims: the PersistentVolumeClaimSpec schema of an ephemeral volume.
+    claim_schema = pod_schema["properties"]["spec"]["properties"]["volumes"]["items"]["properties"][
+        "ephemeral"]["properties"]["volumeClaimTemplate"]["properties"]["spec"]
+    for claim in workload["spec"].get("volumeClaimTemplates", []):
+        assert _unknown_keys(claim["spec"], claim_schema, "volumeClaimTemplates.spec") == []
+        assert list(jsonschema.Draft7Validator(_to_jsonschema(claim_schema)).iter_errors(claim["spec"])) == []
+
+
+def test_a_broken_pod_template_fails_naming_the_key():
+    pod_schema = _pod_template_schema()
+    template = _docs_by_kind()[("Deployment", "mlflow")]["spec"]["template"]
     broken = copy.deepcopy(template)
     broken["spec"]["containers"][0]["readinesProbe"] = broken["spec"]["containers"][0].pop("readinessProbe")
     assert _unknown_keys(broken, pod_schema, "spec.template")[0].startswith(
         "spec.template.spec.containers[0].readinesProbe:")
+
+
+# ---------------------------------------------------------------------------------------------
+# (b2) The RayService's GCS fault tolerance: KubeRay's fields and the operator's own rules
+# ---------------------------------------------------------------------------------------------
+
+def _gcs_ft_errors(manifest: dict) -> list[str]:
+    """What KubeRay's operator (ray-operator/controllers/ray/utils/validation.go, v1.7.0) rejects
+    in a cluster with ``gcsFaultToleranceOptions``, or what leaves it without fault tolerance:
+    the operator sets RAY_REDIS_ADDRESS and the password on the head itself, so none of the old
+    ways may be set beside it."""
+    cluster = _cluster_spec(manifest)
+    ft = cluster.get("gcsFaultToleranceOptions")
+    if ft is None:
+        return ["gcsFaultToleranceOptions: missing (no GCS fault tolerance: the head's loss is the cluster's)"]
+    errors = []
+    annotations = manifest.get("metadata", {}).get("annotations") or {}
+    for a in ("ray.io/ft-enabled", "ray.io/external-storage-namespace"):
+        if a in annotations:
+            errors.append(f"metadata.annotations.{a}: not with gcsFaultToleranceOptions")
+    head = cluster["headGroupSpec"]
+    for p in ("redis-password", "redis-username"):
+        if p in head.get("rayStartParams", {}):
+            errors.append(f"headGroupSpec.rayStartParams.{p}: use gcsFaultToleranceOptions")
+    for e in head["template"]["spec"]["containers"][0].get("env", []):
+        if e["name"] in ("RAY_REDIS_ADDRESS", "REDIS_PASSWORD", "REDIS_USERNAME"):
+            errors.append(f"headGroupSpec.template.spec.containers[0].env.{e['name']}: use gcsFaultToleranceOptions")
+    if ft.get("backend", "redis") == "redis":
+        if not ft.get("redisAddress"):
+            errors.append("gcsFaultToleranceOptions.redisAddress: missing")
+        if "storage" in ft:
+            errors.append("gcsFaultToleranceOptions.storage: only for the rocksdb backend")
+    return errors
+
+
+def test_rayservice_has_gcs_fault_tolerance_on_the_redis_of_redis_yaml():
+    manifest = _load(KUBERAY / "rayservice.yaml")
+    assert _gcs_ft_errors(manifest) == []
+    ft = _cluster_spec(manifest)["gcsFaultToleranceOptions"]
+    docs = _docs_by_kind()
+    redis = docs[("StatefulSet", "slmfactory-redis")]
+    host, port = _served_by(docs, redis)
+    assert ft["redisAddress"] == f"{host}:{port}"
+    # The password the GCS sends is the one Redis requires: the same Secret and key.
+    (rc,) = redis["spec"]["template"]["spec"]["containers"]
+    ref = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert _secret_ref(rc["env"], "REDIS_PASSWORD") == (ref["name"], ref["key"])
+    assert rc["args"][rc["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert rc["args"][rc["args"].index("--appendonly") + 1] == "yes", "Redis keeps the GCS tables across its restarts"
+    # The endpoints live on the workers, which outlive the head: no replica and a proxy on every node.
+    cluster = _cluster_spec(manifest)
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert yaml.safe_load(manifest["spec"]["serveConfigV2"])["proxy_location"] == "EveryNode"
+
+
+def _set_head_env(m: dict, name: str, value: str) -> None:
+    _cluster_spec(m)["headGroupSpec"]["template"]["spec"]["containers"][0].setdefault("env", []).append(
+        {"name": name, "value": value})
+
+
+BROKEN_GCS_FT = [
+    (lambda m: _cluster_spec(m).pop("gcsFaultToleranceOptions"), "gcsFaultToleranceOptions: missing"),
+    (lambda m: m["metadata"].setdefault("annotations", {}).update({"ray.io/ft-enabled": "true"}),
+     "metadata.annotations.ray.io/ft-enabled"),
+    (lambda m: _cluster_spec(m)["headGroupSpec"]["rayStartParams"].update({"redis-password": "$REDIS_PASSWORD"}),
+     "headGroupSpec.rayStartParams.redis-password"),
+    (lambda m: _set_head_env(m, "RAY_REDIS_ADDRESS", "slmfactory-redis:6379"),
+     "headGroupSpec.template.spec.containers[0].env.RAY_REDIS_ADDRESS"),
+    (lambda m: _cluster_spec(m)["gcsFaultToleranceOptions"].pop("redisAddress"),
+     "gcsFaultToleranceOptions.redisAddress"),
+]
+
+
+@pytest.mark.parametrize("break_it, where", BROKEN_GCS_FT, ids=[w for _, w in BROKEN_GCS_FT])
+def test_gcs_fault_tolerance_broken_copy_fails_naming_the_field(break_it, where):
+    manifest = _load(KUBERAY / "rayservice.yaml")
+    break_it(manifest)
+    errors = _gcs_ft_errors(manifest)
+    assert any(e.startswith(where) for e in errors), errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,12 +636,15 @@ def test_dockerfile_structure(flavour):
     apt = next(r for r in runs if "apt-get install" in r)
     assert "groff-base" in apt and "bsdextrautils" in apt
     torch_i = next(i for i, r in enumerate(runs) if '"torch==${TORCH_VERSION}"' in r and "--index-url" in r)
-    pkg_i = next(i for i, r in enumerate(runs) if "pip install ." in r)
+    pkg_i = next(i for i, r in enumerate(runs) if "pip install ." in r or 'pip install ".[' in r)
     assert torch_i < pkg_i, "the pinned torch wheel first, then the package"
     assert values("WORKDIR")[-1] == "/opt/slmfactory"
     copies = " ".join(values("COPY"))
     for part in ("pyproject.toml", "slmfactory", "configs"):
         assert part in copies, part
+    if flavour == "cpu":  # the MLflow server's image reads postgresql:// URIs: the `server` extra
+        extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+        assert 'pip install ".[server]"' in runs[pkg_i] and any(d.startswith("psycopg") for d in extras["server"])
     user = values("USER")[-1]
     assert user.split(":")[0] not in ("0", "root"), "runs as a non-root user"
     assert [k for k, _ in ins][-1] == "CMD"

@@ -2,17 +2,135 @@
 MLflow callback follows the same rule, so N workers never create N runs.
 
 MLflow >= 3.10 dropped the ``./mlruns`` file store, so the default backend is a sqlite
-database inside the run's workdir; a cluster points ``tracking.uri`` at a server.
+database inside the run's workdir; a cluster points ``tracking.uri`` at a server
+(``mlflow server`` on PostgreSQL: docs/cluster.md).
+
+A tracking server that restarts: MLflow's own HTTP client retries every request (connection
+refused or reset, 408/429/5xx) with exponential backoff, bounded by
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (default 7) and ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``
+(default 2): about 4 minutes of waiting before a call gives up. This module adds what MLflow
+leaves out: a line per retry on stderr (``[tracking] ...``: otherwise a sweep waiting on a dead
+server is silent) and, when the retries run out, :class:`TrackingUnavailable`, one line that
+names the server, the bound and the variables that set it, instead of urllib3's traceback.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
+from slmfactory.platform.errors import SlmFactoryError
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+class TrackingUnavailable(SlmFactoryError):
+    """The MLflow tracking server did not answer within MLflow's retry bound."""
+
+
+def retry_budget() -> tuple[int, int, float]:
+    """(retries, backoff factor, seconds waited in all) of MLflow's HTTP client, from its
+    environment variables: urllib3 retries the first failure at once, then waits
+    ``factor * 2**(k-1)`` seconds (at most 120, plus up to 1 s of jitter) after the k-th."""
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    )
+
+    retries, factor = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
+    return retries, factor, float(sum(min(120, factor * 2 ** (k - 1)) for k in range(2, retries + 1)))
+
+
+def _gave_up(exc: BaseException) -> str | None:
+    """Why a call failed if the server was unreachable or kept failing (MLflow wraps the
+    requests exception it retried without ``from``: it is the context), else None."""
+    import requests
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, requests.exceptions.RetryError):
+            return "kept answering with server errors"
+        if isinstance(exc, requests.exceptions.Timeout):
+            return "did not answer in time"
+        if isinstance(exc, requests.exceptions.ConnectionError):
+            return "could not be reached"
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+class _RetryLine(logging.Handler):
+    """urllib3 logs each retry of MLflow's client at WARNING; nothing shows it by default.
+    This prints the retries of MLflow's REST calls (their paths name ``mlflow``) as one line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if len(args) != 3 or "mlflow" not in str(args[2]):
+            return
+        retry, err, path = args
+        retries, factor, seconds = retry_budget()
+        left = getattr(retry, "total", None)
+        n = f" {retries - left} of {retries}" if isinstance(left, int) else ""
+        reason = type(err).__name__ if isinstance(err, BaseException) else str(err)
+        print(f"[tracking] MLflow server not answering ({reason} on {path}): retry{n}; gives up after "
+              f"~{seconds:.0f} s (MLFLOW_HTTP_REQUEST_MAX_RETRIES={retries}, "
+              f"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR={factor})", file=sys.stderr, flush=True)
+
+
+def _show_retries() -> None:
+    log = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(h, _RetryLine) for h in log.handlers):
+        log.addHandler(_RetryLine())
+
+
+class _Client:
+    """An ``MlflowClient`` whose calls to a tracking server that stays down fail with
+    :class:`TrackingUnavailable` once MLflow's retries are spent (every other error, and
+    every attribute, is the client's own)."""
+
+    def __init__(self, client, uri: str):
+        self._client, self._uri = client, uri
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - re-raised unless the server was unreachable
+                why = _gave_up(e)
+                if why is None:
+                    raise
+                retries, factor, seconds = retry_budget()
+                raise TrackingUnavailable(
+                    f"MLflow tracking server {self._uri} {why} ({name}), still after {retries} retries over "
+                    f"~{seconds:.0f} s (MLFLOW_HTTP_REQUEST_MAX_RETRIES={retries}, "
+                    f"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR={factor}): start it or fix tracking.uri, then rerun "
+                    f"(a sweep: with --resume; finished trials are kept)") from e
+
+        return call
+
+
+def mlflow_client(uri: str):
+    """An ``MlflowClient`` for ``uri``; for a tracking server, one that prints its retries and
+    fails with :class:`TrackingUnavailable` when they are spent."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if uri.startswith(("http://", "https://")):
+        _show_retries()
+        return _Client(client, uri)
+    return client
 
 
 class Tracker(Protocol):
@@ -43,11 +161,9 @@ class NullTracker:
 
 def client_for(uri: str):
     """An ``MlflowClient`` for ``uri`` (a sqlite database's folder is created first)."""
-    from mlflow.tracking import MlflowClient
-
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    return mlflow_client(uri)
 
 
 #: MLflow's experiment-type tag. Without it the UI infers a kind from the runs and, for runs
@@ -78,11 +194,8 @@ class MlflowTracker:
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
                  run_id: str | None = None, start_time: int | None = None):
         import mlflow
-        from mlflow.tracking import MlflowClient
 
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = client_for(uri)
         self.uri = uri
         exp_id = self.experiment_id = ensure_experiment(self.client, uri, experiment)
         if run_id is None:
