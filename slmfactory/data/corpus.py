@@ -954,15 +954,16 @@ def generic_kinds_table(corpus_dir: Path, tokenizer_dir: Path | None = None) -> 
     manifest = json.loads((corpus_dir / "manifest.json").read_text(encoding="utf-8"))
     bpe: dict[str, int] = {}
     if tokenizer_dir is not None:
-        from slmfactory.data.tokenizer import load_tokenizer
+        # The tokenizers library itself: slmfactory.data.tokenizer imports this module.
+        from tokenizers import Tokenizer
 
-        tok = load_tokenizer(Path(tokenizer_dir))
+        tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
         for split in ("train", "valid"):
             pf = pq.ParquetFile(split_path(corpus_dir, "generic", split))
             for batch in pf.iter_batches(columns=["text", "source"], batch_size=500):
                 texts, srcs = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-                for src, ids in zip(srcs, tok(texts, add_special_tokens=False)["input_ids"]):
-                    bpe[src] = bpe.get(src, 0) + len(ids)
+                for src, enc in zip(srcs, tok.encode_batch(texts, add_special_tokens=False)):
+                    bpe[src] = bpe.get(src, 0) + len(enc.ids)
     tok_col = "BPE tokens | " if bpe else ""
     rows = [f"| kind | generic sources of this kind | MB | words | {tok_col}missing |",
             "|---|---|---:|---:|" + ("---:|" if bpe else "") + "---|"]
