@@ -345,17 +345,22 @@ def test_a_chunked_64_mib_body_gets_413_before_the_client_has_sent_it(app):
                 sent += len(piece)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server answered and closed already
-        s.settimeout(60)
+        s.settimeout(30)
+        closed = False
         try:
             while True:
                 got = s.recv(65536)
                 if not got:
-                    break  # closed by the server
+                    closed = True  # by the server, after its answer
+                    break
                 reply += got
         except ConnectionResetError:
-            pass  # closed with unread data: a reset after the answer
-    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
-    assert b"request_too_large" in reply and sent < total // 2, (sent, reply[:300])
+            closed = True  # closed with unread data: a reset after the answer
+        except TimeoutError:
+            pass  # left open: judged below
+    assert reply.startswith(b"HTTP/1.1 413") and b"request_too_large" in reply, reply[:300]
+    assert sent < total // 2, f"{sent >> 20} MiB of {total >> 20} sent before the answer"
+    assert closed
 
 
 def test_a_request_stuck_on_the_file_system_answers_408_at_the_deadline(app):
@@ -475,12 +480,11 @@ def test_a_wedged_replica_fails_the_health_check_ray_calls(app):
                 break
         assert status == 503 and body["status"] == "unhealthy", (status, body)
         import ray
-        from ray.util.state import list_actors
 
-        replica = next(a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                       if "DomainModels" in (a.class_name or "") and a.name)
+        replica = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                       if a["namespace"] == "serve" and "DomainModels" in a["name"])
         with pytest.raises(Exception, match="forward pass"):
-            ray.get(ray.get_actor(replica.name, namespace="serve").check_health.remote(), timeout=120)
+            ray.get(ray.get_actor(replica, namespace="serve").check_health.remote(), timeout=120)
     finally:
         os.close(os.open(entry, os.O_WRONLY | os.O_NONBLOCK))  # every blocked reader gets EOF
         entry.unlink()

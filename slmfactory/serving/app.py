@@ -56,20 +56,18 @@ from slmfactory.trial import experiment_name
 api = FastAPI(title="slmfactory", docs_url=None, redoc_url=None, openapi_url=None)
 
 RAY_SERVE_ENV = {
-    # The replica runs the routes on its own event loop, not on a second loop in another
-    # thread: two cross-thread hand-offs less per request.
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    # The proxy routes each request on the loop that received it (same reason).
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    # Request-path log lines buffered and written in bulk (ERROR lines at once), and not
-    # copied to stderr as well: a file write per request was a fifth of the proxy's time.
+    # Request-path log lines (the access log of the proxy, which `slmfactory serve` keeps)
+    # buffered and written in bulk (ERROR lines at once), and not copied to stderr too.
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
     "RAY_SERVE_LOG_TO_STDERR": "0",
 }
-"""Ray Serve's settings for a request path as short as the model's time (what Serve's own
-``RAY_SERVE_THROUGHPUT_OPTIMIZED`` sets, less direct ingress, which moves the app off
-its port). Read by each Serve process when it starts: ``build_app`` puts them in the
-environment of a Ray started after it (the proxy's) and of the replica (its
+"""Ray Serve's settings for a short request path, of those Serve's own
+``RAY_SERVE_THROUGHPUT_OPTIMIZED`` sets. Left at Ray's defaults, measured on 2 cores
+(docs/serving.md): user code and the proxy's router on the request's own event loop
+(``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD``/``RUN_ROUTER_IN_SEPARATE_LOOP`` = 0)
+changed no latency and halved the requests/s under 16 clients; direct ingress moves the
+app off its port. Read by each Serve process when it starts: ``build_app`` puts them in
+the environment of a Ray started after it (the proxy's) and of the replica (its
 ``runtime_env``). A value already in the environment wins."""
 
 
