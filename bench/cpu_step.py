@@ -65,6 +65,9 @@ def shapes() -> dict[str, tuple[ModelConfig, int, int, int, object]]:
     return {
         "study": (study.slm, study.tokenizer.vocab_size, study.pretrain.batch_size, study.data.seq_len, study.pretrain),
         "demo": (demo.slm, demo.tokenizer.vocab_size, demo.pretrain.batch_size, demo.data.seq_len, demo.pretrain),
+        # The demo's SLM before the demo recipe moved to a narrower one (d 128, 2 layers, vocab 4k).
+        "mini-slm": (ModelConfig(preset="mini-slm"), demo.tokenizer.vocab_size, demo.pretrain.batch_size,
+                     demo.data.seq_len, None),
         "10m": (ModelConfig(preset="tiny", n_layers=8, d_model=256, d_mlp=1024, n_heads=4), 4096, 16, 256, None),
     }
 
@@ -229,7 +232,7 @@ def bench_minilm(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="study,demo,10m")
+    ap.add_argument("--shapes", default="study,demo,mini-slm,10m")
     ap.add_argument("--steps", type=int, default=8, help="steps per timed round (4 at 10m)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--phase-tokens", type=int, default=STUDY_PHASE_TOKENS,

@@ -90,9 +90,9 @@ def test_auto_rule_width_and_phase_length():
     # bf16 eager only from BF16_EAGER_MIN_WIDTH; compiled from the smaller width.
     assert plan_execution("auto", "", "cpu", width=128, bf16_support=AMX, **short_phase).precision == "fp32"
     assert plan_execution("auto", "", "cpu", width=256, bf16_support=AMX, **short_phase).precision == "bf16"
-    assert plan_execution("auto", "auto", "cpu", width=128, bf16_support=AMX, **long_phase).precision == "bf16"
-    assert plan_execution("auto", "auto", "cpu", width=64, bf16_support=AMX, **long_phase).precision == "fp32"
-    assert plan_execution("auto", "auto", "cpu", width=128, bf16_support=NO_BF16, **long_phase).precision == "fp32"
+    assert plan_execution("auto", "auto", "cpu", width=64, bf16_support=AMX, **long_phase).precision == "bf16"
+    assert plan_execution("auto", "auto", "cpu", width=32, bf16_support=AMX, **long_phase).precision == "fp32"
+    assert plan_execution("auto", "auto", "cpu", width=64, bf16_support=NO_BF16, **long_phase).precision == "fp32"
     assert plan_execution("auto", "auto", "cuda", width=64, **short_phase).precision == "bf16"
 
 

@@ -134,10 +134,12 @@ def test_budget_smaller_than_a_step_is_a_clear_error(tiny_cfg, tmp_path):
 @pytest.mark.slow  # torch.compile (inductor) builds its kernels first: ~40 s
 def test_compiled_training_matches_eager(tiny_cfg, tmp_path):
     """``pretrain.compile`` changes kernels, not results: same per-step losses as eager."""
-    eager = make(tiny_cfg, tmp_path / "eager", max_tokens=6 * 8 * 64, checkpoint_every=0, eval_every=0)
+    # fp32 on both sides: under ``precision: auto`` a compiled phase may pick bf16.
+    eager = make(tiny_cfg, tmp_path / "eager", max_tokens=6 * 8 * 64, checkpoint_every=0, eval_every=0,
+                 compile="", precision="fp32")
     eager.fit()
     compiled = make(tiny_cfg, tmp_path / "compiled", max_tokens=6 * 8 * 64, checkpoint_every=0, eval_every=0,
-                    compile="default")
+                    compile="default", precision="fp32")
     assert compiled.step_model is not compiled.model  # the compiled wrapper trains ...
     compiled.fit()
     assert compiled.losses.keys() == eager.losses.keys() == set(range(6))

@@ -95,12 +95,13 @@ def autocast_for(device: torch.device | str, precision: str | None = None) -> Ca
 # -- precision and compile: what ``auto`` picks (docs/cpu-speed.md, bench/cpu_step.py) --------
 
 BF16_EAGER_MIN_WIDTH = 256
-"""Eager CPU bf16 pays from this hidden width (2-core Xeon with AMX, tokens/s against fp32
-eager: d 256 1.6x; d 128 1.05x; d 64 0.6x: below it the casts and elementwise work outweigh the
-faster matrix products)."""
-BF16_COMPILED_MIN_WIDTH = 128
-"""Compiled, the casts fuse into neighbouring kernels and bf16 pays from this width (d 128:
-bf16 compiled 1.55x fp32 eager, fp32 compiled 1.1x; d 256: 3.2x and 1.1x; d 64: 0.7x and 1.1x)."""
+"""Eager CPU bf16 pays surely from this hidden width (2-core Xeon with AMX, tokens/s against
+fp32 eager: d 256 1.6x; below it 1.05-1.37x, and 0.6x before attention ran in fp32: the casts
+and elementwise work eat most of the faster matrix products)."""
+BF16_COMPILED_MIN_WIDTH = 64
+"""Compiled, the casts fuse into neighbouring kernels and bf16 pays from this width (bench/
+cpu_step.py --variants, attention in fp32: d 64 bf16 compiled 1.9-2.4x fp32 eager where fp32
+compiled gives 1.1-1.5x; d 128 2.8x; d 256 2.8-3.2x). Narrower models are unmeasured."""
 CPU_EAGER_FLOPS = 60e9
 """Training FLOP/s assumed for an eager fp32 step on a CPU when estimating a phase's length
 (the slowest shape measured on the 2-core Xeon: the study's 0.26M model; larger shapes run
