@@ -1,21 +1,38 @@
-"""A real two-node Ray cluster on this machine (loopback), for the multi-node tests, and
-the serving app on loopback.
+"""A real Ray cluster on this machine (loopback), the services a shared cluster runs beside
+it, and the serving app on loopback:
 
-Teardown stops only this cluster's Ray processes (found by their temp dirs, then their
-children, by pid) — ``ray stop`` would also kill every other Ray session on the machine.
+- :func:`ray_cluster` / :func:`local_cluster`: ``ray start --head`` plus ``ray start
+  --address`` (two nodes), token auth on; optionally the GCS backed by an external Redis
+  (GCS fault tolerance), with a handle to kill and restart the head's GCS process;
+- :func:`postgres_server`: a PostgreSQL instance of Debian's ``postgresql`` package in a temp
+  dir (``initdb`` + ``pg_ctl``, as the ``postgres`` user when run as root: PostgreSQL
+  refuses root), on a free loopback port, with a password;
+- :func:`redis_server`: Debian's ``redis-server`` on a free loopback port, a password, no
+  persistence;
+- :class:`MlflowServer`: ``mlflow server`` on a backend store, killable and restartable on
+  the same port.
+
+Teardown stops only the processes these started (by their temp dirs, then their children,
+by pid) — ``ray stop`` would also kill every other Ray session on the machine.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -64,21 +81,78 @@ def stop_mine(temp_dirs: list[str]) -> None:
             pass
 
 
-@contextmanager
-def local_cluster(dashboard: bool = False, cpus_per_node: int = 1) -> Iterator[tuple[str, str | None]]:
-    """A two-node Ray cluster on loopback: ``ray start --head`` plus ``ray start --address``,
-    each with its own temp dir and ``cpus_per_node`` CPUs, token authentication on.
-    Yields (GCS address, dashboard URL or None: ``ray job submit`` talks to the dashboard)."""
-    if not RAY_BIN.is_file() and shutil.which("ray") is None:
-        pytest.skip("the `ray` command is not installed, so `ray start` cannot make a cluster")
-    ray_bin = str(RAY_BIN if RAY_BIN.is_file() else shutil.which("ray"))
-    # Token auth stays on: the head writes/reads ~/.ray/auth_token; the joining node, the
-    # driver and `ray job` must be told to send it.
+@dataclass
+class Redis:
+    address: str
+    """``127.0.0.1:PORT``"""
+    password: str
+
+
+@dataclass
+class Cluster:
+    address: str
+    """The GCS address (``ray.init(address=...)``, ``ray start --address``)."""
+    dashboard: str | None
+    """The dashboard URL (``ray job submit --address``), or None without one."""
+    head_dir: str
+    worker_dirs: list[str] = field(default_factory=list)
+
+    def driver_log(self, submission_id: str) -> Path | None:
+        """The log of a submitted job's driver on the head (what ``ray job logs`` prints)."""
+        found = glob.glob(os.path.join(self.head_dir, "session_*", "logs", f"job-driver-{submission_id}.log"))
+        return Path(found[0]) if found else None
+
+    def gcs_process(self):
+        """The head's ``gcs_server`` process (psutil)."""
+        import psutil
+
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if cmd and os.path.basename(cmd[0]) == "gcs_server" and any(self.head_dir in a for a in cmd):
+                return p
+        raise AssertionError(f"no gcs_server process of the cluster in {self.head_dir}")
+
+    def kill_gcs(self) -> Callable[[], None]:
+        """SIGKILL the head's GCS process (what a crashed or evicted head container does to it);
+        returns the function that starts it again with the same command line and environment,
+        as a restarted head container would."""
+        gcs = self.gcs_process()
+        cmd, env, cwd = gcs.cmdline(), gcs.environ(), gcs.cwd()
+        gcs.kill()
+        gcs.wait(30)
+
+        def restart() -> None:
+            subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return restart
+
+
+def ray_env() -> dict[str, str]:
+    """The environment of every Ray command and driver here: token authentication on (the
+    head writes/reads ~/.ray/auth_token; the joining node, drivers and ``ray job`` send it)."""
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _ray_bin() -> str:
+    if not RAY_BIN.is_file() and shutil.which("ray") is None:
+        pytest.skip("the `ray` command is not installed, so `ray start` cannot make a cluster")
+    return str(RAY_BIN if RAY_BIN.is_file() else shutil.which("ray"))
+
+
+@contextmanager
+def ray_cluster(dashboard: bool = False, cpus_per_node: int = 1, nodes: int = 2,
+                redis: Redis | None = None) -> Iterator[Cluster]:
+    """A Ray cluster on loopback: ``ray start --head`` plus ``nodes - 1`` ``ray start
+    --address``, each with its own temp dir and ``cpus_per_node`` CPUs, token authentication
+    on. ``redis``: the head's GCS keeps its tables in that Redis (``RAY_REDIS_ADDRESS`` and
+    ``--redis-password``, as Ray documents for ``ray start``), so a restarted GCS recovers them."""
+    ray_bin = _ray_bin()
+    env = ray_env()
     # Short paths: Ray puts Unix sockets under the temp dir (108-byte limit).
     t_head = tempfile.mkdtemp(prefix="slmf-rh-", dir="/tmp")
-    t_work = tempfile.mkdtemp(prefix="slmf-rw-", dir="/tmp")
+    t_work = [tempfile.mkdtemp(prefix="slmf-rw-", dir="/tmp") for _ in range(nodes - 1)]
     port = free_port()
     dash_port = free_port() if dashboard else None
     common = [f"--num-cpus={cpus_per_node}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
@@ -90,24 +164,197 @@ def local_cluster(dashboard: bool = False, cpus_per_node: int = 1) -> Iterator[t
                 f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     dash = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"] \
         if dashboard else ["--include-dashboard=false"]
+    head_env, ft = dict(env), []
+    if redis is not None:
+        head_env["RAY_REDIS_ADDRESS"] = redis.address
+        ft = [f"--redis-password={redis.password}"]
     try:
         head = subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={t_head}", *dash, *common,
-                               *own_ports()],
-                              capture_output=True, text=True, env=env, timeout=180)
+                               *ft, *own_ports()],
+                              capture_output=True, text=True, env=head_env, timeout=180)
         assert head.returncode == 0, f"ray start --head failed:\n{head.stdout[-2000:]}\n{head.stderr[-2000:]}"
-        work = subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", f"--temp-dir={t_work}", *common,
-                               *own_ports()],
-                              capture_output=True, text=True, env=env, timeout=180)
-        assert work.returncode == 0, f"ray start --address failed:\n{work.stdout[-2000:]}\n{work.stderr[-2000:]}"
-        yield f"127.0.0.1:{port}", (f"http://127.0.0.1:{dash_port}" if dashboard else None)
+        for t in t_work:
+            work = subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", f"--temp-dir={t}", *common,
+                                   *own_ports()],
+                                  capture_output=True, text=True, env=env, timeout=180)
+            assert work.returncode == 0, f"ray start --address failed:\n{work.stdout[-2000:]}\n{work.stderr[-2000:]}"
+        yield Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}" if dashboard else None, t_head, t_work)
     finally:
         import ray
 
         if ray.is_initialized():
             ray.shutdown()
-        stop_mine([t_head, t_work])
-        shutil.rmtree(t_head, ignore_errors=True)
-        shutil.rmtree(t_work, ignore_errors=True)
+        stop_mine([t_head, *t_work])
+        for t in [t_head, *t_work]:
+            shutil.rmtree(t, ignore_errors=True)
+
+
+@contextmanager
+def local_cluster(dashboard: bool = False, cpus_per_node: int = 1) -> Iterator[tuple[str, str | None]]:
+    """A two-node Ray cluster on loopback (:func:`ray_cluster`). Yields (GCS address,
+    dashboard URL or None: ``ray job submit`` talks to the dashboard)."""
+    with ray_cluster(dashboard, cpus_per_node) as c:
+        yield c.address, c.dashboard
+
+
+# -- the services beside it ---------------------------------------------------------------------
+
+def _wait(ready: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:] if log is not None and log.is_file() else ""
+            raise AssertionError(f"{what} did not come up in {timeout:.0f} s\n{tail}")
+        time.sleep(0.2)
+
+
+def _pg_bin(name: str) -> str | None:
+    """A PostgreSQL server binary: on PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]), reverse=True):
+        if os.access(os.path.join(d, name), os.X_OK):
+            return os.path.join(d, name)
+    return None
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL server (``initdb`` in a temp dir, ``pg_ctl start`` on a free loopback port,
+    user ``mlflow`` with a password, database ``mlflow``), stopped and deleted after. Yields
+    its SQLAlchemy URI, ``postgresql://mlflow:PASSWORD@127.0.0.1:PORT/mlflow`` (the
+    psycopg driver: SQLAlchemy 2.1's default for ``postgresql://``)."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL is not installed (`make services` installs Debian's postgresql)")
+    # PostgreSQL refuses to run as root: as root, run it as Debian's `postgres` user.
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    tmp = Path(tempfile.mkdtemp(prefix="slmf-pg-", dir="/tmp"))
+    data, log, password, port = tmp / "data", tmp / "server.log", secrets.token_hex(12), free_port()
+    (tmp / "pw").write_text(password)
+    if as_user:
+        for f in (tmp, tmp / "pw"):
+            os.chown(f, owner.pw_uid, owner.pw_gid)
+
+    def run(*cmd: str) -> None:
+        r = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    started = False
+    try:
+        run(initdb, "-D", str(data), "-U", "mlflow", f"--pwfile={tmp / 'pw'}", "--auth-host=scram-sha-256",
+            "--auth-local=trust", "-E", "UTF8", "--no-sync", "--no-instructions")
+        # The tests exercise concurrency and restarts of the tracking server, not PostgreSQL's
+        # own durability: no fsync, so a 2-core machine's disk is not the bottleneck.
+        opts = (f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={tmp} "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        run(pg_ctl, "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "120", "start")
+        started = True
+        run(str(Path(initdb).resolve().with_name("createdb")), "-h", str(tmp), "-p", str(port), "-U", "mlflow", "mlflow")
+        yield f"postgresql://mlflow:{password}@127.0.0.1:{port}/mlflow"
+    finally:
+        if started:
+            subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
+                           capture_output=True, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _redis_ping(port: int, password: str) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+            got = b""
+            while b"PONG" not in got and len(got) < 200:
+                chunk = s.recv(200)
+                if not chunk:
+                    break
+                got += chunk
+            return b"PONG" in got
+    except OSError:
+        return False
+
+
+@contextmanager
+def redis_server() -> Iterator[Redis]:
+    """Debian's ``redis-server`` on a free loopback port with a password, no persistence
+    (``--save ""``, no AOF), in a temp dir; stopped after."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (`make services` installs Debian's redis-server)")
+    tmp = Path(tempfile.mkdtemp(prefix="slmf-redis-", dir="/tmp"))
+    port, password = free_port(), secrets.token_hex(12)
+    log = tmp / "redis.log"
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp), "--logfile", str(log)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: proc.poll() is None and _redis_ping(port, password), 30, "redis-server", log)
+        yield Redis(f"127.0.0.1:{port}", password)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class MlflowServer:
+    """``mlflow server`` on ``backend`` (a database URI), artifacts proxied to ``artifacts``,
+    on a free loopback port that stays the same across :meth:`kill` and :meth:`start`."""
+
+    def __init__(self, backend: str, artifacts: Path, log: Path):
+        self.backend, self.artifacts, self.log = backend, artifacts, log
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 180) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
+               "--artifacts-destination", str(self.artifacts), "--serve-artifacts",
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        with open(self.log, "a") as out:  # its own session: kill() takes its workers too
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
+        _wait(lambda: self.proc.poll() is None and self.healthy(), timeout, "mlflow server", self.log)
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(30)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+
+    def kill(self) -> None:
+        """SIGKILL the server and its workers: a crash, no graceful shutdown."""
+        self._signal(signal.SIGKILL)
+        _wait(lambda: not self.healthy(), 10, "the killed server's port closing")
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM)
 
 
 @contextmanager
