@@ -46,7 +46,7 @@ def prepare_tokens(cfg):
     """Train ``cfg``'s tokenizer on the sample (once per workdir) and write its tokens:
     returns a ``TokenSource``. Throughput does not depend on which text it is."""
     from slmfactory.data.tokens import TokenSource, tokenize_texts
-    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.corpus_build import build_sample_corpus
     from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     texts = sample_texts()
@@ -102,7 +102,7 @@ def bench_workdir(cfg) -> Any:
     tokenizer trained on it, so a benchmark runs on a fresh checkout."""
     import tempfile
 
-    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.corpus_build import build_sample_corpus
     from slmfactory.data.tokenizer import ensure_tokenizer
 
     if (cfg.corpus_dir / "manifest.json").is_file():

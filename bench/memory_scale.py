@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, SAMPLE  # noqa: E402
-from slmfactory.data import corpus  # noqa: E402
+from slmfactory.data import corpus_build  # noqa: E402
 
 K = 64
 DOMAIN = "legal"
@@ -84,7 +84,7 @@ def make_workdir(base: Path, root: Path, mb: int) -> Path:
             w.write_table(pa.table(rows, schema=schema))
     man = cfg.corpus_dir / "manifest.json"
     data = json.loads(man.read_text())
-    data["parts"]["generic/train"]["sha256"] = corpus._sha256(path)  # what the manifest records
+    data["parts"]["generic/train"]["sha256"] = corpus_build._sha256(path)  # what the manifest records
     man.write_text(json.dumps(data, indent=1))
     return work
 
@@ -218,7 +218,7 @@ def main() -> None:
     if args.child:
         return child(args.child, args.workdir, args.tokens)
 
-    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.corpus_build import build_sample_corpus
     from slmfactory.data.tokenizer import ensure_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="slmf-memscale-"))

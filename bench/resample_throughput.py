@@ -36,7 +36,7 @@ def synthetic(pool_tokens: int):
     from bench._common import sample_texts
     from bench.memory_scale import DOMAIN, _cfg, fake_clustering
     from slmfactory.data.tokens import tokenize_texts
-    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.corpus_build import build_sample_corpus
     from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="slmf-resample-bench-"))

@@ -113,7 +113,7 @@ def tiny_tokenizer(cfg) -> Path:
     second run reuses it)."""
     import tempfile
 
-    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.corpus_build import build_sample_corpus
     from slmfactory.data.tokenizer import ensure_tokenizer
     from slmfactory.platform.config import load_config
 

@@ -28,13 +28,14 @@ def _config(args):
 
 
 def cmd_corpus(args) -> None:
-    from slmfactory.data.corpus import build_corpus, import_corpus
+    from slmfactory.data.corpus_build import build_corpus, import_corpus
 
     cfg = _config(args)
     if args.action == "build":
         manifest = build_corpus(cfg)
     elif args.action == "sample":
-        from slmfactory.data.corpus import SAMPLE_DIR, build_sample_corpus
+        from slmfactory.data.corpus import SAMPLE_DIR
+        from slmfactory.data.corpus_build import build_sample_corpus
 
         # The real-text sample ships in the package: its files are also what the
         # `corpus import` examples can point at.
@@ -299,7 +300,7 @@ def cmd_demo(args) -> None:
 
 def cmd_specialize(args) -> None:
     from slmfactory.models.instant import generic_families
-    from slmfactory.data.corpus import _expand, _read_user_file
+    from slmfactory.data.corpus_build import expand_patterns, read_user_file
     from slmfactory.serving.domains import check_name, create_domain, finetune_and_swap, register_in_mlflow
     from slmfactory.serving.domains import DomainRegistry
 
@@ -311,8 +312,8 @@ def cmd_specialize(args) -> None:
         raise SlmFactoryError(f"--name: domain {args.name!r} already exists in {cfg.root}")
     docs = Path(args.docs)
     files = sorted(f for f in docs.rglob("*") if f.is_file() and f.suffix.lower() in (".txt", ".jsonl", ".parquet")) \
-        if docs.is_dir() else _expand([args.docs])
-    texts = [d["text"] for f in files for d in _read_user_file(f) if d["text"].strip()]
+        if docs.is_dir() else expand_patterns([args.docs])
+    texts = [d["text"] for f in files for d in read_user_file(f) if d["text"].strip()]
     if not texts:
         raise SlmFactoryError(f"--docs {args.docs}: no documents (.txt: one per file; .jsonl/.parquet: a 'text' field)")
     with runtime.ray_session(args.address):

@@ -11,7 +11,8 @@ import contextlib
 import math
 from typing import Callable
 
-from slmfactory.data.corpus import build_corpus, corpus_is_current, list_domains
+from slmfactory.data.corpus import list_domains, manifest_path
+from slmfactory.data.corpus_build import build_corpus, corpus_is_current
 from slmfactory.data.tokenizer import ensure_tokenizer
 from slmfactory.models.distributed import make_launcher
 from slmfactory.models.phases import trained_tokens
@@ -26,7 +27,7 @@ from slmfactory.trial import log_trial, trial_of
 
 def ensure_corpus(cfg: RunConfig, build: bool, log: Callable[[str], None] = print) -> None:
     # A build from the pinned packages with other settings is rebuilt where building is allowed.
-    if (cfg.corpus_dir / "manifest.json").is_file() and (not build or corpus_is_current(cfg)):
+    if manifest_path(cfg.corpus_dir).is_file() and (not build or corpus_is_current(cfg)):
         return
     if not build:
         raise DataError(f"{cfg.corpus_dir}: no corpus here; run `slmfactory corpus build --config ...` "

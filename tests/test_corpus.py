@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from slmfactory.data import corpus as C
+from slmfactory.data import corpus_build as B
 from slmfactory.platform.config import CorpusConfig, RunConfig
 from slmfactory.platform.errors import DataError
 
@@ -36,7 +37,7 @@ def _all_parts(corpus_dir: Path) -> dict[str, list[dict]]:
 def sample_build(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     cfg = _cfg(root)
-    manifest = C.build_sample_corpus(cfg)
+    manifest = B.build_sample_corpus(cfg)
     return cfg, manifest
 
 
@@ -102,26 +103,26 @@ def test_manifest_sha256_and_counts(sample_build):
 
 def test_split_is_deterministic_and_seed_dependent(sample_build, tmp_path):
     _, first = sample_build
-    again = C.build_sample_corpus(_cfg(tmp_path / "a"))
+    again = B.build_sample_corpus(_cfg(tmp_path / "a"))
     assert {k: v["sha256"] for k, v in again["parts"].items()} == \
         {k: v["sha256"] for k, v in first["parts"].items()}
-    other = C.build_sample_corpus(_cfg(tmp_path / "b", seed=7))
+    other = B.build_sample_corpus(_cfg(tmp_path / "b", seed=7))
     assert {k: v["sha256"] for k, v in other["parts"].items()} != \
         {k: v["sha256"] for k, v in first["parts"].items()}
 
 
 def test_domain_selection_and_unknown_domain(tmp_path):
-    m = C.build_sample_corpus(_cfg(tmp_path / "sel", domains=("legal", "math")))
+    m = B.build_sample_corpus(_cfg(tmp_path / "sel", domains=("legal", "math")))
     assert sorted({k.split("/")[1] for k in m["parts"] if k.startswith("domains/")}) == ["legal", "math"]
     with pytest.raises(DataError, match="unknown domain 'nosuch'"):
-        C.build_sample_corpus(_cfg(tmp_path / "bad", domains=("nosuch",)))
+        B.build_sample_corpus(_cfg(tmp_path / "bad", domains=("nosuch",)))
     with pytest.raises(DataError, match="unknown domain 'nosuch'"):
-        C.build_corpus(_cfg(tmp_path / "bad2", domains=("nosuch",)), progress=False)
+        B.build_corpus(_cfg(tmp_path / "bad2", domains=("nosuch",)), progress=False)
 
 
 def test_source_catalogue_has_eight_domains_with_pinned_sources():
-    assert sorted(C.DOMAINS) == EXPECTED_DOMAINS
-    for name, sources in C.DOMAINS.items():
+    assert sorted(B.DOMAINS) == EXPECTED_DOMAINS
+    for name, sources in B.DOMAINS.items():
         for s in sources:
             assert s.version and s.licence and s.kind in ("deb", "pypi"), (name, s)
 
@@ -152,7 +153,7 @@ def test_import_corpus_formats_and_globs(tmp_path):
     info = _write_inputs(tmp_path)
     inp = info["root"]
     cfg = _cfg(tmp_path / "w")
-    m = C.import_corpus(cfg, [str(inp / "gen" / "*")], {"law": [str(inp / "law" / "*.txt")],
+    m = B.import_corpus(cfg, [str(inp / "gen" / "*")], {"law": [str(inp / "law" / "*.txt")],
                                                         "bible": [str(inp / "rel.parquet")]})
     assert C.list_domains(cfg.corpus_dir) == ["bible", "law"]
     law_docs = sum(m["parts"][f"domains/law/{s}"]["docs"] for s in ("train", "valid", "test"))
@@ -176,29 +177,29 @@ def test_import_errors(tmp_path):
     gen = [str(inp / "gen" / "*")]
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(DataError, match=str(missing)):
-        C.import_corpus(cfg, [str(missing)], {})
+        B.import_corpus(cfg, [str(missing)], {})
     with pytest.raises(DataError, match="no files match"):
-        C.import_corpus(cfg, [str(tmp_path / "zzz" / "*.jsonl")], {})
+        B.import_corpus(cfg, [str(tmp_path / "zzz" / "*.jsonl")], {})
     bad = inp / "law" / "doc03.txt"
     bad.write_bytes(b"Valid start of a licence text, then a Latin-1 byte: caf\xe9 " * 10)
     with pytest.raises(DataError, match=r"doc03\.txt: not UTF-8"):
-        C.import_corpus(cfg, gen, {"law": [str(inp / "law" / "*.txt")]})
+        B.import_corpus(cfg, gen, {"law": [str(inp / "law" / "*.txt")]})
     empty = tmp_path / "empty.jsonl"
     empty.write_text("", encoding="utf-8")
     short = tmp_path / "short.jsonl"
     short.write_text(json.dumps({"text": "too short"}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"empty\.jsonl: empty"):
-        C.import_corpus(cfg, [str(empty)], {})
+        B.import_corpus(cfg, [str(empty)], {})
     with pytest.raises(DataError, match="generic corpus: empty"):  # documents, but all too short
-        C.import_corpus(cfg, [str(tmp_path / "short.jsonl")], {})
+        B.import_corpus(cfg, [str(tmp_path / "short.jsonl")], {})
     with pytest.raises(DataError, match="no documents"):
-        C.import_corpus(cfg, gen, {"tiny": [str(short)]})
+        B.import_corpus(cfg, gen, {"tiny": [str(short)]})
     nofield = tmp_path / "nofield.jsonl"
     nofield.write_text(json.dumps({"body": "x" * 500}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"nofield\.jsonl:1: expected a JSON object"):
-        C.import_corpus(cfg, [str(nofield)], {})
+        B.import_corpus(cfg, [str(nofield)], {})
     with pytest.raises(DataError, match="unknown domain 'x'"):
-        C.import_corpus(_cfg(tmp_path / "w2", domains=("x",)), gen, {"law": [str(inp / "law" / "doc00.txt")]})
+        B.import_corpus(_cfg(tmp_path / "w2", domains=("x",)), gen, {"law": [str(inp / "law" / "doc00.txt")]})
     # a failed import never leaves a half-written corpus behind
     assert not (cfg.corpus_dir / "manifest.json").exists()
 
@@ -224,7 +225,7 @@ def test_cleaning_cutting_and_dedupe(tmp_path):
     others = [json.loads(line)["text"] for line in (SAMPLE / "religion.jsonl").open(encoding="utf-8")][:12]
     dom = [{"text": f"Scene {i}.\n\n\n\n" + others[i], "source": "d"} for i in range(12)]
     cfg = _cfg(tmp_path, max_doc_chars=5000, generic_share=0.0)
-    m = C.build_from_documents(cfg, generic, {"d": dom}, [{"source": "t", "package": "t", "version": "1",
+    m = B.build_from_documents(cfg, generic, {"d": dom}, [{"source": "t", "package": "t", "version": "1",
                                                            "licence": "PD"}])
     gen = pq.read_table(cfg.corpus_dir / "generic" / "train.parquet").to_pylist() + \
         pq.read_table(cfg.corpus_dir / "generic" / "valid.parquet").to_pylist()
@@ -240,7 +241,7 @@ def test_domain_cap_moves_overflow_to_generic(tmp_path):
     rows = [json.loads(line) for line in (SAMPLE / "dictionary.jsonl").open(encoding="utf-8")]
     gen = [json.loads(line) for line in (SAMPLE / "generic.jsonl").open(encoding="utf-8")]
     cfg = _cfg(tmp_path, generic_share=0.0, domain_overflow_to_generic=True)
-    m = C.build_from_documents(cfg, gen, {"dictionary": rows}, [], domain_cap_bytes=12_000, progress=False)
+    m = B.build_from_documents(cfg, gen, {"dictionary": rows}, [], domain_cap_bytes=12_000, progress=False)
     kept = sum(m["parts"][f"domains/dictionary/{s}"]["bytes"] for s in ("train", "valid", "test"))
     assert kept <= 12_000
     # Every document is placed once, except the sample's generic documents of the dictionary
@@ -255,18 +256,18 @@ def test_domain_cap_moves_overflow_to_generic(tmp_path):
 def test_no_debian_tools_skips_debian_domains(tmp_path, monkeypatch, capsys):
     """Without apt-get the builder names the Debian domains it skips and builds the rest;
     here the PyPI fetch is stubbed to fail so nothing touches the network."""
-    monkeypatch.setattr(C, "have_debian_tools", lambda: False)
+    monkeypatch.setattr(B, "have_debian_tools", lambda: False)
 
     def no_network(src, cache):
         raise DataError(f"{src.source}: offline in tests")
 
-    monkeypatch.setattr(C, "extract_cached", no_network)
+    monkeypatch.setattr(B, "extract_cached", no_network)
     with pytest.raises(DataError, match="offline in tests"):
-        C.build_corpus(_cfg(tmp_path, domains=("legal", "math")), progress=False)
+        B.build_corpus(_cfg(tmp_path, domains=("legal", "math")), progress=False)
     err = capsys.readouterr().err
     assert "skipping Debian-sourced domains ['math']" in err
     with pytest.raises(DataError, match="apt-get/dpkg are missing"):
-        C.build_corpus(_cfg(tmp_path, domains=("math",)), progress=False)
+        B.build_corpus(_cfg(tmp_path, domains=("math",)), progress=False)
 
 
 def test_fetch_uses_cache_and_never_refetches(tmp_path, monkeypatch):
@@ -289,7 +290,7 @@ def test_fetch_uses_cache_and_never_refetches(tmp_path, monkeypatch):
     (tmp_path / "unpacked" / whl.name).mkdir(parents=True)
     (tmp_path / "unpacked" / ".tmp-killed").mkdir()
     assert S.unpack(whl, tmp_path) == tmp_path / "unpacked" / whl.name
-    src = C.DOMAINS["legal"][0]
+    src = B.DOMAINS["legal"][0]
     done = S.extracted_path(src, tmp_path)
     done.parent.mkdir(parents=True)
     done.write_text(json.dumps({"key": "k", "text": "t"}) + "\n")
@@ -335,7 +336,7 @@ BOOK_DOMAINS = {"reference": ["biomedical", "dictionary", "legal", "math"],
 def _placement(corpus_dir: Path, docs: list[dict]) -> dict[str, dict[str, int]]:
     """For every input document: the parquet part (e.g. ``domains/prose/test``) each of its
     cut parts landed in -> how many parts. Parts are traced back by text containment."""
-    cleaned = {d["doc_id"]: C.clean_text(d["text"]) for d in docs}
+    cleaned = {d["doc_id"]: B.clean_text(d["text"]) for d in docs}
     where: dict[str, dict[str, int]] = {d["doc_id"]: {} for d in docs}
     for part, rows in _all_parts(corpus_dir).items():
         for r in rows:
@@ -351,7 +352,7 @@ def test_cut_documents_stay_in_one_place(tmp_path):
     gen = _sample_rows("generic")
     domains = {d: _books(d, names) for d, names in BOOK_DOMAINS.items()}
     cfg = _cfg(tmp_path, max_doc_chars=2000, generic_share=0.2, domain_overflow_to_generic=True)
-    m = C.build_from_documents(cfg, gen, domains, [], domain_cap_bytes=60_000, progress=False)
+    m = B.build_from_documents(cfg, gen, domains, [], domain_cap_bytes=60_000, progress=False)
     all_docs = gen + [b for books in domains.values() for b in books]
     where = _placement(cfg.corpus_dir, all_docs)
     books = [b for v in domains.values() for b in v]
@@ -384,7 +385,7 @@ def test_manifest_reports_domain_to_generic(tmp_path):
     assert CorpusConfig().generic_share == 0.0 and CorpusConfig().domain_overflow_to_generic is False
     cfg = load_config(None, {"workdir": str(tmp_path / "a"), "corpus.max_doc_chars": 2000,
                              "corpus.generic_share": 0.3, "corpus.domain_overflow_to_generic": True})
-    m = C.build_from_documents(cfg, gen, domains, [], domain_cap_bytes=40_000, progress=False)
+    m = B.build_from_documents(cfg, gen, domains, [], domain_cap_bytes=40_000, progress=False)
     assert json.loads((cfg.corpus_dir / "manifest.json").read_text())["domain_to_generic"] == m["domain_to_generic"]
     generic = _generic_rows(cfg.corpus_dir)
     total_parts = sum(p["docs"] for p in m["parts"].values())
@@ -402,7 +403,7 @@ def test_manifest_reports_domain_to_generic(tmp_path):
     # A recipe can keep every domain source out of generic: no share, overflow dropped.
     cfg = load_config(None, {"workdir": str(tmp_path / "b"), "corpus.max_doc_chars": 2000,
                              "corpus.generic_share": 0.0, "corpus.domain_overflow_to_generic": False})
-    m = C.build_from_documents(cfg, gen, domains, [], domain_cap_bytes=40_000, progress=False)
+    m = B.build_from_documents(cfg, gen, domains, [], domain_cap_bytes=40_000, progress=False)
     generic = _generic_rows(cfg.corpus_dir)
     assert not [r for r in generic if r["source"].startswith(tuple(f"{d}:" for d in domains))]
     assert m["config"]["domain_overflow_to_generic"] is False
@@ -411,7 +412,7 @@ def test_manifest_reports_domain_to_generic(tmp_path):
         assert rep["share_docs"] == rep["overflow_docs"] == rep["overflow_bytes"] == 0
         assert rep["dropped_docs"] > 0 and rep["dropped_bytes"] > 0
         kept = sum(m["parts"][f"domains/{name}/{s}"]["docs"] for s in ("train", "valid", "test"))
-        all_parts = sum(len([p for p in C.cut_text(C.clean_text(b["text"]), 2000)
+        all_parts = sum(len([p for p in B.cut_text(B.clean_text(b["text"]), 2000)
                              if len(p) >= cfg.corpus.min_doc_chars]) for b in domains[name])
         assert kept + rep["dropped_docs"] == all_parts
     with pytest.raises(ConfigError, match="corpus.domain_overflow_to_generic"):
@@ -478,7 +479,7 @@ def test_generic_holds_the_sources_of_unbuilt_domains(tmp_path):
     assert not names & {s.name for d in ("legal", "biomedical", "code") for s in DOMAIN_SOURCES[d]}
 
     cfg = _cfg(tmp_path, domains=("legal", "biomedical", "code"))
-    m = C.build_sample_corpus(cfg)
+    m = B.build_sample_corpus(cfg)
     generic = {r["source"] for r in _generic_rows(cfg.corpus_dir)}
     for d in ("math", "religion"):
         assert {r["source"] for r in _sample_rows(d)} <= generic, d
@@ -490,7 +491,7 @@ def test_manifest_names_same_kind_generic_sources(tmp_path):
     extractor and size, and says what is missing: code has CPython's docstrings and
     technical the man pages beside them; biomedical has nothing, with the reason."""
     cfg = _cfg(tmp_path, domains=("biomedical", "code", "technical"))
-    m = C.build_sample_corpus(cfg)
+    m = B.build_sample_corpus(cfg)
     kinds = m["generic_kinds"]
     assert set(kinds) == set(EXPECTED_DOMAINS)
     by_name = {k: {e["name"]: e for e in v["sources"]} for k, v in kinds.items()}
@@ -523,29 +524,29 @@ def test_generic_source_budget(tmp_path):
     from slmfactory.platform.errors import ConfigError
 
     cfg = _cfg(tmp_path / "a", domains=("legal",), generic_source_max_bytes=6_000)
-    m = C.build_sample_corpus(cfg)
+    m = B.build_sample_corpus(cfg)
     sizes: dict[str, int] = {}
     for r in _generic_rows(cfg.corpus_dir):
         sizes[r["source"]] = sizes.get(r["source"], 0) + len(r["text"].encode())
     assert sizes and max(sizes.values()) <= 6_000
     assert m["generic_capped"] and all(v["dropped_bytes"] > 0 and v["kept_bytes"] == sizes[k]
                                        for k, v in m["generic_capped"].items())
-    whole = C.build_sample_corpus(_cfg(tmp_path / "b", domains=("legal",)))
+    whole = B.build_sample_corpus(_cfg(tmp_path / "b", domains=("legal",)))
     assert whole["generic_capped"] == {}
     assert whole["parts"]["generic/train"]["bytes"] > m["parts"]["generic/train"]["bytes"]
-    assert C.build_key(cfg) != C.build_key(_cfg(tmp_path / "a", domains=("legal",)))
-    assert C.build_key(cfg) == C.build_key(_cfg(tmp_path / "elsewhere", domains=("legal",),
+    assert B.build_key(cfg) != B.build_key(_cfg(tmp_path / "a", domains=("legal",)))
+    assert B.build_key(cfg) == B.build_key(_cfg(tmp_path / "elsewhere", domains=("legal",),
                                                 generic_source_max_bytes=6_000, cache_dir="/other"))
-    assert C.corpus_is_current(cfg)  # the sample has no build key: it is kept as it is
+    assert B.corpus_is_current(cfg)  # the sample has no build key: it is kept as it is
     manifest_path = cfg.corpus_dir / "manifest.json"
     on_disk = json.loads(manifest_path.read_text())
     # A package build from before build keys (it has a domain cap) is stale; a keyed one is
     # current only under the settings it was built with.
     manifest_path.write_text(json.dumps({**on_disk, "config": {**on_disk["config"], "domain_cap_bytes": 12}}))
-    assert not C.corpus_is_current(cfg)
-    manifest_path.write_text(json.dumps({**on_disk, "build_key": C.build_key(cfg)}))
-    assert C.corpus_is_current(cfg)
-    assert not C.corpus_is_current(_cfg(tmp_path / "a", domains=("legal",), generic_source_max_bytes=7_000))
+    assert not B.corpus_is_current(cfg)
+    manifest_path.write_text(json.dumps({**on_disk, "build_key": B.build_key(cfg)}))
+    assert B.corpus_is_current(cfg)
+    assert not B.corpus_is_current(_cfg(tmp_path / "a", domains=("legal",), generic_source_max_bytes=7_000))
     with pytest.raises(ConfigError, match="corpus.generic_source_max_bytes"):
         load_config(None, {"corpus.generic_source_max_bytes": -1})
 
@@ -556,11 +557,11 @@ def test_near_copy_planted_in_generic_is_caught_and_dropped(tmp_path, monkeypatc
     5-gram sets ~0.97, far above 0.5; MinHash is seeded, so the outcome is fixed) is found
     and dropped from generic, even when generic is larger than the byte bound under which
     the on-disk report scans everything (here lowered to 20 kB)."""
-    monkeypatch.setattr(C, "NEAR_DUP_MAX_GENERIC_BYTES", 20_000)
+    monkeypatch.setattr(B, "NEAR_DUP_MAX_GENERIC_BYTES", 20_000)
     legal = _sample_rows("legal")
     generic = [r for r in _sample_rows("generic") if not r["source"].startswith("pypi:scancode")]
     cfg = _cfg(tmp_path / "a")
-    m = C.build_from_documents(cfg, generic, {"legal": legal}, [], progress=False)
+    m = B.build_from_documents(cfg, generic, {"legal": legal}, [], progress=False)
     rep = m["near_duplicates"]["legal"]
     test_rows = C.load_split(cfg.corpus_dir, "legal", "test").to_list()
     assert rep["test_docs"] == len(test_rows) >= 1 and rep["near_dup_docs"] == 0
@@ -576,7 +577,7 @@ def test_near_copy_planted_in_generic_is_caught_and_dropped(tmp_path, monkeypatc
     words[10], words[-10] = "PLANTED", "EDIT"
     planted = {"doc_id": "planted-copy", "text": " ".join(words), "source": "file:planted.jsonl"}
     cfg = _cfg(tmp_path / "b")
-    m = C.build_from_documents(cfg, generic + [planted], {"legal": legal}, [], progress=False)
+    m = B.build_from_documents(cfg, generic + [planted], {"legal": legal}, [], progress=False)
     rep = m["near_duplicates"]["legal"]
     assert rep["near_dup_docs"] == 0 and rep["fraction"] == 0.0
     removed = rep["removed_from_generic"]
@@ -585,7 +586,7 @@ def test_near_copy_planted_in_generic_is_caught_and_dropped(tmp_path, monkeypatc
     written = _generic_rows(cfg.corpus_dir)
     assert "planted-copy" not in {r["doc_id"] for r in written} and len(written) == kept_before
     # The written corpus, checked on its own with every generic byte scanned: no near copy.
-    after = C.near_duplicate_report(cfg.corpus_dir, ["legal"], max_generic_bytes=10**12)
+    after = B.near_duplicate_report(cfg.corpus_dir, ["legal"], max_generic_bytes=10**12)
     assert after["legal"]["near_dup_docs"] == 0 and after["legal"]["method"]["generic_fraction_scanned"] == 1.0
 
 

@@ -53,7 +53,7 @@ def _run(root: Path) -> dict:
 
     from slmfactory.data import cluster_pipeline
     from slmfactory.data.cluster_pipeline import run_clustering
-    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.corpus_build import build_sample_corpus
     from slmfactory.data.resample import load_resampled_tokens, resample
     from slmfactory.data.tokenizer import ensure_tokenizer
     from slmfactory.models.launch import LocalLauncher

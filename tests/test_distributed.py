@@ -42,7 +42,7 @@ def _texts(cfg) -> list[str]:
 def data(tmp_path_factory):
     """(cfg, train source, valid source): tokenizer trained on real text, tokens on disk."""
     from slmfactory.data.tokens import tokenize_texts
-    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.corpus_build import build_sample_corpus
     from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 
     root = tmp_path_factory.mktemp("dist")

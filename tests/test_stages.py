@@ -57,7 +57,7 @@ def keys(cfg) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A workdir after one `slm` run (corpus, tokenizer, tokens, generic phase, fine-tune)."""
-    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.corpus_build import build_sample_corpus
 
     cfg = small(tmp_path_factory.mktemp("stages") / "work")
     build_sample_corpus(cfg)
@@ -104,7 +104,7 @@ def test_another_vocab_size_retrains_tokenizer_tokens_and_every_phase(built, tmp
 
 
 def test_a_rebuilt_corpus_invalidates_what_reads_the_changed_files(built, tmp_path):
-    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.corpus_build import build_sample_corpus
 
     cfg, _, _ = built
     same = copy_of(cfg, tmp_path)
@@ -159,3 +159,41 @@ def test_a_finished_stage_is_published_whole(tmp_path):
     info = stage.build(lambda work: (work / "out.txt").write_text("whole") and {"n": 1})
     assert stage.done and info == {"n": 1} and stage.path("out.txt").read_text() == "whole"
     assert stage.build(lambda work: pytest.fail("a finished stage is not rebuilt")) == {"n": 1}
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temp_file(tmp_path):
+    from slmfactory.platform.stages import atomic_path, write_json_atomic, write_text_atomic
+
+    dest = tmp_path / "out" / "data.json"
+    write_json_atomic(dest, {"version": 1})  # creates the folder
+    assert dest.read_text() == '{\n "version": 1\n}'
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        with atomic_path(dest) as tmp, open(tmp, "w") as f:
+            f.write('{"version": 2, "half')  # a part of the new file is on disk ...
+            f.flush()
+            assert tmp.parent == dest.parent and tmp.is_file() and tmp != dest
+            raise RuntimeError("killed mid-write")  # ... when the writer dies
+    assert dest.read_text() == '{\n "version": 1\n}'
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["data.json"]
+
+    write_text_atomic(dest, "é\n")  # success replaces the file whole, as UTF-8
+    assert dest.read_bytes() == "é\n".encode("utf-8")
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["data.json"]
+
+
+def test_an_atomic_folder_is_published_whole_or_not_at_all(tmp_path):
+    from slmfactory.platform.stages import atomic_path
+
+    dest = tmp_path / "unpacked"
+    with pytest.raises(RuntimeError):
+        with atomic_path(dest) as tmp:
+            tmp.mkdir()
+            (tmp / "first.txt").write_text("one")
+            raise RuntimeError("killed mid-unpack")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        (tmp / "first.txt").write_text("one")
+        assert not dest.exists()  # nothing at the destination until the block ends
+    assert [p.name for p in tmp_path.iterdir()] == ["unpacked"] and (dest / "first.txt").read_text() == "one"

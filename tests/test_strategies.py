@@ -30,7 +30,7 @@ def work_cfg(tmp_path_factory):
     """The tiny recipe with 4 clusters on the real-text sample, built with the generic part
     and the one domain tested only: MiniLM embeds every domain's windows, and clustering is
     the slow part of this module."""
-    from slmfactory.data.corpus import build_sample_corpus
+    from slmfactory.data.corpus_build import build_sample_corpus
     from slmfactory.data.tokenizer import ensure_tokenizer
 
     work = tmp_path_factory.mktemp("strategies") / "work"

@@ -10,7 +10,7 @@ folder that is renamed when complete, and extraction results are cached as jsonl
 atomically. A build that is killed therefore resumes where it stopped.
 
 Extractors (:mod:`slmfactory.data.extractors`) do the markup-specific cleaning; the generic
-whitespace normalisation, length filtering and cutting live in :mod:`slmfactory.data.corpus`.
+whitespace normalisation, length filtering and cutting live in :mod:`slmfactory.data.corpus_build`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from slmfactory.data.extractors import (
     extract_wordnet, files_extractor, handbook_extractor, html_to_text, plain_text, pod_to_text, rst_to_text,
     sword_extractor, sword_lexicon_extractor, tool_of)
 from slmfactory.platform.errors import DataError
+from slmfactory.platform.stages import atomic_path
 
 #: Bump when an extractor changes, so cached extraction results are recomputed.
 EXTRACT_VERSION = 3
@@ -164,8 +165,9 @@ def unpack(archive: Path, cache: Path) -> Path:
     dest = root / archive.name
     if dest.is_dir():
         return dest
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    # Renaming the finished folder makes a half-unpacked archive impossible to reuse.
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
         if archive.suffix == ".deb":
             if shutil.which("dpkg") is None:
                 raise DataError(f"{archive}: dpkg is missing; cannot unpack Debian packages")
@@ -178,11 +180,6 @@ def unpack(archive: Path, cache: Path) -> Path:
                 t.extractall(tmp, filter="data")
         else:
             raise DataError(f"{archive}: unknown archive type")
-        # Renaming the finished folder makes a half-unpacked archive impossible to reuse.
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
@@ -202,18 +199,15 @@ def extract_cached(src: Source, cache: Path) -> Path:
     if out.is_file():
         return out
     root = fetch_and_unpack(src, cache)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for key, text in src.extract(root):
-            if text and text.strip():
-                f.write(json.dumps({"key": key, "text": text}, ensure_ascii=False) + "\n")
-                n += 1
-    if n == 0:
-        tmp.unlink()
-        raise DataError(f"{src.source}: extractor found no documents (layout changed?)")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for key, text in src.extract(root):
+                if text and text.strip():
+                    f.write(json.dumps({"key": key, "text": text}, ensure_ascii=False) + "\n")
+                    n += 1
+        if n == 0:
+            raise DataError(f"{src.source}: extractor found no documents (layout changed?)")
     # Results of older extractor versions are stale: drop them so the cache does not grow.
     for old in out.parent.glob(f"{src.name}-v*.jsonl"):
         if old != out:

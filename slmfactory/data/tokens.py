@@ -9,7 +9,6 @@ disjoint slices of the same global batch without any coordination.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,7 +21,7 @@ from slmfactory.data.npy import write_tokens
 from slmfactory.data.resample import stream_path
 from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer, tokenizer_stage
 from slmfactory.platform.errors import DataError
-from slmfactory.platform.stages import Stage, corpus_digest
+from slmfactory.platform.stages import Stage, atomic_path, corpus_digest
 
 
 def iter_token_chunks(tokenizer, texts: Iterable[str], max_tokens: int | None = None,
@@ -67,11 +66,8 @@ def tokenize_texts(tokenizer, texts: Iterable[str], max_tokens: int | None = Non
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 TOKENS_VERSION = "tokens-v1"  # streamed since, byte for byte the same file

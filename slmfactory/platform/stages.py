@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,12 +67,42 @@ def digest(*inputs: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:KEY_CHARS]
 
 
+@contextlib.contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """A temporary path beside ``dest`` to write a file (or build a folder) at: renamed
+    onto ``dest`` when the block ends, removed when it raises. A reader sees the old
+    ``dest`` or the complete new one, never half of it, and a failure leaves nothing
+    behind. The path is in ``dest``'s own folder, so the rename stays on one filesystem
+    and is atomic; a folder can replace only a missing (or empty) ``dest``.
+
+    ``with atomic_path(out) as tmp: pq.write_table(table, tmp)``"""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # pid and a random part: concurrent writers (processes or threads) never share one.
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` as UTF-8 at ``path``, atomically (:func:`atomic_path`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, default=str))
 
 
 @dataclass(frozen=True)
