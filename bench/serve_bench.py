@@ -113,7 +113,6 @@ def tiny_tokenizer(cfg) -> Path:
     second run reuses it)."""
     import tempfile
 
-    from slmfactory.data.corpus_build import build_sample_corpus
     from slmfactory.data.tokenizer import ensure_tokenizer
     from slmfactory.platform.config import load_config
 
@@ -121,6 +120,8 @@ def tiny_tokenizer(cfg) -> Path:
     tiny = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
                        {"workdir": str(root), "tokenizer.vocab_size": cfg.tokenizer.vocab_size})
     if not (tiny.corpus_dir / "generic.jsonl").is_file():
+        from slmfactory.data.corpus_build import build_sample_corpus
+
         build_sample_corpus(tiny)
     return ensure_tokenizer(tiny)
 
@@ -136,6 +137,9 @@ PROFILE_PARTS = (  # (part, substrings of a frame, first match from the leaf up 
     ("@serve.batch", ("batching.py",)),
     ("metrics", ("prometheus_client",)),
     ("HTTP server (uvicorn/starlette)", ("uvicorn", "h11", "starlette", "fastapi")),
+    # A native event loop (uvloop) or Ray's core worker threads: py-spy sees their Python caller only.
+    ("event loops + Ray core (native)", ("_run_user_code_event_loop", "_run_router_event_loop", "Thread.run ",
+                                         "Worker.main_loop", "thread (")),
     ("Serve router + replica plumbing", ("ray/serve", "ray/_private", "ray/_raylet", "_raylet")),
     ("asyncio + threads", ("asyncio", "concurrent/futures", "threading.py")),
 )
