@@ -62,11 +62,11 @@ RAY_SERVE_ENV = {
     "RAY_SERVE_LOG_TO_STDERR": "0",
 }
 """Ray Serve's settings for a short request path, of those Serve's own
-``RAY_SERVE_THROUGHPUT_OPTIMIZED`` sets. Left at Ray's defaults, measured on 2 cores
-(docs/serving.md): user code and the proxy's router on the request's own event loop
-(``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD``/``RUN_ROUTER_IN_SEPARATE_LOOP`` = 0)
-changed no latency and halved the requests/s under 16 clients; direct ingress moves the
-app off its port. Read by each Serve process when it starts: ``build_app`` puts them in
+``RAY_SERVE_THROUGHPUT_OPTIMIZED`` sets. Left at Ray's defaults (docs/serving.md): user
+code and the proxy's router on the request's own event loop
+(``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD``/``RUN_ROUTER_IN_SEPARATE_LOOP`` = 0) gave
+opposite results under load in two sittings on 2 cores (requests/s at 16 clients halved
+in one, up a third in the other); direct ingress moves the app off its port. Read by each Serve process when it starts: ``build_app`` puts them in
 the environment of a Ray started after it (the proxy's) and of the replica (its
 ``runtime_env``). A value already in the environment wins."""
 
