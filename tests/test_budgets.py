@@ -129,10 +129,14 @@ def test_bad_grid_keys_fail_naming_the_key(grid, needle):
 
 
 def test_the_embedded_pool_is_sized_to_the_largest_generic_budget():
-    cfg = demo(**{"sweep.generic_tokens": [200000, 1000000]})
+    small_pool = {"cluster.max_generic_windows": 3000}
+    cfg = demo(**{"sweep.generic_tokens": [200000, 1000000], **small_pool})
     sized = size_generic_pool(cfg)
     assert sized.cluster.max_generic_windows * sized.cluster.window_tokens * 0.8 >= 1000000
-    assert size_generic_pool(demo()).cluster.max_generic_windows == demo().cluster.max_generic_windows == 3000
+    # A pool that already holds the largest budget is left as the recipe says.
+    cfg = demo(**{"sweep.generic_tokens": [200000], "pretrain.max_tokens": 200000, **small_pool})
+    assert size_generic_pool(cfg).cluster.max_generic_windows == 3000
+    assert size_generic_pool(demo()).cluster.max_generic_windows == demo().cluster.max_generic_windows
 
 
 def test_two_seeds_are_two_mlflow_runs(tmp_path):
