@@ -4,8 +4,8 @@ Step 1 (export, unless ``--from-csv``): every finished trial run of the recipe's
 experiment into a CSV (``--export``, default ``docs/<name>-runs.csv``); with ``--log``, the
 study log's wall time per stage into ``<csv stem>.stages.json`` beside it.
 Step 2 (page): ``--out`` (default ``docs/results.md``) and its figures (``results/`` beside
-it) from that CSV alone. The logic is in ``slmfactory.sweeps.results`` / ``results_claims`` /
-``results_page``.
+it) from that CSV alone. The logic is in ``study/`` beside this folder (``study.results`` /
+``claims`` / ``page``), outside the wheel.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The study's write-up is not in the wheel: import it from the checkout this script is in.
+sys.path.insert(0, str(REPO))
 
 
 def label(path: Path) -> str:
@@ -42,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--export and --from-csv exclude each other")
 
     from slmfactory.platform.config import load_config
-    from slmfactory.sweeps import results, results_page
     from slmfactory.trial import experiment_name
+    from study import page as results_page
+    from study import results
 
     cfg = load_config(args.config)
     if args.from_csv:

@@ -133,7 +133,7 @@ def _experiment(cfg, name: str | None) -> str:
 
 
 def cmd_report(args) -> None:
-    from slmfactory.sweeps.report import write_report
+    from slmfactory.analysis.report import write_report
 
     cfg = _config(args)
     experiment = _experiment(cfg, args.experiment)
@@ -150,8 +150,8 @@ def cmd_report(args) -> None:
 
 
 def cmd_recommend(args) -> None:
+    from slmfactory.analysis.frontier import COST_UNITS, UNIT_LABEL, load_configs, recommend
     from slmfactory.platform.cost import COST_CONVENTIONS, check_convention
-    from slmfactory.sweeps.frontier import COST_UNITS, UNIT_LABEL, load_configs, recommend
 
     def _positive(flag: str, text: str, integer: bool = False) -> float:
         """A flag's value as a positive number, or one line naming the flag (argparse's own
@@ -293,7 +293,7 @@ def cmd_config(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from slmfactory.sweeps.demo import run_demo
+    from slmfactory.demo import run_demo
 
     run_demo(_config(args))
 

@@ -1,14 +1,16 @@
-"""``make demo``: the whole platform on one recipe, end to end."""
+"""``make demo``: the whole platform on one recipe, end to end: it runs the sweep (``sweeps``)
+and reads it back (``analysis``), the two packages beside each other that only this driver
+and the cli join."""
 
 from __future__ import annotations
 
 import time
 from typing import Callable
 
+from slmfactory.analysis.report import write_report
 from slmfactory.data.tokenizer import ensure_tokenizer
 from slmfactory.pipeline import ensure_corpus
 from slmfactory.platform.config import RunConfig
-from slmfactory.sweeps.report import write_report
 from slmfactory.sweeps.run import run_sweep
 from slmfactory.sweeps.tracking import log_report_to_sweep
 

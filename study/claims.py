@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from slmfactory.analysis.frontier import AMORTISATION_N, EXPERT_STRATEGIES, MeasuredConfig, parse_settings, pool_seeds
 from slmfactory.platform.cost import MEASURED, PAPER
-from slmfactory.sweeps.frontier import AMORTISATION_N, EXPERT_STRATEGIES, Config, parse_settings, pool_seeds
-from slmfactory.sweeps.results import budget_value
+from study.results import budget_value
 
 CONFIRMED, REFUTED, INCONCLUSIVE = "confirmed", "refuted", "inconclusive"
 SIGNIFICANCE = 0.05
@@ -48,26 +48,26 @@ ENTROPY_K = 16
 """Claim 5's clustering: the entropy of each domain over a fixed k = 16 clustering."""
 
 
-def seeds(c: Config) -> dict[str, str]:
+def seeds(c: MeasuredConfig) -> dict[str, str]:
     return {k: v for k, v in parse_settings(c.settings).items() if k.endswith("seed")}
 
 
-def ppl_text(c: Config) -> str:
+def ppl_text(c: MeasuredConfig) -> str:
     iv = c.interval
     return f"{c.ppl_macro:.2f} [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else f"{c.ppl_macro:.2f} [n/a]"
 
 
-def cell(c: Config) -> str:
+def cell(c: MeasuredConfig) -> str:
     """A deciding cell: the configuration and its macro perplexity with the 95% interval."""
     return f"{c.label} n{c.in_domain:,}: {ppl_text(c)}"
 
 
-def number(c: Config) -> str:
+def number(c: MeasuredConfig) -> str:
     """One deciding number, short: ``slm-is 307.38 [304.22, 310.58]``."""
     return f"{c.strategy}{' (' + str(c.n_seeds) + ' seeds)' if c.seeds else ''} {ppl_text(c)}"
 
 
-def compare(a: Config, b: Config) -> str:
+def compare(a: MeasuredConfig, b: MeasuredConfig) -> str:
     """``better`` (a's interval wholly below b's), ``worse`` (wholly above), ``overlap``, or
     ``unknown`` (either has no interval)."""
     ia, ib = a.interval, b.interval
@@ -96,7 +96,7 @@ class Part:
     """The fewest seeds among the configurations it compares (0: not known)."""
 
 
-def compared(part: Part, *configs: Config) -> Part:
+def compared(part: Part, *configs: MeasuredConfig) -> Part:
     """``part`` with its deciding numbers and seed count from the two configurations it compares."""
     part.numbers = part.numbers or tuple(number(c) for c in configs[:2])
     part.seeds = min(c.n_seeds for c in configs) if configs else 0
@@ -145,7 +145,7 @@ def missing(name: str, what: str) -> Part:
     return Part(name, INCONCLUSIVE, f"cells missing: {what}")
 
 
-def from_comparison(name: str, a: Config, b: Config) -> Part:
+def from_comparison(name: str, a: MeasuredConfig, b: MeasuredConfig) -> Part:
     """A part from one :func:`compare` of the claim's favourite ``a`` against its rival ``b``:
     ``better`` confirms, ``worse`` refutes, anything else is inconclusive."""
     outcome, cells = compare(a, b), [cell(a), cell(b)]
@@ -179,30 +179,30 @@ def _finish(claim: Claim, what_missing: str = "") -> Claim:
     return claim
 
 
-def small_params(configs: list[Config]) -> int | None:
+def small_params(configs: list[MeasuredConfig]) -> int | None:
     """The SLM's served size: ``slm``'s parameter count (else the smallest measured)."""
     slm = [c.params for c in configs if c.strategy == "slm"]
     return min(slm) if slm else (min(c.params for c in configs) if configs else None)
 
 
-def sizes(configs: list[Config]) -> list[int]:
+def sizes(configs: list[MeasuredConfig]) -> list[int]:
     return sorted({c.in_domain for c in configs})
 
 
-def best(configs: list[Config]) -> Config | None:
+def best(configs: list[MeasuredConfig]) -> MeasuredConfig | None:
     return min(configs, key=lambda c: c.ppl_macro) if configs else None
 
 
-def generic_budgets(configs: list[Config], strategies=("slm",)) -> list[str]:
+def generic_budgets(configs: list[MeasuredConfig], strategies=("slm",)) -> list[str]:
     found = {c.generic_budget for c in configs if c.strategy in strategies and c.generic_budget != "none"}
     return sorted(found, key=budget_value)
 
 
-def _axes(c: Config) -> tuple:
+def _axes(c: MeasuredConfig) -> tuple:
     return (c.strategy, c.generic_budget, c.spec_budget, c.in_domain)
 
 
-def spec_budgets(configs: list[Config]) -> list[str]:
+def spec_budgets(configs: list[MeasuredConfig]) -> list[str]:
     return sorted({c.spec_budget for c in configs}, key=budget_value)
 
 
@@ -217,7 +217,7 @@ class Gate:
     budgets: tuple[str, str] | None = None
 
 
-def _phase_ppl(configs: list[Config], strategy: str, budget: str) -> float | None:
+def _phase_ppl(configs: list[MeasuredConfig], strategy: str, budget: str) -> float | None:
     """A generic phase's validation perplexity: the strategy's run at ``budget`` with the
     lowest seeds (pretrain.seed=0 when the grid has seeds)."""
     rows = [c for c in configs if c.strategy == strategy and c.generic_budget == budget and c.generic_ppl is not None]
@@ -225,7 +225,7 @@ def _phase_ppl(configs: list[Config], strategy: str, budget: str) -> float | Non
     return rows[0].generic_ppl if rows else None
 
 
-def decision_gate(configs: list[Config]) -> Gate:
+def decision_gate(configs: list[MeasuredConfig]) -> Gate:
     """Did the study reach the regime of claims 2 and 5? It passed for an expert strategy
     X when (a) slm's generic validation perplexity still falls from the second-largest to the
     largest generic budget (slm is still learning from generic data: the budget axis is
@@ -271,11 +271,11 @@ def _gated(part: Part, strategy: str, gate: Gate) -> Part:
 
 # -- the claims ---------------------------------------------------------------------------
 
-def _rank(c: Config) -> tuple:
+def _rank(c: MeasuredConfig) -> tuple:
     return (c.ppl_macro, c.label)
 
 
-def claim_is_best_small(configs: list[Config], factor: float = COST_FACTOR) -> Claim:
+def claim_is_best_small(configs: list[MeasuredConfig], factor: float = COST_FACTOR) -> Claim:
     """At N = 1 and equal per-domain cost, as the paper's Figure 1 compares: per in-domain
     size, slm-is at its largest specialisation budget S against, for every other strategy
     serving at the SLM's size, that strategy's best configuration (any budgets, any settings)
@@ -301,7 +301,7 @@ def claim_is_best_small(configs: list[Config], factor: float = COST_FACTOR) -> C
         name = f"n={n:,}, slm-is at spec. budget {top}, N=1, rivals <= {limit:.3g} FLOPs/domain"
         small = [c for c in at if c.params <= cap and c.strategy != "slm-is"]
 
-        def rivals_within(lim: float, conv: str) -> list[Config]:
+        def rivals_within(lim: float, conv: str) -> list[MeasuredConfig]:
             fit = [c for c in small if c.has_cost(COST_UNIT, conv) and c.per_domain(1, COST_UNIT, conv) <= lim]
             return [min((c for c in fit if c.strategy == s), key=_rank) for s in sorted({c.strategy for c in fit})]
 
@@ -340,7 +340,7 @@ def claim_is_best_small(configs: list[Config], factor: float = COST_FACTOR) -> C
     return _finish(claim, "slm-is")
 
 
-def claim_experts_beat_slm(configs: list[Config], gate: Gate | None = None) -> Claim:
+def claim_experts_beat_slm(configs: list[MeasuredConfig], gate: Gate | None = None) -> Claim:
     """At the largest generic budget and the smallest specialisation budget, per in-domain
     size and expert strategy (slm-mix, slm-pn): the expert against slm run with the same
     seeds (both serve the SLM's size: equal inference cost; two seeds pooled into one
@@ -379,7 +379,7 @@ def claim_experts_beat_slm(configs: list[Config], gate: Gate | None = None) -> C
     return _finish(claim)
 
 
-def claim_distillation_loses(configs: list[Config], ns: tuple[int, ...] = AMORTISATION_N) -> Claim:
+def claim_distillation_loses(configs: list[MeasuredConfig], ns: tuple[int, ...] = AMORTISATION_N) -> Claim:
     """Per in-domain size, slm-d configuration and N in (1, 7, 50): slm-d's per-domain cost
     C_spec + C_generic / N counts its teacher (the teacher's pretraining is in slm-d's
     generic cost, its fine-tuning in the specialisation cost). Among slm and llm
@@ -415,7 +415,8 @@ def claim_distillation_loses(configs: list[Config], ns: tuple[int, ...] = AMORTI
     return _finish(claim, "slm-d")
 
 
-def cheapest_reaching(configs: list[Config], target: Config, n: int, convention: str = CONVENTION) -> Config | None:
+def cheapest_reaching(configs: list[MeasuredConfig], target: MeasuredConfig, n: int,
+                      convention: str = CONVENTION) -> MeasuredConfig | None:
     """The configuration of the lowest per-domain cost at N domains (under ``convention``),
     among those of ``target``'s in-domain size and served size at most its, that reach its
     perplexity (interval not wholly above ``target``'s); slm-is first on a cost tie."""
@@ -424,7 +425,7 @@ def cheapest_reaching(configs: list[Config], target: Config, n: int, convention:
     return min(pool, key=lambda c: (c.per_domain(n, COST_UNIT, convention), c.strategy != "slm-is"), default=None)
 
 
-def claim_is_loses_with_n(configs: list[Config], ns: tuple[int, ...] = AMORTISATION_N) -> Claim:
+def claim_is_loses_with_n(configs: list[MeasuredConfig], ns: tuple[int, ...] = AMORTISATION_N) -> Claim:
     """Per in-domain size and slm-is configuration, on the paper's costs (embedding the
     generic corpus is nobody's cost, so C_generic(slm-is) = 0): the cheapest configuration
     (per-domain FLOPs C_spec + C_generic / N) reaching slm-is's perplexity, at N = 1 and at
@@ -442,7 +443,7 @@ def claim_is_loses_with_n(configs: list[Config], ns: tuple[int, ...] = AMORTISAT
             claim.parts.append(compared(Part(name, INCONCLUSIVE, "no interval", [cell(t)]), t))
             continue
 
-        def story(conv: str) -> tuple[dict[int, Config], str]:
+        def story(conv: str) -> tuple[dict[int, MeasuredConfig], str]:
             winners = {n: cheapest_reaching(configs, t, n, conv) for n in ns}
             return winners, "; ".join(f"N={n}: {w.label} ({w.per_domain(n, COST_UNIT, conv):.3g} FLOPs/domain)"
                                       for n, w in winners.items())
@@ -520,9 +521,9 @@ def spearman_critical(n: int, one_sided: bool = False) -> float | None:
     return None
 
 
-def entropy_k16(configs: list[Config], k: int = ENTROPY_K) -> dict[int, dict[str, float]]:
+def entropy_k16(configs: list[MeasuredConfig], k: int = ENTROPY_K) -> dict[int, dict[str, float]]:
     """in-domain size -> domain -> the domain's entropy over a clustering of ``k`` clusters
-    (``Config.entropy_k``), from any configuration that logged it; one clustering per
+    (``MeasuredConfig.entropy_k``), from any configuration that logged it; one clustering per
     in-domain size (the first configuration in label order wins a disagreement)."""
     out: dict[int, dict[str, float]] = {}
     for c in sorted(configs, key=lambda c: c.label):
@@ -533,7 +534,7 @@ def entropy_k16(configs: list[Config], k: int = ENTROPY_K) -> dict[int, dict[str
     return out
 
 
-def claim_entropy(configs: list[Config], gate: Gate | None = None) -> Claim:
+def claim_entropy(configs: list[MeasuredConfig], gate: Gate | None = None) -> Claim:
     """At the largest generic budget, per slm-mix/slm-pn configuration (strategy,
     specialisation budget, in-domain size) and each of its seeds: each domain's gain over slm
     (1 - ppl_x / ppl_slm, same budgets and seed) against the domain's entropy over a fixed
@@ -552,7 +553,7 @@ def claim_entropy(configs: list[Config], gate: Gate | None = None) -> Claim:
     if not budgets:
         return _finish(claim, "slm-mix/slm-pn")
     entropies = entropy_k16(configs)
-    groups: dict[tuple, list[Config]] = {}
+    groups: dict[tuple, list[MeasuredConfig]] = {}
     for x in configs:
         if x.strategy in EXPERT_STRATEGIES and x.generic_budget == budgets[-1]:
             groups.setdefault((x.strategy, x.spec_budget, x.in_domain, x.replicate_key[-1]), []).append(x)
@@ -605,7 +606,7 @@ def claim_entropy(configs: list[Config], gate: Gate | None = None) -> Claim:
     return _finish(claim, f"slm-mix/slm-pn with a k = {ENTROPY_K} domain entropy and a matching slm")
 
 
-def claim_pretraining_helps(configs: list[Config]) -> Claim:
+def claim_pretraining_helps(configs: list[MeasuredConfig]) -> Claim:
     """At the smallest in-domain size, per specialisation budget: slm at its largest generic
     budget against slm-nopt at the same specialisation budget. Confirmed when slm's interval
     lies below slm-nopt's (generic pretraining pays), refuted when above, inconclusive
@@ -636,7 +637,7 @@ def claim_pretraining_helps(configs: list[Config]) -> Claim:
     return _finish(claim, "slm, slm-nopt")
 
 
-def all_claims(configs: list[Config]) -> tuple[Gate, list[Claim]]:
+def all_claims(configs: list[MeasuredConfig]) -> tuple[Gate, list[Claim]]:
     """Every claim: the gate and claim 5 on the configurations as run (claim 5 tests each seed),
     the others on the seeds pooled (``frontier.pool_seeds``)."""
     gate = decision_gate(configs)

@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 
+from slmfactory.analysis import figures, frontier, report
+from slmfactory.analysis.figures import pyplot
+from slmfactory.analysis.frontier import AMORTISATION_N, COST_UNITS, UNIT_LABEL, MeasuredConfig
 from slmfactory.platform.cost import CONVENTION_DOC, MEASURED
 from slmfactory.platform.cost import PAPER as PAPER_COSTS
 from slmfactory.platform.errors import DataError
-from slmfactory.sweeps import figures, frontier, report
-from slmfactory.sweeps import results_claims as rc
-from slmfactory.sweeps.figures import pyplot
-from slmfactory.sweeps.frontier import AMORTISATION_N, COST_UNITS, UNIT_LABEL, Config
-from slmfactory.sweeps.results import configs_from_rows, fill_entropy_k, incomplete_groups
 from slmfactory.trial import experiment_name
+from study import claims as rc
+from study.results import configs_from_rows, fill_entropy_k, incomplete_groups
 
 STRATEGY_ORDER = ("slm", "slm-nopt", "llm", "llm-lora", "slm-is", "slm-d", "slm-mix", "slm-pn")
 # The paper's scale (docs/paper.md#paper-settings): parameters, training throughput (A100 GPU-hours per 1B tokens), budgets.
@@ -32,7 +32,7 @@ PAPER = {"slm_params": 126e6, "llm_params": 771e6, "gpuh_per_btok": 2.2, "generi
          "pn_experts": 32, "test_docs": 20000}
 
 
-def _order(c: Config) -> tuple:
+def _order(c: MeasuredConfig) -> tuple:
     s = STRATEGY_ORDER.index(c.strategy) if c.strategy in STRATEGY_ORDER else len(STRATEGY_ORDER)
     return (s, c.strategy, rc.budget_value(c.generic_budget), c.settings)
 
@@ -54,7 +54,7 @@ def md(doc: str) -> str:
     return "\n\n".join(out)
 
 
-def ppl_iv(c: Config) -> str:
+def ppl_iv(c: MeasuredConfig) -> str:
     iv = c.interval
     return f"{c.ppl_macro:.2f} [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else f"{c.ppl_macro:.2f} [n/a]"
 
@@ -68,11 +68,11 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def cost_units(configs: list[Config]) -> list[str]:
+def cost_units(configs: list[MeasuredConfig]) -> list[str]:
     return [u for u in COST_UNITS if any(u in c.costs and c.spec(u) > 0 for c in configs)]
 
 
-def figure_names(configs: list[Config]) -> list[tuple[str, tuple]]:
+def figure_names(configs: list[MeasuredConfig]) -> list[tuple[str, tuple]]:
     """(file name, what to draw) of every figure, in page order: under the paper's cost
     convention in every cost unit, then under the measured one in FLOPs (the claims' unit)."""
     out = []
@@ -85,7 +85,7 @@ def figure_names(configs: list[Config]) -> list[tuple[str, tuple]]:
     return out
 
 
-def draw_figures(configs: list[Config], fig_dir: Path, caps: tuple = ()) -> list[Path]:
+def draw_figures(configs: list[MeasuredConfig], fig_dir: Path, caps: tuple = ()) -> list[Path]:
     _, plt = pyplot()
     fig_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -119,7 +119,7 @@ def section_verdicts(gate: rc.Gate, claims: list[rc.Claim]) -> str:
     return "\n".join(lines)
 
 
-def section_costs(configs: list[Config]) -> str:
+def section_costs(configs: list[MeasuredConfig]) -> str:
     """The two cost conventions and what separates them: the generic corpus's embedding."""
     out = [f"- *{PAPER_COSTS}* (claims are decided under it): {CONVENTION_DOC[PAPER_COSTS]}.",
            f"- *{MEASURED}* (shown beside): {CONVENTION_DOC[MEASURED]}.", "",
@@ -140,7 +140,7 @@ def section_costs(configs: list[Config]) -> str:
     return "\n".join(out)
 
 
-def section_entropy_source(configs: list[Config], filled: int) -> str:
+def section_entropy_source(configs: list[MeasuredConfig], filled: int) -> str:
     """Where claim 5's k = 16 entropy comes from, and what is missing."""
     ent = rc.entropy_k16(configs)
     lines = [f"Claim 5 reads each domain's entropy over a fixed k = {rc.ENTROPY_K} clustering of the generic corpus "
@@ -179,7 +179,7 @@ def section_claims(claims: list[rc.Claim]) -> str:
     return "\n".join(out)
 
 
-def section_gate(gate: rc.Gate, configs: list[Config]) -> str:
+def section_gate(gate: rc.Gate, configs: list[MeasuredConfig]) -> str:
     out = ["Rule: " + md(rc.decision_gate.__doc__), ""]
     out += [f"- {line}" for line in gate.lines]
     failed = [s for s, ok in gate.passed.items() if ok is False]
@@ -211,11 +211,11 @@ def section_gate(gate: rc.Gate, configs: list[Config]) -> str:
     return "\n".join(out)
 
 
-def section_table4(configs: list[Config]) -> str:
+def section_table4(configs: list[MeasuredConfig]) -> str:
     """Table 4: before -> after fine-tuning, rows (strategy, settings, generic budget),
     columns (in-domain size, spec. budget)."""
     cols = sorted({(c.in_domain, c.spec_budget) for c in configs}, key=lambda k: (k[0], rc.budget_value(k[1])))
-    rows: dict[tuple, dict[tuple, Config]] = {}
+    rows: dict[tuple, dict[tuple, MeasuredConfig]] = {}
     for c in sorted(configs, key=_order):
         rows.setdefault((c.strategy, c.settings, c.generic_budget), {})[(c.in_domain, c.spec_budget)] = c
     head = ["strategy", "settings", "generic budget"] + [f"n={n:,}, s={s}" for n, s in cols]
@@ -234,7 +234,7 @@ def section_table4(configs: list[Config]) -> str:
     return "\n".join(lines)
 
 
-def lora_pairs(configs: list[Config]) -> list[tuple[Config, Config]]:
+def lora_pairs(configs: list[MeasuredConfig]) -> list[tuple[MeasuredConfig, MeasuredConfig]]:
     """(llm, llm-lora) at the same budgets, in-domain size and seeds."""
     out = []
     for lo in sorted((c for c in configs if c.strategy == "llm-lora"), key=lambda c: (c.in_domain, c.spec_budget)):
@@ -245,7 +245,7 @@ def lora_pairs(configs: list[Config]) -> list[tuple[Config, Config]]:
     return out
 
 
-def section_lora(configs: list[Config], rows: list[dict], fig_rel: str = "results") -> str:
+def section_lora(configs: list[MeasuredConfig], rows: list[dict], fig_rel: str = "results") -> str:
     pairs = lora_pairs(configs)
     if not pairs:
         return "No llm-lora configuration with a matching llm: inconclusive (cells missing: llm-lora, llm)."
@@ -269,7 +269,7 @@ def section_lora(configs: list[Config], rows: list[dict], fig_rel: str = "result
     return "\n".join(lines) + f"\n\n![LoRA beside full fine-tuning]({fig_rel}/lora_vs_full.png)"
 
 
-def plot_lora(configs: list[Config]):
+def plot_lora(configs: list[MeasuredConfig]):
     _, plt = pyplot()
     units = [u for u in cost_units(configs)]
     fig, axes = plt.subplots(1, len(units), figsize=(6 * len(units), 4.2), squeeze=False)
@@ -292,8 +292,8 @@ def plot_lora(configs: list[Config]):
     return fig
 
 
-def section_seeds(configs: list[Config]) -> str:
-    groups: dict[tuple, list[Config]] = {}
+def section_seeds(configs: list[MeasuredConfig]) -> str:
+    groups: dict[tuple, list[MeasuredConfig]] = {}
     for c in configs:
         groups.setdefault(c.replicate_key, []).append(c)
     reps = [sorted(v, key=lambda c: c.settings) for v in groups.values() if len(v) > 1]
@@ -317,7 +317,7 @@ def section_seeds(configs: list[Config]) -> str:
     return "\n".join(lines)
 
 
-def section_scale(configs: list[Config], cfg, claims: list[rc.Claim]) -> str:
+def section_scale(configs: list[MeasuredConfig], cfg, claims: list[rc.Claim]) -> str:
     cap = rc.small_params(configs)
     llm = sorted({c.params for c in configs if c.strategy == "llm"})
     tok_per_param = lambda tokens: tokens / PAPER["slm_params"]  # noqa: E731
@@ -414,7 +414,7 @@ def section_wall_time(stages: dict[str, Any] | None, rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def section_appendix(configs: list[Config], rows: list[dict]) -> str:
+def section_appendix(configs: list[MeasuredConfig], rows: list[dict]) -> str:
     lines = ["| strategy | settings | generic | spec. | in-domain | params | macro ppl [95%] | generic FLOPs | "
              "spec. FLOPs / domain | generic dev-h | spec. dev-h / domain | generic ppl | generic FLOPs, paper |",
              "|" + "---|" * 13]

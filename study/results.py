@@ -8,14 +8,14 @@ CSV and the optional wall-time parse of the study's log:
   (tagged ``slmfactory.trial``, with a ``test_nll``: the runs ``frontier.load_configs`` reads)
   into one flat row per run; :func:`write_csv` / :func:`read_csv` store them losslessly
   (floats as ``repr``, so a value read back equals the logged metric exactly).
-- :func:`configs_from_rows` groups rows into ``frontier.Config`` objects by the same rules as
+- :func:`configs_from_rows` groups rows into ``frontier.MeasuredConfig`` objects by the same rules as
   ``frontier.load_configs`` (costs: generic = max over the trials, specialisation = mean over
   domains; only configurations measured on every domain), so ``report``'s tables and plots
   draw from the CSV.
 - :func:`parse_stage_log` turns the study log's ``HH:MM:SS`` stage markers into seconds per
   stage; :func:`write_stages` keeps them in a JSON beside the CSV.
 
-The claims and the page itself are in ``results_claims`` and ``results_page``.
+The claims and the page itself are in ``study.claims`` and ``study.page``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from slmfactory.analysis import frontier
+from slmfactory.analysis.frontier import COST_UNITS, MeasuredConfig, generic_ppl
 from slmfactory.platform.errors import DataError
-from slmfactory.sweeps import frontier
-from slmfactory.sweeps.frontier import COST_UNITS, Config, generic_ppl
 from slmfactory.trial import TRIAL_TAG
 
 # (CSV column, MLflow metric) for the per-trial metrics copied verbatim.
@@ -175,17 +175,18 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def configs_from_rows(rows: list[dict[str, Any]]) -> list[Config]:
-    """``frontier.Config`` objects from CSV rows, by ``frontier.load_configs``'s rules: one
+def configs_from_rows(rows: list[dict[str, Any]]) -> list[MeasuredConfig]:
+    """``frontier.MeasuredConfig`` objects from CSV rows, by ``frontier.load_configs``'s rules: one
     configuration per (strategy, generic budget, spec. budget, in-domain size, settings);
     generic cost the max over its trials, specialisation cost the mean over domains; only
     configurations measured on every domain; sorted by in-domain size then macro perplexity."""
-    groups: dict[tuple, Config] = {}
+    groups: dict[tuple, MeasuredConfig] = {}
     acc: dict[tuple, dict[str, list[float]]] = {}
     for r in sorted(rows, key=_sort_key):
         key = (r["strategy"], r["generic_budget"], r["spec_budget"], r["in_domain_tokens"], r["settings"])
-        c = groups.setdefault(key, Config(*key, params=int(r["params"]), inference=r["inference_flops_per_token"],
-                                          costs={}, ppl={}, nll={}))
+        c = groups.setdefault(key, MeasuredConfig(*key, params=int(r["params"]),
+                                                  inference=r["inference_flops_per_token"],
+                                                  costs={}, ppl={}, nll={}))
         d = r["domain"]
         c.ppl[d], c.nll[d] = r["ppl"], r["test_nll"]
         for col, target in (("test_nll_se", c.se), ("ppl_lo", c.ppl_lo), ("ppl_hi", c.ppl_hi),

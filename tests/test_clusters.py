@@ -471,7 +471,7 @@ def test_slm_is_trial_logs_where_its_resampled_text_came_from(clustered):
     from slmfactory.models.launch import LocalLauncher
     from slmfactory.models.strategies import get_strategy
     from slmfactory.pipeline import run_trial
-    from slmfactory.sweeps.report import table_is_provenance, write_report
+    from slmfactory.analysis.report import table_is_provenance, write_report
     from slmfactory.trial import log_trial
 
     cfg, _, _ = clustered

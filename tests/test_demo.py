@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from slmfactory.sweeps.demo import run_demo
+from slmfactory.demo import run_demo
 
 
 @pytest.mark.ray

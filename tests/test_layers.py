@@ -5,10 +5,11 @@
     models     the LM, the trainer, the phase library, the strategies (one file each)
     trial      a trial's identity and its MLflow run          (slmfactory/trial.py)
     pipeline   the one trial driver                           (slmfactory/pipeline.py)
-    sweeps     plan, run, report, the sweep's MLflow run      serving   the Serve app
-    cli        the command line
+    sweeps     plan, run, the sweep's MLflow run    analysis   frontier, report, figures    serving   the Serve app
+    demo, cli  the demo driver and the command line: they join the three
 
-Each imports only from the layers below it; ``sweeps`` and ``serving`` stand side by side
+Each imports only from the layers below it; ``sweeps`` (running a sweep), ``analysis``
+(reading one back from MLflow, which needs no trial code) and ``serving`` stand side by side
 and never import each other; no modules import each other in a cycle. Serving imports the
 model architectures and no training code, with one stated exception: three serving modules
 import the instant builder (``models.instant``), which fine-tunes a run-time domain and so
@@ -25,8 +26,13 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "slmfactory"
-UPPER = ("slmfactory.models", "slmfactory.sweeps", "slmfactory.serving", "slmfactory.pipeline", "slmfactory.cli")
+UPPER = ("slmfactory.models", "slmfactory.sweeps", "slmfactory.analysis", "slmfactory.serving", "slmfactory.pipeline",
+         "slmfactory.demo", "slmfactory.cli")
+TOP = ("slmfactory", "slmfactory.demo", "slmfactory.cli")
+"""Above every layer: the package's ``__init__``, the demo driver and the cli may import anything."""
 LAYERS = {
     # layer: what it may import (itself included)
     "slmfactory.platform": ("slmfactory.platform",),
@@ -36,6 +42,7 @@ LAYERS = {
     "slmfactory.pipeline": ("slmfactory.platform", "slmfactory.data", "slmfactory.models", "slmfactory.trial"),
     "slmfactory.sweeps": ("slmfactory.platform", "slmfactory.data", "slmfactory.models", "slmfactory.trial",
                           "slmfactory.pipeline", "slmfactory.sweeps"),
+    "slmfactory.analysis": ("slmfactory.platform", "slmfactory.trial", "slmfactory.analysis"),
     "slmfactory.serving": ("slmfactory.platform", "slmfactory.data", "slmfactory.trial", "slmfactory.serving",
                            # the model architectures; no training code (but SERVING_TO_TRAINING)
                            "slmfactory.models.lm", "slmfactory.models.projected"),
@@ -90,38 +97,60 @@ def test_the_platform_imports_nothing_from_the_layers_above():
     graph = import_graph()
     broken = sorted(f"{src} -> {dst}" for src, dsts in graph.items() if src.startswith("slmfactory.platform")
                     for dst in dsts if dst.startswith(UPPER))
-    assert not broken, "the platform must not import models/sweeps/serving: " + ", ".join(broken)
+    assert not broken, "the platform must not import models/sweeps/analysis/serving: " + ", ".join(broken)
 
 
 def _layer(module: str) -> str | None:
     return next((layer for layer in LAYERS if module == layer or module.startswith(layer + ".")), None)
 
 
-def test_each_layer_imports_only_the_layers_below_it():
-    graph = import_graph()
+def climbing_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that climbs a layer or crosses between side-by-side layers."""
     broken = []
     for src, dsts in graph.items():
         layer = _layer(src)
         if layer is None:
-            continue  # the cli (and the package's __init__) may import anything
+            continue  # TOP: may import anything
         allowed = LAYERS[layer]
         broken += [f"{src} -> {dst}" for dst in sorted(dsts)
                    if not any(dst == a or dst.startswith(a + ".") for a in allowed)
                    and (src, dst) not in SERVING_TO_TRAINING]
-    assert not broken, "imports that climb a layer (or cross sweeps/serving): " + ", ".join(broken)
+    return broken
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    broken = climbing_imports(import_graph())
+    assert not broken, "imports that climb a layer (or cross sweeps/analysis/serving): " + ", ".join(broken)
+
+
+@pytest.mark.parametrize("src, dst", [
+    ("slmfactory.analysis.frontier", "slmfactory.sweeps.run"),      # across: reading back -> running
+    ("slmfactory.sweeps.run", "slmfactory.analysis.report"),        # across: running -> reading back
+    ("slmfactory.serving.server", "slmfactory.analysis.frontier"),  # across: serving -> reading back
+    ("slmfactory.analysis.report", "slmfactory.pipeline"),          # up: reading back needs no trial driver
+    ("slmfactory.analysis.figures", "slmfactory.demo"),             # up: to the demo driver
+    ("slmfactory.platform.cost", "slmfactory.analysis.frontier"),   # up: from the platform
+])
+def test_the_layer_check_fails_on_an_upward_or_crossing_import(src, dst):
+    """Guards the checker: one added import that climbs or crosses is reported, by name."""
+    graph = import_graph()
+    assert src in graph and dst in graph and dst not in graph[src]
+    before = set(climbing_imports(graph))
+    graph[src].add(dst)
+    assert set(climbing_imports(graph)) - before == {f"{src} -> {dst}"}
 
 
 def test_every_module_has_a_layer():
-    """A new module lands in a layer the table above names (or is the cli)."""
+    """A new module lands in a layer the table above names (or is one of ``TOP``)."""
     graph = import_graph()
-    orphans = sorted(m for m in graph if _layer(m) is None and m not in ("slmfactory", "slmfactory.cli"))
+    orphans = sorted(m for m in graph if _layer(m) is None and m not in TOP)
     assert not orphans, f"modules outside every layer: {orphans}"
 
 
 def _is_training(module: str) -> bool:
     if module.startswith("slmfactory.models"):
         return module not in ("slmfactory.models", *ARCHITECTURES)
-    return module.startswith(UPPER) and not module.startswith("slmfactory.serving")
+    return module.startswith(UPPER) and not module.startswith(("slmfactory.serving", "slmfactory.analysis"))
 
 
 def test_serving_reaches_training_code_only_through_the_stated_imports():
@@ -183,3 +212,16 @@ def test_the_graph_sees_real_edges():
     assert "slmfactory.models.strategies.base" in graph["slmfactory.models.strategies.slm"]
     assert "slmfactory.platform.config" in graph["slmfactory.trial"]
     assert "slmfactory.data.clusters" in graph["slmfactory.data.cluster_pipeline"]
+
+
+def test_the_package_imports_nothing_from_outside_the_wheel():
+    """The wheel carries ``slmfactory`` alone: no module of it imports the study's write-up
+    (``study/``), the scripts or the tests of a checkout."""
+    outside = ("study", "scripts", "tests", "bench")
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            found += [f"{module_name(path)} -> {n}" for n in names if n.split(".")[0] in outside]
+    assert not found, "package modules importing from outside the wheel: " + ", ".join(found)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from slmfactory import cli
+from slmfactory.analysis import figures as fg
+from slmfactory.analysis import frontier as fr
+from slmfactory.analysis import report as rp
 from slmfactory.platform.errors import SlmFactoryError
-from slmfactory.sweeps import figures as fg
-from slmfactory.sweeps import frontier as fr
-from slmfactory.sweeps import report as rp
 from slmfactory.trial import TRIAL_TAG
 
 SIZE, BIG = 1000, 8000
@@ -242,8 +242,8 @@ def test_figure1_budget_ticks_are_distinct_bins(tmp_path):
     import matplotlib.pyplot as plt
 
     # Per-domain costs within 2% of each other: two significant digits would repeat 2.3e+11.
-    close = [fr.Config(f"s{i}", "none", "1e+04T", SIZE, "", 1_000_000, 2e6, {"flops": (0.0, cost)},
-                       {"a": 100.0 - i}, {"a": math.log(100.0 - i)})
+    close = [fr.MeasuredConfig(f"s{i}", "none", "1e+04T", SIZE, "", 1_000_000, 2e6, {"flops": (0.0, cost)},
+                               {"a": 100.0 - i}, {"a": math.log(100.0 - i)})
              for i, cost in enumerate((2.30e11, 2.31e11, 2.32e11, 2.33e11, 2.34e11, 2.35e11))]
     fig, _ = fg.figure1(close, SIZE, 7, "flops", tmp_path)
     try:

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from slmfactory.analysis.frontier import MeasuredConfig, pool_seeds
 from slmfactory.platform.cost import MEASURED, PAPER
-from slmfactory.sweeps import results, results_claims as rc, results_page
-from slmfactory.sweeps.frontier import Config, pool_seeds
 from slmfactory.trial import TRIAL_TAG, experiment_name
+from study import claims as rc
+from study import page as results_page
+from study import results
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -173,7 +175,7 @@ def test_mlflow_export_gives_the_committed_csv_and_page(study_store, tmp_path):
 def test_csv_and_mlflow_loader_agree(study_store):
     """The CSV's configurations equal ``frontier.load_configs``' from the MLflow store, field
     by field (perplexities, intervals, both cost conventions, claim 5's entropy and its k)."""
-    from slmfactory.sweeps.frontier import load_configs
+    from slmfactory.analysis.frontier import load_configs
 
     uri, experiment = study_store
     back = results.export_rows(uri, experiment)
@@ -239,14 +241,15 @@ DOMAINS = ("a", "b", "c")
 
 def conf(strategy: str, ppl, g: str = "8e+06T", s: str = "1.6e+04T", n: int = 40_000, se: float = 0.01,
          params: int = SMALL, cost: tuple[float, float] = (0.0, 1.0), settings: str = "", gppl=None,
-         entropy=None, entropy_k: int | None = None, embed: float = 0.0) -> Config:
+         entropy=None, entropy_k: int | None = None, embed: float = 0.0) -> MeasuredConfig:
     """A configuration with macro ppl ``ppl`` (or per-domain ppls) and an interval of about
     ±1.1% (se 0.01 per domain over 3 domains); ``embed``: the generic corpus's embedding
     inside its generic cost (FLOPs)."""
     ppls = dict(ppl) if isinstance(ppl, dict) else {d: float(ppl) for d in DOMAINS}
-    return Config(strategy, g, s, n, settings, params, 2.0 * params, {"flops": cost}, ppls,
-                  {d: math.log(p) for d, p in ppls.items()}, se={d: se for d in ppls}, generic_ppl=gppl,
-                  entropy=entropy or {}, entropy_k=entropy_k, embed_generic={"flops": embed} if embed else {})
+    return MeasuredConfig(strategy, g, s, n, settings, params, 2.0 * params, {"flops": cost}, ppls,
+                          {d: math.log(p) for d, p in ppls.items()}, se={d: se for d in ppls}, generic_ppl=gppl,
+                          entropy=entropy or {}, entropy_k=entropy_k,
+                          embed_generic={"flops": embed} if embed else {})
 
 
 def test_compare_and_combine():

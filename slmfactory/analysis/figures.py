@@ -1,7 +1,7 @@
 """The report's figures (matplotlib, drawn off-screen): perplexity against each cost with
 its Pareto fronts (``plot_costs``), the paper's Figure 1 from the measurements
 (``figure1``) and the amortisation plot (``plot_amortisation``). What they draw is computed
-in :mod:`slmfactory.sweeps.frontier`. Every figure draws costs under one named convention
+in :mod:`slmfactory.analysis.frontier`. Every figure draws costs under one named convention
 (``paper`` or ``measured``, ``platform.cost.COST_CONVENTIONS``): it says which in its title
 and its file name (``_measured``; the paper's carry no suffix).
 """
@@ -13,17 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from slmfactory.platform.cost import PAPER
-from slmfactory.sweeps.frontier import (
+from slmfactory.analysis.frontier import (
     AMORTISATION_N,
     UNIT_LABEL,
-    Config,
+    MeasuredConfig,
     distinct_labels,
     figure1_grid,
     inference_classes,
     macro_cell,
     pareto,
 )
+from slmfactory.platform.cost import PAPER
 
 
 def file_suffix(convention: str) -> str:
@@ -55,7 +55,7 @@ def place_zero(xs: list[float]) -> tuple[list[float], float | None]:
     return [x if x > 0 else x0 for x in xs], x0
 
 
-def _draw_cost_panel(ax, rows: list[Config], costs: list[float], classes: dict[float, list[Config]],
+def _draw_cost_panel(ax, rows: list[MeasuredConfig], costs: list[float], classes: dict[float, list[MeasuredConfig]],
                      colour: dict[str, str], xlabel: str) -> None:
     xs, x0 = place_zero(costs)
     idx = {id(c): i for i, c in enumerate(rows)}
@@ -93,7 +93,7 @@ def _draw_cost_panel(ax, rows: list[Config], costs: list[float], classes: dict[f
     ax.set_ylabel("macro perplexity")
 
 
-def plot_costs(configs: list[Config], in_domain: int, n_domains: int, cost: str, out: Path,
+def plot_costs(configs: list[MeasuredConfig], in_domain: int, n_domains: int, cost: str, out: Path,
                inference_caps: tuple = (), convention: str = PAPER):
     """Macro perplexity (with its interval) against generic, specialisation, inference and
     per-domain cost for one in-domain size, N, cost unit and convention; Pareto fronts per
@@ -123,7 +123,7 @@ def plot_costs(configs: list[Config], in_domain: int, n_domains: int, cost: str,
     return fig, path
 
 
-def figure1(configs: list[Config], in_domain: int, n_domains: int, cost: str, out: Path,
+def figure1(configs: list[MeasuredConfig], in_domain: int, n_domains: int, cost: str, out: Path,
             inference_caps: tuple = (), convention: str = PAPER):
     """The paper's Figure 1 from measurements: the winner per (inference class, per-domain
     budget bin) cell for N domains, with its interval; overlapping intervals are marked tie."""
@@ -159,10 +159,10 @@ def figure1(configs: list[Config], in_domain: int, n_domains: int, cost: str, ou
     return fig, path
 
 
-def plot_amortisation(configs: list[Config], in_domain: int, cost: str, out: Path, convention: str = PAPER):
+def plot_amortisation(configs: list[MeasuredConfig], in_domain: int, cost: str, out: Path, convention: str = PAPER):
     """C(N) = C_generic + N C_spec of each strategy's best configuration at one in-domain size."""
     _, plt = pyplot()
-    best: dict[str, Config] = {}
+    best: dict[str, MeasuredConfig] = {}
     for c in configs:
         if c.in_domain == in_domain and c.has_cost(cost, convention) and (
                 c.strategy not in best or c.ppl_macro < best[c.strategy].ppl_macro):

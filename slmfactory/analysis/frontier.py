@@ -88,8 +88,9 @@ def seeds_text(seeds: tuple[str, ...]) -> str:
 
 
 @dataclass
-class Config:
-    """One configuration: a strategy at given budgets, in-domain size and settings, over domains."""
+class MeasuredConfig:
+    """One measured configuration (read back from its trials' runs, not a recipe's
+    ``RunConfig``): a strategy at given budgets, in-domain size and settings, over domains."""
 
     strategy: str
     generic_budget: str
@@ -215,7 +216,7 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def load_configs(uri: str, experiment: str) -> list[Config]:
+def load_configs(uri: str, experiment: str) -> list[MeasuredConfig]:
     """Every finished trial run of ``experiment`` (runs tagged ``slmfactory.trial``; a sweep's
     parent run and the report run are skipped), grouped into configurations measured on every
     domain, sorted by in-domain size then macro perplexity."""
@@ -228,7 +229,7 @@ def load_configs(uri: str, experiment: str) -> list[Config]:
         raise DataError(f"MLflow experiment {experiment!r} not found at {uri} (experiments: {', '.join(names) or 'none'})")
     runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
                               max_results=50000)
-    groups: dict[tuple, Config] = {}
+    groups: dict[tuple, MeasuredConfig] = {}
     spent: dict[tuple, dict[str, list[float]]] = {}
     for r in runs:
         t, m = r.data.tags, r.data.metrics
@@ -236,8 +237,9 @@ def load_configs(uri: str, experiment: str) -> list[Config]:
             continue
         settings = t.get("settings", "")
         key = (t["strategy"], t["generic_budget"], t["spec_budget"], int(t["in_domain_tokens"]), settings)
-        c = groups.setdefault(key, Config(*key, params=int(m["params"]), inference=m["cost/inference_flops_per_token"],
-                                          costs={}, ppl={}, nll={}))
+        c = groups.setdefault(key, MeasuredConfig(*key, params=int(m["params"]),
+                                                  inference=m["cost/inference_flops_per_token"],
+                                                  costs={}, ppl={}, nll={}))
         d = t["domain"]
         c.ppl[d], c.nll[d] = m[f"ppl/{d}"], m["test_nll"]
         for name, target in (("test_nll_se", c.se), (f"ppl_lo/{d}", c.ppl_lo), (f"ppl_hi/{d}", c.ppl_hi),
@@ -279,7 +281,7 @@ def load_configs(uri: str, experiment: str) -> list[Config]:
     return sorted(configs, key=lambda c: (c.in_domain, c.ppl_macro))
 
 
-def apply_conventions(configs: list[Config]) -> None:
+def apply_conventions(configs: list[MeasuredConfig]) -> None:
     """Set each configuration's ``paper_costs``: its measured costs with the generic corpus's
     embedding (``embed_generic``) taken out of the generic cost; a configuration that clusters
     nothing costs the same under both conventions.
@@ -303,14 +305,14 @@ def apply_conventions(configs: list[Config]) -> None:
                          for u, (g, s) in c.costs.items() if not clusters or u in embed}
 
 
-def pool_seeds(configs: list[Config]) -> list[Config]:
+def pool_seeds(configs: list[MeasuredConfig]) -> list[MeasuredConfig]:
     """One configuration per replicate group (rows that differ only in ``*seed`` settings):
     a group of one is returned as it is; two or more seeds become one configuration whose
     per-domain NLL is the mean over the seeds, whose interval is the union of the seeds'
     intervals (None when a seed has none), whose costs are the seeds' mean, and whose
     ``seeds`` name them. The union is at least as wide as the seeds' spread of macro
     perplexity: a verdict never separates what a second seed would not."""
-    groups: dict[tuple, list[Config]] = {}
+    groups: dict[tuple, list[MeasuredConfig]] = {}
     for c in configs:
         groups.setdefault(c.replicate_key, []).append(c)
     out = []
@@ -329,27 +331,27 @@ def pool_seeds(configs: list[Config]) -> list[Config]:
             return {u: (float(np.mean([get(c)[u][0] for c in group])), float(np.mean([get(c)[u][1] for c in group])))
                     for u in units}
 
-        pooled = Config(first.strategy, first.generic_budget, first.spec_budget, first.in_domain,
-                        first.replicate_key[-1], first.params, first.inference, mean_costs(lambda c: c.costs),
-                        {d: math.exp(v) for d, v in nll.items()}, nll,
-                        ppl_before=({d: math.exp(float(np.mean([math.log(c.ppl_before[d]) for c in group])))
-                                     for d in first.ppl_before} if all(set(c.ppl_before) == set(first.ppl_before)
-                                                                       for c in group) else {}),
-                        entropy=dict(first.entropy), entropy_k=first.entropy_k, generic_ppl=_mean([c.generic_ppl for c in group
-                                                                        if c.generic_ppl is not None]),
-                        seed_spread=first.seed_spread, embed_generic=dict(first.embed_generic),
-                        paper_costs=mean_costs(lambda c: c.costs_in(PAPER)),
-                        seeds=tuple(",".join(f"{k}={v}" for k, v in sorted(parse_settings(c.settings).items())
-                                             if _is_seed(k)) for c in group),
-                        pooled_interval=union)
+        pooled = MeasuredConfig(first.strategy, first.generic_budget, first.spec_budget, first.in_domain,
+                                first.replicate_key[-1], first.params, first.inference, mean_costs(lambda c: c.costs),
+                                {d: math.exp(v) for d, v in nll.items()}, nll,
+                                ppl_before=({d: math.exp(float(np.mean([math.log(c.ppl_before[d]) for c in group])))
+                                             for d in first.ppl_before}
+                                            if all(set(c.ppl_before) == set(first.ppl_before) for c in group) else {}),
+                                entropy=dict(first.entropy), entropy_k=first.entropy_k,
+                                generic_ppl=_mean([c.generic_ppl for c in group if c.generic_ppl is not None]),
+                                seed_spread=first.seed_spread, embed_generic=dict(first.embed_generic),
+                                paper_costs=mean_costs(lambda c: c.costs_in(PAPER)),
+                                seeds=tuple(",".join(f"{k}={v}" for k, v in sorted(parse_settings(c.settings).items())
+                                                     if _is_seed(k)) for c in group),
+                                pooled_interval=union)
         out.append(pooled)
     return sorted(out, key=lambda c: (c.in_domain, c.ppl_macro))
 
 
-def set_seed_spread(configs: list[Config]) -> None:
+def set_seed_spread(configs: list[MeasuredConfig]) -> None:
     """``seed_spread``: the sample standard deviation (ddof=1) of macro perplexity over the
     rows that differ only in ``*seed`` settings; None for a configuration run once."""
-    reps: dict[tuple, list[Config]] = {}
+    reps: dict[tuple, list[MeasuredConfig]] = {}
     for c in configs:
         reps.setdefault(c.replicate_key, []).append(c)
     for group in reps.values():
@@ -358,7 +360,7 @@ def set_seed_spread(configs: list[Config]) -> None:
             c.seed_spread = spread
 
 
-def has_seeds(configs: list[Config]) -> bool:
+def has_seeds(configs: list[MeasuredConfig]) -> bool:
     return any(_is_seed(k) for c in configs for k in parse_settings(c.settings))
 
 
@@ -373,7 +375,7 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def overlaps(a: Config, b: Config) -> bool:
+def overlaps(a: MeasuredConfig, b: MeasuredConfig) -> bool:
     """Whether two configurations' macro-perplexity intervals overlap (unknown: no)."""
     ia, ib = a.interval, b.interval
     return ia is not None and ib is not None and ia[0] <= ib[1] and ib[0] <= ia[1]
@@ -384,17 +386,17 @@ class Recommendation:
     """The best fitting configuration, the best of another strategy, and whether the two
     are a tie (overlapping intervals)."""
 
-    ranked: list[Config]
+    ranked: list[MeasuredConfig]
     in_domain: int | None
     cost: str
     convention: str = PAPER
 
     @property
-    def best(self) -> Config | None:
+    def best(self) -> MeasuredConfig | None:
         return self.ranked[0] if self.ranked else None
 
     @property
-    def runner_up(self) -> Config | None:
+    def runner_up(self) -> MeasuredConfig | None:
         # The question is which *strategy*: the runner-up is the best of another strategy.
         return next((c for c in self.ranked[1:] if c.strategy != self.ranked[0].strategy), None)
 
@@ -403,7 +405,7 @@ class Recommendation:
         return self.runner_up is not None and overlaps(self.best, self.runner_up)
 
 
-def pick_in_domain(configs: list[Config], in_domain: int | None) -> int:
+def pick_in_domain(configs: list[MeasuredConfig], in_domain: int | None) -> int:
     """The measured in-domain size to answer from: the largest measured <= ``in_domain``
     (the user has at least that much data), the largest measured when not given."""
     sizes = sorted({c.in_domain for c in configs})
@@ -416,7 +418,7 @@ def pick_in_domain(configs: list[Config], in_domain: int | None) -> int:
     return fit[-1]
 
 
-def recommend(configs: list[Config], inference_params: float, spec_budget: float, domains: int,
+def recommend(configs: list[MeasuredConfig], inference_params: float, spec_budget: float, domains: int,
               in_domain: int | None = None, cost: str = "flops", convention: str = PAPER) -> Recommendation:
     """Configurations of the chosen in-domain size that fit (served parameters <=
     ``inference_params``, per-domain budget C_spec + C_generic / N <= ``spec_budget`` in
@@ -432,11 +434,11 @@ def recommend(configs: list[Config], inference_params: float, spec_budget: float
                           convention)
 
 
-def inference_classes(configs: list[Config], caps: tuple = ()) -> dict[float, list[Config]]:
+def inference_classes(configs: list[MeasuredConfig], caps: tuple = ()) -> dict[float, list[MeasuredConfig]]:
     """Served-parameter classes: each configuration in the smallest cap that serves it
     (a model larger than every cap is its own class); without caps, one class per size."""
     caps = sorted(caps)
-    out: dict[float, list[Config]] = {}
+    out: dict[float, list[MeasuredConfig]] = {}
     for c in configs:
         bound = next((cap for cap in caps if cap >= c.params), c.params)
         out.setdefault(float(bound), []).append(c)
@@ -475,7 +477,7 @@ def ppl_cell(p: float, iv: tuple[float, float] | None) -> str:
     return f"{p:.2f} [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else f"{p:.2f} [n/a]"
 
 
-def macro_cell(c: Config) -> str:
+def macro_cell(c: MeasuredConfig) -> str:
     return ppl_cell(c.ppl_macro, c.interval)
 
 
@@ -485,11 +487,11 @@ def macro_of(values: dict[str, float]) -> float:
     return math.exp(float(np.mean(np.log(list(values.values())))))
 
 
-def _settings_seeds(c: Config) -> dict[str, str]:
+def _settings_seeds(c: MeasuredConfig) -> dict[str, str]:
     return {k: v for k, v in parse_settings(c.settings).items() if _is_seed(k)}
 
 
-def entropy_gains(configs: list[Config]) -> list[dict[str, Any]]:
+def entropy_gains(configs: list[MeasuredConfig]) -> list[dict[str, Any]]:
     """For each slm-mix/slm-pn configuration, each domain's cluster entropy and its gain over
     ``slm`` at the same budgets, in-domain size and seeds (gain = 1 - ppl_x / ppl_slm), with
     Spearman's rank correlation of gain against entropy when there are >= 3 domains."""
@@ -516,7 +518,7 @@ def entropy_gains(configs: list[Config]) -> list[dict[str, Any]]:
     return out
 
 
-def figure1_grid(configs: list[Config], in_domain: int, n_domains: int, cost: str,
+def figure1_grid(configs: list[MeasuredConfig], in_domain: int, n_domains: int, cost: str,
                  inference_caps: tuple = (), convention: str = PAPER
                  ) -> tuple[list[float], np.ndarray, list[list[Recommendation]]]:
     """Figure 1's cells: inference classes x per-domain budget bins, each the recommendation

@@ -1,6 +1,6 @@
 """``slmfactory report``: the sweep's report folder (``report.md``, its tables and the
 figures) and the recommendation table, from the configurations
-:mod:`slmfactory.sweeps.frontier` reads back from MLflow (which also defines a
+:mod:`slmfactory.analysis.frontier` reads back from MLflow (which also defines a
 configuration, its interval and its costs).
 """
 
@@ -9,15 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slmfactory.platform.cost import CONVENTION_DOC, COST_CONVENTIONS, MEASURED, PAPER
-from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment
-from slmfactory.sweeps.figures import figure1, plot_amortisation, plot_costs, pyplot
-from slmfactory.sweeps.frontier import (
+from slmfactory.analysis.figures import figure1, plot_amortisation, plot_costs, pyplot
+from slmfactory.analysis.frontier import (
     AMORTISATION_N,
     COST_UNITS,
     EXPERT_STRATEGIES,
     UNIT_LABEL,
-    Config,
+    MeasuredConfig,
     distinct_labels,
     entropy_gains,
     figure1_grid,
@@ -29,11 +27,13 @@ from slmfactory.sweeps.frontier import (
     parse_settings,
     ppl_cell,
 )
+from slmfactory.platform.cost import CONVENTION_DOC, COST_CONVENTIONS, MEASURED, PAPER
+from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment
 
 REPORT_TAG = "slmfactory.report"
 
 
-def _domain_cell(c: Config, d: str) -> str:
+def _domain_cell(c: MeasuredConfig, d: str) -> str:
     iv = (c.ppl_lo[d], c.ppl_hi[d]) if d in c.ppl_lo and d in c.ppl_hi else None
     return ppl_cell(c.ppl[d], iv)
 
@@ -42,7 +42,7 @@ def _budget_cell(nominal: str, spent: float | None) -> str:
     return nominal + (f" ({spent:.3g} T spent)" if spent is not None else "")
 
 
-def markdown(configs: list[Config], n_domains: int | None = None) -> str:
+def markdown(configs: list[MeasuredConfig], n_domains: int | None = None) -> str:
     """Every configuration per in-domain size: settings, nominal and spent budgets, macro
     perplexity with its interval (and the seed spread where the sweep has seeds),
     per-domain perplexity with its bootstrap interval, costs and C(N) for N in AMORTISATION_N."""
@@ -71,13 +71,13 @@ def markdown(configs: list[Config], n_domains: int | None = None) -> str:
     return "\n".join(out)
 
 
-def _both(c: Config, unit: str, get) -> str:
+def _both(c: MeasuredConfig, unit: str, get) -> str:
     """``measured / paper`` of a cost (one value where the conventions agree)."""
     values = [fmt(get(unit, conv)) if c.has_cost(unit, conv) else "-" for conv in (MEASURED, PAPER)]
     return values[0] if values[0] == values[1] else " / ".join(values)
 
 
-def table_before_after(configs: list[Config]) -> str:
+def table_before_after(configs: list[MeasuredConfig]) -> str:
     """The paper's Table 4 (docs/paper.md#table-4), its analogue: macro perplexity before and after fine-tuning, per
     configuration and in-domain size (strategies with a generic initialisation only)."""
     lines = ["| in-domain tokens | strategy | settings | generic budget | spec. budget | before fine-tuning | "
@@ -91,7 +91,7 @@ def table_before_after(configs: list[Config]) -> str:
     return "\n".join(lines)
 
 
-def table_generic(configs: list[Config]) -> str:
+def table_generic(configs: list[MeasuredConfig]) -> str:
     """The paper's Table 8 (docs/paper.md#table-8), its analogue: generic validation perplexity of each generic phase
     (routed for slm-mix/slm-pn: each sequence scored by its cluster's expert), by generic
     budget. A phase is shared by its configurations: one value per (strategy, settings, budget)."""
@@ -114,7 +114,7 @@ def table_generic(configs: list[Config]) -> str:
     return "\n".join(lines)
 
 
-def table_entropy(configs: list[Config]) -> str:
+def table_entropy(configs: list[MeasuredConfig]) -> str:
     parts = []
     for g in entropy_gains(configs):
         x, slm = g["config"], g["slm"]
@@ -167,7 +167,7 @@ def table_is_provenance(uri: str, experiment: str, top: int = 6) -> str:
     return "\n".join(lines)
 
 
-def recommendation_table(configs: list[Config], cost: str = "flops", inference_caps: tuple = (),
+def recommendation_table(configs: list[MeasuredConfig], cost: str = "flops", inference_caps: tuple = (),
                          convention: str = PAPER) -> str:
     """For each N in AMORTISATION_N, in-domain size, inference class and per-domain budget
     bin (costs under ``convention``): the best fitting configuration with its interval, C(N),
