@@ -268,7 +268,10 @@ def cmd_serve(args) -> None:
     app = build_app({"config": args.config, "set": args.set or [], "models": args.models,
                      "from_mlflow": args.from_mlflow, "max_params": args.max_params})
     with runtime.ray_session(args.address):
-        serve.start(http_options={"host": host, "port": port})
+        # The proxy's access log costs each request a synchronous write (docs/serving.md);
+        # serving.access_log turns it back on.
+        serve.start(http_options={"host": host, "port": port},
+                    logging_config={"enable_access_log": cfg.serving.access_log})
         serve.run(app, name="slmfactory", route_prefix="/")
         print(f"serving on http://{host}:{port}/v1 (GET /v1/models, POST /v1/completions, POST /v1/score, "
               f"GET /healthz); Ctrl-C stops", flush=True)
