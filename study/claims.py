@@ -2,7 +2,7 @@
 
 Every claim is split into *parts* (one comparison each: an in-domain size, a strategy, a
 number of domains, ...). A part compares macro perplexities through their 95% intervals
-(``frontier.Config.interval``: exp(macro NLL ± 1.96 SE)) with :func:`compare`:
+(``frontier.MeasuredConfig.interval``: exp(macro NLL ± 1.96 SE)) with :func:`compare`:
 
 - A is *better* than B only when A's whole interval lies below B's (upper A < lower B);
   *worse* when it lies above; otherwise the intervals overlap and the part is

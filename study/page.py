@@ -144,7 +144,7 @@ def section_entropy_source(configs: list[MeasuredConfig], filled: int) -> str:
     """Where claim 5's k = 16 entropy comes from, and what is missing."""
     ent = rc.entropy_k16(configs)
     lines = [f"Claim 5 reads each domain's entropy over a fixed k = {rc.ENTROPY_K} clustering of the generic corpus "
-             "(`results_claims.entropy_k16`): the `domain_entropy` of trials whose `domain_entropy_k` is "
+             "(`study.claims.entropy_k16`): the `domain_entropy` of trials whose `domain_entropy_k` is "
              f"{rc.ENTROPY_K}. slm-is logs the domain's entropy over the recipe's `cluster.k` clustering; slm-mix and "
              "slm-pn over their experts' (k = experts), which is not used."]
     if filled:
@@ -456,7 +456,7 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
         f"`python scripts/results.py -c {config_label} --export {csv_label}"
         + (f" --log {stages['log']}" if stages else "") + "`.", "",
         "Macro perplexity = exp(mean over domains of the test NLL); its 95% interval is exp(NLL ± 1.96 SE) with "
-        "SE = sqrt(sum of the domains' bootstrap SE²) / D (`frontier.Config.interval`). Cells read "
+        "SE = sqrt(sum of the domains' bootstrap SE²) / D (`frontier.MeasuredConfig.interval`). Cells read "
         "`<strategy> g<generic budget> s<spec. budget> [settings] n<in-domain tokens>: ppl [95% interval]`.", "",
         "## Verdicts", "", "Costs under the paper's convention (measured beside, in each claim's notes); a "
         "configuration with two seeds counts with the union of their intervals; *one seed*: the deciding "
