@@ -63,7 +63,9 @@ def test_wheel_ships_package_data_not_tests(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "slmfactory/data/corpus_sample/generic.jsonl" in names
     assert "slmfactory/data/corpus_sample/LICENSES.md" in names
-    assert not [n for n in names if n.startswith("tests/")]
+    # The checkout's tests, scripts and the study's write-up stay out; reading a sweep back ships.
+    assert not [n for n in names if n.startswith(("tests/", "scripts/", "study/"))]
+    assert {"slmfactory/analysis/frontier.py", "slmfactory/analysis/report.py", "slmfactory/demo.py"} <= set(names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "slmfactory = slmfactory.cli:main" in text
