@@ -481,16 +481,34 @@ class Clusters:
         return CostRecord.of(f"embed/{part}", work, wall, profile if profile is not None else self.cfg.device,
                              windows=st["windows"])
 
-    def assign_texts(self, texts: list[str]) -> np.ndarray:
-        """Cluster ids for new texts: the clustering's embedder in this process (MiniLM, or the
-        fitted hashed-tfidf model), nearest centroid."""
+    @property
+    def embedder_path(self) -> Path | None:
+        """The fitted hashed-tfidf model this clustering embedded with (None for MiniLM):
+        new text compared with ``centroids`` must be embedded by it."""
+        if self.embedder != embed_hashed.NAME:
+            return None
+        return self.stage.path(self.meta["embedder_model"])
+
+    def hashed_model(self):
+        """The fitted hashed-tfidf model (loaded once per ``Clusters``)."""
+        if self.embedder != embed_hashed.NAME:
+            raise DataError(f"{self.dir}: this clustering embedded with {self.embedder}, not {embed_hashed.NAME}")
+        if self._model is None:
+            self._model = embed_hashed.load(self.embedder_path)
+        return self._model
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """(N, dim) embeddings of new texts by the clustering's embedder in this process
+        (MiniLM, or the fitted hashed-tfidf model): comparable with ``centroids``."""
         if self.embedder == embed_hashed.NAME:
-            if self._model is None:
-                self._model = embed_hashed.load(self.stage.path(self.meta["embedder_model"]))
-            return nearest_centroid(embed_hashed.transform(self._model, list(texts))[0], self.centroids)
+            return embed_hashed.transform(self.hashed_model(), list(texts))[0]
         if self._model is None:
             self._model = load_minilm()
-        return nearest_centroid(encode(self._model, list(texts), self.cfg.cluster.embed_batch_size), self.centroids)
+        return encode(self._model, list(texts), self.cfg.cluster.embed_batch_size)
+
+    def assign_texts(self, texts: list[str]) -> np.ndarray:
+        """Cluster ids for new texts: ``embed_texts``, nearest centroid."""
+        return nearest_centroid(self.embed_texts(texts), self.centroids)
 
     def provenance(self) -> dict[str, Any]:
         """Per domain, the generic sources and collections in the clusters that hold its text

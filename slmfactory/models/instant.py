@@ -2,9 +2,10 @@
 documents, without a gradient step.
 
 The documents are cut into windows of ``cluster.window_tokens`` tokens (as the clustering
-cuts the corpus), embedded with the clustering's MiniLM and assigned to the nearest
-centroid of the experts' generic clustering; the counts give the domain's cluster
-histogram h (k,). Four candidates are then instantiated from the trained generic phases:
+cuts the corpus), embedded with the clustering's embedder (MiniLM, or its fitted
+hashed-tfidf model) and assigned to the nearest centroid of the experts' generic
+clustering; the counts give the domain's cluster histogram h (k,). Four candidates are
+then instantiated from the trained generic phases:
 
 - ``pn-histogram``: the projected network with the expert vector mixed by the histogram,
   E_domain = Σ_c h_c E_c (``ProjectedLlama.instantiate(h)``);
@@ -36,6 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from slmfactory.data import embed_hashed
 from slmfactory.data.clusters import load_clusters, nearest_centroid
 from slmfactory.data.embed import encode, load_minilm
 from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
@@ -314,11 +316,38 @@ class InstantDomain:
                                for r, c in self.candidates.items()}}
 
 
+def cluster_counts(cfg, windows: list[str], families: dict[str, Family],
+                   embedder=None) -> tuple[dict[str, np.ndarray], float]:
+    """Per family, the (k,) counts of ``windows`` over its experts' clusters, and the FLOPs
+    of embedding them. Each family's windows are embedded by its clustering's own embedder
+    (centroids only compare with vectors of that embedder): MiniLM (``embedder`` when
+    given, else loaded once) or the clustering's fitted hashed-tfidf model; an embedding is
+    computed once per embedder, however many families share it."""
+    embedded: dict[str, np.ndarray] = {}
+    flops = 0.0
+    out: dict[str, np.ndarray] = {}
+    for short, fam in families.items():
+        cl = fam.clusters
+        which = str(cl.embedder_path) if cl.embedder == embed_hashed.NAME else "minilm"
+        if which not in embedded:
+            if which == "minilm":
+                embedder = embedder if embedder is not None else load_minilm("cpu")
+                embedded[which] = encode(embedder, windows, cfg.cluster.embed_batch_size)
+                flops += minilm_flops(embedder, windows)
+            else:
+                model = cl.hashed_model()
+                embedded[which], _, features = embed_hashed.transform(model, windows)
+                flops += embed_hashed.embedding_flops(len(windows), int(features.sum()), embed_hashed.dim_of(model))
+        out[short] = np.bincount(nearest_centroid(embedded[which], cl.centroids), minlength=cl.k)
+    return out, flops
+
+
 def build_instant(cfg, texts: list[str], families: dict[str, Family], embedder=None, tokenizer=None,
                   rules: tuple[str, ...] = RULES, log: Callable[[str], None] | None = None) -> InstantDomain:
     """Embed ``texts``, take their histogram over each family's experts and instantiate
     every rule's model (a stage each); the one with the lowest held-out NLL is ``chosen``.
-    ``embedder``: a loaded MiniLM to reuse (a serving replica keeps one)."""
+    ``embedder``: a loaded MiniLM to reuse (a serving replica keeps one) when the
+    clustering embedded with MiniLM (``cluster_counts``)."""
     say = log or (lambda _m: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -332,17 +361,9 @@ def build_instant(cfg, texts: list[str], families: dict[str, Family], embedder=N
         raise DataError("documents: no text left to embed")
     timings["tokenize"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    model = embedder if embedder is not None else load_minilm("cpu")
-    timings["load_minilm"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    emb = encode(model, windows, cfg.cluster.embed_batch_size)
-    embed_flops = minilm_flops(model, windows)
+    counts, embed_flops = cluster_counts(cfg, windows, families, embedder)
     timings["embed"] = time.perf_counter() - t1
-    hist: dict[str, np.ndarray] = {}
-    counts: dict[str, np.ndarray] = {}
-    for short, fam in families.items():
-        counts[short] = np.bincount(nearest_centroid(emb, fam.clusters.centroids), minlength=fam.clusters.k)
-        hist[short] = counts[short] / counts[short].sum()
+    hist = {short: c / c.sum() for short, c in counts.items()}
     shared_seconds = time.perf_counter() - t0
     say(f"[instant] {len(texts)} documents, {len(windows)} windows embedded in {timings['embed']:.1f}s; "
         + "; ".join(f"{f} histogram {np.round(h, 2).tolist()}" for f, h in hist.items()))

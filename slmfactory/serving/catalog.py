@@ -123,7 +123,8 @@ def from_registry(uri: str, experiment: str, dest: Path, alias: str = "champion"
 
 
 def router_data(cfg, domains: list[str]) -> dict | None:
-    """Centroids and each served domain's cluster histogram, from the run's clustering;
+    """Centroids and each served domain's cluster histogram, from the run's clustering, with
+    its embedder (``embedder``; ``embedder_model``: the fitted hashed-tfidf model's path);
     None when the clustering was never computed (``auto`` then answers 404)."""
     try:
         cl = load_clusters(cfg)
@@ -132,5 +133,8 @@ def router_data(cfg, domains: list[str]) -> dict | None:
     served = [d for d in domains if d in cl.parts]
     if not served:
         return None
+    # The embedder travels with the centroids: a replica embeds new text as the clustering did.
+    model = cl.embedder_path
     return {"centroids": cl.centroids.tolist(), "histograms": {d: cl.histogram(d).tolist() for d in served},
-            "batch_size": cfg.cluster.embed_batch_size}
+            "batch_size": cfg.cluster.embed_batch_size, "embedder": cl.embedder,
+            "embedder_model": str(model) if model is not None else None}

@@ -437,11 +437,12 @@ def finetune_status(registry: DomainRegistry, name: str, entry: dict) -> dict:
 
 def instant_inputs(cfg):
     """What a replica builds new domains from: the trained generic phases (never trained
-    here), the run's tokenizer and MiniLM."""
+    here), the run's tokenizer and MiniLM (None when no family's clustering embedded with it)."""
     from slmfactory.models.instant import generic_families  # lazy (module docstring)
 
     families = generic_families(cfg, train=False)
-    return families, load_tokenizer(ensure_tokenizer(cfg)), load_minilm()
+    minilm = any(f.clusters.embedder_path is None for f in families.values())
+    return families, load_tokenizer(ensure_tokenizer(cfg)), load_minilm() if minilm else None
 
 
 def domain_view(entry: dict) -> dict:

@@ -19,13 +19,15 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
+from pathlib import Path
 from typing import Any, Callable, Collection
 
 import numpy as np
 
+from slmfactory.data import embed_hashed
 from slmfactory.data.clusters import nearest_centroid
-from slmfactory.data.embed import load_minilm as _load_minilm
+from slmfactory.data.embed import encode, load_minilm as _load_minilm
 
 LOGIT_CHUNK_ELEMENTS = 1 << 22
 """Scoring holds at most this many logits (16 MiB of float32) at a time, whatever the
@@ -95,6 +97,27 @@ def load_minilm():
 
     with CONSTRUCTION_LOCK:  # a from_pretrained inside (see CONSTRUCTION_LOCK)
         return _load_minilm("cpu")
+
+
+@lru_cache(maxsize=4)
+def _hashed_model(path: str):
+    return embed_hashed.load(Path(path))
+
+
+def uses_minilm(router: dict) -> bool:
+    """Whether ``router``'s clustering embedded with MiniLM (routing then needs it loaded)."""
+    return router.get("embedder", "minilm") != embed_hashed.NAME
+
+
+def route_embedding(router: dict, texts: list[str], minilm=None) -> np.ndarray:
+    """``texts`` embedded as the clustering embedded its windows, so that they compare with
+    ``router["centroids"]``: MiniLM (``minilm``, loaded by the caller), or the fitted
+    hashed-tfidf model at ``router["embedder_model"]`` (loaded once per process)."""
+    if uses_minilm(router):
+        if minilm is None:
+            raise ValueError("route_embedding: this clustering embedded with MiniLM; pass the loaded model")
+        return encode(minilm, list(texts), router["batch_size"])
+    return embed_hashed.transform(_hashed_model(router["embedder_model"]), list(texts))[0]
 
 
 def pick_domain(router: dict, served: Collection[str], embedding: np.ndarray) -> tuple[str, dict]:

@@ -33,13 +33,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ray import serve
 
-from slmfactory.data.embed import encode
 from slmfactory.platform.config import from_dict
 from slmfactory.serving.api import ApiError, CompletionRequest, Limits, validate
 from slmfactory.serving.auth import Auth, RateLimiter
 from slmfactory.serving.domains import RuntimeDomains
 from slmfactory.serving.engine import (Deadline, Loaded, Sampling, TextStream, check_stop, generate, load,
-                                       load_minilm, one_token_forward, pick_domain, score_ids, streamer)
+                                       load_minilm, one_token_forward, pick_domain, route_embedding, score_ids,
+                                       streamer, uses_minilm)
 
 AUTO = "auto"
 HEALTH_TIMEOUT_S = 10.0
@@ -270,9 +270,9 @@ class DomainServer:
         if self.router is None:
             raise ApiError(404, "model 'auto' needs the run's clustering (run `slmfactory cluster`)",
                            param="model", code="model_not_found")
-        if self.minilm is None:  # the one a domain build loaded, else its own
+        if uses_minilm(self.router) and self.minilm is None:  # the one a domain build loaded, else its own
             self.minilm = self.domains.minilm or await asyncio.to_thread(load_minilm)
-        emb = await asyncio.to_thread(encode, self.minilm, [text], self.router["batch_size"])
+        emb = await asyncio.to_thread(route_embedding, self.router, [text], self.minilm)
         return pick_domain(self.router, self.catalog, emb)
 
     # -- batched work ---------------------------------------------------------------------
