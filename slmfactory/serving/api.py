@@ -332,14 +332,20 @@ Route = Literal["completions", "score", "domains"]
 
 # -- the body limit, in the Serve proxy ---------------------------------------------------
 
+DRAIN_FACTOR = 16
+"""A declared body up to this many times the limit is read (and dropped) before its 413, so
+that a client writing it whole reads the answer; a larger one is refused unread."""
+
 BODY_LIMIT_ENV = "SLMFACTORY_MAX_REQUEST_BYTES"
 """``serving.max_request_bytes``, for the Serve proxy (set by ``app.serve_env``)."""
 
 
 class BodyLimit:
     """An ASGI middleware of the Serve proxy (``proxy_middlewares``): a request body past
-    its route's limit, declared or chunked, is answered 413 with ``Connection: close`` as
-    soon as the limit is passed, and no more of it is read. Without it the proxy reads the
+    its route's limit is answered 413 with ``Connection: close``: a chunked one as soon as the
+    limit is passed, no more of it read; a declared one at once, after reading and dropping
+    it when it is at most ``DRAIN_FACTOR`` x the limit (so that its client sees the 413, not a
+    reset). Without it the proxy reads the
     whole body into memory (it reads ahead of the replica, which enforces the same limit
     only on what the proxy hands it): a 64 MiB chunked body was read whole before its 413."""
 
@@ -352,6 +358,11 @@ class BodyLimit:
         limit = self.domains_limit if scope.get("path", "").startswith("/v1/domains") else self.limit
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            if int(declared) <= DRAIN_FACTOR * limit:
+                # A client that sends its whole body before reading (most do: urllib, requests)
+                # would see a connection reset, not the 413, if the proxy closed with its body
+                # unread; a body of a few times the limit is read and dropped first, chunk by chunk.
+                await self._drain(receive)
             return await self._refuse(send, f"request body of {int(declared)} bytes exceeds the limit of {limit}")
         state = {"read": 0, "started": False, "refused": False}
 
@@ -377,6 +388,13 @@ class BodyLimit:
             return message
 
         return await self.app(scope, limited_receive, guarded_send)
+
+    @staticmethod
+    async def _drain(receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
 
     @staticmethod
     async def _refuse(send, message: str) -> None:
