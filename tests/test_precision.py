@@ -148,3 +148,33 @@ def test_minilm_bf16_matches_fp32_and_auto_follows_the_cpu():
     assert e16.dtype == np.float32 and e16.shape == (3, 384)
     cos = np.sum(e32 * e16, axis=1)
     assert cos.min() > 0.999 and not np.array_equal(e32, e16)
+
+
+def test_a_phase_whose_compile_fails_runs_eager_and_says_so(tiny_cfg, monkeypatch):
+    """torch.compile can fail on its first trace (slm-pn's projected network did under bf16
+    autocast on torch 2.13: "RuntimeError when making fake tensor call"). The phase then runs
+    eager, at the precision auto picks for eager, and says so; the failure is injected here
+    so that the outcome does not depend on which ops this torch can compile."""
+    import slmfactory.models.trainer as trainer_module
+
+    def compile_that_fails(module, **kwargs):
+        def first_call(*args, **kw):
+            raise RuntimeError("RuntimeError when making fake tensor call")
+        first_call._orig_mod = module  # what torch.compile's wrapper keeps
+        return first_call
+
+    monkeypatch.setattr(trainer_module.torch, "compile", compile_that_fails)
+    lines: list[str] = []
+    tcfg = tiny_cfg.replace(**{"pretrain.precision": "auto", "pretrain.compile": "default",
+                               "pretrain.max_tokens": 4 * tiny_cfg.pretrain.batch_size * tiny_cfg.data.seq_len,
+                               "pretrain.eval_every": 0, "pretrain.checkpoint_every": 0}).pretrain
+    model = build_model(tiny_cfg.slm, 512, tiny_cfg.data.seq_len, seed=0)
+    tr = Trainer(model, PackedBatches(split_tokens(tiny_cfg, "generic", "train"), tiny_cfg.data.seq_len,
+                                      tcfg.batch_size, seed=1), tcfg, seq_len=tiny_cfg.data.seq_len,
+                 log=lines.append, bf16_support=AMX)
+    assert tr.plan.label() == "bf16, compiled (default)"
+    result = tr.fit(resume=False)
+    assert result.compile == "" and math.isfinite(result.train_loss) and tr.step == 4
+    # Eager at this width: auto's eager rule picks fp32, and the log says what happened.
+    assert result.precision == "fp32"
+    assert any("torch.compile failed" in line and "running eager: fp32, eager" in line for line in lines), lines

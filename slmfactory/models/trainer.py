@@ -340,9 +340,11 @@ class Trainer:
             raise DataError(f"{phase}: budget of {cfg.max_tokens} tokens is less than one step "
                             f"({cfg.batch_size} x {seq_len} tokens)")
         self.max_steps = steps
-        self.plan = plan_execution(cfg.precision, cfg.compile, self.device, width=model_width(model), steps=steps,
-                                   flops_per_step=self.flops_per_token * tokens_per_step,
-                                   peak_flops=self.profile.peak_flops, bf16_support=bf16_support)
+        self._plan_inputs = dict(width=model_width(model), steps=steps,
+                                 flops_per_step=self.flops_per_token * tokens_per_step,
+                                 peak_flops=self.profile.peak_flops, bf16_support=bf16_support)
+        self.plan = plan_execution(cfg.precision, cfg.compile, self.device, **self._plan_inputs)
+        self._compiled_ok = not self.plan.compile
         if self.log:
             self.log(f"[{phase}] {self.plan.label()}" + (f" ({self.plan.reason})" if self.plan.reason else ""))
         # Training steps run under the plan's autocast; evaluation (validation here, test
@@ -449,12 +451,34 @@ class Trainer:
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self.forward_backward_step(self.batch_at(step))
+        if self._compiled_ok:
+            loss = self.forward_backward_step(self.batch_at(step))
+        else:
+            try:
+                loss = self.forward_backward_step(self.batch_at(step))
+                self._compiled_ok = True
+            except Exception as e:  # noqa: BLE001 - whatever torch.compile raised on its first trace
+                self._fall_back_to_eager(e)
+                loss = self.forward_backward_step(self.batch_at(step))
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.grad_clip, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss)
+
+    def _fall_back_to_eager(self, error: Exception) -> None:
+        """The first compiled step failed to trace (some models' ops have no compiled path
+        under autocast): run the phase eager, with the precision ``auto`` picks for eager."""
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        self.step_model = getattr(self.step_model, "_orig_mod", self.step_model)
+        self.restore_attention()
+        self.plan = plan_execution(self.cfg.precision, "", self.device, **self._plan_inputs)
+        self.autocast = autocast_for(self.device, self.plan.precision)
+        self.use_plan_attention()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._compiled_ok = True
+        if self.log:
+            self.log(f"[{self.phase}] torch.compile failed ({reason}); running eager: {self.plan.label()}")
 
     def _validate(self) -> bool:
         """Evaluate, track the best weights; True when early stopping says stop."""
