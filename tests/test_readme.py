@@ -24,14 +24,7 @@ HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
 def prose_lines(text: str) -> list[str]:
     """The lines a reader sees as text: fenced code blocks and inline code left out (a link
     inside code is not a link)."""
-    lines, in_fence = [], False
-    for line in text.splitlines():
-        if FENCE.match(line.lstrip()):
-            in_fence = not in_fence
-            continue
-        if not in_fence:
-            lines.append(INLINE_CODE.sub("", line))
-    return lines
+    return [INLINE_CODE.sub("", line) for line in prose_lines_with_code_headings(text)]
 
 
 def slug(heading: str) -> str:

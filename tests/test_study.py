@@ -18,6 +18,13 @@ STUDY = REPO / "configs" / "study.yaml"
 DOMAINS = ["legal", "biomedical", "literature", "code", "dictionary", "technical"]
 
 
+def dry_run(cfg, plan) -> tuple[str, float, float]:
+    """The dry-run's text and its projected generic and specialisation device-hours."""
+    generic_h = sum(hours(p.work, cfg.device) for p in plan.generic)
+    spec_h = sum(hours(w, cfg.device) for w in plan.spec_work.values())
+    return describe(plan, cfg), generic_h, spec_h
+
+
 @pytest.fixture(scope="module")
 def study():
     cfg = load_config(STUDY, {"tracking.enabled": False})
@@ -58,10 +65,8 @@ def test_the_study_shares_its_generic_phases(study):
 
 def test_the_study_dry_run_projects_its_hours(study):
     cfg, plan = study
-    text = describe(plan, cfg)
+    text, generic_h, spec_h = dry_run(cfg, plan)
     assert text.startswith("sweep 'study': 372 trials, 14 shared generic phases")
-    generic_h = sum(hours(p.work, cfg.device) for p in plan.generic)
-    spec_h = sum(hours(w, cfg.device) for w in plan.spec_work.values())
     # The projection prices FLOPs on cpu-2core at its nominal MFU; the study's measured wall
     # time is in docs/results.md. It must stay a CPU-sized study: under 2 device-hours.
     assert 0.3 < generic_h < 1.5 and 0.05 < spec_h < 0.5
@@ -146,10 +151,8 @@ def test_study_v2_gives_importance_sampling_budgets_of_generic_scale(study_v2):
 
 def test_study_v2_dry_run_projects_its_hours(study_v2):
     cfg, plan = study_v2
-    text = describe(plan, cfg)
+    text, generic_h, spec_h = dry_run(cfg, plan)
     assert text.startswith("sweep 'study-v2': 342 trials, 12 shared generic phases")
-    generic_h = sum(hours(p.work, cfg.device) for p in plan.generic)
-    spec_h = sum(hours(w, cfg.device) for w in plan.spec_work.values())
     # Priced on the measured cpu-2core rows: a study of a few hours on this machine, not days.
     assert 0.3 < generic_h < 2.0 and 0.2 < spec_h < 2.0
     assert f"all {generic_h + spec_h:.2f} cpu-2core hours" in text
