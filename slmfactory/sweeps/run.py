@@ -296,7 +296,11 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
         from ray import tune
 
         if resume and not tune.Tuner.can_restore(str(path)):
-            raise SlmFactoryError(f"sweep --resume: no sweep to resume at {path} (run it without --resume first)")
+            # One command for a long run's every start, the first included (a background job
+            # restarted by hand or by a script need not know whether it ever began).
+            if log:
+                log(f"[sweep] --resume: nothing to resume at {path}; starting the sweep")
+            resume = False
         parent = None
         if cfg.tracking.enabled:  # the store, experiment and the sweep's parent run, before any trial logs
 
