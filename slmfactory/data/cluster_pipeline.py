@@ -548,8 +548,6 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
     if emb.done:  # embeddings cached: a k too large fails before Ray starts
         _check_k(cfg, int(emb.info["counts"].get("generic/train", 0)))
 
-    import ray
-
     own_tracker = tracker is None
     if own_tracker:
         tracker = open_tracker(cfg, "cluster", {"phase": "cluster", "k": str(cfg.cluster.k)})
@@ -562,50 +560,8 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
             generic_inputs = [i for i in inputs if i[0] == "generic"]
             emb_meta = emb.build(lambda work: _embed_windows(cfg, generic_inputs, work, stages,
                                                              generic_fraction=generic_doc_fraction(cfg, inputs)))
-            n_gen = int(emb_meta["counts"].get("generic/train", 0))
-            _check_k(cfg, n_gen)
-
-            def cluster(work: Path) -> dict:
-                stages.start()
-                centroids, n_sample = _fit_kmeans(cfg, emb.dir, n_gen, stages)
-                np.save(work / "centroids.npy", centroids)
-                _assign(emb.dir, work, centroids)
-                n_assigned = _dir_rows(work / "windows")
-                stages.done("assign", f"{n_assigned:,} generic windows assigned to the nearest of {cfg.cluster.k} "
-                            "centroids")
-                if n_assigned != emb_meta["windows"]:
-                    raise DataError(f"assignment wrote {n_assigned} windows, expected {emb_meta['windows']}")
-                by_cluster = ray.data.read_parquet(str(work / "windows"), num_cpus=TASK_CPUS) \
-                    .map_batches(_generic_train, batch_format="pyarrow", num_cpus=TASK_CPUS)
-                _write_canonical(by_cluster, work / "by_cluster", int(emb_meta["counts"].get("generic/train", 0)),
-                                 partition_cols=["cluster"])
-                gen_counts, gen_tokens, gen_sources = _generic_cluster_stats(work / "by_cluster", cfg.cluster.k)
-                stages.done("split", f"generic train windows split into {int((gen_counts > 0).sum())} "
-                            "non-empty clusters")
-                hashed = cfg.cluster.embedder == embed_hashed.NAME
-                return {
-                    "k": cfg.cluster.k,
-                    "config": {k: getattr(cfg.cluster, k) for k in ("k", "window_tokens", "sample_windows",
-                                                                      "kmeans_iters", "seed", "embedder")},
-                    "embedder": cfg.cluster.embedder, "embed_dim": int(centroids.shape[1]),
-                    # The fitted hashed-tfidf model (in the generic embedding stage), for new texts.
-                    "embedder_model": km.relative(emb.path(embed_hashed.MODEL_FILE)) if hashed else None,
-                    "embedder_fit": emb_meta.get("fit"),
-                    # Per generic source, its train windows per cluster: what each cluster holds.
-                    "generic_sources": gen_sources,
-                    "eos_id": int(load_tokenizer(ensure_tokenizer(cfg)).eos_token_id), "windows": n_assigned,
-                    "sample_windows": n_sample, "part_counts": emb_meta["counts"],
-                    "generic_counts": gen_counts.tolist(), "generic_cluster_tokens": gen_tokens.tolist(),
-                    # What the embedder read (Clusters.embedding_cost prices it): the generic
-                    # side, shared by every strategy built on this clustering.
-                    "embedded_generic": emb_meta["embedded"].get("generic", {"windows": 0, "tokens": 0,
-                                                                             "tokens_sq": 0}),
-                    "embedded_generic_windows": int(emb_meta["embedded"].get("generic", {}).get("windows", 0)),
-                    "embedded_generic_tokens": int(emb_meta["embedded"].get("generic", {}).get("tokens", 0)),
-                    "embedded_generic_seconds": float(emb_meta.get("seconds", 0.0)),
-                    "timings": {**emb_meta.get("timings", {}), **stages.timings}}
-
-            km.build(cluster)
+            _check_k(cfg, int(emb_meta["counts"].get("generic/train", 0)))
+            km.build(lambda work: _cluster_generic(cfg, emb, km, emb_meta, stages, work))
             if assign is not None:
                 domain_inputs = [i for i in inputs if i[0] != "generic"]
                 hashed_model = emb.path(embed_hashed.MODEL_FILE) if cfg.cluster.embedder == embed_hashed.NAME \
@@ -614,28 +570,8 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
                                                                    domain_docs=domain_doc_prefixes(cfg, inputs),
                                                                    hashed_model=hashed_model))
                 centroids = np.load(km.path("centroids.npy")).astype(np.float32)
-
-                def assign_domains(work: Path) -> dict:
-                    stages.start()
-                    _assign(demb.dir, work, centroids)
-                    stages.done("assign-domains", f"{demb_meta['windows']:,} in-domain windows assigned")
-                    doms = sorted({p for p, _, _ in domain_inputs})
-                    # What importance sampling can find, before any training: per domain, the
-                    # generic sources in the clusters that hold its text.
-                    prov = provenance({d: in_domain_counts(cfg, work / "windows", d, cfg.cluster.k) for d in doms},
-                                      km.info["generic_sources"])
-                    (work / PROVENANCE_FILE).write_text(json.dumps(prov, indent=1) + "\n")
-                    zero = {"windows": 0, "tokens": 0, "tokens_sq": 0}
-                    embedded = {d: demb_meta["embedded"].get(d, zero) for d in doms}
-                    return {"domains": doms, "part_counts": demb_meta["counts"],
-                            # Each domain's in-domain windows MiniLM embedded: its specialisation's.
-                            "embedded_domains": embedded,
-                            "embedded_domain_windows": {d: int(e["windows"]) for d, e in embedded.items()},
-                            "embedded_domain_tokens": {d: int(e["tokens"]) for d, e in embedded.items()},
-                            "embedded_domains_seconds": float(demb_meta.get("seconds", 0.0)),
-                            "timings": {**demb_meta.get("timings", {}), **stages.timings}}
-
-                assign.build(assign_domains)
+                doms = sorted({p for p, _, _ in domain_inputs})
+                assign.build(lambda work: _assign_domains(cfg, km, demb, demb_meta, doms, centroids, stages, work))
         cl = Clusters(cfg, km, assign)
         cl.meta["timings"]["total"] = time.perf_counter() - t_all
         _log(cl, tracker)
@@ -644,6 +580,75 @@ def run_clustering(cfg, progress: bool = True, tracker=None, domains: bool = Tru
     finally:
         if own_tracker:
             tracker.close(status)
+
+
+def _cluster_generic(cfg, emb, km, emb_meta: dict[str, Any], stages: _Stages, work: Path) -> dict[str, Any]:
+    """Stages 3-5 into ``work`` (the k-means stage's work folder): k-means on the generic
+    embeddings of ``emb``, every generic window assigned, the generic train windows split
+    by cluster; returns the stage's meta (what ``Clusters`` reads)."""
+    import ray
+
+    n_gen = int(emb_meta["counts"].get("generic/train", 0))
+    stages.start()
+    centroids, n_sample = _fit_kmeans(cfg, emb.dir, n_gen, stages)
+    np.save(work / "centroids.npy", centroids)
+    _assign(emb.dir, work, centroids)
+    n_assigned = _dir_rows(work / "windows")
+    stages.done("assign", f"{n_assigned:,} generic windows assigned to the nearest of {cfg.cluster.k} "
+                "centroids")
+    if n_assigned != emb_meta["windows"]:
+        raise DataError(f"assignment wrote {n_assigned} windows, expected {emb_meta['windows']}")
+    by_cluster = ray.data.read_parquet(str(work / "windows"), num_cpus=TASK_CPUS) \
+        .map_batches(_generic_train, batch_format="pyarrow", num_cpus=TASK_CPUS)
+    _write_canonical(by_cluster, work / "by_cluster", n_gen, partition_cols=["cluster"])
+    gen_counts, gen_tokens, gen_sources = _generic_cluster_stats(work / "by_cluster", cfg.cluster.k)
+    stages.done("split", f"generic train windows split into {int((gen_counts > 0).sum())} "
+                "non-empty clusters")
+    hashed = cfg.cluster.embedder == embed_hashed.NAME
+    return {
+        "k": cfg.cluster.k,
+        "config": {k: getattr(cfg.cluster, k) for k in ("k", "window_tokens", "sample_windows",
+                                                          "kmeans_iters", "seed", "embedder")},
+        "embedder": cfg.cluster.embedder, "embed_dim": int(centroids.shape[1]),
+        # The fitted hashed-tfidf model (in the generic embedding stage), for new texts.
+        "embedder_model": km.relative(emb.path(embed_hashed.MODEL_FILE)) if hashed else None,
+        "embedder_fit": emb_meta.get("fit"),
+        # Per generic source, its train windows per cluster: what each cluster holds.
+        "generic_sources": gen_sources,
+        "eos_id": int(load_tokenizer(ensure_tokenizer(cfg)).eos_token_id), "windows": n_assigned,
+        "sample_windows": n_sample, "part_counts": emb_meta["counts"],
+        "generic_counts": gen_counts.tolist(), "generic_cluster_tokens": gen_tokens.tolist(),
+        # What the embedder read (Clusters.embedding_cost prices it): the generic
+        # side, shared by every strategy built on this clustering.
+        "embedded_generic": emb_meta["embedded"].get("generic", {"windows": 0, "tokens": 0,
+                                                                 "tokens_sq": 0}),
+        "embedded_generic_windows": int(emb_meta["embedded"].get("generic", {}).get("windows", 0)),
+        "embedded_generic_tokens": int(emb_meta["embedded"].get("generic", {}).get("tokens", 0)),
+        "embedded_generic_seconds": float(emb_meta.get("seconds", 0.0)),
+        "timings": {**emb_meta.get("timings", {}), **stages.timings}}
+
+
+def _assign_domains(cfg, km, demb, demb_meta: dict[str, Any], doms: list[str], centroids: np.ndarray,
+                    stages: _Stages, work: Path) -> dict[str, Any]:
+    """The domain assignment into ``work``: every in-domain window of ``demb`` to its
+    nearest centroid, and ``provenance.json``; returns the stage's meta."""
+    stages.start()
+    _assign(demb.dir, work, centroids)
+    stages.done("assign-domains", f"{demb_meta['windows']:,} in-domain windows assigned")
+    # What importance sampling can find, before any training: per domain, the
+    # generic sources in the clusters that hold its text.
+    prov = provenance({d: in_domain_counts(cfg, work / "windows", d, cfg.cluster.k) for d in doms},
+                      km.info["generic_sources"])
+    (work / PROVENANCE_FILE).write_text(json.dumps(prov, indent=1) + "\n")
+    zero = {"windows": 0, "tokens": 0, "tokens_sq": 0}
+    embedded = {d: demb_meta["embedded"].get(d, zero) for d in doms}
+    return {"domains": doms, "part_counts": demb_meta["counts"],
+            # Each domain's in-domain windows MiniLM embedded: its specialisation's.
+            "embedded_domains": embedded,
+            "embedded_domain_windows": {d: int(e["windows"]) for d, e in embedded.items()},
+            "embedded_domain_tokens": {d: int(e["tokens"]) for d, e in embedded.items()},
+            "embedded_domains_seconds": float(demb_meta.get("seconds", 0.0)),
+            "timings": {**demb_meta.get("timings", {}), **stages.timings}}
 
 
 def _assign(emb_dir: Path, out: Path, centroids: np.ndarray) -> None:

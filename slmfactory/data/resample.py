@@ -274,6 +274,135 @@ def _write_stream(work: Path, n_files: int, seed: int) -> int:
     return w.n
 
 
+@dataclass
+class _Allocation:
+    """Steps 1, 2 and 4 of the module doc: how many windows to draw from each cluster."""
+
+    p_dom: np.ndarray
+    """The domain's cluster histogram (unrenormalised: what TV is measured against)."""
+    files: list[Path]
+    """The assigned-windows table's files, sorted: windows are named by their place in it."""
+    file_counts: np.ndarray
+    """(files, k) generic train windows per file and cluster."""
+    sizes: np.ndarray
+    """(k,) generic train windows per cluster."""
+    missing: list[int]
+    """Clusters with domain mass but no generic window."""
+    n_windows: int
+    n_c: np.ndarray
+    """(k,) windows to draw per cluster; sums to ``n_windows``."""
+
+
+def _allocate(cl, domain: str, tokens: int) -> _Allocation:
+    """The windows per cluster that make ~``tokens`` tokens with ``domain``'s histogram."""
+    dom_counts = cl.counts(domain)
+    if dom_counts.sum() == 0:
+        raise DataError(f"domain '{domain}': no train windows to take a histogram from")
+    p_dom = dom_counts / dom_counts.sum()
+    files = sorted(cl.windows_dir.rglob("*.parquet"))
+    file_counts, cluster_tokens = _generic_index(cl, files)
+    sizes = file_counts.sum(axis=0)
+    mean_len = np.where(sizes > 0, cluster_tokens / np.maximum(sizes, 1), 0.0)
+    missing = [int(c) for c in np.flatnonzero((p_dom > 0) & (sizes == 0))]
+    p_eff = np.where(sizes > 0, p_dom, 0.0)
+    if p_eff.sum() == 0:
+        raise DataError(f"domain '{domain}': none of its clusters has generic windows")
+    p_eff = p_eff / p_eff.sum()
+    n_windows = max(1, int(round(int(tokens) / float((p_eff * mean_len).sum()))))
+    return _Allocation(p_dom, files, file_counts, sizes, missing, n_windows, largest_remainder(p_eff, n_windows))
+
+
+def _draw(alloc: _Allocation, k: int, seed: int) -> tuple[dict[int, np.ndarray], list[int]]:
+    """Step 3: per cluster drawn from, the multiplicity of each of its windows (in table
+    scan order: sorted files, rows in order; int32), and the clusters drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    mult: dict[int, np.ndarray] = {}
+    exhausted: list[int] = []
+    for c in range(k):
+        want, size = int(alloc.n_c[c]), int(alloc.sizes[c])
+        if want == 0:
+            continue
+        counts = np.zeros(size, dtype=np.int32)
+        counts[rng.permutation(size)[:want]] = 1
+        if want > size:
+            exhausted.append(c)
+            np.add.at(counts, rng.integers(0, size, want - size), 1)
+        mult[c] = counts
+    return mult, exhausted
+
+
+def _write_selection(work: Path, alloc: _Allocation, mult: dict[int, np.ndarray], k: int) -> None:
+    """The selection, to the workers through the stage's folder (shared storage): per
+    input file, its windows' multiplicities, cluster by cluster (``select/<i>.npy``)."""
+    (work / "select").mkdir()
+    file_counts = alloc.file_counts
+    before = np.cumsum(file_counts, axis=0) - file_counts
+    for i in range(len(alloc.files)):
+        np.save(work / "select" / f"{i:05d}.npy", np.concatenate(
+            [mult[c][before[i, c]:before[i, c] + file_counts[i, c]] if c in mult
+             else np.zeros(file_counts[i, c], dtype=np.int32) for c in range(k)]
+            + [np.zeros(0, dtype=np.int32)]))
+
+
+def _resample_files(work: Path, files: list[Path], seed: int, cl) -> list[dict]:
+    """One Ray Data task per input file (``_resample_file``); returns each file's
+    ``parts/<i>.json`` (chunk lengths, histogram, rows, distinct windows, tokens by source)."""
+    import ray
+
+    (work / "parts").mkdir()
+    # One task per input file (its output is a function of the file alone, so the
+    # stream does not depend on Ray's block layout or scheduling). A task asks a
+    # fraction of a CPU, so it is schedulable wherever trials hold a slot, but at most
+    # one runs per CPU: each is CPU-bound, and 4 per core spent the job starting
+    # workers (100M tokens on 2 cores: 8.3 s at 8 at once, 5.3 s at 2).
+    tasks_at_once = max(1, min(len(files), int(ray.cluster_resources().get("CPU", 1))))
+    ray.data.from_items([{"index": i, "path": str(f)} for i, f in enumerate(files)],
+                        override_num_blocks=max(1, len(files))) \
+        .map(_resample_file, num_cpus=TASK_CPUS, compute=ray.data.TaskPoolStrategy(size=tasks_at_once),
+             fn_kwargs={"work": str(work), "seed": seed, "eos": cl.eos_id, "k": cl.k}) \
+        .materialize()
+    return [json.loads((work / "parts" / f"{i:05d}.json").read_text()) for i in range(len(files))]
+
+
+def _load_result(out: Path) -> ResampleResult:
+    return ResampleResult.from_dict(json.loads((out / "result.json").read_text()) | {"path": str(out)})
+
+
+def _build(work: Path, out: Path, domain: str, cl, alloc: _Allocation, mult: dict[int, np.ndarray],
+           exhausted: list[int], seed: int, t0: float) -> dict:
+    """The stage's builder: the selected windows written and shuffled by the file tasks,
+    counted, streamed into ``tokens.npy`` and checked; ``result.json`` describes them."""
+    _write_selection(work, alloc, mult, cl.k)
+    parts = _resample_files(work, alloc.files, seed, cl)
+    hist_counts = np.sum([p["hist"] for p in parts], axis=0).astype(np.int64)
+    n_rows = sum(p["rows"] for p in parts)
+    n_unique = sum(p["unique"] for p in parts)
+    source_tokens: dict[str, int] = {}
+    for p in parts:
+        for src, n in p["sources"].items():
+            source_tokens[src] = source_tokens.get(src, 0) + int(n)
+    if n_rows != alloc.n_windows:
+        raise DataError(f"resample wrote {n_rows} windows, expected {alloc.n_windows}")
+    n_tokens = _write_stream(work, len(alloc.files), seed)
+    if n_tokens != sum(sum(p["chunks"]) for p in parts):
+        raise DataError(f"resample stream: {n_tokens} tokens, the parts hold a different number")
+    if n_tokens != sum(source_tokens.values()):
+        raise DataError(f"resample provenance: {sum(source_tokens.values())} tokens by source, "
+                        f"the stream holds {n_tokens}")
+    shutil.rmtree(work / "select")
+    shutil.rmtree(work / "parts")
+    hist = hist_counts / max(1, hist_counts.sum())
+    res = ResampleResult(
+        domain=domain, path=out, windows=n_rows, unique_windows=n_unique,
+        repeated_windows=n_rows - n_unique, tokens=n_tokens,
+        tv_distance=total_variation(hist, alloc.p_dom), histogram=hist, domain_histogram=alloc.p_dom,
+        k=cl.k, missing_clusters=alloc.missing, exhausted_clusters=exhausted,
+        seconds=time.perf_counter() - t0, eos_id=cl.eos_id,
+        source_tokens=dict(sorted(source_tokens.items())))
+    (work / "result.json").write_text(json.dumps(res.to_dict(), indent=1))
+    return {"windows": n_rows, "tokens": n_tokens}
+
+
 def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None) -> ResampleResult:
     """Write ~``tokens`` generic tokens whose cluster histogram matches ``domain``'s."""
     if int(tokens) <= 0:
@@ -290,107 +419,23 @@ def resample(cfg, domain: str, tokens: int, progress: bool = True, tracker=None)
                          clustering=cl.key, domains=cl.domains_key, domain=domain, tokens=int(tokens), seed=seed)
         out = stage.dir
         if stage.done:
-            res = ResampleResult.from_dict(json.loads((out / "result.json").read_text()) | {"path": str(out)})
+            res = _load_result(out)
             if progress:
                 print(f"[resample] cached: {out}", file=sys.stderr, flush=True)
             if tracker is not None:
                 _log(res, tracker)
             return res
 
-        dom_counts = cl.counts(domain)
-        if dom_counts.sum() == 0:
-            raise DataError(f"domain '{domain}': no train windows to take a histogram from")
-        p_dom = dom_counts / dom_counts.sum()
-        files = sorted(cl.windows_dir.rglob("*.parquet"))
-        file_counts, cluster_tokens = _generic_index(cl, files)
-        sizes = file_counts.sum(axis=0)
-        mean_len = np.where(sizes > 0, cluster_tokens / np.maximum(sizes, 1), 0.0)
-        missing = [int(c) for c in np.flatnonzero((p_dom > 0) & (sizes == 0))]
-        p_eff = np.where(sizes > 0, p_dom, 0.0)
-        if p_eff.sum() == 0:
-            raise DataError(f"domain '{domain}': none of its clusters has generic windows")
-        p_eff = p_eff / p_eff.sum()
-        n_windows = max(1, int(round(int(tokens) / float((p_eff * mean_len).sum()))))
-        n_c = largest_remainder(p_eff, n_windows)
-
-        # Per cluster, the multiplicity of each of its windows (in table scan order: sorted
-        # files, rows in order): int32, only for the clusters drawn from.
-        rng = np.random.default_rng(seed)
-        mult: dict[int, np.ndarray] = {}
-        exhausted: list[int] = []
-        for c in range(cl.k):
-            want, size = int(n_c[c]), int(sizes[c])
-            if want == 0:
-                continue
-            counts = np.zeros(size, dtype=np.int32)
-            counts[rng.permutation(size)[:want]] = 1
-            if want > size:
-                exhausted.append(c)
-                np.add.at(counts, rng.integers(0, size, want - size), 1)
-            mult[c] = counts
-        n_distinct = int(sum(int((m > 0).sum()) for m in mult.values()))
+        alloc = _allocate(cl, domain, tokens)
+        mult, exhausted = _draw(alloc, cl.k, seed)
         if progress:
-            print(f"[resample] {domain}: {n_windows:,} windows from {n_distinct:,} distinct generic windows "
-                  f"({len(exhausted)} clusters exhausted, {len(missing)} unmatched) "
+            n_distinct = int(sum(int((m > 0).sum()) for m in mult.values()))
+            print(f"[resample] {domain}: {alloc.n_windows:,} windows from {n_distinct:,} distinct generic windows "
+                  f"({len(exhausted)} clusters exhausted, {len(alloc.missing)} unmatched) "
                   f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
-
-        import ray
-
         ray_data_context(progress)
-
-        def write(tmp: Path) -> dict:
-            # The selection goes to the workers through the stage's folder (shared storage):
-            # per input file, its windows' multiplicities, cluster by cluster.
-            (tmp / "select").mkdir()
-            (tmp / "parts").mkdir()
-            before = np.cumsum(file_counts, axis=0) - file_counts
-            for i in range(len(files)):
-                np.save(tmp / "select" / f"{i:05d}.npy", np.concatenate(
-                    [mult[c][before[i, c]:before[i, c] + file_counts[i, c]] if c in mult
-                     else np.zeros(file_counts[i, c], dtype=np.int32) for c in range(cl.k)]
-                    + [np.zeros(0, dtype=np.int32)]))
-            # One task per input file (its output is a function of the file alone, so the
-            # stream does not depend on Ray's block layout or scheduling). A task asks a
-            # fraction of a CPU, so it is schedulable wherever trials hold a slot, but at most
-            # one runs per CPU: each is CPU-bound, and 4 per core spent the job starting
-            # workers (100M tokens on 2 cores: 8.3 s at 8 at once, 5.3 s at 2).
-            tasks_at_once = max(1, min(len(files), int(ray.cluster_resources().get("CPU", 1))))
-            ray.data.from_items([{"index": i, "path": str(f)} for i, f in enumerate(files)],
-                                override_num_blocks=max(1, len(files))) \
-                .map(_resample_file, num_cpus=TASK_CPUS, compute=ray.data.TaskPoolStrategy(size=tasks_at_once),
-                     fn_kwargs={"work": str(tmp), "seed": seed, "eos": cl.eos_id, "k": cl.k}) \
-                .materialize()
-            parts = [json.loads((tmp / "parts" / f"{i:05d}.json").read_text()) for i in range(len(files))]
-            hist_counts = np.sum([p["hist"] for p in parts], axis=0).astype(np.int64)
-            n_rows = sum(p["rows"] for p in parts)
-            n_unique = sum(p["unique"] for p in parts)
-            source_tokens: dict[str, int] = {}
-            for p in parts:
-                for src, n in p["sources"].items():
-                    source_tokens[src] = source_tokens.get(src, 0) + int(n)
-            if n_rows != n_windows:
-                raise DataError(f"resample wrote {n_rows} windows, expected {n_windows}")
-            n_tokens = _write_stream(tmp, len(files), seed)
-            if n_tokens != sum(sum(p["chunks"]) for p in parts):
-                raise DataError(f"resample stream: {n_tokens} tokens, the parts hold a different number")
-            if n_tokens != sum(source_tokens.values()):
-                raise DataError(f"resample provenance: {sum(source_tokens.values())} tokens by source, "
-                                f"the stream holds {n_tokens}")
-            shutil.rmtree(tmp / "select")
-            shutil.rmtree(tmp / "parts")
-            hist = hist_counts / max(1, hist_counts.sum())
-            res = ResampleResult(
-                domain=domain, path=out, windows=n_rows, unique_windows=n_unique,
-                repeated_windows=n_rows - n_unique, tokens=n_tokens,
-                tv_distance=total_variation(hist, p_dom), histogram=hist, domain_histogram=p_dom,
-                k=cl.k, missing_clusters=missing, exhausted_clusters=exhausted,
-                seconds=time.perf_counter() - t0, eos_id=cl.eos_id,
-                source_tokens=dict(sorted(source_tokens.items())))
-            (tmp / "result.json").write_text(json.dumps(res.to_dict(), indent=1))
-            return {"windows": n_rows, "tokens": n_tokens}
-
-        stage.build(write)
-        res = ResampleResult.from_dict(json.loads((out / "result.json").read_text()) | {"path": str(out)})
+        stage.build(lambda work: _build(work, out, domain, cl, alloc, mult, exhausted, seed, t0))
+        res = _load_result(out)
         if progress:
             print(f"[resample] {domain}: {res.windows:,} windows, {res.tokens:,} tokens, TV {res.tv_distance:.4f} "
                   f"({res.seconds:.1f}s)", file=sys.stderr, flush=True)

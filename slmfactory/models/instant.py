@@ -25,6 +25,7 @@ same documents rebuilds nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -342,18 +343,29 @@ def cluster_counts(cfg, windows: list[str], families: dict[str, Family],
     return out, flops
 
 
-def build_instant(cfg, texts: list[str], families: dict[str, Family], embedder=None, tokenizer=None,
-                  rules: tuple[str, ...] = RULES, log: Callable[[str], None] | None = None) -> InstantDomain:
-    """Embed ``texts``, take their histogram over each family's experts and instantiate
-    every rule's model (a stage each); the one with the lowest held-out NLL is ``chosen``.
-    ``embedder``: a loaded MiniLM to reuse (a serving replica keeps one) when the
-    clustering embedded with MiniLM (``cluster_counts``)."""
-    say = log or (lambda _m: None)
+@dataclass
+class _Histograms:
+    """What every candidate shares: the documents, their cluster counts and histogram per
+    family, and what computing them cost."""
+
+    docs: DomainDocs
+    kept: Stage
+    """The documents themselves, kept for a later fine-tuning (keyed by their digest)."""
+    counts: dict[str, np.ndarray]
+    hist: dict[str, np.ndarray]
+    embed_flops: float
+    timings: dict[str, float]
+    seconds: float
+
+
+def _histograms(cfg, texts: list[str], families: dict[str, Family], embedder, tokenizer,
+                say: Callable[[str], None]) -> _Histograms:
+    """Split ``texts``, keep them, cut and embed the training documents' windows and count
+    them over each family's clusters."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     tok = tokenizer or load_tokenizer(ensure_tokenizer(cfg))
     docs = split_documents(cfg, texts, tok)
-    # The documents themselves, kept for a later fine-tuning (keyed by their digest).
     kept = Stage.of(cfg.root, "instant", "documents", docs=docs.digest)
     kept.build(lambda work: (work / "documents.json").write_text(json.dumps(list(docs.texts))) and None)
     windows = histogram_windows(cfg, docs.train_texts, tok)
@@ -367,57 +379,76 @@ def build_instant(cfg, texts: list[str], families: dict[str, Family], embedder=N
     shared_seconds = time.perf_counter() - t0
     say(f"[instant] {len(texts)} documents, {len(windows)} windows embedded in {timings['embed']:.1f}s; "
         + "; ".join(f"{f} histogram {np.round(h, 2).tolist()}" for f, h in hist.items()))
+    return _Histograms(docs, kept, counts, hist, embed_flops, timings, shared_seconds)
 
-    seq = cfg.data.seq_len
-    candidates: dict[str, Candidate] = {}
-    pn = None
-    for rule in rules:
+
+def _instantiate(cfg, short: str, how: str, fam: Family, shared: _Histograms,
+                 pn: Callable[[], torch.nn.Module]) -> tuple[torch.nn.Module, dict, float]:
+    """One rule's plain model, what it picked (expert or weights) and the FLOPs of making
+    it. ``pn``: the family's projected network, loaded at most once per call of
+    ``build_instant``."""
+    detail: dict = {}
+    if short == "pn":
+        net = pn()
+        if how == "histogram":
+            plain = net.instantiate(torch.as_tensor(shared.hist[short], dtype=torch.float32))
+        else:
+            detail["expert"] = int(np.argmax(shared.counts[short]))
+            plain = net.instantiate(detail["expert"])
+        # h·|W| multiply-adds per MLP matrix, plus the (k,)·(k, m) and (m,)·(m, h) products.
+        make_flops = 2.0 * net.capacity * net.mlp_params_per_expert()
+    elif how == "histogram":
+        plain, weights = mix_average(cfg, fam, shared.hist[short])
+        detail["weights"] = {str(c): w for c, w in weights.items()}
+        make_flops = 2.0 * len(weights) * count_params(plain)
+    else:
+        plain, detail["expert"] = mix_most_frequent(cfg, fam, shared.counts[short])
+        make_flops = 0.0
+    return plain, detail, make_flops
+
+
+def _build_candidate(cfg, work: Path, rule: str, fam: Family, shared: _Histograms,
+                     pn: Callable[[], torch.nn.Module]) -> dict:
+    """A candidate stage's builder: instantiate ``rule``, score it on the held-out slice
+    and export it to ``work`` as a plain HF folder; returns its info."""
+    with CONSTRUCTION_LOCK:  # see CONSTRUCTION_LOCK: a replica loads models in other threads
+        started = time.perf_counter()
         short, how = rule.split("-", 1)
+        plain, detail, make_flops = _instantiate(cfg, short, how, fam, shared, pn)
+        seq = cfg.data.seq_len
+        s, n = tokens_nll(plain, shared.docs.heldout[:MAX_HELDOUT_TOKENS], seq, cfg.finetune.batch_size)
+        flops = make_flops + n * inference_flops_per_token(plain, seq)
+        info = {"heldout_nll": s / n, "heldout_ppl": math.exp(s / n), "heldout_tokens": n,
+                "params": count_params(plain), "flops": flops, "rule": rule, **detail}
+        info["seconds"] = time.perf_counter() - started  # its cost, kept when the stage is reused
+        export_hf(cfg, plain, work, {"strategy": f"instant/{rule}", "domain": "", "params": info["params"],
+                                     "test_ppl": info["heldout_ppl"], "instant": info})
+        return info
+
+
+def build_instant(cfg, texts: list[str], families: dict[str, Family], embedder=None, tokenizer=None,
+                  rules: tuple[str, ...] = RULES, log: Callable[[str], None] | None = None) -> InstantDomain:
+    """Embed ``texts``, take their histogram over each family's experts and instantiate
+    every rule's model (a stage each); the one with the lowest held-out NLL is ``chosen``.
+    ``embedder``: a loaded MiniLM to reuse (a serving replica keeps one) when the
+    clustering embedded with MiniLM (``cluster_counts``)."""
+    say = log or (lambda _m: None)
+    shared = _histograms(cfg, texts, families, embedder, tokenizer, say)
+    timings = dict(shared.timings)
+    # Loaded on the first candidate that needs it (a cached candidate does not).
+    pn = functools.cache(lambda: pn_model(cfg, families["pn"]))
+    candidates: dict[str, Candidate] = {}
+    for rule in rules:
+        short = rule.split("-", 1)[0]
         if short not in families:
             continue
         fam = families[short]
-        stage = Stage.of(cfg.root, "instant", rule, version=CODE_VERSION, docs=docs.digest,
+        stage = Stage.of(cfg.root, "instant", rule, version=CODE_VERSION, docs=shared.docs.digest,
                          generic=fam.artifact.stage.key, clusters=fam.clusters.key,
                          windows=[cfg.cluster.window_tokens, WINDOWS_PER_DOC, MAX_HISTOGRAM_WINDOWS],
                          heldout_tokens=MAX_HELDOUT_TOKENS)
         tc = time.perf_counter()
-
-        def build(work: Path, short=short, how=how, fam=fam) -> dict:
-            with CONSTRUCTION_LOCK:  # see CONSTRUCTION_LOCK: a replica loads models in other threads
-                return build_candidate(work, short, how, fam)
-
-        def build_candidate(work: Path, short: str, how: str, fam: Family) -> dict:
-            nonlocal pn
-            started = time.perf_counter()
-            detail: dict = {}
-            if short == "pn":
-                if pn is None:
-                    pn = pn_model(cfg, fam)
-                if how == "histogram":
-                    plain = pn.instantiate(torch.as_tensor(hist[short], dtype=torch.float32))
-                else:
-                    detail["expert"] = int(np.argmax(counts[short]))
-                    plain = pn.instantiate(detail["expert"])
-                # h·|W| multiply-adds per MLP matrix, plus the (k,)·(k, m) and (m,)·(m, h) products.
-                make_flops = 2.0 * pn.capacity * pn.mlp_params_per_expert()
-            else:
-                if how == "histogram":
-                    plain, weights = mix_average(cfg, fam, hist[short])
-                    detail["weights"] = {str(c): w for c, w in weights.items()}
-                    make_flops = 2.0 * len(weights) * count_params(plain)
-                else:
-                    plain, detail["expert"] = mix_most_frequent(cfg, fam, counts[short])
-                    make_flops = 0.0
-            s, n = tokens_nll(plain, docs.heldout[:MAX_HELDOUT_TOKENS], seq, cfg.finetune.batch_size)
-            flops = make_flops + n * inference_flops_per_token(plain, seq)
-            info = {"heldout_nll": s / n, "heldout_ppl": math.exp(s / n), "heldout_tokens": n,
-                    "params": count_params(plain), "flops": flops, "rule": rule, **detail}
-            info["seconds"] = time.perf_counter() - started  # its cost, kept when the stage is reused
-            export_hf(cfg, plain, work, {"strategy": f"instant/{rule}", "domain": "", "params": info["params"],
-                                         "test_ppl": info["heldout_ppl"], "instant": info})
-            return info
-
-        info = stage.build(build)
+        info = stage.build(lambda work, rule=rule, fam=fam: _build_candidate(cfg, work, rule, fam, shared, pn))
         candidates[rule] = Candidate(rule, stage.dir, stage.key, info["heldout_nll"], info["heldout_ppl"],
                                      info["seconds"], info["flops"],
                                      {k: info[k] for k in ("expert", "weights") if k in info})
@@ -427,8 +458,8 @@ def build_instant(cfg, texts: list[str], families: dict[str, Family], embedder=N
     chosen = min(candidates, key=lambda r: candidates[r].heldout_nll)
     say("[instant] held-out ppl: " + ", ".join(f"{r} {c.heldout_ppl:.2f}" for r, c in candidates.items())
         + f" → {chosen}")
-    return InstantDomain(docs, {f: h.tolist() for f, h in hist.items()}, candidates, chosen, shared_seconds,
-                         embed_flops, timings, str(kept.path("documents.json")))
+    return InstantDomain(shared.docs, {f: h.tolist() for f, h in shared.hist.items()}, candidates, chosen,
+                         shared.seconds, shared.embed_flops, timings, str(shared.kept.path("documents.json")))
 
 
 # -- fine-tuning within a budget -------------------------------------------------------
