@@ -430,7 +430,8 @@ def _embed_windows(cfg, inputs, out: Path, stages: _Stages, generic_fraction: fl
             stages.done("fit", f"hashed-tfidf fitted on {meta['fit']['windows']:,} generic windows "
                         f"({meta['fit']['dim']} dimensions)")
         meta["dim"] = embed_hashed.dim_of(embed_hashed.load(hashed_model))
-        embedded = embed_hashed.embed_dataset(raw, hashed_model, batch_size=max(512, c.embed_batch_size),
+        embedded = embed_hashed.embed_dataset(raw, hashed_model,
+                                              batch_size=max(embed_hashed.MIN_BATCH, c.embed_batch_size),
                                               actors=c.embed_actors, actor_cpus=c.embed_actor_cpus)
         what = "hashed-tfidf"
     else:

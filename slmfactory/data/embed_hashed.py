@@ -48,6 +48,9 @@ SVD_ITERS = 5
 """Power iterations of the randomized SVD (scikit-learn's default for this rank)."""
 TFIDF_FLOPS_PER_FEATURE = 6
 """Per non-zero feature: log(1 + tf) (2), x idf (1), the L2 norm's square, sum and divide (3)."""
+MIN_BATCH = 512
+"""Windows per actor call at least (the clustering's ``map_batches``): a sparse product is
+cheap per window, so small batches would spend the call on its overhead."""
 MODEL_FILE = "hashed-tfidf.joblib"
 NAME = "hashed-tfidf"
 

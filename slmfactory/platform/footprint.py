@@ -19,6 +19,17 @@ from dataclasses import dataclass
 GiB = 2.0 ** 30
 MINILM_PARAMS = 22.7e6
 MINILM_DIM = 384
+# ``cluster.embedder: hashed-tfidf``, as ``data/embed_hashed.py`` and the clustering run it
+# (the platform imports nothing above it; tests/test_footprint.py keeps these equal to theirs).
+HASHED_TFIDF = "hashed-tfidf"
+HASHED_FEATURES = 2 ** 15
+"""Hash buckets: the idf has one float64 per bucket, the SVD basis one row of them per dimension."""
+HASHED_MAX_DIM = 256
+"""The most dimensions the SVD keeps."""
+HASHED_FIT_WINDOWS = 20_000
+"""The most generic windows the model is fitted on."""
+HASHED_MIN_BATCH = 512
+"""The clustering hands a hashed-tfidf actor batches of at least this many windows."""
 
 
 @dataclass(frozen=True)
@@ -41,23 +52,55 @@ def train_device_bytes(trained_params: float, d_model: int, n_layers: int, vocab
             + 10.0 * micro_batch * seq_len * vocab)
 
 
+def embedding_dim(cluster) -> int:
+    """Floats per embedded window with ``cluster.embedder`` (hashed-tfidf: at most)."""
+    return HASHED_MAX_DIM if cluster.embedder == HASHED_TFIDF else MINILM_DIM
+
+
+def embed_memory(cluster) -> list[StageMemory]:
+    """The embedding rows of ``cluster.embedder``: one actor of its pool (and hashed-tfidf's
+    fit on the driver). MiniLM: fp32 weights and one batch's activations. hashed-tfidf:
+    the fitted idf and SVD basis in float64, one batch's sparse n-gram rows (at most two
+    n-grams a token, 12 bytes each, three copies: counts, tf-idf, projected input) and its
+    dense vectors; the fit holds its sample's text (~6 bytes a token) and sparse rows, and
+    the randomized SVD's dense (windows + buckets) x (dimensions + 10) factors, three at a
+    time."""
+    c = cluster
+    if c.embedder != HASHED_TFIDF:
+        return [StageMemory("embed (per MiniLM actor)", "host",
+                            4 * MINILM_PARAMS + c.embed_batch_size * min(c.window_tokens, 256) * MINILM_DIM * 4 * 8
+                            + 0.5 * GiB, "MiniLM weights + one batch of windows")]
+    model = 8.0 * HASHED_FEATURES * (HASHED_MAX_DIM + 1)
+    batch = max(HASHED_MIN_BATCH, c.embed_batch_size)
+    sparse_per_window = 3 * 12.0 * 2 * c.window_tokens
+    fit_windows = min(c.sample_windows, HASHED_FIT_WINDOWS)
+    return [
+        StageMemory("fit hashed-tfidf (driver)", "host",
+                    fit_windows * (sparse_per_window + 6.0 * c.window_tokens)
+                    + 3 * 8.0 * (fit_windows + HASHED_FEATURES) * (HASHED_MAX_DIM + 10) + model + 0.2 * GiB,
+                    f"the {fit_windows:,}-window fit sample and the SVD's factors"),
+        StageMemory("embed (per hashed-tfidf actor)", "host",
+                    model + batch * (sparse_per_window + HASHED_MAX_DIM * (8.0 + 8.0 + 4.0)) + 0.5 * GiB,
+                    "hashed-tfidf idf + SVD basis + one batch of windows"),
+    ]
+
+
 def stage_memory(cfg, params: dict[str, float], projected_params: dict[str, float] | None = None
                  ) -> list[StageMemory]:
     """One row per stage of ``cfg``'s pipeline. ``params``: the ``slm`` and ``llm``
     parameter counts (the caller counts the real models); ``projected_params``: strategy
     family -> trained parameters beyond a plain SLM (slm-pn's whole network)."""
     c, T, V = cfg.cluster, cfg.data.seq_len, cfg.tokenizer.vocab_size
+    dim = embedding_dim(c)
     generic_tokens = max(cfg.pretrain.max_tokens, *(cfg.sweep.generic_tokens or (0,)))
     windows = generic_tokens / c.window_tokens
     rows = [
         StageMemory("tokenize (per split)", "host", 256 * 64e3 * 6 + 0.3 * GiB,
                     "a batch of 256 documents and their ids; the stream is appended to disk"),
-        StageMemory("embed (per MiniLM actor)", "host",
-                    4 * MINILM_PARAMS + c.embed_batch_size * min(c.window_tokens, 256) * MINILM_DIM * 4 * 8
-                    + 0.5 * GiB, "MiniLM weights + one batch of windows"),
-        StageMemory("k-means (driver)", "host", 2 * c.sample_windows * MINILM_DIM * 4.0 + c.k * MINILM_DIM * 4.0,
-                    f"the {c.sample_windows:,}-window sample x {MINILM_DIM} floats, twice (faiss copies)"),
-        StageMemory("assign (per task)", "host", c.embed_batch_size * MINILM_DIM * 4.0 + c.k * MINILM_DIM * 4.0
+        *embed_memory(c),
+        StageMemory("k-means (driver)", "host", 2 * c.sample_windows * dim * 4.0 + c.k * dim * 4.0,
+                    f"the {c.sample_windows:,}-window sample x {dim} floats, twice (faiss copies)"),
+        StageMemory("assign (per task)", "host", c.embed_batch_size * dim * 4.0 + c.k * dim * 4.0
                     + 0.2 * GiB, "one batch of embeddings and the centroids"),
         StageMemory("resample (driver)", "host", windows * 24.0 + 0.2 * GiB,
                     f"3 integers per generic window ({windows:,.0f} windows at {generic_tokens:,} tokens)"),
