@@ -113,3 +113,24 @@ def test_cost_conventions_take_only_the_generic_embedding_out():
     assert generic_under("measured", 1.34e14, 1.34e14) == 1.34e14
     with pytest.raises(SlmFactoryError, match=r"^--costs 'actual': expected one of paper, measured$"):
         check_convention("actual")
+
+
+def test_adding_records_adds_their_counts_and_keeps_every_label():
+    from slmfactory.platform.cost import CostRecord
+
+    profile = _paper().device
+    generic = CostRecord.of("embed/generic", Work(INFERENCE, 1000, 1e9, 22.7e6), 2.0, profile, windows=30)
+    domain = CostRecord.of("embed/legal", Work(INFERENCE, 200, 2e8, 22.7e6), 1.0, profile, windows=7)
+    both = generic + domain
+    # Windows embedded add up like the tokens do: neither record's count is lost.
+    assert both.extra["windows"] == 37 and both.tokens == 1200
+    a = CostRecord.of("finetune/a", Work(TRAIN, 10, 1.0, 1.0), 1.0, profile,
+                      **{"finetune/a.precision_used": "bf16", "shared.compile_used": "eager"})
+    b = CostRecord.of("finetune/b", Work(TRAIN, 10, 1.0, 1.0), 1.0, profile,
+                      **{"finetune/b.precision_used": "fp32", "shared.compile_used": "eager"})
+    c = CostRecord.of("finetune/c", Work(TRAIN, 10, 1.0, 1.0), 1.0, profile, **{"shared.compile_used": "inductor"})
+    assert (a + b).extra == {"finetune/a.precision_used": "bf16", "finetune/b.precision_used": "fp32",
+                             "shared.compile_used": "eager"}
+    # Two different labels under one key: both kept, in order, as the phases are.
+    assert (a + b + c).extra["shared.compile_used"] == "eager+inductor"
+    assert (a + b + c).phase == "finetune/a+finetune/b+finetune/c"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 def model_flop_terms(model) -> tuple[int, int, int]:
@@ -112,6 +113,24 @@ def device_seconds(work: Work, profile) -> float:
     return compute + work.steps * per_step * work.workers
 
 
+def merge_extra(a: dict, b: dict) -> dict:
+    """Two records' ``extra`` as one (``CostRecord.extra``): a key in both is summed when
+    both values are numbers, kept when they are equal, else its values joined with ``+``."""
+    out = dict(a)
+    for key, value in b.items():
+        if key not in out:
+            out[key] = value
+        elif _is_number(out[key]) and _is_number(value):
+            out[key] = out[key] + value
+        elif out[key] != value:
+            out[key] = f"{out[key]}+{value}"
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class CostRecord:
     """What one phase (generic pretraining, specialisation, teacher inference…) cost."""
@@ -129,6 +148,10 @@ class CostRecord:
     work: list = field(default_factory=list)
     """The :class:`Work` items (as dicts) the projection is derived from."""
     extra: dict = field(default_factory=dict)
+    """What else the phase recorded: counts (an embedding's ``windows``), added up like
+    ``tokens`` when records are added, and labels (a training phase's
+    ``<phase>.precision_used``), kept when they agree and joined with ``+`` (as ``phase``
+    is) when they do not."""
 
     @classmethod
     def of(cls, phase: str, work: list[Work] | Work, wall_seconds: float, profile, workers: int = 1,
@@ -156,7 +179,7 @@ class CostRecord:
                           workers=max(self.workers, other.workers), device=self.device,
                           device_hours=self.device_hours + other.device_hours,
                           measured_device_hours=self.measured_device_hours + other.measured_device_hours,
-                          work=self.work + other.work, extra={**self.extra, **other.extra})
+                          work=self.work + other.work, extra=merge_extra(self.extra, other.extra))
 
     def to_dict(self) -> dict:
         return asdict(self)
