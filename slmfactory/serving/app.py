@@ -68,17 +68,23 @@ code and the proxy's router on the request's own event loop
 opposite results under load in two sittings on 2 cores (requests/s at 16 clients halved
 in one, up a third in the other); direct ingress moves the app off its port. Read by each Serve process when it starts: ``build_app`` puts them in
 the environment of a Ray started after it (the proxy's) and of the replica (its
-``runtime_env``). A value already in the environment wins."""
+``runtime_env``). These are tuning knobs: a value already in the environment wins."""
 
 
 def serve_env(serving) -> dict[str, str]:
     """The environment the Serve processes of an app with ``serving`` (the recipe's
     section) are to start with: ``RAY_SERVE_ENV`` and the proxy's body limit
     (``api.proxy_middlewares``). ``build_app`` sets it; a caller that starts Ray before
-    building the app sets it first (the proxy starts with Ray's first Serve app)."""
-    env = {**RAY_SERVE_ENV, "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "slmfactory.serving.api:proxy_middlewares",
-           BODY_LIMIT_ENV: str(serving.max_request_bytes)}
-    return {k: os.environ.get(k, v) for k, v in env.items()}
+    building the app sets it first (the proxy starts with Ray's first Serve app).
+
+    Precedence: Ray Serve's tuning knobs (``RAY_SERVE_ENV``) yield to a value already in
+    the environment; the body limit and the middleware that enforces it are ``serving``'s
+    and always come from it. ``build_app`` writes them into this process's environment, so
+    letting the environment win would hand the next app built here (another test's server,
+    a second ``serve_env``) the previous app's limit instead of its own."""
+    tuning = {k: os.environ.get(k, v) for k, v in RAY_SERVE_ENV.items()}
+    return {**tuning, "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "slmfactory.serving.api:proxy_middlewares",
+            BODY_LIMIT_ENV: str(serving.max_request_bytes)}
 
 
 @serve.deployment
