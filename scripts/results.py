@@ -3,9 +3,11 @@
 Step 1 (export, unless ``--from-csv``): every finished trial run of the recipe's MLflow
 experiment into a CSV (``--export``, default ``docs/<name>-runs.csv``); with ``--log``, the
 study log's wall time per stage into ``<csv stem>.stages.json`` beside it.
-Step 2 (page): ``--out`` (default ``docs/results.md``) and its figures (``results/`` beside
-it) from that CSV alone. The logic is in ``study/`` beside this folder (``study.results`` /
-``claims`` / ``page``), outside the wheel.
+Step 2 (page): ``--out`` (default ``docs/results.md``) and its figures (``<out stem>/`` beside
+it, e.g. ``docs/results/``) from that CSV alone, in a ``--layout``: ``current`` (the second
+study's page) or ``2026-12-01`` (the first study's page, ``docs/results-2026-12-01.md``, frozen).
+The logic is in ``study/`` beside this folder (``study.results`` / ``claims`` / ``page``,
+``gates`` / ``paper_axes`` / ``sections``), outside the wheel.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-csv", type=Path, help="skip MLflow: build the page from this CSV")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results.md", help="the page (figures in <out stem>/)")
     ap.add_argument("--log", type=Path, help="the study's log (HH:MM:SS-stamped): wall time per stage")
+    ap.add_argument("--layout", default="current", choices=("current", "2026-12-01"),
+                    help="the page's sections: current, or the first study's frozen page (2026-12-01)")
     ap.add_argument("--no-figures", action="store_true", help="write the page only")
     args = ap.parse_args(argv)
     if args.export and args.from_csv:
@@ -66,13 +70,15 @@ def main(argv: list[str] | None = None) -> int:
               "no page written", file=sys.stderr)
         return 1
     page = results_page.render_page(rows, cfg, csv_label=label(csv_path), config_label=label(Path(args.config)),
-                                    stages=results.read_stages(csv_path), fig_rel=args.out.stem)
+                                    stages=results.read_stages(csv_path), fig_rel=args.out.stem,
+                                    page_label=label(args.out), layout=args.layout)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(page)
     print(f"wrote {args.out}")
     if not args.no_figures:
         configs = results.configs_from_rows(rows)
-        figs = results_page.draw_figures(configs, args.out.parent / args.out.stem, tuple(cfg.sweep.inference_caps))
+        figs = results_page.draw_figures(configs, args.out.parent / args.out.stem, tuple(cfg.sweep.inference_caps),
+                                         rows=rows if args.layout == "current" else None)
         print(f"wrote {len(figs)} figures to {args.out.parent / args.out.stem}")
     return 0
 

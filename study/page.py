@@ -23,6 +23,7 @@ from slmfactory.platform.cost import PAPER as PAPER_COSTS
 from slmfactory.platform.errors import DataError
 from slmfactory.trial import experiment_name
 from study import claims as rc
+from study import paper_axes, sections
 from study.results import configs_from_rows, fill_entropy_k, incomplete_groups
 
 STRATEGY_ORDER = ("slm", "slm-nopt", "llm", "llm-lora", "slm-is", "slm-d", "slm-mix", "slm-pn")
@@ -85,7 +86,10 @@ def figure_names(configs: list[MeasuredConfig]) -> list[tuple[str, tuple]]:
     return out
 
 
-def draw_figures(configs: list[MeasuredConfig], fig_dir: Path, caps: tuple = ()) -> list[Path]:
+def draw_figures(configs: list[MeasuredConfig], fig_dir: Path, caps: tuple = (), rows: list[dict] | None = None
+                 ) -> list[Path]:
+    """Every figure the page links; ``rows`` (the CSV's, layout ``current``): also Figure 1 on
+    the paper's axes."""
     _, plt = pyplot()
     fig_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -103,6 +107,8 @@ def draw_figures(configs: list[MeasuredConfig], fig_dir: Path, caps: tuple = ())
         fig.savefig(fig_dir / "lora_vs_full.png", dpi=100)
         plt.close(fig)
         paths.append(fig_dir / "lora_vs_full.png")
+    if rows is not None:
+        paths += sections.draw_paper_axes(paper_axes.grids(rows, configs), fig_dir)
     return paths
 
 
@@ -431,10 +437,28 @@ def section_appendix(configs: list[MeasuredConfig], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LAYOUTS = ("current", "2026-12-01")
+"""Page layouts: ``current`` (the second study's sections: gates G0-G2, Figure 1 on the paper's
+axes, tokens per parameter, what did not show) and ``2026-12-01`` (the first study's page as it
+was published, frozen so that it still rebuilds byte for byte from its CSV)."""
+DEFAULT_PAGE = "docs/results.md"
+
+
+def rebuild_command(config_label: str, csv_label: str, page_label: str = DEFAULT_PAGE,
+                    layout: str = "current") -> str:
+    """The command that rebuilds a page from its CSV (flags at their defaults left out)."""
+    return (f"python scripts/results.py -c {config_label} --from-csv {csv_label}"
+            + (f" --out {page_label}" if page_label != DEFAULT_PAGE else "")
+            + (f" --layout {layout}" if layout != "current" else ""))
+
+
 def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages: dict[str, Any] | None = None,
-                fig_rel: str = "results") -> str:
+                fig_rel: str = "results", page_label: str = DEFAULT_PAGE, layout: str = "current") -> str:
     """The page's markdown; figures are linked as ``<fig_rel>/<name>.png`` (``fig_rel``: the
-    page's stem, where ``scripts/results.py`` draws them)."""
+    page's stem, where ``scripts/results.py`` draws them); ``page_label`` and ``layout`` (see
+    :data:`LAYOUTS`) are named in the header's rebuild command."""
+    if layout not in LAYOUTS:
+        raise DataError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     filled_rows, filled = fill_entropy_k(rows, cfg)
     configs = configs_from_rows(filled_rows)
     if not configs:
@@ -449,7 +473,7 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
     rec_measured = report.recommendation_table(configs, "flops", caps, MEASURED)
     parts = [
         "# Results: reproducing Grangier et al. (arXiv 2402.01093) with slmfactory", "",
-        f"> **Generated — do not edit.** `python scripts/results.py -c {config_label} --from-csv {csv_label}` "
+        f"> **Generated — do not edit.** `{rebuild_command(config_label, csv_label, page_label, layout)}` "
         f"rebuilds this page and its figures (`{fig_rel}/*.png`) from `{csv_label}` alone: {len(rows)} trial runs, "
         f"{len(configs)} configurations measured on all {len(domains)} domains ({', '.join(domains)}). The CSV is "
         f"exported from MLflow experiment `{experiment_name(cfg)}` at `{cfg.tracking_uri}` by "
@@ -487,4 +511,36 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
         "## Where the gap to the paper's scale limits a conclusion", "", section_scale(configs, cfg, claims), "",
         "## Wall time of the study", "", section_wall_time(stages, rows), "",
         "## Appendix: every configuration", "", section_appendix(configs, rows), ""]
+    if layout == "current":
+        parts = _with_current_sections(parts, filled_rows, configs, cfg, claims, fig_rel)
     return "\n".join(parts)
+
+
+EARLIER_PAGES = (("results-2026-12-01.md", "configs/study.yaml", "the first study, 2026-12-01"),)
+
+
+def _with_current_sections(parts: list[str], rows: list[dict], configs: list[MeasuredConfig], cfg,
+                           claims: list[rc.Claim], fig_rel: str) -> list[str]:
+    """The first study's sections with the second study's inserted: the gates after the costs,
+    tokens per parameter after Table 8, Figure 1 on the paper's axes after Figure 1, and what
+    did not show and the disagreements with the paper after the scale gap."""
+    g0, g1, g2 = sections.g_all(rows, cfg)
+    grids = paper_axes.grids(rows, configs)
+
+    def before(header: str, *new: str) -> None:
+        i = next(k for k, x in enumerate(parts) if x.startswith(header))
+        parts[i:i] = list(new)
+
+    before("## Decision gate (claims 2 and 5)", "## Gates G0, G1, G2: how the grid was sized and which regimes it "
+           "reached", "", sections.section_gates(rows, cfg, g0, g1, g2), "")
+    before("## Figure 1 and amortisation", "## Generic tokens per parameter and epochs", "",
+           sections.section_tokens_per_param(rows), "")
+    before("## LoRA beside full fine-tuning", "## Figure 1 on the paper's axes: generic x specialisation budget at "
+           "the SLM's size (N = 1, 7, 50)", "", sections.section_paper_axes(rows, grids, fig_rel), "")
+    before("## Wall time of the study", "## The claims that did not show: what stops each, and what would reach it",
+           "", sections.section_shortfall(claims, configs, g1, g2), "",
+           "## Where our numbers disagree with the paper's, and by how much", "",
+           sections.section_against_paper(configs, g1, grids), "")
+    earlier = "; ".join(f"[{page}]({page}) ({what}, `{recipe}`)" for page, recipe, what in EARLIER_PAGES)
+    parts[4:4] = [f"Earlier studies, on their own pages: {earlier}.", ""]
+    return parts

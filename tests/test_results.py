@@ -1,5 +1,6 @@
-"""docs/results.md: regenerated from its CSV byte for byte, its numbers equal to the CSV's and to
-an MLflow store's (built here from the CSV's runs: exported back, they give the same CSV and
+"""The results pages (docs/results.md, the first study's docs/results-2026-12-01.md): each
+regenerated from its CSV byte for byte by the command its header names, its numbers equal to the
+CSV's and to an MLflow store's (built here from the CSV's runs: exported back, they give the same CSV and
 the same page), and the claim rules on synthetic sets whose verdict is known (confirmed,
 refuted and inconclusive cases each). Fast: no Ray, no training."""
 
@@ -24,8 +25,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "configs" / "study.yaml"
-CSV = REPO / "docs" / "study-runs.csv"
-PAGE = REPO / "docs" / "results.md"
+# The first study's page, moved to a dated file, and the command that rebuilds it.
+CSV = REPO / "docs" / "study-2026-12-01-runs.csv"
+PAGE = REPO / "docs" / "results-2026-12-01.md"
+PAGE_COMMAND = ("python scripts/results.py -c configs/study.yaml --from-csv docs/study-2026-12-01-runs.csv "
+                "--out docs/results-2026-12-01.md --layout 2026-12-01")
+# The current study's page: whatever CSV is committed beside it.
+CURRENT_PAGE = REPO / "docs" / "results.md"
 
 
 def _cfg(path: Path):
@@ -38,16 +44,64 @@ def _cfg(path: Path):
 
 def _committed():
     if not CSV.is_file() or not PAGE.is_file():
-        pytest.skip(f"{CSV.relative_to(REPO)} / {PAGE.relative_to(REPO)} not committed yet (run "
-                    "`python scripts/results.py -c configs/study.yaml --export docs/study-runs.csv`)")
+        pytest.skip(f"{CSV.relative_to(REPO)} / {PAGE.relative_to(REPO)} not committed")
     return _cfg(STUDY), results.read_csv(CSV)
 
 
-def test_page_regenerates_byte_for_byte():
+def _render_v1(rows, cfg) -> str:
+    return results_page.render_page(rows, cfg, csv_label="docs/study-2026-12-01-runs.csv",
+                                    config_label="configs/study.yaml", stages=results.read_stages(CSV),
+                                    fig_rel="results-2026-12-01", page_label="docs/results-2026-12-01.md",
+                                    layout="2026-12-01")
+
+
+def header_command(page: str) -> list[str]:
+    """The rebuild command a page's header names, as argv after ``scripts/results.py``."""
+    m = re.search(r"`python scripts/results\.py ([^`]+)` rebuilds this page", page.split("\n")[2])
+    assert m, page.split("\n")[2][:200]
+    return m.group(1).split()
+
+
+def rebuild(page_path: Path, tmp_path: Path) -> tuple[str, Path]:
+    """Run the page's own header command (without figures) into ``tmp_path``; returns the page
+    it writes, with the header naming the ``--out`` the command names (the default's, none)
+    instead of ``tmp_path``, and that ``--out``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_script", REPO / "scripts" / "results.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = header_command(page_path.read_text())
+    out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else Path("docs/results.md")
+    args = [a if not a.startswith("docs/") and not a.startswith("configs/") else str(REPO / a) for a in argv]
+    if "--out" in args:
+        i = args.index("--out")
+        del args[i:i + 2]
+    written = tmp_path / out.name
+    assert script.main(args + ["--out", str(written), "--no-figures"]) == 0
+    named = "" if out == Path(results_page.DEFAULT_PAGE) else f" --out {out}"
+    return written.read_text().replace(f" --out {written}", named, 1), out
+
+
+def test_page_regenerates_byte_for_byte(tmp_path):
+    """The first study's page, moved: its header names the exact command that rebuilds it, and
+    that command (run here) gives it byte for byte."""
     cfg, rows = _committed()
-    page = results_page.render_page(rows, cfg, csv_label="docs/study-runs.csv", config_label="configs/study.yaml",
-                                    stages=results.read_stages(CSV), fig_rel="results")
-    assert page == PAGE.read_text()
+    assert " ".join(header_command(PAGE.read_text())) == PAGE_COMMAND.removeprefix("python scripts/results.py ")
+    assert _render_v1(rows, cfg) == PAGE.read_text()
+    page, out = rebuild(PAGE, tmp_path)
+    assert out == PAGE.relative_to(REPO) and page == PAGE.read_text()
+
+
+def test_current_page_regenerates_byte_for_byte(tmp_path):
+    """docs/results.md, from whatever CSV and recipe its header names (the CSV is committed with
+    the page): the header's command rebuilds it byte for byte."""
+    if not CURRENT_PAGE.is_file():
+        pytest.skip("docs/results.md not generated yet")
+    argv = header_command(CURRENT_PAGE.read_text())
+    assert (REPO / argv[argv.index("--from-csv") + 1]).is_file()
+    page, out = rebuild(CURRENT_PAGE, tmp_path)
+    assert out == CURRENT_PAGE.relative_to(REPO) and page == CURRENT_PAGE.read_text()
 
 
 # -- (b) numbers on the page equal the CSV's (and MLflow's) -------------------------------
@@ -160,9 +214,7 @@ def test_mlflow_export_gives_the_committed_csv_and_page(study_store, tmp_path):
     back = results.read_csv(results.write_csv(exported, tmp_path / "study-runs.csv"))
 
     def page(rows_):
-        return results_page.render_page(rows_, cfg, csv_label="docs/study-runs.csv",
-                                        config_label="configs/study.yaml", stages=results.read_stages(CSV),
-                                        fig_rel="results")
+        return _render_v1(rows_, cfg)
 
     from_export = page(back)
     assert from_export == page(expected)

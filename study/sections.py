@@ -1,0 +1,337 @@
+"""The sections the second study's page adds to the first's (``page.render_page``, layout
+``current``): the gates G0-G2, generic tokens per parameter and epochs, Figure 1 on the paper's
+axes, what stopped each claim that did not show, and where the numbers disagree with the
+paper's. Every number comes from the CSV's rows or the configurations built from them; the
+wording of each sentence is chosen by a rule on those numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import numpy as np
+
+from slmfactory.analysis.frontier import MeasuredConfig, pool_seeds
+from study import claims as rc
+from study import gates as gt
+from study import paper_axes as pa
+from study.results import budget_value
+
+# The paper's figures (docs/paper.md, /work/shared/PAPER.md) the page compares with.
+PAPER_TABLE4 = {"slm_before": 33.0, "slm_1m": 18.2, "nopt_1m": 227.1, "llm_1m": 14.4}
+PAPER_TABLE8 = {"slm_generic": 20.5, "mix_generic": 17.1, "pn_generic": 18.9, "slm_1m": 19.3, "mix_1m": 19.8,
+                "pn_1m": 18.6}
+PAPER_TOKENS_PER_PARAM_100GPUH = 100 / 2.2 * 1e9 / 126e6
+FIRST_PLAN = {"slm_params": 0.12e6, "generic_tokens": (3e6, 12e6, 40e6)}
+"""The recipe G0 cut (configs/study-v2.yaml's header; commit 'study v2 sized by gate G0')."""
+G0_DECISION = ("The first plan (a 0.12M-parameter SLM at 3M/12M/40M generic tokens, S up to 36M for slm-is) "
+               "projected more hours than the session that runs it has; G0 cut it to a 66k-parameter SLM at "
+               "2M/6M/20M generic tokens, slm-is at 1.5M/6M on three domains and 18M on code.")
+
+
+def _f(x: float | None, spec: str = ".3g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _h(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# -- gates --------------------------------------------------------------------------------
+
+def section_gates(rows: list[dict], cfg, g0: gt.G0, g1: gt.G1, g2: gt.G2) -> str:
+    out = [pa_md(gt.__doc__), "", "### G0: measured throughput sizes the grid", ""]
+    if not g0.phases:
+        out.append("No generic phase in the CSV logged its wall time and tokens: G0 cannot be read back.")
+    else:
+        out += ["| generic phase | params | tokens | wall time | tokens/s |", "|---|---|---|---|---|"]
+        out += [f"| {p.strategy}@{p.budget} seed {p.seed} | {p.params:,.0f} | {p.tokens:,.0f} | {_h(p.seconds)} | "
+                f"{p.tokens_per_s:,.0f} |" for p in g0.phases]
+        out.append("")
+        if g0.tokens_per_s is not None:
+            first = ", ".join(f"{p.strategy}@{p.budget} seed {p.seed}" for p in g0.first)
+            prof = (f"; the recipe's device profile gives {g0.profile_tokens_per_s:,.0f} tokens/s for this size "
+                    f"(measured / profile = {g0.tokens_per_s / g0.profile_tokens_per_s:.2f})"
+                    if g0.profile_tokens_per_s else "")
+            plan = sum(FIRST_PLAN["generic_tokens"])
+            out.append(f"G0's figure: **{g0.tokens_per_s:,.0f} training tokens/s** for the {g0.slm_params:,.0f}-"
+                       f"parameter SLM over its first generic phases ({first}){prof}. At that rate the first plan's "
+                       f"slm phases alone ({' + '.join(f'{t / 1e6:g}M' for t in FIRST_PLAN['generic_tokens'])} = "
+                       f"{plan / 1e6:g}M tokens, on a {FIRST_PLAN['slm_params'] / 1e6:g}M-parameter SLM that runs "
+                       f"no faster) take at least {plan / g0.tokens_per_s / 3600:.2f} h, before the experts' phases, "
+                       f"the LLM's and slm-is's per-domain pretraining. {G0_DECISION}")
+        out.append(f"\nThe grid as run: {len(g0.phases)} generic phases reading {g0.grid_generic_tokens / 1e6:.1f}M "
+                   f"generic tokens, {g0.measured_hours:.2f} h of measured phase wall time.")
+    out += ["", "### G1: routed over dense generic perplexity (slm-mix, slm-pn against slm)", ""]
+    if not g1.rows:
+        out.append("No expert phase with a routed generic perplexity and a matching slm phase: "
+                   + "; ".join(f"{s}: {v}" for s, v in g1.verdicts.items()))
+    else:
+        out += ["| strategy | generic budget | seed | routed generic ppl | slm generic ppl | ratio |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r.strategy} | {r.budget} | {r.seed} | {r.routed:.2f} | {r.dense:.2f} | {r.ratio:.3f} |"
+                for r in g1.rows]
+        out.append("")
+        for s, v in g1.verdicts.items():
+            line = f"- {s}: **{v}**"
+            if v == gt.BELOW:
+                line += " at the largest budget: the experts' capacity pays before fine-tuning; claims 2 and 5 are " \
+                        "decided by their comparisons."
+            elif v == gt.FALLING:
+                b = g1.extrapolated_budget(s)
+                reach = (f". A log-log line through seed 0's two ratios reaches 1 at ~{b / 1e6:.3g}M generic "
+                         "tokens (two points: an extrapolation, not a prediction)." if b else ".")
+                line += (": the regime is not reached at the largest budget; claims 2 and 5 read *regime not "
+                         "reached* there" + reach)
+            elif v == gt.NOT_FALLING:
+                line += ": the ratio does not fall toward 1; claims 2 and 5 are *regime not reached*, said plainly."
+            out.append(line)
+    out += ["", "### G2: resampled against generic pretraining, before fine-tuning", ""]
+    if g2.domain is None or not g2.pairs:
+        out.append(f"G2 cannot be read: {g2.verdict}.")
+        return "\n".join(out)
+    out += [f"Domain **{g2.domain}** (the domain with slm-is at the most large specialisation budgets: "
+            f"{', '.join(g2.large)}); in-domain size of slm-is's large budgets; seed 0.", "",
+            "| domain | comparison | slm-is spec. budget | slm-is ppl before fine-tuning | slm generic budget | "
+            "slm ppl before fine-tuning | slm-is / slm | resampled set epochs |", "|---|---|---|---|---|---|---|---|"]
+    for d, pairs in [(g2.domain, g2.pairs)] + g2.other_domains:
+        out += [f"| {d} | {p.what} budget | {p.is_spec} | {p.is_before:.2f} | {p.slm_generic} | {p.slm_before:.2f} | "
+                f"{p.ratio:.3f} | {_f(p.epochs_resampled)} |" for p in pairs]
+    p = g2.deciding
+    out.append("")
+    if g2.verdict == gt.BEATS:
+        out.append(f"Verdict: resampled pretraining **beats** generic pretraining on {g2.domain} ({p.what} budget: "
+                   f"{p.is_before:.2f} after {p.is_spec} resampled tokens against {p.slm_before:.2f} after "
+                   f"{p.slm_generic} generic tokens): claim 1's premise holds before fine-tuning.")
+    else:
+        out.append(f"Verdict: resampled pretraining **does not beat** generic pretraining on {g2.domain} ({p.what} "
+                   f"budget: {p.is_before:.2f} after {p.is_spec} resampled tokens against {p.slm_before:.2f} after "
+                   f"{p.slm_generic} generic tokens, {p.ratio:.2f}x). " + why_claim1_cannot(g2))
+    return "\n".join(out)
+
+
+def why_claim1_cannot(g2: gt.G2) -> str:
+    p = g2.deciding
+    text = ("Claim 1 cannot show: slm-is fine-tunes the same in-domain data from a worse start than slm, so its "
+            "edge would have to come from fine-tuning alone, which both share. ")
+    if p.epochs_resampled is not None and p.epochs_resampled > 1:
+        text += (f"Its resampled set was read {p.epochs_resampled:.2f} times: the generic clusters that match "
+                 f"{g2.domain}'s histogram hold fewer tokens than its budget, so the budget buys repeats, not new "
+                 "text; a larger generic corpus (or a finer match) would give it fresh tokens.")
+    else:
+        text += ("The resampled text is generic text whose clusters match the domain's histogram; at this scale it "
+                 "teaches the SLM less about the domain's test text than the whole generic corpus does.")
+    return text
+
+
+def pa_md(doc: str) -> str:
+    from study.page import md
+
+    return md(doc)
+
+
+# -- tokens per parameter -----------------------------------------------------------------
+
+def section_tokens_per_param(rows: list[dict]) -> str:
+    seen: dict[tuple, dict] = {}
+    for r in rows:
+        if r["generic_budget"] in ("", "none") or not r.get("spent_generic_tokens") or not r.get("params"):
+            continue
+        seen.setdefault((r["strategy"], r["generic_budget"], str(r.get("pretrain_seed") or "0")), r)
+    lines = [f"Generic tokens per served parameter at each generic budget (the paper's 100 GPUh reference: "
+             f"~{PAPER_TOKENS_PER_PARAM_100GPUH:.0f}); epochs: passes over the generic text the phase read "
+             "(`epochs_generic`). slm-mix and slm-pn spread the tokens over their experts.", "",
+             "| strategy | generic budget | seed | served params | generic tokens read | tokens per parameter | "
+             "epochs |", "|---|---|---|---|---|---|---|"]
+    for (s, g, seed), r in sorted(seen.items(), key=lambda kv: (budget_value(kv[0][1]), kv[0][0], kv[0][2])):
+        lines.append(f"| {s} | {g} | {seed} | {r['params']:,.0f} | {r['spent_generic_tokens']:,.0f} | "
+                     f"{r['spent_generic_tokens'] / r['params']:.1f} | {_f(r.get('epochs_generic'))} |")
+    res: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["strategy"] == "slm-is" and r.get("epochs_resampled_pretrain") is not None:
+            res.setdefault((r["spec_budget"], r["in_domain_tokens"]), []).append(r)
+    if res:
+        lines += ["", "slm-is's resampled pretraining (per domain; spent specialisation tokens include it):", "",
+                  "| spec. budget | in-domain | domains | spec. tokens per parameter | resampled set epochs "
+                  "(min-max over domains) |", "|---|---|---|---|---|"]
+        for (s, n), rs in sorted(res.items(), key=lambda kv: (budget_value(kv[0][0]), kv[0][1])):
+            ep = [r["epochs_resampled_pretrain"] for r in rs]
+            tpp = [r["spent_spec_tokens"] / r["params"] for r in rs if r.get("spent_spec_tokens") and r.get("params")]
+            lines.append(f"| {s} | {n:,} | {len(rs)} | {_f(float(np.mean(tpp)) if tpp else None, '.1f')} | "
+                         f"{min(ep):.2f}-{max(ep):.2f} |")
+    return "\n".join(lines)
+
+
+# -- Figure 1 on the paper's axes ---------------------------------------------------------
+
+def section_paper_axes(rows: list[dict], all_grids, fig_rel: str) -> str:
+    out = [pa_md(pa.__doc__), ""]
+    for sub, n, gs in all_grids:
+        where = (f"all {len(gs[0].domains)} domains" if sub is None else
+                 f"the {len(sub)} domain(s) {', '.join(sub)} only (configurations measured on them; macro perplexity "
+                 "over them)")
+        out += [f"### In-domain {n:,} tokens, {where}", "",
+                f"![paper axes n{n} {'all' if sub is None else '-'.join(sub)}]({fig_rel}/{pa.figure_name(sub, n)})",
+                ""]
+        for g in gs:
+            wins = ", ".join(f"{s} {k}" for s, k in pa.winners(g).items()) or "none"
+            out += [f"N = {g.n_domains} (cells won: {wins}):", "", pa.table(g), ""]
+    left = [(lab, ds) for lab, ds in _incomplete(rows)]
+    if left:
+        out.append("Each cell: the winner (**bold**; `sS'` when slm-is/slm-nopt enter with a larger specialisation "
+                   "budget S' that fits the cell's per-domain budget) with its macro perplexity, and the next "
+                   "strategy (*tie* when their 95% intervals overlap). Configurations measured on fewer domains "
+                   "than a grid's are not in it: "
+                   + "; ".join(f"{lab} ({', '.join(ds)})" for lab, ds in left) + ".")
+    return "\n".join(out)
+
+
+def _incomplete(rows: list[dict]) -> list[tuple[str, list[str]]]:
+    from study.results import incomplete_groups
+
+    return incomplete_groups(rows)
+
+
+def draw_paper_axes(all_grids, fig_dir) -> list:
+    paths = []
+    for sub, n, gs in all_grids:
+        title = (f"Winner per (generic budget, specialisation budget) at the SLM's size, in-domain {n:,} tokens, "
+                 f"{'all domains' if sub is None else ', '.join(sub)}; paper's costs, C_generic / N per domain")
+        paths.append(pa.draw(gs, fig_dir / pa.figure_name(sub, n), title))
+    return paths
+
+
+# -- what did not show, and where we disagree with the paper -------------------------------
+
+def _slm_tpp(configs: list[MeasuredConfig], budget: str | None) -> float | None:
+    c = next((c for c in configs if c.strategy == "slm" and c.generic_budget == budget and c.spent_generic), None)
+    return c.spent_generic / c.params if c else None
+
+
+def section_shortfall(claims: list[rc.Claim], configs: list[MeasuredConfig], g1: gt.G1, g2: gt.G2) -> str:
+    from study.page import _limit
+
+    out = []
+    for c in claims:
+        if c.verdict == rc.CONFIRMED:
+            continue
+        numbers = " vs ".join(c.numbers) or "no deciding cells"
+        part = next((p for p in c.parts if p.verdict == c.verdict.split(" ")[0]), c.parts[0] if c.parts else None)
+        why = f" ({part.reason}{'; comparison alone: ' + part.raw if part and part.raw else ''})" if part else ""
+        text = f"**Claim {c.number} ({c.verdict}).** Stopped by: {numbers}{why}. "
+        if c.number in (1, 4) and g2.deciding is not None:
+            p = g2.deciding
+            text += (f"G2 on {g2.domain}: slm-is starts fine-tuning at {p.is_before:.2f} after {p.is_spec} resampled "
+                     f"tokens, slm at {p.slm_before:.2f} after {p.slm_generic} generic tokens ({p.ratio:.2f}x). ")
+            text += ("What would reach it: " + (why_claim1_cannot(g2) if g2.verdict == gt.DOES_NOT_BEAT else
+                     "resampled pretraining already starts lower; " + _limit(c.verdict)))
+        elif c.number in (2, 5) and g1.rows:
+            top = g1.budgets[-1]
+            ratios = ", ".join(f"{r.strategy} seed {r.seed} {r.ratio:.2f}" for r in g1.rows if r.budget == top)
+            tpp = _slm_tpp(configs, top)
+            text += (f"G1 at {top} ({_f(tpp, '.0f')} generic tokens per SLM parameter): routed / dense generic ppl "
+                     f"{ratios}. ")
+            extra = [f"{s}: ~{b / 1e6:.3g}M generic tokens ({b / _params(configs):.0f} "
+                     "per parameter) by a log-log line through seed 0's two ratios"
+                     for s in g1.verdicts if (b := g1.extrapolated_budget(s))]
+            text += "What would reach it: " + (
+                "ratios below 1 — " + "; ".join(extra) + ". " if extra else "") + _limit(c.verdict)
+        else:
+            text += "What would reach it: " + _limit(c.verdict)
+        out.append(text)
+    return "\n\n".join(out) if out else "Every claim showed (confirmed)."
+
+
+def _params(configs: list[MeasuredConfig]) -> float:
+    return float(rc.small_params(configs) or 1)
+
+
+def _gmean(values: dict[str, float]) -> float:
+    return math.exp(float(np.mean(np.log(list(values.values())))))
+
+
+def against_paper(configs: list[MeasuredConfig], g1: gt.G1, all_grids) -> list[tuple[str, float, float | None, str]]:
+    """(quantity, the paper's figure, ours or None, the cells ours is read from)."""
+    pooled = pool_seeds(configs)
+    if not pooled:
+        return []
+    n0 = rc.sizes(pooled)[0]
+    at = [c for c in pooled if c.in_domain == n0]
+    s0 = rc.spec_budgets(at)[0] if at else None
+    top = rc.generic_budgets(at)[-1] if rc.generic_budgets(at) else None
+
+    def one(strategy, g=None, s=s0):
+        return rc.best([c for c in at if c.strategy == strategy and c.spec_budget == s
+                        and (g is None or c.generic_budget == g)])
+
+    slm, nopt, llm = one("slm", top), one("slm-nopt"), one("llm")
+    out = []
+    where = f"n{n0:,}, s{s0}"
+    P4, P8 = PAPER_TABLE4, PAPER_TABLE8
+    if slm:
+        if nopt:
+            out.append(("Table 4: slm-nopt / slm after fine-tuning (paper: 1M tokens)", P4["nopt_1m"] / P4["slm_1m"],
+                        nopt.ppl_macro / slm.ppl_macro, f"{where}, slm g{top}"))
+        if llm:
+            out.append(("Table 4: llm / slm after fine-tuning", P4["llm_1m"] / P4["slm_1m"],
+                        llm.ppl_macro / slm.ppl_macro, f"{where}, llm g{llm.generic_budget}, slm g{top}"))
+        if set(slm.ppl_before) == set(slm.nll):
+            out.append(("Table 4: slm after / before fine-tuning", P4["slm_1m"] / P4["slm_before"],
+                        slm.ppl_macro / _gmean(slm.ppl_before), f"{where}, g{top}"))
+    for r_key, strategy in (("mix", "slm-mix"), ("pn", "slm-pn")):
+        rows = [r for r in g1.rows if r.strategy == strategy and g1.budgets and r.budget == g1.budgets[-1]]
+        if rows:
+            out.append((f"Table 8: {strategy} routed / slm generic ppl (paper: 100 GPUh)",
+                        P8[f"{r_key}_generic"] / P8["slm_generic"], float(np.mean([r.ratio for r in rows])),
+                        f"g{g1.budgets[-1]}, mean over {len(rows)} seed(s)"))
+        x = one(strategy, top)
+        if x and slm:
+            out.append((f"Table 8: {strategy} / slm after fine-tuning (paper: 100 GPUh, 1M tokens)",
+                        P8[f"{r_key}_1m"] / P8["slm_1m"], x.ppl_macro / slm.ppl_macro, f"{where}, g{top}"))
+    return out
+
+
+def section_against_paper(configs: list[MeasuredConfig], g1: gt.G1, all_grids) -> str:
+    rows = against_paper(configs, g1, all_grids)
+    lines = ["Ratios, so that scale drops out: the paper's from its Tables 4 and 8 (docs/paper.md), ours from the "
+             "configurations named (seeds pooled). *Same side*: both ratios on the same side of 1 (the same "
+             "strategy wins); *ours / paper*: how far our ratio is from the paper's.", "",
+             "| quantity | paper | ours | ours / paper | same side of 1 | read from |", "|---|---|---|---|---|---|"]
+    for q, paper, ours, where in rows:
+        same = "-" if ours is None else ("yes" if (paper - 1) * (ours - 1) > 0 else "**no**")
+        lines.append(f"| {q} | {paper:.3f} | {_f(ours, '.3f')} | {_f(None if ours is None else ours / paper, '.2f')} "
+                     f"| {same} | {where} |")
+    lines += ["", "Figure 1 (the paper: at a small inference budget, importance sampling wins where the specialisation "
+              "budget is large, projected networks / mixtures where both budgets are small). Ours, at N = 1 on the "
+              "paper's axes, largest generic budget:", ""]
+    for sub, n, gs in all_grids:
+        g = gs[0]
+        if not g.generics or not g.specs:
+            continue
+        top = g.generics[-1]
+        small, large = g.cells[(top, g.specs[0])], g.cells[(top, g.specs[-1])]
+        if small.best is None and large.best is None:
+            continue
+        scope = "all domains" if sub is None else ", ".join(sub)
+        lines.append(f"- n{n:,}, {scope}: smallest S ({g.specs[0]}): {pa.cell_text(small)}; largest S "
+                     f"({g.specs[-1]}): {pa.cell_text(large)}. "
+                     + _figure1_agreement(small, large))
+    return "\n".join(lines)
+
+
+def _figure1_agreement(small: pa.AxesCell, large: pa.AxesCell) -> str:
+    parts = []
+    if small.best is not None:
+        ok = small.best.strategy in ("slm-mix", "slm-pn")
+        parts.append("small S " + ("agrees (an expert strategy wins)" if ok else
+                                   f"disagrees ({small.best.strategy} wins, the paper has slm-pn / slm-mix)"))
+    if large.best is not None:
+        ok = large.best.strategy == "slm-is"
+        parts.append("large S " + ("agrees (slm-is wins)" if ok else
+                                   f"disagrees ({large.best.strategy} wins, the paper has slm-is)"))
+    return "; ".join(parts) + "."
+
+
+def g_all(rows: list[dict], cfg) -> tuple[gt.G0, gt.G1, gt.G2]:
+    return gt.gate_g0(rows, cfg), gt.gate_g1(rows), gt.gate_g2(rows)
+
