@@ -149,6 +149,16 @@ def _write_inputs(tmp_path: Path) -> dict[str, Path]:
     return {"root": inp, "legal_count": len(rows["legal"])}
 
 
+def test_a_rebuild_in_the_same_workdir_replaces_every_part_whole(tmp_path):
+    first = B.build_sample_corpus(_cfg(tmp_path / "w", domains=("legal", "math")))
+    again = B.build_sample_corpus(_cfg(tmp_path / "w", domains=("legal",)))
+    corpus_dir = _cfg(tmp_path / "w").corpus_dir
+    assert C.list_domains(corpus_dir) == ["legal"]  # the dropped domain's folder went with the old parts
+    assert sorted(p.name for p in corpus_dir.iterdir() if p.name.startswith(".")) == []  # no staging left
+    files = sorted(str(p.relative_to(corpus_dir)) for p in corpus_dir.rglob("*.parquet"))
+    assert files == sorted(f"{k}.parquet" for k in again["parts"]) and set(again["parts"]) < set(first["parts"])
+
+
 def test_import_corpus_formats_and_globs(tmp_path):
     info = _write_inputs(tmp_path)
     inp = info["root"]

@@ -197,3 +197,27 @@ def test_an_atomic_folder_is_published_whole_or_not_at_all(tmp_path):
         (tmp / "first.txt").write_text("one")
         assert not dest.exists()  # nothing at the destination until the block ends
     assert [p.name for p in tmp_path.iterdir()] == ["unpacked"] and (dest / "first.txt").read_text() == "one"
+
+
+def test_an_atomic_folder_replaces_a_finished_one_whole(tmp_path):
+    from slmfactory.platform.stages import atomic_dir, replace_dir
+
+    dest = tmp_path / "step-00000040"
+    with atomic_dir(dest) as tmp:
+        (tmp / "state.json").write_text("first")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest) as tmp:
+            (tmp / "model.safetensors").write_text("half")
+            assert (dest / "state.json").read_text() == "first"  # the old one is served meanwhile
+            raise RuntimeError("killed mid-save")
+    assert [p.name for p in tmp_path.iterdir()] == [dest.name] and sorted(p.name for p in dest.iterdir()) == \
+        ["state.json"]
+    with atomic_dir(dest) as tmp:  # over a finished folder (os.replace alone refuses a non-empty one)
+        (tmp / "state.json").write_text("second")
+    assert [p.name for p in tmp_path.iterdir()] == [dest.name] and (dest / "state.json").read_text() == "second"
+    # A folder built elsewhere on the same filesystem (a download) swapped in for another.
+    (tmp_path / "download" / "model").mkdir(parents=True)
+    (tmp_path / "download" / "model" / "weights").write_text("new")
+    replace_dir(tmp_path / "download" / "model", dest)
+    assert [p.name for p in dest.iterdir()] == ["weights"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["download", dest.name]

@@ -81,7 +81,7 @@ from slmfactory.data.corpus_sources import (
     generic_plan,
 )
 from slmfactory.platform.errors import DataError
-from slmfactory.platform.stages import atomic_path, write_text_atomic
+from slmfactory.platform.stages import atomic_path, replace_dir, write_text_atomic
 
 if TYPE_CHECKING:
     from slmfactory.platform.config import RunConfig
@@ -471,9 +471,10 @@ def _write_parts(out: Path, parts: dict[str, list[Doc]], source_info: dict[str, 
                 print(f"  wrote {key}: {st['docs']} docs, {st['bytes'] / 1e6:.2f} MB", file=sys.stderr)
         manifest_path(out).unlink(missing_ok=True)
         for sub in ("generic", "domains"):
-            shutil.rmtree(out / sub, ignore_errors=True)
             if (stage / sub).exists():
-                os.replace(stage / sub, out / sub)
+                replace_dir(stage / sub, out / sub)
+            else:
+                shutil.rmtree(out / sub, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return manifest_parts

@@ -78,8 +78,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     ``with atomic_path(out) as tmp: pq.write_table(table, tmp)``"""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # pid and a random part: concurrent writers (processes or threads) never share one.
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp = _beside(dest, "tmp")
     try:
         yield tmp
         os.replace(tmp, dest)
@@ -88,6 +87,44 @@ def atomic_path(dest: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        raise
+
+
+def _beside(dest: Path, what: str) -> Path:
+    # pid and a random part: concurrent writers (processes or threads) never share one.
+    return dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.{what}")
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Put the complete folder ``src`` at ``dest`` (same filesystem), replacing what is
+    there: a reader sees the old ``dest`` or the new one, never a mix. The old one is moved
+    aside (one rename), the new one renamed in, then the old one removed; a kill between
+    the two renames leaves ``dest`` missing (never half-written) and the old one beside it."""
+    src, dest = Path(src), Path(dest)
+    old = _beside(dest, "old")
+    if dest.exists() or dest.is_symlink():
+        os.replace(dest, old)
+    os.replace(src, dest)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """A fresh empty folder beside ``dest`` to build a folder in: swapped in for ``dest``
+    (replacing a finished one, :func:`replace_dir`) when the block ends, removed when it
+    raises. :func:`atomic_path` for a folder that may already exist."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _beside(dest, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -181,11 +218,7 @@ class Stage:
             info = fn(work) or {}
             write_json_atomic(work / MARKER, {"kind": self.kind, "name": self.name, "key": self.key,
                                               "inputs": self.inputs, "info": info})
-            old = self.dir.with_name(f".{self.dir.name}.old-{os.getpid()}")
-            if self.dir.exists():
-                os.replace(self.dir, old)  # a stale unfinished folder, or the stage being replaced
-            os.replace(work, self.dir)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(work, self.dir)  # over a stale unfinished folder, or the stage being replaced
             return info
 
     def write(self, info: dict) -> dict:
