@@ -31,17 +31,19 @@ def main() -> None:
     base = load_config(args.config, parse_overrides(args.set))
 
     from slmfactory.pipeline import run_strategy
+    from slmfactory.trial import TrialRecord as R
 
     rows = []
     for domain in args.domains.split(","):
         for name in args.strategies.split(","):
             cfg = base.replace(**{"strategy.name": name, "data.domain": domain})
             t0 = time.perf_counter()
-            m = run_strategy(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))["metrics"]
-            rows.append({"strategy": name, "domain": domain, "params": int(m["params"]),
-                         "ppl_before": m.get("test_ppl_before"), "ppl_after": m[f"ppl/{domain}"],
-                         "generic_flops": m["cost/generic_flops"], "spec_flops": m["cost/spec_flops"],
-                         "inference_flops_per_token": m["cost/inference_flops_per_token"],
+            m = run_strategy(cfg, log=lambda m: print(m, file=sys.stderr, flush=True)).metrics
+            rows.append({"strategy": name, "domain": domain, "params": int(m[R.PARAMS]),
+                         "ppl_before": m.get(R.TEST_PPL_BEFORE), "ppl_after": m[R.ppl_metric(domain)],
+                         "generic_flops": m[R.cost_metric("generic", "flops")],
+                         "spec_flops": m[R.cost_metric("spec", "flops")],
+                         "inference_flops_per_token": m[R.INFERENCE_FLOPS_PER_TOKEN],
                          "wall_s": time.perf_counter() - t0})
             print(f"done {name}/{domain} in {rows[-1]['wall_s']:.0f}s", file=sys.stderr, flush=True)
     print(f"| strategy | domain | params | test ppl before FT | test ppl after FT | generic FLOPs | spec. FLOPs |")

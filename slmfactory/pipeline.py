@@ -22,7 +22,7 @@ from slmfactory.platform.config import RunConfig
 from slmfactory.platform.cost import PAPER, generic_under
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.runtime import ray_session
-from slmfactory.trial import log_trial, trial_of
+from slmfactory.trial import TrialRecord, log_trial, trial_of
 
 
 def ensure_corpus(cfg: RunConfig, build: bool, log: Callable[[str], None] = print) -> None:
@@ -43,7 +43,7 @@ def check_domain(cfg: RunConfig, domain: str) -> None:
                         f"(domains: {', '.join(domains)})")
 
 
-def run_trial(cfg: RunConfig, log: Callable[[str], None] | None = print, launcher=None) -> dict:
+def run_trial(cfg: RunConfig, log: Callable[[str], None] | None = print, launcher=None) -> TrialRecord:
     """The one driver of a trial, behind ``train``, ``demo`` and every sweep trial: prepare
     the stages the strategy needs, pretrain (or reuse) its generic phase, specialise it on
     ``data.domain``, evaluate; returns the trial's record (what MLflow logs). Every step
@@ -61,53 +61,57 @@ def run_trial(cfg: RunConfig, log: Callable[[str], None] | None = print, launche
     return trial_record(cfg, model, generic)
 
 
-def trial_record(cfg: RunConfig, model, generic) -> dict:
+def trial_record(cfg: RunConfig, model, generic) -> TrialRecord:
     """Tags, params, metrics (perplexity with its bootstrap interval, every cost figure,
     the budgets actually spent and the epochs over each phase's data) and curves of one
     trial. Labels carry the nominal budgets; ``spent/*`` what the trial trained."""
+    R = TrialRecord
     trial = trial_of(cfg)
     d = model.domain
-    nll = model.metrics["test_nll"]
-    metrics = {f"ppl/{d}": model.metrics["test_ppl"], "test_nll": nll,
+    nll = model.metrics[R.TEST_NLL]
+    metrics = {R.ppl_metric(d): model.metrics["test_ppl"], R.TEST_NLL: nll,
                # One domain here: exp(mean NLL) over domains is this trial's ppl; the report
                # takes the macro average over a configuration's trials.
-               "ppl_macro": math.exp(nll), "params": model.params,
-               "cost/inference_flops_per_token": model.inference_flops_per_token}
+               R.PPL_MACRO: math.exp(nll), R.PARAMS: model.params,
+               R.INFERENCE_FLOPS_PER_TOKEN: model.inference_flops_per_token}
     if "test_ppl_lo" in model.metrics:
-        metrics |= {f"ppl_lo/{d}": model.metrics["test_ppl_lo"], f"ppl_hi/{d}": model.metrics["test_ppl_hi"]}
-    for side, cost in (("generic", model.generic_cost), ("spec", model.spec_cost)):
-        metrics[f"cost/{side}_flops"] = cost.flops if cost is not None else 0.0
-        metrics[f"cost/{side}_device_hours"] = cost.device_hours if cost is not None else 0.0
-        metrics[f"cost/{side}_wall_seconds"] = cost.wall_seconds if cost is not None else 0.0
-        metrics[f"spent/{side}_tokens"] = float(trained_tokens(cost))
-    for n in (1, 7, 50):
-        metrics[f"cost/total_flops_N{n}"] = metrics["cost/generic_flops"] + n * metrics["cost/spec_flops"]
+        metrics |= {R.ppl_lo_metric(d): model.metrics["test_ppl_lo"], R.ppl_hi_metric(d): model.metrics["test_ppl_hi"]}
+    for side, cost in zip(R.SIDES, (model.generic_cost, model.spec_cost)):
+        for unit in R.COST_UNITS:
+            metrics[R.cost_metric(side, unit)] = getattr(cost, unit) if cost is not None else 0.0
+        metrics[R.spent_tokens_metric(side)] = float(trained_tokens(cost))
+    generic_flops, spec_flops = R.cost_metric("generic", "flops"), R.cost_metric("spec", "flops")
+    for n in R.AMORTISATION_N:
+        metrics[R.total_flops_metric(n)] = metrics[generic_flops] + n * metrics[spec_flops]
     # cost/* are measured; cost/paper_* the paper's convention (the generic corpus's embedding is nobody's).
     for unit in ("flops", "device_hours"):
-        embed = model.metrics.get(f"cost/clustering_generic_{unit}", 0.0)
-        metrics[f"cost/paper_generic_{unit}"] = generic_under(PAPER, metrics[f"cost/generic_{unit}"], embed)
-    for n in (1, 7, 50):
-        metrics[f"cost/paper_total_flops_N{n}"] = metrics["cost/paper_generic_flops"] + n * metrics["cost/spec_flops"]
+        embed = model.metrics.get(R.clustering_cost_metric("generic", unit), 0.0)
+        metrics[R.paper_cost_metric("generic", unit)] = generic_under(PAPER, metrics[R.cost_metric("generic", unit)],
+                                                                      embed)
+    for n in R.AMORTISATION_N:
+        metrics[R.total_flops_metric(n, paper=True)] = (metrics[R.paper_cost_metric("generic", "flops")]
+                                                        + n * metrics[spec_flops])
     metrics.update({k: float(v) for k, v in model.metrics.items() if isinstance(v, (int, float))
                     and k not in ("test_ppl", "test_ppl_lo", "test_ppl_hi")})
     for k, v in (generic.info.items() if generic is not None else []):
         if k.startswith(("routed_generic", "generic_valid", "generic_ppl", "teacher_generic_ppl")) \
                 and isinstance(v, (int, float)):
-            metrics[f"generic/{k}"] = float(v)
-    tags = {"strategy": model.strategy, "domain": d, "phase": "specialize",
-            "in_domain_tokens": str(cfg.data.domain_train_tokens), "generic_budget": trial.generic_label,
-            "spec_budget": trial.spec.label(), "settings": trial.settings_label, "device": cfg.device.name,
-            "generic_spent": f"{metrics['spent/generic_tokens']:.3g}T", "spec_spent": f"{metrics['spent/spec_tokens']:.3g}T",
-            "group": f"{model.strategy} g{trial.generic_label} s{trial.spec.label()} n{cfg.data.domain_train_tokens}"
+            metrics[R.generic_metric(k)] = float(v)
+    spent_generic, spent_spec = metrics[R.spent_tokens_metric("generic")], metrics[R.spent_tokens_metric("spec")]
+    tags = {R.STRATEGY: model.strategy, R.DOMAIN: d, R.PHASE: "specialize",
+            R.IN_DOMAIN_TOKENS: str(cfg.data.domain_train_tokens), R.GENERIC_BUDGET: trial.generic_label,
+            R.SPEC_BUDGET: trial.spec.label(), R.SETTINGS: trial.settings_label, R.DEVICE: cfg.device.name,
+            R.GENERIC_SPENT: f"{spent_generic:.3g}T", R.SPEC_SPENT: f"{spent_spec:.3g}T",
+            R.GROUP: f"{model.strategy} g{trial.generic_label} s{trial.spec.label()} n{cfg.data.domain_train_tokens}"
                      + (f" {trial.settings_label}" if trial.settings else "")}
     # What each training phase ran in (its precision and compile resolved: trainer.plan_execution).
     used = {k: v for cost in (model.generic_cost, model.spec_cost) if cost is not None
-            for k, v in cost.extra.items() if k.endswith((".precision_used", ".compile_used"))}
-    return {"name": trial.name, "key": trial.key, "tags": tags, "params": {**cfg.to_dict(), **used}, "metrics": metrics,
-            "curves": model.curves, "model_path": str(model.path)}
+            for k, v in cost.extra.items() if R.is_used_param(k)}
+    return TrialRecord(name=trial.name, key=trial.key, tags=tags, params={**cfg.to_dict(), **used}, metrics=metrics,
+                       model_path=str(model.path), curves=model.curves)
 
 
-def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str], None] = print) -> dict:
+def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str], None] = print) -> TrialRecord:
     """``slmfactory train``: one trial, logged to MLflow as one run, and printed."""
     # Bad input fails here, in a second, before a Ray session starts.
     ensure_corpus(cfg, build=False)
@@ -115,12 +119,12 @@ def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str]
     with ray_session(address):
         record = run_trial(cfg, log=log)
     if cfg.tracking.enabled:
-        log_trial(cfg, cfg.tracking.experiment, record["key"], record)
-    m = record["metrics"]
-    d = cfg.data.domain
-    log(f"{cfg.strategy.name} on {d}: test ppl {m[f'ppl/{d}']:.2f}"
-        + (f" (before fine-tuning {m['test_ppl_before']:.2f})" if "test_ppl_before" in m else ""))
-    log(f"cost: generic {m['cost/generic_flops']:.3e} FLOPs, specialisation {m['cost/spec_flops']:.3e} FLOPs, "
-        f"inference {m['cost/inference_flops_per_token']:.3e} FLOPs/token ({int(m['params']):,} parameters)")
-    log(f"model: {record['model_path']}")
+        log_trial(cfg, cfg.tracking.experiment, record.key, record)
+    m, R = record.metrics, TrialRecord
+    log(f"{cfg.strategy.name} on {cfg.data.domain}: test ppl {record.ppl:.2f}"
+        + (f" (before fine-tuning {m[R.TEST_PPL_BEFORE]:.2f})" if R.TEST_PPL_BEFORE in m else ""))
+    log(f"cost: generic {m[R.cost_metric('generic', 'flops')]:.3e} FLOPs, "
+        f"specialisation {m[R.cost_metric('spec', 'flops')]:.3e} FLOPs, "
+        f"inference {m[R.INFERENCE_FLOPS_PER_TOKEN]:.3e} FLOPs/token ({int(m[R.PARAMS]):,} parameters)")
+    log(f"model: {record.model_path}")
     return record

@@ -22,9 +22,9 @@ it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from slmfactory.platform.config import RunConfig
 from slmfactory.platform.errors import ConfigError
@@ -130,6 +130,178 @@ def trial_of(cfg: RunConfig) -> Trial:
                  budget_of(cfg.finetune), cfg.data.domain_train_tokens, settings)
 
 
+@dataclass
+class TrialRecord:
+    """One finished trial as its MLflow run holds it: tags, params, metrics, curves, the
+    exported model's folder and the trial's own start and end.
+
+    The record owns every name a trial's run carries: writers (the phase library, the
+    strategies, the driver) build metrics and tags under the names below, and readers (the
+    frontier, the sweep's registry aliases, the catalog, the study's CSV) look them up by the
+    same names, so renaming one is one edit here. It crosses from a Tune worker to the
+    driver as JSON (``to_dict``/``from_dict``) and is logged whole as the run's ``trial.json``.
+
+    Metrics a strategy adds beyond these (an expert's validation NLL, a resampling distance)
+    are logged under the name the strategy gives them."""
+
+    name: str
+    key: str
+    tags: dict[str, str]
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    model_path: str
+    """The exported model's folder (none there: the run logs no model)."""
+    curves: dict[str, list] = field(default_factory=dict)
+    """Metric name -> [(step, value)]."""
+    started_ms: int | None = None
+    ended_ms: int | None = None
+
+    # -- tags: what the MLflow UI filters and groups by -----------------------------------
+    STRATEGY: ClassVar[str] = "strategy"
+    DOMAIN: ClassVar[str] = "domain"
+    PHASE: ClassVar[str] = "phase"
+    IN_DOMAIN_TOKENS: ClassVar[str] = "in_domain_tokens"
+    GENERIC_BUDGET: ClassVar[str] = "generic_budget"
+    """The nominal budget's label (``Budget.label``; ``none`` without a generic phase)."""
+    SPEC_BUDGET: ClassVar[str] = "spec_budget"
+    SETTINGS: ClassVar[str] = "settings"
+    """``Trial.settings_label``: ``sweep.grid``'s keys and values in this trial."""
+    DEVICE: ClassVar[str] = "device"
+    GENERIC_SPENT: ClassVar[str] = "generic_spent"
+    SPEC_SPENT: ClassVar[str] = "spec_spent"
+    GROUP: ClassVar[str] = "group"
+    TRIAL_NAME: ClassVar[str] = "slmfactory.trial_name"
+
+    # -- metrics ------------------------------------------------------------------------
+    TEST_NLL: ClassVar[str] = "test_nll"
+    """Mean NLL per token on the domain's test sample (its exp is ``ppl/<domain>``)."""
+    TEST_NLL_SE: ClassVar[str] = "test_nll_se"
+    TEST_SEQUENCES: ClassVar[str] = "test_sequences"
+    TEST_PPL_BEFORE: ClassVar[str] = "test_ppl_before"
+    """Test perplexity of the model the fine-tune started from."""
+    PPL_MACRO: ClassVar[str] = "ppl_macro"
+    PARAMS: ClassVar[str] = "params"
+    INFERENCE_FLOPS_PER_TOKEN: ClassVar[str] = "cost/inference_flops_per_token"
+    VALID_NLL: ClassVar[str] = "valid_nll"
+    FINETUNE_STEPS: ClassVar[str] = "finetune_steps"
+    EPOCHS_GENERIC: ClassVar[str] = "epochs/generic"
+    EPOCHS_SPEC: ClassVar[str] = "epochs/spec"
+    EPOCHS_RESAMPLED_PRETRAIN: ClassVar[str] = "epochs/resampled_pretrain"
+    EPOCHS_RESAMPLED_WINDOW_REPEATS: ClassVar[str] = "epochs/resampled_window_repeats"
+    DOMAIN_ENTROPY: ClassVar[str] = "domain_entropy"
+    DOMAIN_ENTROPY_K: ClassVar[str] = "domain_entropy_k"
+    """How many clusters ``domain_entropy`` is over."""
+    TEACHER_TEST_PPL: ClassVar[str] = "teacher_test_ppl"
+    LORA_TRAINABLE_PARAMS: ClassVar[str] = "lora_trainable_params"
+    EXPERT: ClassVar[str] = "expert"
+    """The expert a mixture strategy specialised."""
+    GENERIC_PREFIX: ClassVar[str] = "generic/"
+    GENERIC_PPL: ClassVar[str] = "generic/generic_ppl"
+    """The generic phase's validation perplexity (routed for the expert strategies)."""
+    ROUTED_GENERIC_PPL: ClassVar[str] = "generic/routed_generic_ppl"
+    TEACHER_GENERIC_PPL: ClassVar[str] = "generic/teacher_generic_ppl"
+    GENERIC_VALID_NLL: ClassVar[str] = "generic/generic_valid_nll"
+    IS_SHARE: ClassVar[str] = "is_share"
+    """``is_share/<kind>/<name>``: shares of importance sampling's resampled tokens."""
+    IS_SHARE_KINDS: ClassVar[tuple[str, ...]] = ("source", "collection")
+
+    SIDES: ClassVar[tuple[str, ...]] = ("generic", "spec")
+    COST_UNITS: ClassVar[tuple[str, ...]] = ("flops", "device_hours", "wall_seconds")
+    AMORTISATION_N: ClassVar[tuple[int, ...]] = (1, 7, 50)
+    """The numbers of domains ``cost/total_flops_N<n>`` amortise the generic phase over."""
+    USED: ClassVar[tuple[str, ...]] = ("precision", "compile")
+    """``<phase>.<what>_used`` params: what each training phase ran in."""
+
+    # -- names built from a domain, a side or a unit ---------------------------------------
+    @staticmethod
+    def ppl_metric(domain: str) -> str:
+        """The test perplexity on ``domain`` (exp of ``test_nll``)."""
+        return f"ppl/{domain}"
+
+    @staticmethod
+    def ppl_lo_metric(domain: str) -> str:
+        """The lower end of the test perplexity's bootstrap interval."""
+        return f"ppl_lo/{domain}"
+
+    @staticmethod
+    def ppl_hi_metric(domain: str) -> str:
+        return f"ppl_hi/{domain}"
+
+    @staticmethod
+    def cost_metric(side: str, unit: str) -> str:
+        """``cost/generic_flops``, ``cost/spec_device_hours``, ...: the measured cost of a side
+        (``SIDES``) in a unit (``COST_UNITS``)."""
+        return f"cost/{side}_{unit}"
+
+    @staticmethod
+    def paper_cost_metric(side: str, unit: str) -> str:
+        """The cost under the paper's convention (the generic corpus's embedding is nobody's)."""
+        return f"cost/paper_{side}_{unit}"
+
+    @staticmethod
+    def clustering_cost_metric(side: str, unit: str) -> str:
+        """What embedding ``side``'s text for clustering cost (``generic`` or ``domain``)."""
+        return f"cost/clustering_{side}_{unit}"
+
+    @staticmethod
+    def total_flops_metric(n: int, paper: bool = False) -> str:
+        """Generic FLOPs plus ``n`` domains' specialisation FLOPs."""
+        return f"cost/{'paper_' if paper else ''}total_flops_N{n}"
+
+    @staticmethod
+    def spent_tokens_metric(side: str) -> str:
+        """The tokens a side actually trained on (its budget's label is the nominal one)."""
+        return f"spent/{side}_tokens"
+
+    @classmethod
+    def generic_metric(cls, info_key: str) -> str:
+        """A generic phase's figure (``generic_ppl``, ...) as the trial logs it."""
+        return f"{cls.GENERIC_PREFIX}{info_key}"
+
+    @classmethod
+    def is_share_metric(cls, kind: str, label: str) -> str:
+        return f"{cls.IS_SHARE}/{kind}/{label}"
+
+    @classmethod
+    def is_shares(cls, metrics: dict[str, float], kind: str) -> dict[str, float]:
+        """{label: share} of one ``IS_SHARE_KINDS`` kind, read back from a run's metrics."""
+        prefix = cls.is_share_metric(kind, "")
+        return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+    @staticmethod
+    def used_param(phase: str, what: str) -> str:
+        """``pretrain/slm.precision_used``: what a phase ran in (``what`` in ``USED``)."""
+        return f"{phase}.{what}_used"
+
+    @classmethod
+    def is_used_param(cls, name: str) -> bool:
+        return name.endswith(tuple(f".{what}_used" for what in cls.USED))
+
+    # -- the record itself ---------------------------------------------------------------
+    @property
+    def domain(self) -> str:
+        return self.tags[self.DOMAIN]
+
+    @property
+    def ppl(self) -> float:
+        """The test perplexity on the trial's domain."""
+        return self.metrics[self.ppl_metric(self.domain)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able dict (a Tune worker's report, the run's ``trial.json``); the trial's
+        times only once known."""
+        out = {"name": self.name, "key": self.key, "tags": self.tags, "params": self.params,
+               "metrics": self.metrics, "curves": self.curves, "model_path": self.model_path}
+        out |= {k: v for k, v in (("started_ms", self.started_ms), ("ended_ms", self.ended_ms)) if v is not None}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialRecord":
+        return cls(name=d["name"], key=d["key"], tags=dict(d["tags"]), params=dict(d["params"]),
+                   metrics=dict(d["metrics"]), model_path=d["model_path"], curves=dict(d.get("curves", {})),
+                   started_ms=d.get("started_ms"), ended_ms=d.get("ended_ms"))
+
+
 def find_trial_run(client, experiment_id: str, trial_key: str):
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_key}'",
                               max_results=5)
@@ -151,36 +323,36 @@ def _short_budget(label: str) -> str:
     return f"{v:.3g}" + ("F" if unit == "F" else "")
 
 
-def run_name(record: dict[str, Any]) -> str:
+def run_name(record: TrialRecord) -> str:
     """``slm-is legal 200k/32.8k``: strategy, domain, generic/specialisation budget (the full
     trial name stays in the ``slmfactory.trial_name`` tag)."""
-    t = record["tags"]
-    return (f"{t['strategy']} {t['domain']} {_short_budget(t.get('generic_budget', ''))}/"
-            f"{_short_budget(t.get('spec_budget', ''))}" + (f" {t['settings']}" if t.get("settings") else ""))
+    t, R = record.tags, TrialRecord
+    return (f"{t[R.STRATEGY]} {t[R.DOMAIN]} {_short_budget(t.get(R.GENERIC_BUDGET, ''))}/"
+            f"{_short_budget(t.get(R.SPEC_BUDGET, ''))}" + (f" {t[R.SETTINGS]}" if t.get(R.SETTINGS) else ""))
 
 
-def log_trial(cfg, experiment: str, trial_key: str, record: dict[str, Any], parent_run_id: str | None = None) -> str:
+def log_trial(cfg, experiment: str, trial_key: str, record: TrialRecord, parent_run_id: str | None = None) -> str:
     """Log (or complete) the one run of ``trial_key``, nested under the sweep's run
     ``parent_run_id`` when given; returns its run id."""
     client = client_for(cfg.tracking_uri)
     existing = find_trial_run(client, ensure_experiment(client, cfg.tracking_uri, experiment), trial_key)
-    if existing is not None and existing.info.status == "FINISHED" and "ppl_macro" in existing.data.metrics:
+    if existing is not None and existing.info.status == "FINISHED" and TrialRecord.PPL_MACRO in existing.data.metrics:
         return existing.info.run_id  # logged in full already
     nested = {PARENT_TAG: parent_run_id} if parent_run_id else {}
     tracker = MlflowTracker(cfg.tracking_uri, experiment, run_name(record), tags=nested,
                             run_id=existing.info.run_id if existing is not None else None,
-                            start_time=record.get("started_ms"))
-    tracker.set_tags({TRIAL_TAG: trial_key, "slmfactory.trial_name": record["name"], **nested, **record["tags"]})
-    tracker.log_params(record["params"])
+                            start_time=record.started_ms)
+    tracker.set_tags({TRIAL_TAG: trial_key, TrialRecord.TRIAL_NAME: record.name, **nested, **record.tags})
+    tracker.log_params(record.params)
     # Final metrics stamped at the trial's end: the UI's time axes are the trial's own.
-    tracker.log_metrics(record["metrics"], timestamp=record.get("ended_ms"))
-    for name, points in record.get("curves", {}).items():
+    tracker.log_metrics(record.metrics, timestamp=record.ended_ms)
+    for name, points in record.curves.items():
         for step, value in points:
             tracker.log_metrics({name: value}, step=int(step))
-    model = Path(record["model_path"])
-    if model.is_dir():
+    model = Path(record.model_path)
+    if record.model_path and model.is_dir():
         tracker.log_artifact(model, "model")
-        register_model(tracker, f"{experiment}-{record['tags']['domain']}", "model")
-    tracker.log_dict(record, "trial.json")
-    tracker.close(end_time=record.get("ended_ms"))
+        register_model(tracker, f"{experiment}-{record.domain}", "model")
+    tracker.log_dict(record.to_dict(), "trial.json")
+    tracker.close(end_time=record.ended_ms)
     return tracker.run_id

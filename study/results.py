@@ -31,39 +31,40 @@ import numpy as np
 from slmfactory.analysis import frontier
 from slmfactory.analysis.frontier import COST_UNITS, MeasuredConfig, generic_ppl
 from slmfactory.platform.errors import DataError
-from slmfactory.trial import TRIAL_TAG
+from slmfactory.trial import TRIAL_TAG, TrialRecord as R
 
 # (CSV column, MLflow metric) for the per-trial metrics copied verbatim.
 METRIC_COLUMNS = (
-    ("params", "params"),
-    ("inference_flops_per_token", "cost/inference_flops_per_token"),
-    ("test_nll", "test_nll"),
-    ("test_nll_se", "test_nll_se"),
-    ("test_sequences", "test_sequences"),
-    ("ppl_before", "test_ppl_before"),
-    ("routed_generic_ppl", "generic/routed_generic_ppl"),
-    ("teacher_generic_ppl", "generic/teacher_generic_ppl"),
-    ("teacher_test_ppl", "teacher_test_ppl"),
-    ("generic_flops", "cost/generic_flops"),
-    ("spec_flops", "cost/spec_flops"),
-    ("generic_device_hours", "cost/generic_device_hours"),
-    ("spec_device_hours", "cost/spec_device_hours"),
-    ("generic_wall_seconds", "cost/generic_wall_seconds"),
-    ("spec_wall_seconds", "cost/spec_wall_seconds"),
-    ("clustering_generic_flops", "cost/clustering_generic_flops"),
-    ("clustering_generic_device_hours", "cost/clustering_generic_device_hours"),
-    ("spent_generic_tokens", "spent/generic_tokens"),
-    ("spent_spec_tokens", "spent/spec_tokens"),
-    ("epochs_generic", "epochs/generic"),
-    ("epochs_spec", "epochs/spec"),
-    ("epochs_resampled_pretrain", "epochs/resampled_pretrain"),
-    ("finetune_steps", "finetune_steps"),
-    ("domain_entropy", "domain_entropy"),
-    ("lora_trainable_params", "lora_trainable_params"),
+    ("params", R.PARAMS),
+    ("inference_flops_per_token", R.INFERENCE_FLOPS_PER_TOKEN),
+    ("test_nll", R.TEST_NLL),
+    ("test_nll_se", R.TEST_NLL_SE),
+    ("test_sequences", R.TEST_SEQUENCES),
+    ("ppl_before", R.TEST_PPL_BEFORE),
+    ("routed_generic_ppl", R.ROUTED_GENERIC_PPL),
+    ("teacher_generic_ppl", R.TEACHER_GENERIC_PPL),
+    ("teacher_test_ppl", R.TEACHER_TEST_PPL),
+    ("generic_flops", R.cost_metric("generic", "flops")),
+    ("spec_flops", R.cost_metric("spec", "flops")),
+    ("generic_device_hours", R.cost_metric("generic", "device_hours")),
+    ("spec_device_hours", R.cost_metric("spec", "device_hours")),
+    ("generic_wall_seconds", R.cost_metric("generic", "wall_seconds")),
+    ("spec_wall_seconds", R.cost_metric("spec", "wall_seconds")),
+    ("clustering_generic_flops", R.clustering_cost_metric("generic", "flops")),
+    ("clustering_generic_device_hours", R.clustering_cost_metric("generic", "device_hours")),
+    ("spent_generic_tokens", R.spent_tokens_metric("generic")),
+    ("spent_spec_tokens", R.spent_tokens_metric("spec")),
+    ("epochs_generic", R.EPOCHS_GENERIC),
+    ("epochs_spec", R.EPOCHS_SPEC),
+    ("epochs_resampled_pretrain", R.EPOCHS_RESAMPLED_PRETRAIN),
+    ("finetune_steps", R.FINETUNE_STEPS),
+    ("domain_entropy", R.DOMAIN_ENTROPY),
+    ("lora_trainable_params", R.LORA_TRAINABLE_PARAMS),
 )
 # Metrics named after the trial's domain: ppl/<domain>, ppl_lo/<domain>, ppl_hi/<domain>.
 DOMAIN_COLUMNS = ("ppl", "ppl_lo", "ppl_hi")
-TAG_COLUMNS = ("strategy", "domain", "generic_budget", "spec_budget", "in_domain_tokens", "settings")
+_DOMAIN_METRICS = (R.ppl_metric, R.ppl_lo_metric, R.ppl_hi_metric)
+TAG_COLUMNS = (R.STRATEGY, R.DOMAIN, R.GENERIC_BUDGET, R.SPEC_BUDGET, R.IN_DOMAIN_TOKENS, R.SETTINGS)
 COLUMNS = (("run_id", "trial_key") + TAG_COLUMNS + ("pretrain_seed",) + DOMAIN_COLUMNS + ("generic_ppl",)
            + tuple(c for c, _ in METRIC_COLUMNS) + ("domain_entropy_k", "start_ms", "end_ms"))
 _UNIT_COLUMNS = {"flops": ("generic_flops", "spec_flops"),
@@ -98,18 +99,18 @@ def fill_entropy_k(rows: list[dict[str, Any]], cfg) -> tuple[list[dict[str, Any]
 def row_from_run(run) -> dict[str, Any]:
     """One flat row from an MLflow trial run (None where a metric was not logged)."""
     t, m = run.data.tags, run.data.metrics
-    d = t["domain"]
+    d = t[R.DOMAIN]
     row: dict[str, Any] = {"run_id": run.info.run_id, "trial_key": t.get(TRIAL_TAG, "")}
     row.update({k: t.get(k, "") for k in TAG_COLUMNS})
     row["in_domain_tokens"] = int(row["in_domain_tokens"])
     row["pretrain_seed"] = frontier.parse_settings(row["settings"]).get("pretrain.seed", "")
-    for col in DOMAIN_COLUMNS:
-        row[col] = m.get(f"{col}/{d}")
+    for col, metric in zip(DOMAIN_COLUMNS, _DOMAIN_METRICS):
+        row[col] = m.get(metric(d))
     row["generic_ppl"] = generic_ppl(m)
     row.update({col: m.get(metric) for col, metric in METRIC_COLUMNS})
     row["domain_entropy_k"] = None
     if row["domain_entropy"] is not None:
-        k = m.get("domain_entropy_k")
+        k = m.get(R.DOMAIN_ENTROPY_K)
         k = k if k is not None else frontier.entropy_clusters(row["strategy"], run.data.params)
         row["domain_entropy_k"] = None if k is None else float(k)
     row["start_ms"], row["end_ms"] = run.info.start_time, run.info.end_time
@@ -131,7 +132,7 @@ def export_rows(uri: str, experiment: str) -> list[dict[str, Any]]:
         raise DataError(f"MLflow experiment {experiment!r} not found at {uri}")
     runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
                               max_results=50000)
-    rows = [row_from_run(r) for r in runs if TRIAL_TAG in r.data.tags and "test_nll" in r.data.metrics]
+    rows = [row_from_run(r) for r in runs if TRIAL_TAG in r.data.tags and R.TEST_NLL in r.data.metrics]
     return sorted(rows, key=_sort_key)
 
 

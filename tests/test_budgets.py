@@ -144,7 +144,7 @@ def test_two_seeds_are_two_mlflow_runs(tmp_path):
     land in (and be skipped as) one run."""
     from mlflow.tracking import MlflowClient
 
-    from slmfactory.trial import log_trial
+    from slmfactory.trial import TrialRecord, log_trial
 
     cfg = demo(**{"workdir": str(tmp_path), "sweep.grid": {"finetune.seed": [0, 1]}, "strategy.name": "slm",
                   "data.domain": "legal"})
@@ -152,9 +152,9 @@ def test_two_seeds_are_two_mlflow_runs(tmp_path):
     for seed in (0, 1):
         tcfg = cfg.replace(**{"finetune.seed": seed})
         trial = trial_of(tcfg)
-        record = {"name": trial.name, "key": trial.key, "params": {"finetune.seed": seed},
-                  "tags": {"strategy": "slm", "domain": "legal", "settings": trial.settings_label},
-                  "metrics": {"ppl_macro": 100.0 + seed}, "model_path": str(tmp_path / "none")}
+        record = TrialRecord(name=trial.name, key=trial.key, params={"finetune.seed": seed},
+                             tags={"strategy": "slm", "domain": "legal", "settings": trial.settings_label},
+                             metrics={"ppl_macro": 100.0 + seed}, model_path=str(tmp_path / "none"))
         ids.add(log_trial(tcfg, "budgets", trial.key, record))
     runs = MlflowClient(cfg.tracking_uri).search_runs(
         [MlflowClient(cfg.tracking_uri).get_experiment_by_name("budgets").experiment_id])

@@ -482,7 +482,7 @@ def test_slm_is_trial_logs_where_its_resampled_text_came_from(clustered):
         res = resample(cfg, "legal", get_strategy("slm-is").resample_tokens(cfg), progress=False)
     finally:
         _shutdown_ray()
-    run_id = log_trial(cfg, "is-provenance", record["key"], record)
+    run_id = log_trial(cfg, "is-provenance", record.key, record)
     metrics = MlflowClient(cfg.tracking_uri).get_run(run_id).data.metrics
     by_source = {k.split("/", 2)[2]: v for k, v in metrics.items() if k.startswith("is_share/source/")}
     by_coll = {k.split("/", 2)[2]: v for k, v in metrics.items() if k.startswith("is_share/collection/")}

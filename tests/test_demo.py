@@ -30,10 +30,10 @@ def test_demo_runs_the_platform_and_a_rerun_trains_nothing(tiny_cfg):
     records = out["outcome"].records
     assert len(records) == 4
     # Every specialised model is a plain HF folder with its cost record.
-    rec = next(r for r in records.values() if r["tags"]["strategy"] == "slm")
-    model = AutoModelForCausalLM.from_pretrained(rec["model_path"])
-    assert model.num_parameters() == rec["metrics"]["params"]
-    meta = json.loads((Path(rec["model_path"]) / "slmfactory.json").read_text())
+    rec = next(r for r in records.values() if r.tags["strategy"] == "slm")
+    model = AutoModelForCausalLM.from_pretrained(rec.model_path)
+    assert model.num_parameters() == rec.metrics["params"]
+    meta = json.loads((Path(rec.model_path) / "slmfactory.json").read_text())
     assert meta["spec_cost"]["flops"] > 0 and meta["generic_cost"]["flops"] > 0
 
     markers = {p: p.stat().st_mtime_ns for p in (cfg.root / "train").glob("*/stage.json")}

@@ -129,7 +129,7 @@ def test_mlflow_params_carry_the_setting_and_what_each_phase_ran_in(tiny_cfg, tm
                              params=1, inference_flops_per_token=1.0,
                              metrics={"test_nll": 2.0, "test_ppl": math.exp(2.0)})
     record = trial_record(cfg, model, None)
-    run_id = log_trial(cfg, "precision-test", record["key"], record)
+    run_id = log_trial(cfg, "precision-test", record.key, record)
     params = mlflow.MlflowClient(cfg.tracking_uri).get_run(run_id).data.params
     assert params["pretrain.precision"] == "bf16" and params["pretrain.compile"] == "auto"
     assert params["pretrain/slm.precision_used"] == "bf16" and params["pretrain/slm.compile_used"] == "eager"

@@ -36,7 +36,7 @@ def served(tiny_root, tmp_path_factory):
     cfg = load_config(tiny, overrides)
     folders = {}
     for d in DOMAINS:
-        folders[d] = Path(run_trial(cfg.replace(**{"data.domain": d}), log=None)["model_path"])
+        folders[d] = Path(run_trial(cfg.replace(**{"data.domain": d}), log=None).model_path)
     broken = work / "models" / "broken-vintage"
     broken.mkdir(parents=True)
     (broken / "slmfactory.json").write_text(json.dumps({"domain": "vintage", "strategy": "slm", "params": 1,

@@ -45,7 +45,7 @@ import numpy as np
 
 from slmfactory.platform.cost import MEASURED, PAPER, check_convention, generic_under
 from slmfactory.platform.errors import DataError, SlmFactoryError
-from slmfactory.trial import TRIAL_TAG
+from slmfactory.trial import TRIAL_TAG, TrialRecord
 
 AMORTISATION_N = (1, 7, 50)
 
@@ -60,6 +60,9 @@ UNIT_LABEL = {"flops": "FLOPs", "device-hours": "device-hours"}
 
 
 _COST_METRIC = {"flops": "flops", "device-hours": "device_hours"}
+_SPENT_METRICS = (TrialRecord.spent_tokens_metric("generic"), TrialRecord.spent_tokens_metric("spec"),
+                  TrialRecord.EPOCHS_GENERIC, TrialRecord.EPOCHS_SPEC)
+"""What each phase trained on: tokens spent and epochs over its data (generic, then spec)."""
 
 
 MAX_BUDGET_BINS = 4
@@ -203,12 +206,13 @@ def entropy_clusters(strategy: str, params: dict[str, Any]) -> int | None:
 def generic_ppl(m: dict[str, float]) -> float | None:
     """The generic phase's validation perplexity: the contract's ``generic/generic_ppl``
     (routed for slm-mix/slm-pn) first; runs logged before it carry the phase's own names."""
-    if "generic/generic_ppl" in m:
-        return m["generic/generic_ppl"]
-    if "generic/routed_generic_ppl" in m:
-        return m["generic/routed_generic_ppl"]
-    if "generic/generic_valid_nll" in m:
-        return math.exp(m["generic/generic_valid_nll"])
+    R = TrialRecord
+    if R.GENERIC_PPL in m:
+        return m[R.GENERIC_PPL]
+    if R.ROUTED_GENERIC_PPL in m:
+        return m[R.ROUTED_GENERIC_PPL]
+    if R.GENERIC_VALID_NLL in m:
+        return math.exp(m[R.GENERIC_VALID_NLL])
     return None
 
 
@@ -231,34 +235,35 @@ def load_configs(uri: str, experiment: str) -> list[MeasuredConfig]:
                               max_results=50000)
     groups: dict[tuple, MeasuredConfig] = {}
     spent: dict[tuple, dict[str, list[float]]] = {}
+    R = TrialRecord
     for r in runs:
         t, m = r.data.tags, r.data.metrics
-        if TRIAL_TAG not in t or "test_nll" not in m:
+        if TRIAL_TAG not in t or R.TEST_NLL not in m:
             continue
-        settings = t.get("settings", "")
-        key = (t["strategy"], t["generic_budget"], t["spec_budget"], int(t["in_domain_tokens"]), settings)
-        c = groups.setdefault(key, MeasuredConfig(*key, params=int(m["params"]),
-                                                  inference=m["cost/inference_flops_per_token"],
+        settings = t.get(R.SETTINGS, "")
+        key = (t[R.STRATEGY], t[R.GENERIC_BUDGET], t[R.SPEC_BUDGET], int(t[R.IN_DOMAIN_TOKENS]), settings)
+        c = groups.setdefault(key, MeasuredConfig(*key, params=int(m[R.PARAMS]),
+                                                  inference=m[R.INFERENCE_FLOPS_PER_TOKEN],
                                                   costs={}, ppl={}, nll={}))
-        d = t["domain"]
-        c.ppl[d], c.nll[d] = m[f"ppl/{d}"], m["test_nll"]
-        for name, target in (("test_nll_se", c.se), (f"ppl_lo/{d}", c.ppl_lo), (f"ppl_hi/{d}", c.ppl_hi),
-                             ("test_ppl_before", c.ppl_before), ("domain_entropy", c.entropy)):
+        d = t[R.DOMAIN]
+        c.ppl[d], c.nll[d] = m[R.ppl_metric(d)], m[R.TEST_NLL]
+        for name, target in ((R.TEST_NLL_SE, c.se), (R.ppl_lo_metric(d), c.ppl_lo), (R.ppl_hi_metric(d), c.ppl_hi),
+                             (R.TEST_PPL_BEFORE, c.ppl_before), (R.DOMAIN_ENTROPY, c.entropy)):
             if name in m:
                 target[d] = m[name]
-        if "domain_entropy" in m:
-            k = m.get("domain_entropy_k")
-            k = k if k is not None else entropy_clusters(t["strategy"], r.data.params)
+        if R.DOMAIN_ENTROPY in m:
+            k = m.get(R.DOMAIN_ENTROPY_K)
+            k = k if k is not None else entropy_clusters(t[R.STRATEGY], r.data.params)
             c.entropy_k = None if k is None else int(k)
         c.generic_ppl = generic_ppl(m) if c.generic_ppl is None else c.generic_ppl
         acc = spent.setdefault(key, {})
         for unit, metric in _COST_METRIC.items():
-            if f"cost/spec_{metric}" in m:
-                acc.setdefault(f"g:{unit}", []).append(m.get(f"cost/generic_{metric}", 0.0))
-                acc.setdefault(f"s:{unit}", []).append(m[f"cost/spec_{metric}"])
-            if f"cost/clustering_generic_{metric}" in m:
-                acc.setdefault(f"e:{unit}", []).append(m[f"cost/clustering_generic_{metric}"])
-        for name in ("spent/generic_tokens", "spent/spec_tokens", "epochs/generic", "epochs/spec"):
+            if R.cost_metric("spec", metric) in m:
+                acc.setdefault(f"g:{unit}", []).append(m.get(R.cost_metric("generic", metric), 0.0))
+                acc.setdefault(f"s:{unit}", []).append(m[R.cost_metric("spec", metric)])
+            if R.clustering_cost_metric("generic", metric) in m:
+                acc.setdefault(f"e:{unit}", []).append(m[R.clustering_cost_metric("generic", metric)])
+        for name in _SPENT_METRICS:
             if name in m:
                 acc.setdefault(name, []).append(m[name])
     if not groups:
@@ -269,10 +274,8 @@ def load_configs(uri: str, experiment: str) -> list[MeasuredConfig]:
         # paid per domain (the mean over domains).
         c.costs = {u: (max(acc[f"g:{u}"]), float(np.mean(acc[f"s:{u}"]))) for u in COST_UNITS if f"s:{u}" in acc}
         c.embed_generic = {u: max(acc[f"e:{u}"]) for u in COST_UNITS if f"e:{u}" in acc}
-        c.spent_generic = _mean(acc.get("spent/generic_tokens", []))
-        c.spent_spec = _mean(acc.get("spent/spec_tokens", []))
-        c.epochs_generic = _mean(acc.get("epochs/generic", []))
-        c.epochs_spec = _mean(acc.get("epochs/spec", []))
+        c.spent_generic, c.spent_spec, c.epochs_generic, c.epochs_spec = (_mean(acc.get(name, []))
+                                                                          for name in _SPENT_METRICS)
     # Macro perplexity compares like with like: keep configurations measured on every domain.
     domains = set().union(*(c.nll for c in groups.values()))
     configs = [c for c in groups.values() if set(c.nll) == domains]

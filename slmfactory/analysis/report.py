@@ -29,6 +29,7 @@ from slmfactory.analysis.frontier import (
 )
 from slmfactory.platform.cost import CONVENTION_DOC, COST_CONVENTIONS, MEASURED, PAPER
 from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment
+from slmfactory.trial import TrialRecord
 
 REPORT_TAG = "slmfactory.report"
 
@@ -131,9 +132,6 @@ def table_entropy(configs: list[MeasuredConfig]) -> str:
     return "\n".join(parts) or "(no slm-mix/slm-pn configuration with a logged domain entropy and a matching slm)"
 
 
-IS_SHARE = "is_share/"
-
-
 def table_is_provenance(uri: str, experiment: str, top: int = 6) -> str:
     """Where importance sampling drew its text: per finished ``slm-is`` trial run (domain,
     in-domain size, spec. budget, settings), the shares of its resampled pretraining tokens by
@@ -142,15 +140,14 @@ def table_is_provenance(uri: str, experiment: str, top: int = 6) -> str:
     client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED' and "
-                              "tags.strategy = 'slm-is'", max_results=50000) if exp is not None else []
-    rows = []
+                              f"tags.{TrialRecord.STRATEGY} = 'slm-is'", max_results=50000) if exp is not None else []
+    rows, R = [], TrialRecord
     for r in runs:
         t, m = r.data.tags, r.data.metrics
-        by = {kind: {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith(f"{IS_SHARE}{kind}/")}
-              for kind in ("source", "collection")}
-        if "domain" in t and by["source"]:
-            rows.append((t["domain"], int(t.get("in_domain_tokens", 0)), t.get("spec_budget", ""),
-                         t.get("settings", ""), by))
+        by = {kind: R.is_shares(m, kind) for kind in R.IS_SHARE_KINDS}
+        if R.DOMAIN in t and by["source"]:
+            rows.append((t[R.DOMAIN], int(t.get(R.IN_DOMAIN_TOKENS, 0)), t.get(R.SPEC_BUDGET, ""),
+                         t.get(R.SETTINGS, ""), by))
     if not rows:
         return "(no finished slm-is trial with logged resampled shares)"
 

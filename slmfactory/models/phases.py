@@ -32,6 +32,7 @@ from slmfactory.platform.config import RunConfig, TrainConfig, from_dict
 from slmfactory.platform.cost import (
     CostRecord, TRAIN, Work, inference_flops_per_token, model_flop_terms, train_flops_per_token)
 from slmfactory.platform.stages import Stage
+from slmfactory.trial import TrialRecord
 
 
 
@@ -314,7 +315,7 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
     corpus is generic cost, charged here to a strategy with no generic phase (slm-is; the
     experts' generic phases carry it themselves). The domain's cluster entropy is logged.
     """
-    cfg = ctx.cfg
+    cfg, R = ctx.cfg, TrialRecord
     spec_cost = dataclasses.replace(fit.result.cost, phase=f"specialize/{strategy}/{domain}")
     if extra_spec_cost is not None:
         spec_cost = spec_cost + extra_spec_cost
@@ -324,11 +325,11 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
         spec_cost = spec_cost + embed_domain
         if generic is None:
             generic_cost = embed_generic
-        extra_metrics = {"domain_entropy": float(clusters.entropy(domain)),
-                         "domain_entropy_k": float(clusters.cfg.cluster.k),
-                         "cost/clustering_generic_flops": embed_generic.flops,
-                         "cost/clustering_generic_device_hours": embed_generic.device_hours,
-                         "cost/clustering_domain_flops": embed_domain.flops, **(extra_metrics or {})}
+        extra_metrics = {R.DOMAIN_ENTROPY: float(clusters.entropy(domain)),
+                         R.DOMAIN_ENTROPY_K: float(clusters.cfg.cluster.k),
+                         R.clustering_cost_metric("generic", "flops"): embed_generic.flops,
+                         R.clustering_cost_metric("generic", "device_hours"): embed_generic.device_hours,
+                         R.clustering_cost_metric("domain", "flops"): embed_domain.flops, **(extra_metrics or {})}
     stage = Stage.of(cfg.root, "models", f"{strategy}/{domain}", version=EXPORT_VERSION, weights=fit.stage_key,
                      test=data.test_identity())
 
@@ -345,13 +346,15 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
         return info
 
     info = stage.build(export)
-    metrics = {"test_nll": info["test_nll"], "test_ppl": info["test_ppl"], "valid_nll": fit.result.best_valid_nll,
-               "finetune_steps": fit.result.steps, "epochs/spec": fit.result.epochs, **(extra_metrics or {})}
-    metrics |= {k: info[k] for k in ("test_nll_se", "test_ppl_lo", "test_ppl_hi", "test_sequences")}
+    # test_ppl (and its interval) become the trial record's ppl/<domain> (pipeline.trial_record).
+    metrics = {R.TEST_NLL: info["test_nll"], "test_ppl": info["test_ppl"], R.VALID_NLL: fit.result.best_valid_nll,
+               R.FINETUNE_STEPS: fit.result.steps, R.EPOCHS_SPEC: fit.result.epochs, **(extra_metrics or {})}
+    metrics |= {R.TEST_NLL_SE: info["test_nll_se"], "test_ppl_lo": info["test_ppl_lo"],
+                "test_ppl_hi": info["test_ppl_hi"], R.TEST_SEQUENCES: info["test_sequences"]}
     if generic is not None and "epochs" in generic.info:
-        metrics["epochs/generic"] = float(generic.info["epochs"])
+        metrics[R.EPOCHS_GENERIC] = float(generic.info["epochs"])
     if before_ppl is not None:
-        metrics["test_ppl_before"] = before_ppl
+        metrics[R.TEST_PPL_BEFORE] = before_ppl
     curves = {"finetune/valid_nll": fit.result.valid_history, "finetune/train_loss": fit.result.train_history}
     if generic is not None:
         curves |= {f"generic/{k}": generic.info[k] for k in ("valid_history", "train_history") if k in generic.info}

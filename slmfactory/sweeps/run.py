@@ -39,13 +39,13 @@ from slmfactory.platform.errors import SlmFactoryError
 from slmfactory.platform.runtime import ray_session
 from slmfactory.sweeps.plan import SweepPlan, describe, hours, plan_sweep, size_generic_pool
 from slmfactory.sweeps.tracking import ensure_sweep_run, finish_sweep_run, update_champions
-from slmfactory.trial import experiment_name, log_trial
+from slmfactory.trial import TrialRecord, experiment_name, log_trial
 
 @dataclass
 class SweepOutcome:
     plan: SweepPlan
     experiment: str
-    records: dict[str, dict]
+    records: dict[str, TrialRecord]
     """Trial key -> the trial's record (metrics, tags, model path)."""
     seconds: float
 
@@ -65,8 +65,8 @@ def _trainable(config: dict) -> None:
     started = int(time.time() * 1000)
     record = run_trial(cfg, log=None)
     # The trial's own start and end: its MLflow run carries them (the driver logs it later).
-    record["started_ms"], record["ended_ms"] = started, int(time.time() * 1000)
-    tune.report({"ppl": record["metrics"][f"ppl/{cfg.data.domain}"], "record": json.dumps(record)})
+    record.started_ms, record.ended_ms = started, int(time.time() * 1000)
+    tune.report({"ppl": record.ppl, "record": json.dumps(record.to_dict())})
 
 
 def eta_seconds(seconds_per_flop: float | None, running: list[float], pending_flops: list[float],
@@ -213,7 +213,7 @@ def _last_error(trial) -> str:
         return f"see {trial.local_path}"
 
 
-def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records: dict[str, dict],
+def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records: dict[str, TrialRecord],
                   parent_run_id: str | None = None):
     from ray import tune
 
@@ -231,12 +231,12 @@ def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records:
             if "record" not in result:
                 progress.running = max(0, progress.running - 1)
                 return
-            record = json.loads(result["record"])
+            record = TrialRecord.from_dict(json.loads(result["record"]))
             key = trial.config["trial"]
             records[key] = record
             if cfg.tracking.enabled:
                 log_trial(cfg, experiment_name(cfg), key, record, parent_run_id=parent_run_id)
-            progress.finished_ok(key, names.get(key, key), record["metrics"]["ppl_macro"])
+            progress.finished_ok(key, names.get(key, key), record.metrics[TrialRecord.PPL_MACRO])
 
         def on_trial_error(self, iteration, trials, trial, **info):
             key = trial.config.get("trial")
@@ -287,7 +287,7 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
         return None
     path = sweep_dir(cfg, plan.name)
     t0 = time.perf_counter()
-    records: dict[str, dict] = {}
+    records: dict[str, TrialRecord] = {}
     # The experiment state is saved every second (trials last minutes): a killed driver
     # loses at most that much bookkeeping, and --resume knows every finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
@@ -344,7 +344,7 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
             progress.close()  # the live table (a terminal only) stops, its last state left on screen
         for r in results:
             if r.error is None and r.metrics and "record" in r.metrics:
-                records.setdefault(r.config["trial"], json.loads(r.metrics["record"]))
+                records.setdefault(r.config["trial"], TrialRecord.from_dict(json.loads(r.metrics["record"])))
         failed = [r for r in results if r.error is not None]
     if parent is not None:
         update_champions(cfg.tracking_uri, experiment_name(cfg), cfg.sweep.inference_caps, log)

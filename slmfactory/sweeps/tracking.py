@@ -21,6 +21,7 @@ from typing import Any
 
 from slmfactory.platform.recipe_schema import show_yaml
 from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment
+from slmfactory.trial import TrialRecord
 
 SWEEP_TAG = "slmfactory.sweep"
 CHAMPION = "champion"
@@ -81,10 +82,11 @@ def update_champions(uri: str, experiment: str, inference_caps=(), log=None) -> 
             except MlflowException:
                 continue  # the run was deleted
             m, t = run.data.metrics, run.data.tags
-            d = t.get("domain")
-            if run.info.status != "FINISHED" or d is None or f"ppl/{d}" not in m or "params" not in m:
+            d = t.get(TrialRecord.DOMAIN)
+            ppl_name = TrialRecord.ppl_metric(d)
+            if run.info.status != "FINISHED" or d is None or ppl_name not in m or TrialRecord.PARAMS not in m:
                 continue
-            scored.append((m[f"ppl/{d}"], m["params"], int(mv.version)))
+            scored.append((m[ppl_name], m[TrialRecord.PARAMS], int(mv.version)))
         if not scored:
             continue
         held = dict(client.get_registered_model(rm.name).aliases or {})
@@ -115,10 +117,10 @@ def trial_model_uri(uri: str, experiment: str, tags: dict[str, str]) -> tuple[st
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    want = {k: v for k, v in tags.items() if k != "settings"}
+    want = {k: v for k, v in tags.items() if k != TrialRecord.SETTINGS}
     flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in want.items())
     for run in client.search_runs([exp.experiment_id], filter_string=flt + " and attributes.status = 'FINISHED'"):
-        if run.data.tags.get("settings", "") != tags.get("settings", ""):
+        if run.data.tags.get(TrialRecord.SETTINGS, "") != tags.get(TrialRecord.SETTINGS, ""):
             continue
         for mv in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
             # search results carry no aliases; the version itself does
@@ -143,22 +145,26 @@ def log_report_to_sweep(uri: str, experiment: str, out: Path, report: dict[str, 
     run_id = run.info.run_id
     client.log_artifacts(run_id, str(out), "report")
     client.log_text(run_id, report["recommendation"], "recommendation.md")
-    # cost/* measured, cost/paper_* the paper's convention (docs/costs.md).
-    rows = {"configuration": [], "strategy": [], "params": [], "ppl_macro": [], "cost/generic_flops": [],
-            "cost/spec_flops_per_domain": [], "cost/total_flops_N7": [], "cost/paper_generic_flops": [],
-            "cost/paper_total_flops_N7": []}
+    # cost/* measured, cost/paper_* the paper's convention (docs/costs.md); the columns a
+    # trial also logs carry the trial record's names.
+    R = TrialRecord
+    generic, total, paper_generic, paper_total = (R.cost_metric("generic", "flops"), R.total_flops_metric(7),
+                                                  R.paper_cost_metric("generic", "flops"),
+                                                  R.total_flops_metric(7, paper=True))
+    rows = {"configuration": [], "strategy": [], R.PARAMS: [], R.PPL_MACRO: [], generic: [],
+            "cost/spec_flops_per_domain": [], total: [], paper_generic: [], paper_total: []}
     for c in report.get("configs", []):
         rows["configuration"].append(getattr(c, "label", c.strategy))
         rows["strategy"].append(c.strategy)
-        rows["params"].append(int(c.params))
-        rows["ppl_macro"].append(round(float(c.ppl_macro), 3))
+        rows[R.PARAMS].append(int(c.params))
+        rows[R.PPL_MACRO].append(round(float(c.ppl_macro), 3))
         g, s = c.costs.get("flops", (0.0, 0.0))
-        rows["cost/generic_flops"].append(float(g))
+        rows[generic].append(float(g))
         rows["cost/spec_flops_per_domain"].append(float(s))
-        rows["cost/total_flops_N7"].append(float(g) + 7 * float(s))
+        rows[total].append(float(g) + 7 * float(s))
         paper = c.costs_in("paper").get("flops", (0.0, 0.0))
-        rows["cost/paper_generic_flops"].append(float(paper[0]))
-        rows["cost/paper_total_flops_N7"].append(float(paper[0]) + 7 * float(paper[1]))
+        rows[paper_generic].append(float(paper[0]))
+        rows[paper_total].append(float(paper[0]) + 7 * float(paper[1]))
     if rows["strategy"]:
         client.log_table(run_id, data=rows, artifact_file="configurations.json")
     return run_id

@@ -24,6 +24,7 @@ from slmfactory.models.strategies.llm import LargeModel
 from slmfactory.models.trainer import Trainer
 from slmfactory.platform.cost import model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import ConfigError
+from slmfactory.trial import TrialRecord
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -96,4 +97,4 @@ class LargeModelLoRA(LargeModel):
         # Fold B·A·(alpha/r) into the frozen weights: a plain LlamaForCausalLM again.
         model = peft_model.merge_and_unload()
         return finish(ctx, self.name, domain, model, fit, generic, data, before,
-                      extra_metrics={"lora_trainable_params": trainable, "lora_rank": s.rank})
+                      extra_metrics={TrialRecord.LORA_TRAINABLE_PARAMS: trainable, "lora_rank": s.rank})

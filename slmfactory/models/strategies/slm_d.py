@@ -38,6 +38,7 @@ from slmfactory.platform.config import from_dict
 from slmfactory.platform.cost import INFERENCE, TRAIN, Work, inference_flops_per_token, model_flop_terms
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.stages import Stage
+from slmfactory.trial import TrialRecord
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,6 +198,6 @@ class Distillation(Strategy):
                                  distill_temperature=s.distill_temperature)
         return finish(ctx, self.name, domain, model, fit, generic, data, before,
                       extra_spec_cost=fit_t.result.cost,
-                      extra_metrics={"teacher_test_ppl": teacher_test_ppl,
+                      extra_metrics={TrialRecord.TEACHER_TEST_PPL: teacher_test_ppl,
                                      "teacher_finetune_flops": fit_t.result.flops,
                                      "student_finetune_flops": fit.result.flops})

@@ -29,6 +29,7 @@ from slmfactory.models.phases import (
 from slmfactory.models.strategies.base import (
     GenericArtifact, SpecializedModel, Strategy, StrategyContext, register)
 from slmfactory.platform.errors import ConfigError
+from slmfactory.trial import TrialRecord
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,8 +104,9 @@ class ImportanceSampling(Strategy):
                       extra_metrics={"resample_tv_distance": float(res.tv_distance),
                                      "resample_pretrain_flops": pre.cost.flops,
                                      "resample_pretrain_valid_nll": pre.info["generic_valid_nll"],
-                                     "epochs/resampled_pretrain": float(pre.info.get("epochs", 0.0)),
+                                     TrialRecord.EPOCHS_RESAMPLED_PRETRAIN: float(pre.info.get("epochs", 0.0)),
                                      # Importance resampling draws with replacement: a window drawn
                                      # n times is read n times per pass (repeats, not fresh text).
-                                     "epochs/resampled_window_repeats": res.windows / max(1, res.unique_windows),
+                                     TrialRecord.EPOCHS_RESAMPLED_WINDOW_REPEATS:
+                                         res.windows / max(1, res.unique_windows),
                                      **share_metrics(res)})

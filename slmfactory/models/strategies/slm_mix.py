@@ -39,6 +39,7 @@ from slmfactory.models.strategies.base import (
 from slmfactory.platform.cost import INFERENCE, CostRecord, Work, inference_flops_per_token, model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.stages import Stage
+from slmfactory.trial import TrialRecord
 
 SELECTION_RULES = ("most-frequent", "best-before-finetune", "best-after-finetune")
 
@@ -169,7 +170,7 @@ class HardMixture(Strategy):
         before = evaluate_ppl(cfg, load_lm(cfg, "slm", experts[chosen]), data.test_sample())[1]
         model, fit = fits[chosen] if chosen in fits else \
             finetune_lm(ctx, "slm", experts[chosen], data, f"{self.name}/{domain}/e{chosen}")
-        metrics["expert"] = chosen
+        metrics[TrialRecord.EXPERT] = chosen
         return finish(ctx, self.name, domain, model, fit, generic, data, before, extra_spec_cost=extra_cost,
                       clusters=expert_clusters(cfg, self.settings(cfg).experts, domains=True),
                       extra_metrics=metrics)

@@ -40,6 +40,7 @@ from slmfactory.models.trainer import Trainer
 from slmfactory.platform.cost import TRAIN, Work, model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import ConfigError, DataError
 from slmfactory.platform.stages import Stage
+from slmfactory.trial import TrialRecord
 
 
 PN_VERSION = "slm-pn-v2"  # v2: coefficients scaled by κ (an expert's step matches the SLM's)
@@ -177,5 +178,5 @@ class ProjectedNetwork(Strategy):
         model, fit = finetune_lm(ctx, "slm", Weights(str(init.path("model.safetensors")), init.key), data,
                                  f"{self.name}/{domain}")
         return finish(ctx, self.name, domain, model, fit, generic, data, before, clusters=clusters,
-                      extra_metrics={"expert": expert,
+                      extra_metrics={TrialRecord.EXPERT: expert,
                                      "domain_share_of_expert": float(clusters.histogram(domain)[expert])})

@@ -1,0 +1,228 @@
+"""The trial record: one set of names from the writers (the phase library's metrics, the
+driver's record) through MLflow to every reader (the frontier, the study's CSV export, the
+serving catalog, the registry's aliases, the resampling table), and the names runs already
+stored carry."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from slmfactory.platform.config import load_config
+from slmfactory.platform.cost import CostRecord
+from slmfactory.platform.stages import Stage
+from slmfactory.trial import TRIAL_TAG, TrialRecord as R, log_trial
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.yaml"
+
+STORED_METRICS = {
+    # The committed study CSV's column -> the MLflow name its runs were logged under. Every
+    # stored run (the committed CSVs, a running study's store, the demo's cached runs) carries
+    # these names: renaming one orphans them, so a rename must fail here first.
+    "ppl": "ppl/legal",
+    "ppl_lo": "ppl_lo/legal",
+    "ppl_hi": "ppl_hi/legal",
+    "generic_ppl": "generic/generic_ppl",
+    "params": "params",
+    "inference_flops_per_token": "cost/inference_flops_per_token",
+    "test_nll": "test_nll",
+    "test_nll_se": "test_nll_se",
+    "test_sequences": "test_sequences",
+    "ppl_before": "test_ppl_before",
+    "routed_generic_ppl": "generic/routed_generic_ppl",
+    "teacher_generic_ppl": "generic/teacher_generic_ppl",
+    "teacher_test_ppl": "teacher_test_ppl",
+    "generic_flops": "cost/generic_flops",
+    "spec_flops": "cost/spec_flops",
+    "generic_device_hours": "cost/generic_device_hours",
+    "spec_device_hours": "cost/spec_device_hours",
+    "generic_wall_seconds": "cost/generic_wall_seconds",
+    "spec_wall_seconds": "cost/spec_wall_seconds",
+    "clustering_generic_flops": "cost/clustering_generic_flops",
+    "clustering_generic_device_hours": "cost/clustering_generic_device_hours",
+    "spent_generic_tokens": "spent/generic_tokens",
+    "spent_spec_tokens": "spent/spec_tokens",
+    "epochs_generic": "epochs/generic",
+    "epochs_spec": "epochs/spec",
+    "epochs_resampled_pretrain": "epochs/resampled_pretrain",
+    "finetune_steps": "finetune_steps",
+    "domain_entropy": "domain_entropy",
+    "domain_entropy_k": "domain_entropy_k",
+    "lora_trainable_params": "lora_trainable_params",
+}
+STORED_TAGS = ("strategy", "domain", "generic_budget", "spec_budget", "in_domain_tokens", "settings")
+IDENTITY_COLUMNS = ("run_id", "trial_key", "pretrain_seed", "start_ms", "end_ms")
+
+
+def committed_csvs() -> list[Path]:
+    return sorted((REPO / "docs").glob("study*-runs.csv"))
+
+
+def record_for(cfg, domain: str, nll: float, tmp_path: Path) -> R:
+    """The record the driver builds (``pipeline.trial_record``) for a slm-is-like trial on
+    ``domain``: the model's metrics under the names the phase library and the strategies write,
+    a generic phase with its validation figures, and an exported model folder to register."""
+    from slmfactory.models.strategies.base import GenericArtifact, SpecializedModel
+    from slmfactory.pipeline import trial_record
+
+    cfg = cfg.replace(**{"data.domain": domain})
+    generic_cost = CostRecord(phase="generic/slm", tokens=4000, flops=2e12, wall_seconds=30.0, device_hours=0.5,
+                              extra={R.used_param("pretrain/slm", "precision"): "bf16",
+                                     R.used_param("pretrain/slm", "compile"): "eager"})
+    spec_cost = CostRecord(phase=f"specialize/slm/{domain}", tokens=1000, flops=3e10 if domain == "legal" else 5e10,
+                           wall_seconds=4.0, device_hours=0.01)
+    generic = GenericArtifact("slm", Stage.of(tmp_path, "generic", "slm", domain=domain), generic_cost,
+                              {"generic_ppl": 90.0, "routed_generic_ppl": 85.0, "teacher_generic_ppl": 60.0,
+                               "generic_valid_nll": 4.5, "epochs": 0.5})
+    folder = tmp_path / f"model-{domain}"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    metrics = {R.TEST_NLL: nll, "test_ppl": math.exp(nll), "test_ppl_lo": math.exp(nll - 0.02),
+               "test_ppl_hi": math.exp(nll + 0.02), R.TEST_NLL_SE: 0.01, R.TEST_SEQUENCES: 64.0,
+               R.TEST_PPL_BEFORE: math.exp(nll + 0.5), R.VALID_NLL: nll, R.FINETUNE_STEPS: 40.0,
+               R.EPOCHS_SPEC: 1.5, R.EPOCHS_GENERIC: 0.5, R.EPOCHS_RESAMPLED_PRETRAIN: 2.0,
+               R.DOMAIN_ENTROPY: 1.25, R.DOMAIN_ENTROPY_K: 16.0, R.TEACHER_TEST_PPL: 30.0,
+               R.LORA_TRAINABLE_PARAMS: 1234.0, R.clustering_cost_metric("generic", "flops"): 1e11,
+               R.clustering_cost_metric("generic", "device_hours"): 0.05,
+               R.is_share_metric("source", "doc-debian"): 0.75, R.is_share_metric("source", "manpages"): 0.25,
+               R.is_share_metric("collection", "docs"): 1.0}
+    model = SpecializedModel(strategy="slm-is", domain=domain, path=folder, generic_cost=generic_cost,
+                             spec_cost=spec_cost, params=123456, inference_flops_per_token=2.5e5, metrics=metrics,
+                             curves={"finetune/valid_nll": [[1, nll + 1.0], [2, nll]]})
+    return trial_record(cfg, model, generic)
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """Two domains' records logged by ``log_trial`` into one sqlite store."""
+    tmp = tmp_path_factory.mktemp("trial")
+    cfg = load_config(DEMO, {"workdir": str(tmp), "strategy.name": "slm-is", "tracking.enabled": True})
+    records = {d: record_for(cfg, d, nll, tmp) for d, nll in (("legal", 3.0), ("code", 2.5))}
+    run_ids = {d: log_trial(cfg, "trial-record", r.key, r) for d, r in records.items()}
+    return cfg, records, run_ids
+
+
+def test_a_record_crosses_as_json_and_comes_back_equal(tmp_path):
+    """What a Tune worker reports (``to_dict`` as JSON) is what the driver logs
+    (``from_dict``), times included once known."""
+    cfg = load_config(DEMO, {"workdir": str(tmp_path), "strategy.name": "slm-is"})
+    record = record_for(cfg, "legal", 3.0, tmp_path)
+    assert "started_ms" not in record.to_dict()
+    record.started_ms, record.ended_ms = 1_000, 2_000
+    back = R.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert back == record
+    assert back.ppl == record.metrics["ppl/legal"] == pytest.approx(math.exp(3.0))
+    assert list(back.to_dict()) == ["name", "key", "tags", "params", "metrics", "curves", "model_path",
+                                    "started_ms", "ended_ms"]
+
+
+def test_the_driver_writes_every_name_the_readers_read(tmp_path):
+    """Each name a reader looks up is in the record the driver builds, with the value the
+    writer gave it."""
+    cfg = load_config(DEMO, {"workdir": str(tmp_path), "strategy.name": "slm-is"})
+    record = record_for(cfg, "legal", 3.0, tmp_path)
+    m, t, d = record.metrics, record.tags, record.domain
+    read = [R.ppl_metric(d), R.ppl_lo_metric(d), R.ppl_hi_metric(d), R.TEST_NLL, R.TEST_NLL_SE, R.TEST_SEQUENCES,
+            R.TEST_PPL_BEFORE, R.PPL_MACRO, R.PARAMS, R.INFERENCE_FLOPS_PER_TOKEN, R.FINETUNE_STEPS,
+            R.EPOCHS_GENERIC, R.EPOCHS_SPEC, R.EPOCHS_RESAMPLED_PRETRAIN, R.DOMAIN_ENTROPY, R.DOMAIN_ENTROPY_K,
+            R.TEACHER_TEST_PPL, R.LORA_TRAINABLE_PARAMS, R.GENERIC_PPL, R.ROUTED_GENERIC_PPL,
+            R.TEACHER_GENERIC_PPL, R.GENERIC_VALID_NLL,
+            *(R.cost_metric(side, unit) for side in R.SIDES for unit in R.COST_UNITS),
+            *(R.spent_tokens_metric(side) for side in R.SIDES),
+            *(R.clustering_cost_metric("generic", unit) for unit in ("flops", "device_hours")),
+            *(R.paper_cost_metric("generic", unit) for unit in ("flops", "device_hours")),
+            *(R.total_flops_metric(n, paper) for n in R.AMORTISATION_N for paper in (False, True))]
+    assert not [name for name in read if name not in m]
+    assert m[R.ppl_metric(d)] == pytest.approx(math.exp(3.0)) and m[R.ppl_lo_metric(d)] == pytest.approx(math.exp(2.98))
+    assert m[R.GENERIC_PPL] == 90.0 and m[R.cost_metric("spec", "flops")] == 3e10
+    assert m[R.total_flops_metric(7)] == 2e12 + 7 * 3e10
+    assert m[R.total_flops_metric(7, paper=True)] == pytest.approx(2e12 - 1e11 + 7 * 3e10)
+    assert R.is_shares(m, "source") == {"doc-debian": 0.75, "manpages": 0.25}
+    assert not [name for name in (R.STRATEGY, R.DOMAIN, R.PHASE, R.IN_DOMAIN_TOKENS, R.GENERIC_BUDGET,
+                                  R.SPEC_BUDGET, R.SETTINGS, R.DEVICE, R.GENERIC_SPENT, R.SPEC_SPENT, R.GROUP)
+                if name not in t]
+    assert record.params[R.used_param("pretrain/slm", "precision")] == "bf16"
+    # The model-level perplexity names are the driver's input only, never logged as such.
+    assert not {"test_ppl", "test_ppl_lo", "test_ppl_hi"} & set(m)
+
+
+def test_the_readers_get_back_what_the_driver_logged(logged):
+    """Logged through MLflow, the record reaches each reader under the same names: the
+    frontier's configuration, the study's CSV row, the serving catalog, the champion alias
+    and the importance-sampling table all carry the record's values."""
+    from mlflow.tracking import MlflowClient
+
+    from slmfactory.analysis.frontier import load_configs
+    from slmfactory.analysis.report import table_is_provenance
+    from slmfactory.serving.catalog import from_mlflow
+    from slmfactory.sweeps.tracking import update_champions
+    from study import results
+
+    cfg, records, run_ids = logged
+    uri = cfg.tracking_uri
+    run = MlflowClient(uri).get_run(run_ids["legal"])
+    legal = records["legal"]
+    assert run.data.tags[TRIAL_TAG] == legal.key and run.data.tags[R.TRIAL_NAME] == legal.name
+    assert {k: run.data.tags[k] for k in legal.tags} == legal.tags
+    assert {k: run.data.metrics[k] for k in legal.metrics} == legal.metrics
+    # Logged in full: logging the same trial again finds its run by ppl_macro and adds nothing.
+    assert log_trial(cfg, "trial-record", legal.key, legal) == run_ids["legal"]
+
+    (config,) = load_configs(uri, "trial-record")
+    for d, r in records.items():
+        m = r.metrics
+        assert config.ppl[d] == m[R.ppl_metric(d)] and config.nll[d] == m[R.TEST_NLL]
+        assert (config.ppl_lo[d], config.ppl_hi[d]) == (m[R.ppl_lo_metric(d)], m[R.ppl_hi_metric(d)])
+        assert config.se[d] == m[R.TEST_NLL_SE] and config.ppl_before[d] == m[R.TEST_PPL_BEFORE]
+        assert config.entropy[d] == m[R.DOMAIN_ENTROPY]
+    assert config.entropy_k == 16 and config.generic_ppl == 90.0 and config.params == 123456
+    assert config.costs["flops"] == (2e12, pytest.approx(4e10)) and config.embed_generic["flops"] == 1e11
+    assert (config.spent_generic, config.epochs_generic, config.epochs_spec) == (4000.0, 0.5, 1.5)
+
+    rows = {r["domain"]: r for r in results.export_rows(uri, "trial-record")}
+    for column, metric in results.METRIC_COLUMNS:
+        assert rows["legal"][column] == legal.metrics[metric], column
+    assert (rows["legal"]["ppl"], rows["legal"]["generic_ppl"]) == (legal.ppl, 90.0)
+    assert rows["legal"]["domain_entropy_k"] == 16.0
+
+    best = from_mlflow(uri, "trial-record")
+    assert best["code"].test_ppl == records["code"].ppl and best["code"].params == 123456
+    champions = update_champions(uri, "trial-record")
+    assert champions == {"trial-record-legal": {"champion": 1}, "trial-record-code": {"champion": 1}}
+    assert "75% doc-debian, 25% manpages" in table_is_provenance(uri, "trial-record")
+
+
+def test_the_names_are_the_ones_stored_runs_carry():
+    """The committed study CSVs' columns and the MLflow names their runs carry: the tags are
+    columns by name, and the CSV export reads each metric column from the same name the
+    record writes. A renamed metric or tag fails here (and would orphan every stored run)."""
+    from study import results
+
+    csvs = committed_csvs()
+    assert csvs, "no committed study CSV under docs/"
+    for csv in csvs:
+        header = csv.read_text().split("\n", 1)[0].split(",")
+        # Every column is the run's identity, a tag or a metric of the table above (a CSV
+        # exported before a metric existed lacks its column).
+        assert set(STORED_TAGS) <= set(header), csv.name
+        assert set(header) - set(STORED_TAGS) - set(STORED_METRICS) == set(IDENTITY_COLUMNS), csv.name
+    assert set(STORED_METRICS) | set(STORED_TAGS) | set(IDENTITY_COLUMNS) == set(results.COLUMNS)
+    assert (R.STRATEGY, R.DOMAIN, R.GENERIC_BUDGET, R.SPEC_BUDGET, R.IN_DOMAIN_TOKENS, R.SETTINGS) == STORED_TAGS
+    assert results.TAG_COLUMNS == STORED_TAGS
+    by_column = dict(results.METRIC_COLUMNS) | {"ppl": R.ppl_metric("legal"), "ppl_lo": R.ppl_lo_metric("legal"),
+                                                "ppl_hi": R.ppl_hi_metric("legal"), "generic_ppl": R.GENERIC_PPL,
+                                                "domain_entropy_k": R.DOMAIN_ENTROPY_K}
+    assert {c: by_column[c] for c in STORED_METRICS} == STORED_METRICS
+
+
+def test_the_resampling_shares_are_written_under_the_records_name():
+    """``is_share/*`` is written on the data layer (the resampler, below the record): its
+    prefix is the record's."""
+    from slmfactory.data.resample import SHARE_PREFIX
+
+    assert SHARE_PREFIX == R.IS_SHARE
+    assert R.is_share_metric("source", "x") == "is_share/source/x"
