@@ -142,9 +142,9 @@ class G1:
 
     def extrapolated_budget(self, strategy: str) -> float | None:
         """Where a log-log line through seed 0's two ratios reaches 1 (generic tokens), when the
-        ratio falls and is still above 1: an extrapolation of two points, not a prediction."""
+        verdict is *falling toward 1*: an extrapolation of two points, not a prediction."""
         pts = {r.budget: r.ratio for r in self.rows if r.strategy == strategy and r.seed == "0"}
-        if len(self.budgets) < 2 or not all(b in pts for b in self.budgets[-2:]):
+        if self.verdicts.get(strategy) != FALLING or not all(b in pts for b in self.budgets[-2:]):
             return None
         (b2, r2), (b1, r1) = [(budget_value(b), pts[b]) for b in self.budgets[-2:]]
         if not (r2 > r1 > 1):

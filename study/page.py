@@ -526,6 +526,7 @@ def _with_current_sections(parts: list[str], rows: list[dict], configs: list[Mea
     did not show and the disagreements with the paper after the scale gap."""
     g0, g1, g2 = sections.g_all(rows, cfg)
     grids = paper_axes.grids(rows, configs)
+    subsets = sections.subset_claims(rows, configs)
 
     def before(header: str, *new: str) -> None:
         i = next(k for k, x in enumerate(parts) if x.startswith(header))
@@ -533,12 +534,14 @@ def _with_current_sections(parts: list[str], rows: list[dict], configs: list[Mea
 
     before("## Decision gate (claims 2 and 5)", "## Gates G0, G1, G2: how the grid was sized and which regimes it "
            "reached", "", sections.section_gates(rows, cfg, g0, g1, g2), "")
+    before("## Perplexity before and after fine-tuning", "## Claims 1 and 4 where slm-is ran at large budgets "
+           "(domain subsets)", "", sections.section_subset_claims(subsets), "")
     before("## Figure 1 and amortisation", "## Generic tokens per parameter and epochs", "",
            sections.section_tokens_per_param(rows), "")
     before("## LoRA beside full fine-tuning", "## Figure 1 on the paper's axes: generic x specialisation budget at "
-           "the SLM's size (N = 1, 7, 50)", "", sections.section_paper_axes(rows, grids, fig_rel), "")
+           "the SLM's size (N = 1, 7, 50)", "", sections.section_paper_axes(rows, grids, fig_rel, configs), "")
     before("## Wall time of the study", "## The claims that did not show: what stops each, and what would reach it",
-           "", sections.section_shortfall(claims, configs, g1, g2), "",
+           "", sections.section_shortfall(claims, configs, g1, g2, subsets), "",
            "## Where our numbers disagree with the paper's, and by how much", "",
            sections.section_against_paper(configs, g1, grids), "")
     earlier = "; ".join(f"[{page}]({page}) ({what}, `{recipe}`)" for page, recipe, what in EARLIER_PAGES)

@@ -130,12 +130,22 @@ def paper_axes_grid(configs: list[MeasuredConfig], in_domain: int, n_domains: in
     return AxesGrid(n_domains, in_domain, domains, generics, specs, cells, c_gen, c_spec)
 
 
+SUBSET_MIN_CONFIGS = 2
+"""A domain subset gets its own grid when at least this many configurations were measured on
+exactly it: a planned subset (slm-is and slm-nopt at their large budgets), not one unfinished
+configuration caught part-way through its domains."""
+
+
 def domain_subsets(rows: list[dict]) -> list[tuple[str, ...]]:
-    """The proper subsets of the domains on which some configuration was measured without the
-    others (slm-is on three domains, on one), largest first: each gets its own grid."""
+    """The proper subsets of the domains on which configurations were measured without the
+    others (slm-is on three domains, on one; at least ``SUBSET_MIN_CONFIGS`` of them), largest
+    first: each gets its own grid."""
     domains = tuple(sorted({r["domain"] for r in rows}))
-    subsets = {ds for ds in _measured_on(rows).values() if ds and ds != domains}
-    return sorted(subsets, key=lambda t: (-len(t), t))
+    count: dict[tuple[str, ...], int] = {}
+    for ds in _measured_on(rows).values():
+        if ds and ds != domains:
+            count[ds] = count.get(ds, 0) + 1
+    return sorted((ds for ds, k in count.items() if k >= SUBSET_MIN_CONFIGS), key=lambda t: (-len(t), t))
 
 
 def subset_configs(rows: list[dict], domains: tuple[str, ...]) -> list[MeasuredConfig]:
@@ -188,6 +198,9 @@ def cell_text(cell: AxesCell, markdown: bool = True) -> str:
         r = cell.runner_up
         text += (" (tie: " if cell.tie else " (next: ") + f"{r.strategy}" + (
             f" s{r.spec_budget}" if r.spec_budget != cell.spec else "") + f" {r.ppl_macro:.2f})"
+    is_ = next((c for c in cell.contenders[2:] if c.strategy == "slm-is"), None)
+    if is_ is not None:  # importance sampling is the paper's answer at large S: always shown
+        text += f"; slm-is" + (f" s{is_.spec_budget}" if is_.spec_budget != cell.spec else "") + f" {is_.ppl_macro:.2f}"
     return text
 
 

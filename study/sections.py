@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from slmfactory.analysis.frontier import MeasuredConfig, pool_seeds
+from slmfactory.platform.cost import PAPER
 from study import claims as rc
 from study import gates as gt
 from study import paper_axes as pa
@@ -164,8 +165,32 @@ def section_tokens_per_param(rows: list[dict]) -> str:
 
 # -- Figure 1 on the paper's axes ---------------------------------------------------------
 
-def section_paper_axes(rows: list[dict], all_grids, fig_rel: str) -> str:
+def section_generic_cost_ratios(configs: list[MeasuredConfig]) -> str:
+    """Each generic-phase strategy's generic FLOPs (paper's convention) against slm's at the same
+    generic budget: what the grid's placement by tokens leaves out of the x axis."""
+    slm = {}
+    for c in configs:
+        if c.strategy == "slm" and c.has_cost(pa.COST, PAPER):
+            slm[c.generic_budget] = min(c.generic(pa.COST, PAPER), slm.get(c.generic_budget, math.inf))
+    seen: dict[tuple, float] = {}
+    cap = rc.small_params(configs) or 0
+    for c in configs:
+        if c.strategy not in pa.NO_GENERIC and c.strategy != "slm" and c.generic_budget in slm and c.params <= cap \
+                and c.has_cost(pa.COST, PAPER):
+            seen.setdefault((c.strategy, c.generic_budget), c.generic(pa.COST, PAPER))
+    if not seen:
+        return ""
+    cells = "; ".join(f"{s} at {g}: {v / slm[g]:.2f}x" for (s, g), v in
+                      sorted(seen.items(), key=lambda kv: (kv[0][0], budget_value(kv[0][1]))))
+    return (f"Generic FLOPs against slm's at the same generic budget (paper's convention): {cells}. A strategy "
+            "whose ratio is above 1 paid more than the column's c_generic(G) for its place in it.")
+
+
+def section_paper_axes(rows: list[dict], all_grids, fig_rel: str, configs: list[MeasuredConfig] = ()) -> str:
     out = [pa_md(pa.__doc__), ""]
+    ratios = section_generic_cost_ratios(list(configs))
+    if ratios:
+        out += [ratios, ""]
     for sub, n, gs in all_grids:
         where = (f"all {len(gs[0].domains)} domains" if sub is None else
                  f"the {len(sub)} domain(s) {', '.join(sub)} only (configurations measured on them; macro perplexity "
@@ -208,7 +233,42 @@ def _slm_tpp(configs: list[MeasuredConfig], budget: str | None) -> float | None:
     return c.spent_generic / c.params if c else None
 
 
-def section_shortfall(claims: list[rc.Claim], configs: list[MeasuredConfig], g1: gt.G1, g2: gt.G2) -> str:
+def subset_claims(rows: list[dict], configs: list[MeasuredConfig]) -> list[tuple[tuple[str, ...], list[rc.Claim]]]:
+    """Claims 1 and 4 on each domain subset where slm-is ran at a specialisation budget measured
+    on that subset only (the full-domain claims cannot see it): the same rules, on the
+    configurations measured on every domain of the subset, macro perplexity over it."""
+    full = {(c.strategy, c.spec_budget, c.in_domain) for c in configs}
+    out = []
+    for sub in pa.domain_subsets(rows):
+        sub_configs = pa.subset_configs(rows, sub)
+        if not any(c.strategy == "slm-is" and (c.strategy, c.spec_budget, c.in_domain) not in full
+                   for c in sub_configs):
+            continue
+        pooled = pool_seeds(sub_configs)
+        out.append((sub, [rc.claim_is_best_small(pooled), rc.claim_is_loses_with_n(pooled)]))
+    return out
+
+
+def section_subset_claims(subsets: list[tuple[tuple[str, ...], list[rc.Claim]]]) -> str:
+    from study.page import section_claims
+
+    if not subsets:
+        return ("slm-is ran at no specialisation budget measured on a subset of the domains only: claims 1 and 4 "
+                "above see all of its configurations.")
+    out = ["The verdict table and *Claims in detail* use the configurations measured on every domain; slm-is's "
+           "large specialisation budgets ran on a subset of the domains, so claims 1 and 4 are decided again on each "
+           "subset, by the same rules, among the configurations measured on all of its domains (macro perplexity "
+           "over those domains only).", ""]
+    for sub, claims in subsets:
+        out += [f"### On {', '.join(sub)}", "",
+                "| # | claim | verdict | the two deciding numbers |", "|---|---|---|---|"]
+        out += [f"| {c.number} | {c.statement} | **{c.verdict}** | {' vs '.join(c.numbers) or '-'} |" for c in claims]
+        out += ["", section_claims(claims).replace("### Claim", "#### Claim")]
+    return "\n".join(out)
+
+
+def section_shortfall(claims: list[rc.Claim], configs: list[MeasuredConfig], g1: gt.G1, g2: gt.G2,
+                      subsets: list[tuple[tuple[str, ...], list[rc.Claim]]] = ()) -> str:
     from study.page import _limit
 
     out = []
@@ -219,27 +279,36 @@ def section_shortfall(claims: list[rc.Claim], configs: list[MeasuredConfig], g1:
         part = next((p for p in c.parts if p.verdict == c.verdict.split(" ")[0]), c.parts[0] if c.parts else None)
         why = f" ({part.reason}{'; comparison alone: ' + part.raw if part and part.raw else ''})" if part else ""
         text = f"**Claim {c.number} ({c.verdict}).** Stopped by: {numbers}{why}. "
+        for sub, sub_claims in subsets:
+            sc = next((x for x in sub_claims if x.number == c.number), None)
+            if sc is not None:
+                text += (f"On {', '.join(sub)} (slm-is at its large budgets): {sc.verdict}"
+                         + (f", {' vs '.join(sc.numbers)}" if sc.numbers else "") + ". ")
         if c.number in (1, 4) and g2.deciding is not None:
             p = g2.deciding
             text += (f"G2 on {g2.domain}: slm-is starts fine-tuning at {p.is_before:.2f} after {p.is_spec} resampled "
                      f"tokens, slm at {p.slm_before:.2f} after {p.slm_generic} generic tokens ({p.ratio:.2f}x). ")
             text += ("What would reach it: " + (why_claim1_cannot(g2) if g2.verdict == gt.DOES_NOT_BEAT else
-                     "resampled pretraining already starts lower; " + _limit(c.verdict)))
+                     "resampled pretraining already starts lower (G2); " + _limit(c.verdict)))
         elif c.number in (2, 5) and g1.rows:
             top = g1.budgets[-1]
             ratios = ", ".join(f"{r.strategy} seed {r.seed} {r.ratio:.2f}" for r in g1.rows if r.budget == top)
             tpp = _slm_tpp(configs, top)
             text += (f"G1 at {top} ({_f(tpp, '.0f')} generic tokens per SLM parameter): routed / dense generic ppl "
                      f"{ratios}. ")
-            extra = [f"{s}: ~{b / 1e6:.3g}M generic tokens ({b / _params(configs):.0f} "
-                     "per parameter) by a log-log line through seed 0's two ratios"
+            extra = [f"{s} at ~{b / 1e6:.3g}M generic tokens ({b / _params(configs):.0f} per parameter)"
                      for s in g1.verdicts if (b := g1.extrapolated_budget(s))]
             text += "What would reach it: " + (
-                "ratios below 1 — " + "; ".join(extra) + ". " if extra else "") + _limit(c.verdict)
+                "a routed / dense ratio below 1, which a log-log line through seed 0's two ratios puts at "
+                + "; ".join(extra) + ". " if extra else "") + _cap(_limit(c.verdict))
         else:
             text += "What would reach it: " + _limit(c.verdict)
         out.append(text)
     return "\n\n".join(out) if out else "Every claim showed (confirmed)."
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _params(configs: list[MeasuredConfig]) -> float:

@@ -518,3 +518,181 @@ def test_page_renders_synthetic_rows(tmp_path):
     # No trial logged a k = 16 entropy: the page says so and claim 5 has no cells.
     assert "No trial in the CSV logged a k = 16 entropy" in page
     assert "| 5 | SLM-mix / SLM-pn gain least on high-entropy domains | **inconclusive (cells missing" in page
+
+
+# -- (d) the current layout's pieces on small CSVs built from real rows -------------------
+
+def _template_rows() -> list[dict]:
+    """The first study's six slm rows at g1e+06T s1.64e+04T n40,000 (one per domain): real
+    rows whose columns the tests below overwrite with the values that decide the outcome."""
+    if not CSV.is_file():
+        pytest.skip(f"{CSV.relative_to(REPO)} not committed")
+    rows = [r for r in results.read_csv(CSV) if (r["strategy"], r["generic_budget"], r["spec_budget"],
+                                                 r["in_domain_tokens"], r["settings"])
+            == ("slm", "1e+06T", "1.64e+04T", 40_000, "pretrain.seed=0")]
+    assert len(rows) == 6
+    return rows
+
+
+def _config_rows(strategy: str, g: str, s: str, nll: float, generic_flops: float, spec_flops: float,
+                 domains=None, seed: str = "0", **cols) -> list[dict]:
+    """One configuration's rows: the template rows with this strategy, budgets, test NLL (every
+    domain), costs (slm-is/slm-nopt: generic cost all embedding, so 0 under the paper's
+    convention) and any other columns."""
+    out = []
+    for t in _template_rows():
+        if domains is not None and t["domain"] not in domains:
+            continue
+        r = dict(t, strategy=strategy, generic_budget=g, spec_budget=s, settings=f"pretrain.seed={seed}",
+                 pretrain_seed=seed, run_id=f"{strategy}-{g}-{s}-{seed}-{t['domain']}", test_nll=nll,
+                 test_nll_se=0.001, ppl=math.exp(nll), generic_flops=generic_flops, spec_flops=spec_flops,
+                 clustering_generic_flops=generic_flops if g == "none" and generic_flops else None,
+                 generic_device_hours=None, spec_device_hours=None, clustering_generic_device_hours=None)
+        out.append(r | cols)
+    return out
+
+
+def _axes_rows() -> list[dict]:
+    """slm at two generic budgets, slm-nopt, and slm-is with a large specialisation budget
+    (1e+06T, 200 FLOPs per domain, the best perplexity) on every domain; slm-is and slm-nopt at
+    4e+06T on two domains only."""
+    rows = []
+    for g, gf, base in (("1e+06T", 100.0, 4.0), ("8e+06T", 800.0, 3.8)):
+        rows += _config_rows("slm", g, "1.64e+04T", base, gf, 1.0)
+        rows += _config_rows("slm", g, "1.31e+05T", base - 0.1, gf, 8.0)
+    rows += _config_rows("slm-nopt", "none", "1.64e+04T", 6.0, 0.0, 1.0)
+    rows += _config_rows("slm-is", "none", "1.64e+04T", 5.0, 50.0, 1.0)
+    rows += _config_rows("slm-is", "none", "1e+06T", 3.0, 50.0, 200.0)
+    two = sorted({r["domain"] for r in rows})[:2]
+    rows += _config_rows("slm-is", "none", "4e+06T", 2.5, 50.0, 800.0, domains=two)
+    rows += _config_rows("slm-nopt", "none", "4e+06T", 2.0, 0.0, 800.0, domains=two)
+    return rows
+
+
+def test_paper_axes_cells_amortise_the_generic_budget_over_n():
+    """A cell (G, S) holds the generic-phase strategies that read G with a specialisation of at
+    most S, and slm-is/slm-nopt at S or at any larger budget whose per-domain cost fits
+    c_spec(S) + c_generic(G) / N: slm-is's 1e+06T (200 FLOPs) fits (8e+06T, 1.64e+04T) at N = 1
+    (1 + 800) and wins there, not at N = 7 (1 + 114) nor in the 1e+06T column (1 + 100)."""
+    from study import paper_axes as pa
+
+    rows = _axes_rows()
+    configs = results.configs_from_rows(rows)
+    assert {c.spec_budget for c in configs if c.strategy == "slm-is"} == {"1.64e+04T", "1e+06T"}
+    n1, n7 = (pa.paper_axes_grid(configs, 40_000, n) for n in (1, 7))
+    assert n1.generics == ["1e+06T", "8e+06T"] and n1.specs == ["1.64e+04T", "1.31e+05T", "1e+06T"]
+    cell = n1.cells[("8e+06T", "1.64e+04T")]
+    assert cell.budget == pytest.approx(1 + 800) and (cell.best.strategy, cell.best.spec_budget) == ("slm-is", "1e+06T")
+    assert "**slm-is** s1e+06T 20.09 (next: slm 44.70)" == pa.cell_text(cell)
+    assert n7.cells[("8e+06T", "1.64e+04T")].best.strategy == "slm"
+    assert n1.cells[("1e+06T", "1.64e+04T")].best.label.startswith("slm g1e+06T s1.64e+04T")
+    # A generic-phase strategy's smaller specialisation fits a larger S; slm-is at its own S wins every column.
+    big = n7.cells[("1e+06T", "1e+06T")]
+    assert big.best.strategy == "slm-is" and big.runner_up.label.startswith("slm g1e+06T s1.31e+05T")
+    assert pa.winners(n7) == {"slm": 4, "slm-is": 2}
+
+
+def test_paper_axes_compare_a_domain_subset_on_its_own_domains():
+    """Configurations measured on two of six domains are kept out of the full grid and compared in
+    a grid over those two domains, against the others' perplexity on the same two."""
+    from study import paper_axes as pa
+
+    rows = _axes_rows()
+    two = tuple(sorted({r["domain"] for r in rows})[:2])
+    assert pa.domain_subsets(rows) == [two]
+    # One unfinished configuration on another subset gets no grid of its own.
+    assert pa.domain_subsets(rows + _config_rows("slm", "8e+06T", "4e+06T", 1.0, 800.0, 8.0, domains=two[:1])) \
+        == [two]
+    configs = results.configs_from_rows(rows)
+    grids = pa.grids(rows, configs)
+    assert [(sub, n) for sub, n, _ in grids] == [(None, 40_000), (two, 40_000)]
+    full, sub = grids[0][2][0], grids[1][2][0]
+    assert "4e+06T" not in full.specs and sub.specs[-1] == "4e+06T" and sub.domains == two
+    assert sub.cells[("8e+06T", "4e+06T")].best.strategy == "slm-nopt"
+
+
+def _gate_rows(top_ratios=(1.5, 1.4), second_ratio=2.0, is_before=60.0) -> list[dict]:
+    """slm and slm-mix at 2e+06T and 8e+06T (seed 0; seed 1 at 8e+06T only) with the routed /
+    dense ratios given (slm's phases read 4,000 tokens/s, slm-mix's 1,000), and slm-is before fine-tuning at 1.5e+06T and 8e+06T against slm's 80 at
+    8e+06T (100 at 2e+06T)."""
+    rows = []
+    for g, seeds, dense, ratios in (("2e+06T", ("0",), 100.0, (second_ratio,)), ("8e+06T", ("0", "1"), 50.0,
+                                                                                top_ratios)):
+        for seed, ratio in zip(seeds, ratios):
+            before = {"2e+06T": 100.0, "8e+06T": 80.0}[g]
+            rows += _config_rows("slm", g, "1.64e+04T", 4.0, 1.0, 1.0, seed=seed, generic_ppl=dense,
+                                 ppl_before=before, spent_generic_tokens=2e6 if g == "2e+06T" else 8e6,
+                                 generic_wall_seconds=500.0 if g == "2e+06T" else 2000.0)
+            rows += _config_rows("slm-mix", g, "1.64e+04T", 4.1, 1.0, 1.0, seed=seed, generic_ppl=dense * ratio,
+                                 routed_generic_ppl=dense * ratio, spent_generic_tokens=2e6 if g == "2e+06T" else 8e6,
+                                 generic_wall_seconds=2000.0 if g == "2e+06T" else 8000.0)
+    for s, before in (("1.64e+04T", 300.0), ("1.5e+06T", 90.0), ("8e+06T", is_before)):
+        rows += _config_rows("slm-is", "none", s, 4.5, 0.0, 1.0, ppl_before=before, epochs_resampled_pretrain=2.5)
+    return rows
+
+
+@pytest.mark.parametrize("top,second,verdict", [((0.9, 0.95), 2.0, "below 1"), ((1.5, 1.4), 2.0, "falling toward 1"),
+                                                ((1.5, 2.5), 2.0, "not falling")])
+def test_gate_g1_verdicts(top, second, verdict):
+    from study import gates
+
+    g1 = gates.gate_g1(_gate_rows(top, second))
+    assert g1.budgets == ("2e+06T", "8e+06T") and g1.verdicts["slm-mix"] == verdict
+    assert [(r.budget, r.seed, round(r.ratio, 9)) for r in g1.rows] == \
+        [("2e+06T", "0", second), ("8e+06T", "0", top[0]), ("8e+06T", "1", top[1])]
+    b = g1.extrapolated_budget("slm-mix")
+    if verdict == "falling toward 1":
+        # 1.5 at 8e6 after 2.0 at 2e6: the ratio times (b / 8e6) ** slope reaches 1 at b.
+        slope = math.log(1.5 / 2.0) / math.log(4)
+        assert b == pytest.approx(8e6 * 1.5 ** (-1 / slope))
+    else:
+        assert b is None
+    assert gates.gate_g1([r for r in _gate_rows() if r["generic_budget"] != "2e+06T"]).verdicts["slm-mix"] \
+        .startswith("cells missing")
+
+
+@pytest.mark.parametrize("is_before,verdict", [(60.0, "beats"), (95.0, "does not beat")])
+def test_gate_g2_compares_before_fine_tuning_at_the_equal_budget(is_before, verdict):
+    from study import gates, sections
+
+    g2 = gates.gate_g2(_gate_rows(is_before=is_before))
+    assert g2.domain == "code" and g2.large == ["1.5e+06T", "8e+06T"] and g2.verdict == verdict
+    nearest, equal = g2.pairs
+    assert (nearest.what, nearest.is_spec, nearest.slm_generic, nearest.slm_before) == ("nearest", "1.5e+06T",
+                                                                                         "2e+06T", 100.0)
+    assert (equal.what, equal.slm_generic, equal.is_before, equal.slm_before) == ("equal", "8e+06T", is_before, 80.0)
+    assert g2.deciding is equal
+    text = sections.section_gates(_gate_rows(is_before=is_before), _cfg(STUDY), gates.gate_g0(
+        _gate_rows(), _cfg(STUDY)), gates.gate_g1(_gate_rows()), g2)
+    assert ("Claim 1 cannot show" in text) == (verdict == "does not beat")
+    assert "read 2.50 times" in text if verdict == "does not beat" else "**beats**" in text
+    assert gates.gate_g2([r for r in _gate_rows() if r["strategy"] != "slm-is"]).verdict.startswith("cells missing")
+
+
+def test_gate_g0_reads_tokens_per_second_of_the_first_phases():
+    from study import gates, sections
+
+    g0 = gates.gate_g0(_gate_rows(), _cfg(STUDY))
+    assert [(p.strategy, p.budget, p.seed) for p in g0.first] == [("slm", "2e+06T", "0")]
+    assert g0.tokens_per_s == pytest.approx(2e6 / 500.0)
+    assert g0.grid_generic_tokens == pytest.approx(2 * (2e6 + 8e6 + 8e6))
+    assert g0.measured_hours == pytest.approx((500 + 2000 + 2000) * (1 + 4) / 3600)
+    text = sections.section_gates(_gate_rows(), _cfg(STUDY), g0, gates.gate_g1(_gate_rows()),
+                                  gates.gate_g2(_gate_rows()))
+    assert "G0's figure: **4,000 training tokens/s**" in text and "| slm-mix@8e+06T seed 1 |" in text
+
+
+def test_current_layout_adds_its_sections_and_the_dated_one_does_not():
+    rows = _gate_rows()
+    cfg = _cfg(STUDY)
+    current = results_page.render_page(rows, cfg, csv_label="x.csv", config_label="configs/study.yaml")
+    dated = results_page.render_page(rows, cfg, csv_label="x.csv", config_label="configs/study.yaml",
+                                     page_label="docs/old.md", layout="2026-12-01")
+    new = ("## Gates G0, G1, G2", "## Generic tokens per parameter and epochs", "## Figure 1 on the paper's axes",
+           "## The claims that did not show", "## Where our numbers disagree with the paper's")
+    assert all(h in current for h in new) and not any(h in dated for h in new)
+    assert "`python scripts/results.py -c configs/study.yaml --from-csv x.csv --out docs/old.md --layout 2026-12-01`" \
+        in dated.split("\n")[2]
+    assert [line for line in dated.splitlines() if line.startswith("## ")] == \
+        [line for line in current.splitlines() if line.startswith("## ") and not line.startswith(new)
+         and not line.startswith("## Claims 1 and 4 where")]
