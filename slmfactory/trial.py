@@ -205,6 +205,12 @@ class TrialRecord:
     """``is_share/<kind>/<name>``: shares of importance sampling's resampled tokens."""
     IS_SHARE_KINDS: ClassVar[tuple[str, ...]] = ("source", "collection")
 
+    # -- curves: metrics logged by step ------------------------------------------------
+    FINETUNE_VALID_NLL: ClassVar[str] = "finetune/valid_nll"
+    FINETUNE_TRAIN_LOSS: ClassVar[str] = "finetune/train_loss"
+    """The generic phase's curves are ``generic/valid_history`` and ``generic/train_history``
+    (``generic_metric`` of its history's name)."""
+
     SIDES: ClassVar[tuple[str, ...]] = ("generic", "spec")
     COST_UNITS: ClassVar[tuple[str, ...]] = ("flops", "device_hours", "wall_seconds")
     AMORTISATION_N: ClassVar[tuple[int, ...]] = (1, 7, 50)

@@ -92,7 +92,7 @@ def record_for(cfg, domain: str, nll: float, tmp_path: Path) -> R:
                R.is_share_metric("collection", "docs"): 1.0}
     model = SpecializedModel(strategy="slm-is", domain=domain, path=folder, generic_cost=generic_cost,
                              spec_cost=spec_cost, params=123456, inference_flops_per_token=2.5e5, metrics=metrics,
-                             curves={"finetune/valid_nll": [[1, nll + 1.0], [2, nll]]})
+                             curves={R.FINETUNE_VALID_NLL: [[1, nll + 1.0], [2, nll]]})
     return trial_record(cfg, model, generic)
 
 
@@ -169,6 +169,8 @@ def test_the_readers_get_back_what_the_driver_logged(logged):
     assert run.data.tags[TRIAL_TAG] == legal.key and run.data.tags[R.TRIAL_NAME] == legal.name
     assert {k: run.data.tags[k] for k in legal.tags} == legal.tags
     assert {k: run.data.metrics[k] for k in legal.metrics} == legal.metrics
+    curve = MlflowClient(uri).get_metric_history(run.info.run_id, R.FINETUNE_VALID_NLL)
+    assert [(p.step, p.value) for p in curve] == [(1, 4.0), (2, 3.0)]
     # Logged in full: logging the same trial again finds its run by ppl_macro and adds nothing.
     assert log_trial(cfg, "trial-record", legal.key, legal) == run_ids["legal"]
 

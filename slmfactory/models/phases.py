@@ -355,9 +355,10 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
         metrics[R.EPOCHS_GENERIC] = float(generic.info["epochs"])
     if before_ppl is not None:
         metrics[R.TEST_PPL_BEFORE] = before_ppl
-    curves = {"finetune/valid_nll": fit.result.valid_history, "finetune/train_loss": fit.result.train_history}
+    curves = {R.FINETUNE_VALID_NLL: fit.result.valid_history, R.FINETUNE_TRAIN_LOSS: fit.result.train_history}
     if generic is not None:
-        curves |= {f"generic/{k}": generic.info[k] for k in ("valid_history", "train_history") if k in generic.info}
+        curves |= {R.generic_metric(k): generic.info[k] for k in ("valid_history", "train_history")
+                   if k in generic.info}
     record = SpecializedModel(strategy=strategy, domain=domain, path=stage.dir,
                               generic_cost=generic_cost, spec_cost=spec_cost,
                               params=info["params"], inference_flops_per_token=info["inference_flops_per_token"],
