@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from slmfactory.platform.config import load_config
     from slmfactory.trial import experiment_name
     from study import page as results_page
-    from study import results
+    from study import results, stage_times
 
     cfg = load_config(args.config)
     if args.from_csv:
@@ -60,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = results.export_rows(cfg.tracking_uri, experiment_name(cfg))
         results.write_csv(rows, csv_path)
         print(f"exported {len(rows)} trial runs of {experiment_name(cfg)!r} to {csv_path}")
+    rows = results.read_csv(csv_path)
     if args.log:
-        stages = results.parse_stage_log(args.log)
+        # A log without per-line stamps closes its last stage at the last trial's end.
+        ends = [r["end_ms"] for r in rows if r.get("end_ms")]
+        stages = stage_times.parse_log(args.log, max(ends) / 1000 if ends else None)
         where = results.write_stages(stages, csv_path)
         print(f"wall time per stage ({stages['total_seconds'] / 3600:.2f} h) -> {where}")
-    rows = results.read_csv(csv_path)
     if not results.configs_from_rows(rows):
         print(f"results: {csv_path} has {len(rows)} trial runs and no configuration measured on every domain yet: "
               "no page written", file=sys.stderr)

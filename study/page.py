@@ -544,6 +544,11 @@ def _with_current_sections(parts: list[str], rows: list[dict], configs: list[Mea
            "", sections.section_shortfall(claims, configs, g1, g2, subsets), "",
            "## Where our numbers disagree with the paper's, and by how much", "",
            sections.section_against_paper(configs, g1, grids), "")
+    phases = [p for p in g0.phases]
+    if phases:
+        before("## Appendix: every configuration",
+               f"The generic phases by the CSV (each phase's own wall time, G0's table): {len(phases)} phases, "
+               f"{_hms(sum(p.seconds for p in phases))} in all, inside the sweep's time above.", "")
     earlier = "; ".join(f"[{page}]({page}) ({what}, `{recipe}`)" for page, recipe, what in EARLIER_PAGES)
     parts[4:4] = [f"Earlier studies, on their own pages: {earlier}.", ""]
     return parts

@@ -285,6 +285,35 @@ def test_stage_log(tmp_path):
     assert results.read_stages(tmp_path / "runs.csv") == st
 
 
+def test_stage_log_with_iso_markers(tmp_path):
+    """The second study's log: unstamped lines between ``== <ISO>Z`` markers; a restart adds a
+    second sweep, the steps' own timings are listed as parts, and the last stage closes at the
+    end given (the last trial's)."""
+    from datetime import datetime, timezone
+
+    from study import stage_times
+
+    log = tmp_path / "sweep.log"
+    log.write_text("\n".join([
+        "== 2026-12-06T10:00:00Z corpus build", "corpus sources: 43", "== 2026-12-06T10:01:00Z sweep",
+        "[cluster] embed: 10 windows embedded (12.5s)", "slmfactory: error: boom",
+        "== 2026-12-06T10:05:00Z restarted from /x at abc (recipe sized by G0)",
+        "== 2026-12-06T10:05:00Z corpus build", "== 2026-12-06T10:06:00Z sweep",
+        "[cluster] cached: /w", "[resample] legal: 96 windows, 12,207 tokens, TV 0.0115 (2.5s)",
+        "[sweep] generic phase 1/2: slm@2e+06T (shared by 4 trials)",
+        "[sweep    600s] 1/4 done, 0 running | finished slm-legal: ppl 30.00",
+        "[sweep    660s] 1/4 done | FAILED slm-code: oops", ""]))
+    end = datetime(2026, 12, 6, 11, 6, tzinfo=timezone.utc).timestamp()
+    st = stage_times.parse_log(log, end)
+    by = {s["stage"]: s["seconds"] for s in st["stages"]}
+    assert by == {"corpus build": 60 + 60, "sweep": 240 + 3600,
+                  "clustering steps' own timings (inside the sweep)": 12.5,
+                  "resampling steps' own timings (inside the sweep)": 2.5}
+    assert st["total_seconds"] == 120 + 3840 and st["sweep_attempts"] == 2 and not st["still_running"]
+    assert (st["trials_finished_lines"], st["trials_failed_lines"]) == (1, 1)
+    assert stage_times.parse_log(log)["still_running"]
+
+
 # -- (c) the claim rules on synthetic configurations --------------------------------------
 
 SMALL, LARGE = 1_000_000, 5_000_000
