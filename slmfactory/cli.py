@@ -237,6 +237,28 @@ def cmd_ui(args) -> None:
     raise SystemExit(subprocess.call(cmd))
 
 
+class _ServeStopped(Exception):
+    """A stop signal reached ``slmfactory serve``: Serve and Ray shut down, exit 0."""
+
+
+def _stop_serving_on_signals() -> None:
+    """SIGINT and SIGTERM stop the server the way Ctrl-C in a terminal does: the main
+    thread unwinds (``serve.shutdown``, then Ray's), and the command exits 0. Installed
+    after Ray is up, over what it installed: Ray's fatal-signal handler takes SIGTERM and
+    aborts the process (the shell's "Aborted"); and SIGINT is taken even where it was
+    inherited ignored (``slmfactory serve &`` in a script), where ``kill -INT`` did nothing.
+    A second signal while shutting down interrupts the shutdown."""
+    import signal
+
+    def stop(signum, _frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise _ServeStopped(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def cmd_serve(args) -> None:
     import time
 
@@ -273,11 +295,14 @@ def cmd_serve(args) -> None:
         serve.start(http_options={"host": host, "port": port},
                     logging_config={"enable_access_log": cfg.serving.access_log})
         serve.run(app, name="slmfactory", route_prefix="/")
+        _stop_serving_on_signals()
         print(f"serving on http://{host}:{port}/v1 (GET /v1/models, POST /v1/completions, POST /v1/score, "
               f"GET /healthz); Ctrl-C stops", flush=True)
         try:
             while True:
                 time.sleep(3600)
+        except _ServeStopped as stopped:
+            print(f"serve: stopped ({stopped}); shutting down", flush=True)
         finally:
             serve.shutdown()
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from slmfactory.cli import SUBCOMMANDS, build_parser
 from slmfactory.data.corpus import SAMPLE_DIR
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def run_cli(*args, cwd=None):
@@ -84,3 +87,67 @@ def test_unknown_domain(tiny_cfg):
     out = run_cli("train", "--config", "configs/tiny.yaml", "--set", f"workdir={tiny_cfg.workdir}",
                   "--domain", "astrology")
     assert_one_line_error(out, "astrology", "data.domain")
+
+
+def _serve_until_ready(cfg, models, port: int, out: list[str]) -> subprocess.Popen:
+    """``slmfactory serve`` on the tiny recipe, started as a script's background job is
+    (``cmd &`` in a non-interactive shell: SIGINT ignored), once it says it is serving."""
+    import signal
+    import threading
+    import time
+
+    def as_a_background_job():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slmfactory.cli", "serve", "--config", str(TINY), "--models", str(models),
+         "--port", str(port), "--set", f"workdir={cfg.root}", "--set", "serving.replica_cpus=0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=as_a_background_job,
+        start_new_session=True)
+    threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True).start()
+    deadline = time.time() + 180
+    while not any("serving on" in line for line in out):
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError("serve did not start:\n" + "".join(out)[-3000:])
+        time.sleep(0.5)
+    return proc
+
+
+@pytest.mark.ray
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_serve_stops_cleanly_on_sigint_and_sigterm(tiny_cfg):
+    """``kill -INT`` (even where SIGINT was inherited ignored, as by ``serve &`` in a script)
+    and ``kill -TERM`` shut Serve and Ray down and exit 0, instead of being ignored and then
+    aborting in Ray's fatal-signal handler (exit by SIGABRT: the shell's "Aborted")."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    import torch
+
+    from slmfactory.models.phases import export_hf, load_lm
+    from tests.local_cluster import free_port
+
+    torch.manual_seed(0)
+    models = tiny_cfg.root / "models"
+    export_hf(tiny_cfg, load_lm(tiny_cfg, "slm", None).eval(), models / "legal",
+              {"domain": "legal", "strategy": "slm", "params": 1, "test_ppl": 1.0})
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        port, out = free_port(), []
+        proc = _serve_until_ready(tiny_cfg, models, port, out)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=60) as r:
+                assert [m["id"] for m in json.load(r)["data"]] == ["legal"]
+            proc.send_signal(sig)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.5)  # the reader thread takes the last lines
+        text = "".join(out)
+        assert rc == 0, f"{sig.name}: exit {rc}\n{text[-3000:]}"
+        assert "SIGTERM received" not in text and "Traceback" not in text, text[-3000:]
+        assert f"serve: stopped ({sig.name})" in text, text[-3000:]
