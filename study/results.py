@@ -66,7 +66,10 @@ DOMAIN_COLUMNS = ("ppl", "ppl_lo", "ppl_hi")
 _DOMAIN_METRICS = (R.ppl_metric, R.ppl_lo_metric, R.ppl_hi_metric)
 TAG_COLUMNS = (R.STRATEGY, R.DOMAIN, R.GENERIC_BUDGET, R.SPEC_BUDGET, R.IN_DOMAIN_TOKENS, R.SETTINGS)
 COLUMNS = (("run_id", "trial_key") + TAG_COLUMNS + ("pretrain_seed",) + DOMAIN_COLUMNS + ("generic_ppl",)
-           + tuple(c for c, _ in METRIC_COLUMNS) + ("domain_entropy_k", "start_ms", "end_ms"))
+           + tuple(c for c, _ in METRIC_COLUMNS) + ("domain_entropy_k", "start_ms", "end_ms", "is_shares"))
+# JSON columns: ``is_shares`` = {kind: {label: share}} of slm-is's resampled pretraining tokens by
+# generic source and collection (``TrialRecord.is_shares``); the page's provenance table.
+_JSON_COLUMNS = ("is_shares",)
 _UNIT_COLUMNS = {"flops": ("generic_flops", "spec_flops"),
                  "device-hours": ("generic_device_hours", "spec_device_hours")}
 _EMBED_COLUMNS = {"flops": "clustering_generic_flops", "device-hours": "clustering_generic_device_hours"}
@@ -114,6 +117,8 @@ def row_from_run(run) -> dict[str, Any]:
         k = k if k is not None else frontier.entropy_clusters(row["strategy"], run.data.params)
         row["domain_entropy_k"] = None if k is None else float(k)
     row["start_ms"], row["end_ms"] = run.info.start_time, run.info.end_time
+    shares = {kind: R.is_shares(m, kind) for kind in R.IS_SHARE_KINDS}
+    row["is_shares"] = shares if any(shares.values()) else None
     return row
 
 
@@ -141,6 +146,8 @@ def _cell(v: Any) -> str:
         return ""
     if isinstance(v, float):
         return repr(v)
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True, separators=(",", ":"))  # floats as repr: exact back
     return str(v)
 
 
@@ -159,7 +166,8 @@ _TEXT = set(("run_id", "trial_key", "pretrain_seed") + TAG_COLUMNS) - {"in_domai
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
     """Rows back from :func:`write_csv`: tags as text, ``in_domain_tokens`` and the run's
-    times as int, every metric as float (None where empty)."""
+    times as int, ``is_shares`` as the dict it was, every metric as float (None where empty; a
+    CSV written before a column existed reads without it)."""
     with Path(path).open(newline="") as f:
         rows = list(csv.DictReader(f))
     out = []
@@ -170,6 +178,8 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
                 row[k] = v
             elif k in ("in_domain_tokens", "start_ms", "end_ms"):
                 row[k] = int(v) if v else None
+            elif k in _JSON_COLUMNS:
+                row[k] = json.loads(v) if v else None
             else:
                 row[k] = float(v) if v else None
         out.append(row)

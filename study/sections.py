@@ -131,6 +131,33 @@ def pa_md(doc: str) -> str:
     return md(doc)
 
 
+# -- importance sampling's provenance -----------------------------------------------------
+
+def section_is_provenance(rows: list[dict], top: int = 6) -> str:
+    """Where slm-is drew its resampled pretraining text: per slm-is row, the shares of its tokens
+    by generic source and by collection (the CSV's ``is_shares``, exported from the runs'
+    ``is_share/source/*`` and ``is_share/collection/*``), the largest ``top`` of each."""
+    got = [r for r in rows if r["strategy"] == "slm-is" and r.get("is_shares")]
+    if not got:
+        return ("No slm-is row in the CSV carries its resampled shares (the `is_shares` column, exported from the "
+                "runs' `is_share/*` metrics): the provenance table is left out.")
+
+    def line(shares: dict[str, float]) -> str:
+        items = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))
+        return ", ".join(f"{v:.0%} {k}" for k, v in items[:top]) + (
+            f", ... (+{len(items) - top} more)" if len(items) > top else "")
+
+    lines = ["Shares of each slm-is trial's resampled pretraining tokens, by the generic source they came from and "
+             f"by collection (the largest {top}).", "",
+             "| domain | in-domain | spec. budget | settings | by source | by collection |", "|---|---|---|---|---|---|"]
+    for r in sorted(got, key=lambda r: (r["domain"], r["in_domain_tokens"], budget_value(r["spec_budget"]),
+                                        r["settings"])):
+        sh = r["is_shares"]
+        lines.append(f"| {r['domain']} | {r['in_domain_tokens']:,} | {r['spec_budget']} | {r['settings'] or '-'} | "
+                     f"{line(sh.get('source', {}))} | {line(sh.get('collection', {}))} |")
+    return "\n".join(lines)
+
+
 # -- tokens per parameter -----------------------------------------------------------------
 
 def section_tokens_per_param(rows: list[dict]) -> str:

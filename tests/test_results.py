@@ -724,4 +724,35 @@ def test_current_layout_adds_its_sections_and_the_dated_one_does_not():
         in dated.split("\n")[2]
     assert [line for line in dated.splitlines() if line.startswith("## ")] == \
         [line for line in current.splitlines() if line.startswith("## ") and not line.startswith(new)
-         and not line.startswith("## Claims 1 and 4 where")]
+         and not line.startswith(("## Claims 1 and 4 where", "## Importance sampling: where"))]
+
+
+def test_is_shares_travel_from_mlflow_through_the_csv_to_the_provenance_table(tmp_path):
+    """An slm-is run's ``is_share/*`` metrics are exported into the CSV's ``is_shares`` column,
+    read back exactly, and shown largest first on the page; a run without them has none."""
+    from mlflow.entities import Metric, RunTag
+
+    from slmfactory.platform.tracking import client_for, ensure_experiment
+    from slmfactory.trial import TrialRecord
+    from study import sections
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = client_for(uri)
+    exp_id = ensure_experiment(client, uri, "is-provenance")
+    shares = {"source": {"manpages": 0.7, "python-doc": 0.2 + 0.1 / 3}, "collection": {"debian": 1.0}}
+    for strategy, with_shares in (("slm-is", True), ("slm", False)):
+        tags = {TRIAL_TAG: strategy, "strategy": strategy, "domain": "code", "generic_budget": "none",
+                "spec_budget": "6e+06T", "in_domain_tokens": "40000", "settings": "pretrain.seed=0"}
+        metrics = {"test_nll": 4.0, "ppl/code": math.exp(4.0)}
+        if with_shares:
+            metrics |= {TrialRecord.is_share_metric(k, label): v for k, by in shares.items() for label, v in by.items()}
+        run = client.create_run(exp_id, start_time=1, tags=tags)
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, 2, 0) for k, v in metrics.items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
+        client.set_terminated(run.info.run_id, end_time=2)
+    rows = results.read_csv(results.write_csv(results.export_rows(uri, "is-provenance"), tmp_path / "runs.csv"))
+    by = {r["strategy"]: r for r in rows}
+    assert by["slm-is"]["is_shares"] == shares and by["slm"]["is_shares"] is None
+    table = sections.section_is_provenance(rows)
+    assert "| code | 40,000 | 6e+06T | pretrain.seed=0 | 70% manpages, 23% python-doc | 100% debian |" in table
+    assert sections.section_is_provenance([by["slm"]]).startswith("No slm-is row in the CSV carries")

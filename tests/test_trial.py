@@ -56,6 +56,8 @@ STORED_METRICS = {
 }
 STORED_TAGS = ("strategy", "domain", "generic_budget", "spec_budget", "in_domain_tokens", "settings")
 IDENTITY_COLUMNS = ("run_id", "trial_key", "pretrain_seed", "start_ms", "end_ms")
+# CSV columns holding, as JSON, every metric under one of the record's prefixes.
+PREFIX_COLUMNS = {"is_shares": R.IS_SHARE}
 
 
 def committed_csvs() -> list[Path]:
@@ -211,8 +213,10 @@ def test_the_names_are_the_ones_stored_runs_carry():
         # Every column is the run's identity, a tag or a metric of the table above (a CSV
         # exported before a metric existed lacks its column).
         assert set(STORED_TAGS) <= set(header), csv.name
-        assert set(header) - set(STORED_TAGS) - set(STORED_METRICS) == set(IDENTITY_COLUMNS), csv.name
-    assert set(STORED_METRICS) | set(STORED_TAGS) | set(IDENTITY_COLUMNS) == set(results.COLUMNS)
+        assert set(header) - set(STORED_TAGS) - set(STORED_METRICS) - set(PREFIX_COLUMNS) == set(IDENTITY_COLUMNS), \
+            csv.name
+    assert set(STORED_METRICS) | set(STORED_TAGS) | set(IDENTITY_COLUMNS) | set(PREFIX_COLUMNS) == set(results.COLUMNS)
+    assert PREFIX_COLUMNS["is_shares"] == "is_share"
     assert (R.STRATEGY, R.DOMAIN, R.GENERIC_BUDGET, R.SPEC_BUDGET, R.IN_DOMAIN_TOKENS, R.SETTINGS) == STORED_TAGS
     assert results.TAG_COLUMNS == STORED_TAGS
     by_column = dict(results.METRIC_COLUMNS) | {"ppl": R.ppl_metric("legal"), "ppl_lo": R.ppl_lo_metric("legal"),
