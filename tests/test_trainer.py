@@ -73,9 +73,29 @@ def test_checkpoints_are_safetensors_and_torn_ones_are_ignored(tiny_cfg, tmp_pat
     assert latest.name == "step-00000040" and (latest / "model.safetensors").is_file()
     assert not list(root.rglob("*.pt")) and not list(root.rglob("*.bin"))
     # A half-written checkpoint from a killed save never becomes `latest`.
-    (root / ".tmp-step-00000060-1").mkdir()
+    (root / ".step-00000060.1-0badc0de.tmp").mkdir()
     again = make(tiny_cfg, tmp_path / "c")
     assert again.resume() and again.step == 40
+
+
+def test_a_save_that_fails_keeps_the_checkpoint_it_would_replace(tiny_cfg, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    tr = make(tiny_cfg, tmp_path / "c")
+    tr.fit()
+    root = tmp_path / "c" / "checkpoints"
+    before = {p.name: p.read_bytes() for p in (root / "step-00000040").iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        tr.save_checkpoint()  # the same step again: it would replace step-00000040
+    # The finished checkpoint is untouched, `latest` still names it, nothing half-written is left.
+    assert {p.name: p.read_bytes() for p in (root / "step-00000040").iterdir()} == before
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000040"]
+    assert make(tiny_cfg, tmp_path / "c").resume()
 
 
 class ScriptedValidation(Recording):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -36,6 +35,7 @@ from slmfactory.platform.config import DeviceProfile
 from slmfactory.platform.cost import CostRecord, TRAIN, Work, model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.runtime import cpu_bf16_support
+from slmfactory.platform.stages import atomic_dir, write_text_atomic
 
 
 @dataclass
@@ -429,10 +429,7 @@ class Trainer:
 
     def on_checkpoint(self, path: Path, info: dict) -> None:
         """Called (rank 0) after a complete checkpoint is written to ``path``."""
-        pointer = path.parent / "latest"
-        tmp = pointer.with_name(f".latest.{os.getpid()}.tmp")
-        tmp.write_text(path.name)
-        os.replace(tmp, pointer)
+        write_text_atomic(path.parent / "latest", path.name)
         for old in path.parent.glob("step-*"):
             if old != path and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
@@ -590,21 +587,18 @@ class Trainer:
         root = self.checkpoint_root
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.step:08d}"
-        tmp = root / f".tmp-step-{self.step:08d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_model(self.model, str(tmp / "model.safetensors"))  # handles tied weights
-        for name, tensors in self.state_dict_files().items():
-            if tensors:
-                save_file(tensors, str(tmp / name))
         state = {"step": self.step, "best_valid": self.best_valid, "bad_evals": self.bad_evals,
                  "history": self.history, "train_history": self.train_history, "elapsed": self.elapsed, "phase": self.phase,
                  "max_steps": self.max_steps,
                  "finished": self.finished.to_dict() if self.finished is not None else None}
-        (tmp / "state.json").write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # Built beside, then swapped in whole (replacing the same step's earlier one): a kill
+        # leaves no half-written ``step-*`` folder for ``latest`` to name.
+        with atomic_dir(final) as tmp:
+            save_model(self.model, str(tmp / "model.safetensors"))  # handles tied weights
+            for name, tensors in self.state_dict_files().items():
+                if tensors:
+                    save_file(tensors, str(tmp / name))
+            (tmp / "state.json").write_text(json.dumps(state))
         self.on_checkpoint(final, state)
         return final
 

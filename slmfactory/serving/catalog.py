@@ -11,6 +11,7 @@ from pathlib import Path
 
 from slmfactory.data.clusters import load_clusters
 from slmfactory.platform.errors import DataError
+from slmfactory.platform.stages import replace_dir
 from slmfactory.platform.tracking import client_for
 from slmfactory.trial import TRIAL_TAG
 
@@ -77,7 +78,6 @@ def from_registry(uri: str, experiment: str, dest: Path, alias: str = "champion"
     """``models:/<experiment>-<domain>@<alias>`` of every domain a sweep registered (the
     aliases ``update_champions`` keeps), each downloaded under ``dest`` (one folder per
     domain, so ``from_folder(dest)`` finds exactly these)."""
-    import shutil
     import tempfile
 
     import mlflow.artifacts  # lazy: mlflow only when a model is downloaded
@@ -100,20 +100,16 @@ def from_registry(uri: str, experiment: str, dest: Path, alias: str = "champion"
         model_uri = f"models:/{rm.name}@{alias}"
         target = Path(dest) / d
         # Downloaded beside, then swapped in: a half-downloaded folder is never served.
-        tmp = Path(tempfile.mkdtemp(dir=dest, prefix=f".{d}-"))
         # The alias resolved through this client (its registry is this tracking store; the
         # global mlflow.artifacts resolver would look at the default store), then the
         # version's source fetched: a run's artifact (what sweeps register) or any URI.
-        try:
+        with tempfile.TemporaryDirectory(dir=dest, prefix=f".{d}-", ignore_cleanup_errors=True) as tmp:
             if mv.source.startswith("runs:/"):
                 run_id, _, path = mv.source[len("runs:/"):].partition("/")
-                local = Path(client.download_artifacts(run_id, path, str(tmp)))
+                local = Path(client.download_artifacts(run_id, path, tmp))
             else:
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp)))
-            shutil.rmtree(target, ignore_errors=True)
-            local.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp))
+            replace_dir(local, target)
         out[d] = Entry(d, str(target), t.get("strategy", "?"), int(m.get("params", 0)),
                        float(m.get(f"ppl/{d}", math.nan)), uri=f"{model_uri} (version {mv.version})")
     if not out:

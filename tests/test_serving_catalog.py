@@ -1,0 +1,46 @@
+"""``serve --from-registry``'s download (``catalog.from_registry``) on a real MLflow store:
+each domain's champion lands in its own folder, and a newer champion replaces that folder
+whole, leaving nothing else behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slmfactory.platform.tracking import MlflowTracker, client_for, register_model
+from slmfactory.serving.catalog import from_folder, from_registry
+
+EXPERIMENT = "catalog-test"
+
+
+def _champion(uri: str, tmp_path: Path, domain: str, weights: str) -> None:
+    """A run holding a model folder, registered as a new version and made the champion."""
+    folder = tmp_path / f"export-{weights}"
+    folder.mkdir()
+    (folder / "weights.txt").write_text(weights)
+    (folder / "slmfactory.json").write_text(f'{{"domain": "{domain}", "params": 1, "test_ppl": 2.0}}')
+    tracker = MlflowTracker(uri, EXPERIMENT, weights, {"domain": domain, "strategy": "slm"})
+    tracker.log_metrics({"params": 1, f"ppl/{domain}": 2.0})
+    tracker.log_artifact(folder, "model")
+    register_model(tracker, f"{EXPERIMENT}-{domain}", "model")
+    tracker.close()
+    client = client_for(uri)
+    name = f"{EXPERIMENT}-{domain}"
+    latest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    client.set_registered_model_alias(name, "champion", str(latest))
+
+
+def test_a_new_champion_replaces_the_downloaded_folder_whole(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    dest = tmp_path / "registry" / "champion"
+    _champion(uri, tmp_path, "legal", "first")
+    served = from_registry(uri, EXPERIMENT, dest)
+    assert (Path(served["legal"].path) / "weights.txt").read_text() == "first"
+    (Path(served["legal"].path) / "stale.txt").write_text("from the old version")
+    _champion(uri, tmp_path, "legal", "second")
+    served = from_registry(uri, EXPERIMENT, dest)
+    folder = Path(served["legal"].path)
+    assert folder == dest / "legal" and "(version 2)" in served["legal"].uri
+    assert sorted(p.name for p in folder.iterdir()) == ["slmfactory.json", "weights.txt"]
+    assert (folder / "weights.txt").read_text() == "second"
+    assert [p.name for p in dest.iterdir()] == ["legal"]  # no download or old folder left beside it
+    assert set(from_folder(dest)) == {"legal"}
