@@ -36,6 +36,7 @@ from slmfactory.platform.cost import CostRecord, TRAIN, Work, model_flop_terms, 
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.runtime import cpu_bf16_support
 from slmfactory.platform.stages import atomic_dir, write_text_atomic
+from slmfactory.trial import TrialRecord
 
 
 @dataclass
@@ -543,9 +544,10 @@ class Trainer:
         self.elapsed = time.perf_counter() - t_start
         tokens = self.step * cfg.batch_size * self.seq_len
         flops = tokens * self.flops_per_token
+        used = {TrialRecord.used_param(self.phase, "precision"): self.plan.precision,
+                TrialRecord.used_param(self.phase, "compile"): self.plan.compile or "eager"}
         cost = CostRecord.of(self.phase, self.cost_work(tokens, self.step), self.elapsed, self.profile,
-                             self.world_size, **{f"{self.phase}.precision_used": self.plan.precision,
-                                                 f"{self.phase}.compile_used": self.plan.compile or "eager"})
+                             self.world_size, **used)
         epochs = self.step * cfg.batch_size / max(1, self.data_sequences())
         if epochs > 1.0 and self.log:
             self.log(f"[{self.phase}] warning: {epochs:.2f} epochs over its {self.data_sequences():,} training "

@@ -13,7 +13,7 @@ from slmfactory.data.clusters import load_clusters
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import replace_dir
 from slmfactory.platform.tracking import client_for
-from slmfactory.trial import TRIAL_TAG
+from slmfactory.trial import TRIAL_TAG, TrialRecord
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,13 @@ def from_mlflow(uri: str, experiment: str, max_params: float = math.inf) -> dict
     best: dict[str, Entry] = {}
     for r in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
                                 max_results=50000):
-        t, m = r.data.tags, r.data.metrics
-        if TRIAL_TAG not in t or "params" not in m or m["params"] > max_params:
+        t, m, R = r.data.tags, r.data.metrics, TrialRecord
+        if TRIAL_TAG not in t or R.PARAMS not in m or m[R.PARAMS] > max_params:
             continue
-        d = t["domain"]
-        ppl = m[f"ppl/{d}"]
+        d = t[R.DOMAIN]
+        ppl = m[R.ppl_metric(d)]
         if d not in best or ppl < best[d].test_ppl:
-            best[d] = Entry(d, r.info.run_id, t["strategy"], int(m["params"]), ppl)
+            best[d] = Entry(d, r.info.run_id, t[R.STRATEGY], int(m[R.PARAMS]), ppl)
     if not best:
         raise DataError(f"--from-mlflow {experiment!r}: no finished trial"
                         + (f" of at most {max_params:.3g} parameters" if math.isfinite(max_params) else ""))
@@ -95,8 +95,8 @@ def from_registry(uri: str, experiment: str, dest: Path, alias: str = "champion"
             run = client.get_run(mv.run_id)
         except MlflowException:
             continue
-        t, m = run.data.tags, run.data.metrics
-        d = t.get("domain", rm.name[len(prefix):])
+        t, m, R = run.data.tags, run.data.metrics, TrialRecord
+        d = t.get(R.DOMAIN, rm.name[len(prefix):])
         model_uri = f"models:/{rm.name}@{alias}"
         target = Path(dest) / d
         # Downloaded beside, then swapped in: a half-downloaded folder is never served.
@@ -110,8 +110,8 @@ def from_registry(uri: str, experiment: str, dest: Path, alias: str = "champion"
             else:
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp))
             replace_dir(local, target)
-        out[d] = Entry(d, str(target), t.get("strategy", "?"), int(m.get("params", 0)),
-                       float(m.get(f"ppl/{d}", math.nan)), uri=f"{model_uri} (version {mv.version})")
+        out[d] = Entry(d, str(target), t.get(R.STRATEGY, "?"), int(m.get(R.PARAMS, 0)),
+                       float(m.get(R.ppl_metric(d), math.nan)), uri=f"{model_uri} (version {mv.version})")
     if not out:
         raise DataError(f"--from-registry {alias}: no registered model {prefix}<domain> has the alias {alias!r} at "
                         f"{uri} (a finished `slmfactory sweep` sets them)")
