@@ -195,10 +195,21 @@ class G2Pair:
     slm_generic: str
     slm_before: float
     epochs_resampled: float | None
+    """Passes over slm-is's resampled stream (``epochs_resampled_pretrain``)."""
+    window_repeats: float | None = None
+    """Draws per distinct window in that stream (``epochs_resampled_window_repeats``: resampling
+    draws with replacement)."""
 
     @property
     def ratio(self) -> float:
         return self.is_before / self.slm_before
+
+    @property
+    def reads_per_window(self) -> float | None:
+        """How many times its pretraining read each distinct generic window, on average."""
+        if self.epochs_resampled is None:
+            return None
+        return self.epochs_resampled * (self.window_repeats or 1.0)
 
 
 @dataclass
@@ -225,12 +236,12 @@ def _g2_pairs(rows: list[dict], domain: str, large: list[str], n: int) -> list[G
         s = here[0]
         near = min(slm, key=lambda g: (abs(math.log(budget_value(g) / budget_value(s))), budget_value(g)))
         pairs.append(G2Pair("nearest", s, iss[s]["ppl_before"], near, slm[near]["ppl_before"],
-                            iss[s].get("epochs_resampled_pretrain")))
+                            iss[s].get("epochs_resampled_pretrain"), iss[s].get("epochs_resampled_window_repeats")))
     for s in here:
         eq = next((g for g in slm if budget_value(g) == budget_value(s)), None)
         if eq is not None:
             pairs.append(G2Pair("equal", s, iss[s]["ppl_before"], eq, slm[eq]["ppl_before"],
-                                iss[s].get("epochs_resampled_pretrain")))
+                                iss[s].get("epochs_resampled_pretrain"), iss[s].get("epochs_resampled_window_repeats")))
     return pairs
 
 

@@ -323,7 +323,10 @@ def section_seeds(configs: list[MeasuredConfig]) -> str:
     return "\n".join(lines)
 
 
-def section_scale(configs: list[MeasuredConfig], cfg, claims: list[rc.Claim]) -> str:
+def section_scale(configs: list[MeasuredConfig], cfg, claims: list[rc.Claim], limit=None) -> str:
+    """The gap to the paper's scale; ``limit(verdict)``: what stops an inconclusive claim
+    (default :func:`_limit`, the first study's wording)."""
+    limit = limit or _limit
     cap = rc.small_params(configs)
     llm = sorted({c.params for c in configs if c.strategy == "llm"})
     tok_per_param = lambda tokens: tokens / PAPER["slm_params"]  # noqa: E731
@@ -375,7 +378,7 @@ def section_scale(configs: list[MeasuredConfig], cfg, claims: list[rc.Claim]) ->
                    "cannot be decided.")
     for c in claims:
         if c.verdict.startswith(rc.INCONCLUSIVE):
-            out.append(f"- Claim {c.number} is {c.verdict}: " + _limit(c.verdict))
+            out.append(f"- Claim {c.number} is {c.verdict}: " + limit(c.verdict))
     return "\n".join(out)
 
 
@@ -508,7 +511,9 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
         "",
         "## LoRA beside full fine-tuning", "", section_lora(configs, rows, fig_rel), "",
         "## Seed spread", "", section_seeds(configs), "",
-        "## Where the gap to the paper's scale limits a conclusion", "", section_scale(configs, cfg, claims), "",
+        "## Where the gap to the paper's scale limits a conclusion", "",
+        section_scale(configs, cfg, claims, None if layout == "2026-12-01" else sections.limit_for(rows, configs, cfg)),
+        "",
         "## Wall time of the study", "", section_wall_time(stages, rows), "",
         "## Appendix: every configuration", "", section_appendix(configs, rows), ""]
     if layout == "current":
@@ -532,6 +537,7 @@ def _with_current_sections(parts: list[str], rows: list[dict], configs: list[Mea
         i = next(k for k, x in enumerate(parts) if x.startswith(header))
         parts[i:i] = list(new)
 
+    before("## How a verdict is decided", sections.verdict_lines(g0, g1, g2, subsets), "")
     before("## Decision gate (claims 2 and 5)", "## Gates G0, G1, G2: how the grid was sized and which regimes it "
            "reached", "", sections.section_gates(rows, cfg, g0, g1, g2), "")
     before("## Perplexity before and after fine-tuning", "## Claims 1 and 4 where slm-is ran at large budgets "
@@ -543,7 +549,7 @@ def _with_current_sections(parts: list[str], rows: list[dict], configs: list[Mea
     before("## LoRA beside full fine-tuning", "## Figure 1 on the paper's axes: generic x specialisation budget at "
            "the SLM's size (N = 1, 7, 50)", "", sections.section_paper_axes(rows, grids, fig_rel, configs), "")
     before("## Wall time of the study", "## The claims that did not show: what stops each, and what would reach it",
-           "", sections.section_shortfall(claims, configs, g1, g2, subsets), "",
+           "", sections.section_shortfall(claims, configs, g1, g2, subsets, sections.limit_for(rows, configs, cfg)), "",
            "## Where our numbers disagree with the paper's, and by how much", "",
            sections.section_against_paper(configs, g1, grids), "")
     phases = [p for p in g0.phases]

@@ -57,6 +57,7 @@ METRIC_COLUMNS = (
     ("epochs_generic", R.EPOCHS_GENERIC),
     ("epochs_spec", R.EPOCHS_SPEC),
     ("epochs_resampled_pretrain", R.EPOCHS_RESAMPLED_PRETRAIN),
+    ("epochs_resampled_window_repeats", R.EPOCHS_RESAMPLED_WINDOW_REPEATS),
     ("finetune_steps", R.FINETUNE_STEPS),
     ("domain_entropy", R.DOMAIN_ENTROPY),
     ("lora_trainable_params", R.LORA_TRAINABLE_PARAMS),

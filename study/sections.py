@@ -48,11 +48,17 @@ def section_gates(rows: list[dict], cfg, g0: gt.G0, g1: gt.G1, g2: gt.G2) -> str
         out += ["| generic phase | params | tokens | wall time | tokens/s |", "|---|---|---|---|---|"]
         out += [f"| {p.strategy}@{p.budget} seed {p.seed} | {p.params:,.0f} | {p.tokens:,.0f} | {_h(p.seconds)} | "
                 f"{p.tokens_per_s:,.0f} |" for p in g0.phases]
-        out.append("")
+        out += ["", "Each phase's `generic_wall_seconds` as its trials logged it: a strategy that clusters the generic "
+                "corpus (slm-mix, slm-pn) carries its share of the clustering's wall time, and slm-d its teacher's "
+                "phase (tokens: student and teacher), so their tokens/s read low; a first phase includes compiling "
+                "and starting up.", ""]
         if g0.tokens_per_s is not None:
             first = ", ".join(f"{p.strategy}@{p.budget} seed {p.seed}" for p in g0.first)
-            prof = (f"; the recipe's device profile gives {g0.profile_tokens_per_s:,.0f} tokens/s for this size "
-                    f"(measured / profile = {g0.tokens_per_s / g0.profile_tokens_per_s:.2f})"
+            rows_p = sorted(float(t.params) for t in getattr(cfg.device, "throughput", ()) or ())
+            clamp = (f", its smallest row's ({rows_p[0]:,.0f} parameters): the profile has no row this small"
+                     if rows_p and g0.slm_params < rows_p[0] else "")
+            prof = (f"; the recipe's device profile gives {g0.profile_tokens_per_s:,.0f} tokens/s for this size"
+                    f"{clamp} (measured / profile = {g0.tokens_per_s / g0.profile_tokens_per_s:.2f})"
                     if g0.profile_tokens_per_s else "")
             plan = sum(FIRST_PLAN["generic_tokens"])
             out.append(f"G0's figure: **{g0.tokens_per_s:,.0f} training tokens/s** for the {g0.slm_params:,.0f}-"
@@ -94,11 +100,14 @@ def section_gates(rows: list[dict], cfg, g0: gt.G0, g1: gt.G1, g2: gt.G2) -> str
     out += [f"Domain **{g2.domain}** (the domain with slm-is at the most large specialisation budgets: "
             f"{', '.join(g2.large)}); in-domain size of slm-is's large budgets; seed 0.", "",
             "| domain | comparison | slm-is spec. budget | slm-is ppl before fine-tuning | slm generic budget | "
-            "slm ppl before fine-tuning | slm-is / slm | resampled set epochs |", "|---|---|---|---|---|---|---|---|"]
+            "slm ppl before fine-tuning | slm-is / slm | slm-is's reads per distinct window (passes x draws) |",
+            "|---|---|---|---|---|---|---|---|"]
     for d, pairs in [(g2.domain, g2.pairs)] + g2.other_domains:
         out += [f"| {d} | {p.what} budget | {p.is_spec} | {p.is_before:.2f} | {p.slm_generic} | {p.slm_before:.2f} | "
-                f"{p.ratio:.3f} | {_f(p.epochs_resampled)} |" for p in pairs]
+                f"{p.ratio:.3f} | {_f(p.reads_per_window)} ({_f(p.epochs_resampled)} x {_f(p.window_repeats)}) |"
+                for p in pairs]
     p = g2.deciding
+    why, remedy = why_claim1_cannot(g2) if g2.verdict == gt.DOES_NOT_BEAT else ("", "")
     out.append("")
     if g2.verdict == gt.BEATS:
         out.append(f"Verdict: resampled pretraining **beats** generic pretraining on {g2.domain} ({p.what} budget: "
@@ -107,22 +116,29 @@ def section_gates(rows: list[dict], cfg, g0: gt.G0, g1: gt.G1, g2: gt.G2) -> str
     else:
         out.append(f"Verdict: resampled pretraining **does not beat** generic pretraining on {g2.domain} ({p.what} "
                    f"budget: {p.is_before:.2f} after {p.is_spec} resampled tokens against {p.slm_before:.2f} after "
-                   f"{p.slm_generic} generic tokens, {p.ratio:.2f}x). " + why_claim1_cannot(g2))
+                   f"{p.slm_generic} generic tokens, {p.ratio:.2f}x). Claim 1 cannot show: {why}. "
+                   + _cap(remedy) + ".")
     return "\n".join(out)
 
 
-def why_claim1_cannot(g2: gt.G2) -> str:
+def why_claim1_cannot(g2: gt.G2) -> tuple[str, str]:
+    """(why claim 1 cannot show when G2 fails, what would change it), from G2's numbers."""
     p = g2.deciding
-    text = ("Claim 1 cannot show: slm-is fine-tunes the same in-domain data from a worse start than slm, so its "
-            "edge would have to come from fine-tuning alone, which both share. ")
-    if p.epochs_resampled is not None and p.epochs_resampled > 1:
-        text += (f"Its resampled set was read {p.epochs_resampled:.2f} times: the generic clusters that match "
-                 f"{g2.domain}'s histogram hold fewer tokens than its budget, so the budget buys repeats, not new "
-                 "text; a larger generic corpus (or a finer match) would give it fresh tokens.")
+    why = ("slm-is fine-tunes the same in-domain data from a worse start than slm, so its edge would have to come "
+           "from fine-tuning alone, which both share")
+    reads = p.reads_per_window
+    if reads is not None and reads > 1:
+        how = (f"{p.epochs_resampled:.2f} passes over a stream drawing each window {p.window_repeats:.2f} times"
+               if p.window_repeats else f"{p.epochs_resampled:.2f} passes over its resampled set")
+        remedy = (f"its pretraining read each distinct generic window {reads:.2f} times on average ({how}): the "
+                  f"generic windows that match {g2.domain}'s histogram hold fewer tokens than its budget, so the "
+                  "budget buys repeats, not new text; a larger generic corpus (or a finer match) would give it "
+                  "fresh tokens")
     else:
-        text += ("The resampled text is generic text whose clusters match the domain's histogram; at this scale it "
-                 "teaches the SLM less about the domain's test text than the whole generic corpus does.")
-    return text
+        remedy = ("the resampled text is generic text whose clusters match the domain's histogram; at this scale it "
+                  "teaches the SLM less about the domain's test text than the whole generic corpus does; a generic "
+                  "corpus holding more of the domain's kind of text would give it closer text to resample")
+    return why, remedy
 
 
 def pa_md(doc: str) -> str:
@@ -179,14 +195,17 @@ def section_tokens_per_param(rows: list[dict]) -> str:
         if r["strategy"] == "slm-is" and r.get("epochs_resampled_pretrain") is not None:
             res.setdefault((r["spec_budget"], r["in_domain_tokens"]), []).append(r)
     if res:
-        lines += ["", "slm-is's resampled pretraining (per domain; spent specialisation tokens include it):", "",
-                  "| spec. budget | in-domain | domains | spec. tokens per parameter | resampled set epochs "
-                  "(min-max over domains) |", "|---|---|---|---|---|"]
+        lines += ["", "slm-is's resampled pretraining (per domain; spent specialisation tokens include it): passes "
+                  "over its resampled stream, and draws per distinct window in that stream (resampling draws with "
+                  "replacement), min-max over domains:", "",
+                  "| spec. budget | in-domain | domains | spec. tokens per parameter | passes | draws per window |",
+                  "|---|---|---|---|---|---|"]
         for (s, n), rs in sorted(res.items(), key=lambda kv: (budget_value(kv[0][0]), kv[0][1])):
             ep = [r["epochs_resampled_pretrain"] for r in rs]
+            rep = [r["epochs_resampled_window_repeats"] for r in rs if r.get("epochs_resampled_window_repeats")]
             tpp = [r["spent_spec_tokens"] / r["params"] for r in rs if r.get("spent_spec_tokens") and r.get("params")]
             lines.append(f"| {s} | {n:,} | {len(rs)} | {_f(float(np.mean(tpp)) if tpp else None, '.1f')} | "
-                         f"{min(ep):.2f}-{max(ep):.2f} |")
+                         f"{min(ep):.2f}-{max(ep):.2f} | {f'{min(rep):.2f}-{max(rep):.2f}' if rep else '-'} |")
     return "\n".join(lines)
 
 
@@ -294,10 +313,61 @@ def section_subset_claims(subsets: list[tuple[tuple[str, ...], list[rc.Claim]]])
     return "\n".join(out)
 
 
-def section_shortfall(claims: list[rc.Claim], configs: list[MeasuredConfig], g1: gt.G1, g2: gt.G2,
-                      subsets: list[tuple[tuple[str, ...], list[rc.Claim]]] = ()) -> str:
+def regime_text(configs: list[MeasuredConfig], g1: gt.G1, cfg) -> str:
+    """What stops a claim whose gate did not pass, from the numbers: the SLM's generic tokens
+    per parameter against the paper's 100-GPUh reference, and (when that is not far off) the
+    experts' share of them and their routed / dense ratio at the largest budget."""
+    tpp = max((c.spent_generic / c.params for c in configs if c.strategy == "slm" and c.spent_generic), default=None)
+    if tpp is None:
+        return "the SLM's generic tokens per parameter are not in the CSV; see the gates."
+    ref = PAPER_TOKENS_PER_PARAM_100GPUH
+    text = (f"the largest generic budget gives {tpp:.0f} generic tokens per SLM parameter, {tpp / ref:.2f} of the "
+            f"paper's 100-GPUh reference (~{ref:.0f}); ")
+    if tpp / ref < 0.5:
+        return text + ("far below it: more generic tokens per parameter (a larger generic corpus, or a smaller SLM) "
+                       "would approach the regime.")
+    k = (cfg.strategy.to_tree().get("slm-mix", {}) or {}).get("experts")
+    top = [r.ratio for r in g1.rows if g1.budgets and r.budget == g1.budgets[-1]]
+    text += "near it, so the SLM's tokens per parameter are not what stops the experts here"
+    if k:
+        text += (f": each of the {k} experts reads about 1/{k} of the generic tokens (~{tpp / k:.0f} per parameter; the "
+                 f"paper's 16 experts at 100 GPUh read ~{ref / 16:.0f} each)")
+    if top:
+        text += f", and their routed generic perplexity is still {min(top):.2f}-{max(top):.2f}x slm's (G1)"
+    return text + "."
+
+
+def limit_for(rows: list[dict], configs: list[MeasuredConfig], cfg):
+    """``page._limit`` with the regime sentence computed from this study's numbers."""
     from study.page import _limit
 
+    g1 = gt.gate_g1(rows)
+
+    def limit(verdict: str) -> str:
+        return regime_text(configs, g1, cfg) if "regime not reached" in verdict else _limit(verdict)
+
+    return limit
+
+
+def verdict_lines(g0: gt.G0, g1: gt.G1, g2: gt.G2, subsets) -> str:
+    """The gates' verdicts and the subset claims' in a few lines under the verdict table."""
+    out = ["Gates (section *Gates G0, G1, G2*): "
+           + "; ".join([f"G0 {g0.tokens_per_s:,.0f} training tokens/s" if g0.tokens_per_s else "G0 not readable"]
+                       + [f"G1 {s}: {v}" for s, v in g1.verdicts.items()]
+                       + [f"G2 ({g2.domain or '-'}): resampled pretraining {g2.verdict}"
+                          + (" generic pretraining" if g2.verdict in (gt.BEATS, gt.DOES_NOT_BEAT) else "")]) + "."]
+    for sub, claims in subsets:
+        out.append(f"On {', '.join(sub)} only, where slm-is ran at its large budgets (section *Claims 1 and 4 where "
+                   "slm-is ran at large budgets*): " + "; ".join(f"claim {c.number} **{c.verdict}**" for c in claims)
+                   + ".")
+    return "\n\n".join(out)
+
+
+def section_shortfall(claims: list[rc.Claim], configs: list[MeasuredConfig], g1: gt.G1, g2: gt.G2,
+                      subsets: list[tuple[tuple[str, ...], list[rc.Claim]]] = (), limit=None) -> str:
+    from study.page import _limit
+
+    limit = limit or _limit
     out = []
     for c in claims:
         if c.verdict == rc.CONFIRMED:
@@ -315,8 +385,12 @@ def section_shortfall(claims: list[rc.Claim], configs: list[MeasuredConfig], g1:
             p = g2.deciding
             text += (f"G2 on {g2.domain}: slm-is starts fine-tuning at {p.is_before:.2f} after {p.is_spec} resampled "
                      f"tokens, slm at {p.slm_before:.2f} after {p.slm_generic} generic tokens ({p.ratio:.2f}x). ")
-            text += ("What would reach it: " + (why_claim1_cannot(g2) if g2.verdict == gt.DOES_NOT_BEAT else
-                     "resampled pretraining already starts lower (G2); " + _limit(c.verdict)))
+            if g2.verdict == gt.DOES_NOT_BEAT:
+                why, remedy = why_claim1_cannot(g2)
+                text += (f"What would reach it: resampled pretraining that starts below generic pretraining at equal "
+                         f"tokens ({why}). {_cap(remedy)}.")
+            else:
+                text += "What would reach it: resampled pretraining already starts lower (G2); " + limit(c.verdict)
         elif c.number in (2, 5) and g1.rows:
             top = g1.budgets[-1]
             ratios = ", ".join(f"{r.strategy} seed {r.seed} {r.ratio:.2f}" for r in g1.rows if r.budget == top)
@@ -327,9 +401,9 @@ def section_shortfall(claims: list[rc.Claim], configs: list[MeasuredConfig], g1:
                      for s in g1.verdicts if (b := g1.extrapolated_budget(s))]
             text += "What would reach it: " + (
                 "a routed / dense ratio below 1, which a log-log line through seed 0's two ratios puts at "
-                + "; ".join(extra) + ". " if extra else "") + _cap(_limit(c.verdict))
+                + "; ".join(extra) + ". " if extra else "") + _cap(limit(c.verdict))
         else:
-            text += "What would reach it: " + _limit(c.verdict)
+            text += "What would reach it: " + limit(c.verdict)
         out.append(text)
     return "\n\n".join(out) if out else "Every claim showed (confirmed)."
 

@@ -49,6 +49,7 @@ STORED_METRICS = {
     "epochs_generic": "epochs/generic",
     "epochs_spec": "epochs/spec",
     "epochs_resampled_pretrain": "epochs/resampled_pretrain",
+    "epochs_resampled_window_repeats": "epochs/resampled_window_repeats",
     "finetune_steps": "finetune_steps",
     "domain_entropy": "domain_entropy",
     "domain_entropy_k": "domain_entropy_k",
