@@ -168,7 +168,8 @@ def grids(rows: list[dict], configs: list[MeasuredConfig]) -> list[tuple[tuple[s
         for n in sizes:
             if any(c.in_domain == n for c in sub_configs):
                 out.append((sub, n, [paper_axes_grid(sub_configs, n, k) for k in AMORTISATION_N]))
-    return out
+    # A grid needs a generic budget (a column) and a specialisation budget (a row).
+    return [(sub, n, gs) for sub, n, gs in out if gs[0].generics and gs[0].specs]
 
 
 def _key(r: dict) -> tuple:
