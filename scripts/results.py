@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="write the MLflow trial runs to this CSV (default docs/<name>-runs.csv)")
     ap.add_argument("--from-csv", type=Path, help="skip MLflow: build the page from this CSV")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results.md", help="the page (figures in <out stem>/)")
-    ap.add_argument("--log", type=Path, help="the study's log (lines stamped HH:MM:SS, or == <ISO>Z markers): wall time per stage")
+    ap.add_argument("--log", type=Path,
+                    help="the study's log (lines stamped HH:MM:SS, or == <ISO>Z markers): wall time per stage")
     ap.add_argument("--layout", default="current", choices=("current", "2026-12-01"),
                     help="the page's sections: current, or the first study's frozen page (2026-12-01)")
     ap.add_argument("--no-figures", action="store_true", help="write the page only")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -267,7 +266,3 @@ def gate_g2(rows: list[dict], prefer: str = "code") -> G2:
     verdict = BEATS if deciding.is_before < deciding.slm_before else DOES_NOT_BEAT
     return G2(domain, large, pairs, verdict, deciding, others)
 
-
-def summary(g0: G0, g1: G1, g2: G2) -> dict[str, Any]:
-    """The gates' verdicts in one dict (tests and the page's verdict lines read it)."""
-    return {"G0 tokens/s": g0.tokens_per_s, "G1": dict(g1.verdicts), "G2": g2.verdict}

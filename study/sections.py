@@ -8,6 +8,7 @@ wording of each sentence is chosen by a rule on those numbers.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 
 from slmfactory.analysis.frontier import MeasuredConfig, pool_seeds
@@ -165,7 +166,8 @@ def section_is_provenance(rows: list[dict], top: int = 6) -> str:
 
     lines = ["Shares of each slm-is trial's resampled pretraining tokens, by the generic source they came from and "
              f"by collection (the largest {top}).", "",
-             "| domain | in-domain | spec. budget | settings | by source | by collection |", "|---|---|---|---|---|---|"]
+             "| domain | in-domain | spec. budget | settings | by source | by collection |",
+             "|---|---|---|---|---|---|"]
     for r in sorted(got, key=lambda r: (r["domain"], r["in_domain_tokens"], budget_value(r["spec_budget"]),
                                         r["settings"])):
         sh = r["is_shares"]
@@ -330,8 +332,8 @@ def regime_text(configs: list[MeasuredConfig], g1: gt.G1, cfg) -> str:
     top = [r.ratio for r in g1.rows if g1.budgets and r.budget == g1.budgets[-1]]
     text += "near it, so the SLM's tokens per parameter are not what stops the experts here"
     if k:
-        text += (f": each of the {k} experts reads about 1/{k} of the generic tokens (~{tpp / k:.0f} per parameter; the "
-                 f"paper's 16 experts at 100 GPUh read ~{ref / 16:.0f} each)")
+        text += (f": each of the {k} experts reads about 1/{k} of the generic tokens (~{tpp / k:.0f} per parameter; "
+                 f"the paper's 16 experts at 100 GPUh read ~{ref / 16:.0f} each)")
     if top:
         text += f", and their routed generic perplexity is still {min(top):.2f}-{max(top):.2f}x slm's (G1)"
     return text + "."

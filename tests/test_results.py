@@ -642,7 +642,8 @@ def test_paper_axes_compare_a_domain_subset_on_its_own_domains():
 
 def _gate_rows(top_ratios=(1.5, 1.4), second_ratio=2.0, is_before=60.0) -> list[dict]:
     """slm and slm-mix at 2e+06T and 8e+06T (seed 0; seed 1 at 8e+06T only) with the routed /
-    dense ratios given (slm's phases read 4,000 tokens/s, slm-mix's 1,000), and slm-is before fine-tuning at 1.5e+06T and 8e+06T against slm's 80 at
+    dense ratios given (slm's phases read 4,000 tokens/s, slm-mix's 1,000), and slm-is before
+    fine-tuning at 1.5e+06T and 8e+06T against slm's 80 at
     8e+06T (100 at 2e+06T), its pretraining 2.5 passes over a stream drawing each window twice."""
     rows = []
     for g, seeds, dense, ratios in (("2e+06T", ("0",), 100.0, (second_ratio,)), ("8e+06T", ("0", "1"), 50.0,
