@@ -541,7 +541,7 @@ def _with_current_sections(parts: list[str], rows: list[dict], configs: list[Mea
     before("## Decision gate (claims 2 and 5)", "## Gates G0, G1, G2: how the grid was sized and which regimes it "
            "reached", "", sections.section_gates(rows, cfg, g0, g1, g2), "")
     before("## Perplexity before and after fine-tuning", "## Claims 1 and 4 where slm-is ran at large budgets "
-           "(domain subsets)", "", sections.section_subset_claims(subsets), "",
+           "(domain subsets)", "", sections.section_subset_claims(subsets, rows), "",
            "## Importance sampling: where slm-is's resampled text came from", "",
            sections.section_is_provenance(rows), "")
     before("## Figure 1 and amortisation", "## Generic tokens per parameter and epochs", "",

@@ -297,8 +297,8 @@ def subset_claims(rows: list[dict], configs: list[MeasuredConfig]) -> list[tuple
     return out
 
 
-def section_subset_claims(subsets: list[tuple[tuple[str, ...], list[rc.Claim]]]) -> str:
-    from study.page import section_claims
+def section_subset_claims(subsets: list[tuple[tuple[str, ...], list[rc.Claim]]], rows: list[dict] = ()) -> str:
+    from study.page import section_claims, section_table4
 
     if not subsets:
         return ("slm-is ran at no specialisation budget measured on a subset of the domains only: claims 1 and 4 "
@@ -312,6 +312,10 @@ def section_subset_claims(subsets: list[tuple[tuple[str, ...], list[rc.Claim]]])
                 "| # | claim | verdict | the two deciding numbers |", "|---|---|---|---|"]
         out += [f"| {c.number} | {c.statement} | **{c.verdict}** | {' vs '.join(c.numbers) or '-'} |" for c in claims]
         out += ["", section_claims(claims).replace("### Claim", "#### Claim")]
+        if rows:
+            out += [f"#### Table 4 on {', '.join(sub)}", "",
+                    "Each cell: macro ppl over these domains before fine-tuning → after [95% interval].", "",
+                    section_table4(pa.subset_configs(list(rows), sub)), ""]
     return "\n".join(out)
 
 
