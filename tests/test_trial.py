@@ -88,6 +88,7 @@ def record_for(cfg, domain: str, nll: float, tmp_path: Path) -> R:
                "test_ppl_hi": math.exp(nll + 0.02), R.TEST_NLL_SE: 0.01, R.TEST_SEQUENCES: 64.0,
                R.TEST_PPL_BEFORE: math.exp(nll + 0.5), R.VALID_NLL: nll, R.FINETUNE_STEPS: 40.0,
                R.EPOCHS_SPEC: 1.5, R.EPOCHS_GENERIC: 0.5, R.EPOCHS_RESAMPLED_PRETRAIN: 2.0,
+               R.EPOCHS_RESAMPLED_WINDOW_REPEATS: 1.25,
                R.DOMAIN_ENTROPY: 1.25, R.DOMAIN_ENTROPY_K: 16.0, R.TEACHER_TEST_PPL: 30.0,
                R.LORA_TRAINABLE_PARAMS: 1234.0, R.clustering_cost_metric("generic", "flops"): 1e11,
                R.clustering_cost_metric("generic", "device_hours"): 0.05,
@@ -131,7 +132,8 @@ def test_the_driver_writes_every_name_the_readers_read(tmp_path):
     m, t, d = record.metrics, record.tags, record.domain
     read = [R.ppl_metric(d), R.ppl_lo_metric(d), R.ppl_hi_metric(d), R.TEST_NLL, R.TEST_NLL_SE, R.TEST_SEQUENCES,
             R.TEST_PPL_BEFORE, R.PPL_MACRO, R.PARAMS, R.INFERENCE_FLOPS_PER_TOKEN, R.FINETUNE_STEPS,
-            R.EPOCHS_GENERIC, R.EPOCHS_SPEC, R.EPOCHS_RESAMPLED_PRETRAIN, R.DOMAIN_ENTROPY, R.DOMAIN_ENTROPY_K,
+            R.EPOCHS_GENERIC, R.EPOCHS_SPEC, R.EPOCHS_RESAMPLED_PRETRAIN, R.EPOCHS_RESAMPLED_WINDOW_REPEATS,
+            R.DOMAIN_ENTROPY, R.DOMAIN_ENTROPY_K,
             R.TEACHER_TEST_PPL, R.LORA_TRAINABLE_PARAMS, R.GENERIC_PPL, R.ROUTED_GENERIC_PPL,
             R.TEACHER_GENERIC_PPL, R.GENERIC_VALID_NLL,
             *(R.cost_metric(side, unit) for side in R.SIDES for unit in R.COST_UNITS),
