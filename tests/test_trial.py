@@ -14,7 +14,7 @@ import pytest
 from slmfactory.platform.config import load_config
 from slmfactory.platform.cost import CostRecord
 from slmfactory.platform.stages import Stage
-from slmfactory.trial import TRIAL_TAG, TrialRecord as R, log_trial
+from slmfactory.trial import PARENT_TAG, TRIAL_TAG, TrialRecord as R, log_trial
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -55,6 +55,53 @@ STORED_METRICS = {
     "domain_entropy_k": "domain_entropy_k",
     "lora_trainable_params": "lora_trainable_params",
 }
+# Every name TrialRecord owns, spelled out: stored runs carry these, so a rename inside the
+# record (a constant, a builder's pattern) must fail here rather than pass through every test
+# that reads the name back from the record itself.
+RECORD_NAMES = {
+    # tags
+    "STRATEGY": "strategy", "DOMAIN": "domain", "PHASE": "phase", "IN_DOMAIN_TOKENS": "in_domain_tokens",
+    "GENERIC_BUDGET": "generic_budget", "SPEC_BUDGET": "spec_budget", "SETTINGS": "settings", "DEVICE": "device",
+    "GENERIC_SPENT": "generic_spent", "SPEC_SPENT": "spec_spent", "GROUP": "group",
+    "TRIAL_NAME": "slmfactory.trial_name",
+    # metrics
+    "TEST_NLL": "test_nll", "TEST_NLL_SE": "test_nll_se", "TEST_SEQUENCES": "test_sequences",
+    "TEST_PPL_BEFORE": "test_ppl_before", "PPL_MACRO": "ppl_macro", "PARAMS": "params",
+    "INFERENCE_FLOPS_PER_TOKEN": "cost/inference_flops_per_token", "VALID_NLL": "valid_nll",
+    "FINETUNE_STEPS": "finetune_steps", "EPOCHS_GENERIC": "epochs/generic", "EPOCHS_SPEC": "epochs/spec",
+    "EPOCHS_RESAMPLED_PRETRAIN": "epochs/resampled_pretrain",
+    "EPOCHS_RESAMPLED_WINDOW_REPEATS": "epochs/resampled_window_repeats", "DOMAIN_ENTROPY": "domain_entropy",
+    "DOMAIN_ENTROPY_K": "domain_entropy_k", "TEACHER_TEST_PPL": "teacher_test_ppl",
+    "LORA_TRAINABLE_PARAMS": "lora_trainable_params", "EXPERT": "expert", "GENERIC_PREFIX": "generic/",
+    "GENERIC_PPL": "generic/generic_ppl", "ROUTED_GENERIC_PPL": "generic/routed_generic_ppl",
+    "TEACHER_GENERIC_PPL": "generic/teacher_generic_ppl", "GENERIC_VALID_NLL": "generic/generic_valid_nll",
+    "IS_SHARE": "is_share", "IS_SHARE_KINDS": ("source", "collection"),
+    # curves
+    "FINETUNE_VALID_NLL": "finetune/valid_nll", "FINETUNE_TRAIN_LOSS": "finetune/train_loss",
+    # the parts the builders below combine
+    "SIDES": ("generic", "spec"), "COST_UNITS": ("flops", "device_hours", "wall_seconds"),
+    "AMORTISATION_N": (1, 7, 50), "USED": ("precision", "compile"),
+}
+# The driver's record for a slm-is trial on legal (``record_for``): every metric, tag and
+# used-precision param name it carries.
+RECORD_METRICS = {
+    "ppl/legal", "ppl_lo/legal", "ppl_hi/legal", "ppl_macro", "test_nll", "test_nll_se", "test_sequences",
+    "test_ppl_before", "valid_nll", "params", "finetune_steps", "lora_trainable_params", "teacher_test_ppl",
+    "domain_entropy", "domain_entropy_k", "epochs/generic", "epochs/spec", "epochs/resampled_pretrain",
+    "epochs/resampled_window_repeats", "cost/inference_flops_per_token",
+    "cost/generic_flops", "cost/generic_device_hours", "cost/generic_wall_seconds",
+    "cost/spec_flops", "cost/spec_device_hours", "cost/spec_wall_seconds",
+    "cost/clustering_generic_flops", "cost/clustering_generic_device_hours",
+    "cost/paper_generic_flops", "cost/paper_generic_device_hours",
+    "cost/total_flops_N1", "cost/total_flops_N7", "cost/total_flops_N50",
+    "cost/paper_total_flops_N1", "cost/paper_total_flops_N7", "cost/paper_total_flops_N50",
+    "spent/generic_tokens", "spent/spec_tokens",
+    "generic/generic_ppl", "generic/routed_generic_ppl", "generic/teacher_generic_ppl", "generic/generic_valid_nll",
+    "is_share/source/doc-debian", "is_share/source/manpages", "is_share/collection/docs",
+}
+RECORD_TAGS = {"strategy", "domain", "phase", "in_domain_tokens", "generic_budget", "spec_budget", "settings",
+               "device", "generic_spent", "spec_spent", "group"}
+RECORD_USED_PARAMS = {"pretrain/slm.precision_used", "pretrain/slm.compile_used"}
 STORED_TAGS = ("strategy", "domain", "generic_budget", "spec_budget", "in_domain_tokens", "settings")
 IDENTITY_COLUMNS = ("run_id", "trial_key", "pretrain_seed", "start_ms", "end_ms")
 # CSV columns holding, as JSON, every metric under one of the record's prefixes.
@@ -235,3 +282,46 @@ def test_the_resampling_shares_are_written_under_the_records_name():
 
     assert SHARE_PREFIX == R.IS_SHARE
     assert R.is_share_metric("source", "x") == "is_share/source/x"
+
+
+def test_every_name_the_record_owns_is_the_stored_one():
+    """Each constant and each name builder of TrialRecord against its literal spelling (and
+    a constant added to the record must be pinned here too)."""
+    assert {k: v for k, v in vars(R).items() if k.isupper()} == RECORD_NAMES
+    assert (TRIAL_TAG, PARENT_TAG) == ("slmfactory.trial", "mlflow.parentRunId")
+    built = [
+        (R.ppl_metric("legal"), "ppl/legal"), (R.ppl_lo_metric("legal"), "ppl_lo/legal"),
+        (R.ppl_hi_metric("legal"), "ppl_hi/legal"),
+        (R.cost_metric("generic", "flops"), "cost/generic_flops"),
+        (R.cost_metric("spec", "device_hours"), "cost/spec_device_hours"),
+        (R.cost_metric("spec", "wall_seconds"), "cost/spec_wall_seconds"),
+        (R.paper_cost_metric("generic", "flops"), "cost/paper_generic_flops"),
+        (R.paper_cost_metric("generic", "device_hours"), "cost/paper_generic_device_hours"),
+        (R.clustering_cost_metric("generic", "flops"), "cost/clustering_generic_flops"),
+        (R.clustering_cost_metric("domain", "device_hours"), "cost/clustering_domain_device_hours"),
+        (R.total_flops_metric(7), "cost/total_flops_N7"),
+        (R.total_flops_metric(50, paper=True), "cost/paper_total_flops_N50"),
+        (R.spent_tokens_metric("generic"), "spent/generic_tokens"),
+        (R.spent_tokens_metric("spec"), "spent/spec_tokens"),
+        (R.generic_metric("generic_ppl"), "generic/generic_ppl"),
+        (R.generic_metric("valid_history"), "generic/valid_history"),
+        (R.is_share_metric("source", "doc-debian"), "is_share/source/doc-debian"),
+        (R.used_param("pretrain/slm", "precision"), "pretrain/slm.precision_used"),
+        (R.used_param("specialize/slm/legal", "compile"), "specialize/slm/legal.compile_used"),
+    ]
+    assert [(name, literal) for name, literal in built if name != literal] == []
+    assert R.is_used_param("pretrain/slm.precision_used") and R.is_used_param("x.compile_used")
+    assert not R.is_used_param("pretrain/slm.precision")
+    assert R.is_shares({"is_share/source/a": 0.5, "is_share/collection/b": 1.0}, "source") == {"a": 0.5}
+
+
+def test_the_driver_records_every_name_as_stored_runs_carry_it(tmp_path):
+    """The record the driver builds carries exactly these metric, tag and param names, spelled
+    out: a rename in the record or in the driver's assembly fails here."""
+    cfg = load_config(DEMO, {"workdir": str(tmp_path), "strategy.name": "slm-is"})
+    record = record_for(cfg, "legal", 3.0, tmp_path)
+    assert set(record.metrics) == RECORD_METRICS
+    assert set(record.tags) == RECORD_TAGS
+    assert {k for k in record.params if k.endswith("_used")} == RECORD_USED_PARAMS
+    assert set(record.curves) == {"finetune/valid_nll"}
+    assert record.tags["phase"] == "specialize"
