@@ -237,14 +237,17 @@ def cmd_ui(args) -> None:
     raise SystemExit(subprocess.call(cmd))
 
 
-class _ServeStopped(Exception):
-    """A stop signal reached ``slmfactory serve``: Serve and Ray shut down, exit 0."""
+class _ServeStopped(BaseException):
+    """A stop signal reached ``slmfactory serve``: Serve and Ray shut down, exit 0. A
+    BaseException, as KeyboardInterrupt is: Serve's and Ray's ``except Exception`` blocks
+    (a signal can land in ``serve.start`` or ``serve.run``) let it through."""
 
 
 def _stop_serving_on_signals() -> None:
     """SIGINT and SIGTERM stop the server the way Ctrl-C in a terminal does: the main
     thread unwinds (``serve.shutdown``, then Ray's), and the command exits 0. Installed
-    after Ray is up, over what it installed: Ray's fatal-signal handler takes SIGTERM and
+    once Ray is up, over what it installed, and before Serve starts (a signal while the
+    server starts stops it the same way): Ray's fatal-signal handler takes SIGTERM and
     aborts the process (the shell's "Aborted"); and SIGINT is taken even where it was
     inherited ignored (``slmfactory serve &`` in a script), where ``kill -INT`` did nothing.
     A second signal while shutting down interrupts the shutdown."""
@@ -289,22 +292,30 @@ def cmd_serve(args) -> None:
         args.models = str(dest)
     app = build_app({"config": args.config, "set": args.set or [], "models": args.models,
                      "from_mlflow": args.from_mlflow, "max_params": args.max_params})
-    with runtime.ray_session(args.address):
-        # The proxy's access log costs each request a synchronous write (docs/serving.md);
-        # serving.access_log turns it back on.
-        serve.start(http_options={"host": host, "port": port},
-                    logging_config={"enable_access_log": cfg.serving.access_log})
-        serve.run(app, name="slmfactory", route_prefix="/")
-        _stop_serving_on_signals()
-        print(f"serving on http://{host}:{port}/v1 (GET /v1/models, POST /v1/completions, POST /v1/score, "
-              f"GET /healthz); Ctrl-C stops", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except _ServeStopped as stopped:
-            print(f"serve: stopped ({stopped}); shutting down", flush=True)
-        finally:
-            serve.shutdown()
+    stopping = False
+    try:
+        with runtime.ray_session(args.address):
+            try:
+                _stop_serving_on_signals()
+                print(f"serve: starting on http://{host}:{port}/v1", flush=True)
+                # The proxy's access log costs each request a synchronous write (docs/serving.md);
+                # serving.access_log turns it back on.
+                serve.start(http_options={"host": host, "port": port},
+                            logging_config={"enable_access_log": cfg.serving.access_log})
+                serve.run(app, name="slmfactory", route_prefix="/")
+                print(f"serving on http://{host}:{port}/v1 (GET /v1/models, POST /v1/completions, "
+                      f"POST /v1/score, GET /healthz); Ctrl-C stops", flush=True)
+                while True:
+                    time.sleep(3600)
+            except _ServeStopped as stopped:
+                print(f"serve: stopped ({stopped}); shutting down", flush=True)
+            finally:
+                stopping = True
+                serve.shutdown()
+    except (KeyboardInterrupt, _ServeStopped):
+        # A server has nothing to resume (main's message for an interrupt is the sweep's).
+        print("slmfactory: serve interrupted" + (" while shutting down" if stopping else ""), file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def cmd_config(args) -> None:

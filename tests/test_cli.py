@@ -89,9 +89,10 @@ def test_unknown_domain(tiny_cfg):
     assert_one_line_error(out, "astrology", "data.domain")
 
 
-def _serve_until_ready(cfg, models, port: int, out: list[str]) -> subprocess.Popen:
+def _serve_until(cfg, models, port: int, out: list[str], said: str) -> subprocess.Popen:
     """``slmfactory serve`` on the tiny recipe, started as a script's background job is
-    (``cmd &`` in a non-interactive shell: SIGINT ignored), once it says it is serving."""
+    (``cmd &`` in a non-interactive shell: SIGINT ignored), once it has printed ``said``."""
+    import os
     import signal
     import threading
     import time
@@ -106,21 +107,26 @@ def _serve_until_ready(cfg, models, port: int, out: list[str]) -> subprocess.Pop
         start_new_session=True)
     threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True).start()
     deadline = time.time() + 180
-    while not any("serving on" in line for line in out):
+    while not any(said in line for line in out):
         if proc.poll() is not None or time.time() > deadline:
-            raise AssertionError("serve did not start:\n" + "".join(out)[-3000:])
-        time.sleep(0.5)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # its Ray with it (its own session)
+            raise AssertionError(f"serve did not say {said!r}:\n" + "".join(out)[-3000:])
+        time.sleep(0.05)
     return proc
 
 
 @pytest.mark.ray
 @pytest.mark.server
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(300)
 def test_serve_stops_cleanly_on_sigint_and_sigterm(tiny_cfg):
     """``kill -INT`` (even where SIGINT was inherited ignored, as by ``serve &`` in a script)
     and ``kill -TERM`` shut Serve and Ray down and exit 0, instead of being ignored and then
-    aborting in Ray's fatal-signal handler (exit by SIGABRT: the shell's "Aborted")."""
+    aborting in Ray's fatal-signal handler (exit by SIGABRT: the shell's "Aborted"): once
+    serving, and while Serve is still starting (the signal sent as soon as the command says
+    it is starting). A second Ctrl-C while it shuts down stops it without the sweep's
+    "rerun the same command to resume" or an internal error."""
     import os
     import signal
     import time
@@ -135,12 +141,13 @@ def test_serve_stops_cleanly_on_sigint_and_sigterm(tiny_cfg):
     models = tiny_cfg.root / "models"
     export_hf(tiny_cfg, load_lm(tiny_cfg, "slm", None).eval(), models / "legal",
               {"domain": "legal", "strategy": "slm", "params": 1, "test_ppl": 1.0})
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig, when in ((signal.SIGINT, "serving on"), (signal.SIGTERM, "serve: starting")):
         port, out = free_port(), []
-        proc = _serve_until_ready(tiny_cfg, models, port, out)
+        proc = _serve_until(tiny_cfg, models, port, out, when)
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=60) as r:
-                assert [m["id"] for m in json.load(r)["data"]] == ["legal"]
+            if when == "serving on":
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=60) as r:
+                    assert [m["id"] for m in json.load(r)["data"]] == ["legal"]
             proc.send_signal(sig)
             rc = proc.wait(timeout=120)
         finally:
@@ -148,6 +155,27 @@ def test_serve_stops_cleanly_on_sigint_and_sigterm(tiny_cfg):
                 os.killpg(proc.pid, signal.SIGKILL)
         time.sleep(0.5)  # the reader thread takes the last lines
         text = "".join(out)
-        assert rc == 0, f"{sig.name}: exit {rc}\n{text[-3000:]}"
+        assert rc == 0, f"{sig.name} after {when!r}: exit {rc}\n{text[-3000:]}"
         assert "SIGTERM received" not in text and "Traceback" not in text, text[-3000:]
+        assert "internal error" not in text and "rerun the same command" not in text, text[-3000:]
         assert f"serve: stopped ({sig.name})" in text, text[-3000:]
+
+    # A second Ctrl-C once shutting down: interrupted there (or, should the shutdown have
+    # finished first, a clean exit), never the sweep's resume hint.
+    port, out = free_port(), []
+    proc = _serve_until(tiny_cfg, models, port, out, "serving on")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 60
+        while not any("shutting down" in line for line in out) and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(0.5)
+    text = "".join(out)
+    assert rc in (0, 130), f"exit {rc}\n{text[-3000:]}"
+    assert rc == 0 or "slmfactory: serve interrupted while shutting down" in text, text[-3000:]
+    assert "internal error" not in text and "rerun the same command" not in text, text[-3000:]
