@@ -221,3 +221,32 @@ def test_an_atomic_folder_replaces_a_finished_one_whole(tmp_path):
     replace_dir(tmp_path / "download" / "model", dest)
     assert [p.name for p in dest.iterdir()] == ["weights"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["download", dest.name]
+
+
+def test_a_folder_that_cannot_be_renamed_in_leaves_the_old_one_in_place(tmp_path, monkeypatch):
+    """The new folder's rename fails after the old one was moved aside (a read-only or
+    full filesystem, a folder another process holds): the old one is back at ``dest``,
+    whole, and the error reaches the caller."""
+    import os
+
+    from slmfactory.platform import stages
+
+    dest = tmp_path / "model"
+    dest.mkdir()
+    (dest / "weights").write_text("old")
+    new = tmp_path / "download"
+    new.mkdir()
+    (new / "weights").write_text("new")
+    real_replace = os.replace
+
+    def refuse_the_new_folder(src, dst):
+        if Path(src) == new:
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(stages.os, "replace", refuse_the_new_folder)
+    with pytest.raises(PermissionError):
+        stages.replace_dir(new, dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["download", "model"]
+    assert [p.name for p in dest.iterdir()] == ["weights"] and (dest / "weights").read_text() == "old"
+    assert (new / "weights").read_text() == "new"

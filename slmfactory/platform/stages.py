@@ -98,13 +98,21 @@ def _beside(dest: Path, what: str) -> Path:
 def replace_dir(src: Path, dest: Path) -> None:
     """Put the complete folder ``src`` at ``dest`` (same filesystem), replacing what is
     there: a reader sees the old ``dest`` or the new one, never a mix. The old one is moved
-    aside (one rename), the new one renamed in, then the old one removed; a kill between
-    the two renames leaves ``dest`` missing (never half-written) and the old one beside it."""
+    aside (one rename), the new one renamed in, then the old one removed. If the new one
+    cannot be renamed in, the old one is put back and the error raised: ``dest`` is as it
+    was. A kill between the two renames leaves ``dest`` missing (never half-written) and
+    the old one beside it."""
     src, dest = Path(src), Path(dest)
     old = _beside(dest, "old")
-    if dest.exists() or dest.is_symlink():
+    moved_aside = dest.exists() or dest.is_symlink()
+    if moved_aside:
         os.replace(dest, old)
-    os.replace(src, dest)
+    try:
+        os.replace(src, dest)
+    except BaseException:
+        if moved_aside:
+            os.replace(old, dest)
+        raise
     if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
     else:
