@@ -98,6 +98,50 @@ def test_a_save_that_fails_keeps_the_checkpoint_it_would_replace(tiny_cfg, tmp_p
     assert make(tiny_cfg, tmp_path / "c").resume()
 
 
+def test_a_save_clears_the_staging_folders_a_killed_save_left(tiny_cfg, tmp_path):
+    """A save killed while building its folder leaves ``.step-*.tmp``; one killed between
+    its two renames leaves the replaced checkpoint as ``.step-*.old``. The next complete
+    save removes both: they would pile up, a model's size each, over a long run."""
+    tr = make(tiny_cfg, tmp_path / "c")
+    root = tmp_path / "c" / "checkpoints"
+    tr.step = 20
+    tr.save_checkpoint()
+    for leftover in (".step-00000040.4242-0badc0de.tmp", ".step-00000020.4242-0badf00d.old"):
+        (root / leftover).mkdir()
+        (root / leftover / "model.safetensors").write_bytes(b"\0" * 64)
+    tr.step = 40
+    tr.save_checkpoint()
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000040"]
+    assert tr.latest_checkpoint() == root / "step-00000040"
+
+
+def test_a_dangling_latest_falls_back_to_the_newest_complete_checkpoint(tiny_cfg, tmp_path):
+    """``latest`` names a checkpoint that is gone (a re-save of the same step killed between
+    its renames) or is missing itself: resume takes the newest complete ``step-*`` folder,
+    not one without its ``state.json`` (a removal cut short), instead of starting over."""
+    import json
+    import shutil
+
+    tr = make(tiny_cfg, tmp_path / "c")
+    root = tmp_path / "c" / "checkpoints"
+    tr.step = 20
+    tr.save_checkpoint()
+    shutil.copytree(root / "step-00000020", root / "step-00000010")
+    state = json.loads((root / "step-00000010" / "state.json").read_text())
+    (root / "step-00000010" / "state.json").write_text(json.dumps({**state, "step": 10}))
+    shutil.copytree(root / "step-00000020", root / "step-00000030")
+    (root / "step-00000030" / "state.json").unlink()
+    (root / "latest").write_text("step-00000040")
+    again = make(tiny_cfg, tmp_path / "c")
+    assert again.latest_checkpoint() == root / "step-00000020"
+    assert again.resume() and again.step == 20
+    (root / "latest").unlink()
+    assert make(tiny_cfg, tmp_path / "c").latest_checkpoint() == root / "step-00000020"
+    for complete in ("step-00000010", "step-00000020"):
+        shutil.rmtree(root / complete)
+    assert make(tiny_cfg, tmp_path / "c").latest_checkpoint() is None
+
+
 class ScriptedValidation(Recording):
     """Validation losses come from a script the test controls (a model's numerics decide
     nothing), and the weights seen at each validation are kept to compare against."""

@@ -429,9 +429,12 @@ class Trainer:
         return loss.detach()
 
     def on_checkpoint(self, path: Path, info: dict) -> None:
-        """Called (rank 0) after a complete checkpoint is written to ``path``."""
+        """Called (rank 0) after a complete checkpoint is written to ``path``: ``latest``
+        names it, and every other checkpoint goes, with the ``.step-*`` staging folders a
+        killed save left beside them (``atomic_dir``'s ``.tmp`` and ``.old``; rank 0 is the
+        only writer, and its own save is complete by now)."""
         write_text_atomic(path.parent / "latest", path.name)
-        for old in path.parent.glob("step-*"):
+        for old in [*path.parent.glob("step-*"), *path.parent.glob(".step-*")]:
             if old != path and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -605,11 +608,18 @@ class Trainer:
         return final
 
     def latest_checkpoint(self) -> Path | None:
+        """The checkpoint ``latest`` names; where that one is gone or incomplete (a kill
+        between a save's two renames, or before ``latest`` was written), the newest
+        complete ``step-*`` folder; None without one."""
         root = self.checkpoint_root
-        if root is None or not (root / "latest").is_file():
+        if root is None:
             return None
-        path = root / (root / "latest").read_text().strip()
-        return path if (path / "state.json").is_file() else None
+        if (root / "latest").is_file():
+            path = root / (root / "latest").read_text().strip()
+            if (path / "state.json").is_file():
+                return path
+        complete = [p for p in root.glob("step-*") if (p / "state.json").is_file()]
+        return max(complete, key=lambda p: p.name) if complete else None
 
     def resume(self, path: Path | None = None) -> bool:
         """Load ``path`` (default: the newest complete checkpoint); False if there is none."""
