@@ -44,3 +44,32 @@ def test_a_new_champion_replaces_the_downloaded_folder_whole(tmp_path):
     assert (folder / "weights.txt").read_text() == "second"
     assert [p.name for p in dest.iterdir()] == ["legal"]  # no download or old folder left beside it
     assert set(from_folder(dest)) == {"legal"}
+
+
+def test_a_killed_download_or_swap_leaves_nothing_that_is_served(tmp_path):
+    """A kill mid-download leaves ``from_registry``'s staging folder (``.legal-XXXX/``)
+    and one between a swap's renames the replaced folder (``.legal.PID-hex.old/``) under
+    the models folder. Neither is served, even holding a model that scores better: one is
+    half-downloaded, the other the version the registry's champion replaced."""
+    import tempfile
+
+    from slmfactory.platform.stages import _beside
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    dest = tmp_path / "registry" / "champion"
+    _champion(uri, tmp_path, "legal", "first")
+    from_registry(uri, EXPERIMENT, dest)
+    downloading = Path(tempfile.mkdtemp(dir=dest, prefix=".legal-")) / "model"
+    replaced = _beside(dest / "legal", "old")
+    for folder, ppl in ((downloading, 1.5), (replaced, 1.2)):
+        folder.mkdir(parents=True)
+        (folder / "weights.txt").write_text("left over")
+        (folder / "slmfactory.json").write_text(f'{{"domain": "legal", "params": 1, "test_ppl": {ppl}}}')
+    served = from_folder(dest)
+    assert served["legal"].path == str((dest / "legal").resolve()) and served["legal"].test_ppl == 2.0
+    # Below a hidden folder the models folder itself lives in (a home's dot folder), models are found.
+    hidden_home = tmp_path / ".slmfactory" / "models"
+    hidden_home.mkdir(parents=True)
+    (hidden_home / "legal").mkdir()
+    (hidden_home / "legal" / "slmfactory.json").write_text('{"domain": "legal", "params": 1, "test_ppl": 3.0}')
+    assert from_folder(hidden_home)["legal"].test_ppl == 3.0

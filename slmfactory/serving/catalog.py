@@ -30,12 +30,16 @@ class Entry:
 def from_folder(models_dir: Path, max_params: float = math.inf) -> dict[str, Entry]:
     """The best exported model (lowest test perplexity, at most ``max_params`` parameters)
     of each domain under ``models_dir``: every folder holding an ``slmfactory.json`` (what
-    ``slmfactory train``, ``sweep`` and ``demo`` write under ``<workdir>/models``)."""
+    ``slmfactory train``, ``sweep`` and ``demo`` write under ``<workdir>/models``). Hidden
+    folders below ``models_dir`` are not looked in: a killed download or swap leaves its
+    staging folder there (``.legal-XXXX/``, ``.legal.PID-hex.old/``), not a model to serve."""
     models_dir = Path(models_dir)
     if not models_dir.is_dir():
         raise DataError(f"--models {models_dir}: not a folder")
     best: dict[str, Entry] = {}
     for meta_path in sorted(models_dir.glob("**/slmfactory.json")):
+        if any(part.startswith(".") for part in meta_path.relative_to(models_dir).parts):
+            continue
         try:
             meta = json.loads(meta_path.read_text())
             e = Entry(meta["domain"], str(meta_path.parent.resolve()), meta.get("strategy", "?"),
