@@ -21,7 +21,8 @@ def test_the_body_limit_is_the_configs_not_an_earlier_apps(monkeypatch):
     monkeypatch.setenv(BODY_LIMIT_ENV, "1048576")  # what an earlier app's build_app left here
     first = serve_env(_serving(4096))
     assert first[BODY_LIMIT_ENV] == "4096"
-    os.environ.update(first)  # as build_app does
+    for key, value in first.items():  # as build_app does, undone when the test ends
+        monkeypatch.setenv(key, value)
     assert serve_env(_serving(262144))[BODY_LIMIT_ENV] == "262144"
     assert first["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "slmfactory.serving.api:proxy_middlewares"
 
@@ -32,3 +33,18 @@ def test_ray_serves_tuning_knobs_yield_to_the_environment(monkeypatch):
     env = serve_env(_serving(4096))
     assert env["RAY_SERVE_LOG_TO_STDERR"] == "1"
     assert env["RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"] == "1000"
+
+
+def test_these_tests_leave_the_environment_as_they_found_it(monkeypatch):
+    """The variables the tests above set (the body limit, Serve's proxy callback) would
+    reach every later test of the session, and the Serve apps those start."""
+    import pytest
+
+    for key in serve_env(_serving(4096)):  # whatever an earlier test may have left
+        monkeypatch.delenv(key, raising=False)
+    before = dict(os.environ)
+    for test in (test_the_body_limit_is_the_configs_not_an_earlier_apps,
+                 test_ray_serves_tuning_knobs_yield_to_the_environment):
+        with pytest.MonkeyPatch.context() as inner:
+            test(inner)
+        assert dict(os.environ) == before, test.__name__
