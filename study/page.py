@@ -466,7 +466,7 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
     configs = configs_from_rows(filled_rows)
     if not configs:
         raise DataError("no configuration measured on every domain in the CSV")
-    gate, claims = rc.all_claims(configs)
+    gate, claims = rc.all_claims(configs, generic_scale=layout == "current")
     domains = sorted(configs[0].nll)
     names = figure_names(configs)
     figs = "\n".join(f"![{name[:-4]}]({fig_rel}/{name})" for name, what in names if what[-1] == PAPER_COSTS)

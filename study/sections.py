@@ -116,11 +116,11 @@ def section_gates(rows: list[dict], cfg, g0: gt.G0, g1: gt.G1, g2: gt.G2) -> str
     out.append("")
     if g2.verdict == gt.BEATS:
         out.append(f"Verdict: resampled pretraining **beats** generic pretraining on {g2.domain} ({p.what} budget: "
-                   f"{p.is_before:.2f} after {p.is_spec} resampled tokens against {p.slm_before:.2f} after "
+                   f"{p.is_before:.2f} for slm-is specialised at {p.is_spec}, its `strategy.slm-is.pretrain_share` resampled pretraining, against {p.slm_before:.2f} after "
                    f"{p.slm_generic} generic tokens): claim 1's premise holds before fine-tuning.")
     else:
         out.append(f"Verdict: resampled pretraining **does not beat** generic pretraining on {g2.domain} ({p.what} "
-                   f"budget: {p.is_before:.2f} after {p.is_spec} resampled tokens against {p.slm_before:.2f} after "
+                   f"budget: {p.is_before:.2f} for slm-is specialised at {p.is_spec}, its `strategy.slm-is.pretrain_share` resampled pretraining, against {p.slm_before:.2f} after "
                    f"{p.slm_generic} generic tokens, {p.ratio:.2f}x). Claim 1 cannot show: {why}. "
                    + _cap(remedy) + ".")
     return "\n".join(out)
@@ -297,7 +297,7 @@ def subset_claims(rows: list[dict], configs: list[MeasuredConfig]) -> list[tuple
                    for c in sub_configs):
             continue
         pooled = pool_seeds(sub_configs)
-        out.append((sub, [rc.claim_is_best_small(pooled), rc.claim_is_loses_with_n(pooled)]))
+        out.append((sub, [rc.claim_is_best_small(pooled, generic_scale=True), rc.claim_is_loses_with_n(pooled)]))
     return out
 
 
@@ -393,8 +393,8 @@ def section_shortfall(claims: list[rc.Claim], configs: list[MeasuredConfig], g1:
                          + (f", {' vs '.join(sc.numbers)}" if sc.numbers else "") + ". ")
         if c.number in (1, 4) and g2.deciding is not None:
             p = g2.deciding
-            text += (f"G2 on {g2.domain}: slm-is starts fine-tuning at {p.is_before:.2f} after {p.is_spec} resampled "
-                     f"tokens, slm at {p.slm_before:.2f} after {p.slm_generic} generic tokens ({p.ratio:.2f}x). ")
+            text += (f"G2 on {g2.domain}: slm-is starts fine-tuning at {p.is_before:.2f} (specialised at {p.is_spec}, "
+                     f"its `strategy.slm-is.pretrain_share` resampled pretraining), slm at {p.slm_before:.2f} after {p.slm_generic} generic tokens ({p.ratio:.2f}x). ")
             if g2.verdict == gt.DOES_NOT_BEAT:
                 why, remedy = why_claim1_cannot(g2)
                 text += (f"What would reach it: resampled pretraining that starts below generic pretraining at equal "

@@ -381,6 +381,19 @@ def test_claim1_missing():
     assert rc.claim_is_best_small([conf("slm", 100)]).verdict == "inconclusive (cells missing: slm-is at n=40,000)"
 
 
+def test_claim1_at_generic_scale_needs_slm_is_at_a_budget_of_generic_scale():
+    """The second study's page reads claim 1 only where slm-is's largest specialisation budget
+    reaches slm's smallest generic budget (the paper's "large"); below it the part is missing,
+    not a verdict on a small budget; at or above it the usual comparison decides."""
+    small_s = [conf("slm-is", 90, g="none", s=LARGEST), conf("slm", 100, g="2e+06T", s=LARGEST)]
+    assert rc.claim_is_best_small(small_s).verdict == "confirmed"  # the first study's rule
+    assert rc.claim_is_best_small(small_s, generic_scale=True).verdict == (
+        "inconclusive (cells missing: slm-is at a specialisation budget of generic scale (>= 2e+06T) at n=40,000; "
+        "its largest there is 1.31e+05T)")
+    large_s = [conf("slm-is", 90, g="none", s="2e+06T"), conf("slm", 100, g="2e+06T", s=LARGEST)]
+    assert rc.claim_is_best_small(large_s, generic_scale=True).verdict == "confirmed"
+
+
 @pytest.mark.parametrize("mix_ppl,slm_g,verdict", [
     (90, (50.0, 40.0), "confirmed"), (110, (50.0, 40.0), "refuted"), (100.3, (50.0, 40.0), "inconclusive (intervals"),
     (90, (40.0, 41.0), "inconclusive (regime not reached)")])
