@@ -341,13 +341,13 @@ def cmd_specialize(args) -> None:
     from slmfactory.models.instant import generic_families
     from slmfactory.data.corpus_build import expand_patterns, read_user_file
     from slmfactory.serving.domains import check_name, create_domain, finetune_and_swap, register_in_mlflow
-    from slmfactory.serving.domains import DomainRegistry
+    from slmfactory.serving.domains import DomainStore
 
     cfg = _config(args)
     check_name(args.name)
     if args.finetune_budget is not None and args.finetune_budget < 1:
         raise SlmFactoryError(f"--finetune-budget: expected a positive number of tokens, got {args.finetune_budget}")
-    if DomainRegistry(cfg.root).exists(args.name):
+    if DomainStore(cfg.root).exists(args.name):
         raise SlmFactoryError(f"--name: domain {args.name!r} already exists in {cfg.root}")
     docs = Path(args.docs)
     files = sorted(f for f in docs.rglob("*") if f.is_file() and f.suffix.lower() in (".txt", ".jsonl", ".parquet")) \
@@ -364,7 +364,7 @@ def cmd_specialize(args) -> None:
         print(f"embedding + histogram: {built.shared_seconds:.2f}s, {built.shared_flops:.2e} FLOPs")
         if cfg.tracking.enabled:
             info = register_in_mlflow(cfg, args.name, entry, {"heldout_ppl": entry["test_ppl"], "params": entry["params"]})
-            DomainRegistry(cfg.root).update(args.name, mlflow=info)
+            DomainStore(cfg.root).update(args.name, mlflow=info)
             print(f"registered in MLflow as {info['registered_model']} (run {info['run_id']})")
         print(f"domain {args.name!r}: {entry['strategy']} from {len(texts)} documents at {entry['path']}; "
               f"a `slmfactory serve` on this workdir answers it as model {args.name!r}")

@@ -172,9 +172,9 @@ def test_a_new_domain_is_served_at_once_from_its_documents(app):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from slmfactory.models.instant import MAX_HELDOUT_TOKENS, split_documents, tokens_nll
-    from slmfactory.serving.domains import DomainRegistry
+    from slmfactory.serving.domains import DomainStore
 
-    entry = DomainRegistry(cfg.root).get("psalms")
+    entry = DomainStore(cfg.root).get("psalms")
     model = AutoModelForCausalLM.from_pretrained(entry["path"]).eval()
     tok = PreTrainedTokenizerFast.from_pretrained(entry["path"])
     prompt = torch.tensor([tok("And the Lord said", add_special_tokens=False)["input_ids"]])
@@ -202,7 +202,7 @@ def test_a_new_domain_reports_the_served_domains_perplexity_on_its_held_out_text
 
     from slmfactory.models.instant import MAX_HELDOUT_TOKENS, generic_families, split_documents, tokens_nll
     from slmfactory.serving.catalog import from_folder
-    from slmfactory.serving.domains import DomainRegistry, Outscored, compare_served, create_domain
+    from slmfactory.serving.domains import DomainStore, Outscored, compare_served, create_domain
     from slmfactory.serving.engine import load
 
     cfg, url, _ = app
@@ -231,7 +231,7 @@ def test_a_new_domain_reports_the_served_domains_perplexity_on_its_held_out_text
     if outscored:
         with pytest.raises(Outscored, match="legal"):
             create_domain(strict, "contracts2", docs, families, compare=compare)
-        assert DomainRegistry(cfg.root).get("contracts2") is None
+        assert DomainStore(cfg.root).get("contracts2") is None
     else:
         entry, _ = create_domain(strict, "contracts2", docs, families, compare=compare)
         assert entry["compared"]["better_served_by"] is None
@@ -397,17 +397,17 @@ def test_a_sigkilled_build_leaves_the_name_usable_and_delete_and_max_domains_wor
     import subprocess
     import sys
 
-    from slmfactory.serving.domains import DomainRegistry
+    from slmfactory.serving.domains import DomainStore
 
     cfg, url, _ = app
-    registry = DomainRegistry(cfg.root)
+    registry = DomainStore(cfg.root)
     docs = _docs(cfg, "literature", 6)
     # A process holding the build lease of "ghost", as a replica does while it builds, is
     # SIGKILLed mid-build: the kernel drops its lock and the name is free (a claim file
     # stayed forever).
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from slmfactory.serving.domains import DomainRegistry; "
-        f"lease = DomainRegistry({str(cfg.root)!r}).lease('ghost'); lease.__enter__(); "
+        "import sys, time; from slmfactory.serving.domains import DomainStore; "
+        f"lease = DomainStore({str(cfg.root)!r}).lease('ghost'); lease.__enter__(); "
         "print('held', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

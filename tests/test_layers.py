@@ -228,3 +228,21 @@ def test_the_package_imports_nothing_from_outside_the_wheel():
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
             found += [f"{module_name(path)} -> {n}" for n in names if n.split(".")[0] in outside]
     assert not found, "package modules importing from outside the wheel: " + ", ".join(found)
+
+
+def redefined_names(source: str) -> list[str]:
+    """Top-level functions and classes a module defines twice (the second silently replaces
+    the first: every caller of the first then gets the second)."""
+    seen, twice = set(), []
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if node.name in seen:
+                twice.append(node.name)
+            seen.add(node.name)
+    return twice
+
+
+def test_no_module_defines_a_name_twice():
+    found = {module_name(p): twice for p in PACKAGE.rglob("*.py") if (twice := redefined_names(p.read_text()))}
+    assert found == {}
+    assert redefined_names("class A:\n    pass\n\n\ndef f():\n    pass\n\n\nclass A:\n    pass\n") == ["A"]

@@ -217,7 +217,7 @@ def test_an_empty_completion_is_answered_not_a_500(served):
     from safetensors.torch import load_file, save_file
     from transformers import PreTrainedTokenizerFast
 
-    from slmfactory.serving.domains import DomainRegistry
+    from slmfactory.serving.domains import DomainStore
 
     cfg, url, folders = served
     silent = cfg.root / "silent-model"
@@ -227,7 +227,7 @@ def test_an_empty_completion_is_answered_not_a_500(served):
     weights["model.norm.weight"].zero_()
     save_file(weights, silent / "model.safetensors", metadata={"format": "pt"})
     assert PreTrainedTokenizerFast.from_pretrained(silent).eos_token_id == 0
-    DomainRegistry(cfg.root).publish("silent", {"path": str(silent), "strategy": "slm", "params": 1,
+    DomainStore(cfg.root).publish("silent", {"path": str(silent), "strategy": "slm", "params": 1,
                                                 "test_ppl": 1.0})
     c = client(url)
     r = c.completions.create(model="silent", prompt="The licence grants", max_tokens=6, temperature=0)

@@ -150,9 +150,9 @@ def parse_domain(raw: bytes, limits: Limits) -> DomainRequest:
     return validate(DomainRequest, raw, limits)
 
 
-# -- the registry -------------------------------------------------------------------------
+# -- the domain store (one JSON entry per run-time domain, shared by every replica) ---------
 
-class DomainRegistry:
+class DomainStore:
     """The run-time domains of a workdir (shared storage for a multi-node app)."""
 
     def __init__(self, root: Path):
@@ -318,7 +318,7 @@ def create_domain(cfg, name: str, texts: list[str], families, *, embedder=None, 
     raised and nothing is published."""
     from slmfactory.models.instant import build_instant  # lazy (module docstring)
 
-    registry = DomainRegistry(cfg.root)
+    registry = DomainStore(cfg.root)
     caps = dict(max_domains=cfg.serving.max_domains, max_bytes=cfg.serving.max_domain_disk_mb * 2 ** 20) \
         if limited else {}
     with registry.claim(name, taken, **caps):
@@ -357,7 +357,7 @@ def register_async(cfg, name: str, entry: dict) -> threading.Thread | None:
         except Exception as e:  # noqa: BLE001  (recorded; serving is unaffected)
             info = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         try:
-            DomainRegistry(cfg.root).update(name, mlflow=info)
+            DomainStore(cfg.root).update(name, mlflow=info)
         except DataError:
             pass  # deleted meanwhile
 
@@ -375,7 +375,7 @@ def finetune_and_swap(cfg_tree: dict, name: str, budget_tokens: int) -> dict:
     from slmfactory.models.instant import Candidate, finetune_instant, split_documents  # lazy (module docstring)
 
     cfg = from_dict(cfg_tree)
-    registry = DomainRegistry(cfg.root)
+    registry = DomainStore(cfg.root)
     entry = registry.get(name)
     if entry is None:
         raise DataError(f"name: no domain {name!r}")
@@ -416,7 +416,7 @@ def finetune_and_swap(cfg_tree: dict, name: str, budget_tokens: int) -> dict:
             raise
 
 
-def finetune_status(registry: DomainRegistry, name: str, entry: dict) -> dict:
+def finetune_status(registry: DomainStore, name: str, entry: dict) -> dict:
     """``entry`` with its fine-tune status made true: "running" with no live worker holding
     the fine-tune lease is a worker that died (SIGKILL, node loss): "failed"."""
     ft = entry.get("finetune") or {}
@@ -477,7 +477,7 @@ class RuntimeDomains:
 
     def __init__(self, cfg, startup: Collection[str], max_pending: int):
         self.cfg, self.startup, self.max_pending = cfg, startup, max_pending
-        self.registry = DomainRegistry(cfg.root) if cfg is not None else None
+        self.registry = DomainStore(cfg.root) if cfg is not None else None
         self.entries: dict[str, tuple[int, dict]] = {}  # name -> (entry file mtime_ns, entry)
         self.finetunes: dict[str, Any] = {}              # name -> the queued Ray task's ref
         self.builds = 0                                  # POST /v1/domains in progress here
