@@ -1,8 +1,9 @@
 """The study's gates, read back from its CSV (so they rebuild with the page):
 
 - **G0** (sizing): measured training tokens/s of the generic phases, from each phase's wall time
-  (``generic_wall_seconds``) and the tokens it read (``spent_generic_tokens``); the first phases,
-  at the smallest generic budget, are the ones the recipe's grid was sized from.
+  (``generic_wall_seconds``) and the tokens it read (``spent_generic_tokens``); the SLM's first
+  phases, at the smallest generic budget, give the rate a grid is sized by (this study's cut was
+  decided before they ran: the section says from what, and what they then measured).
 - **G1** (the experts' regime): after slm and slm-mix (and slm-pn) at the two largest generic
   budgets, the routed-over-dense generic perplexity ratio ``routed_generic_ppl`` (the expert's)
   / ``generic_ppl`` (slm's, same budget and seed). Verdict per expert strategy: *below 1* at the
@@ -56,12 +57,16 @@ class Phase:
 
 def generic_phases(rows: list[dict]) -> list[Phase]:
     """One entry per generic phase (strategy, generic budget, pretraining seed) that logged its
-    wall time and tokens, by budget then strategy; llm-lora's (llm's phase) once, as llm's."""
+    wall time and tokens, by budget then strategy; llm-lora's (llm's phase) once, as llm's; slm-d's
+    not at all: its generic cost is its student's slm phase and its teacher's llm phase, each
+    listed on its own (counting it too would count both twice)."""
     seen: dict[tuple, Phase] = {}
     shared = {(r["generic_budget"], _seed(r)) for r in rows if r["strategy"] == "llm"}
     for r in rows:
         if r["strategy"] == "llm-lora" and (r["generic_budget"], _seed(r)) in shared:
             continue  # llm-lora fine-tunes llm's own generic phase: one phase, listed once
+        if r["strategy"] == "slm-d":
+            continue
         if r["generic_budget"] in ("", "none") or not r.get("generic_wall_seconds") \
                 or not r.get("spent_generic_tokens"):
             continue

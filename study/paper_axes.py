@@ -8,8 +8,10 @@ slm-is and slm-nopt have C_generic = 0), one domain carries
 
     B(G, S, N) = c_spec(S) + c_generic(G) / N
 
-where c_generic(G) is slm's measured generic FLOPs at G and c_spec(S) the cheapest SLM-size
-configuration's specialisation FLOPs per domain at S (both under the paper's convention).
+where c_generic(G) is slm's measured generic FLOPs at G and c_spec(S) what S specialisation
+tokens cost at the SLM's size: S times the median specialisation FLOPs per spent token of the
+slm and slm-nopt configurations (both under the paper's convention). The budget S, not what a
+configuration spent: early stopping spends less than S, and a cell must not shrink with it.
 
 Who shares a cell (what that budget buys):
 
@@ -94,10 +96,10 @@ def _reference_costs(small: list[MeasuredConfig]) -> tuple[dict[str, float], dic
         if c.strategy == "slm" and c.generic_budget != "none" and c.has_cost(COST, PAPER):
             g = c.generic(COST, PAPER)
             c_gen[c.generic_budget] = min(g, c_gen.get(c.generic_budget, math.inf))
-    c_spec: dict[str, float] = {}
-    for c in small:
-        if c.has_cost(COST, PAPER):
-            c_spec[c.spec_budget] = min(c.spec(COST, PAPER), c_spec.get(c.spec_budget, math.inf))
+    rates = sorted(c.spec(COST, PAPER) / c.spent_spec for c in small
+                   if c.strategy in ("slm", "slm-nopt") and c.spent_spec and c.has_cost(COST, PAPER))
+    rate = rates[len(rates) // 2] if rates else None  # FLOPs per specialisation token at the SLM's size
+    c_spec = {c.spec_budget: budget_value(c.spec_budget) * rate for c in small} if rate else {}
     return c_gen, c_spec
 
 

@@ -597,17 +597,22 @@ def _config_rows(strategy: str, g: str, s: str, nll: float, generic_flops: float
 def _axes_rows() -> list[dict]:
     """slm at two generic budgets, slm-nopt, and slm-is with a large specialisation budget
     (1e+06T, 200 FLOPs per domain, the best perplexity) on every domain; slm-is and slm-nopt at
-    4e+06T on two domains only."""
+    4e+06T on two domains only. Every configuration spends its whole specialisation budget at
+    1/16,384 FLOPs a token, so c_spec(S) is S / 16,384 (1 at 1.64e+04T, 61 at 1e+06T)."""
     rows = []
+
+    def spending(strategy, g, s, *args, **kw):  # the whole budget s, spent
+        return _config_rows(strategy, g, s, *args, spent_spec_tokens=float(s[:-1]), **kw)
+
     for g, gf, base in (("1e+06T", 100.0, 4.0), ("8e+06T", 800.0, 3.8)):
-        rows += _config_rows("slm", g, "1.64e+04T", base, gf, 1.0)
-        rows += _config_rows("slm", g, "1.31e+05T", base - 0.1, gf, 8.0)
-    rows += _config_rows("slm-nopt", "none", "1.64e+04T", 6.0, 0.0, 1.0)
-    rows += _config_rows("slm-is", "none", "1.64e+04T", 5.0, 50.0, 1.0)
-    rows += _config_rows("slm-is", "none", "1e+06T", 3.0, 50.0, 200.0)
+        rows += spending("slm", g, "1.64e+04T", base, gf, 1.0)
+        rows += spending("slm", g, "1.31e+05T", base - 0.1, gf, 8.0)
+    rows += spending("slm-nopt", "none", "1.64e+04T", 6.0, 0.0, 1.0)
+    rows += spending("slm-is", "none", "1.64e+04T", 5.0, 50.0, 1.0)
+    rows += spending("slm-is", "none", "1e+06T", 3.0, 50.0, 200.0)
     two = sorted({r["domain"] for r in rows})[:2]
-    rows += _config_rows("slm-is", "none", "4e+06T", 2.5, 50.0, 800.0, domains=two)
-    rows += _config_rows("slm-nopt", "none", "4e+06T", 2.0, 0.0, 800.0, domains=two)
+    rows += spending("slm-is", "none", "4e+06T", 2.5, 50.0, 800.0, domains=two)
+    rows += spending("slm-nopt", "none", "4e+06T", 2.0, 0.0, 800.0, domains=two)
     return rows
 
 
@@ -632,6 +637,12 @@ def test_paper_axes_cells_amortise_the_generic_budget_over_n():
     big = n7.cells[("1e+06T", "1e+06T")]
     assert big.best.strategy == "slm-is" and big.runner_up.label.startswith("slm g1e+06T s1.31e+05T")
     assert pa.winners(n7) == {"slm": 4, "slm-is": 2}
+    # c_spec(S) is what the budget S costs, not what a configuration spent: one that stopped
+    # early (a hundredth of 1e+06T) leaves the cell's budget where it was.
+    assert n1.c_spec["1e+06T"] == pytest.approx(1e6 / 16384, rel=0.01)  # (labels round 131,072 to 1.31e+05)
+    stopped = rows + _config_rows("slm-nopt", "none", "1e+06T", 5.5, 0.0, 0.61, spent_spec_tokens=1e4)
+    assert pa.paper_axes_grid(results.configs_from_rows(stopped), 40_000, 1).c_spec["1e+06T"] == \
+        pytest.approx(n1.c_spec["1e+06T"], rel=0.01)
 
 
 def test_paper_axes_compare_a_domain_subset_on_its_own_domains():
