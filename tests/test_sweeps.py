@@ -115,13 +115,16 @@ def test_sweep_killed_midway_resumes_with_one_run_per_trial(work):
     cfg = load_config(RECIPE, {"workdir": str(work)})
     uri, experiment = cfg.tracking_uri, "slmfactory-sweep-tiny"
     args = ["sweep", "-c", str(RECIPE), "--set", f"workdir={work}", "--set", "sweep.max_concurrent=1"]
-    driver = subprocess.Popen([sys.executable, "-m", "slmfactory.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+    # The first start is the same command as every later one: --resume with nothing to resume starts it.
+    driver = subprocess.Popen([sys.executable, "-m", "slmfactory.cli", *args, "--resume"], cwd=REPO,
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "SLMFACTORY_LAUNCHER": "local"})
     deadline = time.time() + 400
     while time.time() < deadline and driver.poll() is None and not _finished_trial_count(work / "mlflow.db"):
         time.sleep(0.5)
     driver.send_signal(signal.SIGKILL)  # the driver dies mid-sweep: no cleanup, no final state
     driver.wait(timeout=60)
+    assert "--resume: nothing to resume at" in driver.stdout.read()
     _, finished = _finished_trial_runs(uri, experiment)
     assert finished, "no trial finished before the deadline"
     done_before = {r.data.tags["slmfactory.trial"]: r.info.start_time for r in finished}
