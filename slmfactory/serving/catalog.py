@@ -13,7 +13,7 @@ from slmfactory.data.clusters import load_clusters
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import replace_dir
 from slmfactory.platform.tracking import client_for
-from slmfactory.trial import TRIAL_TAG, TrialRecord
+from slmfactory.trial import TRIAL_TAG, TrialRecord as R
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def from_mlflow(uri: str, experiment: str, max_params: float = math.inf) -> dict
     best: dict[str, Entry] = {}
     for r in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
                                 max_results=50000):
-        t, m, R = r.data.tags, r.data.metrics, TrialRecord
+        t, m = r.data.tags, r.data.metrics
         if TRIAL_TAG not in t or R.PARAMS not in m or m[R.PARAMS] > max_params:
             continue
         d = t[R.DOMAIN]
@@ -99,7 +99,7 @@ def from_registry(uri: str, experiment: str, dest: Path, alias: str = "champion"
             run = client.get_run(mv.run_id)
         except MlflowException:
             continue
-        t, m, R = run.data.tags, run.data.metrics, TrialRecord
+        t, m = run.data.tags, run.data.metrics
         d = t.get(R.DOMAIN, rm.name[len(prefix):])
         model_uri = f"models:/{rm.name}@{alias}"
         target = Path(dest) / d
