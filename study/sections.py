@@ -112,7 +112,7 @@ def section_gates(rows: list[dict], cfg, g0: gt.G0, g1: gt.G1, g2: gt.G2) -> str
                 f"{p.ratio:.3f} | {_f(p.reads_per_window)} ({_f(p.epochs_resampled)} x {_f(p.window_repeats)}) |"
                 for p in pairs]
     p = g2.deciding
-    share = (cfg.strategy.to_tree().get("slm-is", {}) or {}).get("pretrain_share", 0.75)  # slm_is.py's default
+    share = cfg.strategy.to_tree()["slm-is"]["pretrain_share"]
     why, remedy = why_claim1_cannot(g2) if g2.verdict == gt.DOES_NOT_BEAT else ("", "")
     out.append("")
     if g2.verdict == gt.BEATS:
