@@ -184,6 +184,11 @@ class TrialRecord:
     INFERENCE_FLOPS_PER_TOKEN: ClassVar[str] = "cost/inference_flops_per_token"
     VALID_NLL: ClassVar[str] = "valid_nll"
     FINETUNE_STEPS: ClassVar[str] = "finetune_steps"
+    FINETUNE_BEST_STEP: ClassVar[str] = "finetune/best_step"
+    """The fine-tune's step whose weights were kept: 0 when none beat the starting weights."""
+    TEST_SEQ_NLL_FILE: ClassVar[str] = "test_seq_nll.npy"
+    """In the exported model folder (artifact ``model/test_seq_nll.npy``): the summed NLL of
+    each test-sample sequence, (n_sequences,) float64, in sample order; paired tests read it."""
     EPOCHS_GENERIC: ClassVar[str] = "epochs/generic"
     EPOCHS_SPEC: ClassVar[str] = "epochs/spec"
     EPOCHS_RESAMPLED_PRETRAIN: ClassVar[str] = "epochs/resampled_pretrain"

@@ -164,21 +164,45 @@ def scripted(cfg, out_dir, script):
 
 
 def test_early_stopping_restores_the_best_weights(tiny_cfg, tmp_path):
-    # Validation improves twice, then worsens twice: patience 2 stops at the 4th evaluation
-    # (step 20) and the model holds the weights of the best one (step 10).
-    tr = scripted(tiny_cfg, tmp_path / "e", [5.0, 4.0, 4.5, 4.6] + [9.0] * 20)
+    # The starting weights are validated first (step 0); validation then improves twice and
+    # worsens twice: patience 2 stops at step 20 with the weights of the best (step 10).
+    tr = scripted(tiny_cfg, tmp_path / "e", [6.0, 5.0, 4.0, 4.5, 4.6] + [9.0] * 20)
     res = tr.fit()
-    assert res.stopped_early and res.steps == 20 and res.best_valid_nll == 4.0
-    assert [s for s, _ in res.valid_history] == [5, 10, 15, 20]
+    assert res.stopped_early and res.steps == 20 and res.best_valid_nll == 4.0 and res.best_step == 10
+    assert [s for s, _ in res.valid_history] == [0, 5, 10, 15, 20]
     for name, value in tr.model.state_dict().items():
         assert torch.equal(value, tr.snapshots[10][name]), name
     assert not torch.equal(tr.snapshots[10]["model.embed_tokens.weight"], tr.snapshots[20]["model.embed_tokens.weight"])
 
 
+def test_a_fine_tune_that_only_hurts_returns_the_starting_weights_bitwise(tiny_cfg, tmp_path):
+    """No step beats the starting weights on validation: the phase returns them exactly,
+    says best_step 0, and is charged the steps it ran before early stopping ended it."""
+    tr = scripted(tiny_cfg, tmp_path / "h", [4.0] + [4.5 + 0.1 * i for i in range(30)])
+    start = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+    res = tr.fit()
+    assert res.best_step == 0 and res.best_valid_nll == 4.0 and res.stopped_early
+    assert res.steps == 10 and res.tokens == 10 * 8 * 64 and res.cost.tokens == res.tokens
+    assert tr.losses  # it did train, and moved the weights, before giving them back
+    assert not torch.equal(tr.snapshots[10]["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+    for name, value in tr.model.state_dict().items():
+        assert torch.equal(value, start[name]), name
+
+
+def test_early_stopping_ends_a_fine_tune_long_before_a_large_budget(tiny_cfg, tmp_path):
+    """A budget of 100 steps, validation best at step 5: early stopping ends the phase at
+    step 15 and the cost charged is those 15 steps' tokens and FLOPs, not the budget's."""
+    tr = scripted(tiny_cfg, tmp_path / "b", [6.0, 5.0] + [5.5] * 40)
+    res = tr.fit()
+    assert tr.max_steps == 100
+    assert res.stopped_early and res.steps == 15 and res.best_step == 5
+    assert res.cost.tokens == 15 * 8 * 64 and res.cost.flops == pytest.approx(15 * 8 * 64 * tr.flops_per_token)
+
+
 def test_a_finished_phase_is_not_trained_again(tiny_cfg, tmp_path):
     """An early-stopped phase resumed from its final checkpoint trains zero steps and gives
     back the same result and cost (it used to train on from the restored best weights)."""
-    first = scripted(tiny_cfg, tmp_path / "f", [5.0, 4.0, 4.5, 4.6] + [9.0] * 20)
+    first = scripted(tiny_cfg, tmp_path / "f", [6.0, 5.0, 4.0, 4.5, 4.6] + [9.0] * 20)
     res = first.fit()
     again = scripted(tiny_cfg, tmp_path / "f", [9.0] * 40)
     res2 = again.fit()

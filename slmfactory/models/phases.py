@@ -37,7 +37,8 @@ from slmfactory.trial import TrialRecord
 
 
 GENERIC_VERSION = "generic-v2"  # v2: epochs and the generic sample's perplexity recorded
-EXPORT_VERSION = "export-v2"  # v2: a seeded test sample across the split, bootstrap intervals
+EXPORT_VERSION = "export-v3"  # v3: the per-sequence test NLLs (paired tests); v2: a seeded sample, bootstrap
+FINETUNE_VERSION = "finetune-v2"  # v2: early stopping validates the starting weights and can return them
 TEST_SAMPLE_SEED = 0
 """The test sample's seed: fixed, so every strategy, budget and rerun scores the same
 sequences of a domain's test split."""
@@ -211,9 +212,10 @@ def evaluate_ppl(cfg: RunConfig, model: torch.nn.Module, tokens: np.ndarray,
 
 
 def test_perplexity(cfg: RunConfig, model: torch.nn.Module, tokens: np.ndarray,
-                    device: torch.device | str | None = None) -> dict[str, float]:
+                    device: torch.device | str | None = None) -> dict[str, Any]:
     """Perplexity of ``model`` on a test sample with its bootstrap interval over the
-    sample's sequences (``trainer.bootstrap_ppl``), on the trial's device."""
+    sample's sequences (``trainer.bootstrap_ppl``), on the trial's device; ``seq_nll`` holds
+    the (n_sequences,) per-sequence NLLs the interval resampled (what paired tests compare)."""
     device = torch.device(device) if device is not None else eval_device()
     was = next(model.parameters()).device
     model.to(device)
@@ -222,7 +224,7 @@ def test_perplexity(cfg: RunConfig, model: torch.nn.Module, tokens: np.ndarray,
                                 autocast_for(device))
     finally:
         model.to(was)
-    return bootstrap_ppl(per_seq, cfg.data.seq_len - 1)
+    return {**bootstrap_ppl(per_seq, cfg.data.seq_len - 1), "seq_nll": per_seq}
 
 
 def export_hf(cfg: RunConfig, model: torch.nn.Module, out_dir: Path, meta: dict[str, Any]) -> Path:
@@ -282,7 +284,8 @@ def finetune_lm(ctx: StrategyContext, model_key: str, init: Weights | None, data
     cfg = ctx.cfg
     tcfg = train_cfg or cfg.finetune
     phase = f"finetune/{name}"
-    stage = Stage.of(cfg.root, "train", phase, init=init.key if init else None, model=getattr(cfg, model_key),
+    stage = Stage.of(cfg.root, "train", phase, version=FINETUNE_VERSION, init=init.key if init else None,
+                     model=getattr(cfg, model_key),
                      train=tcfg, seq_len=cfg.data.seq_len, data=[data.train.identity(), data.valid.identity()],
                      extra=key_inputs or {})
     factory = lm_factory(cfg.to_tree(), model_key, phase, data.train, data.valid,
@@ -343,12 +346,14 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
         export_hf(cfg, plain, work, {"strategy": strategy, "domain": domain, **info,
                                      "generic_cost": generic_cost.to_dict() if generic_cost else None,
                                      "spec_cost": spec_cost.to_dict()})
+        np.save(work / R.TEST_SEQ_NLL_FILE, np.asarray(test["seq_nll"], dtype=np.float64))
         return info
 
     info = stage.build(export)
     # test_ppl (and its interval) become the trial record's ppl/<domain> (pipeline.trial_record).
     metrics = {R.TEST_NLL: info["test_nll"], "test_ppl": info["test_ppl"], R.VALID_NLL: fit.result.best_valid_nll,
-               R.FINETUNE_STEPS: fit.result.steps, R.EPOCHS_SPEC: fit.result.epochs, **(extra_metrics or {})}
+               R.FINETUNE_STEPS: fit.result.steps, R.FINETUNE_BEST_STEP: fit.result.best_step,
+               R.EPOCHS_SPEC: fit.result.epochs, **(extra_metrics or {})}
     metrics |= {R.TEST_NLL_SE: info["test_nll_se"], "test_ppl_lo": info["test_ppl_lo"],
                 "test_ppl_hi": info["test_ppl_hi"], R.TEST_SEQUENCES: info["test_sequences"]}
     if generic is not None and "epochs" in generic.info:

@@ -60,6 +60,10 @@ class TrainResult:
     """The precision the steps ran in (the phase's ``precision`` resolved: ``plan_execution``)."""
     compile: str = ""
     """The ``torch.compile`` mode the steps ran with ("" = eager)."""
+    best_step: int = -1
+    """The step whose weights the phase returns: 0 when no step beat the starting weights
+    (early stopping validates them before the first step), -1 without early stopping (the
+    last step's weights)."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -365,6 +369,7 @@ class Trainer:
         self.step = 0
         self.best_valid = math.inf
         self.bad_evals = 0
+        self.best_step = -1
         self.history: list[tuple[int, float]] = []
         self.train_history: list[tuple[int, float]] = []
         self.elapsed = 0.0
@@ -482,7 +487,9 @@ class Trainer:
             self.log(f"[{self.phase}] torch.compile failed ({reason}); running eager: {self.plan.label()}")
 
     def _validate(self) -> bool:
-        """Evaluate, track the best weights; True when early stopping says stop."""
+        """Evaluate, track the best weights; True when early stopping says stop. At step 0
+        (``fit`` validates the starting weights when early stopping is on) the starting
+        weights become the first best: a fine-tune that only hurts returns them."""
         nll = self.evaluate(max_tokens=self.cfg.eval_tokens)
         self.history.append((self.step, nll))
         if self.tracker is not None:
@@ -491,7 +498,7 @@ class Trainer:
             self.log(f"[{self.phase}] step {self.step}/{self.max_steps} valid nll {nll:.4f} "
                      f"ppl {math.exp(nll):.2f}")
         if nll < self.best_valid - 1e-6:
-            self.best_valid, self.bad_evals = nll, 0
+            self.best_valid, self.bad_evals, self.best_step = nll, 0, self.step
             if self.cfg.patience > 0:
                 self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         else:
@@ -514,6 +521,10 @@ class Trainer:
         stopped = False
         t_start = time.perf_counter() - self.elapsed
         t_log, tokens_log = time.perf_counter(), 0
+        if self.valid is not None and cfg.patience > 0 and self.step == 0 and not self.history:
+            # Early stopping considers the starting weights too: a phase none of whose steps
+            # beats them on validation returns them unchanged (best_step 0).
+            self._validate()
         while self.step < self.max_steps:
             loss = self.train_step(self.step)
             if not math.isfinite(loss):
@@ -542,8 +553,13 @@ class Trainer:
             stopped = self._validate() or stopped
         self.restore_attention()
         if self.best_state is not None:
-            # Early stopping keeps the best validation weights, as the paper's fine-tuning does.
+            # Early stopping keeps the best validation weights, as the paper's fine-tuning does
+            # (the starting ones when no step beat them).
             self.model.load_state_dict(self.best_state)
+            if self.log:
+                self.log(f"[{self.phase}] returning the weights of step {self.best_step}"
+                         + (" (the starting weights: no step beat them on validation)" if self.best_step == 0 else "")
+                         + f", valid nll {self.best_valid:.4f}; {self.step} steps charged")
         self.elapsed = time.perf_counter() - t_start
         tokens = self.step * cfg.batch_size * self.seq_len
         flops = tokens * self.flops_per_token
@@ -560,7 +576,8 @@ class Trainer:
                                     best_valid_nll=self.best_valid, valid_history=list(self.history),
                                     train_history=list(self.train_history),
                                     wall_seconds=self.elapsed, flops=flops, stopped_early=stopped, cost=cost,
-                                    epochs=epochs, precision=self.plan.precision, compile=self.plan.compile)
+                                    epochs=epochs, precision=self.plan.precision, compile=self.plan.compile,
+                                    best_step=self.best_step if self.best_state is not None else -1)
         self.save_checkpoint()  # the final checkpoint carries the result: a rerun returns it
         return self.finished
 
@@ -592,7 +609,7 @@ class Trainer:
         root = self.checkpoint_root
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.step:08d}"
-        state = {"step": self.step, "best_valid": self.best_valid, "bad_evals": self.bad_evals,
+        state = {"step": self.step, "best_valid": self.best_valid, "bad_evals": self.bad_evals, "best_step": self.best_step,
                  "history": self.history, "train_history": self.train_history, "elapsed": self.elapsed, "phase": self.phase,
                  "max_steps": self.max_steps,
                  "finished": self.finished.to_dict() if self.finished is not None else None}
@@ -639,6 +656,7 @@ class Trainer:
         state = json.loads((path / "state.json").read_text())
         self.step, self.best_valid = state["step"], state["best_valid"]
         self.bad_evals, self.elapsed = state["bad_evals"], state["elapsed"]
+        self.best_step = state.get("best_step", -1)
         self.history = [tuple(h) for h in state["history"]]
         self.train_history = [tuple(h) for h in state.get("train_history", [])]
         if state.get("finished") is not None:
