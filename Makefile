@@ -3,23 +3,32 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup browser services demo serve test test-fast ui-check cluster-test bench lint clean
+.PHONY: setup constraints browser services demo serve test test-fast ui-check cluster-test bench lint clean
 
 setup: $(STAMP)
 
-# Idempotent: the stamp is keyed by pyproject.toml's hash, so a second `make setup` is instant.
-$(STAMP): pyproject.toml
+# Idempotent: the stamp is keyed by pyproject.toml's and constraints.txt's hash, so a second
+# `make setup` is instant. pyproject.toml declares ranges; constraints.txt fixes the exact
+# versions the suite runs with. torch==2.13.0 first, named exactly: PyPI's Linux torch is a
+# multi-GB CUDA build, and a range would pull it.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	rm -f $(VENV)/.installed-*; touch $@
+
+# constraints.txt from what .venv holds now (after installing another version and running the
+# suite): its comment lines kept, every distribution but pip and the package, torch without `+cpu`.
+constraints:
+	{ grep '^#' constraints.txt; $(PY) -m pip freeze --all --exclude-editable --exclude pip | \
+	  sed -E 's/^(torch==[^+]+)\+cpu$$/\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 demo: setup
 	$(VENV)/bin/slmfactory demo --config configs/demo.yaml

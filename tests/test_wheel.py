@@ -9,6 +9,11 @@ also proves the wheel declares every dependency it imports. Two things keep it c
 (~1.5-3 min on 2 cores): pip runs from the test's interpreter (``pip --python``) so the venv
 needs no pip of its own, and ``--no-compile`` skips byte-compiling 2 GB of dependencies
 (Python compiles the modules a command imports, on first use).
+
+The venv already holds an older PyYAML than the one the suite runs with (``OLDER``), inside the
+wheel's range: the install must keep it (the wheel declares ranges, not pins, so it joins an
+environment without a resolver fight), ``pip check`` must find the set consistent, and the CLI
+runs on it. The ``datasets`` extra is not installed there: ``load_split`` says to install it.
 """
 
 from __future__ import annotations
@@ -76,21 +81,79 @@ def test_wheel_ships_package_data_not_tests(wheel):
     assert strategy_files <= set(names)
 
 
-def test_fresh_venv_runs_the_cli_outside_the_checkout(wheel, tmp_path):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    py = venv / "bin" / "python"
-    # torch==2.13.0 named exactly as `make setup` does (the wheel pins the same): a looser
-    # spec would resolve to a CUDA build.
-    out = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-compile",
-                          "--disable-pip-version-check", "torch==2.13.0", str(wheel)],
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+# A release of a dependency older than constraints.txt's and inside the wheel's range (PyYAML's
+# floor in pyproject.toml is this one): small, and the CLI reads every recipe with it.
+OLDER = ("PyYAML", "6.0.1")
 
-    work = tmp_path / "elsewhere"
-    work.mkdir()
+
+def _pip(py: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    # pip from the test's interpreter (the venv has none); --no-compile: see the docstring.
+    return subprocess.run([sys.executable, "-m", "pip", "--python", str(py), *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory) -> Path:
+    """A fresh venv holding ``OLDER`` first, then the wheel with its declared dependencies."""
+    venv = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    name, version = OLDER
+    out = _pip(py, "install", "-q", "--no-compile", "--disable-pip-version-check", f"{name}=={version}", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # torch==2.13.0 named exactly as `make setup` does: the wheel's range would let pip pick
+    # PyPI's CUDA build.
+    out = _pip(py, "install", "-q", "--no-compile", "--disable-pip-version-check", "torch==2.13.0", str(wheel))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return venv
+
+
+def _env(venv: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
+    return env
+
+
+def test_the_wheel_joins_a_venv_keeping_its_compatible_versions(wheel, venv, tmp_path):
+    py = venv / "bin" / "python"
+    name, version = OLDER
+    # OLDER is what this test says it is: inside the wheel's range, not the version the suite runs with.
+    from packaging.requirements import Requirement
+
+    metadata = next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA"))
+    (spec,) = [Requirement(line.split(":", 1)[1]).specifier
+               for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+               if line.startswith("Requires-Dist:") and Requirement(line.split(":", 1)[1]).name == name]
+    pinned = [line for line in (REPO / "constraints.txt").read_text().splitlines() if line.startswith(f"{name}==")]
+    assert spec.contains(version) and pinned and pinned[0] != f"{name}=={version}", (spec, pinned)
+    probe = f"""
+import importlib.metadata as md, importlib.util
+import slmfactory, slmfactory.platform.config, slmfactory.serving.app, yaml
+print(md.version({name!r}))
+print(yaml.__version__)
+print(importlib.util.find_spec("datasets") is None)
+"""
+    r = subprocess.run([str(py), "-c", probe], cwd=tmp_path, env=_env(venv), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept, loaded, no_datasets = r.stdout.split()
+    assert (kept, loaded) == (version, version), \
+        f"installing the wheel replaced {name} {version} by {kept}: a requirement of the wheel excludes it"
+    # Every requirement of every installed distribution is met: no conflict left behind.
+    check = _pip(py, "check", "--disable-pip-version-check", timeout=300)
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+
+    # Without the `datasets` extra the optional loader names the extra it needs.
+    assert no_datasets == "True", "datasets is installed in the fresh venv: nothing should pull it in"
+    r = subprocess.run([str(py), "-c", "from slmfactory.data.corpus import load_split; load_split('.', 'legal', 'train')"],
+                       cwd=tmp_path, env=_env(venv), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "ImportError" in r.stderr and "pip install 'slmfactory[datasets]'" in r.stderr, r.stderr[-2000:]
+
+
+def test_fresh_venv_runs_the_cli_outside_the_checkout(venv, tmp_path):
+    py = venv / "bin" / "python"
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = _env(venv)
 
     def cli(*args, timeout=300):
         r = subprocess.run([str(venv / "bin" / "slmfactory"), *args], cwd=work, env=env, capture_output=True,

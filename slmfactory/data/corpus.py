@@ -73,8 +73,14 @@ def _checked(corpus_dir: Path, part: str, split: str) -> Path:
 
 
 def load_split(corpus_dir: Path, part: str, split: str) -> "datasets.Dataset":
-    """One split as a ``datasets.Dataset`` (memory-mapped Arrow, no HF cache writes)."""
-    import datasets
+    """One split as a ``datasets.Dataset`` (memory-mapped Arrow, no HF cache writes). Needs the
+    ``datasets`` extra (``pip install 'slmfactory[datasets]'``); the platform itself reads splits
+    with pyarrow (``iter_texts``)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("load_split returns a datasets.Dataset and needs the `datasets` extra: "
+                          "pip install 'slmfactory[datasets]'", name="datasets") from e
 
     path = _checked(corpus_dir, part, split)
     table = pq.read_table(path, memory_map=True)
