@@ -88,7 +88,7 @@ def figure_names(configs: list[MeasuredConfig]) -> list[tuple[str, tuple]]:
 
 def draw_figures(configs: list[MeasuredConfig], fig_dir: Path, caps: tuple = (), rows: list[dict] | None = None
                  ) -> list[Path]:
-    """Every figure the page links; ``rows`` (the CSV's, layout ``current``): also Figure 1 on
+    """Every figure the page links; ``rows`` (the CSV's, layout ``2026-12-06``): also Figure 1 on
     the paper's axes."""
     _, plt = pyplot()
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -440,23 +440,24 @@ def section_appendix(configs: list[MeasuredConfig], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-LAYOUTS = ("current", "2026-12-01")
-"""Page layouts: ``current`` (the second study's sections: gates G0-G2, Figure 1 on the paper's
-axes, tokens per parameter, what did not show) and ``2026-12-01`` (the first study's page as it
-was published, frozen so that it still rebuilds byte for byte from its CSV)."""
+V2 = "2026-12-06"
+LAYOUTS = (V2, "2026-12-01")
+"""Page layouts of this module, each a study's page as it was published, frozen so that it still
+rebuilds byte for byte from its CSV: ``2026-12-06`` (the second study's sections: gates G0-G2,
+Figure 1 on the paper's axes, tokens per parameter, what did not show) and ``2026-12-01`` (the
+first study's). The third study's page is :mod:`study.page_v3` (``scripts/results.py``'s default)."""
 DEFAULT_PAGE = "docs/results.md"
 
 
 def rebuild_command(config_label: str, csv_label: str, page_label: str = DEFAULT_PAGE,
-                    layout: str = "current") -> str:
-    """The command that rebuilds a page from its CSV (flags at their defaults left out)."""
+                    layout: str = V2) -> str:
+    """The command that rebuilds a page from its CSV (``--out`` left out at its default)."""
     return (f"python scripts/results.py -c {config_label} --from-csv {csv_label}"
-            + (f" --out {page_label}" if page_label != DEFAULT_PAGE else "")
-            + (f" --layout {layout}" if layout != "current" else ""))
+            + (f" --out {page_label}" if page_label != DEFAULT_PAGE else "") + f" --layout {layout}")
 
 
 def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages: dict[str, Any] | None = None,
-                fig_rel: str = "results", page_label: str = DEFAULT_PAGE, layout: str = "current") -> str:
+                fig_rel: str = "results", page_label: str = DEFAULT_PAGE, layout: str = V2) -> str:
     """The page's markdown; figures are linked as ``<fig_rel>/<name>.png`` (``fig_rel``: the
     page's stem, where ``scripts/results.py`` draws them); ``page_label`` and ``layout`` (see
     :data:`LAYOUTS`) are named in the header's rebuild command."""
@@ -466,7 +467,7 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
     configs = configs_from_rows(filled_rows)
     if not configs:
         raise DataError("no configuration measured on every domain in the CSV")
-    gate, claims = rc.all_claims(configs, generic_scale=layout == "current")
+    gate, claims = rc.all_claims(configs, generic_scale=layout == V2)
     domains = sorted(configs[0].nll)
     names = figure_names(configs)
     figs = "\n".join(f"![{name[:-4]}]({fig_rel}/{name})" for name, what in names if what[-1] == PAPER_COSTS)
@@ -516,9 +517,24 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
         "",
         "## Wall time of the study", "", section_wall_time(stages, rows), "",
         "## Appendix: every configuration", "", section_appendix(configs, rows), ""]
-    if layout == "current":
+    if layout == V2:
         parts = _with_current_sections(parts, filled_rows, configs, cfg, claims, fig_rel)
     return "\n".join(parts)
+
+
+def rule_changed_note(configs: list[MeasuredConfig]) -> str:
+    """Claim 1's floor on slm-is's budget came after this study's data: said, with what the
+    rule printed before it gives on the same data."""
+    from slmfactory.analysis.frontier import pool_seeds
+
+    before = rc.claim_is_best_small(pool_seeds(configs), generic_scale=False)
+    stopped = " vs ".join(before.numbers) or "no deciding cells"
+    return ("**A rule changed after the data (said on 2026-12-07).** Claim 1's floor (slm-is decided only at a "
+            "specialisation budget of generic scale, at least slm's smallest generic budget) was added on 2026-12-06, "
+            "after this study's trials ran: at 16k-131k tokens slm-is's resampled pretraining is a few hundred steps "
+            "and says nothing of importance sampling. Under the rule this page printed before it (and the first "
+            f"study used), the all-domain verdict would be *{before.verdict}* ({stopped}). The third study fixed its "
+            "rules before its first trial (its page: `docs/results.md`).")
 
 
 EARLIER_PAGES = (("results-2026-12-01.md", "configs/study.yaml", "the first study, 2026-12-01"),)
@@ -537,7 +553,8 @@ def _with_current_sections(parts: list[str], rows: list[dict], configs: list[Mea
         i = next(k for k, x in enumerate(parts) if x.startswith(header))
         parts[i:i] = list(new)
 
-    before("## How a verdict is decided", sections.verdict_lines(g0, g1, g2, subsets), "")
+    before("## How a verdict is decided", sections.verdict_lines(g0, g1, g2, subsets), "",
+           rule_changed_note(configs), "")
     before("## Decision gate (claims 2 and 5)", "## Gates G0, G1, G2: how the grid was sized and which regimes it "
            "reached", "", sections.section_gates(rows, cfg, g0, g1, g2), "")
     before("## Perplexity before and after fine-tuning", "## Claims 1 and 4 where slm-is ran at large budgets "

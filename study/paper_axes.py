@@ -50,6 +50,19 @@ from slmfactory.platform.cost import PAPER
 from study import claims as rc
 from study.results import budget_value, configs_from_rows
 
+def short_budget(label: str) -> str:
+    """``2e+07T`` -> ``20M``, ``1.64e+04T`` -> ``16k``, ``1.5e+06T`` -> ``1.5M`` (``none`` stays):
+    a budget as a reader says it."""
+    v = budget_value(label)
+    if v <= 0:
+        return label
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if v >= div:
+            x = v / div
+            return (f"{x:.0f}" if x >= 10 else f"{x:.3g}") + suffix
+    return f"{v:.0f}"
+
+
 NO_GENERIC = ("slm-is", "slm-nopt")
 """Strategies whose whole cost is per domain (C_generic = 0 under the paper's convention)."""
 COST = "flops"
@@ -234,38 +247,46 @@ def winners(grid: AxesGrid) -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def draw(grids_n: list[AxesGrid], path: Path, title: str) -> Path:
-    """One panel per N: the grid coloured by the winning strategy, each cell labelled."""
+def draw(grids_n: list[AxesGrid], path: Path, title: str, bar: float | None = None, bar_text: str = "") -> Path:
+    """One panel per N: the grid coloured by the winning strategy (one colour per strategy,
+    ``figures.STRATEGY_COLOUR``), each cell labelled. With ``bar``, a cell whose winner's macro
+    perplexity is not below it is drawn blank (``bar_text`` says what the bar is)."""
     import numpy as np
 
-    from slmfactory.analysis.figures import pyplot
+    from slmfactory.analysis.figures import colour_map, colour_of, pyplot
 
     matplotlib, plt = pyplot()
     strategies = sorted({c.strategy for g in grids_n for cell in g.cells.values() for c in cell.contenders})
-    cmap = matplotlib.colormaps["tab10"].resampled(max(len(strategies), 2))
+    cmap = colour_map(strategies)
+
+    def shown(cell: AxesCell) -> MeasuredConfig | None:
+        b = cell.best
+        return None if b is None or (bar is not None and b.ppl_macro >= bar) else b
     g0 = grids_n[0]
     fig, axes = plt.subplots(1, len(grids_n), figsize=(3.2 * len(grids_n) * max(1, len(g0.generics)) / 2 + 1,
                                                        0.55 * len(g0.specs) + 2.2), squeeze=False)
     for ax, grid in zip(axes[0], grids_n):
         m = np.full((len(grid.specs), len(grid.generics)), -1)
         for (g, s), cell in grid.cells.items():
-            if cell.best is not None:
+            if shown(cell) is not None:
                 m[grid.specs.index(s), grid.generics.index(g)] = strategies.index(cell.best.strategy)
         ax.imshow(np.ma.masked_less(m, 0), cmap=cmap, vmin=0, vmax=max(len(strategies) - 1, 1), aspect="auto",
-                  origin="lower")
+                  origin="lower", interpolation="nearest")
         for (g, s), cell in grid.cells.items():
-            b = cell.best
-            text = "-" if b is None else (f"{b.strategy}" + (f"\ns{b.spec_budget}" if b.spec_budget != s else "")
-                                          + f"\n{b.ppl_macro:.1f}" + ("\ntie" if cell.tie else ""))
+            b = shown(cell)
+            text = ("-" if cell.best is None else "blank") if b is None else (
+                f"{b.strategy}" + (f"\ns{short_budget(b.spec_budget)}" if b.spec_budget != s else "")
+                + f"\n{b.ppl_macro:.1f}" + ("\ntie" if cell.tie else ""))
             ax.text(grid.generics.index(g), grid.specs.index(s), text, ha="center", va="center", fontsize=6)
-        ax.set_xticks(range(len(grid.generics)), grid.generics, fontsize=7)
-        ax.set_yticks(range(len(grid.specs)), grid.specs, fontsize=7)
+        ax.set_xticks(range(len(grid.generics)), [short_budget(g) for g in grid.generics], fontsize=7)
+        ax.set_yticks(range(len(grid.specs)), [short_budget(s) for s in grid.specs], fontsize=7)
         ax.set_xlabel("generic budget G (tokens, paid once)", fontsize=7)
         ax.set_ylabel("specialisation budget S (tokens per domain)", fontsize=7)
         ax.set_title(f"N = {grid.n_domains}", fontsize=8)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(len(strategies))]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour_of(s)) for s in strategies]
     fig.legend(handles, strategies, loc="lower center", ncol=len(strategies), fontsize=7)
-    fig.suptitle(title, fontsize=8)
+    fig.suptitle(title + (f"\nblank: the winner is not below {bar_text} ({bar:.1f})" if bar is not None else ""),
+                 fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -61,6 +61,8 @@ METRIC_COLUMNS = (
     ("finetune_steps", R.FINETUNE_STEPS),
     ("domain_entropy", R.DOMAIN_ENTROPY),
     ("lora_trainable_params", R.LORA_TRAINABLE_PARAMS),
+    ("valid_nll", R.VALID_NLL),
+    ("finetune_best_step", R.FINETUNE_BEST_STEP),
 )
 # Metrics named after the trial's domain: ppl/<domain>, ppl_lo/<domain>, ppl_hi/<domain>.
 DOMAIN_COLUMNS = ("ppl", "ppl_lo", "ppl_hi")
@@ -187,6 +189,19 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _describe(r: dict[str, Any]) -> tuple:
+    return ((r["strategy"], r["generic_budget"], r["spec_budget"], r["in_domain_tokens"]), r["domain"], r["settings"],
+            r.get("valid_nll"))
+
+
+def selected_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows the configurations are made of: where a setting is chosen on validation
+    (``frontier.SELECTED_ON_VALIDATION``), the winning run per domain, its ``settings`` without
+    the chosen key and ``selected`` naming it."""
+    return [{**r, "settings": settings, "selected": picked}
+            for r, settings, picked in frontier.select_on_validation(sorted(rows, key=_sort_key), _describe)]
+
+
 def configs_from_rows(rows: list[dict[str, Any]]) -> list[MeasuredConfig]:
     """``frontier.MeasuredConfig`` objects from CSV rows, by ``frontier.load_configs``'s rules: one
     configuration per (strategy, generic budget, spec. budget, in-domain size, settings);
@@ -194,13 +209,15 @@ def configs_from_rows(rows: list[dict[str, Any]]) -> list[MeasuredConfig]:
     configurations measured on every domain; sorted by in-domain size then macro perplexity."""
     groups: dict[tuple, MeasuredConfig] = {}
     acc: dict[tuple, dict[str, list[float]]] = {}
-    for r in sorted(rows, key=_sort_key):
-        key = (r["strategy"], r["generic_budget"], r["spec_budget"], r["in_domain_tokens"], r["settings"])
+    for r, settings, picked in frontier.select_on_validation(sorted(rows, key=_sort_key), _describe):
+        key = (r["strategy"], r["generic_budget"], r["spec_budget"], r["in_domain_tokens"], settings)
         c = groups.setdefault(key, MeasuredConfig(*key, params=int(r["params"]),
                                                   inference=r["inference_flops_per_token"],
                                                   costs={}, ppl={}, nll={}))
         d = r["domain"]
         c.ppl[d], c.nll[d] = r["ppl"], r["test_nll"]
+        if picked:
+            c.selected[d] = picked
         for col, target in (("test_nll_se", c.se), ("ppl_lo", c.ppl_lo), ("ppl_hi", c.ppl_hi),
                             ("ppl_before", c.ppl_before), ("domain_entropy", c.entropy)):
             if r.get(col) is not None:
@@ -319,3 +336,40 @@ def write_stages(stages: dict[str, Any], csv_path: Path) -> Path:
 def read_stages(csv_path: Path) -> dict[str, Any] | None:
     path = stages_path(csv_path)
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# -- per-sequence test NLLs (paired comparisons) -------------------------------------------
+
+def seq_nll_path(csv_path: Path) -> Path:
+    """The runs' per-sequence test NLLs live beside the CSV: ``<csv stem>.seqnll.npz``, keyed by run id."""
+    return csv_path.with_name(csv_path.stem + ".seqnll.npz")
+
+
+def export_seq_nll(uri: str, rows: list[dict[str, Any]], csv_path: Path) -> Path:
+    """Download each row's ``model/test_seq_nll.npy`` artifact (``TrialRecord.TEST_SEQ_NLL_FILE``)
+    into one compressed ``.npz`` beside the CSV; a run without it is a clear error."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    arrays: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in rows:
+            try:
+                local = client.download_artifacts(r["run_id"], f"model/{R.TEST_SEQ_NLL_FILE}", tmp)
+            except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
+                raise DataError(f"run {r['run_id']} ({r['strategy']} on {r['domain']}): no model/{R.TEST_SEQ_NLL_FILE} "
+                                f"artifact (trials logged before per-sequence NLLs existed cannot be paired): {e}")
+            arrays[r["run_id"]] = np.load(local)
+    path = seq_nll_path(csv_path)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def read_seq_nll(csv_path: Path) -> dict[str, np.ndarray] | None:
+    path = seq_nll_path(csv_path)
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}

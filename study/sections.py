@@ -1,5 +1,5 @@
 """The sections the second study's page adds to the first's (``page.render_page``, layout
-``current``): the gates G0-G2, generic tokens per parameter and epochs, Figure 1 on the paper's
+``2026-12-06``): the gates G0-G2, generic tokens per parameter and epochs, Figure 1 on the paper's
 axes, what stopped each claim that did not show, and where the numbers disagree with the
 paper's. Every number comes from the CSV's rows or the configurations built from them; the
 wording of each sentence is chosen by a rule on those numbers.

@@ -42,11 +42,12 @@ DATA_PVC = "slmfactory-data"
 
 
 def _pins() -> dict[str, str]:
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    """constraints.txt's exact versions (pyproject.toml declares ranges)."""
     out = {}
-    for d in deps:
-        name, _, version = d.partition("==")
-        out[name.split("[")[0].strip().lower()] = version.strip()
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            out[name.strip().lower()] = version.strip()
     return out
 
 
@@ -640,11 +641,12 @@ def test_dockerfile_structure(flavour):
     assert torch_i < pkg_i, "the pinned torch wheel first, then the package"
     assert values("WORKDIR")[-1] == "/opt/slmfactory"
     copies = " ".join(values("COPY"))
-    for part in ("pyproject.toml", "slmfactory", "configs"):
+    for part in ("pyproject.toml", "constraints.txt", "slmfactory", "configs"):
         assert part in copies, part
     if flavour == "cpu":  # the MLflow server's image reads postgresql:// URIs: the `server` extra
         extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
         assert 'pip install ".[server]"' in runs[pkg_i] and any(d.startswith("psycopg") for d in extras["server"])
+    assert "-c constraints.txt" in runs[pkg_i], "the image installs constraints.txt's versions"
     user = values("USER")[-1]
     assert user.split(":")[0] not in ("0", "root"), "runs as a non-root user"
     assert [k for k, _ in ins][-1] == "CMD"

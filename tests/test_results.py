@@ -1,4 +1,5 @@
-"""The results pages (docs/results.md, the first study's docs/results-2026-12-01.md): each
+"""The results pages (docs/results.md and its study log, the dated docs/results-2026-12-06.md and
+docs/results-2026-12-01.md): each
 regenerated from its CSV byte for byte by the command its header names, its numbers equal to the
 CSV's and to an MLflow store's (built here from the CSV's runs: exported back, they give the same CSV and
 the same page), and the claim rules on synthetic sets whose verdict is known (confirmed,
@@ -30,8 +31,13 @@ CSV = REPO / "docs" / "study-2026-12-01-runs.csv"
 PAGE = REPO / "docs" / "results-2026-12-01.md"
 PAGE_COMMAND = ("python scripts/results.py -c configs/study.yaml --from-csv docs/study-2026-12-01-runs.csv "
                 "--out docs/results-2026-12-01.md --layout 2026-12-01")
-# The current study's page: whatever CSV is committed beside it.
+# The second study's page, moved to a dated file, and the command that rebuilds it.
+V2_PAGE = REPO / "docs" / "results-2026-12-06.md"
+V2_COMMAND = ("python scripts/results.py -c configs/study-v2.yaml --from-csv docs/study-2026-12-06-runs.csv "
+              "--out docs/results-2026-12-06.md --layout 2026-12-06")
+# The third study's page (and its log beside it): whatever CSV is committed beside it.
 CURRENT_PAGE = REPO / "docs" / "results.md"
+CURRENT_LOG = REPO / "docs" / "study-v3-log.md"
 
 
 def _cfg(path: Path):
@@ -93,15 +99,11 @@ def test_page_regenerates_byte_for_byte(tmp_path):
     assert out == PAGE.relative_to(REPO) and page == PAGE.read_text()
 
 
-def test_current_page_regenerates_byte_for_byte(tmp_path):
-    """docs/results.md, from whatever CSV and recipe its header names (the CSV is committed with
-    the page): the header's command rebuilds it byte for byte."""
-    if not CURRENT_PAGE.is_file():
-        pytest.skip("docs/results.md not generated yet")
-    argv = header_command(CURRENT_PAGE.read_text())
-    assert (REPO / argv[argv.index("--from-csv") + 1]).is_file()
-    page, out = rebuild(CURRENT_PAGE, tmp_path)
-    assert out == CURRENT_PAGE.relative_to(REPO) and page == CURRENT_PAGE.read_text()
+def test_second_study_page_regenerates_byte_for_byte(tmp_path):
+    """The second study's page, moved to its dated file: its header's command rebuilds it byte for byte."""
+    assert " ".join(header_command(V2_PAGE.read_text())) == V2_COMMAND.removeprefix("python scripts/results.py ")
+    page, out = rebuild(V2_PAGE, tmp_path)
+    assert out == V2_PAGE.relative_to(REPO) and page == V2_PAGE.read_text()
 
 
 # -- (b) numbers on the page equal the CSV's (and MLflow's) -------------------------------
@@ -553,7 +555,7 @@ def test_page_renders_synthetic_rows(tmp_path):
     path = results.write_csv(rows, tmp_path / "runs.csv")
     page = results_page.render_page(results.read_csv(path), _cfg(STUDY), csv_label="x/runs.csv",
                                     config_label="configs/study.yaml")
-    assert "`python scripts/results.py -c configs/study.yaml --from-csv x/runs.csv`" in page.split("\n")[2]
+    assert "`python scripts/results.py -c configs/study.yaml --from-csv x/runs.csv --layout 2026-12-06`" in page.split("\n")[2]
     for k in range(1, 7):
         assert f"### Claim {k}:" in page
     assert "| 6 | Generic pretraining" in page and "**confirmed**" in page

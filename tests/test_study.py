@@ -157,3 +157,70 @@ def test_study_v2_dry_run_projects_its_hours(study_v2):
     # Priced on the measured cpu-2core rows: a study of a few hours on this machine, not days.
     assert 0.1 < generic_h < 2.0 and 0.05 < spec_h < 2.0
     assert f"all {generic_h + spec_h:.2f} cpu-2core hours" in text
+
+
+STUDY_V3 = REPO / "configs" / "study-v3.yaml"
+
+
+@pytest.fixture(scope="module")
+def study_v3():
+    cfg = load_config(STUDY_V3, {"tracking.enabled": False})
+    return cfg, plan_sweep(cfg, DOMAINS)
+
+
+def test_study_v3_gives_every_fine_tuning_strategy_the_same_large_budgets(study_v3):
+    """The symmetric axis: slm, slm-mix and slm-pn at S = 1.5M and 6M on all six domains, as
+    slm-is (6M, two seeds, three domains of them the negative controls) and slm-nopt; the
+    learning-rate grid at 1.5M for slm and the experts; 216 trials."""
+    cfg, plan = study_v3
+    per_strategy = Counter(t.strategy for t in plan.trials)
+    assert per_strategy == {"slm": 90, "slm-mix": 30, "slm-pn": 30, "slm-nopt": 24, "slm-is": 18,
+                            "llm": 12, "slm-d": 12}
+    for strategy in ("slm", "slm-mix", "slm-pn", "slm-nopt"):
+        large = {(t.domain, t.spec.value) for t in plan.trials if t.strategy == strategy and t.spec.value >= 1_500_000}
+        assert large == {(d, s) for d in DOMAINS for s in (1_500_000, 6_000_000)}, strategy
+    is_large = {(t.domain, dict(t.settings)["pretrain.seed"]) for t in plan.trials
+                if t.strategy == "slm-is" and t.spec.value == 6_000_000}
+    assert is_large == {(d, seed) for d in DOMAINS for seed in (0, 1)}
+    lrs = {(t.strategy, t.generic_label): set() for t in plan.trials}
+    for t in plan.trials:
+        if t.spec.value == 1_500_000:
+            lrs[(t.strategy, t.generic_label)].add(dict(t.settings)["finetune.lr"])
+    grid = {0.0003, 0.001, 0.003}
+    assert lrs[("slm", "6e+06T")] == lrs[("slm", "2e+07T")] == lrs[("slm-mix", "2e+07T")] == lrs[("slm-pn", "2e+07T")] == grid
+
+
+def test_study_v3_dry_run_projects_its_hours(study_v3):
+    cfg, plan = study_v3
+    text, generic_h, spec_h = dry_run(cfg, plan)
+    assert text.startswith("sweep 'study-v3': 216 trials, 8 shared generic phases")
+    # Budgets priced as if spent (early stopping spends less): under the 1.5 h the study is sized for.
+    assert 0.05 < generic_h < 0.5 and 0.1 < spec_h < 1.0 and generic_h + spec_h < 1.5
+    assert f"all {generic_h + spec_h:.2f} cpu-2core hours" in text
+
+
+def test_study_v3_rules_are_in_the_recipe_and_were_fixed_before_its_trials():
+    """Every claim of study/rules_v3.py is stated in the recipe's header (claim, its comparison and
+    the expected outcome), with the negative controls named; the lock names the commit that fixed
+    them, and the rules file is unchanged since then (where git history is there to ask)."""
+    import subprocess
+
+    from study import rules_v3
+    from study.page_v3 import rules_fixed
+
+    header = "\n".join(line[2:] for line in STUDY_V3.read_text().splitlines() if line.startswith("#"))
+    flat = " ".join(header.split())
+    for rule in rules_v3.RULES:
+        number = rule.claim.split()[0]
+        assert f"Claim {number}" in flat, rule.claim
+        for name in [*rule.favourite.split()[0].split("/"), *(r.split()[0] for r in rule.rivals)]:
+            assert name in flat, (rule.claim, name)
+    assert all(d in flat for d in rules_v3.CONTROLS) and "NOT confirmed on the negative controls" in flat
+    assert rules_v3.RULES[0].expect["negative controls"].startswith("not confirmed")
+    fixed = rules_fixed()
+    assert len(fixed["commit"]) == 40 and fixed["date"].startswith("2026-12-07")
+    git = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", fixed["commit"]], capture_output=True)
+    if git.returncode == 0:  # a clone with history: the rules are the ones that commit fixed
+        changed = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", fixed["commit"], "--",
+                                  "study/rules_v3.py"], capture_output=True)
+        assert changed.returncode == 0 or rules_v3.CHANGED, "study/rules_v3.py changed after its lock, CHANGED says nothing"

@@ -54,6 +54,8 @@ STORED_METRICS = {
     "domain_entropy": "domain_entropy",
     "domain_entropy_k": "domain_entropy_k",
     "lora_trainable_params": "lora_trainable_params",
+    "valid_nll": "valid_nll",
+    "finetune_best_step": "finetune/best_step",
 }
 # Every name TrialRecord owns, spelled out: stored runs carry these, so a rename inside the
 # record (a constant, a builder's pattern) must fail here rather than pass through every test
@@ -87,7 +89,7 @@ RECORD_NAMES = {
 # used-precision param name it carries.
 RECORD_METRICS = {
     "ppl/legal", "ppl_lo/legal", "ppl_hi/legal", "ppl_macro", "test_nll", "test_nll_se", "test_sequences",
-    "test_ppl_before", "valid_nll", "params", "finetune_steps", "lora_trainable_params", "teacher_test_ppl",
+    "test_ppl_before", "valid_nll", "params", "finetune_steps", "finetune/best_step", "lora_trainable_params", "teacher_test_ppl",
     "domain_entropy", "domain_entropy_k", "epochs/generic", "epochs/spec", "epochs/resampled_pretrain",
     "epochs/resampled_window_repeats", "cost/inference_flops_per_token",
     "cost/generic_flops", "cost/generic_device_hours", "cost/generic_wall_seconds",
@@ -134,7 +136,7 @@ def record_for(cfg, domain: str, nll: float, tmp_path: Path) -> R:
     (folder / "config.json").write_text("{}")
     metrics = {R.TEST_NLL: nll, "test_ppl": math.exp(nll), "test_ppl_lo": math.exp(nll - 0.02),
                "test_ppl_hi": math.exp(nll + 0.02), R.TEST_NLL_SE: 0.01, R.TEST_SEQUENCES: 64.0,
-               R.TEST_PPL_BEFORE: math.exp(nll + 0.5), R.VALID_NLL: nll, R.FINETUNE_STEPS: 40.0,
+               R.TEST_PPL_BEFORE: math.exp(nll + 0.5), R.VALID_NLL: nll, R.FINETUNE_STEPS: 40.0, R.FINETUNE_BEST_STEP: 0.0,
                R.EPOCHS_SPEC: 1.5, R.EPOCHS_GENERIC: 0.5, R.EPOCHS_RESAMPLED_PRETRAIN: 2.0,
                R.EPOCHS_RESAMPLED_WINDOW_REPEATS: 1.25,
                R.DOMAIN_ENTROPY: 1.25, R.DOMAIN_ENTROPY_K: 16.0, R.TEACHER_TEST_PPL: 30.0,

@@ -43,6 +43,22 @@ def pyplot():
 
 ZERO_GID = "zero-cost"
 
+STRATEGY_COLOUR = {"slm": "C0", "slm-nopt": "C7", "llm": "C3", "llm-lora": "C6", "slm-is": "C2", "slm-d": "C5",
+                   "slm-mix": "C1", "slm-pn": "C4"}
+"""One colour per strategy in every figure (report, paper axes, study pages): a reader learns it once."""
+
+
+def colour_of(strategy: str) -> str:
+    """The strategy's colour (``STRATEGY_COLOUR``; one outside it gets a spare)."""
+    return STRATEGY_COLOUR.get(strategy, "C8" if hash(strategy) % 2 else "C9")
+
+
+def colour_map(strategies: list[str]):
+    """A matplotlib colormap whose i-th colour is ``strategies[i]``'s (for ``imshow`` grids)."""
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap([colour_of(s) for s in strategies] or ["C0"])
+
 
 def place_zero(xs: list[float]) -> tuple[list[float], float | None]:
     """Positions on a log axis for costs that may be 0: positive costs stay, a 0 goes one
@@ -101,7 +117,7 @@ def plot_costs(configs: list[MeasuredConfig], in_domain: int, n_domains: int, co
     matplotlib, plt = pyplot()
     rows = [c for c in configs if c.in_domain == in_domain and c.has_cost(cost, convention)]
     strategies = sorted({c.strategy for c in configs})
-    colour = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
+    colour = {s: colour_of(s) for s in strategies}
     classes = inference_classes(rows, inference_caps)
     unit = UNIT_LABEL[cost]
     panels = [([c.generic(cost, convention) for c in rows], f"generic {unit} (paid once)"),
@@ -136,9 +152,8 @@ def figure1(configs: list[MeasuredConfig], in_domain: int, n_domains: int, cost:
         for j, rec in enumerate(row):
             if rec.best is not None:
                 grid[i, j] = strategies.index(rec.best.strategy)
-    cmap = matplotlib.colormaps["tab10"].resampled(max(len(strategies), 2))
-    ax.imshow(np.ma.masked_less(grid, 0), cmap=cmap, vmin=0, vmax=max(len(strategies) - 1, 1), aspect="auto",
-              origin="lower")
+    ax.imshow(np.ma.masked_less(grid, 0), cmap=colour_map(strategies), vmin=0, vmax=max(len(strategies) - 1, 1),
+              aspect="auto", origin="lower", interpolation="nearest")
     for i, row in enumerate(cells):
         for j, rec in enumerate(row):
             b = rec.best
@@ -169,10 +184,10 @@ def plot_amortisation(configs: list[MeasuredConfig], in_domain: int, cost: str, 
             best[c.strategy] = c
     n = np.arange(1, max(AMORTISATION_N) + 1)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (s, c) in enumerate(sorted(best.items())):
-        ax.plot(n, c.generic(cost, convention) + n * c.spec(cost, convention), color=f"C{i % 10}",
+    for s, c in sorted(best.items()):
+        ax.plot(n, c.generic(cost, convention) + n * c.spec(cost, convention), color=colour_of(s),
                 label=f"{s} ({macro_cell(c)})")
-        ax.scatter(AMORTISATION_N, [c.total(k, cost, convention) for k in AMORTISATION_N], color=f"C{i % 10}", s=16)
+        ax.scatter(AMORTISATION_N, [c.total(k, cost, convention) for k in AMORTISATION_N], color=colour_of(s), s=16)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("number of domains N")

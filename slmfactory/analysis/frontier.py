@@ -75,6 +75,41 @@ def _is_seed(key: str) -> bool:
     return key.endswith("seed")
 
 
+SELECTED_ON_VALIDATION = ("finetune.lr",)
+"""Grid settings chosen per domain on the validation split, never compared as configurations:
+a sweep that runs ``finetune.lr`` as an axis keeps, for each domain, the run whose fine-tune
+reached the lowest validation NLL (test perplexity never picks a hyperparameter)."""
+
+
+def select_on_validation(items: list, describe) -> list[tuple[Any, str, str]]:
+    """``items`` (runs or CSV rows) with the :data:`SELECTED_ON_VALIDATION` settings chosen.
+
+    ``describe(item) -> (configuration key without settings, domain, settings, valid NLL)``.
+    Items whose settings differ only in those keys compete per domain and the lowest valid NLL
+    wins (ties: the first in settings order). Returns ``(item, settings without those keys,
+    the chosen ones)`` for the winners and, unchanged, for every item without such a key."""
+    groups: dict[tuple, list[tuple[Any, str, str, float]]] = {}
+    out: list[tuple[Any, str, str]] = []
+    for item in items:
+        key, domain, settings, valid = describe(item)
+        parsed = parse_settings(settings)
+        chosen = {k: v for k, v in parsed.items() if k in SELECTED_ON_VALIDATION}
+        if not chosen:
+            out.append((item, settings, ""))
+            continue
+        rest = ",".join(f"{k}={v}" for k, v in sorted(parsed.items()) if k not in chosen)
+        picked = ",".join(f"{k}={v}" for k, v in sorted(chosen.items()))
+        if valid is None or not math.isfinite(valid):
+            raise DataError(f"{key} on {domain} [{settings}]: no validation NLL to choose {picked} on")
+        groups.setdefault((key, domain, rest), []).append((item, rest, picked, valid))
+    for candidates in groups.values():
+        item, rest, picked, _ = min(sorted(candidates, key=lambda c: c[2]), key=lambda c: c[3])
+        # A single candidate chose nothing: its key is dropped from the settings all the same
+        # (one configuration whatever the grid ran), but only a real choice is named.
+        out.append((item, rest, picked if len(candidates) > 1 else ""))
+    return out
+
+
 def parse_settings(settings: str) -> dict[str, str]:
     return dict(p.split("=", 1) for p in settings.split(",") if p)
 
@@ -126,6 +161,8 @@ class MeasuredConfig:
     pooled_interval: tuple[float, float] | None = None
     entropy_k: int | None = None
     """How many clusters ``entropy`` is over (None: not logged)."""
+    selected: dict[str, str] = field(default_factory=dict)
+    """domain -> the settings chosen on validation for it (``finetune.lr=0.003``; empty: none)."""
 
     @property
     def n_seeds(self) -> int:
@@ -236,17 +273,23 @@ def load_configs(uri: str, experiment: str) -> list[MeasuredConfig]:
     groups: dict[tuple, MeasuredConfig] = {}
     spent: dict[tuple, dict[str, list[float]]] = {}
     R = TrialRecord
-    for r in runs:
+
+    def describe(r):
+        t = r.data.tags
+        return ((t[R.STRATEGY], t[R.GENERIC_BUDGET], t[R.SPEC_BUDGET], t[R.IN_DOMAIN_TOKENS]), t[R.DOMAIN],
+                t.get(R.SETTINGS, ""), r.data.metrics.get(R.VALID_NLL))
+
+    trials = [r for r in runs if TRIAL_TAG in r.data.tags and R.TEST_NLL in r.data.metrics]
+    for r, settings, picked in select_on_validation(trials, describe):
         t, m = r.data.tags, r.data.metrics
-        if TRIAL_TAG not in t or R.TEST_NLL not in m:
-            continue
-        settings = t.get(R.SETTINGS, "")
         key = (t[R.STRATEGY], t[R.GENERIC_BUDGET], t[R.SPEC_BUDGET], int(t[R.IN_DOMAIN_TOKENS]), settings)
         c = groups.setdefault(key, MeasuredConfig(*key, params=int(m[R.PARAMS]),
                                                   inference=m[R.INFERENCE_FLOPS_PER_TOKEN],
                                                   costs={}, ppl={}, nll={}))
         d = t[R.DOMAIN]
         c.ppl[d], c.nll[d] = m[R.ppl_metric(d)], m[R.TEST_NLL]
+        if picked:
+            c.selected[d] = picked
         for name, target in ((R.TEST_NLL_SE, c.se), (R.ppl_lo_metric(d), c.ppl_lo), (R.ppl_hi_metric(d), c.ppl_hi),
                              (R.TEST_PPL_BEFORE, c.ppl_before), (R.DOMAIN_ENTROPY, c.entropy)):
             if name in m:
