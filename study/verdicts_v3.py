@@ -136,10 +136,10 @@ class Verdict:
 SLM_IS = Pick("slm-is", None, "6M")
 SLM_EQ = Pick("slm", "6M", "6M")
 NOPT_BEST = Pick("slm-nopt")
-SLM_TOP = Pick("slm", "20M", "1.5M")
-EXPERT = {"mix": Pick("slm-mix", "20M", "1.5M"), "pn": Pick("slm-pn", "20M", "1.5M")}
+SLM_TOP = Pick("slm", "6M", "1.5M")
+EXPERT = {"mix": Pick("slm-mix", "6M", "1.5M"), "pn": Pick("slm-pn", "6M", "1.5M")}
 SLM_D = Pick("slm-d", "2M", "1.5M")
-LLM = Pick("llm", "6M", "1.5M")
+LLM = Pick("llm", "2M", "1.5M")
 SLM_SMALL_S = Pick("slm", "6M", "131k")
 
 
@@ -174,11 +174,11 @@ def decide(rows: list[dict], seq: dict[str, np.ndarray], tokens_per_seq: int) ->
             elif rule.claim == "3":
                 c, llm = cmp(SLM_D, SLM_TOP, ds), cmp(SLM_D, LLM, ds)
                 word = _word(c.verdict, REFUTED, CONFIRMED, CONFIRMED)
-                reason = f"slm-d {c.short('slm g20M')}" + (f"; {llm.diff.ratio:.2f}x the LLM" if llm.diff else "")
+                reason = f"slm-d {c.short('slm g6M')}" + (f"; {llm.diff.ratio:.2f}x the LLM" if llm.diff else "")
                 cell = Cell(word, reason, expected, [c, llm])
             elif rule.claim == "4":
                 c = cmp(SLM_TOP, SLM_IS, ds)
-                cell = Cell(_word(c.verdict, CONFIRMED, REFUTED, CONFIRMED), f"at N = 50, slm g20M {c.short('slm-is')}",
+                cell = Cell(_word(c.verdict, CONFIRMED, REFUTED, CONFIRMED), f"at N = 50, slm g6M {c.short('slm-is')}",
                             expected, [c])
             elif rule.claim == "5":
                 cell = _entropy_cell(rows, ds, expected)

@@ -74,7 +74,7 @@ def test_each_rule_reaches_the_verdict_its_synthetic_truth_sets(study):
     assert verdicts["1"]["all six"].word == vd.INCONCLUSIVE
     assert verdicts["2 mix"]["all six"].word == vd.REFUTED and verdicts["2 pn"]["all six"].word == vd.CONFIRMED
     assert verdicts["3"]["all six"].word == vd.CONFIRMED                # slm-d behind the same-size slm
-    assert verdicts["4"]["all six"].word == vd.CONFIRMED                # slm g20M at N = 50 not behind slm-is
+    assert verdicts["4"]["all six"].word == vd.CONFIRMED                # slm g6M at N = 50 not behind slm-is
     assert verdicts["6"]["all six"].word == vd.CONFIRMED
     # Claim 6 against slm-nopt's *best* run: its 1.5M budget, chosen on validation.
     (c,) = verdicts["6"]["all six"].comparisons

@@ -171,10 +171,10 @@ def study_v3():
 def test_study_v3_gives_every_fine_tuning_strategy_the_same_large_budgets(study_v3):
     """The symmetric axis: slm, slm-mix and slm-pn at S = 1.5M and 6M on all six domains, as
     slm-is (6M, two seeds, three domains of them the negative controls) and slm-nopt; the
-    learning-rate grid at 1.5M for slm and the experts; 216 trials."""
+    learning-rate grid at 1.5M for slm and the experts; 186 trials."""
     cfg, plan = study_v3
     per_strategy = Counter(t.strategy for t in plan.trials)
-    assert per_strategy == {"slm": 90, "slm-mix": 30, "slm-pn": 30, "slm-nopt": 24, "slm-is": 18,
+    assert per_strategy == {"slm": 60, "slm-mix": 30, "slm-pn": 30, "slm-nopt": 24, "slm-is": 18,
                             "llm": 12, "slm-d": 12}
     for strategy in ("slm", "slm-mix", "slm-pn", "slm-nopt"):
         large = {(t.domain, t.spec.value) for t in plan.trials if t.strategy == strategy and t.spec.value >= 1_500_000}
@@ -187,13 +187,14 @@ def test_study_v3_gives_every_fine_tuning_strategy_the_same_large_budgets(study_
         if t.spec.value == 1_500_000:
             lrs[(t.strategy, t.generic_label)].add(dict(t.settings)["finetune.lr"])
     grid = {0.0003, 0.001, 0.003}
-    assert lrs[("slm", "6e+06T")] == lrs[("slm", "2e+07T")] == lrs[("slm-mix", "2e+07T")] == lrs[("slm-pn", "2e+07T")] == grid
+    assert lrs[("slm", "6e+06T")] == lrs[("slm-mix", "6e+06T")] == lrs[("slm-pn", "6e+06T")] == grid
+    assert lrs[("slm", "2e+06T")] == lrs[("llm", "2e+06T")] == lrs[("slm-d", "2e+06T")] == {0.001}
 
 
 def test_study_v3_dry_run_projects_its_hours(study_v3):
     cfg, plan = study_v3
     text, generic_h, spec_h = dry_run(cfg, plan)
-    assert text.startswith("sweep 'study-v3': 216 trials, 8 shared generic phases")
+    assert text.startswith("sweep 'study-v3': 186 trials, 7 shared generic phases")
     # Budgets priced as if spent (early stopping spends less): under the 1.5 h the study is sized for.
     assert 0.05 < generic_h < 0.5 and 0.1 < spec_h < 1.0 and generic_h + spec_h < 1.5
     assert f"all {generic_h + spec_h:.2f} cpu-2core hours" in text
@@ -219,6 +220,8 @@ def test_study_v3_rules_are_in_the_recipe_and_were_fixed_before_its_trials():
     assert rules_v3.RULES[0].expect["negative controls"].startswith("not confirmed")
     fixed = rules_fixed()
     assert len(fixed["commit"]) == 40 and fixed["date"].startswith("2026-12-07")
+    # Changed after the lock, before any trial ran: said with its date and reason.
+    assert [c[:2] for c in rules_v3.CHANGED] == [("2, 3, 4, 5", "2026-12-07")]
     git = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", fixed["commit"]], capture_output=True)
     if git.returncode == 0:  # a clone with history: the rules are the ones that commit fixed
         changed = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", fixed["commit"], "--",
