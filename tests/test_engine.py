@@ -19,7 +19,7 @@ import torch
 
 from slmfactory.platform.config import ServingConfig, load_config
 from slmfactory.serving import engine
-from slmfactory.serving.api import DEFAULT_LIMITS, ApiError, CompletionRequest, Limits, validate
+from slmfactory.serving.api import DEFAULT_LIMITS, ApiError, ChatRequest, CompletionRequest, Limits, validate
 from slmfactory.serving.engine import (Deadline, Sampling, TextStream, cut_at_stop, generate, load,
                                        one_token_forward, pick_domain, score_ids, streamer, token_logprobs,
                                        with_firsts)
@@ -205,7 +205,8 @@ def streamed(loaded, prompt: list[int], s: Sampling) -> tuple[dict, list[str]]:
     """A completion and the pieces of text its stream handed out (TextStream over the
     token ids the streamer saw), the rest of the final text last."""
     got, ended = [], []
-    (out,), = generate(loaded, [prompt], s, streamer=streamer(got.extend, lambda: ended.append(True)))
+    (out,), = generate(loaded, [prompt], s, streamer=streamer(lambda ids, _: got.extend(ids),
+                                                              lambda: ended.append(True)))
     assert ended == [True] and got[:len(out["ids"])] == out["ids"]  # the new tokens only, then the end
     text = TextStream(loaded.tokenizer, s.stop)
     pieces = [text.push([t]) for t in got]
@@ -276,3 +277,172 @@ def test_the_request_limits_are_the_serving_configs():
         validate(CompletionRequest, body, small)
     assert e.value.param == "max_tokens"
     assert validate(CompletionRequest, body, DEFAULT_LIMITS).max_tokens == 5
+
+
+# -- sampling parameters, log-probs, chat ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flat(folder, tmp_path_factory):
+    """The same model with a zero final norm: every logit is exactly 0 whatever the input,
+    so a request's ``logit_bias`` alone sets the logits, and what each penalty does to them
+    is known exactly (greedy decoding among equal logits takes the lowest id, eos)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("flat") / "flat"
+    shutil.copytree(folder, out)
+    weights = load_file(out / "model.safetensors")
+    weights["model.norm.weight"].zero_()
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return load(str(out))
+
+
+def distinct_tokens(loaded, k: int, avoid: list[int]) -> list[int]:
+    """``k`` ids of whole-word tokens that are not eos, pad, or in ``avoid``."""
+    tok = loaded.tokenizer
+    ids = [i for i in range(2, loaded.vocab) if i not in avoid and tok.decode([i]).strip().isalpha()]
+    return ids[:k]
+
+
+def test_generated_tokens_logprobs_are_the_generations_own_scores(loaded):
+    """Greedy, nothing else: the log-probs ``generate`` reports (its scores, through
+    ``compute_transition_scores``) are the model's, as a plain forward pass scores the
+    same tokens; each token is the top alternative; a stream reports the same ones."""
+    prompt = ids_of(loaded, "The licensee shall")
+    s = Sampling(max_tokens=6, temperature=0.0, logprobs=3)
+    (out,), = generate(loaded, [prompt], s)
+    assert len(out["logprobs"]) == len(out["ids"]) > 0
+    want = score_ids(loaded, [prompt + out["ids"]])[0][-len(out["ids"]):]
+    assert np.allclose([lp for lp, _ in out["logprobs"]], want, atol=1e-4)
+    for t, (lp, top) in zip(out["ids"], out["logprobs"]):
+        assert len(top) == 3 and top[0][0] == t and top[0][1] == pytest.approx(lp, abs=1e-5)
+        assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+    got = []
+    (again,), = generate(loaded, [prompt], s, streamer=streamer(lambda ids, steps: got.append((ids, steps)),
+                                                                 lambda: None))
+    assert again == out
+    assert [ids[0] for ids, _ in got][:len(out["ids"])] == out["ids"]
+    assert [steps[0] for _, steps in got][:len(out["ids"])] == out["logprobs"]
+    assert generate(loaded, [prompt], Sampling(max_tokens=6, temperature=0.0))[0][0]["logprobs"] is None
+
+
+def test_presence_and_frequency_penalties_are_vectorised_over_the_batch_and_skip_the_prompt():
+    """OpenAI's definitions: logit - frequency x count - presence x (count > 0), counts
+    of each row's generated tokens only (the prompt, up to ``start``, does not count)."""
+    from slmfactory.serving.engine import FrequencyPenalty, PresencePenalty
+
+    input_ids = torch.tensor([[5, 5, 1, 1, 2],    # prompt 5 5; generated 1, 1, 2
+                              [3, 5, 4, 4, 4]])   # prompt 3 5; generated 4, 4, 4
+    scores = torch.zeros(2, 6)
+    freq = FrequencyPenalty(0.5, start=2)(input_ids, scores)
+    pres = PresencePenalty(0.25, start=2)(input_ids, scores)
+    assert freq.tolist() == [[0, -1.0, -0.5, 0, 0, 0], [0, 0, 0, 0, -1.5, 0]]
+    assert pres.tolist() == [[0, -0.25, -0.25, 0, 0, 0], [0, 0, 0, 0, -0.25, 0]]
+    assert FrequencyPenalty(0.5, start=5)(input_ids, scores).tolist() == scores.tolist()  # nothing generated yet
+
+
+def _logprob_of(logit: float, vocab: int) -> float:
+    """log-softmax of ``logit`` among ``vocab`` - 1 logits of 0."""
+    return logit - math.log(vocab - 1 + math.exp(logit))
+
+
+def test_each_penalty_lowers_the_logit_it_should_by_its_amount(flat):
+    """On the flat model the logits are the request's: a token biased to 3 is taken, and
+    the penalties change its logit at the next steps exactly as defined (read back from
+    the generation's own log-probs): repetition_penalty 2 halves it, frequency_penalty 1
+    takes 1 per occurrence, presence_penalty 1 takes 1 once; logit_bias +100 forces a token."""
+    prompt = ids_of(flat, "The licensee shall")
+    a, = distinct_tokens(flat, 1, prompt)
+    vocab = flat.model.config.vocab_size
+    base = Sampling(max_tokens=3, temperature=0.0, logit_bias=((a, 3.0),), logprobs=0)
+    for change, logits in (({}, [3, 3, 3]), ({"repetition_penalty": 2.0}, [3, 1.5, 1.5]),
+                           ({"frequency_penalty": 1.0}, [3, 2, 1]), ({"presence_penalty": 1.0}, [3, 2, 2])):
+        (out,), = generate(flat, [prompt], dataclasses.replace(base, **change))
+        assert out["ids"] == [a] * 3, change
+        assert [lp for lp, _ in out["logprobs"]] == pytest.approx([_logprob_of(x, vocab) for x in logits],
+                                                                  rel=1e-5), change
+    (unbiased,), = generate(flat, [prompt], Sampling(max_tokens=3, temperature=0.0))
+    assert unbiased["ids"] == [] and unbiased["finish"] == "stop"  # all logits 0: eos (id 0) is taken
+    # A prompt token counts for repetition_penalty (transformers', vLLM's) and not for the
+    # OpenAI penalties: a biased token already in the prompt.
+    (rep,), = generate(flat, [prompt + [a]], dataclasses.replace(base, max_tokens=1, repetition_penalty=2.0))
+    (pres,), = generate(flat, [prompt + [a]], dataclasses.replace(base, max_tokens=1, presence_penalty=1.0))
+    assert rep["logprobs"][0][0] == pytest.approx(_logprob_of(1.5, vocab), rel=1e-5)
+    assert pres["logprobs"][0][0] == pytest.approx(_logprob_of(3.0, vocab), rel=1e-5)
+
+
+def test_top_k_1_is_greedy_and_logit_bias_forces_a_token(loaded):
+    prompt = ids_of(loaded, "The licensee shall")
+    (greedy,), = generate(loaded, [prompt], Sampling(max_tokens=8, temperature=0.0))
+    for seed in (1, 2):
+        top1 = generate(loaded, [prompt], Sampling(max_tokens=8, temperature=1.0, top_k=1, n=2, seed=seed))[0]
+        assert [o["ids"] for o in top1] == [greedy["ids"]] * 2
+    forced, = distinct_tokens(loaded, 1, greedy["ids"])
+    for s in (Sampling(max_tokens=5, temperature=0.0), Sampling(max_tokens=5, temperature=1.0, seed=3)):
+        (out,), = generate(loaded, [prompt], dataclasses.replace(s, logit_bias=((forced, 100.0),)))
+        assert out["ids"] == [forced] * 5
+
+
+def test_a_stop_string_cuts_the_logprobs_with_the_text(loaded):
+    prompt = ids_of(loaded, "The licensee shall")
+    (full,), = generate(loaded, [prompt], dataclasses.replace(SEEDED, logprobs=0))
+    stop = token_stop(loaded.tokenizer, full["ids"])
+    (cut,), = generate(loaded, [prompt], dataclasses.replace(SEEDED, logprobs=0, stop=(stop,)))
+    kept = len(cut["logprobs"])
+    assert loaded.tokenizer.decode(cut["ids"][:kept]) == cut["text"] and kept < len(cut["ids"])
+
+
+def test_sampling_takes_every_setting_of_completion_and_chat_requests():
+    c = validate(CompletionRequest, b'{"model": "legal", "prompt": "x", "top_k": 4, "repetition_penalty": 1.5, '
+                                    b'"presence_penalty": -0.5, "frequency_penalty": 0.25, '
+                                    b'"logit_bias": {"7": 5, "3": -100}, "logprobs": 2}', DEFAULT_LIMITS)
+    assert Sampling.of(c) == Sampling(top_k=4, repetition_penalty=1.5, presence_penalty=-0.5, frequency_penalty=0.25,
+                                      logit_bias=((3, -100.0), (7, 5.0)), logprobs=2)
+    chat = validate(ChatRequest, b'{"model": "legal", "messages": [{"role": "user", "content": "hi"}], '
+                                 b'"max_completion_tokens": 5, "logprobs": true, "top_k": -1}', DEFAULT_LIMITS)
+    assert Sampling.of(chat, max_tokens=chat.completion_cap) == Sampling(max_tokens=5, logprobs=0)
+    plain = validate(ChatRequest, b'{"model": "legal", "messages": [{"role": "user", "content": "hi"}]}',
+                     DEFAULT_LIMITS)
+    assert plain.completion_cap is None and Sampling.of(plain, max_tokens=9).logprobs is None
+
+
+def test_the_chat_prompt_is_the_recipes_template(loaded):
+    from slmfactory.platform.config import DEFAULT_CHAT_TEMPLATE
+    from slmfactory.serving.engine import chat_prompt
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who grants it?"},
+                {"role": "assistant", "content": "The licensor."}, {"role": "user", "content": "And then?"}]
+    assert chat_prompt(loaded, messages, DEFAULT_CHAT_TEMPLATE) == (
+        "system: Be brief.\nuser: Who grants it?\nassistant: The licensor.\nuser: And then?\nassistant:")
+    own = "{% for m in messages %}[{{ m.role | upper }}] {{ m.content }}\n{% endfor %}[ASSISTANT]"
+    assert chat_prompt(loaded, messages[1:2], own) == "[USER] Who grants it?\n[ASSISTANT]"
+    strict = "{% if messages[0].role == 'system' %}{{ raise_exception('no system role') }}{% endif %}x"
+    with pytest.raises(ValueError, match="no system role"):
+        chat_prompt(loaded, messages, strict)
+
+
+def test_chat_logprobs_carry_each_tokens_bytes(loaded):
+    """A character split over two byte-level tokens has no text per token; the bytes of
+    the tokens, joined, are the text's."""
+    from slmfactory.serving.replies import chat_logprobs
+
+    ids = ids_of(loaded, "déjà vu — naïve")
+    lp = chat_logprobs(loaded, ids, [(-1.0, [(ids[0], -0.5)])] * len(ids))
+    assert b"".join(bytes(e["bytes"]) for e in lp["content"]).decode() == "déjà vu — naïve"
+    assert lp["content"][0]["top_logprobs"][0]["bytes"] == lp["content"][0]["bytes"]
+
+
+def test_unknown_fields_are_named_and_unsupported_parameters_refused():
+    from slmfactory.serving.api import ignored_fields
+
+    body = b'{"model": "legal", "prompt": "x", "min_tokens": 2, "odd,name\\n": 1, "user": "u"}'
+    assert ignored_fields(validate(CompletionRequest, body, DEFAULT_LIMITS)) == "min_tokens,odd%2Cname%0A"
+    assert ignored_fields(validate(CompletionRequest, b'{"model": "legal", "prompt": "x"}', DEFAULT_LIMITS)) is None
+    chat = b'{"model": "legal", "messages": [{"role": "user", "content": "hi"}], '
+    for body, param in ((b'{"model": "legal", "prompt": "x", "best_of": 2}', "best_of"),
+                        (b'{"model": "legal", "prompt": "x", "suffix": "y"}', "suffix"),
+                        (chat + b'"tools": [{"type": "function", "function": {"name": "f"}}]}', "tools"),
+                        (chat + b'"response_format": {"type": "json_object"}}', "response_format"),
+                        (chat + b'"stream": true, "stream_options": {"include_obfuscation": true}}', "stream_options")):
+        with pytest.raises(ApiError) as e:
+            validate(CompletionRequest if b'"prompt"' in body else ChatRequest, body, DEFAULT_LIMITS)
+        assert e.value.param == param and e.value.status == 400 and f"'{param}'" in e.value.message, body

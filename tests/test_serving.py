@@ -51,10 +51,11 @@ def served(tiny_root, tmp_path_factory):
 
 
 class Reply:
-    """A raw HTTP answer (stdlib only): status and parsed JSON body."""
+    """A raw HTTP answer (stdlib only): status, headers (lower-case names) and parsed JSON body."""
 
-    def __init__(self, status: int, raw: bytes):
+    def __init__(self, status: int, raw: bytes, headers=None):
         self.status_code, self.text = status, raw.decode("utf-8", "replace")
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
 
     def json(self):
         return json.loads(self.text)
@@ -68,9 +69,9 @@ def http(method: str, url: str, body: bytes | None = None, json_body=None) -> Re
     req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            return Reply(r.status, r.read())
+            return Reply(r.status, r.read(), r.headers)
     except urllib.error.HTTPError as e:
-        return Reply(e.code, e.read())
+        return Reply(e.code, e.read(), e.headers)
 
 
 def client(url):
@@ -211,27 +212,192 @@ def test_bad_requests_get_4xx_with_an_error_body_and_the_server_keeps_serving(se
     assert health["status"] == "ok" and "vintage" in health["failed"]
 
 
-def test_an_empty_completion_is_answered_not_a_500(served):
-    """A model whose first greedy token is eos answers an empty text, whole or streamed
-    (Ray's token counter rejects an increment of 0: it turned such an answer into a 500)."""
+@pytest.fixture(scope="module")
+def silent(served):
+    """A run-time domain "silent": the legal model with a zero final norm, so that every
+    logit is exactly 0 whatever the input. Greedy decoding takes id 0, the tokenizer's
+    eos; a request's ``logit_bias`` alone sets the logits, so what each penalty does to
+    them decides the output by construction."""
     from safetensors.torch import load_file, save_file
     from transformers import PreTrainedTokenizerFast
 
     from slmfactory.serving.domains import DomainStore
 
-    cfg, url, folders = served
-    silent = cfg.root / "silent-model"
-    shutil.copytree(folders["legal"], silent)
-    weights = load_file(silent / "model.safetensors")
-    # A zero final norm makes every logit 0: greedy decoding takes id 0, the tokenizer's eos.
+    cfg, _, folders = served
+    folder = cfg.root / "silent-model"
+    shutil.copytree(folders["legal"], folder)
+    weights = load_file(folder / "model.safetensors")
     weights["model.norm.weight"].zero_()
-    save_file(weights, silent / "model.safetensors", metadata={"format": "pt"})
-    assert PreTrainedTokenizerFast.from_pretrained(silent).eos_token_id == 0
-    DomainStore(cfg.root).publish("silent", {"path": str(silent), "strategy": "slm", "params": 1,
-                                                "test_ppl": 1.0})
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    assert PreTrainedTokenizerFast.from_pretrained(folder).eos_token_id == 0
+    DomainStore(cfg.root).publish("silent", {"path": str(folder), "strategy": "slm", "params": 1, "test_ppl": 1.0})
+    return "silent"
+
+
+def test_an_empty_completion_is_answered_not_a_500(served, silent):
+    """A model whose first greedy token is eos answers an empty text, whole or streamed
+    (Ray's token counter rejects an increment of 0: it turned such an answer into a 500)."""
+    _, url, _ = served
     c = client(url)
-    r = c.completions.create(model="silent", prompt="The licence grants", max_tokens=6, temperature=0)
+    r = c.completions.create(model=silent, prompt="The licence grants", max_tokens=6, temperature=0)
     assert r.choices[0].text == "" and r.usage.completion_tokens == 0 and r.choices[0].finish_reason == "stop"
-    chunks = list(c.completions.create(model="silent", prompt="The licence grants", max_tokens=6, temperature=0,
+    chunks = list(c.completions.create(model=silent, prompt="The licence grants", max_tokens=6, temperature=0,
                                        stream=True))
     assert "".join(ch.choices[0].text for ch in chunks) == "" and chunks[-1].choices[0].finish_reason == "stop"
+
+
+# -- chat, streams, sampling parameters, refusals -------------------------------------------
+
+MESSAGES = [{"role": "system", "content": "Answer as a contract would."},
+            {"role": "user", "content": "The licence grants"}]
+CHAT_PROMPT = "system: Answer as a contract would.\nuser: The licence grants\nassistant:"
+"""``MESSAGES`` through the default ``serving.chat_template`` (docs/serving-api.md#chat)."""
+
+
+def tokenizer_of(cfg):
+    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+
+    return load_tokenizer(ensure_tokenizer(cfg))
+
+
+def test_chat_completions_whole_and_streamed_with_usage_and_logprobs(served):
+    """The chat route on a base model: the messages become ``role: content`` lines and
+    ``assistant:``, which the model completes as /v1/completions completes that prompt;
+    usage counts that prompt; each token comes with its log-prob, bytes and alternatives;
+    the stream sends the same text and log-probs, and the usage last when asked."""
+    cfg, url, _ = served
+    c = client(url)
+    args = dict(model="legal", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    r = c.chat.completions.create(**args)
+    ch = r.choices[0]
+    assert r.object == "chat.completion" and ch.message.role == "assistant" and ch.finish_reason in ("stop", "length")
+    same = c.completions.create(model="legal", prompt=CHAT_PROMPT, max_tokens=6, temperature=0)
+    assert ch.message.content == same.choices[0].text
+    assert r.usage.prompt_tokens == len(tokenizer_of(cfg)(CHAT_PROMPT, add_special_tokens=False)["input_ids"])
+    assert r.usage.completion_tokens == same.usage.completion_tokens
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    content = ch.logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert b"".join(bytes(t.bytes) for t in content).decode() == ch.message.content
+    for t in content:  # greedy: each token is its step's most likely one
+        assert t.logprob <= 0 and len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5)
+    chunks = list(c.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    body, last = chunks[:-1], chunks[-1]
+    assert body[0].choices[0].delta.role == "assistant" and body[0].object == "chat.completion.chunk"
+    assert last.choices == [] and last.usage == r.usage and all(k.usage is None for k in body)
+    assert "".join(k.choices[0].delta.content or "" for k in body) == ch.message.content
+    assert body[-1].choices[0].finish_reason == ch.finish_reason
+    streamed = [t for k in body if k.choices[0].logprobs for t in k.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-5)
+    plain = list(c.chat.completions.create(model="legal", messages=MESSAGES, max_tokens=6, temperature=0,
+                                           stream=True))
+    assert all(k.usage is None and k.choices for k in plain)  # no usage chunk unless asked for
+    assert "".join(k.choices[0].delta.content or "" for k in plain) == ch.message.content
+    two = [c.chat.completions.create(model="legal", messages=MESSAGES, max_tokens=6, n=2, seed=3) for _ in range(2)]
+    assert [k.index for k in two[0].choices] == [0, 1]
+    assert [k.message.content for k in two[0].choices] == [k.message.content for k in two[1].choices]
+
+
+def test_completion_streams_carry_logprobs_and_the_usage_last(served):
+    _, url, _ = served
+    c = client(url)
+    args = dict(model="religion", prompt="And the Lord said", max_tokens=8, temperature=0, logprobs=2)
+    whole = c.completions.create(**args)
+    chunks = list(c.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    body, last = chunks[:-1], chunks[-1]
+    assert last.choices == [] and last.usage == whole.usage and all(k.usage is None for k in body)
+    assert "".join(k.choices[0].text for k in body) == whole.choices[0].text
+    got = [k.choices[0].logprobs for k in body if k.choices[0].logprobs]
+    assert [t for lp in got for t in lp.tokens] == whole.choices[0].logprobs.tokens
+    assert [v for lp in got for v in lp.token_logprobs] == pytest.approx(whole.choices[0].logprobs.token_logprobs,
+                                                                         abs=1e-5)
+    assert [t for lp in got for t in lp.top_logprobs] == [
+        pytest.approx(t, abs=1e-5) for t in whole.choices[0].logprobs.top_logprobs]
+
+
+def test_each_sampling_parameter_changes_the_output_where_it_should(served, silent):
+    """On the silent model (every logit 0) the request's ``logit_bias`` sets the logits,
+    so each penalty's effect on a greedy completion is known exactly: unpenalised, the
+    most biased token A repeats; repetition_penalty 100 removes every repeat;
+    presence_penalty 0.8 and frequency_penalty 0.4 give each its own sequence, and a
+    prompt token counts for repetition_penalty only. On the trained model: top_k=1
+    samples the greedy completion, and logit_bias +100 forces its token."""
+    cfg, url, _ = served
+    c = client(url)
+    tok = tokenizer_of(cfg)
+    prompt = tok("The licence grants", add_special_tokens=False)["input_ids"]
+    a, b, d, e = [i for i in range(2, len(tok)) if i not in prompt and tok.decode([i]).strip().isalpha()][:4]
+
+    def greedy(bias: dict, prompt=prompt, **kw) -> str:
+        r = c.completions.create(model=silent, prompt=prompt, max_tokens=4, temperature=0,
+                                 logit_bias={str(t): v for t, v in bias.items()}, **kw)
+        return r.choices[0].text
+
+    four = {a: 3, b: 2, d: 1.5, e: 1}
+    assert greedy(four) == tok.decode([a, a, a, a])  # a repeated phrase: every n-gram repeats
+    assert greedy(four, extra_body={"repetition_penalty": 100}) == tok.decode([a, b, d, e])  # no repeat at all
+    two = {a: 1.0, b: 0.5}
+    assert greedy(two) == tok.decode([a, a, a, a])
+    # presence: A's logit 1 - 0.8 once it occurs; frequency: 1 - 0.4 per occurrence.
+    assert greedy(two, presence_penalty=0.8) == tok.decode([a, b, a, a])
+    assert greedy(two, frequency_penalty=0.4) == tok.decode([a, a, b, a])
+    assert greedy(two, prompt=prompt + [a], presence_penalty=0.8) == tok.decode([a, b, a, a])  # prompt not counted
+    assert greedy(two, prompt=prompt + [a], extra_body={"repetition_penalty": 4}) == tok.decode([b, a, a, a])
+
+    text = "The licence grants"
+    want = c.completions.create(model="legal", prompt=text, max_tokens=8, temperature=0).choices[0].text
+    top1 = c.completions.create(model="legal", prompt=text, max_tokens=8, temperature=1.0, n=2, extra_body={"top_k": 1})
+    assert [ch.text for ch in top1.choices] == [want, want]
+    chat = dict(model="legal", messages=MESSAGES, max_tokens=5)
+    assert (c.chat.completions.create(**chat, temperature=1.0, extra_body={"top_k": 1}).choices[0].message.content
+            == c.chat.completions.create(**chat, temperature=0).choices[0].message.content)
+    for t in (0, 1.0):
+        forced = c.completions.create(model="legal", prompt=text, max_tokens=5, temperature=t, logit_bias={str(e): 100})
+        assert forced.choices[0].text == tok.decode([e] * 5)
+        forced = c.chat.completions.create(**chat, temperature=t, logit_bias={str(e): 100})
+        assert forced.choices[0].message.content == tok.decode([e] * 5)
+
+
+def test_unsupported_parameters_are_400s_naming_them_and_unknown_fields_a_header(served):
+    import openai
+
+    _, url, _ = served
+    c = client(url)
+    msgs = [{"role": "user", "content": "The licence"}]
+    chat = dict(model="legal", messages=msgs, max_tokens=2)
+    refused = [
+        (lambda: c.completions.create(model="legal", prompt="x", max_tokens=2, best_of=3), "best_of"),
+        (lambda: c.completions.create(model="legal", prompt="x", max_tokens=2, suffix="end."), "suffix"),
+        (lambda: c.completions.create(model="legal", prompt="x", max_tokens=2, logit_bias={"99999": 5}),
+         "logit_bias"),
+        (lambda: c.completions.create(model="legal", prompt="x", max_tokens=2,
+                                      stream_options={"include_usage": True}), "stream_options"),
+        (lambda: c.chat.completions.create(**chat, tools=[{"type": "function", "function": {"name": "f"}}]),
+         "tools"),
+        (lambda: c.chat.completions.create(**chat, tool_choice="required"), "tool_choice"),
+        (lambda: c.chat.completions.create(**chat, response_format={"type": "json_object"}), "response_format"),
+        (lambda: c.chat.completions.create(**chat, reasoning_effort="low"), "reasoning_effort"),
+        (lambda: c.chat.completions.create(**chat, modalities=["text", "audio"]), "modalities"),
+        (lambda: c.chat.completions.create(**chat, store=True), "store"),
+        (lambda: c.chat.completions.create(**chat, top_logprobs=2), "top_logprobs"),
+        (lambda: c.chat.completions.create(model="legal", max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]),
+         "messages"),
+        (lambda: c.chat.completions.create(model="legal", max_tokens=2, messages=[
+            {"role": "tool", "content": "42", "tool_call_id": "call-1"}]), "messages"),
+    ]
+    for call, param in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.param == param and param in e.value.message, (param, e.value.message)
+    raw = c.chat.completions.with_raw_response.create(**chat, temperature=0, user="u-1", metadata={"k": "v"},
+                                                      extra_body={"min_tokens": 1, "guided_json": {}})
+    assert raw.headers["x-slmfactory-ignored-fields"] == "guided_json,min_tokens"
+    assert raw.parse().choices[0].message.role == "assistant"
+    with c.completions.with_streaming_response.create(model="legal", prompt="x", max_tokens=2, stream=True,
+                                                      extra_body={"ignore_eos": True}) as streamed:
+        assert streamed.headers["x-slmfactory-ignored-fields"] == "ignore_eos"
+    plain = c.completions.with_raw_response.create(model="legal", prompt="x", max_tokens=2, temperature=0)
+    assert "x-slmfactory-ignored-fields" not in plain.headers

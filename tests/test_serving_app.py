@@ -48,3 +48,34 @@ def test_these_tests_leave_the_environment_as_they_found_it(monkeypatch):
         with pytest.MonkeyPatch.context() as inner:
             test(inner)
         assert dict(os.environ) == before, test.__name__
+
+
+def test_the_chat_template_is_a_validated_recipe_setting_handed_to_the_replica(tmp_path, monkeypatch):
+    """``serving.chat_template``: the default renders ``role: content`` lines; a template
+    that does not compile, raises or renders nothing is refused naming the key; the one
+    set (in the recipe or by ``build_app``'s ``set``) is what the replica is built with."""
+    import json
+
+    import pytest
+
+    from slmfactory.platform.config import DEFAULT_CHAT_TEMPLATE, ServingConfig
+    from slmfactory.platform.errors import ConfigError
+    from slmfactory.serving.app import build_app
+
+    assert ServingConfig().chat_template == DEFAULT_CHAT_TEMPLATE
+    for bad in ("{% for m in messages %}{{ m.content }}", "", "{{ raise_exception('no') }}",
+                "{% if false %}x{% endif %}", "x" * 5000):
+        with pytest.raises(ConfigError, match="serving.chat_template"):
+            ServingConfig(chat_template=bad)
+    own = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    assert load_config(TINY, {"serving.chat_template": own}).serving.chat_template == own
+    models = tmp_path / "models" / "legal"
+    models.mkdir(parents=True)
+    (models / "slmfactory.json").write_text(json.dumps({"domain": "legal", "strategy": "slm", "params": 1,
+                                                        "test_ppl": 1.0}))
+    for key in serve_env(_serving(4096)):  # build_app sets them in this process: restored after the test
+        monkeypatch.delenv(key, raising=False)
+    for sets, want in (([], DEFAULT_CHAT_TEMPLATE), ([f"serving.chat_template='{own}'"], own)):
+        app = build_app({"config": str(TINY), "set": [f"workdir={tmp_path / 'work'}", *sets],
+                         "models": str(tmp_path / "models")})
+        assert app._bound_deployment.init_kwargs["chat_template"] == want

@@ -433,6 +433,36 @@ class TrackingConfig:
     enabled: bool = True
 
 
+DEFAULT_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+"""``serving.chat_template``'s default: each message as a ``role: content`` line, then
+``assistant:``, which the base model continues (docs/serving-api.md#chat)."""
+MAX_CHAT_TEMPLATE_CHARS = 4096
+
+
+def _check_chat_template(template: str) -> None:
+    """``serving.chat_template``: a Jinja template that compiles in the sandbox
+    ``apply_chat_template`` renders it in (the same options) and renders a one-message
+    conversation to a non-empty prompt."""
+    key = "serving.chat_template"
+    _check(isinstance(template, str) and 0 < len(template) <= MAX_CHAT_TEMPLATE_CHARS, key,
+           f"a Jinja template of 1..{MAX_CHAT_TEMPLATE_CHARS} characters", template)
+    import jinja2  # lazy: only a recipe that sets its own template needs it
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        text = env.from_string(template).render(messages=[{"role": "user", "content": "Hello"}],
+                                                add_generation_prompt=True, bos_token="", eos_token="")
+    except Exception as e:  # noqa: BLE001  (any failure of the user's template is its error)
+        raise ConfigError(f"{key}: not a usable Jinja chat template ({type(e).__name__}: {str(e)[:200]})") from None
+    _check(bool(text.strip()), key, "a template that renders a conversation to a non-empty prompt", template)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServingConfig:
     """``slmfactory serve``: the Ray Serve deployment of the per-domain models. Its request
@@ -488,6 +518,10 @@ class ServingConfig:
     register_when_outscored: bool = True
     """Register a run-time domain even when a served domain has a lower perplexity on its
     documents' held-out text (the 201 says so in ``better_served_by``); off: 409."""
+    chat_template: str = DEFAULT_CHAT_TEMPLATE
+    """How ``/v1/chat/completions`` turns messages into the base model's prompt: a Jinja
+    template, rendered by the tokenizer's ``apply_chat_template`` (``messages``,
+    ``add_generation_prompt``); default: ``role: content`` lines, then ``assistant:``."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "serving.port", "1..65535", self.port)
@@ -503,6 +537,8 @@ class ServingConfig:
         _check(self.target_ongoing_requests > 0, "serving.target_ongoing_requests", "> 0",
                self.target_ongoing_requests)
         _check(self.replica_cpus > 0, "serving.replica_cpus", "> 0", self.replica_cpus)
+        if self.chat_template != DEFAULT_CHAT_TEMPLATE:
+            _check_chat_template(self.chat_template)
 
 
 ONLY_AXES = ("domains", "generic_tokens", "generic_flops", "spec_tokens", "spec_flops", "in_domain_tokens")

@@ -7,7 +7,8 @@ deployment, OpenAI-compatible.
   one domain are scored together; greedy/sampled completions with the same settings are
   generated in one left-padded ``generate`` call. A failing request fails alone: its
   batch neighbours are answered.
-- Routes: ``GET /v1/models``, ``POST /v1/completions`` (streaming as server-sent events
+- Routes: ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``
+  (the messages through ``serving.chat_template``; both streaming as server-sent events
   that always end in ``[DONE]``, after an error event if generation failed), ``POST
   /v1/score`` (per-token log-probs and perplexity), ``POST /v1/domains``, ``GET`` and
   ``DELETE /v1/domains/NAME``, ``GET /healthz`` (a real forward pass with a deadline, also
@@ -35,21 +36,19 @@ with ``args`` from a Serve config YAML: see ``infra/serve.yaml``). The model wor
 import asyncio
 import math
 import os
-import time
-import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
 from ray import serve
 
 from slmfactory.platform.config import load_config, parse_overrides
 from slmfactory.platform.errors import ConfigError
 from slmfactory.serving import catalog as cat
-from slmfactory.serving.api import BODY_LIMIT_ENV, ApiError, CompletionRequest, Limits, ScoreRequest
+from slmfactory.serving.api import BODY_LIMIT_ENV, ApiError, ChatRequest, CompletionRequest, Limits, ScoreRequest
 from slmfactory.serving.auth import load_keys
 from slmfactory.serving.domains import DomainRequest, compared_view
-from slmfactory.serving.engine import token_logprobs, with_firsts
+from slmfactory.serving.engine import with_firsts
 from slmfactory.serving.server import AUTO, HEALTH_TIMEOUT_S, DomainServer, mark, timer
 from slmfactory.trial import experiment_name
 
@@ -196,45 +195,11 @@ class DomainModels(DomainServer):
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        async def handle(c: CompletionRequest, caller, deadline):
-            domain, loaded, extra = await self.model_for(c.model, c.prompts[0], "prompt")
-            mark("model")
-            ids = self._token_ids(loaded, c.prompts, "prompt")
-            for i, x in enumerate(ids):
-                if len(x) + c.max_tokens > min(loaded.context, self.limits.max_prompt_tokens + c.max_tokens):
-                    raise ApiError(400, f"prompt[{i}] has {len(x)} tokens; with max_tokens={c.max_tokens} it "
-                                   f"exceeds the model's context of {loaded.context} tokens",
-                                   param="max_tokens", code="context_length_exceeded")
-            self._check_stop(loaded, c.stop)
-            self._charge(caller, "tokens", sum(len(x) for x in ids) + c.max_tokens * c.n * len(ids))
-            mark("tokenise")
-            cid = f"cmpl-{uuid.uuid4().hex[:24]}"
-            if c.stream:
-                return domain, StreamingResponse(self._stream(cid, domain, loaded, ids[0], c, extra, deadline),
-                                                 media_type="text/event-stream")
-            results = await self._batched("generate", [(domain, loaded, x, c, deadline, timer()) for x in ids])
-            choices, completion_tokens = [], 0
-            for i, (x, outs) in enumerate(zip(ids, results)):
-                for out in outs:
-                    completion_tokens += len(out["ids"])
-                    echoed = c.prompts[i] if isinstance(c.prompts[i], str) else loaded.tokenizer.decode(x)
-                    text = (echoed if c.echo else "") + out["text"]
-                    lp = None
-                    if c.logprobs is not None:
-                        full = x + out["ids"]
-                        lp = await asyncio.to_thread(token_logprobs, loaded, full, 0 if c.echo else len(x),
-                                                     c.logprobs, deadline)
-                    choices.append({"text": text, "index": len(choices), "logprobs": lp,
-                                    "finish_reason": out["finish"]})
-            prompt_tokens = sum(len(x) for x in ids)
-            self.count_tokens(completion_tokens, domain, "completions")
-            return domain, {"id": cid, "object": "text_completion", "created": int(time.time()), "model": domain,
-                            "choices": choices,
-                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                      "total_tokens": prompt_tokens + completion_tokens},
-                            **({"slmfactory": extra} if extra else {})}
+        return await self._respond("completions", request, CompletionRequest, self.complete)
 
-        return await self._respond("completions", request, CompletionRequest, handle)
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._respond("chat", request, ChatRequest, self.chat)
 
 
 def build_app(args: dict):
@@ -269,4 +234,5 @@ def build_app(args: dict):
         # check_health runs a forward pass with its own deadline; Ray's must be longer.
         health_check_period_s=10, health_check_timeout_s=3 * HEALTH_TIMEOUT_S)
     return deployment.bind(catalog, router, Limits.from_config(s), s.preload, {"config": cfg.to_tree()}, security,
-                           s.max_models_per_replica, s.batch_wait_s, s.adaptive_batch_wait)
+                           s.max_models_per_replica, s.batch_wait_s, s.adaptive_batch_wait,
+                           chat_template=s.chat_template)

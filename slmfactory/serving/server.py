@@ -27,19 +27,22 @@ import contextvars
 import json
 import threading
 import time
+import uuid
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ray import serve
 
-from slmfactory.platform.config import from_dict
-from slmfactory.serving.api import ApiError, CompletionRequest, Limits, validate
+from slmfactory.platform.config import DEFAULT_CHAT_TEMPLATE, from_dict
+from slmfactory.serving import replies
+from slmfactory.serving.api import (IGNORED_FIELDS_HEADER, ApiError, ChatRequest, CompletionRequest, Limits,
+                                    ignored_fields, validate)
 from slmfactory.serving.auth import Auth, RateLimiter
 from slmfactory.serving.domains import RuntimeDomains
-from slmfactory.serving.engine import (Deadline, Loaded, Sampling, TextStream, check_stop, generate, load,
-                                       load_minilm, one_token_forward, pick_domain, route_embedding, score_ids,
-                                       streamer, uses_minilm)
+from slmfactory.serving.engine import (Deadline, Loaded, Sampling, TextStream, chat_prompt, check_stop, generate,
+                                       load, load_minilm, one_token_forward, pick_domain, route_embedding, score_ids,
+                                       streamer, token_logprobs, uses_minilm)
 
 AUTO = "auto"
 HEALTH_TIMEOUT_S = 10.0
@@ -50,14 +53,18 @@ def import_everything() -> None:
     takes a request: ``transformers`` resolves names lazily, and two threads resolving one
     at once made a cold replica answer 503 ("cannot import name 'AutoModelForCausalLM'")."""
     # The point of this function: the engine's lazy imports, made here, in one thread.
+    import jinja2  # noqa: F401  (apply_chat_template's)
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
     import transformers
     from transformers import (  # noqa: F401
-        AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast, StoppingCriteria)
+        AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, LogitsProcessorList, PreTrainedTokenizerFast,
+        StoppingCriteria, StoppingCriteriaList)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: F401
     from transformers.generation.stopping_criteria import StopStringCriteria  # noqa: F401
     from transformers.generation.streamers import BaseStreamer  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
+    from transformers.utils import chat_template_utils  # noqa: F401
 
     import slmfactory.models.instant  # noqa: F401
     import slmfactory.models.projected  # noqa: F401
@@ -165,13 +172,15 @@ class DomainServer:
 
     async def __init__(self, catalog: dict[str, dict], router: dict | None, limits: Limits, preload: bool,
                        instant: dict | None = None, security: dict | None = None, max_models: int = 8,
-                       batch_wait_s: float = 0.005, adaptive_batch_wait: bool = True):
+                       batch_wait_s: float = 0.005, adaptive_batch_wait: bool = True,
+                       chat_template: str = DEFAULT_CHAT_TEMPLATE):
         # Before anything runs in a second thread (see import_everything).
         import_everything()
         import torch  # lazy: imported by import_everything just above
 
         torch.set_num_threads(1)
         self.catalog, self.router, self.limits, self.max_models = catalog, router, limits, max_models
+        self.chat_template = chat_template
         sec = security or {}
         self.auth = Auth(sec.get("api", []), sec.get("admin", []))
         self.rates = RateLimiter(sec.get("rpm", 0.0), sec.get("tpm", 0.0))
@@ -311,20 +320,19 @@ class DomainServer:
         self._marks(items, "forward")
         return out
 
-    async def _generate_batch(self, jobs: list[tuple[str, Loaded, list[int], CompletionRequest, float, Timer | None]]
+    async def _generate_batch(self, jobs: list[tuple[str, Loaded, list[int], Sampling, float, Timer | None]]
                               ) -> list:
         """One left-padded ``generate`` per group of jobs with the same domain and
         settings (unseeded, n = 1); a seeded or n > 1 job runs alone."""
         self._marks(jobs, "batch_wait")
         groups: dict[tuple, list[int]] = {}
-        for i, (domain, _, _, c, _, _) in enumerate(jobs):
-            key = (domain, c.max_tokens, c.temperature, c.top_p, tuple(c.stop)) if c.seed is None and c.n == 1 \
-                else ("alone", i)
+        for i, (domain, _, _, s, _, _) in enumerate(jobs):
+            key = (domain, s) if s.seed is None and s.n == 1 else ("alone", i)
             groups.setdefault(key, []).append(i)
         out: list = [None] * len(jobs)
         for idx in groups.values():
             await self._isolated(out, idx, lambda ix: generate(
-                jobs[ix[0]][1], [jobs[i][2] for i in ix], Sampling.of(jobs[ix[0]][3]),
+                jobs[ix[0]][1], [jobs[i][2] for i in ix], jobs[ix[0]][3],
                 max(jobs[i][4] for i in ix), self.lock))
         for i, (_, _, _, _, deadline, _) in enumerate(jobs):
             if not isinstance(out[i], Failed) and time.monotonic() > deadline:
@@ -366,13 +374,18 @@ class DomainServer:
                                    f"(ids 0..{loaded.vocab - 1})", param=field, code="invalid_value")
         return out
 
-    def _check_stop(self, loaded: Loaded, stop: list[str]) -> None:
-        """A stop string ``generate`` cannot take (one the vocabulary cannot form) is a
-        400 naming ``stop``, found before generation rather than inside it."""
+    def _check_sampling(self, loaded: Loaded, s: Sampling) -> None:
+        """What only the model can tell, found before generation rather than inside it: a
+        stop string the vocabulary cannot form, a ``logit_bias`` token past the vocabulary
+        (400s naming the field)."""
         try:
-            check_stop(loaded.tokenizer, stop)
+            check_stop(loaded.tokenizer, s.stop)
         except ValueError as e:
             raise ApiError(400, f"'stop': {e}", param="stop", code="invalid_value") from None
+        bad = [t for t, _ in s.logit_bias if t >= loaded.vocab]
+        if bad:
+            raise ApiError(400, f"'logit_bias' holds token id {bad[0]}, outside the model's vocabulary "
+                           f"(ids 0..{loaded.vocab - 1})", param="logit_bias", code="invalid_value")
 
     # -- request plumbing -----------------------------------------------------------------
     async def _respond(self, route: str, request: Request, schema, handler, max_bytes: int | None = None,
@@ -403,6 +416,9 @@ class DomainServer:
                 # returned dict through jsonable_encoder, a Python call per value (a score
                 # response holds three per token).
                 response = JSONResponse(response)
+            ignored = ignored_fields(req)
+            if ignored:
+                response.headers[IGNORED_FIELDS_HEADER] = ignored
             timer.mark("respond")
         except (asyncio.TimeoutError, Deadline):
             status = "408"
@@ -459,34 +475,123 @@ class DomainServer:
         except asyncio.TimeoutError:
             raise RuntimeError(f"a one-token forward pass did not finish within {HEALTH_TIMEOUT_S:g}s") from None
 
+    # -- completions and chat completions ---------------------------------------------------
+    async def complete(self, c: CompletionRequest, caller, deadline: float):
+        """``POST /v1/completions``: (domain, the answer or its stream)."""
+        domain, loaded, extra = await self.model_for(c.model, c.prompts[0], "prompt")
+        mark("model")
+        ids = self._token_ids(loaded, c.prompts, "prompt")
+        for i, x in enumerate(ids):
+            if len(x) + c.max_tokens > min(loaded.context, self.limits.max_prompt_tokens + c.max_tokens):
+                raise ApiError(400, f"prompt[{i}] has {len(x)} tokens; with max_tokens={c.max_tokens} it "
+                               f"exceeds the model's context of {loaded.context} tokens",
+                               param="max_tokens", code="context_length_exceeded")
+        return await self._complete("completions", c, domain, loaded, extra, ids, Sampling.of(c), caller, deadline)
+
+    async def chat(self, c: ChatRequest, caller, deadline: float):
+        """``POST /v1/chat/completions``: the messages rendered with ``serving.chat_template``
+        into one prompt, completed as ``complete`` does."""
+        domain, loaded, extra = await self.model_for(c.model, c.text, "messages")
+        mark("model")
+        try:
+            prompt = chat_prompt(loaded, c.messages, self.chat_template)
+        except ValueError as e:
+            raise ApiError(400, f"'messages': {e}", param="messages", code="invalid_value") from None
+        ids = loaded.encode([prompt])[0]
+        room = loaded.context - len(ids)
+        if len(ids) > self.limits.max_prompt_tokens or room < 1:
+            raise ApiError(400, f"the messages make a prompt of {len(ids)} tokens; at most "
+                           f"{min(self.limits.max_prompt_tokens, loaded.context - 1)} leave room for a completion "
+                           f"in the model's context of {loaded.context}", param="messages",
+                           code="context_length_exceeded")
+        cap = c.completion_cap
+        if cap is not None and cap > room:
+            field = "max_completion_tokens" if c.max_completion_tokens is not None else "max_tokens"
+            raise ApiError(400, f"the messages make a prompt of {len(ids)} tokens; with {field}={cap} it exceeds "
+                           f"the model's context of {loaded.context} tokens", param=field,
+                           code="context_length_exceeded")
+        sampling = Sampling.of(c, max_tokens=cap if cap is not None else min(self.limits.max_tokens, room))
+        return await self._complete("chat", c, domain, loaded, extra, [ids], sampling, caller, deadline)
+
+    async def _complete(self, kind: str, c, domain: str, loaded: Loaded, extra: dict, ids: list[list[int]],
+                        s: Sampling, caller, deadline: float):
+        self._check_sampling(loaded, s)
+        self._charge(caller, "tokens", sum(len(x) for x in ids) + s.max_tokens * s.n * len(ids))
+        mark("tokenise")
+        cid = f"{'cmpl' if kind == 'completions' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
+        if c.stream:
+            return domain, StreamingResponse(self._stream(kind, cid, domain, loaded, ids[0], s, c, extra, deadline),
+                                             media_type="text/event-stream")
+        results = await self._batched("generate", [(domain, loaded, x, s, deadline, timer()) for x in ids])
+        choices, completion_tokens = [], 0
+        for i, (x, outs) in enumerate(zip(ids, results)):
+            for out in outs:
+                completion_tokens += len(out["ids"])
+                text, lp = out["text"], None
+                if kind == "chat":
+                    if s.logprobs is not None:
+                        lp = replies.chat_logprobs(loaded, out["ids"], out["logprobs"])
+                    choices.append(replies.choice(kind, len(choices), text, out["finish"], lp))
+                    continue
+                echoed = (c.prompts[i] if isinstance(c.prompts[i], str) else loaded.tokenizer.decode(x)) \
+                    if c.echo else ""
+                if s.logprobs is not None:
+                    lp = replies.completion_logprobs(loaded, out["ids"], out["logprobs"], s.logprobs, len(echoed))
+                    if c.echo:  # the prompt's own log-probs: a forward pass over the prompt
+                        lp = replies.joined(await asyncio.to_thread(token_logprobs, loaded, x, 0, s.logprobs,
+                                                                    deadline), lp)
+                choices.append(replies.choice(kind, len(choices), echoed + text, out["finish"], lp))
+        prompt_tokens = sum(len(x) for x in ids)
+        self.count_tokens(completion_tokens, domain, kind)
+        return domain, replies.answer(kind, cid, domain, choices, replies.usage(prompt_tokens, completion_tokens),
+                                      extra)
+
     # -- streaming ------------------------------------------------------------------------
-    async def _stream(self, cid: str, domain: str, loaded: Loaded, ids: list[int], c: CompletionRequest,
-                     extra: dict, deadline: float):
-        """Server-sent events: one chunk per generated piece of text, then ``[DONE]``.
-        Every stream ends: if generation raises or the deadline passes, an OpenAI error
-        event comes before ``[DONE]``; a client that goes away stops its generation."""
+    async def _stream(self, kind: str, cid: str, domain: str, loaded: Loaded, ids: list[int], s: Sampling, c,
+                      extra: dict, deadline: float):
+        """Server-sent events: one chunk per generated piece of text (with its tokens'
+        log-probs when asked), then the finish reason, the usage when asked
+        (``stream_options.include_usage``), and ``[DONE]``. Every stream ends: if generation
+        raises or the deadline passes, an OpenAI error event comes before ``[DONE]``; a
+        client that goes away stops its generation."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
-        pipe = streamer(lambda new: loop.call_soon_threadsafe(queue.put_nowait, new),
+        pipe = streamer(lambda new, steps: loop.call_soon_threadsafe(queue.put_nowait, (new, steps)),
                         lambda: loop.call_soon_threadsafe(queue.put_nowait, None))
+        with_usage = c.include_usage
+        eos = loaded.tokenizer.eos_token_id
 
-        def chunk(text: str, finish: str | None) -> str:
-            return "data: " + json.dumps({"id": cid, "object": "text_completion", "created": int(time.time()),
-                                          "model": domain, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                                                        "finish_reason": finish}],
-                                          **({"slmfactory": extra} if extra else {})}) + "\n\n"
+        def event(text: str | None, finish: str | None = None, entries: list | None = None, offset: int = 0,
+                  role: bool = False) -> str:
+            lp = None
+            if entries is not None and s.logprobs is not None:
+                lp = replies.stream_logprobs(kind, loaded, [t for t, _ in entries], [e for _, e in entries],
+                                             s.logprobs, offset)
+            return "data: " + json.dumps(replies.chunk(kind, cid, domain, extra, text, finish, lp, with_usage,
+                                                       role)) + "\n\n"
 
         def error_event(e: ApiError) -> str:
-            self.m["requests"].labels(domain, "completions", f"stream_{e.status}").inc()
+            self.m["requests"].labels(domain, kind, f"stream_{e.status}").inc()
             return "data: " + json.dumps(e.body()) + "\n\n"
 
-        task = asyncio.ensure_future(asyncio.to_thread(generate, loaded, [ids], Sampling.of(c), deadline, self.lock,
-                                                       pipe, cancel))
+        task = asyncio.ensure_future(asyncio.to_thread(generate, loaded, [ids], s, deadline, self.lock, pipe, cancel))
         try:
-            if c.echo:
-                yield chunk(c.prompts[0] if isinstance(c.prompts[0], str) else loaded.tokenizer.decode(ids), None)
-            text = TextStream(loaded.tokenizer, c.stop)
+            offset = 0
+            if kind == "chat":
+                yield event("", role=True)
+            elif c.echo:
+                echoed = c.prompts[0] if isinstance(c.prompts[0], str) else loaded.tokenizer.decode(ids)
+                if s.logprobs is not None:  # the prompt's own log-probs: a forward pass over the prompt
+                    lp = await asyncio.to_thread(token_logprobs, loaded, ids, 0, s.logprobs, deadline)
+                    yield "data: " + json.dumps(replies.chunk(kind, cid, domain, extra, echoed, None, lp,
+                                                              with_usage)) + "\n\n"
+                else:
+                    yield event(echoed)
+                offset = len(echoed)
+            text = TextStream(loaded.tokenizer, s.stop)
+            pending: list = []  # (token, log-prob entry) of tokens whose text is not sent yet
+            sent = 0
             getter = None
             while True:
                 getter = getter or asyncio.ensure_future(queue.get())
@@ -496,9 +601,13 @@ class DomainServer:
                     item, getter = getter.result(), None
                     if item is None:
                         break
-                    piece = text.push(item)
+                    new, steps = item
+                    if steps is not None:
+                        pending.extend((t, e) for t, e in zip(new, steps) if t != eos)
+                    piece = text.push(new)
                     if piece:
-                        yield chunk(piece, None)
+                        yield event(piece, entries=pending, offset=offset)
+                        sent, offset, pending = sent + len(pending), offset + len(piece), []
                     continue
                 if task in done:
                     break  # generation ended (or raised) without its end-of-stream
@@ -507,10 +616,15 @@ class DomainServer:
                 getter.cancel()
             final = (await task)[0][0]
             rest = text.rest(final["text"])
-            if rest:
-                yield chunk(rest, None)
-            yield chunk("", final["finish"])
-            self.count_tokens(len(final["ids"]), domain, "completions")
+            # Tokens past a stop string are not sent, nor their log-probs.
+            pending = pending[:max(0, len(final["logprobs"]) - sent)] if final["logprobs"] is not None else []
+            if rest or pending:
+                yield event(rest, entries=pending, offset=offset)
+            yield event(None if kind == "chat" else "", final["finish"])
+            if with_usage:
+                yield "data: " + json.dumps(replies.usage_chunk(kind, cid, domain, extra, replies.usage(
+                    len(ids), len(final["ids"])))) + "\n\n"
+            self.count_tokens(len(final["ids"]), domain, kind)
         except Deadline:
             cancel.set()
             yield error_event(ApiError(408, f"generation did not finish within the deadline of {self.timeout:g}s",
