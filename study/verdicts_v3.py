@@ -188,6 +188,8 @@ def decide(rows: list[dict], seq: dict[str, np.ndarray], tokens_per_seq: int) ->
                             expected, [c])
             else:  # a rule this module does not know is a bug, not a silent gap
                 raise ValueError(f"study v3: no decision for claim {rule.claim!r}")
+            if cell.word == MISSING:
+                cell.reason = "; ".join(f"{c.missing} missing" for c in cell.comparisons if c.diff is None) or cell.reason
             cells[subset] = cell
         out.append(Verdict(rule, cells))
     return out
