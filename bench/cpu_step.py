@@ -27,8 +27,10 @@ identical assignments.
                              [--windows 600] [--profile-json FILE]
     python bench/cpu_step.py --variants     # fp32/bf16 x eager/compiled: the evidence for auto's rule
 
-``--profile-json FILE`` writes the auto path's rows (params, train tokens/s) in the form a
-device profile's ``throughput_file`` reads (configs/devices/cpu-2core.json is one).
+``--profile-json FILE`` writes the auto path's rows (params, train tokens/s, the machine) in
+the form a device profile's ``throughput_file`` reads. ``slmfactory calibrate -c RECIPE``
+measures the same rows at a recipe's own shapes; both time the trainer's step with
+``slmfactory/models/calibrate.py``'s helpers.
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from slmfactory.data.tokens import PackedBatches  # noqa: E402
-from slmfactory.models.lm import build_model, count_params  # noqa: E402
+from slmfactory.models.calibrate import measuring_trainer, timed_steps  # noqa: E402,F401
+from slmfactory.models.lm import count_params  # noqa: E402
 from slmfactory.models.trainer import Trainer  # noqa: E402
 from slmfactory.platform.config import ModelConfig, load_config  # noqa: E402
 from slmfactory.platform.cost import model_flop_terms  # noqa: E402
+from slmfactory.platform.machine import this_machine  # noqa: E402
 from slmfactory.platform.runtime import cpu_bf16_support  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,18 +98,9 @@ def matmul_rates(m: int, k: int, n: int, rounds: int = 3) -> dict[str, float]:
 def make_trainer(mc, vocab, bs, seq_len, precision: str, compile: str, tokens: np.ndarray,
                  phase_tokens: int = STUDY_PHASE_TOKENS) -> Trainer:
     cfg = load_config(None, {"pretrain.batch_size": bs, "pretrain.max_tokens": phase_tokens,
-                             "pretrain.eval_every": 0, "pretrain.checkpoint_every": 0,
                              "pretrain.precision": precision, "pretrain.compile": compile,
                              "pretrain.warmup_steps": 10, "pretrain.lr": 1e-3}).pretrain
-    model = build_model(mc, vocab, seq_len, seed=0)
-    return Trainer(model, PackedBatches(tokens, seq_len, bs, seed=0), cfg, seq_len=seq_len, log=None)
-
-
-def timed_steps(tr: Trainer, start: int, n: int) -> float:
-    t0 = time.perf_counter()
-    for s in range(start, start + n):
-        tr.train_step(s)
-    return n * tr.cfg.batch_size * tr.seq_len / (time.perf_counter() - t0)
+    return measuring_trainer(mc, vocab, seq_len, cfg, tokens)
 
 
 def profile_table(tr: Trainer, start: int, steps: int = 3, rows: int = 12) -> str:
@@ -315,9 +309,10 @@ def main() -> None:
               f"centroids / refitted) | - | {minilm['same_cluster_same_centroids']:.2%} / "
               f"{minilm['same_cluster_refit']:.2%} |")
     if args.profile_json:
+        machine = {**this_machine(), "threads": threads, "measured": when}
         prof = [{"params": float(r["compute_params"]), "train_tokens_per_s": round(r["auto_tok_s"], 1),
                  "source": f"bench/cpu_step.py {when}, {cpu}, {threads} threads: {r['auto']}, "
-                           f"{r['shape']} shape"} for r in rows]
+                           f"{r['shape']} shape", "machine": machine} for r in rows]
         Path(args.profile_json).write_text(json.dumps(prof, indent=2) + "\n")
         print(f"\ndevice-profile rows -> {args.profile_json}")
     if args.json:

@@ -17,7 +17,7 @@ from slmfactory.platform import runtime  # noqa: F401  (sets Ray/MLflow env defa
 from slmfactory.platform.errors import SlmFactoryError
 
 SUBCOMMANDS = ("corpus", "tokenizer", "cluster", "resample", "train", "sweep", "report", "recommend", "ui", "serve",
-               "demo", "specialize", "config")
+               "demo", "specialize", "config", "calibrate")
 
 
 def _config(args):
@@ -120,10 +120,52 @@ def cmd_train(args) -> None:
 def cmd_sweep(args) -> None:
     from slmfactory.sweeps.run import run_sweep
 
-    outcome = run_sweep(_config(args), resume=args.resume, dry_run=args.dry_run, address=args.address)
+    outcome = run_sweep(_config(args), resume=args.resume, dry_run=args.dry_run, address=args.address,
+                        recipe=args.config or "RECIPE")
     if outcome is not None:
         print(f"sweep done in {outcome.seconds:.0f}s: {len(outcome.records)} trials logged to MLflow experiment "
               f"{outcome.experiment!r}; next: slmfactory report -c {args.config or 'RECIPE'}")
+
+
+def cmd_calibrate(args) -> None:
+    import json
+
+    steps = _positive_int("--steps", args.steps)
+    cfg = _config(args)
+    out = Path(args.out).expanduser() if args.out else cfg.root / "device-profile.json"
+    if out.is_dir():
+        raise SlmFactoryError(f"--out {args.out}: a folder; expected the path of the JSON file to write")
+    from slmfactory.models.calibrate import calibrate, write_profile
+    from slmfactory.platform.machine import describe, this_machine
+
+    recipe = args.config or "RECIPE"
+    here = this_machine()
+    print(f"calibrate {recipe}: {describe(here)}, torch {here['torch']}, {here['threads']} threads"
+          + (f", device cuda ({here['gpu']})" if here["gpu"] else ""), flush=True)
+    measured = calibrate(cfg, steps, log=lambda line: print(line, flush=True))
+    path = write_profile(measured, out)
+    name = cfg.device.name
+    print(f"\n| model | params | compute params | path (auto) | measured tokens/s | {name} projects | "
+          f"measured / profile |\n|---|---|---|---|---|---|---|")
+    for m in measured:
+        print(f"| {m.model} | {m.params / 1e6:.2f}M | {m.compute_params / 1e6:.2f}M | {m.plan} | "
+              f"{m.tokens_per_s:,.0f} | {m.projected_tokens_per_s:,.0f} | {m.ratio:.2f}x |")
+    print(f"\ndevice-profile rows -> {path}:")
+    for m in measured:
+        print(json.dumps(m.row))
+    print(f"\nprice with them alone: --set device.throughput_file={path} --set 'device.throughput=[]' "
+          f"(e.g. slmfactory sweep -c {recipe} ... --dry-run), or the same two keys in the recipe's device section")
+
+
+def _positive_int(flag: str, text: str) -> int:
+    """A flag's value as a positive integer, or one line naming the flag."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise SlmFactoryError(f"{flag} {text!r}: expected a positive integer") from None
+    if value < 1:
+        raise SlmFactoryError(f"{flag} {text}: expected a positive integer")
+    return value
 
 
 def _experiment(cfg, name: str | None) -> str:
@@ -455,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("config", cmd_config, "print the fully resolved recipe as YAML (show), or the recipes' JSON Schema "
             "(schema, for editors)")
     p.add_argument("action", choices=("show", "schema"))
+    p = add("calibrate", cmd_calibrate, "measure this machine's training tokens/s at the recipe's model shapes: "
+            "device-profile rows (device.throughput_file) and their ratio to the recipe's profile")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="the rows' JSON file (default: <workdir>/device-profile.json)")
+    p.add_argument("--steps", default="12", metavar="N", help="timed training steps per model (default 12)")
     return parser
 
 

@@ -4,6 +4,7 @@ and the recommendation read it back from MLflow."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -230,6 +231,88 @@ def _check_parent_times_and_aliases(client, experiment, trial_runs):
     for d, (_, run_id) in best.items():
         mv = client.get_model_version_by_alias(f"{experiment}-{d}", "champion")
         assert mv.run_id == run_id, (d, mv.run_id, run_id)
+
+
+def _trial_worker(driver_pid: int, lock_glob: str, work: Path):
+    """The process training the phase whose stage lock matches ``lock_glob``: among the
+    driver's own descendants (its Ray instance's workers, never another Ray's), the one
+    holding that lock file open (a stage's builder holds it for the whole build)."""
+    import psutil
+
+    locks = {str(p) for p in (work / "train").glob(lock_glob)}
+    if not locks:
+        return None
+    for proc in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if any(f.path in locks for f in proc.open_files()):
+                return proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_trial_whose_worker_is_killed_is_retried_and_keeps_one_run(work):
+    """A trial's Ray worker killed (SIGKILL) while it trains, after its phase's first
+    checkpoint: Tune retries it (``sweep.max_failures``), it resumes and finishes, and the
+    experiment holds exactly one run for its trial key. The sweep also says its profile
+    names no machine, and how its generic phase's measured rate compares with the profile."""
+    from slmfactory.platform.config import load_config
+
+    cfg = load_config(RECIPE, {"workdir": str(work)})
+    uri, experiment = cfg.tracking_uri, "slmfactory-sweep-tiny"
+    # Two trials, one at a time: slm (20 fine-tuning steps) and slm-nopt, whose 160 steps from
+    # scratch checkpoint every 10 (no early stopping, so its length is fixed).
+    args = ["sweep", "-c", str(RECIPE), "--set", f"workdir={work}", "--set", "sweep.strategies=[slm,slm-nopt]",
+            "--set", "sweep.domains=[legal]", "--set", "sweep.max_concurrent=1", "--set", "sweep.max_failures=1",
+            "--set", "sweep.spec_tokens=[10240,81920]",
+            "--set", "sweep.only={slm: {spec_tokens: [10240]}, slm-nopt: {spec_tokens: [81920]}}",
+            "--set", "finetune.patience=0", "--set", "finetune.eval_every=40", "--set", "finetune.checkpoint_every=10"]
+    driver = subprocess.Popen([sys.executable, "-m", "slmfactory.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "SLMFACTORY_LAUNCHER": "local"})
+    killed = None
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and driver.poll() is None and killed is None:
+            # slm-nopt's phase has written a checkpoint and trains on: kill the process training it.
+            if list((work / "train").glob(".finetune-slm-nopt-legal-*.partial/checkpoints/latest")):
+                proc = _trial_worker(driver.pid, ".finetune-slm-nopt-legal-*.lock", work)
+                if proc is not None:
+                    proc.kill()
+                    killed = proc.pid
+            time.sleep(0.05)
+        assert killed is not None, "slm-nopt's phase never checkpointed while the sweep ran"
+        out, _ = driver.communicate(timeout=500)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=60)
+    assert driver.returncode == 0, out[-4000:]
+    retried = [line for line in out.splitlines() if "RETRYING slm-nopt-legal" in line]
+    assert len(retried) == 1, out[-4000:]
+    assert "2/2 done" in out and "sweep done" in out and "FAILED" not in out
+    # Its phase finished once, from the checkpoints the killed attempt left (the stage's work folder).
+    (marker,) = (work / "train").glob("finetune-slm-nopt-legal-*/stage.json")
+    assert json.loads(marker.read_text())["info"]["result"]["steps"] == 160
+    assert not list((work / "train").glob(".finetune-slm-nopt-legal-*.partial"))
+    # Exactly one run per trial key: the failed attempt opened none.
+    _, runs = _finished_trial_runs(uri, experiment)
+    keys = [r.data.tags["slmfactory.trial"] for r in runs]
+    assert len(runs) == 2 and len(set(keys)) == 2, keys
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    (nopt,) = [r for r in runs if r.data.tags["strategy"] == "slm-nopt"]
+    same_key = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`slmfactory.trial` = '{nopt.data.tags['slmfactory.trial']}'")
+    assert len(same_key) == 1 and same_key[0].info.status == "FINISHED"
+    assert nopt.data.metrics["cost/spec_flops"] > 0 and "ppl_macro" in nopt.data.metrics
+    # The sweep named its profile's problem and measured its one generic phase against it.
+    assert "[sweep] warning: device profile 'cpu-2core' has no measured rows" in out
+    assert "[sweep] generic phase slm@2.05e+04T trained at" in out and "measured / profile" in out
 
 
 @pytest.mark.server

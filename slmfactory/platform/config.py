@@ -353,6 +353,11 @@ class Throughput:
     inference_tokens_per_s: float = 0.0
     """Forward-only tokens/s per device (0: not measured; the training row scaled by 3)."""
     source: str = ""
+    machine: dict[str, Any] = field(default_factory=dict)
+    """What the row was measured on (``slmfactory calibrate`` writes it): ``cpu`` (model
+    name), ``cpu_flags``, ``bf16_matrix``, ``cores``, ``gpu``, ``torch``, ``threads``,
+    ``measured``. ``slmfactory sweep`` warns when it is not the machine it runs on, or
+    when a row names none (``platform/machine.py``)."""
 
     def __post_init__(self) -> None:
         _check(self.params > 0, "device.throughput[].params", "> 0", self.params)
@@ -360,6 +365,10 @@ class Throughput:
                self.train_tokens_per_s)
         _check(self.inference_tokens_per_s >= 0, "device.throughput[].inference_tokens_per_s", ">= 0",
                self.inference_tokens_per_s)
+        for k, v in self.machine.items():
+            _check(isinstance(k, str) and (isinstance(v, (str, int, float, bool))
+                                           or isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
+                   f"machine.{k}", "a string, a number or a list of strings", v)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -376,8 +385,9 @@ class DeviceProfile:
     """Measured throughput by model size. Between rows, utilisation is interpolated in
     log(params); beyond them, the nearest row's utilisation holds."""
     throughput_file: str = ""
-    """A JSON list of ``throughput`` rows (``bench/gpu_mfu.py --profile FILE`` writes one),
-    added to ``throughput``."""
+    """A JSON list of ``throughput`` rows (``slmfactory calibrate --out FILE`` measures this
+    machine's at the recipe's shapes; ``bench/gpu_mfu.py --profile FILE`` a GPU's), added to
+    ``throughput`` (set that to [] to price with the file's rows alone)."""
     memory_bandwidth: float = 0.0
     """Device memory bytes/s: prices the optimiser over parameters a model updates beyond
     its compute path (slm-pn's projection tensors). 0: not counted."""
@@ -396,7 +406,8 @@ class DeviceProfile:
             _check(getattr(self, key) >= 0, f"device.{key}", ">= 0", getattr(self, key))
         if self.throughput_file and not Path(self.throughput_file).expanduser().is_file():
             raise ConfigError(f"device.throughput_file: {self.throughput_file} is not a file "
-                              f"(expected the JSON that `bench/gpu_mfu.py --profile FILE` writes)")
+                              f"(expected the JSON that `slmfactory calibrate --out FILE` or "
+                              f"`bench/gpu_mfu.py --profile FILE` writes)")
 
     def rows(self) -> tuple[Throughput, ...]:
         """The measured rows, sorted by size (the table plus ``throughput_file``'s)."""
@@ -577,6 +588,11 @@ class SweepConfig:
     """Served-parameter caps: the inference-budget axis of the report's Figure 1."""
     max_concurrent: int = 0
     """Trials at once (0 = as many as the cluster's CPUs allow)."""
+    max_failures: int = 1
+    """Times Ray Tune retries a failed trial (its ``FailureConfig.max_failures``; -1 = without
+    end, 0 = never): a worker that died (killed, out of memory) or a trial that raised runs
+    again, and resumes from its phases' last checkpoints (finished stages are kept); its
+    MLflow run stays one run."""
     grid: dict[str, Any] = field(default_factory=dict)
     """Any other config keys to vary, each a list of values, e.g. ``{cluster.k: [16, 64],
     finetune.seed: [0, 1, 2]}``: every combination is crossed with the axes above. Trials
@@ -611,6 +627,8 @@ class SweepConfig:
             grid[key] = tuple(values)
         object.__setattr__(self, "grid", grid)
         _check(self.max_concurrent >= 0, "sweep.max_concurrent", ">= 0", self.max_concurrent)
+        _check(self.max_failures >= -1, "sweep.max_failures", ">= -1 (-1: retry without end, 0: never)",
+               self.max_failures)
         for i, s in enumerate(self.strategies):
             _check(s in strategy_settings(), f"sweep.strategies[{i}]", f"one of {sorted(strategy_settings())}", s)
         only = {}

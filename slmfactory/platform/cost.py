@@ -113,6 +113,35 @@ def device_seconds(work: Work, profile) -> float:
     return compute + work.steps * per_step * work.workers
 
 
+def projected_tokens_per_s(profile, params: float, flops_per_token: float) -> float:
+    """Training tokens/s of one device the profile projects for a model of ``params``
+    compute parameters and ``flops_per_token`` (what ``device_seconds`` prices its tokens at:
+    the measured rows' rate at that size, interpolated, else peak x MFU)."""
+    work = Work(TRAIN, 1_000_000, 1_000_000 * flops_per_token, params)
+    return work.tokens / device_seconds(work, profile)
+
+
+def measured_vs_projected(cost: "CostRecord", profile) -> dict | None:
+    """How a finished training phase's measured rate compares with ``profile``'s projection
+    of the same work: ``tokens`` (trained), ``params`` (the trained models' compute
+    parameters), ``measured`` and ``projected`` training tokens/s (wall time: the
+    projection's device-seconds over the phase's data-parallel workers) and ``ratio``
+    (measured / projected: below 1 this machine is slower than the profile says, and
+    every projected device-hour is short by that factor). None without training work or
+    wall time."""
+    work = [Work.of(w) for w in cost.work]
+    train = [w for w in work if w.kind == TRAIN]
+    if not train or cost.wall_seconds <= 0:
+        return None
+    tokens = sum(w.tokens for w in train)
+    projected_s = sum(device_seconds(w, profile) / max(1, w.workers) for w in work)
+    if projected_s <= 0:
+        return None
+    return {"tokens": tokens, "params": sorted({w.params for w in train}), "measured": tokens / cost.wall_seconds,
+            "projected": tokens / projected_s, "ratio": projected_s / cost.wall_seconds,
+            "wall_seconds": cost.wall_seconds, "projected_seconds": projected_s}
+
+
 def merge_extra(a: dict, b: dict) -> dict:
     """Two records' ``extra`` as one (``CostRecord.extra``): a key in both is summed when
     both values are numbers, kept when they are equal, else its values joined with ``+``."""

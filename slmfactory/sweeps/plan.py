@@ -181,7 +181,7 @@ def describe(plan: SweepPlan, cfg: RunConfig) -> str:
     import torch
 
     profile = cfg.device
-    measured = ", ".join(f"{r.params / 1e6:,.0f}M: {r.train_tokens_per_s:,.0f} tok/s" for r in profile.rows())
+    measured = ", ".join(f"{r.params / 1e6:,.3g}M: {r.train_tokens_per_s:,.0f} tok/s" for r in profile.rows())
     lines = [f"sweep {plan.name!r}: {len(plan.trials)} trials, {len(plan.generic)} shared generic phases",
              f"device profile {profile.name}: peak {profile.peak_flops:.3g} FLOP/s, "
              + (f"measured training throughput {measured} (MFU {profile.mfu} elsewhere)" if measured

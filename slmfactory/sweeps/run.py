@@ -12,10 +12,17 @@ Order of work:
 3. the trials on Ray Tune (a function trainable; a trial with ``scaling.num_workers > 1``
    runs a Ray Train ``TorchTrainer`` inside it). Concurrency follows the cluster's CPUs
    (or ``sweep.max_concurrent``). ``--resume`` restores the Tune experiment: finished
-   trials are not rerun, and a rerun trial finds its finished stages and trains nothing;
+   trials are not rerun, and a rerun trial finds its finished stages and trains nothing.
+   A failed trial (its worker killed, or an error) is retried ``sweep.max_failures`` times
+   (Tune's ``FailureConfig``): its stages resume from their last checkpoints;
 4. MLflow, from the driver only (a Tune callback): one run per trial, found again by its
    trial key after a resume, so a killed and resumed sweep still has exactly one run
-   per trial (Ray's ``MLflowLoggerCallback`` would open a second one).
+   per trial (Ray's ``MLflowLoggerCallback`` would open a second one). A trial's run is
+   written once it has finished, so a retried trial's failed attempts open none.
+
+Before it runs (and with ``--dry-run``) the sweep says when the recipe's device profile was
+not measured on this machine (``platform/machine.py``); after the first generic phase it
+trains, how that phase's measured tokens/s compare with the profile's projection.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ from slmfactory.models.strategies import get_strategy
 from slmfactory.models.strategies.base import StrategyContext
 from slmfactory.pipeline import ensure_corpus, run_trial
 from slmfactory.platform.config import RunConfig, from_dict
+from slmfactory.platform.cost import measured_vs_projected
 from slmfactory.platform.errors import SlmFactoryError
+from slmfactory.platform.machine import machine_warning, this_machine
 from slmfactory.platform.runtime import ray_session
 from slmfactory.sweeps.plan import SweepPlan, describe, hours, plan_sweep, size_generic_pool
 from slmfactory.sweeps.tracking import ensure_sweep_run, finish_sweep_run, update_champions
@@ -148,6 +157,14 @@ class _Progress:
             self.best = (ppl, name)
         self.line(f"finished {name}: ppl {ppl:.2f}")
 
+    def retrying(self, key: str, name: str, why: str, failures: int, max_failures: int) -> None:
+        """A failed trial Tune runs again (``sweep.max_failures``): it is pending, not running."""
+        self.running = max(0, self.running - 1)
+        self.started_at.pop(key, None)
+        limit = "without end" if max_failures < 0 else f"at most {max_failures}"
+        self.line(f"RETRYING {name} (failure {failures}, retried {limit} times; its stages resume "
+                  f"from their checkpoints): {why}")
+
     def errored(self, key: str, name: str, why: str) -> None:
         self.running = max(0, self.running - 1)
         self.failed += 1
@@ -238,6 +255,12 @@ def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records:
                 log_trial(cfg, experiment_name(cfg), key, record, parent_run_id=parent_run_id)
             progress.finished_ok(key, names.get(key, key), record.metrics[TrialRecord.PPL_MACRO])
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            # Tune runs it again (sweep.max_failures); no MLflow run was opened for the failed attempt.
+            key = trial.config.get("trial")
+            progress.retrying(key, names.get(key, trial.trial_id), _last_error(trial), trial.num_failures,
+                              cfg.sweep.max_failures)
+
         def on_trial_error(self, iteration, trials, trial, **info):
             key = trial.config.get("trial")
             progress.errored(key, names.get(key, trial.trial_id), _last_error(trial))
@@ -245,9 +268,11 @@ def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records:
     return MlflowTrials()
 
 
-def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] | None) -> None:
+def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] | None,
+                   recipe: str = "RECIPE") -> None:
     """Tokenizer, clustering, each trial's Ray Data stages and every shared generic phase,
-    once, on the driver."""
+    once, on the driver; after the first generic phase trained here, its measured rate
+    against the device profile's (``rate_line``)."""
     ensure_tokenizer(cfg)
 
     clustered = set()
@@ -260,31 +285,66 @@ def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] |
     for t in plan.trials:  # per-domain Ray Data work (resampling, expert histograms) stays out of Tune
         tcfg = t.config(cfg)
         get_strategy(t.strategy).prepare(StrategyContext(tcfg, make_launcher(tcfg, log=log), log=log), t.domain)
+    rated = False
     for i, phase in enumerate(plan.generic, 1):
         tcfg = phase.trial.config(cfg)
+        label = f"{phase.family}@{phase.budget.label()}"
         if log:
-            log(f"[sweep] generic phase {i}/{len(plan.generic)}: {phase.family}@{phase.budget.label()} "
+            log(f"[sweep] generic phase {i}/{len(plan.generic)}: {label} "
                 f"(shared by {phase.trials} trials; projected {phase.flops:.3e} FLOPs, "
                 f"{hours(phase.work, cfg.device):.3g} {cfg.device.name} hours)")
-        get_strategy(phase.strategy).pretrain(StrategyContext(tcfg, make_launcher(tcfg, log=log), log=log))
+        t0 = time.perf_counter()
+        artifact = get_strategy(phase.strategy).pretrain(StrategyContext(tcfg, make_launcher(tcfg, log=log), log=log))
+        cost = getattr(artifact, "cost", None)
+        # The first phase trained here (a reused one took seconds of its recorded wall time).
+        if not rated and log and cost is not None and time.perf_counter() - t0 >= 0.5 * cost.wall_seconds:
+            line = rate_line(label, cost, cfg, recipe)
+            if line:
+                rated = True
+                log(line)
+
+
+RATE_TOLERANCE = 1.5
+"""A measured / projected rate beyond this factor either way is worth a calibration."""
+
+
+def rate_line(label: str, cost, cfg: RunConfig, recipe: str = "RECIPE") -> str | None:
+    """How a generic phase's measured training tokens/s (its wall time: validation and any
+    compile included) compare with what ``cfg.device`` projects for the same work."""
+    got = measured_vs_projected(cost, cfg.device)
+    if got is None:
+        return None
+    sizes = "+".join(f"{p / 1e6:.2f}M" for p in got["params"])
+    line = (f"[sweep] generic phase {label} trained at {got['measured']:,.0f} tokens/s ({sizes} parameters, "
+            f"{got['wall_seconds']:.3g} s of wall time) where device profile {cfg.device.name} projects "
+            f"{got['projected']:,.0f} ({got['projected_seconds']:.3g} s): measured / profile {got['ratio']:.2f}x")
+    if not 1 / RATE_TOLERANCE <= got["ratio"] <= RATE_TOLERANCE:
+        line += (f"; this sweep's projected device-hours are off by about that factor on this machine "
+                 f"(`slmfactory calibrate -c {recipe}` measures its rows)")
+    return line
 
 
 def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, address: str | None = None,
-              log: Callable[[str], None] | None = print) -> SweepOutcome | None:
+              log: Callable[[str], None] | None = print, recipe: str = "RECIPE") -> SweepOutcome | None:
+    """``recipe``: the recipe's path as the user gave it (the warnings' commands name it)."""
     # Trials run with the trial folder as their working directory: paths must be absolute.
     cfg = size_generic_pool(cfg.replace(workdir=str(cfg.root.resolve())), log)
+    warning = machine_warning(cfg.device, this_machine(), recipe)
     if dry_run and not (cfg.corpus_dir / "manifest.json").is_file():
         # A plan needs no corpus: paper scale is planned before its corpus exists.
         plan = plan_sweep(cfg, list(cfg.sweep.domains) or list(cfg.corpus.domains))
         if log:
-            log(f"(no corpus at {cfg.corpus_dir} yet: domains taken from the recipe)\n" + describe(plan, cfg))
+            log(f"(no corpus at {cfg.corpus_dir} yet: domains taken from the recipe)\n" + describe(plan, cfg)
+                + (f"\n\nwarning: {warning}" if warning else ""))
         return None
     ensure_corpus(cfg, build=False)
     plan = plan_sweep(cfg, list_domains(cfg.corpus_dir))
     if dry_run:
         if log:
-            log(describe(plan, cfg))
+            log(describe(plan, cfg) + (f"\n\nwarning: {warning}" if warning else ""))
         return None
+    if warning and log:
+        log(f"[sweep] warning: {warning}")
     path = sweep_dir(cfg, plan.name)
     t0 = time.perf_counter()
     records: dict[str, TrialRecord] = {}
@@ -305,7 +365,7 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
         if cfg.tracking.enabled:  # the store, experiment and the sweep's parent run, before any trial logs
 
             parent = ensure_sweep_run(cfg, experiment_name(cfg), plan.name, describe(plan, cfg))
-        prepare_shared(cfg, plan, log)
+        prepare_shared(cfg, plan, log, recipe)
         cpus = float(ray.cluster_resources().get("CPU", 1))
         per_trial = cfg.scaling.cpus_per_worker if cfg.scaling.num_workers == 1 else 0.1
         concurrent = cfg.sweep.max_concurrent or max(1, int(cpus // max(per_trial, 1e-9)))
@@ -336,7 +396,10 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
                                             trial_name_creator=lambda t: by_key[t.config["trial"]].name,
                                             trial_dirname_creator=lambda t: f'{by_key[t.config["trial"]].name[:64]}-{t.config["trial"][:8]}'),
+                # A failed trial runs again (its stages resume from their checkpoints); its
+                # MLflow run is written once, when it finishes.
                 run_config=tune.RunConfig(name=plan.name, storage_path=str(path.parent), callbacks=[callback],
+                                          failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                                           verbose=0))
         try:
             results = tuner.fit()
