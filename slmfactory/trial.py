@@ -30,7 +30,8 @@ from slmfactory.platform.config import RunConfig
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.registry import strategies
 from slmfactory.platform.stages import digest
-from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment, register_model
+from slmfactory.platform.tracking import (
+    MlflowTracker, client_for, corpus_datasets, ensure_experiment, log_datasets, log_hf_model, register_model)
 
 TRIAL_TAG = "slmfactory.trial"
 PARENT_TAG = "mlflow.parentRunId"
@@ -342,9 +343,32 @@ def run_name(record: TrialRecord) -> str:
             f"{_short_budget(t.get(R.SPEC_BUDGET, ''))}" + (f" {t[R.SETTINGS]}" if t.get(R.SETTINGS) else ""))
 
 
+MODEL_ARTIFACT = "model"
+"""The run's artifact holding the exported folder, an MLflow model (``runs:/<run>/model``):
+its files under ``model/`` as before (``model/test_seq_nll.npy``, ``from_mlflow``)."""
+
+
+def trial_datasets(record: TrialRecord) -> list[tuple[str, str]]:
+    """``(corpus part, context)`` of each split a trial read: its domain's train, valid and
+    test splits (``training``, ``validation``, ``test``), and the generic corpus's train and
+    valid splits when it trained on generic text (a generic phase spent tokens, or slm-is
+    pretrained on generic text resampled)."""
+    R, d = TrialRecord, record.domain
+    generic = (record.metrics.get(R.spent_tokens_metric("generic"), 0.0) > 0
+               or R.EPOCHS_RESAMPLED_PRETRAIN in record.metrics)
+    return ([("generic/train", "training"), ("generic/valid", "validation")] if generic else []) + \
+        [(f"domains/{d}/train", "training"), (f"domains/{d}/valid", "validation"), (f"domains/{d}/test", "test")]
+
+
 def log_trial(cfg, experiment: str, trial_key: str, record: TrialRecord, parent_run_id: str | None = None) -> str:
     """Log (or complete) the one run of ``trial_key``, nested under the sweep's run
-    ``parent_run_id`` when given; returns its run id."""
+    ``parent_run_id`` when given; returns its run id.
+
+    The run's inputs are the corpus splits the trial read (:func:`trial_datasets`: name,
+    the manifest's digest, the source packages, a ``training``/``validation``/``test``
+    context); its ``model`` artifact is the exported model folder as an MLflow model
+    (``log_hf_model``: a pyfunc that completes prompts, one copy of the weights), registered
+    as a version of ``<experiment>-<domain>``."""
     client = client_for(cfg.tracking_uri)
     existing = find_trial_run(client, ensure_experiment(client, cfg.tracking_uri, experiment), trial_key)
     if existing is not None and existing.info.status == "FINISHED" and TrialRecord.PPL_MACRO in existing.data.metrics:
@@ -360,10 +384,12 @@ def log_trial(cfg, experiment: str, trial_key: str, record: TrialRecord, parent_
     for name, points in record.curves.items():
         for step, value in points:
             tracker.log_metrics({name: value}, step=int(step))
+    datasets = corpus_datasets(cfg.corpus_dir, [part for part, _ in trial_datasets(record)])
+    log_datasets(tracker, [(datasets[part], context) for part, context in trial_datasets(record) if part in datasets])
     model = Path(record.model_path)
     if record.model_path and model.is_dir():
-        tracker.log_artifact(model, "model")
-        register_model(tracker, f"{experiment}-{record.domain}", "model")
+        log_hf_model(tracker, model, MODEL_ARTIFACT)  # the exported folder as an MLflow model, one copy
+        register_model(tracker, f"{experiment}-{record.domain}", MODEL_ARTIFACT)
     tracker.log_dict(record.to_dict(), "trial.json")
     tracker.close(end_time=record.ended_ms)
     return tracker.run_id

@@ -252,7 +252,8 @@ def open_tracker(cfg, run_name: str, tags: dict[str, str] | None = None) -> Trac
 
 
 def register_model(tracker, name: str, artifact_path: str) -> None:
-    """A new version of the domain's registered model, pointing at this run's model folder."""
+    """A new version of the domain's registered model, pointing at this run's model folder
+    (``runs:/<run>/<artifact_path>``; a trial's is an MLflow model: :func:`log_hf_model`)."""
     from mlflow.exceptions import MlflowException
 
     client = tracker.client
@@ -261,3 +262,121 @@ def register_model(tracker, name: str, artifact_path: str) -> None:
     except MlflowException:
         pass  # already registered
     client.create_model_version(name, f"runs:/{tracker.run_id}/{artifact_path}", run_id=tracker.run_id)
+
+
+# -- an exported model folder as an MLflow model -------------------------------------------
+
+#: What a logged model needs to run its code (``platform/mlflow_model.py``), pinned to the
+#: versions that logged it; the rest (safetensors, tokenizers, pandas) comes with them.
+MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers")
+
+
+def model_requirements() -> list[str]:
+    """``dist==version`` of :data:`MODEL_REQUIREMENTS` as installed here (a local version
+    label such as torch's ``+cpu`` dropped: an index serves it, PyPI does not)."""
+    from importlib.metadata import version
+
+    return [f"{d}=={version(d).split('+', 1)[0]}" for d in MODEL_REQUIREMENTS]
+
+
+def log_hf_model(tracker, folder: Path, artifact_path: str = "model") -> None:
+    """Log an exported model folder (``export_hf``: safetensors, config, tokenizer files,
+    ``slmfactory.json``) as the run's artifact ``artifact_path``, an MLflow ``pyfunc`` model
+    whose root is the folder itself: its files as they are, beside MLflow's own (``MLmodel``
+    with the signature, the environment files, the input example and ``mlflow_model.py``,
+    the code of :mod:`slmfactory.platform.mlflow_model`, whose artifact ``model`` is that
+    root). The weights are uploaded once, straight from the folder; ``runs:/<run>/model``
+    (and a registry version of it) is both the folder ``AutoModelForCausalLM`` loads and a
+    model ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` complete prompts with.
+    Nothing is loaded or run here (no weights read, no requirements inferred): logging costs
+    the upload and a few small files.
+
+    A run artifact rather than an MLflow 3 *logged model* (``models:/<model_id>``, its files
+    under the experiment's ``models/``): MLflow 3.17 reaches a logged model's files from
+    ``runs:/<run>/model`` and registers ``models:/<model_id>`` sources through the process's
+    global tracking URI, not the client's; every reader here holds a client for a given
+    store (``serve --from-mlflow``, the study's per-sequence NLL export, the registry's
+    download), and a second copy of the weights in the run would double the storage."""
+    import tempfile
+
+    import mlflow.pyfunc
+    from mlflow.models import Model
+    from mlflow.pyfunc.model import CONFIG_KEY_ARTIFACT_RELATIVE_PATH, CONFIG_KEY_ARTIFACT_URI, CONFIG_KEY_ARTIFACTS
+
+    from slmfactory.platform import mlflow_model
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="slmfactory-mlmodel-") as tmp:
+        local = Path(tmp) / "mlflow"
+        mlflow.pyfunc.save_model(local, python_model=mlflow_model.__file__,
+                                 mlflow_model=Model(artifact_path=artifact_path, run_id=tracker.run_id),
+                                 signature=mlflow_model.signature(), input_example=mlflow_model.input_example(),
+                                 pip_requirements=model_requirements())
+        # The pyfunc artifact is the model's root: the folder's files, uploaded beside.
+        meta = Model.load(local)
+        meta.flavors[mlflow.pyfunc.FLAVOR_NAME][CONFIG_KEY_ARTIFACTS] = {
+            mlflow_model.ARTIFACT: {CONFIG_KEY_ARTIFACT_RELATIVE_PATH: ".", CONFIG_KEY_ARTIFACT_URI: "."}}
+        meta.model_size_bytes = (meta.model_size_bytes or 0) + sum(f.stat().st_size for f in folder.rglob("*")
+                                                                   if f.is_file())
+        meta.save(local / "MLmodel")
+        clash = sorted(p.name for p in local.iterdir() if (folder / p.name).exists())
+        if clash:
+            raise ValueError(f"{folder}: holds {clash}, the names of an MLflow model's own files")
+        # The folder first, MLmodel last: a folder with an MLmodel is complete.
+        tracker.client.log_artifacts(tracker.run_id, str(folder), artifact_path)
+        tracker.client.log_artifacts(tracker.run_id, str(local), artifact_path)
+
+
+# -- the corpus splits a run read, as MLflow datasets ---------------------------------------
+
+CORPUS_MANIFEST = "manifest.json"
+"""The corpus manifest's file name under ``cfg.corpus_dir`` (``data.corpus.MANIFEST``; the
+platform reads the file, the data layer writes and owns it)."""
+SPLIT_COLUMNS = ("doc_id", "text", "source")
+"""Every split's parquet columns, all strings (``data/corpus.py``)."""
+MAX_SOURCE_PACKAGES = 1000
+DIGEST_CHARS = 36
+"""MLflow's limit on a dataset digest: the manifest's sha256 cut to it (whole in the profile)."""
+
+
+def corpus_datasets(corpus_dir: Path, parts: list[str]) -> dict[str, Any]:
+    """``{part: mlflow.entities.Dataset}`` of the corpus parts named (``generic/train``,
+    ``domains/legal/test``), from the corpus manifest: name ``generic/train`` or
+    ``legal/test``, digest the part's sha256, source the parquet file and the source
+    packages the manifest names for it; profile its documents, bytes, words and full sha256.
+    A part the manifest lacks (or a corpus without one) is left out."""
+    from mlflow.entities import Dataset
+    from mlflow.types import ColSpec, Schema
+
+    path = Path(corpus_dir) / CORPUS_MANIFEST
+    if not path.is_file():
+        return {}
+    manifest_parts = json.loads(path.read_text(encoding="utf-8")).get("parts", {})
+    schema = json.dumps({"mlflow_colspec": Schema([ColSpec("string", c) for c in SPLIT_COLUMNS]).to_dict()})
+    out = {}
+    for part in parts:
+        entry = manifest_parts.get(part)
+        if not entry or not entry.get("sha256"):
+            continue
+        packages = [s.get("source", s.get("package", "?")) for s in entry.get("sources", [])]
+        source = {"uri": (Path(corpus_dir).resolve() / f"{part}.parquet").as_uri(),
+                  # within MLflow's 64 kB for a source: a corpus of thousands of packages is cut
+                  "packages": packages[:MAX_SOURCE_PACKAGES],
+                  **({"more_packages": len(packages) - MAX_SOURCE_PACKAGES}
+                     if len(packages) > MAX_SOURCE_PACKAGES else {})}
+        profile = {k: entry[k] for k in ("docs", "bytes", "tokens_ws", "sha256") if k in entry}
+        out[part] = Dataset(name=part.removeprefix("domains/"), digest=entry["sha256"][:DIGEST_CHARS],
+                            source_type="local", source=json.dumps(source), schema=schema,
+                            profile=json.dumps(profile))
+    return out
+
+
+def log_datasets(tracker, datasets: list[tuple[Any, str]]) -> None:
+    """Log ``(mlflow.entities.Dataset, context)`` pairs as the run's dataset inputs, each
+    tagged with its context (``training``, ``validation``, ``test``)."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    if datasets:
+        tracker.client.log_inputs(tracker.run_id, [DatasetInput(d, [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+                                                   for d, context in datasets])
