@@ -343,3 +343,28 @@ def test_ui_serves_mlflow_on_loopback_only(work):
     finally:
         os.killpg(ui.pid, signal.SIGKILL)
         ui.wait(timeout=30)
+
+
+def test_the_one_private_tune_path_resume_uses_exists_and_fails_loudly_without_it(tmp_path):
+    """``sweep --resume`` gives the restored Tuner this process's callbacks through Ray's
+    ``Tuner._local_tuner.get_run_config()`` (no public API takes them): on the pinned Ray the
+    path exists and is the run config the sweep runs with; a Tuner without it is a clear error
+    naming the Ray version, not a resumed sweep that silently logs nothing."""
+    from ray import tune
+
+    from slmfactory.platform.errors import SlmFactoryError
+    from slmfactory.sweeps.run import replace_callbacks
+
+    class Marker(tune.Callback):
+        pass
+
+    tuner = tune.Tuner(lambda config: None, run_config=tune.RunConfig(storage_path=str(tmp_path), name="x"))
+    mine = Marker()
+    replace_callbacks(tuner, [mine])
+    assert tuner._local_tuner.get_run_config().callbacks == [mine]
+
+    class NotATuner:
+        pass
+
+    with pytest.raises(SlmFactoryError, match=r"Ray .*_local_tuner\.get_run_config"):
+        replace_callbacks(NotATuner(), [mine])

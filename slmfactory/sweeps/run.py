@@ -324,6 +324,26 @@ def rate_line(label: str, cost, cfg: RunConfig, recipe: str = "RECIPE") -> str |
     return line
 
 
+def replace_callbacks(tuner, callbacks: list) -> None:
+    """Give a restored Tuner this process's callbacks (its progress and records).
+
+    The restored run config holds pickled copies of the old process's callbacks, and Ray
+    2.60's ``Tuner.restore`` takes no run config or callbacks (only ``param_space``), so
+    there is no public way to replace them: this reaches the local tuner's run config, the
+    one private path in the sweep. ``tests/test_sweeps.py`` checks it exists on the pinned
+    Ray, and a Ray without it fails here with this message rather than resuming a sweep
+    whose finished trials would never be logged."""
+    local = getattr(tuner, "_local_tuner", None)
+    get_run_config = getattr(local, "get_run_config", None)
+    if get_run_config is None:
+        import ray
+
+        raise SlmFactoryError(f"sweep --resume: Ray {ray.__version__}'s Tuner has no _local_tuner.get_run_config() "
+                              "to give the restored sweep this process's callbacks; resume needs Ray 2.60's (see "
+                              "sweeps/run.py:replace_callbacks)")
+    get_run_config().callbacks = list(callbacks)
+
+
 def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, address: str | None = None,
               log: Callable[[str], None] | None = print, recipe: str = "RECIPE") -> SweepOutcome | None:
     """``recipe``: the recipe's path as the user gave it (the warnings' commands name it)."""
@@ -385,9 +405,7 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
         if resume:
             tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
                                        param_space=space)
-            # The restored run config holds a pickled copy of the old callback; this
-            # process's callback (its progress and records) replaces it.
-            tuner._local_tuner.get_run_config().callbacks = [callback]
+            replace_callbacks(tuner, [callback])
         else:
             tuner = tune.Tuner(
                 trainable, param_space=space,
