@@ -260,10 +260,79 @@ def test_auto_picks_the_served_domain_with_the_highest_share_of_the_nearest_clus
               "histograms": {"legal": [0.7, 0.1], "code": [0.2, 0.6], "religion": [0.1, 0.3]}}
     near_1 = np.asarray([[0.1, 0.99]], dtype=np.float32)
     assert pick_domain(router, {"legal", "code", "religion"}, near_1) == (
-        "code", {"routed_to": "code", "cluster": 1, "share": 0.6})
+        "code", {"routed_to": "code", "by": "cluster", "cluster": 1, "share": 0.6})
     assert pick_domain(router, {"legal", "religion"}, near_1)[0] == "religion"  # among the served only
     tied = {"centroids": [[1.0, 0.0]], "histograms": {"b": [0.5], "a": [0.5]}}
     assert pick_domain(tied, {"a", "b"}, np.asarray([[1.0, 0.0]], dtype=np.float32))[0] == "a"
+
+
+def test_auto_scores_at_most_route_tokens_of_a_prompt_after_a_document_boundary():
+    eos = 0
+    assert engine.route_pieces([5, 6, 7], 4, eos) == [[0, 5, 6, 7]]
+    assert engine.route_pieces([5, 6, 7, 8], 4, eos) == [[0, 5, 6, 7, 8]]  # k tokens: all of it
+    ids = list(range(10, 30))
+    for k in (2, 3, 4, 7, 8, 19):
+        head, tail = engine.route_pieces(ids, k, eos)
+        assert head == [eos, *ids[:k - k // 2]] and tail == ids[-(k // 2 + 1):]
+        assert (len(head) - 1) + (len(tail) - 1) == k  # each piece's first token is context only
+        assert len(set(head[1:]) & set(tail)) == 0
+
+
+def test_an_auto_score_is_the_mean_nll_of_a_direct_forward_after_eos(loaded):
+    eos = loaded.tokenizer.eos_token_id
+    ids = ids_of(loaded, TEXT)
+    short = ids[:12]
+    got = engine.route_nlls({"a": loaded}, loaded.tokenizer.decode(short), 32)["a"]
+    want = direct_logprobs(loaded, [eos, *short])
+    assert got["tokens"] == len(short) and got["nll"] == pytest.approx(-float(want.mean()), rel=1e-5)
+    assert got["bytes"] == sum(len(loaded.token_bytes[t]) for t in short)
+    k = 16  # a long prompt: its first 8 tokens after eos and its last 8 after their one token of context
+    pieces = engine.route_pieces(ids, k, eos)
+    entry = engine.route_entry(loaded, pieces, score_ids(loaded, pieces))
+    direct = torch.cat([direct_logprobs(loaded, p) for p in pieces])
+    assert entry["tokens"] == k == len(direct) and entry["nll"] == pytest.approx(-float(direct.mean()), rel=1e-5)
+
+
+def test_a_long_text_is_tokenised_at_its_two_ends_only(loaded, monkeypatch):
+    text = " ".join([TEXT] * 60)
+    k = 16
+    assert len(text) > 2 * (k + 2) * loaded.max_token_bytes  # long enough to be cut
+    seen: list[int] = []
+    encode = engine.Loaded.encode
+    monkeypatch.setattr(engine.Loaded, "encode",
+                        lambda self, texts: seen.extend(map(len, texts)) or encode(self, texts))
+    got = engine.route_ids(loaded, text, k)
+    assert max(seen) <= (k + 2) * loaded.max_token_bytes
+    assert got == engine.route_pieces(ids_of(loaded, text), k, loaded.tokenizer.eos_token_id)
+
+
+def _entry(nll: float, ids=((0, 1),), tokens: int = 10, nbytes: int = 40) -> dict:
+    return {"nll": nll, "sum": nll * tokens, "tokens": tokens, "bytes": nbytes, "ids": (ids, 64)}
+
+
+def test_auto_picks_the_lowest_mean_nll_and_never_a_broken_model():
+    domain, info = engine.pick_by_nll({"legal": _entry(3.0), "code": _entry(2.5), "bio": _entry(4.0)})
+    assert domain == "code" and info["routed_to"] == "code" and info["by"] == "nll" and info["unit"] == "token"
+    assert info["nll"] == {"bio": 4.0, "code": 2.5, "legal": 3.0} and info["scored_tokens"] == 10
+    assert engine.pick_by_nll({"b": _entry(2.0), "a": _entry(2.0)})[0] == "a"  # ties: the first name
+    nan = engine.pick_by_nll({"poisoned": _entry(float("nan")), "legal": _entry(9.0)})
+    assert nan[0] == "legal" and nan[1]["nll"]["poisoned"] is None
+    # Tokenizers that cut the prompt differently: per byte of the text scored, not per token.
+    coarse, fine = _entry(4.0, ids=((0, 1),), tokens=10, nbytes=40), _entry(1.5, ids=((0, 2),), tokens=40, nbytes=40)
+    assert engine.pick_by_nll({"coarse": coarse, "fine": fine}) == (  # 40 / 40 bytes < 60 / 40
+        "coarse", {"routed_to": "coarse", "by": "nll", "unit": "byte", "scored_tokens": 10,
+                   "nll": {"coarse": 4.0, "fine": 1.5}})
+
+
+def test_the_auto_route_settings_are_validated():
+    from slmfactory.platform.errors import ConfigError
+
+    assert (ServingConfig().auto_route, ServingConfig().route_tokens) == ("nll", 128)
+    assert load_config(TINY, {"serving.auto_route": "cluster", "serving.route_tokens": 32}).serving.route_tokens == 32
+    with pytest.raises(ConfigError, match="serving.auto_route"):
+        ServingConfig(auto_route="embedding")
+    with pytest.raises(ConfigError, match="serving.route_tokens"):
+        ServingConfig(route_tokens=1)
 
 
 def test_the_request_limits_are_the_serving_configs():

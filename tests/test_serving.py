@@ -168,6 +168,56 @@ def test_auto_routes_test_prompts_to_their_own_domain(served):
     assert hits / total >= 0.8, (hits, total)
 
 
+def test_auto_routes_each_prompt_to_the_domain_whose_own_model_scores_it_best(served):
+    """Decided by what the test controls, not by how good the tiny models are: for every
+    prompt (each served domain's held-out test documents, and generic text no domain was
+    built for), the domain the app answers with is the argmin of the mean NLLs per token
+    that ``engine.route_nlls`` computes in this process with the same model folders, and
+    the answer reports the choice and every candidate's NLL. The broken `vintage` folder is
+    no candidate; long texts are routed by their two ends (``engine.route_ids``)."""
+    from slmfactory.data.corpus import iter_texts
+    from slmfactory.serving import engine
+
+    cfg, url, folders = served
+    models = {d: engine.load(str(f)) for d, f in folders.items()}
+    k = cfg.serving.route_tokens
+    # Pieces of 600 characters of the held-out documents (the tiny corpus holds one or two per
+    # domain) and of generic text, and one long generic text (over 2 (k + 2) x the longest
+    # token's bytes: tokenised at its two ends only).
+    parts = [(d, "test") for d in DOMAINS] + [("generic", "valid")]
+    texts = [t[i:i + 600] for part, split in parts for t in iter_texts(cfg.corpus_dir, part, split)
+             for i in range(0, len(t) - 200, 600)]
+    texts.append("\n\n".join(iter_texts(cfg.corpus_dir, "generic", "train"))[:3 * (k + 2) * 16])
+    assert len(texts[-1]) > 2 * (k + 2) * models["legal"].max_token_bytes and len(texts) >= 10
+    picked = set()
+    for text in texts:
+        want = engine.route_nlls(models, text, k)
+        best = min(want, key=lambda d: want[d]["nll"])
+        r = http("POST", f"{url}/v1/score", json_body={"model": "auto", "input": text})
+        assert r.status_code == 200, r.text[:300]
+        body = r.json()
+        info = body["slmfactory"]
+        assert body["model"] == info["routed_to"] and info["by"] == "nll" and info["unit"] == "token"
+        assert set(info["nll"]) == set(DOMAINS)  # vintage does not load: no candidate
+        for d in DOMAINS:  # the replica's numbers are this process's (float32 summation order aside)
+            assert info["nll"][d] == pytest.approx(want[d]["nll"], rel=1e-4, abs=1e-5)
+        assert info["scored_tokens"] == want[body["model"]]["tokens"] <= k
+        # The argmin, up to summation order where two domains tie within it.
+        assert want[body["model"]]["nll"] <= want[best]["nll"] + 1e-4, (text[:80], info, best)
+        picked.add(body["model"])
+    assert picked == set(DOMAINS)  # both candidates won somewhere: not a constant answer
+    # A completion and a chat completion report the routing the same way.
+    tok = tokenizer_of(cfg)
+    prompt = tok.decode(tok(texts[0], add_special_tokens=False)["input_ids"][:40])
+    want = engine.route_nlls(models, prompt, k)
+    best = min(want, key=lambda d: want[d]["nll"])
+    c = client(url)
+    r = c.completions.create(model="auto", prompt=prompt, max_tokens=1, temperature=0)
+    assert r.model == r.model_extra["slmfactory"]["routed_to"] == best
+    chat = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=1)
+    assert chat.model == chat.model_extra["slmfactory"]["routed_to"] == best  # routed by the messages' text
+
+
 def test_bad_requests_get_4xx_with_an_error_body_and_the_server_keeps_serving(served):
     _, url, _ = served
     ok = {"model": "legal", "prompt": "The licence", "max_tokens": 2}

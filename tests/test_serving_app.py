@@ -79,3 +79,34 @@ def test_the_chat_template_is_a_validated_recipe_setting_handed_to_the_replica(t
         app = build_app({"config": str(TINY), "set": [f"workdir={tmp_path / 'work'}", *sets],
                          "models": str(tmp_path / "models")})
         assert app._bound_deployment.init_kwargs["chat_template"] == want
+
+
+def test_auto_routes_by_the_models_scores_within_the_replicas_model_cache(tmp_path, monkeypatch):
+    """``serving.auto_route`` and ``serving.route_tokens`` reach the replica; routing by the
+    models' scores needs every start-up domain's model in each replica's cache (one auto
+    request scores with all of them), so a recipe whose cache is smaller is refused naming
+    the setting, unless it routes by the clustering."""
+    import json
+
+    import pytest
+
+    from slmfactory.platform.errors import ConfigError
+    from slmfactory.serving.app import build_app
+
+    for d in ("legal", "code", "biomedical"):
+        (tmp_path / "models" / d).mkdir(parents=True)
+        (tmp_path / "models" / d / "slmfactory.json").write_text(json.dumps(
+            {"domain": d, "strategy": "slm", "params": 1, "test_ppl": 1.0}))
+    for key in serve_env(_serving(4096)):  # build_app sets them in this process: restored after the test
+        monkeypatch.delenv(key, raising=False)
+
+    def build(*sets):
+        return build_app({"config": str(TINY), "set": [f"workdir={tmp_path / 'work'}", *sets],
+                          "models": str(tmp_path / "models")})._bound_deployment
+
+    kwargs = build("serving.route_tokens=64").init_kwargs
+    assert (kwargs["auto_route"], kwargs["route_tokens"]) == ("nll", 64)
+    with pytest.raises(ConfigError, match=r"serving.max_models_per_replica >= 3"):
+        build("serving.max_models_per_replica=2")
+    clustered = build("serving.max_models_per_replica=2", "serving.auto_route=cluster")
+    assert clustered.init_kwargs["auto_route"] == "cluster"

@@ -474,6 +474,10 @@ def _check_chat_template(template: str) -> None:
     _check(bool(text.strip()), key, "a template that renders a conversation to a non-empty prompt", template)
 
 
+AUTO_ROUTES = ("nll", "cluster")
+"""``serving.auto_route``'s values."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServingConfig:
     """``slmfactory serve``: the Ray Serve deployment of the per-domain models. Its request
@@ -533,9 +537,22 @@ class ServingConfig:
     """How ``/v1/chat/completions`` turns messages into the base model's prompt: a Jinja
     template, rendered by the tokenizer's ``apply_chat_template`` (``messages``,
     ``add_generation_prompt``); default: ``role: content`` lines, then ``assistant:``."""
+    auto_route: str = "nll"
+    """How ``model: "auto"`` picks the served domain: ``nll``, the one whose own model gives
+    the prompt the lowest mean NLL per token (every start-up domain's model scores at most
+    ``route_tokens`` tokens of it, in the replica that took the request); ``cluster``, the
+    one whose in-domain histogram gives the prompt's nearest generic cluster the highest
+    share (needs the run's clustering; less accurate: docs/serving.md#model-auto)."""
+    route_tokens: int = 128
+    """Tokens of a prompt ``auto_route: nll`` scores with each model: all of a shorter prompt,
+    else its first and last halves (``engine.route_pieces``). What bounds the latency
+    ``auto`` adds: one forward of at most this many tokens per start-up domain."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "serving.port", "1..65535", self.port)
+        _check(self.auto_route in AUTO_ROUTES, "serving.auto_route", f"one of {list(AUTO_ROUTES)}", self.auto_route)
+        _check(self.route_tokens >= 2, "serving.route_tokens", ">= 2 (a forward scores all but its first token)",
+               self.route_tokens)
         for name in ("rate_limit_rpm", "rate_limit_tpm", "batch_wait_s"):
             _check(getattr(self, name) >= 0, f"serving.{name}", ">= 0", getattr(self, name))
         for name in ("request_timeout_s", "max_domain_disk_mb"):

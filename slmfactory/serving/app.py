@@ -19,9 +19,12 @@ deployment, OpenAI-compatible.
   ``Retry-After``), a body read with its size bound enforced while reading (413), one
   pydantic schema per route (400 naming the field), and a deadline
   (``serving.request_timeout_s``: 408).
-- ``model: "auto"``: the prompt is embedded with the clustering's MiniLM, assigned to the
-  nearest generic centroid, and answered by the served domain whose in-domain histogram
-  gives that cluster the highest share; the response names the domain.
+- ``model: "auto"``: the prompt is answered by the start-up domain whose own model gives it
+  the lowest mean NLL per token (each model scores at most ``serving.route_tokens`` of its
+  tokens, in the replica that took the request: every replica holds every start-up
+  domain's model); ``serving.auto_route: cluster`` routes by the clustering instead (the
+  nearest generic centroid, the domain whose in-domain histogram gives it the highest
+  share). The response's ``model`` and ``slmfactory.routed_to`` name the domain.
 - A model folder that fails to load answers 503 naming its domain; the others keep serving.
 
 This module is the Serve layer only: the deployment ``DomainModels`` (the ingress: the
@@ -116,7 +119,7 @@ class DomainModels(DomainServer):
                      "strategy": e["strategy"], "params": e["params"], "test_ppl": e["test_ppl"],
                      **(compared_view(e) if "compared" in e else {})}
                     for d, e in entries.items() if e is not None]
-            if self.router:
+            if self.auto_served:
                 data.append({"id": AUTO, "object": "model", "created": 0, "owned_by": "slmfactory"})
             return "-", {"object": "list", "data": data}
 
@@ -137,7 +140,7 @@ class DomainModels(DomainServer):
     async def _served_for_comparison(self, text: str) -> tuple[dict, str | None]:
         """The start-up domains' models a new domain is compared with (through the
         multiplexed cache; one that fails to load is left out), and the one ``model:
-        auto`` routes ``text`` to (None without the clustering)."""
+        auto`` routes ``text`` to (None when ``auto`` is not served)."""
         served = {}
         for d in list(self.catalog)[:self.max_models]:
             try:
@@ -145,10 +148,10 @@ class DomainModels(DomainServer):
             except Exception:  # noqa: BLE001  (a broken folder: not compared; its requests answer 503)
                 continue
         auto_pick = None
-        if self.router is not None:
+        if self.auto_served:
             try:
                 auto_pick, _ = await self.route(text)
-            except Exception:  # noqa: BLE001  (no MiniLM here: compared all the same, unlabelled)
+            except Exception:  # noqa: BLE001  (no MiniLM here, no model loads: compared all the same, unlabelled)
                 auto_pick = None
         return served, auto_pick
 
@@ -169,7 +172,7 @@ class DomainModels(DomainServer):
     @api.post("/v1/score")
     async def score(self, request: Request):
         async def handle(req: ScoreRequest, caller, deadline):
-            domain, loaded, extra = await self.model_for(req.model, req.inputs[0], "input")
+            domain, loaded, extra = await self.model_for(req.model, req.inputs[0], "input", deadline)
             mark("model")
             ids = self._token_ids(loaded, req.inputs, "input")
             for i, x in enumerate(ids):
@@ -219,7 +222,13 @@ def build_app(args: dict):
         entries = cat.from_mlflow(cfg.tracking_uri, experiment, cap)
     catalog = {d: {"path": e.path, "strategy": e.strategy, "params": e.params, "test_ppl": e.test_ppl}
                for d, e in entries.items()}
-    router = cat.router_data(cfg, list(catalog))
+    if s.auto_route == "nll" and len(catalog) > s.max_models_per_replica:
+        # auto scores a prompt with every start-up domain's model, each replica with its own:
+        # more models than its cache holds would reload models on every auto request.
+        raise ConfigError(f"serving.auto_route 'nll' scores each auto prompt with every served domain's model: "
+                          f"{len(catalog)} domains need serving.max_models_per_replica >= {len(catalog)} (it is "
+                          f"{s.max_models_per_replica}), or serving.auto_route 'cluster'")
+    router = cat.router_data(cfg, list(catalog)) if s.auto_route == "cluster" else None
     api_keys, admin_keys = load_keys(cfg)
     security = {"api": api_keys, "admin": admin_keys, "rpm": s.rate_limit_rpm, "tpm": s.rate_limit_tpm,
                 "timeout_s": s.request_timeout_s, "max_pending": s.max_pending_builds}
@@ -235,4 +244,4 @@ def build_app(args: dict):
         health_check_period_s=10, health_check_timeout_s=3 * HEALTH_TIMEOUT_S)
     return deployment.bind(catalog, router, Limits.from_config(s), s.preload, {"config": cfg.to_tree()}, security,
                            s.max_models_per_replica, s.batch_wait_s, s.adaptive_batch_wait,
-                           chat_template=s.chat_template)
+                           chat_template=s.chat_template, auto_route=s.auto_route, route_tokens=s.route_tokens)

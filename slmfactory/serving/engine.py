@@ -77,6 +77,11 @@ class Loaded:
                 return [bytes(byte_of[c] for c in p) for p in pieces]
         return [t.encode("utf-8") for t in self.token_texts]
 
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token spells (bounds how much text ``k`` tokens can span)."""
+        return max(1, max(len(b) for b in self.token_bytes))
+
     def texts_of(self, ids: list[int]) -> list[str]:
         table = self.token_texts
         return [table[i] for i in ids]
@@ -139,13 +144,96 @@ def route_embedding(router: dict, texts: list[str], minilm=None) -> np.ndarray:
 
 
 def pick_domain(router: dict, served: Collection[str], embedding: np.ndarray) -> tuple[str, dict]:
-    """``model: "auto"``: the served domain whose in-domain histogram gives the cluster
-    nearest to ``embedding`` (one row) the highest share; ``router`` is
-    ``catalog.router_data``'s. Returns the domain and what the response tells about it."""
+    """``model: "auto"`` by the clustering (``serving.auto_route: cluster``): the served
+    domain whose in-domain histogram gives the cluster nearest to ``embedding`` (one row)
+    the highest share; ``router`` is ``catalog.router_data``'s. Returns the domain and what
+    the response tells about it."""
     c = int(nearest_centroid(embedding, np.asarray(router["centroids"], dtype=np.float32))[0])
     shares = {d: h[c] for d, h in router["histograms"].items() if d in served}
     domain = max(sorted(shares), key=lambda d: shares[d])
-    return domain, {"routed_to": domain, "cluster": c, "share": shares[domain]}
+    return domain, {"routed_to": domain, "by": "cluster", "cluster": c, "share": shares[domain]}
+
+
+# -- routing by the served models' own scores (serving.auto_route: nll) ------------------------
+
+def route_pieces(ids: list[int], k: int, eos: int) -> list[list[int]]:
+    """What ``model: "auto"`` scores of a prompt's token ``ids``: at most ``k`` tokens
+    (``serving.route_tokens``). The prompt is scored after an ``eos``, the boundary every
+    training document follows (its first token is predicted too): the whole prompt when it
+    has at most ``k`` tokens, else its first ``k - k // 2`` tokens and, as a second piece,
+    its last ``k // 2`` (the piece holds one more token before them, as their context). The
+    head says what the text is about, the tail what the model is to continue."""
+    if len(ids) <= k:
+        return [[eos, *ids]]
+    return [[eos, *ids[:k - k // 2]], list(ids[-(k // 2 + 1):])]
+
+
+def route_entry(loaded: Loaded, pieces: list[list[int]], logprobs: list[list[float]]) -> dict:
+    """One candidate's score of a prompt, from ``score_ids(loaded, pieces)``: ``nll`` (mean
+    per scored token), ``tokens`` (scored), ``bytes`` (their UTF-8 bytes) and ``ids``
+    (what was scored, with the context that windows it: candidates compare per token only
+    when they scored the same tokens)."""
+    lps = [v for lp in logprobs for v in lp]
+    n = len(lps)
+    scored = [t for p, lp in zip(pieces, logprobs) for t, v in zip(p, with_firsts(p, lp, loaded.context))
+              if v is not None]
+    table = loaded.token_bytes
+    total = -math.fsum(lps)
+    return {"nll": total / n if n else math.inf, "sum": total, "tokens": n,
+            "bytes": sum(len(table[t]) if t < len(table) else 1 for t in scored),
+            "ids": (tuple(map(tuple, pieces)), loaded.context)}
+
+
+def pick_by_nll(entries: dict[str, dict]) -> tuple[str, dict]:
+    """``model: "auto"``: the candidate whose own model gives the prompt the lowest mean NLL
+    per token (``route_entry``'s); when the candidates' tokenizers cut the prompt
+    differently (per-token NLLs are not comparable then), the lowest NLL per byte of the
+    text scored. A non-finite score (a broken model) never wins unless every one is; ties
+    go to the first name. Returns the domain and what the response tells about it."""
+    if not entries:
+        raise ValueError("pick_by_nll: no candidate")
+    same = len({e["ids"] for e in entries.values()}) == 1
+    unit = "token" if same else "byte"
+
+    def key(d: str) -> tuple[float, str]:
+        e = entries[d]
+        v = e["nll"] if same else (e["sum"] / e["bytes"] if e["bytes"] else math.inf)
+        return (v if math.isfinite(v) else math.inf), d
+
+    domain = min(entries, key=key)
+    nlls = {d: (round(e["nll"], 6) if math.isfinite(e["nll"]) else None) for d, e in sorted(entries.items())}
+    return domain, {"routed_to": domain, "by": "nll", "unit": unit, "scored_tokens": entries[domain]["tokens"],
+                    "nll": nlls}
+
+
+def route_ids(loaded: Loaded, text: str, k: int) -> list[list[int]]:
+    """``route_pieces`` of ``text`` under ``loaded``'s tokenizer, tokenising no more of a long
+    text than its two ends: ``k + 2`` tokens span at most ``k + 2`` times the longest
+    token's bytes, so a text longer than twice that holds more than ``k`` tokens, and its
+    head and tail pieces are cut from the tokens of its first and last such span (a 1 MB
+    body is never tokenised whole once per served domain just to be routed)."""
+    eos = route_eos(loaded)
+    reach = (k + 2) * loaded.max_token_bytes
+    if len(text) <= 2 * reach:
+        return route_pieces(loaded.encode([text])[0], k, eos)
+    head, tail = loaded.encode([text[:reach], text[-reach:]])
+    return [[eos, *head[:k - k // 2]], list(tail[-(k // 2 + 1):])]
+
+
+def route_nlls(models: dict[str, Loaded], text: str, k: int, deadline: float = math.inf) -> dict[str, dict]:
+    """Every candidate's ``route_entry`` of ``text``, in this thread (what a replica computes
+    through its scoring batches; the bench and tests call it directly)."""
+    out = {}
+    for d, loaded in models.items():
+        pieces = route_ids(loaded, text, k)
+        out[d] = route_entry(loaded, pieces, score_ids(loaded, pieces, deadline))
+    return out
+
+
+def route_eos(loaded: Loaded) -> int:
+    """The document boundary a prompt is scored after (the tokenizer's eos; pad or 0 if none)."""
+    tok = loaded.tokenizer
+    return int(next(t for t in (tok.eos_token_id, tok.pad_token_id, 0) if t is not None))
 
 
 # -- scoring ------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import math
 import threading
 import time
 import uuid
@@ -41,11 +42,15 @@ from slmfactory.serving.api import (IGNORED_FIELDS_HEADER, ApiError, ChatRequest
 from slmfactory.serving.auth import Auth, RateLimiter
 from slmfactory.serving.domains import RuntimeDomains
 from slmfactory.serving.engine import (Deadline, Loaded, Sampling, TextStream, chat_prompt, check_stop, generate,
-                                       load, load_minilm, one_token_forward, pick_domain, route_embedding, score_ids,
-                                       streamer, token_logprobs, uses_minilm)
+                                       load, load_minilm, one_token_forward, pick_by_nll, pick_domain,
+                                       route_embedding, route_entry, route_ids, score_ids, streamer, token_logprobs,
+                                       uses_minilm)
 
 AUTO = "auto"
 HEALTH_TIMEOUT_S = 10.0
+AUTO_RETRY_S = 30.0
+"""A start-up domain whose model failed to load is no ``auto`` candidate for this long
+before ``auto`` tries to load it again (each try would delay every ``auto`` request)."""
 
 
 def import_everything() -> None:
@@ -173,7 +178,7 @@ class DomainServer:
     async def __init__(self, catalog: dict[str, dict], router: dict | None, limits: Limits, preload: bool,
                        instant: dict | None = None, security: dict | None = None, max_models: int = 8,
                        batch_wait_s: float = 0.005, adaptive_batch_wait: bool = True,
-                       chat_template: str = DEFAULT_CHAT_TEMPLATE):
+                       chat_template: str = DEFAULT_CHAT_TEMPLATE, auto_route: str = "nll", route_tokens: int = 128):
         # Before anything runs in a second thread (see import_everything).
         import_everything()
         import torch  # lazy: imported by import_everything just above
@@ -181,6 +186,8 @@ class DomainServer:
         torch.set_num_threads(1)
         self.catalog, self.router, self.limits, self.max_models = catalog, router, limits, max_models
         self.chat_template = chat_template
+        self.auto_route, self.route_tokens = auto_route, route_tokens
+        self.auto_failed: dict[str, float] = {}  # domain -> when its model last failed to load for auto
         sec = security or {}
         self.auth = Auth(sec.get("api", []), sec.get("admin", []))
         self.rates = RateLimiter(sec.get("rpm", 0.0), sec.get("tpm", 0.0))
@@ -243,14 +250,22 @@ class DomainServer:
     def served_names(self) -> list[str]:
         return sorted(set(self.catalog) | set(self.domains.names()))
 
-    async def model_for(self, name: str, text: str | list[int], field: str) -> tuple[str, Loaded, dict]:
+    @property
+    def auto_served(self) -> bool:
+        """Whether ``model: "auto"`` is answered: by the models' scores, whenever start-up
+        domains are served; by the clustering, when the run's clustering exists."""
+        return bool(self.catalog) if self.auto_route == "nll" else self.router is not None
+
+    async def model_for(self, name: str, text: str | list[int], field: str, deadline: float = math.inf
+                        ) -> tuple[str, Loaded, dict]:
         """The served domain ``name`` (``auto``: the one ``text`` routes to) and its model."""
         extra: dict = {}
         if name == AUTO:
             if not isinstance(text, str):
                 raise ApiError(400, f"model 'auto' routes by the text: send '{field}' as text, not token ids",
                                param=field, code="invalid_value")
-            name, extra = await self.route(text)
+            name, extra = await self.route(text, deadline)
+            mark("route")
         model_id = name
         if name not in self.catalog:
             # File I/O off the event loop: a slow or stuck shared filesystem delays this
@@ -258,7 +273,7 @@ class DomainServer:
             entry = await asyncio.to_thread(self.domains.entry, name)
             if entry is None:
                 raise ApiError(404, f"model '{name}' does not exist; domains served: "
-                               f"{', '.join(self.served_names())}" + (" and auto" if self.router else ""),
+                               f"{', '.join(self.served_names())}" + (" and auto" if self.auto_served else ""),
                                param="model", code="model_not_found")
             model_id = f"{name}@v{entry['version']}"
         self.m["cache"].labels(name, "hit" if model_id in self.loaded_ids else "miss").inc()
@@ -275,29 +290,79 @@ class DomainServer:
         self.failed.pop(name, None)
         return name, loaded, extra
 
-    async def route(self, text: str) -> tuple[str, dict]:
+    async def route(self, text: str, deadline: float = math.inf) -> tuple[str, dict]:
+        """``model: "auto"``: the start-up domain ``text`` is routed to (``serving.auto_route``),
+        and what the response tells about the choice (``slmfactory``)."""
+        if self.auto_route == "nll":
+            return await self._route_by_nll(text, deadline)
         if self.router is None:
-            raise ApiError(404, "model 'auto' needs the run's clustering (run `slmfactory cluster`)",
+            raise ApiError(404, "model 'auto' with serving.auto_route 'cluster' needs the run's clustering (run "
+                           "`slmfactory cluster`, or route by the models' scores: serving.auto_route 'nll')",
                            param="model", code="model_not_found")
         if uses_minilm(self.router) and self.minilm is None:  # the one a domain build loaded, else its own
             self.minilm = self.domains.minilm or await asyncio.to_thread(load_minilm)
         emb = await asyncio.to_thread(route_embedding, self.router, [text], self.minilm)
         return pick_domain(self.router, self.catalog, emb)
 
+    async def _route_by_nll(self, text: str, deadline: float) -> tuple[str, dict]:
+        """The start-up domain whose own model gives ``text`` the lowest mean NLL per token
+        (``engine.pick_by_nll``), each model scoring at most ``serving.route_tokens`` tokens
+        of it (``engine.route_ids``). The models are this replica's (the multiplexed cache:
+        every replica holds every start-up domain's model, ``build_app`` checks they fit);
+        their forwards go through the replica's scoring batches, so the routing of
+        concurrent requests is batched per domain like ``/v1/score``. A model that fails to
+        load is left out (its own requests answer 503), and not tried again for
+        ``AUTO_RETRY_S``."""
+        if not self.catalog:
+            raise ApiError(404, "model 'auto' routes among the start-up domains: none is served", param="model",
+                           code="model_not_found")
+        models: dict[str, Loaded] = {}
+        for d in self.catalog:
+            if time.monotonic() - self.auto_failed.get(d, -math.inf) < AUTO_RETRY_S:
+                continue
+            try:
+                models[d] = await self.get_model(d)
+            except Exception as e:  # noqa: BLE001  (not a candidate; its own requests answer 503)
+                self.failed[d] = f"{type(e).__name__}: {str(e)[:200]}"
+                self.auto_failed[d] = time.monotonic()
+            else:
+                self.auto_failed.pop(d, None)
+        if not models:
+            raise ApiError(503, "model 'auto': no served domain's model loads", param="model",
+                           code="model_unavailable", type_="service_unavailable")
+        pieces = await asyncio.to_thread(lambda: {d: route_ids(m, text, self.route_tokens) for d, m in models.items()})
+        items = [(d, models[d], p, deadline, None) for d in models for p in pieces[d]]
+        scored = iter(await self._batched("score", items, failures=True))
+        entries = {}
+        for d in models:
+            got = [next(scored) for _ in pieces[d]]
+            bad = next((g.error for g in got if isinstance(g, Failed)), None)
+            if isinstance(bad, Deadline):
+                raise bad
+            if bad is None:  # a model whose forward raises is no candidate
+                entries[d] = route_entry(models[d], pieces[d], got)
+        if not entries:
+            raise ApiError(503, "model 'auto': no served domain's model could score the prompt", param="model",
+                           code="model_unavailable", type_="service_unavailable")
+        return pick_by_nll(entries)
+
     # -- batched work ---------------------------------------------------------------------
-    async def _batched(self, kind: str, items: list[tuple]) -> list:
+    async def _batched(self, kind: str, items: list[tuple], failures: bool = False) -> list:
         """The results of ``items`` (one request's), each through Serve's batch queue of
         ``kind`` when another request of that kind is queued or running in this replica;
         else all at once, without the queue: with nothing else in the replica a batch could
-        only fill by waiting ``serving.batch_wait_s`` for requests that are not coming."""
+        only fill by waiting ``serving.batch_wait_s`` for requests that are not coming.
+        An item that failed raises its error, or with ``failures`` is handed back as its
+        ``Failed``."""
+        done = (lambda r: r) if failures else unwrap
         direct, queued = ((self._score_batch, self.score_batch) if kind == "score"
                           else (self._generate_batch, self.generate_batch))
         alone = self.adaptive and self.active[kind] == 0
         self.active[kind] += len(items)
         try:
             if alone:
-                return [unwrap(r) for r in await direct(items)]
-            return [unwrap(r) for r in await asyncio.gather(*(queued(item) for item in items))]
+                return [done(r) for r in await direct(items)]
+            return [done(r) for r in await asyncio.gather(*(queued(item) for item in items))]
         finally:
             self.active[kind] -= len(items)
 
@@ -478,7 +543,7 @@ class DomainServer:
     # -- completions and chat completions ---------------------------------------------------
     async def complete(self, c: CompletionRequest, caller, deadline: float):
         """``POST /v1/completions``: (domain, the answer or its stream)."""
-        domain, loaded, extra = await self.model_for(c.model, c.prompts[0], "prompt")
+        domain, loaded, extra = await self.model_for(c.model, c.prompts[0], "prompt", deadline)
         mark("model")
         ids = self._token_ids(loaded, c.prompts, "prompt")
         for i, x in enumerate(ids):
@@ -491,7 +556,7 @@ class DomainServer:
     async def chat(self, c: ChatRequest, caller, deadline: float):
         """``POST /v1/chat/completions``: the messages rendered with ``serving.chat_template``
         into one prompt, completed as ``complete`` does."""
-        domain, loaded, extra = await self.model_for(c.model, c.text, "messages")
+        domain, loaded, extra = await self.model_for(c.model, c.text, "messages", deadline)
         mark("model")
         try:
             prompt = chat_prompt(loaded, c.messages, self.chat_template)
