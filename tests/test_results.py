@@ -106,6 +106,31 @@ def test_second_study_page_regenerates_byte_for_byte(tmp_path):
     assert out == V2_PAGE.relative_to(REPO) and page == V2_PAGE.read_text()
 
 
+def test_current_page_and_its_log_regenerate_byte_for_byte(tmp_path):
+    """docs/results.md (study v3) and its study log, from the CSV and per-sequence NLLs its header
+    names (committed with the page): the header's command rebuilds both byte for byte."""
+    argv = header_command(CURRENT_PAGE.read_text())
+    csv_path = REPO / argv[argv.index("--from-csv") + 1]
+    assert csv_path.is_file() and results.seq_nll_path(csv_path).is_file()
+    page, out = rebuild(CURRENT_PAGE, tmp_path)
+    assert out == CURRENT_PAGE.relative_to(REPO) and page == CURRENT_PAGE.read_text()
+    assert (tmp_path / CURRENT_LOG.name).read_text() == CURRENT_LOG.read_text()
+
+
+def test_current_page_reads_in_five_minutes():
+    """Under 300 lines, every verdict cell under 200 characters, budgets as 20M / 16k (never
+    2e+07T), and the rules' commit named."""
+    from study.page_v3 import rules_fixed
+
+    text = CURRENT_PAGE.read_text()
+    assert len(text.splitlines()) < 300
+    table = [line for line in text.splitlines() if line.startswith("| ") and "claim" not in line[:8]]
+    cells = [c.strip() for line in table for c in line.strip("|").split("|")[1:]]
+    assert cells and max(len(c) for c in cells) < 200
+    assert not re.search(r"\d(\.\d+)?e\+\d\dT", text)
+    assert rules_fixed()["commit"][:10] in text
+
+
 # -- (b) numbers on the page equal the CSV's (and MLflow's) -------------------------------
 
 def _appendix(page: str) -> dict[tuple, str]:
