@@ -119,16 +119,18 @@ def test_a_rebuilt_corpus_invalidates_what_reads_the_changed_files(built, tmp_pa
 
 
 def test_an_early_stopped_fine_tune_rerun_takes_zero_steps(built, tmp_path):
-    """slm-nopt trained with Adam steps below fp32 resolution: the weights cannot change,
-    so validation cannot improve and patience 1 stops at the second evaluation."""
+    """slm-nopt trained with Adam steps below fp32 resolution: the weights cannot change, so
+    validation cannot improve on the starting weights' (step 0) and patience 1 stops at the
+    next evaluation, after one step, keeping the starting weights (best step 0)."""
     cfg, _, _ = built
     nopt = copy_of(cfg, tmp_path, **{"strategy.slm-nopt.lr": 1e-30, "finetune.patience": 1,
                                      "finetune.eval_every": 1, "finetune.max_tokens": 20 * 8 * 64})
     phases, _, rec = run(nopt, "slm-nopt")
-    assert phases == [f"finetune/slm-nopt/{DOMAIN}"] and rec.metrics["finetune_steps"] == 2
+    assert phases == [f"finetune/slm-nopt/{DOMAIN}"] and rec.metrics["finetune_steps"] == 1
+    assert rec.metrics["finetune/best_step"] == 0
     phases2, _, rec2 = run(nopt, "slm-nopt")
     assert phases2 == []
-    assert rec2.metrics["test_ppl"] == rec.metrics["test_ppl"] and rec2.metrics["finetune_steps"] == 2
+    assert rec2.metrics["test_ppl"] == rec.metrics["test_ppl"] and rec2.metrics["finetune_steps"] == 1
     assert rec2.spec_cost == rec.spec_cost
 
 
