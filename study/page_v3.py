@@ -19,6 +19,7 @@ from study import paper_axes as pa
 from study import rules_v3 as rules
 from study import verdicts_v3 as vd
 from study.results import budget_value, configs_from_rows, selected_rows
+from study.sections import _h
 
 LOCK = Path(__file__).with_name("rules_v3.lock")
 PAPER_FINETUNE_RATIO = 0.55
@@ -216,11 +217,6 @@ def g1_rows(rows: list[dict]) -> list[tuple[str, str, str, float, float]]:
         if r["strategy"] in ("slm-mix", "slm-pn") and r.get("generic_ppl") and (key[1], key[2]) in dense:
             seen.setdefault(key, (r["generic_ppl"], dense[(key[1], key[2])]))
     return [(*k, *v) for k, v in sorted(seen.items())]
-
-
-def _h(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _log_page(rows, sel, configs, verdicts, cfg, stages, figs, config_label, csv_label) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from slmfactory.analysis.paired import BETTER, TIE, WORSE, PairedDifference, paired_difference
 from study import rules_v3 as rules
@@ -214,7 +215,7 @@ def _entropy_cell(rows: list[dict], domains: tuple[str, ...], expected: str) -> 
         if pts is None:
             return Cell(MISSING, f"{pick.label} or the k = 16 entropy missing", expected)
         x, y = [p[1] for p in pts], [p[2] for p in pts]
-        rho = float(np.corrcoef(np.argsort(np.argsort(x)), np.argsort(np.argsort(y)))[0, 1])
+        rho = float(spearmanr(x, y).statistic)
         p_gt, p_lt = spearman_p(x, y, alternative="greater"), spearman_p(x, y, alternative="less")
         words.append(CONFIRMED if rho > 0 and p_gt < SIGNIFICANCE else
                      REFUTED if rho < 0 and p_lt < SIGNIFICANCE else INCONCLUSIVE)
