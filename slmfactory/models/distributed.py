@@ -25,7 +25,7 @@ from typing import Any, Callable
 from slmfactory.models.launch import FitOutput, Launcher, LocalLauncher, TrainerFactory, WorkerContext
 from slmfactory.models.trainer import TrainResult
 from slmfactory.platform.errors import SlmFactoryError
-from slmfactory.platform.runtime import init_ray
+from slmfactory.platform.runtime import init_ray, say
 
 RESULT_KEY = "train_result_json"
 """Metric holding the JSON-encoded ``TrainResult`` (Ray metrics stay flat scalars + strings)."""
@@ -81,7 +81,7 @@ def _train_loop_per_worker(config: dict) -> None:
     work_dir = Path(config["work_dir"]) / f"rank-{rank}"
     work_dir.mkdir(parents=True, exist_ok=True)
     ctx = WorkerContext(rank=rank, world_size=world_size, device=device, out_dir=work_dir,
-                        wrap=_ddp_wrapper(world_size, device), log=print if rank == 0 else None)
+                        wrap=_ddp_wrapper(world_size, device), log=say if rank == 0 else None)
     trainer = factory(ctx)
 
     # NOTE: only rank 0 writes checkpoints (save_checkpoint returns None elsewhere), so the
@@ -141,7 +141,7 @@ def _train_loop_per_worker(config: dict) -> None:
 class RayLauncher:
     """Runs a phase with Ray Train V2's ``TorchTrainer`` (DDP; gloo on CPU, nccl on GPU)."""
 
-    def __init__(self, scaling, log: Callable[[str], None] | None = print, address: str | None = None):
+    def __init__(self, scaling, log: Callable[[str], None] | None = say, address: str | None = None):
         self.scaling = scaling
         self.log = log
         self.address = address
@@ -194,7 +194,7 @@ def _local_dir(checkpoint, dest: Path) -> Path:
     return Path(checkpoint.to_directory(str(dest)))
 
 
-def make_launcher(cfg, log: Callable[[str], None] | None = print) -> Launcher:
+def make_launcher(cfg, log: Callable[[str], None] | None = say) -> Launcher:
     """Ray Train when the config asks for more than one worker or a GPU cluster, or when
     ``SLMFACTORY_LAUNCHER=ray``; in-process otherwise."""
     import os

@@ -45,7 +45,7 @@ from slmfactory.platform.config import RunConfig, from_dict
 from slmfactory.platform.cost import measured_vs_projected
 from slmfactory.platform.errors import SlmFactoryError
 from slmfactory.platform.machine import machine_warning, this_machine
-from slmfactory.platform.runtime import ray_session
+from slmfactory.platform.runtime import ray_session, say
 from slmfactory.sweeps.plan import SweepPlan, describe, hours, plan_sweep, size_generic_pool
 from slmfactory.sweeps.tracking import ensure_sweep_run, finish_sweep_run, update_champions
 from slmfactory.trial import TrialRecord, experiment_name, log_trial
@@ -345,7 +345,7 @@ def replace_callbacks(tuner, callbacks: list) -> None:
 
 
 def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, address: str | None = None,
-              log: Callable[[str], None] | None = print, recipe: str = "RECIPE") -> SweepOutcome | None:
+              log: Callable[[str], None] | None = say, recipe: str = "RECIPE") -> SweepOutcome | None:
     """``recipe``: the recipe's path as the user gave it (the warnings' commands name it)."""
     # Trials run with the trial folder as their working directory: paths must be absolute.
     cfg = size_generic_pool(cfg.replace(workdir=str(cfg.root.resolve())), log)
