@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup constraints browser services demo serve test test-fast ui-check cluster-test bench lint clean
+.PHONY: setup constraints browser services demo try serve test test-fast ui-check cluster-test bench lint clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ constraints:
 
 demo: setup
 	$(VENV)/bin/slmfactory demo --config configs/demo.yaml
+
+# A served model answering a completion within minutes, from the package's text sample (no
+# download); it keeps serving until Ctrl-C. `make demo` is the whole story.
+try: setup
+	$(VENV)/bin/slmfactory try --config configs/try.yaml
 
 # Serves what `make demo` trained: each domain's best model from the demo sweep's MLflow records.
 serve: setup

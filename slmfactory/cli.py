@@ -12,13 +12,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from slmfactory.platform import runtime  # noqa: F401  (sets Ray/MLflow env defaults first)
 from slmfactory.platform.errors import SlmFactoryError
 from slmfactory.platform.runtime import say
 
 SUBCOMMANDS = ("corpus", "tokenizer", "cluster", "resample", "train", "sweep", "report", "recommend", "ui", "serve",
-               "demo", "specialize", "config", "calibrate")
+               "demo", "try", "specialize", "config", "calibrate")
 
 
 def _config(args):
@@ -41,7 +42,7 @@ def cmd_corpus(args) -> None:
         # The real-text sample ships in the package: its files are also what the
         # `corpus import` examples can point at.
         print(f"sample files: {SAMPLE_DIR}")
-        manifest = build_sample_corpus(cfg)
+        build_sample_corpus(cfg)
     else:
         domains: dict[str, list[str]] = {}
         for item in args.domain or []:
@@ -305,7 +306,9 @@ def _stop_serving_on_signals() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def cmd_serve(args) -> None:
+def cmd_serve(args, after_start: Callable[[str, int], bool] | None = None) -> None:
+    """``slmfactory serve``; ``after_start(host, port)`` runs once the app answers (``try``
+    sends its first completion there) and ends the server when it returns True."""
     import time
 
     from ray import serve
@@ -348,6 +351,8 @@ def cmd_serve(args) -> None:
                 serve.run(app, name="slmfactory", route_prefix="/")
                 print(f"serving on http://{host}:{port}/v1 (GET /v1/models, POST /v1/completions, "
                       f"POST /v1/score, GET /healthz); Ctrl-C stops", flush=True)
+                if after_start is not None and after_start(host, port):
+                    return
                 while True:
                     time.sleep(3600)
             except _ServeStopped as stopped:
@@ -378,6 +383,56 @@ def cmd_demo(args) -> None:
     from slmfactory.demo import run_demo
 
     run_demo(_config(args))
+
+
+TRY_PROMPT = "The court held that the"
+"""``slmfactory try``'s first completion: a legal opening, for the recipe's legal model."""
+
+
+def cmd_try(args) -> None:
+    """``make try``: a served model answering a completion within minutes of ``make setup``.
+    The real-text sample shipped in the package (no download), its tokenizer, one ``slm``
+    trial (pretraining on the sample's generic text, fine-tuning on the domain), then the
+    OpenAI-compatible server with that model; it sends one completion itself and prints
+    it, with the curl line to send more. ``make demo`` is the whole story."""
+    import json
+    import time
+    import urllib.request
+
+    from slmfactory.data.corpus import list_domains, manifest_path
+    from slmfactory.data.corpus_build import build_sample_corpus
+    from slmfactory.pipeline import run_strategy
+
+    t0 = time.perf_counter()
+    cfg = _config(args)
+    if not manifest_path(cfg.corpus_dir).is_file():
+        build_sample_corpus(cfg)
+        print(f"[try] corpus: the real-text sample shipped in the package ({len(list_domains(cfg.corpus_dir))} domains "
+              f"and generic text) -> {cfg.corpus_dir}", flush=True)
+    record = run_strategy(cfg, address=args.address)
+    print(f"[try] trained {cfg.strategy.name} on {cfg.data.domain} in {time.perf_counter() - t0:.0f}s: test perplexity "
+          f"{record.ppl:.1f}; model at {record.model_path}", flush=True)
+
+    def first_completion(host: str, port: int) -> bool:
+        body = {"model": cfg.data.domain, "prompt": TRY_PROMPT, "max_tokens": 24, "temperature": 0}
+        request = urllib.request.Request(f"http://{host}:{port}/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            answer = json.loads(reply.read())
+        print(f"[try] POST /v1/completions {{model: {cfg.data.domain!r}, prompt: {TRY_PROMPT!r}, max_tokens: 24, "
+              f"temperature: 0}} answered in {time.perf_counter() - t0:.0f}s since `make try` began:\n"
+              f"  {(TRY_PROMPT + answer['choices'][0]['text']).replace(chr(10), chr(10) + '  ')}\n"
+              f"[try] the model knows only a {cfg.data.domain_train_tokens:,}-token sample: `make demo` trains the "
+              f"real ones. Send your own:\n  curl -s http://{host}:{port}/v1/completions -H 'Content-Type: "
+              f"application/json' -d '{{\"model\": \"{cfg.data.domain}\", \"prompt\": \"The defendant\", "
+              f"\"max_tokens\": 32}}'", flush=True)
+        return args.once
+
+    args.models = str(cfg.root / "models")
+    args.from_mlflow = args.from_registry = None
+    args.max_params = None
+    args.insecure = False
+    cmd_serve(args, after_start=first_completion)
 
 
 def cmd_specialize(args) -> None:
@@ -487,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="serve a non-loopback --host with no API key "
                    "(anyone reaching the port may query and create domains)")
     add("demo", cmd_demo, "the whole platform: corpus → tokenizer → clusters → sweep → report → recommendation")
+    p = add("try", cmd_try, "a served model in minutes: the package's text sample, one slm trial, the "
+            "OpenAI-compatible server and a first completion (`make try`; use -c configs/try.yaml)")
+    p.add_argument("--once", action="store_true", help="stop the server after the first completion")
+    p.add_argument("--host", default=None, help="bind address (default serving.host: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default serving.port)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p = add("specialize", cmd_specialize, "a new domain's model from a handful of its documents, without training "
             "(served at once by `serve`); optionally fine-tuned within a budget")
     p.add_argument("--docs", required=True, help="a folder (.txt = one document; .jsonl/.parquet with 'text'), "
