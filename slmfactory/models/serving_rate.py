@@ -1,0 +1,97 @@
+"""A served model's tokens/s on this machine, measured once when it is exported.
+
+What an application pays to serve a model is its tokens/s on the serving device, not its
+parameter count. The EXPORT stage (``phases.finish``) loads the exported folder as
+``slmfactory serve`` does (``AutoModelForCausalLM``, float32, safetensors only) and times,
+with one torch thread (what every serving replica runs with: ``serving/server.py``):
+
+- **scoring** (``/v1/score``): a forward pass and log-softmax over ``SCORE_ROWS`` rows of the
+  model's context of random token ids (speed does not depend on the text);
+- **generation** (``/v1/completions``): one greedy stream of ``GENERATE_TOKENS`` new tokens
+  after a ``PROMPT_TOKENS``-token prompt (``min_new_tokens`` set, so an end-of-text never
+  cuts a pass short), with the KV cache, as ``engine.generate`` runs it for one request.
+
+Each is warmed up once (untimed), then timed pass after pass until its half of
+``serving.cost_measure_s`` is spent (at least one pass). The rates record the machine
+(``platform.machine.this_machine``) beside them; ``platform.cost.ServingRates`` prices them.
+
+Why at export and not when a replica loads the model: measured once per model, the number is
+logged to the model's MLflow run, where the report and ``recommend`` read it beside the
+model's perplexity, and serving starts no slower. The price of that choice: the rate is the
+exporting machine's (under whatever else ran there), which is why the machine is recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from slmfactory.platform.cost import ServingRates
+from slmfactory.platform.machine import this_machine
+
+SCORE_ROWS = 4
+"""Rows of a timed scoring pass (``/v1/score`` batches requests of one domain)."""
+PROMPT_TOKENS = 16
+GENERATE_TOKENS = 32
+"""New tokens of a timed generation pass (fewer when the context is shorter)."""
+
+
+def _timed(fn, budget_s: float) -> tuple[int, float]:
+    """(passes, seconds) of ``fn`` run until ``budget_s`` is spent, at least once."""
+    passes, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        passes += 1
+        spent = time.perf_counter() - t0
+        if spent >= budget_s:
+            return passes, spent
+
+
+def measure_folder(path: str | Path, budget_s: float = 1.0, seed: int = 0) -> ServingRates:
+    """Scoring and generation tokens/s of the exported model folder ``path`` on this
+    machine, in about ``budget_s`` seconds (plus one untimed warm-up pass of each)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True).eval()
+    return measure_model(model, budget_s, seed)
+
+
+def measure_model(model, budget_s: float = 1.0, seed: int = 0) -> ServingRates:
+    """:func:`measure_folder` of a loaded causal LM (float32, CPU, eval mode)."""
+    import torch
+
+    cfg = model.config
+    context = int(cfg.max_position_embeddings)
+    vocab = int(cfg.vocab_size)
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, vocab, (SCORE_ROWS, context), generator=g)
+    prompt_len = max(1, min(PROMPT_TOKENS, context // 2))
+    new = max(1, min(GENERATE_TOKENS, context - prompt_len))
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
+    mask = torch.ones_like(prompt)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+
+    def score() -> None:
+        model(input_ids=rows).logits.float().log_softmax(-1)
+
+    def generate(n: int = new) -> None:
+        model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=pad)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a serving replica's setting (server.DomainServer)
+    try:
+        machine = this_machine()
+        with torch.no_grad():
+            score()
+            generate(2)
+            score_passes, score_s = _timed(score, budget_s / 2)
+            gen_passes, gen_s = _timed(generate, budget_s / 2)
+    finally:
+        torch.set_num_threads(threads)
+    how = {"score_rows": SCORE_ROWS, "score_context": context, "score_passes": score_passes,
+           "score_seconds": round(score_s, 4), "prompt_tokens": prompt_len, "generate_tokens": new,
+           "generate_passes": gen_passes, "generate_seconds": round(gen_s, 4), "budget_s": budget_s}
+    return ServingRates(generate_tokens_per_s=gen_passes * new / gen_s,
+                        score_tokens_per_s=score_passes * SCORE_ROWS * context / score_s, machine=machine, how=how)
