@@ -223,7 +223,8 @@ def _check_serving_costs(work, runs, out_dir, served):
     assert all(e.serving_rates is not None and e.serving_rates.generate_tokens_per_s > 0 for e in served.values())
     table = (out_dir / "report.md").read_text()
     assert "serving cost / M tokens generate / score (device-hours)" in table and "measured once at export" in table
-    rows = [line for line in table.splitlines() if line.startswith(("| slm |", "| slm-nopt |"))]
+    rows = [line for line in table.splitlines()  # the configurations table's rows (macro ppl in bold)
+            if line.startswith(("| slm |", "| slm-nopt |")) and " | **" in line]
     assert len(rows) == 2 and not any(line.endswith("| - / - |") for line in rows), rows
     base = ["recommend", "-c", str(RECIPE), "--set", f"workdir={work}", "--inference-params", "1e9",
             "--spec-budget", "1e15", "--domains", "7"]
