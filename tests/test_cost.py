@@ -170,7 +170,7 @@ def test_serving_cost_per_million_tokens_is_priced_from_the_measured_rates():
 def test_a_served_models_rates_are_measured_on_its_exported_folder(tiny_cfg):
     """``measure_folder`` loads the folder as `serve` does and times scoring and greedy
     generation with one torch thread (a replica's), then puts the caller's threads back; each
-    rate is the tokens it timed over the seconds it took, on the machine it records."""
+    rate is a pass's tokens over its fastest pass's seconds, on the machine it records."""
     import torch
 
     from slmfactory.models.phases import export_hf, load_lm
@@ -185,8 +185,7 @@ def test_a_served_models_rates_are_measured_on_its_exported_folder(tiny_cfg):
     how, ctx = rates.how, tiny_cfg.data.seq_len
     assert how["score_context"] == ctx and how["generate_tokens"] == min(GENERATE_TOKENS, ctx - how["prompt_tokens"])
     assert how["score_passes"] >= 1 and how["generate_passes"] >= 1
-    assert rates.score_tokens_per_s == pytest.approx(how["score_passes"] * SCORE_ROWS * ctx / how["score_seconds"],
-                                                     rel=1e-3)
-    assert rates.generate_tokens_per_s == pytest.approx(
-        how["generate_passes"] * how["generate_tokens"] / how["generate_seconds"], rel=1e-3)
+    assert how["score_best_seconds"] <= how["score_median_seconds"]
+    assert rates.score_tokens_per_s == pytest.approx(SCORE_ROWS * ctx / how["score_best_seconds"])
+    assert rates.generate_tokens_per_s == pytest.approx(how["generate_tokens"] / how["generate_best_seconds"])
     assert rates.machine["threads"] == 1 and rates.machine["cores"] >= 1 and rates.machine["cpu"]
