@@ -11,8 +11,8 @@ with one torch thread (what every serving replica runs with: ``serving/server.py
   after a ``PROMPT_TOKENS``-token prompt (``min_new_tokens`` set, so an end-of-text never
   cuts a pass short), with the KV cache, as ``engine.generate`` runs it for one request.
 
-Each is warmed up once (untimed), then timed pass after pass until its half of
-``serving.cost_measure_s`` is spent (at least one pass); the rate is the fastest pass's
+Each is warmed up once (untimed), then the two are timed in turn, a pass of each per round,
+until ``serving.cost_measure_s`` is spent (at least one round); each rate is its fastest pass's
 (other work on the machine only slows a pass down). The rates record the machine
 (``platform.machine.this_machine``) beside them; ``platform.cost.ServingRates`` prices them.
 
@@ -38,13 +38,17 @@ GENERATE_TOKENS = 32
 """New tokens of a timed generation pass (fewer when the context is shorter)."""
 
 
-def _timed(fn, budget_s: float) -> list[float]:
-    """The seconds of each pass of ``fn``, run until ``budget_s`` is spent (at least once)."""
-    times, t0 = [], time.perf_counter()
+def _timed(fns: dict, budget_s: float) -> dict[str, list[float]]:
+    """The seconds of each pass of each of ``fns`` (name -> callable), run in turn, one pass
+    of each per round, until ``budget_s`` is spent (at least one round): interleaved, a burst
+    of other load slows some passes of every task instead of all of one task's."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    t0 = time.perf_counter()
     while True:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
         if time.perf_counter() - t0 >= budget_s:
             return times
 
@@ -88,8 +92,8 @@ def measure_model(model, budget_s: float = 1.0, seed: int = 0) -> ServingRates:
         with torch.no_grad():
             score()
             generate(2)
-            score_times = _timed(score, budget_s / 2)
-            gen_times = _timed(generate, budget_s / 2)
+            timed = _timed({"score": score, "generate": generate}, budget_s)
+            score_times, gen_times = timed["score"], timed["generate"]
     finally:
         torch.set_num_threads(threads)
     how = {"score_rows": SCORE_ROWS, "score_context": context, "score_passes": len(score_times),
