@@ -107,8 +107,9 @@ def trial_record(cfg: RunConfig, model, generic) -> TrialRecord:
                      + (f" {trial.settings_label}" if trial.settings else "")}
     if model.serving_rates:
         rates = ServingRates.of(model.serving_rates)
-        tags[R.SERVING_MACHINE] = (f"{describe(rates.machine)}, {rates.machine.get('threads', '?')} torch thread(s), "
-                                   f"{rates.machine.get('measured', '')}")
+        # The machine, not the minute: configurations measured on one machine share one tag
+        # (when is in the model folder's slmfactory.json and /v1/models).
+        tags[R.SERVING_MACHINE] = f"{describe(rates.machine)}, {rates.machine.get('threads', '?')} torch thread(s)"
     # What each training phase ran in (its precision and compile resolved: trainer.plan_execution).
     used = {k: v for cost in (model.generic_cost, model.spec_cost) if cost is not None
             for k, v in cost.extra.items() if R.is_used_param(k)}

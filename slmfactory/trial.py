@@ -212,7 +212,7 @@ class TrialRecord:
     IS_SHARE_KINDS: ClassVar[tuple[str, ...]] = ("source", "collection")
     SERVING_MACHINE: ClassVar[str] = "serving_machine"
     """Tag: the machine the exported model's serving rates were measured on
-    (``platform.machine.describe``, then when)."""
+    (``platform.machine.describe`` and the torch threads)."""
 
     # -- curves: metrics logged by step ------------------------------------------------
     FINETUNE_VALID_NLL: ClassVar[str] = "finetune/valid_nll"
