@@ -182,7 +182,8 @@ def cmd_report(args) -> None:
     cfg = _config(args)
     experiment = _experiment(cfg, args.experiment)
     out = Path(args.out) if args.out else cfg.root / "reports" / experiment
-    report = write_report(cfg.tracking_uri, experiment, out, cfg.sweep.inference_caps)
+    report = write_report(cfg.tracking_uri, experiment, out, cfg.sweep.inference_caps,
+                          price_per_device_hour=cfg.serving.price_per_device_hour)
     from slmfactory.sweeps.tracking import log_report_to_sweep
 
     parent = log_report_to_sweep(cfg.tracking_uri, experiment, out, report)
@@ -195,7 +196,7 @@ def cmd_report(args) -> None:
 
 def cmd_recommend(args) -> None:
     from slmfactory.analysis.frontier import COST_UNITS, UNIT_LABEL, load_configs, recommend
-    from slmfactory.platform.cost import COST_CONVENTIONS, check_convention
+    from slmfactory.platform.cost import COST_CONVENTIONS, check_convention, check_task
 
     def _positive(flag: str, text: str, integer: bool = False) -> float:
         """A flag's value as a positive number, or one line naming the flag (argparse's own
@@ -218,14 +219,27 @@ def cmd_recommend(args) -> None:
         raise SlmFactoryError(f"--cost {args.cost!r}: expected one of {', '.join(COST_UNITS)}")
     conv = check_convention(args.costs, "--costs")
     other = next(c for c in COST_CONVENTIONS if c != conv)
+    serving_limit = _positive("--inference-cost", args.inference_cost) if args.inference_cost is not None else None
+    task = check_task(args.inference_task, "--inference-task")
     cfg = _config(args)
     experiment = _experiment(cfg, args.experiment)
     unit = UNIT_LABEL[args.cost]
-    rec = recommend(load_configs(cfg.tracking_uri, experiment), inference, budget, n, in_domain, args.cost, conv)
+    price = cfg.serving.price_per_device_hour
+    serving_unit = f"at {price:g} per device-hour" if price > 0 else "device-hours"
+    per_m = f"per million {'generated' if task == 'generate' else 'scored'} tokens"
+    configs = load_configs(cfg.tracking_uri, experiment)
+    rec = recommend(configs, inference, budget, n, in_domain, args.cost, conv, serving_limit, task, price)
     best, runner = rec.best, rec.runner_up
     if best is None:
+        if serving_limit is not None and not any(c.has_serving_cost(task) for c in configs
+                                                 if c.in_domain == rec.in_domain):
+            raise SlmFactoryError(f"--inference-cost: no configuration of {experiment!r} (in-domain "
+                                  f"{rec.in_domain:,} tokens) has a measured serving cost (its models were exported "
+                                  f"with serving.cost_measure_s 0, or before serving costs were measured)")
         raise SlmFactoryError(f"recommend: no measured configuration of {experiment!r} (in-domain {rec.in_domain:,} "
-                              f"tokens) serves with <= {inference:.3g} parameters within {budget:.3g} {unit} per domain")
+                              f"tokens) serves with <= {inference:.3g} parameters within {budget:.3g} {unit} per domain"
+                              + (f" and <= {serving_limit:.3g} ({serving_unit}) {per_m}"
+                                 if serving_limit is not None else ""))
 
     def ppl(c) -> str:
         iv = c.interval
@@ -240,6 +254,14 @@ def cmd_recommend(args) -> None:
     print(f"  per-domain cost C_spec + C_generic / N: {best.per_domain(n, args.cost, conv):.3e} {unit} ({conv} costs)"
           + (f"; {best.per_domain(n, args.cost, other):.3e} ({other} costs)" if best.has_cost(args.cost, other)
              else ""))
+    if best.serving:
+        print(f"  serving cost ({serving_unit}): " + ", ".join(
+            f"{best.serving_cost(t, price):.3e} per million {'generated' if t == 'generate' else 'scored'} tokens"
+            for t in ("generate", "score") if best.has_serving_cost(t))
+            + (f" (<= {serving_limit:.3g} asked)" if serving_limit is not None else "")
+            + f"; measured on {best.serving_machine or 'an unrecorded machine'}")
+    else:
+        print("  serving cost: not measured (models exported with serving.cost_measure_s 0, or before it existed)")
     if runner is None:
         print("  runner-up: none (one strategy fits)")
     else:
@@ -525,6 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--costs", default="paper", metavar="CONVENTION",
                    help="cost convention: paper (embedding the generic corpus is nobody's cost, as in the paper; "
                         "default) or measured (everything spent); docs/costs.md")
+    p.add_argument("--inference-cost", default=None, metavar="COST",
+                   help="largest serving cost per million tokens, measured on each model at export: in device-hours,"
+                        " or priced when serving.price_per_device_hour is set (docs/costs.md#serving-cost)")
+    p.add_argument("--inference-task", default="generate", metavar="TASK",
+                   help="what --inference-cost prices: generate (default) or score")
     p = add("ui", cmd_ui, "open the MLflow UI on the run's tracking store (127.0.0.1)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)

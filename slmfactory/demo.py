@@ -25,7 +25,8 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = say) -> dict:
     ensure_tokenizer(cfg)
     outcome = run_sweep(cfg, resume=False, log=log)
     out = cfg.root / "reports" / outcome.plan.name
-    report = write_report(cfg.tracking_uri, outcome.experiment, out, cfg.sweep.inference_caps)
+    report = write_report(cfg.tracking_uri, outcome.experiment, out, cfg.sweep.inference_caps,
+                          price_per_device_hour=cfg.serving.price_per_device_hour)
     if cfg.tracking.enabled:
         log_report_to_sweep(cfg.tracking_uri, outcome.experiment, out, report)
     log("")

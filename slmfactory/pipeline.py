@@ -19,7 +19,8 @@ from slmfactory.models.phases import trained_tokens
 from slmfactory.models.strategies import get_strategy
 from slmfactory.models.strategies.base import StrategyContext
 from slmfactory.platform.config import RunConfig
-from slmfactory.platform.cost import PAPER, generic_under
+from slmfactory.platform.cost import PAPER, SERVING_TASKS, ServingRates, generic_under
+from slmfactory.platform.machine import describe
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.runtime import ray_session, say
 from slmfactory.trial import TrialRecord, log_trial, trial_of
@@ -104,6 +105,11 @@ def trial_record(cfg: RunConfig, model, generic) -> TrialRecord:
             R.GENERIC_SPENT: f"{spent_generic:.3g}T", R.SPEC_SPENT: f"{spent_spec:.3g}T",
             R.GROUP: f"{model.strategy} g{trial.generic_label} s{trial.spec.label()} n{cfg.data.domain_train_tokens}"
                      + (f" {trial.settings_label}" if trial.settings else "")}
+    if model.serving_rates:
+        rates = ServingRates.of(model.serving_rates)
+        # The machine, not the minute: configurations measured on one machine share one tag
+        # (when is in the model folder's slmfactory.json and /v1/models).
+        tags[R.SERVING_MACHINE] = f"{describe(rates.machine)}, {rates.machine.get('threads', '?')} torch thread(s)"
     # What each training phase ran in (its precision and compile resolved: trainer.plan_execution).
     used = {k: v for cost in (model.generic_cost, model.spec_cost) if cost is not None
             for k, v in cost.extra.items() if R.is_used_param(k)}
@@ -126,5 +132,11 @@ def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str]
     log(f"cost: generic {m[R.cost_metric('generic', 'flops')]:.3e} FLOPs, "
         f"specialisation {m[R.cost_metric('spec', 'flops')]:.3e} FLOPs, "
         f"inference {m[R.INFERENCE_FLOPS_PER_TOKEN]:.3e} FLOPs/token ({int(m[R.PARAMS]):,} parameters)")
+    if R.serving_rate_metric("generate") in m:
+        price = cfg.serving.price_per_device_hour
+        log("serving: " + ", ".join(
+            f"{task} {m[R.serving_rate_metric(task)]:,.0f} tokens/s = {m[R.serving_cost_metric(task)]:.3g} device-hours"
+            + (f" ({m[R.serving_cost_metric(task)] * price:.3g} at {price:g}/device-hour)" if price > 0 else "")
+            + " per million tokens" for task in SERVING_TASKS) + f" on {record.tags.get(R.SERVING_MACHINE, '?')}")
     log(f"model: {record.model_path}")
     return record

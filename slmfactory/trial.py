@@ -210,6 +210,9 @@ class TrialRecord:
     IS_SHARE: ClassVar[str] = "is_share"
     """``is_share/<kind>/<name>``: shares of importance sampling's resampled tokens."""
     IS_SHARE_KINDS: ClassVar[tuple[str, ...]] = ("source", "collection")
+    SERVING_MACHINE: ClassVar[str] = "serving_machine"
+    """Tag: the machine the exported model's serving rates were measured on
+    (``platform.machine.describe`` and the torch threads)."""
 
     # -- curves: metrics logged by step ------------------------------------------------
     FINETUNE_VALID_NLL: ClassVar[str] = "finetune/valid_nll"
@@ -259,6 +262,18 @@ class TrialRecord:
     def total_flops_metric(n: int, paper: bool = False) -> str:
         """Generic FLOPs plus ``n`` domains' specialisation FLOPs."""
         return f"cost/{'paper_' if paper else ''}total_flops_N{n}"
+
+    @staticmethod
+    def serving_rate_metric(task: str) -> str:
+        """``serving/generate_tokens_per_s``: the exported model's measured rate for a task
+        (``platform.cost.SERVING_TASKS``) on the machine tagged ``serving_machine``."""
+        return f"serving/{task}_tokens_per_s"
+
+    @staticmethod
+    def serving_cost_metric(task: str) -> str:
+        """``serving/generate_device_hours_per_mtok``: device-hours per million tokens at that
+        rate (its price: times ``serving.price_per_device_hour``, applied when read)."""
+        return f"serving/{task}_device_hours_per_mtok"
 
     @staticmethod
     def spent_tokens_metric(side: str) -> str:

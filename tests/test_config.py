@@ -59,6 +59,9 @@ def write(tmp_path, text):
     ("strategy:\n  llm-lora: {lr: 0}\n", "strategy.llm-lora.lr: expected > 0"),
     ("strategy:\n  slm-d: {distill_weight: 2}\n", "strategy.slm-d.distill_weight: expected in"),
     ("strategy:\n  slm-nopt: {warmp_steps: 3}\n", "strategy.slm-nopt.warmp_steps: unknown key"),
+    ("serving:\n  price_per_device_hour: -0.1\n", "serving.price_per_device_hour: expected a number >= 0"),
+    ("serving:\n  price_per_device_hour: .nan\n", "serving.price_per_device_hour: expected a number >= 0"),
+    ("serving:\n  cost_measure_s: 3600\n", "serving.cost_measure_s: expected <= 60"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("(", r"\(")):

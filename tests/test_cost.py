@@ -134,3 +134,58 @@ def test_adding_records_adds_their_counts_and_keeps_every_label():
     # Two different labels under one key: both kept, in order, as the phases are.
     assert (a + b + c).extra["shared.compile_used"] == "eager+inductor"
     assert (a + b + c).phase == "finetune/a+finetune/b+finetune/c"
+
+
+def test_serving_cost_per_million_tokens_is_priced_from_the_measured_rates():
+    """A million tokens at r tokens/s is 1e6 / r device-seconds; their price is those hours
+    times the recipe's price per device-hour. Inputs controlled: 250 generated and 10,000
+    scored tokens/s, 0.09 per device-hour."""
+    from slmfactory.platform.cost import ServingRates, check_task, device_hours_per_million
+    from slmfactory.platform.errors import SlmFactoryError
+
+    machine = {"cpu": "Test CPU", "cores": 2, "bf16_matrix": "", "threads": 1, "measured": "2026-12-07 08:00 UTC"}
+    rates = ServingRates(generate_tokens_per_s=250.0, score_tokens_per_s=10_000.0, machine=machine)
+    assert rates.device_hours_per_million("generate") == pytest.approx(1e6 / 250 / 3600)   # 1.111 h
+    assert rates.device_hours_per_million("score") == pytest.approx(1e6 / 10_000 / 3600)   # 100 s
+    assert rates.price_per_million("generate", 0.09) == pytest.approx(0.1)
+    assert rates.price_per_million("score", 0.09) == pytest.approx(0.0025)
+    priced = rates.view(0.09)
+    assert priced["generate"] == {"tokens_per_s": 250.0, "device_hours_per_million_tokens": pytest.approx(1e6 / 250 / 3600),
+                                  "price_per_million_tokens": pytest.approx(0.1)}
+    assert priced["price_per_device_hour"] == 0.09 and priced["threads"] == 1
+    assert priced["measured_on"] == "Test CPU, 2 cores, bf16 matrix units: none"
+    assert priced["measured_at"] == "2026-12-07 08:00 UTC"
+    unpriced = rates.view()  # no price set: device-hours only, never a price of 0
+    assert "price_per_million_tokens" not in unpriced["score"] and unpriced["price_per_device_hour"] is None
+    # What a model folder stores comes back the same; a folder without both rates has none.
+    assert ServingRates.of(json.loads(json.dumps(rates.to_dict()))) == rates
+    assert ServingRates.of({"generate_tokens_per_s": 0.0, "score_tokens_per_s": 5.0}) is None
+    assert ServingRates.of({"generate_tokens_per_s": 5.0}) is None and ServingRates.of(None) is None
+    with pytest.raises(ValueError, match="tokens_per_s"):
+        device_hours_per_million(0.0)
+    with pytest.raises(SlmFactoryError, match="--inference-task 'train': expected one of generate, score"):
+        check_task("train", "--inference-task")
+
+
+def test_a_served_models_rates_are_measured_on_its_exported_folder(tiny_cfg):
+    """``measure_folder`` loads the folder as `serve` does and times scoring and greedy
+    generation with one torch thread (a replica's), then puts the caller's threads back; each
+    rate is a pass's tokens over its fastest pass's seconds, on the machine it records."""
+    import torch
+
+    from slmfactory.models.phases import export_hf, load_lm
+    from slmfactory.models.serving_rate import GENERATE_TOKENS, SCORE_ROWS, measure_folder
+
+    torch.manual_seed(0)
+    folder = export_hf(tiny_cfg, load_lm(tiny_cfg, "slm", None).eval(), tiny_cfg.root / "models" / "legal",
+                       {"domain": "legal", "strategy": "slm", "params": 1, "test_ppl": 1.0})
+    threads = torch.get_num_threads()
+    rates = measure_folder(folder, budget_s=0.2)
+    assert torch.get_num_threads() == threads
+    how, ctx = rates.how, tiny_cfg.data.seq_len
+    assert how["score_context"] == ctx and how["generate_tokens"] == min(GENERATE_TOKENS, ctx - how["prompt_tokens"])
+    assert how["score_passes"] >= 1 and how["generate_passes"] >= 1
+    assert how["score_best_seconds"] <= how["score_median_seconds"]
+    assert rates.score_tokens_per_s == pytest.approx(SCORE_ROWS * ctx / how["score_best_seconds"])
+    assert rates.generate_tokens_per_s == pytest.approx(how["generate_tokens"] / how["generate_best_seconds"])
+    assert rates.machine["threads"] == 1 and rates.machine["cores"] >= 1 and rates.machine["cpu"]

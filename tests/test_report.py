@@ -62,7 +62,7 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     client = client_for(uri)
     exps = {name: ensure_experiment(client, uri, name)
-            for name in ("frontier", "seeds", "tables", "old", "interval", "conventions")}
+            for name in ("frontier", "seeds", "tables", "old", "interval", "conventions", "serving")}
     return uri, client, exps
 
 
@@ -372,8 +372,95 @@ def test_recommend_costs_paper_and_measured(store, conventions, capsys, strategy
 
 @pytest.mark.parametrize("flag,value", [("--cost", "joules"), ("--domains", "0"), ("--spec-budget", "abc"),
                                         ("--inference-params", "-1"), ("--in-domain", "10"),
-                                        ("--costs", "actual")])
+                                        ("--costs", "actual"), ("--inference-cost", "-1"),
+                                        ("--inference-cost", "cheap"), ("--inference-task", "train")])
 def test_recommend_bad_values_are_one_line_naming_the_flag(store, frontier, capsys, flag, value):
     args = {"--inference-params": "2e6", "--spec-budget": "1e11", "--domains": "7", flag: value}
     rc, _, err = _recommend(capsys, store[0], *(x for kv in args.items() for x in kv))
     assert rc == 2 and err.count("\n") == 1 and err.startswith("slmfactory: error: ") and flag in err
+
+
+def _serving(generate: float, score: float) -> dict:
+    """A trial's measured serving cost as ``phases.finish`` logs it: device-hours per
+    million tokens (and the tokens/s they follow from)."""
+    return {"serving/generate_device_hours_per_mtok": generate, "serving/score_device_hours_per_mtok": score,
+            "serving/generate_tokens_per_s": 1e6 / 3600 / generate, "serving/score_tokens_per_s": 1e6 / 3600 / score}
+
+
+@pytest.fixture(scope="module")
+def serving(store):
+    """At in-domain size SIZE, over domains a and b, all within any training budget:
+    - llm: the best perplexity (NLL 4.9) and 5 device-hours per million generated tokens;
+    - slm: NLL 5.0, 0.5 device-hours per million generated tokens (a tenth of llm's);
+    - slm-nopt: NLL 4.0, its models' serving never measured (exported without it);
+    - slm-is: NLL 5.3, measured on domain a only (so, as a configuration, not measured)."""
+    from mlflow.entities import RunTag
+
+    uri, client, exps = store
+    e = exps["serving"]
+    for d in ("a", "b"):
+        for strategy, nll, extra, params in (("llm", 4.9, _serving(5.0, 0.05), 5e6), ("slm", 5.0, _serving(0.5, 0.01), 1e6),
+                                             ("slm-nopt", 4.0, {}, 1e6),
+                                             ("slm-is", 5.3, _serving(0.4, 0.01) if d == "a" else {}, 1e6)):
+            run_id = _log(client, e, strategy, d, nll, params=params, flops=(1e9, 1e9), hours=(0.1, 0.1), extra=extra)
+            if extra:
+                client.set_tag(run_id, "serving_machine", "Test CPU, 2 cores, bf16 matrix units: none, 1 torch thread(s)")
+    return fr.load_configs(uri, "serving")
+
+
+def test_recommend_inference_cost_filters_by_the_measured_serving_cost(serving):
+    """``inference_cost``: a configuration fits when its measured cost per million tokens is
+    within it (device-hours, or priced at the price per device-hour); one whose models were
+    not all measured never fits."""
+    slm, llm = _by(serving, "slm"), _by(serving, "llm")
+    assert slm.serving == {"generate": pytest.approx(0.5), "score": pytest.approx(0.01)}
+    assert not _by(serving, "slm-nopt").serving and not _by(serving, "slm-is").serving  # unmeasured, half-measured
+    assert "Test CPU, 2 cores" in slm.serving_machine
+    assert fr.recommend(serving, 1e7, 1e12, 1).best.strategy == "slm-nopt"  # no serving limit: the best perplexity
+    assert fr.recommend(serving, 1e7, 1e12, 1, inference_cost=10.0).best is llm
+    assert fr.recommend(serving, 1e7, 1e12, 1, inference_cost=1.0).best is slm  # llm's 5 device-hours too dear
+    assert fr.recommend(serving, 1e7, 1e12, 1, inference_cost=0.1).best is None
+    # Scoring is cheaper: at 0.06 device-hours per million scored tokens, llm fits again.
+    assert fr.recommend(serving, 1e7, 1e12, 1, inference_cost=0.06, inference_task="score").best is llm
+    # Priced at 0.1 per device-hour: llm costs 0.5 per million generated tokens, slm 0.05.
+    assert fr.recommend(serving, 1e7, 1e12, 1, inference_cost=0.1, price_per_device_hour=0.1).best is slm
+    assert fr.recommend(serving, 1e7, 1e12, 1, inference_cost=0.6, price_per_device_hour=0.1).best is llm
+    with pytest.raises(SlmFactoryError, match="--inference-task 'train'"):
+        fr.recommend(serving, 1e7, 1e12, 1, inference_cost=1.0, inference_task="train")
+
+
+def test_report_table_has_a_measured_serving_cost_column(serving):
+    table = rp.markdown(serving)
+    header = next(line for line in table.splitlines() if line.startswith("| strategy"))
+    assert header.endswith("| serving cost / M tokens generate / score (device-hours) |")
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["slm"].endswith("| 0.5 / 0.01 |") and rows["llm"].endswith("| 5 / 0.05 |")
+    assert rows["slm-nopt"].endswith("| - / - |") and rows["slm-is"].endswith("| - / - |")
+    assert "measured once at export" in table and "on Test CPU, 2 cores" in table
+    priced = rp.markdown(serving, price_per_device_hour=0.1)
+    assert "(price at 0.1 / device-hour) |" in priced and "| 0.05 / 0.001 |" in priced and "| 0.5 / 0.005 |" in priced
+
+
+def test_recommend_command_answers_within_an_inference_cost(store, serving, capsys):
+    uri = store[0]
+    base = ["--set", f"tracking.uri={uri}", "--experiment", "serving", "--inference-params", "1e7",
+            "--spec-budget", "1e12", "--domains", "1"]
+    assert cli.main(["recommend", *base, "--inference-cost", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "recommended: slm " in out
+    assert ("serving cost (device-hours): 5.000e-01 per million generated tokens, 1.000e-02 per million scored "
+            "tokens (<= 1 asked); measured on Test CPU, 2 cores") in out
+    assert cli.main(["recommend", *base, "--inference-cost", "0.6",
+                     "--set", "serving.price_per_device_hour=0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "recommended: llm " in out and "serving cost (at 0.1 per device-hour): 5.000e-01 per million generated" in out
+    assert cli.main(["recommend", *base, "--inference-cost", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "<= 0.01 (device-hours) per million generated tokens" in err
+    # An experiment whose models were never measured: said so, not "nothing fits".
+    assert cli.main(["recommend", "--set", f"tracking.uri={uri}", "--experiment", "frontier", "--inference-params",
+                     "1e7", "--spec-budget", "1e13", "--domains", "1", "--in-domain", "1000",
+                     "--inference-cost", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--inference-cost: no configuration of 'frontier'" in err
+    assert "has a measured serving cost" in err

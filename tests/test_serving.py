@@ -32,7 +32,7 @@ def served(tiny_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("serving") / "work"
     shutil.copytree(tiny_root, work)
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-    overrides = {"workdir": str(work), "serving.replica_cpus": 0.5}
+    overrides = {"workdir": str(work), "serving.replica_cpus": 0.5, "serving.price_per_device_hour": 0.09}
     cfg = load_config(tiny, overrides)
     folders = {}
     for d in DOMAINS:
@@ -95,6 +95,26 @@ def test_models_and_completions_for_two_domains(served):
               for _ in range(2)]
     assert [ch.text for ch in seeded[0].choices] == [ch.text for ch in seeded[1].choices]
     assert len(seeded[0].choices) == 2
+
+
+def test_models_lists_each_models_measured_serving_cost(served):
+    """`/v1/models`: each trained domain's tokens/s for generation and scoring, measured when
+    its folder was exported, as device-hours and (``serving.price_per_device_hour`` 0.09) a
+    price per million tokens, with the machine; a folder that never measured it says null."""
+    cfg, url, folders = served
+    listed = {m["id"]: m for m in http("GET", f"{url}/v1/models").json()["data"]}
+    assert listed["vintage"]["serving_cost"] is None and "serving_cost" not in listed["auto"]
+    for d in DOMAINS:
+        cost = listed[d]["serving_cost"]
+        stored = json.loads((folders[d] / "slmfactory.json").read_text())["serving_rates"]
+        assert cost["price_per_device_hour"] == 0.09 and cost["threads"] == 1
+        assert "cores" in cost["measured_on"] and cost["measured_at"] == stored["machine"]["measured"]
+        for task in ("generate", "score"):
+            rate = stored[f"{task}_tokens_per_s"]
+            assert rate > 0 and cost[task]["tokens_per_s"] == pytest.approx(rate, abs=1e-3)
+            hours = 1e6 / rate / 3600
+            assert cost[task]["device_hours_per_million_tokens"] == pytest.approx(hours)
+            assert cost[task]["price_per_million_tokens"] == pytest.approx(hours * 0.09)
 
 
 def test_streaming_matches_the_whole_completion(served):

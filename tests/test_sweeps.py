@@ -205,6 +205,38 @@ def test_sweep_killed_midway_resumes_with_one_run_per_trial(work):
     none = cli("recommend", "-c", str(RECIPE), "--set", f"workdir={work}", "--inference-params", "10",
                "--spec-budget", "1e15", "--domains", "7", timeout=300)
     one_line_error(none, "no measured configuration")
+    _check_serving_costs(work, runs, out_dir, served)
+
+
+def _check_serving_costs(work, runs, out_dir, served):
+    """Each exported model's serving rates, measured at export: on its run (tokens/s, the
+    device-hours per million tokens they price to, the machine), in its registered folder,
+    in the report's column, and `recommend --inference-cost` answering from them."""
+    import pytest
+
+    for r in runs:
+        m = r.data.metrics
+        for task in ("generate", "score"):
+            assert m[f"serving/{task}_tokens_per_s"] > 0
+            assert m[f"serving/{task}_device_hours_per_mtok"] == pytest.approx(1e6 / 3600 / m[f"serving/{task}_tokens_per_s"])
+        assert "cores" in r.data.tags["serving_machine"] and "1 torch thread(s)" in r.data.tags["serving_machine"]
+    assert all(e.serving_rates is not None and e.serving_rates.generate_tokens_per_s > 0 for e in served.values())
+    table = (out_dir / "report.md").read_text()
+    assert "serving cost / M tokens generate / score (device-hours)" in table and "measured once at export" in table
+    rows = [line for line in table.splitlines()  # the configurations table's rows (macro ppl in bold)
+            if line.startswith(("| slm |", "| slm-nopt |")) and " | **" in line]
+    assert len(rows) == 2 and not any(line.endswith("| - / - |") for line in rows), rows
+    base = ["recommend", "-c", str(RECIPE), "--set", f"workdir={work}", "--inference-params", "1e9",
+            "--spec-budget", "1e15", "--domains", "7"]
+    rec = cli(*base, "--inference-cost", "1e9", timeout=300)
+    assert rec.returncode == 0, rec.stderr[-2000:]
+    assert "recommended:" in rec.stdout and "serving cost (device-hours): " in rec.stdout
+    assert "per million generated tokens" in rec.stdout and "(<= 1e+09 asked)" in rec.stdout
+    priced = cli(*base, "--inference-cost", "1e9", "--set", "serving.price_per_device_hour=0.09", timeout=300)
+    assert priced.returncode == 0 and "serving cost (at 0.09 per device-hour): " in priced.stdout
+    # Nothing serves a million tokens in a thousandth of a device-second.
+    none = cli(*base, "--inference-cost", "3e-10", timeout=300)
+    one_line_error(none, "no measured configuration", "<= 3e-10 (device-hours) per million generated tokens")
 
 
 def _check_parent_times_and_aliases(client, experiment, trial_runs):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from slmfactory.platform.config import load_config
-from slmfactory.platform.cost import CostRecord
+from slmfactory.platform.cost import SERVING_TASKS, CostRecord, ServingRates
 from slmfactory.platform.stages import Stage
 from slmfactory.trial import PARENT_TAG, TRIAL_TAG, TrialRecord as R, log_trial
 
@@ -79,6 +79,7 @@ RECORD_NAMES = {
     "GENERIC_PPL": "generic/generic_ppl", "ROUTED_GENERIC_PPL": "generic/routed_generic_ppl",
     "TEACHER_GENERIC_PPL": "generic/teacher_generic_ppl", "GENERIC_VALID_NLL": "generic/generic_valid_nll",
     "IS_SHARE": "is_share", "IS_SHARE_KINDS": ("source", "collection"),
+    "SERVING_MACHINE": "serving_machine",
     # curves
     "FINETUNE_VALID_NLL": "finetune/valid_nll", "FINETUNE_TRAIN_LOSS": "finetune/train_loss",
     # the parts the builders below combine
@@ -101,9 +102,11 @@ RECORD_METRICS = {
     "spent/generic_tokens", "spent/spec_tokens",
     "generic/generic_ppl", "generic/routed_generic_ppl", "generic/teacher_generic_ppl", "generic/generic_valid_nll",
     "is_share/source/doc-debian", "is_share/source/manpages", "is_share/collection/docs",
+    "serving/generate_tokens_per_s", "serving/score_tokens_per_s",
+    "serving/generate_device_hours_per_mtok", "serving/score_device_hours_per_mtok",
 }
 RECORD_TAGS = {"strategy", "domain", "phase", "in_domain_tokens", "generic_budget", "spec_budget", "settings",
-               "device", "generic_spent", "spec_spent", "group"}
+               "device", "generic_spent", "spec_spent", "group", "serving_machine"}
 RECORD_USED_PARAMS = {"pretrain/slm.precision_used", "pretrain/slm.compile_used"}
 STORED_TAGS = ("strategy", "domain", "generic_budget", "spec_budget", "in_domain_tokens", "settings")
 IDENTITY_COLUMNS = ("run_id", "trial_key", "pretrain_seed", "start_ms", "end_ms")
@@ -144,9 +147,16 @@ def record_for(cfg, domain: str, nll: float, tmp_path: Path) -> R:
                R.clustering_cost_metric("generic", "device_hours"): 0.05,
                R.is_share_metric("source", "doc-debian"): 0.75, R.is_share_metric("source", "manpages"): 0.25,
                R.is_share_metric("collection", "docs"): 1.0}
+    # The serving rates as the EXPORT stage measures and writes them (phases.finish).
+    rates = ServingRates(generate_tokens_per_s=500.0, score_tokens_per_s=20_000.0,
+                         machine={"cpu": "Test CPU", "cores": 2, "bf16_matrix": "", "threads": 1,
+                                  "measured": "2026-12-07 08:00 UTC"})
+    metrics |= {R.serving_rate_metric(t): rates.tokens_per_s(t) for t in SERVING_TASKS}
+    metrics |= {R.serving_cost_metric(t): rates.device_hours_per_million(t) for t in SERVING_TASKS}
     model = SpecializedModel(strategy="slm-is", domain=domain, path=folder, generic_cost=generic_cost,
                              spec_cost=spec_cost, params=123456, inference_flops_per_token=2.5e5, metrics=metrics,
-                             curves={R.FINETUNE_VALID_NLL: [[1, nll + 1.0], [2, nll]]})
+                             curves={R.FINETUNE_VALID_NLL: [[1, nll + 1.0], [2, nll]]},
+                             serving_rates=rates.to_dict())
     return trial_record(cfg, model, generic)
 
 
@@ -309,6 +319,8 @@ def test_every_name_the_record_owns_is_the_stored_one():
         (R.generic_metric("generic_ppl"), "generic/generic_ppl"),
         (R.generic_metric("valid_history"), "generic/valid_history"),
         (R.is_share_metric("source", "doc-debian"), "is_share/source/doc-debian"),
+        (R.serving_rate_metric("generate"), "serving/generate_tokens_per_s"),
+        (R.serving_cost_metric("score"), "serving/score_device_hours_per_mtok"),
         (R.used_param("pretrain/slm", "precision"), "pretrain/slm.precision_used"),
         (R.used_param("specialize/slm/legal", "compile"), "specialize/slm/legal.compile_used"),
     ]

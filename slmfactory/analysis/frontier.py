@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from slmfactory.platform.cost import MEASURED, PAPER, check_convention, generic_under
+from slmfactory.platform.cost import MEASURED, PAPER, SERVING_TASKS, check_convention, check_task, generic_under
 from slmfactory.platform.errors import DataError, SlmFactoryError
 from slmfactory.trial import TRIAL_TAG, TrialRecord
 
@@ -163,6 +163,21 @@ class MeasuredConfig:
     """How many clusters ``entropy`` is over (None: not logged)."""
     selected: dict[str, str] = field(default_factory=dict)
     """domain -> the settings chosen on validation for it (``finetune.lr=0.003``; empty: none)."""
+    serving: dict[str, float] = field(default_factory=dict)
+    """task (``generate``, ``score``) -> device-hours per million tokens of serving its models,
+    the mean over its domains' models of each one's measured rate (``serving/*``; empty: the
+    runs measured none)."""
+    serving_machine: str = ""
+    """What the serving rates were measured on (the runs' ``serving_machine`` tags, joined)."""
+
+    def has_serving_cost(self, task: str = "generate") -> bool:
+        return task in self.serving
+
+    def serving_cost(self, task: str = "generate", price_per_device_hour: float = 0.0) -> float:
+        """Cost per million ``task`` tokens: device-hours, or (``price_per_device_hour`` > 0)
+        their price."""
+        hours = self.serving[check_task(task)]
+        return hours * price_per_device_hour if price_per_device_hour > 0 else hours
 
     @property
     def n_seeds(self) -> int:
@@ -309,6 +324,11 @@ def load_configs(uri: str, experiment: str) -> list[MeasuredConfig]:
         for name in _SPENT_METRICS:
             if name in m:
                 acc.setdefault(name, []).append(m[name])
+        for task in SERVING_TASKS:
+            if R.serving_cost_metric(task) in m:
+                acc.setdefault(f"serving:{task}", []).append(m[R.serving_cost_metric(task)])
+        if t.get(R.SERVING_MACHINE):
+            acc.setdefault("serving_machine", []).append(t[R.SERVING_MACHINE])
     if not groups:
         raise DataError(f"MLflow experiment {experiment!r}: no finished sweep trials to report on")
     for key, c in groups.items():
@@ -319,6 +339,11 @@ def load_configs(uri: str, experiment: str) -> list[MeasuredConfig]:
         c.embed_generic = {u: max(acc[f"e:{u}"]) for u in COST_UNITS if f"e:{u}" in acc}
         c.spent_generic, c.spent_spec, c.epochs_generic, c.epochs_spec = (_mean(acc.get(name, []))
                                                                           for name in _SPENT_METRICS)
+        # Every domain's model measured, or the configuration has no serving cost (a mean over
+        # some of its models would price the configuration by the ones that happened to be).
+        c.serving = {task: float(np.mean(acc[f"serving:{task}"])) for task in SERVING_TASKS
+                     if len(acc.get(f"serving:{task}", [])) == len(c.nll)}
+        c.serving_machine = "; ".join(sorted(set(acc.get("serving_machine", []))))
     # Macro perplexity compares like with like: keep configurations measured on every domain.
     domains = set().union(*(c.nll for c in groups.values()))
     configs = [c for c in groups.values() if set(c.nll) == domains]
@@ -389,7 +414,11 @@ def pool_seeds(configs: list[MeasuredConfig]) -> list[MeasuredConfig]:
                                 paper_costs=mean_costs(lambda c: c.costs_in(PAPER)),
                                 seeds=tuple(",".join(f"{k}={v}" for k, v in sorted(parse_settings(c.settings).items())
                                                      if _is_seed(k)) for c in group),
-                                pooled_interval=union)
+                                pooled_interval=union,
+                                serving={task: float(np.mean([c.serving[task] for c in group])) for task in SERVING_TASKS
+                                         if all(task in c.serving for c in group)},
+                                serving_machine="; ".join(sorted({c.serving_machine for c in group
+                                                                  if c.serving_machine})))
         out.append(pooled)
     return sorted(out, key=lambda c: (c.in_domain, c.ppl_macro))
 
@@ -465,17 +494,25 @@ def pick_in_domain(configs: list[MeasuredConfig], in_domain: int | None) -> int:
 
 
 def recommend(configs: list[MeasuredConfig], inference_params: float, spec_budget: float, domains: int,
-              in_domain: int | None = None, cost: str = "flops", convention: str = PAPER) -> Recommendation:
+              in_domain: int | None = None, cost: str = "flops", convention: str = PAPER,
+              inference_cost: float | None = None, inference_task: str = "generate",
+              price_per_device_hour: float = 0.0) -> Recommendation:
     """Configurations of the chosen in-domain size that fit (served parameters <=
     ``inference_params``, per-domain budget C_spec + C_generic / N <= ``spec_budget`` in
-    ``cost`` units under cost ``convention``), best macro perplexity first; see
-    :class:`Recommendation`."""
+    ``cost`` units under cost ``convention``, and with ``inference_cost``, a measured serving
+    cost per million ``inference_task`` tokens <= it: device-hours, or their price at
+    ``price_per_device_hour`` when that is > 0), best macro perplexity first; see
+    :class:`Recommendation`. A configuration whose runs measured no serving cost never fits
+    an ``inference_cost``."""
     if cost not in COST_UNITS:
         raise SlmFactoryError(f"--cost {cost!r}: expected one of {', '.join(COST_UNITS)}")
     check_convention(convention)
+    check_task(inference_task, "--inference-task")
     size = pick_in_domain(configs, in_domain)
     fit = [c for c in configs if c.in_domain == size and c.has_cost(cost, convention) and c.params <= inference_params
-           and c.per_domain(domains, cost, convention) <= spec_budget]
+           and c.per_domain(domains, cost, convention) <= spec_budget
+           and (inference_cost is None or (c.has_serving_cost(inference_task)
+                                           and c.serving_cost(inference_task, price_per_device_hour) <= inference_cost))]
     return Recommendation(sorted(fit, key=lambda c: (c.ppl_macro, c.total(domains, cost, convention))), size, cost,
                           convention)
 

@@ -43,10 +43,24 @@ def _budget_cell(nominal: str, spent: float | None) -> str:
     return nominal + (f" ({spent:.3g} T spent)" if spent is not None else "")
 
 
-def markdown(configs: list[MeasuredConfig], n_domains: int | None = None) -> str:
+def serving_unit(price_per_device_hour: float = 0.0) -> str:
+    """The unit serving costs are shown in: device-hours, or their price at the recipe's
+    ``serving.price_per_device_hour``."""
+    return f"price at {price_per_device_hour:g} / device-hour" if price_per_device_hour > 0 else "device-hours"
+
+
+def serving_cell(c: MeasuredConfig, price_per_device_hour: float = 0.0) -> str:
+    """``generate / score`` cost per million tokens (``-`` where not measured)."""
+    return " / ".join(fmt(c.serving_cost(t, price_per_device_hour)) if c.has_serving_cost(t) else "-"
+                      for t in ("generate", "score"))
+
+
+def markdown(configs: list[MeasuredConfig], n_domains: int | None = None, price_per_device_hour: float = 0.0) -> str:
     """Every configuration per in-domain size: settings, nominal and spent budgets, macro
     perplexity with its interval (and the seed spread where the sweep has seeds),
-    per-domain perplexity with its bootstrap interval, costs and C(N) for N in AMORTISATION_N."""
+    per-domain perplexity with its bootstrap interval, costs and C(N) for N in AMORTISATION_N,
+    and the measured serving cost per million generated / scored tokens (in device-hours, or
+    priced at ``price_per_device_hour``), with the machine it was measured on."""
     domains = sorted(configs[0].nll)
     seeds = has_seeds(configs)
     out = []
@@ -56,7 +70,8 @@ def markdown(configs: list[MeasuredConfig], n_domains: int | None = None) -> str
                 + (["seed spread"] if seeds else []) + domains
                 + ["epochs g/s", "generic FLOPs measured / paper", "spec. FLOPs / domain",
                    "generic dev-h measured / paper", "spec. dev-h / domain", "inference FLOPs / token"]
-                + [f"C({k}) FLOPs measured / paper" for k in AMORTISATION_N])
+                + [f"C({k}) FLOPs measured / paper" for k in AMORTISATION_N]
+                + [f"serving cost / M tokens generate / score ({serving_unit(price_per_device_hour)})"])
         out += [f"### In-domain size {n:,} tokens ({len(domains)} domains: {', '.join(domains)})", "",
                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in rows:
@@ -66,8 +81,14 @@ def markdown(configs: list[MeasuredConfig], n_domains: int | None = None) -> str
                      + [f"{fmt(c.epochs_generic)}/{fmt(c.epochs_spec)}", _both(c, "flops", c.generic),
                         fmt(c.spec("flops")), _both(c, "device-hours", c.generic), fmt(c.spec("device-hours")),
                         fmt(c.inference)] + [_both(c, "flops", lambda u, conv, k=k: c.total(k, u, conv))
-                                             for k in AMORTISATION_N])
+                                             for k in AMORTISATION_N]
+                     + [serving_cell(c, price_per_device_hour)])
             out.append("| " + " | ".join(cells) + " |")
+        machines = sorted({c.serving_machine for c in rows if c.serving_machine})
+        if machines:
+            out += ["", "Serving costs: each domain model's tokens/s measured once at export (scoring: batched "
+                    "forward passes; generation: one greedy stream), on " + "; ".join(machines)
+                    + " (docs/costs.md#serving-cost)."]
         out.append("")
     return "\n".join(out)
 
@@ -190,8 +211,9 @@ def recommendation_table(configs: list[MeasuredConfig], cost: str = "flops", inf
 
 
 def write_report(uri: str, experiment: str, out: Path, inference_caps: tuple = (),
-                 log_to_mlflow: bool = True) -> dict[str, Any]:
-    """Tables and plots into ``out`` (and, logged, to the experiment's report run)."""
+                 log_to_mlflow: bool = True, price_per_device_hour: float = 0.0) -> dict[str, Any]:
+    """Tables and plots into ``out`` (and, logged, to the experiment's report run); serving
+    costs priced at ``price_per_device_hour`` (0: in device-hours)."""
     _, plt = pyplot()
     configs = load_configs(uri, experiment)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +230,7 @@ def write_report(uri: str, experiment: str, out: Path, inference_caps: tuple = (
                 fig, path = plot_amortisation(configs, size, cost, out, conv)
                 plt.close(fig)
                 files.append(path)
-    table = markdown(configs)
+    table = markdown(configs, price_per_device_hour=price_per_device_hour)
     rec = "\n\n".join(f"### Per-domain budget in {UNIT_LABEL[u]}, {conv} costs\n\n"
                       f"{recommendation_table(configs, u, inference_caps, conv)}"
                       for u in units for conv in COST_CONVENTIONS)

@@ -30,14 +30,16 @@ from slmfactory.models.trainer import (
     TrainResult, Trainer, autocast_for, bootstrap_ppl, eval_device, evaluate_on_trial_device, sequence_nlls)
 from slmfactory.platform.config import RunConfig, TrainConfig, from_dict
 from slmfactory.platform.cost import (
-    CostRecord, TRAIN, Work, inference_flops_per_token, model_flop_terms, train_flops_per_token)
+    SERVING_TASKS, CostRecord, ServingRates, TRAIN, Work, inference_flops_per_token, model_flop_terms,
+    train_flops_per_token)
 from slmfactory.platform.stages import Stage
 from slmfactory.trial import TrialRecord
 
 
 
 GENERIC_VERSION = "generic-v2"  # v2: epochs and the generic sample's perplexity recorded
-EXPORT_VERSION = "export-v3"  # v3: the per-sequence test NLLs (paired tests); v2: a seeded sample, bootstrap
+EXPORT_VERSION = "export-v4"  # v4: the serving rates measured (serving_rate); v3: the per-sequence test NLLs
+# (paired tests); v2: a seeded sample, bootstrap
 FINETUNE_VERSION = "finetune-v2"  # v2: early stopping validates the starting weights and can return them
 TEST_SAMPLE_SEED = 0
 """The test sample's seed: fixed, so every strategy, budget and rerun scores the same
@@ -343,10 +345,17 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
                 "test_ppl_lo": test["lo"], "test_ppl_hi": test["hi"], "test_sequences": test["sequences"],
                 "params": count_params(plain),
                 "inference_flops_per_token": inference_flops_per_token(plain, cfg.data.seq_len)}
-        export_hf(cfg, plain, work, {"strategy": strategy, "domain": domain, **info,
-                                     "generic_cost": generic_cost.to_dict() if generic_cost else None,
-                                     "spec_cost": spec_cost.to_dict()})
+        meta = {"strategy": strategy, "domain": domain, **info,
+                "generic_cost": generic_cost.to_dict() if generic_cost else None, "spec_cost": spec_cost.to_dict()}
+        export_hf(cfg, plain, work, meta)
         np.save(work / R.TEST_SEQ_NLL_FILE, np.asarray(test["seq_nll"], dtype=np.float64))
+        if cfg.serving.cost_measure_s > 0:
+            # The folder as `serve` loads it, timed once here (models/serving_rate.py says why).
+            from slmfactory.models.serving_rate import measure_folder
+
+            info["serving_rates"] = measure_folder(work, cfg.serving.cost_measure_s).to_dict()
+            (work / "slmfactory.json").write_text(json.dumps({**meta, "serving_rates": info["serving_rates"]},
+                                                             indent=2, default=str))
         return info
 
     info = stage.build(export)
@@ -354,6 +363,11 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
     metrics = {R.TEST_NLL: info["test_nll"], "test_ppl": info["test_ppl"], R.VALID_NLL: fit.result.best_valid_nll,
                R.FINETUNE_STEPS: fit.result.steps, R.FINETUNE_BEST_STEP: fit.result.best_step,
                R.EPOCHS_SPEC: fit.result.epochs, **(extra_metrics or {})}
+    rates = ServingRates.of(info.get("serving_rates"))
+    if rates is not None:
+        for task in SERVING_TASKS:
+            metrics |= {R.serving_rate_metric(task): rates.tokens_per_s(task),
+                        R.serving_cost_metric(task): rates.device_hours_per_million(task)}
     metrics |= {R.TEST_NLL_SE: info["test_nll_se"], "test_ppl_lo": info["test_ppl_lo"],
                 "test_ppl_hi": info["test_ppl_hi"], R.TEST_SEQUENCES: info["test_sequences"]}
     if generic is not None and "epochs" in generic.info:
@@ -367,7 +381,8 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
     record = SpecializedModel(strategy=strategy, domain=domain, path=stage.dir,
                               generic_cost=generic_cost, spec_cost=spec_cost,
                               params=info["params"], inference_flops_per_token=info["inference_flops_per_token"],
-                              metrics=metrics, curves=curves)
+                              metrics=metrics, curves=curves,
+                              serving_rates=rates.to_dict() if rates is not None else None)
     ctx.say(f"[{strategy}/{domain}] test ppl {info['test_ppl']:.2f}" +
             (f" (before fine-tuning {before_ppl:.2f})" if before_ppl is not None else "") + f" → {stage.dir}")
     return record

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -474,6 +475,8 @@ def _check_chat_template(template: str) -> None:
     _check(bool(text.strip()), key, "a template that renders a conversation to a non-empty prompt", template)
 
 
+MAX_COST_MEASURE_S = 60.0
+"""``serving.cost_measure_s``'s bound: measuring is spent on every model a sweep exports."""
 AUTO_ROUTES = ("nll", "cluster")
 """``serving.auto_route``'s values."""
 
@@ -547,6 +550,15 @@ class ServingConfig:
     """Tokens of a prompt ``auto_route: nll`` scores with each model: all of a shorter prompt,
     else its first and last halves (``engine.route_pieces``). What bounds the latency
     ``auto`` adds: one forward of at most this many tokens per start-up domain."""
+    price_per_device_hour: float = 0.0
+    """Price of one hour of the device that serves (the machine a model's rates are measured
+    on, in your billing currency): ``/v1/models``, the report and ``recommend --inference-cost``
+    turn each model's measured device-hours per million tokens into a price with it; 0: shown
+    in device-hours only (docs/costs.md#serving-cost)."""
+    cost_measure_s: float = 1.0
+    """Seconds the EXPORT stage spends measuring an exported model's scoring and generation
+    tokens/s on this machine (``models/serving_rate.py``; at least one timed pass of each,
+    whatever this says); 0: not measured (no serving cost for the model)."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "serving.port", "1..65535", self.port)
@@ -555,6 +567,12 @@ class ServingConfig:
                self.route_tokens)
         for name in ("rate_limit_rpm", "rate_limit_tpm", "batch_wait_s"):
             _check(getattr(self, name) >= 0, f"serving.{name}", ">= 0", getattr(self, name))
+        for name in ("price_per_device_hour", "cost_measure_s"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, f"serving.{name}",
+                   "a number >= 0", value)
+        _check(self.cost_measure_s <= MAX_COST_MEASURE_S, "serving.cost_measure_s",
+               f"<= {MAX_COST_MEASURE_S:g} seconds (it is spent on every exported model)", self.cost_measure_s)
         for name in ("request_timeout_s", "max_domain_disk_mb"):
             _check(getattr(self, name) > 0, f"serving.{name}", "> 0", getattr(self, name))
         for name in ("max_models_per_replica", "min_replicas", "max_ongoing_requests", "max_request_bytes",

@@ -264,3 +264,88 @@ def generic_under(convention: str, generic: float, embed_generic: float) -> floa
     generic corpus's embedding it contains (never below 0)."""
     check_convention(convention)
     return generic if convention == MEASURED else max(0.0, generic - embed_generic)
+
+
+# -- serving: measured tokens/s priced per million tokens ---------------------------------
+#
+# What serving a model costs is not its parameter count but its tokens/s on the device that
+# serves it. Each exported model's rates are measured once (``models/serving_rate.py``, in
+# the EXPORT stage) for the two things the API does: scoring (``/v1/score``: one forward pass
+# over the text) and generation (``/v1/completions``: one forward per new token). A million
+# tokens at r tokens/s take 1e6 / r device-seconds; the price is those hours times
+# ``serving.price_per_device_hour``, applied when read (never frozen into a run).
+
+SERVING_TASKS = ("generate", "score")
+"""What a served model's rates are measured for: generation (``/v1/completions``, one stream)
+and scoring (``/v1/score``, batched forward passes)."""
+MILLION = 1_000_000
+
+
+def device_hours_per_million(tokens_per_s: float) -> float:
+    """Device-hours one device spends on a million tokens at ``tokens_per_s``."""
+    if not tokens_per_s > 0:
+        raise ValueError(f"tokens_per_s: expected > 0, got {tokens_per_s!r}")
+    return MILLION / tokens_per_s / 3600.0
+
+
+@dataclass(frozen=True)
+class ServingRates:
+    """A served model's measured tokens/s per task (:data:`SERVING_TASKS`) and the machine
+    they were measured on (``platform.machine.this_machine``: CPU, cores, GPU, torch threads,
+    date); what a model folder's ``slmfactory.json`` holds under ``serving_rates``."""
+
+    generate_tokens_per_s: float
+    score_tokens_per_s: float
+    machine: dict = field(default_factory=dict)
+    how: dict = field(default_factory=dict)
+    """How they were measured: batch and token counts, seconds, passes (``serving_rate``)."""
+
+    def tokens_per_s(self, task: str) -> float:
+        return self.generate_tokens_per_s if check_task(task) == "generate" else self.score_tokens_per_s
+
+    def device_hours_per_million(self, task: str) -> float:
+        return device_hours_per_million(self.tokens_per_s(task))
+
+    def price_per_million(self, task: str, price_per_device_hour: float) -> float:
+        return self.device_hours_per_million(task) * price_per_device_hour
+
+    def view(self, price_per_device_hour: float = 0.0) -> dict:
+        """What ``/v1/models`` and ``recommend`` show: per task its tokens/s, device-hours per
+        million tokens and (with a price per device-hour) the price per million tokens, and
+        the machine the rates were measured on."""
+        from slmfactory.platform.machine import describe
+
+        tasks = {}
+        for task in SERVING_TASKS:
+            row = {"tokens_per_s": round(self.tokens_per_s(task), 3),
+                   "device_hours_per_million_tokens": self.device_hours_per_million(task)}
+            if price_per_device_hour > 0:
+                row["price_per_million_tokens"] = self.price_per_million(task, price_per_device_hour)
+            tasks[task] = row
+        return {**tasks, "price_per_device_hour": price_per_device_hour or None,
+                "measured_on": describe(self.machine) if self.machine else "unknown machine",
+                "measured_at": self.machine.get("measured", ""), "threads": self.machine.get("threads")}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, d: dict | None) -> "ServingRates | None":
+        """From ``to_dict``'s form; None for None or a dict without both positive rates."""
+        if not isinstance(d, dict):
+            return None
+        try:
+            rates = cls(float(d["generate_tokens_per_s"]), float(d["score_tokens_per_s"]),
+                        dict(d.get("machine") or {}), dict(d.get("how") or {}))
+        except (KeyError, TypeError, ValueError):
+            return None
+        return rates if rates.generate_tokens_per_s > 0 and rates.score_tokens_per_s > 0 else None
+
+
+def check_task(task: str, flag: str = "task") -> str:
+    """``task`` when it is one of :data:`SERVING_TASKS`, else a one-line error naming ``flag``."""
+    from slmfactory.platform.errors import SlmFactoryError
+
+    if task not in SERVING_TASKS:
+        raise SlmFactoryError(f"{flag} {task!r}: expected one of {', '.join(SERVING_TASKS)}")
+    return task

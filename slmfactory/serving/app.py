@@ -117,6 +117,7 @@ class DomainModels(DomainServer):
                 lambda: {d: self.catalog.get(d) or self.domains.entry(d) for d in self.served_names()})
             data = [{"id": d, "object": "model", "created": 0, "owned_by": "slmfactory",
                      "strategy": e["strategy"], "params": e["params"], "test_ppl": e["test_ppl"],
+                     "serving_cost": e.get("serving_cost"),
                      **(compared_view(e) if "compared" in e else {})}
                     for d, e in entries.items() if e is not None]
             if self.auto_served:
@@ -220,8 +221,8 @@ def build_app(args: dict):
     else:
         experiment = args.get("from_mlflow") or experiment_name(cfg)
         entries = cat.from_mlflow(cfg.tracking_uri, experiment, cap)
-    catalog = {d: {"path": e.path, "strategy": e.strategy, "params": e.params, "test_ppl": e.test_ppl}
-               for d, e in entries.items()}
+    catalog = {d: {"path": e.path, "strategy": e.strategy, "params": e.params, "test_ppl": e.test_ppl,
+                   "serving_cost": e.serving_cost(s.price_per_device_hour)} for d, e in entries.items()}
     if s.auto_route == "nll" and len(catalog) > s.max_models_per_replica:
         # auto scores a prompt with every start-up domain's model, each replica with its own:
         # more models than its cache holds would reload models on every auto request.

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmfactory.data.clusters import load_clusters
+from slmfactory.platform.cost import ServingRates
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import replace_dir
 from slmfactory.platform.tracking import client_for
@@ -25,6 +26,21 @@ class Entry:
     test_ppl: float
     uri: str = ""
     """Where it came from in the model registry (``models:/NAME@ALIAS``), if it did."""
+    serving_rates: ServingRates | None = None
+    """Its tokens/s for scoring and generation, measured when it was exported (its
+    ``slmfactory.json``'s ``serving_rates``; None: not measured)."""
+
+    def serving_cost(self, price_per_device_hour: float = 0.0) -> dict | None:
+        """What ``/v1/models`` shows as ``serving_cost`` (``ServingRates.view``); None: unmeasured."""
+        return self.serving_rates.view(price_per_device_hour) if self.serving_rates is not None else None
+
+
+def serving_rates_in(folder: str | Path) -> ServingRates | None:
+    """The measured serving rates an exported model folder's ``slmfactory.json`` holds."""
+    try:
+        return ServingRates.of(json.loads((Path(folder) / "slmfactory.json").read_text()).get("serving_rates"))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def from_folder(models_dir: Path, max_params: float = math.inf) -> dict[str, Entry]:
@@ -43,7 +59,8 @@ def from_folder(models_dir: Path, max_params: float = math.inf) -> dict[str, Ent
         try:
             meta = json.loads(meta_path.read_text())
             e = Entry(meta["domain"], str(meta_path.parent.resolve()), meta.get("strategy", "?"),
-                      int(meta["params"]), float(meta["test_ppl"]))
+                      int(meta["params"]), float(meta["test_ppl"]),
+                      serving_rates=ServingRates.of(meta.get("serving_rates")))
         except (ValueError, KeyError, TypeError):
             continue  # not a model folder this version wrote
         if e.params <= max_params and (e.domain not in best or e.test_ppl < best[e.domain].test_ppl):
@@ -74,7 +91,8 @@ def from_mlflow(uri: str, experiment: str, max_params: float = math.inf) -> dict
         raise DataError(f"--from-mlflow {experiment!r}: no finished trial"
                         + (f" of at most {max_params:.3g} parameters" if math.isfinite(max_params) else ""))
     # The model folder is the run's `model` artifact (local for a sqlite store, downloaded otherwise).
-    return {d: Entry(d, client.download_artifacts(e.path, "model"), e.strategy, e.params, e.test_ppl)
+    folders = {d: client.download_artifacts(e.path, "model") for d, e in best.items()}
+    return {d: Entry(d, folders[d], e.strategy, e.params, e.test_ppl, serving_rates=serving_rates_in(folders[d]))
             for d, e in best.items()}
 
 
@@ -115,7 +133,8 @@ def from_registry(uri: str, experiment: str, dest: Path, alias: str = "champion"
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp))
             replace_dir(local, target)
         out[d] = Entry(d, str(target), t.get(R.STRATEGY, "?"), int(m.get(R.PARAMS, 0)),
-                       float(m.get(R.ppl_metric(d), math.nan)), uri=f"{model_uri} (version {mv.version})")
+                       float(m.get(R.ppl_metric(d), math.nan)), uri=f"{model_uri} (version {mv.version})",
+                       serving_rates=serving_rates_in(target))
     if not out:
         raise DataError(f"--from-registry {alias}: no registered model {prefix}<domain> has the alias {alias!r} at "
                         f"{uri} (a finished `slmfactory sweep` sets them)")

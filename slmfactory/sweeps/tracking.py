@@ -152,7 +152,8 @@ def log_report_to_sweep(uri: str, experiment: str, out: Path, report: dict[str, 
                                                   R.paper_cost_metric("generic", "flops"),
                                                   R.total_flops_metric(7, paper=True))
     rows = {"configuration": [], "strategy": [], R.PARAMS: [], R.PPL_MACRO: [], generic: [],
-            "cost/spec_flops_per_domain": [], total: [], paper_generic: [], paper_total: []}
+            "cost/spec_flops_per_domain": [], total: [], paper_generic: [], paper_total: [],
+            R.serving_cost_metric("generate"): []}
     for c in report.get("configs", []):
         rows["configuration"].append(getattr(c, "label", c.strategy))
         rows["strategy"].append(c.strategy)
@@ -165,6 +166,8 @@ def log_report_to_sweep(uri: str, experiment: str, out: Path, report: dict[str, 
         paper = c.costs_in("paper").get("flops", (0.0, 0.0))
         rows[paper_generic].append(float(paper[0]))
         rows[paper_total].append(float(paper[0]) + 7 * float(paper[1]))
+        # Measured device-hours per million generated tokens (None: not measured).
+        rows[R.serving_cost_metric("generate")].append(c.serving.get("generate") if hasattr(c, "serving") else None)
     if rows["strategy"]:
         client.log_table(run_id, data=rows, artifact_file="configurations.json")
     return run_id

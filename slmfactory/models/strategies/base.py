@@ -123,6 +123,9 @@ class SpecializedModel:
     """``test_nll``/``test_ppl`` after specialisation, ``test_ppl_before`` before, …"""
     curves: dict[str, list] = field(default_factory=dict)
     """Metric name -> [(step, value)]: the fine-tune's (and generic phase's) curves."""
+    serving_rates: dict | None = None
+    """The exported folder's measured serving rates (``platform.cost.ServingRates.to_dict``;
+    None: not measured, ``serving.cost_measure_s`` 0)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "domain": self.domain, "path": str(self.path),
