@@ -200,7 +200,7 @@ def describe(plan: SweepPlan, cfg: RunConfig) -> str:
     lines = [f"sweep {plan.name!r}: {len(plan.trials)} trials, {len(plan.generic)} shared generic phases",
              f"device profile {profile.name}: peak {profile.peak_flops:.3g} FLOP/s, "
              + (f"measured training throughput {measured} (MFU {profile.mfu} elsewhere)" if measured
-                else f"MFU {profile.mfu}") + "; each phase on its own resources (below)", "",
+                else f"MFU {profile.mfu}") + "; each phase on its own resources (scaling.<phase>)", "",
              f"{'generic phase':<28}{'trials':>7}{'tokens':>12}{'FLOPs':>12}{'hours':>11}{'epochs':>8}"]
     pool = cfg.cluster.max_generic_windows * cfg.cluster.window_tokens * WINDOW_FILL
     for p in plan.generic:
