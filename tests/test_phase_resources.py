@@ -115,7 +115,7 @@ def test_pretraining_and_fine_tunes_reserve_their_own_resources_and_fine_tunes_p
         outcome = run_sweep(cfg, address=two_node_cluster, log=lines.append)
     log = "\n".join(lines)
     assert outcome is not None and len(outcome.records) == 4, log[-3000:]
-    assert "up to 4 at a time on 2 nodes x (1 CPU)" in log, log[-3000:]
+    assert "up to 4 at a time (2 CPUs) on 2 nodes x (1 CPU) (slm: 4 at once, each 0.5 CPU)" in log, log[-3000:]
     assert "[pretrain/slm] Ray Train (pretrain resources): 2 x (1 CPU)" in log, log[-3000:]
 
     groups = list(watch.seen.values())

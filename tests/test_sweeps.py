@@ -431,3 +431,33 @@ def test_a_described_cluster_goes_with_dry_run_only(work):
     one_line_error(out, "--nodes/--gpus-per-node/--cpus-per-node", "--dry-run")
 
 
+
+
+def test_trials_pack_by_their_phases_resources_and_the_projected_wall_time_follows():
+    from slmfactory.platform.config import load_config
+    from slmfactory.sweeps.plan import (
+        ClusterShape, copies_that_fit, device_seconds, plan_sweep, projected_wall, trial_resources)
+
+    two_cpus = [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert copies_that_fit(two_cpus, [{"CPU": 0.5}]) == 4 and copies_that_fit(two_cpus, [{"CPU": 1.0}]) == 2
+    # A driver beside a Ray Train group of 2 x 1 CPU holds 2.1 CPUs: never on 2.
+    assert copies_that_fit(two_cpus, [{"CPU": 0.1}, {"CPU": 1.0}, {"CPU": 1.0}]) == 0
+    gpu_nodes = list(ClusterShape.described(4, 8, 96).nodes)
+    assert copies_that_fit(gpu_nodes, [{"GPU": 0.5, "CPU": 6.0}]) == 64     # GPU-bound: 16 a node
+    assert copies_that_fit(gpu_nodes, [{"GPU": 0.5, "CPU": 12.0}]) == 32    # CPU-bound: 8 a node
+    assert copies_that_fit(gpu_nodes, [{"CPU": 0.1}] + [{"GPU": 1.0, "CPU": 8.0}] * 8) == 4
+
+    base = {"sweep.strategies": ["slm"], "sweep.grid": {"finetune.seed": [0, 1]}}
+    per_phase = load_config(RECIPE, {**base, "scaling.finetune.cpus_per_worker": 0.5})
+    plan = plan_sweep(per_phase, ["legal", "biomedical"])
+    res = trial_resources(plan.trials[0].config(per_phase), "slm")
+    assert (res.head, res.groups, res.held) == ({"CPU": 0.5}, (), ("finetune",))
+    ddp = trial_resources(load_config(RECIPE, {**base, "scaling.finetune.num_workers": 2}), "slm")
+    assert (ddp.head, ddp.groups, ddp.held) == ({"CPU": 0.1}, (({"CPU": 1.0}, {"CPU": 1.0}),), ())
+
+    # Four equal trials: all at once on half a CPU each, two at a time on one CPU each.
+    cluster = ClusterShape(tuple(two_cpus), "test")
+    one = sum(device_seconds(w, per_phase.device) for w in plan.spec_work[plan.trials[0].key])
+    _, packed = projected_wall(plan, per_phase, cluster)
+    _, global_only = projected_wall(plan, load_config(RECIPE, base), cluster)
+    assert packed == pytest.approx(one) and global_only == pytest.approx(2 * one)

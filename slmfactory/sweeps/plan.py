@@ -409,6 +409,11 @@ def projected_wall(plan: SweepPlan, cfg: RunConfig, cluster: ClusterShape) -> tu
     return generic, now
 
 
+def wall_label(seconds: float) -> str:
+    """``1,028.5 h``; under an hour in minutes (``48 min``)."""
+    return f"{seconds / 3600:,.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
 def describe_resources(plan: SweepPlan, cfg: RunConfig, cluster: ClusterShape) -> str:
     """The dry-run's resource plan: each phase's workers, GPUs and CPUs, each strategy's
     trial reservation, how many trials run at once on ``cluster`` (and how many the global
@@ -453,7 +458,7 @@ def describe_resources(plan: SweepPlan, cfg: RunConfig, cluster: ClusterShape) -
     if trials == float("inf"):
         lines.append("projected wall time: a trial's reservation fits on no node of this cluster")
     else:
-        lines.append(f"projected wall time on this cluster: generic phases {generic / 3600:,.1f} h (one after "
-                     f"another), trials {trials / 3600:,.1f} h, all {(generic + trials) / 3600:,.1f} h "
+        lines.append(f"projected wall time on this cluster: generic phases {wall_label(generic)} (one after "
+                     f"another), trials {wall_label(trials)}, all {wall_label(generic + trials)} "
                      f"({cfg.device.name} profile; ideal data parallelism, no queueing or start-up)")
     return "\n".join(lines)

@@ -451,7 +451,17 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
         # Ray Train groups could only wait (Ray's advice for Train inside Tune).
         concurrent = cfg.sweep.max_concurrent or max(1, max(fits.values()))
         if log:
-            log(f"[sweep] {len(plan.trials)} trials on Ray Tune, up to {concurrent} at a time on {shape.label()} ("
+            for strategy, n in fits.items():
+                if n == 0:  # Ray would hold the trial's placement group request until nodes join
+                    held = reserve[next(t.key for t in plan.trials if t.strategy == strategy)]
+                    log(f"[sweep] warning: a {strategy} trial reserves {held.label()} at once, which no placement "
+                        f"on {shape.label()} holds: its trials wait until the cluster grows (an autoscaler adds "
+                        f"nodes); lower scaling.<phase> or add nodes")
+        if log:
+            cpus = sum(n.get("CPU", 0.0) for n in shape.nodes)
+            gpus = sum(n.get("GPU", 0.0) for n in shape.nodes)
+            log(f"[sweep] {len(plan.trials)} trials on Ray Tune, up to {concurrent} at a time ({cpus:g} CPUs"
+                + (f", {gpus:g} GPUs" if gpus else "") + f") on {shape.label()} ("
                 + ", ".join(f"{s}: {n} at once, each {reserve[next(t.key for t in plan.trials if t.strategy == s)].label()}"
                             for s, n in fits.items())
                 + f"); MLflow experiment {experiment_name(cfg)!r} at {cfg.tracking_uri}")
