@@ -10,6 +10,9 @@ process). The trials' and the trainer's placement groups, read from Ray's GCS
 fine-tunes hold their reservations at once where the global ``scaling`` (1 CPU per trial)
 lets 2 fit on the cluster's 2 CPUs.
 
+A second sweep gives each fine-tune 2 workers: Ray Train runs inside the trial, on a
+placement group of exactly the phase's workers beside the trial's own driver bundle.
+
 What decides the count is Ray's resource accounting, not timing: Tune asks for every
 trial's placement group when the trials start, a group is created only when its bundle
 fits, and a trial's group lives until the trial (tens of seconds of training here) ends.
@@ -75,13 +78,14 @@ class PlacementGroupWatch:
         self._thread.join(10)
 
 
-@pytest.fixture
-def two_node_cluster(monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the driver sends the token too
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("SLMFACTORY_LAUNCHER", raising=False)  # each phase where its resources say
-    with local_cluster() as (address, _):
-        yield address
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "token")  # the driver sends the token too
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.delenv("SLMFACTORY_LAUNCHER", raising=False)  # each phase where its resources say
+        with local_cluster() as (address, _):
+            yield address
 
 
 @pytest.mark.timeout(900)
@@ -127,3 +131,32 @@ def test_pretraining_and_fine_tunes_reserve_their_own_resources_and_fine_tunes_p
     assert 1 <= len(trial_groups) <= 4 and len(groups) == len(trial_groups) + 1, groups
     # More fine-tunes held their resources at once than the global setting lets fit (2).
     assert watch.most_trials_at_once > 2, (watch.most_trials_at_once, groups)
+
+
+@pytest.mark.timeout(900)
+def test_a_fine_tune_of_two_workers_runs_ray_train_inside_its_trial_on_exactly_its_resources(two_node_cluster,
+                                                                                             tiny_root, tmp_path):
+    """Ray Train inside a Tune trial, as Ray documents it for Train V2: the trial reserves
+    only itself as the driver (a tenth of a CPU), and its fine-tune's ``TorchTrainer`` asks
+    for exactly the phase's 2 workers of half a CPU, in a placement group of its own; the
+    plan counts both, so one trial runs at a time on 2 CPUs (0.1 + 2 x 0.5, twice, is 2.2)."""
+    from slmfactory.platform.config import load_config
+    from slmfactory.sweeps.run import run_sweep
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_root, work)
+    cfg = load_config(RECIPE, {"workdir": str(work), "tracking.enabled": False, "sweep.strategies": ["slm"],
+                               "sweep.domains": ["legal", "biomedical"],
+                               "scaling.finetune.num_workers": 2, "scaling.finetune.cpus_per_worker": 0.5})
+    lines: list[str] = []
+    with PlacementGroupWatch({"CPU": 0.1}) as watch:
+        outcome = run_sweep(cfg, address=two_node_cluster, log=lines.append)
+    log = "\n".join(lines)
+    assert outcome is not None and len(outcome.records) == 2, log[-3000:]
+    assert "up to 1 at a time (2 CPUs)" in log and "each 0.1 CPU + Ray Train 2 x (0.5 CPU)" in log, log[-3000:]
+    groups = list(watch.seen.values())
+    trainers = [g for g in groups if g == [{"CPU": 0.5}, {"CPU": 0.5}]]
+    drivers = [g for g in groups if g == [{"CPU": 0.1}]]
+    # One Ray Train group per fine-tune (one a trial), the trials' own driver bundles, nothing else
+    # (the generic phase, one CPU worker, trained in the driver's process).
+    assert len(trainers) == 2 and 1 <= len(drivers) <= 2 and len(groups) == len(trainers) + len(drivers), groups

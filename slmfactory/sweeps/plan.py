@@ -274,7 +274,7 @@ class TrialResources:
     def label(self) -> str:
         text = _bundle_label(self.head)
         for g in self.groups:
-            text += f" + Ray Train {len(g)} x {_bundle_label(g[0])}"
+            text += f" + Ray Train {len(g)} x ({_bundle_label(g[0])})"
         return text
 
 
