@@ -44,9 +44,10 @@ class PlacementGroupWatch:
     group seen (id -> bundles) and the most single-bundle groups of ``trial_bundle`` that
     were CREATED (reserved) at once."""
 
-    def __init__(self, trial_bundle: dict[str, float]):
-        self.trial_bundle = trial_bundle
+    def __init__(self, trial_bundle: dict[str, float], address: str):
+        self.trial_bundle, self.address = trial_bundle, address
         self.seen: dict[str, list[dict[str, float]]] = {}
+        self.before: set[str] = set()
         self.most_trials_at_once = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -62,6 +63,8 @@ class PlacementGroupWatch:
                     table = {}
                 created = 0
                 for pg_id, pg in table.items():
+                    if pg_id in self.before:
+                        continue  # an earlier test's (the GCS keeps removed groups)
                     bundles = _bundles(pg)
                     self.seen.setdefault(pg_id, bundles)
                     if pg["state"] == "CREATED" and bundles == [self.trial_bundle]:
@@ -70,12 +73,23 @@ class PlacementGroupWatch:
             self._stop.wait(0.2)
 
     def __enter__(self):
+        # The test holds the driver's connection across the sweep (run_sweep joins it and
+        # leaves it up), so the groups already in the GCS are known before the sweep starts.
+        from slmfactory.platform.runtime import init_ray
+
+        init_ray(self.address)
+        import ray
+
+        self.before = set(ray.util.placement_group_table())
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
+        import ray
+
         self._stop.set()
         self._thread.join(10)
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +129,7 @@ def test_pretraining_and_fine_tunes_reserve_their_own_resources_and_fine_tunes_p
     assert concurrency(plan, global_cfg, two_cpus) == {"slm": 2}
 
     lines: list[str] = []
-    with PlacementGroupWatch({"CPU": 0.5}) as watch:
+    with PlacementGroupWatch({"CPU": 0.5}, two_node_cluster) as watch:
         outcome = run_sweep(cfg, address=two_node_cluster, log=lines.append)
     log = "\n".join(lines)
     assert outcome is not None and len(outcome.records) == 4, log[-3000:]
@@ -149,7 +163,7 @@ def test_a_fine_tune_of_two_workers_runs_ray_train_inside_its_trial_on_exactly_i
                                "sweep.domains": ["legal", "biomedical"],
                                "scaling.finetune.num_workers": 2, "scaling.finetune.cpus_per_worker": 0.5})
     lines: list[str] = []
-    with PlacementGroupWatch({"CPU": 0.1}) as watch:
+    with PlacementGroupWatch({"CPU": 0.1}, two_node_cluster) as watch:
         outcome = run_sweep(cfg, address=two_node_cluster, log=lines.append)
     log = "\n".join(lines)
     assert outcome is not None and len(outcome.records) == 2, log[-3000:]
