@@ -15,6 +15,7 @@ from pathlib import Path
 
 from slmfactory.platform import runtime  # noqa: F401  (sets Ray/MLflow env defaults first)
 from slmfactory.platform.errors import SlmFactoryError
+from slmfactory.platform.runtime import say
 
 SUBCOMMANDS = ("corpus", "tokenizer", "cluster", "resample", "train", "sweep", "report", "recommend", "ui", "serve",
                "demo", "specialize", "config", "calibrate")
@@ -411,8 +412,8 @@ def cmd_specialize(args) -> None:
     if not texts:
         raise SlmFactoryError(f"--docs {args.docs}: no documents (.txt: one per file; .jsonl/.parquet: a 'text' field)")
     with runtime.ray_session(args.address):
-        families = generic_families(cfg, train=True, log=print)
-        entry, built = create_domain(cfg, args.name, texts, families, log=print)
+        families = generic_families(cfg, train=True, log=say)
+        entry, built = create_domain(cfg, args.name, texts, families, log=say)
         print(f"{'rule':<20}{'held-out ppl':>13}{'seconds':>9}{'FLOPs':>11}")
         for rule, c in built.candidates.items():
             print(f"{rule:<20}{c.heldout_ppl:>13.2f}{c.seconds:>9.2f}{c.flops:>11.2e}" + ("  <- served" if rule == built.chosen else ""))

@@ -13,9 +13,10 @@ from slmfactory.pipeline import ensure_corpus
 from slmfactory.platform.config import RunConfig
 from slmfactory.sweeps.run import run_sweep
 from slmfactory.sweeps.tracking import log_report_to_sweep
+from slmfactory.platform.runtime import say
 
 
-def run_demo(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
+def run_demo(cfg: RunConfig, log: Callable[[str], None] = say) -> dict:
     """``make demo``: the whole platform. Corpus -> tokenizer -> clusters -> the recipe's
     sweep (Ray Tune, MLflow) -> report (tables, plots) -> recommendation."""
     t0 = time.perf_counter()

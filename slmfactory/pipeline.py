@@ -21,11 +21,11 @@ from slmfactory.models.strategies.base import StrategyContext
 from slmfactory.platform.config import RunConfig
 from slmfactory.platform.cost import PAPER, generic_under
 from slmfactory.platform.errors import DataError
-from slmfactory.platform.runtime import ray_session
+from slmfactory.platform.runtime import ray_session, say
 from slmfactory.trial import TrialRecord, log_trial, trial_of
 
 
-def ensure_corpus(cfg: RunConfig, build: bool, log: Callable[[str], None] = print) -> None:
+def ensure_corpus(cfg: RunConfig, build: bool, log: Callable[[str], None] = say) -> None:
     # A build from the pinned packages with other settings is rebuilt where building is allowed.
     if manifest_path(cfg.corpus_dir).is_file() and (not build or corpus_is_current(cfg)):
         return
@@ -43,7 +43,7 @@ def check_domain(cfg: RunConfig, domain: str) -> None:
                         f"(domains: {', '.join(domains)})")
 
 
-def run_trial(cfg: RunConfig, log: Callable[[str], None] | None = print, launcher=None) -> TrialRecord:
+def run_trial(cfg: RunConfig, log: Callable[[str], None] | None = say, launcher=None) -> TrialRecord:
     """The one driver of a trial, behind ``train``, ``demo`` and every sweep trial: prepare
     the stages the strategy needs, pretrain (or reuse) its generic phase, specialise it on
     ``data.domain``, evaluate; returns the trial's record (what MLflow logs). Every step
@@ -111,7 +111,7 @@ def trial_record(cfg: RunConfig, model, generic) -> TrialRecord:
                        model_path=str(model.path), curves=model.curves)
 
 
-def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str], None] = print) -> TrialRecord:
+def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str], None] = say) -> TrialRecord:
     """``slmfactory train``: one trial, logged to MLflow as one run, and printed."""
     # Bad input fails here, in a second, before a Ray session starts.
     ensure_corpus(cfg, build=False)

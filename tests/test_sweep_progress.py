@@ -120,3 +120,44 @@ def test_terminal_gets_the_live_table():
     text = out.decode(errors="replace")
     assert "finished slm-legal: ppl 300.00" in text
     assert "best so far (ppl_macro)" in text and "300.00  slm-legal" in text and "┃" in text
+
+
+def test_default_loggers_pickle_after_ray_patches_print(monkeypatch):
+    """Ray Data's progress bars (tqdm_ray) and Train V2's log capture replace
+    ``builtins.print`` in the process that runs them. A sweep's callbacks (which Tune
+    pickles into its experiment state) and launchers hold the driver's logger; when that was
+    ``print`` itself, a demo whose driver had just run a Ray Data stage died at the sweep's
+    start with "Can't pickle <built-in function print>". Every default logger pickles
+    whatever ``builtins.print`` is, and still prints through it."""
+    import builtins
+    import inspect
+    import pickle
+
+    import cloudpickle
+
+    from slmfactory.demo import run_demo
+    from slmfactory.models.calibrate import calibrate
+    from slmfactory.models.distributed import make_launcher
+    from slmfactory.models.trainer import Trainer
+    from slmfactory.pipeline import ensure_corpus, run_strategy, run_trial
+    from slmfactory.sweeps.run import run_sweep
+
+    seen: list[str] = []
+    original = builtins.print
+
+    def patched_print(*args, **kwargs):  # what tqdm_ray's safe_print does: print, then redraw
+        seen.append(" ".join(map(str, args)))
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(builtins, "print", patched_print)
+    defaults = {f.__qualname__: inspect.signature(f).parameters["log"].default
+                for f in (run_demo, calibrate, make_launcher, Trainer.__init__, ensure_corpus, run_strategy,
+                          run_trial, run_sweep)}
+    for name, log in defaults.items():
+        assert log is not print or print is patched_print, name
+        for dumps in (pickle.dumps, cloudpickle.dumps):
+            pickle.loads(dumps(log))  # raised PicklingError for `print` before
+    progress = _Progress(2, defaults["run_sweep"], flops={"a": 1.0, "b": 1.0})
+    restored = pickle.loads(pickle.dumps(progress))
+    restored.started("a", "slm-legal")
+    assert any("started slm-legal" in line for line in seen)

@@ -33,6 +33,7 @@ from slmfactory.platform.config import ModelConfig, RunConfig, TrainConfig
 from slmfactory.platform.cost import model_flop_terms, projected_tokens_per_s
 from slmfactory.platform.machine import describe, this_machine
 from slmfactory.platform.stages import write_text_atomic
+from slmfactory.platform.runtime import say
 
 WARMUP_STEPS = 2
 """Untimed steps first: the allocator's warm-up, and the compile when the plan compiles."""
@@ -104,7 +105,7 @@ class Measured:
         return self.tokens_per_s / self.projected_tokens_per_s
 
 
-def calibrate(cfg: RunConfig, steps: int = 12, log: Callable[[str], None] | None = print,
+def calibrate(cfg: RunConfig, steps: int = 12, log: Callable[[str], None] | None = say,
               device: torch.device | str | None = None) -> list[Measured]:
     """Measure the recipe's ``slm`` and ``llm`` (one row per distinct shape) on this
     machine: ``WARMUP_STEPS`` untimed, then ``steps`` timed in up to ``ROUNDS`` rounds."""

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from slmfactory.models.launch import FitOutput, Launcher, LocalLauncher, TrainerFactory, WorkerContext
 from slmfactory.models.trainer import TrainResult
 from slmfactory.platform.errors import SlmFactoryError
-from slmfactory.platform.runtime import init_ray
+from slmfactory.platform.runtime import init_ray, say
 
 RESULT_KEY = "train_result_json"
 """Metric holding the JSON-encoded ``TrainResult`` (Ray metrics stay flat scalars + strings)."""
@@ -81,7 +81,7 @@ def _train_loop_per_worker(config: dict) -> None:
     work_dir = Path(config["work_dir"]) / f"rank-{rank}"
     work_dir.mkdir(parents=True, exist_ok=True)
     ctx = WorkerContext(rank=rank, world_size=world_size, device=device, out_dir=work_dir,
-                        wrap=_ddp_wrapper(world_size, device), log=print if rank == 0 else None)
+                        wrap=_ddp_wrapper(world_size, device), log=say if rank == 0 else None)
     trainer = factory(ctx)
 
     # NOTE: only rank 0 writes checkpoints (save_checkpoint returns None elsewhere), so the
@@ -145,7 +145,7 @@ class RayLauncher:
     own (one bundle per worker), wherever the launching process runs: a sweep's trial
     reserves only itself (``sweeps/run.py``)."""
 
-    def __init__(self, scaling, log: Callable[[str], None] | None = print, address: str | None = None):
+    def __init__(self, scaling, log: Callable[[str], None] | None = say, address: str | None = None):
         self.scaling = scaling
         self.log = log
         self.address = address
@@ -205,7 +205,7 @@ class PhaseLauncher:
     for the phases it runs, ``holds``); a one-worker CPU phase in this process.
     ``SLMFACTORY_LAUNCHER=ray`` or ``local`` sends every phase one way (tests)."""
 
-    def __init__(self, scaling, log: Callable[[str], None] | None = print, holds: tuple[str, ...] = (),
+    def __init__(self, scaling, log: Callable[[str], None] | None = say, holds: tuple[str, ...] = (),
                  address: str | None = None):
         self.scaling, self.log, self.holds = scaling, log, tuple(holds)
         self.ray = RayLauncher(scaling, log=log, address=address)
@@ -230,7 +230,7 @@ class PhaseLauncher:
         return launcher.fit(factory, out_dir, phase, resources=resources)
 
 
-def make_launcher(cfg, log: Callable[[str], None] | None = print, holds: tuple[str, ...] = ()) -> Launcher:
+def make_launcher(cfg, log: Callable[[str], None] | None = say, holds: tuple[str, ...] = ()) -> Launcher:
     """The launcher of a run: each phase on its own resources (``PhaseLauncher``);
     ``holds``: the phase kinds whose one worker this process holds (a sweep trial's)."""
     return PhaseLauncher(cfg.scaling, log=log, holds=holds)

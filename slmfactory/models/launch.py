@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 import torch
 
 from slmfactory.models.trainer import Trainer, TrainResult
+from slmfactory.platform.runtime import say
 
 
 @dataclass
@@ -27,7 +28,7 @@ class WorkerContext:
     out_dir: Path = Path(".")
     wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
     """Wraps the model for data-parallel training (DDP on Ray Train; identity here)."""
-    log: Callable[[str], None] | None = print
+    log: Callable[[str], None] | None = say
 
 
 TrainerFactory = Callable[[WorkerContext], Trainer]
@@ -60,7 +61,7 @@ class Launcher(Protocol):
 class LocalLauncher:
     """Runs the phase in this process: tests, benchmarks and one-device runs."""
 
-    def __init__(self, device: str | None = None, log: Callable[[str], None] | None = print):
+    def __init__(self, device: str | None = None, log: Callable[[str], None] | None = say):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.log = log
 

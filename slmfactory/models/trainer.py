@@ -34,7 +34,7 @@ from slmfactory.data.tokens import Batch, PackedBatches, as_sequences
 from slmfactory.platform.config import DeviceProfile
 from slmfactory.platform.cost import CostRecord, TRAIN, Work, model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import DataError
-from slmfactory.platform.runtime import cpu_bf16_support
+from slmfactory.platform.runtime import cpu_bf16_support, say
 from slmfactory.platform.stages import atomic_dir, write_text_atomic
 from slmfactory.trial import TrialRecord
 
@@ -322,7 +322,7 @@ class Trainer:
                  valid: np.ndarray | None = None, out_dir: Path | None = None, phase: str = "train",
                  profile=None, tracker=None, rank: int = 0, world_size: int = 1,
                  ddp_model: torch.nn.Module | None = None, device: str | torch.device = "cpu",
-                 log: Callable[[str], None] | None = print, log_every: int = 50,
+                 log: Callable[[str], None] | None = say, log_every: int = 50,
                  bf16_support: Callable[[], str] = cpu_bf16_support):
         self.model = model                      # the plain module (saved, evaluated)
         self.step_model = ddp_model or model    # what forward/backward runs through (DDP or plain)

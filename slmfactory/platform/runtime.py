@@ -8,6 +8,7 @@ started by ``ray start`` on the same machine read it from there.
 
 from __future__ import annotations
 
+import builtins
 import os
 from contextlib import contextmanager
 from typing import Iterator
@@ -18,6 +19,18 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray Train V2 is the default in 2.60; say so explicitly so a cluster image agrees.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def say(text: str) -> None:
+    """Print ``text`` through whatever ``builtins.print`` is now: the default ``log`` of the
+    driver, the sweep and the trainer.
+
+    Ray replaces ``builtins.print`` in a process once Ray Data's progress bars (tqdm_ray) or
+    Train V2's log capture start there, and a reference to the original ``print`` then no
+    longer pickles (pickle stores builtins by name and checks the name still means it), so
+    Tune failed to save a sweep whose callbacks held ``print`` after the driver had run a
+    Ray Data stage. This function pickles by reference whatever Ray has patched."""
+    builtins.print(text)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

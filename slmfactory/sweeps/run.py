@@ -53,7 +53,7 @@ from slmfactory.platform.config import RunConfig, from_dict
 from slmfactory.platform.cost import measured_vs_projected
 from slmfactory.platform.errors import SlmFactoryError
 from slmfactory.platform.machine import machine_warning, this_machine
-from slmfactory.platform.runtime import ray_session
+from slmfactory.platform.runtime import ray_session, say
 from slmfactory.sweeps.plan import (
     ClusterShape, SweepPlan, concurrency, describe, describe_resources, hours, plan_sweep, size_generic_pool,
     trial_resources)
@@ -399,7 +399,7 @@ def _dry_run_cluster(address: str | None) -> ClusterShape:
 
 
 def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, address: str | None = None,
-              log: Callable[[str], None] | None = print, recipe: str = "RECIPE",
+              log: Callable[[str], None] | None = say, recipe: str = "RECIPE",
               cluster: ClusterShape | None = None) -> SweepOutcome | None:
     """``recipe``: the recipe's path as the user gave it (the warnings' commands name it);
     ``cluster``: the nodes a dry run plans for (default: the cluster at ``address`` or

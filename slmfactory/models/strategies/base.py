@@ -31,6 +31,7 @@ from slmfactory.platform.cost import CostRecord, Work
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.stages import Stage
 from slmfactory.platform.tracking import NullTracker, Tracker
+from slmfactory.platform.runtime import say
 
 STRATEGIES = registry.STRATEGIES
 """The one registry (``platform.registry``): name -> strategy class."""
@@ -137,7 +138,7 @@ class StrategyContext:
     cfg: RunConfig
     launcher: Launcher
     tracker: Tracker = field(default_factory=NullTracker)
-    log: Callable[[str], None] | None = print
+    log: Callable[[str], None] | None = say
 
     def say(self, msg: str) -> None:
         if self.log:
