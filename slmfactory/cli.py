@@ -120,10 +120,23 @@ def cmd_train(args) -> None:
 
 
 def cmd_sweep(args) -> None:
+    from slmfactory.sweeps.plan import ClusterShape
     from slmfactory.sweeps.run import run_sweep
 
+    described = (args.nodes, args.gpus_per_node, args.cpus_per_node)
+    cluster = None
+    if any(v is not None for v in described):
+        if not args.dry_run:
+            raise SlmFactoryError("sweep: --nodes/--gpus-per-node/--cpus-per-node describe a cluster to plan for "
+                                  "and go with --dry-run (a sweep runs on the cluster it joins)")
+        nodes = 1 if args.nodes is None else args.nodes
+        gpus, cpus = args.gpus_per_node or 0, args.cpus_per_node
+        if nodes < 1 or gpus < 0 or cpus is None or cpus <= 0:
+            raise SlmFactoryError(f"sweep: a described cluster needs --nodes >= 1, --gpus-per-node >= 0 and "
+                                  f"--cpus-per-node > 0 (got {nodes}, {gpus}, {cpus})")
+        cluster = ClusterShape.described(nodes, gpus, cpus)
     outcome = run_sweep(_config(args), resume=args.resume, dry_run=args.dry_run, address=args.address,
-                        recipe=args.config or "RECIPE")
+                        recipe=args.config or "RECIPE", cluster=cluster)
     if outcome is not None:
         print(f"sweep done in {outcome.seconds:.0f}s: {len(outcome.records)} trials logged to MLflow experiment "
               f"{outcome.experiment!r}; next: slmfactory report -c {args.config or 'RECIPE'}")
@@ -531,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--resume", action="store_true", help="continue a killed sweep; finished trials are kept")
     p.add_argument("--dry-run", action="store_true", help="print the plan and projected costs; run nothing")
+    p.add_argument("--nodes", type=int, default=None, help="--dry-run on a described cluster: this many nodes")
+    p.add_argument("--gpus-per-node", type=float, default=None, help="... each with this many GPUs")
+    p.add_argument("--cpus-per-node", type=float, default=None, help="... and this many CPUs")
     p = add("report", cmd_report, "tables and plots of a sweep from MLflow (perplexity vs cost, Figure 1)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the recipe's sweep)")
     p.add_argument("--out", default=None, help="output folder (default: <workdir>/reports/<experiment>)")

@@ -105,3 +105,69 @@ def test_each_strategy_owns_its_settings():
     from slmfactory.platform.config import from_dict
 
     assert from_dict(cfg.to_tree()) == cfg
+
+
+# -- resources per phase (scaling.<phase>) ----------------------------------------------------------
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_recipe_resolves_every_phases_resources(path):
+    from slmfactory.platform.config import PHASES
+
+    cfg = load_config(path)
+    for kind in PHASES:
+        r = cfg.scaling.phase(kind)
+        assert r.num_workers >= 1 and r.cpus_per_worker > 0 and 0 <= r.gpus_per_worker <= 1
+        # Flattened into MLflow params with the recipe's own keys.
+        assert f"scaling.{kind}.gpus_per_worker" in cfg.to_dict()
+
+
+def test_a_recipe_with_only_the_global_scaling_gives_it_to_every_phase():
+    from slmfactory.platform.config import PHASES
+
+    cfg = load_config(None, {"scaling.num_workers": 3, "scaling.use_gpu": True, "scaling.cpus_per_worker": 2})
+    for kind in PHASES:
+        r = cfg.scaling.phase(kind)
+        assert (r.num_workers, r.gpus_per_worker, r.cpus_per_worker) == (3, 1.0, 2.0)
+        assert r.bundle() == {"CPU": 2.0, "GPU": 1.0}
+    # A phase's own key wins; its other keys still follow the global ones.
+    cfg = cfg.replace(**{"scaling.finetune.num_workers": 1, "scaling.finetune.gpus_per_worker": 0.25})
+    ft = cfg.scaling.phase("finetune")
+    assert (ft.num_workers, ft.gpus_per_worker, ft.cpus_per_worker) == (1, 0.25, 2.0)
+    assert cfg.scaling.phase("pretrain").num_workers == 3
+    assert cfg.replace(**{"scaling.finetune.gpus_per_worker": 0}).scaling.phase("finetune").bundle() == {"CPU": 2.0}
+
+
+def test_the_paper_recipe_pretrains_on_8_gpus_and_fine_tunes_on_a_gpu_or_less():
+    cfg = load_config(CONFIGS[[p.stem for p in CONFIGS].index("paper")])
+    for kind in ("pretrain", "pretrain_llm", "experts"):
+        r = cfg.scaling.phase(kind)
+        assert (r.num_workers, r.gpus_per_worker) == (8, 1.0)
+    for kind in ("finetune", "finetune_llm", "distill"):
+        r = cfg.scaling.phase(kind)
+        assert r.num_workers == 1 and 0 < r.gpus_per_worker <= 1
+    assert cfg.scaling.phase("finetune").gpus_per_worker == 0.5
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"scaling.finetune.gpus_per_worker": 2}, "scaling.finetune.gpus_per_worker: expected 0 (CPU only), a share "
+                                              "of one GPU in (0, 1]"),
+    ({"scaling.finetune.gpus_per_worker": -0.5}, "scaling.finetune.gpus_per_worker: expected 0 (CPU only)"),
+    ({"scaling.pretrain.num_workers": 4, "scaling.pretrain.gpus_per_worker": 0.5},
+     "scaling.pretrain.gpus_per_worker: expected a whole GPU per worker (1) with 4 data-parallel workers"),
+    # The global num_workers reaches a phase that sets only a share of a GPU.
+    ({"scaling.num_workers": 2, "scaling.distill.gpus_per_worker": 0.5},
+     "scaling.distill.gpus_per_worker: expected a whole GPU per worker (1) with 2 data-parallel workers"),
+    ({"scaling.experts.num_workers": -1}, "scaling.experts.num_workers: expected an integer >= 1"),
+    ({"scaling.finetune.cpus_per_worker": -2}, "scaling.finetune.cpus_per_worker: expected > 0"),
+    ({"scaling.finetune.gpus": 1}, "scaling.finetune.gpus: unknown key (expected one of ['cpus_per_worker', "
+                                   "'gpus_per_worker', 'num_workers'])"),
+])
+def test_bad_phase_resources_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_an_unknown_phase_kind_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"scaling: unknown phase 'pretraining' \(expected one of \['pretrain'"):
+        load_config(None).scaling.phase("pretraining")

@@ -24,9 +24,9 @@ class CountingLauncher(LocalLauncher):
         super().__init__(device="cpu", log=None)
         self.phases: list[str] = []
 
-    def fit(self, factory, out_dir, phase):
+    def fit(self, factory, out_dir, phase, resources=None):
         self.phases.append(phase)
-        return super().fit(factory, out_dir, phase)
+        return super().fit(factory, out_dir, phase, resources)
 
 
 def small(work: Path, **overrides):

@@ -55,17 +55,37 @@ def clustered_cfg(work_cfg):
     return work_cfg
 
 
+class PhaseRecorder(LocalLauncher):
+    """In-process training that records the resources kind (``scaling.<phase>``) every phase
+    asks for."""
+
+    def __init__(self):
+        super().__init__(device="cpu", log=None)
+        self.kinds: list = []
+
+    def fit(self, factory, out_dir, phase, resources=None):
+        self.kinds.append(resources)
+        return super().fit(factory, out_dir, phase, resources)
+
+
 def run_pulse(cfg, name: str):
     """pretrain → specialize, then check the exported folder is a plain HF model that gives
-    the recorded test perplexity."""
+    the recorded test perplexity; and that every phase asked for the resources of a kind its
+    strategy declares (what a sweep trains on the driver, ``generic_phases``, and what its
+    trial reserves, ``spec_phases``): a phase of another kind would run on resources the
+    trial never reserved."""
     from transformers import AutoModelForCausalLM
 
     from slmfactory.models.phases import DomainData
 
-    ctx = StrategyContext(cfg, LocalLauncher(device="cpu", log=None), log=None)
+    launcher = PhaseRecorder()
+    ctx = StrategyContext(cfg, launcher, log=None)
     strategy = get_strategy(name)
     generic = strategy.pretrain(ctx)
+    assert set(launcher.kinds) <= set(strategy.generic_phases), (name, launcher.kinds, strategy.generic_phases)
+    launcher.kinds.clear()
     rec = strategy.specialize(ctx, generic, DOMAIN)
+    assert set(launcher.kinds) <= set(strategy.spec_phases), (name, launcher.kinds, strategy.spec_phases)
     model = AutoModelForCausalLM.from_pretrained(rec.path)
     assert type(model).__name__ == "LlamaForCausalLM"
     _, ppl = evaluate_ppl(cfg, model, DomainData.of(cfg, DOMAIN).test_sample())

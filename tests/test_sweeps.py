@@ -377,26 +377,119 @@ def test_ui_serves_mlflow_on_loopback_only(work):
         ui.wait(timeout=30)
 
 
-def test_the_one_private_tune_path_resume_uses_exists_and_fails_loudly_without_it(tmp_path):
-    """``sweep --resume`` gives the restored Tuner this process's callbacks through Ray's
-    ``Tuner._local_tuner.get_run_config()`` (no public API takes them): on the pinned Ray the
-    path exists and is the run config the sweep runs with; a Tuner without it is a clear error
-    naming the Ray version, not a resumed sweep that silently logs nothing."""
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_restored_tuners_callbacks_report_to_the_process_that_resumed_it(tmp_path):
+    """``sweep --resume`` goes through Ray's public ``Tuner.restore(path, trainable,
+    param_space=...)``, which hands the restored run the callbacks pickled with it (it takes
+    no new ones): the sweep's ``TrialLogger`` holds only its sweep's folder and reports to
+    the live sweep registered under it in the process it fires in. Here a trial fails in
+    the first run, the Tuner is restored from disk under a fresh live sweep, and the retried
+    trial's events reach that one, not the first."""
+    import ray
     from ray import tune
 
-    from slmfactory.platform.errors import SlmFactoryError
-    from slmfactory.sweeps.run import replace_callbacks
+    from slmfactory.platform.config import load_config
+    from slmfactory.sweeps import run as sweep_run
 
-    class Marker(tune.Callback):
-        pass
+    marker = tmp_path / "second-attempt"
 
-    tuner = tune.Tuner(lambda config: None, run_config=tune.RunConfig(storage_path=str(tmp_path), name="x"))
-    mine = Marker()
-    replace_callbacks(tuner, [mine])
-    assert tuner._local_tuner.get_run_config().callbacks == [mine]
+    def trainable(config):
+        if not marker.exists():
+            raise RuntimeError("first attempt fails")
+        tune.report({"ppl": 1.0})
 
-    class NotATuner:
-        pass
+    key = str(tmp_path / "exp")
+    cfg = load_config(None, {"tracking.enabled": False})
 
-    with pytest.raises(SlmFactoryError, match=r"Ray .*_local_tuner\.get_run_config"):
-        replace_callbacks(NotATuner(), [mine])
+    def live(lines):
+        progress = sweep_run._Progress(1, lines.append, live=False)
+        return sweep_run.LiveSweep(cfg, {"k": "the-trial"}, progress, {})
+
+    first, second = [], []
+    space = {"trial": tune.grid_search(["k"])}
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        sweep_run._LIVE[key] = live(first)
+        tune.Tuner(trainable, param_space=space,
+                   run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0,
+                                             callbacks=[sweep_run.TrialLogger(key)])).fit()
+        assert any("started the-trial" in l for l in first) and any("FAILED the-trial" in l for l in first)
+
+        marker.write_text("")
+        sweep_run._LIVE[key] = live(second)
+        restored = tune.Tuner.restore(key, trainable, resume_errored=True, param_space=space)
+        results = restored.fit()
+        assert [r.error for r in results] == [None]
+        assert any("started the-trial" in l for l in second), second
+        assert not any("FAILED" in l for l in second)
+        assert len([l for l in first if "started" in l]) == 1  # the first process's sweep heard nothing more
+
+        # A callback firing where its sweep is not running is a clear error, not silence.
+        del sweep_run._LIVE[key]
+        from slmfactory.platform.errors import SlmFactoryError
+
+        with pytest.raises(SlmFactoryError, match="does not run that sweep"):
+            sweep_run.live_sweep(key)
+    finally:
+        sweep_run._LIVE.pop(key, None)
+        ray.shutdown()
+
+
+def test_paper_dry_run_prints_the_resource_plan_on_a_described_cluster(tmp_path):
+    out = cli("sweep", "-c", str(REPO / "configs" / "paper.yaml"), "--set", f"workdir={tmp_path}", "--dry-run",
+              "--nodes", "4", "--gpus-per-node", "8", "--cpus-per-node", "96", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    rows = {line.split()[0]: line.split()[1:4] for line in text.splitlines() if line.startswith("  ")
+            and line.split() and line.split()[0] in ("pretrain", "pretrain_llm", "experts", "finetune",
+                                                     "finetune_llm", "distill")}
+    assert rows["pretrain"] == ["8", "1", "8"] and rows["finetune"] == ["1", "0.5", "6"]
+    assert rows["finetune_llm"] == ["1", "1", "12"]
+    assert "cluster: 4 nodes x (8 GPU, 96 CPU) (described by --nodes" in text
+    at_once = {line.split()[0]: int(line.split()[2]) for line in text.splitlines()
+               if line.startswith("  ") and line.split() and line.split()[0] in ("slm", "llm", "slm-d")}
+    # Half a GPU and 6 CPUs each: 16 SLM fine-tunes per node; the LLM's take a whole GPU.
+    assert at_once == {"slm": 64, "llm": 32, "slm-d": 32}
+    assert "with scaling's one setting for every phase (8 x (1 GPU, 8 CPU)): 4 trials at once" in text
+    assert "2 trials share a GPU: finetune holds 0.5 of one, needing 2 x 19.6 = 39.1 GiB" in text
+    assert "projected wall time on this cluster: generic phases" in text
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_described_cluster_goes_with_dry_run_only(work):
+    out = cli("sweep", "-c", str(RECIPE), "--set", f"workdir={work}", "--nodes", "2", "--cpus-per-node", "4",
+              timeout=120)
+    one_line_error(out, "--nodes/--gpus-per-node/--cpus-per-node", "--dry-run")
+
+
+
+
+def test_trials_pack_by_their_phases_resources_and_the_projected_wall_time_follows():
+    from slmfactory.platform.config import load_config
+    from slmfactory.sweeps.plan import (
+        ClusterShape, copies_that_fit, device_seconds, plan_sweep, projected_wall, trial_resources)
+
+    two_cpus = [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert copies_that_fit(two_cpus, [{"CPU": 0.5}]) == 4 and copies_that_fit(two_cpus, [{"CPU": 1.0}]) == 2
+    # A driver beside a Ray Train group of 2 x 1 CPU holds 2.1 CPUs: never on 2.
+    assert copies_that_fit(two_cpus, [{"CPU": 0.1}, {"CPU": 1.0}, {"CPU": 1.0}]) == 0
+    gpu_nodes = list(ClusterShape.described(4, 8, 96).nodes)
+    assert copies_that_fit(gpu_nodes, [{"GPU": 0.5, "CPU": 6.0}]) == 64     # GPU-bound: 16 a node
+    assert copies_that_fit(gpu_nodes, [{"GPU": 0.5, "CPU": 12.0}]) == 32    # CPU-bound: 8 a node
+    assert copies_that_fit(gpu_nodes, [{"CPU": 0.1}] + [{"GPU": 1.0, "CPU": 8.0}] * 8) == 4
+
+    base = {"sweep.strategies": ["slm"], "sweep.grid": {"finetune.seed": [0, 1]}}
+    per_phase = load_config(RECIPE, {**base, "scaling.finetune.cpus_per_worker": 0.5})
+    plan = plan_sweep(per_phase, ["legal", "biomedical"])
+    res = trial_resources(plan.trials[0].config(per_phase), "slm")
+    assert (res.head, res.groups, res.held) == ({"CPU": 0.5}, (), ("finetune",))
+    ddp = trial_resources(load_config(RECIPE, {**base, "scaling.finetune.num_workers": 2}), "slm")
+    assert (ddp.head, ddp.groups, ddp.held) == ({"CPU": 0.1}, (({"CPU": 1.0}, {"CPU": 1.0}),), ())
+
+    # Four equal trials: all at once on half a CPU each, two at a time on one CPU each.
+    cluster = ClusterShape(tuple(two_cpus), "test")
+    one = sum(device_seconds(w, per_phase.device) for w in plan.spec_work[plan.trials[0].key])
+    _, packed = projected_wall(plan, per_phase, cluster)
+    _, global_only = projected_wall(plan, load_config(RECIPE, base), cluster)
+    assert packed == pytest.approx(one) and global_only == pytest.approx(2 * one)

@@ -139,14 +139,18 @@ def _train_loop_per_worker(config: dict) -> None:
 
 
 class RayLauncher:
-    """Runs a phase with Ray Train V2's ``TorchTrainer`` (DDP; gloo on CPU, nccl on GPU)."""
+    """Runs a phase with Ray Train V2's ``TorchTrainer`` (DDP; gloo on CPU, nccl on GPU), on
+    exactly the resources its kind declares (``scaling.<resources>``; the global ``scaling``
+    keys when the phase names none). Ray Train V2 reserves them in a placement group of its
+    own (one bundle per worker), wherever the launching process runs: a sweep's trial
+    reserves only itself (``sweeps/run.py``)."""
 
     def __init__(self, scaling, log: Callable[[str], None] | None = say, address: str | None = None):
         self.scaling = scaling
         self.log = log
         self.address = address
 
-    def fit(self, factory: TrainerFactory, out_dir: Path, phase: str) -> FitOutput:
+    def fit(self, factory: TrainerFactory, out_dir: Path, phase: str, resources: str | None = None) -> FitOutput:
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -155,7 +159,7 @@ class RayLauncher:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not ray.is_initialized():
             init_ray(self.address)
-        s = self.scaling
+        s = self.scaling.phase(resources) if resources else self.scaling.default()
         name = run_name(phase)
         storage = out_dir / "ray"
         trainer = TorchTrainer(
@@ -163,13 +167,12 @@ class RayLauncher:
             train_loop_config={"factory": factory, "work_dir": str(out_dir / "workers" / name)},
             torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                         resources_per_worker={"CPU": s.cpus_per_worker}),
+                                         resources_per_worker=s.bundle()),
             run_config=RunConfig(name=name, storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=s.max_failures)),
         )
         if self.log:
-            self.log(f"[{phase}] Ray Train: {s.num_workers} worker(s), "
-                     f"{'GPU' if s.use_gpu else f'{s.cpus_per_worker:g} CPU'} each, storage {storage}")
+            self.log(f"[{phase}] Ray Train ({s.phase} resources): {s.label()}, storage {storage}")
         try:
             result = trainer.fit()
         except Exception as e:  # TrainingFailedError and friends carry the workers' errors
@@ -194,15 +197,43 @@ def _local_dir(checkpoint, dest: Path) -> Path:
     return Path(checkpoint.to_directory(str(dest)))
 
 
-def make_launcher(cfg, log: Callable[[str], None] | None = say) -> Launcher:
-    """Ray Train when the config asks for more than one worker or a GPU cluster, or when
-    ``SLMFACTORY_LAUNCHER=ray``; in-process otherwise."""
-    import os
+class PhaseLauncher:
+    """Each phase where its resources say (``scaling.<phase>``): a phase of more than one
+    worker, or of one GPU worker this process does not hold, on a Ray Train worker group
+    (``RayLauncher``); a one-worker phase this process holds the resources of in this
+    process (``LocalLauncher``: a sweep's trial, whose placement group bundle was sized
+    for the phases it runs, ``holds``); a one-worker CPU phase in this process.
+    ``SLMFACTORY_LAUNCHER=ray`` or ``local`` sends every phase one way (tests)."""
 
-    choice = os.environ.get("SLMFACTORY_LAUNCHER", "")
-    if choice == "ray" or (choice != "local" and (cfg.scaling.num_workers > 1 or cfg.scaling.use_gpu)):
-        return RayLauncher(cfg.scaling, log=log)
-    return LocalLauncher(log=log)
+    def __init__(self, scaling, log: Callable[[str], None] | None = say, holds: tuple[str, ...] = (),
+                 address: str | None = None):
+        self.scaling, self.log, self.holds = scaling, log, tuple(holds)
+        self.ray = RayLauncher(scaling, log=log, address=address)
+        self.local = LocalLauncher(log=log)
+
+    def where(self, resources: str | None) -> str:
+        """``ray`` or ``local``: where a phase of kind ``resources`` runs."""
+        import os
+
+        choice = os.environ.get("SLMFACTORY_LAUNCHER", "")
+        if choice in ("ray", "local"):
+            return choice
+        r = self.scaling.phase(resources) if resources else self.scaling.default()
+        if r.num_workers > 1:
+            return "ray"
+        if resources in self.holds:
+            return "local"
+        return "ray" if r.use_gpu else "local"
+
+    def fit(self, factory: TrainerFactory, out_dir: Path, phase: str, resources: str | None = None) -> FitOutput:
+        launcher = self.ray if self.where(resources) == "ray" else self.local
+        return launcher.fit(factory, out_dir, phase, resources=resources)
 
 
-__all__ = ["RayLauncher", "DistributedTrainingError", "make_launcher", "run_name"]
+def make_launcher(cfg, log: Callable[[str], None] | None = say, holds: tuple[str, ...] = ()) -> Launcher:
+    """The launcher of a run: each phase on its own resources (``PhaseLauncher``);
+    ``holds``: the phase kinds whose one worker this process holds (a sweep trial's)."""
+    return PhaseLauncher(cfg.scaling, log=log, holds=holds)
+
+
+__all__ = ["RayLauncher", "PhaseLauncher", "DistributedTrainingError", "make_launcher", "run_name"]

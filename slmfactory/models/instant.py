@@ -156,7 +156,7 @@ class _NoTraining:
     """The launcher of a lookup: a generic phase that is not trained yet is not trained
     here (a serving replica must never start a pretraining)."""
 
-    def fit(self, factory, out_dir, phase):
+    def fit(self, factory, out_dir, phase, resources=None):
         raise GenericPhaseMissing(f"{phase}: not trained yet")
 
 

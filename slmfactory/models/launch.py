@@ -53,7 +53,9 @@ class FitOutput:
 
 
 class Launcher(Protocol):
-    def fit(self, factory: TrainerFactory, out_dir: Path, phase: str) -> FitOutput: ...
+    def fit(self, factory: TrainerFactory, out_dir: Path, phase: str, resources: str | None = None) -> FitOutput:
+        """Train one phase; ``resources`` names its kind in ``scaling`` (``config.PHASES``:
+        ``pretrain``, ``finetune``, ...), whose workers, GPUs and CPUs it runs on."""
 
 
 class LocalLauncher:
@@ -63,7 +65,7 @@ class LocalLauncher:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.log = log
 
-    def fit(self, factory: TrainerFactory, out_dir: Path, phase: str) -> FitOutput:
+    def fit(self, factory: TrainerFactory, out_dir: Path, phase: str, resources: str | None = None) -> FitOutput:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         trainer = factory(WorkerContext(device=self.device, out_dir=out_dir, log=self.log))

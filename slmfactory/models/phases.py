@@ -129,15 +129,17 @@ def lm_flops_per_token(cfg: RunConfig, model_key: str) -> tuple[float, float, in
 
 
 def phase_work(cfg: RunConfig, tcfg: TrainConfig, flops_per_token: float, params: float,
-               optimizer_extra_params: float = 0.0, kind: str = TRAIN) -> Work:
+               optimizer_extra_params: float = 0.0, kind: str = TRAIN, resources: str = "") -> Work:
     """The work of a phase run to its budget (the trainer's own step arithmetic);
-    ``kind=INFERENCE`` is a forward pass over the same tokens (a teacher's)."""
+    ``kind=INFERENCE`` is a forward pass over the same tokens (a teacher's); ``resources``:
+    the phase's kind in ``scaling`` (its data-parallel workers price the all-reduce)."""
+    workers = (cfg.scaling.phase(resources) if resources else cfg.scaling.default()).num_workers
     per_step = tcfg.batch_size * cfg.data.seq_len
     steps = tcfg.max_tokens // per_step
     if tcfg.max_flops > 0:
         steps = min(steps, int(tcfg.max_flops // (flops_per_token * per_step)))
     return Work(kind, steps * per_step, float(steps * per_step * flops_per_token), params,
-                steps if kind == TRAIN else 0, optimizer_extra_params, cfg.scaling.num_workers)
+                steps if kind == TRAIN else 0, optimizer_extra_params, workers)
 
 
 def train_section(cfg: RunConfig, phase: str) -> TrainConfig:
@@ -180,16 +182,17 @@ def lm_factory(cfg_dict: dict, model_key: str, phase: str, train: TokenSource, v
 
 
 def run_phase(ctx: StrategyContext, stage: Stage, factory: Callable[[WorkerContext], Trainer],
-              phase: str) -> FitOutput:
-    """Train one phase inside its stage. A killed phase resumes from the checkpoints in the
-    stage's work folder; a finished stage returns its stored result at once, with zero new
-    steps (an early-stopped fine-tune stays stopped)."""
+              phase: str, resources: str | None = None) -> FitOutput:
+    """Train one phase inside its stage, on the resources of its kind (``resources``: a key
+    of ``config.PHASES``, e.g. ``pretrain``). A killed phase resumes from the checkpoints in
+    the stage's work folder; a finished stage returns its stored result at once, with zero
+    new steps (an early-stopped fine-tune stays stopped)."""
     if stage.done:
         ctx.say(f"[{phase}] finished earlier: {stage.dir}")
     else:
         def build(work: Path) -> dict:
             work = work.resolve()
-            fit = ctx.launcher.fit(factory, work, phase)
+            fit = ctx.launcher.fit(factory, work, phase, resources=resources)
             return {"result": fit.result.to_dict(), "checkpoint": str(fit.checkpoint.resolve().relative_to(work))}
 
         stage.build(build, resumable=True)
@@ -244,8 +247,10 @@ def export_hf(cfg: RunConfig, model: torch.nn.Module, out_dir: Path, meta: dict[
 
 def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, name: str,
                 valid: TokenSource | None = None, cost_phase: str | None = None,
-                train_cfg: TrainConfig | None = None, score_generic: bool = True) -> GenericArtifact:
-    """Pretrain ``cfg.<model_key>`` on ``tokens`` with ``train_cfg`` (default ``cfg.pretrain``),
+                train_cfg: TrainConfig | None = None, score_generic: bool = True,
+                resources: str | None = None) -> GenericArtifact:
+    """Pretrain ``cfg.<model_key>`` on ``tokens`` with ``train_cfg`` (default ``cfg.pretrain``)
+    on the resources of ``scaling.<resources>`` (default ``pretrain``, ``pretrain_llm`` for the LLM),
     as a generic stage keyed by the model, the training settings and the data. Records
     the epochs it made over ``tokens`` and (``score_generic``) the final weights' generic
     perplexity on the sample every generic phase is scored on (``models/generic_eval.py``)."""
@@ -262,7 +267,8 @@ def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, name:
         return cached
     phase = f"pretrain/{name}"
     fit = run_phase(ctx, Stage.of(cfg.root, "train", phase, generic=stage.key),
-                    lm_factory(cfg.to_tree(), model_key, phase, tokens, valid, train_cfg=tcfg), phase)
+                    lm_factory(cfg.to_tree(), model_key, phase, tokens, valid, train_cfg=tcfg), phase,
+                    resources=resources or ("pretrain" if model_key == "slm" else "pretrain_llm"))
     weights = fit.checkpoint / "model.safetensors"
     scored = generic_nll(cfg, lambda _: load_lm(cfg, model_key, str(weights))) if score_generic else {}
     return GenericArtifact.record(stage, name, fit.result.cost,
@@ -275,8 +281,9 @@ def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, name:
 def finetune_lm(ctx: StrategyContext, model_key: str, init: Weights | None, data: DomainData,
                 name: str, train_cfg: TrainConfig | None = None, key_inputs: dict | None = None,
                 model_builder: Callable[[RunConfig, int], torch.nn.Module] | None = None,
-                **factory_kwargs: Any) -> tuple[torch.nn.Module, FitOutput]:
-    """Fine-tune ``cfg.<model_key>`` from ``init`` on the domain with early stopping.
+                resources: str | None = None, **factory_kwargs: Any) -> tuple[torch.nn.Module, FitOutput]:
+    """Fine-tune ``cfg.<model_key>`` from ``init`` on the domain with early stopping, on the
+    resources of ``scaling.<resources>`` (default ``finetune``, ``finetune_llm`` for the LLM).
 
     The phase is a stage keyed by everything the result depends on (starting weights'
     key, model, fine-tuning settings, in-domain data, ``key_inputs`` for what the trainer
@@ -293,7 +300,8 @@ def finetune_lm(ctx: StrategyContext, model_key: str, init: Weights | None, data
     factory = lm_factory(cfg.to_tree(), model_key, phase, data.train, data.valid,
                          init_weights=init.path if init else None, train_cfg=tcfg, model_builder=model_builder,
                          **factory_kwargs)
-    fit = run_phase(ctx, stage, factory, phase)
+    fit = run_phase(ctx, stage, factory, phase,
+                    resources=resources or ("finetune" if model_key == "slm" else "finetune_llm"))
     model = model_builder(cfg, vocab_size_of(cfg)) if model_builder is not None else \
         build_model(getattr(cfg, model_key), vocab_size_of(cfg), cfg.data.seq_len)
     return fit.load_into(model), fit

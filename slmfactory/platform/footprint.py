@@ -105,8 +105,8 @@ def stage_memory(cfg, params: dict[str, float], projected_params: dict[str, floa
         StageMemory("resample (driver)", "host", windows * 24.0 + 0.2 * GiB,
                     f"3 integers per generic window ({windows:,.0f} windows at {generic_tokens:,} tokens)"),
     ]
-    micro = max(1, cfg.pretrain.batch_size // cfg.scaling.num_workers)
-    micro_ft = max(1, cfg.finetune.batch_size // cfg.scaling.num_workers)
+    micro = max(1, cfg.pretrain.batch_size // cfg.scaling.phase("pretrain").num_workers)
+    micro_ft = max(1, cfg.finetune.batch_size // cfg.scaling.phase("finetune").num_workers)
     for key in ("slm", "llm"):
         dims, n = getattr(cfg, key).dims(), params[key]
         rows.append(StageMemory(f"pretrain {key} ({n / 1e6:,.0f}M)", "device",

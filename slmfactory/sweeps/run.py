@@ -9,16 +9,24 @@ Order of work:
    it waits, every domain's trial starts from a finished generic phase, and a
    multi-worker generic phase gets the whole cluster (Ray Train inside the driver). The
    stage lock still guards the rare case of two sweeps sharing a workdir;
-3. the trials on Ray Tune (a function trainable; a trial with ``scaling.num_workers > 1``
-   runs a Ray Train ``TorchTrainer`` inside it). Concurrency follows the cluster's CPUs
-   (or ``sweep.max_concurrent``). ``--resume`` restores the Tune experiment: finished
+3. the trials on Ray Tune (a function trainable), each reserving what its phases declare
+   (``scaling.<phase>``, ``plan.trial_resources``): its own placement group holds the
+   one-worker phases it runs in its own process (a fine-tune on half a GPU and 4 CPUs), so
+   small fine-tunes pack onto a node; a phase of more than one worker runs a Ray Train
+   ``TorchTrainer`` from the trial, which reserves its workers in a placement group of its
+   own, as Ray documents Train inside Tune for Train V2 (docs/sweeps.md#resources-per-phase).
+   Tune starts at most as many trials as fit on the cluster at once (or
+   ``sweep.max_concurrent``). ``--resume`` restores the Tune experiment: finished
    trials are not rerun, and a rerun trial finds its finished stages and trains nothing.
    A failed trial (its worker killed, or an error) is retried ``sweep.max_failures`` times
    (Tune's ``FailureConfig``): its stages resume from their last checkpoints;
 4. MLflow, from the driver only (a Tune callback): one run per trial, found again by its
    trial key after a resume, so a killed and resumed sweep still has exactly one run
    per trial (Ray's ``MLflowLoggerCallback`` would open a second one). A trial's run is
-   written once it has finished, so a retried trial's failed attempts open none.
+   written once it has finished, so a retried trial's failed attempts open none. The
+   callback holds only its sweep's folder and finds the live sweep of the process it runs
+   in under it (``TrialLogger``): a restored Tuner's unpickled callbacks report to the
+   process that resumed it, through Ray's public APIs only.
 
 Before it runs (and with ``--dry-run``) the sweep says when the recipe's device profile was
 not measured on this machine (``platform/machine.py``); after the first generic phase it
@@ -46,9 +54,14 @@ from slmfactory.platform.cost import measured_vs_projected
 from slmfactory.platform.errors import SlmFactoryError
 from slmfactory.platform.machine import machine_warning, this_machine
 from slmfactory.platform.runtime import ray_session, say
-from slmfactory.sweeps.plan import SweepPlan, describe, hours, plan_sweep, size_generic_pool
+from slmfactory.sweeps.plan import (
+    ClusterShape, SweepPlan, concurrency, describe, describe_resources, hours, plan_sweep, size_generic_pool,
+    trial_resources)
 from slmfactory.sweeps.tracking import ensure_sweep_run, finish_sweep_run, update_champions
 from slmfactory.trial import TrialRecord, experiment_name, log_trial
+
+# Module level: the callback class is pickled by reference (the experiment state names it).
+from ray import tune  # noqa: E402
 
 @dataclass
 class SweepOutcome:
@@ -72,7 +85,9 @@ def _trainable(config: dict) -> None:
     torch.set_num_threads(max(1, int(cpus)))
     cfg = from_dict(config["cfg"])
     started = int(time.time() * 1000)
-    record = run_trial(cfg, log=None)
+    # The trial's placement group holds its one-worker phases' resources: they run here.
+    held = trial_resources(cfg, cfg.strategy.name).held
+    record = run_trial(cfg, log=None, launcher=make_launcher(cfg, log=None, holds=held))
     # The trial's own start and end: its MLflow run carries them (the driver logs it later).
     record.started_ms, record.ended_ms = started, int(time.time() * 1000)
     tune.report({"ppl": record.ppl, "record": json.dumps(record.to_dict())})
@@ -230,42 +245,75 @@ def _last_error(trial) -> str:
         return f"see {trial.local_path}"
 
 
-def make_callback(cfg: RunConfig, plan: SweepPlan, progress: _Progress, records: dict[str, TrialRecord],
-                  parent_run_id: str | None = None):
-    from ray import tune
+@dataclass
+class LiveSweep:
+    """What a sweep's Tune callback reports to in the process running the sweep."""
 
-    names = {t.key: t.name for t in plan.trials}
+    cfg: RunConfig
+    names: dict[str, str]
+    """Trial key -> trial name."""
+    progress: _Progress
+    records: dict[str, TrialRecord]
+    parent_run_id: str | None = None
 
-    class MlflowTrials(tune.Callback):
-        """Logs each finished trial to MLflow from the driver (never from a worker)."""
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            key = trial.config.get("trial")
-            progress.started(key, names.get(key, trial.trial_id))
+_LIVE: dict[str, LiveSweep] = {}
+"""Sweep folder -> the live sweep this process runs there (``TrialLogger`` looks it up)."""
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            result = trial.last_result or {}
-            if "record" not in result:
-                progress.running = max(0, progress.running - 1)
-                return
-            record = TrialRecord.from_dict(json.loads(result["record"]))
-            key = trial.config["trial"]
-            records[key] = record
-            if cfg.tracking.enabled:
-                log_trial(cfg, experiment_name(cfg), key, record, parent_run_id=parent_run_id)
-            progress.finished_ok(key, names.get(key, key), record.metrics[TrialRecord.PPL_MACRO])
 
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            # Tune runs it again (sweep.max_failures); no MLflow run was opened for the failed attempt.
-            key = trial.config.get("trial")
-            progress.retrying(key, names.get(key, trial.trial_id), _last_error(trial), trial.num_failures,
-                              cfg.sweep.max_failures)
+def live_sweep(key: str) -> LiveSweep:
+    live = _LIVE.get(key)
+    if live is None:
+        raise SlmFactoryError(f"sweep: a Tune callback of the sweep at {key} fired in a process that does not run "
+                              f"that sweep (running here: {sorted(_LIVE) or 'none'})")
+    return live
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            key = trial.config.get("trial")
-            progress.errored(key, names.get(key, trial.trial_id), _last_error(trial))
 
-    return MlflowTrials()
+class TrialLogger(tune.Callback):
+    """Logs each finished trial to MLflow from the driver (never from a worker) and keeps the
+    progress display current.
+
+    It holds only its sweep's folder. Tune pickles a run's callbacks into the experiment,
+    and ``Tuner.restore`` (Ray 2.60's public resume, which takes the trainable and
+    ``param_space`` again but no run config) gives the restored run those pickled copies
+    back: a callback holding the first process's progress and records would report to
+    objects nobody reads. Each event therefore looks up the live sweep of the process it
+    fires in (``_LIVE``, set by ``run_sweep`` around ``fit``), so a resumed sweep's
+    callbacks report to the process that resumed it without reaching into Tune's
+    internals."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        live = live_sweep(self.key)
+        key = trial.config.get("trial")
+        live.progress.started(key, live.names.get(key, trial.trial_id))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        live = live_sweep(self.key)
+        result = trial.last_result or {}
+        if "record" not in result:
+            live.progress.running = max(0, live.progress.running - 1)
+            return
+        record = TrialRecord.from_dict(json.loads(result["record"]))
+        key = trial.config["trial"]
+        live.records[key] = record
+        if live.cfg.tracking.enabled:
+            log_trial(live.cfg, experiment_name(live.cfg), key, record, parent_run_id=live.parent_run_id)
+        live.progress.finished_ok(key, live.names.get(key, key), record.metrics[TrialRecord.PPL_MACRO])
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # Tune runs it again (sweep.max_failures); no MLflow run was opened for the failed attempt.
+        live = live_sweep(self.key)
+        key = trial.config.get("trial")
+        live.progress.retrying(key, live.names.get(key, trial.trial_id), _last_error(trial), trial.num_failures,
+                               live.cfg.sweep.max_failures)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        live = live_sweep(self.key)
+        key = trial.config.get("trial")
+        live.progress.errored(key, live.names.get(key, trial.trial_id), _last_error(trial))
 
 
 def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] | None,
@@ -324,45 +372,55 @@ def rate_line(label: str, cost, cfg: RunConfig, recipe: str = "RECIPE") -> str |
     return line
 
 
-def replace_callbacks(tuner, callbacks: list) -> None:
-    """Give a restored Tuner this process's callbacks (its progress and records).
+def ray_cluster_shape() -> ClusterShape:
+    """The alive nodes of the Ray cluster this process is connected to."""
+    import ray
 
-    The restored run config holds pickled copies of the old process's callbacks, and Ray
-    2.60's ``Tuner.restore`` takes no run config or callbacks (only ``param_space``), so
-    there is no public way to replace them: this reaches the local tuner's run config, the
-    one private path in the sweep. ``tests/test_sweeps.py`` checks it exists on the pinned
-    Ray, and a Ray without it fails here with this message rather than resuming a sweep
-    whose finished trials would never be logged."""
-    local = getattr(tuner, "_local_tuner", None)
-    get_run_config = getattr(local, "get_run_config", None)
-    if get_run_config is None:
-        import ray
+    nodes = [{k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU")}
+             for n in ray.nodes() if n.get("Alive")]
+    return ClusterShape(tuple(nodes), "the Ray cluster the sweep sees")
 
-        raise SlmFactoryError(f"sweep --resume: Ray {ray.__version__}'s Tuner has no _local_tuner.get_run_config() "
-                              "to give the restored sweep this process's callbacks; resume needs Ray 2.60's (see "
-                              "sweeps/run.py:replace_callbacks)")
-    get_run_config().callbacks = list(callbacks)
+
+def this_machine_shape() -> ClusterShape:
+    """This machine as a one-node cluster (a dry run with no cluster to look at)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ClusterShape(({"CPU": float(os.cpu_count() or 1), **({"GPU": float(gpus)} if gpus else {})},),
+                        "this machine; --address reads a cluster's nodes, --nodes N --gpus-per-node G "
+                        "--cpus-per-node C describes one")
+
+
+def _dry_run_cluster(address: str | None) -> ClusterShape:
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        return this_machine_shape()
+    with ray_session(address):
+        return ray_cluster_shape()
 
 
 def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, address: str | None = None,
-              log: Callable[[str], None] | None = say, recipe: str = "RECIPE") -> SweepOutcome | None:
-    """``recipe``: the recipe's path as the user gave it (the warnings' commands name it)."""
+              log: Callable[[str], None] | None = say, recipe: str = "RECIPE",
+              cluster: ClusterShape | None = None) -> SweepOutcome | None:
+    """``recipe``: the recipe's path as the user gave it (the warnings' commands name it);
+    ``cluster``: the nodes a dry run plans for (default: the cluster at ``address`` or
+    ``RAY_ADDRESS``, else this machine)."""
     # Trials run with the trial folder as their working directory: paths must be absolute.
     cfg = size_generic_pool(cfg.replace(workdir=str(cfg.root.resolve())), log)
     warning = machine_warning(cfg.device, this_machine(), recipe)
-    if dry_run and not (cfg.corpus_dir / "manifest.json").is_file():
-        # A plan needs no corpus: paper scale is planned before its corpus exists.
-        plan = plan_sweep(cfg, list(cfg.sweep.domains) or list(cfg.corpus.domains))
+    if dry_run:
+        no_corpus = not (cfg.corpus_dir / "manifest.json").is_file()
+        if no_corpus:  # a plan needs no corpus: paper scale is planned before its corpus exists
+            plan = plan_sweep(cfg, list(cfg.sweep.domains) or list(cfg.corpus.domains))
+        else:
+            ensure_corpus(cfg, build=False)
+            plan = plan_sweep(cfg, list_domains(cfg.corpus_dir))
         if log:
-            log(f"(no corpus at {cfg.corpus_dir} yet: domains taken from the recipe)\n" + describe(plan, cfg)
+            log((f"(no corpus at {cfg.corpus_dir} yet: domains taken from the recipe)\n" if no_corpus else "")
+                + describe(plan, cfg) + "\n" + describe_resources(plan, cfg, cluster or _dry_run_cluster(address))
                 + (f"\n\nwarning: {warning}" if warning else ""))
         return None
     ensure_corpus(cfg, build=False)
     plan = plan_sweep(cfg, list_domains(cfg.corpus_dir))
-    if dry_run:
-        if log:
-            log(describe(plan, cfg) + (f"\n\nwarning: {warning}" if warning else ""))
-        return None
     if warning and log:
         log(f"[sweep] warning: {warning}")
     path = sweep_dir(cfg, plan.name)
@@ -372,9 +430,6 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
     # loses at most that much bookkeeping, and --resume knows every finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     with ray_session(address):
-        import ray
-        from ray import tune
-
         if resume and not tune.Tuner.can_restore(str(path)):
             # One command for a long run's every start, the first included (a background job
             # restarted by hand or by a script need not know whether it ever began).
@@ -386,26 +441,46 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
 
             parent = ensure_sweep_run(cfg, experiment_name(cfg), plan.name, describe(plan, cfg))
         prepare_shared(cfg, plan, log, recipe)
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        per_trial = cfg.scaling.cpus_per_worker if cfg.scaling.num_workers == 1 else 0.1
-        concurrent = cfg.sweep.max_concurrent or max(1, int(cpus // max(per_trial, 1e-9)))
+        # Each trial reserves what its phases declare (plan.trial_resources): its own bundle
+        # for the phases it runs in itself; Ray Train reserves a bigger phase's workers.
+        shape = ray_cluster_shape()
+        by_key = {t.key: t for t in plan.trials}
+        reserve = {k: trial_resources(t.config(cfg), t.strategy) for k, t in by_key.items()}
+        fits = concurrency(plan, cfg, shape)
+        # Ray places every trial that fits; the limit keeps Tune from starting drivers whose
+        # Ray Train groups could only wait (Ray's advice for Train inside Tune).
+        concurrent = cfg.sweep.max_concurrent or max(1, max(fits.values()))
         if log:
-            log(f"[sweep] {len(plan.trials)} trials on Ray Tune, up to {concurrent} at a time "
-                f"({cpus:g} CPUs); MLflow experiment {experiment_name(cfg)!r} at {cfg.tracking_uri}")
+            for strategy, n in fits.items():
+                if n == 0:  # Ray would hold the trial's placement group request until nodes join
+                    held = reserve[next(t.key for t in plan.trials if t.strategy == strategy)]
+                    log(f"[sweep] warning: a {strategy} trial reserves {held.label()} at once, which no placement "
+                        f"on {shape.label()} holds: its trials wait until the cluster grows (an autoscaler adds "
+                        f"nodes); lower scaling.<phase> or add nodes")
+        if log:
+            cpus = sum(n.get("CPU", 0.0) for n in shape.nodes)
+            gpus = sum(n.get("GPU", 0.0) for n in shape.nodes)
+            log(f"[sweep] {len(plan.trials)} trials on Ray Tune, up to {concurrent} at a time ({cpus:g} CPUs"
+                + (f", {gpus:g} GPUs" if gpus else "") + f") on {shape.label()} ("
+                + ", ".join(f"{s}: {n} at once, each {reserve[next(t.key for t in plan.trials if t.strategy == s)].label()}"
+                            for s, n in fits.items())
+                + f"); MLflow experiment {experiment_name(cfg)!r} at {cfg.tracking_uri}")
         # The ETA's work: each trial's projected specialisation FLOPs from the plan (the dry-run's).
         progress = _Progress(len(plan.trials), log,
                              flops={k: sum(w.flops for w in work) for k, work in plan.spec_work.items()},
                              slots=concurrent)
-        callback = make_callback(cfg, plan, progress, records, parent)
-        trainable = tune.with_resources(_trainable, {"cpu": per_trial})
-        by_key = {t.key: t for t in plan.trials}
+        _LIVE[str(path)] = LiveSweep(cfg, {t.key: t.name for t in plan.trials}, progress, records, parent)
+        callback = TrialLogger(str(path))
+        trainable = tune.with_resources(
+            _trainable, lambda config: tune.PlacementGroupFactory([reserve[config["trial"]].head]))
         space = {"trial": tune.grid_search(list(by_key)),
                  "cfg": tune.sample_from(lambda config: by_key[config["trial"]].config(cfg).to_tree()),
-                 "cpus": per_trial}
+                 "cpus": tune.sample_from(lambda config: reserve[config["trial"]].head.get("CPU", 1.0))}
         if resume:
+            # Public API only: the restored run keeps its pickled TrialLogger, which finds this
+            # process's live sweep under the same folder (_LIVE).
             tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
                                        param_space=space)
-            replace_callbacks(tuner, [callback])
         else:
             tuner = tune.Tuner(
                 trainable, param_space=space,
@@ -423,6 +498,7 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
             results = tuner.fit()
         finally:
             progress.close()  # the live table (a terminal only) stops, its last state left on screen
+            _LIVE.pop(str(path), None)
         for r in results:
             if r.error is None and r.metrics and "record" in r.metrics:
                 records.setdefault(r.config["trial"], TrialRecord.from_dict(json.loads(r.metrics["record"])))

@@ -158,6 +158,13 @@ class Strategy:
     """What its generic phase is shared with (a sweep trains one per family and budget);
     None: no generic phase."""
 
+    generic_phases: ClassVar[tuple[str, ...]] = ()
+    """The kinds of training phase (``config.PHASES``) its ``pretrain`` runs: what a sweep
+    trains on the driver before the trials, each on ``scaling.<kind>``."""
+    spec_phases: ClassVar[tuple[str, ...]] = ()
+    """The kinds of training phase its ``specialize`` runs: what a sweep's trial reserves
+    (``sweeps/plan.py:trial_resources``) and the trial's launcher holds."""
+
     def projected_work(self, cfg: RunConfig) -> tuple[list[Work], list[Work]]:
         """(generic, specialisation) work the budgets allow, one item per phase (the
         device profile prices each): the plan of a sweep's ``--dry-run``, before anything

@@ -11,3 +11,5 @@ from slmfactory.models.strategies.slm import SmallModel
 class LargeModel(SmallModel):
     model_key = "llm"
     generic_family = "llm"
+    generic_phases = ("pretrain_llm",)
+    spec_phases = ("finetune_llm",)

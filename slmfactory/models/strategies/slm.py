@@ -14,6 +14,8 @@ from slmfactory.models.strategies.base import (
 class SmallModel(Strategy):
     model_key = "slm"
     generic_family = "slm"
+    generic_phases = ("pretrain",)
+    spec_phases = ("finetune",)
 
     def projected_work(self, cfg):
         train, _, n = lm_flops_per_token(cfg, self.model_key)

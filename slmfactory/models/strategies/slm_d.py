@@ -131,6 +131,8 @@ class DistillTrainer(Trainer):
 class Distillation(Strategy):
     requires = frozenset({"teacher"})
     generic_family = "slm-d"
+    generic_phases = ("pretrain_llm", "pretrain")
+    spec_phases = ("finetune_llm", "distill")
 
     def projected_work(self, cfg):
         slm, _, n_slm = lm_flops_per_token(cfg, "slm")
@@ -191,6 +193,7 @@ class Distillation(Strategy):
         before = evaluate_ppl(cfg, load_lm(cfg, "slm", student_init), data.test_sample())[1]
         model, fit = finetune_lm(ctx, "slm", student_init, data, f"{self.name}/{domain}/student",
                                  train_cfg=self.student_config(cfg), key_inputs={"teacher": fit_t.stage_key, "distill": s},
+                                 resources="distill",
                                  trainer_cls=DistillTrainer,
                                  teacher_cfg=cfg.to_tree(), teacher_key="llm",
                                  teacher_weights=teacher_weights,

@@ -51,6 +51,7 @@ class Settings:
 @register("slm-is", settings=Settings)
 class ImportanceSampling(Strategy):
     requires = frozenset({"clusters"})
+    spec_phases = ("finetune",)  # its resampled pretraining too: spec-budget work inside the trial
 
     def pretrain_config(self, cfg):
         """The resampled pretraining: ``pretrain_share`` of the spec budget, the pretraining's
@@ -93,7 +94,7 @@ class ImportanceSampling(Strategy):
         source = resampled_source(res)
         # The fresh SLM's pretraining is specialisation cost of this domain, not generic.
         pre = pretrain_lm(ctx, "slm", source, name=f"{self.name}-{domain}", train_cfg=self.pretrain_config(cfg),
-                          cost_phase=f"specialize/{self.name}/{domain}/pretrain")
+                          cost_phase=f"specialize/{self.name}/{domain}/pretrain", resources="finetune")
         data = DomainData.of(cfg, domain)
         before = evaluate_ppl(cfg, load_lm(cfg, "slm", pre.weights()), data.test_sample())[1]
         model, fit = finetune_lm(ctx, "slm", pre.weights(), data, f"{self.name}/{domain}",

@@ -84,6 +84,8 @@ def slm_flops_per_step(cfg) -> float:
 class HardMixture(Strategy):
     requires = frozenset({"clusters"})
     generic_family = "slm-mix"
+    generic_phases = ("experts",)
+    spec_phases = ("finetune",)
 
     def projected_work(self, cfg):
         train, _, n = lm_flops_per_token(cfg, "slm")
@@ -116,7 +118,7 @@ class HardMixture(Strategy):
                 continue
             tcfg = expert_train_config(cfg, sizes[c] / sizes.sum(), per_step)
             art = pretrain_lm(ctx, "slm", src, name=f"{self.name}-e{c}", valid=valid, train_cfg=tcfg,
-                              score_generic=False)
+                              score_generic=False, resources="experts")
             experts[c] = {"weights": stage.relative(art.weights().path), "key": art.stage.key,
                           "generic_valid_nll": art.info["generic_valid_nll"], "tokens": art.cost.tokens,
                           "epochs": art.info.get("epochs", 0.0), "warmup_steps": tcfg.warmup_steps}

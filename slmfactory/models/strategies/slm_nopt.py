@@ -37,6 +37,7 @@ class Settings:
 @register("slm-nopt", settings=Settings)
 class SmallModelNoPretraining(SmallModel):
     generic_family = None
+    generic_phases = ()
     def pretrain(self, ctx: StrategyContext) -> GenericArtifact | None:
         return None  # no generic phase: C_generic = 0
 

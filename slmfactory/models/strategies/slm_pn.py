@@ -117,6 +117,8 @@ class ClusterRoutedTrainer(Trainer):
 class ProjectedNetwork(Strategy):
     requires = frozenset({"clusters"})
     generic_family = "slm-pn"
+    generic_phases = ("experts",)
+    spec_phases = ("finetune",)
 
     def projected_work(self, cfg):
         # Each token passes one instantiated expert (the W's computed once per batch are
@@ -125,7 +127,7 @@ class ProjectedNetwork(Strategy):
         train, _, n = lm_flops_per_token(cfg, "slm")
         with torch.device("meta"):
             extra = build_projected(cfg, cfg.tokenizer.vocab_size, self.settings(cfg).experts).params_beyond_expert()
-        return [phase_work(cfg, cfg.pretrain, train, n, optimizer_extra_params=extra)], \
+        return [phase_work(cfg, cfg.pretrain, train, n, optimizer_extra_params=extra, resources="experts")], \
             [phase_work(cfg, cfg.finetune, train, n)]
 
     def prepare(self, ctx: StrategyContext, domain: str) -> None:
@@ -149,7 +151,8 @@ class ProjectedNetwork(Strategy):
         factory = lm_factory(cfg.to_tree(), "slm", phase, sources[int(np.argmax(clusters.cluster_sizes()))],
                              valid, trainer_cls=ClusterRoutedTrainer, model_builder=builder,
                              cluster_sources=sources)
-        fit = run_phase(ctx, Stage.of(cfg.root, "train", phase, generic=stage.key), factory, phase)
+        fit = run_phase(ctx, Stage.of(cfg.root, "train", phase, generic=stage.key), factory, phase,
+                        resources="experts")
         pn = fit.load_into(builder(cfg, vocab_size_of(cfg)))
         routed = routed_generic_nll(cfg, clusters, pn.instantiate)
         ctx.say(f"[{self.name}] routed generic ppl {routed.get('routed_generic_ppl', float('nan')):.2f}")
