@@ -94,7 +94,8 @@ class RateLimiter:
     """Per-key token buckets: ``rpm`` requests and ``tpm`` tokens per minute (0 = no
     limit), refilled continuously. ``charge`` takes from the bucket or says how many
     seconds until it could (the ``Retry-After``). Counted per replica: with N replicas a
-    key gets up to N times the limit (one replica by default)."""
+    key gets up to N times the limit (one replica by default; the exact bound:
+    docs/serving.md, "Rate limits per replica")."""
 
     def __init__(self, rpm: float, tpm: float, max_keys: int = 100_000, clock=time.monotonic):
         self.rates = {"requests": rpm, "tokens": tpm}
