@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -29,11 +31,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.local_cluster import MlflowServer, free_port, ray_cluster
+from tests.local_cluster import MlflowServer, free_port, ray_cluster, ray_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.server, pytest.mark.slow]
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
 EXPERIMENT = "cluster-serving"
 NAME = f"{EXPERIMENT}-legal"
 INPUT = "The licence grants you the right"
@@ -51,10 +54,13 @@ def _register(work: Path, uri: str, seed: int) -> None:
     from slmfactory.platform.tracking import MlflowTracker, register_model
 
     cfg = load_config(TINY, {"workdir": str(work)})
-    torch.manual_seed(seed)
+    model = load_lm(cfg, "slm", None).eval()  # initialised from the recipe's seed: the same for both
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.add_((torch.randn(w.shape, generator=g) * 0.05).to(w.dtype))
     folder = work / f"export-{seed}" / "legal"
-    export_hf(cfg, load_lm(cfg, "slm", None).eval(), folder,
-              {"domain": "legal", "strategy": "slm", "params": 1, "test_ppl": 1.0})
+    export_hf(cfg, model, folder, {"domain": "legal", "strategy": "slm", "params": 1, "test_ppl": 1.0})
     tracker = MlflowTracker(uri, EXPERIMENT, f"seed-{seed}", {"domain": "legal", "strategy": "slm"})
     tracker.log_metrics({"params": 1, "ppl/legal": 2.0 + seed})
     tracker.log_artifact(folder, "model")
@@ -62,16 +68,34 @@ def _register(work: Path, uri: str, seed: int) -> None:
     tracker.close()
 
 
+DEPLOY = """
+import json, sys
+import ray
+from ray import serve
+from slmfactory.serving.app import build_app
+
+args, cache, port = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+ray.init(address=sys.argv[4])
+nodes = [n for n in ray.nodes() if n["Alive"]]
+app = build_app(args)
+import pathlib
+left = sorted(str(p) for p in pathlib.Path(cache).rglob("*")) if pathlib.Path(cache).exists() else []
+serve.start(http_options={"host": "127.0.0.1", "port": port})
+serve.run(app, name="slmfactory", route_prefix="/")
+print("DEPLOYED " + json.dumps({"cpus": sorted(n["Resources"].get("CPU", 0) for n in nodes), "cache_after_build": left,
+                                "metrics_port": next(n["MetricsExportPort"] for n in nodes
+                                                     if n["Resources"].get("CPU", 0) > 0)}))
+"""
+"""Deploys the app from a driver that then exits (as ``serve deploy`` and the RayService do):
+the application lives in the cluster. A subprocess with the cluster's environment (token
+authentication on), so this test process never joins Ray."""
+
+
 @pytest.fixture(scope="module")
 def served(tiny_root, tmp_path_factory):
     """(base URL, MLflow client, model cache, worker's metrics export port) of the app
     deployed from the registry's ``champion`` (version 1) on the cluster."""
-    import ray
     from mlflow.tracking import MlflowClient
-    from ray import serve
-
-    from slmfactory.platform.runtime import init_ray
-    from slmfactory.serving.app import build_app
 
     root = tmp_path_factory.mktemp("cluster-serving")
     work = root / "work"
@@ -84,25 +108,24 @@ def served(tiny_root, tmp_path_factory):
         client = MlflowClient(server.uri)
         client.set_registered_model_alias(NAME, "champion", "1")
         cache = root / "model-cache"
+        args = {"config": str(TINY), "from_registry": "champion", "experiment": EXPERIMENT, "registry_poll_s": 1,
+                "model_cache": str(cache),
+                "set": [f"workdir={work}", f"tracking.uri={server.uri}", "serving.replica_cpus=0.5",
+                        "serving.min_replicas=2", "serving.max_replicas=2"]}
+        port = free_port()
         # Ray's metrics reported every second (default 10 s): the scrape below waits less.
-        with ray_cluster(head_cpus=0, env_vars={"RAY_metrics_report_interval_ms": "1000"}) as cluster:
-            init_ray(address=cluster.address)
-            nodes = [n for n in ray.nodes() if n["Alive"]]
-            assert sorted(n["Resources"].get("CPU", 0) for n in nodes) == [0, 1]
-            worker = next(n for n in nodes if n["Resources"].get("CPU", 0) > 0)
-            app = build_app({"config": str(TINY), "from_registry": "champion", "experiment": EXPERIMENT,
-                             "registry_poll_s": 1, "model_cache": str(cache),
-                             "set": [f"workdir={work}", f"tracking.uri={server.uri}", "serving.replica_cpus=0.5",
-                                     "serving.min_replicas=2", "serving.max_replicas=2"]})
+        env = {"RAY_metrics_report_interval_ms": "1000"}
+        with ray_cluster(head_cpus=0, env_vars=env) as cluster:
+            deploy = subprocess.run([sys.executable, "-c", DEPLOY, json.dumps(args), str(cache), str(port),
+                                     cluster.address], capture_output=True, text=True, timeout=600,
+                                    env={**ray_env(), **env}, cwd=REPO)
+            line = next((ln for ln in deploy.stdout.splitlines() if ln.startswith("DEPLOYED ")), None)
+            assert deploy.returncode == 0 and line, deploy.stdout[-3000:] + deploy.stderr[-5000:]
+            facts = json.loads(line[len("DEPLOYED "):])
+            assert facts["cpus"] == [0, 1], "the head has no CPU: the replicas run on the worker"
             # The builder looked the alias up and downloaded nothing: the replicas do.
-            assert not cache.exists() or not any(cache.iterdir())
-            port = free_port()
-            try:
-                serve.start(http_options={"host": "127.0.0.1", "port": port})
-                serve.run(app, name="slmfactory", route_prefix="/")
-                yield f"http://127.0.0.1:{port}", client, cache, worker["MetricsExportPort"]
-            finally:
-                serve.shutdown()
+            assert facts["cache_after_build"] == []
+            yield f"http://127.0.0.1:{port}", client, cache, facts["metrics_port"]
     finally:
         server.stop()
 
