@@ -81,6 +81,8 @@ app = build_app(args)
 import pathlib
 left = sorted(str(p) for p in pathlib.Path(cache).rglob("*")) if pathlib.Path(cache).exists() else []
 serve.start(http_options={"host": "127.0.0.1", "port": port})
+if sys.argv[5] == "replace":  # the old replicas' CPUs freed first: the worker has one
+    serve.delete("slmfactory")
 serve.run(app, name="slmfactory", route_prefix="/")
 print("DEPLOYED " + json.dumps({"cpus": sorted(n["Resources"].get("CPU", 0) for n in nodes), "cache_after_build": left,
                                 "metrics_port": next(n["MetricsExportPort"] for n in nodes
@@ -116,16 +118,20 @@ def served(tiny_root, tmp_path_factory):
         # Ray's metrics reported every second (default 10 s): the scrape below waits less.
         env = {"RAY_metrics_report_interval_ms": "1000"}
         with ray_cluster(head_cpus=0, env_vars=env) as cluster:
-            deploy = subprocess.run([sys.executable, "-c", DEPLOY, json.dumps(args), str(cache), str(port),
-                                     cluster.address], capture_output=True, text=True, timeout=600,
-                                    env={**ray_env(), **env}, cwd=REPO)
-            line = next((ln for ln in deploy.stdout.splitlines() if ln.startswith("DEPLOYED ")), None)
-            assert deploy.returncode == 0 and line, deploy.stdout[-3000:] + deploy.stderr[-5000:]
-            facts = json.loads(line[len("DEPLOYED "):])
+            def deploy(*sets: str, replace: bool = False) -> dict:
+                app_args = {**args, "set": [*args["set"], *sets]}
+                run = subprocess.run([sys.executable, "-c", DEPLOY, json.dumps(app_args), str(cache), str(port),
+                                      cluster.address, "replace" if replace else "new"], capture_output=True,
+                                     text=True, timeout=600, env={**ray_env(), **env}, cwd=REPO)
+                line = next((ln for ln in run.stdout.splitlines() if ln.startswith("DEPLOYED ")), None)
+                assert run.returncode == 0 and line, run.stdout[-3000:] + run.stderr[-5000:]
+                return json.loads(line[len("DEPLOYED "):])
+
+            facts = deploy()
             assert facts["cpus"] == [0, 1], "the head has no CPU: the replicas run on the worker"
             # The builder looked the alias up and downloaded nothing: the replicas do.
             assert facts["cache_after_build"] == []
-            yield f"http://127.0.0.1:{port}", client, cache, facts["metrics_port"]
+            yield f"http://127.0.0.1:{port}", client, cache, facts["metrics_port"], deploy
     finally:
         server.stop()
 
@@ -141,7 +147,7 @@ def _score(url: str) -> tuple[int, str, str, float | None]:
             return (r.status, r.headers.get("slmfactory-model-version", ""), r.headers.get("slmfactory-replica", ""),
                     out["data"][0]["nll"])
     except urllib.error.HTTPError as e:
-        return e.code, "", "", None
+        return e.code, "", e.headers.get("slmfactory-replica", ""), None
     except OSError:
         return 0, "", "", None
 
@@ -171,7 +177,7 @@ def _replicas_on(answers, version: str) -> set[str]:
 
 @pytest.mark.timeout(900)
 def test_replicas_on_the_worker_load_their_own_models_and_follow_the_champion(served):
-    url, client, cache, _ = served
+    url, client, cache, _, _ = served
     v1, v2 = f"models:/{NAME}/1", f"models:/{NAME}/2"
     loop = ClientLoop(url)
     loop.thread.start()
@@ -226,7 +232,7 @@ def _by_replica(text: str, name: str, **labels: str) -> dict[str, float]:
 
 @pytest.mark.timeout(600)
 def test_one_scrape_of_rays_metrics_export_counts_every_replicas_requests(served):
-    url, _, _, metrics_port = served
+    url, _, _, metrics_port, _ = served
     answers = [_score(url) for _ in range(30)]
     assert {a[0] for a in answers} == {200}
     # Every 200 score answer of this module's app (the other test's too), per replica: what
@@ -244,3 +250,26 @@ def test_one_scrape_of_rays_metrics_export_counts_every_replicas_requests(served
     assert counted == expected, f"{counted} != {expected}\n{text[-3000:]}"
     latency = _by_replica(text, "ray_slmfactory_latency_seconds_count", domain="legal", route="score")
     assert len(latency) == 2 and all(v > 0 for v in latency.values()), latency
+
+
+@pytest.mark.timeout(600)
+def test_a_keys_rate_limit_holds_across_both_replicas(served):
+    """``serving.rate_limit_rpm`` with two replicas: one set of buckets for the app (a named
+    detached actor), so a key is granted its 6 requests a minute however the load balancer
+    spreads them; counted per replica it would get up to 12. Both replicas refuse it once
+    the shared bucket is empty. The bucket refills at 6 a minute (one per 10 s): the grants
+    are bounded by the time the requests took, measured."""
+    url, _, _, _, deploy = served
+    deploy("serving.rate_limit_rpm=6", replace=True)
+    t0 = time.monotonic()
+    answers = []
+    while not (len(answers) >= 20 and len({a[2] for a in answers if a[0] == 429}) == 2):
+        assert time.monotonic() - t0 < 120, Counter((a[0], a[2]) for a in answers)
+        answers.append(_score(url))
+    elapsed = time.monotonic() - t0
+    granted = sum(a[0] == 200 for a in answers)
+    assert {a[0] for a in answers} == {200, 429}, Counter(a[0] for a in answers)
+    assert 6 <= granted <= 6 + int(elapsed / 10), (granted, elapsed)
+    assert [a[0] for a in answers[:6]] == [200] * 6  # a full bucket to start with
+    print(f"\n[cluster serving] rate limit 6/min over 2 replicas: {granted} of {len(answers)} granted in "
+          f"{elapsed:.1f} s; 429s from {len({a[2] for a in answers if a[0] == 429})} replicas")

@@ -188,7 +188,7 @@ class DomainModels(DomainServer):
                 if len(x) > self.limits.max_prompt_tokens:
                     raise ApiError(400, f"input[{i}] has {len(x)} tokens; at most {self.limits.max_prompt_tokens}",
                                    param="input", code="input_too_long")
-            self._charge(caller, "tokens", sum(len(x) for x in ids))
+            await self._charge(caller, "tokens", sum(len(x) for x in ids))
             mark("tokenise")
             scored = await self._batched("score", [(domain, loaded, x, deadline, timer()) for x in ids])
             data = []
@@ -268,7 +268,8 @@ def build_app(args: dict):
     router = cat.router_data(cfg, list(catalog)) if s.auto_route == "cluster" else None
     api_keys, admin_keys = load_keys(cfg)
     security = {"api": api_keys, "admin": admin_keys, "rpm": s.rate_limit_rpm, "tpm": s.rate_limit_tpm,
-                "timeout_s": s.request_timeout_s, "max_pending": s.max_pending_builds}
+                "timeout_s": s.request_timeout_s, "max_pending": s.max_pending_builds,
+                "shared_rates": s.max_replicas > 1}
     env = serve_env(s)
     os.environ.update(env)
     deployment = DomainModels.options(

@@ -51,7 +51,7 @@ from slmfactory.serving import catalog as cat
 from slmfactory.serving import replies
 from slmfactory.serving.api import (IGNORED_FIELDS_HEADER, ApiError, ChatRequest, CompletionRequest, Limits,
                                     ignored_fields, validate)
-from slmfactory.serving.auth import Auth, RateLimiter
+from slmfactory.serving.auth import Auth, RateLimiter, SharedRateLimiter
 from slmfactory.serving.domains import RuntimeDomains
 from slmfactory.serving.engine import (Deadline, Loaded, Sampling, TextStream, chat_prompt, check_stop, generate,
                                        load, load_minilm, one_token_forward, pick_by_nll, pick_domain,
@@ -271,6 +271,12 @@ class DomainServer:
         sec = security or {}
         self.auth = Auth(sec.get("api", []), sec.get("admin", []))
         self.rates = RateLimiter(sec.get("rpm", 0.0), sec.get("tpm", 0.0))
+        # More than one replica: one set of buckets for all of them (a key gets its limit
+        # however many replicas its requests reach).
+        app = serve.get_replica_context().app_name or "default"
+        self.shared_rates = (SharedRateLimiter(sec.get("rpm", 0.0), sec.get("tpm", 0.0),
+                                               f"slmfactory-rate-limits-{app}", self.rates)
+                             if sec.get("shared_rates") and (sec.get("rpm") or sec.get("tpm")) else None)
         self.timeout = float(sec.get("timeout_s", 60.0))
         # Domains created at run time (POST /v1/domains, `slmfactory specialize`): read
         # from the workdir's registry on a miss, so every replica serves them.
@@ -621,7 +627,7 @@ class DomainServer:
         domain, status = "-", "200"
         self.in_flight += 1
         try:
-            caller = self._caller(request, admin)
+            caller = await self._caller(request, admin)
             timer.mark("auth")
             if schema is None:
                 req = None
@@ -665,7 +671,7 @@ class DomainServer:
             response.headers[k] = v
         return response
 
-    def _caller(self, request: Request, admin: bool):
+    async def _caller(self, request: Request, admin: bool):
         caller = self.auth.caller(request.headers.get("authorization"))
         if caller is None:
             raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
@@ -674,11 +680,12 @@ class DomainServer:
         if admin and not caller.admin:
             raise ApiError(403, "this route needs an admin key (serving.admin_keys_file)",
                            code="admin_key_required", type_="permission_error")
-        self._charge(caller, "requests", 1)
+        await self._charge(caller, "requests", 1)
         return caller
 
-    def _charge(self, caller, kind: str, amount: float) -> None:
-        wait = self.rates.charge(caller.key, kind, amount)
+    async def _charge(self, caller, kind: str, amount: float) -> None:
+        wait = (await self.shared_rates.charge(caller.key, kind, amount) if self.shared_rates is not None
+                else self.rates.charge(caller.key, kind, amount))
         if wait:
             raise ApiError(429, f"rate limit of this key exceeded ({kind} per minute); retry after "
                            f"{wait:.0f}s", code="rate_limit_exceeded", type_="rate_limit_error",
@@ -742,7 +749,7 @@ class DomainServer:
     async def _complete(self, kind: str, c, domain: str, loaded: Loaded, extra: dict, ids: list[list[int]],
                         s: Sampling, caller, deadline: float):
         self._check_sampling(loaded, s)
-        self._charge(caller, "tokens", sum(len(x) for x in ids) + s.max_tokens * s.n * len(ids))
+        await self._charge(caller, "tokens", sum(len(x) for x in ids) + s.max_tokens * s.n * len(ids))
         mark("tokenise")
         cid = f"{'cmpl' if kind == 'completions' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
         if c.stream:
