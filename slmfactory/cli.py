@@ -360,19 +360,18 @@ def cmd_serve(args, after_start: Callable[[str, int], bool] | None = None) -> No
         raise SlmFactoryError(f"serve: --host {host} is reachable from other machines and no API key is set "
                               "(serving.api_keys_file or $SLMFACTORY_API_KEYS); set keys, or pass --insecure")
     if args.from_registry:
-        # Registry serving resolves each domain's models:/NAME@ALIAS here, downloads it, and
-        # serves that folder (exactly one model per domain) through the --models path.
-        from slmfactory.serving.catalog import from_registry
+        # Each domain's models:/NAME@ALIAS, which the replicas resolve, download and follow
+        # as the alias moves (build_app's from_registry).
+        from slmfactory.serving.catalog import registry_sources
 
         if args.models or args.from_mlflow:
             raise SlmFactoryError("serve: give one of --models, --from-mlflow, --from-registry")
-        dest = cfg.root / "registry" / args.from_registry
-        dest.mkdir(parents=True, exist_ok=True)
-        for d, e in sorted(from_registry(cfg.tracking_uri, _experiment(cfg, None), dest, args.from_registry).items()):
+        for d, e in sorted(registry_sources(cfg.tracking_uri, _experiment(cfg, None), args.from_registry).items()):
             print(f"domain {d}: {e.uri}, {e.strategy}, {e.params / 1e6:.2f}M parameters, test ppl {e.test_ppl:.2f}")
-        args.models = str(dest)
     app = build_app({"config": args.config, "set": args.set or [], "models": args.models,
-                     "from_mlflow": args.from_mlflow, "max_params": args.max_params})
+                     "from_mlflow": args.from_mlflow, "max_params": args.max_params,
+                     **({"from_registry": args.from_registry, "experiment": _experiment(cfg, None)}
+                        if args.from_registry else {})})
     stopping = False
     try:
         with runtime.ray_session(args.address):
@@ -576,8 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-mlflow", default=None, metavar="EXPERIMENT", help="serve the best model of each domain "
                    "a sweep logged (default experiment: the recipe's sweep)")
     p.add_argument("--from-registry", nargs="?", const="champion", default=None, metavar="ALIAS",
-                   help="serve models:/<experiment>-<domain>@ALIAS of every domain (default alias: champion; "
-                        "champion-<cap> per sweep.inference_caps)")
+                   help="serve models:/<experiment>-<domain>@ALIAS of every domain, following the alias as it "
+                        "moves (default alias: champion; champion-<cap> per sweep.inference_caps)")
     p.add_argument("--max-params", type=float, default=None, help="inference-size cap: largest served model")
     p.add_argument("--host", default=None, help="bind address (default serving.host: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serving.port)")

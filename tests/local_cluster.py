@@ -143,19 +143,24 @@ def _ray_bin() -> str:
 
 @contextmanager
 def ray_cluster(dashboard: bool = False, cpus_per_node: int = 1, nodes: int = 2,
-                redis: Redis | None = None) -> Iterator[Cluster]:
+                redis: Redis | None = None, head_cpus: int | None = None,
+                env_vars: dict[str, str] | None = None) -> Iterator[Cluster]:
     """A Ray cluster on loopback: ``ray start --head`` plus ``nodes - 1`` ``ray start
     --address``, each with its own temp dir and ``cpus_per_node`` CPUs, token authentication
     on. ``redis``: the head's GCS keeps its tables in that Redis (``RAY_REDIS_ADDRESS`` and
-    ``--redis-password``, as Ray documents for ``ray start``), so a restarted GCS recovers them."""
+    ``--redis-password``, as Ray documents for ``ray start``), so a restarted GCS recovers them.
+    ``head_cpus``: the head's CPUs instead (0: as the RayService's head, which runs no replica
+    or task); ``env_vars``: more environment for every node's processes (Ray's settings)."""
     ray_bin = _ray_bin()
-    env = ray_env()
+    env = {**ray_env(), **(env_vars or {})}
     # Short paths: Ray puts Unix sockets under the temp dir (108-byte limit).
     t_head = tempfile.mkdtemp(prefix="slmf-rh-", dir="/tmp")
     t_work = [tempfile.mkdtemp(prefix="slmf-rw-", dir="/tmp") for _ in range(nodes - 1)]
     port = free_port()
     dash_port = free_port() if dashboard else None
-    common = [f"--num-cpus={cpus_per_node}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    cpus = [f"--num-cpus={cpus_per_node}"]
+    head_cpu = [f"--num-cpus={cpus_per_node if head_cpus is None else head_cpus}"]
 
     def own_ports() -> list[str]:
         # Each node's agents on free ports: the defaults (52365 ...) collide with the other
@@ -170,12 +175,12 @@ def ray_cluster(dashboard: bool = False, cpus_per_node: int = 1, nodes: int = 2,
         ft = [f"--redis-password={redis.password}"]
     try:
         head = subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={t_head}", *dash, *common,
-                               *ft, *own_ports()],
+                               *head_cpu, *ft, *own_ports()],
                               capture_output=True, text=True, env=head_env, timeout=180)
         assert head.returncode == 0, f"ray start --head failed:\n{head.stdout[-2000:]}\n{head.stderr[-2000:]}"
         for t in t_work:
             work = subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", f"--temp-dir={t}", *common,
-                                   *own_ports()],
+                                   *cpus, *own_ports()],
                                   capture_output=True, text=True, env=env, timeout=180)
             assert work.returncode == 0, f"ray start --address failed:\n{work.stdout[-2000:]}\n{work.stderr[-2000:]}"
         yield Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}" if dashboard else None, t_head, t_work)

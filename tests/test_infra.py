@@ -680,11 +680,15 @@ def test_serve_configs_validate_with_ray_serve_schema_and_the_recipe():
     from ray.serve.schema import ServeDeploySchema
 
     from slmfactory.platform.config import load_config, parse_overrides
+    from slmfactory.serving.app import BUILD_ARGS
+    from slmfactory.sweeps.tracking import cap_alias
 
+    assert cap_alias(130_000_000) == "champion-130m"
     for cfg in _serve_configs():
         ServeDeploySchema.model_validate(cfg)
         (app,) = cfg["applications"]
-        assert set(app["args"]) <= {"config", "set", "models", "from_mlflow", "max_params"}
+        assert set(app["args"]) <= set(BUILD_ARGS)
+        assert app["args"]["from_registry"] == "champion-130m"  # the SLM class's champion, followed
         rc = load_config(REPO / app["args"]["config"], parse_overrides(app["args"]["set"]))
         assert rc.workdir == "/data/paper"
     broken = copy.deepcopy(_serve_configs()[1])

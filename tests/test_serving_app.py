@@ -110,3 +110,37 @@ def test_auto_routes_by_the_models_scores_within_the_replicas_model_cache(tmp_pa
         build("serving.max_models_per_replica=2")
     clustered = build("serving.max_models_per_replica=2", "serving.auto_route=cluster")
     assert clustered.init_kwargs["auto_route"] == "cluster"
+
+
+def test_the_model_source_args_are_checked_and_reach_the_replica_as_sources(tmp_path, monkeypatch):
+    """``build_app``'s args (a Serve config's): an unknown one, two model sources, a
+    negative or non-numeric ``registry_poll_s``, ``max_params`` with a registry alias are
+    refused naming what is wrong; a folder reaches the replica as a source it resolves
+    itself, with the cache and the poll period given."""
+    import json
+
+    import pytest
+
+    from slmfactory.platform.errors import ConfigError
+    from slmfactory.serving.app import build_app
+
+    (tmp_path / "models" / "legal").mkdir(parents=True)
+    (tmp_path / "models" / "legal" / "slmfactory.json").write_text(json.dumps(
+        {"domain": "legal", "strategy": "slm", "params": 1, "test_ppl": 1.0}))
+    for key in serve_env(_serving(4096)):  # build_app sets them in this process: restored after the test
+        monkeypatch.delenv(key, raising=False)
+    base = {"config": str(TINY), "set": [f"workdir={tmp_path / 'work'}"], "models": str(tmp_path / "models")}
+    for extra, match in (({"from_registy": "champion"}, "unknown 'from_registy'"),
+                         ({"from_registry": "champion"}, "one model source of .* not models and from_registry"),
+                         ({"registry_poll_s": -1}, "registry_poll_s must be a number of seconds >= 0"),
+                         ({"registry_poll_s": "often"}, "registry_poll_s must be a number")):
+        with pytest.raises(ConfigError, match=match):
+            build_app({**base, **extra})
+    with pytest.raises(ConfigError, match="max_params does not apply to from_registry"):
+        build_app({**{k: v for k, v in base.items() if k != "models"}, "from_registry": "champion",
+                   "max_params": 1e8})
+    kwargs = build_app({**base, "model_cache": str(tmp_path / "cache"), "registry_poll_s": 5}
+                       )._bound_deployment.init_kwargs
+    assert (kwargs["model_cache"], kwargs["registry_poll_s"]) == (str(tmp_path / "cache"), 5.0)
+    args = build_app(base)._bound_deployment.init_args
+    assert args[0]["legal"]["source"] == {"kind": "folder", "path": str((tmp_path / "models" / "legal").resolve())}

@@ -73,3 +73,78 @@ def test_a_killed_download_or_swap_leaves_nothing_that_is_served(tmp_path):
     (hidden_home / "legal").mkdir()
     (hidden_home / "legal" / "slmfactory.json").write_text('{"domain": "legal", "params": 1, "test_ppl": 3.0}')
     assert from_folder(hidden_home)["legal"].test_ppl == 3.0
+
+
+def test_a_replica_resolves_the_alias_it_follows_into_one_cached_folder_per_version(tmp_path):
+    """``registry_sources`` (what the builder looks up) names the alias, not a version, and
+    downloads nothing; ``resolve`` (what each replica runs) downloads the version the alias
+    names now into the cache, once, and a moved alias into a folder of its own."""
+    from slmfactory.serving.catalog import registry_sources, registry_version, resolve
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    cache = tmp_path / "cache"
+    _champion(uri, tmp_path, "legal", "first")
+    (entry,) = registry_sources(uri, EXPERIMENT).values()
+    assert entry.source == {"kind": "registry", "tracking_uri": uri, "name": f"{EXPERIMENT}-legal",
+                            "alias": "champion"}
+    assert entry.uri == f"models:/{EXPERIMENT}-legal@champion" and not cache.exists()
+    first = resolve(entry.source, cache)
+    assert (first.version, first.label) == ("1", f"models:/{EXPERIMENT}-legal/1")
+    assert (Path(first.path) / "weights.txt").read_text() == "first"
+    assert resolve(entry.source, cache) == first  # cached: the same folder
+    _champion(uri, tmp_path, "legal", "second")
+    mv = registry_version(entry.source)
+    second = resolve(entry.source, cache, mv)
+    assert second.version == "2" and (Path(second.path) / "weights.txt").read_text() == "second"
+    assert (Path(first.path) / "weights.txt").read_text() == "first"  # the old version is left as it was
+    assert sorted(p.name for p in (cache / "registry" / f"{EXPERIMENT}-legal").iterdir()) == [".1.lock", ".2.lock",
+                                                                                           "1", "2"]
+
+
+def test_concurrent_downloads_of_one_model_fetch_it_once_and_a_failed_one_leaves_nothing(tmp_path):
+    """Replicas of one node asking for the same model at once: one downloads, the others
+    wait and get the complete folder. A download that fails (a killed server, a full disk)
+    leaves no folder a replica would take for the model, and the next try downloads it."""
+    import threading
+
+    from slmfactory.serving.catalog import cached_download
+
+    target = tmp_path / "cache" / "runs" / "abc"
+    fetched, started = [], threading.Barrier(4)
+
+    def fetch(staging: Path) -> Path:
+        fetched.append(staging)
+        out = staging / "model"
+        out.mkdir()
+        for i in range(50):  # written file by file: a reader of a half-done folder would see some
+            (out / f"part-{i}").write_text(str(i))
+        return out
+
+    def replica(results: list) -> None:
+        started.wait()
+        got = cached_download(target, fetch)
+        results.append(sorted(p.name for p in got.iterdir()))
+
+    results: list = []
+    threads = [threading.Thread(target=replica, args=(results,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(fetched) == 1 and len(results) == 4
+    assert all(r == sorted(f"part-{i}" for i in range(50)) for r in results)
+    assert sorted(p.name for p in target.parent.iterdir()) == [".abc.lock", "abc"]
+
+    broken = tmp_path / "cache" / "runs" / "def"
+
+    def dies(staging: Path) -> Path:
+        (staging / "model").mkdir()
+        (staging / "model" / "half").write_text("x")
+        raise ConnectionError("the tracking server went away")
+
+    import pytest
+
+    with pytest.raises(ConnectionError):
+        cached_download(broken, dies)
+    assert not broken.exists() and sorted(p.name for p in broken.parent.iterdir()) == [".abc.lock", ".def.lock", "abc"]
+    assert sorted(p.name for p in cached_download(broken, fetch).iterdir())[:1] == ["part-0"]

@@ -12,8 +12,14 @@ deployment, OpenAI-compatible.
   that always end in ``[DONE]``, after an error event if generation failed), ``POST
   /v1/score`` (per-token log-probs and perplexity), ``POST /v1/domains``, ``GET`` and
   ``DELETE /v1/domains/NAME``, ``GET /healthz`` (a real forward pass with a deadline, also
-  the deployment's ``check_health``), ``GET /metrics`` (Prometheus text: per-domain
-  requests by status, latency, tokens, model load time, cache hits and misses, queue depth).
+  the deployment's ``check_health``), ``GET /metrics`` (Prometheus text of the replica that
+  answers: per-domain requests by status, latency, tokens, model load time, cache hits and
+  misses, queue depth; the same metrics of every replica, tagged by replica, are in Ray's
+  metrics export: ``server.METRICS``, docs/serving.md).
+- Models: each replica resolves and downloads its start-up models itself (a folder, an
+  MLflow run, a registry alias: ``catalog.resolve``, cached per node) and follows a registry
+  alias as it moves (``server.DomainServer``); a response names its model version in
+  ``slmfactory-model-version``.
 - Every request: ``Authorization: Bearer KEY`` when keys are configured (401; an admin key
   for ``/v1/domains``, else 403), per-key request and token rates (429 with
   ``Retry-After``), a body read with its size bound enforced while reading (413), one
@@ -145,7 +151,7 @@ class DomainModels(DomainServer):
         served = {}
         for d in list(self.catalog)[:self.max_models]:
             try:
-                served[d] = await self.get_model(d)
+                served[d] = (await self.startup_model(d))[1]
             except Exception:  # noqa: BLE001  (a broken folder: not compared; its requests answer 503)
                 continue
         auto_pick = None
@@ -183,7 +189,7 @@ class DomainModels(DomainServer):
                 if len(x) > self.limits.max_prompt_tokens:
                     raise ApiError(400, f"input[{i}] has {len(x)} tokens; at most {self.limits.max_prompt_tokens}",
                                    param="input", code="input_too_long")
-            self._charge(caller, "tokens", sum(len(x) for x in ids))
+            await self._charge(caller, "tokens", sum(len(x) for x in ids))
             mark("tokenise")
             scored = await self._batched("score", [(domain, loaded, x, deadline, timer()) for x in ids])
             data = []
@@ -206,22 +212,53 @@ class DomainModels(DomainServer):
         return await self._respond("chat", request, ChatRequest, self.chat)
 
 
+BUILD_ARGS = ("config", "set", "models", "from_mlflow", "from_registry", "experiment", "max_params", "model_cache",
+              "registry_poll_s")
+"""What ``build_app``'s ``args`` may hold (a Serve config's ``args``)."""
+
+
 def build_app(args: dict):
-    """The Serve application. ``args``: ``config`` (a recipe), ``set`` (overrides), and
-    either ``models`` (a folder of exported models) or ``from_mlflow`` (a sweep's
-    experiment), optionally ``max_params`` (inference-size cap). API keys are read here
-    (files, environment) and only their digests reach the replicas."""
+    """The Serve application. ``args``: ``config`` (a recipe), ``set`` (overrides), and one
+    model source: ``models`` (a folder of exported models, on storage every node reads),
+    ``from_mlflow`` (a sweep's experiment: each domain's best run) or ``from_registry`` (an
+    alias, e.g. ``champion``: ``models:/<experiment>-<domain>@ALIAS`` of every domain that
+    has it, ``experiment`` defaulting to the recipe's; the replicas follow the alias, looking
+    it up every ``registry_poll_s`` seconds, default 30, 0 = never); optionally
+    ``max_params`` (inference-size cap; not with ``from_registry``: the alias decides),
+    ``model_cache`` (the folder, on each replica's node, that MLflow models are downloaded
+    into; default ``$SLMFACTORY_MODEL_CACHE`` there, else ``<temp dir>/slmfactory-models``).
+    Only which model serves each domain is looked up here: each replica resolves and
+    downloads its models itself. API keys are read here (files, environment) and only
+    their digests reach the replicas."""
+    unknown = sorted(set(args) - set(BUILD_ARGS))
+    if unknown:
+        raise ConfigError(f"serve args: unknown {', '.join(map(repr, unknown))}; expected some of "
+                          f"{', '.join(BUILD_ARGS)}")
     cfg = load_config(args.get("config"), parse_overrides(list(args.get("set") or [])))
     s = cfg.serving
     cap = float(args.get("max_params") or math.inf)
-    if args.get("models") and args.get("from_mlflow"):
-        raise ConfigError("serve: give --models or --from-mlflow, not both")
+    given = [k for k in ("models", "from_mlflow", "from_registry") if args.get(k)]
+    if len(given) > 1:
+        raise ConfigError(f"serve: give one model source of models, from_mlflow, from_registry, not "
+                          f"{' and '.join(given)}")
+    try:
+        poll_s = float(args.get("registry_poll_s", 30.0))
+    except (TypeError, ValueError):
+        poll_s = math.nan
+    if not (math.isfinite(poll_s) and poll_s >= 0):
+        raise ConfigError(f"serve args: registry_poll_s must be a number of seconds >= 0 (0: never look again), "
+                          f"got {args.get('registry_poll_s')!r}")
     if args.get("models"):
         entries = cat.from_folder(args["models"], cap)
+    elif args.get("from_registry"):
+        if math.isfinite(cap):
+            raise ConfigError("serve: max_params does not apply to from_registry (the alias names the model served)")
+        entries = cat.registry_sources(cfg.tracking_uri, args.get("experiment") or experiment_name(cfg),
+                                       str(args["from_registry"]))
     else:
-        experiment = args.get("from_mlflow") or experiment_name(cfg)
+        experiment = args.get("from_mlflow") or args.get("experiment") or experiment_name(cfg)
         entries = cat.from_mlflow(cfg.tracking_uri, experiment, cap)
-    catalog = {d: {"path": e.path, "strategy": e.strategy, "params": e.params, "test_ppl": e.test_ppl,
+    catalog = {d: {"source": e.source, "strategy": e.strategy, "params": e.params, "test_ppl": e.test_ppl,
                    "serving_cost": e.serving_cost(s.price_per_device_hour)} for d, e in entries.items()}
     if s.auto_route == "nll" and len(catalog) > s.max_models_per_replica:
         # auto scores a prompt with every start-up domain's model, each replica with its own:
@@ -232,7 +269,8 @@ def build_app(args: dict):
     router = cat.router_data(cfg, list(catalog)) if s.auto_route == "cluster" else None
     api_keys, admin_keys = load_keys(cfg)
     security = {"api": api_keys, "admin": admin_keys, "rpm": s.rate_limit_rpm, "tpm": s.rate_limit_tpm,
-                "timeout_s": s.request_timeout_s, "max_pending": s.max_pending_builds}
+                "timeout_s": s.request_timeout_s, "max_pending": s.max_pending_builds,
+                "shared_rates": s.max_replicas > 1}
     env = serve_env(s)
     os.environ.update(env)
     deployment = DomainModels.options(
@@ -245,4 +283,5 @@ def build_app(args: dict):
         health_check_period_s=10, health_check_timeout_s=3 * HEALTH_TIMEOUT_S)
     return deployment.bind(catalog, router, Limits.from_config(s), s.preload, {"config": cfg.to_tree()}, security,
                            s.max_models_per_replica, s.batch_wait_s, s.adaptive_batch_wait,
-                           chat_template=s.chat_template, auto_route=s.auto_route, route_tokens=s.route_tokens)
+                           chat_template=s.chat_template, auto_route=s.auto_route, route_tokens=s.route_tokens,
+                           model_cache=args.get("model_cache"), registry_poll_s=poll_s)

@@ -11,8 +11,10 @@ delete).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import math
 import os
 import threading
@@ -93,8 +95,8 @@ class Auth:
 class RateLimiter:
     """Per-key token buckets: ``rpm`` requests and ``tpm`` tokens per minute (0 = no
     limit), refilled continuously. ``charge`` takes from the bucket or says how many
-    seconds until it could (the ``Retry-After``). Counted per replica: with N replicas a
-    key gets up to N times the limit (one replica by default)."""
+    seconds until it could (the ``Retry-After``). One replica's, or, held in one actor for
+    every replica of an app, the app's (``SharedRateLimiter``)."""
 
     def __init__(self, rpm: float, tpm: float, max_keys: int = 100_000, clock=time.monotonic):
         self.rates = {"requests": rpm, "tokens": tpm}
@@ -122,3 +124,55 @@ class RateLimiter:
                 self.buckets.clear()  # bounded: only valid keys get here, so this is a safety net
             self.buckets[(key, kind)] = (level - amount, now)
             return 0.0
+
+
+SHARED_TIMEOUT_S = 2.0
+"""How long a replica waits for the shared buckets before it counts the request itself."""
+
+
+class RateLimitsActor:
+    """The token buckets of every replica of one application: a named detached actor
+    (``SharedRateLimiter``). The limit comes with each charge, so a redeployed app with
+    other limits uses them at once."""
+
+    def __init__(self):
+        self.limiter = RateLimiter(0.0, 0.0)
+
+    def charge(self, key: str, kind: str, amount: float, per_min: float) -> float:
+        self.limiter.rates[kind] = per_min
+        return self.limiter.charge(key, kind, amount)
+
+
+class SharedRateLimiter:
+    """Per-key rates held for the whole application: every replica charges the same buckets,
+    in the named detached actor ``name`` (created by the first replica that needs it, found
+    by the others; no CPU). A key gets the limit however many replicas it reaches. When the
+    actor does not answer within ``SHARED_TIMEOUT_S`` (its node lost), the request is
+    counted by the replica's own ``local`` buckets (per replica, as with one replica) and
+    the actor is looked up or created again for the next one."""
+
+    def __init__(self, rpm: float, tpm: float, name: str, local: RateLimiter):
+        self.rates = {"requests": rpm, "tokens": tpm}
+        self.name, self.local = name, local
+        self.actor = None
+
+    def _handle(self):
+        import ray  # lazy: the replica's, never the CLI's
+
+        if self.actor is None:
+            self.actor = ray.remote(RateLimitsActor).options(
+                name=self.name, lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1).remote()
+        return self.actor
+
+    async def charge(self, key: str, kind: str, amount: float) -> float:
+        per_min = self.rates[kind]
+        if per_min <= 0:
+            return 0.0
+        try:
+            return await asyncio.wait_for(self._handle().charge.remote(key, kind, amount, per_min),
+                                          SHARED_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001  (an unreachable actor: this replica counts alone)
+            self.actor = None
+            logging.getLogger("ray.serve").warning("slmfactory: shared rate limits %s unreachable (%s); counted "
+                                                   "by this replica", self.name, type(e).__name__)
+            return self.local.charge(key, kind, amount)

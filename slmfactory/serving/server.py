@@ -18,6 +18,16 @@ domains' ``serving.domains``'.
 - No wait for a batch that cannot fill (``_batched``): a request with no other request of
   its kind in the replica runs at once; ``serving.batch_wait_s`` is waited only when
   another one is queued or running, so that batches form under load.
+- Start-up models come from their sources (``catalog.resolve``), resolved and downloaded by
+  the replica itself into the node's cache; a registry alias (``models:/NAME@champion``)
+  is looked up again every ``registry_poll_s`` seconds, and when it names another version
+  the replica downloads and loads it (model id ``domain@r<version>``) before new requests
+  go to it: requests in flight finish on the old one, none waits or fails. Each answer
+  names the version it came from (``slmfactory-model-version``) and the replica
+  (``slmfactory-replica``).
+- Metrics go to the replica's own registry (``GET /metrics``: this replica's) and through
+  ``ray.serve.metrics`` to Ray's metrics export (every replica in one scrape, tagged with
+  its deployment and replica).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import logging
 import math
 import threading
 import time
@@ -36,10 +47,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ray import serve
 
 from slmfactory.platform.config import DEFAULT_CHAT_TEMPLATE, from_dict
+from slmfactory.platform.cost import ServingRates
+from slmfactory.serving import catalog as cat
 from slmfactory.serving import replies
 from slmfactory.serving.api import (IGNORED_FIELDS_HEADER, ApiError, ChatRequest, CompletionRequest, Limits,
                                     ignored_fields, validate)
-from slmfactory.serving.auth import Auth, RateLimiter
+from slmfactory.serving.auth import Auth, RateLimiter, SharedRateLimiter
 from slmfactory.serving.domains import RuntimeDomains
 from slmfactory.serving.engine import (Deadline, Loaded, Sampling, TextStream, chat_prompt, check_stop, generate,
                                        load, load_minilm, one_token_forward, pick_by_nll, pick_domain,
@@ -47,6 +60,11 @@ from slmfactory.serving.engine import (Deadline, Loaded, Sampling, TextStream, c
                                        uses_minilm)
 
 AUTO = "auto"
+MODEL_VERSION_HEADER = "slmfactory-model-version"
+"""Names the model version a response came from (``models:/NAME/VERSION``, ``runs:/ID/model``;
+absent for a model folder): how a client sees a registry alias move."""
+REPLICA_HEADER = "slmfactory-replica"
+"""Names the replica that answered (Ray Serve's replica id)."""
 HEALTH_TIMEOUT_S = 10.0
 AUTO_RETRY_S = 30.0
 """A start-up domain whose model failed to load is no ``auto`` candidate for this long
@@ -82,12 +100,13 @@ class Timer:
     back as its ``Server-Timing`` header: what a client, or ``bench/serve_bench.py``,
     reads to split a request's latency between the replica and the proxy in front of it."""
 
-    __slots__ = ("start", "last", "parts", "notes")
+    __slots__ = ("start", "last", "parts", "notes", "headers")
 
     def __init__(self):
         self.start = self.last = time.perf_counter()
         self.parts: dict[str, float] = {}
         self.notes: dict[str, str] = {}
+        self.headers: dict[str, str] = {}  # response headers a handler adds (the model version)
 
     def note(self, name: str, value) -> None:
         """A fact about the request (``batch``: how many requests its batch held)."""
@@ -151,24 +170,85 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def registry_metrics():
-    """This replica's Prometheus metrics (``GET /metrics``)."""
+LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+
+METRICS = {
+    # key: (kind, name, description, label names)
+    "requests": ("counter", "slmfactory_requests", "requests per domain, route and status",
+                 ("domain", "route", "status")),
+    "latency": ("histogram", "slmfactory_latency_seconds", "request latency per domain and route",
+                ("domain", "route")),
+    "tokens": ("counter", "slmfactory_tokens", "tokens scored or generated per domain", ("domain", "route")),
+    "load": ("gauge", "slmfactory_model_load_seconds", "seconds the domain's model took to load", ("domain",)),
+    "cache": ("counter", "slmfactory_model_cache", "model cache lookups per domain (hit or miss)",
+              ("domain", "result")),
+    "queue": ("gauge", "slmfactory_queue_depth", "requests in flight in this replica, and domain builds and "
+              "fine-tunes queued or running", ("kind",)),
+}
+"""The serving metrics. Each is recorded twice: in the replica's own Prometheus registry
+(``GET /metrics``, this replica's alone) and through ``ray.serve.metrics`` (Ray's metrics
+export on each node, tagged with application, deployment and replica: one scrape of the
+cluster sees every replica; Ray prefixes the names with ``ray_``)."""
+
+
+class _Metric:
+    """One metric in both places; ``labels(...)`` then ``inc``/``set``/``observe``, as
+    ``prometheus_client``'s."""
+
+    __slots__ = ("own", "ray", "keys", "kind")
+
+    def __init__(self, own, ray_metric, keys: tuple[str, ...], kind: str):
+        self.own, self.ray, self.keys, self.kind = own, ray_metric, keys, kind
+
+    def labels(self, *values) -> "_Bound":
+        return _Bound(self, values)
+
+
+class _Bound:
+    __slots__ = ("metric", "values")
+
+    def __init__(self, metric: _Metric, values: tuple):
+        self.metric, self.values = metric, values
+
+    def _tags(self) -> dict[str, str]:
+        return {k: str(v) for k, v in zip(self.metric.keys, self.values)}
+
+    def inc(self, amount: float = 1) -> None:
+        self.metric.own.labels(*self.values).inc(amount)
+        if self.metric.ray is not None:
+            self.metric.ray.inc(amount, tags=self._tags())
+
+    def set(self, value: float) -> None:
+        self.metric.own.labels(*self.values).set(value)
+        if self.metric.ray is not None:
+            self.metric.ray.set(value, tags=self._tags())
+
+    def observe(self, value: float) -> None:
+        self.metric.own.labels(*self.values).observe(value)
+        if self.metric.ray is not None:
+            self.metric.ray.observe(value, tags=self._tags())
+
+
+def registry_metrics(cluster: bool = True):
+    """The replica's metrics (``METRICS``): its own Prometheus registry (``GET /metrics``)
+    and the metrics dict the replica records to; ``cluster``: through ``ray.serve.metrics``
+    too (in a Serve replica)."""
     reg = CollectorRegistry()
-    m = {
-        "requests": Counter("slmfactory_requests", "requests per domain, route and status",
-                            ("domain", "route", "status"), registry=reg),
-        "latency": Histogram("slmfactory_latency_seconds", "request latency per domain and route",
-                             ("domain", "route"), registry=reg,
-                             buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)),
-        "tokens": Counter("slmfactory_tokens", "tokens scored or generated per domain", ("domain", "route"),
-                          registry=reg),
-        "load": Gauge("slmfactory_model_load_seconds", "seconds the domain's model took to load", ("domain",),
-                      registry=reg),
-        "cache": Counter("slmfactory_model_cache", "model cache lookups per domain (hit or miss)",
-                         ("domain", "result"), registry=reg),
-        "queue": Gauge("slmfactory_queue_depth", "requests in flight in this replica, and domain builds and "
-                       "fine-tunes queued or running", ("kind",), registry=reg),
-    }
+    if cluster:
+        from ray.serve import metrics as ray_metrics
+    m = {}
+    for key, (kind, name, doc, keys) in METRICS.items():
+        if kind == "counter":
+            own = Counter(name, doc, keys, registry=reg)
+            theirs = ray_metrics.Counter(name, doc, tag_keys=keys) if cluster else None
+        elif kind == "gauge":
+            own = Gauge(name, doc, keys, registry=reg)
+            theirs = ray_metrics.Gauge(name, doc, tag_keys=keys) if cluster else None
+        else:
+            own = Histogram(name, doc, keys, registry=reg, buckets=LATENCY_BUCKETS)
+            theirs = ray_metrics.Histogram(name, doc, boundaries=list(LATENCY_BUCKETS), tag_keys=keys) \
+                if cluster else None
+        m[key] = _Metric(own, theirs, keys, kind)
     return reg, m
 
 
@@ -178,7 +258,8 @@ class DomainServer:
     async def __init__(self, catalog: dict[str, dict], router: dict | None, limits: Limits, preload: bool,
                        instant: dict | None = None, security: dict | None = None, max_models: int = 8,
                        batch_wait_s: float = 0.005, adaptive_batch_wait: bool = True,
-                       chat_template: str = DEFAULT_CHAT_TEMPLATE, auto_route: str = "nll", route_tokens: int = 128):
+                       chat_template: str = DEFAULT_CHAT_TEMPLATE, auto_route: str = "nll", route_tokens: int = 128,
+                       model_cache: str | None = None, registry_poll_s: float = 30.0):
         # Before anything runs in a second thread (see import_everything).
         import_everything()
         import torch  # lazy: imported by import_everything just above
@@ -191,6 +272,12 @@ class DomainServer:
         sec = security or {}
         self.auth = Auth(sec.get("api", []), sec.get("admin", []))
         self.rates = RateLimiter(sec.get("rpm", 0.0), sec.get("tpm", 0.0))
+        # More than one replica: one set of buckets for all of them (a key gets its limit
+        # however many replicas its requests reach).
+        app = serve.get_replica_context().app_name or "default"
+        self.shared_rates = (SharedRateLimiter(sec.get("rpm", 0.0), sec.get("tpm", 0.0),
+                                               f"slmfactory-rate-limits-{app}", self.rates)
+                             if sec.get("shared_rates") and (sec.get("rpm") or sec.get("tpm")) else None)
         self.timeout = float(sec.get("timeout_s", 60.0))
         # Domains created at run time (POST /v1/domains, `slmfactory specialize`): read
         # from the workdir's registry on a miss, so every replica serves them.
@@ -203,6 +290,13 @@ class DomainServer:
         self.metrics_registry, self.m = registry_metrics()
         self.loaded_ids: set[str] = set()
         self._probe: Loaded | None = None
+        # The start-up models' sources, resolved here (catalog.resolve): the folder each
+        # domain is served from now, and every model id's folder and version.
+        self.cache = cat.cache_root(model_cache)
+        self.current: dict[str, cat.Resolved] = {}
+        self.resolved_ids: dict[str, cat.Resolved] = {}
+        self.registry_poll_s = float(registry_poll_s)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
         # Serve's multiplexing and batching, sized by the recipe (hence wired here, per
         # replica, as Ray Serve LLM wires its multiplexed loader).
@@ -224,27 +318,91 @@ class DomainServer:
         if preload:  # through the multiplexed loader, so the models sit in its LRU
             for d in list(catalog)[:max_models]:
                 try:
-                    await self.get_model(d)
+                    await self.startup_model(d)
                 except Exception as e:  # noqa: BLE001  (answered 503 for that domain)
                     self.failed[d] = f"{type(e).__name__}: {str(e)[:200]}"
+        followed = [d for d, e in catalog.items() if e["source"].get("kind") == "registry"]
+        self.follower = (asyncio.ensure_future(self._follow_registry(followed))
+                         if followed and self.registry_poll_s > 0 else None)
 
     def count_tokens(self, n: int, domain: str, route: str) -> None:
         if n > 0:
             self.m["tokens"].labels(domain, route).inc(n)
 
     # -- models ---------------------------------------------------------------------------
+    @staticmethod
+    def _startup_id(domain: str, r: cat.Resolved) -> str:
+        # A registry version loads under its own id: a moved alias's new version loads
+        # beside the old one, which finishes its requests.
+        return f"{domain}@r{r.version}" if r.label.startswith("models:/") else domain
+
+    async def _resolve(self, domain: str, version=None) -> cat.Resolved:
+        """``domain``'s source as a local folder (downloaded into the node's cache if need
+        be); ``version``: a registry version already looked up. Off the event loop."""
+        r = await asyncio.to_thread(cat.resolve, self.catalog[domain]["source"], self.cache, version)
+        self.resolved_ids[self._startup_id(domain, r)] = r
+        return r
+
+    async def startup_model(self, domain: str) -> tuple[str, Loaded]:
+        """(model id, model) of the start-up domain ``domain``: the version it is served
+        from now, resolved on first use."""
+        r = self.current.get(domain)
+        if r is None:
+            r = self.current.setdefault(domain, await self._resolve(domain))
+        model_id = self._startup_id(domain, r)
+        return model_id, await self.get_model(model_id)
+
+    async def _follow_registry(self, domains: list[str]) -> None:
+        """Every ``registry_poll_s`` seconds: each followed domain's alias looked up again;
+        a new version is downloaded and loaded, then served (``_swap``). A lookup or
+        download that fails keeps the version served now, and is tried next period."""
+        log = logging.getLogger("ray.serve")
+        while True:
+            await asyncio.sleep(self.registry_poll_s)
+            for d in domains:
+                try:
+                    await self._swap(d)
+                except Exception as e:  # noqa: BLE001  (the current version keeps serving)
+                    log.warning("slmfactory: following %s failed (%s: %s); serving %s still", d,
+                                type(e).__name__, str(e)[:300], getattr(self.current.get(d), "label", "nothing"))
+
+    async def _swap(self, domain: str) -> bool:
+        """Serve the version ``domain``'s alias names now, if it is another: downloaded and
+        loaded into the multiplexed cache first, so no request waits for it; requests in
+        flight keep the model they hold. True when it swapped."""
+        mv = await asyncio.to_thread(cat.registry_version, self.catalog[domain]["source"])
+        now = self.current.get(domain)
+        if now is not None and now.version == str(mv.version):
+            return False
+        r = await self._resolve(domain, mv)
+        await self.get_model(self._startup_id(domain, r))
+        self.current[domain] = r
+        if r.meta:  # what /v1/models shows of the domain: the new version's run
+            meta = dict(r.meta)
+            rates = ServingRates.of(meta.pop("serving_rates", None))
+            price = (self.catalog[domain].get("serving_cost") or {}).get("price_per_device_hour") or 0.0
+            self.catalog[domain] = {**self.catalog[domain], **meta,
+                                    "serving_cost": rates.view(price) if rates is not None else None}
+        self.failed.pop(domain, None)
+        logging.getLogger("ray.serve").info("slmfactory: %s now served from %s (was %s)", domain, r.label,
+                                            getattr(now, "label", "nothing"))
+        return True
+
     async def _load_model(self, model_id: str) -> Loaded:
-        # A start-up domain's id is its name; a run-time domain's is "name@v<version>",
-        # so a swapped model loads under a new id while the old one finishes its requests.
-        if model_id in self.catalog:
-            loaded = await asyncio.to_thread(load, self.catalog[model_id]["path"])
+        # A start-up domain's id is its name, or "name@r<version>" for a registry version;
+        # a run-time domain's is "name@v<version>": a swapped model loads under a new id
+        # while the old one finishes its requests.
+        if model_id in self.resolved_ids:
+            loaded = await asyncio.to_thread(load, self.resolved_ids[model_id].path)
+        elif model_id in self.catalog:  # resolved by another path first (startup_model resolves)
+            loaded = await asyncio.to_thread(load, (await self._resolve(model_id)).path)
         else:
             name, _, version = model_id.rpartition("@v")
             entry = self.domains.entry(name)
             if entry is None or str(entry["version"]) != version:
                 raise FileNotFoundError(f"domain {name!r} version {version} is no longer registered")
             loaded = await asyncio.to_thread(load, entry["path"])
-        self.m["load"].labels(model_id.rpartition("@v")[0] or model_id).set(loaded.load_seconds)
+        self.m["load"].labels(model_id.split("@")[0]).set(loaded.load_seconds)
         return loaded
 
     def served_names(self) -> list[str]:
@@ -267,7 +425,10 @@ class DomainServer:
             name, extra = await self.route(text, deadline)
             mark("route")
         model_id = name
-        if name not in self.catalog:
+        if name in self.catalog:
+            r = self.current.get(name)
+            model_id = self._startup_id(name, r) if r is not None else name
+        else:
             # File I/O off the event loop: a slow or stuck shared filesystem delays this
             # request (until its deadline), never the replica's other requests.
             entry = await asyncio.to_thread(self.domains.entry, name)
@@ -278,13 +439,20 @@ class DomainServer:
             model_id = f"{name}@v{entry['version']}"
         self.m["cache"].labels(name, "hit" if model_id in self.loaded_ids else "miss").inc()
         try:
-            loaded = await self.get_model(model_id)
+            if name in self.catalog:  # the version served now (resolved on first use)
+                model_id, loaded = await self.startup_model(name)
+            else:
+                loaded = await self.get_model(model_id)
         except Exception as e:  # noqa: BLE001
             self.failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
             raise ApiError(503, f"the model of domain '{name}' failed to load ({self.failed[name]}); "
                            "the other domains are served", param="model", code="model_unavailable",
                            type_="service_unavailable")
         self.loaded_ids.add(model_id)
+        served_from = self.resolved_ids.get(model_id)
+        t = timer()
+        if served_from is not None and served_from.label and t is not None:
+            t.headers[MODEL_VERSION_HEADER] = served_from.label
         if len(self.loaded_ids) > 4 * self.max_models:  # a hint for the hit/miss metric only: bounded
             self.loaded_ids = {model_id}
         self.failed.pop(name, None)
@@ -321,7 +489,7 @@ class DomainServer:
             if time.monotonic() - self.auto_failed.get(d, -math.inf) < AUTO_RETRY_S:
                 continue
             try:
-                models[d] = await self.get_model(d)
+                models[d] = (await self.startup_model(d))[1]
             except Exception as e:  # noqa: BLE001  (not a candidate; its own requests answer 503)
                 self.failed[d] = f"{type(e).__name__}: {str(e)[:200]}"
                 self.auto_failed[d] = time.monotonic()
@@ -464,7 +632,7 @@ class DomainServer:
         domain, status = "-", "200"
         self.in_flight += 1
         try:
-            caller = self._caller(request, admin)
+            caller = await self._caller(request, admin)
             timer.mark("auth")
             if schema is None:
                 req = None
@@ -501,10 +669,14 @@ class DomainServer:
             self.in_flight -= 1
             self.m["requests"].labels(domain, route, status).inc()
             self.m["latency"].labels(domain, route).observe(time.perf_counter() - timer.start)
+            self.m["queue"].labels("requests").set(self.in_flight)
         response.headers["server-timing"] = timer.header()
+        response.headers[REPLICA_HEADER] = self.replica_id
+        for k, v in timer.headers.items():
+            response.headers[k] = v
         return response
 
-    def _caller(self, request: Request, admin: bool):
+    async def _caller(self, request: Request, admin: bool):
         caller = self.auth.caller(request.headers.get("authorization"))
         if caller is None:
             raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
@@ -513,11 +685,12 @@ class DomainServer:
         if admin and not caller.admin:
             raise ApiError(403, "this route needs an admin key (serving.admin_keys_file)",
                            code="admin_key_required", type_="permission_error")
-        self._charge(caller, "requests", 1)
+        await self._charge(caller, "requests", 1)
         return caller
 
-    def _charge(self, caller, kind: str, amount: float) -> None:
-        wait = self.rates.charge(caller.key, kind, amount)
+    async def _charge(self, caller, kind: str, amount: float) -> None:
+        wait = (await self.shared_rates.charge(caller.key, kind, amount) if self.shared_rates is not None
+                else self.rates.charge(caller.key, kind, amount))
         if wait:
             raise ApiError(429, f"rate limit of this key exceeded ({kind} per minute); retry after "
                            f"{wait:.0f}s", code="rate_limit_exceeded", type_="rate_limit_error",
@@ -527,10 +700,10 @@ class DomainServer:
         """Ray Serve's health check (and ``/healthz``): a one-token forward pass of a
         loaded model, through the same thread pool and lock as requests, within
         ``HEALTH_TIMEOUT_S``: a replica wedged on its work is reported and replaced."""
-        if self._probe is None and self.catalog:
+        if self._probe is None and self.current:
             try:
-                self._probe = await asyncio.wait_for(asyncio.to_thread(load, next(iter(self.catalog.values()))
-                                                                       ["path"]), HEALTH_TIMEOUT_S * 3)
+                self._probe = await asyncio.wait_for(asyncio.to_thread(load, next(iter(self.current.values())).path),
+                                                     HEALTH_TIMEOUT_S * 3)
             except Exception:  # noqa: BLE001  (a broken first folder: probe with no model)
                 self._probe = None
         try:
@@ -581,7 +754,7 @@ class DomainServer:
     async def _complete(self, kind: str, c, domain: str, loaded: Loaded, extra: dict, ids: list[list[int]],
                         s: Sampling, caller, deadline: float):
         self._check_sampling(loaded, s)
-        self._charge(caller, "tokens", sum(len(x) for x in ids) + s.max_tokens * s.n * len(ids))
+        await self._charge(caller, "tokens", sum(len(x) for x in ids) + s.max_tokens * s.n * len(ids))
         mark("tokenise")
         cid = f"{'cmpl' if kind == 'completions' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
         if c.stream:
