@@ -414,7 +414,7 @@ def generation_figures(args, url: str, slm, tok) -> None:
                   + f"; proxy+router+http {proxy:.3f}")
             if sched is not None:
                 _, _, totals = sched
-                per_tok = {k: totals[k] / max(1, totals["tokens"] or n_tok) * 1e3
+                per_tok = {k: totals[k] / max(1, totals["tokens"]) * 1e3
                            for k in ("schedule", "prefill", "forward", "logits", "emit")}
                 print("   7. per generated token, in-process scheduler (ms): "
                       + ", ".join(f"{k} {v:.3f}" for k, v in per_tok.items()))

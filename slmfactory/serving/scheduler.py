@@ -184,6 +184,8 @@ class Rows:
                            if any(s.repetition_penalty != 1.0 for s in ss) else None)
         t["presence"] = (torch.tensor([s.presence_penalty for s in ss])[:, None]
                          if any(s.presence_penalty for s in ss) else None)
+        filtered = [i for i, s in enumerate(ss) if s.temperature > 0 and (0 < s.top_k < vocab or s.top_p < 1)]
+        t["filtered"] = torch.tensor(filtered) if filtered else None
         t["frequency"] = (torch.tensor([s.frequency_penalty for s in ss])[:, None]
                           if any(s.frequency_penalty for s in ss) else None)
         bias = None
@@ -226,24 +228,25 @@ class Rows:
             scores = scores - t["presence"] * (self.counts > 0).to(scores.dtype)
         if t["frequency"] is not None:
             scores = scores - t["frequency"] * self.counts
-        broken = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1)
+        broken = ~torch.isfinite(scores.amax(-1))  # one reduction: NaN and +inf propagate through max
         self.broken = broken.nonzero()[:, 0].tolist() if bool(broken.any()) else []
         if t["all_greedy"]:
             return scores.argmax(-1), scores, None
         warped = scores / t["temperature"][:, None]
-        if t["top_k"] is not None or t["top_p"] is not None:
-            vals, order = warped.sort(-1, descending=True)
+        if t["filtered"] is not None:  # only the rows with a top-k or top-p are sorted
+            idx = t["filtered"]
+            vals, order = warped[idx].sort(-1, descending=True)
             rank = torch.arange(vocab)
             if t["top_k"] is not None:
-                vals = vals.masked_fill(rank >= t["top_k"][:, None], -math.inf)
+                vals = vals.masked_fill(rank >= t["top_k"][idx, None], -math.inf)
             if t["top_p"] is not None:
                 probs = vals.softmax(-1)
                 # transformers' TopP: drop a token when the tokens less likely than it hold
                 # at most 1 - top_p of the mass; the most likely token always stays.
-                drop = (probs.cumsum(-1) - probs) >= t["top_p"][:, None]
+                drop = (probs.cumsum(-1) - probs) >= t["top_p"][idx, None]
                 drop[:, 0] = False
                 vals = vals.masked_fill(drop, -math.inf)
-            warped = torch.empty_like(warped).scatter_(1, order, vals)
+            warped[idx] = torch.empty_like(vals).scatter_(1, order, vals)
         probs = warped.softmax(-1)
         cdf = probs.cumsum(-1)
         u = torch.rand(len(self.rows), generator=rng)
@@ -381,6 +384,8 @@ class Scheduler:
                 staying.append(i)
         batch.keep(staying)
         joiners = self.joining = self._admit(batch, waiting)
+        if not batch.rows and not joiners:  # every row left and nobody could join
+            return
         t1 = time.perf_counter()
         logits, old = [], len(batch)
         with torch.no_grad():
@@ -407,7 +412,7 @@ class Scheduler:
             batch.record(tokens)
             lps = self._logprobs(batch, tokens, scores, warped)
         t5 = time.perf_counter()
-        self._emit(batch, tokens.tolist(), lps)
+        self.totals["tokens"] += self._emit(batch, tokens.tolist(), lps)
         t6 = time.perf_counter()
         # Each part's time, shared out among the rows it served.
         n = len(batch.rows)
@@ -477,9 +482,12 @@ class Scheduler:
         return out
 
     @staticmethod
-    def _emit(batch: Rows, tokens: list[int], lps: dict) -> None:
+    def _emit(batch: Rows, tokens: list[int], lps: dict) -> int:
+        """Each row's new token appended, streamed, and the rows that end finished; returns
+        how many tokens were generated."""
         tok = batch.loaded.tokenizer
         eos = tok.eos_token_id
+        emitted = 0
         for i, (r, t) in enumerate(zip(batch.rows, tokens)):
             job, s = r.job, r.job.s
             if r.done:
@@ -488,6 +496,7 @@ class Scheduler:
                 _finish(r, tok, True)
                 continue
             r.ids.append(t)
+            emitted += 1
             entry = lps.get(i)
             if r.lps is not None:
                 r.lps.append(entry)
@@ -497,6 +506,7 @@ class Scheduler:
                 _finish(r, tok, False)
             elif len(r.ids) >= s.max_tokens:
                 _finish(r, tok, False)
+        return emitted
 
 
 def _finish(r: Row, tok, ended: bool) -> None:
