@@ -272,7 +272,8 @@ class Scheduler:
     """Iteration-level batching of every domain's generation in one thread (see the
     module docstring). ``submit`` from any thread; ``step`` runs one step of one domain
     (what the thread does in a loop, and what tests call directly with ``start=False``).
-    ``lock`` is held during each step (the replica's health probe waits for it)."""
+    ``lock`` is held during each step; ``stalled`` says how long a step has been running
+    with work waiting (the replica's health check)."""
 
     def __init__(self, max_rows: int = MAX_ROWS, prefill_tokens: int = PREFILL_TOKENS,
                  lock: threading.Lock | None = None, start: bool = True, seed: int | None = None):
@@ -286,6 +287,7 @@ class Scheduler:
         self.order: deque[int] = deque()  # domains (models) with work, in turn
         self.rng = torch.Generator().manual_seed(random.SystemRandom().getrandbits(63) if seed is None else seed)
         self.totals = dict.fromkeys(PARTS, 0.0) | {"steps": 0, "tokens": 0, "row_steps": 0}
+        self.last_step = time.monotonic()
         self.thread = None
         if start:
             self.thread = threading.Thread(target=self._run, name="slmfactory-scheduler", daemon=True)
@@ -313,12 +315,18 @@ class Scheduler:
         with self.cv:
             return any(self.waiting.values()) or any(len(b) for b in self.batches.values())
 
+    def stalled(self) -> float:
+        """Seconds since the last step ended while there was work (0 when idle): what the
+        replica's health check reads (a wedged forward never ends its step)."""
+        return time.monotonic() - self.last_step if self.busy() else 0.0
+
     # -- the loop ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self.cv:
                 while not (any(self.waiting.values()) or any(len(b) for b in self.batches.values())):
                     self.cv.wait()
+                    self.last_step = time.monotonic()  # idle until now: no stall
             self.step()
 
     def step(self) -> int | None:
@@ -345,6 +353,7 @@ class Scheduler:
                 for job in [r.job for r in batch.rows] + self.joining:
                     job.fail(e)
                 batch.keep([])
+        self.last_step = time.monotonic()
         return key
 
     def _admit(self, batch: Rows, waiting: deque[Job]) -> list[Job]:

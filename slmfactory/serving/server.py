@@ -200,8 +200,11 @@ class DomainServer:
         self.domains = RuntimeDomains(from_dict(instant["config"]) if instant else None, catalog,
                                       int(sec.get("max_pending", 2)))
         self.failed: dict[str, str] = {}
-        self.lock = threading.Lock()  # held by each generation step (the health probe waits for it)
-        self.scheduler = Scheduler(lock=self.lock)
+        self.lock = threading.Lock()  # the health probe's
+        # Generation: iteration-level batching in its own thread. Not under the probe's
+        # lock: a step loop re-taking it at once could starve the probe under load; the
+        # probe checks the scheduler's progress instead (check_health).
+        self.scheduler = Scheduler()
         self.minilm = None
         self.in_flight = 0
         self.metrics_registry, self.m = registry_metrics()
@@ -556,6 +559,9 @@ class DomainServer:
                                           HEALTH_TIMEOUT_S)), HEALTH_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise RuntimeError(f"a one-token forward pass did not finish within {HEALTH_TIMEOUT_S:g}s") from None
+        stalled = self.scheduler.stalled()
+        if stalled > 3 * HEALTH_TIMEOUT_S:
+            raise RuntimeError(f"the generation scheduler has work but finished no step for {stalled:.0f}s")
 
     # -- completions and chat completions ---------------------------------------------------
     async def complete(self, c: CompletionRequest, caller, deadline: float):
