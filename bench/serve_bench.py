@@ -6,6 +6,20 @@
 4. load: 32 concurrent clients for 30 s on loopback: errors, p50 and p99 latency (goal p99 <= 3 x p50);
    ``--clients 1,16,32`` runs it at each count.
 
+``--generation`` runs the generation figures instead (``--context 512``: the model's
+context, so that 256-token prompts take 128 more):
+
+5. mixed generation at 16 and 32 concurrent clients (``--gen-clients``): prompts of 8-256
+   tokens, ``max_tokens`` 4-128, temperature / top_p / seeds mixed, a quarter streamed:
+   generated tokens/s through Serve / the in-process upper bound (the same requests, one
+   batched ``generate`` per distinct setting, no HTTP) (goal >= 0.7); with p99 time to
+   first token and p99 inter-token latency of the streamed requests;
+6. one client, a 64-token greedy completion: Serve end-to-end p50 / in-process
+   ``generate`` p50 (goal <= 1.15);
+7. where the time goes per generated token: the replica's scheduler parts (its
+   ``Server-Timing``: queue, schedule, prefill, forward, logits, emit), the proxy
+   (client latency less the replica's), and the stream path (a chunk's text and JSON).
+
 Uses the models `make demo` exported (``--models runs/demo/models``; the best SLM and LLM
 of ``--domain``), or with ``--synthetic TOKENIZER_DIR`` freshly initialised models of the
 recipe's SLM and LLM presets with that tokenizer (timing depends on shapes, not weights),
@@ -197,7 +211,8 @@ def stop_profiles(procs: list, rate: int, n_requests: int) -> None:
                           sorted(parts.items(), key=lambda kv: -kv[1])))
 
 
-def synthetic_models(cfg, tokenizer_dir: Path, domain: str, keys: tuple[str, ...] = ("slm", "llm")) -> Path:
+def synthetic_models(cfg, tokenizer_dir: Path, domain: str, keys: tuple[str, ...] = ("slm", "llm"),
+                     context: int | None = None) -> Path:
     """Freshly initialised SLM and LLM of ``cfg``'s presets, exported as the platform
     exports models (safetensors, config, tokenizer, slmfactory.json)."""
     import shutil
@@ -210,7 +225,7 @@ def synthetic_models(cfg, tokenizer_dir: Path, domain: str, keys: tuple[str, ...
     out = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     vocab = len(PreTrainedTokenizerFast.from_pretrained(tokenizer_dir))
     for key in keys:
-        model = build_model(getattr(cfg, key), vocab, cfg.data.seq_len)
+        model = build_model(getattr(cfg, key), vocab, context or cfg.data.seq_len)
         folder = out / f"{key}-{domain}"
         model.save_pretrained(folder, safe_serialization=True)
         for f in tokenizer_dir.iterdir():
@@ -219,6 +234,195 @@ def synthetic_models(cfg, tokenizer_dir: Path, domain: str, keys: tuple[str, ...
         (folder / "slmfactory.json").write_text(json.dumps({"domain": domain, "strategy": key,
                                                             "params": count_params(model), "test_ppl": 1.0}))
     return out
+
+
+# -- generation (figures 5-7) -----------------------------------------------------------------
+
+def gen_workload(rng, vocab: int, eos: int, n: int) -> list[dict]:
+    """``n`` mixed completion bodies: token-id prompts of 8-256 tokens, max_tokens 4-128,
+    temperature 0 / 0.7 / 1.0, top_p 1 / 0.9, a seed on every fifth sampled one, every
+    fourth streamed. End of text is biased away (``logit_bias``), so that every request
+    generates its max_tokens on both sides of the ratio: the same work."""
+    out = []
+    for i in range(n):
+        temp = (0.0, 0.7, 1.0)[i % 3]
+        body = {"prompt": rng.integers(10, vocab - 1, int(rng.integers(8, 257))).tolist(),
+                "max_tokens": int(rng.integers(4, 129)), "temperature": temp,
+                "top_p": (1.0, 0.9)[(i // 3) % 2] if temp > 0 else 1.0, "logit_bias": {str(eos): -100},
+                "stream": i % 4 == 3}
+        if temp > 0 and i % 5 == 0:
+            body["seed"] = int(rng.integers(0, 1 << 30))
+        out.append(body)
+    return out
+
+
+def gen_sampling(body: dict, max_tokens: int | None = None):
+    from slmfactory.serving.engine import Sampling
+
+    (eos, bias), = body["logit_bias"].items()
+    return Sampling(max_tokens=max_tokens or body["max_tokens"], temperature=body["temperature"],
+                    top_p=body["top_p"], seed=body.get("seed"), logit_bias=((int(eos), float(bias)),))
+
+
+def inprocess_upper_bound(loaded, bodies: list[dict]) -> tuple[int, float]:
+    """The requests in-process, no HTTP: one batched ``generate`` per distinct sampling
+    setting (temperature, top_p, seed), run to its longest max_tokens; each request counts
+    its own max_tokens. Returns (tokens, seconds)."""
+    from slmfactory.serving.engine import generate
+
+    groups: dict[tuple, list[dict]] = {}
+    for b in bodies:
+        groups.setdefault((b["temperature"], b["top_p"], b.get("seed")), []).append(b)
+    tokens, t0 = 0, time.perf_counter()
+    for group in groups.values():
+        outs = generate(loaded, [b["prompt"] for b in group],
+                        gen_sampling(group[0], max(b["max_tokens"] for b in group)))
+        tokens += sum(min(len(o[0]["ids"]), b["max_tokens"]) for o, b in zip(outs, group))
+    return tokens, time.perf_counter() - t0
+
+
+def inprocess_scheduler(loaded, bodies: list[dict]) -> tuple[int, float, dict] | None:
+    """The requests through this code's scheduler in-process, all submitted at once (None:
+    a code base without one). Returns (tokens, seconds, the scheduler's totals)."""
+    try:
+        from slmfactory.serving.scheduler import Scheduler
+    except ImportError:
+        return None
+    sched = Scheduler()
+    t0 = time.perf_counter()
+    jobs = [sched.submit(loaded, b["prompt"], gen_sampling(b)) for b in bodies]
+    tokens = sum(len(j.future.result()[0]["ids"]) for j in jobs)
+    return tokens, time.perf_counter() - t0, dict(sched.totals)
+
+
+def gen_request(url: str, domain: str, body: dict) -> dict:
+    """One completion through Serve: its tokens, latency, Server-Timing; streamed: the
+    times its text chunks arrived (time to first token, gaps between chunks)."""
+    t0 = time.perf_counter()
+    payload = {**body, "model": domain}
+    if body["stream"]:
+        payload["stream_options"] = {"include_usage": True}
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=HEADERS)
+    with urllib.request.urlopen(req, timeout=300) as r:
+        if not body["stream"]:
+            got = json.loads(r.read())
+            return {"tokens": got["usage"]["completion_tokens"], "latency": time.perf_counter() - t0,
+                    "timing": server_timing(r.headers.get("server-timing")), "stream": False}
+        arrivals, tokens = [], 0
+        for line in r:
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:].strip()
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk.get("choices") and chunk["choices"][0].get("text"):
+                arrivals.append(time.perf_counter())
+    return {"tokens": tokens, "latency": time.perf_counter() - t0, "stream": True,
+            "ttft": arrivals[0] - t0 if arrivals else None, "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])]}
+
+
+def serve_generation(url: str, domain: str, bodies: list[dict], clients: int) -> tuple[list[dict], float]:
+    with ThreadPoolExecutor(clients) as pool:
+        t0 = time.perf_counter()
+        results = list(pool.map(lambda b: gen_request(url, domain, b), bodies))
+    return results, time.perf_counter() - t0
+
+
+def stream_path_cost(tok, n: int = 128) -> float:
+    """Seconds per token of the replica's stream path for a streamed completion: the
+    text of each new token (``TextStream``) and its chunk's JSON (``replies.chunk``)."""
+    import numpy as np
+
+    from slmfactory.serving import replies
+    from slmfactory.serving.engine import TextStream
+
+    ids = np.random.default_rng(1).integers(10, len(tok) - 1, n).tolist()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        text = TextStream(tok, ())
+        for t in ids:
+            piece = text.push([t])
+            if piece:
+                json.dumps(replies.chunk("completions", "cmpl-x", "legal", {}, piece))
+    return (time.perf_counter() - t0) / (5 * n)
+
+
+def generation_figures(args, url: str, slm, tok) -> None:
+    import numpy as np
+
+    from slmfactory.serving.engine import Loaded, Sampling, generate
+
+    loaded = Loaded(slm, tok, int(slm.config.max_position_embeddings))
+    eos = tok.eos_token_id if tok.eos_token_id is not None else 0
+    rng = np.random.default_rng(0)
+    print(f"machine load (1-min average) at start: {os.getloadavg()[0]:.2f}")
+    # 6 first: one client, 64-token greedy completion, interleaved with in-process generate.
+    prompt = rng.integers(10, len(tok) - 1, 32).tolist()
+    body = {"prompt": prompt, "max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "logit_bias": {str(eos): -100},
+            "stream": False}
+    s = Sampling(max_tokens=64, temperature=0.0, logit_bias=((eos, -100.0),))
+    url_c = url.replace("/score", "/completions")
+    for _ in range(3):
+        generate(loaded, [prompt], s)
+        gen_request(url_c, args.domain, body)
+    local, remote, timings = [], [], []
+    for _ in range(args.latency_rounds):
+        t0 = time.perf_counter()
+        generate(loaded, [prompt], s)
+        local.append(time.perf_counter() - t0)
+        r = gen_request(url_c, args.domain, body)
+        remote.append(r["latency"])
+        timings.append({**r["timing"], "client": r["latency"] * 1e3})
+    p50_remote, p50_local = statistics.median(remote), statistics.median(local)
+    # 5: the mixed workload, per client count, between two in-process upper-bound runs.
+    figure5 = {}
+    for clients in [int(c) for c in str(args.gen_clients).split(",")]:
+        bodies = gen_workload(np.random.default_rng(clients), len(tok), eos, clients * args.gen_per_client)
+        tok_a, sec_a = inprocess_upper_bound(loaded, bodies)
+        results, wall = serve_generation(url_c, args.domain, bodies, clients)
+        tok_b, sec_b = inprocess_upper_bound(loaded, bodies)
+        sched = inprocess_scheduler(loaded, bodies)
+        figure5[clients] = (bodies, results, wall, (tok_a + tok_b) / (sec_a + sec_b), sched)
+    print(f"machine load (1-min average) at end: {os.getloadavg()[0]:.2f}")
+    for clients, (bodies, results, wall, upper_tps, sched) in figure5.items():
+        tokens = sum(r["tokens"] for r in results)
+        serve_tps = tokens / wall
+        streamed = [r for r in results if r["stream"]]
+        ttft = [r["ttft"] for r in streamed if r["ttft"] is not None]
+        gaps = [g for r in streamed for g in r["gaps"]]
+        print(f"5. mixed generation, {clients} clients, {len(bodies)} requests ({len(streamed)} streamed), {tokens} "
+              f"tokens: Serve {serve_tps:,.0f} tokens/s, in-process upper bound {upper_tps:,.0f}: ratio "
+              f"{serve_tps / upper_tps:.2f} (goal >= 0.7); p99 time to first token {pct(ttft, 0.99) * 1e3:.0f} ms "
+              f"(p50 {pct(ttft, 0.5) * 1e3:.0f}), p99 inter-token {pct(gaps, 0.99) * 1e3:.0f} ms "
+              f"(p50 {pct(gaps, 0.5) * 1e3:.1f})")
+        if sched is not None:
+            n_tok, secs, totals = sched
+            print(f"   in-process scheduler, all {len(bodies)} submitted at once: {n_tok / secs:,.0f} tokens/s "
+                  f"({n_tok / secs / upper_tps:.2f} of the upper bound), {totals['steps']} steps, "
+                  f"{totals['row_steps'] / max(1, totals['steps']):.1f} rows per step")
+        whole = [r for r in results if not r["stream"] and r["timing"]]
+        n = sum(r["tokens"] for r in whole)
+        if n:
+            parts = [k for k in whole[0]["timing"] if k != "total"]
+            per = {k: sum(r["timing"].get(k, 0.0) for r in whole) / n for k in parts}
+            proxy = sum(r["latency"] * 1e3 - r["timing"].get("total", 0.0) for r in whole) / n
+            print("   7. per generated token, non-streamed requests (ms; the replica's Server-Timing parts, "
+                  "a request's share of each step): " + ", ".join(f"{k} {v:.3f}" for k, v in per.items())
+                  + f"; proxy+router+http {proxy:.3f}")
+            if sched is not None:
+                _, _, totals = sched
+                per_tok = {k: totals[k] / max(1, totals["tokens"]) * 1e3
+                           for k in ("schedule", "prefill", "forward", "logits", "emit")}
+                print("   7. per generated token, in-process scheduler (ms): "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in per_tok.items()))
+    print(f"6. one client, 64-token greedy completion, p50: Serve {p50_remote * 1e3:.1f} ms, in-process generate "
+          f"{p50_local * 1e3:.1f} ms: ratio {p50_remote / p50_local:.2f} (goal <= 1.15)")
+    print(timing_table(timings))
+    print(f"7. the stream path (a token's text and its chunk's JSON, in the replica): "
+          f"{stream_path_cost(tok) * 1e3:.3f} ms per token")
 
 
 def main() -> None:
@@ -238,6 +442,11 @@ def main() -> None:
                     help="sample the proxy and the replica with py-spy during the latency figure")
     ap.add_argument("--profile-rate", type=int, default=250)
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--generation", action="store_true", help="run the generation figures (5-7) instead of 1-4")
+    ap.add_argument("--context", type=int, default=None, help="the synthetic/tiny model's context (default: recipe)")
+    ap.add_argument("--gen-clients", default="16,32")
+    ap.add_argument("--gen-per-client", type=int, default=6, help="requests per client in figure 5")
+    ap.add_argument("--latency-rounds", type=int, default=20)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides for the app (e.g. serving.batch_wait_s=0)")
     args = ap.parse_args()
@@ -258,11 +467,11 @@ def main() -> None:
     cfg = load_config(args.config)
     models_dir = Path(args.models) if args.models else cfg.root / "models"
     if args.synthetic:
-        models_dir = synthetic_models(cfg, Path(args.synthetic), args.domain)
+        models_dir = synthetic_models(cfg, Path(args.synthetic), args.domain, context=args.context)
     elif args.tiny:
-        models_dir = synthetic_models(cfg, tiny_tokenizer(cfg), args.domain, keys=("slm",))
+        models_dir = synthetic_models(cfg, tiny_tokenizer(cfg), args.domain, keys=("slm",), context=args.context)
         print(f"model: a freshly initialised {cfg.slm.preset} (vocabulary {cfg.tokenizer.vocab_size}, context "
-              f"{cfg.data.seq_len}) in {models_dir}")
+              f"{args.context or cfg.data.seq_len}) in {models_dir}")
     folders = models_of(models_dir, args.domain)
     slm_dir, llm_dir = folders.get("slm"), folders.get("llm")
     if slm_dir is None:
@@ -306,6 +515,13 @@ def main() -> None:
                          "max_params": float(sum(p.numel() for p in slm.parameters()))}),
               name="slmfactory", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/score"
+    if args.generation:
+        try:
+            generation_figures(args, url, slm, tok)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+        return
     for _ in range(5):
         post(url, {"model": args.domain, "input": texts[0]})
     single, lat = [], []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,51 @@ def test_streaming_matches_the_whole_completion(served):
                                        stream=True))
     assert "".join(ch.choices[0].text for ch in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_seeded_and_stopped_completions_inside_a_busy_mixed_batch(served):
+    """Through the Serve app with the openai client: a seeded completion sent while other
+    requests (other lengths, settings, domains, some streamed) are generating shares
+    their batch (its Server-Timing ``batch`` counts the rows) and gives the text it gives
+    alone; a completion with a stop string ends at the stop while a greedy twin without
+    it, in the same batch, goes on to its own end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, url, _ = served
+    c = client(url)
+    no_eos = {"0": -100}  # the tokenizer's eos: completions run to max_tokens
+    seeded = dict(model="legal", prompt="The licence grants", max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
+    want = c.completions.create(**seeded).choices[0].text
+    # Seeded too (a trained tiny model's greedy text repeats one token): varied, reproducible.
+    greedy = dict(model="legal", prompt="And the", max_tokens=16, temperature=1.0, seed=3, logit_bias=no_eos)
+    full = c.completions.create(**greedy).choices[0].text
+    stop = next(full[i:i + 2] for i in range(len(full) // 3, len(full) - 1)
+                if full[i:i + 2].strip() and full.index(full[i:i + 2]) == i)
+
+    def busy(i: int):
+        body = dict(model=("legal", "religion")[i % 2], prompt="Whereas " * (1 + i), max_tokens=30 + i,
+                    temperature=(0, 0.7, 1.3)[i % 3], logit_bias=no_eos)
+        if i % 4 == 0:
+            return "".join(ch.choices[0].text for ch in c.completions.create(**body, stream=True))
+        return c.completions.create(**body).choices[0].text
+
+    for _ in range(5):  # until the seeded request shared its steps with others (a loaded machine may not)
+        with ThreadPoolExecutor(9) as pool:
+            others = [pool.submit(busy, i) for i in range(6)]
+            time.sleep(0.5)
+            got = pool.submit(lambda: c.completions.with_raw_response.create(**seeded))
+            cut = pool.submit(lambda: c.completions.create(**greedy, stop=[stop]))
+            twin = pool.submit(lambda: c.completions.create(**greedy))
+            raw = got.result()
+            assert all(isinstance(o.result(), str) for o in others)
+        rows = int(raw.headers["server-timing"].rpartition('batch;desc="')[2].rstrip('"'))
+        assert raw.parse().choices[0].text == want
+        assert cut.result().choices[0].text == full[:full.index(stop)]
+        assert cut.result().choices[0].finish_reason == "stop"
+        assert twin.result().choices[0].text == full and twin.result().choices[0].finish_reason == "length"
+        if rows > 2:
+            break
+    assert rows > 2
 
 
 def test_echo_with_logprobs(served):

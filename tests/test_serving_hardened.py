@@ -281,18 +281,19 @@ def test_a_stream_whose_generation_raises_ends_with_an_error_event_and_done(app)
 
 def test_one_failing_request_does_not_fail_its_batch(app):
     _, url, _ = app
-    # Sent together within the app's 0.5 s batch wait: one batch, two domain groups. Each
-    # response says how many requests its batch held (Server-Timing ``batch``); the four
-    # are sent again until they shared one (a loaded machine may spread them out).
+    # Sent together: the three legal requests run in one batch (the scheduler's, one model
+    # per batch), interleaved with the poisoned model's. Each response says how many rows
+    # the largest step it was in held (Server-Timing ``batch``); the four are sent again
+    # until the three shared one (a loaded machine may spread them out).
     bodies = [{"model": "poisoned" if i == 0 else "legal", "prompt": "The licence", "max_tokens": 3,
                "temperature": 1.0} for i in range(4)]
     for _ in range(5):
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda b: http("POST", f"{url}/v1/completions", b), bodies))
-        sizes = [g[1].get("server-timing", "").rpartition('batch;desc="')[2].rstrip('"') for g in got]
-        if sizes == ["4"] * 4:
+        sizes = [g[1].get("server-timing", "").rpartition('batch;desc="')[2].rstrip('"') for g in got[1:]]
+        if sizes == ["3"] * 3:
             break
-    assert sizes == ["4"] * 4, sizes
+    assert sizes == ["3"] * 3, sizes
     assert [g[0] for g in got[1:]] == [200, 200, 200], got
     assert got[0][0] == 500 and got[0][2]["error"]["type"] == "server_error", got[0]
 

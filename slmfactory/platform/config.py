@@ -616,10 +616,11 @@ class ServingConfig:
     request_timeout_s: float = 60.0
     """Deadline of every request; a completion or score past it stops and answers 408."""
     batch_wait_s: float = 0.005
-    """How long ``@serve.batch`` waits to fill a batch."""
+    """How long ``@serve.batch`` waits to fill a scoring batch (generation waits for no
+    batch: a request joins the running one at the next token, ``serving/scheduler.py``)."""
     adaptive_batch_wait: bool = True
-    """Wait ``batch_wait_s`` only when another request of the kind (scoring, generation)
-    is queued or running in the replica; a request alone runs at once."""
+    """Wait ``batch_wait_s`` only when another scoring request is queued or running in the
+    replica; a request alone runs at once."""
     access_log: bool = False
     """Ray Serve's access log line per request in the replica's log."""
     max_domains: int = 32
