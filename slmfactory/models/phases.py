@@ -260,7 +260,8 @@ def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, name:
         return cached
     phase = f"pretrain/{name}"
     fit = run_phase(ctx, Stage.of(cfg.root, "train", phase, generic=stage.key),
-                    lm_factory(cfg.to_tree(), model_key, phase, tokens, valid, train_cfg=tcfg), phase)
+                    lm_factory(cfg.to_tree(), model_key, phase, tokens, valid, train_cfg=tcfg, tracker=ctx.tracker),
+                    phase)
     weights = fit.checkpoint / "model.safetensors"
     scored = generic_nll(cfg, lambda _: load_lm(cfg, model_key, str(weights))) if score_generic else {}
     return GenericArtifact.record(stage, name, fit.result.cost,
@@ -290,7 +291,7 @@ def finetune_lm(ctx: StrategyContext, model_key: str, init: Weights | None, data
                      extra=key_inputs or {})
     factory = lm_factory(cfg.to_tree(), model_key, phase, data.train, data.valid,
                          init_weights=init.path if init else None, train_cfg=tcfg, model_builder=model_builder,
-                         **factory_kwargs)
+                         **{"tracker": ctx.tracker, **factory_kwargs})
     fit = run_phase(ctx, stage, factory, phase)
     model = model_builder(cfg, vocab_size_of(cfg)) if model_builder is not None else \
         build_model(getattr(cfg, model_key), vocab_size_of(cfg), cfg.data.seq_len)
