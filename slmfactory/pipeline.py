@@ -24,7 +24,7 @@ from slmfactory.platform.cost import PAPER, generic_under
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.runtime import ray_session
 from slmfactory.platform.tracking import NullTracker, Tracker
-from slmfactory.trial import TrialRecord, fail_live_run, log_trial, open_trial_run, trial_of, trial_tags
+from slmfactory.trial import TrialRecord, live_trial_run, log_trial, trial_of, trial_tags
 
 
 def ensure_corpus(cfg: RunConfig, build: bool, log: Callable[[str], None] = print) -> None:
@@ -115,17 +115,11 @@ def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str]
     # Bad input fails here, in a second, before a Ray session starts.
     ensure_corpus(cfg, build=False)
     check_domain(cfg, cfg.data.domain)
-    live = open_trial_run(cfg, cfg.tracking.experiment) if cfg.tracking.enabled else None
-    started = live.start_time if live is not None else int(time.time() * 1000)
-    try:
-        with ray_session(address):
-            record = run_trial(cfg, log=log, tracker=live)
-    except BaseException as e:
-        fail_live_run(live, cfg, cfg.tracking.experiment, e)
-        raise
+    with live_trial_run(cfg, cfg.tracking.experiment) as live, ray_session(address):
+        started = live.start_time if live is not None else int(time.time() * 1000)
+        record = run_trial(cfg, log=log, tracker=live)
     record.started_ms, record.ended_ms = started, int(time.time() * 1000)
     if live is not None:
-        live.flush()
         log_trial(cfg, cfg.tracking.experiment, record.key, record)
     m, R = record.metrics, TrialRecord
     log(f"{cfg.strategy.name} on {cfg.data.domain}: test ppl {record.ppl:.2f}"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,7 +40,7 @@ from slmfactory.platform.registry import strategies
 from slmfactory.platform.stages import digest
 from slmfactory.platform.tracking import (
     MAX_BATCH_METRICS, LiveRunTracker, MlflowTracker, TrackingUnavailable, client_for, corpus_datasets,
-    ensure_experiment, find_or_create_run, log_datasets, log_hf_model, register_model, runs_tagged)
+    ensure_experiment, find_or_create_run, log_datasets, log_hf_model, register_model, runs_tagged, watch_system)
 
 TRIAL_TAG = "slmfactory.trial"
 ERROR_TAG = "slmfactory.error"
@@ -362,6 +363,25 @@ def open_trial_run(cfg: RunConfig, experiment: str, parent_run_id: str | None = 
     tracker.set_tags(tags)
     tracker.log_params(cfg.to_dict())
     return tracker
+
+
+@contextmanager
+def live_trial_run(cfg: RunConfig, experiment: str, parent_run_id: str | None = None):
+    """The trial's live run around its work: :func:`open_trial_run` (None when tracking is
+    off), MLflow's system metrics on it while the work runs (``watch_system``), its curve
+    points sent when the work ends, and FAILED when the work raises (:func:`fail_live_run`)."""
+    live = open_trial_run(cfg, experiment, parent_run_id) if cfg.tracking.enabled else None
+    monitor = watch_system(live.run_id, cfg.tracking_uri) if live is not None else None
+    try:
+        yield live
+        if live is not None:
+            live.flush()
+    except BaseException as e:
+        fail_live_run(live, cfg, experiment, e)
+        raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 def fail_live_run(live: LiveRunTracker | None, cfg: RunConfig, experiment: str, error: BaseException) -> None:

@@ -13,6 +13,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,8 +111,9 @@ def test_a_sweep_through_a_lossy_proxy_has_live_runs_and_one_run_per_trial(serve
     """A sweep of two trials logging through the proxy: the reply to the first trial's run
     creation is lost (the server made the run, the trial's process retries), and the reply
     to the first curve point a trainer streams is held while the test reads the run from the
-    server directly: RUNNING, its params there, a curve point there. After the sweep: each
-    trial has exactly one run, FINISHED, its live curve and the record's; none is RUNNING."""
+    server directly: RUNNING, its params there, a curve point there, MLflow's system metrics
+    (opt-in, switched on here) arriving. After the sweep: each trial has exactly one run, FINISHED, its live curve and
+    the record's; none is RUNNING."""
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
@@ -136,7 +138,9 @@ def test_a_sweep_through_a_lossy_proxy_has_live_runs_and_one_run_per_trial(serve
                 "--set", "sweep.max_concurrent=1"]
         driver = subprocess.Popen([sys.executable, "-m", "slmfactory.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True,
-                                  env={**os.environ, "SLMFACTORY_LAUNCHER": "local"})
+                                  env={**os.environ, "SLMFACTORY_LAUNCHER": "local",
+                                       "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true",
+                                       "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
         try:
             while not proxy.held.wait(1):
                 assert driver.poll() is None, driver.stdout.read()[-4000:]
@@ -150,6 +154,12 @@ def test_a_sweep_through_a_lossy_proxy_has_live_runs_and_one_run_per_trial(serve
             point = proxy.held_body["metrics"][0]["key"]
             assert len(direct.get_metric_history(run_id, point)) >= 1
             assert "ppl_macro" not in run.data.metrics  # not finished: no result yet
+            # MLflow's system metrics (switched on, sampled every second here) arrive while it trains: its
+            # trainer stays blocked until the release, so this waits for the monitor's thread only.
+            deadline = time.monotonic() + 120
+            while not any(k.startswith("system/") for k in direct.get_run(run_id).data.metrics):
+                assert time.monotonic() < deadline, "no system metrics on the running trial's run"
+                time.sleep(0.5)
             proxy.release()
             out, _ = driver.communicate(timeout=600)
         finally:

@@ -350,6 +350,33 @@ class LiveRunTracker(MlflowTracker):
         super().close(status, end_time)
 
 
+def watch_system(run_id: str, uri: str):
+    """MLflow's system metrics on a live run (``system/cpu_utilization_percentage``,
+    ``system/system_memory_usage_megabytes``, disk and network; GPU ones where ``pynvml``
+    is): MLflow's ``SystemMetricsMonitor``, a thread sampling every 10 s
+    (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``) that logs to the run while it is RUNNING;
+    a retried attempt's samples go on from the last step. Opt-in, by MLflow's own switch
+    ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true``: ``bench/system_metrics.py`` could not show
+    it costs nothing on the shared 2-core machine (docs/sweeps.md). It needs psutil; without
+    it, or switched off, this is None. Returns the monitor: ``finish()`` stops it and sends
+    what it holds."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    if not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
+        return None
+    try:
+        import psutil  # noqa: F401 - MLflow's monitors sample through it
+    except ImportError:
+        print("[tracking] MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is set but psutil is not installed: "
+              "no system metrics (pip install psutil)", file=sys.stderr)
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
 def open_tracker(cfg, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
     """The tracker a driver should use for ``cfg``: MLflow unless tracking is disabled."""
     if not cfg.tracking.enabled:

@@ -53,8 +53,7 @@ from slmfactory.platform.machine import machine_warning, this_machine
 from slmfactory.platform.runtime import ray_session
 from slmfactory.sweeps.plan import SweepPlan, describe, hours, plan_sweep, size_generic_pool
 from slmfactory.sweeps.tracking import ensure_sweep_run, fail_running_trials, finish_sweep_run, update_champions
-from slmfactory.trial import (TrialRecord, experiment_name, fail_live_run, fail_trial_run, log_trial,
-                              open_trial_run)
+from slmfactory.trial import TrialRecord, experiment_name, fail_trial_run, live_trial_run, log_trial
 
 @dataclass
 class SweepOutcome:
@@ -78,16 +77,10 @@ def _trainable(config: dict) -> None:
     cpus = float(config.get("cpus", 1))
     torch.set_num_threads(max(1, int(cpus)))
     cfg = from_dict(config["cfg"])
-    live = open_trial_run(cfg, experiment_name(cfg), config.get("parent_run")) if cfg.tracking.enabled else None
-    # The trial's own start (its first attempt's: the run's) and end: its run carries them.
-    started = live.start_time if live is not None else int(time.time() * 1000)
-    try:
+    with live_trial_run(cfg, experiment_name(cfg), config.get("parent_run")) as live:
+        # The trial's own start (its first attempt's: the run's) and end: its run carries them.
+        started = live.start_time if live is not None else int(time.time() * 1000)
         record = run_trial(cfg, log=None, tracker=live)
-    except BaseException as e:
-        fail_live_run(live, cfg, experiment_name(cfg), e)
-        raise
-    if live is not None:
-        live.flush()
     record.started_ms, record.ended_ms = started, int(time.time() * 1000)
     tune.report({"ppl": record.ppl, "record": json.dumps(record.to_dict())})
 
