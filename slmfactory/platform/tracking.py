@@ -364,9 +364,9 @@ def watch_system(run_id: str, uri: str):
 
     if not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
         return None
-    try:
-        import psutil  # noqa: F401 - MLflow's monitors sample through it
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is None:  # MLflow's monitors sample through it (not ours to import)
         print("[tracking] MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is set but psutil is not installed: "
               "no system metrics (pip install psutil)", file=sys.stderr)
         return None
