@@ -112,7 +112,12 @@ def test_a_sweep_through_a_lossy_proxy_has_live_runs_and_one_run_per_trial(serve
     creation is lost (the server made the run, the trial's process retries), and the reply
     to the first curve point a trainer streams is held while the test reads the run from the
     server directly: RUNNING, its params there, a curve point there, MLflow's system metrics
-    (opt-in, switched on here) arriving. After the sweep: each trial has exactly one run, FINISHED, its live curve and
+    (on by default) arriving. After the sweep: each trial has exactly one run, FINISHED, its
+    live curve and the record's; none is RUNNING."""A sweep of two trials logging through the proxy: the reply to the first trial's run
+    creation is lost (the server made the run, the trial's process retries), and the reply
+    to the first curve point a trainer streams is held while the test reads the run from the
+    server directly: RUNNING, its params there, a curve point there, MLflow's system metrics
+    (on by default) arriving. After the sweep: each trial has exactly one run, FINISHED, its live curve and
     the record's; none is RUNNING."""
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
@@ -139,7 +144,6 @@ def test_a_sweep_through_a_lossy_proxy_has_live_runs_and_one_run_per_trial(serve
         driver = subprocess.Popen([sys.executable, "-m", "slmfactory.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True,
                                   env={**os.environ, "SLMFACTORY_LAUNCHER": "local",
-                                       "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true",
                                        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
         try:
             while not proxy.held.wait(1):
@@ -154,7 +158,7 @@ def test_a_sweep_through_a_lossy_proxy_has_live_runs_and_one_run_per_trial(serve
             point = proxy.held_body["metrics"][0]["key"]
             assert len(direct.get_metric_history(run_id, point)) >= 1
             assert "ppl_macro" not in run.data.metrics  # not finished: no result yet
-            # MLflow's system metrics (switched on, sampled every second here) arrive while it trains: its
+            # MLflow's system metrics (on by default; sampled every second here) arrive while it trains: its
             # trainer stays blocked until the release, so this waits for the monitor's thread only.
             deadline = time.monotonic() + 120
             while not any(k.startswith("system/") for k in direct.get_run(run_id).data.metrics):

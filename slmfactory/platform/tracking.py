@@ -355,20 +355,22 @@ def watch_system(run_id: str, uri: str):
     ``system/system_memory_usage_megabytes``, disk and network; GPU ones where ``pynvml``
     is): MLflow's ``SystemMetricsMonitor``, a thread sampling every 10 s
     (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``) that logs to the run while it is RUNNING;
-    a retried attempt's samples go on from the last step. Opt-in, by MLflow's own switch
-    ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true``: ``bench/system_metrics.py`` could not show
-    it costs nothing on the shared 2-core machine (docs/sweeps.md). It needs psutil; without
-    it, or switched off, this is None. Returns the monitor: ``finish()`` stops it and sends
-    what it holds."""
-    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
-
-    if not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
-        return None
+    a retried attempt's samples go on from the last step. On unless MLflow's own switch
+    ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` says false: ``bench/system_metrics.py`` measured
+    no cost on the 2-core machine, sampling even every second (docs/sweeps.md). It needs
+    psutil; without it (a line when the switch asked for it), or switched off, this is None.
+    Returns the monitor: ``finish()`` stops it and sends what it holds."""
     import importlib.util
 
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    asked = MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.is_set()
+    if asked and not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
+        return None
     if importlib.util.find_spec("psutil") is None:  # MLflow's monitors sample through it (not ours to import)
-        print("[tracking] MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is set but psutil is not installed: "
-              "no system metrics (pip install psutil)", file=sys.stderr)
+        if asked:
+            print("[tracking] MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is set but psutil is not installed: "
+                  "no system metrics (pip install psutil)", file=sys.stderr)
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
