@@ -113,12 +113,7 @@ def test_a_sweep_through_a_lossy_proxy_has_live_runs_and_one_run_per_trial(serve
     to the first curve point a trainer streams is held while the test reads the run from the
     server directly: RUNNING, its params there, a curve point there, MLflow's system metrics
     (on by default) arriving. After the sweep: each trial has exactly one run, FINISHED, its
-    live curve and the record's; none is RUNNING."""A sweep of two trials logging through the proxy: the reply to the first trial's run
-    creation is lost (the server made the run, the trial's process retries), and the reply
-    to the first curve point a trainer streams is held while the test reads the run from the
-    server directly: RUNNING, its params there, a curve point there, MLflow's system metrics
-    (on by default) arriving. After the sweep: each trial has exactly one run, FINISHED, its live curve and
-    the record's; none is RUNNING."""
+    live curve and the record's; none is RUNNING."""
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
