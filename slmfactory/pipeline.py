@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Callable
 
 from slmfactory.data.corpus import list_domains, manifest_path
@@ -23,7 +24,8 @@ from slmfactory.platform.cost import PAPER, SERVING_TASKS, ServingRates, generic
 from slmfactory.platform.machine import describe
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.runtime import ray_session, say
-from slmfactory.trial import TrialRecord, log_trial, trial_of
+from slmfactory.platform.tracking import NullTracker, Tracker
+from slmfactory.trial import TrialRecord, live_trial_run, log_trial, trial_of, trial_tags
 
 
 def ensure_corpus(cfg: RunConfig, build: bool, log: Callable[[str], None] = say) -> None:
@@ -44,17 +46,19 @@ def check_domain(cfg: RunConfig, domain: str) -> None:
                         f"(domains: {', '.join(domains)})")
 
 
-def run_trial(cfg: RunConfig, log: Callable[[str], None] | None = say, launcher=None) -> TrialRecord:
+def run_trial(cfg: RunConfig, log: Callable[[str], None] | None = say, launcher=None,
+              tracker: Tracker | None = None) -> TrialRecord:
     """The one driver of a trial, behind ``train``, ``demo`` and every sweep trial: prepare
     the stages the strategy needs, pretrain (or reuse) its generic phase, specialise it on
     ``data.domain``, evaluate; returns the trial's record (what MLflow logs). Every step
-    is a stage, so a rerun trains nothing that already finished."""
+    is a stage, so a rerun trains nothing that already finished. ``tracker``: the trial's
+    live run (``trial.open_trial_run``), which its phases' trainers stream their curves to."""
     ensure_corpus(cfg, build=False)
     domain = cfg.data.domain
     check_domain(cfg, domain)
     ensure_tokenizer(cfg)
     strategy = get_strategy(cfg.strategy.name)
-    ctx = StrategyContext(cfg, launcher or make_launcher(cfg, log=log), log=log)
+    ctx = StrategyContext(cfg, launcher or make_launcher(cfg, log=log), tracker=tracker or NullTracker(), log=log)
     # Clustering and resampling (cached stages) run on Ray Data inside the strategy.
     with ray_session() if "clusters" in strategy.requires else contextlib.nullcontext():
         generic = strategy.pretrain(ctx)
@@ -99,12 +103,7 @@ def trial_record(cfg: RunConfig, model, generic) -> TrialRecord:
                 and isinstance(v, (int, float)):
             metrics[R.generic_metric(k)] = float(v)
     spent_generic, spent_spec = metrics[R.spent_tokens_metric("generic")], metrics[R.spent_tokens_metric("spec")]
-    tags = {R.STRATEGY: model.strategy, R.DOMAIN: d, R.PHASE: "specialize",
-            R.IN_DOMAIN_TOKENS: str(cfg.data.domain_train_tokens), R.GENERIC_BUDGET: trial.generic_label,
-            R.SPEC_BUDGET: trial.spec.label(), R.SETTINGS: trial.settings_label, R.DEVICE: cfg.device.name,
-            R.GENERIC_SPENT: f"{spent_generic:.3g}T", R.SPEC_SPENT: f"{spent_spec:.3g}T",
-            R.GROUP: f"{model.strategy} g{trial.generic_label} s{trial.spec.label()} n{cfg.data.domain_train_tokens}"
-                     + (f" {trial.settings_label}" if trial.settings else "")}
+    tags = {**trial_tags(cfg), R.GENERIC_SPENT: f"{spent_generic:.3g}T", R.SPEC_SPENT: f"{spent_spec:.3g}T"}
     if model.serving_rates:
         rates = ServingRates.of(model.serving_rates)
         # The machine, not the minute: configurations measured on one machine share one tag
@@ -122,9 +121,11 @@ def run_strategy(cfg: RunConfig, address: str | None = None, log: Callable[[str]
     # Bad input fails here, in a second, before a Ray session starts.
     ensure_corpus(cfg, build=False)
     check_domain(cfg, cfg.data.domain)
-    with ray_session(address):
-        record = run_trial(cfg, log=log)
-    if cfg.tracking.enabled:
+    with live_trial_run(cfg, cfg.tracking.experiment) as live, ray_session(address):
+        started = live.start_time if live is not None else int(time.time() * 1000)
+        record = run_trial(cfg, log=log, tracker=live)
+    record.started_ms, record.ended_ms = started, int(time.time() * 1000)
+    if live is not None:
         log_trial(cfg, cfg.tracking.experiment, record.key, record)
     m, R = record.metrics, TrialRecord
     log(f"{cfg.strategy.name} on {cfg.data.domain}: test ppl {record.ppl:.2f}"

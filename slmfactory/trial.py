@@ -10,18 +10,26 @@ The driver (:mod:`slmfactory.pipeline`) runs a trial and logs it here; sweeps pl
 serving and reports find them again by the ``slmfactory.trial`` tag and the experiment
 name. This module stands on the platform layer only.
 
-MLflow: each trial's run is found again by its ``slmfactory.trial`` tag (the trial key), so
-logging the same trial twice (a resumed sweep, a rerun) updates its one run instead of
-opening another; in a sweep it is a child of the sweep's run (MLflow's
-``mlflow.parentRunId`` tag: the UI folds the trials under the sweep). Tags carry what the
-MLflow UI filters and groups by (strategy, domain, phase, in-domain size, generic budget);
-metrics carry perplexity and every cost figure. A trial's run starts and ends when the
-trial's own work did (the record's ``started_ms``/``ended_ms``), not when the driver logged
-it.
+MLflow: each trial's run is found again by its ``slmfactory.trial`` tag (the trial key)
+before one is created (``platform.tracking.find_or_create_run``), so a retried trial, a
+resumed sweep, a rerun, or a create retried after a lost reply all land on its one run; in a
+sweep it is a child of the sweep's run (MLflow's ``mlflow.parentRunId`` tag: the UI folds
+the trials under the sweep). Tags carry what the MLflow UI filters and groups by (strategy,
+domain, phase, in-domain size, generic budget); metrics carry perplexity and every cost
+figure.
+
+A run is live (:func:`open_trial_run`): opened RUNNING when the trial starts, with its tags
+and params, its phases' curves streamed while they train; :func:`log_trial` completes it
+(metrics, model, FINISHED), :func:`fail_trial_run` marks a failed attempt FAILED (a retried
+attempt reopens it RUNNING). Its start is the trial's first start, its end the trial's end
+(the record's ``started_ms``/``ended_ms``).
 """
 
 from __future__ import annotations
 
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,9 +39,12 @@ from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.registry import strategies
 from slmfactory.platform.stages import digest
 from slmfactory.platform.tracking import (
-    MlflowTracker, client_for, corpus_datasets, ensure_experiment, log_datasets, log_hf_model, register_model)
+    MAX_BATCH_METRICS, LiveRunTracker, MlflowTracker, TrackingUnavailable, client_for, corpus_datasets,
+    ensure_experiment, find_or_create_run, log_datasets, log_hf_model, register_model, runs_tagged, watch_system)
 
 TRIAL_TAG = "slmfactory.trial"
+ERROR_TAG = "slmfactory.error"
+"""On a trial's FAILED run: the last line of the error that ended its last attempt."""
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -330,9 +341,92 @@ class TrialRecord:
 
 
 def find_trial_run(client, experiment_id: str, trial_key: str):
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_key}'",
-                              max_results=5)
+    """The trial's run (the oldest, as :func:`find_or_create_run` keeps), or None."""
+    runs = runs_tagged(client, experiment_id, TRIAL_TAG, trial_key)
     return runs[0] if runs else None
+
+
+def trial_tags(cfg: RunConfig) -> dict[str, str]:
+    """The tags of ``cfg``'s trial known before it runs: all of the record's but the budgets
+    it spent (``TrialRecord.GENERIC_SPENT``/``SPEC_SPENT``, set when it ends)."""
+    R, trial = TrialRecord, trial_of(cfg)
+    return {R.STRATEGY: cfg.strategy.name, R.DOMAIN: cfg.data.domain, R.PHASE: "specialize",
+            R.IN_DOMAIN_TOKENS: str(cfg.data.domain_train_tokens), R.GENERIC_BUDGET: trial.generic_label,
+            R.SPEC_BUDGET: trial.spec.label(), R.SETTINGS: trial.settings_label, R.DEVICE: cfg.device.name,
+            R.GROUP: f"{cfg.strategy.name} g{trial.generic_label} s{trial.spec.label()} n{cfg.data.domain_train_tokens}"
+                     + (f" {trial.settings_label}" if trial.settings else "")}
+
+
+def open_trial_run(cfg: RunConfig, experiment: str, parent_run_id: str | None = None) -> LiveRunTracker:
+    """The trial's one run, live, when the trial (or a retried attempt of it) starts: found by
+    its key or created, nested under ``parent_run_id``, RUNNING, its tags and params logged.
+    The returned tracker is the trainer's (curves streamed as they are logged); its
+    ``start_time`` is the run's start (the trial's first). A run already logged in full (a
+    trial a resumed sweep reruns) is left FINISHED: :func:`log_trial` then changes nothing."""
+    trial = trial_of(cfg)
+    client = client_for(cfg.tracking_uri)
+    nested = {PARENT_TAG: parent_run_id} if parent_run_id else {}
+    tags = {TRIAL_TAG: trial.key, TrialRecord.TRIAL_NAME: trial.name, **nested, **trial_tags(cfg)}
+    run = find_or_create_run(client, ensure_experiment(client, cfg.tracking_uri, experiment), TRIAL_TAG, trial.key,
+                             run_name(tags), tags)
+    tracker = LiveRunTracker(cfg.tracking_uri, run.info.run_id)
+    tracker.start_time = run.info.start_time
+    if run.info.status == "FINISHED" and TrialRecord.PPL_MACRO in run.data.metrics:
+        return tracker
+    if run.info.status != "RUNNING":
+        client.update_run(run.info.run_id, status="RUNNING")  # a retried or resumed trial's run
+    tracker.set_tags(tags)
+    tracker.log_params(cfg.to_dict())
+    return tracker
+
+
+@contextmanager
+def live_trial_run(cfg: RunConfig, experiment: str, parent_run_id: str | None = None):
+    """The trial's live run around its work: :func:`open_trial_run` (None when tracking is
+    off), MLflow's system metrics on it while the work runs (``watch_system``), its curve
+    points sent when the work ends, and FAILED when the work raises (:func:`fail_live_run`)."""
+    live = open_trial_run(cfg, experiment, parent_run_id) if cfg.tracking.enabled else None
+    monitor = watch_system(live.run_id, cfg.tracking_uri) if live is not None else None
+    try:
+        yield live
+        if live is not None:
+            live.flush()
+    except BaseException as e:
+        fail_live_run(live, cfg, experiment, e)
+        raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def fail_live_run(live: LiveRunTracker | None, cfg: RunConfig, experiment: str, error: BaseException) -> None:
+    """The attempt whose live run is ``live`` raised ``error``: its curve points sent, its run
+    FAILED. Best effort: the trial's error is what the caller raises next, so a tracking
+    failure here is one line on stderr, not a second traceback over the first (nothing is
+    tried against a tracking server already found unreachable; a sweep marks the runs its
+    trials left RUNNING when it ends)."""
+    if live is None or isinstance(error, TrackingUnavailable):
+        return
+    try:
+        live.flush()
+        fail_trial_run(cfg, experiment, trial_of(cfg).key, f"{type(error).__name__}: {error}")
+    except Exception as e:  # noqa: BLE001 - see above
+        print(f"[tracking] could not mark run {live.run_id} FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def fail_trial_run(cfg: RunConfig, experiment: str, trial_key: str, why: str = "") -> str | None:
+    """Mark the trial's run FAILED if it is RUNNING (its attempt failed or was killed; a
+    retried attempt reopens it), with the error's last line as tag ``slmfactory.error``.
+    Returns its run id, or None when it has no running run."""
+    client = client_for(cfg.tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    run = find_trial_run(client, exp.experiment_id, trial_key) if exp is not None else None
+    if run is None or run.info.status != "RUNNING":
+        return None
+    if why:
+        client.set_tag(run.info.run_id, ERROR_TAG, why[:5000])
+    client.set_terminated(run.info.run_id, status="FAILED")
+    return run.info.run_id
 
 
 def _short_budget(label: str) -> str:
@@ -350,10 +444,10 @@ def _short_budget(label: str) -> str:
     return f"{v:.3g}" + ("F" if unit == "F" else "")
 
 
-def run_name(record: TrialRecord) -> str:
-    """``slm-is legal 200k/32.8k``: strategy, domain, generic/specialisation budget (the full
-    trial name stays in the ``slmfactory.trial_name`` tag)."""
-    t, R = record.tags, TrialRecord
+def run_name(tags: dict[str, str]) -> str:
+    """``slm-is legal 200k/32.8k``: strategy, domain, generic/specialisation budget of a
+    trial's tags (the full trial name stays in the ``slmfactory.trial_name`` tag)."""
+    t, R = tags, TrialRecord
     return (f"{t[R.STRATEGY]} {t[R.DOMAIN]} {_short_budget(t.get(R.GENERIC_BUDGET, ''))}/"
             f"{_short_budget(t.get(R.SPEC_BUDGET, ''))}" + (f" {t[R.SETTINGS]}" if t.get(R.SETTINGS) else ""))
 
@@ -385,20 +479,18 @@ def log_trial(cfg, experiment: str, trial_key: str, record: TrialRecord, parent_
     (``log_hf_model``: a pyfunc that completes prompts, one copy of the weights), registered
     as a version of ``<experiment>-<domain>``."""
     client = client_for(cfg.tracking_uri)
-    existing = find_trial_run(client, ensure_experiment(client, cfg.tracking_uri, experiment), trial_key)
-    if existing is not None and existing.info.status == "FINISHED" and TrialRecord.PPL_MACRO in existing.data.metrics:
-        return existing.info.run_id  # logged in full already
     nested = {PARENT_TAG: parent_run_id} if parent_run_id else {}
-    tracker = MlflowTracker(cfg.tracking_uri, experiment, run_name(record), tags=nested,
-                            run_id=existing.info.run_id if existing is not None else None,
-                            start_time=record.started_ms)
-    tracker.set_tags({TRIAL_TAG: trial_key, TrialRecord.TRIAL_NAME: record.name, **nested, **record.tags})
+    tags = {TRIAL_TAG: trial_key, TrialRecord.TRIAL_NAME: record.name, **nested, **record.tags}
+    run = find_or_create_run(client, ensure_experiment(client, cfg.tracking_uri, experiment), TRIAL_TAG, trial_key,
+                             run_name(record.tags), tags, start_time=record.started_ms)
+    if run.info.status == "FINISHED" and TrialRecord.PPL_MACRO in run.data.metrics:
+        return run.info.run_id  # logged in full already
+    tracker = MlflowTracker(cfg.tracking_uri, experiment, run_name(record.tags), run_id=run.info.run_id)
+    tracker.set_tags(tags)
     tracker.log_params(record.params)
     # Final metrics stamped at the trial's end: the UI's time axes are the trial's own.
     tracker.log_metrics(record.metrics, timestamp=record.ended_ms)
-    for name, points in record.curves.items():
-        for step, value in points:
-            tracker.log_metrics({name: value}, step=int(step))
+    log_curves(tracker.client, run, record.curves)
     datasets = corpus_datasets(cfg.corpus_dir, [part for part, _ in trial_datasets(record)])
     log_datasets(tracker, [(datasets[part], context) for part, context in trial_datasets(record) if part in datasets])
     model = Path(record.model_path)
@@ -408,3 +500,18 @@ def log_trial(cfg, experiment: str, trial_key: str, record: TrialRecord, parent_
     tracker.log_dict(record.to_dict(), "trial.json")
     tracker.close(end_time=record.ended_ms)
     return tracker.run_id
+
+
+def log_curves(client, run, curves: dict[str, list]) -> None:
+    """The record's curves (metric -> [(step, value)]) into ``run``, in batches, each point
+    whose step the run's history of that metric lacks (a rerun, or a curve the trainer
+    already streamed under this name, adds nothing twice)."""
+    from mlflow.entities import Metric
+
+    now, points = int(time.time() * 1000), []
+    for name, curve in curves.items():
+        logged = ({m.step for m in client.get_metric_history(run.info.run_id, name)}
+                  if name in run.data.metrics else set())
+        points += [Metric(name, float(value), now, int(step)) for step, value in curve if int(step) not in logged]
+    for i in range(0, len(points), MAX_BATCH_METRICS):
+        client.log_batch(run.info.run_id, metrics=points[i:i + MAX_BATCH_METRICS])

@@ -10,7 +10,10 @@ it, and the serving app on loopback:
 - :func:`redis_server`: Debian's ``redis-server`` on a free loopback port, a password, no
   persistence;
 - :class:`MlflowServer`: ``mlflow server`` on a backend store, killable and restartable on
-  the same port.
+  the same port;
+- :class:`TrackingProxy`: an HTTP proxy in front of it that forwards every request and,
+  on the requests a rule picks, loses the reply (the server did the work, the client never
+  hears back) or holds it until the test releases it.
 
 Teardown stops only the processes these started (by their temp dirs, then their children,
 by pid) — ``ray stop`` would also kill every other Ray session on the machine.
@@ -360,6 +363,123 @@ class MlflowServer:
 
     def stop(self) -> None:
         self._signal(signal.SIGTERM)
+
+
+class TrackingProxy:
+    """A loopback HTTP proxy in front of ``target`` (an MLflow server's URL), in a thread of
+    this process. Every request is forwarded and answered, except:
+
+    - ``drop(rule)``: the first request ``rule(method, path, body_json)`` accepts is forwarded
+      (the server does the work) and its connection closed without a reply, as when the
+      server dies after committing or a load balancer drops the connection; MLflow's client
+      then retries it;
+    - ``hold(rule)``: the first request ``rule`` accepts is forwarded, and its reply held
+      until :meth:`release` (``held`` is set meanwhile, ``held_body`` is its request), so a
+      test reads the server's state while the client waits at a known point.
+
+    ``dropped`` counts the replies lost."""
+
+    def __init__(self, target: str):
+        import http.server
+        import threading
+
+        self.target = target.rstrip("/")
+        self.port = free_port()
+        self.dropped = 0
+        self.held, self._release = threading.Event(), threading.Event()
+        self.held_body: dict | None = None
+        self._drop: list[Callable] = []
+        self._hold: list[Callable] = []
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().strip() or b"0", 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return out
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _forward(self) -> None:
+                import http.client
+                import json
+                from urllib.parse import urlsplit
+
+                body = self._body()
+                try:
+                    parsed = json.loads(body) if body and body[:1] == b"{" else {}
+                except ValueError:
+                    parsed = {}
+                with proxy._lock:
+                    drop = next((r for r in proxy._drop if r(self.command, self.path, parsed)), None)
+                    if drop is not None:
+                        proxy._drop.remove(drop)
+                    hold = None if drop else next((r for r in proxy._hold if r(self.command, self.path, parsed)), None)
+                    if hold is not None:
+                        proxy._hold.remove(hold)
+                url = urlsplit(proxy.target)
+                conn = http.client.HTTPConnection(url.hostname, url.port, timeout=300)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "transfer-encoding", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                reply = conn.getresponse()
+                data = reply.read()
+                conn.close()
+                if drop is not None:
+                    proxy.dropped += 1
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # the reply is lost: the client sees the connection end
+                    return
+                if hold is not None:
+                    proxy.held_body = parsed
+                    proxy.held.set()
+                    proxy._release.wait(120)
+                self.send_response(reply.status, reply.reason)
+                for k, v in reply.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def drop(self, rule: Callable[[str, str, dict], bool]) -> None:
+        self._drop.append(rule)
+
+    def hold(self, rule: Callable[[str, str, dict], bool]) -> None:
+        self._hold.append(rule)
+
+    def release(self) -> None:
+        self._release.set()
+
+    def __enter__(self) -> "TrackingProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._release.set()
+        self._server.shutdown()
+        self._server.server_close()
 
 
 @contextmanager

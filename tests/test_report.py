@@ -62,7 +62,7 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     client = client_for(uri)
     exps = {name: ensure_experiment(client, uri, name)
-            for name in ("frontier", "seeds", "tables", "old", "interval", "conventions", "serving")}
+            for name in ("frontier", "seeds", "tables", "old", "interval", "conventions", "serving", "twice")}
     return uri, client, exps
 
 
@@ -82,6 +82,23 @@ def frontier(store):
         _log(client, e, "llm", d, 5.005, params=5e6, flops=(5e12, 5e9), hours=(50.0, 0.005))
         _log(client, e, "slm-nopt", d, 4.0, g="none", n=BIG, flops=(0.0, 1e10), hours=(0.0, 0.002))
     return fr.load_configs(uri, "frontier")
+
+
+def test_two_finished_runs_of_one_trial_are_refused_naming_the_key_and_both_runs(store):
+    """A trial counts once: the frontier does not weigh one trial's measurement twice, nor
+    pick one of its runs silently."""
+    uri, client, exps = store
+    e = exps["twice"]
+    first = _log(client, e, "slm", "a", 5.0)
+    _log(client, e, "slm", "b", 5.1)
+    second = _log(client, e, "slm", "a", 5.2)  # the same trial key as the first
+    with pytest.raises(SlmFactoryError) as err:
+        fr.load_configs(uri, "twice")
+    message = str(err.value)
+    assert "trial slm|a|1e+06T|1e+04T|1000| has 2 finished runs" in message
+    assert first in message and second in message and "mlflow runs delete" in message
+    client.delete_run(second)  # what the message says to do
+    assert [c.ppl["a"] for c in fr.load_configs(uri, "twice")] == [pytest.approx(math.exp(5.0))]
 
 
 def _by(configs, strategy, n=SIZE):

@@ -137,6 +137,14 @@ def test_sweep_killed_midway_resumes_with_one_run_per_trial(work):
     client, runs = _finished_trial_runs(uri, experiment)
     keys = [r.data.tags["slmfactory.trial"] for r in runs]
     assert len(runs) == 4 and len(set(keys)) == 4, keys  # exactly one run per trial
+    # None left RUNNING by the killed driver's trial in flight (its retry reopened and finished
+    # it), and no second run of any trial, not even a deleted one.
+    from mlflow.entities import ViewType
+
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    assert not client.search_runs([exp_id], "attributes.status = 'RUNNING'")
+    every = client.search_runs([exp_id], "tags.`slmfactory.trial` != ''", run_view_type=ViewType.ALL)
+    assert sorted(r.info.run_id for r in every) == sorted(r.info.run_id for r in runs)
     for r in runs:
         assert r.info.status == "FINISHED"
         t, m = r.data.tags, r.data.metrics
@@ -338,9 +346,18 @@ def test_a_trial_whose_worker_is_killed_is_retried_and_keeps_one_run(work):
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     (nopt,) = [r for r in runs if r.data.tags["strategy"] == "slm-nopt"]
+    from mlflow.entities import ViewType
+
     same_key = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.`slmfactory.trial` = '{nopt.data.tags['slmfactory.trial']}'")
+                                  filter_string=f"tags.`slmfactory.trial` = '{nopt.data.tags['slmfactory.trial']}'",
+                                  run_view_type=ViewType.ALL)
     assert len(same_key) == 1 and same_key[0].info.status == "FINISHED"
+    # The same run across both attempts: the killed one marked it FAILED with its error (the
+    # driver did, the worker being dead), the retry reopened it, streamed its curve, finished it.
+    assert same_key[0].data.tags["slmfactory.error"]
+    live = client.get_metric_history(nopt.info.run_id, "finetune/slm-nopt/legal/train_loss")
+    assert max(m.step for m in live) == 150 and min(m.step for m in live) == 1
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     assert nopt.data.metrics["cost/spec_flops"] > 0 and "ppl_macro" in nopt.data.metrics
     # The sweep named its profile's problem and measured its one generic phase against it.
     assert "[sweep] warning: device profile 'cpu-2core' has no measured rows" in out

@@ -272,6 +272,24 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def refuse_duplicate_trials(experiment: str, runs) -> None:
+    """A trial counts once: two finished runs of one trial key (logged by an older version,
+    or by hand; the platform finds a trial's run by its key before creating one) would weigh
+    its measurement twice in a configuration's costs and pick between them silently. Which
+    one is right is the user's call, so this is an error naming the key and the runs, not a
+    rule that keeps one."""
+    by_key: dict[str, list[str]] = {}
+    for r in runs:
+        by_key.setdefault(r.data.tags[TRIAL_TAG], []).append(r.info.run_id)
+    twice = {k: sorted(ids) for k, ids in sorted(by_key.items()) if len(ids) > 1}
+    if twice:
+        key, ids = next(iter(twice.items()))
+        more = f" ({len(twice) - 1} more trials have several)" if len(twice) > 1 else ""
+        raise DataError(f"MLflow experiment {experiment!r}: trial {key} has {len(ids)} finished runs "
+                        f"({', '.join(ids)}){more}; a trial counts once: delete all but one "
+                        f"(`mlflow runs delete --run-id RUN_ID`) and rerun")
+
+
 def load_configs(uri: str, experiment: str) -> list[MeasuredConfig]:
     """Every finished trial run of ``experiment`` (runs tagged ``slmfactory.trial``; a sweep's
     parent run and the report run are skipped), grouped into configurations measured on every
@@ -295,6 +313,7 @@ def load_configs(uri: str, experiment: str) -> list[MeasuredConfig]:
                 t.get(R.SETTINGS, ""), r.data.metrics.get(R.VALID_NLL))
 
     trials = [r for r in runs if TRIAL_TAG in r.data.tags and R.TEST_NLL in r.data.metrics]
+    refuse_duplicate_trials(experiment, trials)
     for r, settings, picked in select_on_validation(trials, describe):
         t, m = r.data.tags, r.data.metrics
         key = (t[R.STRATEGY], t[R.GENERIC_BUDGET], t[R.SPEC_BUDGET], int(t[R.IN_DOMAIN_TOKENS]), settings)

@@ -267,7 +267,8 @@ def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, name:
         return cached
     phase = f"pretrain/{name}"
     fit = run_phase(ctx, Stage.of(cfg.root, "train", phase, generic=stage.key),
-                    lm_factory(cfg.to_tree(), model_key, phase, tokens, valid, train_cfg=tcfg), phase,
+                    lm_factory(cfg.to_tree(), model_key, phase, tokens, valid, train_cfg=tcfg, tracker=ctx.tracker),
+                    phase,
                     resources=resources or ("pretrain" if model_key == "slm" else "pretrain_llm"))
     weights = fit.checkpoint / "model.safetensors"
     scored = generic_nll(cfg, lambda _: load_lm(cfg, model_key, str(weights))) if score_generic else {}
@@ -299,7 +300,7 @@ def finetune_lm(ctx: StrategyContext, model_key: str, init: Weights | None, data
                      extra=key_inputs or {})
     factory = lm_factory(cfg.to_tree(), model_key, phase, data.train, data.valid,
                          init_weights=init.path if init else None, train_cfg=tcfg, model_builder=model_builder,
-                         **factory_kwargs)
+                         **{"tracker": ctx.tracker, **factory_kwargs})
     fit = run_phase(ctx, stage, factory, phase,
                     resources=resources or ("finetune" if model_key == "slm" else "finetune_llm"))
     model = model_builder(cfg, vocab_size_of(cfg)) if model_builder is not None else \

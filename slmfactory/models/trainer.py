@@ -551,6 +551,8 @@ class Trainer:
                 break
         if self.valid is not None and (not self.history or self.history[-1][0] != self.step):
             stopped = self._validate() or stopped
+        if self.tracker is not None:
+            self.tracker.flush()  # a live run's buffered curve points, before the phase's result
         self.restore_attention()
         if self.best_state is not None:
             # Early stopping keeps the best validation weights, as the paper's fine-tuning does

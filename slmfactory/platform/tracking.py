@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -142,6 +143,7 @@ class Tracker(Protocol):
     def log_dict(self, data: Any, name: str) -> None: ...
     def log_figure(self, figure: Any, name: str) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def flush(self) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -156,6 +158,7 @@ class NullTracker:
     def log_dict(self, data, name): pass
     def log_figure(self, figure, name): pass
     def log_artifact(self, path, artifact_path=None): pass
+    def flush(self): pass
     def close(self, status="FINISHED"): pass
 
 
@@ -180,11 +183,57 @@ def ensure_experiment(client, uri: str, experiment: str) -> str:
             if exp.tags.get(k) != v:  # an experiment an older version created
                 client.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
+    from mlflow.exceptions import MlflowException
+
     artifact_root = None
     if uri.startswith("sqlite:///"):
         # Artifacts beside the database, not in the current directory.
         artifact_root = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment).as_uri()
-    return client.create_experiment(experiment, artifact_location=artifact_root, tags=EXPERIMENT_KIND)
+    try:
+        return client.create_experiment(experiment, artifact_location=artifact_root, tags=EXPERIMENT_KIND)
+    except MlflowException as e:
+        # A create whose reply was lost, retried by MLflow's client, finds its own experiment
+        # (as does a second process creating it at the same time).
+        exp = client.get_experiment_by_name(experiment)
+        if e.error_code != "RESOURCE_ALREADY_EXISTS" or exp is None:
+            raise
+        return exp.experiment_id
+
+
+DUPLICATE_TAG = "slmfactory.duplicate_of"
+"""On a deleted duplicate run: the run kept in its place (:func:`find_or_create_run`)."""
+
+
+def runs_tagged(client, experiment_id: str, tag: str, value: str) -> list:
+    """The experiment's active runs tagged ``tag = value``, oldest first (start time, then run id)."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1000)
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def find_or_create_run(client, experiment_id: str, tag: str, value: str, run_name: str,
+                       tags: dict[str, str] | None = None, start_time: int | None = None):
+    """The one run of ``experiment_id`` tagged ``tag = value`` (a trial's key, a sweep's name):
+    found, or created with that tag, and returned (an ``mlflow.entities.Run``).
+
+    MLflow's HTTP client retries every request, ``create_run`` included: a tracking server
+    that created the run but whose reply was lost (it died, a proxy dropped the connection)
+    gets the request again and creates a second run. The tag travels in the create request
+    itself, so every run the retries made carries it: after a create the runs so tagged are
+    read back, the oldest (start time, then run id; a retried request carries the same start
+    time) is kept and any other is deleted (tagged ``slmfactory.duplicate_of`` the kept one;
+    MLflow keeps deleted runs until ``mlflow gc``). Every caller applies the same rule, so a
+    retried trial, a resumed sweep and the driver all land on the same run."""
+    runs = runs_tagged(client, experiment_id, tag, value)
+    if not runs:
+        # start_time fixed here, not by the client, so that a retry carries the same one.
+        client.create_run(experiment_id, run_name=run_name, tags={**(tags or {}), tag: value},
+                          start_time=start_time or int(time.time() * 1000))
+        runs = runs_tagged(client, experiment_id, tag, value)
+    kept, *duplicates = runs
+    for run in duplicates:
+        client.set_tag(run.info.run_id, DUPLICATE_TAG, kept.info.run_id)
+        client.delete_run(run.info.run_id)
+    return kept
 
 
 class MlflowTracker:
@@ -224,8 +273,11 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i:i + 100])
 
     def log_dict(self, data: Any, name: str) -> None:
         self.client.log_text(self.run_id, json.dumps(data, indent=2, default=str), name)
@@ -240,8 +292,91 @@ class MlflowTracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def flush(self) -> None:
+        pass  # every call above is sent at once
+
     def close(self, status: str = "FINISHED", end_time: int | None = None) -> None:
         self.client.set_terminated(self.run_id, status=status, end_time=end_time)
+
+
+MAX_BATCH_METRICS = 1000
+"""MLflow's limit on the metrics of one ``log_batch``."""
+LIVE_FLUSH_SECONDS = 10.0
+"""How long a live run's curve points wait to be sent together (:class:`LiveRunTracker`)."""
+
+
+class LiveRunTracker(MlflowTracker):
+    """A run that is live while its work runs (a sweep trial's, opened when the trial
+    starts): the trainer's curve points (``Trainer``'s tracker hook) are buffered and sent
+    as one ``log_batch`` at most every :data:`LIVE_FLUSH_SECONDS` (the first point at once,
+    so a new run shows its curve from the start) and at every :meth:`flush` (the trainer's
+    end of phase); a Ray Train phase ships it to its workers (rank 0 logs), so it pickles
+    without its client or its buffer."""
+
+    def __init__(self, uri: str, run_id: str, flush_seconds: float = LIVE_FLUSH_SECONDS):
+        self.uri, self.run_id, self.flush_seconds = uri, run_id, flush_seconds
+        self.start_time: int | None = None
+        """The run's start (ms), as its opener read it."""
+        self._client = None
+        self._points: list = []
+        self._sent_at: float | None = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = client_for(self.uri)
+        return self._client
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None, "_points": [], "_sent_at": None}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, timestamp: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = timestamp or int(time.time() * 1000)
+        self._points += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        if (self._sent_at is None or len(self._points) >= MAX_BATCH_METRICS
+                or time.monotonic() - self._sent_at >= self.flush_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        while self._points:
+            self.client.log_batch(self.run_id, metrics=self._points[:MAX_BATCH_METRICS])
+            del self._points[:MAX_BATCH_METRICS]
+        self._sent_at = time.monotonic()
+
+    def close(self, status: str = "FINISHED", end_time: int | None = None) -> None:
+        self.flush()
+        super().close(status, end_time)
+
+
+def watch_system(run_id: str, uri: str):
+    """MLflow's system metrics on a live run (``system/cpu_utilization_percentage``,
+    ``system/system_memory_usage_megabytes``, disk and network; GPU ones where ``pynvml``
+    is): MLflow's ``SystemMetricsMonitor``, a thread sampling every 10 s
+    (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``) that logs to the run while it is RUNNING;
+    a retried attempt's samples go on from the last step. On unless MLflow's own switch
+    ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` says false: ``bench/system_metrics.py`` measured
+    no cost on the 2-core machine, sampling even every second (docs/sweeps.md). It needs
+    psutil; without it (a line when the switch asked for it), or switched off, this is None.
+    Returns the monitor: ``finish()`` stops it and sends what it holds."""
+    import importlib.util
+
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    asked = MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.is_set()
+    if asked and not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
+        return None
+    if importlib.util.find_spec("psutil") is None:  # MLflow's monitors sample through it (not ours to import)
+        if asked:
+            print("[tracking] MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is set but psutil is not installed: "
+                  "no system metrics (pip install psutil)", file=sys.stderr)
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
+    monitor.start()
+    return monitor
 
 
 def open_tracker(cfg, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
@@ -261,7 +396,18 @@ def register_model(tracker, name: str, artifact_path: str) -> None:
         client.create_registered_model(name, description="specialised small models of one domain (slmfactory)")
     except MlflowException:
         pass  # already registered
-    client.create_model_version(name, f"runs:/{tracker.run_id}/{artifact_path}", run_id=tracker.run_id)
+
+    def versions() -> list:
+        found = client.search_model_versions(f"run_id = '{tracker.run_id}'")
+        return sorted((mv for mv in found if mv.name == name), key=lambda mv: int(mv.version))
+
+    # One version per run: a run logged again (a resumed sweep) registers nothing new, and a
+    # create whose reply was lost and was retried keeps its first version (the rule of
+    # find_or_create_run: the oldest stays, the others are deleted).
+    if not versions():
+        client.create_model_version(name, f"runs:/{tracker.run_id}/{artifact_path}", run_id=tracker.run_id)
+        for extra in versions()[1:]:
+            client.delete_model_version(name, extra.version)
 
 
 # -- an exported model folder as an MLflow model -------------------------------------------

@@ -20,12 +20,17 @@ Order of work:
    trials are not rerun, and a rerun trial finds its finished stages and trains nothing.
    A failed trial (its worker killed, or an error) is retried ``sweep.max_failures`` times
    (Tune's ``FailureConfig``): its stages resume from their last checkpoints;
-4. MLflow, from the driver only (a Tune callback): one run per trial, found again by its
-   trial key after a resume, so a killed and resumed sweep still has exactly one run
-   per trial (Ray's ``MLflowLoggerCallback`` would open a second one). A trial's run is
-   written once it has finished, so a retried trial's failed attempts open none. The
-   callback holds only its sweep's folder and finds the live sweep of the process it runs
-   in under it (``TrialLogger``): a restored Tuner's unpickled callbacks report to the
+4. MLflow: one live run per trial, found by its trial key before one is created
+   (``trial.open_trial_run``), so a retried attempt, a resumed sweep or a create retried
+   after a lost reply never records a second one (Ray's ``MLflowLoggerCallback`` would open
+   a run per attempt). The trial's process (the trial's driver; rank 0 of its phases) opens
+   it RUNNING with its params when the trial starts and streams its phases' curves; the
+   sweep's driver completes it when the trial ends (a Tune callback: metrics, model,
+   registry, FINISHED) and marks a failed attempt FAILED (a retry reopens it). When the
+   trials are done, any trial run of the sweep still RUNNING (trials Tune stopped) is
+   marked FAILED, so none is left RUNNING after a sweep (or its ``--resume``) returns.
+   The callback holds only its sweep's folder and finds the live sweep of the process it
+   runs in under it (``TrialLogger``): a restored Tuner's unpickled callbacks report to the
    process that resumed it, through Ray's public APIs only.
 
 Before it runs (and with ``--dry-run``) the sweep says when the recipe's device profile was
@@ -57,8 +62,8 @@ from slmfactory.platform.runtime import ray_session, say
 from slmfactory.sweeps.plan import (
     ClusterShape, SweepPlan, concurrency, describe, describe_resources, hours, plan_sweep, size_generic_pool,
     trial_resources)
-from slmfactory.sweeps.tracking import ensure_sweep_run, finish_sweep_run, update_champions
-from slmfactory.trial import TrialRecord, experiment_name, log_trial
+from slmfactory.sweeps.tracking import ensure_sweep_run, fail_running_trials, finish_sweep_run, update_champions
+from slmfactory.trial import TrialRecord, experiment_name, fail_trial_run, live_trial_run, log_trial
 
 # Module level: the callback class is pickled by reference (the experiment state names it).
 from ray import tune  # noqa: E402
@@ -77,18 +82,20 @@ def sweep_dir(cfg: RunConfig, name: str) -> Path:
 
 
 def _trainable(config: dict) -> None:
-    """One trial, on a Tune worker: run it, report its record (the driver logs it)."""
+    """One trial, on a Tune worker: open its live MLflow run, run it (its phases stream their
+    curves there), report its record (the driver completes the run)."""
     import torch
     from ray import tune
 
     cpus = float(config.get("cpus", 1))
     torch.set_num_threads(max(1, int(cpus)))
     cfg = from_dict(config["cfg"])
-    started = int(time.time() * 1000)
     # The trial's placement group holds its one-worker phases' resources: they run here.
     held = trial_resources(cfg, cfg.strategy.name).held
-    record = run_trial(cfg, log=None, launcher=make_launcher(cfg, log=None, holds=held))
-    # The trial's own start and end: its MLflow run carries them (the driver logs it later).
+    with live_trial_run(cfg, experiment_name(cfg), config.get("parent_run")) as live:
+        # The trial's own start (its first attempt's: the run's) and end: its run carries them.
+        started = live.start_time if live is not None else int(time.time() * 1000)
+        record = run_trial(cfg, log=None, launcher=make_launcher(cfg, log=None, holds=held), tracker=live)
     record.started_ms, record.ended_ms = started, int(time.time() * 1000)
     tune.report({"ppl": record.ppl, "record": json.dumps(record.to_dict())})
 
@@ -304,16 +311,26 @@ class TrialLogger(tune.Callback):
         live.progress.finished_ok(key, live.names.get(key, key), record.metrics[TrialRecord.PPL_MACRO])
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        # Tune runs it again (sweep.max_failures); no MLflow run was opened for the failed attempt.
+        # Tune runs it again (sweep.max_failures): its run is FAILED until the retry reopens it.
         live = live_sweep(self.key)
         key = trial.config.get("trial")
-        live.progress.retrying(key, live.names.get(key, trial.trial_id), _last_error(trial), trial.num_failures,
+        why = _last_error(trial)
+        self.fail_run(live, key, why)
+        live.progress.retrying(key, live.names.get(key, trial.trial_id), why, trial.num_failures,
                                live.cfg.sweep.max_failures)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         live = live_sweep(self.key)
         key = trial.config.get("trial")
-        live.progress.errored(key, live.names.get(key, trial.trial_id), _last_error(trial))
+        why = _last_error(trial)
+        self.fail_run(live, key, why)
+        live.progress.errored(key, live.names.get(key, trial.trial_id), why)
+
+    @staticmethod
+    def fail_run(live: LiveSweep, key: str | None, why: str) -> None:
+        # A worker killed mid-trial could not mark its run; its attempt's error is here.
+        if live.cfg.tracking.enabled and key:
+            fail_trial_run(live.cfg, experiment_name(live.cfg), key, why)
 
 
 def prepare_shared(cfg: RunConfig, plan: SweepPlan, log: Callable[[str], None] | None,
@@ -475,7 +492,8 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
             _trainable, lambda config: tune.PlacementGroupFactory([reserve[config["trial"]].head]))
         space = {"trial": tune.grid_search(list(by_key)),
                  "cfg": tune.sample_from(lambda config: by_key[config["trial"]].config(cfg).to_tree()),
-                 "cpus": tune.sample_from(lambda config: reserve[config["trial"]].head.get("CPU", 1.0))}
+                 "cpus": tune.sample_from(lambda config: reserve[config["trial"]].head.get("CPU", 1.0)),
+                 "parent_run": parent}
         if resume:
             # Public API only: the restored run keeps its pickled TrialLogger, which finds this
             # process's live sweep under the same folder (_LIVE).
@@ -489,8 +507,8 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
                                             trial_name_creator=lambda t: by_key[t.config["trial"]].name,
                                             trial_dirname_creator=lambda t: f'{by_key[t.config["trial"]].name[:64]}-{t.config["trial"][:8]}'),
-                # A failed trial runs again (its stages resume from their checkpoints); its
-                # MLflow run is written once, when it finishes.
+                # A failed trial runs again (its stages resume from their checkpoints) in
+                # its one MLflow run.
                 run_config=tune.RunConfig(name=plan.name, storage_path=str(path.parent), callbacks=[callback],
                                           failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                                           verbose=0))
@@ -499,6 +517,11 @@ def run_sweep(cfg: RunConfig, resume: bool = False, dry_run: bool = False, addre
         finally:
             progress.close()  # the live table (a terminal only) stops, its last state left on screen
             _LIVE.pop(str(path), None)
+        if parent is not None:
+            stopped = fail_running_trials(cfg.tracking_uri, experiment_name(cfg), parent)
+            if stopped and log:
+                log(f"[sweep] {len(stopped)} trial run(s) left RUNNING by stopped trials marked FAILED "
+                    f"(--resume reopens them)")
         for r in results:
             if r.error is None and r.metrics and "record" in r.metrics:
                 records.setdefault(r.config["trial"], TrialRecord.from_dict(json.loads(r.metrics["record"])))

@@ -20,15 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from slmfactory.platform.recipe_schema import show_yaml
-from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment
-from slmfactory.trial import TrialRecord
+from slmfactory.platform.tracking import (MlflowTracker, client_for, ensure_experiment, find_or_create_run,
+                                          runs_tagged)
+from slmfactory.trial import PARENT_TAG, TrialRecord
 
 SWEEP_TAG = "slmfactory.sweep"
 CHAMPION = "champion"
 
 
 def find_sweep_run(client, experiment_id: str, sweep: str):
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}'", max_results=5)
+    runs = runs_tagged(client, experiment_id, SWEEP_TAG, sweep)
     return runs[0] if runs else None
 
 
@@ -37,16 +38,33 @@ def ensure_sweep_run(cfg, experiment: str, sweep: str, plan_text: str) -> str:
     keeps its one parent), holding the resolved recipe and the dry-run plan; RUNNING until
     :func:`finish_sweep_run`."""
     client = client_for(cfg.tracking_uri)
-    existing = find_sweep_run(client, ensure_experiment(client, cfg.tracking_uri, experiment), sweep)
-    tracker = MlflowTracker(cfg.tracking_uri, experiment, f"sweep {sweep}", {SWEEP_TAG: sweep},
-                            run_id=existing.info.run_id if existing is not None else None)
-    if existing is not None and existing.info.status != "RUNNING":
+    exp_id = ensure_experiment(client, cfg.tracking_uri, experiment)
+    existing = find_sweep_run(client, exp_id, sweep)
+    run = find_or_create_run(client, exp_id, SWEEP_TAG, sweep, f"sweep {sweep}")
+    tracker = MlflowTracker(cfg.tracking_uri, experiment, f"sweep {sweep}", run_id=run.info.run_id)
+    if run.info.status != "RUNNING":
         client.update_run(tracker.run_id, status="RUNNING")
     tracker.client.log_text(tracker.run_id, show_yaml(cfg), "recipe.yaml")
     tracker.client.log_text(tracker.run_id, plan_text, "plan.txt")
     if existing is None:
         tracker.log_params({k: v for k, v in cfg.to_dict().items() if k.startswith("sweep.")})
     return tracker.run_id
+
+
+def fail_running_trials(uri: str, experiment: str, parent_run_id: str) -> list[str]:
+    """Mark FAILED every trial run under the sweep's run still RUNNING once its trials are
+    done (trials Tune stopped: an interrupted sweep); returns their run ids. ``--resume``
+    reopens them (``trial.open_trial_run``)."""
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' "
+                                                                 "and attributes.status = 'RUNNING'",
+                              max_results=10000)
+    for run in runs:
+        client.set_terminated(run.info.run_id, status="FAILED")
+    return [r.info.run_id for r in runs]
 
 
 def finish_sweep_run(cfg, run_id: str, status: str = "FINISHED") -> None:
