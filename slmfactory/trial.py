@@ -385,7 +385,12 @@ def live_trial_run(cfg: RunConfig, experiment: str, parent_run_id: str | None = 
     """The trial's live run around its work: :func:`open_trial_run` (None when tracking is
     off), MLflow's system metrics on it while the work runs (``watch_system``), its curve
     points sent when the work ends, and FAILED when the work raises (:func:`fail_live_run`)."""
-    live = open_trial_run(cfg, experiment, parent_run_id) if cfg.tracking.enabled else None
+    live = None
+    if cfg.tracking.enabled:
+        try:
+            live = open_trial_run(cfg, experiment, parent_run_id)
+        except Exception as e:  # noqa: BLE001  (tracking away: train anyway; the driver logs the trial)
+            print(f"[tracking] no live run for this attempt: {type(e).__name__}: {e}", file=sys.stderr)
     monitor = watch_system(live.run_id, cfg.tracking_uri) if live is not None else None
     try:
         yield live

@@ -340,9 +340,14 @@ class LiveRunTracker(MlflowTracker):
             self.flush()
 
     def flush(self) -> None:
-        while self._points:
-            self.client.log_batch(self.run_id, metrics=self._points[:MAX_BATCH_METRICS])
-            del self._points[:MAX_BATCH_METRICS]
+        # Best effort: live curves must not fail a trial while the tracking server is away
+        # (the driver logs the finished trial, with its own retries); unsent points are kept.
+        try:
+            while self._points:
+                self.client.log_batch(self.run_id, metrics=self._points[:MAX_BATCH_METRICS])
+                del self._points[:MAX_BATCH_METRICS]
+        except Exception as e:  # noqa: BLE001
+            print(f"[tracking] live curve points kept for later: {type(e).__name__}: {e}", file=sys.stderr)
         self._sent_at = time.monotonic()
 
     def close(self, status: str = "FINISHED", end_time: int | None = None) -> None:
