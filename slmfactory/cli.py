@@ -42,7 +42,7 @@ def cmd_corpus(args) -> None:
         # The real-text sample ships in the package: its files are also what the
         # `corpus import` examples can point at.
         print(f"sample files: {SAMPLE_DIR}")
-        build_sample_corpus(cfg)
+        manifest = build_sample_corpus(cfg)
     else:
         domains: dict[str, list[str]] = {}
         for item in args.domain or []:

@@ -39,7 +39,8 @@ from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.registry import strategies
 from slmfactory.platform.stages import digest
 from slmfactory.platform.tracking import (
-    MAX_BATCH_METRICS, LiveRunTracker, MlflowTracker, TrackingUnavailable, client_for, corpus_datasets,
+    MAX_BATCH_METRICS, LiveRunTracker, MlflowTracker, TrackingUnavailable, best_effort_calls, client_for,
+    corpus_datasets,
     ensure_experiment, find_or_create_run, log_datasets, log_hf_model, register_model, runs_tagged, watch_system)
 
 TRIAL_TAG = "slmfactory.trial"
@@ -384,24 +385,28 @@ def open_trial_run(cfg: RunConfig, experiment: str, parent_run_id: str | None = 
 def live_trial_run(cfg: RunConfig, experiment: str, parent_run_id: str | None = None):
     """The trial's live run around its work: :func:`open_trial_run` (None when tracking is
     off), MLflow's system metrics on it while the work runs (``watch_system``), its curve
-    points sent when the work ends, and FAILED when the work raises (:func:`fail_live_run`)."""
-    live = None
-    if cfg.tracking.enabled:
+    points sent when the work ends, and FAILED when the work raises (:func:`fail_live_run`).
+    All of it is best effort (``best_effort_calls``: a short retry bound, in every thread of
+    this process): with the tracking server away the work runs on and ends on time, and the
+    caller logs the finished trial under the full bound (``log_trial``)."""
+    with best_effort_calls():
+        live = None
+        if cfg.tracking.enabled:
+            try:
+                live = open_trial_run(cfg, experiment, parent_run_id)
+            except Exception as e:  # noqa: BLE001  (tracking away: train anyway; the driver logs the trial)
+                print(f"[tracking] no live run for this attempt: {type(e).__name__}: {e}", file=sys.stderr)
+        monitor = watch_system(live.run_id, cfg.tracking_uri) if live is not None else None
         try:
-            live = open_trial_run(cfg, experiment, parent_run_id)
-        except Exception as e:  # noqa: BLE001  (tracking away: train anyway; the driver logs the trial)
-            print(f"[tracking] no live run for this attempt: {type(e).__name__}: {e}", file=sys.stderr)
-    monitor = watch_system(live.run_id, cfg.tracking_uri) if live is not None else None
-    try:
-        yield live
-        if live is not None:
-            live.flush()
-    except BaseException as e:
-        fail_live_run(live, cfg, experiment, e)
-        raise
-    finally:
-        if monitor is not None:
-            monitor.finish()
+            yield live
+            if live is not None:
+                live.flush()
+        except BaseException as e:
+            fail_live_run(live, cfg, experiment, e)
+            raise
+        finally:
+            if monitor is not None:
+                monitor.finish()
 
 
 def fail_live_run(live: LiveRunTracker | None, cfg: RunConfig, experiment: str, error: BaseException) -> None:

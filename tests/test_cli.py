@@ -83,6 +83,18 @@ def test_import_non_utf8_and_empty(tmp_path):
     assert_one_line_error(out, "empty")
 
 
+def test_corpus_sample_builds_and_prints_its_manifest(tmp_path):
+    # Every `corpus` action ends with the manifest's summary: the corpus folder and its parts.
+    out = run_cli("corpus", "sample", "-c", str(TINY), "--set", f"workdir={tmp_path}",
+                  "--set", "corpus.domains=[legal,code]")
+    assert out.returncode == 0, out.stderr
+    assert f"sample files: {SAMPLE_DIR}" in out.stdout
+    assert f"corpus written to {tmp_path / 'corpus'}" in out.stdout
+    assert (tmp_path / "corpus" / "manifest.json").is_file()
+    for part in ("generic", "legal", "code"):
+        assert part in out.stdout
+
+
 def test_unknown_domain(tiny_cfg):
     out = run_cli("train", "--config", "configs/tiny.yaml", "--set", f"workdir={tiny_cfg.workdir}",
                   "--domain", "astrology")

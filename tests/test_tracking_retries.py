@@ -61,3 +61,40 @@ def test_other_mlflow_errors_pass_through_unchanged(tmp_path):
     with pytest.raises(MlflowException) as e:
         client.get_run("0" * 32)
     assert not isinstance(e.value, TrackingUnavailable)
+
+
+def test_a_live_run_against_a_server_that_is_away_gives_up_fast_and_the_trial_runs_on(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """A live run is best effort: under MLflow's default bound (7 retries, ~4 minutes) a
+    trial would wait on a restarting server at its start, at every curve flush and at its
+    end. Its calls run under the short bound instead (2 retries, ~2 s), the trial's work
+    runs, its points are kept, and the process's own bound is back afterwards."""
+    import os
+
+    from slmfactory.platform.config import load_config
+    from slmfactory.platform.tracking import BEST_EFFORT_HTTP, LiveRunTracker
+    from slmfactory.trial import live_trial_run
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for k in BEST_EFFORT_HTTP:
+        monkeypatch.delenv(k, raising=False)
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      {"workdir": str(tmp_path), "tracking.enabled": True, "tracking.uri": uri})
+    ran = []
+    with live_trial_run(cfg, "slmfactory-live") as live:
+        ran.append(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    assert live is None and ran == ["2"]  # no live run; the work ran under the short bound
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # MLflow's default is back
+    err = capsys.readouterr().err
+    assert "[tracking] no live run for this attempt: TrackingUnavailable" in err
+    assert "after 2 retries over ~2 s" in err and "retry 2 of 2" in err and "retry 3" not in err
+
+    # A live run whose server went away mid-trial: a flush gives up under the same bound and
+    # keeps its points for the next flush.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    tracker = LiveRunTracker(uri, "0" * 32, flush_seconds=3600)
+    tracker.log_metrics({"finetune/slm/legal/train_loss": 2.5}, step=0)
+    assert len(tracker._points) == 1
+    err = capsys.readouterr().err
+    assert "[tracking] live curve points kept for later" in err and "retry 2 of 2" in err and "retry 3" not in err
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"  # the process's own setting, restored

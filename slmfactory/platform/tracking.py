@@ -12,6 +12,10 @@ refused or reset, 408/429/5xx) with exponential backoff, bounded by
 leaves out: a line per retry on stderr (``[tracking] ...``: otherwise a sweep waiting on a dead
 server is silent) and, when the retries run out, :class:`TrackingUnavailable`, one line that
 names the server, the bound and the variables that set it, instead of urllib3's traceback.
+
+A live run's calls are best effort (:func:`best_effort_calls`): they run under a short bound,
+:data:`BEST_EFFORT_HTTP`, since the driver logs every finished trial under the full one; a
+trial never waits minutes on a server that is away.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,6 +51,42 @@ def retry_budget() -> tuple[int, int, float]:
 
     retries, factor = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
     return retries, factor, float(sum(min(120, factor * 2 ** (k - 1)) for k in range(2, retries + 1)))
+
+
+#: MLflow's HTTP bound for best-effort calls (:func:`best_effort_calls`): 2 retries 0 and 2 s
+#: apart, 60 s per attempt. A server that refuses connections (restarting) costs a call ~2 s,
+#: one that accepts and never answers ~3 minutes; MLflow's default bound is ~4 minutes of
+#: backoff plus 120 s per attempt.
+BEST_EFFORT_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+_best_effort_lock = threading.Lock()
+_best_effort_depth = 0
+_best_effort_saved: dict[str, str | None] = {}
+
+
+@contextmanager
+def best_effort_calls():
+    """MLflow calls in this block, in every thread of this process (MLflow's system-metrics
+    monitor's too), run under :data:`BEST_EFFORT_HTTP`: a live run's calls, whose loss costs
+    a curve point, not a result. MLflow reads its bound from the environment at each call,
+    so the block sets those variables and restores them when the last nested block ends."""
+    global _best_effort_depth, _best_effort_saved
+    with _best_effort_lock:
+        if _best_effort_depth == 0:
+            _best_effort_saved = {k: os.environ.get(k) for k in BEST_EFFORT_HTTP}
+            os.environ.update(BEST_EFFORT_HTTP)
+        _best_effort_depth += 1
+    try:
+        yield
+    finally:
+        with _best_effort_lock:
+            _best_effort_depth -= 1
+            if _best_effort_depth == 0:
+                for k, v in _best_effort_saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
 
 
 def _gave_up(exc: BaseException) -> str | None:
@@ -343,9 +385,10 @@ class LiveRunTracker(MlflowTracker):
         # Best effort: live curves must not fail a trial while the tracking server is away
         # (the driver logs the finished trial, with its own retries); unsent points are kept.
         try:
-            while self._points:
-                self.client.log_batch(self.run_id, metrics=self._points[:MAX_BATCH_METRICS])
-                del self._points[:MAX_BATCH_METRICS]
+            with best_effort_calls():  # a Ray Train worker's rank 0 holds no other MLflow call
+                while self._points:
+                    self.client.log_batch(self.run_id, metrics=self._points[:MAX_BATCH_METRICS])
+                    del self._points[:MAX_BATCH_METRICS]
         except Exception as e:  # noqa: BLE001
             print(f"[tracking] live curve points kept for later: {type(e).__name__}: {e}", file=sys.stderr)
         self._sent_at = time.monotonic()
