@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup constraints browser services demo try serve test test-fast ui-check cluster-test bench lint clean
+.PHONY: setup constraints browser services demo try serve test test-fast test-random ui-check cluster-test bench lint clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,12 @@ test: setup browser services
 # markers are in pyproject.toml; tests/conftest.py fails an unmarked test that starts Ray).
 test-fast: setup
 	$(PY) -m pytest -q -m "not ray and not server and not slow" tests
+
+# The whole suite in a shuffled order (pytest-random-order; SEED=N replays one): no test may
+# depend on another having run before it.
+SEED ?= 1
+test-random: setup browser services
+	$(PY) -m pytest -q -p random_order --random-order-seed=$(SEED) tests
 
 # tests/test_ui.py drives the MLflow UI in Debian's headless Chromium (Selenium from the
 # test extra); a fresh CI machine gets the browser here (we run as root there).

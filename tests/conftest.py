@@ -45,6 +45,31 @@ def tiny_cfg(tiny_root, tmp_path):
     return load_config(TINY, {"workdir": str(work)})
 
 
+# -- no test changes the environment of the next ---------------------------------------------
+
+def _restore_environment(before: dict[str, str]) -> None:
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
+@pytest.fixture(autouse=True)
+def _environment_per_test():
+    """Whatever a test (or ``build_app`` in it: Serve's settings for a Ray started after it)
+    sets in ``os.environ`` is undone after it, so no later test runs under it, in any order.
+    Module fixtures set up before it keep theirs until their module ends."""
+    before = dict(os.environ)
+    yield
+    _restore_environment(before)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _environment_per_module():
+    before = dict(os.environ)
+    yield
+    _restore_environment(before)
+
+
 # -- the `ray` marker, enforced ---------------------------------------------------------------
 
 def _ray_temp_dir() -> str:

@@ -486,12 +486,14 @@ class TrackingProxy:
 def serving_app(config: Path, overrides: dict, models: Path) -> Iterator[str]:
     """The project's serving app (``build_app`` on ``config`` with ``overrides``, models from
     ``models``) on Ray Serve on a free loopback port of the Ray instance already up; yields
-    its base URL and shuts Serve down after."""
+    its base URL and shuts Serve down after. ``build_app`` writes Serve's settings into this
+    process's environment (for a Ray started after it): they are undone here too."""
     from ray import serve
 
     from slmfactory.serving.app import build_app
 
     port = free_port()
+    env_before = dict(os.environ)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"config": str(config), "set": [f"{k}={v}" for k, v in overrides.items()],
@@ -499,3 +501,5 @@ def serving_app(config: Path, overrides: dict, models: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+        os.environ.clear()
+        os.environ.update(env_before)

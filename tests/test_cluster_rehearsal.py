@@ -205,11 +205,13 @@ def test_two_sweeps_at_once_each_log_every_trial_once_to_one_postgres_backed_ser
     counts = {}
     for sweep, strategy in sweeps.items():
         counts[sweep] = len(_check_sweep(s, sweep, strategy, trials_expected=2))
-    # Nothing else on the server: the two experiments hold all runs (2 trials + 1 sweep run each).
+    # The two sweeps' experiments hold their runs and no other (2 trials + 1 sweep run each);
+    # the server is shared with this module's other tests, whose experiments are their own.
     client = _client(s)
-    everything = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    ours = [client.get_experiment_by_name(f"slmfactory-{sweep}").experiment_id for sweep in sweeps]
+    everything = client.search_runs(ours, max_results=1000)
     assert len(everything) == 6, [r.info.run_name for r in everything]
-    print(f"\n[shared cluster] concurrent sweeps: trial runs {counts}, {len(everything)} runs on the server")
+    print(f"\n[shared cluster] concurrent sweeps: trial runs {counts}, {len(everything)} runs in their experiments")
     # One generic phase for slm's two trials, on shared storage.
     assert len(list((s.work / "train").glob("pretrain-slm-*/stage.json"))) == 1
 

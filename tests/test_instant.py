@@ -278,11 +278,23 @@ def test_bad_domain_requests_get_4xx_and_the_other_domains_keep_serving(app):
 
 @pytest.mark.timeout(900)
 def test_finetuning_replaces_the_served_model_without_a_failed_request(app):
+    """The outcome is controlled, not left to how a few steps happen to go: every document
+    is the same text, so the held-out slice is text the fine-tune trains on and its
+    perplexity goes down. The app swaps in version 2 while requests keep coming (none
+    fails), and a request shows version 2 answering: its score of that text is the
+    fine-tuned model's."""
     cfg, url, _ = app
     budget = 4 * cfg.finetune.batch_size * cfg.data.seq_len
-    status, body = http("POST", f"{url}/v1/domains", json_body={"name": "hpo", "documents": _docs(cfg, "biomedical", 15),
+    text = _docs(cfg, "biomedical", 1)[0]
+    status, body = http("POST", f"{url}/v1/domains", json_body={"name": "hpo", "documents": [text] * 15,
                                                                 "finetune_budget": budget})
     assert status == 201 and body["finetune"]["status"] == "queued", body
+
+    def perplexity() -> float:
+        code, r = http("POST", f"{url}/v1/score", json_body={"model": "hpo", "input": text[:1500]})
+        assert code == 200, r
+        return r["data"][0]["perplexity"]
+
     failures, answered, stop = [], [], threading.Event()
 
     def hammer():
@@ -290,30 +302,32 @@ def test_finetuning_replaces_the_served_model_without_a_failed_request(app):
             code, r = _complete(url, "hpo")
             (answered if code == 200 else failures).append((code, r))
 
+    before = perplexity()  # version 1 (the instant model) answers until the swap
     t = threading.Thread(target=hammer)
     t.start()
     try:
         deadline = time.time() + 600
-        while time.time() < deadline:
+        while True:
             view = http("GET", f"{url}/v1/domains/hpo")[1]
-            if view["finetune"]["status"] in ("done", "kept-instant", "failed"):
+            if view["finetune"]["status"] not in ("queued", "running"):
                 break
+            assert time.time() < deadline, view["finetune"]
             time.sleep(2)
-        time.sleep(2)  # a few requests on the swapped model
+        n_at_swap = len(answered)
+        while len(answered) < n_at_swap + 2 and not failures:  # requests on the swapped model
+            assert time.time() < deadline + 120, "no request answered after the swap"
+            time.sleep(0.2)
     finally:
         stop.set()
         t.join(timeout=120)
-    assert view["finetune"]["status"] in ("done", "kept-instant"), view["finetune"]
     assert not failures, failures[:3]
-    assert len(answered) >= 2
     ft = view["finetune"]
+    assert ft["status"] == "done", ft
     assert 1 <= ft["steps"] <= 4 and ft["flops"] > 0
-    if ft["status"] == "done":  # swapped: a new version, better on the held-out slice
-        assert view["version"] == 2 and view["strategy"].endswith("+finetune")
-        assert ft["heldout_ppl"] <= ft["before_ppl"] and view["heldout_ppl"] == ft["heldout_ppl"]
-    else:
-        assert view["version"] == 1
-    assert _complete(url, "hpo")[0] == 200
+    assert ft["heldout_ppl"] < ft["before_ppl"] and view["heldout_ppl"] == ft["heldout_ppl"]
+    assert view["version"] == 2 and view["strategy"].endswith("+finetune")
+    after = perplexity()
+    assert after < before, (before, after)  # version 2 answered
 
 
 @pytest.mark.timeout(600)

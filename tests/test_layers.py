@@ -74,6 +74,18 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def imported_from(node: ast.ImportFrom, name: str, is_package: bool) -> str | None:
+    """The absolute module a ``from ... import`` in module ``name`` reads from: relative
+    ones (``from . import x``, ``from ..data import y``) resolved against its package."""
+    if node.level == 0:
+        return node.module
+    package = name.split(".") if is_package else name.split(".")[:-1]
+    if node.level - 1 > len(package) - 1:
+        return None  # beyond the top package: Python refuses it too
+    base = package[:len(package) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def import_graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {m: set() for m in modules}
@@ -82,9 +94,10 @@ def import_graph() -> dict[str, set[str]]:
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            elif isinstance(node, ast.ImportFrom) and (
+                    module := imported_from(node, name, path.name == "__init__.py")) is not None:
                 # `from pkg import mod` imports the module pkg.mod when there is one.
-                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module
                            for a in node.names]
             for t in targets:
                 if t.startswith("slmfactory") and t != name:
@@ -217,6 +230,18 @@ def test_the_graph_sees_real_edges():
     assert "slmfactory.data.clusters" in graph["slmfactory.data.cluster_pipeline"]
 
 
+@pytest.mark.parametrize("source, module, is_package, want", [
+    ("from . import config", "slmfactory.platform.stages", False, "slmfactory.platform"),
+    ("from .config import RunConfig", "slmfactory.platform.stages", False, "slmfactory.platform.config"),
+    ("from ..serving import app", "slmfactory.models.lm", False, "slmfactory.serving"),
+    ("from .strategies import base", "slmfactory.models", True, "slmfactory.models.strategies"),
+    ("from ... import x", "slmfactory.models.lm", False, None),
+])
+def test_relative_imports_are_resolved_to_the_module_they_name(source, module, is_package, want):
+    """An upward import spelt relatively (``from ..serving import app``) is an edge too."""
+    assert imported_from(ast.parse(source).body[0], module, is_package) == want
+
+
 def test_the_package_imports_nothing_from_outside_the_wheel():
     """The wheel carries ``slmfactory`` alone: no module of it imports the study's write-up
     (``study/``), the scripts or the tests of a checkout."""
@@ -230,15 +255,35 @@ def test_the_package_imports_nothing_from_outside_the_wheel():
     assert not found, "package modules importing from outside the wheel: " + ", ".join(found)
 
 
+def _bound_names(target: ast.expr) -> list[str]:
+    """The names an assignment target binds (``f = ...``, ``a, b = ...``); ``f.tool = ...``
+    binds none."""
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [n for e in target.elts for n in _bound_names(e)]
+    if isinstance(target, ast.Starred):
+        return _bound_names(target.value)
+    return []
+
+
 def redefined_names(source: str) -> list[str]:
     """Top-level functions and classes a module defines twice (the second silently replaces
     the first: every caller of the first then gets the second)."""
-    seen, twice = set(), []
+    defined, bound, twice = set(), set(), []
     for node in ast.parse(source).body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            if node.name in seen:
-                twice.append(node.name)
-            seen.add(node.name)
+            names, is_def = [node.name], True
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            # An assignment that rebinds a function or class replaces it as a second def does.
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names, is_def = [n for t in targets for n in _bound_names(t)], False
+        else:
+            continue
+        for n in names:
+            if n in defined or (is_def and n in bound):
+                twice.append(n)
+            (defined if is_def else bound).add(n)
     return twice
 
 
@@ -246,3 +291,6 @@ def test_no_module_defines_a_name_twice():
     found = {module_name(p): twice for p in PACKAGE.rglob("*.py") if (twice := redefined_names(p.read_text()))}
     assert found == {}
     assert redefined_names("class A:\n    pass\n\n\ndef f():\n    pass\n\n\nclass A:\n    pass\n") == ["A"]
+    assert redefined_names("def f():\n    pass\n\n\nf = 1\n") == ["f"]
+    assert redefined_names("F = 1\n\n\ndef F():\n    pass\n") == ["F"]
+    assert redefined_names("x = 1\nx = 2\n\n\ndef f():\n    pass\n") == []  # plain variables may change

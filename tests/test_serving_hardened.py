@@ -27,7 +27,8 @@ import pytest
 
 from tests.local_cluster import serving_app
 
-pytestmark = [pytest.mark.ray, pytest.mark.server]  # these start Ray Serve
+# The tests that start Ray Serve (through the ``app`` fixture) are marked ``ray`` and ``server``;
+# its pure unit tests are not (``make test-fast`` runs them).
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 KEYS = [f"user-key-{i:02d}-0123456789abcdef" for i in range(16)]
@@ -89,6 +90,7 @@ def app(tiny_root, tmp_path_factory):
     fifos: list[Path] = []
     from slmfactory.serving.app import serve_env
 
+    env_before = dict(os.environ)
     os.environ.update(serve_env(cfg.serving))  # the proxy's settings (its body limit) are read as Ray starts
     init_ray(num_cpus=2)
     try:
@@ -102,6 +104,8 @@ def app(tiny_root, tmp_path_factory):
             except OSError:
                 pass
         ray.shutdown()
+        os.environ.clear()  # serve_env's and build_app's settings end with this module's Serve
+        os.environ.update(env_before)
 
 
 _keys = itertools.cycle(KEYS)
@@ -137,6 +141,8 @@ def _error_names(status: int, body, param) -> None:
 OK = {"model": "legal", "prompt": "The licence", "max_tokens": 2}
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_keys_admin_and_rate_limits(app):
     cfg, url, _ = app
     for key in (None, "wrong-key-0123456789abcdef"):
@@ -200,6 +206,8 @@ def test_rate_limit_buckets_refill_at_their_rate():
     assert limiter.charge("k", "tokens", 601) == 60.0  # more than a full bucket: never granted
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_values_that_pass_a_naive_check_are_400_naming_the_field(app):
     _, url, _ = app
     deep = lambda n: "[" * n + '"x"' + "]" * n  # noqa: E731
@@ -263,6 +271,8 @@ def _sse(url: str, body: dict, key: str, timeout: float) -> list[str]:
         return [ln[len("data: "):] for ln in r.read().decode().splitlines() if ln.startswith("data: ")]
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_a_stream_whose_generation_raises_ends_with_an_error_event_and_done(app):
     _, url, _ = app
     t0 = time.monotonic()
@@ -279,6 +289,8 @@ def test_a_stream_whose_generation_raises_ends_with_an_error_event_and_done(app)
     assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_one_failing_request_does_not_fail_its_batch(app):
     _, url, _ = app
     # Sent together: the three legal requests run in one batch (the scheduler's, one model
@@ -298,6 +310,8 @@ def test_one_failing_request_does_not_fail_its_batch(app):
     assert got[0][0] == 500 and got[0][2]["error"]["type"] == "server_error", got[0]
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_path_like_model_names_are_refused_without_touching_a_file(app):
     cfg, url, _ = app
     # The file a traversal from the registry folder would reach ("../outside"), made a
@@ -320,6 +334,8 @@ def test_path_like_model_names_are_refused_without_touching_a_file(app):
     assert no_reader.value.errno == errno.ENXIO
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_a_chunked_64_mib_body_gets_413_before_the_client_has_sent_it(app):
     """A chunked body (no Content-Length) of 64 MiB, sent 64 KiB at a time while watching
     for an answer: the 413 comes, and the connection closes, when at most the limit (1 MiB)
@@ -364,6 +380,8 @@ def test_a_chunked_64_mib_body_gets_413_before_the_client_has_sent_it(app):
     assert closed
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_a_request_stuck_on_the_file_system_answers_408_at_the_deadline(app):
     """A run-time domain whose registry entry is a FIFO: reading it blocks until a writer
     comes. The request is answered 408 at ``serving.request_timeout_s``, not left
@@ -388,32 +406,48 @@ def test_a_request_stuck_on_the_file_system_answers_408_at_the_deadline(app):
     entry.unlink()
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_health_and_metrics_are_scraped(app):
+    """Each counter moves by what this test sends itself (the module's other tests also send
+    requests, in whatever order they run): two scores, one request without a key (401),
+    one with a bad field (400)."""
     _, url, _ = app
     status, _, health = http("GET", f"{url}/healthz", key=None)
     assert status == 200 and health["status"] == "ok", health
-    for _ in range(2):
-        assert http("POST", f"{url}/v1/score", {"model": "legal", "input": "The licence grants you"})[0] == 200
-    status, _, text = http("GET", f"{url}/metrics", key=None)
-    assert status == 200 and isinstance(text, str)
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
 
-    def value(prefix: str, **labels) -> float:
+    def scrape() -> tuple[str, dict[str, float]]:
+        status, _, text = http("GET", f"{url}/metrics", key=None)
+        assert status == 200 and isinstance(text, str)
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return text, samples
+
+    def value(samples: dict[str, float], prefix: str, **labels) -> float:
         return sum(v for k, v in samples.items() if k.startswith(prefix + "{")
                    and all(f'{a}="{b}"' in k for a, b in labels.items()))
 
-    assert value("slmfactory_requests_total", domain="legal", route="score", status="200") >= 2
-    assert value("slmfactory_requests_total", status="401") >= 1
-    assert value("slmfactory_requests_total", status="400") >= 1
-    assert value("slmfactory_tokens_total", domain="legal", route="score") >= 2 * 3
-    assert value("slmfactory_latency_seconds_count", domain="legal", route="score") >= 2
-    assert value("slmfactory_model_load_seconds", domain="legal") > 0
-    assert value("slmfactory_model_cache_total", domain="legal", result="hit") >= 1
-    assert value("slmfactory_model_cache_total", domain="legal", result="miss") >= 1
+    _, before = scrape()
+    for _ in range(2):
+        assert http("POST", f"{url}/v1/score", {"model": "legal", "input": "The licence grants you"})[0] == 200
+    assert http("POST", f"{url}/v1/score", {"model": "legal", "input": "x"}, key=None)[0] == 401
+    assert http("POST", f"{url}/v1/completions", {**OK, "max_tokens": -1})[0] == 400
+    text, after = scrape()
+
+    def grew(prefix: str, **labels) -> float:
+        return value(after, prefix, **labels) - value(before, prefix, **labels)
+
+    assert grew("slmfactory_requests_total", domain="legal", route="score", status="200") == 2
+    assert grew("slmfactory_requests_total", status="401") == 1
+    assert grew("slmfactory_requests_total", status="400") == 1
+    assert grew("slmfactory_tokens_total", domain="legal", route="score") >= 2 * 3
+    assert grew("slmfactory_latency_seconds_count", domain="legal", route="score") == 2
+    assert value(after, "slmfactory_model_load_seconds", domain="legal") > 0
+    assert value(after, "slmfactory_model_cache_total", domain="legal", result="hit") >= 1
+    assert value(after, "slmfactory_model_cache_total", domain="legal", result="miss") >= 1
     assert "slmfactory_queue_depth" in text
 
 
@@ -456,6 +490,8 @@ def test_a_maximal_score_request_holds_bounded_memory(tmp_path):
     assert grew_mib < 256, grew_mib
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_a_wedged_replica_fails_the_health_check_ray_calls(app):
     """Requests for a domain whose registry entry is a FIFO each block a worker thread of
     the replica until a writer comes: 40 of them occupy every thread its event loop hands
@@ -505,6 +541,8 @@ def test_a_wedged_replica_fails_the_health_check_ray_calls(app):
         time.sleep(2)
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_concurrent_first_requests_on_fresh_replicas_all_answer(app):
     """Six domains never loaded, asked at once the moment a fresh replica is up: every one
     answers 200, over three cold starts (the app redeployed: a new replica, nothing
@@ -523,6 +561,8 @@ def test_concurrent_first_requests_on_fresh_replicas_all_answer(app):
         assert [g[0] for g in got] == [200] * len(bodies), (start, got)
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_prompts_and_score_inputs_given_as_token_ids(app):
     """OpenAI's and vLLM's other prompt form: a text's token ids (one list, or a list of
     them). They are answered as the text is; an id outside the model's vocabulary is a 400
