@@ -84,11 +84,12 @@ def cmd_cluster(args) -> None:
     from slmfactory.data.cluster_pipeline import run_clustering
     from slmfactory.data.tokenizer import ensure_tokenizer
     from slmfactory.platform.tracking import open_tracker
+    from slmfactory.trial import TrialRecord
 
     cfg = _config(args)
     ensure_tokenizer(cfg)
     with runtime.ray_session(args.address):
-        tracker = open_tracker(cfg, f"cluster-k{cfg.cluster.k}", {"phase": "cluster"})
+        tracker = open_tracker(cfg, f"cluster-k{cfg.cluster.k}", {TrialRecord.PHASE: "cluster"})
         clusters = run_clustering(cfg, tracker=tracker)
         tracker.close()
     print(clusters.summary())
@@ -97,10 +98,12 @@ def cmd_cluster(args) -> None:
 def cmd_resample(args) -> None:
     from slmfactory.data.resample import resample
     from slmfactory.platform.tracking import open_tracker
+    from slmfactory.trial import TrialRecord
 
     cfg = _config(args)
     with runtime.ray_session(args.address):
-        tracker = open_tracker(cfg, f"resample-{args.domain}", {"phase": "resample", "domain": args.domain})
+        tracker = open_tracker(cfg, f"resample-{args.domain}",
+                               {TrialRecord.PHASE: "resample", TrialRecord.DOMAIN: args.domain})
         result = resample(cfg, args.domain, args.tokens, tracker=tracker)
         tracker.close()
     print(result.summary())
@@ -197,7 +200,7 @@ def cmd_report(args) -> None:
     out = Path(args.out) if args.out else cfg.root / "reports" / experiment
     report = write_report(cfg.tracking_uri, experiment, out, cfg.sweep.inference_caps,
                           price_per_device_hour=cfg.serving.price_per_device_hour)
-    from slmfactory.sweeps.tracking import log_report_to_sweep
+    from slmfactory.sweeps.records import log_report_to_sweep
 
     parent = log_report_to_sweep(cfg.tracking_uri, experiment, out, report)
     print(report["table"])
@@ -283,11 +286,12 @@ def cmd_recommend(args) -> None:
         print("  tie: the intervals overlap; these measurements do not separate the two" if rec.tie
               else "  not a tie: the intervals do not overlap")
     # What `serve --from-registry` would serve for this configuration, per domain.
-    from slmfactory.sweeps.tracking import trial_model_uri
+    from slmfactory.sweeps.records import trial_model_uri
+    from slmfactory.trial import TrialRecord as R
 
     for d in sorted(best.nll):
-        tags = {"strategy": best.strategy, "generic_budget": best.generic_budget, "spec_budget": best.spec_budget,
-                "in_domain_tokens": str(best.in_domain), "domain": d, "settings": best.settings}
+        tags = {R.STRATEGY: best.strategy, R.GENERIC_BUDGET: best.generic_budget, R.SPEC_BUDGET: best.spec_budget,
+                R.IN_DOMAIN_TOKENS: str(best.in_domain), R.DOMAIN: d, R.SETTINGS: best.settings}
         found = trial_model_uri(cfg.tracking_uri, experiment, tags)
         if found:
             uri, aliases = found
@@ -558,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domains", required=True, help="number of domains N")
     p.add_argument("--in-domain", default=None, metavar="TOKENS", help="your in-domain tokens: answers from the "
                    "largest measured size <= this (default: the largest measured)")
-    p.add_argument("--cost", default="flops", help="cost unit of --spec-budget: flops or device-hours")
+    p.add_argument("--cost", default="flops", help="cost unit of --spec-budget: flops or device_hours")
     p.add_argument("--costs", default="paper", metavar="CONVENTION",
                    help="cost convention: paper (embedding the generic corpus is nobody's cost, as in the paper; "
                         "default) or measured (everything spent); docs/costs.md")

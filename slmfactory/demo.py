@@ -12,7 +12,7 @@ from slmfactory.data.tokenizer import ensure_tokenizer
 from slmfactory.pipeline import ensure_corpus
 from slmfactory.platform.config import RunConfig
 from slmfactory.sweeps.run import run_sweep
-from slmfactory.sweeps.tracking import log_report_to_sweep
+from slmfactory.sweeps.records import log_report_to_sweep
 from slmfactory.platform.runtime import say
 
 

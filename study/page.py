@@ -270,7 +270,7 @@ def section_lora(configs: list[MeasuredConfig], rows: list[dict], fig_rel: str =
         lines.append(f"| {lo.generic_budget} | {lo.spec_budget} | {lo.in_domain:,} | {ppl_iv(full)} | {ppl_iv(lo)} | "
                      f"{lo.ppl_macro - full.ppl_macro:+.2f} | {rc.compare(lo, full)} | "
                      f"{_g(d * full.spec('flops'))} / {_g(d * lo.spec('flops'))} | "
-                     f"{_g(d * full.spec('device-hours'))} / {_g(d * lo.spec('device-hours'))} | "
+                     f"{_g(d * full.spec('device_hours'))} / {_g(d * lo.spec('device_hours'))} | "
                      f"{'-' if tp is None else f'{tp:,.0f} of {lo.params:,}'} |")
     return "\n".join(lines) + f"\n\n![LoRA beside full fine-tuning]({fig_rel}/lora_vs_full.png)"
 
@@ -430,7 +430,7 @@ def section_appendix(configs: list[MeasuredConfig], rows: list[dict]) -> str:
     for c in sorted(configs, key=lambda c: (c.in_domain,) + _order(c) + (rc.budget_value(c.spec_budget),)):
         lines.append(f"| {c.strategy} | {c.settings or '-'} | {c.generic_budget} | {c.spec_budget} | {c.in_domain:,} | "
                      f"{c.params:,} | {ppl_iv(c)} | {_g(c.generic('flops'))} | {_g(c.spec('flops'))} | "
-                     f"{_g(c.generic('device-hours'))} | {_g(c.spec('device-hours'))} | "
+                     f"{_g(c.generic('device_hours'))} | {_g(c.spec('device_hours'))} | "
                      f"{'-' if c.generic_ppl is None else f'{c.generic_ppl:.2f}'} | "
                      f"{_g(c.generic('flops', PAPER_COSTS)) if c.has_cost('flops', PAPER_COSTS) else '-'} |")
     left = incomplete_groups(rows)
@@ -445,21 +445,21 @@ LAYOUTS = (V2, "2026-12-01")
 """Page layouts of this module, each a study's page as it was published, frozen so that it still
 rebuilds byte for byte from its CSV: ``2026-12-06`` (the second study's sections: gates G0-G2,
 Figure 1 on the paper's axes, tokens per parameter, what did not show) and ``2026-12-01`` (the
-first study's). The third study's page is :mod:`study.page_v3` (``scripts/results.py``'s default)."""
+first study's). The third study's page is :mod:`study.page_v3` (``scripts/study_page.py``'s default)."""
 DEFAULT_PAGE = "docs/results.md"
 
 
 def rebuild_command(config_label: str, csv_label: str, page_label: str = DEFAULT_PAGE,
                     layout: str = V2) -> str:
     """The command that rebuilds a page from its CSV (``--out`` left out at its default)."""
-    return (f"python scripts/results.py -c {config_label} --from-csv {csv_label}"
+    return (f"python scripts/study_page.py -c {config_label} --from-csv {csv_label}"
             + (f" --out {page_label}" if page_label != DEFAULT_PAGE else "") + f" --layout {layout}")
 
 
 def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages: dict[str, Any] | None = None,
                 fig_rel: str = "results", page_label: str = DEFAULT_PAGE, layout: str = V2) -> str:
     """The page's markdown; figures are linked as ``<fig_rel>/<name>.png`` (``fig_rel``: the
-    page's stem, where ``scripts/results.py`` draws them); ``page_label`` and ``layout`` (see
+    page's stem, where ``scripts/study_page.py`` draws them); ``page_label`` and ``layout`` (see
     :data:`LAYOUTS`) are named in the header's rebuild command."""
     if layout not in LAYOUTS:
         raise DataError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
@@ -481,7 +481,7 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
         f"rebuilds this page and its figures (`{fig_rel}/*.png`) from `{csv_label}` alone: {len(rows)} trial runs, "
         f"{len(configs)} configurations measured on all {len(domains)} domains ({', '.join(domains)}). The CSV is "
         f"exported from MLflow experiment `{experiment_name(cfg)}` at `{cfg.tracking_uri}` by "
-        f"`python scripts/results.py -c {config_label} --export {csv_label}"
+        f"`python scripts/study_page.py -c {config_label} --export {csv_label}"
         + (f" --log {stages['log']}" if stages else "") + "`.", "",
         "Macro perplexity = exp(mean over domains of the test NLL); its 95% interval is exp(NLL ± 1.96 SE) with "
         "SE = sqrt(sum of the domains' bootstrap SE²) / D (`frontier.MeasuredConfig.interval`). Cells read "

@@ -48,7 +48,7 @@ def rules_fixed() -> dict[str, str]:
 
 
 def rebuild_command(config_label: str, csv_label: str) -> str:
-    return f"python scripts/results.py -c {config_label} --from-csv {csv_label}"
+    return f"python scripts/study_page.py -c {config_label} --from-csv {csv_label}"
 
 
 def log_name(cfg) -> str:

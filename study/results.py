@@ -1,6 +1,6 @@
 """The study's results page, step one: a tidy CSV of every trial run, and configurations from it.
 
-``docs/results.md`` is regenerated from a CSV alone (``scripts/results.py --from-csv``), so it
+``docs/results.md`` is regenerated from a CSV alone (``scripts/study_page.py --from-csv``), so it
 can be rebuilt and tested without the MLflow store. This module holds the two ends of that
 CSV and the optional wall-time parse of the study's log:
 
@@ -74,8 +74,8 @@ COLUMNS = (("run_id", "trial_key") + TAG_COLUMNS + ("pretrain_seed",) + DOMAIN_C
 # generic source and collection (``TrialRecord.is_shares``); the page's provenance table.
 _JSON_COLUMNS = ("is_shares",)
 _UNIT_COLUMNS = {"flops": ("generic_flops", "spec_flops"),
-                 "device-hours": ("generic_device_hours", "spec_device_hours")}
-_EMBED_COLUMNS = {"flops": "clustering_generic_flops", "device-hours": "clustering_generic_device_hours"}
+                 "device_hours": ("generic_device_hours", "spec_device_hours")}
+_EMBED_COLUMNS = {"flops": "clustering_generic_flops", "device_hours": "clustering_generic_device_hours"}
 
 
 def budget_value(label: str) -> float:

@@ -86,7 +86,8 @@ def test_slm_d_teacher_pretrains_longer_than_the_student_by_default():
 
 
 def test_strategies_without_a_generic_phase_are_not_multiplied_by_the_generic_axis():
-    cfg = demo(**{"sweep.generic_tokens": [100000, 200000], "sweep.spec_tokens": [32768]})
+    cfg = demo(**{"sweep.generic_tokens": [100000, 200000], "sweep.spec_tokens": [32768],
+                  "sweep.domains": ["legal", "biomedical", "code"]})
     plan = plan_sweep(cfg, ["legal", "biomedical", "code"])
     by = {}
     for t in plan.trials:

@@ -2,7 +2,7 @@
 Ray cluster on loopback (``ray start --head`` with the dashboard, then ``ray start --address``;
 separate temp dirs, one CPU each, token authentication on), its GCS backed by an external Redis
 (GCS fault tolerance), and one MLflow tracking server on a real PostgreSQL, as
-docs/cluster.md deploys them. Sweeps are submitted with ``ray job submit``; the workdir stands
+docs/shared-cluster.md deploys them. Sweeps are submitted with ``ray job submit``; the workdir stands
 in for the cluster's shared storage (both nodes see the same disk here).
 
 - two users' sweeps submitted at once, both logging to the one server: every trial is one

@@ -681,7 +681,7 @@ def test_serve_configs_validate_with_ray_serve_schema_and_the_recipe():
 
     from slmfactory.platform.config import load_config, parse_overrides
     from slmfactory.serving.app import BUILD_ARGS
-    from slmfactory.sweeps.tracking import cap_alias
+    from slmfactory.sweeps.records import cap_alias
 
     assert cap_alias(130_000_000) == "champion-130m"
     for cfg in _serve_configs():

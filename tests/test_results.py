@@ -29,11 +29,11 @@ STUDY = REPO / "configs" / "study.yaml"
 # The first study's page, moved to a dated file, and the command that rebuilds it.
 CSV = REPO / "docs" / "study-2026-12-01-runs.csv"
 PAGE = REPO / "docs" / "results-2026-12-01.md"
-PAGE_COMMAND = ("python scripts/results.py -c configs/study.yaml --from-csv docs/study-2026-12-01-runs.csv "
+PAGE_COMMAND = ("python scripts/study_page.py -c configs/study.yaml --from-csv docs/study-2026-12-01-runs.csv "
                 "--out docs/results-2026-12-01.md --layout 2026-12-01")
 # The second study's page, moved to a dated file, and the command that rebuilds it.
 V2_PAGE = REPO / "docs" / "results-2026-12-06.md"
-V2_COMMAND = ("python scripts/results.py -c configs/study-v2.yaml --from-csv docs/study-2026-12-06-runs.csv "
+V2_COMMAND = ("python scripts/study_page.py -c configs/study-v2.yaml --from-csv docs/study-2026-12-06-runs.csv "
               "--out docs/results-2026-12-06.md --layout 2026-12-06")
 # The third study's page (and its log beside it): whatever CSV is committed beside it.
 CURRENT_PAGE = REPO / "docs" / "results.md"
@@ -62,8 +62,8 @@ def _render_v1(rows, cfg) -> str:
 
 
 def header_command(page: str) -> list[str]:
-    """The rebuild command a page's header names, as argv after ``scripts/results.py``."""
-    m = re.search(r"`python scripts/results\.py ([^`]+)` rebuilds this page", page.split("\n")[2])
+    """The rebuild command a page's header names, as argv after ``scripts/study_page.py``."""
+    m = re.search(r"`python scripts/study_page\.py ([^`]+)` rebuilds this page", page.split("\n")[2])
     assert m, page.split("\n")[2][:200]
     return m.group(1).split()
 
@@ -74,7 +74,7 @@ def rebuild(page_path: Path, tmp_path: Path) -> tuple[str, Path]:
     instead of ``tmp_path``, and that ``--out``."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("results_script", REPO / "scripts" / "results.py")
+    spec = importlib.util.spec_from_file_location("results_script", REPO / "scripts" / "study_page.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     argv = header_command(page_path.read_text())
@@ -93,7 +93,7 @@ def test_page_regenerates_byte_for_byte(tmp_path):
     """The first study's page, moved: its header names the exact command that rebuilds it, and
     that command (run here) gives it byte for byte."""
     cfg, rows = _committed()
-    assert " ".join(header_command(PAGE.read_text())) == PAGE_COMMAND.removeprefix("python scripts/results.py ")
+    assert " ".join(header_command(PAGE.read_text())) == PAGE_COMMAND.removeprefix("python scripts/study_page.py ")
     assert _render_v1(rows, cfg) == PAGE.read_text()
     page, out = rebuild(PAGE, tmp_path)
     assert out == PAGE.relative_to(REPO) and page == PAGE.read_text()
@@ -101,7 +101,7 @@ def test_page_regenerates_byte_for_byte(tmp_path):
 
 def test_second_study_page_regenerates_byte_for_byte(tmp_path):
     """The second study's page, moved to its dated file: its header's command rebuilds it byte for byte."""
-    assert " ".join(header_command(V2_PAGE.read_text())) == V2_COMMAND.removeprefix("python scripts/results.py ")
+    assert " ".join(header_command(V2_PAGE.read_text())) == V2_COMMAND.removeprefix("python scripts/study_page.py ")
     page, out = rebuild(V2_PAGE, tmp_path)
     assert out == V2_PAGE.relative_to(REPO) and page == V2_PAGE.read_text()
 
@@ -579,7 +579,7 @@ def test_page_renders_synthetic_rows(tmp_path):
     path = results.write_csv(rows, tmp_path / "runs.csv")
     page = results_page.render_page(results.read_csv(path), _cfg(STUDY), csv_label="x/runs.csv",
                                     config_label="configs/study.yaml")
-    assert "`python scripts/results.py -c configs/study.yaml --from-csv x/runs.csv --layout 2026-12-06`" in page.split("\n")[2]
+    assert "`python scripts/study_page.py -c configs/study.yaml --from-csv x/runs.csv --layout 2026-12-06`" in page.split("\n")[2]
     for k in range(1, 7):
         assert f"### Claim {k}:" in page
     assert "| 6 | Generic pretraining" in page and "**confirmed**" in page
@@ -774,7 +774,7 @@ def test_current_layout_adds_its_sections_and_the_dated_one_does_not():
     new = ("## Gates G0, G1, G2", "## Generic tokens per parameter and epochs", "## Figure 1 on the paper's axes",
            "## The claims that did not show", "## Where our numbers disagree with the paper's")
     assert all(h in current for h in new) and not any(h in dated for h in new)
-    assert "`python scripts/results.py -c configs/study.yaml --from-csv x.csv --out docs/old.md --layout 2026-12-01`" \
+    assert "`python scripts/study_page.py -c configs/study.yaml --from-csv x.csv --out docs/old.md --layout 2026-12-01`" \
         in dated.split("\n")[2]
     assert [line for line in dated.splitlines() if line.startswith("## ")] == \
         [line for line in current.splitlines() if line.startswith("## ") and not line.startswith(new)

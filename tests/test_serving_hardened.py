@@ -383,7 +383,7 @@ def test_a_chunked_64_mib_body_gets_413_before_the_client_has_sent_it(app):
 @pytest.mark.ray
 @pytest.mark.server
 def test_a_request_stuck_on_the_file_system_answers_408_at_the_deadline(app):
-    """A run-time domain whose registry entry is a FIFO: reading it blocks until a writer
+    """A run-time domain whose store entry is a FIFO: reading it blocks until a writer
     comes. The request is answered 408 at ``serving.request_timeout_s``, not left
     hanging, and the replica's other requests go on meanwhile (the read is off the loop)."""
     cfg, url, fifos = app
@@ -493,7 +493,7 @@ def test_a_maximal_score_request_holds_bounded_memory(tmp_path):
 @pytest.mark.ray
 @pytest.mark.server
 def test_a_wedged_replica_fails_the_health_check_ray_calls(app):
-    """Requests for a domain whose registry entry is a FIFO each block a worker thread of
+    """Requests for a domain whose store entry is a FIFO each block a worker thread of
     the replica until a writer comes: 40 of them occupy every thread its event loop hands
     work to. The replica still answers HTTP, but can no longer run a forward pass: its
     health check (a one-token forward pass through the same threads, with a deadline)

@@ -31,7 +31,7 @@ def test_a_server_that_stays_down_fails_with_one_clear_error(tmp_path, monkeypat
     from slmfactory.platform.config import load_config
     from slmfactory.platform.errors import SlmFactoryError
     from slmfactory.platform.tracking import TrackingUnavailable
-    from slmfactory.sweeps.tracking import ensure_sweep_run
+    from slmfactory.sweeps.records import ensure_sweep_run
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")

@@ -224,7 +224,7 @@ def test_the_readers_get_back_what_the_driver_logged(logged):
     from slmfactory.analysis.frontier import load_configs
     from slmfactory.analysis.report import table_is_provenance
     from slmfactory.serving.catalog import from_mlflow
-    from slmfactory.sweeps.tracking import update_champions
+    from slmfactory.sweeps.records import update_champions
     from study import results
 
     cfg, records, run_ids = logged

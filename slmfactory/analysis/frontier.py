@@ -47,19 +47,20 @@ from slmfactory.platform.cost import MEASURED, PAPER, SERVING_TASKS, check_conve
 from slmfactory.platform.errors import DataError, SlmFactoryError
 from slmfactory.trial import TRIAL_TAG, TrialRecord
 
-AMORTISATION_N = (1, 7, 50)
+AMORTISATION_N = TrialRecord.AMORTISATION_N
+"""The numbers of domains every table and figure amortises the generic phase over (the
+record's: the same N as its ``cost/total_flops_N<n>`` metrics)."""
 
 
 Z95 = 1.96
 
 
-COST_UNITS = ("flops", "device-hours")
+COST_UNITS = tuple(u for u in TrialRecord.COST_UNITS if u != "wall_seconds")
+"""The cost units a budget is given in (``--cost``): the record's, spelt as its metrics are."""
 
 
-UNIT_LABEL = {"flops": "FLOPs", "device-hours": "device-hours"}
-
-
-_COST_METRIC = {"flops": "flops", "device-hours": "device_hours"}
+UNIT_LABEL = {"flops": "FLOPs", "device_hours": "device-hours"}
+"""How each unit reads in a table or a plot."""
 _SPENT_METRICS = (TrialRecord.spent_tokens_metric("generic"), TrialRecord.spent_tokens_metric("spec"),
                   TrialRecord.EPOCHS_GENERIC, TrialRecord.EPOCHS_SPEC)
 """What each phase trained on: tokens spent and epochs over its data (generic, then spec)."""
@@ -334,12 +335,12 @@ def load_configs(uri: str, experiment: str) -> list[MeasuredConfig]:
             c.entropy_k = None if k is None else int(k)
         c.generic_ppl = generic_ppl(m) if c.generic_ppl is None else c.generic_ppl
         acc = spent.setdefault(key, {})
-        for unit, metric in _COST_METRIC.items():
-            if R.cost_metric("spec", metric) in m:
-                acc.setdefault(f"g:{unit}", []).append(m.get(R.cost_metric("generic", metric), 0.0))
-                acc.setdefault(f"s:{unit}", []).append(m[R.cost_metric("spec", metric)])
-            if R.clustering_cost_metric("generic", metric) in m:
-                acc.setdefault(f"e:{unit}", []).append(m[R.clustering_cost_metric("generic", metric)])
+        for unit in COST_UNITS:
+            if R.cost_metric("spec", unit) in m:
+                acc.setdefault(f"g:{unit}", []).append(m.get(R.cost_metric("generic", unit), 0.0))
+                acc.setdefault(f"s:{unit}", []).append(m[R.cost_metric("spec", unit)])
+            if R.clustering_cost_metric("generic", unit) in m:
+                acc.setdefault(f"e:{unit}", []).append(m[R.clustering_cost_metric("generic", unit)])
         for name in _SPENT_METRICS:
             if name in m:
                 acc.setdefault(name, []).append(m[name])
@@ -384,12 +385,12 @@ def apply_conventions(configs: list[MeasuredConfig]) -> None:
     pure = {}
     for c in configs:
         e = c.embed_generic.get("flops")
-        if e and "device-hours" in c.costs and "flops" in c.costs and math.isclose(c.generic("flops"), e, rel_tol=1e-9):
-            pure[round(e)] = c.generic("device-hours")
+        if e and "device_hours" in c.costs and "flops" in c.costs and math.isclose(c.generic("flops"), e, rel_tol=1e-9):
+            pure[round(e)] = c.generic("device_hours")
     for c in configs:
         embed = dict(c.embed_generic)
-        if embed.get("flops") and "device-hours" not in embed and round(embed["flops"]) in pure:
-            embed["device-hours"] = pure[round(embed["flops"])]
+        if embed.get("flops") and "device_hours" not in embed and round(embed["flops"]) in pure:
+            embed["device_hours"] = pure[round(embed["flops"])]
         clusters = bool(embed.get("flops"))
         c.paper_costs = {u: (generic_under(PAPER, g, embed[u]) if clusters else g, s)
                          for u, (g, s) in c.costs.items() if not clusters or u in embed}

@@ -79,7 +79,7 @@ def markdown(configs: list[MeasuredConfig], n_domains: int | None = None, price_
                       _budget_cell(c.spec_budget, c.spent_spec), f"{c.params / 1e6:.2f}M", f"**{macro_cell(c)}**"]
                      + ([fmt(c.seed_spread)] if seeds else []) + [_domain_cell(c, d) for d in domains]
                      + [f"{fmt(c.epochs_generic)}/{fmt(c.epochs_spec)}", _both(c, "flops", c.generic),
-                        fmt(c.spec("flops")), _both(c, "device-hours", c.generic), fmt(c.spec("device-hours")),
+                        fmt(c.spec("flops")), _both(c, "device_hours", c.generic), fmt(c.spec("device_hours")),
                         fmt(c.inference)] + [_both(c, "flops", lambda u, conv, k=k: c.total(k, u, conv))
                                              for k in AMORTISATION_N]
                      + [serving_cell(c, price_per_device_hour)])

@@ -3,7 +3,7 @@ MLflow callback follows the same rule, so N workers never create N runs.
 
 MLflow >= 3.10 dropped the ``./mlruns`` file store, so the default backend is a sqlite
 database inside the run's workdir; a cluster points ``tracking.uri`` at a server
-(``mlflow server`` on PostgreSQL: docs/cluster.md).
+(``mlflow server`` on PostgreSQL: docs/shared-cluster.md).
 
 A tracking server that restarts: MLflow's own HTTP client retries every request (connection
 refused or reset, 408/429/5xx) with exponential backoff, bounded by

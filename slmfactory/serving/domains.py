@@ -12,11 +12,11 @@ The ``/v1/domains`` routes are here too: their request body (``DomainRequest``) 
 handlers (``RuntimeDomains``: what a serving replica knows of the run-time domains, the
 builds and fine-tunes it started). The serving app only routes to them. Everything about
 run-time domains is in this one module, a little over the ~500 lines the serving modules
-keep: the handlers are a thin HTTP face of the registry and the builders above them, and
+keep: the handlers are a thin HTTP face of the store and the builders above them, and
 read best next to them.
 
 ``slmfactory.models.instant`` (torch and the training stack) and ``ray`` are imported inside
-the functions that build, fine-tune or queue: reading the registry (the CLI, the serve
+the functions that build, fine-tune or queue: reading the store (the CLI, the serve
 driver) loads neither.
 """
 
@@ -52,7 +52,7 @@ class NameTaken(DataError):
     pass
 
 
-class RegistryFull(DataError):
+class StoreFull(DataError):
     pass
 
 
@@ -231,16 +231,16 @@ class DomainStore:
     def claim(self, name: str, taken: Callable[[str], bool] = lambda _n: False, max_domains: int | None = None,
               max_bytes: float | None = None) -> Iterator[None]:
         """Hold ``name`` while its model is built: a second creation of the same name (on
-        any replica) gets ``NameTaken`` at once; a full registry gets ``RegistryFull``."""
+        any replica) gets ``NameTaken`` at once; a full store gets ``StoreFull``."""
         check_name(name)
         with self._lock():
             if taken(name) or self.entry_path(name).is_file():
                 raise NameTaken(f"name: domain {name!r} already exists")
             if max_domains is not None and len(self.names()) >= max_domains:
-                raise RegistryFull(f"name: this workdir holds {len(self.names())} run-time domains, the limit "
+                raise StoreFull(f"name: this workdir holds {len(self.names())} run-time domains, the limit "
                                    f"(serving.max_domains); delete one first")
             if max_bytes is not None and self.disk_bytes() >= max_bytes:
-                raise RegistryFull(f"name: run-time domains use {self.disk_bytes() / 2 ** 20:.0f} MiB, the limit "
+                raise StoreFull(f"name: run-time domains use {self.disk_bytes() / 2 ** 20:.0f} MiB, the limit "
                                    f"(serving.max_domain_disk_mb); delete one first")
             lease = self.lease(name)
             lease.__enter__()
@@ -289,7 +289,7 @@ class DomainStore:
 
 
 def _folders(entry: dict) -> set[Path]:
-    """The model folders a registry entry serves or may swap to (its instant candidates)."""
+    """The model folders a store entry serves or may swap to (its instant candidates)."""
     paths = {entry.get("path")} | {c.get("path") for c in ((entry.get("instant") or {}).get("candidates") or {}).values()}
     return {Path(p).resolve() for p in paths if p}
 
@@ -318,10 +318,10 @@ def create_domain(cfg, name: str, texts: list[str], families, *, embedder=None, 
     raised and nothing is published."""
     from slmfactory.models.instant import build_instant  # lazy (module docstring)
 
-    registry = DomainStore(cfg.root)
+    store = DomainStore(cfg.root)
     caps = dict(max_domains=cfg.serving.max_domains, max_bytes=cfg.serving.max_domain_disk_mb * 2 ** 20) \
         if limited else {}
-    with registry.claim(name, taken, **caps):
+    with store.claim(name, taken, **caps):
         built = build_instant(cfg, texts, families, embedder=embedder, tokenizer=tokenizer, log=log)
         best = built.best
         compared = compare(built) if compare is not None else None
@@ -331,7 +331,7 @@ def create_domain(cfg, name: str, texts: list[str], families, *, embedder=None, 
                             f"(perplexity {compared['served'][better]['heldout_ppl']:.2f} against the new domain's "
                             f"{best.heldout_ppl:.2f}); not registered (serving.register_when_outscored is off)",
                             compared)
-        entry = registry.publish(name, {
+        entry = store.publish(name, {
             "path": str(best.path), "strategy": f"instant/{best.rule}", "params": _params(best.path),
             "test_ppl": best.heldout_ppl, "docs": built.docs.digest, "instant": built.summary(),
             "compared": compared, "finetune": None, "mlflow": None})
@@ -375,14 +375,14 @@ def finetune_and_swap(cfg_tree: dict, name: str, budget_tokens: int) -> dict:
     from slmfactory.models.instant import Candidate, finetune_instant, split_documents  # lazy (module docstring)
 
     cfg = from_dict(cfg_tree)
-    registry = DomainStore(cfg.root)
-    entry = registry.get(name)
+    store = DomainStore(cfg.root)
+    entry = store.get(name)
     if entry is None:
         raise DataError(f"name: no domain {name!r}")
     # The lease is held while "running" is true: a reader that finds "running" and no
     # lease knows the worker died (see ``finetune_status``).
-    with registry.lease(name, "finetune"):
-        registry.update(name, finetune={"status": "running", "budget_tokens": budget_tokens, "started": time.time(),
+    with store.lease(name, "finetune"):
+        store.update(name, finetune={"status": "running", "budget_tokens": budget_tokens, "started": time.time(),
                                         "pid": os.getpid()})
         try:
             inst = entry["instant"]
@@ -400,33 +400,33 @@ def finetune_and_swap(cfg_tree: dict, name: str, budget_tokens: int) -> dict:
             # Swap only if fine-tuning did not make the held-out slice worse (early stopping
             # keeps the best step, but a handful of documents can still overfit).
             if out["heldout_ppl"] <= cand["heldout_ppl"]:
-                new = registry.update(name, path=out["path"], strategy=f"instant/{rule}+finetune",
+                new = store.update(name, path=out["path"], strategy=f"instant/{rule}+finetune",
                                       test_ppl=out["heldout_ppl"], finetune=status)
                 register_async(cfg, name, new)
             else:
                 status["status"] = "kept-instant"
-                new = registry.update(name, finetune=status)
+                new = store.update(name, finetune=status)
             return new
         except Exception as e:  # noqa: BLE001  (recorded in the entry; the instant model keeps serving)
             try:
-                registry.update(name, finetune={"status": "failed", "budget_tokens": budget_tokens,
+                store.update(name, finetune={"status": "failed", "budget_tokens": budget_tokens,
                                                 "error": f"{type(e).__name__}: {str(e)[:300]}"})
             except DataError:
                 pass  # the domain was deleted meanwhile
             raise
 
 
-def finetune_status(registry: DomainStore, name: str, entry: dict) -> dict:
+def finetune_status(store: DomainStore, name: str, entry: dict) -> dict:
     """``entry`` with its fine-tune status made true: "running" with no live worker holding
     the fine-tune lease is a worker that died (SIGKILL, node loss): "failed"."""
     ft = entry.get("finetune") or {}
-    if ft.get("status") == "running" and not registry.finetuning(name):
-        fresh = registry.get(name) or entry  # it may have just finished
+    if ft.get("status") == "running" and not store.finetuning(name):
+        fresh = store.get(name) or entry  # it may have just finished
         ft = fresh.get("finetune") or {}
         if ft.get("status") == "running":
             try:
-                return registry.update(name, finetune={**ft, "status": "failed",
-                                                       "error": "the fine-tuning worker died"})
+                return store.update(name, finetune={**ft, "status": "failed",
+                                                    "error": "the fine-tuning worker died"})
             except DataError:
                 return entry
         return fresh
@@ -466,7 +466,7 @@ def compared_view(entry: dict) -> dict:
 
 
 class RuntimeDomains:
-    """A serving replica's run-time domains: registry entries read on a miss (re-read when
+    """A serving replica's run-time domains: store entries read on a miss (re-read when
     their file changed), so every replica serves them; the builds and fine-tunes this
     replica started; and the ``/v1/domains`` handlers, which raise ``ApiError``.
     ``cfg`` None: an app started without a run config, with no run-time domains.
@@ -477,7 +477,7 @@ class RuntimeDomains:
 
     def __init__(self, cfg, startup: Collection[str], max_pending: int):
         self.cfg, self.startup, self.max_pending = cfg, startup, max_pending
-        self.registry = DomainStore(cfg.root) if cfg is not None else None
+        self.store = DomainStore(cfg.root) if cfg is not None else None
         self.entries: dict[str, tuple[int, dict]] = {}  # name -> (entry file mtime_ns, entry)
         self.finetunes: dict[str, Any] = {}              # name -> the queued Ray task's ref
         self.builds = 0                                  # POST /v1/domains in progress here
@@ -485,26 +485,26 @@ class RuntimeDomains:
         self.inputs = asyncio.ensure_future(asyncio.to_thread(instant_inputs, cfg)) if cfg is not None else None
 
     def entry(self, name: str) -> dict | None:
-        """The registry entry of a run-time domain, re-read when its file changed.
+        """The store entry of a run-time domain, re-read when its file changed.
         Only a name that passed the one name rule reaches the file system, and only
         names that exist are cached."""
-        if self.registry is None or not valid_name(name):
+        if self.store is None or not valid_name(name):
             return None
         try:
-            mtime = self.registry.entry_path(name).stat().st_mtime_ns
+            mtime = self.store.entry_path(name).stat().st_mtime_ns
         except (OSError, ValueError):
             self.entries.pop(name, None)
             return None
         hit = self.entries.get(name)
         if hit is None or hit[0] != mtime:
-            entry = self.registry.get(name)
+            entry = self.store.get(name)
             if entry is None:
                 return None
             hit = self.entries[name] = (mtime, entry)
         return hit[1]
 
     def names(self) -> list[str]:
-        return self.registry.names() if self.registry else []
+        return self.store.names() if self.store else []
 
     def pending(self) -> int:
         """Domain builds and fine-tunes queued or running here (finished fine-tunes dropped)."""
@@ -537,7 +537,7 @@ class RuntimeDomains:
         if self.cfg is None:
             raise ApiError(503, "this app was started without a run config: no run-time domains",
                            code="instant_unavailable", type_="service_unavailable")
-        if req.name in self.startup or self.registry.exists(req.name):
+        if req.name in self.startup or self.store.exists(req.name):
             raise ApiError(409, f"domain '{req.name}' already exists", param="name", code="name_exists")
         if req.finetune_budget is not None:
             step = self.cfg.finetune.batch_size * self.cfg.data.seq_len
@@ -564,7 +564,7 @@ class RuntimeDomains:
             raise ApiError(409, str(e), param="name", code="name_exists") from None
         except Outscored as e:
             raise ApiError(409, str(e).split(": ", 1)[-1], param="name", code="outscored") from None
-        except RegistryFull as e:
+        except StoreFull as e:
             raise ApiError(409, str(e).split(": ", 1)[-1], param="name", code="max_domains") from None
         except GenericPhaseMissing as e:
             raise ApiError(503, str(e), code="instant_unavailable", type_="service_unavailable") from None
@@ -584,7 +584,7 @@ class RuntimeDomains:
 
             # "queued" is written before the task exists: a fast task's "running" or
             # "failed" can only come after it, never be overwritten by it.
-            entry = self.registry.update(req.name, finetune={"status": "queued",
+            entry = self.store.update(req.name, finetune={"status": "queued",
                                                              "budget_tokens": req.finetune_budget})
             task = ray.remote(num_cpus=0, max_retries=0)(finetune_and_swap)
             self.finetunes[req.name] = task.remote(self.cfg.to_tree(), req.name, req.finetune_budget)
@@ -601,9 +601,9 @@ class RuntimeDomains:
             try:
                 ray.get(ref)
             except Exception as e:  # noqa: BLE001  (the task died before it started)
-                entry = self.registry.update(name, finetune={**ft, "status": "failed",
+                entry = self.store.update(name, finetune={**ft, "status": "failed",
                                                              "error": f"{type(e).__name__}"})
-        entry = await asyncio.to_thread(finetune_status, self.registry, name, entry)
+        entry = await asyncio.to_thread(finetune_status, self.store, name, entry)
         return domain_view(entry)
 
     async def delete(self, name: str) -> dict:
@@ -613,9 +613,9 @@ class RuntimeDomains:
                            "run-time domains are deleted", param="name", code="not_deletable")
         self.lookup(name)
         self.pending()  # drops finished fine-tunes from self.finetunes
-        if self.registry.finetuning(name) or name in self.finetunes:
+        if self.store.finetuning(name) or name in self.finetunes:
             raise ApiError(409, f"domain '{name}' is being fine-tuned; delete it when that ends",
                            param="name", code="busy")
-        entry = await asyncio.to_thread(self.registry.delete, name)
+        entry = await asyncio.to_thread(self.store.delete, name)
         self.entries.pop(name, None)
         return {"id": name, "object": "domain", "deleted": entry is not None}

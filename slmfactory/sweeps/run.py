@@ -62,7 +62,7 @@ from slmfactory.platform.runtime import ray_session, say
 from slmfactory.sweeps.plan import (
     ClusterShape, SweepPlan, concurrency, describe, describe_resources, hours, plan_sweep, size_generic_pool,
     trial_resources)
-from slmfactory.sweeps.tracking import ensure_sweep_run, fail_running_trials, finish_sweep_run, update_champions
+from slmfactory.sweeps.records import ensure_sweep_run, fail_running_trials, finish_sweep_run, update_champions
 from slmfactory.trial import TrialRecord, experiment_name, fail_trial_run, live_trial_run, log_trial
 
 # Module level: the callback class is pickled by reference (the experiment state names it).

@@ -1,4 +1,4 @@
-"""``python scripts/results.py -c configs/study.yaml``: the study's results page.
+"""``python scripts/study_page.py -c configs/study.yaml``: the study's results page.
 
 Step 1 (export, unless ``--from-csv``): every finished trial run of the recipe's MLflow
 experiment into a CSV (``--export``, default ``docs/<name>-runs.csv``); with ``--log``, the
