@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -42,7 +43,33 @@ import pytest
 RAY_BIN = Path(sys.executable).with_name("ray")
 
 
+#: Where :func:`free_port` looks: above Ray's worker ports (10002-19999 by default) and below
+#: the kernel's ephemeral range (Linux: 32768-60999, ``ip_local_port_range``).
+TEST_PORTS = range(20000, 32768)
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A loopback TCP port free now, for a server a test starts a moment later. Outside the
+    kernel's ephemeral range: a port the kernel hands out (bind to 0) can be given, before
+    that server binds it, to any process's outgoing connection (a Serve proxy once failed to
+    bind a port picked before its cluster started); these are only ever taken by an explicit
+    bind. Falls back to the kernel's choice where the ephemeral range leaves no room."""
+    ports = [p for p in TEST_PORTS if p < _ephemeral_start()]
+    random.shuffle(ports)
+    for port in ports[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 
 from slmfactory.platform.tracking import (
     CORPUS_MANIFEST, DIGEST_CHARS, MlflowTracker, client_for, corpus_datasets, log_hf_model, register_model)
+from tests.local_cluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "sweep-tiny.yaml"
@@ -224,12 +224,6 @@ def test_a_sweeps_champion_loads_as_a_pyfunc_and_its_run_lists_its_datasets(swep
     assert greedy(folder, "Permission is hereby granted", 8) == text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict, timeout: float = 120) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -242,7 +236,7 @@ def _post(url: str, body: dict, timeout: float = 120) -> dict:
 @pytest.mark.timeout(900)
 def test_mlflow_models_serve_answers_for_the_champion_on_loopback(swept):
     work, uri = swept
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
            # the scoring server is `uvicorn`, found on PATH: this interpreter's
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
