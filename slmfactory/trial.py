@@ -40,8 +40,8 @@ from slmfactory.platform.registry import strategies
 from slmfactory.platform.stages import digest
 from slmfactory.platform.tracking import (
     MAX_BATCH_METRICS, LiveRunTracker, MlflowTracker, TrackingUnavailable, best_effort_calls, client_for,
-    corpus_datasets,
-    ensure_experiment, find_or_create_run, log_datasets, log_hf_model, register_model, runs_tagged, watch_system)
+    corpus_datasets, ensure_experiment, find_or_create_run, log_datasets, log_hf_model, register_model, runs_tagged,
+    watch_system)
 
 TRIAL_TAG = "slmfactory.trial"
 ERROR_TAG = "slmfactory.error"

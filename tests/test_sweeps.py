@@ -367,12 +367,11 @@ def test_a_trial_whose_worker_is_killed_is_retried_and_keeps_one_run(work):
 @pytest.mark.server
 @pytest.mark.timeout(180)
 def test_ui_serves_mlflow_on_loopback_only(work):
-    import socket
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.local_cluster import free_port
+
+    port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "slmfactory.cli", "ui", "-c", str(RECIPE), "--set", f"workdir={work}",
                            "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           start_new_session=True)

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO
+from .local_cluster import free_port
 
 # The fixture runs a sweep (Ray Tune) and serves the MLflow UI to Chromium.
 pytestmark = [pytest.mark.ray, pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -104,9 +104,7 @@ def ui(tiny_root, tmp_path_factory):
     args = ["-c", str(RECIPE), "--set", f"workdir={work}", *SWEEP]
     _cli("sweep", *args)
     _cli("report", *args, timeout=300)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "slmfactory.cli", "ui", *args, "--port", str(port)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
