@@ -22,11 +22,13 @@ SUBCOMMANDS = ("corpus", "tokenizer", "cluster", "resample", "train", "sweep", "
                "demo", "try", "specialize", "config", "calibrate")
 
 
-def _config(args):
+def _config(args, resolve: bool = True):
+    """The recipe and overrides of ``args``; ``resolve``: read the strategy settings now, so
+    a bad one fails here (``slmfactory serve`` runs no strategy and leaves them unread)."""
     from slmfactory.platform.config import load_config, parse_overrides
 
-    overrides = parse_overrides(args.set or [])
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, parse_overrides(args.set or []))
+    return cfg.resolve() if resolve else cfg
 
 
 def cmd_corpus(args) -> None:
@@ -353,10 +355,9 @@ def cmd_serve(args, after_start: Callable[[str, int], bool] | None = None) -> No
     from ray import serve
 
     from slmfactory.serving.app import build_app
-
     from slmfactory.serving.auth import is_loopback, load_keys
 
-    cfg = _config(args)
+    cfg = _config(args, resolve=False)  # serving runs no strategy: their settings stay unread
     host = args.host or cfg.serving.host
     port = args.port or cfg.serving.port
     api_keys, admin_keys = load_keys(cfg)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from slmfactory.platform.config import RunConfig, load_config, parse_overrides
+from slmfactory.platform.config import RunConfig, from_dict, load_config, parse_overrides
 from slmfactory.platform.errors import ConfigError
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
@@ -64,8 +64,24 @@ def write(tmp_path, text):
     ("serving:\n  cost_measure_s: 3600\n", "serving.cost_measure_s: expected <= 60"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, needle):
+    """Every bad value fails where the recipe is read, a strategy's setting included: the
+    command line and the drivers read recipes with ``resolve()`` (a strategy's settings are
+    otherwise read on first use: ``test_a_strategy_section_stays_data_until_read``)."""
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("(", r"\(")):
-        load_config(write(tmp_path, text))
+        load_config(write(tmp_path, text)).resolve()
+
+
+def test_a_strategy_section_stays_data_until_read(tmp_path):
+    """A bad strategy setting does not stop a config that never reads it (a Serve replica's)
+    from loading; the first read names the field, and so does every later one."""
+    cfg = load_config(write(tmp_path, "strategy:\n  slm-mix: {experts: 1}\n"))
+    assert cfg.strategy.name == "slm" and cfg.serving.port > 0
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=r"strategy\.slm-mix\.experts: expected >= 2"):
+            cfg.strategy.of("slm-mix")
+    with pytest.raises(ConfigError, match=r"strategy\.slm-mix\.experts: expected >= 2"):
+        cfg.to_dict()
+    assert from_dict(cfg.to_tree(resolved=False)).strategy.sections["slm-mix"] == {"experts": 1}
 
 
 def test_malformed_yaml_and_missing_file(tmp_path):

@@ -372,7 +372,8 @@ def test_a_projected_network_built_while_another_thread_loads_is_tied(app):
     weights do not load."""
     from transformers.initialization import no_tie_weights
 
-    from slmfactory.models.instant import CONSTRUCTION_LOCK, generic_families, pn_model
+    from slmfactory.models.instant import generic_families, pn_model
+    from slmfactory.models.lm import CONSTRUCTION_LOCK
 
     cfg, _, _ = app
     fam = generic_families(cfg)["pn"]

@@ -54,12 +54,6 @@ SERVING_TO_TRAINING = {
     ("slmfactory.serving.domains", "slmfactory.models.instant"):
         "a domain created at run time (POST /v1/domains, `slmfactory specialize`) is built and "
         "fine-tuned by the instant builder, in the serving process",
-    ("slmfactory.serving.engine", "slmfactory.models.instant"):
-        "model loads take the instant builder's CONSTRUCTION_LOCK: from_pretrained patches weight "
-        "tying process-wide while a replica's other threads build models",
-    ("slmfactory.serving.server", "slmfactory.models.instant"):
-        "a replica imports, once and in one thread, the modules its request threads import lazily "
-        "(the instant builder among them)",
 }
 """The only imports from serving into training code, each with why. Training code: every
 ``slmfactory.models`` module but the architectures, and the layers above models."""
@@ -294,3 +288,72 @@ def test_no_module_defines_a_name_twice():
     assert redefined_names("def f():\n    pass\n\n\nf = 1\n") == ["f"]
     assert redefined_names("F = 1\n\n\ndef F():\n    pass\n") == ["F"]
     assert redefined_names("x = 1\nx = 2\n\n\ndef f():\n    pass\n") == []  # plain variables may change
+
+
+RUN_TIME_FORBIDDEN = ("slmfactory.models.trainer", "slmfactory.models.phases", "slmfactory.models.distributed",
+                      "slmfactory.models.strategies", "slmfactory.models.instant", "slmfactory.pipeline",
+                      "slmfactory.sweeps", "ray.train", "ray.data", "ray.tune")
+"""What building a config and starting to serve must not import, at run time as statically."""
+
+SERVING_START = """
+import asyncio, json, sys
+from slmfactory.platform.config import from_dict, load_config
+cfg = load_config(sys.argv[1], {"workdir": sys.argv[2]})           # a RunConfig, as a driver builds it
+from slmfactory.serving.app import build_app                       # what a replica's process imports
+app = build_app({"config": sys.argv[1], "set": [f"workdir={sys.argv[2]}"], "models": sys.argv[3]})
+args = app._bound_deployment.init_args                             # what each replica is started with
+from slmfactory.serving.domains import RuntimeDomains
+from slmfactory.serving.engine import load, score_ids
+from slmfactory.serving.server import import_everything
+import_everything()                                                # a replica's first act (DomainServer)
+replica_cfg = from_dict(args[4]["config"])                         # its config, from the app's arguments
+
+async def start():
+    domains = RuntimeDomains(replica_cfg, list(args[0]), 2)       # its run-time domains, on its loop
+    await asyncio.sleep(0.5)
+    return domains
+
+asyncio.run(start())
+loaded = load(args[0]["legal"]["source"]["path"])                  # a start-up model loads and answers
+scores = score_ids(loaded, [loaded.tokenizer.encode("The licence grants permission to any person.")])
+modules = sorted(sys.modules)
+same = replica_cfg.to_tree(resolved=False) == cfg.to_tree(resolved=False)
+print(json.dumps({"scored": len(scores[0]), "modules": modules, "config": same}))
+"""
+
+
+def test_a_config_and_the_serving_path_import_no_training_code_at_run_time(tiny_root, tmp_path):
+    """In a fresh process: building a ``RunConfig`` from a recipe, the Serve app (the
+    catalog, the replicas' arguments), a replica's start (its imports, its config, its
+    run-time domains) and a start-up model answering a score import no trainer, phase
+    library, launcher, strategy, instant builder, Ray Train, Ray Data or Ray Tune module.
+    The static checks above read the source; this one runs it, so a lazy import or a
+    name looked up at run time (the strategy registry) counts too."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    from slmfactory.models.phases import export_hf, load_lm
+    from slmfactory.platform.config import load_config
+
+    tiny = PACKAGE.parent / "configs" / "tiny.yaml"
+    work = tmp_path / "work"
+    shutil.copytree(tiny_root, work)
+    cfg = load_config(tiny, {"workdir": str(work)})
+    torch.manual_seed(0)
+    export_hf(cfg, load_lm(cfg, "slm", None).eval(), tmp_path / "models" / "legal",
+              {"domain": "legal", "strategy": "slm", "params": 1, "test_ppl": 1.0})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PACKAGE.parent)}
+    out = subprocess.run([sys.executable, "-c", SERVING_START, str(tiny), str(work), str(tmp_path / "models")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["scored"] > 5 and result["config"]  # it did serve, with the driver's config
+    modules = result["modules"]
+    assert "slmfactory.serving.server" in modules and "transformers" in modules  # the path ran
+    imported = sorted(m for m in modules if m.startswith(RUN_TIME_FORBIDDEN))
+    assert not imported, f"building a config and starting to serve imported training code: {imported}"

@@ -359,8 +359,8 @@ def test_registry_holds_exactly_the_documented_strategies():
     """The README's strategy table is the documentation: the registry must match it."""
     import re
 
-    from slmfactory.platform.registry import strategies
     from slmfactory.platform.config import strategy_settings
+    from slmfactory.platform.registry import STRATEGIES, strategies, strategy_names
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme[readme.index("| config name | strategy ([docs/paper.md](docs/paper.md#strategies)) |"):]
@@ -368,6 +368,11 @@ def test_registry_holds_exactly_the_documented_strategies():
     documented = re.findall(r"^\| `([a-z-]+)` \|", table, flags=re.M)
     assert sorted(strategies()) == sorted(documented) == sorted(strategy_settings())
     assert len(documented) == 8
+    # A config knows the names without importing the strategies: from the file names. Each
+    # file registers exactly the strategy its name says (slm_nopt.py: slm-nopt).
+    assert strategy_names() == tuple(sorted(documented))
+    for name in strategy_names():
+        assert STRATEGIES[name].__module__ == "slmfactory.models.strategies." + name.replace("-", "_")
 
 
 def test_strategies_declare_what_they_need():

@@ -29,7 +29,6 @@ import functools
 import hashlib
 import json
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from slmfactory.data.embed import encode, load_minilm
 from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
 from slmfactory.data.tokens import TokenSource, tokenize_texts
 from slmfactory.models.distributed import RayLauncher, make_launcher
-from slmfactory.models.lm import count_params
+from slmfactory.models.lm import CONSTRUCTION_LOCK, count_params
 from slmfactory.models.phases import DomainData, export_hf, finetune_lm, load_lm, vocab_size_of
 from slmfactory.models.projected import build_projected
 from slmfactory.models.strategies.base import StrategyContext, Weights, get_strategy
@@ -52,16 +51,6 @@ from slmfactory.models.trainer import evaluate_nll
 from slmfactory.platform.cost import inference_flops_per_token
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import Stage
-
-CONSTRUCTION_LOCK = threading.RLock()
-"""Held while a model is constructed or loaded in a process that does both in several
-threads (a serving replica). ``transformers``' ``from_pretrained`` swaps
-``PreTrainedModel.tie_weights``, ``init_weights`` and ``torch.nn.init``'s functions for no-ops
-process-wide while it loads: a ``ProjectedLlama`` built in another thread meanwhile came out
-with an untied head and failed to load its tied weights ("Missing key(s) in state_dict:
-base.model.embed_tokens.weight", 14 of 30 builds next to a loading thread). Every model
-construction of the replica (its loads, the instant candidates, the generic phases,
-MiniLM) takes this lock."""
 
 RULES = ("pn-histogram", "pn-most-frequent", "mix-histogram", "mix-most-frequent")
 FAMILY = {"pn": "slm-pn", "mix": "slm-mix"}

@@ -8,10 +8,22 @@ vocabulary) plus CPU-sized ones for tests and the demo.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from slmfactory.platform.config import Preset
 from slmfactory.platform.errors import ConfigError
+
+CONSTRUCTION_LOCK = threading.RLock()
+"""Held while a model is constructed or loaded in a process that does both in several
+threads (a serving replica). ``transformers``' ``from_pretrained`` swaps
+``PreTrainedModel.tie_weights``, ``init_weights`` and ``torch.nn.init``'s functions for no-ops
+process-wide while it loads: a ``ProjectedLlama`` built in another thread meanwhile came out
+with an untied head and failed to load its tied weights ("Missing key(s) in state_dict:
+base.model.embed_tokens.weight", 14 of 30 builds next to a loading thread). Every model
+construction of the replica (its loads, the instant builder's candidates, the generic phases,
+MiniLM) takes this lock."""
 
 
 def resolve(model_cfg) -> Preset:

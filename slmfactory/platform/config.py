@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from slmfactory.platform.registry import strategies
+from slmfactory.platform.registry import strategies, strategy_names
 from slmfactory.platform.errors import ConfigError
 
 
@@ -279,34 +279,69 @@ class ClusterConfig:
         _check(0 < self.embed_actor_cpus <= 64, "cluster.embed_actor_cpus", "in (0, 64]", self.embed_actor_cpus)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class StrategyConfig:
     """Which strategy runs, and every strategy's own settings.
 
     In a recipe each strategy's settings sit under its name, e.g.
     ``strategy: {name: slm-mix, slm-mix: {experts: 16}, slm-pn: {experts: 32}}``; the
     settings classes live in the strategies' files. Settings not given take their defaults.
+    The names are checked at once (``registry.strategy_names``: file names, nothing
+    imported); the sections stay data until their settings are first read
+    (:attr:`settings`, :meth:`of`, :meth:`to_tree`), which imports the strategies. So a
+    config built where no strategy runs (a Serve replica) imports no training code, and a
+    bad setting fails where settings are resolved: ``resolve()`` (the command line and every
+    driver call it at load) or the first read.
     """
 
     name: str = "slm"
     """Which registered strategy to run (see ``slmfactory.models.strategies``)."""
-    settings: dict[str, Any] = field(default_factory=dict)
-    """Strategy name -> its settings (every registered strategy, defaults filled in)."""
+    sections: dict[str, Any] = field(default_factory=dict)
+    """Strategy name -> its section as the recipe gave it (a mapping, or a settings object)."""
 
     def __post_init__(self) -> None:
+        names = strategy_names()
+        _check(self.name in names, "strategy.name", f"one of {sorted(names)}", self.name)
+        for name, section in self.sections.items():
+            _check(name in names, f"strategy.{name}", f"a strategy name (one of {sorted(names)})", name)
+            _check(section is None or isinstance(section, dict) or dataclasses.is_dataclass(section),
+                   f"strategy.{name}", f"a mapping of {name}'s settings", section)
+
+    @functools.cached_property
+    def settings(self) -> dict[str, Any]:
+        """Strategy name -> its settings object (every strategy, defaults filled in); the
+        first read imports the strategies (``platform.registry``) and validates the sections."""
         registry = strategy_settings()
-        _check(self.name in registry, "strategy.name", f"one of {sorted(registry)}", self.name)
-        for name in self.settings:
-            _check(name in registry, f"strategy.{name}", f"a strategy name (one of {sorted(registry)})", name)
-        full = {n: self.settings.get(n) or cls() for n, cls in sorted(registry.items())}
-        object.__setattr__(self, "settings", full)
+        full = {}
+        for name, cls in sorted(registry.items()):
+            section = self.sections.get(name)
+            full[name] = section if dataclasses.is_dataclass(section) else \
+                _coerce(section if section is not None else {}, cls, f"strategy.{name}")
+        return full
+
+    def resolve(self) -> "StrategyConfig":
+        """Read every section now (a bad setting raises ``ConfigError`` here); returns self."""
+        _ = self.settings
+        return self
 
     def of(self, name: str | None = None) -> Any:
         """The settings of strategy ``name`` (default: the selected one)."""
         return self.settings[name or self.name]
 
-    def to_tree(self) -> dict[str, Any]:
+    def to_tree(self, resolved: bool = True) -> dict[str, Any]:
+        """``{"name", <strategy>: {settings}}``: every strategy's full settings, or with
+        ``resolved=False`` the sections as given (what rebuilds this config without reading them)."""
+        if not resolved:
+            given = {n: dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s or {})
+                     for n, s in self.sections.items()}
+            return {"name": self.name, **{n: given.get(n, {}) for n in strategy_names()}}
         return {"name": self.name, **{n: dataclasses.asdict(s) for n, s in self.settings.items()}}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StrategyConfig) and self.to_tree() == other.to_tree()
+
+    def __hash__(self) -> int:
+        return hash(repr(self.to_tree()))
 
 
 def _build_strategy(value: Any, key: str) -> StrategyConfig:
@@ -314,15 +349,15 @@ def _build_strategy(value: Any, key: str) -> StrategyConfig:
         raise ConfigError(f"{key}: expected a mapping (name plus per-strategy settings), got {value!r}")
     value = dict(value)
     value.update(value.pop("settings", None) or {})  # the dataclasses.asdict form
-    registry = strategy_settings()
+    value.update(value.pop("sections", None) or {})
+    names = strategy_names()
     name = _coerce(value.pop("name", "slm"), str, f"{key}.name")
-    settings = {}
     for strat, section in value.items():
-        if strat not in registry:
-            raise ConfigError(f"{key}.{strat}: unknown key (expected 'name' or a strategy: {sorted(registry)})")
-        settings[strat] = section if dataclasses.is_dataclass(section) else \
-            _coerce(section if section is not None else {}, registry[strat], f"{key}.{strat}")
-    return StrategyConfig(name=name, settings=settings)
+        if strat not in names:
+            raise ConfigError(f"{key}.{strat}: unknown key (expected 'name' or a strategy: {sorted(names)})")
+        if not (section is None or isinstance(section, dict) or dataclasses.is_dataclass(section)):
+            raise ConfigError(f"{key}.{strat}: expected a mapping of {strat}'s settings, got {section!r}")
+    return StrategyConfig(name=name, sections=value)
 
 
 PHASES: dict[str, str] = {
@@ -761,7 +796,7 @@ class SweepConfig:
         _check(self.max_failures >= -1, "sweep.max_failures", ">= -1 (-1: retry without end, 0: never)",
                self.max_failures)
         for i, s in enumerate(self.strategies):
-            _check(s in strategy_settings(), f"sweep.strategies[{i}]", f"one of {sorted(strategy_settings())}", s)
+            _check(s in strategy_names(), f"sweep.strategies[{i}]", f"one of {sorted(strategy_names())}", s)
         only = {}
         for strategy, alternatives in self.only.items():
             _check(strategy in self.strategies, f"sweep.only.{strategy}", "a strategy listed in sweep.strategies",
@@ -831,12 +866,18 @@ class RunConfig:
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
 
-    def to_tree(self) -> dict[str, Any]:
-        """Nested plain dicts in the recipe's own shape (``from_dict`` inverts it)."""
-        tree = {f.name: dataclasses.asdict(getattr(self, f.name)) if dataclasses.is_dataclass(getattr(self, f.name))
+    def to_tree(self, resolved: bool = True) -> dict[str, Any]:
+        """Nested plain dicts in the recipe's own shape (``from_dict`` inverts it). With
+        ``resolved=False`` the strategy sections stay as given (``StrategyConfig.to_tree``):
+        the form that travels to a process which runs no strategy."""
+        return {f.name: self.strategy.to_tree(resolved) if f.name == "strategy" else
+                dataclasses.asdict(getattr(self, f.name)) if dataclasses.is_dataclass(getattr(self, f.name))
                 else getattr(self, f.name) for f in dataclasses.fields(self)}
-        tree["strategy"] = self.strategy.to_tree()
-        return tree
+
+    def resolve(self) -> "RunConfig":
+        """Read the strategy sections now (``StrategyConfig.resolve``); returns self."""
+        self.strategy.resolve()
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Flatten into ``{"section.key": value}`` (MLflow params)."""
@@ -980,8 +1021,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{p}: expected a mapping of config sections, got {type(loaded).__name__}")
         data = loaded
     if overrides:
-        base = from_dict(data).to_tree()
-        # Overrides apply to the full tree so that any documented key can be set.
+        base = from_dict(data).to_tree(resolved=False)
+        # Overrides apply to the full tree so that any documented key can be set (a
+        # strategy's settings are checked when read: StrategyConfig).
         data = _apply_overrides(_merge(base, data), overrides)
     return from_dict(data)
 

@@ -11,16 +11,27 @@ static import of the layers above (``tests/test_layers.py``), and it works from 
 checkout as from an installed wheel. The discovery is here rather than in the package's
 ``__init__`` so that importing one strategy module (or the phase library) never drags in
 the others half-initialised.
+
+Which strategies exist is known without importing them: :func:`strategy_names` reads the
+file names (``slm_nopt.py`` is ``slm-nopt``). A recipe's strategy sections therefore stay
+data until something needs their settings (``config.StrategyConfig.settings``), and building
+a ``RunConfig`` (a Serve replica does) imports no training code; ``tests/test_strategies.py``
+checks that every file registers the strategy its name says.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import pkgutil
+from pathlib import Path
 
 STRATEGY_PACKAGE = "slmfactory.models.strategies"
 """Every module in it is imported on the first lookup (each registers its strategy)."""
+
+NOT_STRATEGIES = ("base",)
+"""Modules of the strategy package that hold no strategy (the shared interface)."""
 
 STRATEGIES: dict[str, type] = {}
 """Strategy name -> its class (``Settings``, ``generic_family`` on the class)."""
@@ -31,6 +42,14 @@ def add(name: str, cls: type) -> None:
     if not dataclasses.is_dataclass(getattr(cls, "Settings", None)):
         raise TypeError(f"strategy {name!r}: Settings must be a dataclass, got {getattr(cls, 'Settings', None)!r}")
     STRATEGIES[name] = cls
+
+
+@functools.cache
+def strategy_names() -> tuple[str, ...]:
+    """Every strategy's config name, from the strategy package's file names, importing none."""
+    folder = Path(__file__).resolve().parents[1] / "models" / "strategies"
+    return tuple(sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules([str(folder)])
+                        if m.name not in NOT_STRATEGIES))
 
 
 def strategies() -> dict[str, type]:

@@ -281,7 +281,8 @@ def build_app(args: dict):
         max_ongoing_requests=s.max_ongoing_requests,
         # check_health runs a forward pass with its own deadline; Ray's must be longer.
         health_check_period_s=10, health_check_timeout_s=3 * HEALTH_TIMEOUT_S)
-    return deployment.bind(catalog, router, Limits.from_config(s), s.preload, {"config": cfg.to_tree()}, security,
+    return deployment.bind(catalog, router, Limits.from_config(s), s.preload, {"config": cfg.to_tree(resolved=False)},
+                           security,
                            s.max_models_per_replica, s.batch_wait_s, s.adaptive_batch_wait,
                            chat_template=s.chat_template, auto_route=s.auto_route, route_tokens=s.route_tokens,
                            model_cache=args.get("model_cache"), registry_poll_s=poll_s)

@@ -470,10 +470,10 @@ class RuntimeDomains:
     their file changed), so every replica serves them; the builds and fine-tunes this
     replica started; and the ``/v1/domains`` handlers, which raise ``ApiError``.
     ``cfg`` None: an app started without a run config, with no run-time domains.
-    ``startup``: the start-up catalog's domains (never run-time ones). Construct it on the
-    replica's event loop: what new domains are built from (generic phases, tokenizer,
-    MiniLM) starts loading in the background at once, so a new domain's first POST does
-    not wait for it."""
+    ``startup``: the start-up catalog's domains (never run-time ones). What new domains are
+    built from (generic phases, tokenizer, MiniLM) and the instant builder with the training
+    stack it imports are loaded on the first POST, once: a replica that is never asked for a
+    new domain imports no training code (``tests/test_layers.py`` checks it in a fresh process)."""
 
     def __init__(self, cfg, startup: Collection[str], max_pending: int):
         self.cfg, self.startup, self.max_pending = cfg, startup, max_pending
@@ -482,7 +482,7 @@ class RuntimeDomains:
         self.finetunes: dict[str, Any] = {}              # name -> the queued Ray task's ref
         self.builds = 0                                  # POST /v1/domains in progress here
         self.minilm = None                               # the builds' MiniLM, once loaded
-        self.inputs = asyncio.ensure_future(asyncio.to_thread(instant_inputs, cfg)) if cfg is not None else None
+        self.inputs: asyncio.Future | None = None        # instant_inputs, from the first POST on
 
     def entry(self, name: str) -> dict | None:
         """The store entry of a run-time domain, re-read when its file changed.
@@ -550,8 +550,9 @@ class RuntimeDomains:
                            type_="rate_limit_error", headers={"Retry-After": "30"})
         self.builds += 1
         try:
-            if self.inputs.done() and self.inputs.exception() is not None:
-                # Not trained at start-up (503 then): look again, they may be now.
+            if self.inputs is None or (self.inputs.done() and self.inputs.exception() is not None):
+                # The first POST, or the generic phases were not trained at the last one
+                # (503 then): look again, they may be now.
                 self.inputs = asyncio.ensure_future(asyncio.to_thread(instant_inputs, self.cfg))
             families, tokenizer, minilm = await asyncio.shield(self.inputs)
             self.minilm = self.minilm or minilm

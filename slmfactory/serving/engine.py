@@ -102,7 +102,7 @@ def load(path: str) -> Loaded:
     import torch  # lazy (module docstring)
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from slmfactory.models.instant import CONSTRUCTION_LOCK  # lazy: it imports torch
+    from slmfactory.models.lm import CONSTRUCTION_LOCK  # lazy: it imports torch
 
     t0 = time.perf_counter()
     # from_pretrained disables weight tying process-wide while it runs: no other model may
@@ -116,7 +116,7 @@ def load(path: str) -> Loaded:
 
 def load_minilm():
     """The clustering's MiniLM on the CPU (what ``auto`` routes with)."""
-    from slmfactory.models.instant import CONSTRUCTION_LOCK  # lazy: it imports torch
+    from slmfactory.models.lm import CONSTRUCTION_LOCK  # lazy: it imports torch
 
     with CONSTRUCTION_LOCK:  # a from_pretrained inside (see CONSTRUCTION_LOCK)
         return _load_minilm("cpu")

@@ -92,7 +92,6 @@ def import_everything() -> None:
     from transformers.models.llama import modeling_llama  # noqa: F401
     from transformers.utils import chat_template_utils  # noqa: F401
 
-    import slmfactory.models.instant  # noqa: F401
     import slmfactory.models.projected  # noqa: F401
 
     transformers.logging.set_verbosity_error()
