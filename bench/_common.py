@@ -28,8 +28,8 @@ def real_tokens(vocab_size: int, n_tokens: int, cache: Path | None = None):
     sample is shorter. Used by ``train_throughput.py`` (model speed, not quality)."""
     import numpy as np
 
-    from slmfactory.data.tokens import tokenize_texts
-    from slmfactory.data.tokenizer import load_tokenizer, train_tokenizer
+    from slmfactory.data.tokens.streams import tokenize_texts
+    from slmfactory.data.tokens.tokenizer import load_tokenizer, train_tokenizer
 
     cache = Path(cache or os.environ.get("SLMFACTORY_BENCH_CACHE", "/tmp/slmfactory-bench")) / f"tok-{vocab_size}"
     texts = sample_texts()
@@ -45,9 +45,9 @@ def real_tokens(vocab_size: int, n_tokens: int, cache: Path | None = None):
 def prepare_tokens(cfg):
     """Train ``cfg``'s tokenizer on the sample (once per workdir) and write its tokens:
     returns a ``TokenSource``. Throughput does not depend on which text it is."""
-    from slmfactory.data.tokens import TokenSource, tokenize_texts
-    from slmfactory.data.corpus_build import build_sample_corpus
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens.streams import TokenSource, tokenize_texts
+    from slmfactory.data.corpus.build import build_sample_corpus
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     texts = sample_texts()
     if not (cfg.corpus_dir / "manifest.json").is_file():
@@ -98,12 +98,12 @@ def timed_factory(factory, timing_file: str, warmup: int):
 
 def bench_workdir(cfg) -> Any:
     """``cfg`` if its corpus and tokenizer exist; otherwise the same recipe on a temporary
-    workdir holding the committed real-text sample (slmfactory/data/corpus_sample) and a
+    workdir holding the committed real-text sample (slmfactory/data/corpus/sample) and a
     tokenizer trained on it, so a benchmark runs on a fresh checkout."""
     import tempfile
 
-    from slmfactory.data.corpus_build import build_sample_corpus
-    from slmfactory.data.tokenizer import ensure_tokenizer
+    from slmfactory.data.corpus.build import build_sample_corpus
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer
 
     if (cfg.corpus_dir / "manifest.json").is_file():
         ensure_tokenizer(cfg)
@@ -119,12 +119,12 @@ def sample_window_texts(cfg, n: int) -> list[str]:
     """The decoded text of the first ``n`` generic train windows (in-process; for benchmarks)."""
     import pyarrow.parquet as pq
 
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     tok = load_tokenizer(ensure_tokenizer(cfg))
     w = cfg.cluster.window_tokens
     out: list[str] = []
-    from slmfactory.data.clusters import corpus_inputs
+    from slmfactory.data.clustering.clusters import corpus_inputs
 
     files = [p for _, _, p in corpus_inputs(cfg)]  # generic train first, then the domains
     for f in files:

@@ -30,7 +30,7 @@ identical assignments.
 ``--profile-json FILE`` writes the auto path's rows (params, train tokens/s, the machine) in
 the form a device profile's ``throughput_file`` reads. ``slmfactory calibrate -c RECIPE``
 measures the same rows at a recipe's own shapes; both time the trainer's step with
-``slmfactory/models/calibrate.py``'s helpers.
+``slmfactory/models/train/calibrate.py``'s helpers.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from slmfactory.models.calibrate import measuring_trainer, timed_steps  # noqa: E402,F401
-from slmfactory.models.lm import count_params  # noqa: E402
-from slmfactory.models.trainer import Trainer  # noqa: E402
+from slmfactory.models.train.calibrate import measuring_trainer, timed_steps  # noqa: E402,F401
+from slmfactory.models.arch.lm import count_params  # noqa: E402
+from slmfactory.models.train.trainer import Trainer  # noqa: E402
 from slmfactory.platform.config import ModelConfig, load_config  # noqa: E402
 from slmfactory.platform.cost import model_flop_terms  # noqa: E402
 from slmfactory.platform.machine import this_machine  # noqa: E402
@@ -136,7 +136,7 @@ def bench_shape(name, mc, vocab, bs, seq_len, recipe, args, rates) -> dict:
            "fp32_frac": b * fpt / 1e9 / rates["fp32"], "auto_frac": a * fpt / 1e9 / rates[auto.plan.precision],
            "auto_first_two_steps_s": first, "rounds": {"fp32": b_runs, "auto": a_runs}}
     if recipe is not None:
-        from slmfactory.models.trainer import plan_execution, model_width
+        from slmfactory.models.train.trainer import plan_execution, model_width
 
         steps = recipe.max_tokens // (recipe.batch_size * seq_len)
         plan = plan_execution(recipe.precision, recipe.compile, "cpu", width=model_width(base.model), steps=steps,
@@ -179,8 +179,8 @@ def bench_minilm(args) -> dict:
     import faiss
 
     from _common import bench_workdir, sample_window_texts
-    from slmfactory.data.clusters import nearest_centroid
-    from slmfactory.data.embed import encode, load_minilm
+    from slmfactory.data.clustering.clusters import nearest_centroid
+    from slmfactory.data.clustering.minilm import encode, load_minilm
 
     demo = load_config(REPO / "configs" / "demo.yaml")
     built = (demo.corpus_dir / "manifest.json").is_file()

@@ -28,9 +28,9 @@ def main() -> None:
 
     from slmfactory.platform.runtime import init_ray  # sets Ray / HF env first
     from _common import bench_workdir, sample_window_texts
-    from slmfactory.data.cluster_pipeline import ray_data_context
+    from slmfactory.data.clustering.pipeline import ray_data_context
     from slmfactory.platform.config import load_config
-    from slmfactory.data.embed import embed_dataset, encode, load_minilm, set_torch_threads
+    from slmfactory.data.clustering.minilm import embed_dataset, encode, load_minilm, set_torch_threads
     import numpy as np
 
     # Ray runs its workers at niceness 15; the plain side runs at the same priority so
@@ -65,7 +65,7 @@ def main() -> None:
     import pyarrow as pa
     import ray
 
-    from slmfactory.data.embed import from_arrow
+    from slmfactory.data.clustering.minilm import from_arrow
 
     init_ray(num_cpus=os.cpu_count())
     ray_data_context(False)

@@ -74,10 +74,10 @@ def main() -> None:
     import pyarrow.dataset as pads
 
     from _common import bench_workdir, sample_window_texts
-    from slmfactory.data import embed_hashed
-    from slmfactory.data.cluster_pipeline import run_clustering
-    from slmfactory.data.clusters import entropy, source_label, total_variation
-    from slmfactory.data.embed import encode, load_minilm, set_torch_threads
+    from slmfactory.data.clustering import hashed as embed_hashed
+    from slmfactory.data.clustering.pipeline import run_clustering
+    from slmfactory.data.clustering.clusters import entropy, source_label, total_variation
+    from slmfactory.data.clustering.minilm import encode, load_minilm, set_torch_threads
     from slmfactory.platform.config import load_config
     from slmfactory.platform.runtime import ray_session
 

@@ -36,10 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from slmfactory.data.tokens import PackedBatches  # noqa: E402
-from slmfactory.models.launch import WorkerContext  # noqa: E402
-from slmfactory.models.lm import build_model, count_params  # noqa: E402
-from slmfactory.models.trainer import Trainer  # noqa: E402
+from slmfactory.data.tokens.streams import PackedBatches  # noqa: E402
+from slmfactory.models.train.launch import WorkerContext  # noqa: E402
+from slmfactory.models.arch.lm import build_model, count_params  # noqa: E402
+from slmfactory.models.train.trainer import Trainer  # noqa: E402
 from slmfactory.platform.config import COMPILE_MODES, ModelConfig, TrainConfig  # noqa: E402
 from slmfactory.platform.cost import train_flops_per_token  # noqa: E402
 

@@ -59,7 +59,7 @@ def free_port() -> int:
 
 def domain_docs(cfg, domain: str, n: int = N_DOCS) -> list[str]:
     """The first ``n`` training documents of ``domain`` (corpus order: hash-shuffled)."""
-    from slmfactory.data.corpus import iter_texts
+    from slmfactory.data.corpus.store import iter_texts
 
     out = []
     for t in iter_texts(cfg.corpus_dir, domain, "train"):
@@ -154,8 +154,8 @@ def quality_table(args, cfg) -> list[dict]:
 
     from slmfactory.models.instant import (
         _NoTraining, build_instant, finetune_instant, generic_families)
-    from slmfactory.models.launch import LocalLauncher
-    from slmfactory.models.phases import DomainData, evaluate_ppl, load_lm
+    from slmfactory.models.train.launch import LocalLauncher
+    from slmfactory.models.train.phases import DomainData, evaluate_ppl, load_lm
     from slmfactory.models.strategies.base import StrategyContext, get_strategy
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -164,7 +164,7 @@ def quality_table(args, cfg) -> list[dict]:
     slm = load_lm(cfg, "slm", generic_slm.weights()).eval()
     from transformers import AutoModelForCausalLM
 
-    from slmfactory.data.embed import load_minilm
+    from slmfactory.data.clustering.minilm import load_minilm
 
     minilm = load_minilm("cpu")
     rows = []

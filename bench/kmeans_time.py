@@ -31,7 +31,7 @@ def main() -> None:
 
     from slmfactory.platform.runtime import init_ray
     from _common import bench_workdir
-    from slmfactory.data import cluster_pipeline as C
+    from slmfactory.data.clustering import pipeline as C
     from slmfactory.platform.config import load_config
 
     import numpy as np
@@ -69,7 +69,7 @@ def main() -> None:
     # exposed, so random rows; same iteration count) on the same sample.
     import ray
 
-    from slmfactory.data.embed import from_arrow
+    from slmfactory.data.clustering.minilm import from_arrow
 
     ds = ray.data.read_parquet(str(emb_dir / "embedded")).select_columns(
         ["window_id", "part", "split", "embedding"])

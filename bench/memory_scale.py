@@ -1,7 +1,7 @@
 """Peak memory of tokenization and of SLM-is resampling at two corpus sizes (goal: the
 large/small ratio <= 1.2, i.e. memory does not grow with the corpus).
 
-The generic corpus is the committed real-text sample (slmfactory/data/corpus_sample) repeated
+The generic corpus is the committed real-text sample (slmfactory/data/corpus/sample) repeated
 until its text holds ``--small-mb`` / ``--large-mb`` MB (each repeat a new document id),
 written to ``generic/train.parquet`` of a workdir built from the sample (tiny recipe: a
 512-token BPE, ~2 bytes of text per token, so 200 MB of text is ~100M tokens).
@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, SAMPLE  # noqa: E402
-from slmfactory.data import corpus_build  # noqa: E402
+from slmfactory.data.corpus import build as corpus_build  # noqa: E402
 
 K = 64
 DOMAIN = "legal"
@@ -97,10 +97,10 @@ def fake_clustering(work: Path, windows_per_file: int, tokens=None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from slmfactory.data.tokens import TOKENS_FILE, token_stage
-    from slmfactory.data.clusters import (assignment_stage, corpus_inputs, domain_embedding_stage,
+    from slmfactory.data.tokens.streams import TOKENS_FILE, token_stage
+    from slmfactory.data.clustering.clusters import (assignment_stage, corpus_inputs, domain_embedding_stage,
                                               generic_embedding_stage, kmeans_stage)
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     cfg = _cfg(work)
     w = cfg.cluster.window_tokens
@@ -157,12 +157,12 @@ def child(kind: str, workdir: str, tokens: int) -> None:
     cfg = _cfg(Path(workdir))
     t0 = time.perf_counter()
     if kind == "tokenize":
-        from slmfactory.data.tokens import split_tokens
+        from slmfactory.data.tokens.streams import split_tokens
 
         n = len(split_tokens(cfg, "generic", "train"))
         out = {"tokens": n}
     else:
-        from slmfactory.data.resample import resample
+        from slmfactory.data.clustering.resample import resample
         from slmfactory.platform.runtime import init_ray
 
         init_ray(num_cpus=os.cpu_count())
@@ -218,8 +218,8 @@ def main() -> None:
     if args.child:
         return child(args.child, args.workdir, args.tokens)
 
-    from slmfactory.data.corpus_build import build_sample_corpus
-    from slmfactory.data.tokenizer import ensure_tokenizer
+    from slmfactory.data.corpus.build import build_sample_corpus
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="slmf-memscale-"))
     try:

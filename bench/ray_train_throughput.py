@@ -39,8 +39,8 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from slmfactory.models.launch import LocalLauncher  # noqa: E402
-from slmfactory.models.phases import lm_factory  # noqa: E402
+from slmfactory.models.train.launch import LocalLauncher  # noqa: E402
+from slmfactory.models.train.phases import lm_factory  # noqa: E402
 from slmfactory.platform.config import load_config  # noqa: E402
 
 PHASE = "pretrain/bench"
@@ -78,7 +78,7 @@ def main() -> None:
     import ray.cloudpickle
     import torch
 
-    from slmfactory.models.distributed import RayLauncher
+    from slmfactory.models.train.distributed import RayLauncher
     from slmfactory.platform.runtime import init_ray
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ray-bench-"))

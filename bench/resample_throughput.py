@@ -35,9 +35,9 @@ def synthetic(pool_tokens: int):
 
     from bench._common import sample_texts
     from bench.memory_scale import DOMAIN, _cfg, fake_clustering
-    from slmfactory.data.tokens import tokenize_texts
-    from slmfactory.data.corpus_build import build_sample_corpus
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens.streams import tokenize_texts
+    from slmfactory.data.corpus.build import build_sample_corpus
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="slmf-resample-bench-"))
     cfg = _cfg(work)
@@ -62,10 +62,10 @@ def main() -> None:
     import pyarrow.parquet as pq
     import ray
 
-    from slmfactory.data.clusters import load_clusters
+    from slmfactory.data.clustering.clusters import load_clusters
     from slmfactory.platform.config import load_config
     from slmfactory.platform.errors import DataError
-    from slmfactory.data.resample import _generic_rows, resample
+    from slmfactory.data.clustering.resample import _generic_rows, resample
     from slmfactory.platform.runtime import init_ray
 
     # Same priority as Ray's workers (niceness 15), so other load does not favour a side.

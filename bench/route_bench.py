@@ -82,9 +82,9 @@ def train_here(cfg, work: Path, args) -> tuple[object, dict[str, Path], list[str
     none), ``slm`` trained on each of ``sweep.domains``, the clustering computed."""
     import ray
 
-    from slmfactory.data.cluster_pipeline import run_clustering
-    from slmfactory.data.corpus_build import build_sample_corpus
-    from slmfactory.data.tokenizer import ensure_tokenizer
+    from slmfactory.data.clustering.pipeline import run_clustering
+    from slmfactory.data.corpus.build import build_sample_corpus
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer
     from slmfactory.pipeline import run_trial
     from slmfactory.platform.runtime import init_ray
 
@@ -152,8 +152,8 @@ def prompts(cfg, domains: list[str], args) -> tuple[dict[str, list[str]], list[s
     """({domain: held-out pieces}, foreign pieces, what the foreign text is)."""
     import pyarrow.parquet as pq
 
-    from slmfactory.data.corpus import iter_texts
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.corpus.store import iter_texts
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     tok = load_tokenizer(ensure_tokenizer(cfg))
     held = {d: pieces_of(tok, list(iter_texts(cfg.corpus_dir, d, "test")), args.per_domain, args.piece_tokens)

@@ -127,14 +127,14 @@ def tiny_tokenizer(cfg) -> Path:
     second run reuses it)."""
     import tempfile
 
-    from slmfactory.data.tokenizer import ensure_tokenizer
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer
     from slmfactory.platform.config import load_config
 
     root = Path(tempfile.gettempdir()) / f"serve-bench-tiny-{cfg.tokenizer.vocab_size}"
     tiny = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
                        {"workdir": str(root), "tokenizer.vocab_size": cfg.tokenizer.vocab_size})
     if not (tiny.corpus_dir / "generic.jsonl").is_file():
-        from slmfactory.data.corpus_build import build_sample_corpus
+        from slmfactory.data.corpus.build import build_sample_corpus
 
         build_sample_corpus(tiny)
     return ensure_tokenizer(tiny)
@@ -220,7 +220,7 @@ def synthetic_models(cfg, tokenizer_dir: Path, domain: str, keys: tuple[str, ...
 
     from transformers import PreTrainedTokenizerFast
 
-    from slmfactory.models.lm import build_model, count_params
+    from slmfactory.models.arch.lm import build_model, count_params
 
     out = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     vocab = len(PreTrainedTokenizerFast.from_pretrained(tokenizer_dir))

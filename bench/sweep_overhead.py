@@ -37,9 +37,9 @@ def main() -> None:
 
     from slmfactory.pipeline import run_trial
     from slmfactory.platform.config import load_config, parse_overrides
-    from slmfactory.data.corpus import list_domains
-    from slmfactory.data.corpus_build import build_sample_corpus
-    from slmfactory.data.tokenizer import ensure_tokenizer
+    from slmfactory.data.corpus.store import list_domains
+    from slmfactory.data.corpus.build import build_sample_corpus
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer
     from slmfactory.sweeps.plan import plan_sweep
     from slmfactory.sweeps.run import run_sweep
 

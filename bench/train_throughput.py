@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import real_tokens  # noqa: E402
 
-from slmfactory.data.tokens import PackedBatches  # noqa: E402
-from slmfactory.models.lm import build_model, count_params  # noqa: E402
-from slmfactory.models.trainer import Trainer  # noqa: E402
+from slmfactory.data.tokens.streams import PackedBatches  # noqa: E402
+from slmfactory.models.arch.lm import build_model, count_params  # noqa: E402
+from slmfactory.models.train.trainer import Trainer  # noqa: E402
 from slmfactory.platform.config import load_config  # noqa: E402
 
 

@@ -11,7 +11,8 @@ page and its study log ``<name>-log.md`` beside it: ``study.page_v3``), or a dat
 frozen page: ``2026-12-06`` (the second, ``docs/results-2026-12-06.md``), ``2026-12-01`` (the
 first, ``docs/results-2026-12-01.md``). The logic is in ``study/`` beside this folder
 (``study.results`` / ``rules_v3`` / ``verdicts_v3`` / ``page_v3``; the dated pages' ``claims`` /
-``page`` / ``gates`` / ``paper_axes`` / ``sections``), outside the wheel.
+``page`` / ``gates`` / ``paper_axes`` / ``sections``, and ``common``, what both share), outside
+the wheel.
 """
 
 from __future__ import annotations

@@ -32,14 +32,13 @@ def _config(args, resolve: bool = True):
 
 
 def cmd_corpus(args) -> None:
-    from slmfactory.data.corpus_build import build_corpus, import_corpus
+    from slmfactory.data.corpus import build_corpus, import_corpus
 
     cfg = _config(args)
     if args.action == "build":
         manifest = build_corpus(cfg)
     elif args.action == "sample":
-        from slmfactory.data.corpus import SAMPLE_DIR
-        from slmfactory.data.corpus_build import build_sample_corpus
+        from slmfactory.data.corpus import SAMPLE_DIR, build_sample_corpus
 
         # The real-text sample ships in the package: its files are also what the
         # `corpus import` examples can point at.
@@ -75,7 +74,7 @@ def print_manifest(manifest: dict, corpus_dir: Path) -> None:
 
 
 def cmd_tokenizer(args) -> None:
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens import ensure_tokenizer, load_tokenizer
 
     cfg = _config(args)
     path = ensure_tokenizer(cfg)
@@ -83,8 +82,8 @@ def cmd_tokenizer(args) -> None:
 
 
 def cmd_cluster(args) -> None:
-    from slmfactory.data.cluster_pipeline import run_clustering
-    from slmfactory.data.tokenizer import ensure_tokenizer
+    from slmfactory.data.clustering import run_clustering
+    from slmfactory.data.tokens import ensure_tokenizer
     from slmfactory.platform.tracking import open_tracker
     from slmfactory.trial import TrialRecord
 
@@ -98,7 +97,7 @@ def cmd_cluster(args) -> None:
 
 
 def cmd_resample(args) -> None:
-    from slmfactory.data.resample import resample
+    from slmfactory.data.clustering import resample
     from slmfactory.platform.tracking import open_tracker
     from slmfactory.trial import TrialRecord
 
@@ -155,7 +154,7 @@ def cmd_calibrate(args) -> None:
     out = Path(args.out).expanduser() if args.out else cfg.root / "device-profile.json"
     if out.is_dir():
         raise SlmFactoryError(f"--out {args.out}: a folder; expected the path of the JSON file to write")
-    from slmfactory.models.calibrate import calibrate, write_profile
+    from slmfactory.models.train import calibrate, write_profile
     from slmfactory.platform.machine import describe, this_machine
 
     recipe = args.config or "RECIPE"
@@ -438,8 +437,7 @@ def cmd_try(args) -> None:
     import time
     import urllib.request
 
-    from slmfactory.data.corpus import list_domains, manifest_path
-    from slmfactory.data.corpus_build import build_sample_corpus
+    from slmfactory.data.corpus import build_sample_corpus, list_domains, manifest_path
     from slmfactory.pipeline import run_strategy
 
     t0 = time.perf_counter()
@@ -475,10 +473,9 @@ def cmd_try(args) -> None:
 
 
 def cmd_specialize(args) -> None:
+    from slmfactory.data.corpus import expand_patterns, read_user_file
     from slmfactory.models.instant import generic_families
-    from slmfactory.data.corpus_build import expand_patterns, read_user_file
-    from slmfactory.serving.domains import check_name, create_domain, finetune_and_swap, register_in_mlflow
-    from slmfactory.serving.domains import DomainStore
+    from slmfactory.serving.domains import DomainStore, check_name, create_domain, finetune_and_swap, register_in_mlflow
 
     cfg = _config(args)
     check_name(args.name)

@@ -8,12 +8,12 @@ import time
 from typing import Callable
 
 from slmfactory.analysis.report import write_report
-from slmfactory.data.tokenizer import ensure_tokenizer
+from slmfactory.data.tokens import ensure_tokenizer
 from slmfactory.pipeline import ensure_corpus
 from slmfactory.platform.config import RunConfig
-from slmfactory.sweeps.run import run_sweep
-from slmfactory.sweeps.records import log_report_to_sweep
 from slmfactory.platform.runtime import say
+from slmfactory.sweeps.records import log_report_to_sweep
+from slmfactory.sweeps.run import run_sweep
 
 
 def run_demo(cfg: RunConfig, log: Callable[[str], None] = say) -> dict:

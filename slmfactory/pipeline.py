@@ -12,17 +12,14 @@ import math
 import time
 from typing import Callable
 
-from slmfactory.data.corpus import list_domains, manifest_path
-from slmfactory.data.corpus_build import build_corpus, corpus_is_current
-from slmfactory.data.tokenizer import ensure_tokenizer
-from slmfactory.models.distributed import make_launcher
-from slmfactory.models.phases import trained_tokens
+from slmfactory.data.corpus import build_corpus, corpus_is_current, list_domains, manifest_path
+from slmfactory.data.tokens import ensure_tokenizer
 from slmfactory.models.strategies import get_strategy
-from slmfactory.models.strategies.base import StrategyContext
+from slmfactory.models.train import StrategyContext, make_launcher, trained_tokens
 from slmfactory.platform.config import RunConfig
 from slmfactory.platform.cost import PAPER, SERVING_TASKS, ServingRates, generic_under
-from slmfactory.platform.machine import describe
 from slmfactory.platform.errors import DataError
+from slmfactory.platform.machine import describe
 from slmfactory.platform.runtime import ray_session, say
 from slmfactory.platform.tracking import NullTracker, Tracker
 from slmfactory.trial import TrialRecord, live_trial_run, log_trial, trial_of, trial_tags

@@ -8,8 +8,6 @@ their names are fixed in advance, so the page's text does not depend on drawing 
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,49 +22,18 @@ from slmfactory.platform.errors import DataError
 from slmfactory.trial import experiment_name
 from study import claims as rc
 from study import paper_axes, sections
+from study.common import hms, limit_sentence, md, ppl_iv, section_claims, section_table4, strategy_order
 from study.results import configs_from_rows, fill_entropy_k, incomplete_groups
 
-STRATEGY_ORDER = ("slm", "slm-nopt", "llm", "llm-lora", "slm-is", "slm-d", "slm-mix", "slm-pn")
 # The paper's scale (docs/paper.md#paper-settings): parameters, training throughput (A100 GPU-hours per 1B tokens), budgets.
 PAPER = {"slm_params": 126e6, "llm_params": 771e6, "gpuh_per_btok": 2.2, "generic_gpuh": (10, 100, 600, 650),
          "spec_gpuh": (0.3, 120), "in_domain": (1e6, 8e6, 64e6), "domains": 9, "k": 1024, "mix_experts": 16,
          "pn_experts": 32, "test_docs": 20000}
 
 
-def _order(c: MeasuredConfig) -> tuple:
-    s = STRATEGY_ORDER.index(c.strategy) if c.strategy in STRATEGY_ORDER else len(STRATEGY_ORDER)
-    return (s, c.strategy, rc.budget_value(c.generic_budget), c.settings)
-
-
-def md(doc: str) -> str:
-    """A docstring as markdown: paragraphs rejoined, ``- `` bullets kept, rst roles dropped."""
-    doc = re.sub(r":\w+:`([^`]+)`", r"`\1`", doc.replace("``", "`"))
-    out = []
-    for para in doc.strip().split("\n\n"):
-        items, cur = [], []
-        for line in para.splitlines():
-            line = line.strip()
-            if line.startswith("- ") and cur:
-                items.append(" ".join(cur))
-                cur = []
-            cur.append(line)
-        items.append(" ".join(cur))
-        out.append("\n".join(items))
-    return "\n\n".join(out)
-
-
-def ppl_iv(c: MeasuredConfig) -> str:
-    iv = c.interval
-    return f"{c.ppl_macro:.2f} [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else f"{c.ppl_macro:.2f} [n/a]"
-
 
 def _g(x: float | None) -> str:
     return "-" if x is None else (f"{x:.3g}" if x else "0")
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def cost_units(configs: list[MeasuredConfig]) -> list[str]:
@@ -134,7 +101,7 @@ def section_costs(configs: list[MeasuredConfig]) -> str:
            "configuration under both conventions are in claim 1's and claim 4's cells and notes; `docs/costs.md`):", "",
            "| strategy | generic budget | generic embedding | generic, measured | generic, paper |", "|---|---|---|---|---|"]
     seen = set()
-    for c in sorted(configs, key=lambda c: _order(c)):
+    for c in sorted(configs, key=lambda c: strategy_order(c)):
         key = (c.strategy, c.generic_budget)
         if not c.embed_generic.get("flops") or key in seen:
             continue
@@ -168,23 +135,6 @@ def section_entropy_source(configs: list[MeasuredConfig], filled: int) -> str:
     return "\n".join(lines)
 
 
-def section_claims(claims: list[rc.Claim]) -> str:
-    out = []
-    for c in claims:
-        seed = f" ({c.seed_note}: its deciding configurations ran with one seed)" if c.seed_note else ""
-        out += [f"### Claim {c.number}: {c.statement}", "", f"Verdict: **{c.verdict}**{seed}.", "",
-                "Rule: " + md(c.rule), ""]
-        if c.parts:
-            out += ["| part | verdict | seeds | reason | cells |", "|---|---|---|---|---|"]
-            for p in c.parts:
-                v = p.verdict + (f" (comparison alone: {p.raw})" if p.raw else "")
-                why = p.reason + (f" ({p.detail})" if p.detail else "")
-                out.append(f"| {p.name} | {v} | {p.seeds or '-'} | {why} | {'<br>'.join(p.cells) or '-'} |")
-            out.append("")
-        out += [f"- {n}" for n in c.notes] + ([""] if c.notes else [])
-    return "\n".join(out)
-
-
 def section_gate(gate: rc.Gate, configs: list[MeasuredConfig]) -> str:
     out = ["Rule: " + md(rc.decision_gate.__doc__), ""]
     out += [f"- {line}" for line in gate.lines]
@@ -216,28 +166,6 @@ def section_gate(gate: rc.Gate, configs: list[MeasuredConfig]) -> str:
                "generic tokens, so the experts need k times slm's budget before their capacity pays.")
     return "\n".join(out)
 
-
-def section_table4(configs: list[MeasuredConfig]) -> str:
-    """Table 4: before -> after fine-tuning, rows (strategy, settings, generic budget),
-    columns (in-domain size, spec. budget)."""
-    cols = sorted({(c.in_domain, c.spec_budget) for c in configs}, key=lambda k: (k[0], rc.budget_value(k[1])))
-    rows: dict[tuple, dict[tuple, MeasuredConfig]] = {}
-    for c in sorted(configs, key=_order):
-        rows.setdefault((c.strategy, c.settings, c.generic_budget), {})[(c.in_domain, c.spec_budget)] = c
-    head = ["strategy", "settings", "generic budget"] + [f"n={n:,}, s={s}" for n, s in cols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (s, st, g), by in rows.items():
-        cells = []
-        for k in cols:
-            c = by.get(k)
-            if c is None:
-                cells.append("-")
-                continue
-            before = (f"{math.exp(float(np.mean(np.log(list(c.ppl_before.values()))))):.2f} → "
-                      if set(c.ppl_before) == set(c.nll) else "")
-            cells.append(before + ppl_iv(c))
-        lines.append(f"| {s} | {st or '-'} | {g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def lora_pairs(configs: list[MeasuredConfig]) -> list[tuple[MeasuredConfig, MeasuredConfig]]:
@@ -313,7 +241,7 @@ def section_seeds(configs: list[MeasuredConfig]) -> str:
              "max - min | seeds' intervals | pooled: macro ppl [union of the seeds' intervals] |",
              "|---|---|---|---|---|---|---|---|---|"]
     pooled = {c.replicate_key: c for c in frontier.pool_seeds(configs)}
-    for v in sorted(reps, key=lambda v: _order(v[0]) + (v[0].in_domain, rc.budget_value(v[0].spec_budget))):
+    for v in sorted(reps, key=lambda v: strategy_order(v[0]) + (v[0].in_domain, rc.budget_value(v[0].spec_budget))):
         c0 = v[0]
         per = "<br>".join(f"{','.join(f'{k}={x}' for k, x in rc.seeds(c).items())}: {ppl_iv(c)}" for c in v)
         spread = max(c.ppl_macro for c in v) - min(c.ppl_macro for c in v)
@@ -325,8 +253,8 @@ def section_seeds(configs: list[MeasuredConfig]) -> str:
 
 def section_scale(configs: list[MeasuredConfig], cfg, claims: list[rc.Claim], limit=None) -> str:
     """The gap to the paper's scale; ``limit(verdict)``: what stops an inconclusive claim
-    (default :func:`_limit`, the first study's wording)."""
-    limit = limit or _limit
+    (default :func:`limit_sentence`, the first study's wording)."""
+    limit = limit or limit_sentence
     cap = rc.small_params(configs)
     llm = sorted({c.params for c in configs if c.strategy == "llm"})
     tok_per_param = lambda tokens: tokens / PAPER["slm_params"]  # noqa: E731
@@ -382,25 +310,6 @@ def section_scale(configs: list[MeasuredConfig], cfg, claims: list[rc.Claim], li
     return "\n".join(out)
 
 
-def _limit(verdict: str) -> str:
-    if "regime not reached" in verdict:
-        return ("the generic budget is far below the paper's in tokens per parameter (see the decision gate); "
-                "the experts' capacity cannot pay yet.")
-    if "cells missing" in verdict:
-        return "the grid (or the finished part of the study) lacks the cells named; rerun the page when they exist."
-    if "seeds disagree" in verdict:
-        return "one seed's test rejects and another's does not: the effect is not stable across pretraining seeds."
-    if "overlap" in verdict or "p =" in verdict or "not significant" in verdict:
-        return ("the differences are within the intervals of a small test set and few domains; more test "
-                "sequences per domain or more domains would narrow them.")
-    if "not the cheapest" in verdict:
-        return ("even at N = 1 another small model reaches slm-is's perplexity for less (slm-is pays a resampled "
-                "pretraining per domain); the paper's premise, slm-is best at large specialisation budgets (claim 1), "
-                "does not hold at this scale, so there is no edge to lose.")
-    if "mixed" in verdict:
-        return "parts disagree: the claim holds in some cells and fails in others at this scale."
-    return "see its parts."
-
 
 def section_wall_time(stages: dict[str, Any] | None, rows: list[dict]) -> str:
     out = []
@@ -409,16 +318,16 @@ def section_wall_time(stages: dict[str, Any] | None, rows: list[dict]) -> str:
         out += [f"From `{stages['log']}` (stage markers; {stages['sweep_attempts']} sweep attempt(s), {state}; "
                 f"{stages['trials_finished_lines']} trials finished, {stages['trials_failed_lines']} failed):", "",
                 "| stage | wall time (h:mm:ss) |", "|---|---|"]
-        out += [f"| {s['stage']} | {_hms(s['seconds'])} |" for s in stages["stages"]]
-        out += [f"| **total** | **{_hms(stages['total_seconds'])}** |", ""]
+        out += [f"| {s['stage']} | {hms(s['seconds'])} |" for s in stages["stages"]]
+        out += [f"| **total** | **{hms(stages['total_seconds'])}** |", ""]
     else:
         out += ["No study log was parsed (`--log PATH` writes the per-stage times beside the CSV).", ""]
     times = [(r["start_ms"], r["end_ms"]) for r in rows if r.get("start_ms") and r.get("end_ms")]
     if times:
         span = (max(e for _, e in times) - min(s for s, _ in times)) / 1000
         busy = sum(e - s for s, e in times) / 1000
-        out.append(f"From the CSV: the trial runs span {_hms(span)} (first start to last end; the shared generic "
-                   f"phases are in the trials' generic cost, not in this span) and add up to {_hms(busy)} of "
+        out.append(f"From the CSV: the trial runs span {hms(span)} (first start to last end; the shared generic "
+                   f"phases are in the trials' generic cost, not in this span) and add up to {hms(busy)} of "
                    "trial time.")
     return "\n".join(out)
 
@@ -427,7 +336,7 @@ def section_appendix(configs: list[MeasuredConfig], rows: list[dict]) -> str:
     lines = ["| strategy | settings | generic | spec. | in-domain | params | macro ppl [95%] | generic FLOPs | "
              "spec. FLOPs / domain | generic dev-h | spec. dev-h / domain | generic ppl | generic FLOPs, paper |",
              "|" + "---|" * 13]
-    for c in sorted(configs, key=lambda c: (c.in_domain,) + _order(c) + (rc.budget_value(c.spec_budget),)):
+    for c in sorted(configs, key=lambda c: (c.in_domain,) + strategy_order(c) + (rc.budget_value(c.spec_budget),)):
         lines.append(f"| {c.strategy} | {c.settings or '-'} | {c.generic_budget} | {c.spec_budget} | {c.in_domain:,} | "
                      f"{c.params:,} | {ppl_iv(c)} | {_g(c.generic('flops'))} | {_g(c.spec('flops'))} | "
                      f"{_g(c.generic('device_hours'))} | {_g(c.spec('device_hours'))} | "
@@ -573,7 +482,7 @@ def _with_current_sections(parts: list[str], rows: list[dict], configs: list[Mea
     if phases:
         before("## Appendix: every configuration",
                f"The generic phases by the CSV (each phase's own wall time, G0's table): {len(phases)} phases, "
-               f"{_hms(sum(p.seconds for p in phases))} in all, inside the sweep's time above.", "")
+               f"{hms(sum(p.seconds for p in phases))} in all, inside the sweep's time above.", "")
     earlier = "; ".join(f"[{page}]({page}) ({what}, `{recipe}`)" for page, recipe, what in EARLIER_PAGES)
     parts[4:4] = [f"Earlier studies, on their own pages: {earlier}.", ""]
     return parts

@@ -19,7 +19,7 @@ from study import paper_axes as pa
 from study import rules_v3 as rules
 from study import verdicts_v3 as vd
 from study.results import budget_value, configs_from_rows, selected_rows
-from study.sections import _h
+from study.common import hms
 
 LOCK = Path(__file__).with_name("rules_v3.lock")
 PAPER_FINETUNE_RATIO = 0.55
@@ -226,15 +226,15 @@ def _log_page(rows, sel, configs, verdicts, cfg, stages, figs, config_label, csv
            "## Wall time per stage", ""]
     if stages:
         out += ["| stage | wall time |", "|---|---|"]
-        out += [f"| {s['stage']} | {_h(s['seconds'])} |" for s in stages["stages"]]
-        out += ["", f"Total {_h(stages['total_seconds'])}; {stages.get('trials_finished_lines', 0)} trials finished, "
+        out += [f"| {s['stage']} | {hms(s['seconds'])} |" for s in stages["stages"]]
+        out += ["", f"Total {hms(stages['total_seconds'])}; {stages.get('trials_finished_lines', 0)} trials finished, "
                 f"{stages.get('trials_failed_lines', 0)} failed, {stages.get('sweep_attempts', 1)} sweep start(s).", ""]
     else:
         out += ["No log was parsed for this CSV.", ""]
     g0 = gt.gate_g0(rows, cfg)
     out += ["## G0: throughput", "", "| generic phase | params | tokens | wall time | tokens/s |", "|---|---|---|---|---|"]
     out += [f"| {p.strategy} g{pa.short_budget(p.budget)} seed {p.seed} | {p.params:,.0f} | {p.tokens:,.0f} | "
-            f"{_h(p.seconds)} | {p.tokens_per_s:,.0f} |" for p in g0.phases]
+            f"{hms(p.seconds)} | {p.tokens_per_s:,.0f} |" for p in g0.phases]
     if g0.tokens_per_s and g0.profile_tokens_per_s:
         out += ["", f"The SLM's first phases: {g0.tokens_per_s:,.0f} tokens/s on this study's machine (a 2-core AMD "
                 f"EPYC with AVX-512 and avx512_bf16, where `auto` ran this 32-wide model in fp32; the 6M phases partly "

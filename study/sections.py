@@ -16,6 +16,7 @@ from slmfactory.platform.cost import PAPER
 from study import claims as rc
 from study import gates as gt
 from study import paper_axes as pa
+from study.common import hms, limit_sentence, md, section_claims, section_table4
 from study.results import budget_value
 
 # The paper's figures (docs/paper.md, /work/shared/PAPER.md) the page compares with.
@@ -38,11 +39,6 @@ def _f(x: float | None, spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _h(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 # -- gates --------------------------------------------------------------------------------
 
 def section_gates(rows: list[dict], cfg, g0: gt.G0, g1: gt.G1, g2: gt.G2) -> str:
@@ -51,7 +47,7 @@ def section_gates(rows: list[dict], cfg, g0: gt.G0, g1: gt.G1, g2: gt.G2) -> str
         out.append("No generic phase in the CSV logged its wall time and tokens: G0 cannot be read back.")
     else:
         out += ["| generic phase | params | tokens | wall time | tokens/s |", "|---|---|---|---|---|"]
-        out += [f"| {p.strategy}@{p.budget} seed {p.seed} | {p.params:,.0f} | {p.tokens:,.0f} | {_h(p.seconds)} | "
+        out += [f"| {p.strategy}@{p.budget} seed {p.seed} | {p.params:,.0f} | {p.tokens:,.0f} | {hms(p.seconds)} | "
                 f"{p.tokens_per_s:,.0f} |" for p in g0.phases]
         out += ["", "Each phase's `generic_wall_seconds` as its trials logged it: a strategy that clusters the generic "
                 "corpus (slm-mix, slm-pn) carries its share of the clustering's wall time, and slm-d its teacher's "
@@ -148,8 +144,6 @@ def why_claim1_cannot(g2: gt.G2) -> tuple[str, str]:
 
 
 def pa_md(doc: str) -> str:
-    from study.page import md
-
     return md(doc)
 
 
@@ -306,8 +300,6 @@ def subset_claims(rows: list[dict], configs: list[MeasuredConfig]) -> list[tuple
 
 
 def section_subset_claims(subsets: list[tuple[tuple[str, ...], list[rc.Claim]]], rows: list[dict] = ()) -> str:
-    from study.page import section_claims, section_table4
-
     if not subsets:
         return ("slm-is ran at no specialisation budget measured on a subset of the domains only: claims 1 and 4 "
                 "above see all of its configurations.")
@@ -352,9 +344,7 @@ def regime_text(configs: list[MeasuredConfig], g1: gt.G1, cfg) -> str:
 
 
 def limit_for(rows: list[dict], configs: list[MeasuredConfig], cfg):
-    """``page._limit`` with the regime sentence computed from this study's numbers."""
-    from study.page import _limit
-
+    """``page.limit_sentence`` with the regime sentence computed from this study's numbers."""
     g1 = gt.gate_g1(rows)
 
     top_is = max((budget_value(c.spec_budget) for c in configs if c.strategy == "slm-is"), default=None)
@@ -368,7 +358,7 @@ def limit_for(rows: list[dict], configs: list[MeasuredConfig], cfg):
                     "which its resampled pretraining is a share) another small model reaches its perplexity for "
                     "less, so there is no edge to lose there; where it ran at budgets of generic scale (the "
                     "domain-subset sections) it has the edge at N = 1.")
-        return _limit(verdict)
+        return limit_sentence(verdict)
 
     return limit
 
@@ -389,9 +379,7 @@ def verdict_lines(g0: gt.G0, g1: gt.G1, g2: gt.G2, subsets) -> str:
 
 def section_shortfall(claims: list[rc.Claim], configs: list[MeasuredConfig], g1: gt.G1, g2: gt.G2,
                       subsets: list[tuple[tuple[str, ...], list[rc.Claim]]] = (), limit=None) -> str:
-    from study.page import _limit
-
-    limit = limit or _limit
+    limit = limit or limit_sentence
     out = []
     for c in claims:
         if c.verdict == rc.CONFIRMED:

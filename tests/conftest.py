@@ -25,8 +25,8 @@ def tiny_root(tmp_path_factory) -> Path:
     """A workdir holding the corpus built from the real-text sample shipped in the package and its tokenizer.
     Tests copy it (``tiny_cfg``) so that nothing they write leaks into another test."""
     from slmfactory.platform.config import load_config
-    from slmfactory.data.corpus_build import build_sample_corpus
-    from slmfactory.data.tokenizer import ensure_tokenizer
+    from slmfactory.data.corpus.build import build_sample_corpus
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer
 
     root = tmp_path_factory.mktemp("tiny-shared")
     cfg = load_config(TINY, {"workdir": str(root)})

@@ -49,7 +49,7 @@ def lr_curve(tcfg, seq_len: int) -> list[float]:
     """The trainer's learning rate at every step of a phase with these settings."""
     from types import SimpleNamespace
 
-    from slmfactory.models.trainer import Trainer
+    from slmfactory.models.train.trainer import Trainer
 
     steps = tcfg.max_tokens // (tcfg.batch_size * seq_len)
     probe = SimpleNamespace(cfg=tcfg, max_steps=steps)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from slmfactory.cli import SUBCOMMANDS, build_parser
-from slmfactory.data.corpus import SAMPLE_DIR
+from slmfactory.data.corpus.store import SAMPLE_DIR
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -149,7 +149,7 @@ def test_serve_stops_cleanly_on_sigint_and_sigterm(tiny_cfg):
 
     import torch
 
-    from slmfactory.models.phases import export_hf, load_lm
+    from slmfactory.models.train.phases import export_hf, load_lm
     from tests.local_cluster import free_port
 
     torch.manual_seed(0)

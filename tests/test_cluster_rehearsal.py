@@ -278,7 +278,7 @@ def _export_model(work: Path, domain: str) -> Path:
     """A tiny random Llama of the tiny recipe, exported as the platform exports models."""
     import torch
 
-    from slmfactory.models.phases import export_hf, load_lm
+    from slmfactory.models.train.phases import export_hf, load_lm
     from slmfactory.platform.config import load_config
 
     cfg = load_config(TINY, {"workdir": str(work)})

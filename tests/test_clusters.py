@@ -38,7 +38,7 @@ def _shutdown_ray():
 @pytest.fixture(scope="module")
 def clustered(tiny_root, tmp_path_factory):
     """(cfg, Clusters, first-run seconds) on a private copy of the tiny corpus."""
-    from slmfactory.data.cluster_pipeline import run_clustering
+    from slmfactory.data.clustering.pipeline import run_clustering
 
     work = tmp_path_factory.mktemp("clusters") / "work"
     shutil.copytree(tiny_root, work)
@@ -55,8 +55,8 @@ def clustered(tiny_root, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_windows_parquet_complete_and_assigned(clustered):
-    from slmfactory.data.cluster_pipeline import WINDOW_COLUMNS
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.clustering.pipeline import WINDOW_COLUMNS
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     cfg, cl, _ = clustered
     import pyarrow as pa
@@ -124,8 +124,8 @@ def test_histograms_entropies_and_split(clustered):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_rerun_is_cached(clustered):
-    from slmfactory.data.clusters import load_clusters
-    from slmfactory.data.cluster_pipeline import run_clustering
+    from slmfactory.data.clustering.clusters import load_clusters
+    from slmfactory.data.clustering.pipeline import run_clustering
 
     import ray
 
@@ -146,7 +146,7 @@ def test_in_domain_size_never_touches_the_generic_clustering(clustered):
     """Another ``data.domain_train_tokens`` re-embeds and re-assigns only in-domain windows:
     the generic embeddings and k-means are reused as they are."""
     cfg, cl, _ = clustered
-    from slmfactory.data.cluster_pipeline import run_clustering
+    from slmfactory.data.clustering.pipeline import run_clustering
 
     smaller = cfg.replace(**{"data.domain_train_tokens": cfg.data.domain_train_tokens // 2})
     generic_markers = {p: p.stat().st_mtime_ns for p in (cfg.root / "clusters").glob("*/stage.json")
@@ -165,7 +165,7 @@ def test_in_domain_size_never_touches_the_generic_clustering(clustered):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_assign_texts_routes_like_the_pipeline(clustered):
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     cfg, cl, _ = clustered
     t = pads.dataset(str(cl.windows_dir), format="parquet").to_table(
@@ -181,8 +181,8 @@ def test_assign_texts_routes_like_the_pipeline(clustered):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_resample_matches_domain_histogram(clustered):
-    from slmfactory.data.clusters import total_variation
-    from slmfactory.data.resample import load_resampled_tokens, resample
+    from slmfactory.data.clustering.clusters import total_variation
+    from slmfactory.data.clustering.resample import load_resampled_tokens, resample
 
     cfg, cl, _ = clustered
     try:
@@ -218,7 +218,7 @@ def test_resample_matches_domain_histogram(clustered):
     assert np.allclose(np.bincount(data.column("cluster").to_numpy(), minlength=cl.k) / data.num_rows, res.histogram)
     # Shuffled: not the windows in table order (which would put a document's windows together).
     assert not np.array_equal(stream[:len(flat)][:200], flat[:200])
-    from slmfactory.data.tokens import resampled_source
+    from slmfactory.data.tokens.streams import resampled_source
 
     src = resampled_source(res)
     assert np.array_equal(src.load(), stream) and src.key == res.path.name
@@ -242,7 +242,7 @@ def test_resample_matches_domain_histogram(clustered):
 
 @pytest.mark.timeout(120)
 def test_largest_remainder_is_exact():
-    from slmfactory.data.resample import largest_remainder
+    from slmfactory.data.clustering.resample import largest_remainder
 
     p = np.array([0.5, 0.3, 0.2, 0.0])
     assert largest_remainder(p, 10).tolist() == [5, 3, 2, 0]
@@ -252,7 +252,7 @@ def test_largest_remainder_is_exact():
 
 @pytest.mark.timeout(60)
 def test_missing_corpus_is_a_data_error(tmp_path):
-    from slmfactory.data.cluster_pipeline import run_clustering
+    from slmfactory.data.clustering.pipeline import run_clustering
 
     with pytest.raises(DataError, match="corpus"):
         run_clustering(_cfg(tmp_path / "nowhere"), progress=False)
@@ -260,7 +260,7 @@ def test_missing_corpus_is_a_data_error(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_empty_domain_is_a_data_error(tiny_cfg):
-    from slmfactory.data.cluster_pipeline import run_clustering
+    from slmfactory.data.clustering.pipeline import run_clustering
 
     empty = tiny_cfg.corpus_dir / "domains" / "hollow"
     empty.mkdir()
@@ -275,7 +275,7 @@ def test_empty_domain_is_a_data_error(tiny_cfg):
 @pytest.mark.timeout(180)
 def test_k_larger_than_windows_is_a_data_error(clustered, tmp_path):
     """Reuses the module's cached embeddings: the error comes before Ray starts."""
-    from slmfactory.data.cluster_pipeline import run_clustering
+    from slmfactory.data.clustering.pipeline import run_clustering
 
     cfg, cl, _ = clustered
     big = cfg.replace(**{"cluster.k": 4096, "cluster.sample_windows": 4096})
@@ -288,8 +288,8 @@ def test_k_larger_than_windows_is_a_data_error(clustered, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_unknown_domain_and_bad_tokens(clustered):
-    from slmfactory.data.clusters import load_clusters
-    from slmfactory.data.resample import resample
+    from slmfactory.data.clustering.clusters import load_clusters
+    from slmfactory.data.clustering.resample import resample
 
     cfg, cl, _ = clustered
     with pytest.raises(ConfigError, match="tokens"):
@@ -307,7 +307,7 @@ def test_other_k_reuses_embeddings_and_logs_to_mlflow(clustered):
     """k = 4 on the cached embeddings; logs to a real MLflow (sqlite) run."""
     from mlflow.tracking import MlflowClient
 
-    from slmfactory.data.cluster_pipeline import run_clustering
+    from slmfactory.data.clustering.pipeline import run_clustering
     from slmfactory.platform.tracking import open_tracker
 
     cfg, cl, first = clustered
@@ -347,7 +347,7 @@ def test_embedder_is_validated_and_logged(tmp_path):
 def test_embedder_keys_the_clustering_stages(tiny_cfg):
     """Another embedder is another embedding, clustering and domain assignment; hashed-tfidf's
     domain embeddings key on the generic stage its model is fitted in."""
-    from slmfactory.data.clusters import (
+    from slmfactory.data.clustering.clusters import (
         assignment_stage, corpus_inputs, domain_embedding_stage, generic_embedding_stage, kmeans_stage)
 
     hashed = tiny_cfg.replace(**{"cluster.embedder": "hashed-tfidf"})
@@ -365,7 +365,7 @@ def test_embedder_keys_the_clustering_stages(tiny_cfg):
 def _check_provenance(cfg, cl) -> None:
     """provenance.json, recomputed from the windows tables: per domain, its top clusters and
     their generic train windows by source (shares summing to 1, by collection too)."""
-    from slmfactory.data.corpus_sources import collection_of
+    from slmfactory.data.corpus.sources import collection_of
 
     prov = cl.provenance()
     assert prov == json.loads(cl.domains_stage.path("provenance.json").read_text())
@@ -410,11 +410,11 @@ def test_hashed_tfidf_clusters_in_the_ray_data_pipeline(tiny_root, tmp_path):
     """cluster.embedder: hashed-tfidf through the real Ray Data pipeline: fitted once on the
     generic sample, every window (generic and in-domain) embedded with that model, clustered,
     assigned; its cost counted on its own FLOPs (orders of magnitude under MiniLM's)."""
-    from slmfactory.data import embed_hashed
-    from slmfactory.data.cluster_pipeline import run_clustering
-    from slmfactory.data.clusters import MINILM_PARAMS, load_clusters
-    from slmfactory.data.embed import from_arrow
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.clustering import hashed as embed_hashed
+    from slmfactory.data.clustering.pipeline import run_clustering
+    from slmfactory.data.clustering.clusters import MINILM_PARAMS, load_clusters
+    from slmfactory.data.clustering.minilm import from_arrow
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     work = tmp_path / "work"
     shutil.copytree(tiny_root, work)
@@ -465,10 +465,10 @@ def test_slm_is_trial_logs_where_its_resampled_text_came_from(clustered):
     to the resampled set's own count), and the report's table read back from the runs."""
     from mlflow.tracking import MlflowClient
 
-    from slmfactory.data.clusters import load_clusters, source_label
-    from slmfactory.data.corpus_sources import collection_of
-    from slmfactory.data.resample import metric_label, resample
-    from slmfactory.models.launch import LocalLauncher
+    from slmfactory.data.clustering.clusters import load_clusters, source_label
+    from slmfactory.data.corpus.sources import collection_of
+    from slmfactory.data.clustering.resample import metric_label, resample
+    from slmfactory.models.train.launch import LocalLauncher
     from slmfactory.models.strategies import get_strategy
     from slmfactory.pipeline import run_trial
     from slmfactory.analysis.report import table_is_provenance, write_report

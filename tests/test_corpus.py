@@ -1,6 +1,6 @@
 """Corpus builder: layout, disjointness, determinism, manifest, user imports, bad input.
 
-Everything runs on the committed real-text sample (slmfactory/data/corpus_sample, package data), no network.
+Everything runs on the committed real-text sample (slmfactory/data/corpus/sample, package data), no network.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from slmfactory.data import corpus as C
-from slmfactory.data import corpus_build as B
+from slmfactory.data.corpus import store as C
+from slmfactory.data.corpus import build as B
 from slmfactory.platform.config import CorpusConfig, RunConfig
 from slmfactory.platform.errors import DataError
 
@@ -282,7 +282,7 @@ def test_no_debian_tools_skips_debian_domains(tmp_path, monkeypatch, capsys):
 
 def test_fetch_uses_cache_and_never_refetches(tmp_path, monkeypatch):
     """A rerun after a kill finds downloads, unpacked folders and extractions in the cache."""
-    from slmfactory.data import corpus_sources as S
+    from slmfactory.data.corpus import sources as S
 
     def boom(*a, **k):
         raise AssertionError("must not run a download: the file is cached")
@@ -308,7 +308,7 @@ def test_fetch_uses_cache_and_never_refetches(tmp_path, monkeypatch):
 
 
 def test_markup_cleaners():
-    from slmfactory.data import extractors as S
+    from slmfactory.data.corpus import extractors as S
 
     html_text = S.html_to_text("<html><head><title>T</title><style>p{}</style></head><body>"
                                "<p>Prev&nbsp;Up&nbsp;Next</p><h1>Title</h1><p>A &amp; B<br>c</p>"
@@ -435,7 +435,7 @@ def test_generic_holds_no_domain_collection(sample_build):
     """By default (no share, no overflow, one collection on one side) no generic document
     comes from a built domain's collection. Today's sample generic file carries documents of
     every domain's packages (the old share and overflow), so the guard is exercised."""
-    from slmfactory.data.corpus_sources import collection_of
+    from slmfactory.data.corpus.sources import collection_of
 
     cfg, m = sample_build
     parts = _all_parts(cfg.corpus_dir)
@@ -461,7 +461,7 @@ def test_generic_plan_keeps_each_collection_on_one_side():
     """The real build's plan: scancode's licence rules are generic text only while `legal`
     (scancode's licence texts) is not built, the SWORD modules only while `religion` is not;
     every source names its collection."""
-    from slmfactory.data.corpus_sources import DOMAIN_SOURCES, GENERIC_SOURCES, generic_plan
+    from slmfactory.data.corpus.sources import DOMAIN_SOURCES, GENERIC_SOURCES, generic_plan
 
     kept, excluded = generic_plan(["legal", "biomedical", "code"])  # the demo's domains
     assert [e["name"] for e in excluded] == ["scancode-rules"]
@@ -480,7 +480,7 @@ def test_generic_holds_the_sources_of_unbuilt_domains(tmp_path):
     """Generic is every registered source whose collection is not a built domain's: the
     math manuals and the SWORD modules are generic text in a run of legal, biomedical and
     code, in the real plan and in a sample build."""
-    from slmfactory.data.corpus_sources import DOMAIN_SOURCES, generic_plan
+    from slmfactory.data.corpus.sources import DOMAIN_SOURCES, generic_plan
 
     kept, _ = generic_plan(["legal", "biomedical", "code"])
     names = {s.name for s in kept}
@@ -517,7 +517,7 @@ def test_manifest_names_same_kind_generic_sources(tmp_path):
     table = C.generic_kinds_table(cfg.corpus_dir)  # docs/corpus.md's table
     assert "| biomedical | none |" in table and "| python-stdlib | `deb:libpython3.11-stdlib" in table
     # The registry tags new sources of each study domain's kind from other collections.
-    from slmfactory.data.corpus_sources import generic_plan
+    from slmfactory.data.corpus.sources import generic_plan
 
     kept, _ = generic_plan(["legal", "biomedical", "literature", "code", "dictionary", "technical"])
     of_kind = {k: {s.name for s in kept if k in s.kinds} for k in EXPECTED_DOMAINS}
@@ -603,7 +603,7 @@ def test_near_copy_planted_in_generic_is_caught_and_dropped(tmp_path, monkeypatc
 def test_extractors_parse_markup_with_lxml():
     """HTML and SWORD's OSIS/ThML/TEI go through lxml's parsers: an XML declaration, comments,
     nested navigation and notes go, entities (HTML's named ones in ThML too) are decoded."""
-    from slmfactory.data import extractors as X
+    from slmfactory.data.corpus import extractors as X
 
     page = ('<?xml version="1.0" encoding="utf-8"?><!DOCTYPE html><html><head><title>T</title></head><body>'
             '<nav><ul><li>Home</li></ul></nav><!-- c --><h2>Caf&eacute; &lt;b&gt;</h2><div>one<p>two</p>three</div>'

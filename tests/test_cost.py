@@ -173,8 +173,8 @@ def test_a_served_models_rates_are_measured_on_its_exported_folder(tiny_cfg):
     rate is a pass's tokens over its fastest pass's seconds, on the machine it records."""
     import torch
 
-    from slmfactory.models.phases import export_hf, load_lm
-    from slmfactory.models.serving_rate import GENERATE_TOKENS, SCORE_ROWS, measure_folder
+    from slmfactory.models.train.phases import export_hf, load_lm
+    from slmfactory.models.train.serving_rate import GENERATE_TOKENS, SCORE_ROWS, measure_folder
 
     torch.manual_seed(0)
     folder = export_hf(tiny_cfg, load_lm(tiny_cfg, "slm", None).eval(), tiny_cfg.root / "models" / "legal",

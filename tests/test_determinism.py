@@ -51,12 +51,12 @@ def _run(root: Path) -> dict:
     workdir ``root``; what the tests compare, as plain data."""
     import ray
 
-    from slmfactory.data import cluster_pipeline
-    from slmfactory.data.cluster_pipeline import run_clustering
-    from slmfactory.data.corpus_build import build_sample_corpus
-    from slmfactory.data.resample import load_resampled_tokens, resample
-    from slmfactory.data.tokenizer import ensure_tokenizer
-    from slmfactory.models.launch import LocalLauncher
+    from slmfactory.data.clustering import pipeline as cluster_pipeline
+    from slmfactory.data.clustering.pipeline import run_clustering
+    from slmfactory.data.corpus.build import build_sample_corpus
+    from slmfactory.data.clustering.resample import load_resampled_tokens, resample
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer
+    from slmfactory.models.train.launch import LocalLauncher
     from slmfactory.models.strategies import get_strategy
     from slmfactory.models.strategies.base import StrategyContext
     from slmfactory.platform.runtime import ray_session
@@ -129,7 +129,7 @@ def _run_in_fresh_process(root: Path, hash_seed: str) -> dict:
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    from slmfactory.data.clusters import load_clusters
+    from slmfactory.data.clustering.clusters import load_clusters
 
     base = tmp_path_factory.mktemp("determinism")
     runs = [_run_in_fresh_process(base / name, seed) for name, seed in zip("ab", HASH_SEEDS)]
@@ -158,7 +158,7 @@ def test_rerun_in_fresh_workdir_is_bitwise_identical(two_runs):
 def test_clustering_records_what_minilm_embedded_and_its_flops(two_runs):
     """The clustering's cost: windows and MiniLM tokens embedded on the generic side and per
     domain, and ``Clusters.embedding_cost`` as 2·N·tokens + attention."""
-    from slmfactory.data.clusters import MINILM_DIM, MINILM_LAYERS, MINILM_PARAMS
+    from slmfactory.data.clustering.clusters import MINILM_DIM, MINILM_LAYERS, MINILM_PARAMS
     from slmfactory.platform.cost import CostRecord
 
     a, _ = two_runs

@@ -2,7 +2,7 @@
 SIGKILLed mid-run and restarted from its checkpoint, and 1-worker == in-process.
 
 One Ray instance serves the module (start-up is ~10 s on 2 cores) and is shut down at the
-end; every run uses the tiny recipe on real text from ``slmfactory/data/corpus_sample``.
+end; every run uses the tiny recipe on real text from ``slmfactory/data/corpus/sample``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from slmfactory.models.launch import LocalLauncher
-from slmfactory.data.tokens import TokenSource
-from slmfactory.models.phases import lm_factory, vocab_size_of
+from slmfactory.models.train.launch import LocalLauncher
+from slmfactory.data.tokens.streams import TokenSource
+from slmfactory.models.train.phases import lm_factory, vocab_size_of
 from slmfactory.platform.config import load_config
 
 pytestmark = pytest.mark.ray
@@ -30,7 +30,7 @@ PHASE = "pretrain/x"
 def _texts(cfg) -> list[str]:
     """Real text: every train split of the committed corpus sample, read through the corpus
     module (a broken reader fails the test rather than being read around)."""
-    from slmfactory.data.corpus import iter_texts, list_domains
+    from slmfactory.data.corpus.store import iter_texts, list_domains
 
     texts = list(iter_texts(cfg.corpus_dir, "generic", "train"))
     for d in list_domains(cfg.corpus_dir):
@@ -41,9 +41,9 @@ def _texts(cfg) -> list[str]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """(cfg, train source, valid source): tokenizer trained on real text, tokens on disk."""
-    from slmfactory.data.tokens import tokenize_texts
-    from slmfactory.data.corpus_build import build_sample_corpus
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens.streams import tokenize_texts
+    from slmfactory.data.corpus.build import build_sample_corpus
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     root = tmp_path_factory.mktemp("dist")
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides={"workdir": str(root)})
@@ -76,7 +76,7 @@ def _scaled(cfg, workers: int):
 
 
 def _ray_fit(cfg, train, valid, out_dir, workers: int, factory_wrapper=None):
-    from slmfactory.models.distributed import RayLauncher
+    from slmfactory.models.train.distributed import RayLauncher
 
     cfg = _scaled(cfg, workers)
     factory = lm_factory(dataclasses.asdict(cfg), "slm", PHASE, train, valid)
@@ -119,8 +119,8 @@ def ddp_run(data, ray_instance, tmp_path_factory):
 
 @pytest.mark.timeout(300)
 def test_two_worker_ddp_trains_and_its_weights_load(data, ddp_run):
-    from slmfactory.models.lm import build_model
-    from slmfactory.models.trainer import evaluate_nll
+    from slmfactory.models.arch.lm import build_model
+    from slmfactory.models.train.trainer import evaluate_nll
 
     cfg, _, valid = data
     res = ddp_run.result
@@ -171,7 +171,7 @@ def test_one_ray_worker_matches_local_launcher(data, ray_instance, tmp_path):
 
 
 def test_run_name_is_a_folder_name():
-    from slmfactory.models.distributed import run_name
+    from slmfactory.models.train.distributed import run_name
 
     assert run_name("pretrain/slm") == "pretrain-slm"
     assert run_name("finetune/pn:legal x") == "finetune-pn-legal-x"
@@ -184,7 +184,7 @@ def failing_factory(ctx):
 
 @pytest.mark.timeout(180)
 def test_failure_after_max_failures_is_a_clear_error(data, ray_instance, tmp_path):
-    from slmfactory.models.distributed import DistributedTrainingError, RayLauncher
+    from slmfactory.models.train.distributed import DistributedTrainingError, RayLauncher
 
     cfg = data[0].replace(**{"scaling.num_workers": 1, "scaling.max_failures": 0})
     with pytest.raises(DistributedTrainingError, match="deliberate factory failure"):

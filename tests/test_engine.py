@@ -32,7 +32,7 @@ TEXT = ("Permission is hereby granted, free of charge, to any person obtaining a
 @pytest.fixture(scope="module")
 def folder(tiny_root, tmp_path_factory) -> Path:
     """A served model folder: the recipe's `slm`, freshly initialised, through `export_hf`."""
-    from slmfactory.models.phases import export_hf, load_lm
+    from slmfactory.models.train.phases import export_hf, load_lm
 
     work = tmp_path_factory.mktemp("engine") / "work"
     shutil.copytree(tiny_root, work)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slmfactory.data import embed_hashed
+from slmfactory.data.clustering import hashed as embed_hashed
 from slmfactory.platform import footprint
 from slmfactory.platform.config import load_config
 from slmfactory.platform.footprint import stage_memory

@@ -25,8 +25,8 @@ def hashed(tiny_root, tmp_path_factory):
     """(cfg, Clusters, window texts: a few of each part's) of a hashed-tfidf clustering."""
     import ray
 
-    from slmfactory.data.cluster_pipeline import run_clustering
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.clustering.pipeline import run_clustering
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
     from slmfactory.platform.config import load_config
 
     work = tmp_path_factory.mktemp("hashed-routing") / "work"
@@ -49,7 +49,7 @@ def hashed(tiny_root, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_auto_routes_through_the_fitted_hashed_model(hashed):
-    from slmfactory.data import embed_hashed
+    from slmfactory.data.clustering import hashed as embed_hashed
     from slmfactory.serving.catalog import router_data
     from slmfactory.serving.engine import pick_domain, route_embedding, uses_minilm
 
@@ -74,7 +74,7 @@ def test_auto_routes_through_the_fitted_hashed_model(hashed):
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_a_new_domains_histogram_uses_the_fitted_hashed_model(hashed):
-    from slmfactory.data import embed_hashed
+    from slmfactory.data.clustering import hashed as embed_hashed
     from slmfactory.models.instant import Family, cluster_counts
 
     cfg, cl, texts = hashed

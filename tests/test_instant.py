@@ -38,7 +38,7 @@ def _mlp(model) -> dict[str, torch.Tensor]:
 # -- the instantiation rules ---------------------------------------------------------------
 
 def test_histogram_mixed_projection_is_the_expert_when_one_hot_and_linear_otherwise():
-    from slmfactory.models.projected import ProjectedLlama
+    from slmfactory.models.arch.projected import ProjectedLlama
 
     pn = ProjectedLlama(_tiny_llama(0).config, n_experts=4, expert_dim=3, capacity=5, seed=1)
     for c in range(4):
@@ -71,9 +71,9 @@ def test_histogram_weighted_average_is_the_expert_when_one_hot():
 
 def test_documents_are_split_into_training_and_held_out_slices(tiny_cfg):
     from slmfactory.models.instant import histogram_windows, split_documents
-    from slmfactory.data.corpus import iter_texts
+    from slmfactory.data.corpus.store import iter_texts
     from slmfactory.platform.errors import DataError
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     tok = load_tokenizer(ensure_tokenizer(tiny_cfg))
     texts = list(iter_texts(tiny_cfg.corpus_dir, "legal", "train"))[:10]
@@ -138,7 +138,7 @@ def app(tiny_root, tmp_path_factory):
 
 
 def _docs(cfg, domain: str, n: int) -> list[str]:
-    from slmfactory.data.corpus import iter_texts
+    from slmfactory.data.corpus.store import iter_texts
 
     return [t[:3000] for t in list(iter_texts(cfg.corpus_dir, domain, "train"))[:n]]
 
@@ -172,7 +172,7 @@ def test_a_new_domain_is_served_at_once_from_its_documents(app):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from slmfactory.models.instant import MAX_HELDOUT_TOKENS, split_documents, tokens_nll
-    from slmfactory.serving.domains import DomainStore
+    from slmfactory.serving.domains.runtime import DomainStore
 
     entry = DomainStore(cfg.root).get("psalms")
     model = AutoModelForCausalLM.from_pretrained(entry["path"]).eval()
@@ -202,7 +202,7 @@ def test_a_new_domain_reports_the_served_domains_perplexity_on_its_held_out_text
 
     from slmfactory.models.instant import MAX_HELDOUT_TOKENS, generic_families, split_documents, tokens_nll
     from slmfactory.serving.catalog import from_folder
-    from slmfactory.serving.domains import DomainStore, Outscored, compare_served, create_domain
+    from slmfactory.serving.domains.runtime import DomainStore, Outscored, compare_served, create_domain
     from slmfactory.serving.engine import load
 
     cfg, url, _ = app
@@ -333,7 +333,7 @@ def test_finetuning_replaces_the_served_model_without_a_failed_request(app):
 @pytest.mark.timeout(600)
 def test_cli_specialize_registers_in_mlflow_and_the_running_app_serves_it(app, capsys):
     from slmfactory.cli import main
-    from slmfactory.data.corpus import iter_texts
+    from slmfactory.data.corpus.store import iter_texts
     from slmfactory.platform.tracking import client_for
 
     cfg, url, overrides = app
@@ -373,7 +373,7 @@ def test_a_projected_network_built_while_another_thread_loads_is_tied(app):
     from transformers.initialization import no_tie_weights
 
     from slmfactory.models.instant import generic_families, pn_model
-    from slmfactory.models.lm import CONSTRUCTION_LOCK
+    from slmfactory.models.arch.lm import CONSTRUCTION_LOCK
 
     cfg, _, _ = app
     fam = generic_families(cfg)["pn"]
@@ -412,7 +412,7 @@ def test_a_sigkilled_build_leaves_the_name_usable_and_delete_and_max_domains_wor
     import subprocess
     import sys
 
-    from slmfactory.serving.domains import DomainStore
+    from slmfactory.serving.domains.runtime import DomainStore
 
     cfg, url, _ = app
     registry = DomainStore(cfg.root)
@@ -421,7 +421,7 @@ def test_a_sigkilled_build_leaves_the_name_usable_and_delete_and_max_domains_wor
     # SIGKILLed mid-build: the kernel drops its lock and the name is free (a claim file
     # stayed forever).
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from slmfactory.serving.domains import DomainStore; "
+        "import sys, time; from slmfactory.serving.domains.runtime import DomainStore; "
         f"lease = DomainStore({str(cfg.root)!r}).lease('ghost'); lease.__enter__(); "
         "print('held', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
     try:

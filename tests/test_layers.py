@@ -47,17 +47,17 @@ LAYERS = {
     "slmfactory.analysis": ("slmfactory.platform", "slmfactory.trial", "slmfactory.analysis"),
     "slmfactory.serving": ("slmfactory.platform", "slmfactory.data", "slmfactory.trial", "slmfactory.serving",
                            # the model architectures; no training code (but SERVING_TO_TRAINING)
-                           "slmfactory.models.lm", "slmfactory.models.projected"),
+                           "slmfactory.models.arch"),
 }
 SERVING_TO_TRAINING = {
     # (serving module, training module it imports): why. Every import lazy, inside a function.
-    ("slmfactory.serving.domains", "slmfactory.models.instant"):
+    ("slmfactory.serving.domains.runtime", "slmfactory.models.instant"):
         "a domain created at run time (POST /v1/domains, `slmfactory specialize`) is built and "
         "fine-tuned by the instant builder, in the serving process",
 }
 """The only imports from serving into training code, each with why. Training code: every
 ``slmfactory.models`` module but the architectures, and the layers above models."""
-ARCHITECTURES = ("slmfactory.models.lm", "slmfactory.models.projected")
+ARCHITECTURES = "slmfactory.models.arch"
 
 
 def module_name(path: Path) -> str:
@@ -80,8 +80,20 @@ def imported_from(node: ast.ImportFrom, name: str, is_package: bool) -> str | No
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def faces() -> dict[str, dict[str, str]]:
+    """Subsystem package -> {exported name: its module} (``EXPORTS`` read from the source)."""
+    out = {}
+    for init in PACKAGE.rglob("__init__.py"):
+        for node in ast.parse(init.read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "EXPORTS" for t in node.targets):
+                out[module_name(init)] = {n: f"{module_name(init)}.{m}" for m, names in
+                                          ast.literal_eval(node.value).items() for n in names}
+    return out
+
+
 def import_graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    face = faces()
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -90,9 +102,10 @@ def import_graph() -> dict[str, set[str]]:
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and (
                     module := imported_from(node, name, path.name == "__init__.py")) is not None:
-                # `from pkg import mod` imports the module pkg.mod when there is one.
-                targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module
-                           for a in node.names]
+                # `from pkg import mod` imports the module pkg.mod when there is one; a name a
+                # subsystem's face exports (imported on first use) is an edge to its module.
+                targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in modules else
+                           face.get(module, {}).get(a.name, module) for a in node.names]
             for t in targets:
                 if t.startswith("slmfactory") and t != name:
                     while t not in modules and "." in t:
@@ -139,7 +152,7 @@ def test_each_layer_imports_only_the_layers_below_it():
     ("slmfactory.analysis.report", "slmfactory.pipeline"),          # up: reading back needs no trial driver
     ("slmfactory.analysis.figures", "slmfactory.demo"),             # up: to the demo driver
     ("slmfactory.platform.cost", "slmfactory.analysis.frontier"),   # up: from the platform
-    ("slmfactory.trial", "slmfactory.models.phases"),               # up: the record stands on the platform
+    ("slmfactory.trial", "slmfactory.models.train.phases"),               # up: the record stands on the platform
 ])
 def test_the_layer_check_fails_on_an_upward_or_crossing_import(src, dst):
     """Guards the checker: one added import that climbs or crosses is reported, by name."""
@@ -159,7 +172,7 @@ def test_every_module_has_a_layer():
 
 def _is_training(module: str) -> bool:
     if module.startswith("slmfactory.models"):
-        return module not in ("slmfactory.models", *ARCHITECTURES)
+        return module != "slmfactory.models" and not (module == ARCHITECTURES or module.startswith(ARCHITECTURES + "."))
     return module.startswith(UPPER) and not module.startswith(("slmfactory.serving", "slmfactory.analysis"))
 
 
@@ -189,7 +202,7 @@ def test_serving_reaches_training_code_only_through_the_stated_imports():
             if n not in through:
                 through.add(n)
                 todo.append(n)
-    assert {"slmfactory.models.trainer", "slmfactory.models.phases", "slmfactory.models.distributed"} <= through
+    assert {"slmfactory.models.train.trainer", "slmfactory.models.train.phases", "slmfactory.models.train.distributed"} <= through
     assert not [m for m in through if m.startswith(("slmfactory.sweeps", "slmfactory.pipeline", "slmfactory.cli"))]
 
 
@@ -217,19 +230,19 @@ def test_no_modules_import_each_other():
 def test_the_graph_sees_real_edges():
     """Guards the walker itself: known edges must be found."""
     graph = import_graph()
-    assert "slmfactory.platform.config" in graph["slmfactory.models.lm"]
-    assert "slmfactory.platform.stages" in graph["slmfactory.data.tokenizer"]
+    assert "slmfactory.platform.config" in graph["slmfactory.models.arch.lm"]
+    assert "slmfactory.platform.stages" in graph["slmfactory.data.tokens.tokenizer"]
     assert "slmfactory.models.strategies.base" in graph["slmfactory.models.strategies.slm"]
     assert "slmfactory.platform.config" in graph["slmfactory.trial"]
-    assert "slmfactory.data.clusters" in graph["slmfactory.data.cluster_pipeline"]
+    assert "slmfactory.data.clustering.clusters" in graph["slmfactory.data.clustering.pipeline"]
 
 
 @pytest.mark.parametrize("source, module, is_package, want", [
     ("from . import config", "slmfactory.platform.stages", False, "slmfactory.platform"),
     ("from .config import RunConfig", "slmfactory.platform.stages", False, "slmfactory.platform.config"),
-    ("from ..serving import app", "slmfactory.models.lm", False, "slmfactory.serving"),
+    ("from ...serving import app", "slmfactory.models.arch.lm", False, "slmfactory.serving"),
     ("from .strategies import base", "slmfactory.models", True, "slmfactory.models.strategies"),
-    ("from ... import x", "slmfactory.models.lm", False, None),
+    ("from .... import x", "slmfactory.models.arch.lm", False, None),
 ])
 def test_relative_imports_are_resolved_to_the_module_they_name(source, module, is_package, want):
     """An upward import spelt relatively (``from ..serving import app``) is an edge too."""
@@ -290,7 +303,7 @@ def test_no_module_defines_a_name_twice():
     assert redefined_names("x = 1\nx = 2\n\n\ndef f():\n    pass\n") == []  # plain variables may change
 
 
-RUN_TIME_FORBIDDEN = ("slmfactory.models.trainer", "slmfactory.models.phases", "slmfactory.models.distributed",
+RUN_TIME_FORBIDDEN = ("slmfactory.models.train.trainer", "slmfactory.models.train.phases", "slmfactory.models.train.distributed",
                       "slmfactory.models.strategies", "slmfactory.models.instant", "slmfactory.pipeline",
                       "slmfactory.sweeps", "ray.train", "ray.data", "ray.tune")
 """What building a config and starting to serve must not import, at run time as statically."""
@@ -302,7 +315,7 @@ cfg = load_config(sys.argv[1], {"workdir": sys.argv[2]})           # a RunConfig
 from slmfactory.serving.app import build_app                       # what a replica's process imports
 app = build_app({"config": sys.argv[1], "set": [f"workdir={sys.argv[2]}"], "models": sys.argv[3]})
 args = app._bound_deployment.init_args                             # what each replica is started with
-from slmfactory.serving.domains import RuntimeDomains
+from slmfactory.serving.domains.runtime import RuntimeDomains
 from slmfactory.serving.engine import load, score_ids
 from slmfactory.serving.server import import_everything
 import_everything()                                                # a replica's first act (DomainServer)
@@ -337,7 +350,7 @@ def test_a_config_and_the_serving_path_import_no_training_code_at_run_time(tiny_
 
     import torch
 
-    from slmfactory.models.phases import export_hf, load_lm
+    from slmfactory.models.train.phases import export_hf, load_lm
     from slmfactory.platform.config import load_config
 
     tiny = PACKAGE.parent / "configs" / "tiny.yaml"
@@ -357,3 +370,78 @@ def test_a_config_and_the_serving_path_import_no_training_code_at_run_time(tiny_
     assert "slmfactory.serving.server" in modules and "transformers" in modules  # the path ran
     imported = sorted(m for m in modules if m.startswith(RUN_TIME_FORBIDDEN))
     assert not imported, f"building a config and starting to serve imported training code: {imported}"
+
+
+# -- subsystems: each reached through its face -------------------------------------------------
+
+def _package_of(module: str, modules: dict[str, Path]) -> str:
+    """The package a module belongs to (a package's ``__init__`` is its own)."""
+    return module if modules[module].name == "__init__.py" else module.rsplit(".", 1)[0]
+
+
+def face_breaches(sources: dict[str, str]) -> list[str]:
+    """Every import that reaches past a subsystem's face (a module of the subsystem instead of
+    its package, or a name its ``EXPORTS`` leaves out) or takes another package's private
+    (underscore) name. ``sources``: module name -> its source."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    face = faces()
+    inside = lambda m, s: m == s or m.startswith(s + ".")  # noqa: E731
+    broken = []
+    for name, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            pairs: list[tuple[str, str | None]] = []
+            if isinstance(node, ast.Import):
+                pairs = [(a.name, None) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (
+                    module := imported_from(node, name, modules[name].name == "__init__.py")) is not None:
+                pairs = [(module, a.name) for a in node.names]
+            for target, imported in pairs:
+                if not target.startswith("slmfactory"):
+                    continue
+                for sub, exported in face.items():
+                    if inside(target, sub) and not inside(name, sub):
+                        if target != sub or imported is None:
+                            broken.append(f"{name}: {target}{'.' + imported if imported else ''} "
+                                          f"(import it from {sub})")
+                        elif imported not in exported:
+                            broken.append(f"{name}: {sub}.{imported} (not in {sub}'s EXPORTS)")
+                if imported and imported.startswith("_") and target in modules and \
+                        _package_of(target, modules) != _package_of(name, modules):
+                    broken.append(f"{name}: {target}.{imported} (another package's private name)")
+    return broken
+
+
+def test_a_subsystem_is_reached_through_its_face_and_no_private_name_crosses():
+    """Outside a subsystem, a module imports from its package and only what ``EXPORTS`` lists;
+    no module takes an underscore name of another package."""
+    sources = {module_name(p): p.read_text() for p in PACKAGE.rglob("*.py")}
+    broken = face_breaches(sources)
+    assert not broken, "imports past a subsystem's face: " + "; ".join(broken)
+
+
+@pytest.mark.parametrize("module, line, want", [
+    ("slmfactory.serving.engine", "from slmfactory.data.clustering.clusters import nearest_centroid",
+     "import it from slmfactory.data.clustering"),
+    ("slmfactory.serving.engine", "from slmfactory.data.clustering import kmeans_fit", "not in"),
+    ("slmfactory.pipeline", "import slmfactory.models.train.trainer", "import it from slmfactory.models.train"),
+    ("slmfactory.analysis.report", "from slmfactory.platform.config import _coerce", "private name"),
+])
+def test_the_face_check_fails_on_a_breach(module, line, want):
+    sources = {module: (PACKAGE.parent / (module.replace(".", "/") + ".py")).read_text() + "\n" + line + "\n"}
+    assert any(want in b for b in face_breaches(sources))
+
+
+def test_every_subsystem_has_a_face_whose_names_exist():
+    """Every package of the data, models and serving layers is a subsystem: its ``__init__``
+    exports names (``EXPORTS``), and each resolves, imported on first use."""
+    import importlib
+
+    face = faces()
+    packages = sorted(module_name(p) for p in PACKAGE.rglob("__init__.py")
+                      if len(p.relative_to(PACKAGE).parts) == 3)  # slmfactory/<layer>/<subsystem>/
+    assert packages and not [p for p in packages if p not in face], f"packages without EXPORTS: {packages}"
+    for sub, exported in face.items():
+        package = importlib.import_module(sub)
+        assert sorted(package.__all__) == sorted(exported)
+        for name in exported:
+            assert getattr(package, name) is not None, f"{sub}.{name}"

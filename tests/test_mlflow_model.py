@@ -62,8 +62,8 @@ def greedy(folder: Path, prompt: str, n: int) -> str:
 @pytest.fixture
 def exported(tiny_cfg, tmp_path) -> Path:
     """A freshly initialised tiny SLM exported as a trial exports it (``export_hf``)."""
-    from slmfactory.models.lm import build_model
-    from slmfactory.models.phases import export_hf, vocab_size_of
+    from slmfactory.models.arch.lm import build_model
+    from slmfactory.models.train.phases import export_hf, vocab_size_of
 
     cfg = tiny_cfg
     folder = tmp_path / "export"
@@ -143,7 +143,7 @@ def test_a_trial_logs_the_splits_it_read_with_the_manifests_digests(tiny_cfg, tm
     from slmfactory.trial import TrialRecord as R, log_trial, trial_datasets
     from tests.test_trial import record_for
 
-    from slmfactory.data.corpus import MANIFEST
+    from slmfactory.data.corpus.store import MANIFEST
 
     assert CORPUS_MANIFEST == MANIFEST  # the platform reads the file the data layer writes
     manifest = json.loads((tiny_cfg.corpus_dir / CORPUS_MANIFEST).read_text())["parts"]

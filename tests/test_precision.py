@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from slmfactory.data.tokens import PackedBatches, split_tokens
-from slmfactory.models.lm import build_model
-from slmfactory.models.trainer import Trainer, plan_execution
+from slmfactory.data.tokens.streams import PackedBatches, split_tokens
+from slmfactory.models.arch.lm import build_model
+from slmfactory.models.train.trainer import Trainer, plan_execution
 from slmfactory.platform.config import ModelConfig, load_config
 from slmfactory.platform.errors import ConfigError
 
@@ -137,7 +137,7 @@ def test_mlflow_params_carry_the_setting_and_what_each_phase_ran_in(tiny_cfg, tm
 
 
 def test_minilm_bf16_matches_fp32_and_auto_follows_the_cpu():
-    from slmfactory.data.embed import embed_precision, encode, load_minilm
+    from slmfactory.data.clustering.minilm import embed_precision, encode, load_minilm
 
     assert embed_precision("cpu", NO_BF16) == "fp32" and embed_precision("cpu", AMX) == "bf16"
     assert embed_precision("cuda", AMX) == "fp32"
@@ -155,7 +155,7 @@ def test_a_phase_whose_compile_fails_runs_eager_and_says_so(tiny_cfg, monkeypatc
     autocast on torch 2.13: "RuntimeError when making fake tensor call"). The phase then runs
     eager, at the precision auto picks for eager, and says so; the failure is injected here
     so that the outcome does not depend on which ops this torch can compile."""
-    import slmfactory.models.trainer as trainer_module
+    import slmfactory.models.train.trainer as trainer_module
 
     def compile_that_fails(module, **kwargs):
         def first_call(*args, **kw):

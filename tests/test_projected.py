@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slmfactory.models.lm import build_model, llama_config
-from slmfactory.models.projected import MLP_MATRICES, ProjectedLlama, hard_mixture_from_experts
+from slmfactory.models.arch.lm import build_model, llama_config
+from slmfactory.models.arch.projected import MLP_MATRICES, ProjectedLlama, hard_mixture_from_experts
 from slmfactory.platform.config import ModelConfig
 
 VOCAB, SEQ = 300, 32

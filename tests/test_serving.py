@@ -26,7 +26,7 @@ def served(tiny_root, tmp_path_factory):
     import ray
 
     from slmfactory.pipeline import run_trial
-    from slmfactory.data.cluster_pipeline import run_clustering
+    from slmfactory.data.clustering.pipeline import run_clustering
     from slmfactory.platform.config import load_config
     from slmfactory.platform.runtime import init_ray
 
@@ -82,7 +82,7 @@ def client(url):
 
 
 def test_models_and_completions_for_two_domains(served):
-    from slmfactory.serving.domains import DomainStore
+    from slmfactory.serving.domains.runtime import DomainStore
 
     cfg, url, _ = served
     c = client(url)
@@ -198,9 +198,9 @@ def test_score_equals_the_projects_own_evaluation(served):
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from slmfactory.data.tokens import split_tokens
-    from slmfactory.models.trainer import evaluate_nll
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens.streams import split_tokens
+    from slmfactory.models.train.trainer import evaluate_nll
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     cfg, url, folders = served
     tok = load_tokenizer(ensure_tokenizer(cfg))
@@ -224,9 +224,9 @@ def test_score_equals_the_projects_own_evaluation(served):
 
 
 def test_auto_routes_test_prompts_to_their_own_domain(served):
-    from slmfactory.data.corpus import iter_texts
+    from slmfactory.data.corpus.store import iter_texts
 
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     cfg, url, _ = served
     tok = load_tokenizer(ensure_tokenizer(cfg))
@@ -249,7 +249,7 @@ def test_auto_routes_each_prompt_to_the_domain_whose_own_model_scores_it_best(se
     that ``engine.route_nlls`` computes in this process with the same model folders, and
     the answer reports the choice and every candidate's NLL. The broken `vintage` folder is
     no candidate; long texts are routed by their two ends (``engine.route_ids``)."""
-    from slmfactory.data.corpus import iter_texts
+    from slmfactory.data.corpus.store import iter_texts
     from slmfactory.serving import engine
 
     cfg, url, folders = served
@@ -345,7 +345,7 @@ def silent(served):
     from safetensors.torch import load_file, save_file
     from transformers import PreTrainedTokenizerFast
 
-    from slmfactory.serving.domains import DomainStore
+    from slmfactory.serving.domains.runtime import DomainStore
 
     cfg, _, folders = served
     folder = cfg.root / "silent-model"
@@ -379,7 +379,7 @@ CHAT_PROMPT = "system: Answer as a contract would.\nuser: The licence grants\nas
 
 
 def tokenizer_of(cfg):
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     return load_tokenizer(ensure_tokenizer(cfg))
 

@@ -45,7 +45,7 @@ def _register(work: Path, uri: str, seed: int) -> None:
     version of ``NAME``, as a sweep registers its trials' models."""
     import torch
 
-    from slmfactory.models.phases import export_hf, load_lm
+    from slmfactory.models.train.phases import export_hf, load_lm
     from slmfactory.platform.config import load_config
     from slmfactory.platform.tracking import MlflowTracker, register_model
 

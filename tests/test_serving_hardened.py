@@ -47,7 +47,7 @@ def _export(cfg, out: Path, domain: str, poison: str | None = None) -> Path:
     "nan" fills the final norm with NaN (every logit NaN: sampling raises)."""
     import torch
 
-    from slmfactory.models.phases import export_hf, load_lm
+    from slmfactory.models.train.phases import export_hf, load_lm
 
     torch.manual_seed(0)
     model = load_lm(cfg, "slm", None).eval()
@@ -175,8 +175,8 @@ def test_keys_admin_and_rate_limits(app):
     # four scores of ~480 tokens fit in the full bucket of 2000 whatever their pace; then
     # scores are sent until one is refused (the bucket refills 33 tokens a second: only
     # scores slower than 14 s each could keep it from emptying).
-    from slmfactory.data.corpus import iter_texts
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.corpus.store import iter_texts
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     tok = load_tokenizer(ensure_tokenizer(cfg))
     long = " ".join(itertools.islice(iter_texts(cfg.corpus_dir, "legal", "train"), 20))
@@ -569,7 +569,7 @@ def test_prompts_and_score_inputs_given_as_token_ids(app):
     naming the field."""
     import pytest as _pytest
 
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     cfg, url, _ = app
     tok = load_tokenizer(ensure_tokenizer(cfg))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from slmfactory.models.launch import LocalLauncher
+from slmfactory.models.train.launch import LocalLauncher
 from slmfactory.models.strategies.base import StrategyContext, get_strategy
 from slmfactory.platform.config import load_config
 
@@ -47,8 +47,8 @@ def run(cfg, strategy: str = "slm"):
 
 
 def keys(cfg) -> dict[str, str]:
-    from slmfactory.data.tokens import token_stage
-    from slmfactory.data.tokenizer import tokenizer_stage
+    from slmfactory.data.tokens.streams import token_stage
+    from slmfactory.data.tokens.tokenizer import tokenizer_stage
 
     return {"tokenizer": tokenizer_stage(cfg).key, "generic tokens": token_stage(cfg, "generic", "train").key,
             "domain tokens": token_stage(cfg, DOMAIN, "train").key}
@@ -57,7 +57,7 @@ def keys(cfg) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A workdir after one `slm` run (corpus, tokenizer, tokens, generic phase, fine-tune)."""
-    from slmfactory.data.corpus_build import build_sample_corpus
+    from slmfactory.data.corpus.build import build_sample_corpus
 
     cfg = small(tmp_path_factory.mktemp("stages") / "work")
     build_sample_corpus(cfg)
@@ -98,13 +98,13 @@ def test_another_vocab_size_retrains_tokenizer_tokens_and_every_phase(built, tmp
     assert all(before[k] != after[k] for k in before)
     phases, _, rec = run(changed)
     assert phases == ["pretrain/slm", f"finetune/slm/{DOMAIN}"]
-    from slmfactory.models.phases import vocab_size_of
+    from slmfactory.models.train.phases import vocab_size_of
 
     assert vocab_size_of(changed) == 384 and rec.params < 200_000
 
 
 def test_a_rebuilt_corpus_invalidates_what_reads_the_changed_files(built, tmp_path):
-    from slmfactory.data.corpus_build import build_sample_corpus
+    from slmfactory.data.corpus.build import build_sample_corpus
 
     cfg, _, _ = built
     same = copy_of(cfg, tmp_path)

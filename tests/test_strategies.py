@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from slmfactory.models.launch import LocalLauncher
-from slmfactory.data.tokens import TokenSource
-from slmfactory.models.phases import evaluate_ppl
+from slmfactory.models.train.launch import LocalLauncher
+from slmfactory.data.tokens.streams import TokenSource
+from slmfactory.models.train.phases import evaluate_ppl
 from slmfactory.models.strategies.base import StrategyContext, get_strategy
 from slmfactory.platform.config import load_config
 
@@ -30,8 +30,8 @@ def work_cfg(tmp_path_factory):
     """The tiny recipe with 4 clusters on the real-text sample, built with the generic part
     and the one domain tested only: MiniLM embeds every domain's windows, and clustering is
     the slow part of this module."""
-    from slmfactory.data.corpus_build import build_sample_corpus
-    from slmfactory.data.tokenizer import ensure_tokenizer
+    from slmfactory.data.corpus.build import build_sample_corpus
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer
 
     work = tmp_path_factory.mktemp("strategies") / "work"
     # A pulse needs only a few steps: 16 pretraining steps (4 per expert of slm-mix on
@@ -49,7 +49,7 @@ def work_cfg(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clustered_cfg(work_cfg):
     """``work_cfg`` after MiniLM + k-means clustering (once per module: it is the slow part)."""
-    from slmfactory.data.cluster_pipeline import run_clustering
+    from slmfactory.data.clustering.pipeline import run_clustering
 
     run_clustering(work_cfg, progress=False)
     return work_cfg
@@ -76,7 +76,7 @@ def run_pulse(cfg, name: str):
     trial never reserved."""
     from transformers import AutoModelForCausalLM
 
-    from slmfactory.models.phases import DomainData
+    from slmfactory.models.train.phases import DomainData
 
     launcher = PhaseRecorder()
     ctx = StrategyContext(cfg, launcher, log=None)
@@ -138,7 +138,7 @@ def _paper_flops_per_token(model, seq_len: int, per_param: float) -> float:
 def test_slm_d_pulse(work_cfg):
     from transformers import AutoModelForCausalLM
 
-    from slmfactory.models.phases import load_lm
+    from slmfactory.models.train.phases import load_lm
 
     cfg = work_cfg
     generic, rec = run_pulse(cfg, "slm-d")
@@ -178,9 +178,9 @@ def test_slm_d_pulse(work_cfg):
 # -- slm-pn --------------------------------------------------------------------------------
 
 def test_cluster_routed_batches_are_deterministic_and_proportional(work_cfg, tmp_path):
-    from slmfactory.models.projected import build_projected
-    from slmfactory.data.tokens import PackedBatches, split_tokens
-    from slmfactory.models.phases import vocab_size_of
+    from slmfactory.models.arch.projected import build_projected
+    from slmfactory.data.tokens.streams import PackedBatches, split_tokens
+    from slmfactory.models.train.phases import vocab_size_of
     from slmfactory.models.strategies.slm_pn import ClusterRoutedTrainer
 
     cfg = work_cfg
@@ -214,7 +214,7 @@ def test_cluster_routed_batches_are_deterministic_and_proportional(work_cfg, tmp
 @pytest.mark.ray
 @pytest.mark.slow
 def test_slm_pn_pulse(clustered_cfg):
-    from slmfactory.data.clusters import load_clusters
+    from slmfactory.data.clustering.clusters import load_clusters
 
     generic, rec = run_pulse(clustered_cfg, "slm-pn")
     assert generic.cost.flops > 0 and generic.info["experts"] == 4
@@ -222,7 +222,7 @@ def test_slm_pn_pulse(clustered_cfg):
     # The generic phase records the routed generic perplexity (docs/paper.md#table-8).
     assert math.isfinite(generic.info["routed_generic_ppl"]) and generic.info["routed_generic_tokens"] > 0
     # The served model is a plain SLM: same size as the `slm` strategy's.
-    from slmfactory.models.phases import load_lm
+    from slmfactory.models.train.phases import load_lm
     assert rec.params == sum(p.numel() for p in load_lm(clustered_cfg, "slm", None).parameters())
 
 
@@ -232,7 +232,7 @@ def test_slm_pn_pulse(clustered_cfg):
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", ["most-frequent", "best-before-finetune", "best-after-finetune"])
 def test_slm_mix_pulse(clustered_cfg, rule):
-    from slmfactory.data.clusters import load_clusters
+    from slmfactory.data.clustering.clusters import load_clusters
 
     cfg = clustered_cfg.replace(**{"strategy.slm-mix.selection": rule})
     generic, rec = run_pulse(cfg, "slm-mix")
@@ -242,7 +242,7 @@ def test_slm_mix_pulse(clustered_cfg, rule):
     assert experts <= set(range(clusters.k)) and len(experts) >= 2
     # The split budget: the experts together spend about one SLM's pretraining tokens.
     step = cfg.pretrain.batch_size * cfg.data.seq_len
-    from slmfactory.models.phases import trained_tokens
+    from slmfactory.models.train.phases import trained_tokens
 
     assert abs(trained_tokens(generic.cost) - cfg.pretrain.max_tokens) <= len(experts) * step
     if rule == "most-frequent":
@@ -268,7 +268,7 @@ def test_llm_lora_pulse(work_cfg):
     assert 0 < rec.metrics["lora_trainable_params"] < rec.params / 5
     # Frozen weights skip their weight gradients: cheaper per token than full fine-tuning
     # (6·N), dearer than a forward pass (2·N).
-    from slmfactory.models.phases import load_lm
+    from slmfactory.models.train.phases import load_lm
     from slmfactory.platform.cost import inference_flops_per_token, train_flops_per_token
 
     llm = load_lm(work_cfg, "llm", None)
@@ -284,8 +284,8 @@ def test_llm_lora_pulse(work_cfg):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_slm_is_pulse(clustered_cfg):
-    from slmfactory.models.phases import trained_tokens
-    from slmfactory.data.clusters import load_clusters
+    from slmfactory.models.train.phases import trained_tokens
+    from slmfactory.data.clustering.clusters import load_clusters
 
     generic, rec = run_pulse(clustered_cfg, "slm-is")
     # No generic phase: its only generic cost is embedding and clustering the generic corpus.
@@ -307,13 +307,13 @@ def test_slm_is_pulse(clustered_cfg):
 def test_slm_nopt_spends_the_spec_budget_from_scratch(work_cfg):
     """Training from scratch happens once the domain is known: the spec axis's tokens, not a
     budget of its own (it trained 65,536 tokens under a 32,768 label)."""
-    from slmfactory.models.phases import trained_tokens
+    from slmfactory.models.train.phases import trained_tokens
 
     cfg = work_cfg.replace(**{"finetune.patience": 0, "finetune.max_tokens": 6 * 8 * 64})
     generic, rec = run_pulse(cfg, "slm-nopt")
     assert generic is None and rec.generic_cost is None
     assert trained_tokens(rec.spec_cost) == 6 * 8 * 64 and rec.metrics["finetune_steps"] == 6
-    from slmfactory.models.phases import DomainData
+    from slmfactory.models.train.phases import DomainData
 
     sequences = len(DomainData.of(cfg, DOMAIN).train.load()) // 64
     assert rec.metrics["epochs/spec"] == pytest.approx(6 * 8 / sequences)
@@ -324,15 +324,15 @@ def test_slm_nopt_spends_the_spec_budget_from_scratch(work_cfg):
 def test_routed_and_dense_generic_perplexity_score_the_same_sequences(clustered_cfg):
     """Table 8's routed figure (mix, pn) and a dense model's are over the same sequences: a
     'mixture' whose every expert is one model gives exactly that model's figure."""
-    from slmfactory.models.experts import expert_clusters
-    from slmfactory.models.generic_eval import generic_nll, routed_generic_nll
-    from slmfactory.models.phases import load_lm
+    from slmfactory.models.train.experts import expert_clusters
+    from slmfactory.models.train.generic_eval import generic_nll, routed_generic_nll
+    from slmfactory.models.train.phases import load_lm
 
     model = load_lm(clustered_cfg, "slm", None)
     dense = generic_nll(clustered_cfg, lambda _: model)
     routed = routed_generic_nll(clustered_cfg, expert_clusters(clustered_cfg, 4), lambda _: model)
     assert routed["routed_generic_ppl"] == pytest.approx(dense["generic_ppl"], rel=1e-9)
-    from slmfactory.models.generic_eval import generic_eval_sequences
+    from slmfactory.models.train.generic_eval import generic_eval_sequences
 
     n = len(generic_eval_sequences(clustered_cfg))   # the first eval_tokens of the split, whole sequences
     assert 0 < n <= clustered_cfg.pretrain.eval_tokens // clustered_cfg.data.seq_len
@@ -340,8 +340,8 @@ def test_routed_and_dense_generic_perplexity_score_the_same_sequences(clustered_
 
 
 def test_the_test_sample_spans_the_whole_split_and_is_the_same_every_time(work_cfg):
-    from slmfactory.data.tokens import as_sequences
-    from slmfactory.models.phases import DomainData
+    from slmfactory.data.tokens.streams import as_sequences
+    from slmfactory.models.train.phases import DomainData
 
     cfg = work_cfg.replace(**{"data.test_tokens": 8 * 64})
     data = DomainData.of(cfg, DOMAIN)
@@ -385,8 +385,8 @@ def test_paper_sizes_of_the_expert_strategies():
     """paper.yaml's models have the paper's parameter counts (docs/paper.md#model-sizes) within 3%: SLM 126M, LLM 771M,
     SLM-mix k x 126M, SLM-pn 756M / 1,422M at 16 / 32 experts (counted on the meta device:
     no memory is allocated for the 1.4B parameters)."""
-    from slmfactory.models.lm import build_model, count_params
-    from slmfactory.models.projected import build_projected
+    from slmfactory.models.arch.lm import build_model, count_params
+    from slmfactory.models.arch.projected import build_projected
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
     vocab = cfg.tokenizer.vocab_size

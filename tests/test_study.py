@@ -122,7 +122,7 @@ def test_study_v2_reaches_the_capacity_limited_regime(study_v2):
     """The experts can only pay where the SLM is capacity-limited: the largest generic budget
     gives at least 300 tokens per SLM parameter (the first study reached 30.5), and the
     mixture and projected network run at the two largest budgets with a second seed at the top."""
-    from slmfactory.models.lm import build_model, count_params
+    from slmfactory.models.arch.lm import build_model, count_params
 
     cfg, plan = study_v2
     slm_params = count_params(build_model(cfg.slm, cfg.tokenizer.vocab_size, cfg.data.seq_len))

@@ -8,8 +8,8 @@ import pytest
 
 
 def _texts_and_tokenizer(cfg):
-    from slmfactory.data.corpus import iter_texts
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.corpus.store import iter_texts
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     tok = load_tokenizer(ensure_tokenizer(cfg))
     texts = list(iter_texts(cfg.corpus_dir, "generic", "train"))
@@ -23,7 +23,7 @@ def _reference(tok, texts):
 
 
 def test_streamed_split_equals_in_memory_tokenization(tiny_cfg):
-    from slmfactory.data.tokens import TOKENS_FILE, split_source, split_tokens, token_stage
+    from slmfactory.data.tokens.streams import TOKENS_FILE, split_source, split_tokens, token_stage
 
     tok, texts = _texts_and_tokenizer(tiny_cfg)
     ref = _reference(tok, texts)
@@ -38,7 +38,7 @@ def test_streamed_split_equals_in_memory_tokenization(tiny_cfg):
 
 
 def test_a_prefix_is_the_streams_prefix_and_grows_in_place(tiny_cfg):
-    from slmfactory.data.tokens import split_tokens, token_stage
+    from slmfactory.data.tokens.streams import split_tokens, token_stage
 
     tok, texts = _texts_and_tokenizer(tiny_cfg)
     ref = _reference(tok, texts)
@@ -58,7 +58,7 @@ def test_a_prefix_is_the_streams_prefix_and_grows_in_place(tiny_cfg):
 @pytest.mark.parametrize("max_tokens", [None, 0, 1, 257, 4096])
 @pytest.mark.parametrize("batch_docs", [1, 3, 256])
 def test_chunks_do_not_depend_on_batching(tiny_cfg, max_tokens, batch_docs):
-    from slmfactory.data.tokens import iter_token_chunks, tokenize_texts
+    from slmfactory.data.tokens.streams import iter_token_chunks, tokenize_texts
 
     tok, texts = _texts_and_tokenizer(tiny_cfg)
     texts = texts[:20]
@@ -70,7 +70,7 @@ def test_chunks_do_not_depend_on_batching(tiny_cfg, max_tokens, batch_docs):
 
 
 def test_npy_writer_appends_and_fixes_the_header(tmp_path):
-    from slmfactory.data.npy import NpyWriter
+    from slmfactory.data.tokens.npy import NpyWriter
 
     parts = [np.arange(5, dtype=np.int32), np.zeros(0, np.int32), np.arange(10**6, dtype=np.int32) * 3]
     with NpyWriter(tmp_path / "t.npy") as w:

@@ -43,8 +43,8 @@ def _shrink_corpus(cfg, generic_docs: int, keep_domains: tuple[str, ...]) -> Non
 
 
 def _expected_windows(cfg) -> int:
-    from slmfactory.data.clusters import corpus_inputs
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.clustering.clusters import corpus_inputs
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     tok = load_tokenizer(ensure_tokenizer(cfg))
     w = cfg.cluster.window_tokens
@@ -61,11 +61,11 @@ def _expected_windows(cfg) -> int:
 def test_pipeline_on_two_local_nodes_matches_single_node(two_node_cluster, tiny_root, tmp_path):
     import ray
 
-    from slmfactory.data.cluster_pipeline import run_clustering
+    from slmfactory.data.clustering.pipeline import run_clustering
     from slmfactory.platform.config import load_config
-    from slmfactory.data.embed import encode, load_minilm
+    from slmfactory.data.clustering.minilm import encode, load_minilm
     from slmfactory.platform.runtime import init_ray
-    from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+    from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     work = tmp_path / "two"
     shutil.copytree(tiny_root, work)

@@ -66,8 +66,8 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_ships_package_data_not_tests(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    assert "slmfactory/data/corpus_sample/generic.jsonl" in names
-    assert "slmfactory/data/corpus_sample/LICENSES.md" in names
+    assert "slmfactory/data/corpus/sample/generic.jsonl" in names
+    assert "slmfactory/data/corpus/sample/LICENSES.md" in names
     # The checkout's tests, scripts and the study's write-up stay out; reading a sweep back ships.
     assert not [n for n in names if n.startswith(("tests/", "scripts/", "study/"))]
     assert {"slmfactory/analysis/frontier.py", "slmfactory/analysis/report.py", "slmfactory/demo.py"} <= set(names)
@@ -144,7 +144,7 @@ print(importlib.util.find_spec("datasets") is None)
 
     # Without the `datasets` extra the optional loader names the extra it needs.
     assert no_datasets == "True", "datasets is installed in the fresh venv: nothing should pull it in"
-    r = subprocess.run([str(py), "-c", "from slmfactory.data.corpus import load_split; load_split('.', 'legal', 'train')"],
+    r = subprocess.run([str(py), "-c", "from slmfactory.data.corpus.store import load_split; load_split('.', 'legal', 'train')"],
                        cwd=tmp_path, env=_env(venv), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "ImportError" in r.stderr and "pip install 'slmfactory[datasets]'" in r.stderr, r.stderr[-2000:]
 

@@ -1,7 +1,7 @@
 """Paired comparisons: two configurations scored on the same test sequences.
 
 Every strategy of a study is scored on the same sampled test sequences of a domain
-(``models/phases.py``: ``DomainData.test_sample``), so the honest test of "is A better than
+(``models/train/phases.py``: ``DomainData.test_sample``), so the honest test of "is A better than
 B" resamples the *difference* per sequence (the same draws for both sides) instead of
 comparing two intervals for overlap: what one sequence makes hard for A it makes hard for B
 too, and pairing removes that shared variance (two unpaired 95% intervals can overlap while

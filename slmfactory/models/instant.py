@@ -37,17 +37,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from slmfactory.data import embed_hashed
-from slmfactory.data.clusters import load_clusters, nearest_centroid
-from slmfactory.data.embed import encode, load_minilm
-from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
-from slmfactory.data.tokens import TokenSource, tokenize_texts
-from slmfactory.models.distributed import RayLauncher, make_launcher
-from slmfactory.models.lm import CONSTRUCTION_LOCK, count_params
-from slmfactory.models.phases import DomainData, export_hf, finetune_lm, load_lm, vocab_size_of
-from slmfactory.models.projected import build_projected
-from slmfactory.models.strategies.base import StrategyContext, Weights, get_strategy
-from slmfactory.models.trainer import evaluate_nll
+from slmfactory.data.clustering import encode, hashed as embed_hashed, load_clusters, load_minilm, nearest_centroid
+from slmfactory.data.tokens import TokenSource, ensure_tokenizer, load_tokenizer, tokenize_texts
+from slmfactory.models.arch import CONSTRUCTION_LOCK, build_projected, count_params
+from slmfactory.models.strategies import get_strategy
+from slmfactory.models.train import (
+    DomainData, RayLauncher, StrategyContext, Weights, evaluate_nll, export_hf, finetune_lm, load_lm, make_launcher,
+    vocab_size_of)
 from slmfactory.platform.cost import inference_flops_per_token
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import Stage

@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-from slmfactory.platform.registry import strategies, strategy_names
 from slmfactory.platform.errors import ConfigError
+from slmfactory.platform.registry import strategies, strategy_names
 
 
 
@@ -191,7 +191,7 @@ class TrainConfig:
     """``torch.compile`` mode for the training forward/backward (``default``,
     ``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``; empty = eager;
     ``auto`` = ``default`` only when the phase is long enough to repay the one-off compile,
-    ``models/trainer.py:plan_execution``, docs/cpu-speed.md). Worth it on GPUs (fused
+    ``models/train/trainer.py:plan_execution``, docs/cpu-speed.md). Worth it on GPUs (fused
     kernels: 1.7x on an H200, bench/gpu_mfu.py) and on CPUs (bench/cpu_step.py)."""
     precision: str = "auto"
     """Training matmul precision: ``fp32``; ``bf16`` (autocast: bf16 matmuls, fp32 weights,
@@ -236,7 +236,7 @@ class DataConfig:
         _check(self.domain_train_tokens >= 1, "data.domain_train_tokens", ">= 1", self.domain_train_tokens)
 
 
-#: ``cluster.embedder``'s values (slmfactory.data.cluster_pipeline dispatches on them).
+#: ``cluster.embedder``'s values (slmfactory.data.clustering.pipeline dispatches on them).
 EMBEDDERS = ("minilm", "hashed-tfidf")
 
 
@@ -688,7 +688,7 @@ class ServingConfig:
     in device-hours only (docs/costs.md#serving-cost)."""
     cost_measure_s: float = 1.0
     """Seconds the EXPORT stage spends measuring an exported model's scoring and generation
-    tokens/s on this machine (``models/serving_rate.py``; at least one timed pass of each,
+    tokens/s on this machine (``models/train/serving_rate.py``; at least one timed pass of each,
     whatever this says); 0: not measured (no serving cost for the model)."""
 
     def __post_init__(self) -> None:

@@ -269,7 +269,7 @@ def generic_under(convention: str, generic: float, embed_generic: float) -> floa
 # -- serving: measured tokens/s priced per million tokens ---------------------------------
 #
 # What serving a model costs is not its parameter count but its tokens/s on the device that
-# serves it. Each exported model's rates are measured once (``models/serving_rate.py``, in
+# serves it. Each exported model's rates are measured once (``models/train/serving_rate.py``, in
 # the EXPORT stage) for the two things the API does: scoring (``/v1/score``: one forward pass
 # over the text) and generation (``/v1/completions``: one forward per new token). A million
 # tokens at r tokens/s take 1e6 / r device-seconds; the price is those hours times

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 GiB = 2.0 ** 30
 MINILM_PARAMS = 22.7e6
 MINILM_DIM = 384
-# ``cluster.embedder: hashed-tfidf``, as ``data/embed_hashed.py`` and the clustering run it
+# ``cluster.embedder: hashed-tfidf``, as ``data/clustering/hashed.py`` and the clustering run it
 # (the platform imports nothing above it; tests/test_footprint.py keeps these equal to theirs).
 HASHED_TFIDF = "hashed-tfidf"
 HASHED_FEATURES = 2 ** 15

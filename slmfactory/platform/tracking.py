@@ -527,7 +527,7 @@ CORPUS_MANIFEST = "manifest.json"
 """The corpus manifest's file name under ``cfg.corpus_dir`` (``data.corpus.MANIFEST``; the
 platform reads the file, the data layer writes and owns it)."""
 SPLIT_COLUMNS = ("doc_id", "text", "source")
-"""Every split's parquet columns, all strings (``data/corpus.py``)."""
+"""Every split's parquet columns, all strings (``data/corpus/store.py``)."""
 MAX_SOURCE_PACKAGES = 1000
 DIGEST_CHARS = 36
 """MLflow's limit on a dataset digest: the manifest's sha256 cut to it (whole in the profile)."""

@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmfactory.data.clusters import load_clusters
+from slmfactory.data.clustering import load_clusters
 from slmfactory.platform.cost import SERVING_TASKS, ServingRates
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import replace_dir

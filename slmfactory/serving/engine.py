@@ -27,9 +27,7 @@ from typing import Any, Callable, Collection
 
 import numpy as np
 
-from slmfactory.data import embed_hashed
-from slmfactory.data.clusters import nearest_centroid
-from slmfactory.data.embed import encode, load_minilm as _load_minilm
+from slmfactory.data.clustering import encode, hashed as embed_hashed, load_minilm as _load_minilm, nearest_centroid
 
 LOGIT_CHUNK_ELEMENTS = 1 << 22
 """Scoring holds at most this many logits (16 MiB of float32) at a time, whatever the
@@ -102,7 +100,7 @@ def load(path: str) -> Loaded:
     import torch  # lazy (module docstring)
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from slmfactory.models.lm import CONSTRUCTION_LOCK  # lazy: it imports torch
+    from slmfactory.models.arch import CONSTRUCTION_LOCK  # lazy: it imports torch
 
     t0 = time.perf_counter()
     # from_pretrained disables weight tying process-wide while it runs: no other model may
@@ -116,7 +114,7 @@ def load(path: str) -> Loaded:
 
 def load_minilm():
     """The clustering's MiniLM on the CPU (what ``auto`` routes with)."""
-    from slmfactory.models.lm import CONSTRUCTION_LOCK  # lazy: it imports torch
+    from slmfactory.models.arch import CONSTRUCTION_LOCK  # lazy: it imports torch
 
     with CONSTRUCTION_LOCK:  # a from_pretrained inside (see CONSTRUCTION_LOCK)
         return _load_minilm("cpu")

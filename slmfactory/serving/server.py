@@ -50,8 +50,7 @@ from ray import serve
 
 from slmfactory.platform.config import DEFAULT_CHAT_TEMPLATE, from_dict
 from slmfactory.platform.cost import ServingRates
-from slmfactory.serving import catalog as cat
-from slmfactory.serving import replies
+from slmfactory.serving import catalog as cat, replies
 from slmfactory.serving.api import (IGNORED_FIELDS_HEADER, ApiError, ChatRequest, CompletionRequest, Limits,
                                     ignored_fields, validate)
 from slmfactory.serving.auth import Auth, RateLimiter, SharedRateLimiter
@@ -92,7 +91,7 @@ def import_everything() -> None:
     from transformers.models.llama import modeling_llama  # noqa: F401
     from transformers.utils import chat_template_utils  # noqa: F401
 
-    import slmfactory.models.projected  # noqa: F401
+    from slmfactory.models.arch import projected  # noqa: F401  (registers the projected network)
 
     transformers.logging.set_verbosity_error()
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from slmfactory.models.lm import build_model, count_params
+from slmfactory.models.arch import build_model, count_params
 from slmfactory.models.strategies import get_strategy
 from slmfactory.platform.config import RunConfig
 from slmfactory.platform.cost import Work, device_seconds

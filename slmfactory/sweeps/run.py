@@ -47,12 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from slmfactory.data.cluster_pipeline import run_clustering
+from slmfactory.data.clustering import run_clustering
 from slmfactory.data.corpus import list_domains
-from slmfactory.data.tokenizer import ensure_tokenizer
-from slmfactory.models.distributed import make_launcher
+from slmfactory.data.tokens import ensure_tokenizer
 from slmfactory.models.strategies import get_strategy
-from slmfactory.models.strategies.base import StrategyContext
+from slmfactory.models.train import StrategyContext, make_launcher
 from slmfactory.pipeline import ensure_corpus, run_trial
 from slmfactory.platform.config import RunConfig, from_dict
 from slmfactory.platform.cost import measured_vs_projected

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from slmfactory.models.phases import (
+from slmfactory.models.train import (
     DomainData, evaluate_ppl, finetune_lm, finish, lm_flops_per_token, load_lm, phase_work)
-from slmfactory.models.strategies.base import (
-    GenericArtifact, SpecializedModel, StrategyContext, Weights, register)
+from slmfactory.models.strategies.base import register
 from slmfactory.models.strategies.llm import LargeModel
-from slmfactory.models.trainer import Trainer
+from slmfactory.models.train import GenericArtifact, SpecializedModel, StrategyContext, Trainer, Weights
 from slmfactory.platform.cost import model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import ConfigError
 from slmfactory.trial import TrialRecord

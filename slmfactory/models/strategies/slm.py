@@ -4,10 +4,10 @@ stopping on the domain's validation split (docs/paper.md#slm, the baseline of ev
 from __future__ import annotations
 
 from slmfactory.data.tokens import split_source
-from slmfactory.models.phases import (
+from slmfactory.models.train import (
     DomainData, evaluate_ppl, finetune_lm, finish, lm_flops_per_token, load_lm, phase_work, pretrain_lm)
-from slmfactory.models.strategies.base import (
-    GenericArtifact, SpecializedModel, Strategy, StrategyContext, register)
+from slmfactory.models.strategies.base import Strategy, register
+from slmfactory.models.train import GenericArtifact, SpecializedModel, StrategyContext
 
 
 @register("slm")

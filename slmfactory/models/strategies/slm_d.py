@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from slmfactory.data.tokens import Batch, split_source
-from slmfactory.models.phases import (
+from slmfactory.models.train import (
     DomainData, budget_share, evaluate_ppl, finetune_lm, finish, lm_flops_per_token, load_lm, phase_work,
     pretrain_lm)
-from slmfactory.models.strategies.base import (
-    GenericArtifact, SpecializedModel, Strategy, StrategyContext, register)
-from slmfactory.models.trainer import Trainer
+from slmfactory.models.strategies.base import Strategy, register
+from slmfactory.models.train import GenericArtifact, SpecializedModel, StrategyContext, Trainer
 from slmfactory.platform.config import from_dict
 from slmfactory.platform.cost import INFERENCE, TRAIN, Work, inference_flops_per_token, model_flop_terms
 from slmfactory.platform.errors import ConfigError

@@ -1,6 +1,6 @@
 """SLM-is: importance sampling. Once the domain is known, the generic corpus is resampled
 so that its cluster histogram matches the domain's (w(x) = P(c(x)|domain)/P(c(x)|generic),
-``slmfactory/data/resample.py``), a *fresh* SLM is pretrained on the resampled tokens,
+``slmfactory/data/clustering/resample.py``), a *fresh* SLM is pretrained on the resampled tokens,
 then fine-tuned on the domain data (docs/paper.md#slm-is).
 
 Budget: everything after the domain is known is specialisation, so the sweep's spec axis
@@ -20,14 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slmfactory.data.cluster_pipeline import run_clustering
-from slmfactory.data.resample import resample, share_metrics
+from slmfactory.data.clustering import resample, run_clustering, share_metrics
 from slmfactory.data.tokens import resampled_source
-from slmfactory.models.phases import (
+from slmfactory.models.train import (
     DomainData, budget_share, evaluate_ppl, finetune_lm, finish, lm_flops_per_token, load_lm, phase_work,
     pretrain_lm)
-from slmfactory.models.strategies.base import (
-    GenericArtifact, SpecializedModel, Strategy, StrategyContext, register)
+from slmfactory.models.strategies.base import Strategy, register
+from slmfactory.models.train import GenericArtifact, SpecializedModel, StrategyContext
 from slmfactory.platform.errors import ConfigError
 from slmfactory.trial import TrialRecord
 

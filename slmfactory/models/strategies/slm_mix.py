@@ -27,16 +27,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slmfactory.models.experts import cluster_streams, expert_clusters
-from slmfactory.models.generic_eval import routed_generic_nll
-from slmfactory.models.lm import build_model
 from slmfactory.data.tokens import split_source
-from slmfactory.models.phases import (
+from slmfactory.models.arch import build_model
+from slmfactory.models.train import cluster_streams, expert_clusters, routed_generic_nll
+from slmfactory.models.train import (
     DomainData, budget_share, evaluate_ppl, finetune_lm, finish, lm_flops_per_token, load_lm, phase_work,
     pretrain_lm, vocab_size_of)
-from slmfactory.models.strategies.base import (
-    GenericArtifact, SpecializedModel, Strategy, StrategyContext, Weights, register)
-from slmfactory.platform.cost import INFERENCE, CostRecord, Work, inference_flops_per_token, model_flop_terms, train_flops_per_token
+from slmfactory.models.strategies.base import Strategy, register
+from slmfactory.models.train import GenericArtifact, SpecializedModel, StrategyContext, Weights
+from slmfactory.platform.cost import (
+    INFERENCE, CostRecord, Work, inference_flops_per_token, model_flop_terms, train_flops_per_token)
 from slmfactory.platform.errors import ConfigError
 from slmfactory.platform.stages import Stage
 from slmfactory.trial import TrialRecord

@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from slmfactory.models.phases import budget_share
-from slmfactory.models.strategies.base import GenericArtifact, StrategyContext, register
+from slmfactory.models.strategies.base import register
 from slmfactory.models.strategies.slm import SmallModel
+from slmfactory.models.train import GenericArtifact, StrategyContext, budget_share
 from slmfactory.platform.errors import ConfigError
 
 

@@ -1,6 +1,6 @@
 """SLM-pn: a projected network pretrained with one expert per generic cluster; to
 specialise, the expert of the domain's most frequent cluster is instantiated as a plain
-SLM and fine-tuned like ``slm`` (docs/paper.md#slm-pn; model in ``slmfactory/models/projected.py``).
+SLM and fine-tuned like ``slm`` (docs/paper.md#slm-pn; model in ``slmfactory/models/arch/projected.py``).
 
 Pretraining data: the generic train windows grouped by cluster. Each step draws one
 cluster with probability proportional to its token count and takes that cluster's next
@@ -26,17 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slmfactory.data.tokens import Batch, PackedBatches
-from slmfactory.models.experts import cluster_streams, expert_clusters
-from slmfactory.models.generic_eval import routed_generic_nll
-from slmfactory.models.projected import build_projected
-from slmfactory.data.tokens import TokenSource, split_source
-from slmfactory.models.phases import (
+from slmfactory.data.tokens import Batch, PackedBatches, TokenSource, split_source
+from slmfactory.models.arch import build_projected
+from slmfactory.models.train import cluster_streams, expert_clusters, routed_generic_nll
+from slmfactory.models.train import (
     DomainData, evaluate_ppl, finetune_lm, finish, lm_factory, lm_flops_per_token, phase_work, run_phase,
     vocab_size_of)
-from slmfactory.models.strategies.base import (
-    GenericArtifact, SpecializedModel, Strategy, StrategyContext, Weights, register)
-from slmfactory.models.trainer import Trainer
+from slmfactory.models.strategies.base import Strategy, register
+from slmfactory.models.train import GenericArtifact, SpecializedModel, StrategyContext, Trainer, Weights
 from slmfactory.platform.cost import TRAIN, Work, model_flop_terms, train_flops_per_token
 from slmfactory.platform.errors import ConfigError, DataError
 from slmfactory.platform.stages import Stage

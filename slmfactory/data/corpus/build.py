@@ -1,6 +1,6 @@
 """Building the corpus: fetch pinned packages, extract, clean, dedupe, split, write.
 
-The layout it writes, and everything that reads it, is :mod:`slmfactory.data.corpus`.
+The layout it writes, and everything that reads it, is :mod:`slmfactory.data.corpus.store`.
 
 How documents are placed (all decisions hash the document's *origin* id with
 ``cfg.corpus.seed``, so a build is deterministic and independent of document order):
@@ -48,7 +48,7 @@ document per file** (long files are cut into parts at ``max_doc_chars``).
 Why one file: the build is one deterministic pipeline (clean, dedupe, place, split, cap,
 drop near copies, write, report) whose steps share the placement rules above; it is read
 top to bottom. Sources and extractors are their own modules; reading a built corpus is
-:mod:`slmfactory.data.corpus`.
+:mod:`slmfactory.data.corpus.store`.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from slmfactory.data.corpus import SAMPLE_DIR, SPLITS, list_domains, manifest_path, read_manifest, split_path
-from slmfactory.data.corpus_sources import (
+from slmfactory.data.corpus.store import SAMPLE_DIR, SPLITS, list_domains, manifest_path, read_manifest, split_path
+from slmfactory.data.corpus.sources import (
     DOMAIN_SOURCES,
     EXTRACT_VERSION,
     Source,
@@ -859,7 +859,7 @@ def import_corpus(cfg: "RunConfig", generic: list[str], domains: dict[str, list[
 
 
 def build_sample_corpus(cfg: "RunConfig", sample_dir: str | Path | None = None) -> dict:
-    """Build a tiny corpus from the real-text sample shipped in the package (``slmfactory/data/corpus_sample``):
+    """Build a tiny corpus from the real-text sample shipped in the package (``slmfactory/data/corpus/sample``):
     ``generic.jsonl`` plus one ``<domain>.jsonl`` per domain (fields doc_id, text, source).
     As in the real build, the documents of a domain that is not built are generic text."""
     root = Path(sample_dir) if sample_dir is not None else SAMPLE_DIR

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from slmfactory.models.lm import llama_config
+from slmfactory.models.arch.lm import llama_config
 
 MLP_MATRICES = ("gate_proj", "up_proj", "down_proj")
 

@@ -10,7 +10,7 @@ sees counts, the k-means sample and the centroids):
 2. embed     a pool of MiniLM actors (``map_batches``; a GPU each when present, a
              fraction of a CPU here) → ``emb-<h>/embedded`` (metadata + 384-d vector).
              ``cluster.embedder: hashed-tfidf``: first fit hashed n-grams + tf-idf + SVD
-             on the hash sample of generic train windows (:mod:`slmfactory.data.embed_hashed`,
+             on the hash sample of generic train windows (:mod:`slmfactory.data.clustering.hashed`,
              saved in the generic stage, used for the domains too), then a pool of its actors.
 3. k-means   a deterministic hash sample of at most ``cluster.sample_windows`` generic
              train windows is pulled to the driver; faiss k-means (spherical: MiniLM
@@ -46,7 +46,7 @@ fixed-point iteration, can move a window near a boundary to another cluster. Suc
 are rare (windows near a Voronoi boundary) and change a domain's histogram by a window or
 two; the float64 argmax keeps the assignment itself from adding more.
 
-The result is read back through :mod:`slmfactory.data.clusters` (``Clusters``,
+The result is read back through :mod:`slmfactory.data.clustering.clusters` (``Clusters``,
 ``load_clusters``), which also holds the stage keys this pipeline writes under.
 
 Why one file of ~610 lines: the five stages above share the canonical-order machinery
@@ -67,12 +67,12 @@ from typing import Any
 
 import numpy as np
 
-from slmfactory.data import embed_hashed
-from slmfactory.data.clusters import (
+from slmfactory.data.clustering import hashed as embed_hashed
+from slmfactory.data.clustering.clusters import (
     Clusters, assignment_stage, corpus_inputs, domain_embedding_stage, generic_embedding_stage, in_domain_counts,
     kmeans_stage, nearest_centroid, provenance)
-from slmfactory.data.embed import embed_dataset, from_arrow
-from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+from slmfactory.data.clustering.minilm import embed_dataset, from_arrow
+from slmfactory.data.tokens import ensure_tokenizer, load_tokenizer
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.runtime import ray_session
 from slmfactory.platform.tracking import open_tracker

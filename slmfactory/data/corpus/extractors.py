@@ -1,8 +1,8 @@
 """Extractors: per-source code that turns an unpacked package into ``(key, text)``
 documents, and the markup converters they use (HTML, reST, POD, roff, OSIS, dictd, OBO,
 Python docstrings, Gutenberg headers). Which package each source is, and how it is
-fetched and cached, is :mod:`slmfactory.data.corpus_sources`; the generic whitespace
-normalisation, length filtering and cutting live in :mod:`slmfactory.data.corpus_build`.
+fetched and cached, is :mod:`slmfactory.data.corpus.sources`; the generic whitespace
+normalisation, length filtering and cutting live in :mod:`slmfactory.data.corpus.build`.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from typing import Annotated, Any, Callable, Collection, Iterator
 from pydantic import AfterValidator, Field, StrictInt, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
+from slmfactory.data.tokens import ensure_tokenizer, load_tokenizer
 from slmfactory.platform.config import from_dict
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import write_json_atomic

@@ -2,9 +2,7 @@
 as a stage (``pretrain_lm``, ``finetune_lm``, ``run_phase`` through the launcher), split a
 phase budget (``budget_share``), evaluate it (``evaluate_ppl``, ``test_perplexity``), load it
 (``load_lm``) and export it as a plain Hugging Face folder (``export_hf``, ``finish``).
-
-The strategy interface (``Strategy``, ``register``, the context and the artifacts) is
-:mod:`slmfactory.models.strategies.base`; a strategy's file composes these phases.
+The artifacts the phases hand on are ``artifacts.py``'s; a strategy's file composes these phases.
 """
 
 from __future__ import annotations
@@ -20,13 +18,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from slmfactory.data.tokenizer import ensure_tokenizer
-from slmfactory.data.tokens import PackedBatches, TokenSource, as_sequences, split_source
-from slmfactory.models.generic_eval import generic_nll
-from slmfactory.models.launch import FitOutput, WorkerContext
-from slmfactory.models.lm import build_model, count_params
-from slmfactory.models.strategies.base import GenericArtifact, SpecializedModel, StrategyContext, Weights
-from slmfactory.models.trainer import (
+from slmfactory.data.tokens import PackedBatches, TokenSource, as_sequences, ensure_tokenizer, split_source
+from slmfactory.models.arch import build_model, count_params
+from slmfactory.models.train.artifacts import GenericArtifact, SpecializedModel, StrategyContext, Weights
+from slmfactory.models.train.generic_eval import generic_nll
+from slmfactory.models.train.launch import FitOutput, WorkerContext
+from slmfactory.models.train.trainer import (
     TrainResult, Trainer, autocast_for, bootstrap_ppl, eval_device, evaluate_on_trial_device, sequence_nlls)
 from slmfactory.platform.config import RunConfig, TrainConfig, from_dict
 from slmfactory.platform.cost import (
@@ -253,7 +250,7 @@ def pretrain_lm(ctx: StrategyContext, model_key: str, tokens: TokenSource, name:
     on the resources of ``scaling.<resources>`` (default ``pretrain``, ``pretrain_llm`` for the LLM),
     as a generic stage keyed by the model, the training settings and the data. Records
     the epochs it made over ``tokens`` and (``score_generic``) the final weights' generic
-    perplexity on the sample every generic phase is scored on (``models/generic_eval.py``)."""
+    perplexity on the sample every generic phase is scored on (``models/train/generic_eval.py``)."""
     cfg = ctx.cfg
     tcfg = train_cfg or cfg.pretrain
     if valid is None:
@@ -359,8 +356,8 @@ def finish(ctx: StrategyContext, strategy: str, domain: str, model: torch.nn.Mod
         export_hf(cfg, plain, work, meta)
         np.save(work / R.TEST_SEQ_NLL_FILE, np.asarray(test["seq_nll"], dtype=np.float64))
         if cfg.serving.cost_measure_s > 0:
-            # The folder as `serve` loads it, timed once here (models/serving_rate.py says why).
-            from slmfactory.models.serving_rate import measure_folder
+            # The folder as `serve` loads it, timed once here (models/train/serving_rate.py says why).
+            from slmfactory.models.train.serving_rate import measure_folder
 
             info["serving_rates"] = measure_folder(work, cfg.serving.cost_measure_s).to_dict()
             (work / "slmfactory.json").write_text(json.dumps({**meta, "serving_rates": info["serving_rates"]},

@@ -5,7 +5,7 @@ Built from scikit-learn, nothing hand-written: ``HashingVectorizer`` (word unigr
 bigrams hashed into ``N_FEATURES`` buckets, no vocabulary to fit or ship), then
 ``TfidfTransformer`` (sublinear tf, idf) and ``TruncatedSVD`` (LSA down to 32-256
 dimensions, ``fit_dim``), then ``Normalizer`` (unit length, so spherical k-means and the dot-product
-nearest centroid of :mod:`slmfactory.data.clusters` apply unchanged).
+nearest centroid of :mod:`slmfactory.data.clustering.clusters` apply unchanged).
 
 Fitted once: the idf statistics and the SVD basis are fitted on a hash-chosen sample of the
 *generic* train windows (at most ``FIT_WINDOWS``, the same seed and key as the k-means sample)
@@ -149,7 +149,7 @@ class HashedTfidfEmbedder:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from slmfactory.data.embed import to_arrow
+        from slmfactory.data.clustering.minilm import to_arrow
 
         emb, ngrams, features = transform(self.model, batch.column("text").to_pylist())
         return batch.drop_columns(["text"]).append_column("embedding", to_arrow(emb)) \

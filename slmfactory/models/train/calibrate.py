@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from slmfactory.data.tokens import PackedBatches
-from slmfactory.models.lm import build_model, count_params
-from slmfactory.models.trainer import Trainer, eval_device
+from slmfactory.models.arch import build_model, count_params
+from slmfactory.models.train.trainer import Trainer, eval_device
 from slmfactory.platform.config import ModelConfig, RunConfig, TrainConfig
 from slmfactory.platform.cost import model_flop_terms, projected_tokens_per_s
 from slmfactory.platform.machine import describe, this_machine
-from slmfactory.platform.stages import write_text_atomic
 from slmfactory.platform.runtime import say
+from slmfactory.platform.stages import write_text_atomic
 
 WARMUP_STEPS = 2
 """Untimed steps first: the allocator's warm-up, and the compile when the plan compiles."""

@@ -8,7 +8,7 @@ Layout under ``cfg.corpus_dir``::
 
 Every parquet file has the string columns ``doc_id``, ``text`` and ``source``; the
 manifest says, per file, its documents, bytes, sha256 and sources, and how the build
-placed the documents (see :mod:`slmfactory.data.corpus_build`, which writes all of it:
+placed the documents (see :mod:`slmfactory.data.corpus.build`, which writes all of it:
 the real build from pinned packages, user imports and the shipped sample).
 
 Everyone who reads a corpus imports this module; only the commands that build one import
@@ -35,7 +35,7 @@ MANIFEST = "manifest.json"
 
 # Package data (pyproject's package-data), not a path into a checkout: an installed wheel
 # builds the sample corpus too.
-SAMPLE_DIR = Path(__file__).resolve().parent / "corpus_sample"
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 
 
 # --------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def generic_kinds_table(corpus_dir: Path, tokenizer_dir: Path | None = None) -> 
     manifest = read_manifest(corpus_dir)
     bpe: dict[str, int] = {}
     if tokenizer_dir is not None:
-        # The tokenizers library itself: slmfactory.data.tokenizer imports this module.
+        # The tokenizers library itself: slmfactory.data.tokens.tokenizer imports this module.
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
@@ -155,5 +155,5 @@ def generic_kinds_table(corpus_dir: Path, tokenizer_dir: Path | None = None) -> 
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m slmfactory.data.corpus CORPUS_DIR [TOKENIZER_DIR]
+if __name__ == "__main__":  # python -m slmfactory.data.corpus.store CORPUS_DIR [TOKENIZER_DIR]
     print(generic_kinds_table(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))

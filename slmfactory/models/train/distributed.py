@@ -22,8 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from slmfactory.models.launch import FitOutput, Launcher, LocalLauncher, TrainerFactory, WorkerContext
-from slmfactory.models.trainer import TrainResult
+from slmfactory.models.train.launch import FitOutput, Launcher, LocalLauncher, TrainerFactory, WorkerContext
+from slmfactory.models.train.trainer import TrainResult
 from slmfactory.platform.errors import SlmFactoryError
 from slmfactory.platform.runtime import init_ray, say
 

@@ -14,9 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from slmfactory.data.tokenizer import ensure_tokenizer, load_tokenizer
-from slmfactory.data.tokens import as_sequences, split_source
-from slmfactory.models.trainer import autocast_for, eval_device, sequence_nlls
+from slmfactory.data.tokens import as_sequences, ensure_tokenizer, load_tokenizer, split_source
+from slmfactory.models.train.trainer import autocast_for, eval_device, sequence_nlls
 
 
 def generic_eval_sequences(cfg) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from slmfactory.models.trainer import Trainer, TrainResult
+from slmfactory.models.train.trainer import Trainer, TrainResult
 from slmfactory.platform.runtime import say
 
 

@@ -1,12 +1,11 @@
 """What the two expert strategies (SLM-mix, SLM-pn) share: their clustering and the
 generic train tokens of each cluster (their routed generic perplexity is
-``models/generic_eval.py``'s, on the same sequences as every dense model's)."""
+``models/train/generic_eval.py``'s, on the same sequences as every dense model's)."""
 
 from __future__ import annotations
 
-from slmfactory.data.cluster_pipeline import run_clustering
-from slmfactory.data.npy import NpyWriter
-from slmfactory.data.tokens import TokenSource
+from slmfactory.data.clustering import run_clustering
+from slmfactory.data.tokens import NpyWriter, TokenSource
 from slmfactory.platform.stages import Stage
 
 BY_CLUSTER_VERSION = "by-cluster-v2"  # v2: streamed, in the split's stored order; bounds in the marker

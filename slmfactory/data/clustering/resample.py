@@ -50,10 +50,10 @@ from typing import Any
 
 import numpy as np
 
-from slmfactory.data.cluster_pipeline import TASK_CPUS, ray_data_context, run_clustering
-from slmfactory.data.clusters import source_label, total_variation
-from slmfactory.data.corpus_sources import collection_of
-from slmfactory.data.npy import NpyWriter, flatten_with_eos
+from slmfactory.data.clustering.clusters import source_label, total_variation
+from slmfactory.data.clustering.pipeline import TASK_CPUS, ray_data_context, run_clustering
+from slmfactory.data.corpus import collection_of
+from slmfactory.data.tokens import NpyWriter, flatten_with_eos
 from slmfactory.platform.errors import ConfigError, DataError
 from slmfactory.platform.runtime import ray_session
 from slmfactory.platform.stages import Stage

@@ -2,7 +2,7 @@
 embedding, k-means and domain-assignment stages, the :class:`Clusters` reader (centroids,
 per-cluster token streams, domain histograms and entropies, the embedding's cost) and
 :func:`load_clusters`. How a clustering is made (Ray Data, MiniLM, faiss) is
-:mod:`slmfactory.data.cluster_pipeline`; models, serving and reports only read.
+:mod:`slmfactory.data.clustering.pipeline`; models, serving and reports only read.
 
 Which windows: generic train (all, or a hash-chosen ~``cluster.max_generic_windows``),
 and each domain's in-domain training set: the train documents covering the first
@@ -20,12 +20,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from slmfactory.data import embed_hashed
-from slmfactory.data.corpus_sources import collection_of
-from slmfactory.data.embed import embed_precision, encode, load_minilm, pick_device
-from slmfactory.data.npy import flatten_with_eos
-from slmfactory.data.tokenizer import tokenizer_stage
-from slmfactory.platform.cost import CostRecord, INFERENCE, Work
+from slmfactory.data.clustering import hashed as embed_hashed
+from slmfactory.data.clustering.minilm import embed_precision, encode, load_minilm, pick_device
+from slmfactory.data.corpus import collection_of
+from slmfactory.data.tokens import flatten_with_eos, tokenizer_stage
+from slmfactory.platform.cost import INFERENCE, CostRecord, Work
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import Stage, corpus_digest
 
