@@ -31,7 +31,7 @@ def main() -> None:
 
     from slmfactory.platform.runtime import init_ray
     from _common import bench_workdir
-    from slmfactory.data.clustering import pipeline as C
+    from slmfactory.data.clustering import pipeline as C, raydata
     from slmfactory.platform.config import load_config
 
     import numpy as np
@@ -58,7 +58,7 @@ def main() -> None:
     print(f"{where}: {meta['windows']:,} windows ({n_gen:,} generic), k={cfg.cluster.k}, "
           f"sample<={cfg.cluster.sample_windows:,}, {cfg.cluster.kmeans_iters} iterations, {os.cpu_count()} cores")
 
-    stages = C._Stages(False)
+    stages = raydata.Stages(False)
     t0 = time.perf_counter()
     cent, n_sample = C._fit_kmeans(cfg, emb_dir, n_gen, stages)
     total = time.perf_counter() - t0
@@ -74,7 +74,7 @@ def main() -> None:
     ds = ray.data.read_parquet(str(emb_dir / "embedded")).select_columns(
         ["window_id", "part", "split", "embedding"])
     x = np.concatenate([from_arrow(b.column("embedding")) for b in ds.map_batches(
-        C._sample_batch, batch_format="pyarrow", fn_kwargs={"seed": cfg.cluster.seed, "threshold": 1.0})
+        raydata._sample_batch, batch_format="pyarrow", fn_kwargs={"seed": cfg.cluster.seed, "threshold": 1.0})
         .iter_batches(batch_format="pyarrow", batch_size=8192)])[:n_sample]
     ray.shutdown()
     rng = np.random.default_rng(0)

@@ -257,7 +257,7 @@ def gen_workload(rng, vocab: int, eos: int, n: int) -> list[dict]:
 
 
 def gen_sampling(body: dict, max_tokens: int | None = None):
-    from slmfactory.serving.engine import Sampling
+    from slmfactory.serving.generation import Sampling
 
     (eos, bias), = body["logit_bias"].items()
     return Sampling(max_tokens=max_tokens or body["max_tokens"], temperature=body["temperature"],
@@ -268,7 +268,7 @@ def inprocess_upper_bound(loaded, bodies: list[dict]) -> tuple[int, float]:
     """The requests in-process, no HTTP: one batched ``generate`` per distinct sampling
     setting (temperature, top_p, seed), run to its longest max_tokens; each request counts
     its own max_tokens. Returns (tokens, seconds)."""
-    from slmfactory.serving.engine import generate
+    from slmfactory.serving.generation import generate
 
     groups: dict[tuple, list[dict]] = {}
     for b in bodies:
@@ -337,7 +337,7 @@ def stream_path_cost(tok, n: int = 128) -> float:
     import numpy as np
 
     from slmfactory.serving import replies
-    from slmfactory.serving.engine import TextStream
+    from slmfactory.serving.generation import TextStream
 
     ids = np.random.default_rng(1).integers(10, len(tok) - 1, n).tolist()
     t0 = time.perf_counter()
@@ -353,7 +353,8 @@ def stream_path_cost(tok, n: int = 128) -> float:
 def generation_figures(args, url: str, slm, tok) -> None:
     import numpy as np
 
-    from slmfactory.serving.engine import Loaded, Sampling, generate
+    from slmfactory.serving.engine import Loaded
+    from slmfactory.serving.generation import Sampling, generate
 
     loaded = Loaded(slm, tok, int(slm.config.max_position_embeddings))
     eos = tok.eos_token_id if tok.eos_token_id is not None else 0

@@ -212,7 +212,8 @@ def cmd_report(args) -> None:
 
 
 def cmd_recommend(args) -> None:
-    from slmfactory.analysis.frontier import COST_UNITS, UNIT_LABEL, load_configs, recommend
+    from slmfactory.analysis.measured import COST_UNITS, UNIT_LABEL
+    from slmfactory.analysis.recommend import recommend_from_mlflow, serving_unit_label
     from slmfactory.platform.cost import COST_CONVENTIONS, check_convention, check_task
 
     def _positive(flag: str, text: str, integer: bool = False) -> float:
@@ -242,21 +243,10 @@ def cmd_recommend(args) -> None:
     experiment = _experiment(cfg, args.experiment)
     unit = UNIT_LABEL[args.cost]
     price = cfg.serving.price_per_device_hour
-    serving_unit = f"at {price:g} per device-hour" if price > 0 else "device-hours"
-    per_m = f"per million {'generated' if task == 'generate' else 'scored'} tokens"
-    configs = load_configs(cfg.tracking_uri, experiment)
-    rec = recommend(configs, inference, budget, n, in_domain, args.cost, conv, serving_limit, task, price)
+    serving_unit = serving_unit_label(price)
+    rec = recommend_from_mlflow(cfg.tracking_uri, experiment, inference, budget, n, in_domain, args.cost, conv,
+                                serving_limit, task, price)
     best, runner = rec.best, rec.runner_up
-    if best is None:
-        if serving_limit is not None and not any(c.has_serving_cost(task) for c in configs
-                                                 if c.in_domain == rec.in_domain):
-            raise SlmFactoryError(f"--inference-cost: no configuration of {experiment!r} (in-domain "
-                                  f"{rec.in_domain:,} tokens) has a measured serving cost (its models were exported "
-                                  f"with serving.cost_measure_s 0, or before serving costs were measured)")
-        raise SlmFactoryError(f"recommend: no measured configuration of {experiment!r} (in-domain {rec.in_domain:,} "
-                              f"tokens) serves with <= {inference:.3g} parameters within {budget:.3g} {unit} per domain"
-                              + (f" and <= {serving_limit:.3g} ({serving_unit}) {per_m}"
-                                 if serving_limit is not None else ""))
 
     def ppl(c) -> str:
         iv = c.interval
@@ -321,40 +311,12 @@ def cmd_ui(args) -> None:
     raise SystemExit(subprocess.call(cmd))
 
 
-class _ServeStopped(BaseException):
-    """A stop signal reached ``slmfactory serve``: Serve and Ray shut down, exit 0. A
-    BaseException, as KeyboardInterrupt is: Serve's and Ray's ``except Exception`` blocks
-    (a signal can land in ``serve.start`` or ``serve.run``) let it through."""
-
-
-def _stop_serving_on_signals() -> None:
-    """SIGINT and SIGTERM stop the server the way Ctrl-C in a terminal does: the main
-    thread unwinds (``serve.shutdown``, then Ray's), and the command exits 0. Installed
-    once Ray is up, over what it installed, and before Serve starts (a signal while the
-    server starts stops it the same way): Ray's fatal-signal handler takes SIGTERM and
-    aborts the process (the shell's "Aborted"); and SIGINT is taken even where it was
-    inherited ignored (``slmfactory serve &`` in a script), where ``kill -INT`` did nothing.
-    A second signal while shutting down interrupts the shutdown."""
-    import signal
-
-    def stop(signum, _frame):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise _ServeStopped(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-
-
 def cmd_serve(args, after_start: Callable[[str, int], bool] | None = None) -> None:
     """``slmfactory serve``; ``after_start(host, port)`` runs once the app answers (``try``
     sends its first completion there) and ends the server when it returns True."""
-    import time
-
-    from ray import serve
-
     from slmfactory.serving.app import build_app
     from slmfactory.serving.auth import is_loopback, load_keys
+    from slmfactory.serving.foreground import serve_in_foreground
 
     cfg = _config(args, resolve=False)  # serving runs no strategy: their settings stay unread
     host = args.host or cfg.serving.host
@@ -376,32 +338,7 @@ def cmd_serve(args, after_start: Callable[[str, int], bool] | None = None) -> No
                      "from_mlflow": args.from_mlflow, "max_params": args.max_params,
                      **({"from_registry": args.from_registry, "experiment": _experiment(cfg, None)}
                         if args.from_registry else {})})
-    stopping = False
-    try:
-        with runtime.ray_session(args.address):
-            try:
-                _stop_serving_on_signals()
-                print(f"serve: starting on http://{host}:{port}/v1", flush=True)
-                # The proxy's access log costs each request a synchronous write (docs/serving.md);
-                # serving.access_log turns it back on.
-                serve.start(http_options={"host": host, "port": port},
-                            logging_config={"enable_access_log": cfg.serving.access_log})
-                serve.run(app, name="slmfactory", route_prefix="/")
-                print(f"serving on http://{host}:{port}/v1 (GET /v1/models, POST /v1/completions, "
-                      f"POST /v1/score, GET /healthz); Ctrl-C stops", flush=True)
-                if after_start is not None and after_start(host, port):
-                    return
-                while True:
-                    time.sleep(3600)
-            except _ServeStopped as stopped:
-                print(f"serve: stopped ({stopped}); shutting down", flush=True)
-            finally:
-                stopping = True
-                serve.shutdown()
-    except (KeyboardInterrupt, _ServeStopped):
-        # A server has nothing to resume (main's message for an interrupt is the sweep's).
-        print("slmfactory: serve interrupted" + (" while shutting down" if stopping else ""), file=sys.stderr)
-        raise SystemExit(130) from None
+    serve_in_foreground(app, host, port, args.address, cfg.serving.access_log, after_start)
 
 
 def cmd_config(args) -> None:

@@ -51,13 +51,45 @@ PARENT_TAG = "mlflow.parentRunId"
 
 @dataclass(frozen=True)
 class Budget:
-    """A phase budget in tokens or in FLOPs (FLOPs compare strategies at equal cost)."""
+    """A phase budget in tokens or in FLOPs (FLOPs compare strategies at equal cost).
+
+    A run's tags hold it exactly (``exact()``: every token, a float's shortest repr) with its
+    unit (``TrialRecord.GENERIC_BUDGET``/``_UNIT``, ``SPEC_BUDGET``/``_UNIT``);
+    ``label()`` and ``short()`` are for display only: names, groups, tables. Read a run's
+    budget back with :meth:`from_tags`, never from a label."""
 
     unit: str  # "tokens" | "flops"
     value: float
 
     def label(self) -> str:
+        """``7.5e+05T``, ``1e+15F``: trial names and report tables (display only)."""
         return f"{self.value:.3g}{'F' if self.unit == 'flops' else 'T'}"
+
+    def short(self) -> str:
+        """``750k``, ``1e+03TF``: run names the MLflow UI shows whole (display only)."""
+        flops = "F" if self.unit == "flops" else ""
+        for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if self.value >= div:
+                return f"{self.value / div:.3g}{suffix}{flops}"
+        return f"{self.value:.3g}{flops}"
+
+    def exact(self) -> str:
+        """The budget as its tag holds it: ``750000`` tokens, ``1e+15`` FLOPs (``repr``)."""
+        return str(int(self.value)) if self.unit == "tokens" else repr(float(self.value))
+
+    @staticmethod
+    def from_tags(tags: dict[str, str], side: str) -> "Budget | None":
+        """The ``side`` (``generic`` or ``spec``) budget of a trial run's tags; None for a
+        strategy without a generic phase. Runs logged before the exact tags existed hold
+        only the label (``7.5e+05T``): read as the 3 digits it kept, the one place a label is
+        parsed."""
+        value = tags.get(getattr(TrialRecord, f"{side.upper()}_BUDGET"), "")
+        unit = tags.get(getattr(TrialRecord, f"{side.upper()}_BUDGET_UNIT"))
+        if not value or value == "none" or unit == "none":
+            return None
+        if unit is None:  # a label, from a run logged before the exact tags
+            unit, value = ("flops" if value.endswith("F") else "tokens"), value.rstrip("TF")
+        return Budget(unit, float(value))
 
     def overrides(self, section: str) -> dict:
         if self.unit == "tokens":
@@ -175,8 +207,12 @@ class TrialRecord:
     PHASE: ClassVar[str] = "phase"
     IN_DOMAIN_TOKENS: ClassVar[str] = "in_domain_tokens"
     GENERIC_BUDGET: ClassVar[str] = "generic_budget"
-    """The nominal budget's label (``Budget.label``; ``none`` without a generic phase)."""
+    """The nominal generic budget, exact (``Budget.exact``: ``750000``; ``none`` without a
+    generic phase); its unit in ``GENERIC_BUDGET_UNIT``. Read it with ``Budget.from_tags``."""
+    GENERIC_BUDGET_UNIT: ClassVar[str] = "generic_budget_unit"
+    """``tokens``, ``flops`` or ``none`` (no generic phase)."""
     SPEC_BUDGET: ClassVar[str] = "spec_budget"
+    SPEC_BUDGET_UNIT: ClassVar[str] = "spec_budget_unit"
     SETTINGS: ClassVar[str] = "settings"
     """``Trial.settings_label``: ``sweep.grid``'s keys and values in this trial."""
     DEVICE: ClassVar[str] = "device"
@@ -352,8 +388,11 @@ def trial_tags(cfg: RunConfig) -> dict[str, str]:
     it spent (``TrialRecord.GENERIC_SPENT``/``SPEC_SPENT``, set when it ends)."""
     R, trial = TrialRecord, trial_of(cfg)
     return {R.STRATEGY: cfg.strategy.name, R.DOMAIN: cfg.data.domain, R.PHASE: "specialize",
-            R.IN_DOMAIN_TOKENS: str(cfg.data.domain_train_tokens), R.GENERIC_BUDGET: trial.generic_label,
-            R.SPEC_BUDGET: trial.spec.label(), R.SETTINGS: trial.settings_label, R.DEVICE: cfg.device.name,
+            R.IN_DOMAIN_TOKENS: str(cfg.data.domain_train_tokens),
+            R.GENERIC_BUDGET: trial.generic.exact() if trial.generic is not None else "none",
+            R.GENERIC_BUDGET_UNIT: trial.generic.unit if trial.generic is not None else "none",
+            R.SPEC_BUDGET: trial.spec.exact(), R.SPEC_BUDGET_UNIT: trial.spec.unit,
+            R.SETTINGS: trial.settings_label, R.DEVICE: cfg.device.name,
             R.GROUP: f"{cfg.strategy.name} g{trial.generic_label} s{trial.spec.label()} n{cfg.data.domain_train_tokens}"
                      + (f" {trial.settings_label}" if trial.settings else "")}
 
@@ -439,27 +478,13 @@ def fail_trial_run(cfg: RunConfig, experiment: str, trial_key: str, why: str = "
     return run.info.run_id
 
 
-def _short_budget(label: str) -> str:
-    """``2e+05T`` -> ``200k``: run names the UI's name column shows whole."""
-    if not label or label == "none":
-        return "-"
-    unit = label[-1] if label[-1] in "TF" else ""
-    try:
-        v = float(label[:-1] if unit else label)
-    except ValueError:
-        return label
-    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if v >= div:
-            return f"{v / div:.3g}{suffix}" + ("F" if unit == "F" else "")
-    return f"{v:.3g}" + ("F" if unit == "F" else "")
-
-
 def run_name(tags: dict[str, str]) -> str:
     """``slm-is legal 200k/32.8k``: strategy, domain, generic/specialisation budget of a
     trial's tags (the full trial name stays in the ``slmfactory.trial_name`` tag)."""
     t, R = tags, TrialRecord
-    return (f"{t[R.STRATEGY]} {t[R.DOMAIN]} {_short_budget(t.get(R.GENERIC_BUDGET, ''))}/"
-            f"{_short_budget(t.get(R.SPEC_BUDGET, ''))}" + (f" {t[R.SETTINGS]}" if t.get(R.SETTINGS) else ""))
+    generic, spec = Budget.from_tags(t, "generic"), Budget.from_tags(t, "spec")
+    return (f"{t[R.STRATEGY]} {t[R.DOMAIN]} {generic.short() if generic else '-'}/{spec.short() if spec else '-'}"
+            + (f" {t[R.SETTINGS]}" if t.get(R.SETTINGS) else ""))
 
 
 MODEL_ARTIFACT = "model"

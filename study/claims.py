@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from slmfactory.analysis.frontier import AMORTISATION_N, EXPERT_STRATEGIES, MeasuredConfig, parse_settings, pool_seeds
+from slmfactory.analysis.measured import AMORTISATION_N, EXPERT_STRATEGIES, MeasuredConfig, parse_settings, pool_seeds
 from slmfactory.platform.cost import MEASURED, PAPER
 from study.results import budget_value
 

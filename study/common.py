@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from slmfactory.analysis.frontier import MeasuredConfig
+from slmfactory.analysis.measured import MeasuredConfig
 from study import claims as rc
 
 STRATEGY_ORDER = ("slm", "slm-nopt", "llm", "llm-lora", "slm-is", "slm-d", "slm-mix", "slm-pn")

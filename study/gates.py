@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from slmfactory.analysis.frontier import EXPERT_STRATEGIES
+from slmfactory.analysis.measured import EXPERT_STRATEGIES
 from study.results import budget_value
 
 BELOW, FALLING, NOT_FALLING = "below 1", "falling toward 1", "not falling"

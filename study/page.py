@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from slmfactory.analysis import figures, frontier, report
+from slmfactory.analysis import figures, measured, report
 from slmfactory.analysis.figures import pyplot
-from slmfactory.analysis.frontier import AMORTISATION_N, COST_UNITS, UNIT_LABEL, MeasuredConfig
+from slmfactory.analysis.measured import AMORTISATION_N, COST_UNITS, UNIT_LABEL, MeasuredConfig
 from slmfactory.platform.cost import CONVENTION_DOC, MEASURED
 from slmfactory.platform.cost import PAPER as PAPER_COSTS
 from slmfactory.platform.errors import DataError
@@ -240,12 +240,12 @@ def section_seeds(configs: list[MeasuredConfig]) -> str:
              "| strategy | generic | spec. | in-domain | per seed: macro ppl [95%] | spread (sd, ddof=1) | "
              "max - min | seeds' intervals | pooled: macro ppl [union of the seeds' intervals] |",
              "|---|---|---|---|---|---|---|---|---|"]
-    pooled = {c.replicate_key: c for c in frontier.pool_seeds(configs)}
+    pooled = {c.replicate_key: c for c in measured.pool_seeds(configs)}
     for v in sorted(reps, key=lambda v: strategy_order(v[0]) + (v[0].in_domain, rc.budget_value(v[0].spec_budget))):
         c0 = v[0]
         per = "<br>".join(f"{','.join(f'{k}={x}' for k, x in rc.seeds(c).items())}: {ppl_iv(c)}" for c in v)
         spread = max(c.ppl_macro for c in v) - min(c.ppl_macro for c in v)
-        sep = "overlap" if all(frontier.overlaps(a, b) for a in v for b in v if a is not b) else "separate"
+        sep = "overlap" if all(measured.overlaps(a, b) for a in v for b in v if a is not b) else "separate"
         lines.append(f"| {c0.strategy} | {c0.generic_budget} | {c0.spec_budget} | {c0.in_domain:,} | {per} | "
                      f"{_g(c0.seed_spread)} | {spread:.2f} | {sep} | {ppl_iv(pooled[c0.replicate_key])} |")
     return "\n".join(lines)
@@ -434,7 +434,7 @@ def render_page(rows: list[dict], cfg, csv_label: str, config_label: str, stages
 def rule_changed_note(configs: list[MeasuredConfig]) -> str:
     """Claim 1's floor on slm-is's budget came after this study's data: said, with what the
     rule printed before it gives on the same data."""
-    from slmfactory.analysis.frontier import pool_seeds
+    from slmfactory.analysis.measured import pool_seeds
 
     before = rc.claim_is_best_small(pool_seeds(configs), generic_scale=False)
     stopped = " vs ".join(before.numbers) or "no deciding cells"

@@ -44,8 +44,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmfactory.analysis import frontier
-from slmfactory.analysis.frontier import AMORTISATION_N, MeasuredConfig, pool_seeds
+from slmfactory.analysis import frontier, measured
+from slmfactory.analysis.measured import AMORTISATION_N, MeasuredConfig, pool_seeds
 from slmfactory.platform.cost import PAPER
 from study import claims as rc
 from study.results import budget_value, configs_from_rows
@@ -88,7 +88,7 @@ class AxesCell:
 
     @property
     def tie(self) -> bool:
-        return self.runner_up is not None and frontier.overlaps(self.best, self.runner_up)
+        return self.runner_up is not None and measured.overlaps(self.best, self.runner_up)
 
 
 @dataclass

@@ -5,11 +5,11 @@ can be rebuilt and tested without the MLflow store. This module holds the two en
 CSV and the optional wall-time parse of the study's log:
 
 - :func:`export_rows` reads every finished trial run of a sweep's experiment from MLflow
-  (tagged ``slmfactory.trial``, with a ``test_nll``: the runs ``frontier.load_configs`` reads)
+  (tagged ``slmfactory.trial``, with a ``test_nll``: the runs ``measured.load_configs`` reads)
   into one flat row per run; :func:`write_csv` / :func:`read_csv` store them losslessly
   (floats as ``repr``, so a value read back equals the logged metric exactly).
-- :func:`configs_from_rows` groups rows into ``frontier.MeasuredConfig`` objects by the same rules as
-  ``frontier.load_configs`` (costs: generic = max over the trials, specialisation = mean over
+- :func:`configs_from_rows` groups rows into ``measured.MeasuredConfig`` objects by the same rules as
+  ``measured.load_configs`` (costs: generic = max over the trials, specialisation = mean over
   domains; only configurations measured on every domain), so ``report``'s tables and plots
   draw from the CSV.
 - :func:`parse_stage_log` turns the study log's ``HH:MM:SS`` stage markers into seconds per
@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from slmfactory.analysis import frontier
-from slmfactory.analysis.frontier import COST_UNITS, MeasuredConfig, generic_ppl
+from slmfactory.analysis import measured
+from slmfactory.analysis.measured import COST_UNITS, MeasuredConfig, generic_ppl
 from slmfactory.platform.errors import DataError
-from slmfactory.trial import TRIAL_TAG, TrialRecord as R
+from slmfactory.trial import TRIAL_TAG, Budget, TrialRecord as R
 
 # (CSV column, MLflow metric) for the per-trial metrics copied verbatim.
 METRIC_COLUMNS = (
@@ -88,13 +88,13 @@ def budget_value(label: str) -> float:
 
 def fill_entropy_k(rows: list[dict[str, Any]], cfg) -> tuple[list[dict[str, Any]], int]:
     """Rows with ``domain_entropy_k`` filled where a CSV exported before the column lacks it:
-    ``frontier.entropy_clusters`` of the recipe ``cfg`` with the row's settings applied. Returns the
+    ``measured.entropy_clusters`` of the recipe ``cfg`` with the row's settings applied. Returns the
     rows (copies where filled) and how many were filled."""
     base = cfg.to_dict()
     out, filled = [], 0
     for r in rows:
         if r.get("domain_entropy") is not None and r.get("domain_entropy_k") is None:
-            k = frontier.entropy_clusters(r["strategy"], {**base, **frontier.parse_settings(r["settings"])})
+            k = measured.entropy_clusters(r["strategy"], {**base, **measured.parse_settings(r["settings"])})
             if k is not None:
                 r = {**r, "domain_entropy_k": float(k)}
                 filled += 1
@@ -108,8 +108,12 @@ def row_from_run(run) -> dict[str, Any]:
     d = t[R.DOMAIN]
     row: dict[str, Any] = {"run_id": run.info.run_id, "trial_key": t.get(TRIAL_TAG, "")}
     row.update({k: t.get(k, "") for k in TAG_COLUMNS})
+    # The pages group and show budgets by their labels (display); the run's tags hold them exactly.
+    for side, col in (("generic", R.GENERIC_BUDGET), ("spec", R.SPEC_BUDGET)):
+        budget = Budget.from_tags(t, side)
+        row[col] = budget.label() if budget is not None else "none"
     row["in_domain_tokens"] = int(row["in_domain_tokens"])
-    row["pretrain_seed"] = frontier.parse_settings(row["settings"]).get("pretrain.seed", "")
+    row["pretrain_seed"] = measured.parse_settings(row["settings"]).get("pretrain.seed", "")
     for col, metric in zip(DOMAIN_COLUMNS, _DOMAIN_METRICS):
         row[col] = m.get(metric(d))
     row["generic_ppl"] = generic_ppl(m)
@@ -117,7 +121,7 @@ def row_from_run(run) -> dict[str, Any]:
     row["domain_entropy_k"] = None
     if row["domain_entropy"] is not None:
         k = m.get(R.DOMAIN_ENTROPY_K)
-        k = k if k is not None else frontier.entropy_clusters(row["strategy"], run.data.params)
+        k = k if k is not None else measured.entropy_clusters(row["strategy"], run.data.params)
         row["domain_entropy_k"] = None if k is None else float(k)
     row["start_ms"], row["end_ms"] = run.info.start_time, run.info.end_time
     shares = {kind: R.is_shares(m, kind) for kind in R.IS_SHARE_KINDS}
@@ -196,20 +200,20 @@ def _describe(r: dict[str, Any]) -> tuple:
 
 def selected_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows the configurations are made of: where a setting is chosen on validation
-    (``frontier.SELECTED_ON_VALIDATION``), the winning run per domain, its ``settings`` without
+    (``measured.SELECTED_ON_VALIDATION``), the winning run per domain, its ``settings`` without
     the chosen key and ``selected`` naming it."""
     return [{**r, "settings": settings, "selected": picked}
-            for r, settings, picked in frontier.select_on_validation(sorted(rows, key=_sort_key), _describe)]
+            for r, settings, picked in measured.select_on_validation(sorted(rows, key=_sort_key), _describe)]
 
 
 def configs_from_rows(rows: list[dict[str, Any]]) -> list[MeasuredConfig]:
-    """``frontier.MeasuredConfig`` objects from CSV rows, by ``frontier.load_configs``'s rules: one
+    """``measured.MeasuredConfig`` objects from CSV rows, by ``measured.load_configs``'s rules: one
     configuration per (strategy, generic budget, spec. budget, in-domain size, settings);
     generic cost the max over its trials, specialisation cost the mean over domains; only
     configurations measured on every domain; sorted by in-domain size then macro perplexity."""
     groups: dict[tuple, MeasuredConfig] = {}
     acc: dict[tuple, dict[str, list[float]]] = {}
-    for r, settings, picked in frontier.select_on_validation(sorted(rows, key=_sort_key), _describe):
+    for r, settings, picked in measured.select_on_validation(sorted(rows, key=_sort_key), _describe):
         key = (r["strategy"], r["generic_budget"], r["spec_budget"], r["in_domain_tokens"], settings)
         c = groups.setdefault(key, MeasuredConfig(*key, params=int(r["params"]),
                                                   inference=r["inference_flops_per_token"],
@@ -246,8 +250,8 @@ def configs_from_rows(rows: list[dict[str, Any]]) -> list[MeasuredConfig]:
         c.epochs_generic, c.epochs_spec = mean.get("epochs_generic"), mean.get("epochs_spec")
     domains = set().union(*(c.nll for c in groups.values())) if groups else set()
     configs = [c for c in groups.values() if set(c.nll) == domains]
-    frontier.set_seed_spread(configs)
-    frontier.apply_conventions(configs)
+    measured.set_seed_spread(configs)
+    measured.apply_conventions(configs)
     return sorted(configs, key=lambda c: (c.in_domain, c.ppl_macro))
 
 

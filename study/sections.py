@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from slmfactory.analysis.frontier import MeasuredConfig, pool_seeds
+from slmfactory.analysis.measured import MeasuredConfig, pool_seeds
 from slmfactory.platform.cost import PAPER
 from study import claims as rc
 from study import gates as gt

@@ -15,6 +15,8 @@ import pytest
 
 from slmfactory.data.corpus import store as C
 from slmfactory.data.corpus import build as B
+from slmfactory.data.corpus import documents as D
+from slmfactory.data.corpus import near_copies as N
 from slmfactory.platform.config import CorpusConfig, RunConfig
 from slmfactory.platform.errors import DataError
 
@@ -346,7 +348,7 @@ BOOK_DOMAINS = {"reference": ["biomedical", "dictionary", "legal", "math"],
 def _placement(corpus_dir: Path, docs: list[dict]) -> dict[str, dict[str, int]]:
     """For every input document: the parquet part (e.g. ``domains/prose/test``) each of its
     cut parts landed in -> how many parts. Parts are traced back by text containment."""
-    cleaned = {d["doc_id"]: B.clean_text(d["text"]) for d in docs}
+    cleaned = {d["doc_id"]: D.clean_text(d["text"]) for d in docs}
     where: dict[str, dict[str, int]] = {d["doc_id"]: {} for d in docs}
     for part, rows in _all_parts(corpus_dir).items():
         for r in rows:
@@ -422,7 +424,7 @@ def test_manifest_reports_domain_to_generic(tmp_path):
         assert rep["share_docs"] == rep["overflow_docs"] == rep["overflow_bytes"] == 0
         assert rep["dropped_docs"] > 0 and rep["dropped_bytes"] > 0
         kept = sum(m["parts"][f"domains/{name}/{s}"]["docs"] for s in ("train", "valid", "test"))
-        all_parts = sum(len([p for p in B.cut_text(B.clean_text(b["text"]), 2000)
+        all_parts = sum(len([p for p in D.cut_text(D.clean_text(b["text"]), 2000)
                              if len(p) >= cfg.corpus.min_doc_chars]) for b in domains[name])
         assert kept + rep["dropped_docs"] == all_parts
     with pytest.raises(ConfigError, match="corpus.domain_overflow_to_generic"):
@@ -567,7 +569,7 @@ def test_near_copy_planted_in_generic_is_caught_and_dropped(tmp_path, monkeypatc
     5-gram sets ~0.97, far above 0.5; MinHash is seeded, so the outcome is fixed) is found
     and dropped from generic, even when generic is larger than the byte bound under which
     the on-disk report scans everything (here lowered to 20 kB)."""
-    monkeypatch.setattr(B, "NEAR_DUP_MAX_GENERIC_BYTES", 20_000)
+    monkeypatch.setattr(N, "NEAR_DUP_MAX_GENERIC_BYTES", 20_000)
     legal = _sample_rows("legal")
     generic = [r for r in _sample_rows("generic") if not r["source"].startswith("pypi:scancode")]
     cfg = _cfg(tmp_path / "a")
@@ -596,7 +598,7 @@ def test_near_copy_planted_in_generic_is_caught_and_dropped(tmp_path, monkeypatc
     written = _generic_rows(cfg.corpus_dir)
     assert "planted-copy" not in {r["doc_id"] for r in written} and len(written) == kept_before
     # The written corpus, checked on its own with every generic byte scanned: no near copy.
-    after = B.near_duplicate_report(cfg.corpus_dir, ["legal"], max_generic_bytes=10**12)
+    after = N.near_duplicate_report(cfg.corpus_dir, ["legal"], max_generic_bytes=10**12)
     assert after["legal"]["near_dup_docs"] == 0 and after["legal"]["method"]["generic_fraction_scanned"] == 1.0
 
 

@@ -51,7 +51,7 @@ def _run(root: Path) -> dict:
     workdir ``root``; what the tests compare, as plain data."""
     import ray
 
-    from slmfactory.data.clustering import pipeline as cluster_pipeline
+    from slmfactory.data.clustering import raydata
     from slmfactory.data.clustering.pipeline import run_clustering
     from slmfactory.data.corpus.build import build_sample_corpus
     from slmfactory.data.clustering.resample import load_resampled_tokens, resample
@@ -64,7 +64,7 @@ def _run(root: Path) -> dict:
     # Blocks of 128 windows instead of 2,048: the ~400 generic windows then span several
     # blocks, MiniLM actor calls and files, as a real corpus does, so block order, file
     # names and per-file resampling tasks are all exercised.
-    cluster_pipeline.EMBED_BLOCK_WINDOWS = 128
+    raydata.EMBED_BLOCK_WINDOWS = 128
     cfg = _config(root)
     build_sample_corpus(cfg)
     ensure_tokenizer(cfg)

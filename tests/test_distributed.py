@@ -120,7 +120,7 @@ def ddp_run(data, ray_instance, tmp_path_factory):
 @pytest.mark.timeout(300)
 def test_two_worker_ddp_trains_and_its_weights_load(data, ddp_run):
     from slmfactory.models.arch.lm import build_model
-    from slmfactory.models.train.trainer import evaluate_nll
+    from slmfactory.models.train.evaluation import evaluate_nll
 
     cfg, _, valid = data
     res = ddp_run.result

@@ -19,10 +19,11 @@ import torch
 
 from slmfactory.platform.config import ServingConfig, load_config
 from slmfactory.serving import engine
-from slmfactory.serving.api import DEFAULT_LIMITS, ApiError, ChatRequest, CompletionRequest, Limits, validate
-from slmfactory.serving.engine import (Deadline, Sampling, TextStream, cut_at_stop, generate, load,
-                                       one_token_forward, pick_domain, score_ids, streamer, token_logprobs,
+from slmfactory.serving.api import DEFAULT_LIMITS, ApiError, Limits, validate
+from slmfactory.serving.engine import (Deadline, load, one_token_forward, pick_domain, score_ids, token_logprobs,
                                        with_firsts)
+from slmfactory.serving.generation import Sampling, TextStream, cut_at_stop, generate, streamer
+from slmfactory.serving.schemas import ChatRequest, CompletionRequest
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 TEXT = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this software "
@@ -397,7 +398,7 @@ def test_generated_tokens_logprobs_are_the_generations_own_scores(loaded):
 def test_presence_and_frequency_penalties_are_vectorised_over_the_batch_and_skip_the_prompt():
     """OpenAI's definitions: logit - frequency x count - presence x (count > 0), counts
     of each row's generated tokens only (the prompt, up to ``start``, does not count)."""
-    from slmfactory.serving.engine import FrequencyPenalty, PresencePenalty
+    from slmfactory.serving.generation import FrequencyPenalty, PresencePenalty
 
     input_ids = torch.tensor([[5, 5, 1, 1, 2],    # prompt 5 5; generated 1, 1, 2
                               [3, 5, 4, 4, 4]])   # prompt 3 5; generated 4, 4, 4
@@ -476,7 +477,7 @@ def test_sampling_takes_every_setting_of_completion_and_chat_requests():
 
 def test_the_chat_prompt_is_the_recipes_template(loaded):
     from slmfactory.platform.config import DEFAULT_CHAT_TEMPLATE
-    from slmfactory.serving.engine import chat_prompt
+    from slmfactory.serving.generation import chat_prompt
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who grants it?"},
                 {"role": "assistant", "content": "The licensor."}, {"role": "user", "content": "And then?"}]
@@ -501,7 +502,7 @@ def test_chat_logprobs_carry_each_tokens_bytes(loaded):
 
 
 def test_unknown_fields_are_named_and_unsupported_parameters_refused():
-    from slmfactory.serving.api import ignored_fields
+    from slmfactory.serving.schemas import ignored_fields
 
     body = b'{"model": "legal", "prompt": "x", "min_tokens": 2, "odd,name\\n": 1, "user": "u"}'
     assert ignored_fields(validate(CompletionRequest, body, DEFAULT_LIMITS)) == "min_tokens,odd%2Cname%0A"

@@ -172,7 +172,7 @@ def test_a_new_domain_is_served_at_once_from_its_documents(app):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from slmfactory.models.instant import MAX_HELDOUT_TOKENS, split_documents, tokens_nll
-    from slmfactory.serving.domains.runtime import DomainStore
+    from slmfactory.serving.domains.store import DomainStore
 
     entry = DomainStore(cfg.root).get("psalms")
     model = AutoModelForCausalLM.from_pretrained(entry["path"]).eval()
@@ -202,7 +202,8 @@ def test_a_new_domain_reports_the_served_domains_perplexity_on_its_held_out_text
 
     from slmfactory.models.instant import MAX_HELDOUT_TOKENS, generic_families, split_documents, tokens_nll
     from slmfactory.serving.catalog import from_folder
-    from slmfactory.serving.domains.runtime import DomainStore, Outscored, compare_served, create_domain
+    from slmfactory.serving.domains.runtime import Outscored, compare_served, create_domain
+    from slmfactory.serving.domains.store import DomainStore
     from slmfactory.serving.engine import load
 
     cfg, url, _ = app
@@ -412,7 +413,7 @@ def test_a_sigkilled_build_leaves_the_name_usable_and_delete_and_max_domains_wor
     import subprocess
     import sys
 
-    from slmfactory.serving.domains.runtime import DomainStore
+    from slmfactory.serving.domains.store import DomainStore
 
     cfg, url, _ = app
     registry = DomainStore(cfg.root)
@@ -421,7 +422,7 @@ def test_a_sigkilled_build_leaves_the_name_usable_and_delete_and_max_domains_wor
     # SIGKILLed mid-build: the kernel drops its lock and the name is free (a claim file
     # stayed forever).
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from slmfactory.serving.domains.runtime import DomainStore; "
+        "import sys, time; from slmfactory.serving.domains.store import DomainStore; "
         f"lease = DomainStore({str(cfg.root)!r}).lease('ghost'); lease.__enter__(); "
         "print('held', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
     try:

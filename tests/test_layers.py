@@ -445,3 +445,21 @@ def test_every_subsystem_has_a_face_whose_names_exist():
         assert sorted(package.__all__) == sorted(exported)
         for name in exported:
             assert getattr(package, name) is not None, f"{sub}.{name}"
+
+
+STRATEGY_SIBLINGS = {
+    # strategy module: the sibling strategy modules it builds on (a variant of one): why
+    "slmfactory.models.strategies.llm": {"slmfactory.models.strategies.slm"},        # SmallModel, larger
+    "slmfactory.models.strategies.slm_nopt": {"slmfactory.models.strategies.slm"},   # SmallModel, no pretraining
+    "slmfactory.models.strategies.llm_lora": {"slmfactory.models.strategies.llm"},   # LargeModel, LoRA fine-tune
+}
+"""docs/strategies.md: a strategy imports a sibling only where it is a variant of it."""
+
+
+def test_a_strategy_imports_only_the_interface_and_the_siblings_it_is_a_variant_of():
+    graph = import_graph()
+    package = "slmfactory.models.strategies"
+    for module, dsts in graph.items():
+        if module.startswith(package + ".") and module != f"{package}.base":
+            siblings = {d for d in dsts if d.startswith(package + ".") and d != f"{package}.base"}
+            assert siblings == STRATEGY_SIBLINGS.get(module, set()), (module, sorted(siblings))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from slmfactory.analysis.paired import BETTER, TIE, WORSE, paired_difference
-from slmfactory.models.train.trainer import bootstrap_ppl
+from slmfactory.models.train.evaluation import bootstrap_ppl
 from slmfactory.platform.errors import DataError
 
 T = 127  # tokens predicted per sequence

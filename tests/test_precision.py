@@ -11,7 +11,8 @@ import torch
 
 from slmfactory.data.tokens.streams import PackedBatches, split_tokens
 from slmfactory.models.arch.lm import build_model
-from slmfactory.models.train.trainer import Trainer, plan_execution
+from slmfactory.models.train.execution import plan_execution
+from slmfactory.models.train.trainer import Trainer
 from slmfactory.platform.config import ModelConfig, load_config
 from slmfactory.platform.errors import ConfigError
 

@@ -17,6 +17,8 @@ import pytest
 from slmfactory import cli
 from slmfactory.analysis import figures as fg
 from slmfactory.analysis import frontier as fr
+from slmfactory.analysis import measured as ms
+from slmfactory.analysis import recommend as rd
 from slmfactory.analysis import report as rp
 from slmfactory.platform.errors import SlmFactoryError
 from slmfactory.trial import TRIAL_TAG
@@ -81,7 +83,7 @@ def frontier(store):
         _log(client, e, "slm-is", d, 5.3, g="none", flops=(0.0, 5e10), hours=(0.0, 0.01))
         _log(client, e, "llm", d, 5.005, params=5e6, flops=(5e12, 5e9), hours=(50.0, 0.005))
         _log(client, e, "slm-nopt", d, 4.0, g="none", n=BIG, flops=(0.0, 1e10), hours=(0.0, 0.002))
-    return fr.load_configs(uri, "frontier")
+    return ms.load_configs(uri, "frontier")
 
 
 def test_two_finished_runs_of_one_trial_are_refused_naming_the_key_and_both_runs(store):
@@ -93,12 +95,12 @@ def test_two_finished_runs_of_one_trial_are_refused_naming_the_key_and_both_runs
     _log(client, e, "slm", "b", 5.1)
     second = _log(client, e, "slm", "a", 5.2)  # the same trial key as the first
     with pytest.raises(SlmFactoryError) as err:
-        fr.load_configs(uri, "twice")
+        ms.load_configs(uri, "twice")
     message = str(err.value)
     assert "trial slm|a|1e+06T|1e+04T|1000| has 2 finished runs" in message
     assert first in message and second in message and "mlflow runs delete" in message
     client.delete_run(second)  # what the message says to do
-    assert [c.ppl["a"] for c in fr.load_configs(uri, "twice")] == [pytest.approx(math.exp(5.0))]
+    assert [c.ppl["a"] for c in ms.load_configs(uri, "twice")] == [pytest.approx(math.exp(5.0))]
 
 
 def _by(configs, strategy, n=SIZE):
@@ -107,31 +109,31 @@ def _by(configs, strategy, n=SIZE):
 
 def test_recommend_changes_with_the_number_of_domains(frontier):
     # slm's 1e12 generic FLOPs spread over N domains: too much per domain at N = 1, cheap at N = 50.
-    answers = {n: fr.recommend(frontier, 2e6, 1e11, n, in_domain=SIZE).best.strategy for n in fr.AMORTISATION_N}
+    answers = {n: rd.recommend(frontier, 2e6, 1e11, n, in_domain=SIZE).best.strategy for n in ms.AMORTISATION_N}
     assert answers == {1: "slm-is", 7: "slm-is", 50: "slm"}
 
 
 def test_recommend_changes_with_the_budget(frontier):
-    assert fr.recommend(frontier, 2e6, 1e11, 1, in_domain=SIZE).best.strategy == "slm-is"
-    assert fr.recommend(frontier, 2e6, 2e12, 1, in_domain=SIZE).best.strategy == "slm"
-    assert fr.recommend(frontier, 2e6, 1e9, 1, in_domain=SIZE).best is None  # nothing that cheap
+    assert rd.recommend(frontier, 2e6, 1e11, 1, in_domain=SIZE).best.strategy == "slm-is"
+    assert rd.recommend(frontier, 2e6, 2e12, 1, in_domain=SIZE).best.strategy == "slm"
+    assert rd.recommend(frontier, 2e6, 1e9, 1, in_domain=SIZE).best is None  # nothing that cheap
 
 
 def test_recommend_prices_in_the_chosen_cost_unit(frontier):
     # Same N: in FLOPs slm's per-domain cost (1.4e11) fits 2e11; in device-hours it is
     # 10/7 h, over a 1 h budget, and slm-is (0.01 h) wins.
-    assert fr.recommend(frontier, 2e6, 2e11, 7, in_domain=SIZE, cost="flops").best.strategy == "slm"
-    assert fr.recommend(frontier, 2e6, 1.0, 7, in_domain=SIZE, cost="device_hours").best.strategy == "slm-is"
+    assert rd.recommend(frontier, 2e6, 2e11, 7, in_domain=SIZE, cost="flops").best.strategy == "slm"
+    assert rd.recommend(frontier, 2e6, 1.0, 7, in_domain=SIZE, cost="device_hours").best.strategy == "slm-is"
 
 
 def test_recommend_answers_from_one_in_domain_size(frontier):
     # The largest measured size the user has at least: 5000 tokens -> the 1000-token sweep.
-    rec = fr.recommend(frontier, 1e7, 1e13, 50, in_domain=5000)
+    rec = rd.recommend(frontier, 1e7, 1e13, 50, in_domain=5000)
     assert rec.in_domain == SIZE and {c.in_domain for c in rec.ranked} == {SIZE}
-    assert fr.recommend(frontier, 1e7, 1e13, 50, in_domain=BIG).best.strategy == "slm-nopt"
-    assert fr.recommend(frontier, 1e7, 1e13, 50).in_domain == BIG  # default: the largest measured
+    assert rd.recommend(frontier, 1e7, 1e13, 50, in_domain=BIG).best.strategy == "slm-nopt"
+    assert rd.recommend(frontier, 1e7, 1e13, 50).in_domain == BIG  # default: the largest measured
     with pytest.raises(SlmFactoryError, match="--in-domain"):
-        fr.recommend(frontier, 1e7, 1e13, 50, in_domain=500)
+        rd.recommend(frontier, 1e7, 1e13, 50, in_domain=500)
 
 
 def test_macro_interval_follows_the_stated_formula_and_contains_the_estimate(store):
@@ -139,7 +141,7 @@ def test_macro_interval_follows_the_stated_formula_and_contains_the_estimate(sto
     e = exps["interval"]
     for d, nll, se in (("x", 5.0, 0.02), ("y", 6.0, 0.04), ("z", 7.0, 0.04)):
         _log(client, e, "slm-nopt", d, nll, g="none", se=se)
-    (c,) = fr.load_configs(uri, "interval")
+    (c,) = ms.load_configs(uri, "interval")
     se = math.sqrt(0.02 ** 2 + 0.04 ** 2 + 0.04 ** 2) / 3
     lo, hi = c.interval
     assert c.ppl_macro == pytest.approx(math.exp(6.0))
@@ -149,10 +151,10 @@ def test_macro_interval_follows_the_stated_formula_and_contains_the_estimate(sto
 
 def test_overlapping_intervals_are_a_tie(frontier):
     # slm (5.0) and llm (5.005), SE 0.0071 each: their intervals overlap.
-    tie = fr.recommend(frontier, 1e7, 1e13, 50, in_domain=SIZE)
+    tie = rd.recommend(frontier, 1e7, 1e13, 50, in_domain=SIZE)
     assert (tie.best.strategy, tie.runner_up.strategy, tie.tie) == ("slm", "llm", True)
     # slm and slm-is, 0.3 nats apart: not a tie.
-    clear = fr.recommend(frontier, 2e6, 1e13, 50, in_domain=SIZE)
+    clear = rd.recommend(frontier, 2e6, 1e13, 50, in_domain=SIZE)
     assert (clear.best.strategy, clear.runner_up.strategy, clear.tie) == ("slm", "slm-is", False)
 
 
@@ -195,7 +197,7 @@ def test_two_seeds_are_two_rows_with_their_spread_and_ablations_stay_apart(store
         for d in ("a", "b"):
             _log(client, e, "slm-mix", d, v, settings=settings, parent=parent,
                  extra={"spent/generic_tokens": 1.2e6, "spent/spec_tokens": 9984})
-    configs = fr.load_configs(uri, "seeds")
+    configs = ms.load_configs(uri, "seeds")
     assert sorted(c.settings for c in configs) == sorted(nll)
     spread = float(np.std([math.exp(5.0), math.exp(5.2)], ddof=1))
     by = {c.settings: c for c in configs}
@@ -213,7 +215,7 @@ def test_runs_before_the_contract_still_report(store):
     uri, client, exps = store
     for d in ("a", "b"):
         _log(client, exps["old"], "slm", d, 5.0, old=True)
-    (c,) = fr.load_configs(uri, "old")
+    (c,) = ms.load_configs(uri, "old")
     assert c.settings == "" and c.interval is None and c.spent_spec is None
     assert "| slm | - | 1e+06T | 1e+04T |" in rp.markdown([c]) and "[n/a]" in rp.markdown([c])
 
@@ -259,7 +261,7 @@ def test_figure1_budget_ticks_are_distinct_bins(tmp_path):
     import matplotlib.pyplot as plt
 
     # Per-domain costs within 2% of each other: two significant digits would repeat 2.3e+11.
-    close = [fr.MeasuredConfig(f"s{i}", "none", "1e+04T", SIZE, "", 1_000_000, 2e6, {"flops": (0.0, cost)},
+    close = [ms.MeasuredConfig(f"s{i}", "none", "1e+04T", SIZE, "", 1_000_000, 2e6, {"flops": (0.0, cost)},
                                {"a": 100.0 - i}, {"a": math.log(100.0 - i)})
              for i, cost in enumerate((2.30e11, 2.31e11, 2.32e11, 2.33e11, 2.34e11, 2.35e11))]
     fig, _ = fg.figure1(close, SIZE, 7, "flops", tmp_path)
@@ -303,14 +305,14 @@ def test_report_writes_tables_4_8_and_entropy_with_the_right_numbers(tables, tmp
     assert "| slm-mix (routed) | slm-mix.experts=4 | 270.00 | - |" in md
     # Entropy table: gain = 1 - ppl_x / ppl_slm, Spearman -1 (mix) and +1 (pn).
     assert f"| a | 0.500 | {math.exp(5):.2f} | {math.exp(4.9):.2f} | {1 - math.exp(-0.1):+.3f} |" in md
-    gains = {g["config"].strategy: g["spearman"] for g in fr.entropy_gains(fr.load_configs(tables, "tables"))}
+    gains = {g["config"].strategy: g["spearman"] for g in fr.entropy_gains(ms.load_configs(tables, "tables"))}
     assert gains == {"slm-mix": pytest.approx(-1.0), "slm-pn": pytest.approx(1.0)}
     assert "rho = -1.000" in md and "rho = 1.000" in md
     # One figure per in-domain size, N, cost unit (only FLOPs were logged here) and cost convention.
     pngs = {p.name for p in out.glob("*.png")}
     # Paper's convention: no suffix; measured: _measured.
     assert pngs == ({f"{kind}_n1000_N{n}_flops{suffix}.png" for kind in ("ppl_vs_cost", "figure1")
-                     for n in fr.AMORTISATION_N for suffix in ("", "_measured")}
+                     for n in ms.AMORTISATION_N for suffix in ("", "_measured")}
                     | {f"amortisation_n1000_flops{suffix}.png" for suffix in ("", "_measured")})
     assert "### Per-domain budget in FLOPs, paper costs" in md and "### Per-domain budget in FLOPs, measured costs" in md
 
@@ -350,7 +352,7 @@ def conventions(store):
     for d in ("a", "b"):
         _log(client, e, "slm-is", d, 5.3, g="none", n=BIG, flops=(2e12, 5e10), hours=(4.0, 0.01), extra=embed)
         _log(client, e, "slm", d, 5.0, flops=(1e12, 1e9), hours=(10.0, 0.001))
-    return fr.load_configs(uri, "conventions")
+    return ms.load_configs(uri, "conventions")
 
 
 def test_cost_conventions_differ_for_slm_is_only(conventions):
@@ -359,8 +361,8 @@ def test_cost_conventions_differ_for_slm_is_only(conventions):
     assert slm_is.generic("device_hours", "paper") == 0.0 and slm_is.spec("device_hours", "paper") == 0.01
     assert slm.costs_in("paper") == slm.costs_in("measured") == {"flops": (1e12, 1e9), "device_hours": (10.0, 0.001)}
     # Within 1e11 per domain only under the paper's convention.
-    assert fr.recommend(conventions, 2e6, 1e11, 1, in_domain=BIG, convention="paper").best is slm_is
-    assert fr.recommend(conventions, 2e6, 1e11, 1, in_domain=BIG, convention="measured").best is None
+    assert rd.recommend(conventions, 2e6, 1e11, 1, in_domain=BIG, convention="paper").best is slm_is
+    assert rd.recommend(conventions, 2e6, 1e11, 1, in_domain=BIG, convention="measured").best is None
 
 
 def _per_domain(out: str) -> str:
@@ -422,7 +424,7 @@ def serving(store):
             run_id = _log(client, e, strategy, d, nll, params=params, flops=(1e9, 1e9), hours=(0.1, 0.1), extra=extra)
             if extra:
                 client.set_tag(run_id, "serving_machine", "Test CPU, 2 cores, bf16 matrix units: none, 1 torch thread(s)")
-    return fr.load_configs(uri, "serving")
+    return ms.load_configs(uri, "serving")
 
 
 def test_recommend_inference_cost_filters_by_the_measured_serving_cost(serving):
@@ -433,17 +435,17 @@ def test_recommend_inference_cost_filters_by_the_measured_serving_cost(serving):
     assert slm.serving == {"generate": pytest.approx(0.5), "score": pytest.approx(0.01)}
     assert not _by(serving, "slm-nopt").serving and not _by(serving, "slm-is").serving  # unmeasured, half-measured
     assert "Test CPU, 2 cores" in slm.serving_machine
-    assert fr.recommend(serving, 1e7, 1e12, 1).best.strategy == "slm-nopt"  # no serving limit: the best perplexity
-    assert fr.recommend(serving, 1e7, 1e12, 1, inference_cost=10.0).best is llm
-    assert fr.recommend(serving, 1e7, 1e12, 1, inference_cost=1.0).best is slm  # llm's 5 device-hours too dear
-    assert fr.recommend(serving, 1e7, 1e12, 1, inference_cost=0.1).best is None
+    assert rd.recommend(serving, 1e7, 1e12, 1).best.strategy == "slm-nopt"  # no serving limit: the best perplexity
+    assert rd.recommend(serving, 1e7, 1e12, 1, inference_cost=10.0).best is llm
+    assert rd.recommend(serving, 1e7, 1e12, 1, inference_cost=1.0).best is slm  # llm's 5 device-hours too dear
+    assert rd.recommend(serving, 1e7, 1e12, 1, inference_cost=0.1).best is None
     # Scoring is cheaper: at 0.06 device-hours per million scored tokens, llm fits again.
-    assert fr.recommend(serving, 1e7, 1e12, 1, inference_cost=0.06, inference_task="score").best is llm
+    assert rd.recommend(serving, 1e7, 1e12, 1, inference_cost=0.06, inference_task="score").best is llm
     # Priced at 0.1 per device-hour: llm costs 0.5 per million generated tokens, slm 0.05.
-    assert fr.recommend(serving, 1e7, 1e12, 1, inference_cost=0.1, price_per_device_hour=0.1).best is slm
-    assert fr.recommend(serving, 1e7, 1e12, 1, inference_cost=0.6, price_per_device_hour=0.1).best is llm
+    assert rd.recommend(serving, 1e7, 1e12, 1, inference_cost=0.1, price_per_device_hour=0.1).best is slm
+    assert rd.recommend(serving, 1e7, 1e12, 1, inference_cost=0.6, price_per_device_hour=0.1).best is llm
     with pytest.raises(SlmFactoryError, match="--inference-task 'train'"):
-        fr.recommend(serving, 1e7, 1e12, 1, inference_cost=1.0, inference_task="train")
+        rd.recommend(serving, 1e7, 1e12, 1, inference_cost=1.0, inference_task="train")
 
 
 def test_report_table_has_a_measured_serving_cost_column(serving):

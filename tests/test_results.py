@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from slmfactory.analysis.frontier import MeasuredConfig, pool_seeds
+from slmfactory.analysis.measured import MeasuredConfig, pool_seeds
 from slmfactory.platform.cost import MEASURED, PAPER
 from slmfactory.trial import TRIAL_TAG, experiment_name
 from study import claims as rc
@@ -214,7 +214,7 @@ def study_store(tmp_path_factory):
         metrics |= {metric: r.get(col) for col, metric in results.METRIC_COLUMNS}
         metrics["generic/generic_ppl"] = r["generic_ppl"]
         params = {k: str(recipe[k]) for k in ("cluster.k", "strategy.slm-mix.experts", "strategy.slm-pn.experts")}
-        params |= results.frontier.parse_settings(r["settings"])
+        params |= results.measured.parse_settings(r["settings"])
         run = client.create_run(exp_id, start_time=r["start_ms"], tags=tags)
         client.log_batch(run.info.run_id, metrics=[Metric(k, v, r["end_ms"], 0) for k, v in metrics.items()
                                                    if v is not None],
@@ -253,7 +253,7 @@ def test_mlflow_export_gives_the_committed_csv_and_page(study_store, tmp_path):
 def test_csv_and_mlflow_loader_agree(study_store):
     """The CSV's configurations equal ``frontier.load_configs``' from the MLflow store, field
     by field (perplexities, intervals, both cost conventions, claim 5's entropy and its k)."""
-    from slmfactory.analysis.frontier import load_configs
+    from slmfactory.analysis.measured import load_configs
 
     uri, experiment = study_store
     back = results.export_rows(uri, experiment)

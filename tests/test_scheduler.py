@@ -3,7 +3,7 @@ a tiny randomly initialised model of the recipe (``test_engine``'s): requests jo
 leave the running batch at token boundaries; every row gets its own settings; a seeded
 request gives the same text alone and inside a busy mixed batch; a stop string takes its
 row out at the stop while the others go on; greedy completions and the penalties equal
-transformers' ``generate`` (``engine.generate``) on the same prompt alone."""
+transformers' ``generate`` (``generation.generate``) on the same prompt alone."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import time
 import pytest
 import torch
 
-from slmfactory.serving.engine import Deadline, Sampling, generate, load
+from slmfactory.serving.engine import Deadline, load
+from slmfactory.serving.generation import Sampling, generate
 from slmfactory.serving.scheduler import Cancelled, Scheduler
 from tests.test_engine import TEXT, folder, ids_of, loaded, token_stop  # noqa: F401  (fixtures)
 

@@ -82,7 +82,7 @@ def client(url):
 
 
 def test_models_and_completions_for_two_domains(served):
-    from slmfactory.serving.domains.runtime import DomainStore
+    from slmfactory.serving.domains.store import DomainStore
 
     cfg, url, _ = served
     c = client(url)
@@ -199,7 +199,7 @@ def test_score_equals_the_projects_own_evaluation(served):
     from transformers import AutoModelForCausalLM
 
     from slmfactory.data.tokens.streams import split_tokens
-    from slmfactory.models.train.trainer import evaluate_nll
+    from slmfactory.models.train.evaluation import evaluate_nll
     from slmfactory.data.tokens.tokenizer import ensure_tokenizer, load_tokenizer
 
     cfg, url, folders = served
@@ -345,7 +345,7 @@ def silent(served):
     from safetensors.torch import load_file, save_file
     from transformers import PreTrainedTokenizerFast
 
-    from slmfactory.serving.domains.runtime import DomainStore
+    from slmfactory.serving.domains.store import DomainStore
 
     cfg, _, folders = served
     folder = cfg.root / "silent-model"

@@ -254,7 +254,7 @@ def test_a_phase_that_repeats_its_data_reports_its_epochs(tiny_cfg, tmp_path):
 
 
 def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_sequences():
-    from slmfactory.models.train.trainer import bootstrap_ppl
+    from slmfactory.models.train.evaluation import bootstrap_ppl
 
     rng = np.random.default_rng(3)
     few = rng.gamma(4.0, 30.0, size=20)          # summed NLL of 20 sequences of 63 predictions
@@ -270,7 +270,7 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_sequence
 
 
 def test_sequence_nlls_add_up_to_the_evaluated_nll(tiny_cfg):
-    from slmfactory.models.train.trainer import evaluate_nll, sequence_nlls
+    from slmfactory.models.train.evaluation import evaluate_nll, sequence_nlls
 
     tokens = split_tokens(tiny_cfg, "generic", "train")[:20 * 64]
     model = build_model(tiny_cfg.slm, 512, 64, seed=0)

@@ -14,7 +14,7 @@ import pytest
 from slmfactory.platform.config import load_config
 from slmfactory.platform.cost import SERVING_TASKS, CostRecord, ServingRates
 from slmfactory.platform.stages import Stage
-from slmfactory.trial import PARENT_TAG, TRIAL_TAG, TrialRecord as R, log_trial
+from slmfactory.trial import PARENT_TAG, TRIAL_TAG, Budget, TrialRecord as R, log_trial
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -63,7 +63,8 @@ STORED_METRICS = {
 RECORD_NAMES = {
     # tags
     "STRATEGY": "strategy", "DOMAIN": "domain", "PHASE": "phase", "IN_DOMAIN_TOKENS": "in_domain_tokens",
-    "GENERIC_BUDGET": "generic_budget", "SPEC_BUDGET": "spec_budget", "SETTINGS": "settings", "DEVICE": "device",
+    "GENERIC_BUDGET": "generic_budget", "SPEC_BUDGET": "spec_budget", "GENERIC_BUDGET_UNIT": "generic_budget_unit",
+    "SPEC_BUDGET_UNIT": "spec_budget_unit", "SETTINGS": "settings", "DEVICE": "device",
     "GENERIC_SPENT": "generic_spent", "SPEC_SPENT": "spec_spent", "GROUP": "group",
     "TRIAL_NAME": "slmfactory.trial_name",
     # metrics
@@ -105,8 +106,9 @@ RECORD_METRICS = {
     "serving/generate_tokens_per_s", "serving/score_tokens_per_s",
     "serving/generate_device_hours_per_mtok", "serving/score_device_hours_per_mtok",
 }
-RECORD_TAGS = {"strategy", "domain", "phase", "in_domain_tokens", "generic_budget", "spec_budget", "settings",
-               "device", "generic_spent", "spec_spent", "group", "serving_machine"}
+RECORD_TAGS = {"strategy", "domain", "phase", "in_domain_tokens", "generic_budget", "spec_budget",
+               "generic_budget_unit", "spec_budget_unit", "settings", "device", "generic_spent", "spec_spent", "group",
+               "serving_machine"}
 RECORD_USED_PARAMS = {"pretrain/slm.precision_used", "pretrain/slm.compile_used"}
 STORED_TAGS = ("strategy", "domain", "generic_budget", "spec_budget", "in_domain_tokens", "settings")
 IDENTITY_COLUMNS = ("run_id", "trial_key", "pretrain_seed", "start_ms", "end_ms")
@@ -221,7 +223,7 @@ def test_the_readers_get_back_what_the_driver_logged(logged):
     and the importance-sampling table all carry the record's values."""
     from mlflow.tracking import MlflowClient
 
-    from slmfactory.analysis.frontier import load_configs
+    from slmfactory.analysis.measured import load_configs
     from slmfactory.analysis.report import table_is_provenance
     from slmfactory.serving.catalog import from_mlflow
     from slmfactory.sweeps.records import update_champions
@@ -340,3 +342,24 @@ def test_the_driver_records_every_name_as_stored_runs_carry_it(tmp_path):
     assert {k for k in record.params if k.endswith("_used")} == RECORD_USED_PARAMS
     assert set(record.curves) == {"finetune/valid_nll"}
     assert record.tags["phase"] == "specialize"
+
+
+@pytest.mark.parametrize("budget", [Budget("tokens", 750_000.0), Budget("tokens", 1_048_577.0),
+                                    Budget("flops", 3.123456789e14), Budget("flops", 1e15)])
+def test_a_runs_tags_hold_its_budgets_exactly_and_labels_only_display_them(tiny_cfg, budget):
+    """The tags hold every token (``1048577``, which ``1.05e+06T`` does not), the FLOPs
+    as their shortest repr, and the unit; ``Budget.from_tags`` gives back the same budget;
+    the label and the run name's short form are display only."""
+    from slmfactory.trial import Trial, run_name, trial_tags
+
+    trial = Trial("slm", "legal", budget, Budget("tokens", 65_537.0), 20_000)
+    tags = trial_tags(trial.config(tiny_cfg))
+    assert tags[R.GENERIC_BUDGET] == (str(int(budget.value)) if budget.unit == "tokens" else repr(budget.value))
+    assert tags[R.GENERIC_BUDGET_UNIT] == budget.unit and tags[R.SPEC_BUDGET] == "65537"
+    assert Budget.from_tags(tags, "generic") == budget and Budget.from_tags(tags, "spec").value == 65_537
+    assert run_name(tags).startswith(f"slm legal {budget.short()}/65.5k")
+    nopt = trial_tags(Trial("slm-nopt", "legal", None, budget, 20_000).config(tiny_cfg))
+    assert nopt[R.GENERIC_BUDGET] == nopt[R.GENERIC_BUDGET_UNIT] == "none"
+    assert Budget.from_tags(nopt, "generic") is None
+    # A run logged before the exact tags: its label, read once, where it is read.
+    assert Budget.from_tags({R.SPEC_BUDGET: "1.5e+06T"}, "spec") == Budget("tokens", 1.5e6)

@@ -13,16 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slmfactory.analysis.frontier import (
-    AMORTISATION_N,
-    UNIT_LABEL,
-    MeasuredConfig,
-    distinct_labels,
-    figure1_grid,
-    inference_classes,
-    macro_cell,
-    pareto,
-)
+from slmfactory.analysis.frontier import distinct_labels, figure1_grid, inference_classes, macro_cell, pareto
+from slmfactory.analysis.measured import AMORTISATION_N, UNIT_LABEL, MeasuredConfig
 from slmfactory.platform.cost import PAPER
 
 

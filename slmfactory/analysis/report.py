@@ -1,7 +1,7 @@
 """``slmfactory report``: the sweep's report folder (``report.md``, its tables and the
 figures) and the recommendation table, from the configurations
-:mod:`slmfactory.analysis.frontier` reads back from MLflow (which also defines a
-configuration, its interval and its costs).
+:mod:`slmfactory.analysis.measured` reads back from MLflow (which also defines a
+configuration, its interval and its costs) and the frontier over them (:mod:`slmfactory.analysis.frontier`).
 """
 
 from __future__ import annotations
@@ -11,21 +11,23 @@ from typing import Any
 
 from slmfactory.analysis.figures import figure1, plot_amortisation, plot_costs, pyplot
 from slmfactory.analysis.frontier import (
+    distinct_labels,
+    entropy_gains,
+    figure1_grid,
+    fmt,
+    macro_cell,
+    macro_of,
+    ppl_cell,
+)
+from slmfactory.analysis.measured import (
     AMORTISATION_N,
     COST_UNITS,
     EXPERT_STRATEGIES,
     UNIT_LABEL,
     MeasuredConfig,
-    distinct_labels,
-    entropy_gains,
-    figure1_grid,
-    fmt,
     has_seeds,
     load_configs,
-    macro_cell,
-    macro_of,
     parse_settings,
-    ppl_cell,
 )
 from slmfactory.platform.cost import CONVENTION_DOC, COST_CONVENTIONS, MEASURED, PAPER
 from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment

@@ -17,13 +17,22 @@ stored :class:`Work` on every load, never frozen at run time:
   whole 1.4B-parameter network is in the optimiser while each token sees a 127M expert)
   cost, every step and on every data-parallel device, one fp32 Adam update read and
   written through device memory plus a ring all-reduce of their gradients.
+
+The device profile itself, a recipe's ``device`` section (:class:`DeviceProfile` and its
+measured :class:`Throughput` rows), lives here beside the arithmetic that prices with it;
+``config.py`` composes it into ``RunConfig`` (this module does not import config).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from slmfactory.platform.coerce import coerce
+from slmfactory.platform.errors import ConfigError, check
 
 
 def model_flop_terms(model) -> tuple[int, int, int]:
@@ -68,6 +77,104 @@ class Work:
     @classmethod
     def of(cls, d: dict) -> "Work":
         return cls(**d)
+
+
+# -- the device profile: a recipe's ``device`` section, what prices work ------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Throughput:
+    """Measured tokens/s of one device for a model of ``params`` parameters (one row of a
+    device profile's table: ``bench/gpu_mfu.py --profile`` writes them, or a user supplies
+    them, e.g. the paper's Table 2 for A100s, docs/paper.md#table-2-throughput)."""
+
+    params: float
+    """Parameters of the measured model (the compute-bearing count: tied head included)."""
+    train_tokens_per_s: float
+    """Training tokens/s per device (forward, backward, optimiser step)."""
+    inference_tokens_per_s: float = 0.0
+    """Forward-only tokens/s per device (0: not measured; the training row scaled by 3)."""
+    source: str = ""
+    machine: dict[str, Any] = field(default_factory=dict)
+    """What the row was measured on (``slmfactory calibrate`` writes it): ``cpu`` (model
+    name), ``cpu_flags``, ``bf16_matrix``, ``cores``, ``gpu``, ``torch``, ``threads``,
+    ``measured``. ``slmfactory sweep`` warns when it is not the machine it runs on, or
+    when a row names none (``platform/machine.py``)."""
+
+    def __post_init__(self) -> None:
+        check(self.params > 0, "device.throughput[].params", "> 0", self.params)
+        check(self.train_tokens_per_s > 0, "device.throughput[].train_tokens_per_s", "> 0",
+              self.train_tokens_per_s)
+        check(self.inference_tokens_per_s >= 0, "device.throughput[].inference_tokens_per_s", ">= 0",
+              self.inference_tokens_per_s)
+        for k, v in self.machine.items():
+            check(isinstance(k, str) and (isinstance(v, (str, int, float, bool))
+                                          or isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
+                  f"machine.{k}", "a string, a number or a list of strings", v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceProfile:
+    """Converts work (tokens of a model of some size, optimiser steps) into device-hours
+    (paper's unit: A100 GPU-hours); ``slmfactory.platform.cost`` holds the arithmetic."""
+
+    name: str = "cpu-2core"
+    peak_flops: float = 2.15e11
+    """Peak dense FLOP/s of one device at the training precision."""
+    mfu: float = 0.6
+    """Model FLOP utilisation assumed where no measured throughput applies."""
+    throughput: tuple[Throughput, ...] = ()
+    """Measured throughput by model size. Between rows, utilisation is interpolated in
+    log(params); beyond them, the nearest row's utilisation holds."""
+    throughput_file: str = ""
+    """A JSON list of ``throughput`` rows (``slmfactory calibrate --out FILE`` measures this
+    machine's at the recipe's shapes; ``bench/gpu_mfu.py --profile FILE`` a GPU's), added to
+    ``throughput`` (set that to [] to price with the file's rows alone)."""
+    memory_bandwidth: float = 0.0
+    """Device memory bytes/s: prices the optimiser over parameters a model updates beyond
+    its compute path (slm-pn's projection tensors). 0: not counted."""
+    interconnect_bandwidth: float = 0.0
+    """All-reduce bus bytes/s between data-parallel devices (NCCL busbw). 0: not counted."""
+    optimizer_bytes_per_param: float = 28.0
+    """Memory traffic of one fp32 Adam update per parameter: reads p, g, m, v; writes p, m, v."""
+    grad_bytes_per_param: float = 4.0
+    """Bytes per gradient element all-reduced across data-parallel workers (fp32)."""
+
+    def __post_init__(self) -> None:
+        check(self.peak_flops > 0, "device.peak_flops", "> 0", self.peak_flops)
+        check(0 < self.mfu <= 1, "device.mfu", "in (0, 1]", self.mfu)
+        for key in ("memory_bandwidth", "interconnect_bandwidth", "optimizer_bytes_per_param",
+                    "grad_bytes_per_param"):
+            check(getattr(self, key) >= 0, f"device.{key}", ">= 0", getattr(self, key))
+        if self.throughput_file and not Path(self.throughput_file).expanduser().is_file():
+            raise ConfigError(f"device.throughput_file: {self.throughput_file} is not a file "
+                              f"(expected the JSON that `slmfactory calibrate --out FILE` or "
+                              f"`bench/gpu_mfu.py --profile FILE` writes)")
+
+    def rows(self) -> tuple[Throughput, ...]:
+        """The measured rows, sorted by size (the table plus ``throughput_file``'s)."""
+        rows = list(self.throughput)
+        if self.throughput_file:
+            path = Path(self.throughput_file).expanduser()
+            rows += _throughput_file_rows(str(path), path.stat().st_mtime_ns)
+        return tuple(sorted(rows, key=lambda r: r.params))
+
+
+@functools.lru_cache(maxsize=8)
+def _throughput_file_rows(path: str, mtime_ns: int) -> tuple[Throughput, ...]:
+    """A profile file's rows (cached per file version: costs are priced many times)."""
+    import json
+
+    expected = "a JSON list of {params, train_tokens_per_s, inference_tokens_per_s} rows"
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"device.throughput_file: {path}: expected {expected} ({e})") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"device.throughput_file: {path}: expected {expected}, got {type(data).__name__}")
+    try:
+        return tuple(coerce(r, Throughput, f"device.throughput_file[{i}]") for i, r in enumerate(data))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {path})") from None
 
 
 def utilisation(profile, params: float, kind: str) -> float:

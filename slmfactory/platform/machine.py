@@ -22,7 +22,7 @@ from slmfactory.platform.runtime import cpu_bf16_support
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 """The /proc/cpuinfo flags recorded: the vector and matrix units training's speed turns on
-(bf16 matrix units decide ``precision: auto``, ``models/train/trainer.py:plan_execution``)."""
+(bf16 matrix units decide ``precision: auto``, ``models/train/execution.py:plan_execution``)."""
 IDENTITY = ("gpu", "cpu", "bf16_matrix", "cores")
 """What makes two machines the same device for a profile (compared where the profile
 recorded it): the GPU's name, else the CPU model, its bf16 matrix feature and its cores."""

@@ -15,7 +15,7 @@ deployment, OpenAI-compatible.
   the deployment's ``check_health``), ``GET /metrics`` (Prometheus text of the replica that
   answers: per-domain requests by status, latency, tokens, model load time, cache hits and
   misses, queue depth; the same metrics of every replica, tagged by replica, are in Ray's
-  metrics export: ``server.METRICS``, docs/serving.md).
+  metrics export: ``metrics.METRICS``, docs/serving.md).
 - Models: each replica resolves and downloads its start-up models itself (a folder, an
   MLflow run, a registry alias: ``catalog.resolve``, cached per node) and follows a registry
   alias as it moves (``server.DomainServer``); a response names its model version in
@@ -37,7 +37,8 @@ This module is the Serve layer only: the deployment ``DomainModels`` (the ingres
 routes above, on ``server.DomainServer``, the replica's models and request plumbing) and
 ``build_app(args)``, the application builder (``serve run slmfactory.serving.app:build_app``
 with ``args`` from a Serve config YAML: see ``infra/serve.yaml``). The model work is
-``serving.engine``'s; the ``/v1/domains`` routes' is ``serving.domains``'.
+``serving.engine``'s and ``serving.generation``'s; the ``/v1/domains`` routes' is
+``serving.domains``'.
 """
 
 # No `from __future__ import annotations` here: Ray Serve's class-based FastAPI views read
@@ -54,11 +55,13 @@ from ray import serve
 from slmfactory.platform.config import load_config, parse_overrides
 from slmfactory.platform.errors import ConfigError
 from slmfactory.serving import catalog as cat
-from slmfactory.serving.api import BODY_LIMIT_ENV, ApiError, ChatRequest, CompletionRequest, Limits, ScoreRequest
+from slmfactory.serving.api import BODY_LIMIT_ENV, ApiError, Limits
 from slmfactory.serving.auth import load_keys
 from slmfactory.serving.domains import DomainRequest, compared_view
 from slmfactory.serving.engine import with_firsts
-from slmfactory.serving.server import AUTO, HEALTH_TIMEOUT_S, DomainServer, mark, timer
+from slmfactory.serving.schemas import ChatRequest, CompletionRequest, ScoreRequest
+from slmfactory.serving.server import AUTO, HEALTH_TIMEOUT_S, DomainServer
+from slmfactory.serving.timing import mark, timer
 from slmfactory.trial import experiment_name
 
 api = FastAPI(title="slmfactory", docs_url=None, redoc_url=None, openapi_url=None)

@@ -3,7 +3,7 @@
 (the completions API's four lists; the chat API's ``content`` list with bytes). Plain
 dicts from plain values: no Ray, no torch (``tests/test_engine.py`` checks them).
 
-A generated token's log-prob entry is ``engine.generate``'s: ``(log-prob, top)``, ``top``
+A generated token's log-prob entry is ``generation.generate``'s: ``(log-prob, top)``, ``top``
 a list of ``(token id, log-prob)`` or None.
 """
 

@@ -38,7 +38,8 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from slmfactory.serving.engine import Deadline, Loaded, Sampling, cut_at_stop, tokens_within
+from slmfactory.serving.engine import Deadline, Loaded
+from slmfactory.serving.generation import Sampling, cut_at_stop, tokens_within
 
 MAX_ROWS = 64
 """Rows (requests x n) one domain's running batch holds at most; more wait to join."""
@@ -56,7 +57,7 @@ class Cancelled(Exception):
 class Job:
     """One prompt of one request: its ``n`` rows, where their tokens go (``on_tokens(ids,
     logprob entries or None)``, from the scheduler's thread) and its result (``future``:
-    ``n`` completions shaped as ``engine.generate``'s)."""
+    ``n`` completions shaped as ``generation.generate``'s)."""
 
     def __init__(self, loaded: Loaded, prompt: list[int], s: Sampling, deadline: float,
                  cancel: threading.Event | None, on_tokens: Callable | None):
@@ -477,7 +478,7 @@ class Scheduler:
             return {}
         import torch
 
-        from slmfactory.serving.engine import _top
+        from slmfactory.serving.generation import _top
 
         idx = torch.tensor(t["logprobs"])
         final = scores[idx] if warped is None else torch.where(t["greedy"][idx, None], scores[idx], warped[idx])
@@ -519,7 +520,7 @@ class Scheduler:
 
 
 def _finish(r: Row, tok, ended: bool) -> None:
-    """Row ``r`` leaves: its completion as ``engine.generate`` gives one."""
+    """Row ``r`` leaves: its completion as ``generation.generate`` gives one."""
     s = r.job.s
     text, stopped = cut_at_stop(tok.decode(r.ids), s.stop)
     lps = None

@@ -1,8 +1,10 @@
 """The serving replica: every served domain's small model, and the request plumbing all
 routes share. ``DomainServer`` holds no route: the Ray Serve deployment is
 ``app.DomainModels``, this class with the HTTP routes on top (the ingress / server split
-of Ray Serve LLM, in one deployment). The model work is ``serving.engine``'s, the run-time
-domains' ``serving.domains``'.
+of Ray Serve LLM, in one deployment). The model work is ``serving.engine``'s and
+``serving.generation``'s, the run-time domains' ``serving.domains``'; the completion
+handlers are ``serving.completions``' (``Completions``, a base class of this one), the
+metrics ``serving.metrics``', a request's timing ``serving.timing``'.
 
 - Models: ``get_model`` is ``@serve.multiplexed`` (an LRU of ``max_models`` per replica),
   wired in ``__init__`` because the cap comes from the recipe. A start-up domain's model
@@ -27,39 +29,36 @@ domains' ``serving.domains``'.
   go to it: requests in flight finish on the old one, none waits or fails. Each answer
   names the version it came from (``slmfactory-model-version``) and the replica
   (``slmfactory-replica``).
-- Metrics go to the replica's own registry (``GET /metrics``: this replica's) and through
-  ``ray.serve.metrics`` to Ray's metrics export (every replica in one scrape, tagged with
-  its deployment and replica).
+- Metrics (``metrics.METRICS``) go to the replica's own registry (``GET /metrics``: this
+  replica's) and through ``ray.serve.metrics`` to Ray's metrics export (every replica in one
+  scrape, tagged with its deployment and replica).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import json
 import logging
 import math
 import threading
 import time
-import uuid
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from slmfactory.platform.config import DEFAULT_CHAT_TEMPLATE, from_dict
 from slmfactory.platform.cost import ServingRates
-from slmfactory.serving import catalog as cat, replies
-from slmfactory.serving.api import (IGNORED_FIELDS_HEADER, ApiError, ChatRequest, CompletionRequest, Limits,
-                                    ignored_fields, validate)
+from slmfactory.serving import catalog as cat
+from slmfactory.serving.api import ApiError, Limits, validate
 from slmfactory.serving.auth import Auth, RateLimiter, SharedRateLimiter
+from slmfactory.serving.completions import Completions
 from slmfactory.serving.domains import RuntimeDomains
-from slmfactory.serving.engine import (Deadline, Loaded, Sampling, TextStream, chat_prompt, check_stop,
-                                       load, load_minilm, one_token_forward, pick_by_nll, pick_domain,
-                                       route_embedding, route_entry, route_ids, score_ids, token_logprobs,
-                                       uses_minilm)
-from slmfactory.serving.scheduler import PARTS, Job, Scheduler
+from slmfactory.serving.engine import (Deadline, Loaded, load, load_minilm, one_token_forward, pick_by_nll, pick_domain,
+                                       route_embedding, route_entry, route_ids, score_ids, uses_minilm)
+from slmfactory.serving.metrics import registry_metrics
+from slmfactory.serving.scheduler import Scheduler
+from slmfactory.serving.schemas import IGNORED_FIELDS_HEADER, ignored_fields
+from slmfactory.serving.timing import TIMER, Timer, mark, timer
 
 AUTO = "auto"
 MODEL_VERSION_HEADER = "slmfactory-model-version"
@@ -96,49 +95,6 @@ def import_everything() -> None:
     transformers.logging.set_verbosity_error()
 
 
-class Timer:
-    """Where one request's time in the replica went, part by part (milliseconds), sent
-    back as its ``Server-Timing`` header: what a client, or ``bench/serve_bench.py``,
-    reads to split a request's latency between the replica and the proxy in front of it."""
-
-    __slots__ = ("start", "last", "parts", "notes", "headers")
-
-    def __init__(self):
-        self.start = self.last = time.perf_counter()
-        self.parts: dict[str, float] = {}
-        self.notes: dict[str, str] = {}
-        self.headers: dict[str, str] = {}  # response headers a handler adds (the model version)
-
-    def note(self, name: str, value) -> None:
-        """A fact about the request (``batch``: how many requests its batch held)."""
-        self.notes[name] = str(value)
-
-    def mark(self, part: str, now: float | None = None) -> None:
-        """The time since the previous mark belongs to ``part``."""
-        now = time.perf_counter() if now is None else now
-        self.parts[part] = self.parts.get(part, 0.0) + (now - self.last) * 1e3
-        self.last = now
-
-    def header(self) -> str:
-        total = (time.perf_counter() - self.start) * 1e3
-        return ", ".join([f"{k};dur={v:.3f}" for k, v in self.parts.items()] + [f"total;dur={total:.3f}"]
-                         + [f'{k};desc="{v}"' for k, v in self.notes.items()])
-
-
-TIMER: contextvars.ContextVar[Timer | None] = contextvars.ContextVar("slmfactory_timer", default=None)
-"""The request's ``Timer`` (set by ``_respond``; the handlers' tasks inherit it)."""
-
-
-def timer() -> Timer | None:
-    return TIMER.get()
-
-
-def mark(part: str) -> None:
-    t = TIMER.get()
-    if t is not None:
-        t.mark(part)
-
-
 class Failed:
     """One request's failure inside a batch: handed back to that request only."""
 
@@ -171,90 +127,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
-
-METRICS = {
-    # key: (kind, name, description, label names)
-    "requests": ("counter", "slmfactory_requests", "requests per domain, route and status",
-                 ("domain", "route", "status")),
-    "latency": ("histogram", "slmfactory_latency_seconds", "request latency per domain and route",
-                ("domain", "route")),
-    "tokens": ("counter", "slmfactory_tokens", "tokens scored or generated per domain", ("domain", "route")),
-    "load": ("gauge", "slmfactory_model_load_seconds", "seconds the domain's model took to load", ("domain",)),
-    "cache": ("counter", "slmfactory_model_cache", "model cache lookups per domain (hit or miss)",
-              ("domain", "result")),
-    "queue": ("gauge", "slmfactory_queue_depth", "requests in flight in this replica, and domain builds and "
-              "fine-tunes queued or running", ("kind",)),
-}
-"""The serving metrics. Each is recorded twice: in the replica's own Prometheus registry
-(``GET /metrics``, this replica's alone) and through ``ray.serve.metrics`` (Ray's metrics
-export on each node, tagged with application, deployment and replica: one scrape of the
-cluster sees every replica; Ray prefixes the names with ``ray_``)."""
-
-
-class _Metric:
-    """One metric in both places; ``labels(...)`` then ``inc``/``set``/``observe``, as
-    ``prometheus_client``'s."""
-
-    __slots__ = ("own", "ray", "keys", "kind")
-
-    def __init__(self, own, ray_metric, keys: tuple[str, ...], kind: str):
-        self.own, self.ray, self.keys, self.kind = own, ray_metric, keys, kind
-
-    def labels(self, *values) -> "_Bound":
-        return _Bound(self, values)
-
-
-class _Bound:
-    __slots__ = ("metric", "values")
-
-    def __init__(self, metric: _Metric, values: tuple):
-        self.metric, self.values = metric, values
-
-    def _tags(self) -> dict[str, str]:
-        return {k: str(v) for k, v in zip(self.metric.keys, self.values)}
-
-    def inc(self, amount: float = 1) -> None:
-        self.metric.own.labels(*self.values).inc(amount)
-        if self.metric.ray is not None:
-            self.metric.ray.inc(amount, tags=self._tags())
-
-    def set(self, value: float) -> None:
-        self.metric.own.labels(*self.values).set(value)
-        if self.metric.ray is not None:
-            self.metric.ray.set(value, tags=self._tags())
-
-    def observe(self, value: float) -> None:
-        self.metric.own.labels(*self.values).observe(value)
-        if self.metric.ray is not None:
-            self.metric.ray.observe(value, tags=self._tags())
-
-
-def registry_metrics(cluster: bool = True):
-    """The replica's metrics (``METRICS``): its own Prometheus registry (``GET /metrics``)
-    and the metrics dict the replica records to; ``cluster``: through ``ray.serve.metrics``
-    too (in a Serve replica)."""
-    reg = CollectorRegistry()
-    if cluster:
-        from ray.serve import metrics as ray_metrics
-    m = {}
-    for key, (kind, name, doc, keys) in METRICS.items():
-        if kind == "counter":
-            own = Counter(name, doc, keys, registry=reg)
-            theirs = ray_metrics.Counter(name, doc, tag_keys=keys) if cluster else None
-        elif kind == "gauge":
-            own = Gauge(name, doc, keys, registry=reg)
-            theirs = ray_metrics.Gauge(name, doc, tag_keys=keys) if cluster else None
-        else:
-            own = Histogram(name, doc, keys, registry=reg, buckets=LATENCY_BUCKETS)
-            theirs = ray_metrics.Histogram(name, doc, boundaries=list(LATENCY_BUCKETS), tag_keys=keys) \
-                if cluster else None
-        m[key] = _Metric(own, theirs, keys, kind)
-    return reg, m
-
-
-class DomainServer:
-    """Every served domain's small model, multiplexed in each replica."""
+class DomainServer(Completions):
+    """Every served domain's small model, multiplexed in each replica; its completion and chat
+    completion handlers are its base class's (``completions.Completions``)."""
 
     async def __init__(self, catalog: dict[str, dict], router: dict | None, limits: Limits, preload: bool,
                        instant: dict | None = None, security: dict | None = None, max_models: int = 8,
@@ -553,44 +428,6 @@ class DomainServer:
         self._marks(items, "forward")
         return out
 
-    async def _generated(self, loaded: Loaded, ids: list[list[int]], s: Sampling, deadline: float) -> list:
-        """Each prompt's ``s.n`` completions, through the scheduler (iteration-level
-        batching with every other request of the domain). A request given up (the deadline
-        of ``_respond``, the client gone) leaves the batch at the next token."""
-        cancel = threading.Event()
-        jobs = [self.scheduler.submit(loaded, x, s, deadline, cancel) for x in ids]
-        waits = [asyncio.wrap_future(j.future) for j in jobs]
-        for w in waits:  # a failure beside the one raised is retrieved, not logged as lost
-            w.add_done_callback(lambda f: f.cancelled() or f.exception())
-        try:
-            results = await asyncio.gather(*waits)
-        finally:
-            cancel.set()
-        self._step_marks(jobs)
-        if time.monotonic() > deadline:
-            raise Deadline()
-        return results
-
-    @staticmethod
-    def _step_marks(jobs: list[Job]) -> None:
-        """The request's time in the scheduler, in its ``Server-Timing``: ``queue`` (waiting
-        to join), its share of each part of the steps it was in (``schedule``, ``prefill``,
-        ``forward``, ``logits``, ``emit``), ``steps_other`` (the rest: the other rows' shares
-        and other domains' steps)."""
-        t = timer()
-        if t is None:
-            return
-        now = time.perf_counter()
-        waited = (now - t.last) * 1e3
-        own = 0.0
-        for part in ("queue", *PARTS):
-            v = sum(j.parts[part] for j in jobs) * 1e3
-            t.parts[part] = t.parts.get(part, 0.0) + v
-            own += v
-        t.parts["steps_other"] = t.parts.get("steps_other", 0.0) + max(0.0, waited - own)
-        t.note("batch", max(j.most for j in jobs))
-        t.last = now
-
     async def _isolated(self, out: list, idx: list[int], work) -> None:
         """Run ``work`` on the requests ``idx`` of a batch; if it raises, run each alone,
         so that one bad request fails itself and not its neighbours."""
@@ -624,19 +461,6 @@ class DomainServer:
                     raise ApiError(400, f"'{field}[{i}]' holds token id {bad}, outside the model's vocabulary "
                                    f"(ids 0..{loaded.vocab - 1})", param=field, code="invalid_value")
         return out
-
-    def _check_sampling(self, loaded: Loaded, s: Sampling) -> None:
-        """What only the model can tell, found before generation rather than inside it: a
-        stop string the vocabulary cannot form, a ``logit_bias`` token past the vocabulary
-        (400s naming the field)."""
-        try:
-            check_stop(loaded.tokenizer, s.stop)
-        except ValueError as e:
-            raise ApiError(400, f"'stop': {e}", param="stop", code="invalid_value") from None
-        bad = [t for t, _ in s.logit_bias if t >= loaded.vocab]
-        if bad:
-            raise ApiError(400, f"'logit_bias' holds token id {bad[0]}, outside the model's vocabulary "
-                           f"(ids 0..{loaded.vocab - 1})", param="logit_bias", code="invalid_value")
 
     # -- request plumbing -----------------------------------------------------------------
     async def _respond(self, route: str, request: Request, schema, handler, max_bytes: int | None = None,
@@ -733,162 +557,3 @@ class DomainServer:
         stalled = self.scheduler.stalled()
         if stalled > 3 * HEALTH_TIMEOUT_S:
             raise RuntimeError(f"the generation scheduler has work but finished no step for {stalled:.0f}s")
-
-    # -- completions and chat completions ---------------------------------------------------
-    async def complete(self, c: CompletionRequest, caller, deadline: float):
-        """``POST /v1/completions``: (domain, the answer or its stream)."""
-        domain, loaded, extra = await self.model_for(c.model, c.prompts[0], "prompt", deadline)
-        mark("model")
-        ids = self._token_ids(loaded, c.prompts, "prompt")
-        for i, x in enumerate(ids):
-            if len(x) + c.max_tokens > min(loaded.context, self.limits.max_prompt_tokens + c.max_tokens):
-                raise ApiError(400, f"prompt[{i}] has {len(x)} tokens; with max_tokens={c.max_tokens} it "
-                               f"exceeds the model's context of {loaded.context} tokens",
-                               param="max_tokens", code="context_length_exceeded")
-        return await self._complete("completions", c, domain, loaded, extra, ids, Sampling.of(c), caller, deadline)
-
-    async def chat(self, c: ChatRequest, caller, deadline: float):
-        """``POST /v1/chat/completions``: the messages rendered with ``serving.chat_template``
-        into one prompt, completed as ``complete`` does."""
-        domain, loaded, extra = await self.model_for(c.model, c.text, "messages", deadline)
-        mark("model")
-        try:
-            prompt = chat_prompt(loaded, c.messages, self.chat_template)
-        except ValueError as e:
-            raise ApiError(400, f"'messages': {e}", param="messages", code="invalid_value") from None
-        ids = loaded.encode([prompt])[0]
-        room = loaded.context - len(ids)
-        if len(ids) > self.limits.max_prompt_tokens or room < 1:
-            raise ApiError(400, f"the messages make a prompt of {len(ids)} tokens; at most "
-                           f"{min(self.limits.max_prompt_tokens, loaded.context - 1)} leave room for a completion "
-                           f"in the model's context of {loaded.context}", param="messages",
-                           code="context_length_exceeded")
-        cap = c.completion_cap
-        if cap is not None and cap > room:
-            field = "max_completion_tokens" if c.max_completion_tokens is not None else "max_tokens"
-            raise ApiError(400, f"the messages make a prompt of {len(ids)} tokens; with {field}={cap} it exceeds "
-                           f"the model's context of {loaded.context} tokens", param=field,
-                           code="context_length_exceeded")
-        sampling = Sampling.of(c, max_tokens=cap if cap is not None else min(self.limits.max_tokens, room))
-        return await self._complete("chat", c, domain, loaded, extra, [ids], sampling, caller, deadline)
-
-    async def _complete(self, kind: str, c, domain: str, loaded: Loaded, extra: dict, ids: list[list[int]],
-                        s: Sampling, caller, deadline: float):
-        self._check_sampling(loaded, s)
-        await self._charge(caller, "tokens", sum(len(x) for x in ids) + s.max_tokens * s.n * len(ids))
-        mark("tokenise")
-        cid = f"{'cmpl' if kind == 'completions' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
-        if c.stream:
-            return domain, StreamingResponse(self._stream(kind, cid, domain, loaded, ids[0], s, c, extra, deadline),
-                                             media_type="text/event-stream")
-        results = await self._generated(loaded, ids, s, deadline)
-        choices, completion_tokens = [], 0
-        for i, (x, outs) in enumerate(zip(ids, results)):
-            for out in outs:
-                completion_tokens += len(out["ids"])
-                text, lp = out["text"], None
-                if kind == "chat":
-                    if s.logprobs is not None:
-                        lp = replies.chat_logprobs(loaded, out["ids"], out["logprobs"])
-                    choices.append(replies.choice(kind, len(choices), text, out["finish"], lp))
-                    continue
-                echoed = (c.prompts[i] if isinstance(c.prompts[i], str) else loaded.tokenizer.decode(x)) \
-                    if c.echo else ""
-                if s.logprobs is not None:
-                    lp = replies.completion_logprobs(loaded, out["ids"], out["logprobs"], s.logprobs, len(echoed))
-                    if c.echo:  # the prompt's own log-probs: a forward pass over the prompt
-                        lp = replies.joined(await asyncio.to_thread(token_logprobs, loaded, x, 0, s.logprobs,
-                                                                    deadline), lp)
-                choices.append(replies.choice(kind, len(choices), echoed + text, out["finish"], lp))
-        prompt_tokens = sum(len(x) for x in ids)
-        self.count_tokens(completion_tokens, domain, kind)
-        return domain, replies.answer(kind, cid, domain, choices, replies.usage(prompt_tokens, completion_tokens),
-                                      extra)
-
-    # -- streaming ------------------------------------------------------------------------
-    async def _stream(self, kind: str, cid: str, domain: str, loaded: Loaded, ids: list[int], s: Sampling, c,
-                      extra: dict, deadline: float):
-        """Server-sent events: one chunk per generated piece of text (with its tokens'
-        log-probs when asked), then the finish reason, the usage when asked
-        (``stream_options.include_usage``), and ``[DONE]``. Every stream ends: if generation
-        raises or the deadline passes, an OpenAI error event comes before ``[DONE]``; a
-        client that goes away stops its generation."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        with_usage = c.include_usage
-        eos = loaded.tokenizer.eos_token_id
-
-        def event(text: str | None, finish: str | None = None, entries: list | None = None, offset: int = 0,
-                  role: bool = False) -> str:
-            lp = None
-            if entries is not None and s.logprobs is not None:
-                lp = replies.stream_logprobs(kind, loaded, [t for t, _ in entries], [e for _, e in entries],
-                                             s.logprobs, offset)
-            return "data: " + json.dumps(replies.chunk(kind, cid, domain, extra, text, finish, lp, with_usage,
-                                                       role)) + "\n\n"
-
-        def error_event(e: ApiError) -> str:
-            self.m["requests"].labels(domain, kind, f"stream_{e.status}").inc()
-            return "data: " + json.dumps(e.body()) + "\n\n"
-
-        # Each token and then the end (None) through the queue, in the scheduler's order.
-        job = self.scheduler.submit(loaded, ids, s, deadline, cancel,
-                                    lambda new, steps: loop.call_soon_threadsafe(queue.put_nowait, (new, steps)))
-        job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
-        task = asyncio.wrap_future(job.future)
-        task.add_done_callback(lambda f: f.cancelled() or f.exception())
-        try:
-            offset = 0
-            if kind == "chat":
-                yield event("", role=True)
-            elif c.echo:
-                echoed = c.prompts[0] if isinstance(c.prompts[0], str) else loaded.tokenizer.decode(ids)
-                if s.logprobs is not None:  # the prompt's own log-probs: a forward pass over the prompt
-                    lp = await asyncio.to_thread(token_logprobs, loaded, ids, 0, s.logprobs, deadline)
-                    yield "data: " + json.dumps(replies.chunk(kind, cid, domain, extra, echoed, None, lp,
-                                                              with_usage)) + "\n\n"
-                else:
-                    yield event(echoed)
-                offset = len(echoed)
-            text = TextStream(loaded.tokenizer, s.stop)
-            pending: list = []  # (token, log-prob entry) of tokens whose text is not sent yet
-            sent = 0
-            while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()) + 1.0)
-                except asyncio.TimeoutError:
-                    raise Deadline() from None  # nothing at all within the deadline
-                if item is None:
-                    break
-                new, steps = item
-                if steps is not None:
-                    pending.extend((t, e) for t, e in zip(new, steps) if t != eos)
-                piece = text.push(new)
-                if piece:
-                    yield event(piece, entries=pending, offset=offset)
-                    sent, offset, pending = sent + len(pending), offset + len(piece), []
-            final = (await task)[0]
-            rest = text.rest(final["text"])
-            # Tokens past a stop string are not sent, nor their log-probs.
-            pending = pending[:max(0, len(final["logprobs"]) - sent)] if final["logprobs"] is not None else []
-            if rest or pending:
-                yield event(rest, entries=pending, offset=offset)
-            yield event(None if kind == "chat" else "", final["finish"])
-            if with_usage:
-                yield "data: " + json.dumps(replies.usage_chunk(kind, cid, domain, extra, replies.usage(
-                    len(ids), len(final["ids"])))) + "\n\n"
-            self.count_tokens(len(final["ids"]), domain, kind)
-        except Deadline:
-            cancel.set()
-            yield error_event(ApiError(408, f"generation did not finish within the deadline of {self.timeout:g}s",
-                                       code="request_timeout"))
-        except Exception as e:  # noqa: BLE001  (a failed generation ends its stream, with the reason)
-            cancel.set()
-            yield error_event(ApiError(500, f"generation failed: {type(e).__name__}: {str(e)[:300]}",
-                                       type_="server_error", code="generation_failed"))
-        finally:
-            # The client went away (GeneratorExit / cancellation) or the stream ended:
-            # either way the generation thread stops at its next token.
-            cancel.set()
-        yield "data: [DONE]\n\n"

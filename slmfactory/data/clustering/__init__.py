@@ -4,7 +4,8 @@ domain's cluster histogram (Ray Data does the embedding and resampling).
 
 - ``minilm.py`` and ``hashed.py``: the two embedders;
 - ``clusters.py``: centroids, assignments, histograms (what serving reads: no Ray Data);
-- ``pipeline.py``: the Ray Data pipeline that embeds and clusters (``run_clustering``);
+- ``pipeline.py``: the Ray Data pipeline that embeds and clusters (``run_clustering``), its
+  stages 1-2 (windows, embeddings) in ``windows.py``, the plumbing they share in ``raydata.py``;
 - ``resample.py``: the importance-resampled generic token stream (``resample``).
 """
 

@@ -25,7 +25,7 @@ tokens + eos to a part file. The driver then streams every chunk, in a seeded pe
 of all chunks, into ``tokens.npy``: the SLM-is training stream, written once, memory-mapped
 by training (``load_resampled_tokens``). The same seed gives the same stream: every task's
 output is a function of its file, the selection and the seed, not of Ray's scheduling, and
-the assigned-windows table has a canonical layout (``clusters._write_canonical``: rows
+the assigned-windows table has a canonical layout (``raydata.write_canonical``: rows
 sorted by (doc_id, start), equal blocks, files ``part-<n>`` in key order), so a window's
 place in it, and hence the selection and each file's chunks, are the same on a rerun. The
 seed is ``cluster.seed`` mixed with the domain's name.

@@ -40,21 +40,21 @@ Because every step decides by origin, all parts of one document (the chapters of
 book) sit in exactly one split of one domain, or in generic: a model is never tested on
 the continuation of a text it trained on.
 
-User corpora (``import_corpus``) go through the same stage. Inputs: ``.jsonl`` (one JSON
-object per line with a ``"text"`` field; optional ``"doc_id"``, ``"source"``),
-``.parquet`` (a ``text`` column; optional ``doc_id``/``source``), and ``.txt`` — **one
-document per file** (long files are cut into parts at ``max_doc_chars``).
+User corpora (``import_corpus``) and the shipped sample (``build_sample_corpus``) go
+through the same stage; their file formats are read by :mod:`slmfactory.data.corpus.user_files`.
 
-Why one file: the build is one deterministic pipeline (clean, dedupe, place, split, cap,
-drop near copies, write, report) whose steps share the placement rules above; it is read
-top to bottom. Sources and extractors are their own modules; reading a built corpus is
-:mod:`slmfactory.data.corpus.store`.
+What is where: this module is the build (clean, dedupe, place, split, cap, drop near
+copies, write, report), read top to bottom, its manifest and its three entry points
+(``build_corpus`` from pinned packages, ``import_corpus``, ``build_sample_corpus``). The
+per-document rules of steps 1-2 and ``bucket``, the placement hash, are
+:mod:`slmfactory.data.corpus.documents`; the MinHash check of step 6 is
+:mod:`slmfactory.data.corpus.near_copies`. Sources and extractors are their own modules;
+reading a built corpus is :mod:`slmfactory.data.corpus.store`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob as globlib
 import hashlib
 import json
 import os
@@ -70,7 +70,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from slmfactory.data.corpus.store import SAMPLE_DIR, SPLITS, list_domains, manifest_path, read_manifest, split_path
+from slmfactory.data.corpus.documents import Doc, bucket, nbytes, prepare, sha1
+from slmfactory.data.corpus.near_copies import drop_near_copies, near_copies, near_duplicate_manifest
 from slmfactory.data.corpus.sources import (
     DOMAIN_SOURCES,
     EXTRACT_VERSION,
@@ -80,15 +81,13 @@ from slmfactory.data.corpus.sources import (
     generic_kinds,
     generic_plan,
 )
+from slmfactory.data.corpus.store import SAMPLE_DIR, SPLITS, manifest_path, read_manifest
+from slmfactory.data.corpus.user_files import expand_patterns, read_user_file
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.stages import atomic_path, replace_dir, write_text_atomic
 
 if TYPE_CHECKING:
     from slmfactory.platform.config import RunConfig
-
-#: A document: ``doc_id``, ``text``, ``source``; after ``_prepare`` also ``origin`` (the id
-#: of the document a part was cut from), which placement uses and the parquet files omit.
-Doc = dict[str, str]
 
 #: The source catalogue: domain name -> its pinned sources (see ``corpus_sources``).
 DOMAINS: dict[str, tuple[Source, ...]] = DOMAIN_SOURCES
@@ -107,81 +106,6 @@ _SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("source", 
 #: Keys of one domain's entry in ``manifest["domain_to_generic"]``.
 _TO_GENERIC_KEYS = ("share_docs", "share_bytes", "overflow_docs", "overflow_bytes", "dropped_docs", "dropped_bytes")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
-
-
-# --------------------------------------------------------------------------------------
-# Cleaning, hashing, splitting
-# --------------------------------------------------------------------------------------
-
-_WS = re.compile(r"[ \t\f\v\r\u00a0]+")
-
-
-def clean_text(text: str) -> str:
-    """Normalise whitespace but keep paragraph structure (models learn from newlines)."""
-    text = text.replace("\r\n", "\n").replace("\ufeff", "")
-    text = text.replace("\x00", "")
-    lines = [_WS.sub(" ", ln).strip() for ln in text.split("\n")]
-    text = "\n".join(lines)
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
-def cut_text(text: str, max_chars: int) -> list[str]:
-    """Cut at paragraph (else line, else hard) boundaries into parts <= max_chars."""
-    if len(text) <= max_chars:
-        return [text]
-    parts, start = [], 0
-    while start < len(text):
-        end = min(start + max_chars, len(text))
-        if end < len(text):
-            for sep in ("\n\n", "\n", " "):
-                cut = text.rfind(sep, start + max_chars // 2, end)
-                if cut != -1:
-                    end = cut
-                    break
-        piece = text[start:end].strip()
-        if piece:
-            parts.append(piece)
-        start = end
-    return parts
-
-
-def _sha1(s: str) -> str:
-    return hashlib.sha1(s.encode("utf-8")).hexdigest()
-
-
-def _dedupe_key(text: str) -> bytes:
-    return hashlib.sha1(" ".join(text.split()).encode("utf-8")).digest()
-
-
-def bucket(seed: int, purpose: str, doc_id: str) -> float:
-    """A uniform number in [0, 1) from (seed, purpose, doc_id): deterministic placement."""
-    h = hashlib.blake2b(f"{seed}\0{purpose}\0{doc_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2.0**64
-
-
-def _prepare(docs: Iterable[Doc], cfg_c: Any, seen_text: set[bytes], seen_id: set[str],
-             where: str) -> Iterator[Doc]:
-    """Clean, cut and dedupe one stream of documents.
-
-    Every part carries ``origin``, the id of the document it was cut from, so that
-    placement can keep the parts of one document together (dedupe stays per part)."""
-    for d in docs:
-        if "text" not in d or not isinstance(d["text"], str):
-            raise DataError(f"{where}: document without a string 'text' field")
-        source = str(d.get("source") or "unknown")
-        text = clean_text(d["text"])
-        parts = cut_text(text, cfg_c.max_doc_chars)
-        base = d.get("doc_id") or _sha1(f"{source}\0{' '.join(text.split())}")
-        for i, part in enumerate(parts):
-            if len(part) < cfg_c.min_doc_chars:
-                continue
-            doc_id = base if len(parts) == 1 else _sha1(f"{base}\0part{i}")
-            key = _dedupe_key(part)
-            if key in seen_text or doc_id in seen_id:
-                continue
-            seen_text.add(key)
-            seen_id.add(doc_id)
-            yield {"doc_id": doc_id, "text": part, "source": source, "origin": base}
 
 
 # --------------------------------------------------------------------------------------
@@ -214,10 +138,6 @@ def _part_stats(docs: list[Doc], path: Path, source_info: dict[str, dict]) -> di
         "sources": [source_info.get(n, {"source": n, "package": n, "version": "", "licence": "unknown"})
                     for n in names],
     }
-
-
-def _nbytes(d: Doc) -> int:
-    return len(d["text"].encode("utf-8"))
 
 
 def _by_origin(docs: Iterable[Doc]) -> dict[str, list[Doc]]:
@@ -254,7 +174,7 @@ def _apply_cap(kept: list[Doc], cap_bytes: int, seed: int, overflow_to_generic: 
     groups = sorted(_by_origin(kept).items(), key=lambda kv: bucket(seed, "cap", kv[0]))
     total, overflow, capped = 0, 0, []
     for _, parts in groups:
-        size = sum(_nbytes(d) for d in parts)
+        size = sum(nbytes(d) for d in parts)
         if total + size <= cap_bytes or not capped:
             capped.extend(parts)
             total += size
@@ -282,12 +202,12 @@ def _cap_generic_sources(generic: list[Doc], max_bytes: int, seed: int) -> tuple
     report: dict[str, dict] = {}
     for source in sorted(by_source):
         docs = by_source[source]
-        if sum(_nbytes(d) for d in docs) <= max_bytes:
+        if sum(nbytes(d) for d in docs) <= max_bytes:
             kept.extend(docs)
             continue
         total, dropped, n_dropped = 0, 0, 0
         for _, parts in sorted(_by_origin(docs).items(), key=lambda kv: bucket(seed, "gcap", kv[0])):
-            size = sum(_nbytes(d) for d in parts)
+            size = sum(nbytes(d) for d in parts)
             if total + size <= max_bytes:
                 kept.extend(parts)
                 total += size
@@ -327,16 +247,16 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
     owners: dict[str, set[str]] = {}  # collection -> the domains built from it
     for name in sorted(domain_docs):  # name order: the first occurrence of a duplicate wins
         domains[name], to_generic[name] = _place_domain(
-            name, _prepare(domain_docs[name], c, seen_text, seen_id, f"domain {name}"), c, domain_cap_bytes,
+            name, prepare(domain_docs[name], c, seen_text, seen_id, f"domain {name}"), c, domain_cap_bytes,
             owners, generic)
 
-    kept, skipped = _generic_outside_domains(_prepare(generic_docs, c, seen_text, seen_id, "generic"), owners)
+    kept, skipped = _generic_outside_domains(prepare(generic_docs, c, seen_text, seen_id, "generic"), owners)
     generic, capped = _cap_generic_sources(generic + kept, c.generic_source_max_bytes, c.seed)
     # The rule: no generic document is a near copy of a domain's test document. The check
     # runs on every generic document before the split is written, and drops what it finds.
     tests = {name: splits["test"] for name, splits in domains.items()}
     near, scanned = near_copies(tests, generic, progress=progress)
-    generic, removed = _drop_near_copies(generic, near)
+    generic, removed = drop_near_copies(generic, near)
     gsplits = _split_generic(generic, c.seed)
 
     # Stable order inside a file: by doc_id, so the bytes do not depend on input order.
@@ -364,8 +284,8 @@ def build_from_documents(cfg: "RunConfig", generic_docs: Iterable[Doc], domain_d
         + [{**skipped[k], "fetched": True} for k in sorted(skipped)],
         "generic_capped": capped,
         "generic_kinds": generic_kinds(sources, *_per_source_sizes(gen_docs)),
-        "near_duplicates": _near_duplicate_manifest(near, tests, scanned, removed,
-                                                    {d["doc_id"] for d in gen_docs}),
+        "near_duplicates": near_duplicate_manifest(near, tests, scanned, removed,
+                                                   {d["doc_id"] for d in gen_docs}),
         "sources": [source_info[s] for s in sorted(used) if s in source_info]
         + [{"source": s, "package": s, "version": "", "licence": "unknown"}
            for s in sorted(used) if s not in source_info],
@@ -387,7 +307,7 @@ def _place_domain(name: str, docs: Iterable[Doc], c: Any, domain_cap_bytes: int 
         if bucket(c.seed, "generic", d["origin"]) < c.generic_share:
             generic.append(d)
             report["share_docs"] += 1
-            report["share_bytes"] += _nbytes(d)
+            report["share_bytes"] += nbytes(d)
         else:
             kept.append(d)
     if domain_cap_bytes is not None:
@@ -416,20 +336,10 @@ def _generic_outside_domains(docs: Iterable[Doc], owners: dict[str, set[str]]
                 "source": d["source"], "collection": coll, "domains": sorted(owners[coll]), "docs": 0, "bytes": 0,
                 "reason": "collection of a built domain: kept on the domain's side only"})
             e["docs"] += 1
-            e["bytes"] += _nbytes(d)
+            e["bytes"] += nbytes(d)
             continue
         kept.append(d)
     return kept, skipped
-
-
-def _drop_near_copies(generic: list[Doc], near: dict[str, list[tuple[str, str, float]]]
-                      ) -> tuple[list[Doc], list[Doc]]:
-    """``generic`` without every document (all its parts) that ``near_copies`` found to be
-    a near copy of a test document; also returns what was removed."""
-    origin_of = {d["doc_id"]: d["origin"] for d in generic}
-    dropped = {origin_of[g] for hits in near.values() for _, g, _ in hits}
-    removed = [d for d in generic if d["origin"] in dropped]
-    return [d for d in generic if d["origin"] not in dropped], removed
 
 
 def _split_generic(generic: list[Doc], seed: int) -> dict[str, list[Doc]]:
@@ -442,7 +352,7 @@ def _split_generic(generic: list[Doc], seed: int) -> dict[str, list[Doc]]:
     candidates = sorted(_by_origin(generic).items(), key=lambda kv: bucket(seed, "gvalid", kv[0]))
     vbytes = 0
     for origin, docs in candidates:  # whole documents, like the domain splits
-        size = sum(_nbytes(d) for d in docs)
+        size = sum(nbytes(d) for d in docs)
         if bucket(seed, "gvalid", origin) < GENERIC_VALID_FRACTION and vbytes + size <= GENERIC_VALID_MAX_BYTES:
             gsplits["valid"].extend(docs)
             vbytes += size
@@ -486,7 +396,7 @@ def _per_source_sizes(docs: list[Doc]) -> tuple[dict[str, int], dict[str, int], 
     n_docs: dict[str, int] = {}
     n_words: dict[str, int] = {}
     for d in docs:
-        n_bytes[d["source"]] = n_bytes.get(d["source"], 0) + _nbytes(d)
+        n_bytes[d["source"]] = n_bytes.get(d["source"], 0) + nbytes(d)
         n_docs[d["source"]] = n_docs.get(d["source"], 0) + 1
         n_words[d["source"]] = n_words.get(d["source"], 0) + len(d["text"].split())
     return n_bytes, n_docs, n_words
@@ -522,171 +432,6 @@ def corpus_is_current(cfg: "RunConfig") -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# Near duplicates between each domain's test split and the generic corpus
-# --------------------------------------------------------------------------------------
-
-#: Word shingle size, MinHash permutations and the Jaccard threshold of the check: 5-word
-#: shingles and 0.5 are the usual near-duplicate settings for web text (a test document
-#: half of whose 5-grams a generic document shares is a near copy, not a shared topic).
-NEAR_DUP_SHINGLE = 5
-NEAR_DUP_NUM_PERM = 128
-NEAR_DUP_THRESHOLD = 0.5
-#: Cost bound: at most this many bytes of generic text are MinHashed (the demo's generic
-#: part is ~54 MB: scanned whole, ~20-30 s on 2 cores). Above it a hash-chosen sample of
-#: generic documents of about this size is scanned, and the fraction is reported.
-NEAR_DUP_MAX_GENERIC_BYTES = 64_000_000
-
-
-def _sketcher():
-    """MinHash of a text's shingles with fixed permutations (datasketch, seed 1): the same
-    sketches on every machine. One template's permutations are reused (a fresh seed=1 draw
-    per document costs more than hashing a short document)."""
-    from datasketch import MinHash
-
-    template = MinHash(num_perm=NEAR_DUP_NUM_PERM, seed=1)
-
-    def sketch(text: str) -> "MinHash":
-        m = MinHash(num_perm=NEAR_DUP_NUM_PERM, permutations=template.permutations, scheme=template.scheme)
-        m.update_batch(shingles(text))
-        return m
-    return sketch
-
-
-def near_copies(tests: dict[str, list[Doc]], generic: list[Doc], progress: bool = False
-                ) -> tuple[dict[str, list[tuple[str, str, float]]], dict[str, int]]:
-    """Every generic document that is a near copy of some domain's test document: per
-    domain, ``(test doc_id, generic doc_id, Jaccard)`` with the MinHash Jaccard estimate of
-    their word-5-gram sets >= ``NEAR_DUP_THRESHOLD``. Every generic document is scanned,
-    whatever the corpus's size (the build drops what this finds, so none may be skipped);
-    also returns what was scanned (``docs``, ``bytes``)."""
-    from datasketch import MinHashLSH
-
-    t0 = time.time()
-    sketch = _sketcher()
-    lsh = MinHashLSH(threshold=NEAR_DUP_THRESHOLD, num_perm=NEAR_DUP_NUM_PERM)
-    sketches: dict[str, Any] = {}
-    for d, docs in tests.items():
-        for doc in docs:
-            key = f"{d}\0{doc['doc_id']}"
-            sketches[key] = sketch(doc["text"])
-            lsh.insert(key, sketches[key])
-    found: dict[str, list[tuple[str, str, float]]] = {d: [] for d in tests}
-    n_bytes = 0
-    for g in generic:
-        n_bytes += _nbytes(g)
-        m = sketch(g["text"])
-        for key in lsh.query(m):
-            j = float(sketches[key].jaccard(m))
-            if j >= NEAR_DUP_THRESHOLD:
-                d, test_id = key.split("\0", 1)
-                found[d].append((test_id, g["doc_id"], round(j, 3)))
-    if progress:
-        print(f"  near-copy check: {n_bytes / 1e6:.1f} MB of generic text against the domains' test "
-              f"documents in {time.time() - t0:.1f}s; {sum(map(len, found.values()))} near copies dropped",
-              file=sys.stderr)
-    return {d: sorted(v) for d, v in found.items()}, {"docs": len(generic), "bytes": n_bytes}
-
-
-def _near_duplicate_manifest(near: dict[str, list[tuple[str, str, float]]], tests: dict[str, list[Doc]],
-                             scanned: dict[str, int], removed: list[Doc], written: set[str]) -> dict[str, dict]:
-    """The manifest's ``near_duplicates``: per domain, its test documents, how many of them
-    still have a near copy in the written generic corpus (``near_dup_docs``: 0, the rule)
-    and what the build dropped from generic to keep it so (``removed_from_generic``)."""
-    out = {}
-    for d, hits in near.items():
-        n_test = len(tests[d])
-        remaining = {t for t, g, _ in hits if g in written}
-        mine = {g for _, g, _ in hits}
-        out[d] = {"test_docs": n_test, "near_dup_docs": len(remaining),
-                  "fraction": len(remaining) / n_test if n_test else 0.0,
-                  "removed_from_generic": {
-                      "test_docs_matched": len({t for t, _, _ in hits}), "generic_docs": len(mine),
-                      "generic_bytes": sum(_nbytes(r) for r in removed if r["doc_id"] in mine),
-                      "examples": [list(h) for h in hits[:5]]},
-                  "method": {"library": "datasketch MinHash + MinHashLSH", "shingles": f"word {NEAR_DUP_SHINGLE}-grams, "
-                             "lower-cased", "num_perm": NEAR_DUP_NUM_PERM, "threshold": NEAR_DUP_THRESHOLD,
-                             "compared_with": "generic train + valid, before the split (near copies are dropped)",
-                             "generic_docs_scanned": scanned["docs"], "generic_bytes_scanned": scanned["bytes"],
-                             "generic_fraction_scanned": 1.0}}
-    return out
-
-
-def shingles(text: str, n: int = NEAR_DUP_SHINGLE) -> list[bytes]:
-    """Lower-cased whitespace-word ``n``-grams (a shorter text is one shingle)."""
-    w = text.lower().split()
-    if len(w) <= n:
-        return [" ".join(w).encode("utf-8")]
-    return [" ".join(w[i:i + n]).encode("utf-8") for i in range(len(w) - n + 1)]
-
-
-def near_duplicate_report(corpus_dir: Path, domains: list[str], seed: int = 0, progress: bool = False,
-                          max_generic_bytes: int = NEAR_DUP_MAX_GENERIC_BYTES) -> dict[str, dict]:
-    """Per domain: ``{test_docs, near_dup_docs, fraction, method}``, where a test document
-    is a near duplicate when some generic document (train or valid) has an estimated
-    Jaccard similarity of its word-5-gram shingle sets >= ``NEAR_DUP_THRESHOLD``.
-
-    datasketch's ``MinHash`` (128 permutations, its default SHA-1 hash, seed 1: the
-    same sketches on every machine) and ``MinHashLSH`` (threshold 0.5): the test documents
-    are indexed, the generic documents stream past one parquet batch at a time and query
-    the index; an LSH candidate counts only if its MinHash Jaccard estimate passes the
-    threshold. Memory: the test sketches; cost: linear in the generic bytes scanned,
-    bounded by ``max_generic_bytes`` (a hash-chosen sample above it, reported in
-    ``method``). ``method.examples`` lists up to 5 (test doc, generic doc, Jaccard) pairs."""
-    from datasketch import MinHashLSH
-
-    t0 = time.time()
-    corpus_dir = Path(corpus_dir)
-    sketch = _sketcher()
-
-    lsh = MinHashLSH(threshold=NEAR_DUP_THRESHOLD, num_perm=NEAR_DUP_NUM_PERM)
-    tests: dict[str, Any] = {}
-    n_test: dict[str, int] = {}
-    for d in domains:
-        table = pq.read_table(split_path(corpus_dir, d, "test"), columns=["doc_id", "text"])
-        n_test[d] = table.num_rows
-        for doc_id, text in zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()):
-            key = f"{d}\0{doc_id}"
-            tests[key] = sketch(text)
-            lsh.insert(key, tests[key])
-    gpaths = [p for p in (split_path(corpus_dir, "generic", s) for s in ("train", "valid")) if p.is_file()]
-    total = sum(pq.read_metadata(p).row_group(i).column(1).total_uncompressed_size
-                for p in gpaths for i in range(pq.read_metadata(p).num_row_groups))
-    frac = 1.0 if total <= max_generic_bytes else max_generic_bytes / total
-    found: dict[str, tuple[str, float]] = {}  # test key -> (generic doc, Jaccard) of its best match
-    scanned_docs = scanned_bytes = 0
-    for p in gpaths:
-        for batch in pq.ParquetFile(p).iter_batches(columns=["doc_id", "text"], batch_size=1000):
-            for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                if frac < 1.0 and bucket(seed, "near-dup", doc_id) >= frac:
-                    continue
-                scanned_docs += 1
-                scanned_bytes += len(text.encode("utf-8"))
-                m = sketch(text)
-                for key in lsh.query(m):
-                    j = float(tests[key].jaccard(m))
-                    if j >= NEAR_DUP_THRESHOLD and j > found.get(key, ("", -1.0))[1]:
-                        found[key] = (doc_id, j)
-    out = {}
-    for d in domains:
-        hits = sorted((k.split("\0", 1)[1], g, round(j, 3)) for k, (g, j) in found.items()
-                      if k.split("\0", 1)[0] == d)
-        out[d] = {"test_docs": n_test[d], "near_dup_docs": len(hits),
-                  "fraction": len(hits) / n_test[d] if n_test[d] else 0.0,
-                  "method": {"library": "datasketch MinHash + MinHashLSH", "shingles": f"word {NEAR_DUP_SHINGLE}-grams, "
-                             "lower-cased", "num_perm": NEAR_DUP_NUM_PERM, "threshold": NEAR_DUP_THRESHOLD,
-                             "compared_with": "generic train + valid",
-                             "generic_docs_scanned": scanned_docs, "generic_bytes_scanned": scanned_bytes,
-                             "generic_fraction_scanned": round(frac, 6), "examples": [list(h) for h in hits[:5]]}}
-        if progress:
-            print(f"  near duplicates of {d}/test in generic: {len(hits)} of {n_test[d]} docs "
-                  f"({out[d]['fraction']:.1%})", file=sys.stderr)
-    if progress:
-        print(f"  near-duplicate check: {scanned_bytes / 1e6:.1f} MB of generic text in {time.time() - t0:.1f}s",
-              file=sys.stderr)
-    return out
-
-
-# --------------------------------------------------------------------------------------
 # The real corpus from pinned packages
 # --------------------------------------------------------------------------------------
 
@@ -707,7 +452,7 @@ def _read_extracted(path: Path, src: Source) -> Iterator[Doc]:
     with open(path, encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
-            yield {"doc_id": _sha1(f"{src.source}\0{r['key']}"), "text": r["text"], "source": src.source}
+            yield {"doc_id": sha1(f"{src.source}\0{r['key']}"), "text": r["text"], "source": src.source}
 
 
 def build_corpus(cfg: "RunConfig", progress: bool = True) -> dict:
@@ -770,71 +515,6 @@ def build_corpus(cfg: "RunConfig", progress: bool = True) -> dict:
 # User corpora
 # --------------------------------------------------------------------------------------
 
-def expand_patterns(patterns: list[str]) -> list[Path]:
-    """The files of ``patterns`` (paths or globs) in order; a pattern matching nothing is an error."""
-    files: list[Path] = []
-    for pat in patterns:
-        p = Path(pat).expanduser()
-        if any(ch in pat for ch in "*?["):
-            matches = sorted(Path(m) for m in globlib.glob(str(p), recursive=True) if Path(m).is_file())
-            if not matches:
-                raise DataError(f"{pat}: no files match this pattern")
-            files.extend(matches)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"{p}: file not found")
-    return files
-
-
-def read_user_file(path: Path) -> Iterator[Doc]:
-    """The documents of one user file (``.jsonl``, ``.parquet``, ``.txt``: see the module docstring)."""
-    default_source = f"file:{path.name}"
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        try:
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                    if not isinstance(r, dict) or not isinstance(r.get("text"), str):
-                        raise DataError(f"{path}:{i}: expected a JSON object with a string field 'text'")
-                    yield {"text": r["text"], "source": str(r.get("source") or default_source),
-                           **({"doc_id": str(r["doc_id"])} if r.get("doc_id") else {})}
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text") from None
-    elif suffix == ".parquet":
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises several types for non-parquet bytes
-            raise DataError(f"{path}: not a readable parquet file ({e})") from None
-        cols = pf.schema_arrow.names
-        if "text" not in cols:
-            raise DataError(f"{path}: expected a 'text' column, found {cols}")
-        want = [c for c in ("text", "doc_id", "source") if c in cols]
-        for batch in pf.iter_batches(columns=want, batch_size=1000):
-            rows = batch.to_pydict()
-            for j, text in enumerate(rows["text"]):
-                if text is None:
-                    continue
-                d = {"text": text, "source": (rows.get("source") or [None] * len(rows["text"]))[j] or default_source}
-                if rows.get("doc_id") and rows["doc_id"][j]:
-                    d["doc_id"] = rows["doc_id"][j]
-                yield d
-    elif suffix == ".txt":
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
-        yield {"text": text, "source": default_source}  # one document per .txt file
-    else:
-        raise DataError(f"{path}: unsupported file type (expected .jsonl, .parquet or .txt)")
-
-
 def import_corpus(cfg: "RunConfig", generic: list[str], domains: dict[str, list[str]]) -> dict:
     """Build the same layout from user files or globs (see the module docstring for formats).
 
@@ -881,42 +561,3 @@ def build_sample_corpus(cfg: "RunConfig", sample_dir: str | Path | None = None) 
 
     return build_from_documents(cfg, generic(), docs, list(licences.values()),
                                 domain_cap_bytes=None, progress=False)
-
-
-# --------------------------------------------------------------------------------------
-# The committed test sample, regenerated from a built corpus
-# --------------------------------------------------------------------------------------
-
-def write_sample(corpus_dir: Path, out_dir: Path, domain_bytes: int = 32_000,
-                 generic_bytes: int = 125_000, piece_chars: int = 2_500) -> dict[str, int]:
-    """Regenerate the committed test sample from a built corpus: for every domain (from its
-    train split) and for generic, real documents taken round-robin across sources and cut
-    to ~``piece_chars`` at paragraph boundaries. Returns bytes written per file."""
-    corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(corpus_dir)
-    sizes = {}
-    for part, budget in [("generic", generic_bytes)] + [(d, domain_bytes) for d in list_domains(corpus_dir)]:
-        by_source: dict[str, list[Doc]] = {}
-        table = pq.read_table(split_path(corpus_dir, part, "train"))
-        for row in sorted(table.to_pylist(), key=lambda r: bucket(0, "sample", r["doc_id"])):
-            by_source.setdefault(row["source"], []).append(row)
-        picked, total = [], 0
-        queues = [by_source[s] for s in sorted(by_source)]
-        while total < budget and any(queues):
-            for q in queues:
-                if not q or total >= budget:
-                    continue
-                d = q.pop(0)
-                piece = cut_text(d["text"], piece_chars)[0]
-                if len(piece) < 400:
-                    continue
-                picked.append({"doc_id": _sha1(d["doc_id"] + "\0sample"), "text": piece, "source": d["source"]})
-                total += len(piece.encode("utf-8"))
-        path = out_dir / f"{part}.jsonl"
-        write_text_atomic(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in picked))
-        sizes[path.name] = path.stat().st_size
-    used = {json.loads(line)["source"] for p in out_dir.glob("*.jsonl") for line in open(p, encoding="utf-8")}
-    infos = [s for s in manifest["sources"] if s["source"] in used]
-    write_text_atomic(out_dir / "sources.json", json.dumps(infos, indent=1, ensure_ascii=False) + "\n")
-    return sizes

@@ -2,7 +2,7 @@
 documents, and the markup converters they use (HTML, reST, POD, roff, OSIS, dictd, OBO,
 Python docstrings, Gutenberg headers). Which package each source is, and how it is
 fetched and cached, is :mod:`slmfactory.data.corpus.sources`; the generic whitespace
-normalisation, length filtering and cutting live in :mod:`slmfactory.data.corpus.build`.
+normalisation, length filtering and cutting live in :mod:`slmfactory.data.corpus.documents`.
 """
 
 from __future__ import annotations

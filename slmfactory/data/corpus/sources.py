@@ -10,7 +10,7 @@ folder that is renamed when complete, and extraction results are cached as jsonl
 atomically. A build that is killed therefore resumes where it stopped.
 
 Extractors (:mod:`slmfactory.data.corpus.extractors`) do the markup-specific cleaning; the generic
-whitespace normalisation, length filtering and cutting live in :mod:`slmfactory.data.corpus.build`.
+whitespace normalisation, length filtering and cutting live in :mod:`slmfactory.data.corpus.documents`.
 """
 
 from __future__ import annotations

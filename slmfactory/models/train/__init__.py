@@ -4,7 +4,8 @@ the strategies compose (pretrain, fine-tune, evaluate, export), the artifacts ph
 strategies pass on, the experts' cluster streams, calibration and export-time serving rates.
 
 - ``artifacts.py``: ``Weights``, ``GenericArtifact``, ``SpecializedModel``, ``StrategyContext``;
-- ``trainer.py``: ``Trainer``, ``evaluate_nll``, the execution plan;
+- ``trainer.py``: ``Trainer``; ``execution.py``: the execution plan (precision, compile);
+- ``evaluation.py``: ``evaluate_nll``, per-sequence NLLs, the bootstrap;
 - ``launch.py`` and ``distributed.py``: where a phase runs (``make_launcher``);
 - ``phases.py``: the phase library; ``generic_eval.py``: generic (routed) perplexity;
 - ``experts.py``: slm-mix's and slm-pn's clusters; ``calibrate.py``: the device profile;
@@ -17,11 +18,12 @@ EXPORTS = {
     "artifacts": ("GenericArtifact", "SpecializedModel", "StrategyContext", "Weights"),
     "calibrate": ("calibrate", "write_profile"),
     "distributed": ("RayLauncher", "make_launcher"),
+    "evaluation": ("evaluate_nll",),
     "experts": ("cluster_streams", "expert_clusters"),
     "generic_eval": ("routed_generic_nll",),
     "phases": ("DomainData", "budget_share", "evaluate_ppl", "export_hf", "finetune_lm", "finish", "lm_factory",
                "lm_flops_per_token", "load_lm", "phase_work", "pretrain_lm", "run_phase", "trained_tokens",
                "vocab_size_of"),
-    "trainer": ("Trainer", "evaluate_nll"),
+    "trainer": ("Trainer",),
 }
 __all__, __getattr__ = lazy_exports(__name__, EXPORTS)

@@ -28,7 +28,8 @@ import torch
 
 from slmfactory.data.tokens import PackedBatches
 from slmfactory.models.arch import build_model, count_params
-from slmfactory.models.train.trainer import Trainer, eval_device
+from slmfactory.models.train.execution import eval_device
+from slmfactory.models.train.trainer import Trainer
 from slmfactory.platform.config import ModelConfig, RunConfig, TrainConfig
 from slmfactory.platform.cost import model_flop_terms, projected_tokens_per_s
 from slmfactory.platform.machine import describe, this_machine

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from slmfactory.data.tokens import as_sequences, ensure_tokenizer, load_tokenizer, split_source
-from slmfactory.models.train.trainer import autocast_for, eval_device, sequence_nlls
+from slmfactory.models.train.evaluation import sequence_nlls
+from slmfactory.models.train.execution import autocast_for, eval_device
 
 
 def generic_eval_sequences(cfg) -> np.ndarray:

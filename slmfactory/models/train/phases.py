@@ -23,8 +23,9 @@ from slmfactory.models.arch import build_model, count_params
 from slmfactory.models.train.artifacts import GenericArtifact, SpecializedModel, StrategyContext, Weights
 from slmfactory.models.train.generic_eval import generic_nll
 from slmfactory.models.train.launch import FitOutput, WorkerContext
-from slmfactory.models.train.trainer import (
-    TrainResult, Trainer, autocast_for, bootstrap_ppl, eval_device, evaluate_on_trial_device, sequence_nlls)
+from slmfactory.models.train.evaluation import bootstrap_ppl, evaluate_on_trial_device, sequence_nlls
+from slmfactory.models.train.execution import autocast_for, eval_device
+from slmfactory.models.train.trainer import TrainResult, Trainer
 from slmfactory.platform.config import RunConfig, TrainConfig, from_dict
 from slmfactory.platform.cost import (
     SERVING_TASKS, CostRecord, ServingRates, TRAIN, Work, inference_flops_per_token, model_flop_terms,

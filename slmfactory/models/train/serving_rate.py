@@ -9,7 +9,7 @@ with one torch thread (what every serving replica runs with: ``serving/server.py
   model's context of random token ids (speed does not depend on the text);
 - **generation** (``/v1/completions``): one greedy stream of ``GENERATE_TOKENS`` new tokens
   after a ``PROMPT_TOKENS``-token prompt (``min_new_tokens`` set, so an end-of-text never
-  cuts a pass short), with the KV cache, as ``engine.generate`` runs it for one request.
+  cuts a pass short), with the KV cache, as ``generation.generate`` runs it for one request.
 
 Each is warmed up once (untimed), then the two are timed in turn, a pass of each per round,
 until ``serving.cost_measure_s`` is spent (at least one round); each rate is its fastest pass's
