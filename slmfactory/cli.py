@@ -281,7 +281,7 @@ def cmd_recommend(args) -> None:
     from slmfactory.trial import TrialRecord as R
 
     for d in sorted(best.nll):
-        tags = {R.STRATEGY: best.strategy, R.GENERIC_BUDGET: best.generic_budget, R.SPEC_BUDGET: best.spec_budget,
+        tags = {R.STRATEGY: best.strategy, R.GENERIC_BUDGET: best.budget_tags[0], R.SPEC_BUDGET: best.budget_tags[1],
                 R.IN_DOMAIN_TOKENS: str(best.in_domain), R.DOMAIN: d, R.SETTINGS: best.settings}
         found = trial_model_uri(cfg.tracking_uri, experiment, tags)
         if found:

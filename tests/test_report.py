@@ -64,7 +64,8 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     client = client_for(uri)
     exps = {name: ensure_experiment(client, uri, name)
-            for name in ("frontier", "seeds", "tables", "old", "interval", "conventions", "serving", "twice")}
+            for name in ("frontier", "seeds", "tables", "old", "interval", "conventions", "serving", "twice",
+                         "exact")}
     return uri, client, exps
 
 
@@ -483,3 +484,28 @@ def test_recommend_command_answers_within_an_inference_cost(store, serving, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--inference-cost: no configuration of 'frontier'" in err
     assert "has a measured serving cost" in err
+
+
+def test_budgets_are_read_from_exact_tags_and_labels_only_display_them(store):
+    """Runs hold their budgets exactly (``1048577`` tokens, with the unit); the configurations
+    read back carry the exact budgets, show the label, order budgets by value, and keep the
+    tags that find the runs again. A run logged with a label (before the exact tags) reads too."""
+    from slmfactory.analysis.report import table_generic
+    from slmfactory.trial import Budget
+
+    uri, client, exps = store
+    exact = {"generic_budget_unit": "tokens", "spec_budget_unit": "tokens"}
+    for g, nll in (("1048577", 4.0), ("999999", 4.2)):
+        rid = _log(client, exps["exact"], "slm", "a", nll, g=g, s="65537", extra={"generic/generic_ppl": nll * 10})
+        for k, v in exact.items():
+            client.set_tag(rid, k, v)
+    _log(client, exps["exact"], "slm-nopt", "a", 4.5, g="none", s="6.55e+04T")  # a label: logged before
+    configs = {(c.strategy, c.generic_budget): c for c in ms.load_configs(uri, "exact")}
+    big = configs[("slm", "1.05e+06T")]
+    assert big.budgets == (Budget("tokens", 1048577.0), Budget("tokens", 65537.0))
+    assert big.budget_tags == ("1048577", "65537") and big.spec_budget == "6.55e+04T"
+    assert configs[("slm", "1e+06T")].budgets[0].value == 999999
+    old = configs[("slm-nopt", "none")]
+    assert old.budgets == (None, Budget("tokens", 65500.0)) and old.budget_tags == ("none", "6.55e+04T")
+    header = table_generic(list(configs.values())).splitlines()[0]
+    assert header.index("1e+06T") < header.index("1.05e+06T")

@@ -48,7 +48,7 @@ import numpy as np
 
 from slmfactory.platform.cost import MEASURED, PAPER, SERVING_TASKS, check_convention, check_task, generic_under
 from slmfactory.platform.errors import DataError
-from slmfactory.trial import TRIAL_TAG, TrialRecord
+from slmfactory.trial import TRIAL_TAG, Budget, TrialRecord
 
 
 AMORTISATION_N = TrialRecord.AMORTISATION_N
@@ -134,6 +134,8 @@ class MeasuredConfig:
 
     strategy: str
     generic_budget: str
+    """The generic budget's label (``Budget.label``, ``none``): display and grouping only;
+    the number is ``budgets[0]``."""
     spec_budget: str
     in_domain: int
     settings: str
@@ -171,6 +173,21 @@ class MeasuredConfig:
     runs measured none)."""
     serving_machine: str = ""
     """What the serving rates were measured on (the runs' ``serving_machine`` tags, joined)."""
+    budgets: tuple[Budget | None, Budget | None] | None = None
+    """The generic (None: no generic phase) and specialisation budgets, exact, from the runs'
+    tags (``Budget.from_tags``): what orders budgets. Not given (a configuration built from a
+    CSV of labels): read from the labels, by ``Budget.from_tags`` too."""
+    budget_tags: tuple[str, str] = ("", "")
+    """The two budget tags as the runs hold them (exact; a label in runs logged before): what
+    finds the runs again (``sweeps.records.trial_model_uri``)."""
+
+    def __post_init__(self) -> None:
+        if self.budgets is None:
+            R = TrialRecord
+            self.budgets = (Budget.from_tags({R.GENERIC_BUDGET: self.generic_budget}, "generic"),
+                            Budget.from_tags({R.SPEC_BUDGET: self.spec_budget}, "spec"))
+        if not any(self.budget_tags):
+            self.budget_tags = (self.generic_budget, self.spec_budget)
 
     def has_serving_cost(self, task: str = "generate") -> bool:
         return task in self.serving
@@ -318,10 +335,12 @@ def load_configs(uri: str, experiment: str) -> list[MeasuredConfig]:
     refuse_duplicate_trials(experiment, trials)
     for r, settings, picked in select_on_validation(trials, describe):
         t, m = r.data.tags, r.data.metrics
+        generic, spec = Budget.from_tags(t, "generic"), Budget.from_tags(t, "spec")
         key = (t[R.STRATEGY], t[R.GENERIC_BUDGET], t[R.SPEC_BUDGET], int(t[R.IN_DOMAIN_TOKENS]), settings)
-        c = groups.setdefault(key, MeasuredConfig(*key, params=int(m[R.PARAMS]),
-                                                  inference=m[R.INFERENCE_FLOPS_PER_TOKEN],
-                                                  costs={}, ppl={}, nll={}))
+        c = groups.setdefault(key, MeasuredConfig(
+            t[R.STRATEGY], generic.label() if generic else "none", spec.label(), int(t[R.IN_DOMAIN_TOKENS]), settings,
+            params=int(m[R.PARAMS]), inference=m[R.INFERENCE_FLOPS_PER_TOKEN], costs={}, ppl={}, nll={},
+            budgets=(generic, spec), budget_tags=(t[R.GENERIC_BUDGET], t[R.SPEC_BUDGET])))
         d = t[R.DOMAIN]
         c.ppl[d], c.nll[d] = m[R.ppl_metric(d)], m[R.TEST_NLL]
         if picked:
@@ -439,7 +458,8 @@ def pool_seeds(configs: list[MeasuredConfig]) -> list[MeasuredConfig]:
                                 serving={task: float(np.mean([c.serving[task] for c in group])) for task in SERVING_TASKS
                                          if all(task in c.serving for c in group)},
                                 serving_machine="; ".join(sorted({c.serving_machine for c in group
-                                                                  if c.serving_machine})))
+                                                                  if c.serving_machine})),
+                                budgets=first.budgets, budget_tags=first.budget_tags)
         out.append(pooled)
     return sorted(out, key=lambda c: (c.in_domain, c.ppl_macro))
 

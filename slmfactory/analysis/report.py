@@ -31,7 +31,7 @@ from slmfactory.analysis.measured import (
 )
 from slmfactory.platform.cost import CONVENTION_DOC, COST_CONVENTIONS, MEASURED, PAPER
 from slmfactory.platform.tracking import MlflowTracker, client_for, ensure_experiment
-from slmfactory.trial import TrialRecord
+from slmfactory.trial import Budget, TrialRecord
 
 REPORT_TAG = "slmfactory.report"
 
@@ -128,7 +128,8 @@ def table_generic(configs: list[MeasuredConfig]) -> str:
         rest = ",".join(f"{k}={v}" for k, v in sorted(parse_settings(c.settings).items())
                         if not k.startswith(("finetune.", "data.")))
         phases.setdefault((c.strategy, rest), {}).setdefault(c.generic_budget, c.generic_ppl)
-    budgets = sorted({b for v in phases.values() for b in v}, key=lambda b: float(b.rstrip("TF")))
+    value = {c.generic_budget: c.budgets[0].value for c in configs if c.budgets[0] is not None}
+    budgets = sorted({b for v in phases.values() for b in v}, key=lambda b: value[b])
     lines = ["| strategy | settings | " + " | ".join(f"generic ppl at {b}" for b in budgets) + " |",
              "|" + "---|" * (2 + len(budgets))]
     for (s, rest), by in sorted(phases.items()):
@@ -169,8 +170,9 @@ def table_is_provenance(uri: str, experiment: str, top: int = 6) -> str:
         t, m = r.data.tags, r.data.metrics
         by = {kind: R.is_shares(m, kind) for kind in R.IS_SHARE_KINDS}
         if R.DOMAIN in t and by["source"]:
-            rows.append((t[R.DOMAIN], int(t.get(R.IN_DOMAIN_TOKENS, 0)), t.get(R.SPEC_BUDGET, ""),
-                         t.get(R.SETTINGS, ""), by))
+            spec = Budget.from_tags(t, "spec")
+            rows.append((t[R.DOMAIN], int(t.get(R.IN_DOMAIN_TOKENS, 0)), spec.value if spec else 0.0,
+                         spec.label() if spec else "", t.get(R.SETTINGS, ""), by))
     if not rows:
         return "(no finished slm-is trial with logged resampled shares)"
 
@@ -181,7 +183,7 @@ def table_is_provenance(uri: str, experiment: str, top: int = 6) -> str:
 
     lines = ["| domain | in-domain | spec. budget | settings | resampled text by source | by collection |",
              "|---|---|---|---|---|---|"]
-    for d, n, spec, settings, by in sorted(rows, key=lambda r: (r[0], r[1], r[2], r[3])):
+    for d, n, _, spec, settings, by in sorted(rows, key=lambda r: r[:5]):
         lines.append(f"| {d} | {n:,} | {spec} | {settings or '-'} | {d}'s resampled text: {line(by['source'])} | "
                      f"{line(by['collection'])} |")
     return "\n".join(lines)
