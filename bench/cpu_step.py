@@ -30,7 +30,7 @@ identical assignments.
 ``--profile-json FILE`` writes the auto path's rows (params, train tokens/s, the machine) in
 the form a device profile's ``throughput_file`` reads. ``slmfactory calibrate -c RECIPE``
 measures the same rows at a recipe's own shapes; both time the trainer's step with
-``slmfactory/models/train/calibrate.py``'s helpers.
+``slmfactory/models/train/calibration.py``'s helpers.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from slmfactory.models.train.calibrate import measuring_trainer, timed_steps  # noqa: E402,F401
+from slmfactory.models.train.calibration import measuring_trainer, timed_steps  # noqa: E402,F401
 from slmfactory.models.arch.lm import count_params  # noqa: E402
 from slmfactory.models.train.trainer import Trainer  # noqa: E402
 from slmfactory.platform.config import ModelConfig, load_config  # noqa: E402

@@ -162,7 +162,7 @@ def child(kind: str, workdir: str, tokens: int) -> None:
         n = len(split_tokens(cfg, "generic", "train"))
         out = {"tokens": n}
     else:
-        from slmfactory.data.clustering.resample import resample
+        from slmfactory.data.clustering.resampling import resample
         from slmfactory.platform.runtime import init_ray
 
         init_ray(num_cpus=os.cpu_count())

@@ -65,7 +65,7 @@ def main() -> None:
     from slmfactory.data.clustering.clusters import load_clusters
     from slmfactory.platform.config import load_config
     from slmfactory.platform.errors import DataError
-    from slmfactory.data.clustering.resample import _generic_rows, resample
+    from slmfactory.data.clustering.resampling import _generic_rows, resample
     from slmfactory.platform.runtime import init_ray
 
     # Same priority as Ray's workers (niceness 15), so other load does not favour a side.

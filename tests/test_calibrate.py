@@ -55,7 +55,7 @@ def profile_file(tmp_path, machine: dict, name: str = "profile.json"):
 
 
 def test_calibrate_writes_rows_the_recipe_loads_and_the_dry_run_prices_with(tmp_path):
-    from slmfactory.models.train.calibrate import calibrate, write_profile
+    from slmfactory.models.train.calibration import calibrate, write_profile
     from slmfactory.models.train.phases import lm_flops_per_token
 
     cfg = load_config(TINY, {"workdir": str(tmp_path / "work")})

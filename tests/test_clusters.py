@@ -182,7 +182,7 @@ def test_assign_texts_routes_like_the_pipeline(clustered):
 @pytest.mark.timeout(240)
 def test_resample_matches_domain_histogram(clustered):
     from slmfactory.data.clustering.clusters import total_variation
-    from slmfactory.data.clustering.resample import load_resampled_tokens, resample
+    from slmfactory.data.clustering.resampling import load_resampled_tokens, resample
 
     cfg, cl, _ = clustered
     try:
@@ -242,7 +242,7 @@ def test_resample_matches_domain_histogram(clustered):
 
 @pytest.mark.timeout(120)
 def test_largest_remainder_is_exact():
-    from slmfactory.data.clustering.resample import largest_remainder
+    from slmfactory.data.clustering.resampling import largest_remainder
 
     p = np.array([0.5, 0.3, 0.2, 0.0])
     assert largest_remainder(p, 10).tolist() == [5, 3, 2, 0]
@@ -289,7 +289,7 @@ def test_k_larger_than_windows_is_a_data_error(clustered, tmp_path):
 @pytest.mark.timeout(60)
 def test_unknown_domain_and_bad_tokens(clustered):
     from slmfactory.data.clustering.clusters import load_clusters
-    from slmfactory.data.clustering.resample import resample
+    from slmfactory.data.clustering.resampling import resample
 
     cfg, cl, _ = clustered
     with pytest.raises(ConfigError, match="tokens"):
@@ -467,7 +467,7 @@ def test_slm_is_trial_logs_where_its_resampled_text_came_from(clustered):
 
     from slmfactory.data.clustering.clusters import load_clusters, source_label
     from slmfactory.data.corpus.sources import collection_of
-    from slmfactory.data.clustering.resample import metric_label, resample
+    from slmfactory.data.clustering.resampling import metric_label, resample
     from slmfactory.models.train.launch import LocalLauncher
     from slmfactory.models.strategies import get_strategy
     from slmfactory.pipeline import run_trial

@@ -54,7 +54,7 @@ def _run(root: Path) -> dict:
     from slmfactory.data.clustering import raydata
     from slmfactory.data.clustering.pipeline import run_clustering
     from slmfactory.data.corpus.build import build_sample_corpus
-    from slmfactory.data.clustering.resample import load_resampled_tokens, resample
+    from slmfactory.data.clustering.resampling import load_resampled_tokens, resample
     from slmfactory.data.tokens.tokenizer import ensure_tokenizer
     from slmfactory.models.train.launch import LocalLauncher
     from slmfactory.models.strategies import get_strategy

@@ -81,13 +81,17 @@ def imported_from(node: ast.ImportFrom, name: str, is_package: bool) -> str | No
 
 
 def faces() -> dict[str, dict[str, str]]:
-    """Subsystem package -> {exported name: its module} (``EXPORTS`` read from the source)."""
+    """Subsystem package -> {exported name: its module} (``EXPORTS`` and ``MODULES``, the
+    modules exported whole, read from the source)."""
     out = {}
     for init in PACKAGE.rglob("__init__.py"):
+        package = module_name(init)
         for node in ast.parse(init.read_text()).body:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "EXPORTS" for t in node.targets):
-                out[module_name(init)] = {n: f"{module_name(init)}.{m}" for m, names in
-                                          ast.literal_eval(node.value).items() for n in names}
+                out.setdefault(package, {}).update({n: f"{package}.{m}" for m, names in
+                                                    ast.literal_eval(node.value).items() for n in names})
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODULES" for t in node.targets):
+                out.setdefault(package, {}).update({m: f"{package}.{m}" for m in ast.literal_eval(node.value)})
     return out
 
 
@@ -435,6 +439,7 @@ def test_every_subsystem_has_a_face_whose_names_exist():
     """Every package of the data, models and serving layers is a subsystem: its ``__init__``
     exports names (``EXPORTS``), and each resolves, imported on first use."""
     import importlib
+    import pkgutil
 
     face = faces()
     packages = sorted(module_name(p) for p in PACKAGE.rglob("__init__.py")
@@ -443,8 +448,16 @@ def test_every_subsystem_has_a_face_whose_names_exist():
     for sub, exported in face.items():
         package = importlib.import_module(sub)
         assert sorted(package.__all__) == sorted(exported)
-        for name in exported:
-            assert getattr(package, name) is not None, f"{sub}.{name}"
+        for sub_module in pkgutil.iter_modules(package.__path__):
+            # every module imported: a submodule binds its name on the package
+            importlib.import_module(f"{sub}.{sub_module.name}")
+        for name, module in exported.items():
+            want = importlib.import_module(module)
+            if name not in getattr(package, "MODULES", ()):  # a name, not a module exported whole
+                assert hasattr(want, name), f"{sub}.{name}: {module} defines no {name}"
+                want = getattr(want, name)
+            # A name that is also a submodule's name would come back as the module.
+            assert getattr(package, name) is want, f"{sub}.{name} is not {module}'s {name}"
 
 
 STRATEGY_SIBLINGS = {

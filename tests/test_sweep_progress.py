@@ -136,7 +136,7 @@ def test_default_loggers_pickle_after_ray_patches_print(monkeypatch):
     import cloudpickle
 
     from slmfactory.demo import run_demo
-    from slmfactory.models.train.calibrate import calibrate
+    from slmfactory.models.train.calibration import calibrate
     from slmfactory.models.train.distributed import make_launcher
     from slmfactory.models.train.trainer import Trainer
     from slmfactory.pipeline import ensure_corpus, run_strategy, run_trial

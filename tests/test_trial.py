@@ -293,7 +293,7 @@ def test_the_names_are_the_ones_stored_runs_carry():
 def test_the_resampling_shares_are_written_under_the_records_name():
     """``is_share/*`` is written on the data layer (the resampler, below the record): its
     prefix is the record's."""
-    from slmfactory.data.clustering.resample import SHARE_PREFIX
+    from slmfactory.data.clustering.resampling import SHARE_PREFIX
 
     assert SHARE_PREFIX == R.IS_SHARE
     assert R.is_share_metric("source", "x") == "is_share/source/x"

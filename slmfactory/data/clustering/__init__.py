@@ -6,16 +6,16 @@ domain's cluster histogram (Ray Data does the embedding and resampling).
 - ``clusters.py``: centroids, assignments, histograms (what serving reads: no Ray Data);
 - ``pipeline.py``: the Ray Data pipeline that embeds and clusters (``run_clustering``), its
   stages 1-2 (windows, embeddings) in ``windows.py``, the plumbing they share in ``raydata.py``;
-- ``resample.py``: the importance-resampled generic token stream (``resample``).
+- ``resampling.py``: the importance-resampled generic token stream (``resample``).
 """
 
 from slmfactory.platform.exports import lazy_exports
 
 EXPORTS = {
     "clusters": ("load_clusters", "nearest_centroid"),
-    "hashed": ("hashed",),
     "minilm": ("encode", "load_minilm"),
     "pipeline": ("run_clustering",),
-    "resample": ("resample", "share_metrics", "stream_path"),
+    "resampling": ("resample", "share_metrics", "stream_path"),
 }
-__all__, __getattr__ = lazy_exports(__name__, EXPORTS)
+MODULES = ("hashed",)
+__all__, __getattr__ = lazy_exports(__name__, EXPORTS, MODULES)

@@ -19,7 +19,7 @@ How documents are placed (all decisions hash the document's *origin* id with
    subset of whole documents up to ``DOMAIN_CAP_BYTES`` stays in the domain while the
    overflow goes to generic (up to ``DOMAIN_OVERFLOW_MAX_BYTES`` per domain) instead of
    being dropped. The manifest's ``domain_to_generic`` counts all three per domain.
-4. One collection, one side: a generic document whose collection (``corpus_sources``:
+4. One collection, one side: a generic document whose collection (``sources``:
    the upstream project of a pinned package; a user file is its own) is one of a built
    domain's is left out of the generic corpus; the real build does not even fetch such a
    generic source (``generic_plan``). The manifest's ``generic_excluded`` lists each.
@@ -89,7 +89,7 @@ from slmfactory.platform.stages import atomic_path, replace_dir, write_text_atom
 if TYPE_CHECKING:
     from slmfactory.platform.config import RunConfig
 
-#: The source catalogue: domain name -> its pinned sources (see ``corpus_sources``).
+#: The source catalogue: domain name -> its pinned sources (see ``sources``).
 DOMAINS: dict[str, tuple[Source, ...]] = DOMAIN_SOURCES
 
 #: The largest domains are capped at this many UTF-8 bytes of text; overflow goes to generic.

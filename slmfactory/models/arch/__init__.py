@@ -6,6 +6,7 @@ from slmfactory.platform.exports import lazy_exports
 
 EXPORTS = {
     "lm": ("CONSTRUCTION_LOCK", "build_model", "count_params", "llama_config"),
-    "projected": ("ProjectedLlama", "build_projected", "projected"),
+    "projected": ("ProjectedLlama", "build_projected"),
 }
-__all__, __getattr__ = lazy_exports(__name__, EXPORTS)
+MODULES = ("projected",)
+__all__, __getattr__ = lazy_exports(__name__, EXPORTS, MODULES)

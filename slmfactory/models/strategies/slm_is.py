@@ -1,6 +1,6 @@
 """SLM-is: importance sampling. Once the domain is known, the generic corpus is resampled
 so that its cluster histogram matches the domain's (w(x) = P(c(x)|domain)/P(c(x)|generic),
-``slmfactory/data/clustering/resample.py``), a *fresh* SLM is pretrained on the resampled tokens,
+``slmfactory/data/clustering/resampling.py``), a *fresh* SLM is pretrained on the resampled tokens,
 then fine-tuned on the domain data (docs/paper.md#slm-is).
 
 Budget: everything after the domain is known is specialisation, so the sweep's spec axis

@@ -8,7 +8,7 @@ strategies pass on, the experts' cluster streams, calibration and export-time se
 - ``evaluation.py``: ``evaluate_nll``, per-sequence NLLs, the bootstrap;
 - ``launch.py`` and ``distributed.py``: where a phase runs (``make_launcher``);
 - ``phases.py``: the phase library; ``generic_eval.py``: generic (routed) perplexity;
-- ``experts.py``: slm-mix's and slm-pn's clusters; ``calibrate.py``: the device profile;
+- ``experts.py``: slm-mix's and slm-pn's clusters; ``calibration.py``: the device profile;
 - ``serving_rate.py``: a served model's tokens/s, measured at export.
 """
 
@@ -16,7 +16,7 @@ from slmfactory.platform.exports import lazy_exports
 
 EXPORTS = {
     "artifacts": ("GenericArtifact", "SpecializedModel", "StrategyContext", "Weights"),
-    "calibrate": ("calibrate", "write_profile"),
+    "calibration": ("calibrate", "write_profile"),
     "distributed": ("RayLauncher", "make_launcher"),
     "evaluation": ("evaluate_nll",),
     "experts": ("cluster_streams", "expert_clusters"),
