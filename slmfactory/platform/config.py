@@ -303,8 +303,8 @@ class StrategyConfig:
     imported); the sections stay data until their settings are first read
     (:attr:`settings`, :meth:`of`, :meth:`to_tree`), which imports the strategies. So a
     config built where no strategy runs (a Serve replica) imports no training code, and a
-    bad setting fails where settings are resolved: ``resolve()`` (the command line and every
-    driver call it at load) or the first read.
+    bad setting fails where settings are resolved: ``resolve()`` (the command line calls it
+    at load, ``slmfactory serve`` excepted) or the first read.
     """
 
     name: str = "slm"
