@@ -32,8 +32,8 @@ from slmfactory.data.tokens import ensure_tokenizer, load_tokenizer
 from slmfactory.platform.config import from_dict
 from slmfactory.platform.errors import DataError
 from slmfactory.platform.tracking import MlflowTracker, register_model
-from slmfactory.serving.api import ApiError, Limits, validate
-from slmfactory.serving.api import NAME_RE as NAME_PATTERN, RESERVED, valid_name  # the one name rule
+from slmfactory.serving.api import ApiError
+from slmfactory.serving.api import RESERVED, valid_name  # the one name rule
 from slmfactory.serving.domains.store import DomainStore, NameTaken, StoreFull, finetune_status
 from slmfactory.serving.engine import load_minilm
 from slmfactory.serving.schemas import ModelName, Schema, Text, limits_of
@@ -120,13 +120,6 @@ class DomainRequest(Schema):
             raise PydanticCustomError("too_many_inputs", "holds {n} documents; at most {cap}",
                                       {"n": len(v), "cap": cap})
         return v
-
-
-NewDomain = DomainRequest
-
-
-def parse_domain(raw: bytes, limits: Limits) -> DomainRequest:
-    return validate(DomainRequest, raw, limits)
 
 
 def register_in_mlflow(cfg, name: str, entry: dict, metrics: dict[str, float]) -> dict:
